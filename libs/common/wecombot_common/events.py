@@ -1,0 +1,248 @@
+"""The events: the only contract between wecombot services.
+
+Every event is a frozen msgspec struct sharing one envelope and tagged by ``type`` (the
+class name), encoded as JSON on the wire. One decoder reads them all::
+
+    >>> e = ConversationReset(app="ww1-1000002", conversation="zhang.san",
+    ...     correlation_id="4561255354251345929", causation_id="…", text="记忆已清除")
+    >>> decode_event(encode_event(e)) == e
+    True
+
+Envelope
+    ``event_id``      unique id of this event (uuid; deterministic where a retry must
+                      produce the same event, see :func:`derived_id`)
+    ``type``          the event's class name (the tag)
+    ``version``       schema version of that type; bump it when a type changes shape
+    ``occurred_at``   UTC time the fact happened
+    ``app``           the WeCom app, ``{corp_id}-{agent_id}`` (see settings.app_key)
+    ``conversation``  the aggregate key: the WeCom UserID the conversation is with
+    ``causation_id``  the event_id of the event that caused this one (None for inputs)
+    ``correlation_id``the WeCom MsgId (or the dedupe key of a WeCom event) that started
+                      the chain; it travels through every event it causes
+
+The family
+    ``MessageReceived``   gateway: a callback message stored (every MsgType; unknown kept)
+    ``ReplyGenerated``    llm: text to deliver (an answer, or a notice such as /help)
+    ``ReplyFailed``       llm: the model could not answer; carries the apology to deliver
+    ``ConversationReset`` llm: /reset; earlier turns no longer count; carries the confirmation
+    ``PartDelivered``     sender: one part of a reply accepted by WeCom (its msgid)
+    ``ReplyDelivered``    sender: every part of a reply delivered
+    ``DeliveryFailed``    sender: WeCom refused the reply for good (code and reason)
+
+The three llm events are "outcomes": exactly one per received message that needs an
+answer, each with a ``text`` the sender delivers.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from typing import Literal
+
+import msgspec
+
+from .errors import PermanentError
+
+__all__ = [
+    "ConversationReset",
+    "DeliveryFailed",
+    "Event",
+    "EventDecodeError",
+    "ImagePayload",
+    "LinkPayload",
+    "LocationPayload",
+    "MessageReceived",
+    "Outcome",
+    "PartDelivered",
+    "Payload",
+    "ReplyDelivered",
+    "ReplyFailed",
+    "ReplyGenerated",
+    "TextPayload",
+    "UnknownPayload",
+    "VideoPayload",
+    "VoicePayload",
+    "WeComEventPayload",
+    "decode_event",
+    "derived_id",
+    "encode_event",
+    "new_id",
+    "utcnow",
+]
+
+_NAMESPACE = uuid.UUID("6f0b9d4e-5c1a-4a7e-9a55-2f4f7f6f2b10")
+
+
+def new_id() -> str:
+    """A fresh random event id."""
+    return str(uuid.uuid4())
+
+
+def derived_id(*parts: str) -> str:
+    """A deterministic event id, so a retried append produces the identical event.
+
+    >>> derived_id("abc", "outcome") == derived_id("abc", "outcome")
+    True
+    """
+    return str(uuid.uuid5(_NAMESPACE, "/".join(parts)))
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+# ---------------------------------------------------------------- message payloads
+# One per WeCom MsgType (https://developer.work.weixin.qq.com/document/path/90239),
+# tagged by ``kind``. Unknown types are kept whole in UnknownPayload, never dropped.
+
+
+class _Payload(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind"):
+    pass
+
+
+class TextPayload(_Payload, frozen=True, tag="text"):
+    content: str
+
+
+class ImagePayload(_Payload, frozen=True, tag="image"):
+    pic_url: str
+    media_id: str
+
+
+class VoicePayload(_Payload, frozen=True, tag="voice"):
+    media_id: str
+    format: str
+
+
+class VideoPayload(_Payload, frozen=True, tag="video"):
+    media_id: str
+    thumb_media_id: str
+
+
+class LocationPayload(_Payload, frozen=True, tag="location"):
+    latitude: float
+    longitude: float
+    scale: int
+    label: str
+
+
+class LinkPayload(_Payload, frozen=True, tag="link"):
+    title: str
+    description: str
+    url: str
+    pic_url: str
+
+
+class WeComEventPayload(_Payload, frozen=True, tag="event"):
+    event: str
+    event_key: str | None = None
+    fields: dict[str, str] = {}
+
+
+class UnknownPayload(_Payload, frozen=True, tag="unknown"):
+    msg_type: str
+    fields: dict[str, str] = {}
+
+
+Payload = (
+    TextPayload
+    | ImagePayload
+    | VoicePayload
+    | VideoPayload
+    | LocationPayload
+    | LinkPayload
+    | WeComEventPayload
+    | UnknownPayload
+)
+
+
+# ---------------------------------------------------------------- the envelope
+
+
+class _Event(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", tag=True):
+    event_id: str = msgspec.field(default_factory=new_id)
+    version: int = 1
+    occurred_at: datetime = msgspec.field(default_factory=utcnow)
+    app: str
+    conversation: str
+    causation_id: str | None = None
+    correlation_id: str
+
+
+class MessageReceived(_Event, frozen=True):
+    msg_type: str
+    msg_id: str | None
+    from_user: str
+    to_user: str
+    agent_id: int | None
+    create_time: int
+    payload: Payload
+
+
+class ReplyGenerated(_Event, frozen=True):
+    text: str
+    kind: Literal["answer", "notice"] = "answer"
+    model: str | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+
+
+class ReplyFailed(_Event, frozen=True):
+    reason: str
+    attempts: int
+    text: str
+
+
+class ConversationReset(_Event, frozen=True):
+    text: str
+
+
+class PartDelivered(_Event, frozen=True):
+    reply_id: str
+    index: int
+    total: int
+    wecom_msgid: str
+
+
+class ReplyDelivered(_Event, frozen=True):
+    reply_id: str
+    parts: int
+    wecom_msgids: list[str]
+
+
+class DeliveryFailed(_Event, frozen=True):
+    reply_id: str
+    errcode: int
+    reason: str
+    parts_delivered: int
+
+
+Outcome = ReplyGenerated | ReplyFailed | ConversationReset
+Event = (
+    MessageReceived
+    | ReplyGenerated
+    | ReplyFailed
+    | ConversationReset
+    | PartDelivered
+    | ReplyDelivered
+    | DeliveryFailed
+)
+
+_encoder = msgspec.json.Encoder()
+_decoder: msgspec.json.Decoder[Event] = msgspec.json.Decoder(Event)
+
+
+class EventDecodeError(PermanentError):
+    """Bytes that are not a known event: the message is poison and never valid."""
+
+
+def encode_event(event: Event) -> bytes:
+    return _encoder.encode(event)
+
+
+def decode_event(data: bytes) -> Event:
+    """Decode any event; raises :class:`EventDecodeError` with the reason."""
+    try:
+        return _decoder.decode(data)
+    except msgspec.DecodeError as exc:
+        raise EventDecodeError(f"undecodable event: {exc}") from exc

@@ -1,0 +1,94 @@
+"""Process plumbing shared by every service: signals, exit codes, the health server.
+
+Each service exposes ``async def serve(settings, stop: asyncio.Event) -> None`` and its
+``main`` calls :func:`run_service`, so SIGTERM/SIGINT mean the same everywhere: set
+``stop``; the service stops taking work, finishes or hands back what it holds, drains.
+
+Exit codes: 0 clean stop, 2 bad configuration, 1 anything else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+from collections.abc import Awaitable, Callable, Mapping
+from typing import TypeVar
+
+import structlog
+from aiohttp import web
+
+from .errors import ConfigError
+
+__all__ = ["HealthServer", "run_service"]
+
+S = TypeVar("S")
+log = structlog.get_logger(__name__)
+
+
+def run_service(
+    load: Callable[[Mapping[str, str]], S],
+    serve: Callable[[S, asyncio.Event], Awaitable[None]],
+    environ: Mapping[str, str],
+) -> int:
+    """Load settings (exit 2 with the message on ConfigError), then serve until a signal."""
+    try:
+        settings = load(environ)
+    except ConfigError as exc:
+        print(f"wecombot: {exc}", file=sys.stderr)
+        return 2
+    return asyncio.run(_serve_until_signal(serve, settings))
+
+
+async def _serve_until_signal(serve: Callable[[S, asyncio.Event], Awaitable[None]], s: S) -> int:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await serve(s, stop)
+    except ConfigError as exc:
+        log.error("service.config_error", error=str(exc))
+        return 2
+    return 0
+
+
+Check = Callable[[], Awaitable[tuple[bool, str]]]
+
+
+class HealthServer:
+    """``GET /healthz`` (the process answers) and ``GET /readyz`` (its checks pass).
+
+    >>> health = HealthServer(port=8081, ready=lambda: nats_ready(nc))  # doctest: +SKIP
+    """
+
+    def __init__(self, host: str, port: int, ready: Check) -> None:
+        self.host = host
+        self.port = port
+        self._ready = ready
+        self._runner: web.AppRunner | None = None
+
+    async def _healthz(self, _: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def _readyz(self, _: web.Request) -> web.Response:
+        ok, detail = await self._ready()
+        return web.json_response(
+            {"status": "ready" if ok else "not ready", "detail": detail}, status=200 if ok else 503
+        )
+
+    def routes(self) -> list[web.RouteDef]:
+        return [web.get("/healthz", self._healthz), web.get("/readyz", self._readyz)]
+
+    async def start(self) -> None:
+        if self.port == 0:
+            return
+        app = web.Application()
+        app.add_routes(self.routes())
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, self.host, self.port).start()
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()

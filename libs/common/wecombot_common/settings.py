@@ -1,0 +1,369 @@
+"""Settings read from the environment once, at start-up, into frozen objects.
+
+Every service builds its own settings object with ``XxxSettings.from_env(os.environ)``
+in its entrypoint and passes it down; nothing else reads ``os.environ``. A missing or
+malformed value raises :class:`ConfigError` naming every bad variable at once::
+
+    >>> GatewaySettings.from_env({"WECOM_CORP_ID": "ww1"})
+    Traceback (most recent call last):
+    ...
+    wecombot_common.errors.ConfigError: invalid configuration:
+      - WECOM_TOKEN is required (the Token from the app's API-receive settings)
+      ...
+
+The variable names are a public interface: keep them.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, TypeVar
+
+from .errors import ConfigError
+
+__all__ = [
+    "EnvReader",
+    "LogSettings",
+    "NatsSettings",
+    "Secret",
+    "WeComApiSettings",
+    "WeComCallbackSettings",
+    "app_key",
+]
+
+T = TypeVar("T")
+
+LogLevel = Literal["debug", "info", "warning", "error"]
+LogFormat = Literal["json", "console"]
+
+
+class Secret:
+    """A string that never shows itself in a repr, str or log line.
+
+    >>> s = Secret("hunter2")
+    >>> s
+    Secret('********')
+    >>> s.reveal()
+    'hunter2'
+    """
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('********')"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+    def __bool__(self) -> bool:
+        return bool(self._value)
+
+
+class EnvReader:
+    """Reads typed values from an environment mapping, collecting every problem.
+
+    >>> env = EnvReader({"PORT": "80x"})
+    >>> env.integer("PORT", 8080, minimum=1, maximum=65535)
+    8080
+    >>> env.raise_if_invalid()
+    Traceback (most recent call last):
+    ...
+    wecombot_common.errors.ConfigError: invalid configuration:
+      - PORT must be an integer between 1 and 65535, got '80x'
+    """
+
+    def __init__(self, environ: Mapping[str, str]) -> None:
+        self._env = environ
+        self.problems: list[str] = []
+
+    def _raw(self, name: str) -> str | None:
+        value = self._env.get(name)
+        if value is None or value.strip() == "":
+            return None
+        return value.strip()
+
+    def present(self, name: str) -> bool:
+        return self._raw(name) is not None
+
+    def text(self, name: str, default: str | None = None, *, hint: str = "") -> str:
+        value = self._raw(name)
+        if value is not None:
+            return value
+        if default is None:
+            self.problems.append(f"{name} is required" + (f" ({hint})" if hint else ""))
+            return ""
+        return default
+
+    def optional(self, name: str) -> str | None:
+        return self._raw(name)
+
+    def secret(self, name: str, *, required: bool = True, hint: str = "") -> Secret:
+        value = self._raw(name)
+        if value is None and required:
+            self.problems.append(f"{name} is required" + (f" ({hint})" if hint else ""))
+        return Secret(value or "")
+
+    def integer(
+        self, name: str, default: int, *, minimum: int | None = None, maximum: int | None = None
+    ) -> int:
+        return self.number(name, default, int, "an integer", minimum, maximum)
+
+    def seconds(
+        self,
+        name: str,
+        default: float,
+        *,
+        minimum: float | None = None,
+        maximum: float | None = None,
+    ) -> float:
+        return self.number(name, default, float, "a number of seconds", minimum, maximum)
+
+    def number(
+        self,
+        name: str,
+        default: T,
+        parse: Callable[[str], T],
+        what: str,
+        minimum: float | None,
+        maximum: float | None,
+    ) -> T:
+        raw = self._raw(name)
+        if raw is None:
+            return default
+        bounds = _bounds(minimum, maximum)
+        try:
+            value = parse(raw)
+        except ValueError:
+            self.problems.append(f"{name} must be {what}{bounds}, got {raw!r}")
+            return default
+        numeric = float(value)  # type: ignore[arg-type]
+        if (minimum is not None and numeric < minimum) or (
+            maximum is not None and numeric > maximum
+        ):
+            self.problems.append(f"{name} must be {what}{bounds}, got {raw!r}")
+            return default
+        return value
+
+    def choice(self, name: str, default: str, choices: tuple[str, ...]) -> str:
+        raw = self._raw(name)
+        if raw is None:
+            return default
+        if raw.lower() not in choices:
+            self.problems.append(f"{name} must be one of {'|'.join(choices)}, got {raw!r}")
+            return default
+        return raw.lower()
+
+    def boolean(self, name: str, default: bool) -> bool:
+        raw = self._raw(name)
+        if raw is None:
+            return default
+        lowered = raw.lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off"):
+            return False
+        self.problems.append(f"{name} must be true or false, got {raw!r}")
+        return default
+
+    def url(self, name: str, default: str, *, schemes: tuple[str, ...] = ("http", "https")) -> str:
+        raw = self._raw(name) or default
+        scheme = raw.split("://", 1)[0] if "://" in raw else ""
+        if scheme not in schemes or len(raw) <= len(scheme) + 3:
+            self.problems.append(
+                f"{name} must be a URL starting with {' or '.join(s + '://' for s in schemes)}"
+                f", got {raw!r}"
+            )
+        return raw.rstrip("/")
+
+    def check(self, ok: bool, problem: str) -> None:
+        if not ok:
+            self.problems.append(problem)
+
+    def raise_if_invalid(self) -> None:
+        if self.problems:
+            lines = "\n".join(f"  - {p}" for p in self.problems)
+            raise ConfigError(f"invalid configuration:\n{lines}")
+
+
+def _bounds(minimum: float | None, maximum: float | None) -> str:
+    if minimum is not None and maximum is not None:
+        return f" between {minimum:g} and {maximum:g}"
+    if minimum is not None:
+        return f" of at least {minimum:g}"
+    if maximum is not None:
+        return f" of at most {maximum:g}"
+    return ""
+
+
+_CORP_ID = re.compile(r"^[A-Za-z0-9]{1,64}$")
+_AES_KEY = re.compile(r"^[A-Za-z0-9+/]{43}$")
+
+
+def app_key(corp_id: str, agent_id: int) -> str:
+    """The key that names one WeCom app in events, subjects and caches.
+
+    >>> app_key("ww1436e0e65a779aee", 1000002)
+    'ww1436e0e65a779aee-1000002'
+    """
+    return f"{corp_id}-{agent_id}"
+
+
+def _corp_id(env: EnvReader) -> str:
+    corp_id = env.text("WECOM_CORP_ID", hint="the CorpID under My Company > Company Info")
+    if corp_id:
+        env.check(
+            bool(_CORP_ID.match(corp_id)), "WECOM_CORP_ID must be letters and digits, like ww1a2b3c"
+        )
+    return corp_id
+
+
+def _agent_id(env: EnvReader) -> int:
+    raw = env.text("WECOM_AGENT_ID", hint="the AgentId shown on the self-built app's page")
+    if raw and not raw.isdigit():
+        env.check(False, f"WECOM_AGENT_ID must be a number (the app's AgentId), got {raw!r}")
+        return 0
+    return int(raw) if raw else 0
+
+
+@dataclass(frozen=True)
+class WeComCallbackSettings:
+    """What the gateway needs to verify and decrypt callbacks (API-receive settings)."""
+
+    corp_id: str
+    agent_id: int
+    token: Secret
+    encoding_aes_key: Secret
+
+    @property
+    def app(self) -> str:
+        return app_key(self.corp_id, self.agent_id)
+
+    @classmethod
+    def read(cls, env: EnvReader) -> WeComCallbackSettings:
+        corp_id = _corp_id(env)
+        agent_id = _agent_id(env)
+        token = env.secret("WECOM_TOKEN", hint="the Token from the app's API-receive settings")
+        key = env.secret(
+            "WECOM_ENCODING_AES_KEY", hint="the EncodingAESKey from the API-receive settings"
+        )
+        if key:
+            raw = key.reveal()
+            env.check(
+                len(raw) == 43,
+                f"WECOM_ENCODING_AES_KEY must be 43 characters, got {len(raw)}",
+            )
+            env.check(
+                len(raw) != 43 or bool(_AES_KEY.match(raw)),
+                "WECOM_ENCODING_AES_KEY must contain only letters, digits, '+' and '/'",
+            )
+        if token:
+            env.check(
+                token.reveal().isalnum() and len(token.reveal()) <= 32,
+                "WECOM_TOKEN must be 1 to 32 letters or digits",
+            )
+        return cls(corp_id=corp_id, agent_id=agent_id, token=token, encoding_aes_key=key)
+
+
+@dataclass(frozen=True)
+class WeComApiSettings:
+    """What the token and sender services need to call the WeCom server API."""
+
+    corp_id: str
+    agent_id: int
+    secret: Secret
+    api_base: str
+
+    @property
+    def app(self) -> str:
+        return app_key(self.corp_id, self.agent_id)
+
+    @classmethod
+    def read(cls, env: EnvReader, *, need_secret: bool = True) -> WeComApiSettings:
+        return cls(
+            corp_id=_corp_id(env),
+            agent_id=_agent_id(env),
+            secret=env.secret(
+                "WECOM_SECRET",
+                required=need_secret,
+                hint="the self-built app's Secret",
+            ),
+            api_base=env.url("WECOM_API_BASE", "https://qyapi.weixin.qq.com"),
+        )
+
+
+@dataclass(frozen=True)
+class NatsSettings:
+    url: str
+    user: str | None
+    password: Secret | None
+    creds: Path | None
+    stream_replicas: int
+    duplicate_window_s: float
+    history_max_age_s: float
+
+    @classmethod
+    def read(cls, env: EnvReader) -> NatsSettings:
+        url = env.text("NATS_URL", "nats://127.0.0.1:4222")
+        for part in url.split(","):
+            env.check(
+                part.strip().split("://", 1)[0] in ("nats", "tls", "ws", "wss"),
+                f"NATS_URL must be nats://host:port (comma-separated for a cluster), got {url!r}",
+            )
+        user = env.optional("NATS_USER")
+        password = env.optional("NATS_PASSWORD")
+        env.check((user is None) == (password is None), "NATS_USER and NATS_PASSWORD go together")
+        creds = env.optional("NATS_CREDS")
+        if creds is not None:
+            env.check(Path(creds).is_file(), f"NATS_CREDS must name a readable file, got {creds!r}")
+        duplicate_window = env.seconds(
+            "WECOMBOT_DUPLICATE_WINDOW", 900.0, minimum=60.0, maximum=86400.0
+        )
+        max_age = env.seconds(
+            "WECOMBOT_HISTORY_MAX_AGE", 30 * 86400.0, minimum=3600.0, maximum=3650 * 86400.0
+        )
+        return cls(
+            url=url,
+            user=user,
+            password=Secret(password) if password is not None else None,
+            creds=Path(creds) if creds else None,
+            stream_replicas=env.integer("WECOMBOT_STREAM_REPLICAS", 1, minimum=1, maximum=5),
+            duplicate_window_s=duplicate_window,
+            history_max_age_s=max(max_age, duplicate_window),
+        )
+
+
+@dataclass(frozen=True)
+class LogSettings:
+    level: str = "info"
+    format: str = "json"
+    extra_secrets: tuple[Secret, ...] = field(default=())
+
+    @classmethod
+    def read(cls, env: EnvReader) -> LogSettings:
+        return cls(
+            level=env.choice("LOG_LEVEL", "info", ("debug", "info", "warning", "error")),
+            format=env.choice("LOG_FORMAT", "json", ("json", "console")),
+        )
+
+
+def data_dir(env: EnvReader) -> Path:
+    return Path(env.text("WECOMBOT_DATA_DIR", "./.wecombot"))
+
+
+def health_port(env: EnvReader, default: int) -> int:
+    """Port of the small /healthz + /readyz server each non-HTTP service runs (0 = off)."""
+    return env.integer("WECOMBOT_HEALTH_PORT", default, minimum=0, maximum=65535)

@@ -1,0 +1,118 @@
+"""The token service's request-reply contract, and the client other services use.
+
+Only the token service calls WeCom ``gettoken``. Others ask it over NATS::
+
+    >>> tokens = TokenClient(nc)                      # doctest: +SKIP
+    >>> token = await tokens.get("ww1-1000002")       # doctest: +SKIP
+    >>> await tokens.invalidate("ww1-1000002", token) # after a 40014/42001 # doctest: +SKIP
+
+Failures arrive as :class:`TokenError` with a ``kind`` the caller can act on:
+``bad_secret`` (40001), ``bad_corp_id`` (40013), ``untrusted_ip`` (60020),
+``rate_limited`` (45009), ``unknown_app``, ``wecom_error`` (another errcode) — all
+permanent until an operator acts, except ``rate_limited``, ``network`` and
+``unavailable`` which are transient.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import msgspec
+import nats.errors
+from nats.aio.client import Client as NATS
+
+from .errors import PermanentError, TransientError
+from .topology import TOKEN_GET, TOKEN_INVALIDATE
+
+__all__ = [
+    "TokenClient",
+    "TokenError",
+    "TokenReply",
+    "TokenRequest",
+    "TransientTokenError",
+]
+
+ErrorKind = Literal[
+    "bad_secret",
+    "bad_corp_id",
+    "untrusted_ip",
+    "rate_limited",
+    "network",
+    "unavailable",
+    "unknown_app",
+    "wecom_error",
+]
+TRANSIENT_KINDS: frozenset[str] = frozenset({"rate_limited", "network", "unavailable"})
+
+
+class TokenRequest(msgspec.Struct, frozen=True, kw_only=True):
+    app: str
+    # invalidate only: the token the caller saw rejected (refresh only if still current)
+    token: str | None = None
+
+
+class TokenReply(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    ok: bool
+    token: str | None = None
+    expires_at: float | None = None
+    kind: ErrorKind | None = None
+    errcode: int | None = None
+    message: str | None = None
+    retry_after: float | None = None
+
+
+class TokenError(PermanentError):
+    """The token service answered with an error an operator must fix."""
+
+    def __init__(self, kind: str, message: str, errcode: int | None = None) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.errcode = errcode
+
+
+class TransientTokenError(TransientError):
+    def __init__(self, kind: str, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.retry_after = retry_after
+
+
+_encoder = msgspec.json.Encoder()
+_reply_decoder = msgspec.json.Decoder(TokenReply)
+
+
+class TokenClient:
+    def __init__(self, nc: NATS, *, timeout: float = 15.0) -> None:
+        self._nc = nc
+        self._timeout = timeout
+
+    async def get(self, app: str) -> str:
+        reply = await self._ask(TOKEN_GET, TokenRequest(app=app))
+        assert reply.token is not None
+        return reply.token
+
+    async def invalidate(self, app: str, token: str) -> str:
+        """Report ``token`` rejected; returns the current (possibly refreshed) token."""
+        reply = await self._ask(TOKEN_INVALIDATE, TokenRequest(app=app, token=token))
+        assert reply.token is not None
+        return reply.token
+
+    async def _ask(self, subject: str, request: TokenRequest) -> TokenReply:
+        try:
+            msg = await self._nc.request(subject, _encoder.encode(request), timeout=self._timeout)
+        except nats.errors.NoRespondersError as exc:
+            raise TransientTokenError("unavailable", "no token service is running") from exc
+        except nats.errors.TimeoutError as exc:
+            raise TransientTokenError("unavailable", "token service did not answer") from exc
+        try:
+            reply = _reply_decoder.decode(msg.data)
+        except msgspec.DecodeError as exc:
+            error = msg.headers.get("Nats-Service-Error") if msg.headers else None
+            raise TransientTokenError("unavailable", f"bad token reply: {error or exc}") from exc
+        if reply.ok and reply.token:
+            return reply
+        kind = reply.kind or "wecom_error"
+        message = reply.message or "token service error"
+        if kind in TRANSIENT_KINDS:
+            raise TransientTokenError(kind, message, reply.retry_after)
+        raise TokenError(kind, message, reply.errcode)

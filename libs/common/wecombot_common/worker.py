@@ -1,0 +1,312 @@
+"""A durable JetStream pull consumer that keeps N messages in flight, safely.
+
+Shared by every consuming service (llm, sender), so redelivery, heartbeats, poison
+messages and shutdown behave the same everywhere:
+
+- The fetch loop keeps up to ``max_concurrency`` messages in flight (asyncio tasks).
+- While a handler runs, ``in_progress()`` is sent every ``ack_wait / 3`` so a long model
+  call never outlives ``ack_wait`` and gets delivered to a second replica.
+- Messages with the same ``key`` (a conversation) are handled one at a time, in fetch
+  order, within this process (other replicas are ordered by the handlers, see llm).
+- The handler returns an :class:`Outcome`. Exceptions map to one too:
+  ``TransientError`` → nak with backoff; ``PermanentError`` (an undecodable event, a
+  reply WeCom always refuses) → dead-letter with the reason, then ``term``. A transient
+  failure on the last allowed delivery is dead-lettered too, so nothing is silently lost.
+- On stop: no new fetches; in-flight handlers get ``grace_s`` to finish, the rest are
+  cancelled and nak'ed (handed back) so another replica takes them at once.
+
+    >>> worker = PullWorker(js, config, handle, key=conversation_key, max_concurrency=64)
+    >>> await worker.run(stop)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import nats.errors
+import nats.js.errors
+import structlog
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.api import ConsumerConfig
+
+from . import topology
+from .errors import PermanentError, TransientError
+from .events import Event, EventDecodeError, decode_event
+
+__all__ = ["Ack", "Delivery", "Nak", "Outcome", "PullWorker"]
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Ack:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Nak:
+    delay_s: float
+    reason: str
+
+
+Outcome = Ack | Nak
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """One message handed to a handler: the decoded event and its delivery facts."""
+
+    event: Event
+    stream_seq: int
+    num_delivered: int
+    subject: str
+    msg: Msg
+
+    async def in_progress(self) -> None:
+        with contextlib.suppress(nats.errors.Error):
+            await self.msg.in_progress()
+
+
+Handler = Callable[[Delivery], Awaitable[Outcome]]
+
+
+def backoff_delay(attempt: int, *, base: float = 0.5, cap: float = 30.0) -> float:
+    """Exponential backoff with full jitter: attempt 1 → up to 0.5 s, doubling, capped."""
+    return random.uniform(base / 2, min(cap, base * 2 ** (attempt - 1)))  # noqa: S311
+
+
+class PullWorker:
+    def __init__(
+        self,
+        js: JetStreamContext,
+        config: ConsumerConfig,
+        handler: Handler,
+        *,
+        key: Callable[[Event], str] | None = None,
+        max_concurrency: int = 16,
+        grace_s: float = 20.0,
+        fetch_timeout_s: float = 1.0,
+    ) -> None:
+        assert config.durable_name is not None
+        assert config.filter_subject is not None
+        self._js = js
+        self._config = config
+        self._handler = handler
+        self._key = key
+        self._max = max_concurrency
+        self._grace = grace_s
+        self._fetch_timeout = fetch_timeout_s
+        self._slots = asyncio.Semaphore(max_concurrency)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._waiting: dict[str, int] = {}
+        self.name = config.durable_name
+        self.processed = 0
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._tasks)
+
+    async def ensure_consumer(self) -> None:
+        """Create the durable consumer or update it to our config; every replica may."""
+        try:
+            await self._js.add_consumer(topology.CONVERSATION_STREAM, self._config)
+        except nats.js.errors.BadRequestError as exc:
+            if exc.err_code != 10148:  # already exists with a different config
+                raise
+            await self._js.add_consumer(topology.CONVERSATION_STREAM, self._config)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        await self.ensure_consumer()
+        assert self._config.filter_subject is not None
+        sub = await self._js.pull_subscribe_bind(
+            durable=self.name, stream=topology.CONVERSATION_STREAM
+        )
+        try:
+            await self._fetch_loop(sub, stop)
+        finally:
+            await self._shutdown()
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+
+    async def _fetch_loop(
+        self, sub: JetStreamContext.PullSubscription, stop: asyncio.Event
+    ) -> None:
+        stopping: asyncio.Future[bool] = asyncio.ensure_future(stop.wait())
+        try:
+            while not stop.is_set():
+                await self._slots.acquire()
+                free = 1
+                while free < self._max and not self._slots.locked():
+                    await self._slots.acquire()
+                    free += 1
+                msgs = await self._fetch(sub, free, stopping)
+                for _ in range(free - len(msgs)):
+                    self._slots.release()
+                for msg in msgs:
+                    task = asyncio.create_task(self._process(msg))
+                    self._tasks.add(task)
+                    task.add_done_callback(self._tasks.discard)
+        finally:
+            stopping.cancel()
+
+    async def _fetch(
+        self, sub: JetStreamContext.PullSubscription, batch: int, stopping: asyncio.Future[bool]
+    ) -> list[Msg]:
+        fetch: asyncio.Future[list[Msg]] = asyncio.ensure_future(
+            sub.fetch(batch, timeout=self._fetch_timeout)
+        )
+        waiters: list[asyncio.Future[object]] = [fetch, stopping]  # type: ignore[list-item]
+        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        if not fetch.done():
+            fetch.cancel()
+            with contextlib.suppress(BaseException):
+                await fetch
+            return []
+        try:
+            return fetch.result()
+        except nats.errors.TimeoutError:
+            return []
+        except nats.errors.Error as exc:
+            # Broker away (restart, reconnect): back off a little and try again.
+            log.warning("worker.fetch_failed", consumer=self.name, error=str(exc))
+            await asyncio.sleep(0.5)
+            return []
+
+    async def _process(self, msg: Msg) -> None:
+        try:
+            meta = msg.metadata
+            try:
+                event = decode_event(msg.data)
+            except EventDecodeError as exc:
+                await self._dead_letter(msg, str(exc), meta.num_delivered)
+                return
+            delivery = Delivery(
+                event=event,
+                stream_seq=meta.sequence.stream,
+                num_delivered=meta.num_delivered,
+                subject=msg.subject,
+                msg=msg,
+            )
+            key = self._key(event) if self._key else None
+            if key is None:
+                await self._handle(delivery)
+                return
+            lock = self._locks.setdefault(key, asyncio.Lock())
+            self._waiting[key] = self._waiting.get(key, 0) + 1
+            try:
+                async with lock:
+                    await self._handle(delivery)
+            finally:
+                self._waiting[key] -= 1
+                if self._waiting[key] == 0:
+                    del self._waiting[key]
+                    self._locks.pop(key, None)
+        finally:
+            self._slots.release()
+
+    async def _handle(self, d: Delivery) -> None:
+        bound = structlog.contextvars.bound_contextvars(
+            app=d.event.app,
+            user=d.event.conversation,
+            msg_id=d.event.correlation_id,
+            event_id=d.event.event_id,
+            stream_seq=d.stream_seq,
+        )
+        with bound:
+            heartbeat = asyncio.create_task(self._heartbeat(d))
+            try:
+                outcome = await self._handler(d)
+            except asyncio.CancelledError:
+                await self._nak(d.msg, 0)  # hand it back: we are stopping
+                raise
+            except PermanentError as exc:
+                await self._dead_letter(d.msg, f"{type(exc).__name__}: {exc}", d.num_delivered)
+                return
+            except TransientError as exc:
+                outcome = Nak(backoff_delay(d.num_delivered), f"{type(exc).__name__}: {exc}")
+            except Exception as exc:
+                log.exception("worker.handler_crashed", consumer=self.name)
+                outcome = Nak(backoff_delay(d.num_delivered), f"unexpected {type(exc).__name__}")
+            finally:
+                heartbeat.cancel()
+            await self._settle(d, outcome)
+
+    async def _settle(self, d: Delivery, outcome: Outcome) -> None:
+        if isinstance(outcome, Ack):
+            self.processed += 1
+            try:
+                await d.msg.ack_sync(timeout=5)
+            except (TimeoutError, nats.errors.Error) as exc:
+                # The work is recorded in the log; a redelivery finds it done.
+                log.warning("worker.ack_failed", consumer=self.name, error=str(exc))
+            return
+        max_deliver = self._config.max_deliver or -1
+        if 0 < max_deliver <= d.num_delivered:
+            await self._dead_letter(
+                d.msg, f"gave up after {d.num_delivered}: {outcome.reason}", d.num_delivered
+            )
+            return
+        log.info(
+            "worker.retry",
+            consumer=self.name,
+            reason=outcome.reason,
+            delay_s=round(outcome.delay_s, 2),
+            delivery=d.num_delivered,
+        )
+        await self._nak(d.msg, outcome.delay_s)
+
+    async def _heartbeat(self, d: Delivery) -> None:
+        interval = max(0.5, (self._config.ack_wait or 30.0) / 3)
+        while True:
+            await asyncio.sleep(interval)
+            await d.in_progress()
+
+    async def _nak(self, msg: Msg, delay: float) -> None:
+        with contextlib.suppress(nats.errors.Error):
+            await msg.nak(delay=delay if delay > 0 else None)
+
+    async def _dead_letter(self, msg: Msg, reason: str, deliveries: int) -> None:
+        """Park a poison message in the dead-letter stream with the reason, then term it."""
+        meta = msg.metadata
+        headers = {
+            "Wecombot-Dlq-Reason": reason[:1000],
+            "Wecombot-Dlq-Consumer": self.name,
+            "Wecombot-Dlq-Subject": msg.subject,
+            "Wecombot-Dlq-Stream-Seq": str(meta.sequence.stream),
+            "Wecombot-Dlq-Deliveries": str(deliveries),
+            "Nats-Msg-Id": f"dlq:{self.name}:{meta.sequence.stream}",
+        }
+        try:
+            await self._js.publish(
+                f"{topology.PREFIX}.dlq.{self.name}", msg.data, headers=headers, timeout=5
+            )
+        except (TimeoutError, nats.errors.Error) as exc:
+            log.error("worker.dead_letter_failed", consumer=self.name, error=str(exc))
+            await self._nak(msg, 5.0)  # keep it: retry the dead-lettering later
+            return
+        log.error(
+            "worker.dead_lettered",
+            consumer=self.name,
+            reason=reason,
+            stream_seq=meta.sequence.stream,
+            subject=msg.subject,
+        )
+        with contextlib.suppress(nats.errors.Error):
+            await msg.term()
+
+    async def _shutdown(self) -> None:
+        if not self._tasks:
+            return
+        log.info("worker.draining", consumer=self.name, in_flight=len(self._tasks))
+        _, pending = await asyncio.wait(set(self._tasks), timeout=self._grace)
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.gather(*pending, return_exceptions=True)
+            log.info("worker.handed_back", consumer=self.name, count=len(pending))

@@ -1,0 +1,82 @@
+"""Shared fixtures: a real nats-server per test (file store in tmp_path, free ports).
+
+With WECOMBOT_TEST_DOCKER=1 and a Docker engine answering, testcontainers' NatsContainer
+is used instead; this machine has no engine, so the embedded binary is the default.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import nats
+import pytest
+from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
+from wecombot_common.embedded import EmbeddedNats
+
+
+class NatsHandle:
+    """What a test needs of the broker: its URL, and a way to stop and restart it."""
+
+    def __init__(self, server: EmbeddedNats | None, url: str) -> None:
+        self._server = server
+        self._url = url
+
+    @property
+    def url(self) -> str:
+        return self._url
+
+    def stop(self) -> None:
+        assert self._server is not None, "restart needs the embedded server"
+        self._server.stop()
+
+    def kill(self) -> None:
+        assert self._server is not None, "kill needs the embedded server"
+        self._server.kill()
+
+    def start(self) -> None:
+        assert self._server is not None
+        self._server.start()
+
+
+def _docker_nats() -> Iterator[NatsHandle]:
+    from testcontainers.nats import NatsContainer  # type: ignore[import-not-found]
+
+    with NatsContainer(jetstream=True) as container:
+        yield NatsHandle(None, container.nats_uri())
+
+
+@pytest.fixture
+def nats_server(tmp_path: Path) -> Iterator[NatsHandle]:
+    if os.environ.get("WECOMBOT_TEST_DOCKER") == "1":
+        yield from _docker_nats()
+        return
+    server = EmbeddedNats(tmp_path / "nats", log_file=tmp_path / "nats.log")
+    server.start()
+    try:
+        yield NatsHandle(server, server.url)
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+async def nc(nats_server: NatsHandle) -> AsyncIterator[NATS]:
+    client = await nats.connect(nats_server.url, max_reconnect_attempts=-1, reconnect_time_wait=0.2)
+    try:
+        yield client
+    finally:
+        await client.close()
+
+
+@pytest.fixture
+def js(nc: NATS) -> JetStreamContext:
+    return nc.jetstream()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
