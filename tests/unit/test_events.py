@@ -1,0 +1,79 @@
+"""Events: one envelope, one decoder, every type round-trips; garbage is refused."""
+
+from __future__ import annotations
+
+import pytest
+from wecombot_common.events import (
+    ConversationReset,
+    DeliveryFailed,
+    Event,
+    EventDecodeError,
+    ImagePayload,
+    LinkPayload,
+    LocationPayload,
+    MessageReceived,
+    PartDelivered,
+    ReplyDelivered,
+    ReplyFailed,
+    ReplyGenerated,
+    UnknownPayload,
+    VideoPayload,
+    VoicePayload,
+    WeComEventPayload,
+    decode_event,
+    derived_id,
+    encode_event,
+)
+
+ENV = {"app": "ww1-1000002", "conversation": "li.si@x", "correlation_id": "4561255354251345929"}
+PAYLOADS = [
+    ImagePayload(pic_url="http://p", media_id="m"),
+    VoicePayload(media_id="m", format="amr"),
+    VideoPayload(media_id="m", thumb_media_id="t"),
+    LocationPayload(latitude=23.1, longitude=113.3, scale=15, label="广州"),
+    LinkPayload(title="t", description="d", url="http://u", pic_url="http://p"),
+    WeComEventPayload(event="enter_agent", fields={"EventKey": ""}),
+    UnknownPayload(msg_type="miniprogram", fields={"Title": "x"}),
+]
+EVENTS: list[Event] = [
+    *(
+        MessageReceived(
+            **ENV, msg_type="x", msg_id="1", from_user="li.si@x", to_user="ww1",
+            agent_id=1000002, create_time=1409659813, payload=p,
+        )  # fmt: skip
+        for p in PAYLOADS
+    ),
+    ReplyGenerated(**ENV, causation_id="c", text="你好", model="m", prompt_tokens=3),
+    ReplyFailed(**ENV, causation_id="c", reason="429", attempts=3, text="抱歉"),
+    ConversationReset(**ENV, causation_id="c", text="ok"),
+    PartDelivered(**ENV, causation_id="c", reply_id="r", index=0, total=2, wecom_msgid="m1"),
+    ReplyDelivered(**ENV, causation_id="c", reply_id="r", parts=2, wecom_msgids=["m1", "m2"]),
+    DeliveryFailed(**ENV, causation_id="c", reply_id="r", errcode=81013, reason="x", parts_delivered=0),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("event", EVENTS, ids=lambda e: type(e).__name__)
+def test_round_trip(event: Event) -> None:
+    data = encode_event(event)
+    assert decode_event(data) == event
+    assert f'"type":"{type(event).__name__}"'.encode() in data
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b"", b"{}", b"not json", b'{"type":"Nope","event_id":"x"}', b'{"type":"ReplyGenerated"}'],
+)
+def test_garbage_is_a_typed_error(data: bytes) -> None:
+    with pytest.raises(EventDecodeError):
+        decode_event(data)
+
+
+def test_events_are_frozen() -> None:
+    event = ReplyGenerated(**ENV, text="x")
+    with pytest.raises(AttributeError):
+        event.text = "y"  # type: ignore[misc]
+
+
+def test_derived_ids_are_deterministic_and_distinct() -> None:
+    assert derived_id("a", "outcome") == derived_id("a", "outcome")
+    assert derived_id("a", "outcome") != derived_id("b", "outcome")
