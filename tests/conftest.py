@@ -15,6 +15,7 @@ import nats
 import pytest
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
+
 from wecombot_common.embedded import EmbeddedNats
 
 

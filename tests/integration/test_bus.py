@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 from nats.js import JetStreamContext
+
 from wecombot_common import topology
 from wecombot_common.bus import (
     ConcurrencyConflict,

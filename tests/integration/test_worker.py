@@ -8,6 +8,7 @@ from collections import defaultdict
 
 import pytest
 from nats.js import JetStreamContext
+
 from wecombot_common import topology
 from wecombot_common.bus import append_event, ensure_topology
 from wecombot_common.errors import PermanentError, TransientError

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from wecombot_common.events import (
     ConversationReset,
     DeliveryFailed,
@@ -38,9 +39,15 @@ PAYLOADS = [
 EVENTS: list[Event] = [
     *(
         MessageReceived(
-            **ENV, msg_type="x", msg_id="1", from_user="li.si@x", to_user="ww1",
-            agent_id=1000002, create_time=1409659813, payload=p,
-        )  # fmt: skip
+            **ENV,
+            msg_type="x",
+            msg_id="1",
+            from_user="li.si@x",
+            to_user="ww1",
+            agent_id=1000002,
+            create_time=1409659813,
+            payload=p,
+        )
         for p in PAYLOADS
     ),
     ReplyGenerated(**ENV, causation_id="c", text="你好", model="m", prompt_tokens=3),
@@ -48,8 +55,10 @@ EVENTS: list[Event] = [
     ConversationReset(**ENV, causation_id="c", text="ok"),
     PartDelivered(**ENV, causation_id="c", reply_id="r", index=0, total=2, wecom_msgid="m1"),
     ReplyDelivered(**ENV, causation_id="c", reply_id="r", parts=2, wecom_msgids=["m1", "m2"]),
-    DeliveryFailed(**ENV, causation_id="c", reply_id="r", errcode=81013, reason="x", parts_delivered=0),
-]  # fmt: skip
+    DeliveryFailed(
+        **ENV, causation_id="c", reply_id="r", errcode=81013, reason="x", parts_delivered=0
+    ),
+]
 
 
 @pytest.mark.parametrize("event", EVENTS, ids=lambda e: type(e).__name__)

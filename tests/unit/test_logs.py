@@ -7,6 +7,7 @@ import logging
 
 import pytest
 import structlog
+
 from wecombot_common.logs import REDACTED, configure_logging, register_secret
 from wecombot_common.settings import LogSettings, Secret
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from wecombot_common.errors import ConfigError
 from wecombot_common.settings import (
     EnvReader,

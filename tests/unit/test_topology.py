@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+
 from wecombot_common.events import MessageReceived, PartDelivered, ReplyGenerated, TextPayload
 from wecombot_common.topology import (
     CONVERSATION_SUBJECTS,
