@@ -1,0 +1,281 @@
+"""The token service's pure decisions: no I/O, no clock, no randomness.
+
+Everything here takes ``now`` (wall-clock epoch seconds, shared by every replica through
+the KV bucket) and returns values, so the rules can be tested exhaustively::
+
+    >>> policy = Policy(refresh_margin_s=300, min_backoff_s=1, max_backoff_s=300)
+    >>> token = IssuedToken(value="t0k3n-abc", fetched_at=0.0, expires_at=7200.0)
+    >>> decide(AppState(token=token), now=100.0, policy=policy)
+    <Action.SERVE: 'serve'>
+    >>> decide(AppState(token=token), now=7000.0, policy=policy)
+    <Action.SERVE_AND_REFRESH: 'serve_and_refresh'>
+
+WeCom's gettoken and its error codes: https://developer.work.weixin.qq.com/document/path/91039
+(global error codes: path/90313).
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+from dataclasses import dataclass
+
+import msgspec
+
+from wecombot_common.tokens import TRANSIENT_KINDS, ErrorKind, TokenReply
+
+__all__ = [
+    "Action",
+    "AppState",
+    "Failure",
+    "IssuedToken",
+    "LastFailure",
+    "Lock",
+    "Policy",
+    "after_failure",
+    "after_success",
+    "answer",
+    "backing_off",
+    "backoff_delay",
+    "classify_errcode",
+    "decide",
+    "fingerprint",
+    "http_failure",
+    "issued",
+    "lock_is_stale",
+    "network_failure",
+    "usable_token",
+]
+
+# Exponents beyond this would overflow a float long before the cap applies.
+_MAX_DOUBLINGS = 32
+
+
+class IssuedToken(msgspec.Struct, frozen=True, kw_only=True):
+    """An access_token as WeCom issued it, with wall-clock times (shared by replicas)."""
+
+    value: str
+    fetched_at: float
+    expires_at: float
+
+    def refresh_at(self, margin_s: float) -> float:
+        """When to start refreshing ahead: ``margin_s`` before expiry, but never in the
+        first half of the token's life, so a margin longer than the lifetime WeCom grants
+        cannot turn every request into a refresh."""
+        half_life = self.fetched_at + (self.expires_at - self.fetched_at) / 2
+        return max(self.expires_at - margin_s, half_life)
+
+
+class Failure(msgspec.Struct, frozen=True, kw_only=True):
+    """Why gettoken failed, in the terms the token contract (TokenReply) speaks."""
+
+    kind: ErrorKind
+    message: str
+    errcode: int | None = None
+
+    @property
+    def transient(self) -> bool:
+        return self.kind in TRANSIENT_KINDS
+
+
+class LastFailure(msgspec.Struct, frozen=True, kw_only=True):
+    """The latest failure and the backoff it started: nobody calls WeCom before retry_at."""
+
+    failure: Failure
+    attempts: int
+    retry_at: float
+
+
+class AppState(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """What the KV bucket holds per app: the current token and/or the last failure."""
+
+    token: IssuedToken | None = None
+    failure: LastFailure | None = None
+
+
+class Lock(msgspec.Struct, frozen=True, kw_only=True):
+    """The cluster-wide refresh lock: who refreshes, and until when the claim holds."""
+
+    holder: str
+    deadline: float
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    refresh_margin_s: float
+    min_backoff_s: float
+    max_backoff_s: float
+
+
+class Action(enum.Enum):
+    SERVE = "serve"  # the token is fresh
+    SERVE_AND_REFRESH = "serve_and_refresh"  # still valid but inside the margin
+    FAIL = "fail"  # no valid token and backing off: answer the last failure
+    FETCH = "fetch"  # no valid token: callers must wait for a gettoken
+
+
+def usable_token(
+    state: AppState | None, now: float, rejected: str | None = None
+) -> IssuedToken | None:
+    """The current token if it has not expired and is not the one a caller saw rejected."""
+    if state is None or state.token is None:
+        return None
+    token = state.token
+    if token.value == rejected or now >= token.expires_at:
+        return None
+    return token
+
+
+def backing_off(state: AppState | None, now: float) -> bool:
+    return state is not None and state.failure is not None and now < state.failure.retry_at
+
+
+def decide(
+    state: AppState | None, now: float, policy: Policy, rejected: str | None = None
+) -> Action:
+    """What to do for a caller, given the shared state (``rejected``: invalidate's token)."""
+    token = usable_token(state, now, rejected)
+    waiting = backing_off(state, now)
+    if token is not None:
+        if waiting or now < token.refresh_at(policy.refresh_margin_s):
+            return Action.SERVE
+        return Action.SERVE_AND_REFRESH
+    return Action.FAIL if waiting else Action.FETCH
+
+
+def backoff_delay(attempts: int, policy: Policy) -> float:
+    """Exponential: min_backoff, doubling per consecutive failure, capped at max_backoff.
+
+    >>> p = Policy(refresh_margin_s=300, min_backoff_s=1, max_backoff_s=300)
+    >>> [backoff_delay(n, p) for n in (1, 2, 3, 9, 10)]
+    [1.0, 2.0, 4.0, 256.0, 300.0]
+    """
+    doublings = min(max(attempts, 1) - 1, _MAX_DOUBLINGS)
+    return float(min(policy.max_backoff_s, policy.min_backoff_s * 2**doublings))
+
+
+def after_success(token: IssuedToken) -> AppState:
+    """A new token clears the failure and so resets the backoff."""
+    return AppState(token=token)
+
+
+def after_failure(
+    state: AppState | None,
+    failure: Failure,
+    now: float,
+    policy: Policy,
+    rejected: str | None = None,
+) -> AppState:
+    """Record a failed gettoken: keep a still-valid token (a refresh ahead failed), drop
+    the one WeCom rejected, and back off longer for each consecutive failure."""
+    previous = state.failure if state is not None else None
+    attempts = previous.attempts + 1 if previous is not None else 1
+    keep = usable_token(state, now, rejected)
+    return AppState(
+        token=keep,
+        failure=LastFailure(
+            failure=failure, attempts=attempts, retry_at=now + backoff_delay(attempts, policy)
+        ),
+    )
+
+
+def answer(state: AppState | None, now: float, rejected: str | None = None) -> TokenReply:
+    """The reply a caller gets from the state as it stands."""
+    token = usable_token(state, now, rejected)
+    if token is not None:
+        return TokenReply(ok=True, token=token.value, expires_at=token.expires_at)
+    if state is not None and state.failure is not None:
+        last = state.failure
+        return TokenReply(
+            ok=False,
+            kind=last.failure.kind,
+            errcode=last.failure.errcode,
+            message=last.failure.message,
+            retry_after=round(max(0.0, last.retry_at - now), 3),
+        )
+    return TokenReply(
+        ok=False,
+        kind="unavailable",
+        message="no access_token yet: the refresh did not finish in time; retry shortly",
+    )
+
+
+def lock_is_stale(lock: Lock | None, now: float) -> bool:
+    """A lock whose holder missed its deadline (crashed, partitioned) may be taken over."""
+    return lock is None or now >= lock.deadline
+
+
+def issued(value: str, expires_in: float, requested_at: float) -> IssuedToken:
+    """Expiry counts from when we *asked*, so network delay only makes it earlier."""
+    return IssuedToken(value=value, fetched_at=requested_at, expires_at=requested_at + expires_in)
+
+
+# Error codes of gettoken, https://developer.work.weixin.qq.com/document/path/91039
+# (their meaning: the global error code page, path/90313).
+_BAD_SECRET = 40001
+_BAD_CORP_ID = 40013
+_RATE_LIMITED = 45009
+_UNTRUSTED_IP = 60020
+_SYSTEM_BUSY = -1
+
+
+def classify_errcode(errcode: int, errmsg: str) -> Failure:
+    """Map a gettoken errcode to the contract's error kind, with an operator's fix."""
+    said = f"(WeCom errcode {errcode}: {errmsg})"
+    if errcode == _BAD_SECRET:
+        return Failure(
+            kind="bad_secret",
+            errcode=errcode,
+            message="WECOM_SECRET is wrong: copy the app's Secret again from the WeCom "
+            f"admin console {said}",
+        )
+    if errcode == _BAD_CORP_ID:
+        return Failure(
+            kind="bad_corp_id",
+            errcode=errcode,
+            message="WECOM_CORP_ID is wrong: copy the CorpID again from the WeCom admin "
+            f"console (My Company > Company Info) {said}",
+        )
+    if errcode == _UNTRUSTED_IP:
+        return Failure(
+            kind="untrusted_ip",
+            errcode=errcode,
+            message="WeCom refused this server's IP: add this server's egress IP to the "
+            "app's trusted IP list (企业可信IP) under the app's settings in the WeCom admin "
+            f"console {said}",
+        )
+    if errcode == _RATE_LIMITED:
+        return Failure(
+            kind="rate_limited",
+            errcode=errcode,
+            message=f"WeCom is rate-limiting gettoken; backing off {said}",
+        )
+    if errcode == _SYSTEM_BUSY:
+        return Failure(kind="network", errcode=errcode, message=f"WeCom is busy {said}")
+    return Failure(kind="wecom_error", errcode=errcode, message=f"gettoken failed {said}")
+
+
+def http_failure(status: int) -> Failure:
+    """A bare HTTP error (no WeCom JSON): 5xx is WeCom or a proxy failing (transient);
+    429 is a rate limit; any other status means WECOM_API_BASE points somewhere wrong."""
+    if status >= 500:
+        return Failure(kind="network", message=f"WeCom answered HTTP {status}")
+    if status == 429:
+        return Failure(kind="rate_limited", message="WeCom answered HTTP 429")
+    return Failure(
+        kind="wecom_error",
+        message=f"gettoken answered HTTP {status}: check WECOM_API_BASE",
+    )
+
+
+def network_failure(reason: str) -> Failure:
+    return Failure(kind="network", message=f"cannot reach WeCom: {reason}")
+
+
+def fingerprint(token: str) -> str:
+    """A short, non-reversible name for a token, safe to log.
+
+    >>> fingerprint("abc")
+    'ba7816bf'
+    """
+    return hashlib.sha256(token.encode("utf-8")).hexdigest()[:8]

@@ -1,0 +1,120 @@
+"""The token contract served over NATS request-reply with ``nats.micro``.
+
+Service TOKEN_SERVICE, queue group TOKEN_QUEUE (one replica answers each request),
+endpoints ``get`` on TOKEN_GET and ``invalidate`` on TOKEN_INVALIDATE. These subjects lie
+outside every stream on purpose: JetStream would answer a captured request with a PubAck.
+Requests and replies are :class:`~wecombot_common.tokens.TokenRequest` /
+:class:`~wecombot_common.tokens.TokenReply` as JSON.
+
+A subscription's handler runs one message at a time, so answers from memory are given
+inline (the hot path) and only requests that must wait get a task of their own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable
+from importlib.metadata import PackageNotFoundError, version
+
+import msgspec
+import nats.errors
+import structlog
+from nats import micro
+from nats.aio.client import Client as NATS
+from nats.micro.request import Request
+from nats.micro.service import Service
+
+from wecombot_common.tokens import TokenReply, TokenRequest
+from wecombot_common.topology import TOKEN_GET, TOKEN_INVALIDATE, TOKEN_QUEUE, TOKEN_SERVICE
+
+from .keeper import TokenKeeper
+
+__all__ = ["TokenEndpoints"]
+
+log = structlog.get_logger(__name__)
+
+_decoder = msgspec.json.Decoder(TokenRequest)
+_encoder = msgspec.json.Encoder()
+
+
+def _version() -> str:
+    try:
+        return version("wecombot")
+    except PackageNotFoundError:
+        return "0.0.0"
+
+
+class TokenEndpoints:
+    def __init__(self, keeper: TokenKeeper) -> None:
+        self._keeper = keeper
+        self._service: Service | None = None
+        self._waiting: set[asyncio.Task[None]] = set()
+
+    async def start(self, nc: NATS) -> None:
+        self._service = await micro.add_service(
+            nc,
+            name=TOKEN_SERVICE,
+            version=_version(),
+            description="WeCom access_tokens for wecombot (the only caller of gettoken)",
+            queue_group=TOKEN_QUEUE,
+        )
+        await self._service.add_endpoint(name="get", subject=TOKEN_GET, handler=self._get)
+        await self._service.add_endpoint(
+            name="invalidate", subject=TOKEN_INVALIDATE, handler=self._invalidate
+        )
+
+    async def stop(self, grace_s: float) -> None:
+        """Stop taking requests, then give the waiting ones ``grace_s`` to be answered."""
+        if self._service is not None:
+            await self._service.stop()
+        if self._waiting:
+            await asyncio.wait(set(self._waiting), timeout=grace_s)
+        for task in set(self._waiting):
+            task.cancel()
+
+    async def _get(self, req: Request) -> None:
+        request = await _decode(req)
+        if request is None:
+            return
+        reply = self._keeper.answer_now(request.app)
+        if reply is not None:
+            await req.respond(_encoder.encode(reply))
+            return
+        self._answer_later(req, self._keeper.get(request.app))
+
+    async def _invalidate(self, req: Request) -> None:
+        request = await _decode(req)
+        if request is None:
+            return
+        if request.token is None:
+            await req.respond_error("400", "invalidate needs the token WeCom rejected")
+            return
+        self._answer_later(req, self._keeper.invalidate(request.app, request.token))
+
+    def _answer_later(self, req: Request, work: Awaitable[TokenReply]) -> None:
+        task = asyncio.create_task(_respond(req, work))
+        self._waiting.add(task)
+        task.add_done_callback(self._waiting.discard)
+
+
+async def _decode(req: Request) -> TokenRequest | None:
+    try:
+        return _decoder.decode(req.data)
+    except msgspec.DecodeError as exc:
+        await req.respond_error("400", f"not a TokenRequest: {exc}")
+        return None
+
+
+async def _respond(req: Request, work: Awaitable[TokenReply]) -> None:
+    try:
+        reply = await work
+    except Exception as exc:  # a bug must still answer the caller, not leave it to time out
+        log.exception("token.request_failed")
+        with contextlib.suppress(nats.errors.Error):
+            await req.respond_error("500", type(exc).__name__)
+        return
+    try:
+        await req.respond(_encoder.encode(reply))
+    except nats.errors.Error as exc:
+        log.warning("token.reply_failed", error=type(exc).__name__)

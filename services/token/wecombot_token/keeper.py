@@ -1,0 +1,229 @@
+"""One app's access_token: answered from memory, shared through KV, refreshed once.
+
+How a request is answered (the rules are :func:`~.domain.decide`):
+
+- memory holds a fresh token → answer it (no I/O: the hot path);
+- the token is valid but inside TOKEN_REFRESH_MARGIN → answer it at once and start one
+  background refresh;
+- no valid token and backing off after a failure → answer that failure with retry_after;
+- otherwise wait for the refresh. Within a process, callers share one in-flight task.
+  Across replicas, the task re-reads the KV state, then takes the KV lock: the winner
+  re-reads once more (someone may have just finished), calls gettoken and writes the
+  result; the others wait for the state key to change, at most until the holder's
+  deadline (one refresh), then take over a lock nobody released.
+
+``invalidate(token)`` refreshes only while ``token`` is still the one in KV, so a burst
+of 42001s from many senders costs one gettoken.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import secrets
+import socket
+import time
+from collections.abc import Callable
+from functools import partial
+
+import structlog
+
+from wecombot_common.logs import register_secret
+from wecombot_common.tokens import TokenReply
+
+from .domain import (
+    Action,
+    IssuedToken,
+    Policy,
+    after_failure,
+    after_success,
+    answer,
+    decide,
+    fingerprint,
+)
+from .errors import StoreUnavailable
+from .source import TokenSource
+from .store import Snapshot, TokenStore
+
+__all__ = ["TokenKeeper"]
+
+log = structlog.get_logger(__name__)
+
+_RECHECK_S = 0.05  # past a holder's deadline before claiming, so clocks need not agree to µs
+
+
+class TokenKeeper:
+    def __init__(
+        self,
+        app: str,
+        source: TokenSource,
+        store: TokenStore,
+        policy: Policy,
+        *,
+        refresh_timeout_s: float,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.app = app
+        self._source = source
+        self._store = store
+        self._policy = policy
+        self._refresh_timeout_s = refresh_timeout_s
+        self._clock = clock
+        self._snapshot = Snapshot(None, 0)  # the newest state seen: loaded, written, watched
+        self._inflight: dict[str | None, asyncio.Task[Snapshot]] = {}
+        self._instance = f"{socket.gethostname()}/{os.getpid()}/{secrets.token_hex(3)}"
+        self._claims = itertools.count(1)
+
+    # ------------------------------------------------------------ the contract
+    def answer_now(self, app: str) -> TokenReply | None:
+        """The answer to ``get`` from memory, or None when the caller has to wait."""
+        if app != self.app:
+            return self._unknown_app(app)
+        now = self._clock()
+        state = self._snapshot.state
+        action = decide(state, now, self._policy)
+        if action is Action.FETCH:
+            return None
+        if action is Action.SERVE_AND_REFRESH:
+            self._converging(None)
+        return answer(state, now)
+
+    async def get(self, app: str) -> TokenReply:
+        reply = self.answer_now(app)
+        return reply if reply is not None else await self._resolve(None)
+
+    async def invalidate(self, app: str, token: str) -> TokenReply:
+        """``token`` was rejected by WeCom: refresh if it is still current, else answer
+        the current one."""
+        if app != self.app:
+            return self._unknown_app(app)
+        return await self._resolve(token)
+
+    def adopt(self, snapshot: Snapshot) -> None:
+        """Take a state read from or written to KV (or seen by the watcher) if newer."""
+        if snapshot.revision < self._snapshot.revision:
+            return
+        if snapshot.state is not None and snapshot.state.token is not None:
+            register_secret(snapshot.state.token.value)
+        self._snapshot = snapshot
+
+    async def close(self) -> None:
+        """Stop refreshes still running (their lock deadline frees the lock if needed)."""
+        tasks = list(self._inflight.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _unknown_app(self, app: str) -> TokenReply:
+        return TokenReply(
+            ok=False,
+            kind="unknown_app",
+            message=f"unknown app {app[:80]!r}: this token service holds {self.app!r} "
+            "(check WECOM_CORP_ID and WECOM_AGENT_ID of both services)",
+        )
+
+    # ------------------------------------------------------------ waiting
+    async def _resolve(self, rejected: str | None) -> TokenReply:
+        # A crashed holder costs one refresh of waiting, then our own refresh: two at most.
+        try:
+            async with asyncio.timeout(2 * self._refresh_timeout_s):
+                snapshot = await asyncio.shield(self._converging(rejected))
+        except TimeoutError:
+            snapshot = self._snapshot
+        except StoreUnavailable as exc:
+            return TokenReply(ok=False, kind="unavailable", message=str(exc))
+        return answer(snapshot.state, self._clock(), rejected)
+
+    def _converging(self, rejected: str | None) -> asyncio.Task[Snapshot]:
+        """The in-flight task for this goal, started if none runs (one per process)."""
+        task = self._inflight.get(rejected)
+        if task is None:
+            task = asyncio.create_task(self._converge(rejected), name="token-refresh")
+            self._inflight[rejected] = task
+            task.add_done_callback(partial(self._finished, rejected))
+        return task
+
+    def _finished(self, key: str | None, task: asyncio.Task[Snapshot]) -> None:
+        if self._inflight.get(key) is task:
+            del self._inflight[key]
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.warning("token.refresh_aborted", error=str(exc), error_type=type(exc).__name__)
+
+    async def _converge(self, rejected: str | None) -> Snapshot:
+        """Loop until the shared state answers the caller (a token or a failure)."""
+        while True:
+            snapshot = await self._store.load()
+            self.adopt(snapshot)
+            now = self._clock()
+            action = decide(snapshot.state, now, self._policy, rejected)
+            if action in (Action.SERVE, Action.FAIL):
+                return snapshot
+            if action is Action.SERVE_AND_REFRESH and rejected is not None:
+                self._converging(None)  # the caller has its answer; refresh behind it
+                return snapshot
+            holder = f"{self._instance}#{next(self._claims)}"
+            claim = await self._store.claim(holder, now, self._refresh_timeout_s)
+            if claim.revision is not None:
+                try:
+                    return await self._refresh(rejected)
+                finally:
+                    await self._store.release(claim.revision)
+            # Another replica refreshes: wait for its write, never past its deadline.
+            deadline = claim.held_by.deadline if claim.held_by is not None else now
+            wait_s = min(deadline - now, self._refresh_timeout_s) + _RECHECK_S
+            await self._store.wait_for_change(max(snapshot.revision, claim.seen), wait_s)
+
+    async def _refresh(self, rejected: str | None) -> Snapshot:
+        """Holding the lock: check again, call gettoken, write the outcome for everyone."""
+        snapshot = await self._store.load()
+        self.adopt(snapshot)
+        action = decide(snapshot.state, self._clock(), self._policy, rejected)
+        if action not in (Action.FETCH, Action.SERVE_AND_REFRESH):
+            return snapshot  # another replica finished between our read and our claim
+        outcome = await self._source.fetch()
+        now = self._clock()
+        reason = _reason(action, rejected, snapshot)
+        if isinstance(outcome, IssuedToken):
+            register_secret(outcome.value)
+            state = after_success(outcome)
+            log.info(
+                "token.fetched",
+                app=self.app,
+                reason=reason,
+                fingerprint=fingerprint(outcome.value),
+                expires_in_s=round(outcome.expires_at - now),
+            )
+        else:
+            state = after_failure(snapshot.state, outcome, now, self._policy, rejected)
+            assert state.failure is not None
+            log.warning(
+                "token.fetch_failed",
+                app=self.app,
+                reason=reason,
+                kind=outcome.kind,
+                errcode=outcome.errcode,
+                detail=outcome.message,
+                attempts=state.failure.attempts,
+                retry_after_s=round(state.failure.retry_at - now, 3),
+            )
+        revision = await self._store.save(state, snapshot.revision)
+        if revision is None:
+            # Our claim was taken over while we were slow and the taker wrote first.
+            log.warning("token.save_conflict", app=self.app)
+            latest = await self._store.load()
+            self.adopt(latest)
+            return latest
+        saved = Snapshot(state, revision)
+        self.adopt(saved)
+        return saved
+
+
+def _reason(action: Action, rejected: str | None, snapshot: Snapshot) -> str:
+    if action is Action.SERVE_AND_REFRESH:
+        return "ahead"
+    if rejected is not None:
+        return "rejected"
+    if snapshot.state is None or snapshot.state.token is None:
+        return "missing"
+    return "expired"

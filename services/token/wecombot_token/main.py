@@ -1,0 +1,94 @@
+"""``wecombot token``: the only owner of WeCom access_tokens.
+
+Wiring only: settings → logging → NATS → KV bucket → keeper → endpoints + /readyz; on
+stop the endpoints stop first, waiting requests get one refresh to be answered, and the
+connection drains.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Mapping
+
+import nats.errors
+import structlog
+from nats.aio.client import Client as NATS
+from nats.js.kv import KeyValue
+
+from wecombot_common.bus import connect
+from wecombot_common.logs import configure_logging
+from wecombot_common.runtime import Check, HealthServer, run_service
+
+from .endpoints import TokenEndpoints
+from .keeper import TokenKeeper
+from .settings import TokenSettings
+from .source import WeComTokenSource
+from .store import KvTokenStore, open_token_bucket
+
+__all__ = ["main", "serve"]
+
+log = structlog.get_logger(__name__)
+
+CLIENT_NAME = "wecombot-token"
+HEALTH_HOST = "0.0.0.0"  # noqa: S104 (probes reach the pod IP; only /healthz and /readyz)
+
+
+def bucket_ready(nc: NATS, kv: KeyValue, *, timeout_s: float = 1.0) -> Check:
+    """Ready = NATS connected and the token bucket answers (probes wait ~1 s)."""
+
+    async def check() -> tuple[bool, str]:
+        if not nc.is_connected:
+            return False, "NATS is not connected"
+        try:
+            await asyncio.wait_for(kv.status(), timeout_s)
+        except (nats.errors.Error, TimeoutError) as exc:
+            return False, f"token bucket unavailable: {type(exc).__name__}"
+        return True, "ok"
+
+    return check
+
+
+async def serve(settings: TokenSettings, stop: asyncio.Event) -> None:
+    configure_logging(settings.log, service="token")
+    nc = await connect(settings.nats, CLIENT_NAME)
+    try:
+        async with contextlib.AsyncExitStack() as cleanup:
+            kv = await open_token_bucket(nc.jetstream(), replicas=settings.nats.stream_replicas)
+            source = WeComTokenSource(settings.wecom, timeout_s=settings.http_timeout_s)
+            cleanup.push_async_callback(source.aclose)
+            store = KvTokenStore(kv, settings.app)
+            cleanup.push_async_callback(store.close)
+            keeper = TokenKeeper(
+                settings.app,
+                source,
+                store,
+                settings.policy,
+                refresh_timeout_s=settings.refresh_timeout_s,
+            )
+            cleanup.push_async_callback(keeper.close)
+            await store.watch(keeper.adopt)
+            endpoints = TokenEndpoints(keeper)
+            await endpoints.start(nc)
+            cleanup.push_async_callback(endpoints.stop, settings.refresh_timeout_s)
+            health = HealthServer(HEALTH_HOST, settings.health_port, bucket_ready(nc, kv))
+            await health.start()
+            cleanup.push_async_callback(health.stop)
+            log.info(
+                "token.started",
+                app=settings.app,
+                api_base=settings.wecom.api_base,
+                refresh_margin_s=settings.refresh_margin_s,
+                health_port=settings.health_port,
+            )
+            await stop.wait()
+            log.info("token.stopping", app=settings.app)
+    finally:
+        if not nc.is_closed:
+            with contextlib.suppress(nats.errors.Error, TimeoutError):
+                await nc.drain()
+        log.info("token.stopped")
+
+
+def main(environ: Mapping[str, str]) -> int:
+    return run_service(TokenSettings.from_env, serve, environ)

@@ -1,0 +1,104 @@
+"""The only caller of WeCom ``gettoken`` in wecombot.
+
+``GET {api_base}/cgi-bin/gettoken?corpid=…&corpsecret=…`` answers
+``{"errcode": 0, "access_token": "…", "expires_in": 7200}`` or an errcode
+(https://developer.work.weixin.qq.com/document/path/91039). Failures come back as
+:class:`~.domain.Failure` values, never as exceptions: they are expected outcomes the
+service records and backs off on.
+
+    >>> source = WeComTokenSource(settings.wecom, timeout_s=10)  # doctest: +SKIP
+    >>> outcome = await source.fetch()                             # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from typing import Protocol
+from urllib.parse import urlsplit
+
+import httpx
+import msgspec
+
+from wecombot_common.settings import WeComApiSettings
+
+from .domain import (
+    Failure,
+    IssuedToken,
+    classify_errcode,
+    http_failure,
+    issued,
+    network_failure,
+)
+
+__all__ = ["TokenSource", "WeComTokenSource", "interpret"]
+
+
+class TokenSource(Protocol):
+    async def fetch(self) -> IssuedToken | Failure: ...
+
+
+class _GettokenBody(msgspec.Struct):
+    errcode: int = 0
+    errmsg: str = ""
+    access_token: str | None = None
+    expires_in: float | None = None
+
+
+_decoder = msgspec.json.Decoder(_GettokenBody)
+
+
+def interpret(body: bytes, requested_at: float) -> IssuedToken | Failure:
+    """Turn gettoken's JSON body into a token or a failure (pure)."""
+    try:
+        parsed = _decoder.decode(body)
+    except msgspec.DecodeError:
+        return network_failure("gettoken answered something that is not WeCom's JSON")
+    if parsed.errcode != 0:
+        return classify_errcode(parsed.errcode, parsed.errmsg)
+    if not parsed.access_token or not parsed.expires_in or parsed.expires_in <= 0:
+        return Failure(kind="wecom_error", message="gettoken answered errcode 0 without a token")
+    return issued(parsed.access_token, parsed.expires_in, requested_at)
+
+
+class WeComTokenSource:
+    """httpx against the real (or simulated) WeCom API, bounded by one total timeout."""
+
+    def __init__(
+        self,
+        settings: WeComApiSettings,
+        *,
+        timeout_s: float,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._settings = settings
+        self._timeout_s = timeout_s
+        self._clock = clock
+        self._url = f"{settings.api_base}/cgi-bin/gettoken"
+        self._host = urlsplit(settings.api_base).netloc
+        self._http = httpx.AsyncClient(
+            timeout=httpx.Timeout(timeout_s, connect=min(timeout_s, 5.0)),
+            limits=httpx.Limits(max_connections=4, max_keepalive_connections=2),
+            follow_redirects=False,
+        )
+
+    async def fetch(self) -> IssuedToken | Failure:
+        requested_at = self._clock()
+        params = {"corpid": self._settings.corp_id, "corpsecret": self._settings.secret.reveal()}
+        try:
+            # httpx's timeouts are per phase; this bounds the whole call, which is what the
+            # cluster lock's deadline assumes.
+            async with asyncio.timeout(self._timeout_s):
+                response = await self._http.get(self._url, params=params)
+        except TimeoutError:
+            return network_failure(f"no answer from {self._host} within {self._timeout_s:g}s")
+        except httpx.HTTPError as exc:
+            # The exception text may hold the URL and so the secret: name the type only.
+            return network_failure(f"{type(exc).__name__} calling {self._host}")
+        if response.status_code != httpx.codes.OK:
+            return http_failure(response.status_code)
+        return interpret(response.content, requested_at)
+
+    async def aclose(self) -> None:
+        await self._http.aclose()

@@ -1,0 +1,238 @@
+"""The shared token state and the refresh lock, in the JetStream KV bucket TOKEN_BUCKET.
+
+Two keys per app (the app key is letters, digits and '-', valid in a KV key)::
+
+    <app>.token   AppState: the current token (wall-clock expiry) and the last failure
+    <app>.lock    Lock: who is calling gettoken, and until when that claim holds
+
+Every write is a compare-and-set on the key's revision, so replicas and restarts agree:
+the lock is taken with ``create()`` (fails if held) or, once its deadline has passed,
+``update(last=rev)`` (only one taker wins); the state is written with
+``update(last=rev)`` of the revision the writer decided on.
+
+    >>> kv = await open_token_bucket(js, replicas=1)          # doctest: +SKIP
+    >>> store = KvTokenStore(kv, "ww1-1000002")               # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar
+
+import msgspec
+import nats.errors
+import nats.js.errors
+import structlog
+from nats.js import JetStreamContext
+from nats.js.kv import KeyValue
+
+from wecombot_common.topology import TOKEN_BUCKET, token_bucket
+
+from .domain import AppState, Lock, lock_is_stale
+from .errors import StoreUnavailable
+
+__all__ = ["Claim", "KvTokenStore", "Snapshot", "TokenStore", "open_token_bucket"]
+
+log = structlog.get_logger(__name__)
+
+T = TypeVar("T")
+
+# A waiter re-reads the bucket at least this often, so a watcher lost in a reconnect
+# only slows waiters down to polling; it never strands them.
+POLL_S = 1.0
+_STREAM_EXISTS = 10058  # "stream name already in use with a different configuration"
+_CAS = (10071, 10164)  # wrong last sequence: a compare-and-set lost
+
+_encoder = msgspec.json.Encoder()
+_state_decoder = msgspec.json.Decoder(AppState)
+_lock_decoder = msgspec.json.Decoder(Lock)
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """The state as read at ``revision`` (0: the key was never written)."""
+
+    state: AppState | None
+    revision: int
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """The outcome of trying to take the refresh lock."""
+
+    revision: int | None  # ours, when we hold the lock
+    held_by: Lock | None  # the live holder, when we do not
+    seen: int  # the lock key's revision we saw
+
+
+class TokenStore(Protocol):
+    async def load(self) -> Snapshot: ...
+
+    async def save(self, state: AppState, last: int) -> int | None: ...
+
+    async def claim(self, holder: str, now: float, hold_s: float) -> Claim: ...
+
+    async def release(self, revision: int) -> None: ...
+
+    async def wait_for_change(self, after: int, timeout_s: float) -> None: ...
+
+
+async def open_token_bucket(js: JetStreamContext, *, replicas: int) -> KeyValue:
+    """Create the bucket, or bring an existing one to our config. Safe from every replica."""
+    config = token_bucket(replicas=replicas)
+    try:
+        return await js.create_key_value(config)
+    except nats.js.errors.BadRequestError as exc:
+        if exc.err_code != _STREAM_EXISTS:
+            raise
+    stream = f"KV_{TOKEN_BUCKET}"
+    info = await js.stream_info(stream)
+    wanted = dataclasses.replace(
+        info.config,
+        description=config.description,
+        num_replicas=config.replicas,
+        max_msgs_per_subject=config.history,
+    )
+    if wanted != info.config:
+        await js.update_stream(wanted)
+    return await js.key_value(TOKEN_BUCKET)
+
+
+class KvTokenStore:
+    def __init__(self, kv: KeyValue, app: str) -> None:
+        self._kv = kv
+        self._token_key = f"{app}.token"
+        self._lock_key = f"{app}.lock"
+        self._pattern = f"{app}.*"
+        self._seen = 0  # highest revision of our keys the watcher delivered
+        self._changed = asyncio.Condition()
+        self._watcher: Any = None
+        self._follower: asyncio.Task[None] | None = None
+
+    # ------------------------------------------------------------ state
+    async def load(self) -> Snapshot:
+        try:
+            entry = await _guard(self._kv.get(self._token_key))
+        except nats.js.errors.KeyNotFoundError as exc:
+            # A deleted key still has a revision (its delete marker) to write after.
+            marker = getattr(exc, "entry", None)
+            return Snapshot(None, int(getattr(marker, "revision", 0) or 0))
+        return Snapshot(_decode_state(entry.value), int(entry.revision or 0))
+
+    async def save(self, state: AppState, last: int) -> int | None:
+        """Write ``state`` if the key is still at revision ``last``; None if it moved on."""
+        try:
+            revision = await _guard(self._kv.update(self._token_key, _encoder.encode(state), last))
+        except nats.js.errors.KeyWrongLastSequenceError:
+            return None
+        return int(revision)
+
+    # ------------------------------------------------------------ lock
+    async def claim(self, holder: str, now: float, hold_s: float) -> Claim:
+        """Take the lock (create), or take over a lock whose holder missed its deadline."""
+        mine = _encoder.encode(Lock(holder=holder, deadline=now + hold_s))
+        try:
+            revision = await _guard(self._kv.create(self._lock_key, mine))
+            return Claim(revision=int(revision), held_by=None, seen=int(revision))
+        except nats.js.errors.KeyWrongLastSequenceError:
+            pass
+        try:
+            entry = await _guard(self._kv.get(self._lock_key))
+        except nats.js.errors.KeyNotFoundError:
+            return Claim(revision=None, held_by=None, seen=0)  # released meanwhile: retry
+        seen = int(entry.revision or 0)
+        current = _decode_lock(entry.value)
+        if not lock_is_stale(current, now):
+            return Claim(revision=None, held_by=current, seen=seen)
+        try:
+            revision = await _guard(self._kv.update(self._lock_key, mine, last=seen))
+        except nats.js.errors.KeyWrongLastSequenceError:
+            return Claim(revision=None, held_by=current, seen=seen)  # another taker won
+        log.warning(
+            "token.lock_taken_over",
+            previous_holder=current.holder if current else None,
+            overdue_s=round(now - current.deadline, 3) if current else None,
+        )
+        return Claim(revision=int(revision), held_by=None, seen=int(revision))
+
+    async def release(self, revision: int) -> None:
+        """Delete our lock, unless someone took it over (then it is theirs to release)."""
+        try:
+            await _guard(self._kv.delete(self._lock_key, last=revision))
+        except nats.js.errors.APIError as exc:
+            log.info("token.lock_lost", reason=str(exc.description))
+        except StoreUnavailable as exc:
+            log.warning("token.lock_release_failed", reason=str(exc))  # its deadline frees it
+
+    # ------------------------------------------------------------ changes
+    async def watch(self, on_state: Callable[[Snapshot], None]) -> None:
+        """Follow both keys: ``on_state`` gets every new state; waiters wake on any change."""
+        self._watcher = await _guard(self._kv.watch(self._pattern))
+        self._follower = asyncio.create_task(self._follow(on_state), name="token-kv-watch")
+
+    async def _follow(self, on_state: Callable[[Snapshot], None]) -> None:
+        try:
+            async for entry in self._watcher:
+                if entry is None:  # "caught up" marker
+                    continue
+                revision = int(entry.revision or 0)
+                if entry.key == self._token_key:
+                    deleted = entry.operation is not None
+                    on_state(Snapshot(None if deleted else _decode_state(entry.value), revision))
+                async with self._changed:
+                    self._seen = max(self._seen, revision)
+                    self._changed.notify_all()
+        except Exception as exc:  # waiters fall back to polling; requests re-read KV
+            log.warning("token.watch_stopped", error=type(exc).__name__)
+
+    async def wait_for_change(self, after: int, timeout_s: float) -> None:
+        """Return when either key moved past revision ``after``, or after ``timeout_s``
+        (at most POLL_S); the caller re-reads the bucket either way."""
+        if timeout_s <= 0:
+            return
+        async with self._changed:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(
+                    self._changed.wait_for(lambda: self._seen > after), min(timeout_s, POLL_S)
+                )
+
+    async def close(self) -> None:
+        if self._watcher is not None:
+            with contextlib.suppress(Exception):
+                await self._watcher.stop()
+        if self._follower is not None:
+            self._follower.cancel()
+            await asyncio.gather(self._follower, return_exceptions=True)
+
+
+async def _guard(call: Awaitable[T]) -> T:
+    """Translate 'NATS did not answer' into StoreUnavailable; CAS and not-found pass."""
+    try:
+        return await call
+    except nats.js.errors.KeyNotFoundError:
+        raise
+    except nats.js.errors.APIError as exc:
+        if isinstance(exc, nats.js.errors.KeyWrongLastSequenceError) or exc.err_code in _CAS:
+            raise
+        raise StoreUnavailable(f"token bucket refused: {exc.description}") from exc
+    except (nats.errors.Error, TimeoutError) as exc:
+        raise StoreUnavailable(f"token bucket unavailable: {type(exc).__name__}") from exc
+
+
+def _decode_state(raw: bytes | None) -> AppState | None:
+    try:
+        return _state_decoder.decode(raw or b"")
+    except msgspec.DecodeError:
+        log.warning("token.state_undecodable")  # the next refresh overwrites it
+        return None
+
+
+def _decode_lock(raw: bytes | None) -> Lock | None:
+    try:
+        return _lock_decoder.decode(raw or b"")
+    except msgspec.DecodeError:
+        return None  # treated as stale: the next claimant takes it over

@@ -1,0 +1,390 @@
+"""The token service, in-process, against a real nats-server and a simulated WeCom API.
+
+Several instances run ``serve()`` with their own NATS connections; callers use the same
+TokenClient the sender uses. No mocks: the simulator is a real HTTP server on loopback
+and counts every gettoken call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from typing import TypeVar
+
+import httpx
+import msgspec
+import nats
+import pytest
+from nats.aio.client import Client as NATS
+
+from tests.conftest import NatsHandle, free_port
+from wecombot_common.sim.wecom_api import SimulatedWeComApi
+from wecombot_common.tokens import (
+    TokenClient,
+    TokenError,
+    TokenReply,
+    TokenRequest,
+    TransientTokenError,
+)
+from wecombot_common.topology import TOKEN_BUCKET, TOKEN_GET, TOKEN_SERVICE
+from wecombot_token.domain import Lock
+from wecombot_token.main import serve
+from wecombot_token.settings import TokenSettings
+
+pytestmark = pytest.mark.integration
+
+T = TypeVar("T")
+
+CORP_ID = "wwtokentest"
+AGENT_ID = 1000002
+SECRET = "sim-app-secret-0123456789"
+APP = f"{CORP_ID}-{AGENT_ID}"
+
+
+@pytest.fixture
+async def sim() -> AsyncIterator[SimulatedWeComApi]:
+    api = SimulatedWeComApi(corp_id=CORP_ID, secret=SECRET, agent_id=AGENT_ID)
+    await api.start()
+    try:
+        yield api
+    finally:
+        await api.stop()
+
+
+class Instance:
+    """One token service process, in-process: serve() until stop is set."""
+
+    def __init__(self, settings: TokenSettings) -> None:
+        self.settings = settings
+        self.stop_event = asyncio.Event()
+        self.task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self.task = asyncio.create_task(serve(self.settings, self.stop_event))
+        url = f"http://127.0.0.1:{self.settings.health_port}/readyz"
+        async with httpx.AsyncClient(timeout=1.0) as http:
+
+            async def ready() -> bool | None:
+                assert self.task is not None
+                if self.task.done():
+                    self.task.result()  # raise what stopped it
+                with contextlib.suppress(httpx.HTTPError):
+                    return (await http.get(url)).status_code == 200 or None
+                return None
+
+            await eventually(ready, timeout=10.0)
+
+    async def stop(self) -> None:
+        self.stop_event.set()
+        if self.task is not None:
+            await asyncio.wait_for(self.task, 20.0)
+
+
+def settings_for(nats_server: NatsHandle, sim: SimulatedWeComApi, **env: str) -> TokenSettings:
+    return TokenSettings.from_env(
+        {
+            "NATS_URL": nats_server.url,
+            "WECOM_CORP_ID": CORP_ID,
+            "WECOM_AGENT_ID": str(AGENT_ID),
+            "WECOM_SECRET": SECRET,
+            "WECOM_API_BASE": sim.base_url,
+            "WECOMBOT_HEALTH_PORT": str(free_port()),
+            "TOKEN_HTTP_TIMEOUT": "3",
+            "TOKEN_MIN_BACKOFF": "0.2",
+            "TOKEN_MAX_BACKOFF": "2",
+            **env,
+        }
+    )
+
+
+@contextlib.asynccontextmanager
+async def token_services(
+    nats_server: NatsHandle, sim: SimulatedWeComApi, count: int = 1, **env: str
+) -> AsyncIterator[list[Instance]]:
+    started: list[Instance] = []
+    try:
+        for _ in range(count):
+            instance = Instance(settings_for(nats_server, sim, **env))
+            await instance.start()
+            started.append(instance)
+        yield started
+    finally:
+        await asyncio.gather(*(i.stop() for i in started))
+
+
+@contextlib.asynccontextmanager
+async def connections(nats_server: NatsHandle, count: int) -> AsyncIterator[list[NATS]]:
+    clients = [await nats.connect(nats_server.url) for _ in range(count)]
+    try:
+        yield clients
+    finally:
+        await asyncio.gather(*(c.close() for c in clients))
+
+
+async def eventually(check: Callable[[], Awaitable[T | None]], timeout: float = 10.0) -> T:
+    """Poll ``check`` until it returns something other than None, for ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = await check()
+        if result is not None:
+            return result
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.05)
+
+
+async def ask(nc: NATS) -> TokenReply:
+    """A raw get, to see expires_at as well as the token."""
+    msg = await nc.request(TOKEN_GET, msgspec.json.encode(TokenRequest(app=APP)), timeout=10)
+    return msgspec.json.decode(msg.data, type=TokenReply)
+
+
+async def eventually_token(client: TokenClient) -> str:
+    async def attempt() -> str | None:
+        try:
+            return await client.get(APP)
+        except (TokenError, TransientTokenError):
+            return None
+
+    return await eventually(attempt)
+
+
+async def requests_served(nc: NATS, instances: int) -> list[int]:
+    """``get`` requests answered by each instance, from nats.micro's $SRV.STATS."""
+    inbox = nc.new_inbox()
+    sub = await nc.subscribe(inbox)
+    await nc.publish(f"$SRV.STATS.{TOKEN_SERVICE}", b"", reply=inbox)
+    counts = []
+    for _ in range(instances):
+        stats = json.loads((await sub.next_msg(timeout=5)).data)
+        counts.append(next(e["num_requests"] for e in stats["endpoints"] if e["name"] == "get"))
+    await sub.unsubscribe()
+    return counts
+
+
+async def test_ten_thousand_gets_cost_one_gettoken_and_a_restart_reuses_it(
+    nats_server: NatsHandle, sim: SimulatedWeComApi
+) -> None:
+    async with (
+        token_services(nats_server, sim, count=2),
+        connections(nats_server, 3) as ncs,
+    ):
+        clients = [TokenClient(nc) for nc in ncs]
+        tokens = await asyncio.gather(*(clients[i % 3].get(APP) for i in range(10_000)))
+        assert sim.gettoken_calls == 1
+        assert len(set(tokens)) == 1
+        served = await requests_served(ncs[0], instances=2)
+        assert sum(served) == 10_000
+        assert min(served) > 0, f"one instance served nothing: {served}"
+
+    # Both stopped; a fresh instance finds the token in KV.
+    async with token_services(nats_server, sim), connections(nats_server, 1) as (nc,):
+        assert await TokenClient(nc).get(APP) == tokens[0]
+        assert sim.gettoken_calls == 1
+
+
+async def test_refresh_ahead_happens_once_per_lifetime_without_blocking_callers(
+    nats_server: NatsHandle, sim: SimulatedWeComApi
+) -> None:
+    # A 4 s token with a 15 s margin is inside the margin from birth: the refresh starts at
+    # half its life (2 s), and each gettoken takes 0.8 s, so callers keep arriving while
+    # one runs and must get the still-valid token at once.
+    sim.expires_in = 4
+    sim.latency_s = 0.8
+    async with (
+        token_services(nats_server, sim, count=2, TOKEN_REFRESH_MARGIN="15"),
+        connections(nats_server, 3) as ncs,
+    ):
+        first = await ask(ncs[0])
+        assert first.token is not None and first.expires_at is not None
+        lifetimes: dict[str, float] = {first.token: first.expires_at}
+        # (asked at, latency, token, gettoken calls when answered)
+        seen: list[tuple[float, float, str, int]] = []
+
+        async def timed(nc: NATS) -> None:
+            asked = time.time()
+            reply = await ask(nc)
+            assert reply.ok and reply.token is not None and reply.expires_at is not None
+            assert asked < reply.expires_at, "a caller got an expired token"
+            lifetimes.setdefault(reply.token, reply.expires_at)
+            seen.append((asked, time.time() - asked, reply.token, sim.gettoken_calls))
+
+        async def three_tokens() -> bool | None:
+            await asyncio.gather(*(timed(ncs[i % 3]) for i in range(30)))
+            return True if len(lifetimes) >= 3 else None
+
+        await eventually(three_tokens, timeout=15.0)
+
+        assert sim.gettoken_calls == 3, "one gettoken per lifetime, cluster-wide"
+        assert max(latency for _, latency, _, _ in seen) < 0.5, "a caller waited for gettoken"
+        refresh_started = first.expires_at - 2  # half of the first token's 4 s life
+        during_refresh = [
+            s for s in seen if s[2] == first.token and s[0] > refresh_started + 0.1 and s[3] == 1
+        ]
+        assert during_refresh, "no caller was answered while the first refresh ran"
+
+
+async def test_a_burst_of_invalidates_refreshes_once(
+    nats_server: NatsHandle, sim: SimulatedWeComApi
+) -> None:
+    async with (
+        token_services(nats_server, sim, count=2),
+        connections(nats_server, 3) as ncs,
+    ):
+        clients = [TokenClient(nc) for nc in ncs]
+        old = await clients[0].get(APP)
+        sim.expire_tokens()  # what made the senders see 42001
+        fresh = await asyncio.gather(*(clients[i % 3].invalidate(APP, old) for i in range(50)))
+        assert sim.gettoken_calls == 2
+        assert len(set(fresh)) == 1 and fresh[0] != old
+        new = fresh[0]
+
+        # A late report of the old token, or of one never issued: no gettoken.
+        assert await clients[1].invalidate(APP, old) == new
+        assert await clients[2].invalidate(APP, "not-a-token-we-issued") == new
+        assert sim.gettoken_calls == 2
+
+        async def everyone_has_new() -> bool | None:
+            got = await asyncio.gather(*(clients[i % 3].get(APP) for i in range(30)))
+            return True if set(got) == {new} else None
+
+        await eventually(everyone_has_new)
+        assert sim.gettoken_calls == 2
+
+
+@pytest.mark.parametrize(
+    ("errcode", "kind", "hints"),
+    [
+        (40001, "bad_secret", ["WECOM_SECRET is wrong", "Secret again"]),
+        (40013, "bad_corp_id", ["WECOM_CORP_ID is wrong"]),
+        (60020, "untrusted_ip", ["trusted IP", "企业可信IP", "not allow to access from your ip"]),
+    ],
+)
+async def test_wecom_refusals_are_typed_and_recover(
+    nats_server: NatsHandle, sim: SimulatedWeComApi, errcode: int, kind: str, hints: list[str]
+) -> None:
+    async with token_services(nats_server, sim), connections(nats_server, 1) as (nc,):
+        client = TokenClient(nc)
+        sim.fail_gettoken(errcode)
+        with pytest.raises(TokenError) as info:
+            await client.get(APP)
+        assert info.value.kind == kind
+        assert info.value.errcode == errcode
+        for hint in hints:
+            assert hint in str(info.value)
+        assert sim.gettoken_calls == 1
+
+        # The operator fixed it: after the backoff the next get succeeds.
+        await eventually_token(client)
+        assert sim.gettoken_calls == 2
+
+
+async def test_rate_limited_backs_off_cluster_wide_without_calling_wecom(
+    nats_server: NatsHandle, sim: SimulatedWeComApi
+) -> None:
+    async with (
+        token_services(nats_server, sim, count=2, TOKEN_MIN_BACKOFF="1.5"),
+        connections(nats_server, 2) as ncs,
+    ):
+        clients = [TokenClient(nc) for nc in ncs]
+        sim.fail_gettoken(45009)
+        with pytest.raises(TransientTokenError) as info:
+            await clients[0].get(APP)
+        assert info.value.kind == "rate_limited"
+        assert info.value.retry_after is not None and 0 < info.value.retry_after <= 1.5
+
+        # While backing off, every replica answers at once and nobody calls WeCom.
+        results = await asyncio.gather(
+            *(clients[i % 2].get(APP) for i in range(20)), return_exceptions=True
+        )
+        assert all(
+            isinstance(r, TransientTokenError) and r.kind == "rate_limited" and r.retry_after
+            for r in results
+        ), results
+        assert sim.gettoken_calls == 1
+
+        await eventually_token(clients[1])
+        assert sim.gettoken_calls == 2
+
+
+async def test_wecom_down_is_a_network_error_and_recovers(
+    nats_server: NatsHandle, sim: SimulatedWeComApi
+) -> None:
+    async with token_services(nats_server, sim), connections(nats_server, 1) as (nc,):
+        client = TokenClient(nc)
+        sim.set_down(True)
+        with pytest.raises(TransientTokenError) as info:
+            await client.get(APP)
+        assert info.value.kind == "network"
+        assert info.value.retry_after is not None
+        sim.set_down(False)
+        await eventually_token(client)
+        assert sim.gettoken_calls == 1
+
+
+async def test_unknown_app_is_refused_without_calling_wecom(
+    nats_server: NatsHandle, sim: SimulatedWeComApi
+) -> None:
+    async with token_services(nats_server, sim), connections(nats_server, 1) as (nc,):
+        client = TokenClient(nc)
+        with pytest.raises(TokenError) as info:
+            await client.get("wwother-1000003")
+        assert info.value.kind == "unknown_app"
+        with pytest.raises(TokenError) as info:
+            await client.invalidate("wwother-1000003", "whatever-token")
+        assert info.value.kind == "unknown_app"
+        assert sim.gettoken_calls == 0
+
+
+@pytest.fixture
+def restore_logging() -> Iterator[None]:
+    """serve() points the root logger at this test's captured stderr: undo that after."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    try:
+        yield
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+
+
+@pytest.mark.usefixtures("restore_logging")
+async def test_tokens_and_the_secret_never_reach_the_logs(
+    nats_server: NatsHandle, sim: SimulatedWeComApi, capsys: pytest.CaptureFixture[str]
+) -> None:
+    issued: list[str] = []
+    async with (
+        token_services(nats_server, sim, LOG_LEVEL="debug", LOG_FORMAT="json"),
+        connections(nats_server, 1) as (nc,),
+    ):
+        client = TokenClient(nc)
+        issued.append(await client.get(APP))
+        issued.append(await client.invalidate(APP, issued[0]))
+        sim.fail_gettoken(60020)
+        with pytest.raises(TokenError):
+            await client.invalidate(APP, issued[1])
+    output = capsys.readouterr().err
+    lines = [json.loads(line) for line in output.splitlines() if line.startswith("{")]
+    events = [line["event"] for line in lines]
+    assert "token.fetched" in events and "token.fetch_failed" in events
+    assert all(len(line["fingerprint"]) == 8 for line in lines if line["event"] == "token.fetched")
+    for secret in (*issued, SECRET):
+        assert secret not in output
+
+
+async def test_a_crashed_holders_lock_is_taken_over_after_its_deadline(
+    nats_server: NatsHandle, sim: SimulatedWeComApi
+) -> None:
+    async with token_services(nats_server, sim), connections(nats_server, 1) as (nc,):
+        # A replica claimed the refresh and died: its lock stays until its deadline.
+        kv = await nc.jetstream().key_value(TOKEN_BUCKET)
+        deadline = time.time() + 1.0
+        await kv.create(f"{APP}.lock", msgspec.json.encode(Lock(holder="dead", deadline=deadline)))
+        token = await TokenClient(nc).get(APP)
+        assert token
+        assert time.time() >= deadline, "the live lock was not respected"
+        assert time.time() < deadline + 2.0, "the caller waited past the holder's deadline"
+        assert sim.gettoken_calls == 1

@@ -1,0 +1,270 @@
+"""The token service's pure rules: freshness, error kinds, backoff, settings."""
+
+from __future__ import annotations
+
+import json
+
+import msgspec
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from wecombot_common.errors import ConfigError
+from wecombot_token.domain import (
+    Action,
+    AppState,
+    Failure,
+    IssuedToken,
+    LastFailure,
+    Lock,
+    Policy,
+    after_failure,
+    after_success,
+    answer,
+    backoff_delay,
+    classify_errcode,
+    decide,
+    fingerprint,
+    http_failure,
+    lock_is_stale,
+    network_failure,
+)
+from wecombot_token.settings import TokenSettings
+from wecombot_token.source import interpret
+
+POLICY = Policy(refresh_margin_s=300, min_backoff_s=1, max_backoff_s=300)
+TOKEN = IssuedToken(value="access-token-1", fetched_at=1000.0, expires_at=8200.0)  # 7200 s
+
+
+def state(token: IssuedToken | None = TOKEN, failure: LastFailure | None = None) -> AppState:
+    return AppState(token=token, failure=failure)
+
+
+def failed(retry_at: float) -> LastFailure:
+    return LastFailure(failure=network_failure("down"), attempts=1, retry_at=retry_at)
+
+
+# ---------------------------------------------------------------- freshness
+
+
+@pytest.mark.parametrize(
+    ("now", "expected"),
+    [
+        (1000.0, Action.SERVE),  # just fetched
+        (7899.9, Action.SERVE),  # 300.1 s left
+        (7900.0, Action.SERVE_AND_REFRESH),  # the margin starts
+        (8199.9, Action.SERVE_AND_REFRESH),  # still valid, refresh behind the answer
+        (8200.0, Action.FETCH),  # expired: callers must wait
+        (9000.0, Action.FETCH),
+    ],
+)
+def test_freshness_follows_the_margin(now: float, expected: Action) -> None:
+    assert decide(state(), now, POLICY) is expected
+
+
+def test_no_token_means_fetch() -> None:
+    assert decide(None, 0.0, POLICY) is Action.FETCH
+    assert decide(AppState(), 0.0, POLICY) is Action.FETCH
+
+
+def test_a_margin_longer_than_the_lifetime_refreshes_at_half_life() -> None:
+    short = IssuedToken(value="short-lived", fetched_at=100.0, expires_at=104.0)
+    wide = Policy(refresh_margin_s=15, min_backoff_s=1, max_backoff_s=300)
+    assert short.refresh_at(wide.refresh_margin_s) == 102.0
+    assert decide(state(short), 101.9, wide) is Action.SERVE
+    assert decide(state(short), 102.0, wide) is Action.SERVE_AND_REFRESH
+
+
+def test_the_rejected_token_is_never_served_but_another_is() -> None:
+    assert decide(state(), 2000.0, POLICY, rejected=TOKEN.value) is Action.FETCH
+    assert decide(state(), 2000.0, POLICY, rejected="an-older-token") is Action.SERVE
+
+
+def test_backing_off_answers_the_failure_or_keeps_the_valid_token() -> None:
+    assert decide(state(None, failed(retry_at=50.0)), 40.0, POLICY) is Action.FAIL
+    assert decide(state(None, failed(retry_at=50.0)), 50.0, POLICY) is Action.FETCH
+    # A refresh ahead that failed: keep serving the valid token, no refresh until retry_at.
+    assert decide(state(TOKEN, failed(retry_at=8000.0)), 7950.0, POLICY) is Action.SERVE
+    assert decide(state(TOKEN, failed(retry_at=8000.0)), 8000.0, POLICY) is (
+        Action.SERVE_AND_REFRESH
+    )
+
+
+@given(
+    fetched=st.floats(0, 1e9),
+    lifetime=st.floats(1, 10_000),
+    margin=st.floats(0, 20_000),
+    offset=st.floats(-10, 30_000),
+)
+def test_never_an_expired_token_and_never_a_refresh_in_the_first_half_life(
+    fetched: float, lifetime: float, margin: float, offset: float
+) -> None:
+    token = IssuedToken(value="tok-prop", fetched_at=fetched, expires_at=fetched + lifetime)
+    now = fetched + offset
+    action = decide(state(token), now, Policy(margin, 1, 300))
+    if action in (Action.SERVE, Action.SERVE_AND_REFRESH):
+        assert now < token.expires_at
+    if action is Action.SERVE_AND_REFRESH:
+        assert now >= fetched + lifetime / 2
+
+
+# ---------------------------------------------------------------- error kinds
+
+
+@pytest.mark.parametrize(
+    ("errcode", "kind", "transient", "hint"),
+    [
+        (40001, "bad_secret", False, "WECOM_SECRET is wrong"),
+        (40013, "bad_corp_id", False, "WECOM_CORP_ID is wrong"),
+        (60020, "untrusted_ip", False, "trusted IP list (企业可信IP)"),
+        (45009, "rate_limited", True, "rate-limiting"),
+        (-1, "network", True, "busy"),
+        (40056, "wecom_error", False, "gettoken failed"),
+    ],
+)
+def test_errcodes_map_to_the_contracts_kinds(
+    errcode: int, kind: str, transient: bool, hint: str
+) -> None:
+    failure = classify_errcode(errcode, "errmsg from WeCom, from ip: 203.0.113.7")
+    assert failure.kind == kind
+    assert failure.errcode == errcode
+    assert failure.transient is transient
+    assert hint in failure.message
+    assert "from ip: 203.0.113.7" in failure.message  # WeCom's errmsg names the IP
+
+
+@pytest.mark.parametrize(
+    ("status", "kind"), [(502, "network"), (503, "network"), (429, "rate_limited")]
+)
+def test_http_errors_are_transient(status: int, kind: str) -> None:
+    failure = http_failure(status)
+    assert (failure.kind, failure.transient) == (kind, True)
+
+
+def test_other_http_statuses_point_at_the_api_base() -> None:
+    failure = http_failure(404)
+    assert failure.kind == "wecom_error" and "WECOM_API_BASE" in failure.message
+    assert network_failure("ConnectError").transient
+
+
+def test_gettoken_bodies_are_interpreted() -> None:
+    ok = interpret(b'{"errcode":0,"errmsg":"ok","access_token":"abc-123","expires_in":7200}', 50.0)
+    assert ok == IssuedToken(value="abc-123", fetched_at=50.0, expires_at=7250.0)
+    refused = interpret(b'{"errcode":60020,"errmsg":"not allow, from ip: 1.2.3.4"}', 50.0)
+    assert isinstance(refused, Failure) and refused.kind == "untrusted_ip"
+    assert isinstance(interpret(b"<html>proxy</html>", 0.0), Failure)
+    empty = interpret(b'{"errcode":0,"errmsg":"ok"}', 0.0)
+    assert isinstance(empty, Failure) and empty.kind == "wecom_error"
+
+
+# ---------------------------------------------------------------- backoff
+
+
+def test_backoff_doubles_up_to_the_cap() -> None:
+    policy = Policy(refresh_margin_s=300, min_backoff_s=1, max_backoff_s=60)
+    assert [backoff_delay(n, policy) for n in range(1, 9)] == [1, 2, 4, 8, 16, 32, 60, 60]
+    assert backoff_delay(10_000, policy) == 60
+
+
+def test_consecutive_failures_back_off_longer_and_success_resets() -> None:
+    down = network_failure("ConnectError")
+    first = after_failure(None, down, now=100.0, policy=POLICY)
+    second = after_failure(first, down, now=101.0, policy=POLICY)
+    third = after_failure(second, down, now=103.0, policy=POLICY)
+    records = [s.failure for s in (first, second, third)]
+    assert [(f.attempts, f.retry_at) for f in records if f is not None] == [
+        (1, 101.0),
+        (2, 103.0),
+        (3, 107.0),
+    ]
+    recovered = after_success(TOKEN)
+    assert recovered == AppState(token=TOKEN)
+    again = after_failure(recovered, down, now=2000.0, policy=POLICY)
+    assert again.failure is not None and again.failure.attempts == 1
+
+
+def test_a_failure_keeps_a_valid_token_but_drops_a_rejected_one() -> None:
+    down = network_failure("ConnectError")
+    assert after_failure(state(), down, now=7950.0, policy=POLICY).token == TOKEN
+    dropped = after_failure(state(), down, now=7950.0, policy=POLICY, rejected=TOKEN.value)
+    assert dropped.token is None
+
+
+# ---------------------------------------------------------------- answers and the lock
+
+
+def test_answers() -> None:
+    ok = answer(state(), 2000.0)
+    assert (ok.ok, ok.token, ok.expires_at) == (True, TOKEN.value, TOKEN.expires_at)
+    limited = LastFailure(failure=classify_errcode(45009, "limit"), attempts=1, retry_at=12.5)
+    refused = answer(state(None, limited), 10.0)
+    assert (refused.ok, refused.kind, refused.errcode, refused.retry_after) == (
+        False,
+        "rate_limited",
+        45009,
+        2.5,
+    )
+    assert answer(None, 0.0).kind == "unavailable"
+
+
+def test_a_lock_is_stale_once_its_deadline_passed() -> None:
+    lock = Lock(holder="pod-a/1", deadline=100.0)
+    assert not lock_is_stale(lock, 99.9)
+    assert lock_is_stale(lock, 100.0)
+    assert lock_is_stale(None, 0.0)  # unreadable: take it over
+
+
+def test_a_fingerprint_is_short_and_hides_the_token() -> None:
+    value = "a-very-secret-access-token"
+    assert len(fingerprint(value)) == 8
+    assert fingerprint(value) not in value and value not in fingerprint(value)
+
+
+# ---------------------------------------------------------------- settings
+
+GOOD = {
+    "WECOM_CORP_ID": "ww1436e0e65a779aee",
+    "WECOM_AGENT_ID": "1000002",
+    "WECOM_SECRET": "app-secret-value-123",
+}
+
+
+def test_settings_defaults_and_the_secret_is_redacted() -> None:
+    s = TokenSettings.from_env(GOOD)
+    assert (s.refresh_margin_s, s.http_timeout_s, s.max_backoff_s, s.health_port) == (
+        300.0,
+        10.0,
+        300.0,
+        8083,
+    )
+    assert s.app == "ww1436e0e65a779aee-1000002"
+    assert s.wecom.api_base == "https://qyapi.weixin.qq.com"
+    assert s.wecom.secret in s.log.extra_secrets
+    assert "app-secret-value-123" not in repr(s)
+    assert s.refresh_timeout_s > s.http_timeout_s
+
+
+@pytest.mark.parametrize(
+    ("change", "variable"),
+    [
+        ({"TOKEN_REFRESH_MARGIN": "soon"}, "TOKEN_REFRESH_MARGIN"),
+        ({"TOKEN_REFRESH_MARGIN": "-1"}, "TOKEN_REFRESH_MARGIN"),
+        ({"TOKEN_HTTP_TIMEOUT": "0"}, "TOKEN_HTTP_TIMEOUT"),
+        ({"TOKEN_MAX_BACKOFF": "forever"}, "TOKEN_MAX_BACKOFF"),
+        ({"TOKEN_MIN_BACKOFF": "10", "TOKEN_MAX_BACKOFF": "5"}, "TOKEN_MIN_BACKOFF"),
+        ({"WECOMBOT_HEALTH_PORT": "70000"}, "WECOMBOT_HEALTH_PORT"),
+        ({"WECOM_SECRET": ""}, "WECOM_SECRET"),
+        ({"WECOM_API_BASE": "qyapi.weixin.qq.com"}, "WECOM_API_BASE"),
+    ],
+)
+def test_settings_errors_name_the_variable(change: dict[str, str], variable: str) -> None:
+    with pytest.raises(ConfigError, match=variable):
+        TokenSettings.from_env({**GOOD, **change})
+
+
+def test_state_round_trips_as_json_without_defaults() -> None:
+    raw = msgspec.json.encode(AppState(token=TOKEN))
+    assert json.loads(raw) == {
+        "token": {"value": TOKEN.value, "fetched_at": 1000.0, "expires_at": 8200.0}
+    }
+    assert msgspec.json.decode(raw, type=AppState) == AppState(token=TOKEN)
