@@ -105,12 +105,19 @@ class PullWorker:
         self._tasks: set[asyncio.Task[None]] = set()
         self._locks: dict[str, asyncio.Lock] = {}
         self._waiting: dict[str, int] = {}
+        self._queued: dict[str, list[int]] = {}
         self.name = config.durable_name
         self.processed = 0
 
     @property
     def in_flight(self) -> int:
         return len(self._tasks)
+
+    def queued(self, key: str) -> list[int]:
+        """Stream sequences of deliveries with ``key`` waiting in this process for the one
+        being handled (a handler waiting for an earlier message of its key, which may be
+        queued right behind it after a redelivery, can step aside)."""
+        return list(self._queued.get(key, ()))
 
     async def ensure_consumer(self) -> None:
         """Create the durable consumer or update it to our config; every replica may."""
@@ -130,9 +137,12 @@ class PullWorker:
         try:
             await self._fetch_loop(sub, stop)
         finally:
-            await self._shutdown()
+            # Unsubscribe first: a pull request of ours still open on the server would
+            # otherwise receive the messages _shutdown hands back (nak), and they would
+            # wait out ack_wait instead of going to another replica at once.
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
+            await self._shutdown()
 
     async def _fetch_loop(
         self, sub: JetStreamContext.PullSubscription, stop: asyncio.Event
@@ -170,7 +180,7 @@ class PullWorker:
             return []
         try:
             return fetch.result()
-        except nats.errors.TimeoutError:
+        except TimeoutError:  # nats-py raises its own subclass or plain asyncio.TimeoutError
             return []
         except nats.errors.Error as exc:
             # Broker away (restart, reconnect): back off a little and try again.
@@ -199,10 +209,19 @@ class PullWorker:
                 return
             lock = self._locks.setdefault(key, asyncio.Lock())
             self._waiting[key] = self._waiting.get(key, 0) + 1
+            queue = self._queued.setdefault(key, [])
+            queue.append(delivery.stream_seq)
+            queued = True
             try:
                 async with lock:
+                    queue.remove(delivery.stream_seq)
+                    queued = False
                     await self._handle(delivery)
             finally:
+                if queued:  # cancelled while waiting for the key
+                    queue.remove(delivery.stream_seq)
+                if not queue and self._queued.get(key) is queue:
+                    del self._queued[key]
                 self._waiting[key] -= 1
                 if self._waiting[key] == 0:
                     del self._waiting[key]

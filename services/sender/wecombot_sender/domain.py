@@ -1,0 +1,154 @@
+"""What the sender knows about a conversation: a fold over its stored events. Pure.
+
+The log is the only truth. :func:`fold` turns a conversation's events into the
+:class:`ConversationState` the handler decides from: for each outcome (ReplyGenerated,
+ReplyFailed, ConversationReset) its stream sequence, the parts already accepted by WeCom
+and whether it is finished (ReplyDelivered or DeliveryFailed)::
+
+    >>> reply = ReplyGenerated(app="ww1-2", conversation="u", correlation_id="m", text="hi")
+    >>> part = PartDelivered(app="ww1-2", conversation="u", correlation_id="m",
+    ...                      reply_id=reply.event_id, index=0, total=2, wecom_msgid="w1")
+    >>> state = fold(ConversationState(), [StoredEvent(7, reply), StoredEvent(9, part)])
+    >>> state.outcome(reply.event_id).delivered, state.last_seq, state.last_send_seq
+    ({0: 'w1'}, 9, 9)
+
+``last_seq`` is the read cursor (the last stream sequence folded from the log);
+``last_send_seq`` the last sequence on the sender's subject branch, the expected sequence
+for the next conditional append. :func:`record` applies an event this process just
+appended without moving the cursor, so events others appended meanwhile are still read.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timedelta
+
+from wecombot_common.bus import StoredEvent
+from wecombot_common.events import (
+    ConversationReset,
+    DeliveryFailed,
+    Event,
+    PartDelivered,
+    ReplyDelivered,
+    ReplyFailed,
+    ReplyGenerated,
+)
+
+__all__ = [
+    "OUTCOME_TYPES",
+    "ConversationState",
+    "OutcomeState",
+    "fold",
+    "next_part",
+    "pending_before",
+    "rate_delay",
+    "record",
+]
+
+OUTCOME_TYPES = (ReplyGenerated, ReplyFailed, ConversationReset)
+RECENT_SENDS_KEPT = 64
+
+
+@dataclass(frozen=True, slots=True)
+class OutcomeState:
+    """One outcome as the log tells it. ``seq`` is None when only its sends were seen
+    (the outcome itself aged out of the stream)."""
+
+    event_id: str
+    seq: int | None = None
+    delivered: Mapping[int, str] = field(default_factory=dict)  # part index → WeCom msgid
+    terminal: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ConversationState:
+    outcomes: Mapping[str, OutcomeState] = field(default_factory=dict)
+    last_seq: int = 0
+    last_send_seq: int = 0
+    # occurred_at of the latest PartDelivered events (oldest first), for WeCom's
+    # per-member rate limit
+    recent_sends: tuple[datetime, ...] = ()
+
+    def outcome(self, event_id: str) -> OutcomeState:
+        return self.outcomes.get(event_id) or OutcomeState(event_id)
+
+
+def fold(state: ConversationState, events: Iterable[StoredEvent]) -> ConversationState:
+    """Apply events read from the log, in order; returns a new state (input untouched)."""
+    outcomes = dict(state.outcomes)
+    recent = list(state.recent_sends)
+    last_seq, last_send = state.last_seq, state.last_send_seq
+    for stored in events:
+        last_seq = max(last_seq, stored.seq)
+        if _apply(outcomes, recent, stored):
+            last_send = max(last_send, stored.seq)
+    return ConversationState(outcomes, last_seq, last_send, tuple(recent[-RECENT_SENDS_KEPT:]))
+
+
+def record(state: ConversationState, stored: StoredEvent) -> ConversationState:
+    """Apply an event this process appended at ``stored.seq``; the read cursor stays, so
+    a later catch-up still reads what others appended before it (and re-applies this
+    one harmlessly: applying is idempotent)."""
+    outcomes = dict(state.outcomes)
+    recent = list(state.recent_sends)
+    last_send = state.last_send_seq
+    if _apply(outcomes, recent, stored):
+        last_send = max(last_send, stored.seq)
+    return replace(
+        state,
+        outcomes=outcomes,
+        last_send_seq=last_send,
+        recent_sends=tuple(recent[-RECENT_SENDS_KEPT:]),
+    )
+
+
+def _apply(outcomes: dict[str, OutcomeState], recent: list[datetime], stored: StoredEvent) -> bool:
+    """Fold one event into ``outcomes``; True when it is on the sender's branch."""
+    event: Event = stored.event
+    if isinstance(event, OUTCOME_TYPES):
+        current = outcomes.get(event.event_id) or OutcomeState(event.event_id)
+        outcomes[event.event_id] = replace(current, seq=stored.seq)
+        return False
+    if isinstance(event, PartDelivered):
+        current = outcomes.get(event.reply_id) or OutcomeState(event.reply_id)
+        if event.index not in current.delivered:
+            outcomes[event.reply_id] = replace(
+                current, delivered={**current.delivered, event.index: event.wecom_msgid}
+            )
+            recent.append(event.occurred_at)
+        return True
+    if isinstance(event, ReplyDelivered | DeliveryFailed):
+        current = outcomes.get(event.reply_id) or OutcomeState(event.reply_id)
+        outcomes[event.reply_id] = replace(current, terminal=True)
+        return True
+    return False
+
+
+def pending_before(state: ConversationState, seq: int) -> list[OutcomeState]:
+    """Outcomes stored before ``seq`` that no sender has finished: they go out first."""
+    earlier = [o for o in state.outcomes.values() if o.seq is not None and o.seq < seq]
+    return sorted((o for o in earlier if not o.terminal), key=lambda o: o.seq or 0)
+
+
+def next_part(outcome: OutcomeState) -> int:
+    """The index to send next: after the last part recorded, so none is sent twice."""
+    return max(outcome.delivered) + 1 if outcome.delivered else 0
+
+
+def rate_delay(recent: tuple[datetime, ...], now: datetime, *, per_minute: int) -> float:
+    """Seconds to wait so that at most ``per_minute`` sends fall in any 60 s window.
+
+    WeCom drops a member's messages beyond 30 a minute without an error (path/90454).
+    ``per_minute`` 0 turns the limit off.
+
+    >>> from datetime import UTC
+    >>> t = datetime(2024, 1, 1, tzinfo=UTC)
+    >>> rate_delay((t, t + timedelta(seconds=10)), t + timedelta(seconds=20), per_minute=2)
+    40.0
+    """
+    if per_minute <= 0 or len(recent) < per_minute:
+        return 0.0
+    oldest_in_window = sorted(recent)[-per_minute]
+    wait = (oldest_in_window + timedelta(seconds=60) - now).total_seconds()
+    return max(0.0, wait)

@@ -1,0 +1,399 @@
+"""Deliver one outcome event to WeCom: load the conversation, decide, send, append.
+
+For an outcome R at stream sequence s of conversation C (see docs/architecture.md):
+
+1. Load C's state: the cache's copy caught up from the log (never authoritative).
+2. R already finished (ReplyDelivered / DeliveryFailed) → ack; a redelivery never re-sends.
+3. An earlier outcome of C is unfinished (another replica is delivering it, or it waits
+   for a redelivery) → poll the log until it finishes, up to ``order_wait_s``, then nak
+   so it is tried again in about a second. Per-user order holds across replicas.
+4. Split R.text into parts and resume after the last part recorded as PartDelivered.
+5. Send each part (token from the token service; retry busy answers in process; refresh
+   a refused token once) and append PartDelivered right after WeCom accepts it, as a
+   conditional append on C's send branch. A permanent refusal appends DeliveryFailed.
+6. All parts out → append ReplyDelivered → ack.
+
+Any append can meet :class:`ConcurrencyConflict` (someone else wrote C's send branch):
+then catch up and decide again, without re-sending a part this delivery already sent.
+On the last delivery the consumer allows, a reply that still fails for a transient
+reason is recorded as DeliveryFailed (so later replies to the user are not held back
+forever) and handed to the worker, which dead-letters it for operators.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol, TypedDict
+
+import structlog
+from nats.js import JetStreamContext
+
+from wecombot_common.bus import (
+    AppendUnavailable,
+    ConcurrencyConflict,
+    StoredEvent,
+    append_event,
+    read_conversation,
+)
+from wecombot_common.errors import PermanentError, TransientError
+from wecombot_common.events import (
+    DeliveryFailed,
+    Event,
+    Outcome,
+    PartDelivered,
+    ReplyDelivered,
+    derived_id,
+    utcnow,
+)
+from wecombot_common.tokens import TokenError, TransientTokenError
+from wecombot_common.topology import ConversationRef
+from wecombot_common.worker import Ack, Delivery, Nak, backoff_delay
+from wecombot_common.worker import Outcome as Settlement
+
+from .domain import (
+    OUTCOME_TYPES,
+    ConversationState,
+    fold,
+    next_part,
+    pending_before,
+    rate_delay,
+    record,
+)
+from .errcodes import BUSY, EMPTY_CONTENT, explain
+from .errors import SendError, SendRejected, SendRetryable, TokenRejected
+from .split import split_text
+from .wecom import MessageApi
+
+__all__ = ["ConversationCache", "DeliveryPolicy", "ReplySender", "TokenSource", "conversation_key"]
+
+log = structlog.get_logger(__name__)
+
+
+class TokenSource(Protocol):
+    """The token service as the sender sees it (``wecombot_common.tokens.TokenClient``)."""
+
+    async def get(self, app: str) -> str: ...
+
+    async def invalidate(self, app: str, token: str) -> str: ...
+
+
+@dataclass(frozen=True)
+class DeliveryPolicy:
+    order_wait_s: float = 60.0
+    retry_attempts: int = 4  # in-process retries of one part after the first try
+    max_deliver: int = 20  # the consumer's; the last delivery gives up instead of nak'ing
+    per_user_per_minute: int = 30
+    retry_base_s: float = 0.1
+    retry_cap_s: float = 5.0
+    conflict_rounds: int = 5
+    append_attempts: int = 3
+
+
+def conversation_key(event: Event) -> str:
+    """The worker's serialisation key: one conversation at a time per process."""
+    return ConversationRef.of(event).root
+
+
+class ConversationCache:
+    """Recently used conversation states, bounded; always caught up before use."""
+
+    def __init__(self, js: JetStreamContext, *, max_entries: int = 4096) -> None:
+        self._js = js
+        self._max = max_entries
+        self._entries: OrderedDict[ConversationRef, ConversationState] = OrderedDict()
+
+    async def load(self, conv: ConversationRef) -> ConversationState:
+        state = self._entries.get(conv) or ConversationState()
+        events = [e async for e in read_conversation(self._js, conv, after_seq=state.last_seq)]
+        state = fold(state, events)
+        self.put(conv, state)
+        return state
+
+    def put(self, conv: ConversationRef, state: ConversationState) -> None:
+        self._entries[conv] = state
+        self._entries.move_to_end(conv)
+        while len(self._entries) > self._max:
+            self._entries.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+class _Envelope(TypedDict):
+    event_id: str
+    app: str
+    conversation: str
+    causation_id: str
+    correlation_id: str
+
+
+@dataclass
+class _Job:
+    """One delivery of one outcome, and what this delivery already sent."""
+
+    delivery: Delivery
+    reply: Outcome
+    conv: ConversationRef
+    parts: list[str]
+    last_try: bool
+    sent: dict[int, str] = field(default_factory=dict)  # index → msgid, maybe unrecorded
+
+    @property
+    def reply_id(self) -> str:
+        return self.reply.event_id
+
+
+class ReplySender:
+    """The sender's message handler: ``PullWorker(..., ReplySender(...).handle, ...)``.
+
+    ``queued_behind(key)`` gives the stream sequences of deliveries of the same
+    conversation waiting in this process behind the one being handled
+    (``PullWorker.queued``): an earlier reply redelivered there cannot finish while we
+    hold the conversation, so we step aside at once instead of waiting it out.
+    ``stopping`` ends an order wait early when the service shuts down.
+    """
+
+    def __init__(
+        self,
+        js: JetStreamContext,
+        tokens: TokenSource,
+        api: MessageApi,
+        *,
+        app: str,
+        policy: DeliveryPolicy,
+        cache: ConversationCache | None = None,
+        queued_behind: Callable[[str], list[int]] | None = None,
+        stopping: asyncio.Event | None = None,
+    ) -> None:
+        self._js = js
+        self._tokens = tokens
+        self._api = api
+        self._app = app
+        self._policy = policy
+        self._cache = cache or ConversationCache(js)
+        self.queued_behind: Callable[[str], list[int]] = queued_behind or (lambda _key: [])
+        self._stopping = stopping or asyncio.Event()
+
+    async def handle(self, d: Delivery) -> Settlement:
+        reply = d.event
+        if not isinstance(reply, OUTCOME_TYPES):
+            log.warning("sender.not_an_outcome", type=type(reply).__name__)
+            return Ack()
+        if reply.app != self._app:
+            raise PermanentError(f"reply for app {reply.app!r}; this sender serves {self._app!r}")
+        job = _Job(
+            delivery=d,
+            reply=reply,
+            conv=ConversationRef.of(reply),
+            parts=split_text(reply.text),
+            last_try=0 < self._policy.max_deliver <= d.num_delivered,
+        )
+        for _ in range(self._policy.conflict_rounds):
+            try:
+                return await self._attempt(job)
+            except ConcurrencyConflict:
+                log.info("sender.append_conflict")  # another writer: catch up, decide again
+        raise TransientError("the conversation's send branch kept changing; retry later")
+
+    # ------------------------------------------------------------ deciding
+
+    async def _attempt(self, job: _Job) -> Settlement:
+        state = await self._cache.load(job.conv)
+        if (
+            pending_before(state, job.delivery.stream_seq)
+            and not state.outcome(job.reply_id).terminal
+        ):
+            turn = await self._take_turn(job, state)
+            if isinstance(turn, Nak):
+                return turn
+            state = turn
+        if state.outcome(job.reply_id).terminal:
+            log.info("sender.already_finished")
+            return Ack()
+        if not job.parts:
+            return await self._fail(job, state, EMPTY_CONTENT, explain(EMPTY_CONTENT))
+        for index in range(next_part(state.outcome(job.reply_id)), len(job.parts)):
+            if index not in job.sent:
+                try:
+                    job.sent[index] = await self._send_part(job, state, index)
+                except (SendRejected, TokenError) as exc:
+                    return await self._fail(job, state, *_failure(exc))
+                except (SendRetryable, TokenRejected, TransientTokenError) as exc:
+                    return await self._retry_later(job, state, exc)
+            state = await self._append_part(job, state, index)
+        return await self._finish(job, state)
+
+    async def _take_turn(self, job: _Job, state: ConversationState) -> ConversationState | Nak:
+        """Per-user order: wait for earlier replies; nak if they take too long, except on
+        the last delivery, where delivering out of order beats losing the reply."""
+        waited = await self._wait_turn(job, state)
+        if waited is not None:
+            return waited
+        if not job.last_try:
+            delay = random.uniform(0.5, 1.5)  # noqa: S311 (jitter, not crypto)
+            return Nak(delay, "an earlier reply to this user is still being delivered")
+        log.warning("sender.order_given_up")
+        return await self._cache.load(job.conv)
+
+    async def _wait_turn(self, job: _Job, state: ConversationState) -> ConversationState | None:
+        """Poll the log until no earlier reply of the conversation is pending; None when
+        the wait is over without that (time is up, we are stopping, or the earlier reply
+        is queued behind us in this process)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._policy.order_wait_s
+        delay = 0.05
+        log.info("sender.waiting_for_earlier_reply")
+        while True:
+            pending = {o.seq for o in pending_before(state, job.delivery.stream_seq)}
+            if not pending:
+                return state
+            if pending.intersection(self.queued_behind(job.conv.root)):
+                log.info("sender.stepping_aside")
+                return None
+            left = deadline - loop.time()
+            if left <= 0 or self._stopping.is_set():
+                return None
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), min(delay, left))
+            delay = min(1.0, delay * 2)
+            state = await self._cache.load(job.conv)
+
+    # ------------------------------------------------------------ sending
+
+    async def _send_part(self, job: _Job, state: ConversationState, index: int) -> str:
+        wait = rate_delay(state.recent_sends, utcnow(), per_minute=self._policy.per_user_per_minute)
+        if wait > 0:
+            log.info("sender.rate_limited", wait_s=round(wait, 2))
+            await asyncio.sleep(wait)
+        token = await self._tokens.get(job.reply.app)
+        refreshed = False
+        retries = 0
+        while True:
+            try:
+                msgid = await self._api.send_text(token, job.reply.conversation, job.parts[index])
+            except TokenRejected as exc:
+                if refreshed:
+                    raise
+                log.info("sender.token_refused", errcode=exc.errcode)
+                token = await self._tokens.invalidate(job.reply.app, token)
+                refreshed = True
+                continue
+            except SendRetryable as exc:
+                retries += 1
+                if retries > self._policy.retry_attempts:
+                    raise
+                delay = random.uniform(  # noqa: S311 (jitter, not crypto)
+                    0, min(self._policy.retry_cap_s, self._policy.retry_base_s * 2**retries)
+                )
+                log.info(
+                    "sender.send_retry",
+                    errcode=exc.errcode,
+                    reason=exc.reason,
+                    retry=retries,
+                    delay_s=round(delay, 2),
+                )
+                await asyncio.sleep(delay)
+                continue
+            log.info("sender.part_sent", index=index, total=len(job.parts), wecom_msgid=msgid)
+            return msgid
+
+    async def _retry_later(
+        self, job: _Job, state: ConversationState, exc: TransientError
+    ) -> Settlement:
+        reason = exc.reason if isinstance(exc, SendError) else f"access token: {exc}"
+        if job.last_try:
+            errcode = exc.errcode if isinstance(exc, SendError) else BUSY
+            gave_up = f"gave up after {job.delivery.num_delivered} deliveries: {reason}"
+            await self._fail(job, state, errcode, gave_up)
+            return Nak(0, reason)  # the worker dead-letters the last delivery's nak
+        delay = backoff_delay(job.delivery.num_delivered)
+        if isinstance(exc, TransientTokenError) and exc.retry_after:
+            delay = max(delay, exc.retry_after)
+        return Nak(delay, reason)
+
+    # ------------------------------------------------------------ recording
+
+    async def _append_part(
+        self, job: _Job, state: ConversationState, index: int
+    ) -> ConversationState:
+        part = PartDelivered(
+            **self._envelope(job, "part", str(index)),
+            reply_id=job.reply_id,
+            index=index,
+            total=len(job.parts),
+            wecom_msgid=job.sent[index],
+        )
+        return await self._append(job, state, part, f"part:{job.reply_id}:{index}")
+
+    async def _finish(self, job: _Job, state: ConversationState) -> Settlement:
+        delivered = state.outcome(job.reply_id).delivered
+        done = ReplyDelivered(
+            **self._envelope(job, "delivered"),
+            reply_id=job.reply_id,
+            parts=len(job.parts),
+            wecom_msgids=[delivered.get(i, "") for i in range(len(job.parts))],
+        )
+        await self._append(job, state, done, f"delivered:{job.reply_id}")
+        log.info("sender.delivered", parts=len(job.parts))
+        return Ack()
+
+    async def _fail(
+        self, job: _Job, state: ConversationState, errcode: int, reason: str
+    ) -> Settlement:
+        failed = DeliveryFailed(
+            **self._envelope(job, "failed"),
+            reply_id=job.reply_id,
+            errcode=errcode,
+            reason=reason,
+            parts_delivered=len(state.outcome(job.reply_id).delivered),
+        )
+        await self._append(job, state, failed, f"failed:{job.reply_id}")
+        log.warning("sender.delivery_failed", errcode=errcode, reason=reason)
+        return Ack()
+
+    def _envelope(self, job: _Job, *kind: str) -> _Envelope:
+        return {
+            "event_id": derived_id(job.reply_id, *kind),
+            "app": job.reply.app,
+            "conversation": job.reply.conversation,
+            "causation_id": job.reply_id,
+            "correlation_id": job.reply.correlation_id,
+        }
+
+    async def _append(
+        self, job: _Job, state: ConversationState, event: Event, msg_id: str
+    ) -> ConversationState:
+        """Append on the send branch if nobody wrote it since ``state``; returns the new
+        state. Retries an unconfirmed append (the msg_id makes a repeat harmless)."""
+        for attempt in range(1, self._policy.append_attempts + 1):
+            try:
+                appended = await append_event(
+                    self._js,
+                    event,
+                    msg_id=msg_id,
+                    expect_last_seq=state.last_send_seq,
+                    expect_scope=job.conv.sender_branch,
+                )
+            except AppendUnavailable:
+                if attempt == self._policy.append_attempts:
+                    raise
+                await asyncio.sleep(backoff_delay(attempt))
+                continue
+            if appended.duplicate:  # recorded before (maybe by another replica): re-read
+                return await self._cache.load(job.conv)
+            state = record(state, StoredEvent(appended.seq, event))
+            self._cache.put(job.conv, state)
+            return state
+        raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _failure(exc: SendRejected | TokenError) -> tuple[int, str]:
+    if isinstance(exc, SendRejected):
+        return exc.errcode, exc.reason
+    errcode = exc.errcode if exc.errcode is not None else BUSY
+    return errcode, f"no access token ({exc.kind}): {exc}"

@@ -1,0 +1,96 @@
+"""``wecombot sender``: wire the adapters and run the outcome consumer until stopped.
+
+The CLI (``wecombot sender``) calls ``main(os.environ)``; tests call :func:`serve` with
+settings and a stop event, next to the real token service.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Mapping
+
+import structlog
+from nats.aio.client import Client as NATS
+
+from wecombot_common.bus import connect, ensure_topology
+from wecombot_common.logs import configure_logging
+from wecombot_common.runtime import HealthServer, run_service
+from wecombot_common.tokens import TokenClient
+from wecombot_common.topology import OUTCOME_FILTER, SENDER_CONSUMER, work_consumer
+from wecombot_common.worker import PullWorker
+
+from .handler import DeliveryPolicy, ReplySender, conversation_key
+from .settings import SenderSettings
+from .wecom import HttpMessageApi
+
+__all__ = ["main", "serve"]
+
+log = structlog.get_logger(__name__)
+
+CLIENT_NAME = "wecombot-sender"
+
+
+async def serve(settings: SenderSettings, stop: asyncio.Event) -> None:
+    """Deliver outcome events until ``stop`` is set; then hand back what is in flight."""
+    configure_logging(settings.log, service="sender")
+    nc = await connect(settings.nats, CLIENT_NAME)
+    try:
+        js = nc.jetstream()
+        await ensure_topology(js, settings.nats)
+        health = HealthServer("0.0.0.0", settings.health_port, _ready(nc))  # noqa: S104 (probes)
+        await health.start()
+        api = HttpMessageApi(settings.wecom, timeout_s=settings.http_timeout_s)
+        try:
+            await _consume(settings, nc, api, stop)
+        finally:
+            await api.aclose()
+            await health.stop()
+    finally:
+        await nc.drain()
+        log.info("sender.stopped")
+
+
+async def _consume(
+    settings: SenderSettings, nc: NATS, api: HttpMessageApi, stop: asyncio.Event
+) -> None:
+    js = nc.jetstream()
+    sender = ReplySender(
+        js,
+        TokenClient(nc),
+        api,
+        app=settings.wecom.app,
+        policy=DeliveryPolicy(
+            order_wait_s=settings.order_wait_s,
+            retry_attempts=settings.retry_attempts,
+            max_deliver=settings.max_deliver,
+            per_user_per_minute=settings.per_user_per_minute,
+        ),
+        stopping=stop,
+    )
+    worker = PullWorker(
+        js,
+        work_consumer(
+            SENDER_CONSUMER,
+            OUTCOME_FILTER,
+            ack_wait_s=settings.ack_wait_s,
+            max_deliver=settings.max_deliver,
+            max_ack_pending=10_000,
+        ),
+        sender.handle,
+        key=conversation_key,
+        max_concurrency=settings.max_concurrency,
+    )
+    sender.queued_behind = worker.queued
+    log.info("sender.started", app=settings.wecom.app, consumer=SENDER_CONSUMER)
+    await worker.run(stop)
+
+
+def _ready(nc: NATS) -> Callable[[], Awaitable[tuple[bool, str]]]:
+    async def check() -> tuple[bool, str]:
+        return (True, "nats connected") if nc.is_connected else (False, "nats disconnected")
+
+    return check
+
+
+def main(environ: Mapping[str, str]) -> int:
+    return run_service(SenderSettings.from_env, serve, environ)

@@ -1,0 +1,63 @@
+"""The sender's settings, read once from the environment at start-up.
+
+    >>> s = SenderSettings.from_env({"WECOM_CORP_ID": "ww1", "WECOM_AGENT_ID": "1000002"})
+    >>> s.wecom.app, s.health_port, s.max_concurrency, s.retry_attempts
+    ('ww1-1000002', 8082, 32, 4)
+
+The sender never needs the app Secret: access_tokens come from the token service.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+
+from wecombot_common.settings import (
+    EnvReader,
+    LogSettings,
+    NatsSettings,
+    WeComApiSettings,
+    health_port,
+)
+
+__all__ = ["SenderSettings"]
+
+
+@dataclass(frozen=True)
+class SenderSettings:
+    nats: NatsSettings
+    log: LogSettings
+    wecom: WeComApiSettings
+    health_port: int
+    max_concurrency: int
+    http_timeout_s: float
+    ack_wait_s: float
+    max_deliver: int
+    order_wait_s: float
+    # in-process retries of one part (after the first try) before handing the message back
+    retry_attempts: int
+    # WeCom drops a member's messages beyond 30 a minute silently (path/90454); 0 = off
+    per_user_per_minute: int
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str]) -> SenderSettings:
+        env = EnvReader(environ)
+        nats = NatsSettings.read(env)
+        log = LogSettings.read(env)
+        secrets = (nats.password,) if nats.password is not None else ()
+        settings = cls(
+            nats=nats,
+            # configure_logging registers these, so they are redacted from every line
+            log=replace(log, extra_secrets=secrets),
+            wecom=WeComApiSettings.read(env, need_secret=False),
+            health_port=health_port(env, 8082),
+            max_concurrency=env.integer("SENDER_MAX_CONCURRENCY", 32, minimum=1, maximum=4096),
+            http_timeout_s=env.seconds("SENDER_HTTP_TIMEOUT", 10.0, minimum=0.1, maximum=120.0),
+            ack_wait_s=env.seconds("SENDER_ACK_WAIT", 30.0, minimum=1.0, maximum=3600.0),
+            max_deliver=env.integer("SENDER_MAX_DELIVER", 20, minimum=1, maximum=10_000),
+            order_wait_s=env.seconds("SENDER_ORDER_WAIT", 60.0, minimum=0.0, maximum=3600.0),
+            retry_attempts=env.integer("SENDER_RETRY_ATTEMPTS", 4, minimum=0, maximum=100),
+            per_user_per_minute=env.integer("SENDER_PER_USER_PER_MINUTE", 30, minimum=0),
+        )
+        env.raise_if_invalid()
+        return settings

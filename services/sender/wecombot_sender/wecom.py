@@ -1,0 +1,117 @@
+"""The WeCom ``message/send`` adapter (https://developer.work.weixin.qq.com/document/path/90236).
+
+The port is :class:`MessageApi`, one method; :class:`HttpMessageApi` is the real adapter
+over ``httpx``. It returns WeCom's msgid or raises a :mod:`wecombot_sender.errors` error;
+httpx's own errors are translated here and never leak (their text may hold the URL, and
+the URL holds the access_token)::
+
+    >>> api = HttpMessageApi(settings.wecom, timeout_s=10)    # doctest: +SKIP
+    >>> await api.send_text(token, "zhang.san", "你好")       # doctest: +SKIP
+    '4A1y…'
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import httpx
+import msgspec
+
+from wecombot_common.logs import register_secret
+from wecombot_common.settings import WeComApiSettings
+
+from .errcodes import BUSY, ErrorClass, classify, explain
+from .errors import SendRejected, SendRetryable, TokenRejected
+
+__all__ = ["HttpMessageApi", "MessageApi"]
+
+
+class MessageApi(Protocol):
+    async def send_text(self, token: str, touser: str, content: str) -> str:
+        """Send ``content`` to one member; returns WeCom's msgid."""
+        ...
+
+
+class _Text(msgspec.Struct, frozen=True):
+    content: str
+
+
+class _SendRequest(msgspec.Struct, frozen=True):
+    touser: str
+    agentid: int
+    text: _Text
+    msgtype: str = "text"
+
+
+class _SendResponse(msgspec.Struct, frozen=True):
+    errcode: int = 0
+    errmsg: str = ""
+    msgid: str = ""
+    invaliduser: str = ""
+
+
+_encoder = msgspec.json.Encoder()
+_decoder = msgspec.json.Decoder(_SendResponse)
+
+
+class HttpMessageApi:
+    def __init__(
+        self,
+        settings: WeComApiSettings,
+        *,
+        timeout_s: float,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self._agent_id = settings.agent_id
+        self._url = f"{settings.api_base}/cgi-bin/message/send"
+        self._client = httpx.AsyncClient(
+            timeout=httpx.Timeout(timeout_s, connect=min(timeout_s, 5.0)),
+            limits=httpx.Limits(max_connections=256, max_keepalive_connections=64),
+            transport=transport,
+            follow_redirects=False,
+        )
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+    async def send_text(self, token: str, touser: str, content: str) -> str:
+        register_secret(token)
+        body = _encoder.encode(
+            _SendRequest(touser=touser, agentid=self._agent_id, text=_Text(content))
+        )
+        try:
+            response = await self._client.post(
+                self._url,
+                params={"access_token": token},
+                content=body,
+                headers={"Content-Type": "application/json; charset=utf-8"},
+            )
+        except httpx.TimeoutException as exc:
+            reason = f"WeCom did not answer in time ({type(exc).__name__})"
+            raise SendRetryable(BUSY, reason) from exc
+        except httpx.TransportError as exc:
+            raise SendRetryable(BUSY, f"cannot reach WeCom ({type(exc).__name__})") from exc
+        if response.status_code != 200:
+            # WeCom answers 200 with an errcode; anything else is a proxy or front end
+            # having a bad moment (or a wrong WECOM_API_BASE, which operators must see).
+            raise SendRetryable(BUSY, f"WeCom answered HTTP {response.status_code}")
+        try:
+            answer = _decoder.decode(response.content)
+        except msgspec.DecodeError as exc:
+            raise SendRetryable(BUSY, "WeCom answered with a body that is not JSON") from exc
+        return _msgid_or_raise(answer, touser)
+
+
+def _msgid_or_raise(answer: _SendResponse, touser: str) -> str:
+    if answer.errcode == 0:
+        if touser in answer.invaliduser.split("|"):
+            # Accepted for nobody: WeCom lists the one recipient as invalid.
+            raise SendRejected(82001, explain(82001, answer.errmsg))
+        return answer.msgid
+    reason = explain(answer.errcode, answer.errmsg)
+    kind = classify(answer.errcode)
+    if kind is ErrorClass.RETRYABLE:
+        raise SendRetryable(answer.errcode, reason)
+    if kind is ErrorClass.TOKEN:
+        raise TokenRejected(answer.errcode, reason)
+    raise SendRejected(answer.errcode, reason)

@@ -1,0 +1,491 @@
+"""The sender service end to end: a real nats-server, the real token service in process,
+and the simulated WeCom API on loopback. Outcome events go in with ``append_event``; the
+assertions read what WeCom received and what the sender wrote to the log."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import TypedDict, TypeVar
+
+import httpx
+import nats
+import nats.errors
+import nats.js.errors
+import pytest
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+
+from tests.conftest import NatsHandle, free_port
+from wecombot_common import topology
+from wecombot_common.bus import append_event, ensure_topology, read_conversation
+from wecombot_common.events import (
+    ConversationReset,
+    DeliveryFailed,
+    Event,
+    Outcome,
+    PartDelivered,
+    ReplyDelivered,
+    ReplyFailed,
+    ReplyGenerated,
+    decode_event,
+    derived_id,
+)
+from wecombot_common.settings import EnvReader, NatsSettings, Secret, WeComApiSettings
+from wecombot_common.sim.wecom_api import SimulatedWeComApi
+from wecombot_common.topology import ConversationRef
+from wecombot_sender.errors import SendRejected, SendRetryable, TokenRejected
+from wecombot_sender.main import serve as serve_sender
+from wecombot_sender.settings import SenderSettings
+from wecombot_sender.split import split_text
+from wecombot_sender.wecom import HttpMessageApi
+from wecombot_token.main import serve as serve_token
+from wecombot_token.settings import TokenSettings
+
+pytestmark = pytest.mark.integration
+
+E = TypeVar("E", bound=Event)
+
+
+class Envelope(TypedDict):
+    app: str
+    conversation: str
+    correlation_id: str
+
+
+CORP, AGENT, SECRET = "wwsim", 1000002, "sim-secret-0123456789"
+APP = f"{CORP}-{AGENT}"
+
+# ~5.5 KB of Chinese, ASCII, emoji and a code block: three parts at least
+LONG = (
+    "# 关于事件溯源\n\n"
+    + "事件溯源把每一次变化记录为不可变的事件。Event sourcing keeps every change. " * 30
+    + "\n\n```python\n"
+    + "".join(f"state = apply(state, event_{i})  # 折叠 🙂\n" for i in range(40))
+    + "```\n\n"
+    + "最后，状态只是事件的折叠；日志才是真相！The log is the truth. 🎉" * 25
+)
+
+
+@pytest.fixture
+async def sim() -> AsyncIterator[SimulatedWeComApi]:
+    api = SimulatedWeComApi(corp_id=CORP, secret=SECRET, agent_id=AGENT)
+    await api.start()
+    try:
+        yield api
+    finally:
+        await api.stop()
+
+
+def environ(nats_url: str, sim: SimulatedWeComApi, **extra: str) -> dict[str, str]:
+    return {
+        "NATS_URL": nats_url,
+        "WECOM_CORP_ID": CORP,
+        "WECOM_AGENT_ID": str(AGENT),
+        "WECOM_SECRET": SECRET,
+        "WECOM_API_BASE": sim.base_url,
+        "WECOMBOT_HEALTH_PORT": "0",
+        "LOG_LEVEL": "warning",
+        **extra,
+    }
+
+
+class Log:
+    """Every conversation event as it is appended (a core subscription on the stream's
+    subjects), with a wait that wakes on each new event."""
+
+    def __init__(self) -> None:
+        self.events: list[Event] = []
+        self._changed = asyncio.Condition()
+
+    async def start(self, nc: NATS) -> None:
+        await nc.subscribe(topology.CONVERSATION_SUBJECTS, cb=self._on_message)
+
+    async def _on_message(self, msg: Msg) -> None:
+        async with self._changed:
+            self.events.append(decode_event(msg.data))
+            self._changed.notify_all()
+
+    def of(self, kind: type[E], reply_id: str | None = None) -> list[E]:
+        return [
+            e
+            for e in self.events
+            if isinstance(e, kind)
+            and (reply_id is None or getattr(e, "reply_id", None) == reply_id)
+        ]
+
+    def finished(self, reply_id: str) -> bool:
+        return bool(self.of(ReplyDelivered, reply_id) or self.of(DeliveryFailed, reply_id))
+
+    async def until(self, check: Callable[[], bool], timeout: float = 15.0) -> None:
+        async with asyncio.timeout(timeout), self._changed:
+            await self._changed.wait_for(check)
+
+    async def until_finished(self, *reply_ids: str, timeout: float = 15.0) -> None:
+        await self.until(lambda: all(self.finished(r) for r in reply_ids), timeout)
+
+
+@dataclass
+class System:
+    nc: NATS
+    js: JetStreamContext
+    sim: SimulatedWeComApi
+    log: Log
+    url: str
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+    async def start_token(self, **extra: str) -> None:
+        settings = TokenSettings.from_env(environ(self.url, self.sim, **extra))
+        self.tasks.append(asyncio.create_task(serve_token(settings, self.stop)))
+        await _until_answering(self.nc, f"$SRV.PING.{topology.TOKEN_SERVICE}")
+
+    def start_sender(self, **extra: str) -> None:
+        settings = SenderSettings.from_env(environ(self.url, self.sim, **extra))
+        self.tasks.append(asyncio.create_task(serve_sender(settings, self.stop)))
+
+    async def shutdown(self) -> None:
+        self.stop.set()
+        async with asyncio.timeout(30):
+            await asyncio.gather(*self.tasks)
+        self.tasks.clear()
+        self.stop = asyncio.Event()
+
+    async def reply(self, user: str, text: str, kind: type[Outcome] = ReplyGenerated) -> Outcome:
+        base = Envelope(app=APP, conversation=user, correlation_id=f"msg-{user}-{len(text)}")
+        event: Outcome
+        if kind is ReplyFailed:
+            event = ReplyFailed(**base, reason="model timed out", attempts=3, text=text)
+        elif kind is ConversationReset:
+            event = ConversationReset(**base, text=text)
+        else:
+            event = ReplyGenerated(**base, text=text)
+        await append_event(self.js, event, msg_id=f"outcome:{event.event_id}")
+        return event
+
+    async def history(self, user: str) -> list[Event]:
+        return [s.event async for s in read_conversation(self.js, ConversationRef(APP, user))]
+
+
+async def _until_answering(nc: NATS, subject: str) -> None:
+    """Wait until a service answers its PING (it has subscribed)."""
+    async with asyncio.timeout(10):
+        while True:
+            try:
+                await nc.request(subject, b"", timeout=0.5)
+                return
+            except (nats.errors.NoRespondersError, nats.errors.TimeoutError):
+                await asyncio.sleep(0.02)
+
+
+@pytest.fixture
+async def system(nats_server: NatsHandle, sim: SimulatedWeComApi) -> AsyncIterator[System]:
+    nc = await nats.connect(nats_server.url)
+    js = nc.jetstream()
+    await ensure_topology(js, NatsSettings.read(EnvReader({})))
+    log = Log()
+    await log.start(nc)
+    system = System(nc=nc, js=js, sim=sim, log=log, url=nats_server.url)
+    try:
+        yield system
+    finally:
+        with contextlib.suppress(Exception):
+            await system.shutdown()
+        await nc.close()
+
+
+async def _settled(js: JetStreamContext, timeout: float = 10.0) -> None:
+    """Wait until the sender consumer holds nothing: every delivery was acked (the ack
+    follows the last append, so it may trail the event by a moment)."""
+    async with asyncio.timeout(timeout):
+        while True:
+            with contextlib.suppress(nats.js.errors.NotFoundError):
+                info = await js.consumer_info(
+                    topology.CONVERSATION_STREAM, topology.SENDER_CONSUMER
+                )
+                if info.delivered.stream_seq and not (info.num_pending or info.num_ack_pending):
+                    return
+            await asyncio.sleep(0.02)
+
+
+# ---------------------------------------------------------------- the happy paths
+
+
+async def test_a_short_reply_is_sent_once_and_recorded(system: System) -> None:
+    await system.start_token()
+    system.start_sender()
+    reply = await system.reply("zhang.san", "你好！有什么可以帮你？")
+    await system.log.until_finished(reply.event_id)
+
+    [sent] = system.sim.sent
+    assert (sent.touser, sent.content, sent.agentid) == (
+        "zhang.san",
+        "你好！有什么可以帮你？",
+        AGENT,
+    )
+    history = await system.history("zhang.san")
+    assert [type(e) for e in history] == [ReplyGenerated, PartDelivered, ReplyDelivered]
+    part, done = history[1], history[2]
+    assert isinstance(part, PartDelivered) and isinstance(done, ReplyDelivered)
+    assert (part.reply_id, part.index, part.total, part.wecom_msgid) == (
+        reply.event_id,
+        0,
+        1,
+        sent.msgid,
+    )
+    assert (done.reply_id, done.parts, done.wecom_msgids) == (reply.event_id, 1, [sent.msgid])
+    assert part.event_id == derived_id(reply.event_id, "part", "0")
+    for event in (part, done):
+        assert event.causation_id == reply.event_id
+        assert event.correlation_id == reply.correlation_id
+    await _settled(system.js)
+
+
+async def test_a_long_reply_goes_out_in_parts_that_join_to_it(system: System) -> None:
+    await system.start_token()
+    system.start_sender()
+    reply = await system.reply("li.si", LONG, kind=ReplyFailed)
+    await system.log.until_finished(reply.event_id)
+
+    contents = system.sim.messages_to("li.si")
+    assert len(contents) >= 3
+    assert "".join(contents) == LONG
+    assert all(len(c.encode("utf-8")) <= 2048 for c in contents)
+    assert not any(m.truncated for m in system.sim.sent)
+    parts = system.log.of(PartDelivered, reply.event_id)
+    assert [p.index for p in parts] == list(range(len(contents)))
+    [done] = system.log.of(ReplyDelivered, reply.event_id)
+    assert done.wecom_msgids == [m.msgid for m in system.sim.sent]
+
+
+async def test_replies_to_one_user_arrive_in_order(system: System) -> None:
+    await system.start_token()
+    system.start_sender()
+    texts = ["第一条", LONG, "third", "第四条。" * 700, "/reset 完成"]
+    replies = [await system.reply("wang.wu", t) for t in texts[:-1]]
+    replies.append(await system.reply("wang.wu", texts[-1], kind=ConversationReset))
+    await system.log.until_finished(*(r.event_id for r in replies))
+
+    expected = [p for t in texts for p in split_text(t)]
+    assert system.sim.messages_to("wang.wu") == expected
+    await _settled(system.js)
+
+
+# ---------------------------------------------------------------- WeCom on a bad day
+
+
+async def test_a_refused_token_is_refreshed_once_and_the_reply_delivered(system: System) -> None:
+    await system.start_token()
+    system.start_sender()
+    first = await system.reply("zhao.liu", "one")
+    await system.log.until_finished(first.event_id)
+    assert system.sim.gettoken_calls == 1
+
+    system.sim.expire_tokens()  # 42001 for the token everyone holds
+    second = await system.reply("zhao.liu", "two")
+    await system.log.until_finished(second.event_id)
+    assert system.sim.gettoken_calls == 2
+
+    system.sim.fail_sends(40014)  # WeCom refuses a token that has not expired
+    third = await system.reply("zhao.liu", "three")
+    await system.log.until_finished(third.event_id)
+    assert system.sim.gettoken_calls == 3
+
+    assert system.sim.messages_to("zhao.liu") == ["one", "two", "three"]
+    assert not system.log.of(DeliveryFailed)
+
+
+async def test_busy_wecom_and_bad_gateways_are_survived(system: System) -> None:
+    await system.start_token()
+    system.start_sender(SENDER_RETRY_ATTEMPTS="1")
+    # One retry in process absorbs one failure; two in a row hand the message back and a
+    # redelivery carries on. The second reply waits its turn, so every fault hits the first.
+    system.sim.fail_sends_http(502, times=1)
+    system.sim.fail_sends(-1, times=1)
+    system.sim.fail_sends(45009, times=1)
+    system.sim.fail_sends(45033, times=1)
+    first = await system.reply("sun.jiu", "first")
+    second = await system.reply("sun.jiu", "second")
+    await system.log.until_finished(first.event_id, second.event_id)
+
+    assert system.sim.messages_to("sun.jiu") == ["first", "second"]
+    assert system.sim.send_calls == 4 + 2
+    assert not system.log.of(DeliveryFailed)
+    assert len(system.log.of(PartDelivered)) == 2
+    await _settled(system.js)
+
+
+async def test_the_last_delivery_gives_up_records_it_and_dead_letters(system: System) -> None:
+    await system.start_token()
+    system.start_sender(SENDER_RETRY_ATTEMPTS="0", SENDER_MAX_DELIVER="2")
+    warm = await system.reply("qian.shi", "token fetched")
+    await system.log.until_finished(warm.event_id)
+    system.sim.set_down(True)
+    dead_letters = await system.nc.subscribe(f"{topology.PREFIX}.dlq.>")
+    lost = await system.reply("qian.shi", "WeCom is down")
+    await system.log.until_finished(lost.event_id)
+    [failed] = system.log.of(DeliveryFailed, lost.event_id)
+    assert isinstance(failed, DeliveryFailed)
+    assert failed.errcode == -1
+    assert failed.reason == "gave up after 2 deliveries: WeCom answered HTTP 503"
+    dead = await dead_letters.next_msg(timeout=10)  # the worker parks it after our append
+    assert decode_event(dead.data).event_id == lost.event_id
+    assert dead.headers is not None
+    assert "WeCom answered HTTP 503" in dead.headers["Wecombot-Dlq-Reason"]
+
+    system.sim.set_down(False)  # the user's next reply is not held back by the lost one
+    later = await system.reply("qian.shi", "back again")
+    await system.log.until_finished(later.event_id)
+    assert system.sim.messages_to("qian.shi") == ["token fetched", "back again"]
+
+
+async def test_a_permanent_refusal_fails_that_reply_only(system: System) -> None:
+    await system.start_token()
+    system.start_sender()
+    system.sim.reject_user("left.company", 81013)
+    gone = await system.reply("left.company", "再见")
+    other = await system.reply("still.here", "你好")
+    empty = await system.reply("still.here", "")
+    await system.log.until_finished(gone.event_id, other.event_id, empty.event_id)
+
+    [failed] = system.log.of(DeliveryFailed, gone.event_id)
+    assert isinstance(failed, DeliveryFailed)
+    assert (failed.errcode, failed.parts_delivered) == (81013, 0)
+    assert "not a member the app can reach" in failed.reason
+    assert failed.causation_id == gone.event_id
+    [nothing] = system.log.of(DeliveryFailed, empty.event_id)
+    assert nothing.errcode == 44004
+    assert system.sim.messages_to("still.here") == ["你好"]  # the empty one never reached WeCom
+
+    # a refusal does not block the user's later replies
+    system.sim.faults.always_fail_users.clear()
+    system.sim.fail_sends(82001)
+    refused = await system.reply("left.company", "first")
+    later = await system.reply("left.company", "second")
+    await system.log.until_finished(refused.event_id, later.event_id)
+    assert system.log.of(DeliveryFailed, refused.event_id)[0].errcode == 82001
+    assert system.sim.messages_to("left.company") == ["second"]
+    await _settled(system.js)
+
+
+async def test_a_bad_secret_fails_the_reply_with_the_token_error(system: System) -> None:
+    await system.start_token(WECOM_SECRET="not-the-secret")
+    system.start_sender()
+    reply = await system.reply("zhou.qi", "hello")
+    await system.log.until_finished(reply.event_id)
+    [failed] = system.log.of(DeliveryFailed, reply.event_id)
+    assert failed.errcode == 40001
+    assert system.sim.sent == []
+
+
+# ---------------------------------------------------------------- crashes and replicas
+
+
+async def test_a_restart_resumes_after_the_recorded_parts_and_never_resends(
+    system: System,
+) -> None:
+    parts = split_text(LONG)
+    assert len(parts) >= 3
+    reply = await system.reply("wu.ba", LONG)
+    conv = ConversationRef(APP, "wu.ba")
+    # a sender crashed after part 0 was accepted and recorded
+    await append_event(
+        system.js,
+        PartDelivered(
+            event_id=derived_id(reply.event_id, "part", "0"),
+            app=APP,
+            conversation="wu.ba",
+            causation_id=reply.event_id,
+            correlation_id=reply.correlation_id,
+            reply_id=reply.event_id,
+            index=0,
+            total=len(parts),
+            wecom_msgid="msgid-before-crash",
+        ),
+        msg_id=f"part:{reply.event_id}:0",
+        expect_last_seq=0,
+        expect_scope=conv.sender_branch,
+    )
+    await system.start_token()
+    system.start_sender()
+    await system.log.until_finished(reply.event_id)
+    assert system.sim.messages_to("wu.ba") == parts[1:]
+    [done] = system.log.of(ReplyDelivered, reply.event_id)
+    assert isinstance(done, ReplyDelivered)
+    assert done.wecom_msgids == ["msgid-before-crash", *(m.msgid for m in system.sim.sent)]
+
+    # every outcome delivered again from scratch (a new consumer): nothing is re-sent
+    await system.shutdown()
+    await system.js.delete_consumer(topology.CONVERSATION_STREAM, topology.SENDER_CONSUMER)
+    sends = system.sim.send_calls
+    await system.start_token()
+    system.start_sender()
+    await _settled(system.js)
+    assert system.sim.send_calls == sends
+    assert len(system.log.of(ReplyDelivered, reply.event_id)) == 1
+
+
+async def test_two_senders_deliver_every_part_once_in_order_per_user(system: System) -> None:
+    system.sim.latency_s = 0.005
+    await system.start_token()
+    system.start_sender()
+    system.start_sender()
+    users = [f"user.{i}" for i in range(12)]
+    texts = {
+        u: [f"{u} 第{j}条" if (i + j) % 3 else f"{u}#{j}\n\n" + LONG for j in range(4)]
+        for i, u in enumerate(users)
+    }
+
+    async def send_all(user: str) -> list[str]:
+        return [(await system.reply(user, t)).event_id for t in texts[user]]
+
+    reply_ids = [r for ids in await asyncio.gather(*map(send_all, users)) for r in ids]
+    await system.log.until_finished(*reply_ids, timeout=30)
+
+    for user in users:
+        assert system.sim.messages_to(user) == [p for t in texts[user] for p in split_text(t)]
+    expected_parts = sum(len(split_text(t)) for ts in texts.values() for t in ts)
+    assert system.sim.send_calls == expected_parts
+    recorded = [(p.reply_id, p.index) for p in system.log.of(PartDelivered)]
+    assert len(recorded) == len(set(recorded)) == expected_parts
+    assert len(system.log.of(ReplyDelivered)) == len(reply_ids)
+    assert system.sim.gettoken_calls == 1
+    await _settled(system.js)
+
+
+# ---------------------------------------------------------------- the HTTP adapter
+
+
+async def test_the_adapter_translates_wecom_answers(sim: SimulatedWeComApi) -> None:
+    settings = WeComApiSettings(CORP, AGENT, Secret(""), sim.base_url)
+    async with httpx.AsyncClient() as http:
+        answer = await http.get(
+            f"{sim.base_url}/cgi-bin/gettoken", params={"corpid": CORP, "corpsecret": SECRET}
+        )
+    token = answer.json()["access_token"]
+    api = HttpMessageApi(settings, timeout_s=2)
+    try:
+        assert await api.send_text(token, "u", "你好") == sim.sent[-1].msgid
+        with pytest.raises(TokenRejected) as refused:
+            await api.send_text("no-such-token", "u", "x")
+        assert refused.value.errcode == 40014
+        sim.fail_sends_http(502)
+        with pytest.raises(SendRetryable, match="HTTP 502"):
+            await api.send_text(token, "u", "x")
+        sim.reject_user("gone", 82001)
+        with pytest.raises(SendRejected) as rejected:
+            await api.send_text(token, "gone", "x")
+        assert rejected.value.errcode == 82001
+    finally:
+        await api.aclose()
+    unreachable = WeComApiSettings(CORP, AGENT, Secret(""), f"http://127.0.0.1:{free_port()}")
+    api = HttpMessageApi(unreachable, timeout_s=2)
+    try:
+        with pytest.raises(SendRetryable, match="cannot reach WeCom") as down:
+            await api.send_text(token, "u", "x")
+        assert token not in str(down.value)
+    finally:
+        await api.aclose()

@@ -1,0 +1,244 @@
+"""The sender's pure parts: the fold over a conversation, errcode classes, settings."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import TypedDict
+
+import pytest
+
+from wecombot_common.bus import StoredEvent
+from wecombot_common.errors import ConfigError, PermanentError, TransientError
+from wecombot_common.events import (
+    ConversationReset,
+    DeliveryFailed,
+    MessageReceived,
+    PartDelivered,
+    ReplyDelivered,
+    ReplyFailed,
+    ReplyGenerated,
+    TextPayload,
+)
+from wecombot_sender.domain import (
+    ConversationState,
+    fold,
+    next_part,
+    pending_before,
+    rate_delay,
+    record,
+)
+from wecombot_sender.errcodes import ErrorClass, classify, explain
+from wecombot_sender.errors import SendRejected, SendRetryable, TokenRejected
+from wecombot_sender.settings import SenderSettings
+
+APP = "ww1-1000002"
+USER = "zhang.san"
+T0 = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
+
+
+class Envelope(TypedDict):
+    app: str
+    conversation: str
+    correlation_id: str
+
+
+def env() -> Envelope:
+    return {"app": APP, "conversation": USER, "correlation_id": "m1"}
+
+
+def reply(text: str = "hi") -> ReplyGenerated:
+    return ReplyGenerated(**env(), text=text)
+
+
+def part(reply_id: str, index: int, msgid: str, at: datetime = T0) -> PartDelivered:
+    return PartDelivered(
+        **env(), reply_id=reply_id, index=index, total=3, wecom_msgid=msgid, occurred_at=at
+    )
+
+
+def received() -> MessageReceived:
+    return MessageReceived(
+        **env(),
+        msg_type="text",
+        msg_id="m1",
+        from_user=USER,
+        to_user="ww1",
+        agent_id=1000002,
+        create_time=1,
+        payload=TextPayload(content="hello"),
+    )
+
+
+# ---------------------------------------------------------------- the fold
+
+
+def test_fold_tracks_each_outcome_its_parts_and_the_cursors() -> None:
+    r1, r2 = reply("one"), ReplyFailed(**env(), reason="model down", attempts=3, text="sorry")
+    events = [
+        StoredEvent(1, received()),
+        StoredEvent(2, r1),
+        StoredEvent(3, part(r1.event_id, 0, "w1")),
+        StoredEvent(4, part(r1.event_id, 1, "w2")),
+        StoredEvent(5, r2),
+    ]
+    state = fold(ConversationState(), events)
+    assert state.last_seq == 5
+    assert state.last_send_seq == 4
+    one, two = state.outcome(r1.event_id), state.outcome(r2.event_id)
+    assert (one.seq, dict(one.delivered), one.terminal) == (2, {0: "w1", 1: "w2"}, False)
+    assert (two.seq, dict(two.delivered), two.terminal) == (5, {}, False)
+    assert next_part(one) == 2
+    assert next_part(two) == 0
+
+
+def test_reply_delivered_and_delivery_failed_are_terminal() -> None:
+    r1, r2 = reply("a"), ConversationReset(**env(), text="记忆已清除")
+    done = ReplyDelivered(**env(), reply_id=r1.event_id, parts=1, wecom_msgids=["w1"])
+    failed = DeliveryFailed(
+        **env(), reply_id=r2.event_id, errcode=81013, reason="gone", parts_delivered=0
+    )
+    state = fold(
+        ConversationState(),
+        [StoredEvent(1, r1), StoredEvent(2, r2), StoredEvent(3, done), StoredEvent(4, failed)],
+    )
+    assert state.outcome(r1.event_id).terminal
+    assert state.outcome(r2.event_id).terminal
+    assert state.last_send_seq == 4
+
+
+def test_fold_is_incremental_idempotent_and_leaves_its_input_alone() -> None:
+    r1 = reply()
+    events = [StoredEvent(1, r1), StoredEvent(2, part(r1.event_id, 0, "w1"))]
+    whole = fold(ConversationState(), events)
+    stepwise = fold(fold(ConversationState(), events[:1]), events[1:])
+    assert stepwise == whole
+    assert fold(whole, events) == whole  # a re-read changes nothing
+    empty = ConversationState()
+    fold(empty, events)
+    assert empty == ConversationState()
+
+
+def test_the_first_part_recorded_wins() -> None:
+    r1 = reply()
+    state = fold(
+        ConversationState(),
+        [StoredEvent(1, r1), StoredEvent(2, part(r1.event_id, 0, "w1"))],
+    )
+    again = fold(state, [StoredEvent(3, part(r1.event_id, 0, "w-dup"))])
+    assert dict(again.outcome(r1.event_id).delivered) == {0: "w1"}
+    assert len(again.recent_sends) == 1
+
+
+def test_record_applies_an_own_append_without_moving_the_cursor() -> None:
+    r1 = reply()
+    state = fold(ConversationState(), [StoredEvent(4, r1)])
+    mine = part(r1.event_id, 0, "w1")
+    after = record(state, StoredEvent(9, mine))
+    assert after.last_seq == 4  # events 5..8 (someone else's) are still read next time
+    assert after.last_send_seq == 9
+    assert dict(after.outcome(r1.event_id).delivered) == {0: "w1"}
+    # the later catch-up meets our own event again, harmlessly
+    assert fold(after, [StoredEvent(9, mine)]).outcome(r1.event_id) == after.outcome(r1.event_id)
+
+
+def test_sends_of_an_outcome_that_aged_out_are_kept_without_a_seq() -> None:
+    state = fold(ConversationState(), [StoredEvent(10, part("old-reply", 0, "w1"))])
+    assert state.outcome("old-reply").seq is None
+    assert pending_before(state, 100) == []
+
+
+def test_pending_before_lists_unfinished_earlier_outcomes_in_order() -> None:
+    r1, r2, r3, r4 = reply("1"), reply("2"), reply("3"), reply("4")
+    done = ReplyDelivered(**env(), reply_id=r2.event_id, parts=1, wecom_msgids=["w"])
+    state = fold(
+        ConversationState(),
+        [
+            StoredEvent(1, r1),
+            StoredEvent(2, r2),
+            StoredEvent(3, done),
+            StoredEvent(4, r3),
+            StoredEvent(5, r4),
+        ],
+    )
+    assert [o.event_id for o in pending_before(state, 5)] == [r1.event_id, r3.event_id]
+    assert pending_before(state, 1) == []
+
+
+def test_unknown_outcome_is_empty() -> None:
+    state = ConversationState()
+    assert state.outcome("nope").delivered == {}
+    assert not state.outcome("nope").terminal
+
+
+# ---------------------------------------------------------------- per-user rate
+
+
+def test_rate_delay_keeps_a_minute_window() -> None:
+    sends = tuple(T0 + timedelta(seconds=i) for i in range(30))
+    assert rate_delay(sends[:29], T0 + timedelta(seconds=30), per_minute=30) == 0.0
+    assert rate_delay(sends, T0 + timedelta(seconds=30), per_minute=30) == pytest.approx(30.0)
+    assert rate_delay(sends, T0 + timedelta(seconds=61), per_minute=30) == 0.0
+    assert rate_delay(sends, T0, per_minute=0) == 0.0
+
+
+# ---------------------------------------------------------------- errcodes
+
+
+@pytest.mark.parametrize("code", [-1, 45009, 45033])
+def test_busy_codes_are_retried(code: int) -> None:
+    assert classify(code) is ErrorClass.RETRYABLE
+
+
+@pytest.mark.parametrize("code", [40014, 42001, 41001])
+def test_token_codes_refresh_the_token(code: int) -> None:
+    assert classify(code) is ErrorClass.TOKEN
+
+
+@pytest.mark.parametrize("code", [81013, 82001, 60020, 44004, 45002, 40003, 301002, 48002, 1])
+def test_everything_else_is_permanent(code: int) -> None:
+    assert classify(code) is ErrorClass.PERMANENT
+
+
+def test_reasons_are_plain_words_with_the_code() -> None:
+    assert explain(81013) == (
+        "the recipient is not a member the app can reach (left, or outside its visible range)"
+        " (errcode 81013)"
+    )
+    assert "trusted IPs" in explain(60020)
+    assert explain(99999, "strange") == "WeCom refused the message (errcode 99999: strange)"
+    assert explain(99999) == "WeCom refused the message (errcode 99999)"
+
+
+def test_send_errors_sit_in_the_shared_tree() -> None:
+    assert isinstance(SendRetryable(-1, "busy"), TransientError)
+    assert isinstance(TokenRejected(42001, "expired"), TransientError)
+    rejected = SendRejected(81013, "gone")
+    assert isinstance(rejected, PermanentError)
+    assert (rejected.errcode, rejected.reason, str(rejected)) == (81013, "gone", "gone")
+
+
+# ---------------------------------------------------------------- settings
+
+
+def test_settings_defaults_and_no_secret_needed() -> None:
+    s = SenderSettings.from_env({"WECOM_CORP_ID": "ww1", "WECOM_AGENT_ID": "1000002"})
+    assert s.wecom.app == APP
+    assert not s.wecom.secret
+    assert (s.health_port, s.max_concurrency, s.http_timeout_s) == (8082, 32, 10.0)
+    assert (s.ack_wait_s, s.max_deliver, s.order_wait_s, s.retry_attempts) == (30.0, 20, 60.0, 4)
+    assert s.per_user_per_minute == 30
+
+
+def test_settings_name_every_bad_variable() -> None:
+    with pytest.raises(ConfigError) as info:
+        SenderSettings.from_env(
+            {"WECOM_AGENT_ID": "x", "SENDER_MAX_CONCURRENCY": "0", "SENDER_HTTP_TIMEOUT": "soon"}
+        )
+    message = str(info.value)
+    for name in (
+        "WECOM_CORP_ID",
+        "WECOM_AGENT_ID",
+        "SENDER_MAX_CONCURRENCY",
+        "SENDER_HTTP_TIMEOUT",
+    ):
+        assert name in message

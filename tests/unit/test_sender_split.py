@@ -1,0 +1,248 @@
+"""The reply splitter: parts WeCom will not truncate, cut where a reader expects."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import assume, example, given, settings
+from hypothesis import strategies as st
+
+from wecombot_sender.split import (
+    WECOM_TEXT_LIMIT,
+    Boundary,
+    boundaries,
+    fenced_spans,
+    split_text,
+)
+
+FAMILY = "👨\u200d👩\u200d👧"  # one grapheme, five code points, 18 bytes
+FLAG = "🇨🇳"  # two regional indicators, 8 bytes
+ACCENT = "e\u0301"  # e + combining acute
+
+PIECES = [
+    "你好",
+    "世界",
+    "今天天气很好",
+    "。",
+    "！",
+    "？",
+    "；",
+    "，",
+    "Hello",
+    "world",
+    "3.14",
+    ". ",
+    "! ",
+    "? ",
+    " ",
+    "  ",
+    "\n",
+    "\n\n",
+    "\r\n",
+    "```\n",
+    "```python\n",
+    "x = 1\n",
+    "”",
+    "😀",
+    FAMILY,
+    FLAG,
+    ACCENT,
+    "\u3000",
+]
+
+mixed_text = st.lists(st.one_of(st.sampled_from(PIECES), st.text(max_size=8)), max_size=400).map(
+    "".join
+)
+
+
+def nbytes(text: str) -> int:
+    return len(text.encode("utf-8"))
+
+
+def check_invariants(text: str, parts: list[str], limit: int) -> None:
+    assert "".join(parts) == text
+    assert all(parts), "no empty part"
+    assert all(nbytes(p) <= limit for p in parts)
+    # every part is valid UTF-8 on its own and the bytes concatenate to the original
+    assert b"".join(p.encode("utf-8") for p in parts) == text.encode("utf-8")
+    assert all(p.encode("utf-8").decode("utf-8") == p for p in parts)
+
+
+# ---------------------------------------------------------------- properties
+
+
+@given(text=mixed_text, limit=st.integers(min_value=4, max_value=300))
+@settings(max_examples=400)
+@example(text=FAMILY * 40, limit=20)
+@example(text="a\u0301" * 50, limit=4)
+def test_parts_fit_join_to_the_text_and_never_cut_a_character(text: str, limit: int) -> None:
+    check_invariants(text, split_text(text, limit=limit), limit)
+
+
+def _beyond_one_part(text: str) -> str:
+    return text * (2 * WECOM_TEXT_LIMIT // nbytes(text) + 1)
+
+
+long_text = (
+    st.lists(st.sampled_from(PIECES), min_size=1, max_size=300).map("".join).map(_beyond_one_part)
+)
+
+
+@given(text=long_text)
+@settings(max_examples=60)
+def test_default_limit_is_wecoms_2048_bytes(text: str) -> None:
+    parts = split_text(text)
+    check_invariants(text, parts, WECOM_TEXT_LIMIT)
+    assert len(parts) >= nbytes(text) // WECOM_TEXT_LIMIT
+
+
+@given(text=mixed_text)
+def test_short_text_is_one_part(text: str) -> None:
+    assume(0 < nbytes(text) <= WECOM_TEXT_LIMIT)
+    assert split_text(text) == [text]
+
+
+@given(text=mixed_text, limit=st.integers(min_value=24, max_value=300))
+@settings(max_examples=300)
+def test_a_cut_never_breaks_a_grapheme_when_it_need_not(text: str, limit: int) -> None:
+    parts = split_text(text, limit=limit)
+    pos = 0
+    for part in parts[:-1]:
+        start, pos = pos, pos + len(part)
+        window_end = start + len(part)
+        found = boundaries(text, start, window_end)
+        if found[pos] is Boundary.CODEPOINT:
+            # only when the whole budget held no grapheme boundary at all
+            end = start
+            while end < len(text) and nbytes(text[start : end + 1]) <= limit:
+                end += 1
+            assert all(r is Boundary.CODEPOINT for r in boundaries(text, start, end).values())
+
+
+sentence = st.lists(
+    st.sampled_from(["你好", "世界", "天气", "很好", "ok", "fine"]), min_size=1, max_size=6
+).map(lambda words: "".join(words) + "。")
+
+
+@given(
+    first=st.lists(sentence, min_size=4, max_size=200),
+    second=st.lists(sentence, min_size=1, max_size=50),
+    slack=st.integers(min_value=20, max_value=2000),
+)
+def test_a_paragraph_break_beats_a_later_sentence_end(
+    first: list[str], second: list[str], slack: int
+) -> None:
+    para = "".join(first) + "\n\n"
+    # the paragraph fills at least half a part; sentence ends follow it within budget
+    limit = nbytes(para) + min(slack, nbytes(para))
+    rest = "".join(second)
+    rest = rest * (limit // nbytes(rest) + 1)
+    parts = split_text(para + rest, limit=limit)
+    assert parts[0] == para
+
+
+@given(
+    intro=st.lists(sentence, min_size=1, max_size=80).map("".join),
+    lines=st.lists(st.sampled_from(["x = 1", "print('你好。 ok')", "a; b; c", ""]), max_size=60),
+    outro=st.lists(sentence, max_size=80).map("".join),
+    limit=st.integers(min_value=64, max_value=1024),
+)
+def test_a_code_block_that_fits_is_never_cut(
+    intro: str, lines: list[str], outro: str, limit: int
+) -> None:
+    block = "```python\n" + "".join(f"{line}\n" for line in lines) + "```\n"
+    assume(nbytes(block) <= limit)
+    text = f"{intro}\n{block}{outro}"
+    parts = split_text(text, limit=limit)
+    check_invariants(text, parts, limit)
+    assert any(block in part for part in parts)
+
+
+# ---------------------------------------------------------------- exact cases
+
+
+def test_empty_text_has_no_parts() -> None:
+    assert split_text("") == []
+
+
+def test_exactly_at_the_limit_is_one_part() -> None:
+    text = "好" * 682 + "ab"  # 2046 + 2 bytes
+    assert split_text(text) == [text]
+    assert split_text(text + "c") == [text, "c"]
+
+
+def test_paragraph_then_rest() -> None:
+    assert split_text("第一段。\n\nsecond paragraph", limit=16) == [
+        "第一段。\n\n",
+        "second paragraph",
+    ]
+
+
+def test_ascii_sentence_end_keeps_its_space() -> None:
+    assert split_text("Hello world. This is fine.", limit=20) == ["Hello world. ", "This is fine."]
+
+
+def test_chinese_sentence_end() -> None:
+    assert split_text("今天天气很好。我们去公园吧！", limit=24) == [
+        "今天天气很好。",
+        "我们去公园吧！",
+    ]
+
+
+def test_closing_quote_stays_with_its_sentence() -> None:
+    text = "他说：“好的。”然后走了很远很远"
+    parts = split_text(text, limit=30)
+    assert parts[0] == "他说：“好的。”"
+
+
+def test_a_decimal_point_is_not_a_sentence_end() -> None:
+    found = boundaries("pi is 3.14 ok", 0, 13)
+    assert found[8] is Boundary.GRAPHEME  # after "3."
+    assert found[11] is Boundary.SPACE
+
+
+def test_line_beats_sentence_and_space() -> None:
+    text = "first line. still\nsecond line here. and more words"
+    assert split_text(text, limit=30)[0] == "first line. still\n"
+
+
+def test_a_tiny_paragraph_does_not_make_a_stub_part() -> None:
+    text = "Hi\n\n" + "b" * 3000
+    parts = split_text(text)
+    assert [nbytes(p) for p in parts] == [2048, 956]
+    # with no fill floor the blank line wins
+    assert split_text(text, min_fill=0)[0] == "Hi\n\n"
+
+
+def test_code_block_goes_whole_into_the_next_part() -> None:
+    intro = "看这段代码：\n"
+    block = "```python\n" + "print('hello')\n" * 100 + "```\n"
+    text = intro + "说明。" * 400 + "\n" + block + "完。"
+    parts = split_text(text)
+    check_invariants(text, parts, WECOM_TEXT_LIMIT)
+    assert any(block in p for p in parts)
+    assert all(p.count("```") in (0, 2) for p in parts)
+
+
+def test_a_block_larger_than_a_part_is_cut_at_lines() -> None:
+    block = "```\n" + "".join(f"line {i}\n" for i in range(600)) + "```\n"
+    parts = split_text(block)
+    check_invariants(block, parts, WECOM_TEXT_LIMIT)
+    assert len(parts) > 1
+    assert all(p.endswith("\n") for p in parts)
+
+
+def test_emoji_sequences_flags_and_accents_stay_whole() -> None:
+    for unit in (FAMILY, FLAG, ACCENT):
+        text = unit * (3 * WECOM_TEXT_LIMIT // nbytes(unit))
+        for part in split_text(text):
+            assert part == unit * (len(part) // len(unit))
+
+
+def test_fenced_spans_include_an_unclosed_fence() -> None:
+    text = "a\n```\ncode\n```\nb\n```\nopen"
+    assert fenced_spans(text) == [(2, 15), (17, len(text))]
+
+
+def test_limit_must_hold_a_character() -> None:
+    with pytest.raises(ValueError, match="limit"):
+        split_text("abc", limit=3)
