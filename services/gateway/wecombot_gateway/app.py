@@ -1,0 +1,201 @@
+"""The HTTP entrypoint: WeCom callbacks in, MessageReceived events appended, statuses out.
+
+>>> app = create_app(settings, JetStreamPublisher(js, timeout_s=2), ready=jetstream_ready(nc, js))
+... # doctest: +SKIP
+
+Routes
+    GET  {callback_path}  URL verification: 200 text/plain = the decrypted echostr, verbatim
+    POST {callback_path}  a message or event: 200 empty once stored (or already stored)
+    GET  /healthz         200 while the process answers
+    GET  /readyz          200 when NATS is connected and the stream exists, else 503
+
+WeCom retries a callback that is not answered 200 within 5 s, three times
+(https://developer.work.weixin.qq.com/document/path/90238): so 200 only for a message the
+log confirmed, 503 when the log did not confirm in time, 4xx for input that can never be
+valid. Statuses (one warning line ``callback.rejected`` each, with reason and the
+official -400xx code where there is one):
+
+=====================================================  ======  ======
+refusal                                                status  code
+=====================================================  ======  ======
+query parameter missing / repeated / empty / bad ts     400
+Content-Type declared and not XML                       415
+body over GATEWAY_MAX_BODY_BYTES (declared or read)     413
+body unreadable (framing, encoding, disconnect)         400
+envelope not XML / no Encrypt / DTD (XXE, bomb)         400    -40002
+msg_signature does not match                            403    -40001
+timestamp outside ±GATEWAY_TIMESTAMP_WINDOW (replay)    403
+Encrypt not base64                                      400    -40010
+ciphertext not a multiple of 16 bytes                   400    -40007
+decrypted buffer malformed (padding, length)            400    -40008
+receive_id is not our CorpID                            403    -40005
+message not UTF-8 / not XML / field missing or bad      400
+message ToUserName is not our CorpID                    403
+the log did not confirm the append in time              503
+anything else (a bug): logged with its stack            500
+=====================================================  ======  ======
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from http import HTTPStatus
+
+import structlog
+from aiohttp import hdrs, web
+from structlog.contextvars import bind_contextvars
+
+from wecombot_common.bus import AppendUnavailable
+from wecombot_common.crypto import (
+    Base64DecodeError,
+    CryptoError,
+    DecryptError,
+    ParseError,
+    PlaintextBufferError,
+    ReceiveIdError,
+    SignatureError,
+    WeComCrypto,
+)
+from wecombot_common.runtime import Check, HealthServer
+
+from .body import check_content_type, check_declared_length, read_limited
+from .callback import CallbackOpener, CallbackQuery
+from .errors import (
+    BodyTooLarge,
+    CallbackRejected,
+    InvalidMessage,
+    InvalidQuery,
+    MalformedXml,
+    StaleTimestamp,
+    UnreadableBody,
+    UnsafeXml,
+    UnsupportedMediaType,
+    WrongRecipient,
+)
+from .parse import dedupe_key
+from .publisher import Publisher
+from .settings import GatewaySettings
+
+__all__ = ["create_app", "status_for"]
+
+log = structlog.get_logger(__name__)
+
+_STATUS: dict[type[Exception], int] = {
+    InvalidQuery: 400,
+    UnsupportedMediaType: 415,
+    BodyTooLarge: 413,
+    UnreadableBody: 400,
+    MalformedXml: 400,
+    UnsafeXml: 400,
+    StaleTimestamp: 403,
+    InvalidMessage: 400,
+    WrongRecipient: 403,
+    SignatureError: 403,
+    ReceiveIdError: 403,
+    Base64DecodeError: 400,
+    DecryptError: 400,
+    PlaintextBufferError: 400,
+    ParseError: 400,
+    CallbackRejected: 400,
+    CryptoError: 400,
+    AppendUnavailable: 503,
+}
+
+
+def status_for(exc: Exception) -> int:
+    """The HTTP status for a refusal (500 for anything not in the table)."""
+    for cls in type(exc).__mro__:
+        status = _STATUS.get(cls)
+        if status is not None:
+            return status
+    return 500
+
+
+def create_app(
+    settings: GatewaySettings,
+    publisher: Publisher,
+    *,
+    ready: Check,
+    clock: Callable[[], float] = time.time,
+) -> web.Application:
+    """Build the gateway's aiohttp application (crypto and parsers are built here, once)."""
+    handlers = _CallbackHandlers(settings, publisher, clock)
+    app = web.Application(client_max_size=settings.max_body_bytes)
+    app.router.add_get(settings.callback_path, handlers.url_check, allow_head=False)
+    app.router.add_post(settings.callback_path, handlers.receive)
+    app.add_routes(HealthServer(settings.host, 0, ready).routes())
+    return app
+
+
+class _CallbackHandlers:
+    __slots__ = ("_clock", "_max_body", "_opener", "_publisher")
+
+    def __init__(
+        self, settings: GatewaySettings, publisher: Publisher, clock: Callable[[], float]
+    ) -> None:
+        wecom = settings.wecom
+        crypto = WeComCrypto(
+            wecom.token.reveal(), wecom.encoding_aes_key.reveal(), receive_id=wecom.corp_id
+        )
+        self._opener = CallbackOpener(
+            crypto, corp_id=wecom.corp_id, app=settings.app, window_s=settings.timestamp_window_s
+        )
+        self._publisher = publisher
+        self._clock = clock
+        self._max_body = settings.max_body_bytes
+
+    async def url_check(self, request: web.Request) -> web.Response:
+        """GET: answer the decrypted echostr exactly (no quotes, BOM or newline)."""
+        try:
+            query = CallbackQuery.parse(request.query, url_check=True)
+            plaintext = self._opener.url_check(query, now=self._clock())
+        except (CallbackRejected, CryptoError) as exc:
+            return _refuse(request, exc)
+        except Exception:
+            return _failed(request)
+        log.debug("callback.url_verified")
+        return web.Response(body=plaintext, content_type="text/plain")
+
+    async def receive(self, request: web.Request) -> web.Response:
+        """POST: verify, decrypt, parse, append; 200 only once the log has it."""
+        try:
+            query = CallbackQuery.parse(request.query, url_check=False)
+            check_content_type(request.headers.get(hdrs.CONTENT_TYPE))
+            check_declared_length(request.content_length, self._max_body)
+            body = await read_limited(request.content, self._max_body)
+            message = self._opener.message(query, body, now=self._clock())
+            key = dedupe_key(message)
+            bind_contextvars(app=message.app, user=message.from_user, msg_id=message.correlation_id)
+            appended = await self._publisher.append(message, msg_id=key)
+        except (CallbackRejected, CryptoError, AppendUnavailable) as exc:
+            return _refuse(request, exc)
+        except Exception:
+            return _failed(request)
+        log.debug("callback.stored", seq=appended.seq, duplicate=appended.duplicate)
+        return web.Response()
+
+
+def _refuse(
+    request: web.Request, exc: CallbackRejected | CryptoError | AppendUnavailable
+) -> web.Response:
+    status = status_for(exc)
+    fields: dict[str, object] = {"status": status, "method": request.method}
+    if isinstance(exc, CryptoError):
+        fields["reason"] = f"{exc.reason}: {exc.detail}" if exc.detail else exc.reason
+        fields["code"] = exc.code
+    elif isinstance(exc, CallbackRejected):
+        fields["reason"] = exc.reason
+        if exc.code is not None:
+            fields["code"] = exc.code
+    else:
+        fields["reason"] = str(exc)
+    fields["error"] = type(exc).__name__
+    # Input from the internet: one warning, no stack trace; the body never echoes input.
+    log.warning("callback.rejected", **fields)
+    return web.Response(status=status, text=HTTPStatus(status).phrase)
+
+
+def _failed(request: web.Request) -> web.Response:
+    log.exception("callback.failed", status=500, method=request.method)
+    return web.Response(status=500, text=HTTPStatus.INTERNAL_SERVER_ERROR.phrase)

@@ -1,0 +1,156 @@
+"""``wecombot gateway``: wire settings, NATS and the HTTP app; run until SIGTERM/SIGINT.
+
+Start-up: connect to NATS (nats-py keeps retrying an unreachable server), create the
+topology (retried with exponential backoff while JetStream is unavailable), then listen.
+Shutdown (``stop`` set): stop accepting connections, let in-flight callbacks finish (each
+is bounded by GATEWAY_PUBLISH_TIMEOUT), then drain NATS.
+
+>>> main({"WECOM_CORP_ID": "ww1", ...})  # doctest: +SKIP
+0
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Mapping
+from typing import TypeVar
+
+import nats.errors
+import structlog
+from aiohttp import web
+from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
+
+from wecombot_common import bus
+from wecombot_common.errors import ConfigError
+from wecombot_common.logs import configure_logging
+from wecombot_common.runtime import run_service
+
+from .app import create_app
+from .publisher import JetStreamPublisher
+from .readiness import jetstream_ready
+from .settings import GatewaySettings
+
+__all__ = ["CLIENT_NAME", "main", "run_gateway", "serve"]
+
+CLIENT_NAME = "wecombot-gateway"
+_FIRST_RETRY_S = 0.5
+_MAX_RETRY_S = 15.0
+_SHUTDOWN_GRACE_S = 1.0  # on top of the publish timeout, for the response to be written
+
+log = structlog.get_logger(__name__)
+T = TypeVar("T")
+
+
+def main(environ: Mapping[str, str]) -> int:
+    """Entry point of ``wecombot gateway``: 0 clean stop, 2 bad configuration, 1 crash."""
+    return run_service(GatewaySettings.from_env, serve, environ)
+
+
+async def serve(settings: GatewaySettings, stop: asyncio.Event) -> None:
+    """Configure logging (secrets redacted), then run the gateway until ``stop`` is set."""
+    configure_logging(settings.log, service="gateway", secrets=settings.secrets)
+    await run_gateway(settings, stop)
+
+
+async def run_gateway(settings: GatewaySettings, stop: asyncio.Event) -> None:
+    """Everything but logging set-up (tests run this with structlog left as they set it)."""
+    connected = await _connect(settings, stop)
+    if connected is None:
+        log.info("gateway.stopped", detail="stopped before NATS was reachable")
+        return
+    nc, js = connected
+    try:
+        await _listen(settings, nc, js, stop)
+    finally:
+        await _drain(nc)
+    log.info("gateway.stopped")
+
+
+async def _listen(
+    settings: GatewaySettings, nc: NATS, js: JetStreamContext, stop: asyncio.Event
+) -> None:
+    publisher = JetStreamPublisher(js, timeout_s=settings.publish_timeout_s)
+    app = create_app(settings, publisher, ready=jetstream_ready(nc, js))
+    runner = web.AppRunner(
+        app,
+        access_log=None,  # one debug line per callback is ours; no access log on the hot path
+        shutdown_timeout=settings.publish_timeout_s + _SHUTDOWN_GRACE_S,
+    )
+    await runner.setup()
+    try:
+        await _start_site(runner, settings)
+        log.info(
+            "gateway.listening",
+            host=settings.host,
+            port=settings.port,
+            callback_path=settings.callback_path,
+            app=settings.app,
+        )
+        await stop.wait()
+        log.info("gateway.stopping")
+    finally:
+        # Closes the listener first, then waits for in-flight requests (shutdown_timeout).
+        await runner.cleanup()
+
+
+async def _start_site(runner: web.AppRunner, settings: GatewaySettings) -> None:
+    try:
+        await web.TCPSite(runner, settings.host, settings.port).start()
+    except OSError as exc:  # address in use, not ours to bind…: fix the settings (exit 2)
+        raise ConfigError(
+            f"cannot listen on {settings.host}:{settings.port} (GATEWAY_HOST, GATEWAY_PORT): "
+            f"{exc.strerror or exc}"
+        ) from exc
+
+
+async def _connect(
+    settings: GatewaySettings, stop: asyncio.Event
+) -> tuple[NATS, JetStreamContext] | None:
+    log.info("gateway.connecting", nats_url=settings.nats.url)
+    nc = await _unless_stopped(bus.connect(settings.nats, CLIENT_NAME), stop)
+    if nc is None:
+        return None
+    js = nc.jetstream()
+    delay = _FIRST_RETRY_S
+    while True:
+        try:
+            await bus.ensure_topology(js, settings.nats)
+        except (TimeoutError, nats.errors.Error, OSError) as exc:
+            log.warning(
+                "gateway.topology_unavailable",
+                error=f"{type(exc).__name__}: {exc}",
+                retry_in_s=delay,
+            )
+        else:
+            return nc, js
+        if await _unless_stopped(asyncio.sleep(delay, result=True), stop) is None:
+            await nc.close()
+            return None
+        delay = min(delay * 2, _MAX_RETRY_S)
+
+
+async def _unless_stopped(work: Awaitable[T], stop: asyncio.Event) -> T | None:
+    """Await ``work`` unless ``stop`` is set first (then cancel it and return None)."""
+    task = asyncio.ensure_future(work)
+    stopper = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopper.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    return None
+
+
+async def _drain(nc: NATS) -> None:
+    try:
+        await nc.drain()
+    except (TimeoutError, nats.errors.Error) as exc:
+        # Reconnecting or already closed: nothing buffered can be flushed anyway.
+        log.warning("gateway.drain_failed", error=f"{type(exc).__name__}: {exc}")
+        await nc.close()

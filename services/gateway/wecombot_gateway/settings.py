@@ -1,0 +1,106 @@
+"""The gateway's settings, read from the environment once at start-up.
+
+>>> s = GatewaySettings.from_env({
+...     "WECOM_CORP_ID": "ww1436e0e65a779aee", "WECOM_AGENT_ID": "1000002",
+...     "WECOM_TOKEN": "hJqcu3uJ9Tn2gXPmxx2w9kkCkCE2EPYo",
+...     "WECOM_ENCODING_AES_KEY": "6qkdMrq68nTKduznJYO1A37W2oEgpkMUvkttRToqhUt"})
+>>> s.port, s.callback_path, s.app
+(8080, '/wecom/callback', 'ww1436e0e65a779aee-1000002')
+
+Variables (besides the shared WECOM_*, NATS_*, LOG_*):
+
+``GATEWAY_HOST`` (0.0.0.0), ``GATEWAY_PORT`` (8080), ``GATEWAY_CALLBACK_PATH``
+(/wecom/callback), ``GATEWAY_TIMESTAMP_WINDOW`` (300 s either side; 0 disables the replay
+check), ``GATEWAY_MAX_BODY_BYTES`` (1 MiB), ``GATEWAY_PUBLISH_TIMEOUT`` (2 s: after that
+the callback is answered 503 and WeCom retries).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from wecombot_common.settings import (
+    EnvReader,
+    LogSettings,
+    NatsSettings,
+    Secret,
+    WeComCallbackSettings,
+)
+
+__all__ = ["GatewaySettings"]
+
+_RESERVED_PATHS = ("/healthz", "/readyz")
+# WeCom gives up on a callback after 5 s (https://developer.work.weixin.qq.com/document/path/90238);
+# waiting longer for a PubAck only answers a request nobody is listening to any more.
+_MAX_PUBLISH_TIMEOUT_S = 4.5
+
+
+@dataclass(frozen=True)
+class GatewaySettings:
+    wecom: WeComCallbackSettings
+    nats: NatsSettings
+    log: LogSettings
+    host: str = "0.0.0.0"  # noqa: S104 (a container's listener; the callback is public anyway)
+    port: int = 8080
+    callback_path: str = "/wecom/callback"
+    timestamp_window_s: int = 300
+    max_body_bytes: int = 1024 * 1024
+    publish_timeout_s: float = 2.0
+
+    @property
+    def app(self) -> str:
+        """The app key (``{corp_id}-{agent_id}``) stamped on every event."""
+        return self.wecom.app
+
+    @property
+    def secrets(self) -> tuple[Secret, ...]:
+        """Values the log pipeline must redact wherever they appear."""
+        found = [self.wecom.token, self.wecom.encoding_aes_key]
+        if self.nats.password is not None:
+            found.append(self.nats.password)
+        return tuple(found)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str]) -> GatewaySettings:
+        """Read and validate every variable; raise ConfigError naming each bad one."""
+        env = EnvReader(environ)
+        wecom = WeComCallbackSettings.read(env)
+        nats = NatsSettings.read(env)
+        log = LogSettings.read(env)
+        host = env.text("GATEWAY_HOST", cls.host)
+        port = env.integer("GATEWAY_PORT", cls.port, minimum=1, maximum=65535)
+        path = env.text("GATEWAY_CALLBACK_PATH", cls.callback_path)
+        env.check(
+            path.startswith("/") and not any(c in path for c in "?# \t"),
+            f"GATEWAY_CALLBACK_PATH must start with '/' and hold no '?', '#' or spaces, "
+            f"got {path!r}",
+        )
+        env.check(
+            path not in _RESERVED_PATHS,
+            f"GATEWAY_CALLBACK_PATH must not be one of {', '.join(_RESERVED_PATHS)}",
+        )
+        window = env.integer(
+            "GATEWAY_TIMESTAMP_WINDOW", cls.timestamp_window_s, minimum=0, maximum=86400
+        )
+        max_body = env.integer(
+            "GATEWAY_MAX_BODY_BYTES", cls.max_body_bytes, minimum=1024, maximum=64 * 1024 * 1024
+        )
+        publish_timeout = env.seconds(
+            "GATEWAY_PUBLISH_TIMEOUT",
+            cls.publish_timeout_s,
+            minimum=0.05,
+            maximum=_MAX_PUBLISH_TIMEOUT_S,
+        )
+        env.raise_if_invalid()
+        return cls(
+            wecom=wecom,
+            nats=nats,
+            log=log,
+            host=host,
+            port=port,
+            callback_path=path,
+            timestamp_window_s=window,
+            max_body_bytes=max_body,
+            publish_timeout_s=publish_timeout,
+        )

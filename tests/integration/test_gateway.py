@@ -1,0 +1,814 @@
+"""The gateway over real HTTP (loopback) against a real nats-server.
+
+Callbacks are built with the real crypto (a fresh key per run, current timestamps) or
+taken from the official vectors; stored events are read back from the stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import socket
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import AsyncExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+from xml.sax.saxutils import escape
+
+import aiohttp
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+from Crypto.Cipher import AES
+from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
+from structlog.contextvars import merge_contextvars
+from structlog.testing import capture_logs
+from yarl import URL
+
+from tests.conftest import NatsHandle, free_port
+from wecombot_common import bus, topology
+from wecombot_common.bus import Appended, AppendUnavailable
+from wecombot_common.crypto import WeComCrypto, generate_encoding_aes_key, generate_token
+from wecombot_common.errors import ConfigError
+from wecombot_common.events import (
+    ImagePayload,
+    LinkPayload,
+    LocationPayload,
+    MessageReceived,
+    TextPayload,
+    UnknownPayload,
+    VideoPayload,
+    VoicePayload,
+    WeComEventPayload,
+    decode_event,
+)
+from wecombot_gateway.app import create_app
+from wecombot_gateway.main import run_gateway
+from wecombot_gateway.parse import parse_message
+from wecombot_gateway.publisher import JetStreamPublisher, Publisher
+from wecombot_gateway.readiness import jetstream_ready
+from wecombot_gateway.settings import GatewaySettings
+
+pytestmark = pytest.mark.integration
+
+
+_VECTORS = json.loads(
+    (Path(__file__).parent.parent / "data" / "wecom_vectors.json").read_text(encoding="utf-8")
+)
+VECTOR_SETS: list[dict[str, Any]] = [_VECTORS, *_VECTORS["additional_sets"]]
+VECTOR_AGENT = {"A_official_doc_90968": 218, "B_sbzhu_sample_pre2025": 1000002}
+
+CORP = "wwgatewaytest01"
+AGENT = 1000002
+APP = f"{CORP}-{AGENT}"
+TOKEN = generate_token()
+KEY = generate_encoding_aes_key()
+PATH = "/wecom/callback"
+SMALL_BODY_LIMIT = 4096
+
+
+# ---------------------------------------------------------------- building callbacks
+
+
+def message_xml(fields: Mapping[str, str | int], *, to: str = CORP) -> bytes:
+    """A decrypted WeCom message as WeCom writes it (CDATA for strings)."""
+    parts = [f"<ToUserName><![CDATA[{to}]]></ToUserName>"]
+    for name, value in fields.items():
+        text = str(value) if isinstance(value, int) else f"<![CDATA[{value}]]>"
+        parts.append(f"<{name}>{text}</{name}>")
+    return ("<xml>" + "".join(parts) + "</xml>").encode()
+
+
+def text_message(msg_id: str, *, user: str = "zhang.san", content: str = "你好") -> bytes:
+    return message_xml(
+        {
+            "FromUserName": user,
+            "CreateTime": int(time.time()),
+            "MsgType": "text",
+            "Content": content,
+            "MsgId": msg_id,
+            "AgentID": AGENT,
+        }
+    )
+
+
+def envelope(encrypt: str) -> bytes:
+    return (
+        f"<xml><ToUserName><![CDATA[{CORP}]]></ToUserName>"
+        f"<Encrypt><![CDATA[{escape(encrypt)}]]></Encrypt>"
+        f"<AgentID><![CDATA[{AGENT}]]></AgentID></xml>"
+    ).encode()
+
+
+@dataclass
+class Call:
+    """One HTTP request to the callback path."""
+
+    method: str = "POST"
+    params: list[tuple[str, str]] = field(default_factory=list)
+    body: Any = None
+    headers: dict[str, str] = field(default_factory=lambda: {"Content-Type": "text/xml"})
+
+
+def signed(
+    encrypt: str,
+    *,
+    crypto: WeComCrypto | None = None,
+    timestamp: int | None = None,
+    nonce: str = "1372623149",
+) -> list[tuple[str, str]]:
+    ts = str(int(time.time()) if timestamp is None else timestamp)
+    sig = (crypto or CRYPTO).signature(ts, nonce, encrypt)
+    return [("msg_signature", sig), ("timestamp", ts), ("nonce", nonce)]
+
+
+def post(plaintext: bytes, *, crypto: WeComCrypto | None = None, **kw: Any) -> Call:
+    encrypt = (crypto or CRYPTO).encrypt(plaintext)
+    return Call(params=signed(encrypt, **kw), body=envelope(encrypt))
+
+
+CRYPTO = WeComCrypto(TOKEN, KEY, CORP)
+
+
+# ---------------------------------------------------------------- the gateway under test
+
+
+def gateway_settings(nats_url: str, **overrides: str) -> GatewaySettings:
+    env = {
+        "WECOM_CORP_ID": CORP,
+        "WECOM_AGENT_ID": str(AGENT),
+        "WECOM_TOKEN": TOKEN,
+        "WECOM_ENCODING_AES_KEY": KEY,
+        "NATS_URL": nats_url,
+        "GATEWAY_PUBLISH_TIMEOUT": "0.5",
+        **overrides,
+    }
+    return GatewaySettings.from_env(env)
+
+
+@dataclass
+class Gateway:
+    client: TestClient[Any, Any]
+    settings: GatewaySettings
+    js: JetStreamContext
+
+    async def send(self, call: Call) -> aiohttp.ClientResponse:
+        return await self.client.request(
+            call.method,
+            self.settings.callback_path,
+            params=call.params,
+            data=call.body,
+            headers=call.headers,
+        )
+
+    async def get_raw(self, raw_query: str) -> aiohttp.ClientResponse:
+        """GET with the query exactly as WeCom sends it (no re-encoding by the client)."""
+        base = str(self.client.make_url(self.settings.callback_path))
+        return await self.client.session.get(URL(f"{base}?{raw_query}", encoded=True))
+
+    async def stored(self) -> list[tuple[MessageReceived, str, str]]:
+        """Every event in the stream with its subject and Nats-Msg-Id, in order."""
+        info = await self.js.stream_info(topology.CONVERSATION_STREAM)
+        out: list[tuple[MessageReceived, str, str]] = []
+        if not info.state.messages:
+            return out
+        for seq in range(info.state.first_seq, info.state.last_seq + 1):
+            raw = await self.js.get_msg(topology.CONVERSATION_STREAM, seq)
+            event = decode_event(raw.data or b"")
+            assert isinstance(event, MessageReceived)
+            out.append((event, raw.subject or "", (raw.headers or {}).get("Nats-Msg-Id", "")))
+        return out
+
+    async def events(self) -> list[MessageReceived]:
+        return [event for event, _, _ in await self.stored()]
+
+
+MakeGateway = Callable[..., Awaitable[Gateway]]
+
+
+@pytest.fixture
+async def make_gateway(nats_server: NatsHandle, js: JetStreamContext) -> AsyncIterator[MakeGateway]:
+    """Build gateways (own NATS connection each, like the real process) on loopback."""
+    async with AsyncExitStack() as stack:
+
+        async def make(publisher: Publisher | None = None, **env: str) -> Gateway:
+            settings = gateway_settings(nats_server.url, **env)
+            gw_nc: NATS = await bus.connect(settings.nats, "wecombot-gateway-test")
+            stack.push_async_callback(gw_nc.close)
+            gw_js = gw_nc.jetstream()
+            await bus.ensure_topology(gw_js, settings.nats)
+            app = create_app(
+                settings,
+                publisher or JetStreamPublisher(gw_js, timeout_s=settings.publish_timeout_s),
+                ready=jetstream_ready(gw_nc, gw_js),
+            )
+            client: TestClient[Any, Any] = TestClient(TestServer(app, host="127.0.0.1"))
+            await client.start_server()
+            stack.push_async_callback(client.close)
+            return Gateway(client=client, settings=settings, js=js)
+
+        yield make
+
+
+@pytest.fixture
+async def gateway(make_gateway: MakeGateway) -> Gateway:
+    return await make_gateway()
+
+
+async def until(check: Callable[[], Awaitable[bool]], *, timeout: float = 20.0) -> None:
+    """Poll ``check`` until it is true; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not await check():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.05)
+
+
+def rejections(logs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [entry for entry in logs if entry["event"] == "callback.rejected"]
+
+
+# ---------------------------------------------------------------- official vectors
+
+
+@pytest.mark.parametrize("vectors", VECTOR_SETS, ids=[s["name"] for s in VECTOR_SETS])
+async def test_official_url_verification_answers_the_exact_plaintext(
+    make_gateway: MakeGateway, vectors: dict[str, Any]
+) -> None:
+    gw = await make_gateway(
+        WECOM_CORP_ID=vectors["corp_id"],
+        WECOM_AGENT_ID=str(VECTOR_AGENT[vectors["name"]]),
+        WECOM_TOKEN=vectors["token"],
+        WECOM_ENCODING_AES_KEY=vectors["encoding_aes_key"],
+        GATEWAY_TIMESTAMP_WINDOW="0",
+    )
+    case = next(c for c in vectors["cases"] if c["kind"] == "verify_url")
+    encoded = case.get("echostr_as_sent_urlencoded") or quote(case["encrypt"], safe="")
+    # As WeCom sends it (percent-encoded), and with a raw '+' (decoded to ' ' by the query
+    # parser; the gateway maps it back).
+    for echostr in (encoded, case["encrypt"].replace("/", "%2F").replace("=", "%3D")):
+        query = f"msg_signature={case['signature']}&timestamp={case['timestamp']}"
+        query += f"&nonce={case['nonce']}&echostr={echostr}"
+        resp = await gw.get_raw(query)
+        assert resp.status == 200
+        assert resp.content_type == "text/plain"
+        assert await resp.read() == case["expected_plaintext"].encode()
+
+
+@pytest.mark.parametrize("vectors", VECTOR_SETS, ids=[s["name"] for s in VECTOR_SETS])
+async def test_official_post_is_stored_once_with_its_fields(
+    make_gateway: MakeGateway, vectors: dict[str, Any]
+) -> None:
+    agent = VECTOR_AGENT[vectors["name"]]
+    gw = await make_gateway(
+        WECOM_CORP_ID=vectors["corp_id"],
+        WECOM_AGENT_ID=str(agent),
+        WECOM_TOKEN=vectors["token"],
+        WECOM_ENCODING_AES_KEY=vectors["encoding_aes_key"],
+        GATEWAY_TIMESTAMP_WINDOW="0",
+    )
+    case = next(c for c in vectors["cases"] if c["kind"] == "post_xml")
+    params = [("msg_signature", case["signature"]), ("timestamp", case["timestamp"])]
+    params.append(("nonce", case["nonce"]))
+    resp = await gw.send(Call(params=params, body=case["request_body_example"].encode()))
+    assert resp.status == 200
+    assert await resp.read() == b""
+
+    [(event, subject, msg_id)] = await gw.stored()
+    app = f"{vectors['corp_id']}-{agent}"
+    plain = case["expected_plaintext"]
+    expected_msg_id = plain.split("<MsgId>")[1].split("</MsgId>")[0]
+    expected_user = "mycreate" if "mycreate" in plain else "ChenJiaShun"
+    assert event.app == app
+    assert event.conversation == event.from_user == expected_user
+    assert event.to_user == vectors["corp_id"]
+    assert event.msg_type == "text"
+    assert event.msg_id == event.correlation_id == expected_msg_id
+    assert event.create_time == int(case["timestamp"])
+    assert event.payload == TextPayload(content="hello" if "hello" in plain else "你好")
+    assert msg_id == f"{app}:{expected_msg_id}"
+    assert subject == f"wecombot.conv.{app}.{expected_user}.in"
+
+
+# ---------------------------------------------------------------- every message type
+
+NOW = int(time.time())
+USER = "li.si@corp"
+EVERY_TYPE: list[tuple[dict[str, str | int], object]] = [
+    (
+        {"MsgType": "text", "Content": "<b>hi</b> & bye", "MsgId": "101"},
+        TextPayload(content="<b>hi</b> & bye"),
+    ),
+    (
+        {
+            "MsgType": "image",
+            "PicUrl": "https://p.example/1.jpg",
+            "MediaId": "m-img",
+            "MsgId": "102",
+        },
+        ImagePayload(pic_url="https://p.example/1.jpg", media_id="m-img"),
+    ),
+    (
+        {"MsgType": "voice", "MediaId": "m-voice", "Format": "amr", "MsgId": "103"},
+        VoicePayload(media_id="m-voice", format="amr"),
+    ),
+    (
+        {"MsgType": "video", "MediaId": "m-video", "ThumbMediaId": "m-thumb", "MsgId": "104"},
+        VideoPayload(media_id="m-video", thumb_media_id="m-thumb"),
+    ),
+    (
+        {
+            "MsgType": "location",
+            "Location_X": "23.134521",
+            "Location_Y": "113.358803",
+            "Scale": 20,
+            "Label": "广州市海珠区",
+            "MsgId": "105",
+        },
+        LocationPayload(latitude=23.134521, longitude=113.358803, scale=20, label="广州市海珠区"),
+    ),
+    (
+        {
+            "MsgType": "link",
+            "Title": "WeCom",
+            "Description": "docs",
+            "Url": "https://work.weixin.qq.com",
+            "PicUrl": "https://p.example/2.jpg",
+            "MsgId": "106",
+        },
+        LinkPayload(
+            title="WeCom",
+            description="docs",
+            url="https://work.weixin.qq.com",
+            pic_url="https://p.example/2.jpg",
+        ),
+    ),
+    (
+        {"MsgType": "event", "Event": "enter_agent", "EventKey": ""},
+        WeComEventPayload(event="enter_agent", event_key=""),
+    ),
+    ({"MsgType": "event", "Event": "subscribe"}, WeComEventPayload(event="subscribe")),
+    (
+        {"MsgType": "event", "Event": "click", "EventKey": "menu#1"},
+        WeComEventPayload(event="click", event_key="menu#1"),
+    ),
+    (
+        {"MsgType": "miniprogram_notice", "Title": "t", "MsgId": "107"},
+        UnknownPayload(msg_type="miniprogram_notice", fields={"Title": "t"}),
+    ),
+]
+
+
+async def test_every_message_type_is_stored_exactly_once(gateway: Gateway) -> None:
+    for fields, _ in EVERY_TYPE:
+        full = {"FromUserName": USER, "CreateTime": NOW, **fields, "AgentID": AGENT}
+        resp = await gateway.send(post(message_xml(full)))
+        assert resp.status == 200, fields
+
+    stored = await gateway.stored()
+    assert [event.payload for event, _, _ in stored] == [payload for _, payload in EVERY_TYPE]
+    for (event, _, msg_id), (fields, _) in zip(stored, EVERY_TYPE, strict=True):
+        assert event.from_user == USER
+        assert event.agent_id == AGENT
+        if "MsgId" in fields:
+            assert msg_id == f"{APP}:{fields['MsgId']}" == f"{APP}:{event.correlation_id}"
+        else:
+            assert msg_id == f"{APP}:{USER}:{NOW}:{fields['Event']}" == event.correlation_id
+
+
+async def test_the_same_msgid_three_times_is_stored_once(gateway: Gateway) -> None:
+    message = text_message("4561255354251345929")
+    with capture_logs() as logs:
+        first = await gateway.send(post(message))
+        retries = await asyncio.gather(*(gateway.send(post(message)) for _ in range(2)))
+    assert [r.status for r in (first, *retries)] == [200, 200, 200]
+    [event] = await gateway.events()
+    assert event.msg_id == "4561255354251345929"
+    stored = [e for e in logs if e["event"] == "callback.stored"]
+    assert sorted(e["duplicate"] for e in stored) == [False, True, True]
+    assert not rejections(logs)
+
+
+# ---------------------------------------------------------------- NATS outage
+
+
+async def test_503_while_nats_is_down_then_recovers_without_restart(
+    gateway: Gateway, nats_server: NatsHandle
+) -> None:
+    assert (await gateway.send(post(text_message("1")))).status == 200
+    nats_server.stop()
+    with capture_logs(processors=[merge_contextvars]) as logs:
+        down = await gateway.send(post(text_message("2")))
+    assert down.status == 503
+    [rejected] = rejections(logs)
+    assert rejected["status"] == 503
+    assert rejected["log_level"] == "warning"
+    assert "PubAck" in rejected["reason"]
+    # Known once the message was opened, bound to the log context for every later line.
+    assert (rejected["app"], rejected["user"], rejected["msg_id"]) == (APP, "zhang.san", "2")
+    assert (await gateway.client.get("/readyz")).status == 503
+    assert (await gateway.client.get("/healthz")).status == 200
+
+    nats_server.start()
+
+    async def accepted() -> bool:
+        return (await gateway.send(post(text_message("2")))).status == 200
+
+    async def ready() -> bool:
+        return (await gateway.client.get("/readyz")).status == 200
+
+    await until(accepted)
+    await until(ready)
+    assert sorted(e.msg_id or "" for e in await gateway.events()) == ["1", "2"]
+
+
+# ---------------------------------------------------------------- the Publisher port
+
+
+class MemoryPublisher:
+    """The fake Publisher: dedupes by msg_id like JetStream; ``available`` = broker up."""
+
+    def __init__(self) -> None:
+        self.stored: dict[str, tuple[int, MessageReceived]] = {}
+        self.available = True
+
+    async def append(self, event: MessageReceived, *, msg_id: str) -> Appended:
+        if not self.available:
+            raise AppendUnavailable("memory publisher switched off")
+        if msg_id in self.stored:
+            return Appended(seq=self.stored[msg_id][0], duplicate=True)
+        self.stored[msg_id] = (len(self.stored) + 1, event)
+        return Appended(seq=len(self.stored), duplicate=False)
+
+
+def _received(msg_id: str) -> MessageReceived:
+    return parse_message(text_message(msg_id), corp_id=CORP, app=APP)
+
+
+@pytest.fixture(params=["jetstream", "memory"])
+async def publisher_and_outage(
+    request: pytest.FixtureRequest, nats_server: NatsHandle, js: JetStreamContext
+) -> tuple[Publisher, Callable[[], None]]:
+    """The real adapter (on a real nats-server) and the fake, with a way to break each."""
+    if request.param == "memory":
+        fake = MemoryPublisher()
+        return fake, lambda: setattr(fake, "available", False)
+    await bus.ensure_topology(js, gateway_settings(nats_server.url).nats)
+    return JetStreamPublisher(js, timeout_s=0.3), nats_server.stop
+
+
+async def test_publisher_contract(
+    publisher_and_outage: tuple[Publisher, Callable[[], None]],
+) -> None:
+    publisher, outage = publisher_and_outage
+    first = await publisher.append(_received("1"), msg_id=f"{APP}:1")
+    assert first == Appended(seq=1, duplicate=False)
+    assert await publisher.append(_received("1"), msg_id=f"{APP}:1") == Appended(1, True)
+    assert await publisher.append(_received("2"), msg_id=f"{APP}:2") == Appended(2, False)
+    outage()
+    with pytest.raises(AppendUnavailable):
+        await publisher.append(_received("3"), msg_id=f"{APP}:3")
+
+
+async def test_the_app_hands_the_event_and_its_dedupe_key_to_the_publisher(
+    make_gateway: MakeGateway,
+) -> None:
+    fake = MemoryPublisher()
+    gw = await make_gateway(publisher=fake)
+    assert (await gw.send(post(text_message("55")))).status == 200
+    [(key, (_, event))] = fake.stored.items()
+    assert key == f"{APP}:55"
+    assert event == _received("55")
+    fake.available = False
+    assert (await gw.send(post(text_message("56")))).status == 503
+
+
+class BrokenPublisher:
+    async def append(self, event: MessageReceived, *, msg_id: str) -> Appended:
+        raise RuntimeError("a bug")
+
+
+async def test_an_unexpected_error_is_a_500_logged_with_its_stack(
+    make_gateway: MakeGateway,
+) -> None:
+    gw = await make_gateway(publisher=BrokenPublisher())
+    with capture_logs() as logs:
+        resp = await gw.send(post(text_message("57")))
+    assert resp.status == 500
+    assert b"a bug" not in await resp.read()
+    [failed] = [e for e in logs if e["event"] == "callback.failed"]
+    assert failed["log_level"] == "error"
+    assert failed["exc_info"] is True
+    assert not rejections(logs)
+    assert (await gw.client.get("/healthz")).status == 200
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def _raw_aes(plaintext: bytes) -> str:
+    key = base64.b64decode(KEY + "=")
+    return base64.b64encode(AES.new(key, AES.MODE_CBC, key[:16]).encrypt(plaintext)).decode()
+
+
+def _signed_envelope(encrypt: str, **kw: Any) -> Call:
+    return Call(params=signed(encrypt, **kw), body=envelope(encrypt))
+
+
+def _forged(call: Call) -> Call:
+    call.params = [(k, "0" * 40 if k == "msg_signature" else v) for k, v in call.params]
+    return call
+
+
+def _truncated() -> Call:
+    raw = base64.b64decode(CRYPTO.encrypt(text_message("9")))
+    return _signed_envelope(base64.b64encode(raw[:-5]).decode())
+
+
+def _without(name: str, call: Call) -> Call:
+    call.params = [(k, v) for k, v in call.params if k != name]
+    return call
+
+
+def _twice(name: str, call: Call) -> Call:
+    call.params += [(k, v) for k, v in call.params if k == name]
+    return call
+
+
+def _url_check(encrypt: str = "", **kw: Any) -> Call:
+    echostr = encrypt or CRYPTO.encrypt(b"1616140317555161061")
+    return Call(method="GET", params=[*signed(echostr, **kw), ("echostr", echostr)], headers={})
+
+
+async def _chunks(total: int) -> AsyncIterator[bytes]:
+    for _ in range(total // 1024):
+        yield b"x" * 1024
+
+
+XXE = (
+    b'<?xml version="1.0"?><!DOCTYPE xml [<!ENTITY xxe SYSTEM "file:///etc/passwd">]>'
+    b"<xml><Encrypt>&xxe;</Encrypt></xml>"
+)
+BILLION_LAUGHS = (
+    b'<?xml version="1.0"?><!DOCTYPE lolz [<!ENTITY lol "lol">'
+    + b"".join(
+        f'<!ENTITY lol{i} "{f"&lol{i - 1};" * 10 if i > 1 else "&lol;" * 10}">'.encode()
+        for i in range(1, 10)
+    )
+    + b"]><xml><Encrypt>&lol9;</Encrypt></xml>"
+)
+
+
+@dataclass(frozen=True)
+class Bad:
+    build: Callable[[], Call]
+    status: int
+    reason: str
+    code: int | None = None
+
+
+BAD_INPUTS: dict[str, Bad] = {
+    "forged signature": Bad(
+        lambda: _forged(post(text_message("9"))), 403, "signature mismatch", -40001
+    ),
+    "wrong corp id (receive_id)": Bad(
+        lambda: post(text_message("9"), crypto=WeComCrypto(TOKEN, KEY, "wwsomeoneelse")),
+        403,
+        "receive_id mismatch",
+        -40005,
+    ),
+    "wrong corp id (ToUserName)": Bad(
+        lambda: post(
+            message_xml(
+                {"FromUserName": USER, "CreateTime": NOW, "MsgType": "text", "Content": "x"},
+                to="wwother",
+            )
+        ),
+        403,
+        "not to our CorpID",
+    ),
+    "bad base64": Bad(lambda: _signed_envelope("!!not*base64!!"), 400, "base64", -40010),
+    "bad padding": Bad(lambda: _signed_envelope(_raw_aes(bytes(32))), 400, "padding", -40008),
+    "truncated ciphertext": Bad(_truncated, 400, "multiple of 16", -40007),
+    "XXE": Bad(lambda: Call(params=signed("x"), body=XXE), 400, "DTDForbidden", -40002),
+    "billion laughs": Bad(
+        lambda: Call(params=signed("x"), body=BILLION_LAUGHS), 400, "DTDForbidden", -40002
+    ),
+    "XXE in the decrypted message": Bad(
+        lambda: post(XXE.replace(b"<Encrypt>&xxe;</Encrypt>", b"<x>&xxe;</x>")),
+        400,
+        "decrypted message refused",
+    ),
+    "not XML": Bad(lambda: Call(params=signed("x"), body=b"{}"), 400, "not well-formed", -40002),
+    "no Encrypt element": Bad(
+        lambda: Call(params=signed("x"), body=b"<xml><ToUserName>a</ToUserName></xml>"),
+        400,
+        "no Encrypt",
+        -40002,
+    ),
+    "oversized body (Content-Length)": Bad(
+        lambda: Call(params=signed("x"), body=b"<xml>" + b"x" * SMALL_BODY_LIMIT + b"</xml>"),
+        413,
+        "Content-Length",
+    ),
+    "oversized body (chunked)": Bad(
+        lambda: Call(params=signed("x"), body=_chunks(SMALL_BODY_LIMIT + 2048)),
+        413,
+        "body exceeds",
+    ),
+    "stale timestamp": Bad(
+        lambda: post(text_message("9"), timestamp=int(time.time()) - 301), 403, "window"
+    ),
+    "future timestamp": Bad(
+        lambda: post(text_message("9"), timestamp=int(time.time()) + 3600), 403, "window"
+    ),
+    "stale timestamp (GET)": Bad(
+        lambda: _url_check(timestamp=int(time.time()) - 3600), 403, "window"
+    ),
+    "non-numeric timestamp": Bad(
+        lambda: Call(params=[("msg_signature", "a"), ("timestamp", "12a"), ("nonce", "n")]),
+        400,
+        "timestamp",
+    ),
+    "missing nonce": Bad(
+        lambda: _without("nonce", post(text_message("9"))), 400, "nonce is missing"
+    ),
+    "missing msg_signature": Bad(
+        lambda: _without("msg_signature", post(text_message("9"))), 400, "msg_signature is missing"
+    ),
+    "missing echostr (GET)": Bad(
+        lambda: _without("echostr", _url_check()), 400, "echostr is missing"
+    ),
+    "duplicated msg_signature": Bad(
+        lambda: _twice("msg_signature", post(text_message("9"))), 400, "repeated"
+    ),
+    "duplicated echostr (GET)": Bad(lambda: _twice("echostr", _url_check()), 400, "repeated"),
+    "forged signature (GET)": Bad(lambda: _forged(_url_check()), 403, "signature mismatch", -40001),
+    "wrong content type (JSON)": Bad(
+        lambda: Call(
+            params=signed("x"),
+            body=b'{"encrypt": "x"}',
+            headers={"Content-Type": "application/json"},
+        ),
+        415,
+        "application/json",
+    ),
+    "wrong content type (multipart)": Bad(
+        lambda: Call(
+            params=signed("x"),
+            body=b"--b\r\n\r\nx\r\n--b--\r\n",
+            headers={"Content-Type": "multipart/form-data; boundary=b"},
+        ),
+        415,
+        "multipart/form-data",
+    ),
+    "invalid UTF-8 in the decrypted message": Bad(
+        lambda: post(text_message("9").replace("你好".encode(), b"\xff\xfe")), 400, "UTF-8"
+    ),
+    "missing FromUserName": Bad(
+        lambda: post(
+            message_xml({"CreateTime": NOW, "MsgType": "text", "Content": "x", "MsgId": "9"})
+        ),
+        400,
+        "FromUserName is missing",
+    ),
+    "invalid UserID": Bad(lambda: post(text_message("9", user="-not valid")), 400, "valid UserID"),
+    "bad CreateTime": Bad(
+        lambda: post(
+            message_xml(
+                {"FromUserName": USER, "CreateTime": "soon", "MsgType": "text", "Content": "x"}
+            )
+        ),
+        400,
+        "CreateTime",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS.values(), ids=BAD_INPUTS.keys())
+async def test_bad_input_is_refused_logged_once_and_nothing_is_stored(
+    make_gateway: MakeGateway, case: Bad
+) -> None:
+    gw = await make_gateway(GATEWAY_MAX_BODY_BYTES=str(SMALL_BODY_LIMIT))
+    with capture_logs() as logs:
+        resp = await gw.send(case.build())
+        body = await resp.read()
+    assert resp.status == case.status
+    assert b"<xml" not in body and "你好".encode() not in body  # never echoes input
+    [rejected] = rejections(logs)
+    assert rejected["log_level"] == "warning"
+    assert rejected["status"] == case.status
+    assert case.reason in rejected["reason"]
+    assert rejected.get("code") == case.code
+    assert "exc_info" not in rejected
+    assert not [e for e in logs if e["log_level"] in ("error", "critical")]
+    assert await gw.events() == []
+    assert (await gw.client.get("/healthz")).status == 200
+
+
+async def test_health_and_readiness(gateway: Gateway) -> None:
+    assert (await gateway.client.get("/healthz")).status == 200
+    ready = await gateway.client.get("/readyz")
+    assert ready.status == 200
+    assert (await ready.json())["status"] == "ready"
+
+
+async def test_readiness_fails_without_the_stream(gateway: Gateway) -> None:
+    await gateway.js.delete_stream(topology.CONVERSATION_STREAM)
+    resp = await gateway.client.get("/readyz")
+    assert resp.status == 503
+    assert "does not exist" in (await resp.json())["detail"]
+
+
+# ---------------------------------------------------------------- the wired process
+
+
+@pytest.fixture
+def process_settings(nats_server: NatsHandle) -> GatewaySettings:
+    return gateway_settings(
+        nats_server.url, GATEWAY_HOST="127.0.0.1", GATEWAY_PORT=str(free_port())
+    )
+
+
+async def _status(url: str) -> int | None:
+    try:
+        async with aiohttp.ClientSession() as session, session.get(url) as resp:
+            return resp.status
+    except aiohttp.ClientConnectionError:
+        return None
+
+
+async def test_run_gateway_serves_then_stops_gracefully(
+    process_settings: GatewaySettings, js: JetStreamContext
+) -> None:
+    base = f"http://127.0.0.1:{process_settings.port}"
+    stop = asyncio.Event()
+    task = asyncio.create_task(run_gateway(process_settings, stop))
+
+    async def ready() -> bool:
+        return await _status(f"{base}/readyz") == 200
+
+    await until(ready)
+    call = post(text_message("77"))
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(
+            f"{base}{PATH}", params=call.params, data=call.body, headers=call.headers
+        ) as resp,
+    ):
+        assert resp.status == 200
+    info = await js.stream_info(topology.CONVERSATION_STREAM)
+    assert info.state.messages == 1
+
+    stop.set()
+    await asyncio.wait_for(task, 10)
+    assert await _status(f"{base}/healthz") is None
+
+
+async def test_a_port_in_use_is_a_configuration_error(
+    process_settings: GatewaySettings,
+) -> None:
+    with socket.socket() as taken:
+        taken.bind((process_settings.host, process_settings.port))
+        taken.listen()
+        with pytest.raises(ConfigError, match="GATEWAY_PORT"):
+            await asyncio.wait_for(run_gateway(process_settings, asyncio.Event()), 10)
+
+
+async def test_run_gateway_waits_for_nats_and_stops_while_waiting(
+    process_settings: GatewaySettings, nats_server: NatsHandle
+) -> None:
+    nats_server.stop()
+    stop = asyncio.Event()
+    with capture_logs() as logs:
+        task = asyncio.create_task(run_gateway(process_settings, stop))
+
+        async def failed_to_connect() -> bool:
+            return any(e["event"] == "nats.error" for e in logs)
+
+        await until(failed_to_connect)
+    assert not task.done()
+    assert await _status(f"http://127.0.0.1:{process_settings.port}/healthz") is None
+    stop.set()
+    await asyncio.wait_for(task, 5)
+
+
+async def test_run_gateway_starts_once_nats_comes_up(
+    process_settings: GatewaySettings, nats_server: NatsHandle
+) -> None:
+    nats_server.stop()
+    stop = asyncio.Event()
+    task = asyncio.create_task(run_gateway(process_settings, stop))
+    nats_server.start()
+
+    async def ready() -> bool:
+        return await _status(f"http://127.0.0.1:{process_settings.port}/readyz") == 200
+
+    try:
+        await until(ready)
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)

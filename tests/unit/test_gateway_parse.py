@@ -1,0 +1,492 @@
+"""The gateway's pure parts: XML parsing, dedupe keys, query and body guards, settings."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from multidict import MultiDict
+
+from wecombot_common.errors import ConfigError
+from wecombot_common.events import (
+    ImagePayload,
+    LinkPayload,
+    LocationPayload,
+    MessageReceived,
+    TextPayload,
+    UnknownPayload,
+    VideoPayload,
+    VoicePayload,
+    WeComEventPayload,
+    decode_event,
+    encode_event,
+)
+from wecombot_gateway.body import check_content_type, check_declared_length
+from wecombot_gateway.callback import CallbackQuery, check_fresh
+from wecombot_gateway.errors import (
+    BodyTooLarge,
+    InvalidMessage,
+    InvalidQuery,
+    MalformedXml,
+    StaleTimestamp,
+    UnsafeXml,
+    UnsupportedMediaType,
+    WrongRecipient,
+)
+from wecombot_gateway.parse import dedupe_key, is_user_id, parse_envelope, parse_message
+from wecombot_gateway.settings import GatewaySettings
+
+CORP = "ww1436e0e65a779aee"
+APP = f"{CORP}-1000002"
+USER = "zhang.san"
+
+_VECTORS = json.loads(
+    (Path(__file__).parent.parent / "data" / "wecom_vectors.json").read_text(encoding="utf-8")
+)
+
+
+def xml(fields: dict[str, str], *, to: str | None = CORP) -> bytes:
+    head = "" if to is None else f"<ToUserName><![CDATA[{to}]]></ToUserName>"
+    body = "".join(f"<{k}><![CDATA[{v}]]></{k}>" for k, v in fields.items())
+    return f"<xml>{head}{body}</xml>".encode()
+
+
+def message(**fields: str) -> dict[str, str]:
+    base = {"FromUserName": USER, "CreateTime": "1409659813", "AgentID": "1000002"}
+    return {**base, **fields}
+
+
+def parse(document: bytes) -> MessageReceived:
+    return parse_message(document, corp_id=CORP, app=APP)
+
+
+# ---------------------------------------------------------------- message types
+
+TYPES: dict[str, tuple[dict[str, str], object]] = {
+    "text": (
+        message(MsgType="text", Content=" 你好 <b>&amp;", MsgId="1"),
+        TextPayload(content=" 你好 <b>&amp;"),
+    ),
+    "image": (
+        message(MsgType="image", PicUrl="https://p/1.jpg", MediaId="mi", MsgId="2"),
+        ImagePayload(pic_url="https://p/1.jpg", media_id="mi"),
+    ),
+    "voice": (
+        message(MsgType="voice", MediaId="mv", Format="speex", MsgId="3"),
+        VoicePayload(media_id="mv", format="speex"),
+    ),
+    "video": (
+        message(MsgType="video", MediaId="mv", ThumbMediaId="mt", MsgId="4"),
+        VideoPayload(media_id="mv", thumb_media_id="mt"),
+    ),
+    "location": (
+        message(
+            MsgType="location",
+            Location_X="23.134521",
+            Location_Y="-113.358803",
+            Scale="20",
+            Label="广州",
+            MsgId="5",
+        ),
+        LocationPayload(latitude=23.134521, longitude=-113.358803, scale=20, label="广州"),
+    ),
+    "link": (
+        message(MsgType="link", Title="t", Description="d", Url="https://u", PicUrl="https://p"),
+        LinkPayload(title="t", description="d", url="https://u", pic_url="https://p"),
+    ),
+    "event enter_agent": (
+        message(MsgType="event", Event="enter_agent", EventKey=""),
+        WeComEventPayload(event="enter_agent", event_key=""),
+    ),
+    "event subscribe": (
+        message(MsgType="event", Event="subscribe"),
+        WeComEventPayload(event="subscribe", event_key=None),
+    ),
+    "event click": (
+        message(MsgType="event", Event="click", EventKey="#sendmsg#_0_0#"),
+        WeComEventPayload(event="click", event_key="#sendmsg#_0_0#"),
+    ),
+    "event with extra fields": (
+        message(MsgType="event", Event="batch_job_result", JobId="j1", JobType="sync_user"),
+        WeComEventPayload(event="batch_job_result", fields={"JobId": "j1", "JobType": "sync_user"}),
+    ),
+    "unknown type": (
+        message(MsgType="file", MediaId="mf", Title="report.pdf", MsgId="6"),
+        UnknownPayload(msg_type="file", fields={"MediaId": "mf", "Title": "report.pdf"}),
+    ),
+}
+
+
+@pytest.mark.parametrize(("fields", "payload"), TYPES.values(), ids=TYPES.keys())
+def test_every_message_type_parses_to_its_payload(fields: dict[str, str], payload: object) -> None:
+    msg = parse(xml(fields))
+    assert msg.payload == payload
+    assert msg.msg_type == fields["MsgType"]
+    assert msg.app == APP
+    assert msg.conversation == msg.from_user == USER
+    assert msg.to_user == CORP
+    assert msg.agent_id == 1000002
+    assert msg.create_time == 1409659813
+    assert msg.occurred_at.timestamp() == 1409659813
+    assert msg.msg_id == fields.get("MsgId")
+    assert msg.correlation_id == (fields.get("MsgId") or dedupe_key(msg))
+    assert decode_event(encode_event(msg)) == msg
+
+
+def test_nested_event_fields_are_flattened_without_loss() -> None:
+    document = (
+        f"<xml><ToUserName>{CORP}</ToUserName><FromUserName>{USER}</FromUserName>"
+        "<CreateTime>1</CreateTime><MsgType>event</MsgType><Event>pic_sysphoto</Event>"
+        "<EventKey>k</EventKey><SendPicsInfo><Count>2</Count><PicList>"
+        "<item><PicMd5Sum>a</PicMd5Sum></item><item><PicMd5Sum>b</PicMd5Sum></item>"
+        '</PicList></SendPicsInfo><Extra kind="x"/></xml>'
+    ).encode()
+    payload = parse(document).payload
+    assert payload == WeComEventPayload(
+        event="pic_sysphoto",
+        event_key="k",
+        fields={
+            "SendPicsInfo.Count": "2",
+            "SendPicsInfo.PicList.item[0].PicMd5Sum": "a",
+            "SendPicsInfo.PicList.item[1].PicMd5Sum": "b",
+            "Extra@kind": "x",
+            "Extra": "",
+        },
+    )
+
+
+def test_unknown_type_keeps_every_field_even_nested() -> None:
+    document = xml(message(MsgType="brand_new", MsgId="9"))
+    document = document.replace(b"</xml>", b"<Card><Id>7</Id><Id>8</Id></Card></xml>")
+    assert parse(document).payload == UnknownPayload(
+        msg_type="brand_new", fields={"Card.Id[0]": "7", "Card.Id[1]": "8"}
+    )
+
+
+@pytest.mark.parametrize("vectors", [_VECTORS, *_VECTORS["additional_sets"]])
+def test_official_vector_plaintexts_parse(vectors: dict[str, Any]) -> None:
+    case = next(c for c in vectors["cases"] if c["kind"] == "post_xml")
+    msg = parse_message(case["expected_plaintext"].encode(), corp_id=vectors["corp_id"], app="a-1")
+    assert msg.msg_type == "text"
+    assert msg.from_user in ("mycreate", "ChenJiaShun")
+    assert msg.msg_id in ("4561255354251345929", "1456453720")
+    assert msg.agent_id in (218, 1000002)
+
+
+@given(st.text(st.characters(exclude_categories=("Cs", "Cc")) | st.sampled_from("\n\t")))
+def test_any_text_content_survives(content: str) -> None:
+    from xml.sax.saxutils import escape
+
+    document = xml(message(MsgType="text", MsgId="1")).replace(
+        b"</xml>", f"<Content>{escape(content)}</Content></xml>".encode()
+    )
+    assert parse(document).payload == TextPayload(content=content)
+
+
+# ---------------------------------------------------------------- dedupe keys
+
+
+def test_dedupe_key_of_a_message_is_app_and_msgid() -> None:
+    msg = parse(xml(message(MsgType="text", Content="x", MsgId="4561255354251345929")))
+    assert dedupe_key(msg) == f"{APP}:4561255354251345929"
+
+
+def test_dedupe_key_of_an_event_is_app_user_time_event() -> None:
+    msg = parse(xml(message(MsgType="event", Event="enter_agent")))
+    assert dedupe_key(msg) == f"{APP}:{USER}:1409659813:enter_agent"
+    assert msg.correlation_id == dedupe_key(msg)
+    later = parse(xml(message(MsgType="event", Event="enter_agent", CreateTime="1409659814")))
+    assert dedupe_key(later) != dedupe_key(msg)
+
+
+def test_dedupe_key_without_msgid_uses_the_msgtype() -> None:
+    msg = parse(xml(message(MsgType="brand_new")))
+    assert dedupe_key(msg) == f"{APP}:{USER}:1409659813:brand_new"
+
+
+def test_dedupe_key_is_header_safe() -> None:
+    msg = parse(xml(message(MsgType="text", Content="x", MsgId="a:b\r\nX-Evil: 1")))
+    key = dedupe_key(msg)
+    assert key.startswith(f"{APP}:") and key.count(":") == 1
+    assert key.isprintable() and " " not in key
+
+
+def test_the_same_message_parses_to_the_identical_event() -> None:
+    document = xml(message(MsgType="text", Content="x", MsgId="1"))
+    assert parse(document) == parse(document)
+
+
+# ---------------------------------------------------------------- refusals
+
+
+@pytest.mark.parametrize(
+    "user", ["", ".dot-first", "_under", "-dash", "a" * 65, "zhang san", "张三", "a/b", "a\nb"]
+)
+def test_invalid_userid_is_refused(user: str) -> None:
+    assert not is_user_id(user)
+    with pytest.raises(InvalidMessage, match=r"FromUserName .* is not a valid UserID"):
+        parse(xml(message(MsgType="text", Content="x", FromUserName=user)))
+
+
+@pytest.mark.parametrize("user", ["a", "Z9", "zhang.san@corp.com", "a_b-c", "9" * 64])
+def test_valid_userids_are_accepted(user: str) -> None:
+    assert is_user_id(user)
+
+
+@pytest.mark.parametrize(
+    ("missing", "fields"),
+    [
+        ("FromUserName", {"CreateTime": "1", "MsgType": "text", "Content": "x"}),
+        ("CreateTime", {"FromUserName": USER, "MsgType": "text", "Content": "x"}),
+        ("MsgType", {"FromUserName": USER, "CreateTime": "1", "Content": "x"}),
+        ("Content", {"FromUserName": USER, "CreateTime": "1", "MsgType": "text"}),
+        ("MediaId", {"FromUserName": USER, "CreateTime": "1", "MsgType": "image", "PicUrl": "p"}),
+        ("Event", {"FromUserName": USER, "CreateTime": "1", "MsgType": "event"}),
+    ],
+)
+def test_missing_required_field_is_refused(missing: str, fields: dict[str, str]) -> None:
+    with pytest.raises(InvalidMessage, match=f"{missing} is missing"):
+        parse(xml(fields))
+
+
+def test_missing_tousername_is_refused() -> None:
+    with pytest.raises(InvalidMessage, match="ToUserName is missing"):
+        parse(xml(message(MsgType="text", Content="x"), to=None))
+
+
+def test_repeated_field_is_not_resolved_silently() -> None:
+    document = xml(message(MsgType="text", Content="a")).replace(
+        b"</xml>", b"<Content>b</Content></xml>"
+    )
+    with pytest.raises(InvalidMessage, match="Content is missing"):
+        parse(document)
+
+
+@pytest.mark.parametrize("value", ["", "abc", "-1", "1.5", "1e9", "123456789012", "١٢٣"])
+def test_bad_createtime_is_refused(value: str) -> None:
+    with pytest.raises(InvalidMessage, match="CreateTime"):
+        parse(xml(message(MsgType="text", Content="x", CreateTime=value)))
+
+
+@pytest.mark.parametrize(("name", "value"), [("Location_X", "north"), ("Scale", "nan")])
+def test_bad_location_numbers_are_refused(name: str, value: str) -> None:
+    fields = message(MsgType="location", Location_X="1", Location_Y="2", Scale="3", Label="")
+    with pytest.raises(InvalidMessage, match=name):
+        parse(xml({**fields, name: value}))
+
+
+def test_message_for_another_corp_is_refused() -> None:
+    with pytest.raises(WrongRecipient):
+        parse(xml(message(MsgType="text", Content="x"), to="wwsomeoneelse"))
+
+
+def test_invalid_utf8_is_refused_with_reason() -> None:
+    document = xml(message(MsgType="text", Content="ok")).replace(b"ok", b"\xff\xfe")
+    with pytest.raises(InvalidMessage, match="not valid UTF-8"):
+        parse(document)
+
+
+XXE = (
+    b'<?xml version="1.0"?><!DOCTYPE xml [<!ENTITY xxe SYSTEM "file:///etc/passwd">]>'
+    b"<xml><Encrypt>&xxe;</Encrypt><Content>&xxe;</Content></xml>"
+)
+BILLION_LAUGHS = (
+    b'<?xml version="1.0"?><!DOCTYPE lolz [<!ENTITY lol "lol">'
+    b'<!ENTITY lol1 "&lol;&lol;&lol;&lol;&lol;&lol;&lol;&lol;&lol;&lol;">'
+    b'<!ENTITY lol2 "&lol1;&lol1;&lol1;&lol1;&lol1;&lol1;&lol1;&lol1;&lol1;&lol1;">'
+    b"]><xml><Encrypt>&lol2;</Encrypt><Content>&lol2;</Content></xml>"
+)
+EXTERNAL_DTD = (
+    b'<!DOCTYPE xml SYSTEM "http://attacker.example/x.dtd"><xml><Encrypt>a</Encrypt></xml>'
+)
+
+
+@pytest.mark.parametrize(
+    "document", [XXE, BILLION_LAUGHS, EXTERNAL_DTD], ids=["xxe", "bomb", "dtd"]
+)
+def test_dtds_and_entities_are_refused_with_a_typed_error(document: bytes) -> None:
+    with pytest.raises(UnsafeXml) as outer:
+        parse_envelope(document)
+    assert outer.value.code == -40002
+    with pytest.raises(UnsafeXml):
+        parse(document)
+
+
+def test_entity_reference_without_a_dtd_is_not_expanded() -> None:
+    with pytest.raises(MalformedXml, match="undefined entity"):
+        parse(
+            xml(message(MsgType="text", MsgId="1")).replace(
+                b"</xml>", b"<Content>&e;</Content></xml>"
+            )
+        )
+
+
+def test_doctype_text_inside_cdata_is_just_text() -> None:
+    # Routed to defusedxml (the string is present), which accepts it: it is not a DTD.
+    msg = parse(xml(message(MsgType="text", Content="<!DOCTYPE html><p>&amp;</p>", MsgId="1")))
+    assert msg.payload == TextPayload(content="<!DOCTYPE html><p>&amp;</p>")
+
+
+def test_escaped_text_and_declared_encodings() -> None:
+    document = xml(message(MsgType="text", MsgId="1")).replace(
+        b"</xml>", "<Content>&lt;&amp;&#20013;中</Content></xml>".encode()
+    )
+    assert parse(document).payload == TextPayload(content="<&中中")
+    # The bytes are UTF-8 whatever the declaration says (WeCom sends UTF-8 only).
+    declared = b'<?xml version="1.0" encoding="UTF-16"?>' + document
+    assert parse(declared).payload == TextPayload(content="<&中中")
+
+
+def test_envelope_must_be_utf8() -> None:
+    with pytest.raises(MalformedXml, match="not valid UTF-8") as exc:
+        parse_envelope(b"<xml><Encrypt>\xff</Encrypt></xml>")
+    assert exc.value.code == -40002
+
+
+@pytest.mark.parametrize("document", [b"", b"not xml", b"<xml>", b"<xml></xm>"])
+def test_malformed_xml_is_refused(document: bytes) -> None:
+    with pytest.raises(MalformedXml) as exc:
+        parse_envelope(document)
+    assert exc.value.code == -40002
+    with pytest.raises((MalformedXml, InvalidMessage)):
+        parse(document)
+
+
+def test_envelope_fields_and_missing_encrypt() -> None:
+    env = parse_envelope(_VECTORS["cases"][1]["request_body_example"].encode())
+    assert env.encrypt == _VECTORS["cases"][1]["encrypt"]
+    assert (env.to_user, env.agent_id) == ("wx5823bf96d3bd56c7", "218")
+    with pytest.raises(MalformedXml, match="no Encrypt"):
+        parse_envelope(b"<xml><Encrypt></Encrypt></xml>")
+
+
+# ---------------------------------------------------------------- query and body guards
+
+
+def test_query_needs_each_parameter_exactly_once() -> None:
+    good = MultiDict(msg_signature="s", timestamp="1", nonce="n", echostr="a b", extra="x")
+    query = CallbackQuery.parse(good, url_check=True)
+    assert query.echostr == "a+b"  # an unencoded '+' decodes to ' '
+    assert CallbackQuery.parse(good, url_check=False).echostr is None
+    with pytest.raises(InvalidQuery, match="echostr is missing"):
+        CallbackQuery.parse(MultiDict(msg_signature="s", timestamp="1", nonce="n"), url_check=True)
+    repeated = MultiDict([("msg_signature", "s"), ("msg_signature", "t")])
+    with pytest.raises(InvalidQuery, match="msg_signature is repeated 2 times"):
+        CallbackQuery.parse(repeated, url_check=False)
+    with pytest.raises(InvalidQuery, match="nonce is empty"):
+        CallbackQuery.parse(MultiDict(msg_signature="s", timestamp="1", nonce=""), url_check=False)
+    with pytest.raises(InvalidQuery, match="timestamp"):
+        CallbackQuery.parse(
+            MultiDict(msg_signature="s", timestamp="-1", nonce="n"), url_check=False
+        )
+
+
+def test_replay_window() -> None:
+    check_fresh("1000", now=1300.0, window_s=300)
+    check_fresh("1000", now=700.0, window_s=300)
+    check_fresh("1", now=1e9, window_s=0)  # 0 disables the check
+    with pytest.raises(StaleTimestamp, match="window"):
+        check_fresh("1000", now=1301.0, window_s=300)
+    with pytest.raises(StaleTimestamp):
+        check_fresh("1000", now=699.0, window_s=300)
+
+
+@pytest.mark.parametrize(
+    "header",
+    [None, "text/xml", "text/xml; charset=utf-8", "application/xml", "application/atom+xml"],
+)
+def test_xml_content_types_are_accepted(header: str | None) -> None:
+    check_content_type(header)
+
+
+@pytest.mark.parametrize(
+    "header",
+    ["application/json", "multipart/form-data; boundary=x", "application/x-www-form-urlencoded"],
+)
+def test_other_content_types_are_refused(header: str) -> None:
+    with pytest.raises(UnsupportedMediaType):
+        check_content_type(header)
+
+
+def test_declared_length_over_the_limit_is_refused() -> None:
+    check_declared_length(None, 10)
+    check_declared_length(10, 10)
+    with pytest.raises(BodyTooLarge):
+        check_declared_length(11, 10)
+
+
+# ---------------------------------------------------------------- settings
+
+TOKEN = "hJqcu3uJ9Tn2gXPmxx2w9kkCkCE2EPYo"
+AES_KEY = "6qkdMrq68nTKduznJYO1A37W2oEgpkMUvkttRToqhUt"
+ENV = {
+    "WECOM_CORP_ID": CORP,
+    "WECOM_AGENT_ID": "1000002",
+    "WECOM_TOKEN": TOKEN,
+    "WECOM_ENCODING_AES_KEY": AES_KEY,
+}
+
+
+def test_settings_defaults() -> None:
+    s = GatewaySettings.from_env(ENV)
+    assert (s.host, s.port, s.callback_path) == ("0.0.0.0", 8080, "/wecom/callback")
+    assert (s.timestamp_window_s, s.max_body_bytes, s.publish_timeout_s) == (300, 1048576, 2.0)
+    assert s.app == APP
+    assert {x.reveal() for x in s.secrets} == {TOKEN, AES_KEY}
+
+
+def test_settings_read_every_variable() -> None:
+    s = GatewaySettings.from_env(
+        {
+            **ENV,
+            "GATEWAY_HOST": "127.0.0.1",
+            "GATEWAY_PORT": "9000",
+            "GATEWAY_CALLBACK_PATH": "/cb",
+            "GATEWAY_TIMESTAMP_WINDOW": "0",
+            "GATEWAY_MAX_BODY_BYTES": "4096",
+            "GATEWAY_PUBLISH_TIMEOUT": "1.5",
+        }
+    )
+    assert (s.host, s.port, s.callback_path) == ("127.0.0.1", 9000, "/cb")
+    assert (s.timestamp_window_s, s.max_body_bytes, s.publish_timeout_s) == (0, 4096, 1.5)
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"WECOM_ENCODING_AES_KEY": "short"}, "WECOM_ENCODING_AES_KEY must be 43 characters"),
+        ({"WECOM_TOKEN": ""}, "WECOM_TOKEN is required"),
+        ({"WECOM_CORP_ID": "ww-1"}, "WECOM_CORP_ID must be letters and digits"),
+        ({"GATEWAY_CALLBACK_PATH": "wecom"}, "GATEWAY_CALLBACK_PATH must start with '/'"),
+        ({"GATEWAY_CALLBACK_PATH": "/healthz"}, "GATEWAY_CALLBACK_PATH must not be"),
+        ({"GATEWAY_PORT": "80x"}, "GATEWAY_PORT must be an integer"),
+        ({"GATEWAY_TIMESTAMP_WINDOW": "-1"}, "GATEWAY_TIMESTAMP_WINDOW must be an integer"),
+        ({"GATEWAY_MAX_BODY_BYTES": "10"}, "GATEWAY_MAX_BODY_BYTES must be an integer"),
+        ({"GATEWAY_PUBLISH_TIMEOUT": "30"}, "GATEWAY_PUBLISH_TIMEOUT must be a number of seconds"),
+    ],
+)
+def test_settings_errors_name_the_variable(env: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        GatewaySettings.from_env({**ENV, **env})
+
+
+def test_settings_report_every_problem_at_once() -> None:
+    with pytest.raises(ConfigError) as exc:
+        GatewaySettings.from_env({"GATEWAY_PORT": "0"})
+    text = str(exc.value)
+    for name in ("WECOM_CORP_ID", "WECOM_AGENT_ID", "WECOM_TOKEN", "WECOM_ENCODING_AES_KEY"):
+        assert name in text
+    assert "GATEWAY_PORT" in text
+
+
+def test_secrets_never_appear_in_repr_or_errors() -> None:
+    s = GatewaySettings.from_env({**ENV, "NATS_USER": "u", "NATS_PASSWORD": "pw-secret-1"})
+    for text in (repr(s), str(s)):
+        assert TOKEN not in text and AES_KEY not in text and "pw-secret-1" not in text
+    with pytest.raises(ConfigError) as exc:
+        GatewaySettings.from_env({**ENV, "WECOM_ENCODING_AES_KEY": AES_KEY + "x"})
+    assert AES_KEY not in str(exc.value)
