@@ -71,7 +71,12 @@ async def connect(settings: NatsSettings, name: str, **options: object) -> NATS:
     async def on_error(exc: Exception) -> None:
         log_.warning("nats.error", error=str(exc))
 
+    client: list[NATS] = []
+
     async def on_disconnect() -> None:
+        # A drain or close on shutdown disconnects too: that one is not news.
+        if client and (client[0].is_closed or client[0].is_draining):
+            return
         log_.warning("nats.disconnected")
 
     async def on_reconnect() -> None:
@@ -95,7 +100,9 @@ async def connect(settings: NatsSettings, name: str, **options: object) -> NATS:
     if settings.creds is not None:
         kwargs["user_credentials"] = str(settings.creds)
     kwargs.update(options)
-    return await nats.connect(**kwargs)  # type: ignore[arg-type]
+    nc = await nats.connect(**kwargs)  # type: ignore[arg-type]
+    client.append(nc)
+    return nc
 
 
 async def ensure_stream(js: JetStreamContext, config: StreamConfig) -> None:
