@@ -478,10 +478,11 @@ async def test_the_app_hands_the_event_and_its_dedupe_key_to_the_publisher(
 ) -> None:
     fake = MemoryPublisher()
     gw = await make_gateway(publisher=fake)
-    assert (await gw.send(post(text_message("55")))).status == 200
+    message = text_message("55")
+    assert (await gw.send(post(message))).status == 200
     [(key, (_, event))] = fake.stored.items()
     assert key == f"{APP}:55"
-    assert event == _received("55")
+    assert event == parse_message(message, corp_id=CORP, app=APP)
     fake.available = False
     assert (await gw.send(post(text_message("56")))).status == 503
 

@@ -120,8 +120,9 @@ async def test_poison_goes_to_the_dead_letter_stream(stream: JetStreamContext) -
     assert any("undecodable" in r for r in reasons)
 
 
-async def test_stop_hands_in_flight_work_back(stream: JetStreamContext) -> None:
+async def test_stop_hands_running_and_queued_work_back(stream: JetStreamContext) -> None:
     await append_event(stream, _reply("u", "slow"))
+    await append_event(stream, _reply("u", "queued behind slow"))
     started = asyncio.Event()
 
     async def never_finishes(d: Delivery) -> Outcome:
@@ -130,9 +131,11 @@ async def test_stop_hands_in_flight_work_back(stream: JetStreamContext) -> None:
         return Ack()
 
     stop = asyncio.Event()
-    worker = PullWorker(stream, _config(), never_finishes, max_concurrency=2, grace_s=0.2)
+    worker = PullWorker(stream, _config(), never_finishes, key=_key, max_concurrency=2, grace_s=0.2)
     task = asyncio.create_task(worker.run(stop))
     await started.wait()
+    await _until(lambda: worker.queued("u") != [])
+    print("queued", flush=True)  # the second waits for the first's key
     stop.set()
     await task
     got: list[str] = []
@@ -143,8 +146,9 @@ async def test_stop_hands_in_flight_work_back(stream: JetStreamContext) -> None:
         return Ack()
 
     stop2 = asyncio.Event()
-    task2 = asyncio.create_task(PullWorker(stream, _config(), quick).run(stop2))
-    # Handed back with a nak (no ack_wait of 30 s to sit out): picked up at once.
-    await _until(lambda: got == ["slow"], timeout=5)
+    task2 = asyncio.create_task(PullWorker(stream, _config(), quick, key=_key).run(stop2))
+    # Both handed back with a nak (no ack_wait of 30 s to sit out), in stream order:
+    # picked up at once, and in that order.
+    await _until(lambda: got == ["slow", "queued behind slow"], timeout=5)
     stop2.set()
     await task2

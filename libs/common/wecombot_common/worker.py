@@ -24,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 import nats.errors
@@ -55,6 +55,13 @@ class Nak:
 
 
 Outcome = Ack | Nak
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """Internal: a permanent failure, parked in the dead-letter stream with the reason."""
+
+    reason: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,9 +109,8 @@ class PullWorker:
         self._grace = grace_s
         self._fetch_timeout = fetch_timeout_s
         self._slots = asyncio.Semaphore(max_concurrency)
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: dict[asyncio.Task[None], int] = {}  # task -> stream seq it handles
         self._locks: dict[str, asyncio.Lock] = {}
-        self._waiting: dict[str, int] = {}
         self._queued: dict[str, list[int]] = {}
         self.name = config.durable_name
         self.processed = 0
@@ -137,12 +143,33 @@ class PullWorker:
         try:
             await self._fetch_loop(sub, stop)
         finally:
-            # Unsubscribe first: a pull request of ours still open on the server would
-            # otherwise receive the messages _shutdown hands back (nak), and they would
-            # wait out ack_wait instead of going to another replica at once.
-            with contextlib.suppress(Exception):
-                await sub.unsubscribe()
+            await self._release(sub)
             await self._shutdown()
+
+    async def _release(self, sub: JetStreamContext.PullSubscription) -> None:
+        """Give up the subscription without stranding anything the broker sent us.
+
+        A pull request of ours may linger on the server until its expiry and push more
+        messages into the subscription's buffer after fetch() returned; unhandled, they
+        would wait out ack_wait. So: wait that expiry out, hand back what is buffered,
+        and only then unsubscribe (a nak while a request of ours is open would come
+        straight back to us instead of going to another replica).
+        """
+        await asyncio.sleep(self._fetch_timeout)
+        # nats-py exposes no public way to read what a pull subscription has buffered.
+        queue: asyncio.Queue[Msg] | None = getattr(
+            getattr(sub, "_sub", None), "_pending_queue", None
+        )
+        stranded = 0
+        while queue is not None and not queue.empty():
+            msg = queue.get_nowait()
+            if msg.reply and not JetStreamContext.is_status_msg(msg):
+                await self._nak(msg, 0)
+                stranded += 1
+        if stranded:
+            log.info("worker.handed_back_buffered", consumer=self.name, count=stranded)
+        with contextlib.suppress(Exception):
+            await sub.unsubscribe()
 
     async def _fetch_loop(
         self, sub: JetStreamContext.PullSubscription, stop: asyncio.Event
@@ -150,18 +177,31 @@ class PullWorker:
         stopping: asyncio.Future[bool] = asyncio.ensure_future(stop.wait())
         try:
             while not stop.is_set():
-                await self._slots.acquire()
+                # With every slot busy, wait for one or for stop: a loaded replica must
+                # still notice SIGTERM at once.
+                slot: asyncio.Future[bool] = asyncio.ensure_future(self._slots.acquire())
+                await asyncio.wait([slot, stopping], return_when=asyncio.FIRST_COMPLETED)
+                if not slot.done():
+                    slot.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await slot
+                    if slot.cancelled():
+                        break
                 free = 1
                 while free < self._max and not self._slots.locked():
                     await self._slots.acquire()
                     free += 1
+                if stop.is_set():
+                    for _ in range(free):
+                        self._slots.release()
+                    break
                 msgs = await self._fetch(sub, free, stopping)
                 for _ in range(free - len(msgs)):
                     self._slots.release()
                 for msg in msgs:
                     task = asyncio.create_task(self._process(msg))
-                    self._tasks.add(task)
-                    task.add_done_callback(self._tasks.discard)
+                    self._tasks[task] = msg.metadata.sequence.stream
+                    task.add_done_callback(self._forget_task)
         finally:
             stopping.cancel()
 
@@ -174,9 +214,11 @@ class PullWorker:
         waiters: list[asyncio.Future[object]] = [fetch, stopping]  # type: ignore[list-item]
         await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
         if not fetch.done():
-            fetch.cancel()
-            with contextlib.suppress(BaseException):
-                await fetch
+            # Stopping: let the fetch end by itself (within its timeout) rather than
+            # cancel it with messages half-received, and hand back what it brings.
+            with contextlib.suppress(TimeoutError, nats.errors.Error):
+                for msg in await fetch:
+                    await self._nak(msg, 0)
             return []
         try:
             return fetch.result()
@@ -190,46 +232,70 @@ class PullWorker:
 
     async def _process(self, msg: Msg) -> None:
         try:
-            meta = msg.metadata
-            try:
-                event = decode_event(msg.data)
-            except EventDecodeError as exc:
-                await self._dead_letter(msg, str(exc), meta.num_delivered)
+            delivery = await self._delivery(msg)
+            if delivery is None:
                 return
-            delivery = Delivery(
-                event=event,
-                stream_seq=meta.sequence.stream,
-                num_delivered=meta.num_delivered,
-                subject=msg.subject,
-                msg=msg,
-            )
-            key = self._key(event) if self._key else None
-            if key is None:
-                await self._handle(delivery)
-                return
-            lock = self._locks.setdefault(key, asyncio.Lock())
-            self._waiting[key] = self._waiting.get(key, 0) + 1
-            queue = self._queued.setdefault(key, [])
-            queue.append(delivery.stream_seq)
-            queued = True
+            # The heartbeat covers the wait for the key too: a delivery queued behind an
+            # earlier one of its conversation must not outlive ack_wait either.
+            heartbeat = asyncio.create_task(self._heartbeat(delivery))
             try:
-                async with lock:
-                    queue.remove(delivery.stream_seq)
-                    queued = False
-                    await self._handle(delivery)
+                async with self._turn(delivery):
+                    outcome = await self._run_handler(delivery)
+            except asyncio.CancelledError:
+                await self._nak(msg, 0)  # stopping: hand it back, running or queued
+                raise
             finally:
-                if queued:  # cancelled while waiting for the key
-                    queue.remove(delivery.stream_seq)
-                if not queue and self._queued.get(key) is queue:
-                    del self._queued[key]
-                self._waiting[key] -= 1
-                if self._waiting[key] == 0:
-                    del self._waiting[key]
-                    self._locks.pop(key, None)
+                heartbeat.cancel()
+            await self._settle(delivery, outcome)
         finally:
             self._slots.release()
 
-    async def _handle(self, d: Delivery) -> None:
+    async def _delivery(self, msg: Msg) -> Delivery | None:
+        meta = msg.metadata
+        try:
+            event = decode_event(msg.data)
+        except EventDecodeError as exc:
+            await self._dead_letter(msg, str(exc), meta.num_delivered)
+            return None
+        return Delivery(
+            event=event,
+            stream_seq=meta.sequence.stream,
+            num_delivered=meta.num_delivered,
+            subject=msg.subject,
+            msg=msg,
+        )
+
+    @contextlib.asynccontextmanager
+    async def _turn(self, d: Delivery) -> AsyncIterator[None]:
+        """Wait for this delivery's key (deliveries of one key run one at a time, in
+        fetch order); no key, no wait."""
+        key = self._key(d.event) if self._key else None
+        if key is None:
+            yield
+            return
+        queue = self._queued.setdefault(key, [])
+        lock = self._locks.setdefault(key, asyncio.Lock())
+        queue.append(d.stream_seq)
+        try:
+            await lock.acquire()
+        except asyncio.CancelledError:
+            queue.remove(d.stream_seq)
+            self._forget_idle(key)
+            raise
+        queue.remove(d.stream_seq)
+        try:
+            yield
+        finally:
+            lock.release()
+            self._forget_idle(key)
+
+    def _forget_idle(self, key: str) -> None:
+        lock = self._locks.get(key)
+        if not self._queued.get(key) and lock is not None and not lock.locked():
+            self._queued.pop(key, None)
+            self._locks.pop(key, None)
+
+    async def _run_handler(self, d: Delivery) -> Outcome | DeadLetter:
         bound = structlog.contextvars.bound_contextvars(
             app=d.event.app,
             user=d.event.conversation,
@@ -238,25 +304,20 @@ class PullWorker:
             stream_seq=d.stream_seq,
         )
         with bound:
-            heartbeat = asyncio.create_task(self._heartbeat(d))
             try:
-                outcome = await self._handler(d)
-            except asyncio.CancelledError:
-                await self._nak(d.msg, 0)  # hand it back: we are stopping
-                raise
+                return await self._handler(d)
             except PermanentError as exc:
-                await self._dead_letter(d.msg, f"{type(exc).__name__}: {exc}", d.num_delivered)
-                return
+                return DeadLetter(f"{type(exc).__name__}: {exc}")
             except TransientError as exc:
-                outcome = Nak(backoff_delay(d.num_delivered), f"{type(exc).__name__}: {exc}")
+                return Nak(backoff_delay(d.num_delivered), f"{type(exc).__name__}: {exc}")
             except Exception as exc:
                 log.exception("worker.handler_crashed", consumer=self.name)
-                outcome = Nak(backoff_delay(d.num_delivered), f"unexpected {type(exc).__name__}")
-            finally:
-                heartbeat.cancel()
-            await self._settle(d, outcome)
+                return Nak(backoff_delay(d.num_delivered), f"unexpected {type(exc).__name__}")
 
-    async def _settle(self, d: Delivery, outcome: Outcome) -> None:
+    async def _settle(self, d: Delivery, outcome: Outcome | DeadLetter) -> None:
+        if isinstance(outcome, DeadLetter):
+            await self._dead_letter(d.msg, outcome.reason, d.num_delivered)
+            return
         if isinstance(outcome, Ack):
             self.processed += 1
             try:
@@ -319,12 +380,17 @@ class PullWorker:
         with contextlib.suppress(nats.errors.Error):
             await msg.term()
 
+    def _forget_task(self, task: asyncio.Task[None]) -> None:
+        self._tasks.pop(task, None)
+
     async def _shutdown(self) -> None:
         if not self._tasks:
             return
         log.info("worker.draining", consumer=self.name, in_flight=len(self._tasks))
         _, pending = await asyncio.wait(set(self._tasks), timeout=self._grace)
-        for task in pending:
+        # Cancelled tasks nak in the order they are cancelled, and the broker redelivers
+        # in nak order: hand back in stream order so the next replica sees it that way.
+        for task in sorted(pending, key=lambda t: self._tasks.get(t, 0)):
             task.cancel()
         if pending:
             await asyncio.gather(*pending, return_exceptions=True)

@@ -141,7 +141,8 @@ def _best_cut(
     for full_enough in (True, False):
         best: tuple[Boundary, int] | None = None
         for pos, rank in allowed.items():
-            if full_enough and offsets[pos] - offsets[start] < fill:
+            # Filling a part never justifies breaking a grapheme (an emoji sequence).
+            if full_enough and (rank is Boundary.CODEPOINT or offsets[pos] - offsets[start] < fill):
                 continue
             # lowest rank wins; within a rank, the furthest position
             if best is None or (rank, -pos) < (best[0], -best[1]):

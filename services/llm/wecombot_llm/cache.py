@@ -1,0 +1,96 @@
+"""Conversations held in memory between messages: a bounded LRU, never authoritative.
+
+Each entry is caught up from the log before it is used, so evicting one only costs a
+re-read. An entry also coordinates this process's deliveries of one conversation:
+
+- ``lock``: one delivery at a time reads, decides, calls the model and appends;
+- ``active``: event_ids delivered to this process right now (a waiter whose blocker is
+  here knows it is being worked on);
+- ``changed``: set when this process appended to the conversation, waking waiters at
+  once instead of at their next poll.
+
+Entries in use are never evicted, so all deliveries of a conversation share one lock.
+
+    >>> cache = ConversationCache(lambda: Conversation(needs_outcome=…), capacity=10_000)
+    >>> entry = cache.get(conv)                                   # doctest: +SKIP
+    >>> with entry.handling(event_id):                            # doctest: +SKIP
+    ...     async with entry.lock: ...
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+from wecombot_common.events import Outcome
+from wecombot_common.topology import ConversationRef
+
+from .conversation import Conversation
+
+__all__ = ["ConversationCache", "Entry"]
+
+
+class Entry:
+    def __init__(self, state: Conversation) -> None:
+        self.state = state
+        self.lock = asyncio.Lock()
+        self.active: Counter[str] = Counter()
+        # An outcome computed but not appended (the broker was away): reused by a
+        # redelivery while the llm branch is still at the recorded seq.
+        self.prepared: dict[str, tuple[int, Outcome]] = {}
+        self._changed = asyncio.Event()
+
+    @property
+    def changed(self) -> asyncio.Event:
+        """An event set at the next change; take it before waiting, under the lock."""
+        return self._changed
+
+    def notify(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.active) or self.lock.locked()
+
+    @contextmanager
+    def handling(self, event_id: str) -> Iterator[None]:
+        self.active[event_id] += 1
+        try:
+            yield
+        finally:
+            self.active[event_id] -= 1
+            if self.active[event_id] <= 0:
+                del self.active[event_id]
+
+
+class ConversationCache:
+    def __init__(self, new_state: Callable[[], Conversation], *, capacity: int) -> None:
+        self._new_state = new_state
+        self._capacity = capacity
+        self._entries: OrderedDict[ConversationRef, Entry] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, conv: ConversationRef) -> Entry:
+        entry = self._entries.get(conv)
+        if entry is None:
+            self._evict(room_for=1)
+            entry = self._entries[conv] = Entry(self._new_state())
+        self._entries.move_to_end(conv)
+        return entry
+
+    def _evict(self, *, room_for: int) -> None:
+        """Drop the least recently used idle entries (busy ones stay, over capacity)."""
+        excess = len(self._entries) + room_for - self._capacity
+        idle: list[ConversationRef] = []
+        for key, entry in self._entries.items():  # oldest first
+            if len(idle) >= excess:
+                break
+            if not entry.busy:
+                idle.append(key)
+        for key in idle:
+            del self._entries[key]

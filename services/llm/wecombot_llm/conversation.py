@@ -1,0 +1,178 @@
+"""A conversation as the llm service sees it: a fold over its stored events. Pure.
+
+The log is the only authority; this state is rebuilt from it (and cached, see cache.py)::
+
+    >>> conv = Conversation(needs_outcome=lambda m: True)
+    >>> for stored in events:                      # doctest: +SKIP
+    ...     conv.apply(stored)
+    >>> plan(conv, received.event_id, seq, settled_through=0)   # doctest: +SKIP
+    Go()
+
+What the fold keeps
+    ``turns``        answered text exchanges since the last ConversationReset (at most
+                     ``keep_turns``, oldest dropped): the user's text and the assistant's
+                     ReplyGenerated(kind="answer") text, matched by ``causation_id``.
+                     Failed answers, notices and commands are not turns.
+    ``awaiting``     received messages that need an outcome and have none yet, by
+                     event_id, with the stream seq where each was first stored.
+    ``answered``     event_ids of received messages that have their outcome (the most
+                     recent ``remember`` of them: enough to recognise a duplicate copy).
+    ``last_seq``     the last stream seq applied (catch-up reads continue after it).
+    ``llm_last_seq`` the last seq on the llm branch: the expected-last-sequence of the
+                     next outcome append (optimistic concurrency).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from wecombot_common.bus import StoredEvent
+from wecombot_common.events import (
+    ConversationReset,
+    MessageReceived,
+    ReplyFailed,
+    ReplyGenerated,
+    TextPayload,
+)
+
+from .prompt import Turn
+
+__all__ = ["Awaiting", "Blocked", "Conversation", "Done", "Go", "Plan", "fold", "plan"]
+
+
+@dataclass(frozen=True, slots=True)
+class Awaiting:
+    """A received message still waiting for its outcome."""
+
+    seq: int
+    text: str | None  # the user's text, for text messages (pairs with the answer)
+
+
+@dataclass(slots=True)
+class Conversation:
+    needs_outcome: Callable[[MessageReceived], bool]
+    keep_turns: int = 1000
+    remember: int = 1000
+    turns: deque[Turn] = field(init=False)
+    awaiting: dict[str, Awaiting] = field(default_factory=dict)
+    answered: OrderedDict[str, None] = field(default_factory=OrderedDict)
+    last_seq: int = 0
+    llm_last_seq: int = 0
+
+    def __post_init__(self) -> None:
+        self.turns = deque(maxlen=max(self.keep_turns, 0))
+
+    def apply(self, stored: StoredEvent) -> None:
+        """Apply one stored event; events at or below ``last_seq`` are ignored."""
+        if stored.seq <= self.last_seq:
+            return
+        self.last_seq = stored.seq
+        event = stored.event
+        if isinstance(event, MessageReceived):
+            self._received(stored.seq, event)
+        elif isinstance(event, ReplyGenerated | ReplyFailed | ConversationReset):
+            self.llm_last_seq = stored.seq
+            self._outcome(event)
+
+    def has_outcome(self, event_id: str) -> bool:
+        return event_id in self.answered
+
+    def _received(self, seq: int, event: MessageReceived) -> None:
+        # A second stored copy of the same event keeps the first one's place.
+        if event.event_id in self.answered or event.event_id in self.awaiting:
+            return
+        if self.needs_outcome(event):
+            text = event.payload.content if isinstance(event.payload, TextPayload) else None
+            self.awaiting[event.event_id] = Awaiting(seq, text)
+
+    def _outcome(self, event: ReplyGenerated | ReplyFailed | ConversationReset) -> None:
+        cause = event.causation_id
+        received = self.awaiting.pop(cause, None) if cause is not None else None
+        if cause is not None:
+            self._remember(cause)
+        if isinstance(event, ConversationReset):
+            self.turns.clear()
+        elif (
+            isinstance(event, ReplyGenerated)
+            and event.kind == "answer"
+            and received is not None
+            and received.text is not None
+        ):
+            self.turns.append(Turn(received.text, event.text))
+
+    def _remember(self, event_id: str) -> None:
+        self.answered[event_id] = None
+        self.answered.move_to_end(event_id)
+        while len(self.answered) > self.remember:
+            self.answered.popitem(last=False)
+
+
+def fold(
+    events: Iterable[StoredEvent], needs_outcome: Callable[[MessageReceived], bool]
+) -> Conversation:
+    """The conversation after ``events`` (in stream order)."""
+    conv = Conversation(needs_outcome=needs_outcome)
+    for stored in events:
+        conv.apply(stored)
+    return conv
+
+
+# ---------------------------------------------------------------- what to do next
+
+
+@dataclass(frozen=True, slots=True)
+class Done:
+    """The message already has its outcome (a redelivery, or another replica did it)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Go:
+    """Decide and append the outcome now."""
+
+
+@dataclass(frozen=True, slots=True)
+class Blocked:
+    """An earlier message has no outcome yet; wait for it (seq 0: ours is not read yet)."""
+
+    event_id: str
+    seq: int
+
+
+Plan = Done | Go | Blocked
+
+
+def plan(
+    conv: Conversation,
+    event_id: str,
+    seq: int,
+    *,
+    settled_through: int,
+    ignore_order: bool = False,
+) -> Plan:
+    """What the handler of received message ``event_id`` (stored at ``seq``) does next.
+
+    An earlier message that needs an outcome and has none blocks this one, so replies
+    keep the user's order and each sees every earlier turn; unless the consumer has
+    settled it already (``seq <= settled_through``: acknowledged or dead-lettered, so
+    nobody will answer it), or ``ignore_order`` (our last delivery: an answer without
+    that turn beats none).
+    """
+    if conv.has_outcome(event_id):
+        return Done()
+    if seq > conv.last_seq:
+        return Blocked(event_id, 0)  # a lagging read: our own message is not visible yet
+    if event_id not in conv.awaiting:
+        return Done()  # read, and neither awaiting nor remembered: answered long ago
+    if ignore_order:
+        return Go()
+    earlier = [
+        (a.seq, eid)
+        for eid, a in conv.awaiting.items()
+        if a.seq < seq and eid != event_id and a.seq > settled_through
+    ]
+    if earlier:
+        first_seq, first_id = min(earlier)
+        return Blocked(first_id, first_seq)
+    return Go()

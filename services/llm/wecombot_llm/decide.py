@@ -1,0 +1,171 @@
+"""What each received message gets: a fixed reply, a model call, or nothing. Pure.
+
+    >>> action = decide(received, conversation, policy)         # doctest: +SKIP
+    >>> isinstance(action, AskModel)                             # doctest: +SKIP
+    True
+
+Every outcome (ReplyGenerated, ReplyFailed, ConversationReset) built here has the
+deterministic event_id ``derived_id(received.event_id, "outcome")``: whoever appends the
+outcome of a message, and however often, appends the same event.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from wecombot_common.events import (
+    ConversationReset,
+    ImagePayload,
+    LinkPayload,
+    LocationPayload,
+    MessageReceived,
+    Outcome,
+    ReplyFailed,
+    ReplyGenerated,
+    TextPayload,
+    UnknownPayload,
+    VideoPayload,
+    VoicePayload,
+    WeComEventPayload,
+    derived_id,
+)
+
+from .commands import HELP_TEXT, RESET_TEXT, Command, parse_command
+from .conversation import Conversation
+from .prompt import ChatMessage, build_prompt
+from .settings import ReplyPolicy
+
+__all__ = [
+    "AskModel",
+    "Reply",
+    "answer",
+    "decide",
+    "failed",
+    "outcome_id",
+    "outcome_msg_id",
+    "requires_outcome",
+    "unsupported_text",
+]
+
+EMPTY_TEXT = "请直接输入你的问题（发送 /help 查看可用命令）。"
+
+_KIND_NAMES: dict[type[Any], str] = {
+    ImagePayload: "图片",
+    VoicePayload: "语音",
+    VideoPayload: "视频",
+    LocationPayload: "位置",
+    LinkPayload: "链接",
+}
+
+
+def unsupported_text(received: MessageReceived) -> str:
+    kind = _KIND_NAMES.get(type(received.payload), "这类")
+    return f"抱歉，暂时还不支持{kind}消息，请发送文字。"
+
+
+def requires_outcome(received: MessageReceived, *, welcome: bool = False) -> bool:
+    """Whether ``received`` gets exactly one outcome (a reply the user sees).
+
+    Messages always do (text is answered, other types get a "not supported yet"
+    notice); WeCom events do not, except ``enter_agent`` when a welcome is configured.
+    """
+    payload = received.payload
+    if isinstance(payload, WeComEventPayload):
+        return welcome and payload.event == "enter_agent"
+    return isinstance(
+        payload,
+        TextPayload
+        | ImagePayload
+        | VoicePayload
+        | VideoPayload
+        | LocationPayload
+        | LinkPayload
+        | UnknownPayload,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """The outcome is known without the model."""
+
+    outcome: Outcome
+
+
+@dataclass(frozen=True, slots=True)
+class AskModel:
+    """Ask the model with these messages; ``answer``/``failed`` build the outcome."""
+
+    messages: list[ChatMessage]
+
+
+Action = Reply | AskModel
+
+
+def decide(received: MessageReceived, conv: Conversation, policy: ReplyPolicy) -> Action:
+    """The action for a message that requires an outcome and is next in line."""
+    payload = received.payload
+    if isinstance(payload, WeComEventPayload):
+        return Reply(_notice(received, policy.welcome_message or ""))
+    if not isinstance(payload, TextPayload):
+        return Reply(_notice(received, unsupported_text(received)))
+    command = parse_command(payload.content)
+    if command is Command.RESET:
+        return Reply(ConversationReset(**_envelope(received), text=RESET_TEXT))
+    if command is Command.HELP:
+        return Reply(_notice(received, HELP_TEXT))
+    if not payload.content.strip():
+        return Reply(_notice(received, EMPTY_TEXT))
+    messages = build_prompt(
+        policy.system_prompt,
+        list(conv.turns),
+        payload.content,
+        max_turns=policy.max_turns,
+        max_tokens=policy.max_context_tokens,
+    )
+    return AskModel(messages)
+
+
+def answer(
+    received: MessageReceived,
+    text: str,
+    *,
+    model: str | None,
+    prompt_tokens: int | None,
+    completion_tokens: int | None,
+) -> ReplyGenerated:
+    return ReplyGenerated(
+        **_envelope(received),
+        text=text,
+        kind="answer",
+        model=model,
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
+    )
+
+
+def failed(received: MessageReceived, reason: str, attempts: int, apology: str) -> ReplyFailed:
+    return ReplyFailed(**_envelope(received), reason=reason[:500], attempts=attempts, text=apology)
+
+
+def outcome_id(received: MessageReceived) -> str:
+    return derived_id(received.event_id, "outcome")
+
+
+def outcome_msg_id(received: MessageReceived) -> str:
+    """The JetStream dedupe id of the outcome append."""
+    return f"outcome:{received.event_id}"
+
+
+def _notice(received: MessageReceived, text: str) -> ReplyGenerated:
+    return ReplyGenerated(**_envelope(received), text=text, kind="notice")
+
+
+def _envelope(received: MessageReceived) -> dict[str, Any]:
+    return {
+        "event_id": outcome_id(received),
+        "app": received.app,
+        "conversation": received.conversation,
+        "causation_id": received.event_id,
+        "correlation_id": received.correlation_id,
+    }

@@ -1,0 +1,290 @@
+"""One received message → exactly one outcome, in the user's order, across replicas.
+
+The algorithm, for a delivery of MessageReceived M stored at stream seq s:
+
+1. M needs no outcome (most WeCom events) → ack.
+2. Catch the cached conversation up from the log (reads after ``state.last_seq``).
+3. M already has an outcome (a redelivery, or another replica answered) → ack.
+4. An earlier message of the conversation (seq < s) needs an outcome and has none: it is
+   being answered (here or by another replica). Wait for its outcome, woken by this
+   process's appends or polling the log (50 ms doubling to 1 s), for up to
+   ``order_wait_s`` (extended while the earlier message is in this very process), then
+   nak (~1 s) and let the redelivery try again. The worker's in_progress heartbeats keep
+   M alive meanwhile. An earlier message the consumer has already settled without an
+   outcome (dead-lettered) no longer blocks; nor does anything on M's last delivery.
+5. Decide: a command or notice directly; text → prompt → model. A model failure after
+   its retry budget, or a refusal, becomes ReplyFailed carrying the apology.
+6. Append the outcome with its deterministic event_id and ``msg_id``, conditional on the
+   llm branch still ending at the seq the decision was based on. A conflict means
+   someone appended meanwhile: go back to 2 (a few times, then nak). The broker away →
+   nak with backoff (the computed outcome is kept for the redelivery). Ack only after
+   the PubAck.
+
+Why this is exactly-once and ordered: an outcome is only appended if the llm branch has
+not moved since the state it was decided on was read, and that state already showed M
+unanswered; so two deciders of M (a redelivery racing the first delivery, two replicas)
+cannot both succeed: the loser re-reads, sees M answered and acks. Because M waits until
+every earlier message has its outcome, outcomes are appended in message order and each
+prompt sees every earlier turn.
+
+Within one process, deliveries of a conversation share a cache entry whose lock
+serialises steps 2–6; waiting (step 4) happens outside the lock, so a later message
+never holds up an earlier one that arrives after it (a redelivery).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import random
+import time
+from dataclasses import dataclass
+
+import structlog
+
+from wecombot_common.bus import AppendUnavailable, ConcurrencyConflict
+from wecombot_common.events import Event, MessageReceived, Outcome
+from wecombot_common.topology import ConversationRef
+from wecombot_common.worker import Ack, Delivery, Nak, backoff_delay
+
+from .cache import ConversationCache, Entry
+from .conversation import Blocked, Conversation, Done, plan
+from .decide import (
+    AskModel,
+    answer,
+    decide,
+    failed,
+    outcome_msg_id,
+    requires_outcome,
+)
+from .model import ChatModel, ModelError
+from .settings import ReplyPolicy
+from .store import ConversationLog
+
+__all__ = ["HandlerConfig", "LlmHandler"]
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class HandlerConfig:
+    policy: ReplyPolicy
+    order_wait_s: float = 60.0
+    max_deliver: int = 10
+    max_conflicts: int = 5
+    poll_first_s: float = 0.05
+    poll_max_s: float = 1.0
+    # How long to wait on an earlier message before asking whether the consumer has
+    # settled it (one consumer_info call per poll from then on).
+    settled_check_after_s: float = 1.0
+    settled_refresh_s: float = 0.5  # shared by every waiter of this process
+    cache_capacity: int = 10_000
+    remember_answered: int = 1000
+
+
+class _Conflict:
+    """Someone appended to the llm branch between our read and our append."""
+
+
+class _OrderWait:
+    """The clock of one delivery waiting for an earlier message: deadline and polls."""
+
+    def __init__(self, config: HandlerConfig) -> None:
+        self._config = config
+        self.started = time.monotonic()
+        self.deadline = self.started + config.order_wait_s
+        self._interval = config.poll_first_s
+
+    def extend(self, now: float) -> None:
+        self.deadline = max(self.deadline, now + self._config.order_wait_s)
+
+    def long_enough(self, now: float) -> bool:
+        """Waited long enough to ask whether the consumer settled the blocker."""
+        return now - self.started >= self._config.settled_check_after_s
+
+    def next_interval(self, now: float) -> float:
+        interval = min(self._interval, self.deadline - now)
+        self._interval = min(self._interval * 2, self._config.poll_max_s)
+        return interval
+
+
+class LlmHandler:
+    """The PullWorker handler of the llm service (see the module doc)."""
+
+    def __init__(
+        self,
+        store: ConversationLog,
+        model: ChatModel,
+        config: HandlerConfig,
+        *,
+        rng: random.Random | None = None,
+    ) -> None:
+        self._store = store
+        self._model = model
+        self._config = config
+        self._policy = config.policy
+        self._cache = ConversationCache(self._new_state, capacity=config.cache_capacity)
+        self._settled = 0  # a stream seq through which the consumer settled everything
+        self._settled_at = -math.inf
+        self._rng = rng or random.Random()  # noqa: S311 (jitter)
+
+    async def __call__(self, d: Delivery) -> Ack | Nak:
+        return await self.handle(d.event, stream_seq=d.stream_seq, num_delivered=d.num_delivered)
+
+    async def handle(self, event: Event, *, stream_seq: int, num_delivered: int) -> Ack | Nak:
+        if not isinstance(event, MessageReceived):
+            log.warning("llm.unexpected_event", type=type(event).__name__)
+            return Ack()
+        if not self._needs_outcome(event):
+            return Ack()
+        conv = ConversationRef.of(event)
+        entry = self._cache.get(conv)
+        with entry.handling(event.event_id):
+            return await self._handle(event, stream_seq, num_delivered, conv, entry)
+
+    def _needs_outcome(self, received: MessageReceived) -> bool:
+        return requires_outcome(received, welcome=self._policy.welcome_message is not None)
+
+    def _new_state(self) -> Conversation:
+        return Conversation(
+            needs_outcome=self._needs_outcome,
+            keep_turns=self._policy.max_turns,
+            remember=self._config.remember_answered,
+        )
+
+    async def _handle(
+        self,
+        received: MessageReceived,
+        seq: int,
+        num_delivered: int,
+        conv: ConversationRef,
+        entry: Entry,
+    ) -> Ack | Nak:
+        last_delivery = num_delivered >= self._config.max_deliver
+        waiting = _OrderWait(self._config)
+        conflicts = 0
+        while True:
+            async with entry.lock:
+                await self._catch_up(conv, entry)
+                step = plan(
+                    entry.state,
+                    received.event_id,
+                    seq,
+                    settled_through=self._settled,
+                    ignore_order=last_delivery,
+                )
+                if isinstance(step, Done):
+                    entry.prepared.pop(received.event_id, None)
+                    log.debug("llm.already_answered")
+                    return Ack()
+                if not isinstance(step, Blocked):
+                    result = await self._decide_and_append(received, conv, entry, num_delivered)
+                    if not isinstance(result, _Conflict):
+                        return result
+                    conflicts += 1
+                    if conflicts >= self._config.max_conflicts:
+                        return Nak(backoff_delay(num_delivered), "concurrent appends kept winning")
+                    continue
+                changed = entry.changed  # taken under the lock: no wake-up is missed
+            give_up = await self._wait_for(step, entry, changed, waiting)
+            if give_up is not None:
+                return give_up
+
+    async def _wait_for(
+        self, blocker: Blocked, entry: Entry, changed: asyncio.Event, waiting: _OrderWait
+    ) -> Nak | None:
+        """Wait a little for ``blocker``'s outcome; a Nak once the order wait is over."""
+        now = time.monotonic()
+        if blocker.seq and blocker.event_id in entry.active:
+            waiting.extend(now)  # it is being handled right here: it will finish
+        if now >= waiting.deadline:
+            return Nak(
+                self._rng.uniform(0.5, 1.5),
+                f"earlier message at seq {blocker.seq} still unanswered after "
+                f"{now - waiting.started:.0f}s",
+            )
+        if blocker.seq > self._settled and waiting.long_enough(now):
+            await self._refresh_settled()
+            if blocker.seq <= self._settled:
+                log.info("llm.earlier_message_abandoned", blocker_seq=blocker.seq)
+                return None  # re-read at once: its outcome may have landed before its ack
+        await _wait(changed, waiting.next_interval(now))
+        return None
+
+    async def _refresh_settled(self) -> None:
+        """Ask the consumer for its ack floor, at most every ``settled_refresh_s``."""
+        now = time.monotonic()
+        if now - self._settled_at < self._config.settled_refresh_s:
+            return
+        self._settled_at = now
+        self._settled = max(self._settled, await self._store.settled_through())
+
+    async def _catch_up(self, conv: ConversationRef, entry: Entry) -> None:
+        async for stored in self._store.read(conv, after_seq=entry.state.last_seq):
+            entry.state.apply(stored)
+
+    async def _decide_and_append(
+        self, received: MessageReceived, conv: ConversationRef, entry: Entry, num_delivered: int
+    ) -> Ack | Nak | _Conflict:
+        expect = entry.state.llm_last_seq
+        prepared = entry.prepared.pop(received.event_id, None)
+        if prepared is not None and prepared[0] == expect:
+            outcome = prepared[1]
+        else:
+            action = decide(received, entry.state, self._policy)
+            outcome = (
+                await self._ask(received, action)
+                if isinstance(action, AskModel)
+                else (action.outcome)
+            )
+        try:
+            appended = await self._store.append(
+                outcome,
+                msg_id=outcome_msg_id(received),
+                expect_last_seq=expect,
+                expect_scope=conv.llm_branch,
+            )
+        except ConcurrencyConflict:
+            log.info("llm.append_conflict", expected_seq=expect)
+            return _Conflict()
+        except AppendUnavailable as exc:
+            entry.prepared[received.event_id] = (expect, outcome)
+            return Nak(backoff_delay(num_delivered), str(exc))
+        entry.notify()
+        log.info(
+            "llm.outcome_appended",
+            outcome=type(outcome).__name__,
+            seq=appended.seq,
+            duplicate=appended.duplicate,
+        )
+        return Ack()
+
+    async def _ask(self, received: MessageReceived, action: AskModel) -> Outcome:
+        started = time.monotonic()
+        try:
+            done = await self._model.complete(action.messages)
+        except ModelError as exc:
+            log.warning("llm.model_failed", reason=str(exc), attempts=exc.attempts)
+            return failed(received, str(exc), exc.attempts, self._policy.apology_message)
+        log.info(
+            "llm.model_answered",
+            model=done.model,
+            latency_ms=round((time.monotonic() - started) * 1000),
+            context_messages=len(action.messages),
+            prompt_tokens=done.prompt_tokens,
+            completion_tokens=done.completion_tokens,
+        )
+        return answer(
+            received,
+            done.text,
+            model=done.model,
+            prompt_tokens=done.prompt_tokens,
+            completion_tokens=done.completion_tokens,
+        )
+
+
+async def _wait(changed: asyncio.Event, timeout: float) -> None:
+    """Until this process changes the conversation, or ``timeout`` (the next poll)."""
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(changed.wait(), max(timeout, 0.0))

@@ -1,0 +1,107 @@
+"""Entrypoint of ``wecombot llm``: wire the adapters and run the work consumer.
+
+Run in-process (tests, ``wecombot dev``) with the serve coroutine and a stop event::
+
+    >>> stop = asyncio.Event()
+    >>> task = asyncio.create_task(serve(LlmSettings.from_env(env), stop))  # doctest: +SKIP
+    >>> stop.set(); await task                                              # doctest: +SKIP
+
+Scale by running more replicas: they share the durable consumer, and the handler keeps
+each user's replies in order and exactly once across them (see handler.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable, Mapping
+
+import nats.errors
+import structlog
+from nats.aio.client import Client as NATS
+
+from wecombot_common.bus import connect, ensure_topology
+from wecombot_common.logs import configure_logging
+from wecombot_common.runtime import HealthServer, run_service
+from wecombot_common.topology import LLM_CONSUMER, RECEIVED_FILTER, work_consumer
+from wecombot_common.worker import PullWorker
+
+from .handler import HandlerConfig, LlmHandler
+from .model import open_model
+from .settings import LlmSettings
+from .store import JetStreamLog
+
+__all__ = ["main", "serve"]
+
+log = structlog.get_logger(__name__)
+
+# Deliveries waiting for an earlier message still count as pending; keep the cap far
+# above what the replicas' concurrency can hold so waiting never starves fetching.
+MAX_ACK_PENDING = 10_000
+
+
+async def serve(settings: LlmSettings, stop: asyncio.Event) -> None:
+    """Answer received messages until ``stop`` is set, then hand back and drain."""
+    secrets = [settings.model.api_key] if settings.model.api_key is not None else []
+    configure_logging(settings.log, service="llm", secrets=secrets)
+    if settings.offline:
+        log.warning(
+            "llm.offline_model",
+            message="OPENAI_API_KEY is not set: replies come from the OFFLINE echo model, "
+            "not from an LLM. Set OPENAI_API_KEY (see docs/providers.md).",
+        )
+    else:
+        log.info("llm.model", base_url=settings.model.base_url, model=settings.model.model)
+    nc = await connect(settings.nats, "wecombot-llm")
+    try:
+        js = nc.jetstream()
+        await ensure_topology(js, settings.nats)
+        health = HealthServer("0.0.0.0", settings.health_port, ready=_nats_ready(nc))  # noqa: S104
+        await health.start()
+        try:
+            async with open_model(settings.model) as model:
+                handler = LlmHandler(
+                    JetStreamLog(js, consumer=LLM_CONSUMER),
+                    model,
+                    HandlerConfig(
+                        policy=settings.policy,
+                        order_wait_s=settings.order_wait_s,
+                        max_deliver=settings.max_deliver,
+                    ),
+                )
+                worker = PullWorker(
+                    js,
+                    work_consumer(
+                        LLM_CONSUMER,
+                        RECEIVED_FILTER,
+                        ack_wait_s=settings.ack_wait_s,
+                        max_deliver=settings.max_deliver,
+                        max_ack_pending=MAX_ACK_PENDING,
+                    ),
+                    handler,
+                    # No per-key lock in the worker: the handler serialises a
+                    # conversation itself and must not hold it while waiting for an
+                    # earlier message (that message may be queued behind the lock).
+                    key=None,
+                    max_concurrency=settings.max_concurrency,
+                    grace_s=settings.shutdown_grace_s,
+                )
+                log.info("llm.started", concurrency=settings.max_concurrency)
+                await worker.run(stop)
+        finally:
+            await health.stop()
+    finally:
+        with contextlib.suppress(nats.errors.Error, TimeoutError):
+            await nc.drain()
+        log.info("llm.stopped")
+
+
+def _nats_ready(nc: NATS) -> Callable[[], Awaitable[tuple[bool, str]]]:
+    async def ready() -> tuple[bool, str]:
+        return (True, "nats connected") if nc.is_connected else (False, "nats not connected")
+
+    return ready
+
+
+def main(environ: Mapping[str, str]) -> int:
+    return run_service(LlmSettings.from_env, serve, environ)

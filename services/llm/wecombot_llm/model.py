@@ -1,0 +1,264 @@
+"""The model port, and its two adapters: an OpenAI-compatible HTTP API, and offline.
+
+::
+
+    ModelError                    the model gave no answer; .attempts, str() = the reason
+    ├── ModelUnavailable          transient failures outlasted the retry budget
+    └── ModelRejected             the provider refused the request (4xx, empty answer)
+
+    >>> async with open_model(settings.model) as model:          # doctest: +SKIP
+    ...     done = await model.complete([ChatMessage("user", "你好")])
+    >>> done.text                                                 # doctest: +SKIP
+    '你好！有什么可以帮你？'
+
+``OpenAIChatModel`` speaks ``POST {base_url}/chat/completions`` (non-streaming), which
+OpenAI, Azure OpenAI, DeepSeek, DashScope (Qwen), Ollama and vLLM all serve; see
+docs/providers.md. Without an API key, ``OfflineModel`` echoes what it received.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import httpx
+import msgspec
+import structlog
+
+from wecombot_common.errors import PermanentError, TransientError, WecombotError
+
+from .prompt import ChatMessage
+from .retry import is_retryable_status, next_delay, retry_after_of
+from .settings import ModelSettings
+
+__all__ = [
+    "ChatModel",
+    "Completion",
+    "ModelError",
+    "ModelRejected",
+    "ModelUnavailable",
+    "OfflineModel",
+    "OpenAIChatModel",
+    "open_model",
+]
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Completion:
+    text: str
+    model: str | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+
+
+class ModelError(WecombotError):
+    """The model gave no answer. ``attempts`` counts the HTTP requests made."""
+
+    def __init__(self, reason: str, *, attempts: int) -> None:
+        super().__init__(reason)
+        self.attempts = attempts
+
+
+class ModelUnavailable(ModelError, TransientError):
+    """Timeouts, 429 or 5xx until the retry budget ran out."""
+
+
+class ModelRejected(ModelError, PermanentError):
+    """The provider refused the request (a 4xx other than 408/429) or answered nothing."""
+
+
+class ChatModel(Protocol):
+    """Anything that turns chat messages into one completion."""
+
+    async def complete(self, messages: Sequence[ChatMessage]) -> Completion:
+        """The answer to ``messages``; raises ModelUnavailable or ModelRejected."""
+        ...
+
+
+# ---------------------------------------------------------------- offline
+
+
+class OfflineModel:
+    """No network: a deterministic echo, labelled so nobody mistakes it for an LLM."""
+
+    async def complete(self, messages: Sequence[ChatMessage]) -> Completion:
+        users = [m.content for m in messages if m.role == "user"]
+        said = users[-1] if users else ""
+        text = f"[offline model] you said: {said} (context: {len(users) - 1} earlier turns)"
+        return Completion(text=text, model="offline")
+
+
+# ---------------------------------------------------------------- OpenAI-compatible HTTP
+
+
+class _Message(msgspec.Struct):
+    content: str | None = None
+
+
+class _Choice(msgspec.Struct):
+    message: _Message
+    finish_reason: str | None = None
+
+
+class _Usage(msgspec.Struct):
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+
+
+class _Response(msgspec.Struct):
+    choices: list[_Choice]
+    model: str | None = None
+    usage: _Usage | None = None
+
+
+_decode_response = msgspec.json.Decoder(_Response).decode
+
+
+class _Retryable(Exception):
+    def __init__(self, reason: str, retry_after: float | None = None) -> None:
+        super().__init__(reason)
+        self.retry_after = retry_after
+
+
+class OpenAIChatModel:
+    """``POST {base_url}/chat/completions`` with retries inside a time budget.
+
+    Bearer authentication by default; with ``api_version`` set (Azure OpenAI's classic
+    ``/openai/deployments/{name}`` URLs) the key goes in an ``api-key`` header and the
+    version in ``?api-version=``.
+    """
+
+    def __init__(
+        self,
+        settings: ModelSettings,
+        *,
+        transport: httpx.AsyncBaseTransport | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        if settings.api_key is None:
+            raise ValueError("OpenAIChatModel needs an API key")
+        key = settings.api_key.reveal()
+        self._settings = settings
+        self._url = f"{settings.base_url}/chat/completions"
+        self._params = {"api-version": settings.api_version} if settings.api_version else {}
+        headers = {"api-key": key} if settings.api_version else {"Authorization": f"Bearer {key}"}
+        timeout = settings.request_timeout_s
+        self._client = httpx.AsyncClient(
+            headers=headers,
+            timeout=httpx.Timeout(
+                connect=min(10.0, timeout), read=timeout, write=min(30.0, timeout), pool=timeout
+            ),
+            limits=httpx.Limits(
+                max_connections=settings.max_connections,
+                max_keepalive_connections=settings.max_connections,
+            ),
+            transport=transport,
+        )
+        self._rng = rng or random.Random()  # noqa: S311 (jitter, not security)
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+    async def complete(self, messages: Sequence[ChatMessage]) -> Completion:
+        body = self._body(messages)
+        started = time.monotonic()
+        deadline = started + self._settings.retry_budget_s
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                return await self._attempt(body, attempt)
+            except _Retryable as exc:
+                delay = next_delay(attempt, exc.retry_after, self._rng)
+                elapsed = time.monotonic() - started
+                if time.monotonic() + delay > deadline:
+                    raise ModelUnavailable(
+                        f"{exc} (gave up after {attempt} attempts in {elapsed:.1f}s)",
+                        attempts=attempt,
+                    ) from None
+                log.info("model.retry", reason=str(exc), attempt=attempt, delay_s=round(delay, 2))
+                await asyncio.sleep(delay)
+
+    def _body(self, messages: Sequence[ChatMessage]) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "model": self._settings.model,
+            "messages": [{"role": m.role, "content": m.content} for m in messages],
+            "stream": False,
+        }
+        if self._settings.temperature is not None:
+            body["temperature"] = self._settings.temperature
+        return body
+
+    async def _attempt(self, body: dict[str, Any], attempt: int) -> Completion:
+        started = time.monotonic()
+        try:
+            response = await self._client.post(self._url, json=body, params=self._params)
+        except httpx.TimeoutException as exc:
+            raise _Retryable(f"timeout ({type(exc).__name__})") from exc
+        except httpx.TransportError as exc:
+            raise _Retryable(f"connection error ({type(exc).__name__}: {exc})") from exc
+        status = response.status_code
+        log.debug(
+            "model.response",
+            status=status,
+            attempt=attempt,
+            latency_ms=round((time.monotonic() - started) * 1000),
+        )
+        if status == 200:
+            return self._parse(response, attempt)
+        detail = _error_detail(response)
+        if is_retryable_status(status):
+            raise _Retryable(f"HTTP {status}: {detail}", retry_after_of(response.headers))
+        raise ModelRejected(f"HTTP {status}: {detail}", attempts=attempt)
+
+    def _parse(self, response: httpx.Response, attempt: int) -> Completion:
+        try:
+            parsed = _decode_response(response.content)
+        except msgspec.DecodeError as exc:
+            # A proxy or overloaded provider answering 200 with junk: worth another try.
+            raise _Retryable(f"malformed completion: {exc}") from exc
+        if not parsed.choices or not (parsed.choices[0].message.content or "").strip():
+            finish = parsed.choices[0].finish_reason if parsed.choices else None
+            raise ModelRejected(f"empty completion (finish_reason={finish})", attempts=attempt)
+        usage = parsed.usage or _Usage()
+        return Completion(
+            text=(parsed.choices[0].message.content or "").strip(),
+            model=parsed.model or self._settings.model,
+            prompt_tokens=usage.prompt_tokens,
+            completion_tokens=usage.completion_tokens,
+        )
+
+
+def _error_detail(response: httpx.Response) -> str:
+    """The provider's error message ({"error": {"message": …}}) or the start of the body."""
+    try:
+        data = response.json()
+    except ValueError:
+        return response.text[:200] or response.reason_phrase
+    if isinstance(data, dict):
+        error = data.get("error")
+        if isinstance(error, dict) and isinstance(error.get("message"), str):
+            return str(error["message"])[:200]
+        if isinstance(error, str):
+            return error[:200]
+    return str(data)[:200]
+
+
+@asynccontextmanager
+async def open_model(settings: ModelSettings) -> AsyncIterator[ChatModel]:
+    """The configured model for the life of the block (offline without an API key)."""
+    if settings.api_key is None:
+        yield OfflineModel()
+        return
+    model = OpenAIChatModel(settings)
+    try:
+        yield model
+    finally:
+        await model.aclose()

@@ -1,0 +1,123 @@
+"""The llm service's settings, read from the environment once at start-up.
+
+    >>> s = LlmSettings.from_env({"OPENAI_API_KEY": "sk-…", "OPENAI_MODEL": "deepseek-chat",
+    ...                           "OPENAI_BASE_URL": "https://api.deepseek.com/v1"})
+    >>> s.offline, s.model.model
+    (False, 'deepseek-chat')
+
+Without ``OPENAI_API_KEY`` the service answers with the offline echo model (no network),
+so the whole pipeline can run in a sandbox. docs/providers.md lists the three settings
+for each provider.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from wecombot_common.settings import EnvReader, LogSettings, NatsSettings, Secret, health_port
+
+__all__ = ["LlmSettings", "ModelSettings", "ReplyPolicy"]
+
+DEFAULT_SYSTEM_PROMPT = (
+    "You are a helpful assistant inside WeCom (企业微信). Answer in the language the user "
+    "writes in, concisely and accurately. Use plain text or simple Markdown; say so when "
+    "you are not sure."
+)
+DEFAULT_APOLOGY = "抱歉，我暂时无法回答这个问题，请稍后再试。"
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    """How to reach an OpenAI-compatible chat completions endpoint."""
+
+    api_key: Secret | None
+    base_url: str
+    model: str
+    api_version: str | None
+    temperature: float | None
+    request_timeout_s: float
+    retry_budget_s: float
+    max_connections: int
+
+    @classmethod
+    def read(cls, env: EnvReader, *, max_concurrency: int) -> ModelSettings:
+        key = env.secret("OPENAI_API_KEY", required=False)
+        temperature: float | None = None
+        if env.present("LLM_TEMPERATURE"):
+            temperature = env.number("LLM_TEMPERATURE", 1.0, float, "a number", 0.0, 2.0)
+        return cls(
+            api_key=key if key else None,
+            base_url=env.url("OPENAI_BASE_URL", "https://api.openai.com/v1"),
+            model=env.text("OPENAI_MODEL", "gpt-4o-mini"),
+            api_version=env.optional("OPENAI_API_VERSION"),
+            temperature=temperature,
+            request_timeout_s=env.seconds("LLM_REQUEST_TIMEOUT", 60.0, minimum=1.0, maximum=900),
+            retry_budget_s=env.seconds("LLM_RETRY_BUDGET", 90.0, minimum=0.0, maximum=3600),
+            # Every in-flight message may hold one connection; a few spare for retries.
+            max_connections=max_concurrency + 8,
+        )
+
+
+@dataclass(frozen=True)
+class ReplyPolicy:
+    """What the conversation logic needs: the prompt, the history limits, fixed texts."""
+
+    system_prompt: str = DEFAULT_SYSTEM_PROMPT
+    max_turns: int = 20
+    max_context_tokens: int = 8000
+    welcome_message: str | None = None
+    apology_message: str = DEFAULT_APOLOGY
+
+    @classmethod
+    def read(cls, env: EnvReader) -> ReplyPolicy:
+        return cls(
+            system_prompt=env.text("LLM_SYSTEM_PROMPT", DEFAULT_SYSTEM_PROMPT),
+            max_turns=env.integer("LLM_MAX_TURNS", 20, minimum=0, maximum=1000),
+            max_context_tokens=env.integer(
+                "LLM_MAX_CONTEXT_TOKENS", 8000, minimum=100, maximum=10_000_000
+            ),
+            welcome_message=env.optional("LLM_WELCOME_MESSAGE"),
+            apology_message=env.text("LLM_APOLOGY_MESSAGE", DEFAULT_APOLOGY),
+        )
+
+
+@dataclass(frozen=True)
+class LlmSettings:
+    nats: NatsSettings
+    log: LogSettings
+    health_port: int
+    model: ModelSettings
+    policy: ReplyPolicy
+    max_concurrency: int
+    ack_wait_s: float
+    max_deliver: int
+    order_wait_s: float
+    shutdown_grace_s: float
+
+    @property
+    def offline(self) -> bool:
+        """No API key: answer with the offline echo model."""
+        return self.model.api_key is None
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str]) -> LlmSettings:
+        """Read and validate every setting; ConfigError names each bad variable."""
+        env = EnvReader(environ)
+        concurrency = env.integer("LLM_MAX_CONCURRENCY", 64, minimum=1, maximum=10_000)
+        settings = cls(
+            nats=NatsSettings.read(env),
+            log=LogSettings.read(env),
+            health_port=health_port(env, 8081),
+            model=ModelSettings.read(env, max_concurrency=concurrency),
+            policy=ReplyPolicy.read(env),
+            max_concurrency=concurrency,
+            ack_wait_s=env.seconds("LLM_ACK_WAIT", 30.0, minimum=1.0, maximum=3600),
+            max_deliver=env.integer("LLM_MAX_DELIVER", 10, minimum=1, maximum=1000),
+            order_wait_s=env.seconds("LLM_ORDER_WAIT", 60.0, minimum=0.0, maximum=3600),
+            # In-flight model calls get this long to finish on SIGTERM, then they are
+            # handed back to another replica. Keep it below the pod's grace period.
+            shutdown_grace_s=env.seconds("LLM_SHUTDOWN_GRACE", 20.0, minimum=0.0, maximum=600),
+        )
+        env.raise_if_invalid()
+        return settings

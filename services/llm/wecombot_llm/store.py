@@ -1,0 +1,79 @@
+"""The event log as the llm handler needs it: a port and its JetStream adapter.
+
+>>> log_ = JetStreamLog(js, consumer="llm")                      # doctest: +SKIP
+>>> async for stored in log_.read(conv, after_seq=41): ...        # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Protocol
+
+import nats.errors
+import structlog
+from nats.js import JetStreamContext
+
+from wecombot_common import topology
+from wecombot_common.bus import Appended, StoredEvent, append_event, read_conversation
+from wecombot_common.errors import TransientError
+from wecombot_common.events import Event
+from wecombot_common.topology import ConversationRef
+
+__all__ = ["ConversationLog", "JetStreamLog", "LogUnavailable"]
+
+log = structlog.get_logger(__name__)
+
+
+class LogUnavailable(TransientError):
+    """The conversation could not be read (broker away, timeout)."""
+
+
+class ConversationLog(Protocol):
+    def read(self, conv: ConversationRef, *, after_seq: int) -> AsyncIterator[StoredEvent]:
+        """The conversation's events after ``after_seq``, in order, up to now."""
+        ...
+
+    async def append(
+        self, event: Event, *, msg_id: str, expect_last_seq: int, expect_scope: str
+    ) -> Appended:
+        """Append conditionally; ConcurrencyConflict / AppendUnavailable as in bus."""
+        ...
+
+    async def settled_through(self) -> int:
+        """A stream seq at or below which the work consumer has settled every message
+        (acknowledged, or terminated after dead-lettering); 0 when unknown."""
+        ...
+
+
+class JetStreamLog:
+    def __init__(self, js: JetStreamContext, *, consumer: str) -> None:
+        self._js = js
+        self._consumer = consumer
+
+    async def read(self, conv: ConversationRef, *, after_seq: int) -> AsyncIterator[StoredEvent]:
+        try:
+            async for stored in read_conversation(self._js, conv, after_seq=after_seq):
+                yield stored
+        except (TimeoutError, nats.errors.Error) as exc:
+            raise LogUnavailable(f"cannot read the conversation: {type(exc).__name__}") from exc
+
+    async def append(
+        self, event: Event, *, msg_id: str, expect_last_seq: int, expect_scope: str
+    ) -> Appended:
+        return await append_event(
+            self._js,
+            event,
+            msg_id=msg_id,
+            expect_last_seq=expect_last_seq,
+            expect_scope=expect_scope,
+        )
+
+    async def settled_through(self) -> int:
+        try:
+            info = await self._js.consumer_info(
+                topology.CONVERSATION_STREAM, self._consumer, timeout=2
+            )
+        except (TimeoutError, nats.errors.Error) as exc:
+            log.debug("llm.ack_floor_unknown", error=str(exc))
+            return 0
+        return info.ack_floor.stream_seq if info.ack_floor is not None else 0

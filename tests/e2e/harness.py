@@ -1,0 +1,230 @@
+"""The whole pipeline on loopback, for real: nats-server, the four services, a simulated
+WeCom API and a simulated OpenAI-compatible model, and a WeCom client that posts signed,
+encrypted callbacks to the gateway.
+
+Services run either in this process (``serve()`` tasks, fast) or as separate OS
+processes (``python -m wecombot <service>``, exactly as Kubernetes runs them).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from tests.conftest import free_port
+from wecombot_common.crypto import generate_encoding_aes_key, generate_token
+from wecombot_common.sim.callbacks import Callback, CallbackBuilder
+from wecombot_common.sim.openai_api import SimulatedOpenAIApi
+from wecombot_common.sim.wecom_api import SimulatedWeComApi
+
+CORP_ID = "wwe2e0123456789"
+AGENT_ID = 1000002
+
+
+def _service(
+    name: str,
+) -> tuple[Callable[[Mapping[str, str]], Any], Callable[..., Awaitable[None]]]:
+    if name == "gateway":
+        from wecombot_gateway.main import serve as gateway_serve
+        from wecombot_gateway.settings import GatewaySettings
+
+        return GatewaySettings.from_env, gateway_serve
+    if name == "llm":
+        from wecombot_llm.main import serve as llm_serve
+        from wecombot_llm.settings import LlmSettings
+
+        return LlmSettings.from_env, llm_serve
+    if name == "sender":
+        from wecombot_sender.main import serve as sender_serve
+        from wecombot_sender.settings import SenderSettings
+
+        return SenderSettings.from_env, sender_serve
+    from wecombot_token.main import serve as token_serve
+    from wecombot_token.settings import TokenSettings
+
+    return TokenSettings.from_env, token_serve
+
+
+async def eventually(
+    predicate: Callable[[], bool], *, timeout: float = 20.0, what: str = "condition"
+) -> None:
+    """Wait for a condition with a deadline (polling, not sleeping as synchronisation)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not predicate():
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+@dataclass
+class InProcessService:
+    name: str
+    stop: asyncio.Event
+    task: asyncio.Task[None]
+
+    async def terminate(self, timeout: float = 15.0) -> None:
+        self.stop.set()
+        await asyncio.wait_for(self.task, timeout)
+
+
+@dataclass
+class ProcessService:
+    name: str
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash or an OOM kill would."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    async def terminate(self, timeout: float = 15.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return await asyncio.to_thread(self.proc.wait, timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise
+
+
+@dataclass
+class Stack:
+    nats_url: str
+    workdir: Path
+    env_extra: dict[str, str] = field(default_factory=dict)
+    wecom: SimulatedWeComApi = field(init=False)
+    model: SimulatedOpenAIApi = field(init=False)
+    client: CallbackBuilder = field(init=False)
+    gateway_port: int = field(default_factory=free_port)
+    services: list[InProcessService | ProcessService] = field(default_factory=list)
+    http: httpx.AsyncClient = field(init=False)
+
+    def __post_init__(self) -> None:
+        token = generate_token()
+        aes_key = generate_encoding_aes_key()
+        self.wecom = SimulatedWeComApi(corp_id=CORP_ID, secret="e2e-corp-secret", agent_id=AGENT_ID)
+        self.model = SimulatedOpenAIApi(api_key="sk-e2e-model-key")
+        self.client = CallbackBuilder(
+            corp_id=CORP_ID, agent_id=AGENT_ID, token=token, encoding_aes_key=aes_key
+        )
+        self._token = token
+        self._aes_key = aes_key
+
+    @property
+    def callback_url(self) -> str:
+        return f"http://127.0.0.1:{self.gateway_port}/wecom/callback"
+
+    def env(self) -> dict[str, str]:
+        return {
+            "WECOM_CORP_ID": CORP_ID,
+            "WECOM_AGENT_ID": str(AGENT_ID),
+            "WECOM_SECRET": self.wecom.secret,
+            "WECOM_TOKEN": self._token,
+            "WECOM_ENCODING_AES_KEY": self._aes_key,
+            "WECOM_API_BASE": self.wecom.base_url,
+            "OPENAI_API_KEY": "sk-e2e-model-key",
+            "OPENAI_BASE_URL": self.model.base_url,
+            "OPENAI_MODEL": "sim-model",
+            "NATS_URL": self.nats_url,
+            "GATEWAY_HOST": "127.0.0.1",
+            "GATEWAY_PORT": str(self.gateway_port),
+            "WECOMBOT_HEALTH_PORT": "0",
+            "LOG_FORMAT": "json",
+            "LOG_LEVEL": "info",
+            **self.env_extra,
+        }
+
+    async def __aenter__(self) -> Stack:
+        await self.wecom.start()
+        await self.model.start()
+        self.http = httpx.AsyncClient(timeout=10)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        for service in reversed(self.services):
+            with contextlib.suppress(Exception):
+                await service.terminate()
+        await self.http.aclose()
+        await self.model.stop()
+        await self.wecom.stop()
+
+    # ------------------------------------------------------------ services
+    async def start_in_process(self, *names: str) -> None:
+        env = self.env()
+        for name in names:
+            load, serve = _service(name)
+            stop = asyncio.Event()
+            task = asyncio.create_task(serve(load(env), stop), name=f"svc-{name}")
+            self.services.append(InProcessService(name, stop, task))
+        await self.wait_ready()
+
+    def start_process(self, name: str, **extra_env: str) -> ProcessService:
+        env = {**os.environ, **self.env(), **extra_env}
+        log_path = self.workdir / f"{name}-{len(self.services)}.log"
+        with open(log_path, "ab") as log:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "wecombot", name], env=env, stdout=log, stderr=log
+            )
+        service = ProcessService(name, proc, log_path)
+        self.services.append(service)
+        return service
+
+    async def wait_ready(self, timeout: float = 20.0) -> None:
+        """The gateway answers /readyz (NATS connected, stream present)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            with contextlib.suppress(httpx.TransportError):
+                r = await self.http.get(f"http://127.0.0.1:{self.gateway_port}/readyz")
+                if r.status_code == 200:
+                    return
+            for s in self.services:
+                if isinstance(s, InProcessService) and s.task.done():
+                    s.task.result()  # surface a crash
+            if loop.time() > deadline:
+                raise AssertionError("gateway never became ready")
+            await asyncio.sleep(0.05)
+
+    # ------------------------------------------------------------ playing WeCom
+    async def post(self, callback: Callback) -> httpx.Response:
+        return await self.http.post(
+            self.callback_url,
+            params=callback.query,
+            content=callback.body,
+            headers={"Content-Type": "text/xml"},
+        )
+
+    async def say(self, user: str, text: str) -> Callback:
+        """A user sends a text message; WeCom posts it until it gets a 200."""
+        callback = self.client.text(user, text)
+        for _ in range(50):
+            response = await self.post(callback)
+            if response.status_code == 200:
+                return callback
+            assert response.status_code == 503, response.text
+            await asyncio.sleep(0.1)  # WeCom's retry interval (it retries on non-200)
+        raise AssertionError(f"gateway never accepted {text!r}")
+
+    def replies(self, user: str) -> list[str]:
+        return self.wecom.messages_to(user)
+
+    async def wait_replies(self, user: str, count: int, timeout: float = 30.0) -> list[str]:
+        await eventually(
+            lambda: len(self.replies(user)) >= count,
+            timeout=timeout,
+            what=f"{count} replies to {user} (have {self.replies(user)})",
+        )
+        return self.replies(user)

@@ -1,0 +1,679 @@
+"""The llm service's pure logic, its model adapters, and its handler over fakes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+from collections.abc import AsyncIterator, Sequence
+from datetime import UTC, datetime
+
+import httpx
+import pytest
+
+from wecombot_common.bus import (
+    Appended,
+    AppendUnavailable,
+    ConcurrencyConflict,
+    StoredEvent,
+)
+from wecombot_common.errors import ConfigError
+from wecombot_common.events import (
+    ConversationReset,
+    Event,
+    ImagePayload,
+    LinkPayload,
+    LocationPayload,
+    MessageReceived,
+    Payload,
+    ReplyFailed,
+    ReplyGenerated,
+    TextPayload,
+    UnknownPayload,
+    VideoPayload,
+    VoicePayload,
+    WeComEventPayload,
+    derived_id,
+)
+from wecombot_common.settings import Secret
+from wecombot_common.topology import ConversationRef, subject_for
+from wecombot_common.worker import Ack, Nak
+from wecombot_llm.commands import HELP_TEXT, Command, parse_command
+from wecombot_llm.conversation import Blocked, Conversation, Done, Go, fold, plan
+from wecombot_llm.decide import AskModel, Reply, decide, requires_outcome
+from wecombot_llm.handler import HandlerConfig, LlmHandler
+from wecombot_llm.model import (
+    Completion,
+    ModelRejected,
+    ModelUnavailable,
+    OfflineModel,
+    OpenAIChatModel,
+)
+from wecombot_llm.prompt import ChatMessage, Turn, build_prompt, estimate_tokens
+from wecombot_llm.retry import next_delay, parse_retry_after, retry_after_of
+from wecombot_llm.settings import LlmSettings, ModelSettings, ReplyPolicy
+
+APP = "ww1-1000002"
+USER = "zhang.san@corp"
+
+
+def msg(
+    text: str | None = None, *, payload: Payload | None = None, user: str = USER
+) -> MessageReceived:
+    body = payload if payload is not None else TextPayload(content=text or "")
+    return MessageReceived(
+        app=APP,
+        conversation=user,
+        correlation_id=str(random.getrandbits(60)),
+        msg_type="text",
+        msg_id=None,
+        from_user=user,
+        to_user="ww1",
+        agent_id=1000002,
+        create_time=0,
+        payload=body,
+    )
+
+
+def reply_to(m: MessageReceived, text: str, kind: str = "answer") -> ReplyGenerated:
+    return ReplyGenerated(
+        app=APP,
+        conversation=m.conversation,
+        correlation_id=m.correlation_id,
+        causation_id=m.event_id,
+        text=text,
+        kind=kind,  # type: ignore[arg-type]
+    )
+
+
+def fail_of(m: MessageReceived) -> ReplyFailed:
+    return ReplyFailed(
+        app=APP,
+        conversation=m.conversation,
+        correlation_id=m.correlation_id,
+        causation_id=m.event_id,
+        reason="HTTP 500",
+        attempts=3,
+        text="sorry",
+    )
+
+
+def reset_of(m: MessageReceived) -> ConversationReset:
+    return ConversationReset(
+        app=APP,
+        conversation=m.conversation,
+        correlation_id=m.correlation_id,
+        causation_id=m.event_id,
+        text="cleared",
+    )
+
+
+def stored(*events: Event) -> list[StoredEvent]:
+    return [StoredEvent(seq=i, event=e) for i, e in enumerate(events, start=1)]
+
+
+def always(_: MessageReceived) -> bool:
+    return True
+
+
+# ---------------------------------------------------------------- the fold
+
+
+def test_fold_pairs_answers_with_their_questions_since_the_last_reset() -> None:
+    q1, q2, r, q3, q4, q5 = msg("q1"), msg("q2"), msg("/reset"), msg("q3"), msg("q4"), msg("q5")
+    conv = fold(
+        stored(
+            q1,
+            q2,
+            reply_to(q2, "a2"),
+            reply_to(q1, "a1"),  # answers match by causation, not position
+            r,
+            reset_of(r),
+            q3,
+            reply_to(q3, "a3"),
+            q4,
+            fail_of(q4),  # failed: not a turn
+            q5,
+        ),
+        always,
+    )
+    assert list(conv.turns) == [Turn("q3", "a3")]
+    assert set(conv.awaiting) == {q5.event_id}
+    assert all(conv.has_outcome(m.event_id) for m in (q1, q2, r, q3, q4))
+    assert (conv.last_seq, conv.llm_last_seq) == (11, 10)
+
+
+def test_fold_excludes_notices_and_ignores_replays_and_second_copies() -> None:
+    help_, q = msg("/help"), msg("hi")
+    events = stored(help_, reply_to(help_, HELP_TEXT, "notice"), q, reply_to(q, "hello"), q)
+    conv = fold(events, always)
+    for again in events:  # replaying what was applied changes nothing
+        conv.apply(again)
+    assert list(conv.turns) == [Turn("hi", "hello")]
+    assert conv.awaiting == {}  # the second copy of q (seq 5) is already answered
+    assert conv.last_seq == 5
+
+
+def test_fold_keeps_the_first_copy_of_a_message_stored_twice() -> None:
+    q = msg("hi")
+    conv = fold(stored(q, q), always)
+    assert conv.awaiting[q.event_id].seq == 1
+    assert plan(conv, q.event_id, 2, settled_through=0) == Go()  # copies don't block
+    assert plan(conv, q.event_id, 1, settled_through=0) == Go()
+
+
+def test_fold_ignores_messages_that_need_no_outcome() -> None:
+    event = msg(payload=WeComEventPayload(event="enter_agent"))
+    conv = fold(stored(event), lambda m: requires_outcome(m))
+    assert conv.awaiting == {}
+
+
+def test_fold_keeps_a_bounded_number_of_turns() -> None:
+    conv = Conversation(needs_outcome=always, keep_turns=2)
+    events: list[Event] = []
+    for k in range(5):
+        q = msg(f"q{k}")
+        events += [q, reply_to(q, f"a{k}")]
+    for s in stored(*events):
+        conv.apply(s)
+    assert list(conv.turns) == [Turn("q3", "a3"), Turn("q4", "a4")]
+
+
+# ---------------------------------------------------------------- planning
+
+
+def test_plan_waits_for_an_earlier_unanswered_message() -> None:
+    q1, q2 = msg("q1"), msg("q2")
+    conv = fold(stored(q1, q2), always)
+    assert plan(conv, q1.event_id, 1, settled_through=0) == Go()
+    assert plan(conv, q2.event_id, 2, settled_through=0) == Blocked(q1.event_id, 1)
+    assert plan(conv, q2.event_id, 2, settled_through=1) == Go()  # q1 settled: abandoned
+    assert plan(conv, q2.event_id, 2, settled_through=0, ignore_order=True) == Go()
+    conv.apply(StoredEvent(3, reply_to(q1, "a1")))
+    assert plan(conv, q1.event_id, 1, settled_through=0) == Done()
+    assert plan(conv, q2.event_id, 2, settled_through=0) == Go()
+
+
+def test_plan_waits_while_its_own_message_is_not_visible_yet() -> None:
+    q1 = msg("q1")
+    conv = fold(stored(q1), always)
+    assert plan(conv, "later", 2, settled_through=0) == Blocked("later", 0)
+
+
+# ---------------------------------------------------------------- prompt
+
+
+def test_prompt_keeps_the_last_turns_in_order() -> None:
+    turns = [Turn(f"q{k}", f"a{k}") for k in range(5)]
+    messages = build_prompt("sys", turns, "now", max_turns=2, max_tokens=8000)
+    assert [(m.role, m.content) for m in messages] == [
+        ("system", "sys"),
+        ("user", "q3"),
+        ("assistant", "a3"),
+        ("user", "q4"),
+        ("assistant", "a4"),
+        ("user", "now"),
+    ]
+    assert build_prompt("sys", turns, "now", max_turns=0, max_tokens=8000) == [
+        ChatMessage("system", "sys"),
+        ChatMessage("user", "now"),
+    ]
+
+
+def test_token_estimate_counts_cjk_per_character_and_ascii_per_four() -> None:
+    assert estimate_tokens("") == 0
+    assert estimate_tokens("abcd") == 1
+    assert estimate_tokens("abcde") == 2
+    assert estimate_tokens("你好世界") == 4
+    assert estimate_tokens("こんにちは") == 5
+    assert estimate_tokens("안녕") == 2
+    assert estimate_tokens("你好 abcd") == 2 + 2  # 2 CJK + " abcd" (5 chars → 2)
+
+
+@pytest.mark.parametrize(
+    ("unit", "turn_tokens"),
+    [
+        ("x" * 400, 2 * (4 + 100)),  # ASCII: 400 chars → 100 tokens, + 4 overhead each
+        ("字" * 100, 2 * (4 + 100)),  # CJK: 100 chars → 100 tokens
+    ],
+)
+def test_prompt_drops_oldest_turns_to_fit_the_token_budget(unit: str, turn_tokens: int) -> None:
+    turns = [Turn(f"{k}{unit}"[:-1], f"{k}{unit}"[:-1]) for k in range(10)]
+    fixed = (4 + estimate_tokens("sys")) + (4 + estimate_tokens("now"))
+    budget = fixed + 3 * turn_tokens  # room for exactly three turns
+    messages = build_prompt("sys", turns, "now", max_turns=20, max_tokens=budget)
+    assert [m.content[0] for m in messages[1:-1:2]] == ["7", "8", "9"]
+    messages = build_prompt("sys", turns, "now", max_turns=20, max_tokens=budget - 1)
+    assert [m.content[0] for m in messages[1:-1:2]] == ["8", "9"]
+
+
+def test_prompt_always_keeps_system_and_current_message() -> None:
+    huge = "长" * 10_000
+    messages = build_prompt("sys", [Turn("q", "a")], huge, max_turns=20, max_tokens=100)
+    assert messages == [ChatMessage("system", "sys"), ChatMessage("user", huge)]
+
+
+# ---------------------------------------------------------------- commands and decisions
+
+
+@pytest.mark.parametrize(
+    ("text", "command"),
+    [
+        ("/reset", Command.RESET),
+        ("  /RESET\n", Command.RESET),
+        ("／reset", Command.RESET),
+        ("#清除记忆", Command.RESET),
+        ("/help", Command.HELP),
+        ("/reset now", None),
+        ("please /help", None),
+        ("hello", None),
+    ],
+)
+def test_parse_command(text: str, command: Command | None) -> None:
+    assert parse_command(text) is command
+
+
+ALL_PAYLOADS: list[tuple[Payload, bool, bool]] = [
+    # payload, needs an outcome, … when a welcome message is configured
+    (TextPayload(content="hi"), True, True),
+    (ImagePayload(pic_url="u", media_id="m"), True, True),
+    (VoicePayload(media_id="m", format="amr"), True, True),
+    (VideoPayload(media_id="m", thumb_media_id="t"), True, True),
+    (LocationPayload(latitude=1.0, longitude=2.0, scale=15, label="here"), True, True),
+    (LinkPayload(title="t", description="d", url="u", pic_url="p"), True, True),
+    (UnknownPayload(msg_type="file"), True, True),
+    (WeComEventPayload(event="enter_agent"), False, True),
+    (WeComEventPayload(event="subscribe"), False, False),
+    (WeComEventPayload(event="click", event_key="k"), False, False),
+]
+
+
+@pytest.mark.parametrize(("payload", "plain", "welcome"), ALL_PAYLOADS)
+def test_requires_outcome_for_every_payload_kind(
+    payload: Payload, plain: bool, welcome: bool
+) -> None:
+    m = msg(payload=payload)
+    assert requires_outcome(m) is plain
+    assert requires_outcome(m, welcome=True) is welcome
+
+
+@pytest.mark.parametrize(
+    ("payload", "word"),
+    [
+        (ImagePayload(pic_url="u", media_id="m"), "图片"),
+        (VoicePayload(media_id="m", format="amr"), "语音"),
+        (VideoPayload(media_id="m", thumb_media_id="t"), "视频"),
+        (LocationPayload(latitude=1.0, longitude=2.0, scale=15, label="x"), "位置"),
+        (LinkPayload(title="t", description="d", url="u", pic_url="p"), "链接"),
+        (UnknownPayload(msg_type="file"), "这类"),
+    ],
+)
+def test_other_message_types_get_a_not_supported_notice(payload: Payload, word: str) -> None:
+    m = msg(payload=payload)
+    action = decide(m, Conversation(needs_outcome=always), ReplyPolicy())
+    assert isinstance(action, Reply)
+    assert isinstance(action.outcome, ReplyGenerated)
+    assert action.outcome.kind == "notice"
+    assert word in action.outcome.text and "不支持" in action.outcome.text
+
+
+def test_decisions_carry_the_deterministic_envelope() -> None:
+    policy = ReplyPolicy(system_prompt="sys", welcome_message="welcome!")
+    conv = Conversation(needs_outcome=always)
+    conv.turns.append(Turn("q0", "a0"))
+    for text, kind in (("/reset", ConversationReset), ("#清除记忆", ConversationReset)):
+        m = msg(text)
+        action = decide(m, conv, policy)
+        assert isinstance(action, Reply) and isinstance(action.outcome, kind)
+        assert action.outcome.event_id == derived_id(m.event_id, "outcome")
+        assert action.outcome.causation_id == m.event_id
+        assert action.outcome.correlation_id == m.correlation_id
+    helped = decide(msg("/help"), conv, policy)
+    assert isinstance(helped, Reply) and isinstance(helped.outcome, ReplyGenerated)
+    assert (helped.outcome.kind, helped.outcome.text) == ("notice", HELP_TEXT)
+    welcomed = decide(msg(payload=WeComEventPayload(event="enter_agent")), conv, policy)
+    assert isinstance(welcomed, Reply) and welcomed.outcome.text == "welcome!"
+    asked = decide(msg("q1"), conv, policy)
+    assert isinstance(asked, AskModel)
+    assert [m.content for m in asked.messages] == ["sys", "q0", "a0", "q1"]
+
+
+# ---------------------------------------------------------------- retry policy
+
+
+def test_retry_after_in_seconds_and_as_an_http_date() -> None:
+    now = datetime(2025, 1, 1, 12, 0, 0, tzinfo=UTC)
+    assert parse_retry_after("1") == 1.0
+    assert parse_retry_after(" 2.5 ") == 2.5
+    assert parse_retry_after("Wed, 01 Jan 2025 12:00:30 GMT", now=now) == 30.0
+    assert parse_retry_after("Wed, 01 Jan 2025 11:00:00 GMT", now=now) == 0.0  # past
+    for bad in (None, "", "soon", "-1", "nan", "inf"):
+        assert parse_retry_after(bad) is None
+    assert retry_after_of({"retry-after-ms": "250", "retry-after": "9"}) == 0.25
+    assert retry_after_of({"retry-after": "3"}) == 3.0
+    assert retry_after_of({}) is None
+
+
+def test_backoff_has_full_jitter_and_honours_retry_after() -> None:
+    rng = random.Random(1)
+    for attempt in range(1, 12):
+        delay = next_delay(attempt, None, rng)
+        assert 0 <= delay <= min(8.0, 0.5 * 2 ** (attempt - 1))
+    assert next_delay(1, 3.0, rng) == 3.0
+
+
+# ---------------------------------------------------------------- settings
+
+
+def test_settings_defaults_and_offline_without_a_key() -> None:
+    s = LlmSettings.from_env({})
+    assert s.offline and s.model.api_key is None
+    assert (s.model.base_url, s.model.model) == ("https://api.openai.com/v1", "gpt-4o-mini")
+    assert (s.policy.max_turns, s.policy.max_context_tokens) == (20, 8000)
+    assert (s.max_concurrency, s.health_port, s.max_deliver) == (64, 8081, 10)
+    assert (s.ack_wait_s, s.order_wait_s, s.model.retry_budget_s) == (30.0, 60.0, 90.0)
+    assert s.model.max_connections >= s.max_concurrency
+    assert s.policy.welcome_message is None and s.policy.apology_message
+    online = LlmSettings.from_env({"OPENAI_API_KEY": "sk-abc", "OPENAI_BASE_URL": "http://h/v1/"})
+    assert not online.offline and online.model.base_url == "http://h/v1"
+    assert "sk-abc" not in repr(online)
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("LLM_MAX_TURNS", "many"),
+        ("LLM_MAX_CONTEXT_TOKENS", "-5"),
+        ("LLM_MAX_CONCURRENCY", "0"),
+        ("LLM_REQUEST_TIMEOUT", "abc"),
+        ("LLM_RETRY_BUDGET", "-1"),
+        ("LLM_TEMPERATURE", "7"),
+        ("LLM_ACK_WAIT", "x"),
+        ("LLM_MAX_DELIVER", "0"),
+        ("LLM_ORDER_WAIT", "later"),
+        ("OPENAI_BASE_URL", "ftp://example.com"),
+        ("WECOMBOT_HEALTH_PORT", "70000"),
+    ],
+)
+def test_settings_errors_name_the_variable(name: str, value: str) -> None:
+    with pytest.raises(ConfigError, match=name):
+        LlmSettings.from_env({name: value})
+
+
+# ---------------------------------------------------------------- models
+
+
+async def test_offline_model_echoes_deterministically() -> None:
+    messages = build_prompt("sys", [Turn("a", "b")], "你好", max_turns=20, max_tokens=8000)
+    done = await OfflineModel().complete(messages)
+    assert done.text == "[offline model] you said: 你好 (context: 1 earlier turns)"
+    assert done.model == "offline"
+
+
+def model_settings(**changes: object) -> ModelSettings:
+    base: dict[str, object] = {
+        "api_key": Secret("sk-unit-test"),
+        "base_url": "https://llm.example/v1",
+        "model": "m1",
+        "api_version": None,
+        "temperature": None,
+        "request_timeout_s": 5.0,
+        "retry_budget_s": 5.0,
+        "max_connections": 8,
+    }
+    base.update(changes)
+    return ModelSettings(**base)  # type: ignore[arg-type]
+
+
+def completion_json(text: str) -> dict[str, object]:
+    return {
+        "model": "m1-2025",
+        "choices": [{"message": {"role": "assistant", "content": text}}],
+        "usage": {"prompt_tokens": 7, "completion_tokens": 3},
+    }
+
+
+async def test_openai_model_bearer_request_and_parsing() -> None:
+    seen: list[httpx.Request] = []
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(200, json=completion_json(" hi there "))
+
+    model = OpenAIChatModel(model_settings(temperature=0.2), transport=httpx.MockTransport(handle))
+    done = await model.complete([ChatMessage("system", "s"), ChatMessage("user", "u")])
+    await model.aclose()
+    assert done == Completion("hi there", "m1-2025", 7, 3)
+    (request,) = seen
+    assert str(request.url) == "https://llm.example/v1/chat/completions"
+    assert request.headers["authorization"] == "Bearer sk-unit-test"
+    assert json.loads(request.content) == {
+        "model": "m1",
+        "messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}],
+        "stream": False,
+        "temperature": 0.2,
+    }
+
+
+async def test_openai_model_azure_api_version_uses_api_key_header() -> None:
+    seen: list[httpx.Request] = []
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(200, json=completion_json("ok"))
+
+    settings = model_settings(
+        base_url="https://r.openai.azure.com/openai/deployments/gpt4o",
+        api_version="2024-10-21",
+    )
+    model = OpenAIChatModel(settings, transport=httpx.MockTransport(handle))
+    await model.complete([ChatMessage("user", "u")])
+    await model.aclose()
+    assert seen[0].url.params["api-version"] == "2024-10-21"
+    assert seen[0].headers["api-key"] == "sk-unit-test"
+    assert "authorization" not in seen[0].headers
+
+
+async def test_openai_model_client_errors_are_permanent_and_not_retried() -> None:
+    calls = 0
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        nonlocal calls
+        calls += 1
+        return httpx.Response(400, json={"error": {"message": "context too long"}})
+
+    model = OpenAIChatModel(model_settings(), transport=httpx.MockTransport(handle))
+    with pytest.raises(ModelRejected, match="HTTP 400: context too long") as info:
+        await model.complete([ChatMessage("user", "u")])
+    await model.aclose()
+    assert calls == 1 and info.value.attempts == 1
+
+
+async def test_openai_model_retries_transient_failures_within_the_budget() -> None:
+    responses: list[httpx.Response | Exception] = [
+        httpx.ConnectError("refused"),
+        httpx.Response(503, text="busy"),
+        httpx.Response(200, json=completion_json("finally")),
+    ]
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        nxt = responses.pop(0)
+        if isinstance(nxt, Exception):
+            raise nxt
+        return nxt
+
+    model = OpenAIChatModel(
+        model_settings(), transport=httpx.MockTransport(handle), rng=random.Random(0)
+    )
+    done = await model.complete([ChatMessage("user", "u")])
+    assert done.text == "finally" and responses == []
+
+    def always_busy(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(429, headers={"Retry-After": "30"}, json={"error": "slow down"})
+
+    broke = OpenAIChatModel(
+        model_settings(retry_budget_s=5.0), transport=httpx.MockTransport(always_busy)
+    )
+    with pytest.raises(ModelUnavailable, match="HTTP 429") as info:
+        await broke.complete([ChatMessage("user", "u")])  # Retry-After beyond the budget
+    assert info.value.attempts == 1
+    await model.aclose()
+    await broke.aclose()
+
+
+# ---------------------------------------------------------------- the handler, over fakes
+
+
+class FakeLog:
+    """An in-memory event log with JetStream's append semantics (dedupe, expected seq)."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, StoredEvent]] = []
+        self.msg_ids: dict[str, int] = {}
+        self.settled = 0
+        self.unavailable = 0  # the next N appends fail
+        self.reads = 0
+
+    def add(self, event: Event) -> int:
+        seq = len(self.events) + 1
+        self.events.append((subject_for(event), StoredEvent(seq, event)))
+        return seq
+
+    async def read(self, conv: ConversationRef, *, after_seq: int) -> AsyncIterator[StoredEvent]:
+        self.reads += 1
+        for subject, s in list(self.events):
+            if s.seq > after_seq and subject.startswith(conv.root + "."):
+                yield s
+
+    async def append(
+        self, event: Event, *, msg_id: str, expect_last_seq: int, expect_scope: str
+    ) -> Appended:
+        await asyncio.sleep(0)
+        if self.unavailable:
+            self.unavailable -= 1
+            raise AppendUnavailable("broker away")
+        if msg_id in self.msg_ids:
+            return Appended(self.msg_ids[msg_id], duplicate=True)
+        prefix = expect_scope.removesuffix(">")
+        last = max((s.seq for subj, s in self.events if subj.startswith(prefix)), default=0)
+        if last != expect_last_seq:
+            raise ConcurrencyConflict(f"expected {expect_last_seq}, last is {last}")
+        seq = self.msg_ids[msg_id] = self.add(event)
+        return Appended(seq, duplicate=False)
+
+    async def settled_through(self) -> int:
+        return self.settled
+
+    def outcomes(self) -> list[Event]:
+        return [s.event for _, s in self.events if not isinstance(s.event, MessageReceived)]
+
+
+class FakeModel:
+    def __init__(self, gate: asyncio.Event | None = None) -> None:
+        self.calls: list[list[str]] = []
+        self.gate = gate
+
+    async def complete(self, messages: Sequence[ChatMessage]) -> Completion:
+        self.calls.append([m.content for m in messages])
+        if self.gate is not None:
+            await self.gate.wait()
+        return Completion(text=f"echo: {messages[-1].content}", model="fake")
+
+
+def handler(log: FakeLog, model: FakeModel, **config: float) -> LlmHandler:
+    cfg = HandlerConfig(
+        policy=ReplyPolicy(system_prompt="sys"),
+        poll_first_s=0.005,
+        poll_max_s=0.02,
+        settled_check_after_s=0.0,
+        **config,  # type: ignore[arg-type]
+    )
+    return LlmHandler(log, model, cfg)
+
+
+async def test_handler_two_replicas_delivering_the_same_message_append_once() -> None:
+    log, gate = FakeLog(), asyncio.Event()
+    model = FakeModel(gate)
+    q = msg("hello")
+    seq = log.add(q)
+    first = asyncio.create_task(handler(log, model).handle(q, stream_seq=seq, num_delivered=1))
+    second = asyncio.create_task(handler(log, model).handle(q, stream_seq=seq, num_delivered=2))
+    while len(model.calls) < 2:  # both replicas are asking the model
+        await asyncio.sleep(0)
+    gate.set()
+    assert list(await asyncio.gather(first, second)) == [Ack(), Ack()]
+    assert [o.causation_id for o in log.outcomes()] == [q.event_id]
+
+
+async def test_handler_answers_in_order_with_every_earlier_turn() -> None:
+    log, model = FakeLog(), FakeModel()
+    q1, q2 = msg("q1"), msg("q2")
+    s1, s2 = log.add(q1), log.add(q2)
+    h = handler(log, model)
+    later = asyncio.create_task(h.handle(q2, stream_seq=s2, num_delivered=1))
+    while log.reads < 3:  # q2 has read the log a few times, and is still waiting
+        await asyncio.sleep(0)
+    assert not later.done() and model.calls == []
+    assert await handler(log, model).handle(q1, stream_seq=s1, num_delivered=1) == Ack()
+    assert await later == Ack()
+    assert model.calls == [["sys", "q1"], ["sys", "q1", "echo: q1", "q2"]]
+    assert await h.handle(q2, stream_seq=s2, num_delivered=2) == Ack()  # a redelivery
+    assert len(log.outcomes()) == 2
+
+
+async def test_handler_hands_back_after_the_order_wait_unless_last_delivery() -> None:
+    log, model = FakeLog(), FakeModel()
+    q1, q2 = msg("q1"), msg("q2")
+    log.add(q1)
+    s2 = log.add(q2)
+    h = handler(log, model, order_wait_s=0.05, max_deliver=3)
+    outcome = await h.handle(q2, stream_seq=s2, num_delivered=1)
+    assert isinstance(outcome, Nak) and "seq 1" in outcome.reason
+    assert await h.handle(q2, stream_seq=s2, num_delivered=3) == Ack()  # last delivery
+    assert model.calls == [["sys", "q2"]]
+
+
+async def test_handler_skips_an_earlier_message_the_consumer_settled() -> None:
+    log, model = FakeLog(), FakeModel()
+    q1, q2 = msg("q1"), msg("q2")
+    log.add(q1)
+    s2 = log.add(q2)
+    log.settled = 1  # q1 was dead-lettered: nobody will answer it
+    assert await handler(log, model).handle(q2, stream_seq=s2, num_delivered=1) == Ack()
+    assert model.calls == [["sys", "q2"]]
+
+
+async def test_handler_keeps_the_answer_when_the_append_fails() -> None:
+    log, model = FakeLog(), FakeModel()
+    q = msg("q")
+    seq = log.add(q)
+    log.unavailable = 1
+    h = handler(log, model)
+    assert isinstance(await h.handle(q, stream_seq=seq, num_delivered=1), Nak)
+    assert await h.handle(q, stream_seq=seq, num_delivered=2) == Ack()
+    assert len(model.calls) == 1  # the redelivery reused the computed answer
+    assert [o.causation_id for o in log.outcomes()] == [q.event_id]
+
+
+async def test_handler_ignores_events_that_need_no_outcome() -> None:
+    log, model = FakeLog(), FakeModel()
+    event = msg(payload=WeComEventPayload(event="subscribe"))
+    seq = log.add(event)
+    assert await handler(log, model).handle(event, stream_seq=seq, num_delivered=1) == Ack()
+    assert log.outcomes() == []
+
+
+async def test_handler_turns_a_model_failure_into_the_apology() -> None:
+    class Broken:
+        async def complete(self, messages: Sequence[ChatMessage]) -> Completion:
+            raise ModelUnavailable("HTTP 503 (gave up after 4 attempts)", attempts=4)
+
+    log = FakeLog()
+    q = msg("q")
+    seq = log.add(q)
+    cfg = HandlerConfig(policy=ReplyPolicy(apology_message="sorry!"))
+    assert await LlmHandler(log, Broken(), cfg).handle(q, stream_seq=seq, num_delivered=1) == Ack()
+    (failed,) = log.outcomes()
+    assert isinstance(failed, ReplyFailed)
+    assert (failed.text, failed.attempts) == ("sorry!", 4)
+    assert "HTTP 503" in failed.reason
