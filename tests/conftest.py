@@ -44,7 +44,7 @@ class NatsHandle:
 
 
 def _docker_nats() -> Iterator[NatsHandle]:
-    from testcontainers.nats import NatsContainer  # type: ignore[import-not-found]
+    from testcontainers.community.nats import NatsContainer
 
     with NatsContainer(jetstream=True) as container:
         yield NatsHandle(None, container.nats_uri())

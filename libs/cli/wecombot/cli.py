@@ -19,11 +19,19 @@ from collections.abc import Sequence
 
 __all__ = ["main"]
 
-SERVICES = {
-    "gateway": "WeCom callback endpoint: verify, decrypt, store as events",
-    "llm": "answer received messages with the model",
-    "sender": "deliver replies through WeCom message/send",
-    "token": "own and refresh WeCom access_tokens",
+# command -> (module with ``main(environ) -> int``, one-line help). Add a row per command.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "gateway": (
+        "wecombot_gateway.main",
+        "WeCom callback endpoint: verify, decrypt, store as events",
+    ),
+    "llm": ("wecombot_llm.main", "answer received messages with the model"),
+    "sender": ("wecombot_sender.main", "deliver replies through WeCom message/send"),
+    "token": ("wecombot_token.main", "own and refresh WeCom access_tokens"),
+    "dev": (
+        "wecombot.dev",
+        "run everything in the foreground (embedded nats-server when NATS_URL is unset)",
+    ),
 }
 
 
@@ -33,21 +41,22 @@ def _parser() -> argparse.ArgumentParser:
         description="WeCom ↔ LLM bridge over NATS JetStream. Settings come from the environment.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, help_ in SERVICES.items():
-        sub.add_parser(name, help=help_, description=help_)
-    sub.add_parser(
-        "dev",
-        help="run everything in the foreground (embedded nats-server when NATS_URL is unset)",
-    )
+    for name, (_, help_) in COMMANDS.items():
+        sub.add_parser(name, help=help_, description=help_, add_help=True)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    module = importlib.import_module(
-        "wecombot.dev" if args.command == "dev" else f"wecombot_{args.command}.main"
+    args, rest = _parser().parse_known_args(argv)
+    module = importlib.import_module(COMMANDS[args.command][0])
+    if rest and not getattr(module, "ACCEPTS_ARGS", False):
+        _parser().error(f"unrecognized arguments: {' '.join(rest)}")
+    # Commands that take arguments (ACCEPTS_ARGS = True) get them as ``argv``.
+    code: int = (
+        module.main(os.environ, rest)
+        if getattr(module, "ACCEPTS_ARGS", False)
+        else module.main(os.environ)
     )
-    code: int = module.main(os.environ)
     return code
 
 
