@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -112,6 +113,7 @@ class PullWorker:
         self._tasks: dict[asyncio.Task[None], int] = {}  # task -> stream seq it handles
         self._locks: dict[str, asyncio.Lock] = {}
         self._queued: dict[str, list[int]] = {}
+        self._last_fetch_at = -math.inf  # loop time the last pull request was sent
         self.name = config.durable_name
         self.processed = 0
 
@@ -155,7 +157,8 @@ class PullWorker:
         and only then unsubscribe (a nak while a request of ours is open would come
         straight back to us instead of going to another replica).
         """
-        await asyncio.sleep(self._fetch_timeout)
+        loop = asyncio.get_running_loop()
+        await asyncio.sleep(max(0.0, self._last_fetch_at + self._fetch_timeout - loop.time()))
         # nats-py exposes no public way to read what a pull subscription has buffered.
         queue: asyncio.Queue[Msg] | None = getattr(
             getattr(sub, "_sub", None), "_pending_queue", None
@@ -208,6 +211,7 @@ class PullWorker:
     async def _fetch(
         self, sub: JetStreamContext.PullSubscription, batch: int, stopping: asyncio.Future[bool]
     ) -> list[Msg]:
+        self._last_fetch_at = asyncio.get_running_loop().time()
         fetch: asyncio.Future[list[Msg]] = asyncio.ensure_future(
             sub.fetch(batch, timeout=self._fetch_timeout)
         )
