@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import logging
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -515,6 +516,21 @@ def _raw_aes(plaintext: bytes) -> str:
     return base64.b64encode(AES.new(key, AES.MODE_CBC, key[:16]).encrypt(plaintext)).decode()
 
 
+def _raw_plain(message: bytes, *, length: int | None = None, pad: int | None = None) -> str:
+    """Encrypt a hand-built plaintext buffer: a lying length prefix, or a bad pad value."""
+    plain = b"r" * 16 + (len(message) if length is None else length).to_bytes(4, "big")
+    plain += message + CORP.encode()
+    fill = 32 - len(plain) % 32
+    if pad is None:
+        return _raw_aes(plain + bytes([fill]) * fill)
+    return _raw_aes(plain + b"\0" * (fill - 1) + bytes([pad]))
+
+
+def _with_msg_type(msg_type: str) -> Call:
+    fields = {"FromUserName": USER, "CreateTime": NOW, "MsgType": msg_type, "MsgId": "9"}
+    return post(message_xml(fields))
+
+
 def _signed_envelope(encrypt: str, **kw: Any) -> Call:
     return Call(params=signed(encrypt, **kw), body=envelope(encrypt))
 
@@ -592,7 +608,27 @@ BAD_INPUTS: dict[str, Bad] = {
         "not to our CorpID",
     ),
     "bad base64": Bad(lambda: _signed_envelope("!!not*base64!!"), 400, "base64", -40010),
-    "bad padding": Bad(lambda: _signed_envelope(_raw_aes(bytes(32))), 400, "padding", -40008),
+    "bad padding (value 0)": Bad(
+        lambda: _signed_envelope(_raw_aes(bytes(32))), 400, "padding", -40008
+    ),
+    "bad padding (value over 32)": Bad(
+        lambda: _signed_envelope(_raw_plain(text_message("9"), pad=33)), 400, "padding", -40008
+    ),
+    "bad padding (bytes disagree)": Bad(
+        lambda: _signed_envelope(_raw_plain(text_message("9"), pad=7)), 400, "padding", -40008
+    ),
+    "length prefix beyond the buffer": Bad(
+        lambda: _signed_envelope(_raw_plain(text_message("9"), length=10_000)),
+        400,
+        "length prefix beyond the buffer",
+        -40008,
+    ),
+    "buffer shorter than its header": Bad(
+        lambda: _signed_envelope(_raw_aes(b"r" * 16 + bytes([16]) * 16)),
+        400,
+        "shorter than 20 bytes",
+        -40008,
+    ),
     "truncated ciphertext": Bad(_truncated, 400, "multiple of 16", -40007),
     "XXE": Bad(lambda: Call(params=signed("x"), body=XXE), 400, "DTDForbidden", -40002),
     "billion laughs": Bad(
@@ -602,6 +638,21 @@ BAD_INPUTS: dict[str, Bad] = {
         lambda: post(XXE.replace(b"<Encrypt>&xxe;</Encrypt>", b"<x>&xxe;</x>")),
         400,
         "decrypted message refused",
+    ),
+    "external DTD": Bad(
+        lambda: Call(
+            params=signed("x"),
+            body=b'<!DOCTYPE xml SYSTEM "http://127.0.0.1:9/evil.dtd"><xml><Encrypt>x</Encrypt></xml>',
+        ),
+        400,
+        "DTDForbidden",
+        -40002,
+    ),
+    "envelope not UTF-8": Bad(
+        lambda: Call(params=signed("x"), body=b"<xml><Encrypt>\xff</Encrypt></xml>"),
+        400,
+        "not valid UTF-8",
+        -40002,
     ),
     "not XML": Bad(lambda: Call(params=signed("x"), body=b"{}"), 400, "not well-formed", -40002),
     "no Encrypt element": Bad(
@@ -620,7 +671,7 @@ BAD_INPUTS: dict[str, Bad] = {
         413,
         "body exceeds",
     ),
-    "stale timestamp": Bad(
+    "replayed (stale) timestamp": Bad(
         lambda: post(text_message("9"), timestamp=int(time.time()) - 301), 403, "window"
     ),
     "future timestamp": Bad(
@@ -634,6 +685,14 @@ BAD_INPUTS: dict[str, Bad] = {
         400,
         "timestamp",
     ),
+    "missing timestamp": Bad(
+        lambda: _without("timestamp", post(text_message("9"))), 400, "timestamp is missing"
+    ),
+    "empty nonce": Bad(
+        lambda: Call(params=[("msg_signature", "a"), ("timestamp", "1"), ("nonce", "")]),
+        400,
+        "nonce is empty",
+    ),
     "missing nonce": Bad(
         lambda: _without("nonce", post(text_message("9"))), 400, "nonce is missing"
     ),
@@ -645,6 +704,9 @@ BAD_INPUTS: dict[str, Bad] = {
     ),
     "duplicated msg_signature": Bad(
         lambda: _twice("msg_signature", post(text_message("9"))), 400, "repeated"
+    ),
+    "duplicated timestamp": Bad(
+        lambda: _twice("timestamp", post(text_message("9"))), 400, "timestamp is repeated"
     ),
     "duplicated echostr (GET)": Bad(lambda: _twice("echostr", _url_check()), 400, "repeated"),
     "forged signature (GET)": Bad(lambda: _forged(_url_check()), 403, "signature mismatch", -40001),
@@ -669,6 +731,10 @@ BAD_INPUTS: dict[str, Bad] = {
     "invalid UTF-8 in the decrypted message": Bad(
         lambda: post(text_message("9").replace("你好".encode(), b"\xff\xfe")), 400, "UTF-8"
     ),
+    "MsgType empty": Bad(lambda: _with_msg_type(""), 400, "MsgType is empty"),
+    "MsgType overlong": Bad(lambda: _with_msg_type("x" * 33), 400, "not a type token"),
+    "MsgType outside [a-z_]": Bad(lambda: _with_msg_type("text<script>"), 400, "not a type token"),
+    "MsgType upper case": Bad(lambda: _with_msg_type("Text"), 400, "not a type token"),
     "missing FromUserName": Bad(
         lambda: post(
             message_xml({"CreateTime": NOW, "MsgType": "text", "Content": "x", "MsgId": "9"})
@@ -691,15 +757,19 @@ BAD_INPUTS: dict[str, Bad] = {
 
 @pytest.mark.parametrize("case", BAD_INPUTS.values(), ids=BAD_INPUTS.keys())
 async def test_bad_input_is_refused_logged_once_and_nothing_is_stored(
-    make_gateway: MakeGateway, case: Bad
+    make_gateway: MakeGateway, case: Bad, caplog: pytest.LogCaptureFixture
 ) -> None:
+    """Each row: its documented 4xx (docs/security.md), exactly one log line with the
+    reason, nothing stored, the process still answering."""
     gw = await make_gateway(GATEWAY_MAX_BODY_BYTES=str(SMALL_BODY_LIMIT))
+    caplog.set_level(logging.WARNING)  # aiohttp's own error lines, had a handler escaped
     with capture_logs() as logs:
         resp = await gw.send(case.build())
         body = await resp.read()
     assert resp.status == case.status
     assert b"<xml" not in body and "你好".encode() not in body  # never echoes input
-    [rejected] = rejections(logs)
+    assert logs == rejections(logs), logs  # exactly one line: the rejection
+    [rejected] = logs
     assert rejected["log_level"] == "warning"
     assert rejected["status"] == case.status
     assert case.reason in rejected["reason"]
@@ -708,6 +778,23 @@ async def test_bad_input_is_refused_logged_once_and_nothing_is_stored(
     assert not [e for e in logs if e["log_level"] in ("error", "critical")]
     assert await gw.events() == []
     assert (await gw.client.get("/healthz")).status == 200
+    assert not caplog.records, caplog.records
+
+
+def test_every_bad_input_is_documented_with_its_status() -> None:
+    """docs/security.md lists every row of BAD_INPUTS with the same status and code."""
+    doc = (Path(__file__).parents[2] / "docs" / "security.md").read_text(encoding="utf-8")
+    rows = {
+        cells[0]: cells[1:]
+        for line in doc.splitlines()
+        if line.startswith("| ")
+        for cells in [[c.strip().strip("`") for c in line.strip("|").split("|")]]
+    }
+    for name, case in BAD_INPUTS.items():
+        assert name in rows, f"{name!r} is missing from docs/security.md"
+        status, code = rows[name][0], rows[name][1]
+        assert status == str(case.status), name
+        assert code == ("" if case.code is None else str(case.code)), name
 
 
 async def test_health_and_readiness(gateway: Gateway) -> None:
@@ -779,11 +866,14 @@ async def test_a_port_in_use_is_a_configuration_error(
             await asyncio.wait_for(run_gateway(process_settings, asyncio.Event()), 10)
 
 
-async def test_run_gateway_waits_for_nats_and_stops_while_waiting(
+async def test_run_gateway_is_alive_but_not_ready_while_nats_is_away(
     process_settings: GatewaySettings, nats_server: NatsHandle
 ) -> None:
+    """Liveness passes (no restart loop while NATS comes up), readiness does not, and a
+    callback gets 503 so WeCom retries it later; stop still works while waiting."""
     nats_server.stop()
     stop = asyncio.Event()
+    base = f"http://127.0.0.1:{process_settings.port}"
     with capture_logs() as logs:
         task = asyncio.create_task(run_gateway(process_settings, stop))
 
@@ -791,10 +881,23 @@ async def test_run_gateway_waits_for_nats_and_stops_while_waiting(
             return any(e["event"] == "nats.error" for e in logs)
 
         await until(failed_to_connect)
+        assert await _status(f"{base}/healthz") == 200
+        assert await _status(f"{base}/readyz") == 503
+        call = post(text_message("77"))
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(
+                f"{base}{process_settings.callback_path}",
+                params=call.params,
+                data=call.body,
+                headers=call.headers,
+            ) as resp,
+        ):
+            assert resp.status == 503
     assert not task.done()
-    assert await _status(f"http://127.0.0.1:{process_settings.port}/healthz") is None
     stop.set()
     await asyncio.wait_for(task, 5)
+    assert await _status(f"{base}/healthz") is None
 
 
 async def test_run_gateway_starts_once_nats_comes_up(

@@ -1,7 +1,9 @@
 """``wecombot gateway``: wire settings, NATS and the HTTP app; run until SIGTERM/SIGINT.
 
-Start-up: connect to NATS (nats-py keeps retrying an unreachable server), create the
-topology (retried with exponential backoff while JetStream is unavailable), then listen.
+Start-up: listen at once (/healthz answers; /readyz and callbacks answer 503 until NATS
+is ready, so WeCom retries), connect to NATS (nats-py keeps retrying an unreachable
+server), create the topology (retried with exponential backoff while JetStream is
+unavailable), then accept callbacks.
 Shutdown (``stop`` set): stop accepting connections, let in-flight callbacks finish (each
 is bounded by GATEWAY_PUBLISH_TIMEOUT), then drain NATS.
 
@@ -13,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Mapping
 from typing import TypeVar
 
 import nats.errors
@@ -28,7 +30,7 @@ from wecombot_common.logs import configure_logging
 from wecombot_common.runtime import run_service
 
 from .app import create_app
-from .publisher import JetStreamPublisher
+from .publisher import JetStreamPublisher, Pending
 from .readiness import jetstream_ready
 from .settings import GatewaySettings
 
@@ -56,23 +58,31 @@ async def serve(settings: GatewaySettings, stop: asyncio.Event) -> None:
 
 async def run_gateway(settings: GatewaySettings, stop: asyncio.Event) -> None:
     """Everything but logging set-up (tests run this with structlog left as they set it)."""
-    connected = await _connect(settings, stop)
-    if connected is None:
-        log.info("gateway.stopped", detail="stopped before NATS was reachable")
-        return
-    nc, js = connected
+    # Listen first: /healthz answers while NATS is still coming up (callbacks get 503
+    # and WeCom retries), so a liveness probe never restarts a gateway waiting for NATS.
+    pending = Pending()
+    connected: tuple[NATS, JetStreamContext] | None = None
     try:
-        await _listen(settings, nc, js, stop)
+        async with _listening(settings, pending):
+            connected = await _connect(settings, stop)
+            if connected is not None:
+                nc, js = connected
+                pending.attach(
+                    JetStreamPublisher(js, timeout_s=settings.publish_timeout_s),
+                    jetstream_ready(nc, js),
+                )
+                log.info("gateway.ready")
+                await stop.wait()
+            log.info("gateway.stopping")
     finally:
-        await _drain(nc)
+        if connected is not None:
+            await _drain(connected[0])
     log.info("gateway.stopped")
 
 
-async def _listen(
-    settings: GatewaySettings, nc: NATS, js: JetStreamContext, stop: asyncio.Event
-) -> None:
-    publisher = JetStreamPublisher(js, timeout_s=settings.publish_timeout_s)
-    app = create_app(settings, publisher, ready=jetstream_ready(nc, js))
+@contextlib.asynccontextmanager
+async def _listening(settings: GatewaySettings, pending: Pending) -> AsyncIterator[None]:
+    app = create_app(settings, pending, ready=pending.ready)
     runner = web.AppRunner(
         app,
         access_log=None,  # one debug line per callback is ours; no access log on the hot path
@@ -88,8 +98,7 @@ async def _listen(
             callback_path=settings.callback_path,
             app=settings.app,
         )
-        await stop.wait()
-        log.info("gateway.stopping")
+        yield
     finally:
         # Closes the listener first, then waits for in-flight requests (shutdown_timeout).
         await runner.cleanup()

@@ -14,8 +14,9 @@ from nats.js import JetStreamContext
 
 from wecombot_common.bus import Appended, AppendUnavailable, append_event
 from wecombot_common.events import MessageReceived
+from wecombot_common.runtime import Check
 
-__all__ = ["JetStreamPublisher", "Publisher"]
+__all__ = ["JetStreamPublisher", "Pending", "Publisher"]
 
 _MARGIN_S = 0.25
 
@@ -50,3 +51,32 @@ class JetStreamPublisher:
                 return await append_event(self._js, event, msg_id=msg_id, timeout=self._timeout_s)
         except TimeoutError:
             raise AppendUnavailable(f"no PubAck within {self._timeout_s:g}s") from None
+
+
+class Pending:
+    """A publisher and readiness check for the time before NATS is reachable.
+
+    The gateway listens at once (so liveness probes pass while NATS is still coming
+    up); until :meth:`attach`, callbacks are answered 503 (WeCom retries) and /readyz
+    says why.
+    """
+
+    __slots__ = ("_publisher", "_ready")
+
+    def __init__(self) -> None:
+        self._publisher: Publisher | None = None
+        self._ready: Check | None = None
+
+    def attach(self, publisher: Publisher, ready: Check) -> None:
+        self._publisher = publisher
+        self._ready = ready
+
+    async def append(self, event: MessageReceived, *, msg_id: str) -> Appended:
+        if self._publisher is None:
+            raise AppendUnavailable("not connected to NATS yet")
+        return await self._publisher.append(event, msg_id=msg_id)
+
+    async def ready(self) -> tuple[bool, str]:
+        if self._ready is None:
+            return False, "connecting to NATS"
+        return await self._ready()
