@@ -7,8 +7,10 @@ else wrote first: reload and decide again").
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import nats
 import nats.errors
@@ -21,6 +23,7 @@ from nats.js.api import StreamConfig
 from . import topology
 from .errors import TransientError
 from .events import Event, EventDecodeError, decode_event, encode_event
+from .runtime import unless_stopped
 from .settings import NatsSettings
 from .topology import ConversationRef, subject_for
 
@@ -31,12 +34,14 @@ __all__ = [
     "StoredEvent",
     "append_event",
     "connect",
+    "connect_when_ready",
     "ensure_stream",
     "ensure_topology",
     "read_conversation",
 ]
 
 log = structlog.get_logger(__name__)
+T = TypeVar("T")
 
 WRONG_LAST_SEQUENCE = 10071
 
@@ -93,6 +98,9 @@ async def connect(settings: NatsSettings, name: str, **options: object) -> NATS:
         "error_cb": on_error,
         "disconnected_cb": on_disconnect,
         "reconnected_cb": on_reconnect,
+        # Replies (JetStream API, PubAcks, token answers) come to an inbox of this client
+        # alone, so NATS permissions can keep every service from reading another's.
+        "inbox_prefix": topology.inbox_prefix(name),
     }
     if settings.user is not None and settings.password is not None:
         kwargs["user"] = settings.user
@@ -203,3 +211,41 @@ async def read_conversation(
             log.warning("event.undecodable", seq=raw.seq, subject=raw.subject, reason=str(exc))
             continue
         yield StoredEvent(seq=raw.seq, event=event)
+
+
+async def connect_when_ready(
+    settings: NatsSettings,
+    name: str,
+    stop: asyncio.Event,
+    prepare: Callable[[JetStreamContext], Awaitable[T]],
+    *,
+    first_retry_s: float = 0.5,
+    max_retry_s: float = 15.0,
+) -> tuple[NATS, T] | None:
+    """Connect, then run ``prepare`` (create streams, buckets…) until it succeeds.
+
+    nats-py keeps retrying an unreachable server by itself; ``prepare`` is retried with
+    exponential backoff while JetStream is unavailable. Returns None if ``stop`` is set
+    first, so a service waiting for its broker still stops at once on SIGTERM::
+
+        >>> ready = await connect_when_ready(s.nats, "wecombot-llm", stop,
+        ...                                  lambda js: ensure_topology(js, s.nats))
+    """
+    log_ = log.bind(client=name)
+    log_.info("nats.connecting", nats_url=settings.url)
+    nc = await unless_stopped(connect(settings, name), stop)
+    if nc is None:
+        return None
+    js = nc.jetstream()
+    delay = first_retry_s
+    while True:
+        try:
+            prepared = await prepare(js)
+        except (TimeoutError, nats.errors.Error, OSError) as exc:
+            log_.warning("nats.not_ready", error=f"{type(exc).__name__}: {exc}", retry_in_s=delay)
+        else:
+            return nc, prepared
+        if await unless_stopped(asyncio.sleep(delay, result=True), stop) is None:
+            await nc.close()
+            return None
+        delay = min(delay * 2, max_retry_s)

@@ -10,6 +10,7 @@ Exit codes: 0 clean stop, 2 bad configuration, 1 anything else.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Mapping
@@ -20,9 +21,10 @@ from aiohttp import web
 
 from .errors import ConfigError
 
-__all__ = ["HealthServer", "run_service"]
+__all__ = ["Check", "DeferredCheck", "HealthServer", "run_service", "unless_stopped"]
 
 S = TypeVar("S")
+T = TypeVar("T")
 log = structlog.get_logger(__name__)
 
 
@@ -92,3 +94,44 @@ class HealthServer:
     async def stop(self) -> None:
         if self._runner is not None:
             await self._runner.cleanup()
+
+
+async def unless_stopped(work: Awaitable[T], stop: asyncio.Event) -> T | None:
+    """Await ``work`` unless ``stop`` is set first (then cancel it and return None).
+
+    >>> nc = await unless_stopped(bus.connect(settings, "x"), stop)  # doctest: +SKIP
+    """
+    task = asyncio.ensure_future(work)
+    stopper = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopper.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    return None
+
+
+class DeferredCheck:
+    """A readiness check that says "not ready" until the real one is attached.
+
+    Services serve /healthz and /readyz from the start, before NATS is reachable, so a
+    liveness probe never restarts a pod that is only waiting for the broker.
+    """
+
+    __slots__ = ("_check", "_waiting")
+
+    def __init__(self, waiting: str = "connecting to NATS") -> None:
+        self._check: Check | None = None
+        self._waiting = waiting
+
+    def attach(self, check: Check) -> None:
+        self._check = check
+
+    async def __call__(self) -> tuple[bool, str]:
+        if self._check is None:
+            return False, self._waiting
+        return await self._check()

@@ -15,14 +15,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Mapping
-from typing import TypeVar
+from collections.abc import AsyncIterator, Mapping
 
 import nats.errors
 import structlog
 from aiohttp import web
 from nats.aio.client import Client as NATS
-from nats.js import JetStreamContext
 
 from wecombot_common import bus
 from wecombot_common.errors import ConfigError
@@ -37,12 +35,9 @@ from .settings import GatewaySettings
 __all__ = ["CLIENT_NAME", "main", "run_gateway", "serve"]
 
 CLIENT_NAME = "wecombot-gateway"
-_FIRST_RETRY_S = 0.5
-_MAX_RETRY_S = 15.0
 _SHUTDOWN_GRACE_S = 1.0  # on top of the publish timeout, for the response to be written
 
 log = structlog.get_logger(__name__)
-T = TypeVar("T")
 
 
 def main(environ: Mapping[str, str]) -> int:
@@ -61,12 +56,15 @@ async def run_gateway(settings: GatewaySettings, stop: asyncio.Event) -> None:
     # Listen first: /healthz answers while NATS is still coming up (callbacks get 503
     # and WeCom retries), so a liveness probe never restarts a gateway waiting for NATS.
     pending = Pending()
-    connected: tuple[NATS, JetStreamContext] | None = None
+    connected: tuple[NATS, None] | None = None
     try:
         async with _listening(settings, pending):
-            connected = await _connect(settings, stop)
+            connected = await bus.connect_when_ready(
+                settings.nats, CLIENT_NAME, stop, lambda js: bus.ensure_topology(js, settings.nats)
+            )
             if connected is not None:
-                nc, js = connected
+                nc, _ = connected
+                js = nc.jetstream()
                 pending.attach(
                     JetStreamPublisher(js, timeout_s=settings.publish_timeout_s),
                     jetstream_ready(nc, js),
@@ -112,48 +110,6 @@ async def _start_site(runner: web.AppRunner, settings: GatewaySettings) -> None:
             f"cannot listen on {settings.host}:{settings.port} (GATEWAY_HOST, GATEWAY_PORT): "
             f"{exc.strerror or exc}"
         ) from exc
-
-
-async def _connect(
-    settings: GatewaySettings, stop: asyncio.Event
-) -> tuple[NATS, JetStreamContext] | None:
-    log.info("gateway.connecting", nats_url=settings.nats.url)
-    nc = await _unless_stopped(bus.connect(settings.nats, CLIENT_NAME), stop)
-    if nc is None:
-        return None
-    js = nc.jetstream()
-    delay = _FIRST_RETRY_S
-    while True:
-        try:
-            await bus.ensure_topology(js, settings.nats)
-        except (TimeoutError, nats.errors.Error, OSError) as exc:
-            log.warning(
-                "gateway.topology_unavailable",
-                error=f"{type(exc).__name__}: {exc}",
-                retry_in_s=delay,
-            )
-        else:
-            return nc, js
-        if await _unless_stopped(asyncio.sleep(delay, result=True), stop) is None:
-            await nc.close()
-            return None
-        delay = min(delay * 2, _MAX_RETRY_S)
-
-
-async def _unless_stopped(work: Awaitable[T], stop: asyncio.Event) -> T | None:
-    """Await ``work`` unless ``stop`` is set first (then cancel it and return None)."""
-    task = asyncio.ensure_future(work)
-    stopper = asyncio.ensure_future(stop.wait())
-    try:
-        await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        stopper.cancel()
-    if task.done():
-        return task.result()
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
-    return None
 
 
 async def _drain(nc: NATS) -> None:

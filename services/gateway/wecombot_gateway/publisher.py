@@ -14,7 +14,7 @@ from nats.js import JetStreamContext
 
 from wecombot_common.bus import Appended, AppendUnavailable, append_event
 from wecombot_common.events import MessageReceived
-from wecombot_common.runtime import Check
+from wecombot_common.runtime import Check, DeferredCheck
 
 __all__ = ["JetStreamPublisher", "Pending", "Publisher"]
 
@@ -54,29 +54,20 @@ class JetStreamPublisher:
 
 
 class Pending:
-    """A publisher and readiness check for the time before NATS is reachable.
+    """The publisher before NATS is reachable: every callback is answered 503 (WeCom
+    retries) until :meth:`attach`. Readiness meanwhile: runtime.DeferredCheck."""
 
-    The gateway listens at once (so liveness probes pass while NATS is still coming
-    up); until :meth:`attach`, callbacks are answered 503 (WeCom retries) and /readyz
-    says why.
-    """
-
-    __slots__ = ("_publisher", "_ready")
+    __slots__ = ("_publisher", "ready")
 
     def __init__(self) -> None:
         self._publisher: Publisher | None = None
-        self._ready: Check | None = None
+        self.ready = DeferredCheck()
 
     def attach(self, publisher: Publisher, ready: Check) -> None:
         self._publisher = publisher
-        self._ready = ready
+        self.ready.attach(ready)
 
     async def append(self, event: MessageReceived, *, msg_id: str) -> Appended:
         if self._publisher is None:
             raise AppendUnavailable("not connected to NATS yet")
         return await self._publisher.append(event, msg_id=msg_id)
-
-    async def ready(self) -> tuple[bool, str]:
-        if self._ready is None:
-            return False, "connecting to NATS"
-        return await self._ready()

@@ -19,10 +19,11 @@ from collections.abc import Awaitable, Callable, Mapping
 import nats.errors
 import structlog
 from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
 
-from wecombot_common.bus import connect, ensure_topology
+from wecombot_common.bus import connect_when_ready, ensure_topology
 from wecombot_common.logs import configure_logging
-from wecombot_common.runtime import HealthServer, run_service
+from wecombot_common.runtime import DeferredCheck, HealthServer, run_service
 from wecombot_common.topology import LLM_CONSUMER, RECEIVED_FILTER, work_consumer
 from wecombot_common.worker import PullWorker
 
@@ -52,48 +53,58 @@ async def serve(settings: LlmSettings, stop: asyncio.Event) -> None:
         )
     else:
         log.info("llm.model", base_url=settings.model.base_url, model=settings.model.model)
-    nc = await connect(settings.nats, "wecombot-llm")
+    # Health first: /healthz answers while NATS is still coming up (readiness does not).
+    ready = DeferredCheck()
+    health = HealthServer("0.0.0.0", settings.health_port, ready=ready)  # noqa: S104
+    await health.start()
     try:
-        js = nc.jetstream()
-        await ensure_topology(js, settings.nats)
-        health = HealthServer("0.0.0.0", settings.health_port, ready=_nats_ready(nc))  # noqa: S104
-        await health.start()
+        connected = await connect_when_ready(
+            settings.nats, "wecombot-llm", stop, lambda js: ensure_topology(js, settings.nats)
+        )
+        if connected is None:
+            return
+        nc, _ = connected
         try:
-            async with open_model(settings.model) as model:
-                handler = LlmHandler(
-                    JetStreamLog(js, consumer=LLM_CONSUMER),
-                    model,
-                    HandlerConfig(
-                        policy=settings.policy,
-                        order_wait_s=settings.order_wait_s,
-                        max_deliver=settings.max_deliver,
-                    ),
-                )
-                worker = PullWorker(
-                    js,
-                    work_consumer(
-                        LLM_CONSUMER,
-                        RECEIVED_FILTER,
-                        ack_wait_s=settings.ack_wait_s,
-                        max_deliver=settings.max_deliver,
-                        max_ack_pending=MAX_ACK_PENDING,
-                    ),
-                    handler,
-                    # No per-key lock in the worker: the handler serialises a
-                    # conversation itself and must not hold it while waiting for an
-                    # earlier message (that message may be queued behind the lock).
-                    key=None,
-                    max_concurrency=settings.max_concurrency,
-                    grace_s=settings.shutdown_grace_s,
-                )
-                log.info("llm.started", concurrency=settings.max_concurrency)
-                await worker.run(stop)
+            ready.attach(_nats_ready(nc))
+            await _answer(settings, nc.jetstream(), stop)
         finally:
-            await health.stop()
+            with contextlib.suppress(nats.errors.Error, TimeoutError):
+                await nc.drain()
     finally:
-        with contextlib.suppress(nats.errors.Error, TimeoutError):
-            await nc.drain()
+        await health.stop()
         log.info("llm.stopped")
+
+
+async def _answer(settings: LlmSettings, js: JetStreamContext, stop: asyncio.Event) -> None:
+    async with open_model(settings.model) as model:
+        handler = LlmHandler(
+            JetStreamLog(js, consumer=LLM_CONSUMER),
+            model,
+            HandlerConfig(
+                policy=settings.policy,
+                order_wait_s=settings.order_wait_s,
+                max_deliver=settings.max_deliver,
+            ),
+        )
+        worker = PullWorker(
+            js,
+            work_consumer(
+                LLM_CONSUMER,
+                RECEIVED_FILTER,
+                ack_wait_s=settings.ack_wait_s,
+                max_deliver=settings.max_deliver,
+                max_ack_pending=MAX_ACK_PENDING,
+            ),
+            handler,
+            # No per-key lock in the worker: the handler serialises a conversation
+            # itself and must not hold it while waiting for an earlier message (that
+            # message may be queued behind the lock).
+            key=None,
+            max_concurrency=settings.max_concurrency,
+            grace_s=settings.shutdown_grace_s,
+        )
+        log.info("llm.started", concurrency=settings.max_concurrency)
+        await worker.run(stop)
 
 
 def _nats_ready(nc: NATS) -> Callable[[], Awaitable[tuple[bool, str]]]:

@@ -7,14 +7,16 @@ settings and a stop event, next to the real token service.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Awaitable, Callable, Mapping
 
+import nats.errors
 import structlog
 from nats.aio.client import Client as NATS
 
-from wecombot_common.bus import connect, ensure_topology
+from wecombot_common.bus import connect_when_ready, ensure_topology
 from wecombot_common.logs import configure_logging
-from wecombot_common.runtime import HealthServer, run_service
+from wecombot_common.runtime import DeferredCheck, HealthServer, run_service
 from wecombot_common.tokens import TokenClient
 from wecombot_common.topology import OUTCOME_FILTER, SENDER_CONSUMER, work_consumer
 from wecombot_common.worker import PullWorker
@@ -33,20 +35,27 @@ CLIENT_NAME = "wecombot-sender"
 async def serve(settings: SenderSettings, stop: asyncio.Event) -> None:
     """Deliver outcome events until ``stop`` is set; then hand back what is in flight."""
     configure_logging(settings.log, service="sender")
-    nc = await connect(settings.nats, CLIENT_NAME)
+    # Health first: /healthz answers while NATS is still coming up (readiness does not).
+    ready = DeferredCheck()
+    health = HealthServer("0.0.0.0", settings.health_port, ready)  # noqa: S104 (probes)
+    await health.start()
     try:
-        js = nc.jetstream()
-        await ensure_topology(js, settings.nats)
-        health = HealthServer("0.0.0.0", settings.health_port, _ready(nc))  # noqa: S104 (probes)
-        await health.start()
+        connected = await connect_when_ready(
+            settings.nats, CLIENT_NAME, stop, lambda js: ensure_topology(js, settings.nats)
+        )
+        if connected is None:
+            return
+        nc, _ = connected
+        ready.attach(_ready(nc))
         api = HttpMessageApi(settings.wecom, timeout_s=settings.http_timeout_s)
         try:
             await _consume(settings, nc, api, stop)
         finally:
             await api.aclose()
-            await health.stop()
+            with contextlib.suppress(nats.errors.Error, TimeoutError):
+                await nc.drain()
     finally:
-        await nc.drain()
+        await health.stop()
         log.info("sender.stopped")
 
 

@@ -16,9 +16,9 @@ import structlog
 from nats.aio.client import Client as NATS
 from nats.js.kv import KeyValue
 
-from wecombot_common.bus import connect
+from wecombot_common.bus import connect_when_ready
 from wecombot_common.logs import configure_logging
-from wecombot_common.runtime import Check, HealthServer, run_service
+from wecombot_common.runtime import Check, DeferredCheck, HealthServer, run_service
 
 from .endpoints import TokenEndpoints
 from .keeper import TokenKeeper
@@ -51,10 +51,24 @@ def bucket_ready(nc: NATS, kv: KeyValue, *, timeout_s: float = 1.0) -> Check:
 
 async def serve(settings: TokenSettings, stop: asyncio.Event) -> None:
     configure_logging(settings.log, service="token")
-    nc = await connect(settings.nats, CLIENT_NAME)
+    # Health first: /healthz answers while NATS is still coming up (readiness does not).
+    ready = DeferredCheck()
+    health = HealthServer(HEALTH_HOST, settings.health_port, ready)
+    await health.start()
+    connected = await connect_when_ready(
+        settings.nats,
+        CLIENT_NAME,
+        stop,
+        lambda js: open_token_bucket(js, replicas=settings.nats.stream_replicas),
+    )
+    if connected is None:
+        await health.stop()
+        log.info("token.stopped")
+        return
+    nc, kv = connected
     try:
         async with contextlib.AsyncExitStack() as cleanup:
-            kv = await open_token_bucket(nc.jetstream(), replicas=settings.nats.stream_replicas)
+            cleanup.push_async_callback(health.stop)
             source = WeComTokenSource(settings.wecom, timeout_s=settings.http_timeout_s)
             cleanup.push_async_callback(source.aclose)
             store = KvTokenStore(kv, settings.app)
@@ -71,9 +85,7 @@ async def serve(settings: TokenSettings, stop: asyncio.Event) -> None:
             endpoints = TokenEndpoints(keeper)
             await endpoints.start(nc)
             cleanup.push_async_callback(endpoints.stop, settings.refresh_timeout_s)
-            health = HealthServer(HEALTH_HOST, settings.health_port, bucket_ready(nc, kv))
-            await health.start()
-            cleanup.push_async_callback(health.stop)
+            ready.attach(bucket_ready(nc, kv))
             log.info(
                 "token.started",
                 app=settings.app,

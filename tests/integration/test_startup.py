@@ -1,0 +1,95 @@
+"""Every service serves /healthz from the start: alive but not ready while NATS is away,
+stoppable at once while waiting for it, and ready as soon as it arrives — so Kubernetes
+never restart-loops a pod that is only waiting for the broker."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.conftest import NatsHandle, free_port
+from wecombot_common.crypto import generate_encoding_aes_key
+
+pytestmark = pytest.mark.integration
+
+
+def _service(
+    name: str,
+) -> tuple[Callable[[Mapping[str, str]], Any], Callable[..., Awaitable[None]]]:
+    if name == "llm":
+        from wecombot_llm.main import serve as llm_serve
+        from wecombot_llm.settings import LlmSettings
+
+        return LlmSettings.from_env, llm_serve
+    if name == "sender":
+        from wecombot_sender.main import serve as sender_serve
+        from wecombot_sender.settings import SenderSettings
+
+        return SenderSettings.from_env, sender_serve
+    from wecombot_token.main import serve as token_serve
+    from wecombot_token.settings import TokenSettings
+
+    return TokenSettings.from_env, token_serve
+
+
+async def _status(url: str) -> int | None:
+    try:
+        async with httpx.AsyncClient(timeout=2) as client:
+            return (await client.get(url)).status_code
+    except httpx.TransportError:
+        return None
+
+
+async def _until(check: Callable[[], Awaitable[bool]], timeout: float = 20.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not await check():
+            await asyncio.sleep(0.05)
+
+
+@pytest.mark.parametrize("name", ["llm", "sender", "token"])
+async def test_alive_before_nats_then_ready(name: str, nats_server: NatsHandle) -> None:
+    nats_server.stop()
+    port = free_port()
+    env = {
+        "NATS_URL": nats_server.url,
+        "WECOMBOT_HEALTH_PORT": str(port),
+        "WECOM_CORP_ID": "wwstartup",
+        "WECOM_AGENT_ID": "1000002",
+        "WECOM_SECRET": "startup-secret",
+        "WECOM_TOKEN": "tok",
+        "WECOM_ENCODING_AES_KEY": generate_encoding_aes_key(),
+        "WECOM_API_BASE": "http://127.0.0.1:9",
+    }
+    load, serve = _service(name)
+    base = f"http://127.0.0.1:{port}"
+
+    # 1. NATS away: alive, not ready; SIGTERM (stop) ends it at once.
+    stop = asyncio.Event()
+    task = asyncio.create_task(serve(load(env), stop))
+
+    async def alive() -> bool:
+        return await _status(f"{base}/healthz") == 200
+
+    await _until(alive)
+    assert await _status(f"{base}/readyz") == 503
+    stop.set()
+    await asyncio.wait_for(task, 5)
+
+    # 2. NATS arrives while the service waits: it becomes ready without a restart.
+    stop = asyncio.Event()
+    task = asyncio.create_task(serve(load(env), stop))
+    await _until(alive)
+    nats_server.start()
+
+    async def ready() -> bool:
+        return await _status(f"{base}/readyz") == 200
+
+    try:
+        await _until(ready, timeout=30)
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)
