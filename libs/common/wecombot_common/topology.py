@@ -53,6 +53,7 @@ __all__ = [
     "ConversationRef",
     "decode_token",
     "encode_token",
+    "inbox_prefix",
     "subject_for",
 ]
 
@@ -148,6 +149,16 @@ class ConversationRef:
     @classmethod
     def of(cls, event: Event) -> ConversationRef:
         return cls(event.app, event.conversation)
+
+
+def inbox_prefix(client_name: str) -> str:
+    """Reply subjects of one client: ``_INBOX.<client name>.…`` (its NATS user may read
+    these and no others; see deploy/nats/auth.conf).
+
+    >>> inbox_prefix("wecombot-sender")
+    '_INBOX.wecombot-sender'
+    """
+    return f"_INBOX.{encode_token(client_name)}"
 
 
 def subject_for(event: Event) -> str:

@@ -1,0 +1,91 @@
+"""``wecombot setup``: create the streams, or bring them to the configured settings.
+
+Every service creates the streams it relies on when they are missing (an idempotent
+create: the same config again changes nothing). Under the production NATS permissions
+(deploy/nats/auth.conf) no service may *change* a stream, so a new
+``WECOMBOT_STREAM_REPLICAS``, ``WECOMBOT_DUPLICATE_WINDOW`` or ``WECOMBOT_HISTORY_MAX_AGE``
+is applied by this command, run as the ``setup`` NATS user (the Kubernetes Job
+``wecombot-setup``, see docs/deploy.md). Until then the services keep retrying (not
+ready), rather than run against a stream that differs from their settings.
+
+Waits for NATS (until SIGTERM/SIGINT, or the Job's deadline). Exit codes: 0 the streams
+match the settings, 1 stopped before that, 2 bad configuration.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+
+import nats.errors
+import structlog
+
+from wecombot_common import topology
+from wecombot_common.bus import connect_when_ready, ensure_topology
+from wecombot_common.errors import ConfigError
+from wecombot_common.logs import configure_logging
+from wecombot_common.settings import EnvReader, LogSettings, NatsSettings
+
+__all__ = ["CLIENT_NAME", "SetupSettings", "main", "run_setup"]
+
+CLIENT_NAME = "wecombot-setup"
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class SetupSettings:
+    nats: NatsSettings
+    log: LogSettings
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str]) -> SetupSettings:
+        env = EnvReader(environ)
+        nats_ = NatsSettings.read(env)
+        log_ = LogSettings.read(env)
+        env.raise_if_invalid()
+        secrets = (nats_.password,) if nats_.password is not None else ()
+        return cls(nats=nats_, log=replace(log_, extra_secrets=secrets))
+
+
+async def run_setup(settings: SetupSettings, stop: asyncio.Event) -> bool:
+    """Create or update WECOMBOT and WECOMBOT_DLQ; False if stopped before done."""
+    connected = await connect_when_ready(
+        settings.nats, CLIENT_NAME, stop, lambda js: ensure_topology(js, settings.nats)
+    )
+    if connected is None:
+        log.error("setup.stopped", detail="stopped before the streams were in place")
+        return False
+    nc, _ = connected
+    with contextlib.suppress(nats.errors.Error, TimeoutError):
+        await nc.drain()
+    log.info(
+        "setup.done",
+        streams=[topology.CONVERSATION_STREAM, topology.DEAD_LETTER_STREAM],
+        replicas=settings.nats.stream_replicas,
+        duplicate_window_s=settings.nats.duplicate_window_s,
+        history_max_age_s=settings.nats.history_max_age_s,
+    )
+    return True
+
+
+async def _main(settings: SetupSettings) -> int:
+    configure_logging(settings.log, service="setup")
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    return 0 if await run_setup(settings, stop) else 1
+
+
+def main(environ: Mapping[str, str]) -> int:
+    try:
+        settings = SetupSettings.from_env(environ)
+    except ConfigError as exc:
+        print(f"wecombot: {exc}", file=sys.stderr)
+        return 2
+    return asyncio.run(_main(settings))

@@ -1,0 +1,266 @@
+"""The container image, without a Docker engine: hadolint on the Dockerfile, its shape
+(multi-stage, non-root, `wecombot` entrypoint, no default command, no build tools in the
+final stage), and the build context that .dockerignore lets through — from which the
+wheel is built here exactly as the builder stage builds it.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+import tomllib
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tests.deploy.conftest import ROOT, SERVICES, of_kind, render, tool
+
+DOCKERFILE = ROOT / "Dockerfile"
+DOCKERIGNORE = ROOT / ".dockerignore"
+
+
+@dataclass
+class Stage:
+    base: str
+    name: str | None
+    instructions: list[tuple[str, str]] = field(default_factory=list)
+
+    def all(self, keyword: str) -> list[str]:
+        return [args for kw, args in self.instructions if kw == keyword]
+
+
+def _instructions() -> list[tuple[str, str]]:
+    text = re.sub(r"\\\n", " ", DOCKERFILE.read_text())
+    out = []
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        keyword, _, args = line.partition(" ")
+        out.append((keyword.upper(), " ".join(args.split())))
+    return out
+
+
+def _stages() -> tuple[dict[str, str], list[Stage]]:
+    args: dict[str, str] = {}
+    stages: list[Stage] = []
+    for keyword, rest in _instructions():
+        if keyword == "FROM":
+            parts = rest.split()
+            name = parts[2] if len(parts) == 3 and parts[1].upper() == "AS" else None
+            stages.append(Stage(parts[0], name))
+        elif not stages and keyword == "ARG":
+            key, _, default = rest.partition("=")
+            args[key] = default
+        elif stages:
+            stages[-1].instructions.append((keyword, rest))
+    return args, stages
+
+
+def test_hadolint_finds_nothing() -> None:
+    result = subprocess.run(
+        [tool("hadolint"), "--no-color", str(DOCKERFILE)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_two_stages_on_slim_python_311() -> None:
+    args, stages = _stages()
+    assert [s.name for s in stages] == ["builder", "runtime"]
+    assert {s.base for s in stages} == {"${PYTHON_IMAGE}"}
+    assert re.fullmatch(r"python:3\.11-slim(-\w+)?", args["PYTHON_IMAGE"])
+
+
+def test_builder_builds_the_wheel_and_a_venv() -> None:
+    _, (builder, _) = _stages()
+    run = " ".join(builder.all("RUN"))
+    assert "pip wheel --wheel-dir /wheels ." in run
+    assert "python -m venv /opt/venv" in run
+    assert "--no-index --find-links /wheels wecombot" in run
+    copied = {c.split()[0] for c in builder.all("COPY")}
+    assert copied == {"pyproject.toml", "libs/", "services/"}
+
+
+def test_final_stage_is_non_root_with_the_wecombot_entrypoint_and_no_build_tools() -> None:
+    _, (_, final) = _stages()
+    (user,) = final.all("USER")
+    uid = user.split(":")[0]
+    assert uid.isdigit() and int(uid) != 0  # numeric: runAsNonRoot can verify it
+    assert final.all("ENTRYPOINT") == ['["wecombot"]']
+    assert final.all("CMD") == []  # each Deployment passes its subcommand
+    assert final.all("COPY") == ["--from=builder /opt/venv /opt/venv"]
+    run = " ".join(final.all("RUN"))
+    for tool_ in ("apt-get", "apk ", "pip ", "gcc", "build-essential", "make"):
+        assert tool_ not in run, tool_
+    env = " ".join(final.all("ENV"))
+    assert "PATH=/opt/venv/bin:$PATH" in env
+    # The manifests run as the image's user.
+    for overlay in ("dev", "prod"):
+        for deployment in of_kind(render(overlay), "Deployment"):
+            assert deployment["spec"]["template"]["spec"]["securityContext"]["runAsUser"] == int(
+                uid
+            )
+
+
+def test_exposed_ports_are_the_services_ports() -> None:
+    _, (_, final) = _stages()
+    exposed = {int(p) for e in final.all("EXPOSE") for p in e.split()}
+    ports = {
+        p["containerPort"]
+        for d in of_kind(render("prod"), "Deployment")
+        for c in d["spec"]["template"]["spec"]["containers"]
+        for p in c["ports"]
+    }
+    assert exposed == ports == {8080, 8081, 8082, 8083}
+    assert len(SERVICES) == len(ports)
+
+
+# ---------------------------------------------------------------- the build context
+
+
+def _pattern(rule: str) -> re.Pattern[str]:
+    """A .dockerignore pattern (Go filepath.Match plus `**`) as a regex on a path."""
+    rule = rule.strip("/")
+    out = ""
+    i = 0
+    while i < len(rule):
+        if rule.startswith("**/", i):
+            out += "(?:.*/)?"
+            i += 3
+        elif rule.startswith("**", i):
+            out += ".*"
+            i += 2
+        elif rule[i] == "*":
+            out += "[^/]*"
+            i += 1
+        elif rule[i] == "?":
+            out += "[^/]"
+            i += 1
+        elif rule[i] == "[":
+            end = rule.index("]", i)
+            out += rule[i : end + 1]
+            i = end + 1
+        else:
+            out += re.escape(rule[i])
+            i += 1
+    return re.compile(out)
+
+
+def _rules() -> list[tuple[bool, re.Pattern[str]]]:
+    rules = []
+    for line in DOCKERIGNORE.read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        negate = line.startswith("!")
+        rules.append((negate, _pattern(line.lstrip("!"))))
+    return rules
+
+
+def _in_context(path: str, rules: list[tuple[bool, re.Pattern[str]]]) -> bool:
+    """Docker's rule: the last pattern matching the path or a parent of it decides."""
+    parts = path.split("/")
+    candidates = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+    included = True
+    for negate, pattern in rules:
+        if any(pattern.fullmatch(c) for c in candidates):
+            included = negate
+    return included
+
+
+def _context_files() -> list[str]:
+    rules = _rules()
+    negations = [pattern.pattern for negate, pattern in rules if negate]
+    files = []
+    for top in ROOT.iterdir():
+        # Walk only what a rule can let in (not .venv, .git, caches…).
+        if not _in_context(top.name, rules) and not any(
+            n.startswith(re.escape(top.name)) for n in negations
+        ):
+            continue
+        for path in [top] if top.is_file() else top.rglob("*"):
+            rel = path.relative_to(ROOT).as_posix()
+            if path.is_file() and _in_context(rel, rules):
+                files.append(rel)
+    return sorted(files)
+
+
+def test_dockerignore_keeps_secrets_and_clutter_out() -> None:
+    rules = _rules()
+    for path in (
+        ".env",
+        "libs/.env",
+        ".git/config",
+        ".venv/bin/python",
+        ".wecombot/sandbox.json",
+        "tests/conftest.py",
+        "deploy/k8s/secrets.example.yaml",
+        "docs/deploy.md",
+        "libs/common/wecombot_common/__pycache__/bus.cpython-311.pyc",
+        "Dockerfile",
+    ):
+        assert not _in_context(path, rules), path
+    for path in (
+        "pyproject.toml",
+        "README.md",
+        "libs/common/wecombot_common/bus.py",
+        "services/gateway/wecombot_gateway/main.py",
+    ):
+        assert _in_context(path, rules), path
+
+
+def test_the_wheel_builds_from_the_docker_context(tmp_path: Path) -> None:
+    """`pip wheel .` in the builder sees only the context: build from a copy of it."""
+    context = tmp_path / "context"
+    for rel in _context_files():
+        target = context / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / rel, target)
+    pip_wheel = ["pip", "wheel", "--no-deps", "--no-build-isolation", "--quiet"]
+    result = subprocess.run(
+        [sys.executable, "-m", *pip_wheel, "--wheel-dir", str(tmp_path / "wheels"), str(context)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    (wheel,) = (tmp_path / "wheels").glob("wecombot-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    packages = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["hatch"]["build"][
+        "targets"
+    ]["wheel"]["packages"]
+    for package in packages:
+        top = Path(package).name
+        assert f"{top}/__init__.py" in names, top
+        sources = {
+            p.relative_to(ROOT / package).as_posix()
+            for p in (ROOT / package).rglob("*.py")
+            if "__pycache__" not in p.parts
+        }
+        assert {f"{top}/{s}" for s in sources} <= set(names), top
+    (entry_points,) = [n for n in names if n.endswith(".dist-info/entry_points.txt")]
+    text = zipfile.ZipFile(wheel).read(entry_points).decode()
+    assert "wecombot = wecombot.cli:main" in text
+    assert not [n for n in names if "__pycache__" in n or n.endswith(".env")]
+
+
+def test_entrypoint_lists_every_subcommand_the_manifests_use() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "wecombot", "--help"], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    used = {
+        c["args"][0]
+        for overlay in ("dev", "prod")
+        for d in render(overlay)
+        if d["kind"] in ("Deployment", "Job")
+        for c in d["spec"]["template"]["spec"]["containers"]
+    }
+    assert used == {*SERVICES, "setup"}
+    for command in used:
+        assert re.search(rf"^\s+{command}\s", result.stdout, flags=re.M), command
