@@ -15,6 +15,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
+import msgspec
 import nats.js.errors
 import pytest
 from nats.js import JetStreamContext
@@ -385,3 +386,68 @@ async def test_graceful_stop_hands_the_message_to_the_other_replica(
     assert got[0].causation_id == message.event_id
     assert got[0].text == "echo: are you there?"
     assert len(api.chat_requests) == 2
+
+
+# ---------------------------------------------------------------- flood control, allowlist
+
+
+def sent_at(message: MessageReceived, create_time: int) -> MessageReceived:
+    """The same message with another WeCom CreateTime (the flood gate's only clock)."""
+    return msgspec.structs.replace(message, create_time=create_time)
+
+
+async def test_flood_control_holds_across_replicas_and_restarts(
+    nats_server: NatsHandle, stream: JetStreamContext, api: SimulatedOpenAIApi
+) -> None:
+    """The rate is counted from the conversation's events: a replica that never saw the
+    earlier messages, and two replicas at once, keep it exactly."""
+    user, other = "flood.er@corp", "burst.y"
+    now = int(time.time())
+    env = llm_env(nats_server, api, LLM_USER_RATE_PER_MINUTE="3", LLM_MAX_CONCURRENCY="4")
+    first = [sent_at(received(user, f"q{i}"), now) for i in range(3)]
+    more = [sent_at(received(user, f"q{i}"), now + 10) for i in range(3, 6)]
+    async with running(env) as replica_a:
+        await send(stream, *first)
+        await wait_outcomes(stream, user, 3)
+        async with running(env):  # replica B takes over; A stops
+            await replica_a.shutdown()
+            await send(stream, *more)
+            await wait_settled(stream)
+    got = await outcomes(stream, user)
+    assert [e.causation_id for e in got] == [m.event_id for m in [*first, more[0]]]
+    assert [e.kind for e in got if isinstance(e, ReplyGenerated)] == ["answer"] * 3 + ["notice"]
+    assert "3" in got[3].text
+    assert len(api.chat_requests) == 3
+
+    # Two fresh replicas at once: another user's burst, and the first user a minute later.
+    burst = [sent_at(received(other, f"b{i}"), now) for i in range(8)]
+    calm = sent_at(received(user, "calm again"), now + 61)
+    still = sent_at(received(user, "still flooding"), now + 30)
+    async with running(env), running(env):
+        await send(stream, still, calm, *burst)
+        await wait_settled(stream)
+    got = await outcomes(stream, user)
+    assert [e.causation_id for e in got[4:]] == [calm.event_id]  # `still`: told already
+    assert got[4].text == "echo: calm again"
+    burst_outcomes = await outcomes(stream, other)
+    assert [e.causation_id for e in burst_outcomes] == [m.event_id for m in burst[:4]]
+    assert [e.kind for e in burst_outcomes if isinstance(e, ReplyGenerated)] == [
+        "answer", "answer", "answer", "notice",
+    ]  # fmt: skip
+    assert len(api.chat_requests) == 3 + 1 + 3
+
+
+async def test_only_allowed_users_reach_the_model(
+    nats_server: NatsHandle, stream: JetStreamContext, api: SimulatedOpenAIApi
+) -> None:
+    env = llm_env(nats_server, api, LLM_ALLOWED_USERS="boss@corp, Zhang.San")
+    outsider = [received("intruder", f"let me in {i}") for i in range(3)]
+    async with running(env), running(env):
+        await send(stream, received("zhang.san", "hello"), *outsider)
+        await wait_settled(stream)
+    [answer] = await outcomes(stream, "zhang.san")
+    assert isinstance(answer, ReplyGenerated) and answer.text == "echo: hello"
+    [refusal] = await outcomes(stream, "intruder")  # one refusal, then silence
+    assert isinstance(refusal, ReplyGenerated) and refusal.kind == "notice"
+    assert refusal.causation_id == outsider[0].event_id and "权限" in refusal.text
+    assert [r.last_user_text for r in api.chat_requests] == ["hello"]

@@ -167,6 +167,31 @@ def test_unknown_type_keeps_every_field_even_nested() -> None:
     )
 
 
+@pytest.mark.parametrize("msg_type", ["miniprogram", "a", "x" * 32, "_", "future_type_v_"])
+def test_a_well_formed_unknown_msgtype_is_kept(msg_type: str) -> None:
+    msg = parse(xml(message(MsgType=msg_type, MsgId="9", Extra="e")))
+    assert msg.msg_type == msg_type
+    assert msg.payload == UnknownPayload(msg_type=msg_type, fields={"Extra": "e"})
+
+
+@pytest.mark.parametrize(
+    ("msg_type", "reason"),
+    [
+        ("", "MsgType is empty"),
+        ("x" * 33, "not a type token"),
+        ("Text", "not a type token"),
+        ("text ", "not a type token"),
+        ("h5", "not a type token"),
+        ("mini-program", "not a type token"),
+        ("图片", "not a type token"),
+        ("a\nb", "not a type token"),
+    ],
+)
+def test_a_msgtype_that_is_no_type_token_is_refused(msg_type: str, reason: str) -> None:
+    with pytest.raises(InvalidMessage, match=reason):
+        parse(xml(message(MsgType=msg_type, MsgId="9")))
+
+
 @pytest.mark.parametrize("vectors", [_VECTORS, *_VECTORS["additional_sets"]])
 def test_official_vector_plaintexts_parse(vectors: dict[str, Any]) -> None:
     case = next(c for c in vectors["cases"] if c["kind"] == "post_xml")

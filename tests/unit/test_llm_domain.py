@@ -9,7 +9,10 @@ from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime
 
 import httpx
+import msgspec
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from wecombot_common.bus import (
     Appended,
@@ -40,7 +43,8 @@ from wecombot_common.topology import ConversationRef, subject_for
 from wecombot_common.worker import Ack, Nak
 from wecombot_llm.commands import HELP_TEXT, Command, parse_command
 from wecombot_llm.conversation import Blocked, Conversation, Done, Go, fold, plan
-from wecombot_llm.decide import AskModel, Reply, decide, requires_outcome
+from wecombot_llm.decide import REFUSAL_TEXT, AskModel, Reply, decide, requires_outcome
+from wecombot_llm.gate import Gate, GatePolicy, Verdict
 from wecombot_llm.handler import HandlerConfig, LlmHandler
 from wecombot_llm.model import (
     Completion,
@@ -489,6 +493,21 @@ async def test_openai_model_client_errors_are_permanent_and_not_retried() -> Non
     assert calls == 1 and info.value.attempts == 1
 
 
+async def test_a_provider_echoing_the_key_never_puts_it_in_the_reason() -> None:
+    """The reason is stored (ReplyFailed.reason): no log redaction ever sees it."""
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        key = request.headers["authorization"].removeprefix("Bearer ")
+        return httpx.Response(401, json={"error": {"message": f"bad key {key} via proxy"}})
+
+    model = OpenAIChatModel(model_settings(), transport=httpx.MockTransport(handle))
+    with pytest.raises(ModelRejected) as info:
+        await model.complete([ChatMessage("user", "u")])
+    await model.aclose()
+    assert "sk-unit-test" not in str(info.value)
+    assert "bad key [REDACTED] via proxy" in str(info.value)
+
+
 async def test_openai_model_retries_transient_failures_within_the_budget() -> None:
     responses: list[httpx.Response | Exception] = [
         httpx.ConnectError("refused"),
@@ -677,3 +696,164 @@ async def test_handler_turns_a_model_failure_into_the_apology() -> None:
     assert isinstance(failed, ReplyFailed)
     assert (failed.text, failed.attempts) == ("sorry!", 4)
     assert "HTTP 503" in failed.reason
+
+
+# ---------------------------------------------------------------- flood control, allowlist
+
+
+def at(text: str, create_time: int, *, user: str = USER) -> MessageReceived:
+    """A text message with its WeCom CreateTime (the gate's only clock)."""
+    return msgspec.structs.replace(msg(text, user=user), create_time=create_time)
+
+
+def verdicts(gate: Gate, times: list[int], *, user: str = USER) -> list[str]:
+    return [gate.verdict(user, at=t, is_event=False).name for t in times]
+
+
+@pytest.mark.parametrize(
+    ("rate", "times", "expected"),
+    [
+        (3, [0, 1, 2, 3, 4, 5], "AAAFSS"),  # A admit, F flood notice, S silent
+        # The window slides with the messages' own times: 60 s after the first, room again.
+        (2, [0, 30, 59, 60, 61, 89, 91], "AAFASSA"),
+        # At most one notice per window: the next one only 60 s after the last notice.
+        (1, [0, 1, 30, 61, 62, 121], "AFSAFA"),
+        (0, list(range(100)), "A" * 100),  # 0: flood control off
+    ],
+)
+def test_gate_admits_the_rate_then_one_notice_then_silence(
+    rate: int, times: list[int], expected: str
+) -> None:
+    got = verdicts(Gate(GatePolicy(rate_per_minute=rate)), times)
+    assert "".join(v[0] for v in got) == expected
+
+
+def test_gate_never_counts_events_and_notices_do_not_use_up_the_rate() -> None:
+    gate = Gate(GatePolicy(rate_per_minute=1))
+    assert [gate.verdict(USER, at=0, is_event=True).name for _ in range(5)] == ["ADMIT"] * 5
+    assert verdicts(gate, [0, 1, 2, 60]) == ["ADMIT", "FLOOD_NOTICE", "SILENT", "ADMIT"]
+
+
+def test_gate_refuses_users_off_the_allowlist_once_a_day() -> None:
+    policy = GatePolicy(rate_per_minute=10, allowed_users=frozenset({"boss@corp", "zhang.san"}))
+    gate = Gate(policy)
+    day = 86_400
+    assert verdicts(gate, [0, 5, day - 1, day, day + 1], user="intruder") == [
+        "REFUSAL_NOTICE", "SILENT", "SILENT", "REFUSAL_NOTICE", "SILENT",
+    ]  # fmt: skip
+    assert gate.verdict("intruder", at=day + 2, is_event=True) is Verdict.SILENT  # no welcome
+    assert policy.allows("Zhang.San") and policy.allows("BOSS@corp")  # WeCom: case-insensitive
+    assert not policy.allows("zhang.sa") and GatePolicy().allows("anyone")
+
+
+def gated_handler(log: FakeLog, model: FakeModel, **policy: object) -> LlmHandler:
+    reply = ReplyPolicy(system_prompt="sys", **policy)  # type: ignore[arg-type]
+    return LlmHandler(log, model, HandlerConfig(policy=reply, poll_first_s=0.005))
+
+
+def test_the_fold_gives_each_message_its_verdict_in_stream_order() -> None:
+    policy = GatePolicy(rate_per_minute=2)
+    messages = [at(f"q{i}", 1000 + i) for i in range(5)]
+    conv = fold(stored(*messages), always, gate=policy)
+    ids = [m.event_id for m in messages]
+    assert [conv.verdict(i).name for i in ids] == [
+        "ADMIT", "ADMIT", "FLOOD_NOTICE", "SILENT", "SILENT",
+    ]  # fmt: skip
+    # Silenced messages are settled: they block nobody and are never answered.
+    assert list(conv.awaiting) == ids[:3]
+    assert plan(conv, ids[3], 4, settled_through=0) == Done()
+    assert plan(conv, ids[4], 5, settled_through=0) == Done()
+    assert plan(conv, ids[2], 3, settled_through=0) == Blocked(ids[0], 1)
+
+
+def test_a_flood_notice_and_a_refusal_never_ask_the_model() -> None:
+    flood = [at(f"q{i}", 7) for i in range(3)]
+    conv = fold(stored(*flood), always, gate=GatePolicy(rate_per_minute=2))
+    action = decide(flood[2], conv, ReplyPolicy(user_rate_per_minute=2))
+    assert isinstance(action, Reply) and isinstance(action.outcome, ReplyGenerated)
+    assert action.outcome.kind == "notice" and "2" in action.outcome.text
+    assert action.outcome.event_id == derived_id(flood[2].event_id, "outcome")
+    outsider = at("/help", 7, user="intruder")
+    conv = fold(stored(outsider), always, gate=GatePolicy(allowed_users=frozenset({"boss"})))
+    refusal = decide(outsider, conv, ReplyPolicy())
+    assert isinstance(refusal, Reply) and isinstance(refusal.outcome, ReplyGenerated)
+    assert (refusal.outcome.kind, refusal.outcome.text) == ("notice", REFUSAL_TEXT)
+
+
+@given(
+    times=st.lists(st.integers(0, 500), max_size=40),  # within the gate's exact memory
+    rate=st.integers(1, 5),
+    cut=st.integers(0, 40),
+)
+def test_verdicts_are_the_same_however_the_log_is_read(
+    times: list[int], rate: int, cut: int
+) -> None:
+    """A replica folding the whole log and one catching up in two reads (a cache that
+    was filled earlier) reach the same verdicts; and no window ever admits more than
+    the rate."""
+    policy = GatePolicy(rate_per_minute=rate)
+    events = stored(*(at(f"m{i}", t) for i, t in enumerate(times)))
+    whole = fold(events, always, gate=policy)
+    caught_up = fold(events[:cut], always, gate=policy)
+    for s in events[cut:]:
+        caught_up.apply(s)
+    ids = [s.event.event_id for s in events]
+    assert [whole.verdict(i) for i in ids] == [caught_up.verdict(i) for i in ids]
+    admitted = [t for t, i in zip(times, ids, strict=True) if whole.verdict(i) is Verdict.ADMIT]
+    for t in admitted:
+        assert sum(1 for u in admitted if t <= u < t + 60) <= rate
+
+
+async def test_handler_over_the_rate_answers_the_rate_then_one_notice_then_nothing() -> None:
+    log, model = FakeLog(), FakeModel()
+    messages = [at(f"q{i}", 1000) for i in range(6)]
+    seqs = [log.add(m) for m in messages]
+    h = gated_handler(log, model, user_rate_per_minute=3)
+    for m, seq in zip(messages, seqs, strict=True):
+        assert await h.handle(m, stream_seq=seq, num_delivered=1) == Ack()
+    assert len(model.calls) == 3
+    outcomes = log.outcomes()
+    assert [o.causation_id for o in outcomes] == [m.event_id for m in messages[:4]]
+    assert [o.kind for o in outcomes if isinstance(o, ReplyGenerated)] == ["answer"] * 3 + [
+        "notice"
+    ]
+    # Another replica (a fresh cache) agrees: the silenced ones stay silent.
+    other = gated_handler(log, model, user_rate_per_minute=3)
+    assert await other.handle(messages[5], stream_seq=seqs[5], num_delivered=2) == Ack()
+    assert len(log.outcomes()) == 4 and len(model.calls) == 3
+
+
+async def test_handler_refuses_a_user_off_the_allowlist_without_the_model() -> None:
+    log, model = FakeLog(), FakeModel()
+    messages = [at(f"q{i}", 1000 + i, user="intruder") for i in range(3)]
+    h = gated_handler(log, model, allowed_users=frozenset({"boss"}))
+    for m in messages:
+        assert await h.handle(m, stream_seq=log.add(m), num_delivered=1) == Ack()
+    [refusal] = log.outcomes()
+    assert isinstance(refusal, ReplyGenerated) and refusal.text == REFUSAL_TEXT
+    assert model.calls == []
+
+
+def test_settings_of_the_gate() -> None:
+    default = LlmSettings.from_env({}).policy
+    assert (default.user_rate_per_minute, default.allowed_users) == (10, None)
+    assert default.gate == GatePolicy(rate_per_minute=10)
+    policy = LlmSettings.from_env(
+        {"LLM_USER_RATE_PER_MINUTE": "0", "LLM_ALLOWED_USERS": " Zhang.San, boss@corp ,"}
+    ).policy
+    assert policy.user_rate_per_minute == 0
+    assert policy.allowed_users == frozenset({"zhang.san", "boss@corp"})
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"LLM_USER_RATE_PER_MINUTE": "-1"}, "LLM_USER_RATE_PER_MINUTE"),
+        ({"LLM_USER_RATE_PER_MINUTE": "ten"}, "LLM_USER_RATE_PER_MINUTE"),
+        ({"LLM_ALLOWED_USERS": "ok.user, -bad"}, "LLM_ALLOWED_USERS"),
+        ({"LLM_ALLOWED_USERS": " , "}, "LLM_ALLOWED_USERS names no UserID"),
+    ],
+)
+def test_gate_settings_errors_name_the_variable(env: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        LlmSettings.from_env(env)

@@ -8,7 +8,7 @@ import logging
 import pytest
 import structlog
 
-from wecombot_common.logs import REDACTED, configure_logging, register_secret
+from wecombot_common.logs import REDACTED, configure_logging, redact, register_secret
 from wecombot_common.settings import LogSettings, Secret
 
 
@@ -40,3 +40,18 @@ def test_short_values_are_not_treated_as_secrets(capsys: pytest.CaptureFixture[s
     configure_logging(LogSettings(), service="test", secrets=[Secret("ab")])
     structlog.get_logger("t").info("about ab")
     assert _lines(capsys.readouterr().err)[0]["event"] == "about ab"
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("nats://wecombot:pw123456@nats:4222", f"nats://wecombot:{REDACTED}@nats:4222"),
+        ("a,tls://u:p%40ss@h:1", f"a,tls://u:{REDACTED}@h:1"),
+        ("nats://s3cr3t-token@h", f"nats://{REDACTED}@h"),  # NATS token auth
+        ('{"url": "https://k:v@api/v1"}', f'{{"url": "https://k:{REDACTED}@api/v1"}}'),
+        ("nats://127.0.0.1:4222", "nats://127.0.0.1:4222"),
+        ("zhang.san@corp wrote http://h/a@b", "zhang.san@corp wrote http://h/a@b"),
+    ],
+)
+def test_passwords_in_url_userinfo_are_redacted_by_pattern(text: str, expected: str) -> None:
+    assert redact(text) == expected

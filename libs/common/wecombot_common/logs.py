@@ -8,8 +8,12 @@ text, in third-party library records routed through the same pipeline)::
     {"event": "boom", "detail": "token=[REDACTED]", "service": "gateway", ...}
 
 Dynamic secrets (an access_token fetched at run time) are added with
-:func:`register_secret`; values after ``access_token=`` and ``corpsecret=`` in URLs are
-redacted by pattern even before anyone registers them.
+:func:`register_secret`; values after ``access_token=`` and ``corpsecret=`` in URLs, and
+the password (or token) in a URL's userinfo (``nats://user:pass@host``), are redacted by
+pattern even before anyone registers them::
+
+    >>> redact("nats://wecombot:s3cret@nats:4222, nats://t0ken@nats-2:4222")
+    'nats://wecombot:[REDACTED]@nats:4222, nats://[REDACTED]@nats-2:4222'
 """
 
 from __future__ import annotations
@@ -30,22 +34,40 @@ REDACTED = "[REDACTED]"
 _MIN_SECRET_LEN = 6  # shorter values would redact ordinary words
 _URL_SECRETS = re.compile(r"(?i)((?:access_token|corpsecret|api[_-]?key)=)[^&\s\"']+")
 _BEARER = re.compile(r"(?i)(bearer\s+)[A-Za-z0-9._\-~+/]+=*")
+# scheme://userinfo@ : keep the user name, never the password (or a bare token).
+_URL_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.\-]*://)([^/@\s\"',]+)@")
 _secrets: set[str] = set()
+_longest_first: tuple[str, ...] = ()  # _secrets, sorted once per registration, not per line
 
 
 def register_secret(value: str | Secret) -> None:
     """Redact ``value`` from every log line from now on."""
+    global _longest_first
     raw = value.reveal() if isinstance(value, Secret) else value
     if len(raw) >= _MIN_SECRET_LEN:
         _secrets.add(raw)
+        _longest_first = tuple(sorted(_secrets, key=len, reverse=True))
 
 
 def redact(text: str) -> str:
-    for secret in sorted(_secrets, key=len, reverse=True):
+    """``text`` without any registered secret or secret-looking URL part."""
+    for secret in _longest_first:
         if secret in text:
             text = text.replace(secret, REDACTED)
-    text = _URL_SECRETS.sub(rf"\1{REDACTED}", text)
-    return _BEARER.sub(rf"\1{REDACTED}", text)
+    # Each pattern runs only where it can match (every field of every line comes here).
+    if "=" in text:
+        text = _URL_SECRETS.sub(rf"\1{REDACTED}", text)
+    if "://" in text:
+        text = _URL_USERINFO.sub(_userinfo, text)
+    if "bearer" in text.lower():  # (?i)bearer matches only what lower() makes "bearer"
+        text = _BEARER.sub(rf"\1{REDACTED}", text)
+    return text
+
+
+def _userinfo(match: re.Match[str]) -> str:
+    user, colon, _ = match.group(2).partition(":")
+    kept = f"{user}:" if colon else ""
+    return f"{match.group(1)}{kept}{REDACTED}@"
 
 
 def _scrub(value: Any) -> Any:

@@ -63,6 +63,10 @@ __all__ = [
 # (创建成员, https://developer.work.weixin.qq.com/document/path/90195).
 _USER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_\-@.]{0,63}")
 _SAFE_KEY_PART = re.compile(r"[A-Za-z0-9_\-@.]{1,128}")
+# A MsgType token: every type WeCom documents (text, image, voice, video, location, link,
+# event, file, miniprogram_notice…) is lower-case letters and '_'. A well-formed type we
+# do not know is kept (UnknownPayload); anything else is not a MsgType at all: refused.
+_MSG_TYPE = re.compile(r"[a-z_]{1,32}")
 _MAX_CREATE_TIME_DIGITS = 11  # beyond year 5000: not a real CreateTime
 # Elements every message carries; they become envelope fields of MessageReceived, so the
 # payload's ``fields`` holds everything else.
@@ -110,6 +114,10 @@ def parse_envelope(body: bytes) -> Envelope:
 def parse_message(plaintext: bytes, *, corp_id: str, app: str) -> MessageReceived:
     """Turn a decrypted callback into a MessageReceived; unknown MsgTypes are kept whole.
 
+    An unknown but well-formed MsgType (``[a-z_]{1,32}``, e.g. a future ``miniprogram``)
+    becomes an UnknownPayload with every field; a MsgType that is no type token at all
+    (empty, longer than 32, other characters) is refused as InvalidMessage.
+
     Raises InvalidMessage (not UTF-8, a required field missing or malformed), MalformedXml,
     UnsafeXml, or WrongRecipient (ToUserName is not ``corp_id``).
     """
@@ -127,9 +135,7 @@ def parse_message(plaintext: bytes, *, corp_id: str, app: str) -> MessageReceive
     if not is_user_id(from_user):
         raise InvalidMessage(f"FromUserName {_show(from_user)} is not a valid UserID")
     create_time = _create_time(_required(fields, "CreateTime"))
-    msg_type = _required(fields, "MsgType")
-    if not msg_type:
-        raise InvalidMessage("MsgType is empty")
+    msg_type = _msg_type(_required(fields, "MsgType"))
     msg_id = fields.get("MsgId") or None
     payload = _payload(msg_type, fields)
     key = _key(app, msg_id, from_user, create_time, _discriminator(msg_type, payload))
@@ -257,6 +263,15 @@ def _create_time(raw: str) -> int:
     if not (value.isascii() and value.isdigit()) or len(value) > _MAX_CREATE_TIME_DIGITS:
         raise InvalidMessage(f"CreateTime {_show(raw)} is not a Unix time in seconds")
     return int(value)
+
+
+def _msg_type(raw: str) -> str:
+    """A type token (``[a-z_]{1,32}``), known or not; anything else is InvalidMessage."""
+    if not raw:
+        raise InvalidMessage("MsgType is empty")
+    if _MSG_TYPE.fullmatch(raw) is None:
+        raise InvalidMessage(f"MsgType {_show(raw)} is not a type token ([a-z_], 1-32)")
+    return raw
 
 
 def _agent_id(raw: str | None) -> int | None:

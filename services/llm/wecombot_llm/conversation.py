@@ -14,9 +14,11 @@ What the fold keeps
                      ReplyGenerated(kind="answer") text, matched by ``causation_id``.
                      Failed answers, notices and commands are not turns.
     ``awaiting``     received messages that need an outcome and have none yet, by
-                     event_id, with the stream seq where each was first stored.
+                     event_id, with the stream seq where each was first stored and the
+                     gate's verdict on it (gate.py: admitted, or a flood / refusal notice).
     ``answered``     event_ids of received messages that have their outcome (the most
-                     recent ``remember`` of them: enough to recognise a duplicate copy).
+                     recent ``remember`` of them: enough to recognise a duplicate copy),
+                     or that the gate silenced (``silenced``): they get no outcome.
     ``last_seq``     the last stream seq applied (catch-up reads continue after it).
     ``llm_last_seq`` the last seq on the llm branch: the expected-last-sequence of the
                      next outcome append (optimistic concurrency).
@@ -35,8 +37,10 @@ from wecombot_common.events import (
     ReplyFailed,
     ReplyGenerated,
     TextPayload,
+    WeComEventPayload,
 )
 
+from .gate import Gate, GatePolicy, Verdict
 from .prompt import Turn
 
 __all__ = ["Awaiting", "Blocked", "Conversation", "Done", "Go", "Plan", "fold", "plan"]
@@ -48,6 +52,7 @@ class Awaiting:
 
     seq: int
     text: str | None  # the user's text, for text messages (pairs with the answer)
+    verdict: Verdict = Verdict.ADMIT
 
 
 @dataclass(slots=True)
@@ -55,14 +60,18 @@ class Conversation:
     needs_outcome: Callable[[MessageReceived], bool]
     keep_turns: int = 1000
     remember: int = 1000
+    gate_policy: GatePolicy = field(default_factory=GatePolicy)
     turns: deque[Turn] = field(init=False)
     awaiting: dict[str, Awaiting] = field(default_factory=dict)
     answered: OrderedDict[str, None] = field(default_factory=OrderedDict)
+    silenced: OrderedDict[str, None] = field(default_factory=OrderedDict)
     last_seq: int = 0
     llm_last_seq: int = 0
+    gate: Gate = field(init=False)
 
     def __post_init__(self) -> None:
         self.turns = deque(maxlen=max(self.keep_turns, 0))
+        self.gate = Gate(self.gate_policy)
 
     def apply(self, stored: StoredEvent) -> None:
         """Apply one stored event; events at or below ``last_seq`` are ignored."""
@@ -77,15 +86,30 @@ class Conversation:
             self._outcome(event)
 
     def has_outcome(self, event_id: str) -> bool:
+        """It has its outcome, or the gate silenced it (it never gets one)."""
         return event_id in self.answered
+
+    def verdict(self, event_id: str) -> Verdict:
+        """The gate's verdict on a received message (ADMIT when it is not awaiting)."""
+        if event_id in self.silenced:
+            return Verdict.SILENT
+        awaiting = self.awaiting.get(event_id)
+        return awaiting.verdict if awaiting is not None else Verdict.ADMIT
 
     def _received(self, seq: int, event: MessageReceived) -> None:
         # A second stored copy of the same event keeps the first one's place.
         if event.event_id in self.answered or event.event_id in self.awaiting:
             return
-        if self.needs_outcome(event):
-            text = event.payload.content if isinstance(event.payload, TextPayload) else None
-            self.awaiting[event.event_id] = Awaiting(seq, text)
+        if not self.needs_outcome(event):
+            return
+        is_event = isinstance(event.payload, WeComEventPayload)
+        verdict = self.gate.verdict(event.from_user, at=event.create_time, is_event=is_event)
+        if verdict is Verdict.SILENT:
+            self._remember(event.event_id)
+            _bounded_add(self.silenced, event.event_id, self.remember)
+            return
+        text = event.payload.content if isinstance(event.payload, TextPayload) else None
+        self.awaiting[event.event_id] = Awaiting(seq, text, verdict)
 
     def _outcome(self, event: ReplyGenerated | ReplyFailed | ConversationReset) -> None:
         cause = event.causation_id
@@ -103,17 +127,24 @@ class Conversation:
             self.turns.append(Turn(received.text, event.text))
 
     def _remember(self, event_id: str) -> None:
-        self.answered[event_id] = None
-        self.answered.move_to_end(event_id)
-        while len(self.answered) > self.remember:
-            self.answered.popitem(last=False)
+        _bounded_add(self.answered, event_id, self.remember)
+
+
+def _bounded_add(ids: OrderedDict[str, None], event_id: str, limit: int) -> None:
+    ids[event_id] = None
+    ids.move_to_end(event_id)
+    while len(ids) > limit:
+        ids.popitem(last=False)
 
 
 def fold(
-    events: Iterable[StoredEvent], needs_outcome: Callable[[MessageReceived], bool]
+    events: Iterable[StoredEvent],
+    needs_outcome: Callable[[MessageReceived], bool],
+    *,
+    gate: GatePolicy | None = None,
 ) -> Conversation:
     """The conversation after ``events`` (in stream order)."""
-    conv = Conversation(needs_outcome=needs_outcome)
+    conv = Conversation(needs_outcome=needs_outcome, gate_policy=gate or GatePolicy())
     for stored in events:
         conv.apply(stored)
     return conv

@@ -33,6 +33,7 @@ from wecombot_common.events import (
 
 from .commands import HELP_TEXT, RESET_TEXT, Command, parse_command
 from .conversation import Conversation
+from .gate import Verdict
 from .prompt import ChatMessage, build_prompt
 from .settings import ReplyPolicy
 
@@ -42,6 +43,7 @@ __all__ = [
     "answer",
     "decide",
     "failed",
+    "flood_text",
     "outcome_id",
     "outcome_msg_id",
     "requires_outcome",
@@ -49,6 +51,16 @@ __all__ = [
 ]
 
 EMPTY_TEXT = "请直接输入你的问题（发送 /help 查看可用命令）。"
+REFUSAL_TEXT = "抱歉，你暂时没有使用此应用的权限。如需开通，请联系管理员。"
+
+
+def flood_text(rate_per_minute: int) -> str:
+    """The notice for a user over ``LLM_USER_RATE_PER_MINUTE`` (sent once per minute)."""
+    return (
+        f"你发送得有点快（每分钟最多回答 {rate_per_minute} 条），"
+        "请稍等一分钟再继续提问。这期间的消息不会被回答。"
+    )
+
 
 _KIND_NAMES: dict[type[Any], str] = {
     ImagePayload: "图片",
@@ -103,7 +115,16 @@ Action = Reply | AskModel
 
 
 def decide(received: MessageReceived, conv: Conversation, policy: ReplyPolicy) -> Action:
-    """The action for a message that requires an outcome and is next in line."""
+    """The action for a message that requires an outcome and is next in line.
+
+    The gate's verdict (gate.py, taken when the fold applied the message) comes first:
+    a user over the rate or not on the allowlist gets a notice, never the model.
+    """
+    verdict = conv.verdict(received.event_id)
+    if verdict is Verdict.FLOOD_NOTICE:
+        return Reply(_notice(received, flood_text(policy.user_rate_per_minute)))
+    if verdict is Verdict.REFUSAL_NOTICE:
+        return Reply(_notice(received, REFUSAL_TEXT))
     payload = received.payload
     if isinstance(payload, WeComEventPayload):
         return Reply(_notice(received, policy.welcome_message or ""))

@@ -12,7 +12,10 @@ The algorithm, for a delivery of MessageReceived M stored at stream seq s:
    nak (~1 s) and let the redelivery try again. The worker's in_progress heartbeats keep
    M alive meanwhile. An earlier message the consumer has already settled without an
    outcome (dead-lettered) no longer blocks; nor does anything on M's last delivery.
-5. Decide: a command or notice directly; text → prompt → model. A model failure after
+5. Decide: a user over LLM_USER_RATE_PER_MINUTE or not in LLM_ALLOWED_USERS gets a
+   notice (the gate's verdict, taken by the fold from the conversation's own events:
+   gate.py), or nothing when already told (then the fold treats M as settled: step 3);
+   a command or notice directly; text → prompt → model. A model failure after
    its retry budget, or a refusal, becomes ReplyFailed carrying the apology.
 6. Append the outcome with its deterministic event_id and ``msg_id``, conditional on the
    llm branch still ending at the seq the decision was based on. A conflict means
@@ -58,6 +61,7 @@ from .decide import (
     outcome_msg_id,
     requires_outcome,
 )
+from .gate import Verdict
 from .model import ChatModel, ModelError
 from .settings import ReplyPolicy
 from .store import ConversationLog
@@ -151,6 +155,7 @@ class LlmHandler:
             needs_outcome=self._needs_outcome,
             keep_turns=self._policy.max_turns,
             remember=self._config.remember_answered,
+            gate_policy=self._policy.gate,
         )
 
     async def _handle(
@@ -176,7 +181,10 @@ class LlmHandler:
                 )
                 if isinstance(step, Done):
                     entry.prepared.pop(received.event_id, None)
-                    log.debug("llm.already_answered")
+                    if entry.state.verdict(received.event_id) is Verdict.SILENT:
+                        log.info("llm.silenced", reason="over the rate or not allowed; told")
+                    else:
+                        log.debug("llm.already_answered")
                     return Ack()
                 if not isinstance(step, Blocked):
                     result = await self._decide_and_append(received, conv, entry, num_delivered)
@@ -232,6 +240,9 @@ class LlmHandler:
         if prepared is not None and prepared[0] == expect:
             outcome = prepared[1]
         else:
+            verdict = entry.state.verdict(received.event_id)
+            if verdict is not Verdict.ADMIT:
+                log.info("llm.gated", verdict=verdict.value)
             action = decide(received, entry.state, self._policy)
             outcome = (
                 await self._ask(received, action)

@@ -43,8 +43,7 @@ MAX_ACK_PENDING = 10_000
 
 async def serve(settings: LlmSettings, stop: asyncio.Event) -> None:
     """Answer received messages until ``stop`` is set, then hand back and drain."""
-    secrets = [settings.model.api_key] if settings.model.api_key is not None else []
-    configure_logging(settings.log, service="llm", secrets=secrets)
+    configure_logging(settings.log, service="llm", secrets=settings.secrets)
     if settings.offline:
         log.warning(
             "llm.offline_model",

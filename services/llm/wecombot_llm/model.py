@@ -31,6 +31,7 @@ import msgspec
 import structlog
 
 from wecombot_common.errors import PermanentError, TransientError, WecombotError
+from wecombot_common.logs import REDACTED, redact
 
 from .prompt import ChatMessage
 from .retry import is_retryable_status, next_delay, retry_after_of
@@ -119,6 +120,7 @@ class _Response(msgspec.Struct):
 
 
 _decode_response = msgspec.json.Decoder(_Response).decode
+_SHARD = 4  # connections per httpx pool (see OpenAIChatModel.__init__)
 
 
 class _Retryable(Exception):
@@ -145,26 +147,41 @@ class OpenAIChatModel:
         if settings.api_key is None:
             raise ValueError("OpenAIChatModel needs an API key")
         key = settings.api_key.reveal()
+        self._key = key
         self._settings = settings
         self._url = f"{settings.base_url}/chat/completions"
         self._params = {"api-version": settings.api_version} if settings.api_version else {}
         headers = {"api-key": key} if settings.api_version else {"Authorization": f"Bearer {key}"}
         timeout = settings.request_timeout_s
-        self._client = httpx.AsyncClient(
-            headers=headers,
-            timeout=httpx.Timeout(
-                connect=min(10.0, timeout), read=timeout, write=min(30.0, timeout), pool=timeout
-            ),
-            limits=httpx.Limits(
-                max_connections=settings.max_connections,
-                max_keepalive_connections=settings.max_connections,
-            ),
-            transport=transport,
-        )
+        # httpcore's pool does work proportional to its connections (and to the idle ones
+        # squared) on every request and every response (encode/httpcore#1035): one pool of
+        # 1,000 connections cost ~23 ms of CPU per call and capped a replica at 36
+        # calls/s; pools of 4 cost ~1.1 ms (docs/benchmarks.md). A call takes the least
+        # busy pool. A test's transport gets a single pool.
+        shards = 1 if transport is not None else -(-settings.max_connections // _SHARD)
+        per_shard = -(-settings.max_connections // shards)
+        tls = httpx.create_ssl_context()  # one for all pools (each costs ~40 ms and memory)
+        self._clients = [
+            httpx.AsyncClient(
+                headers=headers,
+                verify=tls,
+                timeout=httpx.Timeout(
+                    connect=min(10.0, timeout),
+                    read=timeout,
+                    write=min(30.0, timeout),
+                    pool=timeout,
+                ),
+                limits=httpx.Limits(max_connections=per_shard, max_keepalive_connections=per_shard),
+                transport=transport,
+            )
+            for _ in range(shards)
+        ]
+        self._busy = [0] * shards
         self._rng = rng or random.Random()  # noqa: S311 (jitter, not security)
 
     async def aclose(self) -> None:
-        await self._client.aclose()
+        for client in self._clients:
+            await client.aclose()
 
     async def complete(self, messages: Sequence[ChatMessage]) -> Completion:
         body = self._body(messages)
@@ -199,11 +216,12 @@ class OpenAIChatModel:
     async def _attempt(self, body: dict[str, Any], attempt: int) -> Completion:
         started = time.monotonic()
         try:
-            response = await self._client.post(self._url, json=body, params=self._params)
+            response = await self._post(body)
         except httpx.TimeoutException as exc:
             raise _Retryable(f"timeout ({type(exc).__name__})") from exc
         except httpx.TransportError as exc:
-            raise _Retryable(f"connection error ({type(exc).__name__}: {exc})") from exc
+            reason = self._clean(f"{type(exc).__name__}: {exc}")
+            raise _Retryable(f"connection error ({reason})") from exc
         status = response.status_code
         log.debug(
             "model.response",
@@ -213,10 +231,24 @@ class OpenAIChatModel:
         )
         if status == 200:
             return self._parse(response, attempt)
-        detail = _error_detail(response)
+        detail = self._clean(_error_detail(response))
         if is_retryable_status(status):
             raise _Retryable(f"HTTP {status}: {detail}", retry_after_of(response.headers))
         raise ModelRejected(f"HTTP {status}: {detail}", attempts=attempt)
+
+    async def _post(self, body: dict[str, Any]) -> httpx.Response:
+        shard = min(range(len(self._busy)), key=self._busy.__getitem__)
+        self._busy[shard] += 1
+        try:
+            return await self._clients[shard].post(self._url, json=body, params=self._params)
+        finally:
+            self._busy[shard] -= 1
+
+    def _clean(self, text: str) -> str:
+        """Provider and transport texts end up in ReplyFailed.reason, a stored event that
+        no log redaction sees: a proxy echoing the key (or a URL with a password) must
+        not put it there."""
+        return redact(text.replace(self._key, REDACTED))
 
     def _parse(self, response: httpx.Response, attempt: int) -> Completion:
         try:

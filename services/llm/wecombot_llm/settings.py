@@ -12,10 +12,13 @@ for each provider.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 from wecombot_common.settings import EnvReader, LogSettings, NatsSettings, Secret, health_port
+
+from .gate import GatePolicy
 
 __all__ = ["LlmSettings", "ModelSettings", "ReplyPolicy"]
 
@@ -25,6 +28,8 @@ DEFAULT_SYSTEM_PROMPT = (
     "you are not sure."
 )
 DEFAULT_APOLOGY = "抱歉，我暂时无法回答这个问题，请稍后再试。"
+# A WeCom UserID: 1-64 letters, digits and _-@. , first a letter or digit (path/90195).
+_USER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_\-@.]{0,63}")
 
 
 @dataclass(frozen=True)
@@ -61,13 +66,23 @@ class ModelSettings:
 
 @dataclass(frozen=True)
 class ReplyPolicy:
-    """What the conversation logic needs: the prompt, the history limits, fixed texts."""
+    """What the conversation logic needs: the prompt, the history limits, fixed texts,
+    and who may ask how often (``user_rate_per_minute`` 0 = no limit; ``allowed_users``
+    None = everyone, else case-folded UserIDs; see gate.py)."""
 
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
     max_turns: int = 20
     max_context_tokens: int = 8000
     welcome_message: str | None = None
     apology_message: str = DEFAULT_APOLOGY
+    user_rate_per_minute: int = 10
+    allowed_users: frozenset[str] | None = None
+
+    @property
+    def gate(self) -> GatePolicy:
+        return GatePolicy(
+            rate_per_minute=self.user_rate_per_minute, allowed_users=self.allowed_users
+        )
 
     @classmethod
     def read(cls, env: EnvReader) -> ReplyPolicy:
@@ -79,7 +94,27 @@ class ReplyPolicy:
             ),
             welcome_message=env.optional("LLM_WELCOME_MESSAGE"),
             apology_message=env.text("LLM_APOLOGY_MESSAGE", DEFAULT_APOLOGY),
+            # WeCom delivers at most 30 messages a minute to one member (path/90454).
+            user_rate_per_minute=env.integer(
+                "LLM_USER_RATE_PER_MINUTE", 10, minimum=0, maximum=1000
+            ),
+            allowed_users=_allowed_users(env),
         )
+
+
+def _allowed_users(env: EnvReader) -> frozenset[str] | None:
+    """LLM_ALLOWED_USERS: comma-separated UserIDs (case-insensitive, as in WeCom)."""
+    raw = env.optional("LLM_ALLOWED_USERS")
+    if raw is None:
+        return None
+    users = [u.strip() for u in raw.split(",") if u.strip()]
+    bad = [u for u in users if _USER_ID.fullmatch(u) is None]
+    env.check(
+        not bad,
+        f"LLM_ALLOWED_USERS must be comma-separated WeCom UserIDs, got {', '.join(bad)[:200]!r}",
+    )
+    env.check(bool(users), "LLM_ALLOWED_USERS names no UserID (unset it to allow everyone)")
+    return frozenset(u.casefold() for u in users)
 
 
 @dataclass(frozen=True)
@@ -99,6 +134,12 @@ class LlmSettings:
     def offline(self) -> bool:
         """No API key: answer with the offline echo model."""
         return self.model.api_key is None
+
+    @property
+    def secrets(self) -> tuple[Secret, ...]:
+        """Values the log pipeline must redact wherever they appear."""
+        found = [s for s in (self.model.api_key, self.nats.password) if s is not None]
+        return tuple(found)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> LlmSettings:

@@ -1,0 +1,340 @@
+"""``wecombot dlq``: the dead-lettered messages, for operators.
+
+::
+
+    wecombot dlq [--consumer NAME] [--limit N] [--json]    the newest dead letters
+    wecombot dlq show SEQ [--json]                          one, with its event decoded
+
+A message a service can never handle (an undecodable event, a reply WeCom always refuses,
+a failure that outlasted ``max_deliver``) is copied to the stream ``WECOMBOT_DLQ``
+(subject ``wecombot.dlq.<consumer>``) with why, and terminated in its work queue, so it
+never blocks the conversation behind it (``wecombot_common.worker``). This command shows
+them: when, which consumer gave up, the reason, the original subject and stream
+sequence (still in ``WECOMBOT`` until ``WECOMBOT_HISTORY_MAX_AGE``), and the number of
+deliveries. Example::
+
+    $ wecombot dlq
+    1 dead letter in WECOMBOT_DLQ
+    SEQ  TIME (UTC)           CONSUMER  STREAM SEQ  DELIVERIES  SUBJECT               REASON
+      1  2026-11-28 23:23:11  sender            26           1  wecombot.conv.ww1-…   SendRe…
+    details: wecombot dlq show SEQ
+
+Reads only (STREAM.INFO and STREAM.MSG.GET on ``WECOMBOT_DLQ``): run it with the NATS
+admin credentials (``NATS_USER``/``NATS_PASSWORD`` or ``NATS_CREDS``, and ``NATS_URL``).
+Exit codes: 0 done (an empty DLQ included), 1 NATS unreachable or no such message,
+2 bad arguments or settings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from datetime import datetime
+from typing import Any, TextIO
+
+import msgspec
+import nats.errors
+import nats.js.errors
+from nats.js import JetStreamContext
+from nats.js.api import RawStreamMsg
+
+from wecombot_common import bus, topology
+from wecombot_common.errors import ConfigError
+from wecombot_common.events import EventDecodeError, decode_event
+from wecombot_common.logs import configure_logging
+from wecombot_common.settings import EnvReader, LogSettings, NatsSettings
+
+__all__ = ["ACCEPTS_ARGS", "DeadLetter", "main", "read_dead_letter", "read_dead_letters", "run"]
+
+ACCEPTS_ARGS = True
+CLIENT_NAME = "wecombot-dlq"
+_TIMEOUT_S = 10.0
+_REASON_WIDTH = 60
+_SUBJECT_WIDTH = 44
+
+# The headers wecombot_common.worker.PullWorker._dead_letter sets.
+H_REASON = "Wecombot-Dlq-Reason"
+H_CONSUMER = "Wecombot-Dlq-Consumer"
+H_SUBJECT = "Wecombot-Dlq-Subject"
+H_STREAM_SEQ = "Wecombot-Dlq-Stream-Seq"
+H_DELIVERIES = "Wecombot-Dlq-Deliveries"
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    """One message of the DLQ stream, as the worker parked it."""
+
+    seq: int
+    time: datetime | None
+    consumer: str
+    reason: str
+    subject: str
+    stream_seq: int | None
+    deliveries: int | None
+    data: bytes
+
+    @classmethod
+    def of(cls, raw: RawStreamMsg) -> DeadLetter:
+        headers: Mapping[str, str] = raw.headers or {}
+        subject = raw.subject or ""
+        return cls(
+            seq=raw.seq or 0,
+            time=raw.time,
+            consumer=headers.get(H_CONSUMER) or subject.rpartition(".")[2],
+            reason=headers.get(H_REASON, ""),
+            subject=headers.get(H_SUBJECT, ""),
+            stream_seq=_int(headers.get(H_STREAM_SEQ)),
+            deliveries=_int(headers.get(H_DELIVERIES)),
+            data=raw.data or b"",
+        )
+
+    @property
+    def conversation(self) -> tuple[str, str] | None:
+        """(app, user) from the original subject ``wecombot.conv.<app>.<user>.…``."""
+        parts = self.subject.split(".")
+        if len(parts) < 5 or parts[:2] != [topology.PREFIX, "conv"]:
+            return None
+        try:
+            return topology.decode_token(parts[2]), topology.decode_token(parts[3])
+        except (ValueError, UnicodeDecodeError):
+            return None
+
+    def event(self) -> Any:
+        """The parked event as plain JSON data, or None when it does not decode."""
+        try:
+            return msgspec.to_builtins(decode_event(self.data))
+        except EventDecodeError:
+            return None
+
+    def as_json(self, *, with_event: bool = False) -> dict[str, Any]:
+        conv = self.conversation
+        out: dict[str, Any] = {
+            "seq": self.seq,
+            "time": self.time.isoformat() if self.time is not None else None,
+            "consumer": self.consumer,
+            "reason": self.reason,
+            "subject": self.subject,
+            "stream_seq": self.stream_seq,
+            "deliveries": self.deliveries,
+            "app": conv[0] if conv else None,
+            "user": conv[1] if conv else None,
+        }
+        if with_event:
+            event = self.event()
+            out["event"] = event
+            if event is None:  # undecodable: show what it was, safely
+                out["data"] = self.data.decode("utf-8", "replace")
+        return out
+
+
+def _int(value: str | None) -> int | None:
+    return int(value) if value is not None and value.isdigit() else None
+
+
+# ---------------------------------------------------------------- reading
+
+
+async def read_dead_letters(
+    js: JetStreamContext, *, consumer: str | None = None, limit: int = 50
+) -> tuple[int, list[DeadLetter]]:
+    """The DLQ's size and its newest ``limit`` letters (of ``consumer``), oldest first.
+
+    Reads backwards from the last sequence, one message per request: a DLQ is small, and
+    the newest letters are what an operator looks at first.
+    """
+    info = await js.stream_info(topology.DEAD_LETTER_STREAM)
+    total = int(info.state.messages)
+    found: list[DeadLetter] = []
+    seq = int(info.state.last_seq)
+    while seq >= max(int(info.state.first_seq), 1) and len(found) < limit and total:
+        try:
+            raw = await js.get_msg(topology.DEAD_LETTER_STREAM, seq)
+        except nats.js.errors.NotFoundError:  # aged out or deleted meanwhile
+            seq -= 1
+            continue
+        letter = DeadLetter.of(raw)
+        if consumer is None or letter.consumer == consumer:
+            found.append(letter)
+        seq -= 1
+    return total, found[::-1]
+
+
+async def read_dead_letter(js: JetStreamContext, seq: int) -> DeadLetter | None:
+    try:
+        return DeadLetter.of(await js.get_msg(topology.DEAD_LETTER_STREAM, seq))
+    except nats.js.errors.NotFoundError:
+        return None
+
+
+# ---------------------------------------------------------------- rendering
+
+
+def _cut(text: str, width: int) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def render_table(total: int, letters: Sequence[DeadLetter], consumer: str | None) -> str:
+    which = f" of consumer {consumer}" if consumer else ""
+    if not letters:
+        return f"no dead letters{which} in {topology.DEAD_LETTER_STREAM} ({total} in all)\n"
+    shown = "" if len(letters) == total else f" (showing {len(letters)}{which})"
+    rows = [("SEQ", "TIME (UTC)", "CONSUMER", "STREAM SEQ", "DELIVERIES", "SUBJECT", "REASON")]
+    for d in letters:
+        when = d.time.strftime("%Y-%m-%d %H:%M:%S") if d.time else "?"
+        rows.append(
+            (
+                str(d.seq),
+                when,
+                d.consumer,
+                "" if d.stream_seq is None else str(d.stream_seq),
+                "" if d.deliveries is None else str(d.deliveries),
+                _cut(d.subject, _SUBJECT_WIDTH),
+                _cut(d.reason, _REASON_WIDTH),
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    right = {0, 3, 4}  # numbers
+    plural = "s" if total != 1 else ""
+    lines = [f"{total} dead letter{plural} in {topology.DEAD_LETTER_STREAM}{shown}"]
+    for row in rows:
+        cells = [
+            c.rjust(w) if i in right else c.ljust(w)
+            for i, (c, w) in enumerate(zip(row, widths, strict=True))
+        ]
+        lines.append("  ".join(cells).rstrip())
+    lines.append("details: wecombot dlq show SEQ")
+    return "\n".join(lines) + "\n"
+
+
+def render_one(letter: DeadLetter) -> str:
+    fields = letter.as_json(with_event=True)
+    lines = [f"dead letter {letter.seq} in {topology.DEAD_LETTER_STREAM}"]
+    for name in ("time", "consumer", "deliveries", "subject", "stream_seq", "app", "user"):
+        value = fields[name]
+        if value is not None:
+            lines.append(f"  {name + ':':<12}{value}")
+    lines.append(f"  {'reason:':<12}{letter.reason}")
+    if fields["event"] is not None:
+        lines.append("  event:")
+        body = json.dumps(fields["event"], ensure_ascii=False, indent=2)
+        lines.extend("    " + line for line in body.splitlines())
+    else:
+        lines.append(f"  {'data:':<12}{fields['data']!r}  (not a wecombot event)")
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------- the command
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="wecombot dlq",
+        description="List the dead-lettered messages (WECOMBOT_DLQ), or show one.",
+    )
+    _options(parser, listing=True, defaults=True)
+    sub = parser.add_subparsers(dest="action", metavar="{list,show}")
+    # Options repeat after the action; SUPPRESS keeps a subparser from resetting them.
+    _options(sub.add_parser("list", help="the newest dead letters (the default)"), listing=True)
+    show = sub.add_parser("show", help="one dead letter, with its event decoded")
+    show.add_argument("seq", type=int, help="its sequence in WECOMBOT_DLQ (the SEQ column)")
+    _options(show, listing=False)
+    return parser
+
+
+def _options(p: argparse.ArgumentParser, *, listing: bool, defaults: bool = False) -> None:
+    def default(value: object) -> object:
+        return value if defaults else argparse.SUPPRESS
+
+    p.add_argument("--json", action="store_true", default=default(False), help="JSON output")
+    if listing:
+        p.add_argument(
+            "--consumer", default=default(None), help="only this consumer's (llm, sender)"
+        )
+        p.add_argument(
+            "--limit", type=int, default=default(50), help="at most N, the newest (default 50)"
+        )
+
+
+async def run(
+    settings: NatsSettings, argv: Sequence[str], out: TextIO, err: TextIO | None = None
+) -> int:
+    """The command, given its NATS settings and arguments; writes to ``out``."""
+    err = err or sys.stderr
+    args = _parser().parse_args(list(argv))
+    try:
+        async with asyncio.timeout(_TIMEOUT_S):
+            # One attempt per server (nats-py treats 0 as "retry forever").
+            nc = await bus.connect(
+                settings,
+                CLIENT_NAME,
+                allow_reconnect=False,
+                max_reconnect_attempts=1,
+                reconnect_time_wait=0.1,
+                connect_timeout=_TIMEOUT_S / 2,
+                error_cb=_quiet,
+            )
+    except (TimeoutError, OSError, nats.errors.Error) as exc:
+        err.write(f"wecombot dlq: cannot reach NATS at {_url(settings)}: {type(exc).__name__}\n")
+        return 1
+    try:
+        return await _act(nc.jetstream(timeout=_TIMEOUT_S), args, out, err)
+    except nats.js.errors.NotFoundError:
+        err.write(f"wecombot dlq: the stream {topology.DEAD_LETTER_STREAM} does not exist\n")
+        return 1
+    except (TimeoutError, nats.errors.Error) as exc:
+        err.write(f"wecombot dlq: {type(exc).__name__}: {exc}\n")
+        return 1
+    finally:
+        await nc.close()
+
+
+async def _act(js: JetStreamContext, args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    if args.action == "show":
+        letter = await read_dead_letter(js, args.seq)
+        if letter is None:
+            err.write(f"wecombot dlq: no message {args.seq} in {topology.DEAD_LETTER_STREAM}\n")
+            return 1
+        if args.json:
+            out.write(json.dumps(letter.as_json(with_event=True), ensure_ascii=False) + "\n")
+        else:
+            out.write(render_one(letter))
+        return 0
+    total, letters = await read_dead_letters(js, consumer=args.consumer, limit=max(args.limit, 0))
+    if args.json:
+        out.write(json.dumps([d.as_json() for d in letters], ensure_ascii=False) + "\n")
+    else:
+        out.write(render_table(total, letters, args.consumer))
+    return 0
+
+
+async def _quiet(exc: Exception) -> None:
+    """Connection errors are reported once, as the command's answer."""
+
+
+def _url(settings: NatsSettings) -> str:
+    # The URL may carry credentials (nats://user:pass@host): show the hosts only.
+    return ",".join(part.rpartition("@")[2] for part in settings.url.split(","))
+
+
+def main(environ: Mapping[str, str], argv: Sequence[str] = ()) -> int:
+    """Entry point of ``wecombot dlq``."""
+    env = EnvReader(environ)
+    try:
+        settings = NatsSettings.read(env)
+        log = LogSettings.read(env)
+        env.raise_if_invalid()
+    except ConfigError as exc:
+        sys.stderr.write(f"{exc}\n")
+        return 2
+    # Log lines (a NATS error, say) go to stderr, redacted: stdout is the answer.
+    secrets = [settings.password] if settings.password is not None else []
+    configure_logging(replace(log, level="error"), service="dlq", secrets=secrets)
+    try:
+        return asyncio.run(run(settings, argv, sys.stdout))
+    except SystemExit as exc:  # argparse: --help (0) or bad arguments (2)
+        return int(exc.code or 0)

@@ -1,0 +1,207 @@
+"""``wecombot dlq`` against a real nats-server, on dead letters parked by the real worker.
+
+Two work consumers (named as the services' are) give up on messages the ways services
+do: an event that does not decode, a permanent refusal, and a transient failure that
+outlasted max_deliver. The command then lists and shows them, as text and JSON, both
+in-process and as the ``wecombot`` process operators run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from nats.js import JetStreamContext
+
+from tests.conftest import NatsHandle
+from wecombot.dlq import run
+from wecombot_common import topology
+from wecombot_common.bus import append_event, ensure_topology
+from wecombot_common.errors import PermanentError
+from wecombot_common.events import ReplyGenerated
+from wecombot_common.settings import EnvReader, NatsSettings
+from wecombot_common.worker import Ack, Delivery, Handler, Nak, Outcome, PullWorker
+
+pytestmark = pytest.mark.integration
+
+APP = "ww1-1000002"
+
+
+def _reply(user: str, text: str) -> ReplyGenerated:
+    return ReplyGenerated(app=APP, conversation=user, correlation_id=text, text=text)
+
+
+def _settings(url: str) -> NatsSettings:
+    return NatsSettings.read(EnvReader({"NATS_URL": url}))
+
+
+async def _until(check: Callable[[], Awaitable[bool]], timeout: float = 15.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not await check():
+            await asyncio.sleep(0.02)
+
+
+async def _work(js: JetStreamContext, name: str, filter_subject: str, handler: Handler) -> None:
+    config = topology.work_consumer(
+        name, filter_subject, ack_wait_s=5, max_deliver=2, max_ack_pending=100
+    )
+    stop = asyncio.Event()
+    worker = PullWorker(js, config, handler, fetch_timeout_s=0.2)
+    await worker.ensure_consumer()
+    task = asyncio.create_task(worker.run(stop))
+
+    async def settled() -> bool:
+        info = await js.consumer_info(topology.CONVERSATION_STREAM, name)
+        return bool(info.num_pending == 0 and info.num_ack_pending == 0)
+
+    await _until(settled)
+    stop.set()
+    await task
+
+
+@pytest.fixture
+async def dead(js: JetStreamContext) -> JetStreamContext:
+    """Three dead letters: llm (undecodable), sender (refused), sender (gave up)."""
+    await ensure_topology(js, _settings("nats://127.0.0.1:4222"))
+    await js.publish(f"{topology.PREFIX}.conv.{APP}.wang~2Ewu.in", b"\xffnot an event")
+    await append_event(js, _reply("li.si", "refused for good"))
+    await append_event(js, _reply("zhang.san", "keeps failing"))
+    await append_event(js, _reply("ok.user", "fine"))
+
+    async def never(d: Delivery) -> Outcome:
+        raise AssertionError("an undecodable event never reaches a handler")
+
+    async def sender(d: Delivery) -> Outcome:
+        if d.event.conversation == "li.si":
+            raise PermanentError("SendRejected: recipient left (errcode 81013)")
+        if d.event.conversation == "zhang.san":
+            return Nak(0, "WeCom answered HTTP 502")
+        return Ack()
+
+    await _work(js, topology.LLM_CONSUMER, topology.RECEIVED_FILTER, never)
+    await _work(js, topology.SENDER_CONSUMER, topology.OUTCOME_FILTER, sender)
+    info = await js.stream_info(topology.DEAD_LETTER_STREAM)
+    assert info.state.messages == 3
+    return js
+
+
+async def _dlq(url: str, *argv: str) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    code = await run(_settings(url), argv, out, err)
+    return code, out.getvalue(), err.getvalue()
+
+
+async def test_list_as_json_has_time_consumer_reason_subject_and_sequence(
+    nats_server: NatsHandle, dead: JetStreamContext
+) -> None:
+    started = datetime.now(UTC)
+    code, out, err = await _dlq(nats_server.url, "--json")
+    assert (code, err) == (0, "")
+    letters = json.loads(out)
+    assert [(d["seq"], d["consumer"], d["user"]) for d in letters] == [
+        (1, "llm", "wang.wu"),
+        (2, "sender", "li.si"),
+        (3, "sender", "zhang.san"),
+    ]
+    undecodable, refused, gave_up = letters
+    assert "undecodable event" in undecodable["reason"]
+    assert undecodable["subject"] == f"wecombot.conv.{APP}.wang~2Ewu.in"
+    assert undecodable["stream_seq"] == 1 and undecodable["deliveries"] == 1
+    assert refused["reason"] == "PermanentError: SendRejected: recipient left (errcode 81013)"
+    assert refused["subject"] == f"wecombot.conv.{APP}.li~2Esi.llm.reply"
+    assert refused["stream_seq"] == 2 and refused["app"] == APP
+    assert gave_up["reason"] == "gave up after 2: WeCom answered HTTP 502"
+    assert (gave_up["stream_seq"], gave_up["deliveries"]) == (3, 2)
+    for d in letters:
+        assert started - timedelta(minutes=1) < datetime.fromisoformat(d["time"])
+
+
+async def test_list_as_a_table_and_filtered(
+    nats_server: NatsHandle, dead: JetStreamContext
+) -> None:
+    code, out, _ = await _dlq(nats_server.url)
+    assert code == 0
+    head, columns, *rows, hint = out.splitlines()
+    assert head == "3 dead letters in WECOMBOT_DLQ"
+    assert columns.split() == [
+        "SEQ", "TIME", "(UTC)", "CONSUMER", "STREAM", "SEQ", "DELIVERIES", "SUBJECT", "REASON",
+    ]  # fmt: skip
+    assert [r.split()[:5:3] for r in rows] == [["1", "llm"], ["2", "sender"], ["3", "sender"]]
+    assert "gave up after 2: WeCom answered HTTP 502" in rows[2]
+    assert hint == "details: wecombot dlq show SEQ"
+
+    code, out, _ = await _dlq(nats_server.url, "list", "--consumer", "sender", "--limit", "1")
+    assert code == 0
+    head, _, only, _ = out.splitlines()
+    assert head == "3 dead letters in WECOMBOT_DLQ (showing 1 of consumer sender)"
+    assert only.split()[0] == "3"  # the newest
+    code, out, _ = await _dlq(nats_server.url, "--consumer", "token")
+    assert out == "no dead letters of consumer token in WECOMBOT_DLQ (3 in all)\n"
+
+
+async def test_show_one_with_its_event_decoded_or_its_bytes(
+    nats_server: NatsHandle, dead: JetStreamContext
+) -> None:
+    code, out, _ = await _dlq(nats_server.url, "show", "2")
+    assert code == 0
+    assert out.startswith("dead letter 2 in WECOMBOT_DLQ\n")
+    assert "  reason:     PermanentError: SendRejected: recipient left (errcode 81013)" in out
+    assert "  user:       li.si" in out and '"text": "refused for good"' in out
+
+    code, out, _ = await _dlq(nats_server.url, "show", "2", "--json")
+    shown = json.loads(out)
+    assert shown["event"]["type"] == "ReplyGenerated"
+    assert shown["event"]["text"] == "refused for good" and "data" not in shown
+
+    code, out, _ = await _dlq(nats_server.url, "--json", "show", "1")
+    shown = json.loads(out)
+    assert (code, shown["event"], shown["data"]) == (0, None, "\ufffdnot an event")
+    code, out, _ = await _dlq(nats_server.url, "show", "1")
+    assert "(not a wecombot event)" in out
+
+    code, out, err = await _dlq(nats_server.url, "show", "99")
+    assert (code, out, err) == (1, "", "wecombot dlq: no message 99 in WECOMBOT_DLQ\n")
+
+
+async def test_an_empty_dlq_and_an_unreachable_broker(
+    nats_server: NatsHandle, js: JetStreamContext
+) -> None:
+    await ensure_topology(js, _settings(nats_server.url))
+    code, out, _ = await _dlq(nats_server.url)
+    assert (code, out) == (0, "no dead letters in WECOMBOT_DLQ (0 in all)\n")
+    assert await _dlq(nats_server.url, "--json") == (0, "[]\n", "")
+    nats_server.stop()
+    url = nats_server.url.replace("nats://", "nats://admin:pw-never-shown@")
+    code, out, err = await _dlq(url)
+    assert code == 1 and out == ""
+    assert err.startswith("wecombot dlq: cannot reach NATS at 127.0.0.1:")
+    assert "pw-never-shown" not in err
+
+
+def _wecombot(*argv: str, url: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "NATS_URL": url}
+    return subprocess.run(
+        [sys.executable, "-m", "wecombot", "dlq", *argv],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+async def test_the_wecombot_command(nats_server: NatsHandle, dead: JetStreamContext) -> None:
+    listed = await asyncio.to_thread(_wecombot, "--json", url=nats_server.url)
+    assert listed.returncode == 0, listed.stderr
+    assert [d["consumer"] for d in json.loads(listed.stdout)] == ["llm", "sender", "sender"]
+    shown = await asyncio.to_thread(_wecombot, "show", "3", url=nats_server.url)
+    assert shown.returncode == 0 and "gave up after 2" in shown.stdout
+    bad = await asyncio.to_thread(_wecombot, "show", "three", url=nats_server.url)
+    assert bad.returncode == 2 and "invalid int value" in bad.stderr
