@@ -5,6 +5,10 @@
 - WeCom settings absent → sandbox mode: generated corp id, token and AES key (kept in
   ``WECOMBOT_DATA_DIR/sandbox.json``) and a simulated WeCom API on loopback that the
   token and sender services call through their real code (``WECOM_API_BASE``).
+- In sandbox mode, the console (``WECOMBOT_CONSOLE_PORT``, default 8090; 0 = off): a
+  WeCom-style chat on http://127.0.0.1:8090/ that posts real signed, encrypted callbacks
+  to the gateway, shows the replies the simulated ``message/send`` receives and the
+  events JetStream appends, and injects WeCom's bad days (see ``wecombot.console``).
 - Then the four services as child processes (exactly what Kubernetes runs), every log
   line prefixed with its service. Ctrl-C or SIGTERM stops them in dependency order
   (gateway first, token last), each with SIGTERM so it drains, within 10 s in all.
@@ -23,16 +27,22 @@ import sys
 from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from wecombot_common.crypto import generate_encoding_aes_key, generate_token
 from wecombot_common.embedded import EmbeddedNats
+from wecombot_common.settings import EnvReader, NatsSettings, app_key
+from wecombot_common.sim.callbacks import CallbackBuilder
 from wecombot_common.sim.wecom_api import SentMessage, SimulatedWeComApi
+
+from .console import Console, ConsoleConfig, ObservedWeComApi
 
 __all__ = ["main"]
 
 SERVICES = ("token", "llm", "sender", "gateway")  # start order; stop in reverse
 HEALTH_PORTS = {"llm": "8081", "sender": "8082", "token": "8083"}
 STOP_BUDGET_S = 10.0
+CONSOLE_PORT = 8090
 WECOM_KEYS = ("WECOM_CORP_ID", "WECOM_AGENT_ID", "WECOM_TOKEN", "WECOM_ENCODING_AES_KEY")
 
 
@@ -151,12 +161,69 @@ async def _log_sandbox_sends(api: SimulatedWeComApi) -> None:
         print(f"{'[wecom]':<10} message/send → {msg.touser}: {msg.content}", flush=True)
 
 
+def console_port(env: Mapping[str, str]) -> int | None:
+    """``WECOMBOT_CONSOLE_PORT``: None = off (0); the default 8090 falls back to any free
+    port when taken. Raises ValueError naming the variable when malformed."""
+    raw = (env.get("WECOMBOT_CONSOLE_PORT") or "").strip()
+    if not raw:
+        return CONSOLE_PORT if _port_free(CONSOLE_PORT) else 0
+    if not raw.isdigit() or int(raw) > 65535:
+        raise ValueError(f"WECOMBOT_CONSOLE_PORT must be a port number (0 = off), got {raw!r}")
+    return int(raw) or None
+
+
+def model_label(env: Mapping[str, str]) -> tuple[str, bool]:
+    """What answers, for people: (label, offline)."""
+    if not env.get("OPENAI_API_KEY"):
+        return "offline echo model (OPENAI_API_KEY unset)", True
+    base = env.get("OPENAI_BASE_URL") or "https://api.openai.com/v1"
+    model = env.get("OPENAI_MODEL") or "gpt-4o-mini"
+    return f"{model} at {urlsplit(base).netloc or base}", False
+
+
+async def start_console(
+    env: Mapping[str, str], port: int, sandbox: Sandbox, sim: SimulatedWeComApi
+) -> Console:
+    gw_port = env.get("GATEWAY_PORT") or "8080"
+    path = env.get("GATEWAY_CALLBACK_PATH") or "/wecom/callback"
+    label, offline = model_label(env)
+    config = ConsoleConfig(
+        port=port,
+        callback_url=f"http://127.0.0.1:{gw_port}{path}",
+        ready_url=f"http://127.0.0.1:{gw_port}/readyz",
+        nats=NatsSettings.read(EnvReader(env)),
+        app=app_key(sandbox.corp_id, sandbox.agent_id),
+        corp_id=sandbox.corp_id,
+        model=label,
+        offline=offline,
+    )
+    builder = CallbackBuilder(
+        corp_id=sandbox.corp_id,
+        agent_id=sandbox.agent_id,
+        token=sandbox.token,
+        encoding_aes_key=sandbox.encoding_aes_key,
+    )
+    console = Console(config, builder, sim)
+    try:
+        await console.start()
+    except BaseException:
+        await console.stop()
+        raise
+    return console
+
+
 async def run(env: dict[str, str]) -> int:
     data_dir = Path(env.get("WECOMBOT_DATA_DIR") or "./.wecombot")
     env.setdefault("LOG_FORMAT", "console")
     sup = Supervisor(env)
+    try:
+        port_for_console = console_port(env)
+    except ValueError as exc:
+        sup.say(str(exc))
+        return 2
     nats_server: EmbeddedNats | None = None
     sim: SimulatedWeComApi | None = None
+    console: Console | None = None
     side_tasks: list[asyncio.Task[None]] = []
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -174,7 +241,7 @@ async def run(env: dict[str, str]) -> int:
             sup.say(f"embedded nats-server at {nats_server.url} (store: {data_dir / 'nats'})")
         if not all(env.get(k) for k in WECOM_KEYS):
             sandbox = Sandbox.load_or_create(data_dir)
-            sim = SimulatedWeComApi(
+            sim = ObservedWeComApi(
                 corp_id=sandbox.corp_id, secret=sandbox.secret, agent_id=sandbox.agent_id
             )
             await sim.start()
@@ -184,13 +251,30 @@ async def run(env: dict[str, str]) -> int:
                 "SANDBOX MODE: no WeCom settings found, so a simulated WeCom API runs at "
                 f"{sim.base_url} (corp id {sandbox.corp_id}). Set WECOM_* to use a real app."
             )
+            if port_for_console is not None:
+                try:
+                    console = await start_console(env, port_for_console, sandbox, sim)
+                except OSError as exc:
+                    sup.say(
+                        f"the console cannot listen on 127.0.0.1:{port_for_console} "
+                        f"({exc.strerror}): set WECOMBOT_CONSOLE_PORT to a free port, or 0 "
+                        "to turn it off"
+                    )
+                    return 2
         if not env.get("OPENAI_API_KEY"):
             sup.say("OPENAI_API_KEY is unset: the llm answers with the OFFLINE model (no network)")
+        else:
+            sup.say(f"model: {model_label(env)[0]}")
         for service in SERVICES:
             await sup.start(service)
         gw_port = env.get("GATEWAY_PORT", "8080")
         path = env.get("GATEWAY_CALLBACK_PATH", "/wecom/callback")
-        sup.say(f"gateway callback URL: http://127.0.0.1:{gw_port}{path} — Ctrl-C stops all")
+        sup.say(f"gateway callback URL: http://127.0.0.1:{gw_port}{path}")
+        if console is not None:
+            sup.say(f"console: {console.url} — chat as a WeCom user, watch the events")
+        elif sim is not None:
+            sup.say("console: off (WECOMBOT_CONSOLE_PORT=0)")
+        sup.say("Ctrl-C stops all")
         stop_wait = asyncio.create_task(stop.wait())
         exit_wait = asyncio.create_task(sup.exited.wait())
         await asyncio.wait({stop_wait, exit_wait}, return_when=asyncio.FIRST_COMPLETED)
@@ -203,6 +287,8 @@ async def run(env: dict[str, str]) -> int:
         await sup.stop_all()
         for task in side_tasks:
             task.cancel()
+        if console is not None:
+            await console.stop()
         if sim is not None:
             await sim.stop()
         if nats_server is not None:

@@ -1,0 +1,503 @@
+"""The console's backend: aiohttp on loopback, run inside ``wecombot dev``'s process.
+
+::
+
+    GET  /                 the page (static/index.html; plain HTML, CSS and JS, no CDN)
+    GET  /api/stream       Server-Sent Events: a ``hello`` with the current state, then
+                           every item (replayed after ``Last-Event-ID``, then live)
+    POST /api/send         {"user", "text", "retry"}: a text callback to the gateway
+    POST /api/event        {"user", "event"}: an event callback (enter_agent)
+    POST /api/faults       {"action": "expire_token" | "fail_sends" | "clear_faults", …}
+
+Items (``kind``): ``said`` (a callback the console built), ``callback`` (the gateway's
+answer to one POST of it), ``event`` (a JetStream event, from an ordered consumer on
+``wecombot.conv.>``), ``sent`` (a message the simulated ``message/send`` accepted: what
+the WeCom user sees), ``api`` (any call to the simulated WeCom API and its errcode),
+``switch`` (a fault injected from the page), ``stats`` and ``gateway`` (state).
+
+It listens on 127.0.0.1 only and refuses other Host headers (DNS rebinding) and POSTs
+that are not JSON (cross-site forms): it can inject faults, so it is not for a network.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import re
+import secrets
+import time
+from collections import Counter, deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import msgspec
+from aiohttp import web
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.js.api import DeliverPolicy
+
+from wecombot_common import bus, topology
+from wecombot_common.events import EventDecodeError, decode_event
+from wecombot_common.settings import NatsSettings
+from wecombot_common.sim.callbacks import Callback, CallbackBuilder
+from wecombot_common.sim.wecom_api import SentMessage, SimulatedWeComApi
+from wecombot_sender.errcodes import ErrorClass, classify, explain
+
+__all__ = ["Console", "ConsoleConfig", "Hub", "ObservedWeComApi"]
+
+STATIC_DIR = Path(__file__).parent / "static"
+RETRY_AFTER_S = 5.0  # WeCom gives up on a callback after 5 s and posts it again
+CALLBACK_TIMEOUT_S = 5.0  # …so the console waits for the gateway no longer than WeCom does
+MAX_TEXT_CHARS = 20_000
+MAX_FAIL_TIMES = 100
+KEEPALIVE_S = 15.0
+# A WeCom UserID: 1–64 letters, digits and _-@. starting with a letter or digit.
+USER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_\-@.]{0,63}")
+EVENTS = ("enter_agent", "subscribe", "unsubscribe")
+# message/send errcodes offered by the page, in the order shown.
+ERRCODES = (-1, 45009, 45033, 42001, 40014, 81013, 82001, 44004, 60020)
+_WHAT_THE_SENDER_DOES = {
+    ErrorClass.RETRYABLE: "the sender retries with backoff",
+    ErrorClass.TOKEN: "the sender gets a new token and retries",
+    ErrorClass.PERMANENT: "the reply fails for good (DeliveryFailed)",
+}
+
+Item = dict[str, Any]
+
+
+class Hub:
+    """An ordered, bounded log of what the page shows. A client replays, then follows."""
+
+    def __init__(self, maxlen: int = 5000) -> None:
+        self._items: deque[Item] = deque(maxlen=maxlen)
+        self._ids = itertools.count(1)
+        self._followers: set[asyncio.Queue[Item | None]] = set()
+
+    def publish(self, kind: str, data: dict[str, Any]) -> Item:
+        item: Item = {"id": next(self._ids), "kind": kind, "at": time.time(), "data": data}
+        self._items.append(item)
+        for queue in self._followers:
+            queue.put_nowait(item)
+        return item
+
+    def follow(self, after: int) -> tuple[list[Item], asyncio.Queue[Item | None]]:
+        """Items after ``after``, and a queue of every later one (None: the hub closed)."""
+        queue: asyncio.Queue[Item | None] = asyncio.Queue()
+        self._followers.add(queue)
+        return [item for item in self._items if item["id"] > after], queue
+
+    def unfollow(self, queue: asyncio.Queue[Item | None]) -> None:
+        self._followers.discard(queue)
+
+    def close(self) -> None:
+        for queue in self._followers:
+            queue.put_nowait(None)
+
+
+class ObservedWeComApi(SimulatedWeComApi):
+    """The simulated WeCom API, reporting every call and its answer to ``observers``.
+
+    A middleware reads the JSON answer, so the simulator itself is untouched; ``injected``
+    says whether a fault scripted with ``fail_sends``/``fail_gettoken`` produced it.
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.observers: list[Callable[[dict[str, Any]], None]] = []
+
+    def app(self) -> web.Application:
+        app = super().app()
+
+        @web.middleware
+        async def observe(
+            request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+        ) -> web.StreamResponse:
+            scripted = len(self.faults.send) + len(self.faults.gettoken)
+            response = await handler(request)
+            injected = len(self.faults.send) + len(self.faults.gettoken) < scripted
+            call = await _describe_call(request, response, injected)
+            for observer in self.observers:
+                observer(call)
+            return response
+
+        app.middlewares.append(observe)
+        return app
+
+
+async def _describe_call(
+    request: web.Request, response: web.StreamResponse, injected: bool
+) -> dict[str, Any]:
+    """What the page shows of one API call (never the secret or the token)."""
+    api = request.path.removeprefix("/cgi-bin/")
+    call: dict[str, Any] = {"api": api, "http": response.status, "injected": injected}
+    body = getattr(response, "body", None)
+    if isinstance(body, bytes):
+        with contextlib.suppress(ValueError):
+            answer = json.loads(body)
+            if isinstance(answer, dict):
+                call["errcode"] = answer.get("errcode")
+                call["errmsg"] = answer.get("errmsg")
+                call["msgid"] = answer.get("msgid")
+                call["expires_in"] = answer.get("expires_in")
+    if api == "message/send" and request.can_read_body:
+        with contextlib.suppress(ValueError, TypeError):
+            sent = await request.json()  # cached: the handler read it already
+            call["touser"] = str(sent.get("touser"))
+    return call
+
+
+@dataclass(frozen=True)
+class ConsoleConfig:
+    port: int  # 0: any free port
+    callback_url: str  # the gateway's callback endpoint (what WeCom would POST to)
+    ready_url: str  # the gateway's /readyz
+    nats: NatsSettings
+    app: str
+    corp_id: str
+    model: str  # what answers: "offline echo model" or "<model> at <host>"
+    offline: bool
+    host: str = "127.0.0.1"
+
+
+class Console:
+    """The console server. ``await start()``, then ``url``; ``await stop()``."""
+
+    def __init__(
+        self, config: ConsoleConfig, builder: CallbackBuilder, wecom: SimulatedWeComApi
+    ) -> None:
+        self.config = config
+        self.builder = builder
+        self.wecom = wecom
+        self.hub = Hub()
+        self.port = config.port
+        self.gateway = "starting"
+        self._boot = secrets.token_hex(4)
+        self._events = itertools.count(1)
+        self._nc: NATS | None = None
+        self._http: httpx.AsyncClient | None = None
+        self._runner: web.AppRunner | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.config.host}:{self.port}/"
+
+    # ------------------------------------------------------------ lifecycle
+    async def start(self) -> None:
+        self._http = httpx.AsyncClient(timeout=httpx.Timeout(CALLBACK_TIMEOUT_S))
+        self._nc = await bus.connect(self.config.nats, "wecombot-console")
+        js = self._nc.jetstream()
+        await bus.ensure_topology(js, self.config.nats)
+        # An ordered consumer: ephemeral, flow-controlled, re-created by the client on a
+        # gap, so the page sees every event appended from now on, in stream order.
+        await js.subscribe(
+            topology.CONVERSATION_SUBJECTS,
+            stream=topology.CONVERSATION_STREAM,
+            ordered_consumer=True,
+            deliver_policy=DeliverPolicy.NEW,
+            cb=self._on_event,
+        )
+        if isinstance(self.wecom, ObservedWeComApi):
+            self.wecom.observers.append(self._on_api_call)
+        self._spawn(self._pump_sent())
+        self._spawn(self._watch_gateway())
+        self._runner = web.AppRunner(self.app(), access_log=None, shutdown_timeout=1.0)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.config.host, self.config.port)
+        await site.start()
+        server = site._server
+        assert server is not None
+        self.port = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
+
+    async def stop(self) -> None:
+        self.hub.close()  # every open stream ends
+        if isinstance(self.wecom, ObservedWeComApi):
+            with contextlib.suppress(ValueError):
+                self.wecom.observers.remove(self._on_api_call)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._runner is not None:
+            await self._runner.cleanup()
+        if self._nc is not None:
+            with contextlib.suppress(Exception):
+                await self._nc.close()
+        if self._http is not None:
+            await self._http.aclose()
+
+    def _spawn(self, coro: Awaitable[None]) -> None:
+        task: asyncio.Task[None] = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def app(self) -> web.Application:
+        app = web.Application(middlewares=[self._guard], client_max_size=1024 * 1024)
+        app.router.add_get("/", self._index)
+        app.router.add_get("/api/stream", self._stream)
+        app.router.add_post("/api/send", self._send)
+        app.router.add_post("/api/event", self._event)
+        app.router.add_post("/api/faults", self._faults)
+        app.router.add_static("/static/", STATIC_DIR)
+        return app
+
+    # ------------------------------------------------------------ sources
+    async def _on_event(self, msg: Msg) -> None:
+        meta = msg.metadata
+        data: dict[str, Any] = {
+            "seq": meta.sequence.stream,
+            "subject": msg.subject,
+            "appended_at": meta.timestamp.isoformat(),  # when JetStream stored it
+        }
+        try:
+            event = decode_event(msg.data)
+        except EventDecodeError as exc:
+            data.update(type="Undecodable", error=str(exc))
+        else:
+            data.update(type=type(event).__name__, event=msgspec.to_builtins(event))
+        self.hub.publish("event", data)
+
+    async def _pump_sent(self) -> None:
+        queue = self.wecom.subscribe()
+        try:
+            while True:
+                msg: SentMessage = await queue.get()
+                self.hub.publish(
+                    "sent",
+                    {
+                        "user": msg.touser,
+                        "text": msg.content,
+                        "msgid": msg.msgid,
+                        "truncated": msg.truncated,
+                    },
+                )
+        finally:
+            self.wecom.unsubscribe(queue)
+
+    def _on_api_call(self, call: dict[str, Any]) -> None:
+        self.hub.publish("api", call)
+        self.hub.publish("stats", self._stats())
+
+    async def _watch_gateway(self) -> None:
+        """Poll the gateway's /readyz so the page can say when callbacks will be stored."""
+        assert self._http is not None
+        while True:
+            try:
+                response = await self._http.get(self.config.ready_url, timeout=2.0)
+                state = "ready" if response.status_code == 200 else "starting"
+            except httpx.HTTPError:
+                state = "down" if self.gateway == "ready" else "starting"
+            if state != self.gateway:
+                self.gateway = state
+                self.hub.publish("gateway", {"state": state})
+            await asyncio.sleep(0.25 if state != "ready" else 2.0)
+
+    def _stats(self) -> dict[str, Any]:
+        pending = Counter(self.wecom.faults.send)
+        return {
+            "gettoken_calls": self.wecom.gettoken_calls,
+            "send_calls": self.wecom.send_calls,
+            "delivered": len(self.wecom.sent),
+            "pending_faults": [{"errcode": c, "times": n} for c, n in pending.items()],
+        }
+
+    def _hello(self) -> dict[str, Any]:
+        return {
+            "boot": self._boot,
+            "mode": "sandbox",
+            "app": self.config.app,
+            "corp_id": self.config.corp_id,
+            "model": self.config.model,
+            "offline": self.config.offline,
+            "callback_url": self.config.callback_url,
+            "gateway": self.gateway,
+            "retry_after_s": RETRY_AFTER_S,
+            "stats": self._stats(),
+            "errcodes": [
+                {
+                    "errcode": code,
+                    "reason": explain(code),
+                    "then": _WHAT_THE_SENDER_DOES[classify(code)],
+                }
+                for code in ERRCODES
+            ],
+            "events": list(EVENTS),
+        }
+
+    # ------------------------------------------------------------ HTTP
+    @web.middleware
+    async def _guard(
+        self,
+        request: web.Request,
+        handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
+    ) -> web.StreamResponse:
+        host = request.host.rsplit(":", 1)[0]
+        if host not in ("127.0.0.1", "localhost", "[::1]"):
+            return web.json_response({"error": "the console answers on localhost only"}, status=403)
+        if request.method == "POST" and request.content_type != "application/json":
+            return web.json_response({"error": "send JSON"}, status=415)
+        return await handler(request)
+
+    async def _index(self, request: web.Request) -> web.StreamResponse:
+        return web.FileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": "no-cache"})
+
+    async def _stream(self, request: web.Request) -> web.StreamResponse:
+        try:
+            after = int(request.headers.get("Last-Event-ID") or request.query.get("after") or 0)
+        except ValueError:
+            after = 0
+        response = web.StreamResponse(
+            headers={
+                "Content-Type": "text/event-stream; charset=utf-8",
+                "Cache-Control": "no-cache",
+                "X-Accel-Buffering": "no",
+            }
+        )
+        await response.prepare(request)
+        backlog, queue = self.hub.follow(after)
+        try:
+            await response.write(_sse("hello", self._hello()))
+            for item in backlog:
+                await response.write(_sse_item(item))
+            while True:
+                try:
+                    next_item = await asyncio.wait_for(queue.get(), KEEPALIVE_S)
+                except TimeoutError:
+                    await response.write(b": keepalive\n\n")
+                    continue
+                if next_item is None:
+                    break
+                await response.write(_sse_item(next_item))
+        except (ConnectionError, RuntimeError):
+            pass  # the page went away (aiohttp raises ClientConnectionResetError)
+        finally:
+            self.hub.unfollow(queue)
+        return response
+
+    async def _send(self, request: web.Request) -> web.StreamResponse:
+        body = await _json_object(request)
+        user = _user(body)
+        text = body.get("text")
+        if not isinstance(text, str) or not text.strip():
+            raise _bad("type something to send")
+        if len(text) > MAX_TEXT_CHARS:
+            raise _bad(f"keep it under {MAX_TEXT_CHARS} characters")
+        callback = self.builder.text(user, text)
+        return await self._deliver(callback, user, text, kind="text", retry=body.get("retry"))
+
+    async def _event(self, request: web.Request) -> web.StreamResponse:
+        body = await _json_object(request)
+        user = _user(body)
+        name = body.get("event")
+        if name not in EVENTS:
+            raise _bad(f"event must be one of {', '.join(EVENTS)}")
+        callback = self.builder.event(user, str(name))
+        return await self._deliver(callback, user, str(name), kind="event", retry=body.get("retry"))
+
+    async def _deliver(
+        self, callback: Callback, user: str, text: str, *, kind: str, retry: object
+    ) -> web.StreamResponse:
+        key = callback.msg_id or f"event-{next(self._events)}"
+        self.hub.publish(
+            "said",
+            {"key": key, "msg_id": callback.msg_id, "user": user, "text": text, "kind": kind},
+        )
+        answer = await self._post(callback, key, user, attempt=1)
+        if retry is True:
+            self._spawn(self._retry_later(callback, key, user))
+        return web.json_response({"key": key, "msg_id": callback.msg_id, **answer})
+
+    async def _retry_later(self, callback: Callback, key: str, user: str) -> None:
+        await asyncio.sleep(RETRY_AFTER_S)
+        await self._post(callback, key, user, attempt=2)
+
+    async def _post(self, callback: Callback, key: str, user: str, *, attempt: int) -> Item:
+        """POST the callback as WeCom does, and publish the gateway's answer."""
+        assert self._http is not None
+        started = time.monotonic()
+        try:
+            response = await self._http.post(
+                self.config.callback_url,
+                params=callback.query,
+                content=callback.body,
+                headers={"Content-Type": "text/xml"},
+            )
+            status, detail = response.status_code, response.text[:200]
+        except httpx.TimeoutException:
+            status, detail = 0, f"no answer within {CALLBACK_TIMEOUT_S:g} s: WeCom would retry"
+        except httpx.HTTPError as exc:
+            status, detail = 0, f"the gateway is unreachable ({type(exc).__name__})"
+        answer: Item = {
+            "key": key,
+            "user": user,
+            "attempt": attempt,
+            "status": status,
+            "detail": detail,
+            "ms": round((time.monotonic() - started) * 1000),
+        }
+        self.hub.publish("callback", answer)
+        return answer
+
+    async def _faults(self, request: web.Request) -> web.StreamResponse:
+        body = await _json_object(request)
+        action = body.get("action")
+        if action == "expire_token":
+            self.wecom.expire_tokens()
+            text = "every access_token issued so far is now expired: message/send answers 42001"
+        elif action == "fail_sends":
+            errcode, times = body.get("errcode"), body.get("times", 1)
+            if not isinstance(errcode, int) or isinstance(errcode, bool) or errcode == 0:
+                raise _bad("errcode must be a non-zero number")
+            if not isinstance(times, int) or not 1 <= times <= MAX_FAIL_TIMES:
+                raise _bad(f"times must be between 1 and {MAX_FAIL_TIMES}")
+            self.wecom.fail_sends(errcode, times=times)
+            text = (
+                f"the next {times} message/send call{'s' if times > 1 else ''} "
+                f"fail{'' if times > 1 else 's'} with {explain(errcode)}"
+            )
+        elif action == "clear_faults":
+            self.wecom.faults.send.clear()
+            text = "message/send failures cleared"
+        else:
+            raise _bad("action must be expire_token, fail_sends or clear_faults")
+        self.hub.publish("switch", {"action": action, "text": text})
+        stats = self._stats()
+        self.hub.publish("stats", stats)
+        return web.json_response({"ok": True, "text": text, "stats": stats})
+
+
+def _sse(event: str, data: dict[str, Any], item_id: int | None = None) -> bytes:
+    lines = f"id: {item_id}\n" if item_id is not None else ""
+    payload = json.dumps(data, ensure_ascii=False, separators=(",", ":"), default=str)
+    return f"{lines}event: {event}\ndata: {payload}\n\n".encode()
+
+
+def _sse_item(item: Item) -> bytes:
+    return _sse("item", item, item["id"])
+
+
+def _bad(reason: str) -> web.HTTPBadRequest:
+    return web.HTTPBadRequest(
+        text=json.dumps({"error": reason}, ensure_ascii=False), content_type="application/json"
+    )
+
+
+async def _json_object(request: web.Request) -> dict[str, Any]:
+    try:
+        body = await request.json()
+    except ValueError:
+        raise _bad("the body must be JSON") from None
+    if not isinstance(body, dict):
+        raise _bad("the body must be a JSON object")
+    return body
+
+
+def _user(body: dict[str, Any]) -> str:
+    user = body.get("user")
+    if not isinstance(user, str) or not USER_ID.fullmatch(user.strip()):
+        raise _bad("a UserID is 1 to 64 letters, digits or _-@. and starts with a letter or digit")
+    return user.strip()

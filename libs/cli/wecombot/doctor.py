@@ -1,0 +1,745 @@
+"""``wecombot doctor``: check a real configuration, and explain each problem with its fix.
+
+::
+
+    wecombot doctor [--public-url URL] [--timeout SECONDS]
+
+Reads the environment (and ``./.env``, as ``wecombot dev`` does) and checks, in order:
+
+``settings``  every service's own settings loader (gateway, llm, sender, token) accepts
+              them: present, well-formed (43-character AES key, numeric AgentId, …)
+``nats``      NATS_URL is reachable, the credentials are accepted, JetStream is enabled
+``gettoken``  WeCom issues an access_token for WECOM_CORP_ID + WECOM_SECRET, or why not
+              (40001 secret, 40013 corp id, 60020 with the IP WeCom saw, network …)
+``callback``  with ``--public-url`` (or ``WECOMBOT_PUBLIC_URL``): the URL verification
+              WeCom sends when the URL is saved, signed and encrypted with our Token and
+              EncodingAESKey, is answered with the echo
+``model``     the OpenAI-compatible endpoint answers (``GET /models``, else a one-token
+              completion); without OPENAI_API_KEY: offline mode, reported as such
+
+Exit code: 0 when nothing failed (warnings and skipped checks allowed), 1 when a check
+failed, 2 for bad arguments. Secrets are never printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import re
+import secrets
+import sys
+import textwrap
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TextIO
+from urllib.parse import urlsplit
+
+import httpx
+import nats.errors
+import nats.js.errors
+
+from wecombot_common import bus, topology
+from wecombot_common.errors import ConfigError
+from wecombot_common.settings import (
+    EnvReader,
+    NatsSettings,
+    WeComApiSettings,
+    WeComCallbackSettings,
+)
+from wecombot_common.sim.callbacks import CallbackBuilder
+from wecombot_gateway.settings import GatewaySettings
+from wecombot_llm.settings import LlmSettings, ModelSettings
+from wecombot_sender.settings import SenderSettings
+from wecombot_token.domain import Failure
+from wecombot_token.settings import TokenSettings
+from wecombot_token.source import WeComTokenSource
+
+from .dev import read_dotenv
+
+__all__ = ["ACCEPTS_ARGS", "Finding", "Report", "diagnose", "main"]
+
+ACCEPTS_ARGS = True
+
+Status = Literal["ok", "warn", "fail", "skip"]
+_TAGS: dict[Status, str] = {"ok": "[ ok ]", "warn": "[warn]", "fail": "[FAIL]", "skip": "[skip]"}
+_WIDTH = 100
+_NAME_WIDTH = 9
+
+WECOM_KEYS = (
+    "WECOM_CORP_ID",
+    "WECOM_AGENT_ID",
+    "WECOM_SECRET",
+    "WECOM_TOKEN",
+    "WECOM_ENCODING_AES_KEY",
+)
+# Where each value is found, for the fix line of a settings problem.
+WHERE = {
+    "WECOM_CORP_ID": "admin console → 我的企业 (My Company) → 企业信息 → 企业ID (starts with ww)",
+    "WECOM_AGENT_ID": "admin console → 应用管理 (Apps) → your self-built app → AgentId",
+    "WECOM_SECRET": "admin console → 应用管理 → your app → Secret → 查看 (WeCom sends it to you)",
+    "WECOM_TOKEN": "your app → 接收消息 (Receive messages) → 设置API接收 → Token (随机获取)",
+    "WECOM_ENCODING_AES_KEY": "your app → 接收消息 → 设置API接收 → EncodingAESKey (随机获取)",
+    "WECOM_API_BASE": "leave unset for https://qyapi.weixin.qq.com",
+    "OPENAI_": "docs/providers.md lists the values for each provider",
+    "LLM_": ".env.example documents each LLM_ setting",
+    "NATS_": "the broker's address and credentials, e.g. NATS_URL=nats://nats:4222",
+}
+_WECOM_SAID = re.compile(r"\(WeCom (errcode -?\d+: .*)\)$", re.DOTALL)
+_FROM_IP = re.compile(r"from ip:\s*([0-9A-Fa-f:.]+[0-9A-Fa-f])")
+
+
+@dataclass(frozen=True)
+class Finding:
+    check: str
+    status: Status
+    summary: str
+    details: tuple[str, ...] = ()
+
+
+@dataclass
+class Report:
+    findings: list[Finding] = field(default_factory=list)
+
+    @property
+    def failed(self) -> bool:
+        return any(f.status == "fail" for f in self.findings)
+
+    def render(self) -> str:
+        lines: list[str] = []
+        indent = " " * (len(_TAGS["ok"]) + _NAME_WIDTH + 2)
+        for f in self.findings:
+            head = f"{_TAGS[f.status]} {f.check:<{_NAME_WIDTH}} "
+            lines.extend(
+                textwrap.wrap(f.summary, _WIDTH, initial_indent=head, subsequent_indent=indent)
+            )
+            for detail in f.details:
+                lines.extend(
+                    textwrap.wrap(
+                        detail, _WIDTH, initial_indent=indent, subsequent_indent=indent + "  "
+                    )
+                    or [""]
+                )
+        failures = sum(f.status == "fail" for f in self.findings)
+        lines.append("")
+        if failures:
+            lines.append(
+                f"{failures} check{'s' if failures > 1 else ''} failed: fix "
+                f"{'them' if failures > 1 else 'it'} and run `wecombot doctor` again."
+            )
+        else:
+            lines.append("No problems found.")
+        return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- settings
+
+
+def check_settings(environ: Mapping[str, str]) -> Finding:
+    """Every service's own loader, so doctor and the services never disagree."""
+    loaders: list[tuple[str, Callable[[Mapping[str, str]], object]]] = [
+        ("gateway", GatewaySettings.from_env),
+        ("llm", LlmSettings.from_env),
+        ("sender", SenderSettings.from_env),
+        ("token", TokenSettings.from_env),
+    ]
+    problems: dict[str, list[str]] = {}
+    for service, load in loaders:
+        try:
+            load(environ)
+        except ConfigError as exc:
+            for line in str(exc).splitlines()[1:]:
+                problems.setdefault(line.strip().removeprefix("- "), []).append(service)
+    if not problems:
+        return Finding(
+            "settings", "ok", "every service accepts its settings (gateway, llm, sender, token)"
+        )
+    details: list[str] = []
+    if not any((environ.get(k) or "").strip() for k in WECOM_KEYS):
+        details.append(
+            "No WeCom settings at all: that is sandbox mode, where `wecombot dev` plays WeCom "
+            "itself. To use a real app, fill in WECOM_CORP_ID, WECOM_AGENT_ID, WECOM_SECRET, "
+            "WECOM_TOKEN and WECOM_ENCODING_AES_KEY (README: from the sandbox to a real app)."
+        )
+    for problem, services in problems.items():
+        details.append(f"- {problem} (read by {', '.join(services)})")
+        where = _where(problem)
+        if where:
+            details.append(f"    where: {where}")
+    details.append("Fix: set them in ./.env or the environment; .env.example documents each one.")
+    count = len(problems)
+    return Finding(
+        "settings",
+        "fail",
+        f"{count} problem{'s' if count > 1 else ''} in the settings",
+        tuple(details),
+    )
+
+
+def _where(problem: str) -> str | None:
+    name = problem.split(" ", 1)[0]
+    for prefix, where in WHERE.items():
+        if name == prefix or (prefix.endswith("_") and name.startswith(prefix)):
+            return where
+    return None
+
+
+# ---------------------------------------------------------------- NATS
+
+
+async def check_nats(environ: Mapping[str, str], timeout_s: float) -> Finding:
+    env = EnvReader(environ)
+    settings = NatsSettings.read(env)
+    if env.problems:
+        return Finding("nats", "skip", "fix the NATS settings first (see settings above)")
+    url = settings.url
+    errors: list[BaseException] = []
+
+    async def remember(exc: Exception) -> None:
+        errors.append(exc)
+
+    try:
+        async with asyncio.timeout(timeout_s):
+            nc = await bus.connect(
+                settings,
+                "wecombot-doctor",
+                allow_reconnect=False,
+                max_reconnect_attempts=1,
+                reconnect_time_wait=0.1,
+                connect_timeout=max(1.0, timeout_s / 3),
+                error_cb=remember,
+            )
+    except (TimeoutError, OSError, nats.errors.Error) as exc:
+        last = errors[-1] if errors else exc
+        return _nats_unreachable(url, last)
+    try:
+        js = nc.jetstream()
+        try:
+            async with asyncio.timeout(timeout_s):
+                account = await js.account_info()
+        except (nats.js.errors.ServiceUnavailableError, nats.errors.NoRespondersError):
+            return Finding(
+                "nats",
+                "fail",
+                f"NATS at {url} answers, but JetStream is not enabled",
+                (
+                    "wecombot keeps its event log in JetStream. Start nats-server with -js "
+                    "(or `jetstream {}` in its config file); in a cluster enable it on every "
+                    "node; with accounts, give this account JetStream limits.",
+                ),
+            )
+        except (TimeoutError, nats.errors.Error) as exc:
+            return Finding(
+                "nats",
+                "fail",
+                f"NATS at {url} did not answer a JetStream request ({type(exc).__name__})",
+                ("The server may be starting, or without a JetStream quorum: check its logs.",),
+            )
+        try:
+            stream = await js.stream_info(topology.CONVERSATION_STREAM)
+            held = f"stream {topology.CONVERSATION_STREAM} holds {stream.state.messages} events"
+        except nats.js.errors.NotFoundError:
+            held = f"stream {topology.CONVERSATION_STREAM} not created yet (the services create it)"
+        version = nc.connected_server_version
+        details: tuple[str, ...] = ()
+        if not (environ.get("NATS_URL") or "").strip():
+            details = (
+                "NATS_URL is unset, so this is the default address; `wecombot dev` starts its "
+                "own broker instead, the services in production need NATS_URL.",
+            )
+        return Finding(
+            "nats",
+            "ok",
+            f"{url} reachable, JetStream enabled (server {version}, {account.streams} streams; "
+            f"{held})",
+            details,
+        )
+    finally:
+        await nc.close()
+
+
+def _nats_unreachable(url: str, exc: BaseException) -> Finding:
+    text = str(exc)
+    if "authorization" in text.lower() or "authentication" in text.lower():
+        return Finding(
+            "nats",
+            "fail",
+            f"NATS at {url} refused the credentials ({text.strip()})",
+            (
+                "Check NATS_USER and NATS_PASSWORD (or NATS_CREDS) for this service: the "
+                "server's authorization block must know them.",
+            ),
+        )
+    if isinstance(exc, ConnectionRefusedError):
+        why = "nothing listens at that address"
+    elif isinstance(exc, TimeoutError):
+        why = "no answer in time (a firewall dropping packets, or the wrong host)"
+    elif isinstance(exc, OSError) and "name" in text.lower():
+        why = f"the host name does not resolve ({text})"
+    else:
+        why = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return Finding(
+        "nats",
+        "fail",
+        f"cannot reach NATS at {url}: {why}",
+        (
+            "Start nats-server with JetStream (nats-server -js), or point NATS_URL at your "
+            "broker (on Kubernetes, its Service, e.g. nats://nats.nats.svc:4222). "
+            "`wecombot dev` starts its own broker when NATS_URL is unset.",
+        ),
+    )
+
+
+# ---------------------------------------------------------------- gettoken
+
+
+async def check_gettoken(environ: Mapping[str, str], timeout_s: float) -> Finding:
+    env = EnvReader(environ)
+    settings = WeComApiSettings.read(env)
+    if env.problems:
+        return Finding(
+            "gettoken", "skip", "fix WECOM_CORP_ID, WECOM_AGENT_ID and WECOM_SECRET first"
+        )
+    source = WeComTokenSource(settings, timeout_s=timeout_s)
+    try:
+        outcome = await source.fetch()
+    finally:
+        await source.aclose()
+    host = urlsplit(settings.api_base).netloc
+    if not isinstance(outcome, Failure):
+        lifetime = round(outcome.expires_at - outcome.fetched_at)
+        return Finding(
+            "gettoken",
+            "ok",
+            f"{host} issued an access_token for {settings.corp_id} (valid {lifetime} s)",
+        )
+    return explain_gettoken_failure(outcome, settings)
+
+
+def explain_gettoken_failure(failure: Failure, settings: WeComApiSettings) -> Finding:
+    errmsg = _WECOM_SAID.search(failure.message)
+    said = f"WeCom said: {errmsg.group(1) if errmsg else failure.message}"
+    if failure.errcode == 40001:
+        return Finding(
+            "gettoken",
+            "fail",
+            "WeCom refused WECOM_SECRET (errcode 40001)",
+            (
+                f"The Secret does not belong to an app of {settings.corp_id}. Copy the app's "
+                f"Secret again: {WHERE['WECOM_SECRET']}. Each app has its own Secret; the "
+                "contacts (通讯录) or customer-contact secrets do not work here.",
+                said,
+            ),
+        )
+    if failure.errcode == 40013:
+        return Finding(
+            "gettoken",
+            "fail",
+            f"WeCom does not know the CorpID {settings.corp_id!r} (errcode 40013)",
+            (f"Copy WECOM_CORP_ID again: {WHERE['WECOM_CORP_ID']}.", said),
+        )
+    if failure.errcode == 60020:
+        match = _FROM_IP.search(failure.message)
+        where = "应用管理 → your app → 企业可信IP (Trusted IPs) → 配置 in the WeCom admin console"
+        if match:
+            ip = match.group(1)
+            first = (
+                f"WeCom saw the request come from {ip}. Add {ip} to the app's trusted IPs: {where}."
+            )
+        else:
+            first = (
+                "WeCom did not say which IP it saw. Find the public egress IP of the hosts "
+                "that run the token and sender services (for example `curl -s "
+                "https://ifconfig.me` on one of them, or ask your network team for the NAT "
+                f"gateway's address) and add it to the app's trusted IPs: {where}."
+            )
+        return Finding(
+            "gettoken",
+            "fail",
+            "WeCom refused this machine's IP address (errcode 60020)",
+            (
+                first,
+                "Every machine that calls WeCom needs its egress IP there; on Kubernetes that "
+                "is the cluster's NAT/egress IP, which may differ from this machine's.",
+                said,
+            ),
+        )
+    if failure.errcode == 45009:
+        return Finding(
+            "gettoken",
+            "fail",
+            "WeCom is rate-limiting gettoken for this app (errcode 45009)",
+            (
+                "Something calls gettoken too often: only the token service should, once per "
+                "token lifetime. Stop other callers and try again in a few minutes.",
+                said,
+            ),
+        )
+    if failure.errcode is not None:
+        return Finding(
+            "gettoken",
+            "fail",
+            f"gettoken failed with errcode {failure.errcode}",
+            (
+                said,
+                "Look the code up at "
+                f"https://open.work.weixin.qq.com/devtool/query?e={failure.errcode}.",
+            ),
+        )
+    return Finding(
+        "gettoken",
+        "fail",
+        f"no usable answer from WeCom at {settings.api_base}",
+        (
+            failure.message,
+            "Check DNS, the firewall and any HTTP proxy between this host and the WeCom API "
+            "(outbound HTTPS to qyapi.weixin.qq.com:443); WECOM_API_BASE must stay unset "
+            "unless you go through a gateway.",
+        ),
+    )
+
+
+# ---------------------------------------------------------------- callback URL
+
+
+async def check_callback(
+    environ: Mapping[str, str], public_url: str | None, timeout_s: float
+) -> Finding:
+    if not public_url:
+        return Finding(
+            "callback",
+            "skip",
+            "no public URL given: pass --public-url https://your.host/wecom/callback (or set "
+            "WECOMBOT_PUBLIC_URL) to check that WeCom can reach the gateway",
+        )
+    env = EnvReader(environ)
+    wecom = WeComCallbackSettings.read(env)
+    path = env.text("GATEWAY_CALLBACK_PATH", "/wecom/callback")
+    if env.problems:
+        return Finding(
+            "callback",
+            "skip",
+            "fix WECOM_CORP_ID, WECOM_AGENT_ID, WECOM_TOKEN and WECOM_ENCODING_AES_KEY first",
+        )
+    parts = urlsplit(public_url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        return Finding(
+            "callback",
+            "fail",
+            f"--public-url must be an http:// or https:// URL, got {public_url!r}",
+        )
+    url = public_url if parts.path not in ("", "/") else public_url.rstrip("/") + path
+    builder = CallbackBuilder(
+        corp_id=wecom.corp_id,
+        agent_id=wecom.agent_id,
+        token=wecom.token.reveal(),
+        encoding_aes_key=wecom.encoding_aes_key.reveal(),
+    )
+    echo = f"wecombot-doctor-{secrets.token_hex(8)}"
+    started = time.monotonic()
+    try:
+        async with httpx.AsyncClient(timeout=timeout_s, follow_redirects=False) as http:
+            response = await http.get(url, params=builder.verify_url(echo))
+    except httpx.TimeoutException:
+        return Finding(
+            "callback",
+            "fail",
+            f"{url} did not answer within {timeout_s:g} s",
+            ("WeCom expects the URL verification answered within 1 s.", *_REACH),
+        )
+    except httpx.HTTPError as exc:
+        reason = str(exc) or type(exc).__name__
+        tls = "certificate" in reason.lower() or "ssl" in reason.lower()
+        return Finding(
+            "callback",
+            "fail",
+            f"cannot reach {url}: {reason}",
+            (
+                "The TLS certificate is not valid for that host: WeCom needs a publicly "
+                "trusted certificate."
+                if tls
+                else "Check that the host resolves publicly and the port is open.",
+                *_REACH,
+            ),
+        )
+    elapsed = time.monotonic() - started
+    return _judge_verification(url, path, echo, response, elapsed)
+
+
+_REACH = (
+    "This check runs from here; WeCom calls from its servers on the internet, so run doctor "
+    "from outside your network too, or rely on WeCom's own check when you save the URL.",
+)
+
+
+def _judge_verification(
+    url: str, path: str, echo: str, response: httpx.Response, elapsed: float
+) -> Finding:
+    status = response.status_code
+    body = response.text
+    if status == 200 and body == echo:
+        details: list[str] = []
+        summary = f"{url} answered WeCom's URL verification with the echo ({elapsed:.2f} s)"
+        if elapsed > 1.0:
+            details.append("WeCom wants the answer within 1 s: this one was slow.")
+        details.append(
+            "Save this URL with the same Token and EncodingAESKey in 接收消息 → 设置API接收."
+        )
+        details.extend(_REACH)
+        return Finding("callback", "warn" if elapsed > 1.0 else "ok", summary, tuple(details))
+    if status == 200:
+        return Finding(
+            "callback",
+            "fail",
+            f"something else answers at {url}: 200, but not the echo",
+            (
+                f"It answered {_clip(body)!r}. A proxy, ingress or login page may serve "
+                "another app there; the gateway must get the request unchanged, query "
+                "string included.",
+            ),
+        )
+    if status in (301, 302, 303, 307, 308):
+        return Finding(
+            "callback",
+            "fail",
+            f"{url} redirects to {response.headers.get('location', '?')}",
+            ("WeCom does not follow redirects: give it the final URL (https, if forced).",),
+        )
+    if status == 403:
+        return Finding(
+            "callback",
+            "fail",
+            f"the gateway at {url} refused the signature (403)",
+            (
+                "It verifies with another WECOM_TOKEN or WECOM_CORP_ID than this "
+                "configuration, or its clock is off by more than GATEWAY_TIMESTAMP_WINDOW. "
+                "Give the gateway exactly these settings, and check its time (NTP).",
+            ),
+        )
+    if status == 400:
+        return Finding(
+            "callback",
+            "fail",
+            f"the gateway at {url} could not decrypt the echo (400)",
+            (
+                "Its WECOM_ENCODING_AES_KEY differs from this configuration's: give both the "
+                "EncodingAESKey shown in 设置API接收.",
+            ),
+        )
+    if status in (404, 405):
+        return Finding(
+            "callback",
+            "fail",
+            f"nothing serves the callback at {url} ({status})",
+            (
+                f"GATEWAY_CALLBACK_PATH is {path}: the URL must end with it, and the ingress "
+                "or proxy must route it to the gateway.",
+            ),
+        )
+    if status >= 500:
+        return Finding(
+            "callback",
+            "fail",
+            f"{url} answered {status}",
+            (
+                "A proxy in front answered for a gateway that is down or not ready: check "
+                "the gateway's /readyz and logs.",
+            ),
+        )
+    return Finding("callback", "fail", f"{url} answered {status}: {_clip(body)!r}")
+
+
+# ---------------------------------------------------------------- model
+
+
+async def check_model(environ: Mapping[str, str], timeout_s: float) -> Finding:
+    env = EnvReader(environ)
+    model = ModelSettings.read(env, max_concurrency=1)
+    if env.problems:
+        return Finding("model", "skip", "fix the OPENAI_ settings first")
+    if model.api_key is None:
+        return Finding(
+            "model",
+            "warn",
+            "OPENAI_API_KEY is unset: offline mode, the llm answers with the OFFLINE echo "
+            "model, not an LLM",
+            (
+                "Fine for trying things out. For real answers set OPENAI_API_KEY, and "
+                "OPENAI_BASE_URL and OPENAI_MODEL for providers other than OpenAI "
+                "(docs/providers.md).",
+            ),
+        )
+    key = model.api_key.reveal()
+    headers = {"api-key": key} if model.api_version else {"Authorization": f"Bearer {key}"}
+    params = {"api-version": model.api_version} if model.api_version else {}
+    async with httpx.AsyncClient(timeout=timeout_s, headers=headers, params=params) as http:
+        try:
+            listed = await http.get(f"{model.base_url}/models")
+        except httpx.HTTPError as exc:
+            return _model_unreachable(model.base_url, exc)
+        if listed.status_code in (401, 403):
+            return _key_refused(model.base_url, listed)
+        ids = _model_ids(listed) if listed.status_code == 200 else []
+        if model.model in ids:
+            return Finding(
+                "model", "ok", f"{model.base_url} answers, and lists the model {model.model}"
+            )
+        try:
+            answer = await _one_token(http, model)
+        except httpx.HTTPError as exc:
+            return _model_unreachable(model.base_url, exc)
+    status = answer.status_code
+    if status == 200:
+        return Finding(
+            "model", "ok", f"{model.base_url} answered a one-token completion with {model.model}"
+        )
+    if status in (401, 403):
+        return _key_refused(model.base_url, answer)
+    detail = _error_detail(answer)
+    if status == 404:
+        hint = f" It lists: {', '.join(ids[:8])}." if ids else ""
+        return Finding(
+            "model",
+            "fail",
+            f"{model.base_url} has no model {model.model!r} (404: {detail})",
+            (
+                "Check OPENAI_MODEL (Azure: the deployment name) and that OPENAI_BASE_URL "
+                f"includes the API path (…/v1 for most providers).{hint}",
+            ),
+        )
+    if status == 429:
+        return Finding(
+            "model",
+            "fail",
+            f"{model.base_url} is rate-limiting this key, or its quota is used up (429)",
+            (detail, "Check the account's billing and limits with the provider."),
+        )
+    if status >= 500:
+        return Finding(
+            "model",
+            "fail",
+            f"{model.base_url} is failing ({status}: {detail})",
+            ("The provider has a problem; the llm retries such errors within LLM_RETRY_BUDGET.",),
+        )
+    return Finding(
+        "model", "fail", f"{model.base_url} refused a one-token completion ({status}: {detail})"
+    )
+
+
+async def _one_token(http: httpx.AsyncClient, model: ModelSettings) -> httpx.Response:
+    """The cheapest real request: one token (again without the cap if it is refused)."""
+    body: dict[str, Any] = {
+        "model": model.model,
+        "messages": [{"role": "user", "content": "ping"}],
+        "max_tokens": 1,
+        "stream": False,
+    }
+    url = f"{model.base_url}/chat/completions"
+    response = await http.post(url, json=body)
+    if response.status_code == 400:  # some models take max_completion_tokens only
+        del body["max_tokens"]
+        response = await http.post(url, json=body)
+    return response
+
+
+def _model_ids(response: httpx.Response) -> list[str]:
+    try:
+        data = response.json().get("data")
+    except (ValueError, AttributeError):
+        return []
+    if not isinstance(data, list):
+        return []
+    return [str(m["id"]) for m in data if isinstance(m, dict) and "id" in m]
+
+
+def _key_refused(base_url: str, response: httpx.Response) -> Finding:
+    return Finding(
+        "model",
+        "fail",
+        f"{base_url} refused OPENAI_API_KEY ({response.status_code}: {_error_detail(response)})",
+        (
+            "Check that the key belongs to this provider (a DeepSeek key does not work at "
+            "api.openai.com), is not revoked, and may use the model. Azure classic "
+            "deployments also need OPENAI_API_VERSION.",
+        ),
+    )
+
+
+def _model_unreachable(base_url: str, exc: httpx.HTTPError) -> Finding:
+    return Finding(
+        "model",
+        "fail",
+        f"cannot reach {base_url} ({type(exc).__name__})",
+        (
+            "Check OPENAI_BASE_URL, DNS, the firewall and any proxy between this host and the "
+            "provider (docs/providers.md).",
+        ),
+    )
+
+
+def _error_detail(response: httpx.Response) -> str:
+    try:
+        data = response.json()
+    except ValueError:
+        return _clip(response.text) or response.reason_phrase
+    error = data.get("error") if isinstance(data, dict) else None
+    if isinstance(error, dict) and isinstance(error.get("message"), str):
+        return _clip(str(error["message"]))
+    return _clip(str(data))
+
+
+def _clip(text: str, limit: int = 160) -> str:
+    flat = " ".join(text.split())
+    return flat if len(flat) <= limit else flat[: limit - 1] + "…"
+
+
+# ---------------------------------------------------------------- entry points
+
+
+async def diagnose(
+    environ: Mapping[str, str], *, public_url: str | None = None, timeout_s: float = 10.0
+) -> Report:
+    """Run every check against ``environ`` (no ./.env reading here: ``main`` does that)."""
+    report = Report([check_settings(environ)])
+    report.findings.append(await check_nats(environ, timeout_s))
+    report.findings.append(await check_gettoken(environ, timeout_s))
+    report.findings.append(await check_callback(environ, public_url, timeout_s))
+    report.findings.append(await check_model(environ, timeout_s))
+    return report
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="wecombot doctor",
+        description="Check a real configuration (environment and ./.env) and explain each "
+        "problem with its fix. Exit code 1 when a check fails.",
+    )
+    parser.add_argument(
+        "--public-url",
+        help="the callback URL WeCom will call, e.g. https://bot.example.com/wecom/callback "
+        "(default: $WECOMBOT_PUBLIC_URL; unset: that check is skipped)",
+    )
+    parser.add_argument(
+        "--timeout", type=float, default=10.0, help="seconds per check (default: 10)"
+    )
+    return parser
+
+
+def main(environ: Mapping[str, str], argv: Sequence[str] = (), out: TextIO | None = None) -> int:
+    args = _parser().parse_args(list(argv))
+    stream = out or sys.stdout
+    env = dict(environ)
+    read_dotenv(Path(".env"), env)
+    public_url = args.public_url or env.get("WECOMBOT_PUBLIC_URL") or None
+    print("wecombot doctor: checking the configuration in the environment and ./.env", file=stream)
+    print("", file=stream)
+    report = asyncio.run(diagnose(env, public_url=public_url, timeout_s=args.timeout))
+    print(report.render(), file=stream, flush=True)
+    return 1 if report.failed else 0
+
+
+if __name__ == "__main__":
+    import os
+
+    sys.exit(main(os.environ, sys.argv[1:]))

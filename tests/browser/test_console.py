@@ -1,0 +1,306 @@
+"""The sandbox console in a real browser: headless Chromium against ``wecombot dev``.
+
+``wecombot dev`` runs as a subprocess with no settings at all (sandbox mode, offline
+model), its own data dir and free ports. The page is driven as a person would: pick a
+UserID, type, press Enter; every wait is for something to appear on the page (Playwright
+polls the DOM with a deadline), never a sleep.
+
+Chromium comes from Debian (``apt-get install chromium``; Playwright's own browser
+download does not work here). Without it the tests are skipped locally with the reason,
+and fail under CI, whose .ci/run installs it. ``WECOMBOT_CONSOLE_SCREENSHOT=docs/console.png``
+also writes the screenshot used by the README.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pytest
+
+from tests.conftest import free_port
+from tests.e2e.test_dev import Output
+
+if TYPE_CHECKING:
+    from playwright.sync_api import BrowserContext, Page
+
+pytestmark = [pytest.mark.browser, pytest.mark.timeout(180)]
+
+CHROMIUM_ARGS = [
+    "--headless=new",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+]
+WAIT_MS = 30_000  # generous for 2 shared cores; a pass takes a fraction of it
+
+
+def _chromium() -> str | None:
+    for candidate in (
+        os.environ.get("WECOMBOT_CHROMIUM"),
+        "/usr/bin/chromium",
+        shutil.which("chromium"),
+        shutil.which("chromium-browser"),
+    ):
+        if candidate and Path(candidate).is_file():
+            return candidate
+    return None
+
+
+def _missing(reason: str) -> None:
+    if os.environ.get("CI"):
+        pytest.fail(f"{reason} — .ci/run installs it, so CI must have it")
+    pytest.skip(reason)
+
+
+@dataclass
+class Dev:
+    proc: subprocess.Popen[str]
+    out: Output
+    url: str
+
+
+@pytest.fixture(scope="module")
+def dev(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dev]:
+    tmp = tmp_path_factory.mktemp("console")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("WECOM_", "OPENAI_", "NATS_"))}
+    env.update(
+        WECOMBOT_DATA_DIR=str(tmp / "data"),
+        GATEWAY_PORT=str(free_port()),
+        WECOMBOT_CONSOLE_PORT=str(free_port()),
+        WECOMBOT_HEALTH_PORT="0",
+        LOG_FORMAT="json",
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "wecombot", "dev"],
+        cwd=tmp,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    out = Output(proc)
+    try:
+        url = out.wait_for(r"console: (http://127\.0\.0\.1:\d+/)").group(1)
+        yield Dev(proc, out, url)
+    finally:
+        started = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        try:
+            code = proc.wait(timeout=15)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    # Open event streams must not hold up the shutdown.
+    assert code == 0, "".join(out.lines[-40:])
+    assert time.monotonic() - started < 10
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BrowserContext]:
+    executable = _chromium()
+    if executable is None:
+        _missing("Chromium is not installed (apt-get install chromium)")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        _missing("the playwright package is not installed (make install)")
+    profile = tmp_path_factory.mktemp("chromium-profile")  # a fresh --user-data-dir
+    with sync_playwright() as pw:
+        context = pw.chromium.launch_persistent_context(
+            str(profile),
+            executable_path=executable,
+            headless=True,
+            args=CHROMIUM_ARGS,
+            viewport={"width": 1360, "height": 820},
+            locale="zh-CN",
+        )
+        try:
+            yield context
+        finally:
+            context.close()
+
+
+@pytest.fixture
+def page(browser: BrowserContext, dev: Dev) -> Iterator[Page]:  # no dev without a browser
+    from playwright.sync_api import expect
+
+    page = browser.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.goto(dev.url)
+    expect(page.locator("#gateway")).to_have_attribute("data-state", "ready", timeout=WAIT_MS)
+    yield page
+    page.close()
+    assert errors == [], f"JavaScript errors on the page: {errors}"
+
+
+def chat_as(page: Page, user: str) -> None:
+    from playwright.sync_api import expect
+
+    page.fill("#user-input", user)
+    page.press("#user-input", "Enter")
+    expect(page.locator("#chat-title")).to_have_text(user)
+
+
+def say(page: Page, text: str) -> None:
+    page.fill("#text", text)
+    page.press("#text", "Enter")
+
+
+def rows(user: str, kind: str) -> str:
+    return f'#event-list li[data-user="{user}"][data-type="{kind}"]'
+
+
+def test_a_message_is_answered_through_the_real_path_and_its_events_show(page: Page) -> None:
+    from playwright.sync_api import expect
+
+    expect(page.locator("#mode")).to_contain_text("SANDBOX")
+    expect(page.locator("#model")).to_contain_text("OFFLINE")
+    chat_as(page, "zhang.san")
+    say(page, "你好，wecombot！Hello from the browser 👋")
+
+    mine = page.locator('.thread[data-user="zhang.san"] .msg.mine').last
+    expect(mine.locator(".bubble")).to_have_text("你好，wecombot！Hello from the browser 👋")
+    expect(mine.locator(".status")).to_contain_text("gateway 200", timeout=WAIT_MS)
+    expect(mine.locator(".status")).to_contain_text(re.compile(r"stored as seq \d+"))
+    reply = page.locator('.thread[data-user="zhang.san"] .msg.bot .bubble').last
+    expect(reply).to_contain_text(
+        "[offline model] you said: 你好，wecombot！Hello from the browser 👋", timeout=WAIT_MS
+    )
+    expect(page.locator('.thread[data-user="zhang.san"] .msg.bot .sender').last).to_contain_text(
+        "offline model"
+    )
+    # The conversation's events, as JetStream appended them, in order, with their ids.
+    for kind in ("MessageReceived", "ReplyGenerated", "PartDelivered", "ReplyDelivered"):
+        expect(page.locator(rows("zhang.san", kind))).to_have_count(1, timeout=WAIT_MS)
+    types = page.locator('#event-list li[data-user="zhang.san"][data-kind="event"]')
+    assert types.evaluate_all("els => els.map(e => e.dataset.type)") == [
+        "MessageReceived",
+        "ReplyGenerated",
+        "PartDelivered",
+        "ReplyDelivered",
+    ]
+    received = page.locator(rows("zhang.san", "MessageReceived"))
+    expect(received).to_contain_text("你好，wecombot！")
+    expect(received.locator(".ev-ids")).to_contain_text(re.compile(r"id \w{8}… · msg \d+"))
+    expect(received.locator(".ev-seq")).to_have_text(re.compile(r"#\d+"))
+    # The reply went through the simulated WeCom API: the call is listed too.
+    expect(
+        page.locator('#event-list li[data-kind="api"][data-type="message/send"]').last
+    ).to_contain_text("ok · msgid sim-")
+
+
+def test_a_long_reply_arrives_in_parts(page: Page) -> None:
+    from playwright.sync_api import expect
+
+    chat_as(page, "li.si")
+    sentence = "长回复要按段落和句子拆分，每段不超过两千零四十八字节。"
+    say(page, "请把这段话原样复述。" + sentence * 40)
+    bubbles = page.locator('.thread[data-user="li.si"] .msg.bot .bubble')
+    expect(page.locator(rows("li.si", "ReplyDelivered"))).to_contain_text(
+        "2 parts delivered", timeout=WAIT_MS
+    )
+    expect(bubbles).to_have_count(2)
+    expect(bubbles.nth(0).locator(".part")).to_have_text("part 1/2")
+    expect(bubbles.nth(1).locator(".part")).to_have_text("part 2/2")
+    expect(page.locator(rows("li.si", "PartDelivered"))).to_have_count(2)
+
+
+def test_switches_make_wecom_misbehave(page: Page) -> None:
+    from playwright.sync_api import expect
+
+    chat_as(page, "wang.wu")
+    bot = page.locator('.thread[data-user="wang.wu"] .msg.bot .bubble')
+    sends = page.locator('#event-list li[data-kind="api"][data-user="wang.wu"]')
+
+    # Expired tokens: message/send answers 42001, the token service fetches a new one.
+    page.click("#expire")
+    expect(page.locator('#event-list li[data-kind="switch"]').last).to_contain_text("expired")
+    say(page, "after the token expired")
+    expect(bot.last).to_contain_text("after the token expired", timeout=WAIT_MS)
+    expect(sends.filter(has_text="errcode 42001")).to_have_count(1)
+    expect(
+        page.locator('#event-list li[data-kind="api"][data-type="gettoken"]').last
+    ).to_contain_text("ok")
+
+    # A transient errcode, twice: the sender retries and the reply still arrives once.
+    page.select_option("#fail-code", "-1")
+    page.fill("#fail-times", "2")
+    page.click("#inject")
+    expect(page.locator("#stats")).to_contain_text("pending failures: 2× -1")
+    say(page, "系统繁忙时也要送达")
+    expect(bot.last).to_contain_text("系统繁忙时也要送达", timeout=WAIT_MS)
+    expect(sends.filter(has_text="errcode -1")).to_have_count(2)
+    expect(page.locator("#stats")).not_to_contain_text("pending failures")
+
+    # A permanent errcode: the reply fails for good, and the page says why.
+    page.select_option("#fail-code", "81013")
+    page.fill("#fail-times", "1")
+    page.click("#inject")
+    say(page, "this one cannot be delivered")
+    expect(page.locator(rows("wang.wu", "DeliveryFailed"))).to_contain_text(
+        "errcode 81013", timeout=WAIT_MS
+    )
+    expect(page.locator('.thread[data-user="wang.wu"] .notice.bad').last).to_contain_text(
+        "WeCom refused the reply"
+    )
+    expect(bot).to_have_count(2)
+
+
+def test_a_retried_callback_is_stored_once(page: Page) -> None:
+    from playwright.sync_api import expect
+
+    chat_as(page, "retry@example")
+    page.check("#retry")
+    say(page, "WeCom will post this twice")
+    mine = page.locator('.thread[data-user="retry@example"] .msg.mine')
+    expect(mine.last.locator(".status")).to_contain_text(
+        "WeCom retry after 5 s → 200", timeout=WAIT_MS
+    )
+    page.uncheck("#retry")
+    # Events arrive in stream order: once this marker's event is shown, a duplicate of
+    # the retried message would have been shown before it.
+    say(page, "marker")
+    received = page.locator(rows("retry@example", "MessageReceived"))
+    expect(received.last).to_contain_text("marker", timeout=WAIT_MS)
+    expect(received).to_have_count(2)
+    expect(mine.first.locator(".status")).to_contain_text("JetStream kept one")
+    expect(page.locator('.thread[data-user="retry@example"] .msg.bot .bubble')).to_have_count(
+        2, timeout=WAIT_MS
+    )
+
+
+def test_screenshot(page: Page, tmp_path: Path) -> None:
+    """A conversation worth showing: the README's docs/console.png."""
+    from playwright.sync_api import expect
+
+    chat_as(page, "zhang.san")
+    page.click("#enter-agent")
+    say(page, "/help")
+    bot = page.locator('.thread[data-user="zhang.san"] .msg.bot .bubble')
+    expect(bot.last).to_contain_text("/reset", timeout=WAIT_MS)
+    page.select_option("#fail-code", "45009")
+    page.click("#inject")  # WeCom limits the next send once: the sender retries
+    say(page, "帮我总结一下今天的会议要点。Summarise today's meeting, please.")
+    expect(bot.last).to_contain_text("Summarise today's meeting", timeout=WAIT_MS)
+    expect(page.locator('#event-list li[data-kind="api"]').filter(has_text="45009")).to_be_visible()
+    expect(page.locator('.thread[data-user="zhang.san"] .typing-row')).to_have_count(0)
+    page.locator("#text").blur()
+    target = Path(os.environ.get("WECOMBOT_CONSOLE_SCREENSHOT") or tmp_path / "console.png")
+    page.screenshot(path=str(target), animations="disabled")
+    assert target.stat().st_size > 10_000

@@ -1,0 +1,183 @@
+"""The console's backend without a browser: a real nats-server, the real gateway, the
+simulated WeCom API; the page's stream read as Server-Sent Events over real HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.conftest import NatsHandle, free_port
+from tests.integration.test_doctor import AGENT, CORP, KEY, SECRET, TOKEN, until_ready, wecom_env
+from wecombot.console import Console, ConsoleConfig, ObservedWeComApi
+from wecombot_common.settings import EnvReader, NatsSettings
+from wecombot_common.sim.callbacks import CallbackBuilder
+from wecombot_gateway.main import run_gateway
+from wecombot_gateway.settings import GatewaySettings
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+async def console(nats_server: NatsHandle) -> AsyncIterator[Console]:
+    gw_port = free_port()
+    settings = GatewaySettings.from_env(
+        wecom_env(NATS_URL=nats_server.url, GATEWAY_PORT=str(gw_port), GATEWAY_HOST="127.0.0.1")
+    )
+    stop = asyncio.Event()
+    gateway = asyncio.create_task(run_gateway(settings, stop))
+    wecom = ObservedWeComApi(corp_id=CORP, secret=SECRET, agent_id=AGENT)
+    await wecom.start()
+    config = ConsoleConfig(
+        port=0,
+        callback_url=f"http://127.0.0.1:{gw_port}/wecom/callback",
+        ready_url=f"http://127.0.0.1:{gw_port}/readyz",
+        nats=NatsSettings.read(EnvReader({"NATS_URL": nats_server.url})),
+        app=f"{CORP}-{AGENT}",
+        corp_id=CORP,
+        model="offline echo model",
+        offline=True,
+    )
+    builder = CallbackBuilder(corp_id=CORP, agent_id=AGENT, token=TOKEN, encoding_aes_key=KEY)
+    console = Console(config, builder, wecom)
+    await console.start()
+    try:
+        await until_ready(config.ready_url)
+        yield console
+    finally:
+        await console.stop()
+        await wecom.stop()
+        stop.set()
+        await asyncio.wait_for(gateway, 10)
+
+
+class Stream:
+    """The page's view: items read from /api/stream as they come."""
+
+    def __init__(self, response: httpx.Response) -> None:
+        self.lines = response.aiter_lines()
+        self.hello: dict[str, Any] | None = None
+        self.items: list[dict[str, Any]] = []
+
+    async def next(self) -> dict[str, Any]:
+        event, data = "", ""
+        async for line in self.lines:
+            if line.startswith("event: "):
+                event = line[7:]
+            elif line.startswith("data: "):
+                data = line[6:]
+            elif line == "" and data:
+                if event == "hello":
+                    self.hello = json.loads(data)
+                    event, data = "", ""
+                    continue
+                item: dict[str, Any] = json.loads(data)
+                self.items.append(item)
+                return item
+        raise AssertionError("the stream ended")
+
+    async def until(self, kind: str, **match: Any) -> dict[str, Any]:
+        async with asyncio.timeout(15):
+            while True:
+                item = await self.next()
+                if item["kind"] == kind and all(item["data"].get(k) == v for k, v in match.items()):
+                    return item
+
+
+@pytest.fixture
+async def stream(console: Console) -> AsyncIterator[Stream]:
+    async with (
+        httpx.AsyncClient(base_url=console.url.rstrip("/"), timeout=15) as http,
+        http.stream("GET", "/api/stream") as response,
+    ):
+        assert response.headers["content-type"].startswith("text/event-stream")
+        yield Stream(response)
+
+
+async def post(console: Console, path: str, body: object, **kwargs: Any) -> httpx.Response:
+    async with httpx.AsyncClient(base_url=console.url.rstrip("/"), timeout=15) as http:
+        return await http.post(path, json=body, **kwargs)
+
+
+async def test_a_message_is_posted_as_wecom_would_and_its_event_streamed(
+    console: Console, stream: Stream
+) -> None:
+    answer = await post(console, "/api/send", {"user": "zhang.san", "text": "你好 hello"})
+    assert answer.status_code == 200
+    sent = answer.json()
+    assert sent["status"] == 200
+    said = await stream.until("said", key=sent["key"])
+    assert said["data"]["text"] == "你好 hello"
+    assert stream.hello is not None
+    assert stream.hello["mode"] == "sandbox"
+    assert stream.hello["offline"] is True
+    assert 81013 in [e["errcode"] for e in stream.hello["errcodes"]]
+    event = await stream.until("event", type="MessageReceived")
+    stored = event["data"]["event"]
+    assert stored["conversation"] == "zhang.san"
+    assert stored["msg_id"] == sent["msg_id"]
+    assert stored["payload"] == {"kind": "text", "content": "你好 hello"}
+    assert event["data"]["subject"] == "wecombot.conv.wwdoctortest01-1000002.zhang~2Esan.in"
+    assert event["data"]["seq"] == 1
+
+
+async def test_a_reconnecting_page_replays_after_its_last_item(
+    console: Console, stream: Stream
+) -> None:
+    await post(console, "/api/send", {"user": "a", "text": "one"})
+    first = await stream.until("callback")
+    await post(console, "/api/send", {"user": "a", "text": "two"})
+    await stream.until("callback", attempt=1, status=200)
+    async with (
+        httpx.AsyncClient(base_url=console.url.rstrip("/"), timeout=15) as http,
+        http.stream("GET", "/api/stream", headers={"Last-Event-ID": str(first["id"])}) as response,
+    ):
+        again = Stream(response)
+        replayed = await again.next()
+        assert replayed["id"] > first["id"]
+
+
+async def test_switches_drive_the_simulated_wecom_api(console: Console, stream: Stream) -> None:
+    answer = await post(
+        console, "/api/faults", {"action": "fail_sends", "errcode": 45009, "times": 3}
+    )
+    assert answer.status_code == 200
+    assert list(console.wecom.faults.send) == [45009, 45009, 45009]
+    stats = await stream.until("stats")
+    assert stats["data"]["pending_faults"] == [{"errcode": 45009, "times": 3}]
+    await post(console, "/api/faults", {"action": "clear_faults"})
+    assert not console.wecom.faults.send
+    await post(console, "/api/faults", {"action": "expire_token"})
+    switch = await stream.until("switch", action="expire_token")
+    assert "42001" in switch["data"]["text"]
+    refused = await post(console, "/api/faults", {"action": "fail_sends", "errcode": 0})
+    assert refused.status_code == 400
+
+
+async def test_the_console_refuses_what_a_page_elsewhere_could_send(console: Console) -> None:
+    foreign = await post(
+        console, "/api/send", {"user": "u", "text": "x"}, headers={"Host": "evil.example:80"}
+    )
+    assert foreign.status_code == 403
+    async with httpx.AsyncClient(base_url=console.url.rstrip("/")) as http:
+        form = await http.post("/api/send", data={"user": "u", "text": "x"})
+    assert form.status_code == 415
+    bad_user = await post(console, "/api/send", {"user": ".dot-first", "text": "x"})
+    assert bad_user.status_code == 400
+    assert "UserID" in bad_user.json()["error"]
+    empty = await post(console, "/api/send", {"user": "u", "text": "  "})
+    assert empty.status_code == 400
+
+
+async def test_the_page_is_served_without_external_assets(console: Console) -> None:
+    async with httpx.AsyncClient(base_url=console.url.rstrip("/")) as http:
+        page = await http.get("/")
+        script = await http.get("/static/console.js")
+        style = await http.get("/static/console.css")
+    assert page.status_code == script.status_code == style.status_code == 200
+    for text in (page.text, script.text, style.text):
+        assert "https://" not in text and "http://" not in text

@@ -1,0 +1,481 @@
+"""``wecombot doctor`` against real servers: a real nats-server (with and without
+JetStream, with credentials), the simulated WeCom API with each gettoken error injected,
+the real gateway for the callback check, and the simulated OpenAI API. No mocks."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from aiohttp import web
+
+from tests.conftest import NatsHandle, free_port
+from wecombot.doctor import (
+    Report,
+    check_callback,
+    check_gettoken,
+    check_model,
+    check_nats,
+    check_settings,
+    diagnose,
+    explain_gettoken_failure,
+)
+from wecombot_common.crypto import generate_encoding_aes_key, generate_token
+from wecombot_common.embedded import nats_server_binary
+from wecombot_common.settings import EnvReader, WeComApiSettings
+from wecombot_common.sim.openai_api import Fault, SimulatedOpenAIApi
+from wecombot_common.sim.wecom_api import SimulatedWeComApi
+from wecombot_gateway.main import run_gateway
+from wecombot_gateway.settings import GatewaySettings
+from wecombot_token.domain import classify_errcode
+
+pytestmark = pytest.mark.integration
+
+CORP = "wwdoctortest01"
+AGENT = 1000002
+SECRET = "the-app-secret-0123456789"
+TOKEN = generate_token()
+KEY = generate_encoding_aes_key()
+TIMEOUT = 5.0
+
+
+def wecom_env(api_base: str = "http://127.0.0.1:9", **extra: str) -> dict[str, str]:
+    env = {
+        "WECOM_CORP_ID": CORP,
+        "WECOM_AGENT_ID": str(AGENT),
+        "WECOM_SECRET": SECRET,
+        "WECOM_TOKEN": TOKEN,
+        "WECOM_ENCODING_AES_KEY": KEY,
+        "WECOM_API_BASE": api_base,
+    }
+    env.update(extra)
+    return env
+
+
+@pytest.fixture
+async def wecom() -> AsyncIterator[SimulatedWeComApi]:
+    api = SimulatedWeComApi(corp_id=CORP, secret=SECRET, agent_id=AGENT)
+    await api.start()
+    try:
+        yield api
+    finally:
+        await api.stop()
+
+
+@pytest.fixture
+async def model_api() -> AsyncIterator[SimulatedOpenAIApi]:
+    async with SimulatedOpenAIApi(api_key="sk-sim", model="sim-model") as api:
+        yield api
+
+
+async def until_ready(url: str, timeout: float = 15.0) -> None:
+    """Poll a readiness endpoint until 200 (the server is ours, starting in this loop)."""
+    deadline = time.monotonic() + timeout
+    async with httpx.AsyncClient(timeout=1.0) as http:
+        while True:
+            try:
+                if (await http.get(url)).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, f"{url} never became ready"
+            await asyncio.sleep(0.05)
+
+
+@pytest.fixture
+async def gateway(nats_server: NatsHandle) -> AsyncIterator[str]:
+    """The real gateway with this module's keys; yields its base URL."""
+    port = free_port()
+    settings = GatewaySettings.from_env(
+        wecom_env(NATS_URL=nats_server.url, GATEWAY_PORT=str(port), GATEWAY_HOST="127.0.0.1")
+    )
+    stop = asyncio.Event()
+    task = asyncio.create_task(run_gateway(settings, stop))
+    base = f"http://127.0.0.1:{port}"
+    try:
+        await until_ready(f"{base}/readyz")
+        yield base
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)
+
+
+# ---------------------------------------------------------------- settings
+
+
+def test_settings_ok_when_every_service_accepts_them() -> None:
+    finding = check_settings(wecom_env())
+    assert finding.status == "ok"
+
+
+def test_no_wecom_settings_is_explained_as_sandbox_mode() -> None:
+    finding = check_settings({})
+    assert finding.status == "fail"
+    details = "\n".join(finding.details)
+    assert "sandbox mode" in details
+    assert "WECOM_CORP_ID is required" in details
+    assert "我的企业" in details  # where to find it
+
+
+def test_malformed_settings_are_named_with_where_to_find_them() -> None:
+    env = wecom_env(WECOM_AGENT_ID="abc", WECOM_ENCODING_AES_KEY="too-short")
+    finding = check_settings(env)
+    assert finding.status == "fail"
+    assert finding.summary == "2 problems in the settings"
+    details = "\n".join(finding.details)
+    assert "WECOM_AGENT_ID must be a number (the app's AgentId), got 'abc'" in details
+    assert "(read by gateway, sender, token)" in details
+    assert "WECOM_ENCODING_AES_KEY must be 43 characters, got 9 (read by gateway)" in details
+    assert "EncodingAESKey (随机获取)" in details
+
+
+# ---------------------------------------------------------------- NATS
+
+
+async def test_nats_reachable_with_jetstream(nats_server: NatsHandle) -> None:
+    finding = await check_nats({"NATS_URL": nats_server.url}, TIMEOUT)
+    assert finding.status == "ok", finding
+    assert "JetStream enabled" in finding.summary
+    assert "not created yet" in finding.summary
+
+
+async def test_nats_unreachable() -> None:
+    url = f"nats://127.0.0.1:{free_port()}"
+    finding = await check_nats({"NATS_URL": url}, TIMEOUT)
+    assert finding.status == "fail"
+    assert finding.summary == f"cannot reach NATS at {url}: nothing listens at that address"
+    assert "nats-server -js" in finding.details[0]
+
+
+def _plain_nats(tmp: Path, *args: str) -> Iterator[str]:
+    port = free_port()
+    proc = subprocess.Popen(
+        [nats_server_binary(), "-a", "127.0.0.1", "-p", str(port), *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 15
+        while True:  # until it accepts connections
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1):
+                    break
+            except OSError:
+                assert proc.poll() is None, "nats-server exited"
+                assert time.monotonic() < deadline, "nats-server did not start"
+                time.sleep(0.02)
+        yield f"nats://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+@pytest.fixture
+def nats_without_jetstream(tmp_path: Path) -> Iterator[str]:
+    yield from _plain_nats(tmp_path)
+
+
+@pytest.fixture
+def nats_with_password(tmp_path: Path) -> Iterator[str]:
+    yield from _plain_nats(
+        tmp_path, "-js", "-sd", str(tmp_path / "js"), "--user", "bot", "--pass", "pw1"
+    )
+
+
+async def test_nats_without_jetstream(nats_without_jetstream: str) -> None:
+    finding = await check_nats({"NATS_URL": nats_without_jetstream}, TIMEOUT)
+    assert finding.status == "fail"
+    assert "JetStream is not enabled" in finding.summary
+    assert "-js" in finding.details[0]
+
+
+async def test_nats_credentials(nats_with_password: str) -> None:
+    refused = await check_nats(
+        {"NATS_URL": nats_with_password, "NATS_USER": "bot", "NATS_PASSWORD": "wrong"}, TIMEOUT
+    )
+    assert refused.status == "fail"
+    assert "refused the credentials" in refused.summary
+    assert "NATS_USER and NATS_PASSWORD" in refused.details[0]
+    accepted = await check_nats(
+        {"NATS_URL": nats_with_password, "NATS_USER": "bot", "NATS_PASSWORD": "pw1"}, TIMEOUT
+    )
+    assert accepted.status == "ok", accepted
+
+
+# ---------------------------------------------------------------- gettoken
+
+
+async def test_gettoken_ok(wecom: SimulatedWeComApi) -> None:
+    finding = await check_gettoken(wecom_env(wecom.base_url), TIMEOUT)
+    assert finding.status == "ok", finding
+    assert f"issued an access_token for {CORP} (valid 7200 s)" in finding.summary
+
+
+async def test_gettoken_bad_secret(wecom: SimulatedWeComApi) -> None:
+    wecom.fail_gettoken(40001)
+    finding = await check_gettoken(wecom_env(wecom.base_url), TIMEOUT)
+    assert finding.status == "fail"
+    assert finding.summary == "WeCom refused WECOM_SECRET (errcode 40001)"
+    assert "Copy the app's Secret again" in finding.details[0]
+    # and without injection: a wrong secret is refused the same way
+    wrong = await check_gettoken(wecom_env(wecom.base_url, WECOM_SECRET="nope"), TIMEOUT)
+    assert wrong.summary == finding.summary
+
+
+async def test_gettoken_bad_corp_id(wecom: SimulatedWeComApi) -> None:
+    wecom.fail_gettoken(40013)
+    finding = await check_gettoken(wecom_env(wecom.base_url), TIMEOUT)
+    assert finding.status == "fail"
+    assert finding.summary == f"WeCom does not know the CorpID '{CORP}' (errcode 40013)"
+    assert "企业ID" in finding.details[0]
+
+
+async def test_gettoken_untrusted_ip_names_the_ip_wecom_saw(wecom: SimulatedWeComApi) -> None:
+    wecom.fail_gettoken(60020)
+    finding = await check_gettoken(wecom_env(wecom.base_url), TIMEOUT)
+    assert finding.status == "fail"
+    assert "(errcode 60020)" in finding.summary
+    assert finding.details[0].startswith(
+        "WeCom saw the request come from 127.0.0.1. Add 127.0.0.1 to the app's trusted IPs"
+    )
+    assert "企业可信IP" in finding.details[0]
+
+
+def test_gettoken_untrusted_ip_without_the_ip_says_how_to_find_it() -> None:
+    env = EnvReader(wecom_env())
+    settings = WeComApiSettings.read(env)
+    failure = classify_errcode(60020, "not allow to access from your ip")
+    finding = explain_gettoken_failure(failure, settings)
+    assert "WeCom did not say which IP it saw" in finding.details[0]
+    assert "egress IP" in finding.details[0]
+
+
+async def test_gettoken_other_errcodes(wecom: SimulatedWeComApi) -> None:
+    wecom.fail_gettoken(45009)
+    limited = await check_gettoken(wecom_env(wecom.base_url), TIMEOUT)
+    assert "rate-limiting" in limited.summary
+    wecom.fail_gettoken(40056)
+    other = await check_gettoken(wecom_env(wecom.base_url), TIMEOUT)
+    assert other.summary == "gettoken failed with errcode 40056"
+    assert "devtool/query?e=40056" in other.details[1]
+
+
+async def test_gettoken_wecom_unreachable_or_failing(wecom: SimulatedWeComApi) -> None:
+    wecom.set_down(True)
+    down = await check_gettoken(wecom_env(wecom.base_url), TIMEOUT)
+    assert down.status == "fail"
+    assert "no usable answer from WeCom" in down.summary
+    assert "503" in down.details[0]
+    closed = await check_gettoken(wecom_env(f"http://127.0.0.1:{free_port()}"), TIMEOUT)
+    assert closed.status == "fail"
+    assert "firewall" in closed.details[1]
+
+
+# ---------------------------------------------------------------- callback URL
+
+
+async def test_callback_skipped_without_a_public_url() -> None:
+    finding = await check_callback(wecom_env(), None, TIMEOUT)
+    assert finding.status == "skip"
+    assert "--public-url" in finding.summary
+
+
+async def test_callback_verified_by_the_real_gateway(gateway: str) -> None:
+    finding = await check_callback(wecom_env(), gateway, TIMEOUT)  # path appended
+    assert finding.status == "ok", finding
+    assert f"{gateway}/wecom/callback answered WeCom's URL verification" in finding.summary
+
+
+async def test_callback_with_another_token(gateway: str) -> None:
+    env = wecom_env(WECOM_TOKEN=generate_token())
+    finding = await check_callback(env, f"{gateway}/wecom/callback", TIMEOUT)
+    assert finding.status == "fail"
+    assert "refused the signature (403)" in finding.summary
+    assert "WECOM_TOKEN" in finding.details[0]
+
+
+async def test_callback_with_another_aes_key(gateway: str) -> None:
+    env = wecom_env(WECOM_ENCODING_AES_KEY=generate_encoding_aes_key())
+    finding = await check_callback(env, gateway, TIMEOUT)
+    assert finding.status == "fail"
+    assert "could not decrypt the echo (400)" in finding.summary
+
+
+async def test_callback_on_the_wrong_path(gateway: str) -> None:
+    finding = await check_callback(wecom_env(), f"{gateway}/callback", TIMEOUT)
+    assert finding.status == "fail"
+    assert "nothing serves the callback" in finding.summary
+    assert "GATEWAY_CALLBACK_PATH is /wecom/callback" in finding.details[0]
+
+
+async def test_callback_answered_by_something_else() -> None:
+    async def hello(request: web.Request) -> web.Response:
+        return web.Response(text="<html>Welcome to nginx!</html>")
+
+    app = web.Application()
+    app.router.add_get("/wecom/callback", hello)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        finding = await check_callback(wecom_env(), f"http://127.0.0.1:{port}", TIMEOUT)
+    finally:
+        await runner.cleanup()
+    assert finding.status == "fail"
+    assert "something else answers" in finding.summary
+    assert "Welcome to nginx" in finding.details[0]
+
+
+async def test_callback_unreachable() -> None:
+    url = f"http://127.0.0.1:{free_port()}/wecom/callback"
+    finding = await check_callback(wecom_env(), url, TIMEOUT)
+    assert finding.status == "fail"
+    assert finding.summary.startswith(f"cannot reach {url}")
+
+
+# ---------------------------------------------------------------- model
+
+
+async def test_model_offline_is_reported_not_failed() -> None:
+    finding = await check_model({}, TIMEOUT)
+    assert finding.status == "warn"
+    assert "offline mode" in finding.summary
+    assert "OFFLINE" in finding.summary
+
+
+async def test_model_listed(model_api: SimulatedOpenAIApi) -> None:
+    env = {
+        "OPENAI_API_KEY": "sk-sim",
+        "OPENAI_BASE_URL": model_api.base_url,
+        "OPENAI_MODEL": "sim-model",
+    }
+    finding = await check_model(env, TIMEOUT)
+    assert finding.status == "ok", finding
+    assert "lists the model sim-model" in finding.summary
+    assert model_api.chat_requests == []  # listing it was enough: no tokens spent
+
+
+async def test_model_not_listed_is_tried_with_one_token(model_api: SimulatedOpenAIApi) -> None:
+    env = {
+        "OPENAI_API_KEY": "sk-sim",
+        "OPENAI_BASE_URL": model_api.base_url,
+        "OPENAI_MODEL": "deployed",
+    }
+    finding = await check_model(env, TIMEOUT)
+    assert finding.status == "ok", finding
+    assert "answered a one-token completion with deployed" in finding.summary
+    assert model_api.chat_requests[-1].body["max_tokens"] == 1
+
+
+async def test_model_key_refused(model_api: SimulatedOpenAIApi) -> None:
+    env = {"OPENAI_API_KEY": "sk-wrong", "OPENAI_BASE_URL": model_api.base_url}
+    finding = await check_model(env, TIMEOUT)
+    assert finding.status == "fail"
+    assert "refused OPENAI_API_KEY (401: Incorrect API key provided.)" in finding.summary
+
+
+async def test_model_failing_or_limited(model_api: SimulatedOpenAIApi) -> None:
+    env = {"OPENAI_API_KEY": "sk-sim", "OPENAI_BASE_URL": model_api.base_url, "OPENAI_MODEL": "m"}
+    model_api.fail_next(Fault.server_error(503))
+    failing = await check_model(env, TIMEOUT)
+    assert failing.status == "fail"
+    assert "is failing (503" in failing.summary
+    model_api.fail_next(Fault.rate_limited())
+    limited = await check_model(env, TIMEOUT)
+    assert "(429)" in limited.summary
+
+
+async def test_model_unreachable() -> None:
+    base = f"http://127.0.0.1:{free_port()}/v1"
+    finding = await check_model({"OPENAI_API_KEY": "k", "OPENAI_BASE_URL": base}, TIMEOUT)
+    assert finding.status == "fail"
+    assert finding.summary.startswith(f"cannot reach {base}")
+
+
+# ---------------------------------------------------------------- the whole report
+
+
+async def test_a_good_configuration_passes(
+    nats_server: NatsHandle,
+    wecom: SimulatedWeComApi,
+    gateway: str,
+    model_api: SimulatedOpenAIApi,
+) -> None:
+    env = wecom_env(
+        wecom.base_url,
+        NATS_URL=nats_server.url,
+        OPENAI_API_KEY="sk-sim",
+        OPENAI_BASE_URL=model_api.base_url,
+        OPENAI_MODEL="sim-model",
+    )
+    report = await diagnose(env, public_url=gateway, timeout_s=TIMEOUT)
+    assert [f.status for f in report.findings] == ["ok"] * 5, report.render()
+    assert not report.failed
+    rendered = report.render()
+    assert rendered.endswith("No problems found.")
+    assert SECRET not in rendered and TOKEN not in rendered and KEY not in rendered
+
+
+async def test_a_bad_configuration_fails_and_says_why(wecom: SimulatedWeComApi) -> None:
+    wecom.fail_gettoken(60020)
+    env = wecom_env(wecom.base_url, NATS_URL=f"nats://127.0.0.1:{free_port()}")
+    report = await diagnose(env, timeout_s=TIMEOUT)
+    assert report.failed
+    statuses = {f.check: f.status for f in report.findings}
+    assert statuses == {
+        "settings": "ok",
+        "nats": "fail",
+        "gettoken": "fail",
+        "callback": "skip",
+        "model": "warn",
+    }
+    rendered = report.render()
+    assert "[FAIL] gettoken  WeCom refused this machine's IP address (errcode 60020)" in rendered
+    assert rendered.endswith("2 checks failed: fix them and run `wecombot doctor` again.")
+
+
+def test_the_command_exits_non_zero_on_failure(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("WECOM_", "OPENAI_", "NATS_"))}
+    env.update(
+        wecom_env(f"http://127.0.0.1:{free_port()}"), NATS_URL=f"nats://127.0.0.1:{free_port()}"
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "wecombot", "doctor", "--timeout", "3"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "[FAIL] nats" in done.stdout
+    assert "[ ok ] settings" in done.stdout
+    bad = subprocess.run(
+        [sys.executable, "-m", "wecombot", "doctor", "--no-such-flag"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert bad.returncode == 2
+    assert "--no-such-flag" in bad.stderr
+
+
+def test_report_render_wraps_and_indents() -> None:
+    from wecombot.doctor import Finding
+
+    report = Report([Finding("model", "warn", "short", ("a detail " * 20,))])
+    lines = report.render().splitlines()
+    assert lines[0] == "[warn] model     short"
+    assert all(len(line) <= 100 for line in lines)
+    assert lines[1].startswith(" " * 17 + "a detail")
