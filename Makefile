@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: install test test-unit test-integration test-e2e lint format run clean
+.PHONY: install test test-unit test-integration test-e2e chaos test-deploy test-browser fuzz lint format run doctor screenshot bench bench-quick clean
 
 install: $(STAMP)
 
@@ -28,6 +28,37 @@ test-integration: install
 test-e2e: install
 	$(BIN)/pytest tests/e2e $(PYTEST_ARGS)
 
+# Fault injection on real processes, ~3 min (also part of `make test`); replay a failure
+# with the seed it printed: WECOMBOT_CHAOS_SEED=<seed> make chaos. See docs/reliability.md.
+chaos: install
+	$(BIN)/pytest tests/chaos -m chaos $(PYTEST_ARGS)
+
+# Manifests, Dockerfile and NATS permissions, offline (also part of `make test`).
+test-deploy: install
+	$(BIN)/pytest tests/deploy $(PYTEST_ARGS)
+
+# The sandbox console in headless Chromium (Debian's: apt-get install chromium).
+test-browser: install
+	$(BIN)/pytest tests/browser $(PYTEST_ARGS)
+
+# Re-take docs/console.png, the README's screenshot of the console.
+screenshot: install
+	WECOMBOT_CONSOLE_SCREENSHOT=docs/console.png $(BIN)/pytest tests/browser -k screenshot $(PYTEST_ARGS)
+
+# Property-based fuzzing of the gateway's decrypt + parse path, for minutes (the quick
+# version runs in make test). WECOMBOT_FUZZ_EXAMPLES=N changes the examples per property.
+fuzz: install
+	WECOMBOT_FUZZ=long $(BIN)/pytest tests/integration/test_gateway_fuzz.py --timeout=0 $(PYTEST_ARGS)
+
+# Benchmarks (issue #5): real processes on loopback, a few minutes on 2 cores; writes the
+# table into docs/benchmarks.md. bench-quick is a ~30 s smoke run that writes nothing.
+# BENCH_ARGS="--only gateway --profile /tmp/prof" profiles the services with py-spy.
+bench: install
+	$(BIN)/python -m bench $(BENCH_ARGS)
+
+bench-quick: install
+	$(BIN)/python -m bench --quick $(BENCH_ARGS)
+
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
@@ -39,6 +70,10 @@ format: install
 
 run: install
 	$(BIN)/wecombot dev
+
+# Check a real configuration (./.env): settings, NATS, gettoken, callback URL, model.
+doctor: install
+	$(BIN)/wecombot doctor $(if $(PUBLIC_URL),--public-url $(PUBLIC_URL))
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis

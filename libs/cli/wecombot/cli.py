@@ -4,7 +4,10 @@
     wecombot llm       received messages → model → reply events (scale by replicas)
     wecombot sender    reply events → WeCom message/send
     wecombot token     the only owner of WeCom access_tokens (NATS request-reply)
+    wecombot setup     create or update the JetStream streams (run once per deploy)
     wecombot dev       the whole system in the foreground (embedded nats-server)
+    wecombot dlq       the dead-lettered messages, with why (``show SEQ`` for one)
+    wecombot doctor    check a real configuration; explain each problem and its fix
 
 Settings come from the environment (see .env.example); nothing else reads it.
 """
@@ -28,9 +31,20 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "llm": ("wecombot_llm.main", "answer received messages with the model"),
     "sender": ("wecombot_sender.main", "deliver replies through WeCom message/send"),
     "token": ("wecombot_token.main", "own and refresh WeCom access_tokens"),
+    "setup": ("wecombot.setup", "create or update the JetStream streams (deploy: NATS user setup)"),
     "dev": (
         "wecombot.dev",
         "run everything in the foreground (embedded nats-server when NATS_URL is unset)",
+    ),
+    "dlq": (
+        "wecombot.dlq",
+        "list dead-lettered messages with their reasons "
+        "([--json] [--consumer NAME] [--limit N] | show SEQ [--json])",
+    ),
+    "doctor": (
+        "wecombot.doctor",
+        "check a real configuration and explain each problem with its fix "
+        "([--public-url URL] [--timeout S])",
     ),
 }
 
