@@ -66,6 +66,32 @@ class StoredEvent:
     event: Event
 
 
+# Subjects of recently used conversations. topology.encode_token escapes a user id
+# character by character, which showed in every append's and read's profile.
+_CACHED_SUBJECTS = 4096
+_subjects: dict[tuple[type[Event], str, str], str] = {}
+_all_events: dict[ConversationRef, str] = {}
+
+
+def _subject_of(event: Event) -> str:
+    key = (type(event), event.app, event.conversation)
+    subject = _subjects.get(key)
+    if subject is None:
+        if len(_subjects) >= _CACHED_SUBJECTS:
+            _subjects.clear()
+        subject = _subjects[key] = subject_for(event)
+    return subject
+
+
+def _all_events_of(conversation: ConversationRef) -> str:
+    subject = _all_events.get(conversation)
+    if subject is None:
+        if len(_all_events) >= _CACHED_SUBJECTS:
+            _all_events.clear()
+        subject = _all_events[conversation] = conversation.all_events
+    return subject
+
+
 async def connect(settings: NatsSettings, name: str, **options: object) -> NATS:
     """Connect with endless reconnects and a client name (shown in server monitoring).
 
@@ -156,6 +182,11 @@ async def append_event(
     window and answers ``duplicate=True``). ``expect_last_seq``/``expect_scope`` make the
     append conditional on the last sequence of the subjects matching ``expect_scope``
     (0 = none yet): optimistic concurrency per conversation branch.
+
+    Messages on the branch that are not events (corrupt, or from a newer version) are
+    skipped by every fold, so the expected sequence never counts them: a conflict caused
+    only by such messages is not a conflict, and the append goes after them (otherwise
+    one of them would wedge the conversation for good).
     """
     headers: dict[str, str] = {}
     if msg_id is not None:
@@ -165,8 +196,52 @@ async def append_event(
         if expect_scope is not None:
             headers["Nats-Expected-Last-Subject-Sequence-Subject"] = expect_scope
     try:
+        return await _publish(js, event, headers, timeout)
+    except ConcurrencyConflict:
+        if expect_last_seq is None or expect_scope is None:
+            raise
+        tail = await _unreadable_tail(js, expect_scope, after_seq=expect_last_seq)
+        if tail is None:
+            raise
+        log.warning(
+            "event.appending_after_unreadable",
+            scope=expect_scope,
+            expected_seq=expect_last_seq,
+            last_seq=tail,
+        )
+        headers["Nats-Expected-Last-Subject-Sequence"] = str(tail)
+        return await _publish(js, event, headers, timeout)
+
+
+async def _unreadable_tail(js: JetStreamContext, scope: str, *, after_seq: int) -> int | None:
+    """The last sequence on ``scope`` if every message there after ``after_seq`` is not an
+    event; None if one is (a real conflict), or if the log cannot tell now."""
+    try:
+        last = await js.get_last_msg(topology.CONVERSATION_STREAM, scope)
+        assert last.seq is not None
+        seq = after_seq + 1
+        while seq <= last.seq:
+            raw = await js.get_msg(
+                topology.CONVERSATION_STREAM, seq=seq, subject=scope, next=True, direct=True
+            )
+            assert raw.seq is not None
+            try:
+                decode_event(raw.data or b"")
+            except EventDecodeError:
+                seq = raw.seq + 1
+                continue
+            return None  # a real event was appended after the expected sequence
+    except (TimeoutError, nats.errors.Error):
+        return None
+    return last.seq if last.seq > after_seq else None
+
+
+async def _publish(
+    js: JetStreamContext, event: Event, headers: dict[str, str], timeout: float
+) -> Appended:
+    try:
         ack = await js.publish(
-            subject_for(event), encode_event(event), timeout=timeout, headers=headers or None
+            _subject_of(event), encode_event(event), timeout=timeout, headers=headers or None
         )
     except nats.js.errors.APIError as exc:
         if exc.err_code == WRONG_LAST_SEQUENCE:
@@ -192,7 +267,7 @@ async def read_conversation(
     conversation costs one round trip per event plus one (a consumer per read caps a
     pipeline at tens of replies/s on 2 cores).
     """
-    subject = branch or conversation.all_events
+    subject = branch or _all_events_of(conversation)
     seq = after_seq + 1
     while True:
         try:

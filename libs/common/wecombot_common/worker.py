@@ -5,7 +5,10 @@ messages and shutdown behave the same everywhere:
 
 - The fetch loop keeps up to ``max_concurrency`` messages in flight (asyncio tasks).
 - While a handler runs, ``in_progress()`` is sent every ``ack_wait / 3`` so a long model
-  call never outlives ``ack_wait`` and gets delivered to a second replica.
+  call never outlives ``ack_wait`` and gets delivered to a second replica. If that fails
+  (the broker unreachable, the process stalled), :attr:`Delivery.lapsed` says so: the
+  message may now be handled elsewhere too, and a handler with outside effects (sending
+  to WeCom) must allow for it.
 - Messages with the same ``key`` (a conversation) are handled one at a time, in fetch
   order, within this process (other replicas are ordered by the handlers, see llm).
 - The handler returns an :class:`Outcome`. Exceptions map to one too:
@@ -25,8 +28,9 @@ import asyncio
 import contextlib
 import math
 import random
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import nats.errors
 import nats.js.errors
@@ -65,6 +69,32 @@ class DeadLetter:
     reason: str
 
 
+class Lease:
+    """How long this process has held a delivery without telling the broker. Past
+    ``LAPSE_FRACTION`` of ack_wait (heartbeats go every third), the broker may have given
+    the message to another consumer, which is then working on it too."""
+
+    LAPSE_FRACTION = 2 / 3
+
+    def __init__(self, ack_wait_s: float) -> None:
+        self._limit = ack_wait_s * self.LAPSE_FRACTION
+        self._renewed = time.monotonic()
+        self._lapsed = False
+
+    def renew(self) -> None:
+        self._check()
+        self._renewed = time.monotonic()
+
+    @property
+    def lapsed(self) -> bool:
+        self._check()
+        return self._lapsed
+
+    def _check(self) -> None:
+        if time.monotonic() - self._renewed >= self._limit:
+            self._lapsed = True
+
+
 @dataclass(frozen=True, slots=True)
 class Delivery:
     """One message handed to a handler: the decoded event and its delivery facts."""
@@ -74,10 +104,22 @@ class Delivery:
     num_delivered: int
     subject: str
     msg: Msg
+    lease: Lease = field(default_factory=lambda: Lease(30.0))
+
+    @property
+    def lapsed(self) -> bool:
+        """True once this delivery may have been redelivered to another consumer."""
+        return self.lease.lapsed
 
     async def in_progress(self) -> None:
+        """Tell the broker we are still at it; renews the lease only while connected (a
+        publish while reconnecting is merely buffered)."""
+        client = getattr(self.msg, "_client", None)
+        if client is not None and not client.is_connected:
+            return
         with contextlib.suppress(nats.errors.Error):
             await self.msg.in_progress()
+            self.lease.renew()
 
 
 Handler = Callable[[Delivery], Awaitable[Outcome]]
@@ -267,6 +309,7 @@ class PullWorker:
             num_delivered=meta.num_delivered,
             subject=msg.subject,
             msg=msg,
+            lease=Lease(self._config.ack_wait or 30.0),
         )
 
     @contextlib.asynccontextmanager
@@ -306,6 +349,7 @@ class PullWorker:
             msg_id=d.event.correlation_id,
             event_id=d.event.event_id,
             stream_seq=d.stream_seq,
+            delivery=d.num_delivered,
         )
         with bound:
             try:

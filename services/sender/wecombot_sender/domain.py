@@ -14,12 +14,14 @@ and whether it is finished (ReplyDelivered or DeliveryFailed)::
 
 ``last_seq`` is the read cursor (the last stream sequence folded from the log);
 ``last_send_seq`` the last sequence on the sender's subject branch, the expected sequence
-for the next conditional append. :func:`record` applies an event this process just
+for the next conditional append; ``last_part`` the (reply, index) of the part recorded
+last, the message the user saw most recently. :func:`record` applies an event this process just
 appended without moving the cursor, so events others appended meanwhile are still read.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
@@ -39,6 +41,7 @@ __all__ = [
     "OUTCOME_TYPES",
     "ConversationState",
     "OutcomeState",
+    "duplicate_check_interval",
     "fold",
     "next_part",
     "pending_before",
@@ -48,6 +51,7 @@ __all__ = [
 
 OUTCOME_TYPES = (ReplyGenerated, ReplyFailed, ConversationReset)
 RECENT_SENDS_KEPT = 64
+MAX_DUPLICATE_CHECK_S = 4 * 3600  # WeCom's limit for duplicate_check_interval, path/90236
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +73,7 @@ class ConversationState:
     # occurred_at of the latest PartDelivered events (oldest first), for WeCom's
     # per-member rate limit
     recent_sends: tuple[datetime, ...] = ()
+    last_part: tuple[str, int] | None = None  # (reply event_id, part index)
 
     def outcome(self, event_id: str) -> OutcomeState:
         return self.outcomes.get(event_id) or OutcomeState(event_id)
@@ -78,12 +83,15 @@ def fold(state: ConversationState, events: Iterable[StoredEvent]) -> Conversatio
     """Apply events read from the log, in order; returns a new state (input untouched)."""
     outcomes = dict(state.outcomes)
     recent = list(state.recent_sends)
-    last_seq, last_send = state.last_seq, state.last_send_seq
+    last_seq, last_send, last_part = state.last_seq, state.last_send_seq, state.last_part
     for stored in events:
         last_seq = max(last_seq, stored.seq)
         if _apply(outcomes, recent, stored):
             last_send = max(last_send, stored.seq)
-    return ConversationState(outcomes, last_seq, last_send, tuple(recent[-RECENT_SENDS_KEPT:]))
+            last_part = _part_of(stored.event) or last_part
+    return ConversationState(
+        outcomes, last_seq, last_send, tuple(recent[-RECENT_SENDS_KEPT:]), last_part
+    )
 
 
 def record(state: ConversationState, stored: StoredEvent) -> ConversationState:
@@ -92,15 +100,21 @@ def record(state: ConversationState, stored: StoredEvent) -> ConversationState:
     one harmlessly: applying is idempotent)."""
     outcomes = dict(state.outcomes)
     recent = list(state.recent_sends)
-    last_send = state.last_send_seq
+    last_send, last_part = state.last_send_seq, state.last_part
     if _apply(outcomes, recent, stored):
         last_send = max(last_send, stored.seq)
+        last_part = _part_of(stored.event) or last_part
     return replace(
         state,
         outcomes=outcomes,
         last_send_seq=last_send,
         recent_sends=tuple(recent[-RECENT_SENDS_KEPT:]),
+        last_part=last_part,
     )
+
+
+def _part_of(event: Event) -> tuple[str, int] | None:
+    return (event.reply_id, event.index) if isinstance(event, PartDelivered) else None
 
 
 def _apply(outcomes: dict[str, OutcomeState], recent: list[datetime], stored: StoredEvent) -> bool:
@@ -152,3 +166,18 @@ def rate_delay(recent: tuple[datetime, ...], now: datetime, *, per_minute: int) 
     oldest_in_window = sorted(recent)[-per_minute]
     wait = (oldest_in_window + timedelta(seconds=60) - now).total_seconds()
     return max(0.0, wait)
+
+
+def duplicate_check_interval(since: datetime, now: datetime) -> int:
+    """WeCom's ``duplicate_check_interval`` for re-sending a part that an earlier attempt
+    may have got accepted after ``since`` (the last send recorded for the user, or the
+    reply's own time if later): whole seconds reaching a little before ``since``, so the
+    unrecorded send is inside the window and older sends are (nearly all) outside it.
+
+    >>> from datetime import UTC
+    >>> t = datetime(2024, 1, 1, tzinfo=UTC)
+    >>> duplicate_check_interval(t, t + timedelta(seconds=31.2))
+    33
+    """
+    elapsed = (now - since).total_seconds()
+    return min(MAX_DUPLICATE_CHECK_S, max(1, math.ceil(elapsed) + 1))

@@ -15,7 +15,20 @@ For an outcome R at stream sequence s of conversation C (see docs/architecture.m
 
 Any append can meet :class:`ConcurrencyConflict` (someone else wrote C's send branch):
 then catch up and decide again, without re-sending a part this delivery already sent.
-On the last delivery the consumer allows, a reply that still fails for a transient
+
+A part may have been accepted by WeCom without its PartDelivered being appended (a crash
+in between, or an answer lost on the way back), or be in flight from another replica (our
+hold on the message lapsed, ``Delivery.lapsed``, and the broker redelivered it). So the
+first part a *redelivery* sends, any retry of a send that may have gone through, and
+every send after a lapse asks WeCom's duplicate check to drop it if an identical message
+reached the user since the last recorded send (see
+:func:`~.domain.duplicate_check_interval`). Fresh sends never ask, so identical replies
+(the same apology twice) are both delivered; and if the user's last recorded message is
+identical to the part, the check is skipped too, since it could not tell them apart.
+
+A permanent refusal (and an empty reply) is recorded as DeliveryFailed, then raised, so
+the worker parks the outcome in the dead-letter stream with the reason. On the last
+delivery the consumer allows, a reply that still fails for a transient
 reason is recorded as DeliveryFailed (so later replies to the user are not held back
 forever) and handed to the worker, which dead-letters it for operators.
 """
@@ -30,9 +43,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol, TypedDict
 
+import nats.errors
+import nats.js.errors
 import structlog
 from nats.js import JetStreamContext
 
+from wecombot_common import topology
 from wecombot_common.bus import (
     AppendUnavailable,
     ConcurrencyConflict,
@@ -44,9 +60,11 @@ from wecombot_common.errors import PermanentError, TransientError
 from wecombot_common.events import (
     DeliveryFailed,
     Event,
+    EventDecodeError,
     Outcome,
     PartDelivered,
     ReplyDelivered,
+    decode_event,
     derived_id,
     utcnow,
 )
@@ -58,6 +76,7 @@ from wecombot_common.worker import Outcome as Settlement
 from .domain import (
     OUTCOME_TYPES,
     ConversationState,
+    duplicate_check_interval,
     fold,
     next_part,
     pending_before,
@@ -142,6 +161,7 @@ class _Job:
     parts: list[str]
     last_try: bool
     sent: dict[int, str] = field(default_factory=dict)  # index → msgid, maybe unrecorded
+    first_index: int | None = None  # the first part this delivery sends
 
     @property
     def reply_id(self) -> str:
@@ -216,13 +236,17 @@ class ReplySender:
             log.info("sender.already_finished")
             return Ack()
         if not job.parts:
-            return await self._fail(job, state, EMPTY_CONTENT, explain(EMPTY_CONTENT))
+            await self._fail(job, state, EMPTY_CONTENT, explain(EMPTY_CONTENT))
+            raise SendRejected(EMPTY_CONTENT, explain(EMPTY_CONTENT))
         for index in range(next_part(state.outcome(job.reply_id)), len(job.parts)):
             if index not in job.sent:
+                if job.first_index is None:
+                    job.first_index = index
                 try:
                     job.sent[index] = await self._send_part(job, state, index)
                 except (SendRejected, TokenError) as exc:
-                    return await self._fail(job, state, *_failure(exc))
+                    await self._fail(job, state, *_failure(exc))
+                    raise  # recorded; the worker dead-letters it with the reason
                 except (SendRetryable, TokenRejected, TransientTokenError) as exc:
                     return await self._retry_later(job, state, exc)
             state = await self._append_part(job, state, index)
@@ -273,9 +297,16 @@ class ReplySender:
         token = await self._tokens.get(job.reply.app)
         refreshed = False
         retries = 0
+        # An earlier delivery may have had this part accepted and died before recording it.
+        maybe_sent = job.delivery.num_delivered > 1 and index == job.first_index
         while True:
+            # ... or our hold on the message lapsed: another replica may be sending it now.
+            maybe_sent = maybe_sent or job.delivery.lapsed
+            check = await self._duplicate_check(job, state, index) if maybe_sent else None
             try:
-                msgid = await self._api.send_text(token, job.reply.conversation, job.parts[index])
+                msgid = await self._api.send_text(
+                    token, job.reply.conversation, job.parts[index], duplicate_check_s=check
+                )
             except TokenRejected as exc:
                 if refreshed:
                     raise
@@ -284,6 +315,7 @@ class ReplySender:
                 refreshed = True
                 continue
             except SendRetryable as exc:
+                maybe_sent = maybe_sent or exc.maybe_delivered
                 retries += 1
                 if retries > self._policy.retry_attempts:
                     raise
@@ -299,8 +331,40 @@ class ReplySender:
                 )
                 await asyncio.sleep(delay)
                 continue
+            if check is not None and not msgid:
+                log.info("sender.part_deduplicated", index=index, interval_s=check)
             log.info("sender.part_sent", index=index, total=len(job.parts), wecom_msgid=msgid)
             return msgid
+
+    async def _duplicate_check(self, job: _Job, state: ConversationState, index: int) -> int | None:
+        """WeCom's duplicate_check_interval for re-sending ``index``, or None to skip the
+        check: when the user's last recorded message is this very text, WeCom could not
+        tell a repeat of it from our unrecorded send, and dropping it would lose it."""
+        if await self._last_recorded_text(job, state) == job.parts[index]:
+            log.info("sender.duplicate_check_skipped", index=index)
+            return None
+        since = max([job.reply.occurred_at, *state.recent_sends[-1:]])
+        return duplicate_check_interval(since, utcnow())
+
+    async def _last_recorded_text(self, job: _Job, state: ConversationState) -> str | None:
+        """The text of the part recorded last in the conversation (None if unknown)."""
+        if state.last_part is None:
+            return None
+        reply_id, index = state.last_part
+        parts = job.parts if reply_id == job.reply_id else await self._parts_of(state, reply_id)
+        return parts[index] if index < len(parts) else None
+
+    async def _parts_of(self, state: ConversationState, reply_id: str) -> list[str]:
+        seq = state.outcome(reply_id).seq
+        if seq is None:
+            return []
+        try:
+            raw = await self._js.get_msg(topology.CONVERSATION_STREAM, seq, direct=True)
+            event = decode_event(raw.data or b"")
+        except (TimeoutError, nats.errors.Error, EventDecodeError) as exc:
+            log.info("sender.earlier_reply_unreadable", seq=seq, error=str(exc))
+            return []
+        return split_text(event.text) if isinstance(event, OUTCOME_TYPES) else []
 
     async def _retry_later(
         self, job: _Job, state: ConversationState, exc: TransientError
@@ -342,9 +406,7 @@ class ReplySender:
         log.info("sender.delivered", parts=len(job.parts))
         return Ack()
 
-    async def _fail(
-        self, job: _Job, state: ConversationState, errcode: int, reason: str
-    ) -> Settlement:
+    async def _fail(self, job: _Job, state: ConversationState, errcode: int, reason: str) -> None:
         failed = DeliveryFailed(
             **self._envelope(job, "failed"),
             reply_id=job.reply_id,
@@ -354,7 +416,6 @@ class ReplySender:
         )
         await self._append(job, state, failed, f"failed:{job.reply_id}")
         log.warning("sender.delivery_failed", errcode=errcode, reason=reason)
-        return Ack()
 
     def _envelope(self, job: _Job, *kind: str) -> _Envelope:
         return {

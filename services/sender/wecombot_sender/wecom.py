@@ -8,6 +8,12 @@ the URL holds the access_token)::
     >>> api = HttpMessageApi(settings.wecom, timeout_s=10)    # doctest: +SKIP
     >>> await api.send_text(token, "zhang.san", "你好")       # doctest: +SKIP
     '4A1y…'
+
+``duplicate_check_s`` sets WeCom's ``enable_duplicate_check`` with that
+``duplicate_check_interval``: WeCom drops the request if an identical one (same touser,
+agentid and content) was sent within the interval. Only a send that may repeat an
+accepted one uses it (see handler.py). What WeCom answers for a dropped duplicate is not
+documented; we assume ``errcode 0`` without a new msgid, so ``send_text`` returns "".
 """
 
 from __future__ import annotations
@@ -27,8 +33,11 @@ __all__ = ["HttpMessageApi", "MessageApi"]
 
 
 class MessageApi(Protocol):
-    async def send_text(self, token: str, touser: str, content: str) -> str:
-        """Send ``content`` to one member; returns WeCom's msgid."""
+    async def send_text(
+        self, token: str, touser: str, content: str, *, duplicate_check_s: int | None = None
+    ) -> str:
+        """Send ``content`` to one member; returns WeCom's msgid ("" when WeCom's duplicate
+        check dropped it)."""
         ...
 
 
@@ -36,11 +45,13 @@ class _Text(msgspec.Struct, frozen=True):
     content: str
 
 
-class _SendRequest(msgspec.Struct, frozen=True):
+class _SendRequest(msgspec.Struct, frozen=True, omit_defaults=True):
     touser: str
     agentid: int
     text: _Text
-    msgtype: str = "text"
+    msgtype: str
+    enable_duplicate_check: int = 0
+    duplicate_check_interval: int | None = None
 
 
 class _SendResponse(msgspec.Struct, frozen=True):
@@ -74,11 +85,18 @@ class HttpMessageApi:
     async def aclose(self) -> None:
         await self._client.aclose()
 
-    async def send_text(self, token: str, touser: str, content: str) -> str:
+    async def send_text(
+        self, token: str, touser: str, content: str, *, duplicate_check_s: int | None = None
+    ) -> str:
         register_secret(token)
-        body = _encoder.encode(
-            _SendRequest(touser=touser, agentid=self._agent_id, text=_Text(content))
+        request = _SendRequest(
+            touser=touser, agentid=self._agent_id, text=_Text(content), msgtype="text"
         )
+        if duplicate_check_s is not None:
+            request = msgspec.structs.replace(
+                request, enable_duplicate_check=1, duplicate_check_interval=duplicate_check_s
+            )
+        body = _encoder.encode(request)
         try:
             response = await self._client.post(
                 self._url,
@@ -88,18 +106,26 @@ class HttpMessageApi:
             )
         except httpx.TimeoutException as exc:
             reason = f"WeCom did not answer in time ({type(exc).__name__})"
-            raise SendRetryable(BUSY, reason) from exc
+            raise SendRetryable(BUSY, reason, maybe_delivered=_went_out(exc)) from exc
         except httpx.TransportError as exc:
-            raise SendRetryable(BUSY, f"cannot reach WeCom ({type(exc).__name__})") from exc
+            reason = f"cannot reach WeCom ({type(exc).__name__})"
+            raise SendRetryable(BUSY, reason, maybe_delivered=_went_out(exc)) from exc
         if response.status_code != 200:
             # WeCom answers 200 with an errcode; anything else is a proxy or front end
             # having a bad moment (or a wrong WECOM_API_BASE, which operators must see).
-            raise SendRetryable(BUSY, f"WeCom answered HTTP {response.status_code}")
+            reason = f"WeCom answered HTTP {response.status_code}"
+            raise SendRetryable(BUSY, reason, maybe_delivered=response.status_code >= 500)
         try:
             answer = _decoder.decode(response.content)
         except msgspec.DecodeError as exc:
-            raise SendRetryable(BUSY, "WeCom answered with a body that is not JSON") from exc
+            reason = "WeCom answered with a body that is not JSON"
+            raise SendRetryable(BUSY, reason, maybe_delivered=True) from exc
         return _msgid_or_raise(answer, touser)
+
+
+def _went_out(exc: httpx.TransportError) -> bool:
+    """Whether the request may have reached WeCom (not a connect or pool failure)."""
+    return not isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout | httpx.PoolTimeout)
 
 
 def _msgid_or_raise(answer: _SendResponse, touser: str) -> str:

@@ -11,28 +11,42 @@ console inject what WeCom does on a bad day::
     >>> api.fail_sends(42001, times=1)             # next send: access_token expired
     >>> api.expire_tokens()                        # every issued token now gets 42001
     >>> api.fail_gettoken(60020, times=1)          # next gettoken: untrusted IP
+    >>> hold = api.hold_sends(lambda user, text: user == "zhang.san")
+    >>> await hold.wait_held()                     # doctest: +SKIP
+    >>> hold.release(accept=False)                 # the held send is never accepted
 
 Every accepted send is recorded in :attr:`sent` (and pushed to subscribers) with the
 msgid WeCom would return; content over 2048 bytes is truncated silently, as WeCom does,
 and flagged so tests can prove no part ever was.
+
+Duplicate check (path/90236): a send with ``enable_duplicate_check=1`` that is identical
+(touser, agentid, msgtype, content) to a send accepted within ``duplicate_check_interval``
+seconds (default 1800, at most 4 h) is not delivered again and lands in
+:attr:`duplicates`. Two things the docs do not say, so they are **assumptions** here:
+the earlier send counts whether or not it asked for the check itself, and WeCom answers
+the dropped request ``errcode 0`` ("ok") without a new ``msgid``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import json
 import secrets
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
 
-__all__ = ["SentMessage", "SimulatedWeComApi"]
+__all__ = ["Hold", "SentMessage", "SimulatedWeComApi"]
 
 MAX_CONTENT_BYTES = 2048  # text.content limit, path/90236
+DUPLICATE_CHECK_DEFAULT_S = 1800  # path/90236
+DUPLICATE_CHECK_MAX_S = 4 * 3600
 
 ERRMSG = {
     0: "ok",
@@ -58,7 +72,54 @@ class SentMessage:
     content: str
     msgid: str
     truncated: bool
-    at: float
+    at: float  # time.time() when accepted
+    msgtype: str = "text"
+    access_token: str = field(default="", repr=False)
+
+
+class Hold:
+    """Requests that wait inside the simulated WeCom until released: a slow WeCom, or a
+    request whose client is killed while it is pending. Made by
+    :meth:`SimulatedWeComApi.hold_sends` and :meth:`SimulatedWeComApi.hold_gettoken`.
+
+    ``release(accept=False)`` ends the held requests with HTTP 503, never accepted; a
+    send held ``after_accept`` was accepted already, and only its answer was held.
+    """
+
+    def __init__(
+        self, matches: Callable[[str, str], bool], *, after_accept: bool, limit: int | None
+    ) -> None:
+        self.matches = matches
+        self.after_accept = after_accept
+        self.limit = limit
+        self.held = 0
+        self.accept = True
+        self._arrived = asyncio.Condition()
+        self._released = asyncio.Event()
+
+    def takes(self, touser: str, content: str) -> bool:
+        return (
+            not self._released.is_set()
+            and (self.limit is None or self.held < self.limit)
+            and self.matches(touser, content)
+        )
+
+    async def wait_held(self, count: int = 1, *, timeout: float = 10.0) -> None:
+        """Until ``count`` requests are held (TimeoutError after ``timeout``)."""
+        async with asyncio.timeout(timeout), self._arrived:
+            await self._arrived.wait_for(lambda: self.held >= count)
+
+    def release(self, *, accept: bool = True) -> None:
+        self.accept = accept
+        self._released.set()
+
+    async def hold(self) -> bool:
+        """Hold one request until released; True if it may be accepted."""
+        self.held += 1
+        async with self._arrived:
+            self._arrived.notify_all()
+        await self._released.wait()
+        return self.accept
 
 
 @dataclass
@@ -90,12 +151,15 @@ class SimulatedWeComApi:
         self.expires_in = expires_in
         self.latency_s = latency_s
         self.sent: list[SentMessage] = []
+        self.duplicates: list[SentMessage] = []  # dropped by the duplicate check
         self.gettoken_calls = 0
         self.send_calls = 0
         self.faults = _Faults()
         self._tokens: dict[str, float] = {}  # token -> expiry (monotonic)
         self._msgids = itertools.count(1)
         self._subscribers: set[asyncio.Queue[SentMessage]] = set()
+        self._send_holds: list[Hold] = []
+        self._gettoken_holds: list[Hold] = []
         self._runner: web.AppRunner | None = None
 
     # ------------------------------------------------------------ lifecycle
@@ -147,6 +211,25 @@ class SimulatedWeComApi:
         """While down, every call answers HTTP 503 (WeCom unreachable)."""
         self.faults.down = down
 
+    def hold_sends(
+        self,
+        matches: Callable[[str, str], bool] | None = None,
+        *,
+        after_accept: bool = False,
+        limit: int | None = 1,
+    ) -> Hold:
+        """Hold the next ``limit`` sends for which ``matches(touser, content)`` (None: all)
+        until the hold is released; ``after_accept``: accept them first, hold the answer."""
+        hold = Hold(matches or (lambda _user, _text: True), after_accept=after_accept, limit=limit)
+        self._send_holds.append(hold)
+        return hold
+
+    def hold_gettoken(self, *, limit: int | None = 1) -> Hold:
+        """Hold the next ``limit`` gettoken calls until the hold is released."""
+        hold = Hold(lambda _user, _text: True, after_accept=False, limit=limit)
+        self._gettoken_holds.append(hold)
+        return hold
+
     def expire_tokens(self) -> None:
         """Every token issued so far is now expired (42001), as after a quiet night."""
         for token in self._tokens:
@@ -172,14 +255,37 @@ class SimulatedWeComApi:
     def _error(errcode: int) -> dict[str, Any]:
         return {"errcode": errcode, "errmsg": ERRMSG.get(errcode, "error")}
 
+    @classmethod
+    def _gettoken_error(cls, errcode: int, request: web.Request) -> dict[str, Any]:
+        """An injected gettoken error; 60020 names the caller's IP, as WeCom's errmsg does
+        ("not allow to access from your ip, hint: […], from ip: 203.0.113.5, more info …")."""
+        error = cls._error(errcode)
+        if errcode == 60020:
+            error["errmsg"] = (
+                f"not allow to access from your ip, hint: [{int(time.time())}-sim], "
+                f"from ip: {request.remote}, more info at "
+                "https://open.work.weixin.qq.com/devtool/query?e=60020"
+            )
+        return error
+
+    @staticmethod
+    def _taking(holds: list[Hold], touser: str, content: str) -> Hold | None:
+        hold = next((h for h in holds if h.takes(touser, content)), None)
+        if hold is not None and hold.limit is not None and hold.held + 1 >= hold.limit:
+            holds.remove(hold)  # full after this one
+        return hold
+
     async def _gettoken(self, request: web.Request) -> web.Response:
         if self.latency_s:
             await asyncio.sleep(self.latency_s)
+        hold = self._taking(self._gettoken_holds, "", "")
+        if hold is not None and not await hold.hold():
+            return web.Response(status=503, text="service unavailable")
         if self.faults.down:
             return web.Response(status=503, text="service unavailable")
         self.gettoken_calls += 1
         if self.faults.gettoken:
-            return self._json(self._error(self.faults.gettoken.popleft()))
+            return self._json(self._gettoken_error(self.faults.gettoken.popleft(), request))
         if request.query.get("corpid") != self.corp_id:
             return self._json(self._error(40013))
         if not secrets.compare_digest(request.query.get("corpsecret", ""), self.secret):
@@ -200,9 +306,44 @@ class SimulatedWeComApi:
             return 42001
         return 0
 
+    async def _peek(self, request: web.Request) -> tuple[str, str]:
+        """(touser, content) of a send, for matching holds ("" when unreadable)."""
+        try:
+            body = json.loads(await request.read())
+            return str(body["touser"]), str(body[body["msgtype"]]["content"])
+        except (ValueError, KeyError, TypeError):
+            return "", ""
+
+    def _duplicate_of(self, body: dict[str, Any], msg: SentMessage) -> SentMessage | None:
+        """The accepted send ``msg`` repeats within the interval, if it asked for the check."""
+        if str(body.get("enable_duplicate_check", 0)) != "1":
+            return None
+        try:
+            interval = int(body.get("duplicate_check_interval", DUPLICATE_CHECK_DEFAULT_S))
+        except (TypeError, ValueError):
+            interval = DUPLICATE_CHECK_DEFAULT_S
+        interval = min(max(interval, 0), DUPLICATE_CHECK_MAX_S)
+        for earlier in reversed(self.sent):
+            if msg.at - earlier.at > interval:
+                return None
+            if (earlier.touser, earlier.agentid, earlier.msgtype, earlier.content) == (
+                msg.touser,
+                msg.agentid,
+                msg.msgtype,
+                msg.content,
+            ):
+                return earlier
+        return None
+
     async def _send(self, request: web.Request) -> web.Response:
         if self.latency_s:
             await asyncio.sleep(self.latency_s)
+        if self._send_holds:
+            hold = self._taking(self._send_holds, *await self._peek(request))
+            if hold is not None and not hold.after_accept and not await hold.hold():
+                return web.Response(status=503, text="service unavailable")
+        else:
+            hold = None
         if self.faults.down:
             return web.Response(status=503, text="service unavailable")
         self.send_calls += 1
@@ -236,11 +377,21 @@ class SimulatedWeComApi:
             touser=touser,
             agentid=agentid,
             content=content,
-            msgid=f"sim-{next(self._msgids)}",
+            msgid="",
             truncated=truncated,
             at=time.time(),
+            msgtype=str(msgtype),
+            access_token=request.query.get("access_token", ""),
         )
+        if self._duplicate_of(body, msg) is not None:
+            # Not delivered again. What WeCom answers is not documented: assumed "ok"
+            # without a new msgid (see the module doc).
+            self.duplicates.append(msg)
+            return self._json({"errcode": 0, "errmsg": "ok", "invaliduser": ""})
+        msg = dataclasses.replace(msg, msgid=f"sim-{next(self._msgids)}")
         self.sent.append(msg)
         for queue in self._subscribers:
             queue.put_nowait(msg)
+        if hold is not None and hold.after_accept:
+            await hold.hold()  # accepted; only the answer waits
         return self._json({"errcode": 0, "errmsg": "ok", "invaliduser": "", "msgid": msg.msgid})

@@ -1,0 +1,269 @@
+"""WeCom's duplicate check closes the sender's crash window: a part WeCom accepted whose
+PartDelivered was never appended is not delivered twice when the reply is redelivered.
+
+The simulated WeCom implements the check (path/90236) as the docs describe it, with the
+answer to a dropped duplicate assumed (errcode 0, no msgid; see sim/wecom_api.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+
+import httpx
+import nats
+import pytest
+from nats.js import JetStreamContext
+
+from tests.conftest import NatsHandle
+from tests.integration.test_sender_service import APP, CORP, LONG, SECRET, Log, System
+from wecombot_common import topology
+from wecombot_common.bus import append_event, ensure_topology
+from wecombot_common.events import (
+    DeliveryFailed,
+    PartDelivered,
+    ReplyDelivered,
+    ReplyGenerated,
+    decode_event,
+    derived_id,
+)
+from wecombot_common.settings import EnvReader, NatsSettings, Secret, WeComApiSettings
+from wecombot_common.sim.wecom_api import SimulatedWeComApi
+from wecombot_common.topology import ConversationRef
+from wecombot_sender.split import split_text
+from wecombot_sender.wecom import HttpMessageApi
+
+pytestmark = pytest.mark.integration
+
+AGENT = 1000002
+
+
+@pytest.fixture
+async def sim() -> AsyncIterator[SimulatedWeComApi]:
+    api = SimulatedWeComApi(corp_id=CORP, secret=SECRET, agent_id=AGENT)
+    await api.start()
+    try:
+        yield api
+    finally:
+        await api.stop()
+
+
+@pytest.fixture
+async def system(nats_server: NatsHandle, sim: SimulatedWeComApi) -> AsyncIterator[System]:
+    nc = await nats.connect(nats_server.url)
+    js = nc.jetstream()
+    await ensure_topology(js, NatsSettings.read(EnvReader({})))
+    log = Log()
+    await log.start(nc)
+    system = System(nc=nc, js=js, sim=sim, log=log, url=nats_server.url)
+    try:
+        yield system
+    finally:
+        with contextlib.suppress(Exception):
+            await system.shutdown()
+        await nc.close()
+
+
+async def _token(sim: SimulatedWeComApi) -> str:
+    async with httpx.AsyncClient() as http:
+        answer = await http.get(
+            f"{sim.base_url}/cgi-bin/gettoken", params={"corpid": CORP, "corpsecret": SECRET}
+        )
+    return str(answer.json()["access_token"])
+
+
+async def _deliver_once_and_drop(js: JetStreamContext, count: int) -> None:
+    """Play a sender that fetched ``count`` outcomes and died before acking them: the
+    next delivery of each is a redelivery (num_delivered 2)."""
+    from wecombot_sender.settings import SenderSettings
+
+    settings = SenderSettings.from_env({"WECOM_CORP_ID": CORP, "WECOM_AGENT_ID": str(AGENT)})
+    config = topology.work_consumer(
+        topology.SENDER_CONSUMER,
+        topology.OUTCOME_FILTER,
+        ack_wait_s=settings.ack_wait_s,
+        max_deliver=settings.max_deliver,
+        max_ack_pending=10_000,
+    )
+    await js.add_consumer(topology.CONVERSATION_STREAM, config)
+    sub = await js.pull_subscribe_bind(
+        durable=topology.SENDER_CONSUMER, stream=topology.CONVERSATION_STREAM
+    )
+    msgs = await sub.fetch(count, timeout=5)
+    assert len(msgs) == count
+    for msg in msgs:
+        await msg.nak()
+    await sub.unsubscribe()
+
+
+async def test_the_adapter_asks_for_the_check_and_a_repeat_is_dropped(
+    sim: SimulatedWeComApi,
+) -> None:
+    api = HttpMessageApi(WeComApiSettings(CORP, AGENT, Secret(""), sim.base_url), timeout_s=2)
+    token = await _token(sim)
+    try:
+        first = await api.send_text(token, "u", "同一句话")
+        assert await api.send_text(token, "u", "同一句话", duplicate_check_s=60) == ""
+        assert await api.send_text(token, "u", "同一句话") != ""  # no check asked: delivered
+        assert await api.send_text(token, "v", "同一句话", duplicate_check_s=60) != ""
+        assert await api.send_text(token, "u", "另一句话", duplicate_check_s=60) != ""
+    finally:
+        await api.aclose()
+    assert [m.content for m in sim.sent] == ["同一句话", "同一句话", "同一句话", "另一句话"]
+    assert first == sim.sent[0].msgid
+    [dropped] = sim.duplicates
+    assert (dropped.touser, dropped.content, dropped.msgid) == ("u", "同一句话", "")
+
+
+async def test_a_part_accepted_but_not_recorded_is_not_sent_again(system: System) -> None:
+    parts = split_text(LONG)
+    assert len(parts) >= 3
+    user = "crash.window"
+    reply = await system.reply(user, LONG)
+    conv = ConversationRef(APP, user)
+    # A sender recorded part 0, had part 1 accepted by WeCom, and died before recording it.
+    await append_event(
+        system.js,
+        PartDelivered(
+            event_id=derived_id(reply.event_id, "part", "0"),
+            app=APP,
+            conversation=user,
+            causation_id=reply.event_id,
+            correlation_id=reply.correlation_id,
+            reply_id=reply.event_id,
+            index=0,
+            total=len(parts),
+            wecom_msgid="msgid-0",
+        ),
+        msg_id=f"part:{reply.event_id}:0",
+        expect_last_seq=0,
+        expect_scope=conv.sender_branch,
+    )
+    api = HttpMessageApi(
+        WeComApiSettings(CORP, AGENT, Secret(""), system.sim.base_url), timeout_s=2
+    )
+    try:
+        await api.send_text(await _token(system.sim), user, parts[1])
+    finally:
+        await api.aclose()
+    await _deliver_once_and_drop(system.js, 1)
+
+    await system.start_token()
+    system.start_sender()
+    await system.log.until_finished(reply.event_id)
+
+    assert system.sim.messages_to(user) == parts[1:]  # part 0 went out "before the crash"
+    assert [m.content for m in system.sim.duplicates] == [parts[1]]
+    [done] = system.log.of(ReplyDelivered, reply.event_id)
+    assert done.wecom_msgids[0] == "msgid-0"
+    assert done.wecom_msgids[1] == ""  # WeCom dropped the repeat: no new msgid
+    assert all(done.wecom_msgids[2:])
+
+
+async def test_identical_replies_are_all_delivered(system: System) -> None:
+    await system.start_token()
+    system.start_sender()
+    first = await system.reply("polite", "好的")
+    await system.log.until_finished(first.event_id)
+    second = await system.reply("polite", "好的")  # a fresh send: no check asked
+    await system.log.until_finished(second.event_id)
+    # The next send may have gone through before the 502, so its retry would ask for the
+    # check; but the user's last message is this very text, and the check could not tell
+    # a repeat of it from our own unrecorded send: skipped rather than risk losing it.
+    system.sim.fail_sends_http(502)
+    third = await system.reply("polite", "好的")
+    await system.log.until_finished(third.event_id)
+    assert system.sim.messages_to("polite") == ["好的", "好的", "好的"]
+    assert system.sim.duplicates == []
+
+
+async def test_a_retry_after_a_lost_answer_is_dropped_as_a_duplicate(system: System) -> None:
+    await system.start_token()
+    system.start_sender(SENDER_HTTP_TIMEOUT="0.5")
+    warm = await system.reply("slow.wecom", "warm-up")
+    await system.log.until_finished(warm.event_id)
+    hold = system.sim.hold_sends(after_accept=True)  # accepted, but the answer never comes
+    reply = await system.reply("slow.wecom", "answer")
+    await hold.wait_held()
+    await system.log.until_finished(reply.event_id)
+    hold.release()
+    assert system.sim.messages_to("slow.wecom") == ["warm-up", "answer"]
+    assert [m.content for m in system.sim.duplicates] == ["answer"]
+
+
+async def test_a_resumed_reply_that_was_never_sent_is_delivered(system: System) -> None:
+    await system.start_token()
+    system.start_sender()
+    first = await system.reply("resumed", "first answer")
+    await system.log.until_finished(first.event_id)
+    await system.shutdown()
+    second = await system.reply("resumed", "second answer")
+    await _deliver_once_and_drop(system.js, 1)  # died before sending anything
+    await system.start_token()
+    system.start_sender()
+    await system.log.until_finished(second.event_id)
+    assert system.sim.messages_to("resumed") == ["first answer", "second answer"]
+    assert system.sim.duplicates == []
+
+
+async def test_a_reply_wecom_refuses_is_recorded_and_dead_lettered(system: System) -> None:
+    await system.start_token()
+    system.start_sender()
+    dead_letters = await system.nc.subscribe(f"{topology.PREFIX}.dlq.>")
+    system.sim.reject_user("gone.user", 81013)
+    refused = await system.reply("gone.user", "再见")
+    await system.log.until_finished(refused.event_id)
+    [failed] = system.log.of(DeliveryFailed, refused.event_id)
+    assert failed.errcode == 81013
+    dead = await dead_letters.next_msg(timeout=10)
+    assert decode_event(dead.data).event_id == refused.event_id
+    assert dead.headers is not None
+    assert "81013" in dead.headers["Wecombot-Dlq-Reason"]
+    assert dead.headers["Wecombot-Dlq-Consumer"] == topology.SENDER_CONSUMER
+    later = await system.reply("other.user", "still flowing")
+    await system.log.until_finished(later.event_id)
+    assert isinstance(later, ReplyGenerated)
+    assert system.sim.messages_to("other.user") == ["still flowing"]
+
+
+class _StaticTokens:
+    def __init__(self, token: str) -> None:
+        self.token = token
+
+    async def get(self, app: str) -> str:
+        return self.token
+
+    async def invalidate(self, app: str, token: str) -> str:
+        return self.token
+
+
+@pytest.mark.parametrize("lapsed", [True, False])
+async def test_a_delivery_whose_lease_lapsed_asks_for_the_check(
+    system: System, lapsed: bool
+) -> None:
+    """Two replicas on one reply (ours held it past ack_wait, the broker gave it to
+    another, which got part 0 accepted): ours must not deliver part 0 a second time."""
+    from wecombot_common.worker import Delivery, Lease
+    from wecombot_sender.handler import DeliveryPolicy, ReplySender
+
+    user = "two.replicas"
+    reply = await system.reply(user, "只说一次")
+    token = await _token(system.sim)
+    api = HttpMessageApi(
+        WeComApiSettings(CORP, AGENT, Secret(""), system.sim.base_url), timeout_s=2
+    )
+    try:
+        await api.send_text(token, user, "只说一次")  # the other replica's send
+        sender = ReplySender(system.js, _StaticTokens(token), api, app=APP, policy=DeliveryPolicy())
+        delivery = Delivery(
+            event=reply,
+            stream_seq=1,
+            num_delivered=1,
+            subject=f"{ConversationRef(APP, user).root}.llm.reply",
+            msg=None,  # type: ignore[arg-type]  # the handler never touches it
+            lease=Lease(0.0 if lapsed else 30.0),
+        )
+        await sender.handle(delivery)
+    finally:
+        await api.aclose()
+    assert system.sim.messages_to(user) == ["只说一次"] * (1 if lapsed else 2)

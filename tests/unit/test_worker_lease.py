@@ -1,0 +1,49 @@
+"""A delivery's lease: once heartbeats have not reached the broker for 2/3 of ack_wait,
+the message may have been redelivered elsewhere, and it stays marked so."""
+
+from __future__ import annotations
+
+import pytest
+
+from wecombot_common import worker
+from wecombot_common.worker import Lease
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
+    fake = Clock()
+    monkeypatch.setattr(worker.time, "monotonic", fake)
+    return fake
+
+
+def test_renewed_in_time_it_never_lapses(clock: Clock) -> None:
+    lease = Lease(3.0)
+    for _ in range(10):
+        clock.now += 1.0  # a heartbeat every ack_wait / 3
+        lease.renew()
+    assert not lease.lapsed
+
+
+def test_a_gap_of_two_thirds_of_ack_wait_lapses_it_for_good(clock: Clock) -> None:
+    lease = Lease(3.0)
+    clock.now += 1.9
+    assert not lease.lapsed
+    clock.now += 0.1
+    assert lease.lapsed
+    lease.renew()  # reconnected: the broker may have redelivered meanwhile all the same
+    assert lease.lapsed
+
+
+def test_a_late_renewal_still_counts_the_gap(clock: Clock) -> None:
+    lease = Lease(3.0)
+    clock.now += 2.5  # the process stalled; the heartbeat comes too late
+    lease.renew()
+    assert lease.lapsed
