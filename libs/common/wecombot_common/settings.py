@@ -315,6 +315,11 @@ class NatsSettings:
     duplicate_window_s: float
     history_max_age_s: float
 
+    @property
+    def secrets(self) -> tuple[Secret, ...]:
+        """What of these settings the logs must never show (the password, if any)."""
+        return (self.password,) if self.password else ()
+
     @classmethod
     def read(cls, env: EnvReader) -> NatsSettings:
         url = env.text("NATS_URL", "nats://127.0.0.1:4222")

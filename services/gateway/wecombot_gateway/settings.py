@@ -56,10 +56,7 @@ class GatewaySettings:
     @property
     def secrets(self) -> tuple[Secret, ...]:
         """Values the log pipeline must redact wherever they appear."""
-        found = [self.wecom.token, self.wecom.encoding_aes_key]
-        if self.nats.password is not None:
-            found.append(self.nats.password)
-        return tuple(found)
+        return (self.wecom.token, self.wecom.encoding_aes_key, *self.nats.secrets)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> GatewaySettings:

@@ -138,8 +138,8 @@ class LlmSettings:
     @property
     def secrets(self) -> tuple[Secret, ...]:
         """Values the log pipeline must redact wherever they appear."""
-        found = [s for s in (self.model.api_key, self.nats.password) if s is not None]
-        return tuple(found)
+        key = (self.model.api_key,) if self.model.api_key is not None else ()
+        return (*key, *self.nats.secrets)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> LlmSettings:

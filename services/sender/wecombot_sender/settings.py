@@ -44,11 +44,10 @@ class SenderSettings:
         env = EnvReader(environ)
         nats = NatsSettings.read(env)
         log = LogSettings.read(env)
-        secrets = (nats.password,) if nats.password is not None else ()
         settings = cls(
             nats=nats,
             # configure_logging registers these, so they are redacted from every line
-            log=replace(log, extra_secrets=secrets),
+            log=replace(log, extra_secrets=nats.secrets),
             wecom=WeComApiSettings.read(env, need_secret=False),
             health_port=health_port(env, 8082),
             max_concurrency=env.integer("SENDER_MAX_CONCURRENCY", 32, minimum=1, maximum=4096),

@@ -70,10 +70,7 @@ class TokenSettings:
     @property
     def secrets(self) -> tuple[Secret, ...]:
         """Values the log pipeline must redact wherever they appear."""
-        found = [self.wecom.secret]
-        if self.nats.password is not None:
-            found.append(self.nats.password)
-        return tuple(found)
+        return (self.wecom.secret, *self.nats.secrets)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> TokenSettings:

@@ -43,6 +43,7 @@ from nats.js.api import DeliverPolicy
 
 from wecombot_common import bus, topology
 from wecombot_common.events import EventDecodeError, decode_event
+from wecombot_common.http import LocalSite
 from wecombot_common.settings import NatsSettings
 from wecombot_common.sim.callbacks import Callback, CallbackBuilder
 from wecombot_common.sim.wecom_api import SentMessage, SimulatedWeComApi
@@ -180,7 +181,7 @@ class Console:
         self._events = itertools.count(1)
         self._nc: NATS | None = None
         self._http: httpx.AsyncClient | None = None
-        self._runner: web.AppRunner | None = None
+        self._site: LocalSite | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
     @property
@@ -206,13 +207,10 @@ class Console:
             self.wecom.observers.append(self._on_api_call)
         self._spawn(self._pump_sent())
         self._spawn(self._watch_gateway())
-        self._runner = web.AppRunner(self.app(), access_log=None, shutdown_timeout=1.0)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, self.config.host, self.config.port)
-        await site.start()
-        server = site._server
-        assert server is not None
-        self.port = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
+        self._site = await LocalSite.start(
+            self.app(), self.config.host, self.config.port, shutdown_timeout=1.0
+        )
+        self.port = self._site.port
 
     async def stop(self) -> None:
         self.hub.close()  # every open stream ends
@@ -222,8 +220,8 @@ class Console:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self._runner is not None:
-            await self._runner.cleanup()
+        if self._site is not None:
+            await self._site.stop()
         if self._nc is not None:
             with contextlib.suppress(Exception):
                 await self._nc.close()

@@ -36,6 +36,8 @@ from typing import Any
 
 from aiohttp import web
 
+from wecombot_common.http import LocalSite
+
 __all__ = ["Fault", "RecordedRequest", "SimulatedOpenAIApi", "echo_reply"]
 
 Messages = list[dict[str, Any]]
@@ -119,7 +121,7 @@ class SimulatedOpenAIApi:
         self._ids = itertools.count(1)
         self._arrived = asyncio.Condition()
         self._release = asyncio.Event()
-        self._runner: web.AppRunner | None = None
+        self._site: LocalSite | None = None
 
     # ------------------------------------------------------------ lifecycle
     @property
@@ -140,21 +142,16 @@ class SimulatedOpenAIApi:
     async def start(self) -> None:
         self._release = asyncio.Event()
         # handler_cancellation: a client that gives up (timeout, shutdown) ends its hang.
-        self._runner = web.AppRunner(
-            self.app(), access_log=None, handler_cancellation=True, shutdown_timeout=1.0
+        self._site = await LocalSite.start(
+            self.app(), self.host, self.port, handler_cancellation=True, shutdown_timeout=1.0
         )
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port)
-        await site.start()
-        server = site._server
-        assert server is not None
-        self.port = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
+        self.port = self._site.port
 
     async def stop(self) -> None:
         self._release.set()  # end every hang
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
+        if self._site is not None:
+            await self._site.stop()
+            self._site = None
 
     async def __aenter__(self) -> SimulatedOpenAIApi:
         await self.start()

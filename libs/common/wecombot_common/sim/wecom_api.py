@@ -42,6 +42,8 @@ from typing import Any
 
 from aiohttp import web
 
+from wecombot_common.http import LocalSite
+
 __all__ = ["Hold", "SentMessage", "SimulatedWeComApi"]
 
 MAX_CONTENT_BYTES = 2048  # text.content limit, path/90236
@@ -160,7 +162,7 @@ class SimulatedWeComApi:
         self._subscribers: set[asyncio.Queue[SentMessage]] = set()
         self._send_holds: list[Hold] = []
         self._gettoken_holds: list[Hold] = []
-        self._runner: web.AppRunner | None = None
+        self._site: LocalSite | None = None
 
     # ------------------------------------------------------------ lifecycle
     @property
@@ -179,18 +181,13 @@ class SimulatedWeComApi:
         ]
 
     async def start(self) -> None:
-        self._runner = web.AppRunner(self.app(), access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port)
-        await site.start()
-        server = site._server
-        assert server is not None
-        self.port = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
+        self._site = await LocalSite.start(self.app(), self.host, self.port)
+        self.port = self._site.port
 
     async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
+        if self._site is not None:
+            await self._site.stop()
+            self._site = None
 
     # ------------------------------------------------------------ fault injection
     def fail_gettoken(self, errcode: int, *, times: int = 1) -> None:
