@@ -145,7 +145,7 @@ class WeComCrypto:
     b'1616140317555161061'
     """
 
-    __slots__ = ("_key", "_receive_id", "_token")
+    __slots__ = ("_ecb", "_key", "_receive_id", "_token")
 
     def __init__(self, token: str, encoding_aes_key: str, receive_id: str) -> None:
         if len(encoding_aes_key) != 43:
@@ -159,6 +159,9 @@ class WeComCrypto:
         self._token = token
         self._key = key
         self._receive_id = _utf8(receive_id)
+        # Decryption runs CBC over this one ECB cipher: building a cipher (key schedule
+        # included) cost more than decrypting a whole callback (docs/benchmarks.md).
+        self._ecb = AES.new(key, AES.MODE_ECB)
 
     def __repr__(self) -> str:
         rid = self._receive_id.decode("utf-8", "surrogatepass")
@@ -191,9 +194,14 @@ class WeComCrypto:
         if not ciphertext or len(ciphertext) % AES.block_size:
             raise DecryptError(f"ciphertext length {len(ciphertext)} is not a multiple of 16")
         try:
-            padded: bytes = AES.new(self._key, AES.MODE_CBC, self._key[:16]).decrypt(ciphertext)
+            blocks: bytes = self._ecb.decrypt(ciphertext)
         except (ValueError, TypeError) as exc:  # pragma: no cover - length checked above
             raise DecryptError() from exc
+        # CBC: plaintext block i = D(C_i) XOR C_(i-1), with C_(-1) = iv = key[:16].
+        chained = self._key[:16] + ciphertext[: -AES.block_size]
+        padded = (int.from_bytes(blocks, "big") ^ int.from_bytes(chained, "big")).to_bytes(
+            len(blocks), "big"
+        )
         pad = padded[-1]
         if not 1 <= pad <= _PAD_BLOCK or padded[-pad:] != bytes([pad]) * pad:
             raise PlaintextBufferError("bad PKCS#7 padding")

@@ -121,6 +121,7 @@ class _Response(msgspec.Struct):
 
 _decode_response = msgspec.json.Decoder(_Response).decode
 _SHARD = 4  # connections per httpx pool (see OpenAIChatModel.__init__)
+_MAX_SHARDS = 256  # beyond 1,024 connections, pools grow instead (each costs ~1.7 ms to build)
 
 
 class _Retryable(Exception):
@@ -159,6 +160,7 @@ class OpenAIChatModel:
         # calls/s; pools of 4 cost ~1.1 ms (docs/benchmarks.md). A call takes the least
         # busy pool. A test's transport gets a single pool.
         shards = 1 if transport is not None else -(-settings.max_connections // _SHARD)
+        shards = min(shards, _MAX_SHARDS)
         per_shard = -(-settings.max_connections // shards)
         tls = httpx.create_ssl_context()  # one for all pools (each costs ~40 ms and memory)
         self._clients = [

@@ -1,0 +1,528 @@
+"""The seven measurements of issue #5, each on a fresh nats-server and fresh services.
+
+Each scenario returns a plain dict (see ``bench.report`` for how it is shown). Sizes
+come from :class:`Sizes` (``FULL`` for ``make bench``, ``QUICK`` for the smoke run).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import statistics
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import nats
+
+from wecombot_common.events import ReplyGenerated, encode_event
+from wecombot_common.topology import subject_for
+
+from .loadgen import percentiles
+from .procs import (
+    Fakes,
+    OutcomeWatch,
+    Profiler,
+    Service,
+    Stack,
+    WeComApp,
+    cpu_s,
+    free_port,
+    run_loadgen,
+)
+
+__all__ = ["FULL", "QUICK", "SCENARIOS", "Context", "Sizes"]
+
+
+@dataclass(frozen=True)
+class Sizes:
+    # 1. gateway throughput vs a bare handler (closed loop, side by side, rounds)
+    gw_connections: int = 32
+    gw_warmup_s: float = 1.0
+    gw_duration_s: float = 5.0
+    gw_rounds: int = 3
+    gw_prebuild: int = 100_000  # unique callbacks for the gateway: no MsgId repeats
+    # 2. ack latency at a fixed offered rate (open loop)
+    ack_rate: float = 300.0
+    ack_duration_s: float = 10.0
+    # 3. callback → message/send with a zero-latency model, steady rate
+    pipe_rate: float = 50.0
+    pipe_duration_s: float = 10.0
+    # 4. llm fan-out: queued messages, slow model, one replica
+    fan_messages: int = 2000
+    fan_latency_s: float = 2.0
+    fan_concurrency: int = 1000
+    # 5. scaling llm replicas, each capped
+    scale_replicas: tuple[int, ...] = (1, 2, 4)
+    scale_cap: int = 16
+    scale_latency_s: float = 1.0
+    scale_window_s: float = 6.0
+    # 6. token economy
+    token_sends: int = 10_000
+    token_senders: int = 3
+    token_services: int = 2
+    timeout_s: float = 240.0
+
+
+FULL = Sizes()
+QUICK = Sizes(
+    gw_connections=8,
+    gw_warmup_s=0.3,
+    gw_duration_s=1.0,
+    gw_rounds=1,
+    gw_prebuild=6000,
+    ack_rate=100.0,
+    ack_duration_s=1.5,
+    pipe_rate=20.0,
+    pipe_duration_s=1.5,
+    fan_messages=100,
+    fan_latency_s=0.5,
+    fan_concurrency=100,
+    scale_replicas=(1, 2),
+    scale_cap=4,
+    scale_latency_s=0.3,
+    scale_window_s=1.0,
+    token_sends=200,
+    token_senders=3,
+    token_services=2,
+    timeout_s=60.0,
+)
+
+
+@dataclass
+class Context:
+    workdir: Path
+    app: WeComApp
+    fakes: Fakes
+    sizes: Sizes
+    loop: str
+    profiler: Profiler
+    memory: dict[str, dict[str, float | str]] = field(default_factory=dict)
+    log: Callable[[str], None] = print
+
+    def stack(self, name: str) -> Stack:
+        workdir = self.workdir / name
+        workdir.mkdir(parents=True, exist_ok=True)
+        return Stack(workdir, self.app, self.fakes, loop=self.loop)
+
+    def note_idle(self, service: Service) -> None:
+        entry = self.memory.setdefault(service.name, {})
+        entry["idle"] = max(float(entry.get("idle", 0.0)), service.rss_mb())
+
+    def note_loaded(self, service: Service, peak: float, load: str) -> None:
+        entry = self.memory.setdefault(service.name, {})
+        after = service.rss_mb()
+        if after >= float(entry.get("after", 0.0)):
+            entry["after"] = after
+            entry["load"] = load
+        entry["peak"] = max(float(entry.get("peak", 0.0)), peak)
+
+
+@contextlib.asynccontextmanager
+async def _rss_peaks(services: list[Service]) -> AsyncIterator[dict[int, float]]:
+    """Sample every service's RSS 4 times a second; yields pid → peak MiB."""
+    peaks: dict[int, float] = {s.pid: s.rss_mb() for s in services}
+
+    async def sample() -> None:
+        while True:
+            for s in services:
+                peaks[s.pid] = max(peaks[s.pid], s.rss_mb())
+            await asyncio.sleep(0.25)
+
+    task = asyncio.create_task(sample())
+    try:
+        yield peaks
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def _ready(*services: Service) -> None:
+    await asyncio.gather(*(s.ready() for s in services))
+
+
+class CpuMeter:
+    """CPU seconds each process uses between start() and stop(): per-message costs that
+    hold on a machine shared with other work (wall-clock rates do not)."""
+
+    def __init__(self, pids: dict[str, int]) -> None:
+        self._pids = pids
+        self._start: dict[str, float] = {}
+        self.used: dict[str, float] = {}
+
+    def start(self) -> CpuMeter:
+        self._start = {name: cpu_s(pid) for name, pid in self._pids.items()}
+        return self
+
+    def stop(self) -> dict[str, float]:
+        self.used = {n: cpu_s(pid) - self._start[n] for n, pid in self._pids.items()}
+        return self.used
+
+    def per(self, count: int) -> dict[str, float]:
+        """Microseconds of CPU per unit of work, per process."""
+        return {n: round(1e6 * used / count, 1) for n, used in self.used.items()} if count else {}
+
+
+def _pids(stack: Stack, services: list[Service]) -> dict[str, int]:
+    pids: dict[str, int] = {}
+    for svc in services:
+        name = svc.name
+        index = 1
+        while name in pids:
+            index += 1
+            name = f"{svc.name}-{index}"
+        pids[name] = svc.pid
+    assert stack.nats.process is not None
+    pids["nats-server"] = stack.nats.process.pid
+    return pids
+
+
+def _spec(ctx: Context, **fields: Any) -> dict[str, Any]:
+    return {"wecom": ctx.app.loadgen(), **fields}
+
+
+# ---------------------------------------------------------------- 1 + 2: gateway
+
+
+async def gateway(ctx: Context) -> dict[str, Any]:
+    """1. callbacks/s, gateway vs bare aiohttp, side by side; 2. ack latency, open loop."""
+    s = ctx.sizes
+    stack = ctx.stack("gateway")
+    await stack.start_nats()
+    try:
+        gw = stack.start("gateway")
+        bare_port = free_port()
+        bare = Service(
+            "bare",
+            ["-m", "bench.bare", "--port", str(bare_port), "--loop", ctx.loop],
+            stack.env(),
+            stack.workdir / "bare.log",
+            f"http://127.0.0.1:{bare_port}/healthz",
+        )
+        stack.services.append(bare)
+        await _ready(gw, bare)
+        ctx.note_idle(gw)
+        ctx.profiler.attach(gw, "gateway")
+        meter = CpuMeter(_pids(stack, [gw, bare])).start()
+        async with _rss_peaks([gw]) as peaks:
+            closed = await run_loadgen(
+                _spec(
+                    ctx,
+                    mode="closed",
+                    targets=[
+                        {
+                            "name": "bare",
+                            "url": f"http://127.0.0.1:{bare_port}/wecom/callback",
+                            "prebuild": min(s.gw_prebuild, 20_000),
+                        },
+                        {"name": "gateway", "url": stack.callback_url(gw)},
+                    ],
+                    connections=s.gw_connections,
+                    warmup=s.gw_warmup_s,
+                    duration=s.gw_duration_s,
+                    rounds=s.gw_rounds,
+                    prebuild=s.gw_prebuild,
+                    users=1000,
+                ),
+                stack.workdir / "loadgen.log",
+            )
+            meter.stop()
+            await asyncio.sleep(1.0)
+            latency = await run_loadgen(
+                _spec(
+                    ctx,
+                    mode="open",
+                    url=stack.callback_url(gw),
+                    rate=s.ack_rate,
+                    duration=s.ack_duration_s,
+                    connections=16,
+                    users=1000,
+                    user_prefix="ack",
+                ),
+                stack.workdir / "loadgen.log",
+            )
+        await ctx.profiler.detach()
+        ctx.note_loaded(gw, peaks[gw.pid], "gateway throughput + latency")
+    finally:
+        await stack.stop()
+    sent = {name: sum(r["sent"] for r in rounds) for name, rounds in closed["rounds"].items()}
+    cpu_us = {
+        "gateway": round(1e6 * meter.used["gateway"] / sent["gateway"], 1),
+        "nats-server": round(1e6 * meter.used["nats-server"] / sent["gateway"], 1),
+        "bare": round(1e6 * meter.used["bare"] / sent["bare"], 1),
+    }
+    bare_rates = [r["rate"] for r in closed["rounds"]["bare"]]
+    gw_rates = [r["rate"] for r in closed["rounds"]["gateway"]]
+    bare_rate = statistics.median(bare_rates)
+    gw_rate = statistics.median(gw_rates)
+    return {
+        "throughput": {
+            "bare_rates": bare_rates,
+            "gateway_rates": gw_rates,
+            "bare": bare_rate,
+            "gateway": gw_rate,
+            "ratio": gw_rate / bare_rate if bare_rate else 0.0,
+            "ratios": [g / b for g, b in zip(gw_rates, bare_rates, strict=True) if b],
+            "connections": s.gw_connections,
+            "gateway_latency_ms": closed["rounds"]["gateway"][-1]["latency_ms"],
+            "bare_latency_ms": closed["rounds"]["bare"][-1]["latency_ms"],
+            "statuses": {
+                name: [r["statuses"] for r in rounds] for name, rounds in closed["rounds"].items()
+            },
+            "wrapped": closed["wrapped"],
+            "cpu_us": cpu_us,
+        },
+        "latency": latency,
+    }
+
+
+# ---------------------------------------------------------------- 3: pipeline
+
+
+async def pipeline(ctx: Context) -> dict[str, Any]:
+    """Callback sent → message/send received, zero-latency model, steady open-loop rate."""
+    s = ctx.sizes
+    await ctx.fakes.reset(model_latency=0.0)
+    stack = ctx.stack("pipeline")
+    await stack.start_nats()
+    try:
+        services = [stack.start(n) for n in ("token", "llm", "sender", "gateway")]
+        await _ready(*services)
+        for svc in services:
+            ctx.note_idle(svc)
+        gw = services[-1]
+        url = stack.callback_url(gw)
+        # Warm up: connections, the token, the consumers' first fetches.
+        warm = max(5, int(s.pipe_rate))
+        await run_loadgen(
+            _spec(ctx, mode="open", url=url, rate=s.pipe_rate, duration=warm / s.pipe_rate,
+                  connections=4, users=warm, user_prefix="warm", prefix="w"),
+            stack.workdir / "loadgen.log",
+        )  # fmt: skip
+        await _wait_sent(ctx, warm, s.timeout_s)
+        for svc in services:
+            ctx.profiler.attach(svc, f"pipeline-{svc.name}")
+        count = int(s.pipe_rate * s.pipe_duration_s)
+        meter = CpuMeter(_pids(stack, services)).start()
+        async with _rss_peaks(services) as peaks:
+            result = await run_loadgen(
+                _spec(ctx, mode="open", url=url, rate=s.pipe_rate, duration=s.pipe_duration_s,
+                      connections=4, users=count, user_prefix="pipe", prefix="p", record=True),
+                stack.workdir / "loadgen.log",
+            )  # fmt: skip
+            delivered = await _wait_sent(ctx, warm + count, s.timeout_s)
+        meter.stop()
+        await ctx.profiler.detach()
+        for svc in services:
+            ctx.note_loaded(svc, peaks[svc.pid], "pipeline")
+    finally:
+        await stack.stop()
+    stats = await ctx.fakes.stats(sent=True)
+    sent_at: dict[str, float] = result["sent_at"]
+    latencies = []
+    for _user, content, at in stats["messages"]:
+        key = content.removeprefix("echo: ")
+        if key in sent_at:
+            latencies.append(at - sent_at[key])
+    return {
+        "rate": s.pipe_rate,
+        "messages": count,
+        "delivered": len(latencies),
+        "complete": delivered,
+        "latency_ms": percentiles(latencies),
+        "gateway_ack_ms": result["latency_ms"],
+        "cpu_us": meter.per(count),
+        "statuses": result["statuses"],
+    }
+
+
+async def _wait_sent(ctx: Context, count: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while (await ctx.fakes.stats())["sent"] < count:
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.1)
+    return True
+
+
+# ---------------------------------------------------------------- 4: fan-out
+
+
+async def fanout(ctx: Context) -> dict[str, Any]:
+    """2,000 queued messages from distinct users, a 2 s model, one llm replica."""
+    s = ctx.sizes
+    await ctx.fakes.reset(model_latency=s.fan_latency_s)
+    stack = ctx.stack("fanout")
+    await stack.start_nats()
+    watch = OutcomeWatch()
+    try:
+        gw = stack.start("gateway")
+        await gw.ready()
+        await watch.start(stack.nats.url)
+        queued = await run_loadgen(
+            _spec(ctx, mode="burst", url=stack.callback_url(gw), count=s.fan_messages,
+                  connections=16, users=s.fan_messages, user_prefix="fan", prefix="f"),
+            stack.workdir / "loadgen.log",
+        )  # fmt: skip
+        llm = stack.start(
+            "llm",
+            LLM_MAX_CONCURRENCY=str(s.fan_concurrency),
+            LLM_SHUTDOWN_GRACE="2",
+            LLM_REQUEST_TIMEOUT=str(max(30, s.fan_latency_s * 10)),
+        )
+        await llm.ready()
+        ctx.profiler.attach(llm, "fanout-llm")
+        meter = CpuMeter(_pids(stack, [llm])).start()
+        async with _rss_peaks([llm]) as peaks:
+            complete = await watch.wait_for(s.fan_messages, s.timeout_s)
+        meter.stop()
+        await ctx.profiler.detach()
+        ctx.note_loaded(llm, peaks[llm.pid], f"fan-out ({s.fan_messages} in flight)")
+        stats = await ctx.fakes.stats()
+    finally:
+        await watch.stop()
+        await stack.stop()
+    first = stats["model_first_at"] or 0.0
+    last = max(watch.times) if watch.times else first
+    span = last - first
+    done = len(watch.times)
+    return {
+        "messages": s.fan_messages,
+        "outcomes": done,
+        "complete": complete,
+        "model_latency_s": s.fan_latency_s,
+        "concurrency": s.fan_concurrency,
+        "span_s": span,
+        "rate": done / span if span > 0 else 0.0,
+        "ideal_rate": s.fan_messages / (s.fan_latency_s * -(-s.fan_messages // s.fan_concurrency)),
+        "peak_in_flight": stats["model_peak_in_flight"],
+        "queued": queued,
+        "thread_pool_ceiling": 8 / s.fan_latency_s,
+        "cpu_us": meter.per(done),
+    }
+
+
+# ---------------------------------------------------------------- 5: scaling
+
+
+async def scaling(ctx: Context) -> dict[str, Any]:
+    """1, 2, 4 llm replicas with a fixed LLM_MAX_CONCURRENCY each: throughput ratio."""
+    s = ctx.sizes
+    per_replica = s.scale_cap / s.scale_latency_s
+    runs: dict[int, dict[str, Any]] = {}
+    for replicas in s.scale_replicas:
+        await ctx.fakes.reset(model_latency=s.scale_latency_s)
+        stack = ctx.stack(f"scaling-{replicas}")
+        await stack.start_nats()
+        watch = OutcomeWatch()
+        try:
+            gw = stack.start("gateway")
+            llms = [
+                stack.start("llm", LLM_MAX_CONCURRENCY=str(s.scale_cap), LLM_SHUTDOWN_GRACE="1")
+                for _ in range(replicas)
+            ]
+            await _ready(gw, *llms)
+            await watch.start(stack.nats.url)
+            lead = s.scale_latency_s + 1.0
+            count = int(replicas * per_replica * (lead + s.scale_window_s + 1.0) * 1.3)
+            started = time.time()
+            await run_loadgen(
+                _spec(ctx, mode="burst", url=stack.callback_url(gw), count=count,
+                      connections=16, users=count, user_prefix=f"scale{replicas}-",
+                      prefix="s"),
+                stack.workdir / "loadgen.log",
+            )  # fmt: skip
+            window_start = started + lead
+            await asyncio.sleep(max(0.0, window_start + s.scale_window_s - time.time()))
+            done = watch.between(window_start, window_start + s.scale_window_s)
+            stats = await ctx.fakes.stats()
+        finally:
+            await watch.stop()
+            await stack.stop()
+        runs[replicas] = {
+            "rate": done / s.scale_window_s,
+            "ideal": replicas * per_replica,
+            "peak_in_flight": stats["model_peak_in_flight"],
+            "queued": count,
+        }
+    base = runs[s.scale_replicas[0]]["rate"] or 1.0
+    for run in runs.values():
+        run["ratio"] = run["rate"] / base
+    return {
+        "cap": s.scale_cap,
+        "latency_s": s.scale_latency_s,
+        "window_s": s.scale_window_s,
+        "runs": runs,
+    }
+
+
+# ---------------------------------------------------------------- 6: token economy
+
+
+async def tokens(ctx: Context) -> dict[str, Any]:
+    """gettoken calls for N sends across 3 sender replicas (and 2 token replicas)."""
+    s = ctx.sizes
+    await ctx.fakes.reset(model_latency=0.0)
+    stack = ctx.stack("tokens")
+    await stack.start_nats()
+    try:
+        toks = [stack.start("token") for _ in range(s.token_services)]
+        senders = [stack.start("sender") for _ in range(s.token_senders)]
+        await _ready(*toks, *senders)
+        for svc in (*toks, *senders):
+            ctx.note_idle(svc)
+        for i, svc in enumerate(senders):
+            ctx.profiler.attach(svc, f"tokens-sender-{i}")
+        meter = CpuMeter(_pids(stack, [*toks, *senders])).start()
+        async with _rss_peaks([*toks, *senders]) as peaks:
+            await _inject_outcomes(stack.nats.url, ctx.app.app, s.token_sends)
+            complete = await _wait_sent(ctx, s.token_sends, s.timeout_s)
+        meter.stop()
+        await ctx.profiler.detach()
+        for svc in (*toks, *senders):
+            ctx.note_loaded(svc, peaks[svc.pid], f"{s.token_sends} sends")
+        stats = await ctx.fakes.stats()
+    finally:
+        await stack.stop()
+    span = (stats["last_sent_at"] or 0.0) - (stats["first_sent_at"] or 0.0)
+    return {
+        "sends": stats["sent"],
+        "distinct": stats["distinct_sent"],
+        "complete": complete,
+        "senders": s.token_senders,
+        "token_services": s.token_services,
+        "gettoken_calls": stats["gettoken_calls"],
+        "send_rate": stats["sent"] / span if span > 0 else 0.0,
+        "cpu_us": meter.per(stats["sent"]),
+    }
+
+
+async def _inject_outcomes(url: str, app: str, count: int) -> None:
+    """Append ``count`` ReplyGenerated outcomes (distinct users) as the llm would."""
+    nc = await nats.connect(url)
+    try:
+        js = nc.jetstream(publish_async_max_pending=2000)
+        for i in range(count):
+            event = ReplyGenerated(
+                app=app, conversation=f"tok{i}", correlation_id=f"t{i}", text=f"t{i}"
+            )
+            await js.publish_async(
+                subject_for(event),
+                encode_event(event),
+                headers={"Nats-Msg-Id": f"outcome:{event.event_id}"},
+            )
+        await asyncio.wait_for(js.publish_async_completed(), 60)
+    finally:
+        await nc.close()
+
+
+SCENARIOS: dict[str, Callable[[Context], Any]] = {
+    "gateway": gateway,
+    "pipeline": pipeline,
+    "fanout": fanout,
+    "scaling": scaling,
+    "tokens": tokens,
+}
