@@ -34,6 +34,11 @@ _Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 class CountingModel(SimulatedOpenAIApi):
     """SimulatedOpenAIApi that counts requests in flight (and keeps no request bodies)."""
 
+    # A listen backlog for a thousand connections opened at once (aiohttp's default of
+    # 128 drops SYNs, and the clients' retries would be measured as model latency); a
+    # real provider sits behind load balancers that never make us wait like that.
+    backlog = 4096
+
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.reset_counters()
@@ -50,18 +55,6 @@ class CountingModel(SimulatedOpenAIApi):
         app = web.Application(middlewares=[self._count])
         app.add_routes(self.routes())
         return app
-
-    async def start(self) -> None:
-        # A listen backlog for a thousand connections opened at once (aiohttp's default
-        # of 128 drops SYNs, and the clients' retries would be measured as model latency);
-        # a real provider sits behind load balancers that never make us wait like that.
-        self._runner = web.AppRunner(self.app(), access_log=None, shutdown_timeout=1.0)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port, backlog=4096)
-        await site.start()
-        server = site._server
-        assert server is not None
-        self.port = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
 
     @web.middleware
     async def _count(self, request: web.Request, handler: _Handler) -> web.StreamResponse:

@@ -16,10 +16,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import signal
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +24,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 from tests.conftest import free_port
-from tests.e2e.test_dev import Output
+from tests.devprocess import DevProcess, Output
 
 if TYPE_CHECKING:
     from playwright.sync_api import BrowserContext, Page
@@ -69,45 +65,27 @@ def _missing(reason: str) -> None:
 
 @dataclass
 class Dev:
-    proc: subprocess.Popen[str]
+    process: DevProcess
     out: Output
     url: str
 
 
 @pytest.fixture(scope="module")
 def dev(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dev]:
-    tmp = tmp_path_factory.mktemp("console")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("WECOM_", "OPENAI_", "NATS_"))}
-    env.update(
-        WECOMBOT_DATA_DIR=str(tmp / "data"),
+    process = DevProcess(
+        tmp_path_factory.mktemp("console"),
         GATEWAY_PORT=str(free_port()),
         WECOMBOT_CONSOLE_PORT=str(free_port()),
         WECOMBOT_HEALTH_PORT="0",
-        LOG_FORMAT="json",
     )
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "wecombot", "dev"],
-        cwd=tmp,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    out = Output(proc)
     try:
-        url = out.wait_for(r"console: (http://127\.0\.0\.1:\d+/)").group(1)
-        yield Dev(proc, out, url)
+        url = process.out.wait_for(r"console: (http://127\.0\.0\.1:\d+/)").group(1)
+        yield Dev(process, process.out, url)
     finally:
-        started = time.monotonic()
-        proc.send_signal(signal.SIGTERM)
-        try:
-            code = proc.wait(timeout=15)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
+        code, took = process.stop()
     # Open event streams must not hold up the shutdown.
-    assert code == 0, "".join(out.lines[-40:])
-    assert time.monotonic() - started < 10
+    assert code == 0, process.out.tail()
+    assert took < 10
 
 
 @pytest.fixture(scope="module")

@@ -8,12 +8,6 @@ within 10 s on SIGTERM.
 from __future__ import annotations
 
 import json
-import os
-import re
-import signal
-import subprocess
-import sys
-import threading
 import time
 from pathlib import Path
 
@@ -21,60 +15,16 @@ import httpx
 import pytest
 
 from tests.conftest import free_port
+from tests.devprocess import DevProcess
 from wecombot_common.sim.callbacks import CallbackBuilder
 
 pytestmark = pytest.mark.e2e
 
 
-class Output:
-    """Collects a child's output lines on a thread; waits for a pattern with a deadline."""
-
-    def __init__(self, proc: subprocess.Popen[str]) -> None:
-        self.lines: list[str] = []
-        self._cond = threading.Condition()
-        self._thread = threading.Thread(target=self._pump, args=(proc,), daemon=True)
-        self._thread.start()
-
-    def _pump(self, proc: subprocess.Popen[str]) -> None:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            with self._cond:
-                self.lines.append(line)
-                self._cond.notify_all()
-
-    def wait_for(self, pattern: str, timeout: float = 30.0) -> re.Match[str]:
-        regex = re.compile(pattern)
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while True:
-                for line in self.lines:
-                    if match := regex.search(line):
-                        return match
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    tail = "".join(self.lines[-40:])
-                    raise AssertionError(f"no line matching {pattern!r} in {timeout}s:\n{tail}")
-                self._cond.wait(remaining)
-
-
 def test_dev_runs_the_whole_system_with_no_settings(tmp_path: Path) -> None:
     gateway_port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("WECOM_", "OPENAI_", "NATS_"))}
-    env.update(
-        WECOMBOT_DATA_DIR=str(tmp_path / "data"),
-        GATEWAY_PORT=str(gateway_port),
-        WECOMBOT_HEALTH_PORT="0",
-        LOG_FORMAT="json",
-    )
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "wecombot", "dev"],
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    out = Output(proc)
+    dev = DevProcess(tmp_path, GATEWAY_PORT=str(gateway_port), WECOMBOT_HEALTH_PORT="0")
+    out = dev.out
     try:
         out.wait_for(r"SANDBOX MODE")
         out.wait_for(r"OFFLINE model")
@@ -106,13 +56,7 @@ def test_dev_runs_the_whole_system_with_no_settings(tmp_path: Path) -> None:
         assert response.text == ""
         out.wait_for(r"message/send → zhang\.san: .*hello from the sandbox", timeout=30)
     finally:
-        started = time.monotonic()
-        proc.send_signal(signal.SIGTERM)
-        try:
-            code = proc.wait(timeout=15)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-    assert time.monotonic() - started < 10
+        code, took = dev.stop()
+    assert took < 10
     assert code == 0
     out.wait_for(r"\[dev\]\s+stopped")

@@ -11,11 +11,11 @@ Shared by the simulators, the sandbox console and the health server::
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar, Self
 
 from aiohttp import web
 
-__all__ = ["LocalSite"]
+__all__ = ["LocalSite", "LoopbackServer"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,13 +25,19 @@ class LocalSite:
 
     @classmethod
     async def start(
-        cls, app: web.Application, host: str, port: int, **runner_options: Any
+        cls,
+        app: web.Application,
+        host: str,
+        port: int,
+        *,
+        backlog: int = 128,
+        **runner_options: Any,
     ) -> LocalSite:
         """Serve ``app`` (no access log); ``port`` 0 binds a free one, see ``.port``."""
         runner = web.AppRunner(app, access_log=None, **runner_options)
         await runner.setup()
         try:
-            await web.TCPSite(runner, host, port).start()
+            await web.TCPSite(runner, host, port, backlog=backlog).start()
         except BaseException:
             await runner.cleanup()
             raise
@@ -41,3 +47,41 @@ class LocalSite:
     async def stop(self) -> None:
         """Stop listening, let in-flight requests finish (``shutdown_timeout``), clean up."""
         await self.runner.cleanup()
+
+
+class LoopbackServer:
+    """Base of the small real servers that play external SaaS (WeCom's API, a model):
+    a subclass sets ``host``/``port`` and gives :meth:`routes`; this serves them."""
+
+    host: str
+    port: int
+    runner_options: ClassVar[dict[str, Any]] = {}
+    backlog: ClassVar[int] = 128
+    _site: LocalSite | None = None
+
+    def routes(self) -> list[web.RouteDef]:
+        raise NotImplementedError
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.add_routes(self.routes())
+        return app
+
+    async def start(self) -> None:
+        """Listen (``port`` 0: a free one, then ``port`` is the bound one)."""
+        self._site = await LocalSite.start(
+            self.app(), self.host, self.port, backlog=self.backlog, **self.runner_options
+        )
+        self.port = self._site.port
+
+    async def stop(self) -> None:
+        if self._site is not None:
+            await self._site.stop()
+            self._site = None
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()

@@ -32,11 +32,11 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from aiohttp import web
 
-from wecombot_common.http import LocalSite
+from wecombot_common.http import LoopbackServer
 
 __all__ = ["Fault", "RecordedRequest", "SimulatedOpenAIApi", "echo_reply"]
 
@@ -99,7 +99,13 @@ class _Faults:
     always: Fault | None = None
 
 
-class SimulatedOpenAIApi:
+class SimulatedOpenAIApi(LoopbackServer):
+    # handler_cancellation: a client that gives up (timeout, shutdown) ends its hang.
+    runner_options: ClassVar[dict[str, Any]] = {
+        "handler_cancellation": True,
+        "shutdown_timeout": 1.0,
+    }
+
     def __init__(
         self,
         *,
@@ -121,17 +127,11 @@ class SimulatedOpenAIApi:
         self._ids = itertools.count(1)
         self._arrived = asyncio.Condition()
         self._release = asyncio.Event()
-        self._site: LocalSite | None = None
 
     # ------------------------------------------------------------ lifecycle
     @property
     def base_url(self) -> str:
         return f"http://{self.host}:{self.port}/v1"
-
-    def app(self) -> web.Application:
-        app = web.Application()
-        app.add_routes(self.routes())
-        return app
 
     def routes(self) -> list[web.RouteDef]:
         return [
@@ -141,24 +141,11 @@ class SimulatedOpenAIApi:
 
     async def start(self) -> None:
         self._release = asyncio.Event()
-        # handler_cancellation: a client that gives up (timeout, shutdown) ends its hang.
-        self._site = await LocalSite.start(
-            self.app(), self.host, self.port, handler_cancellation=True, shutdown_timeout=1.0
-        )
-        self.port = self._site.port
+        await super().start()
 
     async def stop(self) -> None:
         self._release.set()  # end every hang
-        if self._site is not None:
-            await self._site.stop()
-            self._site = None
-
-    async def __aenter__(self) -> SimulatedOpenAIApi:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.stop()
+        await super().stop()
 
     # ------------------------------------------------------------ faults and records
     def fail_next(self, fault: Fault, *, times: int = 1) -> None:

@@ -42,7 +42,7 @@ from typing import Any
 
 from aiohttp import web
 
-from wecombot_common.http import LocalSite
+from wecombot_common.http import LoopbackServer
 
 __all__ = ["Hold", "SentMessage", "SimulatedWeComApi"]
 
@@ -133,7 +133,7 @@ class _Faults:
     down: bool = False
 
 
-class SimulatedWeComApi:
+class SimulatedWeComApi(LoopbackServer):
     def __init__(
         self,
         *,
@@ -162,32 +162,17 @@ class SimulatedWeComApi:
         self._subscribers: set[asyncio.Queue[SentMessage]] = set()
         self._send_holds: list[Hold] = []
         self._gettoken_holds: list[Hold] = []
-        self._site: LocalSite | None = None
 
     # ------------------------------------------------------------ lifecycle
     @property
     def base_url(self) -> str:
         return f"http://{self.host}:{self.port}"
 
-    def app(self) -> web.Application:
-        app = web.Application()
-        app.add_routes(self.routes())
-        return app
-
     def routes(self) -> list[web.RouteDef]:
         return [
             web.get("/cgi-bin/gettoken", self._gettoken),
             web.post("/cgi-bin/message/send", self._send),
         ]
-
-    async def start(self) -> None:
-        self._site = await LocalSite.start(self.app(), self.host, self.port)
-        self.port = self._site.port
-
-    async def stop(self) -> None:
-        if self._site is not None:
-            await self._site.stop()
-            self._site = None
 
     # ------------------------------------------------------------ fault injection
     def fail_gettoken(self, errcode: int, *, times: int = 1) -> None:

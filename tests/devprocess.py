@@ -1,0 +1,84 @@
+"""`wecombot dev` as a child process, for the tests that drive it as a user would
+(tests/e2e/test_dev.py, tests/browser): a bare environment, its output collected, and a
+SIGTERM stop that reports how long it took."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+__all__ = ["DevProcess", "Output"]
+
+
+class Output:
+    """Collects a child's output lines on a thread; waits for a pattern with a deadline."""
+
+    def __init__(self, proc: subprocess.Popen[str]) -> None:
+        self.lines: list[str] = []
+        self._cond = threading.Condition()
+        self._thread = threading.Thread(target=self._pump, args=(proc,), daemon=True)
+        self._thread.start()
+
+    def _pump(self, proc: subprocess.Popen[str]) -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            with self._cond:
+                self.lines.append(line)
+                self._cond.notify_all()
+
+    def wait_for(self, pattern: str, timeout: float = 30.0) -> re.Match[str]:
+        regex = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                for line in self.lines:
+                    if match := regex.search(line):
+                        return match
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    tail = "".join(self.lines[-40:])
+                    raise AssertionError(f"no line matching {pattern!r} in {timeout}s:\n{tail}")
+                self._cond.wait(remaining)
+
+    def tail(self, n: int = 40) -> str:
+        with self._cond:
+            return "".join(self.lines[-n:])
+
+
+class DevProcess:
+    """``python -m wecombot dev`` in ``workdir`` with no WeCom, model or NATS settings
+    (so: sandbox mode, offline model, embedded nats-server) plus ``env``."""
+
+    def __init__(self, workdir: Path, **env: str) -> None:
+        base = {
+            k: v for k, v in os.environ.items() if not k.startswith(("WECOM_", "OPENAI_", "NATS_"))
+        }
+        base.update(WECOMBOT_DATA_DIR=str(workdir / "data"), LOG_FORMAT="json", **env)
+        self.data_dir = workdir / "data"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "wecombot", "dev"],
+            cwd=workdir,
+            env=base,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        self.out = Output(self.proc)
+
+    def stop(self, timeout: float = 15.0) -> tuple[int, float]:
+        """SIGTERM (as Ctrl-C or Kubernetes would); the exit code and seconds it took.
+        Killed after ``timeout`` if it hangs (and then the code is the kill's)."""
+        started = time.monotonic()
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            code = self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            code = self.proc.wait()
+        return code, time.monotonic() - started
