@@ -53,7 +53,7 @@ class Sizes:
     # 4. llm fan-out: queued messages, slow model, one replica
     fan_messages: int = 2000
     fan_latency_s: float = 2.0
-    fan_concurrency: int = 1000
+    fan_concurrency: int = 560
     # 5. scaling llm replicas, each capped
     scale_replicas: tuple[int, ...] = (1, 2, 4)
     scale_cap: int = 16
