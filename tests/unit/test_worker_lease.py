@@ -47,3 +47,15 @@ def test_a_late_renewal_still_counts_the_gap(clock: Clock) -> None:
     clock.now += 2.5  # the process stalled; the heartbeat comes too late
     lease.renew()
     assert lease.lapsed
+
+
+def test_a_reconnection_while_held_lapses_the_lease() -> None:
+    """A restarted broker redelivers at once what has been pending past ack_wait, however
+    recent the last heartbeat: any reconnection while a delivery is held lapses it."""
+    reconnects = {"n": 3}
+    lease = Lease(30.0, reconnects=lambda: reconnects["n"])
+    lease.renew()
+    assert not lease.lapsed
+    reconnects["n"] = 4
+    lease.renew()
+    assert lease.lapsed

@@ -72,14 +72,22 @@ class DeadLetter:
 class Lease:
     """How long this process has held a delivery without telling the broker. Past
     ``LAPSE_FRACTION`` of ack_wait (heartbeats go every third), the broker may have given
-    the message to another consumer, which is then working on it too."""
+    the message to another consumer, which is then working on it too.
+
+    A reconnection while the delivery is held lapses it as well: a restarted broker
+    forgets the ``in_progress()`` extensions and redelivers what has been pending longer
+    than ack_wait at once, however recent our last heartbeat (seen in the chaos suite).
+    ``reconnects`` counts the client's reconnections (nats-py's ``stats``).
+    """
 
     LAPSE_FRACTION = 2 / 3
 
-    def __init__(self, ack_wait_s: float) -> None:
+    def __init__(self, ack_wait_s: float, reconnects: Callable[[], int] | None = None) -> None:
         self._limit = ack_wait_s * self.LAPSE_FRACTION
         self._renewed = time.monotonic()
         self._lapsed = False
+        self._reconnects = reconnects
+        self._reconnects_at_start = reconnects() if reconnects is not None else 0
 
     def renew(self) -> None:
         self._check()
@@ -91,7 +99,11 @@ class Lease:
         return self._lapsed
 
     def _check(self) -> None:
-        if time.monotonic() - self._renewed >= self._limit:
+        overdue = time.monotonic() - self._renewed >= self._limit
+        reconnected = (
+            self._reconnects is not None and self._reconnects() != self._reconnects_at_start
+        )
+        if overdue or reconnected:
             self._lapsed = True
 
 
@@ -123,6 +135,14 @@ class Delivery:
 
 
 Handler = Callable[[Delivery], Awaitable[Outcome]]
+
+
+def _reconnect_counter(msg: Msg) -> Callable[[], int] | None:
+    """How many times the client that received ``msg`` has reconnected, as a function."""
+    stats = getattr(getattr(msg, "_client", None), "stats", None)
+    if not isinstance(stats, dict) or "reconnects" not in stats:
+        return None
+    return lambda: int(stats["reconnects"])
 
 
 def backoff_delay(attempt: int, *, base: float = 0.5, cap: float = 30.0) -> float:
@@ -309,7 +329,7 @@ class PullWorker:
             num_delivered=meta.num_delivered,
             subject=msg.subject,
             msg=msg,
-            lease=Lease(self._config.ack_wait or 30.0),
+            lease=Lease(self._config.ack_wait or 30.0, reconnects=_reconnect_counter(msg)),
         )
 
     @contextlib.asynccontextmanager
