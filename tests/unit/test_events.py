@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import uuid
+
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from wecombot_common.events import (
     ConversationReset,
@@ -86,3 +90,10 @@ def test_events_are_frozen() -> None:
 def test_derived_ids_are_deterministic_and_distinct() -> None:
     assert derived_id("a", "outcome") == derived_id("a", "outcome")
     assert derived_id("a", "outcome") != derived_id("b", "outcome")
+
+
+@given(st.lists(st.text(), min_size=1, max_size=4))
+def test_derived_ids_are_uuid5_of_the_joined_parts(parts: list[str]) -> None:
+    # Ids already in event logs were made by uuid.uuid5: the fast path must not change one.
+    namespace = uuid.UUID("6f0b9d4e-5c1a-4a7e-9a55-2f4f7f6f2b10")
+    assert derived_id(*parts) == str(uuid.uuid5(namespace, "/".join(parts)))

@@ -35,6 +35,7 @@ answer, each with a ``text`` the sender delivers.
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from datetime import UTC, datetime
 from typing import Literal
@@ -71,6 +72,7 @@ __all__ = [
 ]
 
 _NAMESPACE = uuid.UUID("6f0b9d4e-5c1a-4a7e-9a55-2f4f7f6f2b10")
+_NAMESPACE_BYTES = _NAMESPACE.bytes
 
 
 def new_id() -> str:
@@ -84,7 +86,14 @@ def derived_id(*parts: str) -> str:
     >>> derived_id("abc", "outcome") == derived_id("abc", "outcome")
     True
     """
-    return str(uuid.uuid5(_NAMESPACE, "/".join(parts)))
+    # uuid.uuid5 byte for byte (RFC 4122 §4.3: SHA-1, version 5, RFC variant), at a
+    # third of its cost: it runs on every callback. tests/unit/test_events.py compares.
+    name = _NAMESPACE_BYTES + "/".join(parts).encode()
+    digest = bytearray(hashlib.sha1(name, usedforsecurity=False).digest())
+    digest[6] = (digest[6] & 0x0F) | 0x50
+    digest[8] = (digest[8] & 0x3F) | 0x80
+    h = digest[:16].hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 def utcnow() -> datetime:
