@@ -65,8 +65,9 @@ async def run_gateway(settings: GatewaySettings, stop: asyncio.Event) -> None:
             if connected is not None:
                 nc, _ = connected
                 js = nc.jetstream()
+                appender = await bus.PipelinedAppender.start(nc)
                 pending.attach(
-                    JetStreamPublisher(js, timeout_s=settings.publish_timeout_s),
+                    JetStreamPublisher(appender, timeout_s=settings.publish_timeout_s),
                     jetstream_ready(nc, js),
                 )
                 log.info("gateway.ready")

@@ -1,24 +1,20 @@
 """The gateway's one outbound port: append a received message to the event log.
 
->>> publisher = JetStreamPublisher(js, timeout_s=2.0)                  # doctest: +SKIP
+>>> appender = await PipelinedAppender.start(nc)                        # doctest: +SKIP
+>>> publisher = JetStreamPublisher(appender, timeout_s=2.0)             # doctest: +SKIP
 >>> await publisher.append(message, msg_id="ww1-2:4561255354251345929")  # doctest: +SKIP
 Appended(seq=1, duplicate=False)
 """
 
 from __future__ import annotations
 
-import asyncio
 from typing import Protocol
 
-from nats.js import JetStreamContext
-
-from wecombot_common.bus import Appended, AppendUnavailable, append_event
+from wecombot_common.bus import Appended, AppendUnavailable, PipelinedAppender
 from wecombot_common.events import MessageReceived
 from wecombot_common.runtime import Check, DeferredCheck
 
 __all__ = ["JetStreamPublisher", "Pending", "Publisher"]
-
-_MARGIN_S = 0.25
 
 
 class Publisher(Protocol):
@@ -35,22 +31,18 @@ class Publisher(Protocol):
 class JetStreamPublisher:
     """Publisher over JetStream: ``Nats-Msg-Id`` dedupe, awaits the PubAck."""
 
-    __slots__ = ("_js", "_timeout_s")
+    __slots__ = ("_appender", "_timeout_s")
 
-    def __init__(self, js: JetStreamContext, *, timeout_s: float) -> None:
-        self._js = js
+    def __init__(self, appender: PipelinedAppender, *, timeout_s: float) -> None:
+        self._appender = appender
         self._timeout_s = timeout_s
 
     async def append(self, event: MessageReceived, *, msg_id: str) -> Appended:
         # nats-py buffers publishes while it reconnects, so the PubAck deadline, not the
-        # connection state, decides between 200 and 503 (shared/nats/FACTS.md). The outer
-        # deadline also bounds any wait before the request is even sent (a full reconnect
-        # buffer is flushed first), so WeCom (5 s) hears 503 in time and retries.
-        try:
-            async with asyncio.timeout(self._timeout_s + _MARGIN_S):
-                return await append_event(self._js, event, msg_id=msg_id, timeout=self._timeout_s)
-        except TimeoutError:
-            raise AppendUnavailable(f"no PubAck within {self._timeout_s:g}s") from None
+        # connection state, decides between 200 and 503 (shared/nats/FACTS.md). The
+        # deadline covers the publish too (a full reconnect buffer is flushed first), so
+        # WeCom (5 s) hears 503 in time and retries.
+        return await self._appender.append(event, msg_id=msg_id, timeout=self._timeout_s)
 
 
 class Pending:
