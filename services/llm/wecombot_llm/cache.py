@@ -40,16 +40,21 @@ class Entry:
         # An outcome computed but not appended (the broker was away): reused by a
         # redelivery while the llm branch is still at the recorded seq.
         self.prepared: dict[str, tuple[int, Outcome]] = {}
-        self._changed = asyncio.Event()
+        # Made when someone waits: most entries never have a waiter, and an Event costs
+        # ~0.7 KB (its deque), per cached conversation and per message in flight.
+        self._changed: asyncio.Event | None = None
 
     @property
     def changed(self) -> asyncio.Event:
         """An event set at the next change; take it before waiting, under the lock."""
+        if self._changed is None:
+            self._changed = asyncio.Event()
         return self._changed
 
     def notify(self) -> None:
-        self._changed.set()
-        self._changed = asyncio.Event()
+        if self._changed is not None:
+            self._changed.set()
+            self._changed = None
 
     @property
     def busy(self) -> bool:
