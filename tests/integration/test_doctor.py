@@ -62,12 +62,8 @@ def wecom_env(api_base: str = "http://127.0.0.1:9", **extra: str) -> dict[str, s
 
 @pytest.fixture
 async def wecom() -> AsyncIterator[SimulatedWeComApi]:
-    api = SimulatedWeComApi(corp_id=CORP, secret=SECRET, agent_id=AGENT)
-    await api.start()
-    try:
+    async with SimulatedWeComApi(corp_id=CORP, secret=SECRET, agent_id=AGENT) as api:
         yield api
-    finally:
-        await api.stop()
 
 
 @pytest.fixture

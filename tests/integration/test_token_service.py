@@ -47,12 +47,8 @@ APP = f"{CORP_ID}-{AGENT_ID}"
 
 @pytest.fixture
 async def sim() -> AsyncIterator[SimulatedWeComApi]:
-    api = SimulatedWeComApi(corp_id=CORP_ID, secret=SECRET, agent_id=AGENT_ID)
-    await api.start()
-    try:
+    async with SimulatedWeComApi(corp_id=CORP_ID, secret=SECRET, agent_id=AGENT_ID) as api:
         yield api
-    finally:
-        await api.stop()
 
 
 class Instance:

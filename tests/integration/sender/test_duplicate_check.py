@@ -7,61 +7,25 @@ answer to a dropped duplicate assumed (errcode 0, no msgid; see sim/wecom_api.py
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import AsyncIterator
-
 import httpx
-import nats
 import pytest
 from nats.js import JetStreamContext
 
-from tests.conftest import NatsHandle
-from tests.integration.test_sender_service import APP, CORP, LONG, SECRET, Log, System
+from tests.integration.sender.harness import AGENT, APP, CORP, LONG, SECRET, System
 from wecombot_common import topology
-from wecombot_common.bus import append_event, ensure_topology
 from wecombot_common.events import (
     DeliveryFailed,
-    PartDelivered,
     ReplyDelivered,
     ReplyGenerated,
     decode_event,
-    derived_id,
 )
-from wecombot_common.settings import EnvReader, NatsSettings, Secret, WeComApiSettings
+from wecombot_common.settings import Secret, WeComApiSettings
 from wecombot_common.sim.wecom_api import SimulatedWeComApi
 from wecombot_common.topology import ConversationRef
 from wecombot_sender.split import split_text
 from wecombot_sender.wecom import HttpMessageApi
 
 pytestmark = pytest.mark.integration
-
-AGENT = 1000002
-
-
-@pytest.fixture
-async def sim() -> AsyncIterator[SimulatedWeComApi]:
-    api = SimulatedWeComApi(corp_id=CORP, secret=SECRET, agent_id=AGENT)
-    await api.start()
-    try:
-        yield api
-    finally:
-        await api.stop()
-
-
-@pytest.fixture
-async def system(nats_server: NatsHandle, sim: SimulatedWeComApi) -> AsyncIterator[System]:
-    nc = await nats.connect(nats_server.url)
-    js = nc.jetstream()
-    await ensure_topology(js, NatsSettings.read(EnvReader({})))
-    log = Log()
-    await log.start(nc)
-    system = System(nc=nc, js=js, sim=sim, log=log, url=nats_server.url)
-    try:
-        yield system
-    finally:
-        with contextlib.suppress(Exception):
-            await system.shutdown()
-        await nc.close()
 
 
 async def _token(sim: SimulatedWeComApi) -> str:
@@ -120,25 +84,8 @@ async def test_a_part_accepted_but_not_recorded_is_not_sent_again(system: System
     assert len(parts) >= 3
     user = "crash.window"
     reply = await system.reply(user, LONG)
-    conv = ConversationRef(APP, user)
     # A sender recorded part 0, had part 1 accepted by WeCom, and died before recording it.
-    await append_event(
-        system.js,
-        PartDelivered(
-            event_id=derived_id(reply.event_id, "part", "0"),
-            app=APP,
-            conversation=user,
-            causation_id=reply.event_id,
-            correlation_id=reply.correlation_id,
-            reply_id=reply.event_id,
-            index=0,
-            total=len(parts),
-            wecom_msgid="msgid-0",
-        ),
-        msg_id=f"part:{reply.event_id}:0",
-        expect_last_seq=0,
-        expect_scope=conv.sender_branch,
-    )
+    await system.record_first_part(reply, len(parts), "msgid-0")
     api = HttpMessageApi(
         WeComApiSettings(CORP, AGENT, Secret(""), system.sim.base_url), timeout_s=2
     )
