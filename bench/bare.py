@@ -5,28 +5,112 @@ gateway (``--loop``), so the ratio gateway / bare is the cost of verify + decryp
 + JetStream publish-ack, not of HTTP::
 
     python -m bench.bare --port 8090 --loop uvloop
+
+``--work`` adds one part of the gateway's work to the bare handler, so scenario 1 can
+show where the gateway's CPU goes, measured in the same run and the same process shape:
+
+- ``append``: append one ``MessageReceived`` (a fresh ``Nats-Msg-Id`` each time) through
+  the gateway's ``PipelinedAppender``, await the PubAck (NATS from ``NATS_URL``);
+- ``open``: what the gateway does before the append, with its own code: the query, the
+  body guards, ``CallbackOpener.message`` (signature, replay window, AES, both XML
+  documents, the event) and the dedupe key (settings from the ``WECOM_*`` environment).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
+import os
+import time
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 
-from aiohttp import web
+from aiohttp import hdrs, web
+
+Work = Callable[[web.Request], Awaitable[None]]
 
 
-async def _receive(request: web.Request) -> web.Response:
+async def _read(request: web.Request) -> None:
     await request.read()
-    return web.Response()
+
+
+async def _append_work() -> Work:
+    from wecombot_common import bus
+    from wecombot_common.events import MessageReceived, TextPayload
+    from wecombot_common.settings import EnvReader, NatsSettings
+
+    settings = NatsSettings.read(EnvReader(os.environ))
+    nc = await bus.connect(settings, "wecombot-bench-bare")
+    await bus.ensure_topology(nc.jetstream(), settings)
+    appender = await bus.PipelinedAppender.start(nc)
+    keys = itertools.count()
+    event = MessageReceived(
+        app="ww-bench",
+        conversation="bench.user",
+        correlation_id="1",
+        occurred_at=datetime.now(UTC),
+        msg_type="text",
+        msg_id="1",
+        from_user="bench.user",
+        to_user="ww-bench",
+        agent_id=1,
+        create_time=int(time.time()),
+        payload=TextPayload(content="你好，请帮我写一个周报的提纲"),
+    )
+
+    async def work(request: web.Request) -> None:
+        await request.read()
+        await appender.append(event, msg_id=f"bare:{next(keys)}", timeout=2.0)
+
+    return work
+
+
+def _open_work() -> Work:
+    from wecombot_common.crypto import WeComCrypto
+    from wecombot_gateway.body import check_content_type, check_declared_length, read_limited
+    from wecombot_gateway.callback import CallbackOpener, CallbackQuery
+    from wecombot_gateway.parse import dedupe_key
+    from wecombot_gateway.settings import GatewaySettings
+
+    settings = GatewaySettings.from_env(os.environ)
+    wecom = settings.wecom
+    crypto = WeComCrypto(
+        wecom.token.reveal(), wecom.encoding_aes_key.reveal(), receive_id=wecom.corp_id
+    )
+    opener = CallbackOpener(
+        crypto, corp_id=wecom.corp_id, app=settings.app, window_s=settings.timestamp_window_s
+    )
+    limit = settings.max_body_bytes
+
+    async def work(request: web.Request) -> None:
+        query = CallbackQuery.parse(request.query, url_check=False)
+        check_content_type(request.headers.get(hdrs.CONTENT_TYPE))
+        check_declared_length(request.content_length, limit)
+        body = await read_limited(request.content, limit)
+        dedupe_key(opener.message(query, body, now=time.time()))
+
+    return work
 
 
 async def _healthz(_: web.Request) -> web.Response:
     return web.Response(text="ok")
 
 
-async def serve(port: int, path: str) -> None:
+async def serve(port: int, path: str, work_name: str) -> None:
+    if work_name == "append":
+        work = await _append_work()
+    elif work_name == "open":
+        work = _open_work()
+    else:
+        work = _read
+
+    async def receive(request: web.Request) -> web.Response:
+        await work(request)
+        return web.Response()
+
     app = web.Application()
-    app.router.add_post(path, _receive)
+    app.router.add_post(path, receive)
     app.router.add_get("/healthz", _healthz)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
@@ -39,13 +123,15 @@ def main() -> None:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--path", default="/wecom/callback")
     parser.add_argument("--loop", choices=("asyncio", "uvloop"), default="asyncio")
+    parser.add_argument("--work", choices=("none", "append", "open"), default="none")
     args = parser.parse_args()
+    coro = serve(args.port, args.path, args.work)
     if args.loop == "uvloop":
         import uvloop
 
-        uvloop.run(serve(args.port, args.path))
+        uvloop.run(coro)
     else:
-        asyncio.run(serve(args.port, args.path))
+        asyncio.run(coro)
 
 
 if __name__ == "__main__":

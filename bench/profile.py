@@ -46,7 +46,7 @@ def load(path: Path) -> list[tuple[list[str], int]]:
 CATEGORIES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("crypto: signature + AES-CBC", ("WeComCrypto.",)),
     ("XML parsing + the event", ("parse_envelope", "parse_message")),
-    ("JetStream append + PubAck", ("append_event", "_dead_letter")),
+    ("JetStream append + PubAck", ("append_event", "PipelinedAppender.", "_dead_letter")),
     ("conversation reads (direct get)", ("read_conversation",)),
     ("model call (httpx)", ("OpenAIChatModel.",)),
     ("message/send (httpx)", ("HttpMessageApi.",)),

@@ -146,6 +146,8 @@ def cpu_table(results: dict[str, Any]) -> list[str]:
     gw = results.get("gateway")
     if gw and gw["throughput"].get("cpu_us"):
         rows.append(("1. per callback (closed loop)", gw["throughput"]["cpu_us"]))
+    if gw and gw["throughput"].get("steps_cpu_us"):
+        rows.append(("1. the gateway's work, part by part", gw["throughput"]["steps_cpu_us"]))
     pipe = results.get("pipeline")
     if pipe and pipe.get("cpu_us"):
         rows.append(("3. per message, whole pipeline", pipe["cpu_us"]))

@@ -194,30 +194,20 @@ async def gateway(ctx: Context) -> dict[str, Any]:
     await stack.start_nats()
     try:
         gw = stack.start("gateway")
-        bare_port = free_port()
-        bare = Service(
-            "bare",
-            ["-m", "bench.bare", "--port", str(bare_port), "--loop", ctx.loop],
-            stack.env(),
-            stack.workdir / "bare.log",
-            f"http://127.0.0.1:{bare_port}/healthz",
+        bare, with_append, with_open = (
+            _bare(ctx, stack, work) for work in ("none", "append", "open")
         )
-        stack.services.append(bare)
-        await _ready(gw, bare)
+        await _ready(gw, bare.service, with_append.service, with_open.service)
         ctx.note_idle(gw)
         ctx.profiler.attach(gw, "gateway")
-        meter = CpuMeter(_pids(stack, [gw, bare])).start()
+        meter = CpuMeter(_pids(stack, [gw, bare.service])).start()
         async with _rss_peaks([gw]) as peaks:
             closed = await run_loadgen(
                 _spec(
                     ctx,
                     mode="closed",
                     targets=[
-                        {
-                            "name": "bare",
-                            "url": f"http://127.0.0.1:{bare_port}/wecom/callback",
-                            "prebuild": min(s.gw_prebuild, 20_000),
-                        },
+                        {"name": "bare", "url": bare.url, "prebuild": min(s.gw_prebuild, 20_000)},
                         {"name": "gateway", "url": stack.callback_url(gw)},
                     ],
                     connections=s.gw_connections,
@@ -230,6 +220,7 @@ async def gateway(ctx: Context) -> dict[str, Any]:
                 stack.workdir / "loadgen.log",
             )
             meter.stop()
+            steps = await _steps(ctx, stack, [with_append, with_open])
             await asyncio.sleep(1.0)
             latency = await run_loadgen(
                 _spec(
@@ -254,6 +245,7 @@ async def gateway(ctx: Context) -> dict[str, Any]:
         "nats-server": round(1e6 * meter.used["nats-server"] / sent["gateway"], 1),
         "bare": round(1e6 * meter.used["bare"] / sent["bare"], 1),
     }
+    steps["gateway (all of it)"] = cpu_us["gateway"]
     bare_rates = [r["rate"] for r in closed["rounds"]["bare"]]
     gw_rates = [r["rate"] for r in closed["rounds"]["gateway"]]
     bare_rate = statistics.median(bare_rates)
@@ -274,9 +266,66 @@ async def gateway(ctx: Context) -> dict[str, Any]:
             },
             "wrapped": closed["wrapped"],
             "cpu_us": cpu_us,
+            "steps_cpu_us": {"bare": cpu_us["bare"], **steps},
         },
         "latency": latency,
     }
+
+
+@dataclass(frozen=True)
+class _Bare:
+    service: Service
+    url: str
+
+    @property
+    def name(self) -> str:
+        return self.service.name
+
+    @property
+    def pid(self) -> int:
+        return self.service.pid
+
+
+def _bare(ctx: Context, stack: Stack, work: str) -> _Bare:
+    """bench/bare.py, alone (``none``) or with one part of the gateway's work."""
+    port = free_port()
+    name = "bare" if work == "none" else f"bare+{work}"
+    service = Service(
+        name,
+        ["-m", "bench.bare", "--port", str(port), "--loop", ctx.loop, "--work", work],
+        stack.env(),
+        stack.workdir / f"{name}.log",
+        f"http://127.0.0.1:{port}/healthz",
+    )
+    stack.services.append(service)
+    return _Bare(service, f"http://127.0.0.1:{port}/wecom/callback")
+
+
+async def _steps(ctx: Context, stack: Stack, servers: list[_Bare]) -> dict[str, float]:
+    """CPU µs per request of the bare handler doing one part of the gateway's work each
+    (one closed-loop round each, the same load as the side-by-side rounds)."""
+    s = ctx.sizes
+    meter = CpuMeter({srv.name: srv.pid for srv in servers}).start()
+    result = await run_loadgen(
+        _spec(
+            ctx,
+            mode="closed",
+            targets=[{"name": srv.name, "url": srv.url} for srv in servers],
+            connections=s.gw_connections,
+            warmup=s.gw_warmup_s,
+            duration=s.gw_duration_s,
+            rounds=1,
+            prebuild=min(s.gw_prebuild, 20_000),
+            users=1000,
+        ),
+        stack.workdir / "loadgen.log",
+    )
+    meter.stop()
+    rounds = {srv.name: result["rounds"][srv.name][0] for srv in servers}
+    for name, measured in rounds.items():
+        if set(measured["statuses"]) != {"200"}:  # the work failed: the figure would lie
+            raise RuntimeError(f"{name} answered {measured['statuses']}; see its log")
+    return {name: round(1e6 * meter.used[name] / r["sent"], 1) for name, r in rounds.items()}
 
 
 # ---------------------------------------------------------------- 3: pipeline
