@@ -11,6 +11,8 @@ show where the gateway's CPU goes, measured in the same run and the same process
 
 - ``append``: append one ``MessageReceived`` (a fresh ``Nats-Msg-Id`` each time) through
   the gateway's ``PipelinedAppender``, await the PubAck (NATS from ``NATS_URL``);
+- ``js-publish``: the same append through ``bus.append_event`` (nats-py's
+  ``js.publish``, a request per append), which the gateway used before;
 - ``open``: what the gateway does before the append, with its own code: the query, the
   body guards, ``CallbackOpener.message`` (signature, replay window, AES, both XML
   documents, the event) and the dedupe key (settings from the ``WECOM_*`` environment).
@@ -35,7 +37,7 @@ async def _read(request: web.Request) -> None:
     await request.read()
 
 
-async def _append_work() -> Work:
+async def _append_work(pipelined: bool) -> Work:
     from wecombot_common import bus
     from wecombot_common.events import MessageReceived, TextPayload
     from wecombot_common.settings import EnvReader, NatsSettings
@@ -43,6 +45,7 @@ async def _append_work() -> Work:
     settings = NatsSettings.read(EnvReader(os.environ))
     nc = await bus.connect(settings, "wecombot-bench-bare")
     await bus.ensure_topology(nc.jetstream(), settings)
+    js = nc.jetstream()
     appender = await bus.PipelinedAppender.start(nc)
     keys = itertools.count()
     event = MessageReceived(
@@ -61,7 +64,10 @@ async def _append_work() -> Work:
 
     async def work(request: web.Request) -> None:
         await request.read()
-        await appender.append(event, msg_id=f"bare:{next(keys)}", timeout=2.0)
+        if pipelined:
+            await appender.append(event, msg_id=f"bare:{next(keys)}", timeout=2.0)
+        else:
+            await bus.append_event(js, event, msg_id=f"bare:{next(keys)}", timeout=2.0)
 
     return work
 
@@ -98,8 +104,8 @@ async def _healthz(_: web.Request) -> web.Response:
 
 
 async def serve(port: int, path: str, work_name: str) -> None:
-    if work_name == "append":
-        work = await _append_work()
+    if work_name in ("append", "js-publish"):
+        work = await _append_work(pipelined=work_name == "append")
     elif work_name == "open":
         work = _open_work()
     else:
@@ -123,7 +129,7 @@ def main() -> None:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--path", default="/wecom/callback")
     parser.add_argument("--loop", choices=("asyncio", "uvloop"), default="asyncio")
-    parser.add_argument("--work", choices=("none", "append", "open"), default="none")
+    parser.add_argument("--work", choices=("none", "append", "js-publish", "open"), default="none")
     args = parser.parse_args()
     coro = serve(args.port, args.path, args.work)
     if args.loop == "uvloop":

@@ -194,10 +194,10 @@ async def gateway(ctx: Context) -> dict[str, Any]:
     await stack.start_nats()
     try:
         gw = stack.start("gateway")
-        bare, with_append, with_open = (
-            _bare(ctx, stack, work) for work in ("none", "append", "open")
+        bare, *parts = (
+            _bare(ctx, stack, work) for work in ("none", "js-publish", "append", "open")
         )
-        await _ready(gw, bare.service, with_append.service, with_open.service)
+        await _ready(gw, bare.service, *(p.service for p in parts))
         ctx.note_idle(gw)
         ctx.profiler.attach(gw, "gateway")
         meter = CpuMeter(_pids(stack, [gw, bare.service])).start()
@@ -220,7 +220,7 @@ async def gateway(ctx: Context) -> dict[str, Any]:
                 stack.workdir / "loadgen.log",
             )
             meter.stop()
-            steps = await _steps(ctx, stack, [with_append, with_open])
+            steps = await _steps(ctx, stack, parts)
             await asyncio.sleep(1.0)
             latency = await run_loadgen(
                 _spec(
