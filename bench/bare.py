@@ -13,9 +13,10 @@ show where the gateway's CPU goes, measured in the same run and the same process
   the gateway's ``PipelinedAppender``, await the PubAck (NATS from ``NATS_URL``);
 - ``js-publish``: the same append through ``bus.append_event`` (nats-py's
   ``js.publish``, a request per append), which the gateway used before;
-- ``open``: what the gateway does before the append, with its own code: the query, the
-  body guards, ``CallbackOpener.message`` (signature, replay window, AES, both XML
-  documents, the event) and the dedupe key (settings from the ``WECOM_*`` environment).
+- ``open``: what the gateway does before the append, with its own code
+  (``CallbackReader``: the query, the body guards, signature, replay window, AES, both
+  XML documents, the event) and the dedupe key (settings from the ``WECOM_*``
+  environment).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 
-from aiohttp import hdrs, web
+from aiohttp import web
 
 Work = Callable[[web.Request], Awaitable[None]]
 
@@ -73,28 +74,14 @@ async def _append_work(pipelined: bool) -> Work:
 
 
 def _open_work() -> Work:
-    from wecombot_common.crypto import WeComCrypto
-    from wecombot_gateway.body import check_content_type, check_declared_length, read_limited
-    from wecombot_gateway.callback import CallbackOpener, CallbackQuery
+    from wecombot_gateway.app import CallbackReader
     from wecombot_gateway.parse import dedupe_key
     from wecombot_gateway.settings import GatewaySettings
 
-    settings = GatewaySettings.from_env(os.environ)
-    wecom = settings.wecom
-    crypto = WeComCrypto(
-        wecom.token.reveal(), wecom.encoding_aes_key.reveal(), receive_id=wecom.corp_id
-    )
-    opener = CallbackOpener(
-        crypto, corp_id=wecom.corp_id, app=settings.app, window_s=settings.timestamp_window_s
-    )
-    limit = settings.max_body_bytes
+    reader = CallbackReader(GatewaySettings.from_env(os.environ))
 
     async def work(request: web.Request) -> None:
-        query = CallbackQuery.parse(request.query, url_check=False)
-        check_content_type(request.headers.get(hdrs.CONTENT_TYPE))
-        check_declared_length(request.content_length, limit)
-        body = await read_limited(request.content, limit)
-        dedupe_key(opener.message(query, body, now=time.time()))
+        dedupe_key(await reader.read(request))
 
     return work
 

@@ -78,7 +78,7 @@ from .parse import dedupe_key
 from .publisher import Publisher
 from .settings import GatewaySettings
 
-__all__ = ["create_app", "status_for"]
+__all__ = ["CallbackReader", "create_app", "status_for"]
 
 log = structlog.get_logger(__name__)
 # A filtered structlog call still costs ≈ 4 µs (a bound logger is built per call); the
@@ -132,28 +132,50 @@ def create_app(
     return app
 
 
-class _CallbackHandlers:
-    __slots__ = ("_clock", "_max_body", "_opener", "_publisher")
+class CallbackReader:
+    """A POSTed callback up to its event: everything the gateway does before the append.
 
-    def __init__(
-        self, settings: GatewaySettings, publisher: Publisher, clock: Callable[[], float]
-    ) -> None:
+    Query shape, media type and size, the body, then :class:`CallbackOpener` (signature,
+    replay window, AES, both XML documents). Raises CallbackRejected or CryptoError.
+    ``bench/bare.py --work open`` measures exactly this.
+    """
+
+    __slots__ = ("_clock", "_max_body", "opener")
+
+    def __init__(self, settings: GatewaySettings, clock: Callable[[], float] = time.time) -> None:
         wecom = settings.wecom
         crypto = WeComCrypto(
             wecom.token.reveal(), wecom.encoding_aes_key.reveal(), receive_id=wecom.corp_id
         )
-        self._opener = CallbackOpener(
+        self.opener = CallbackOpener(
             crypto, corp_id=wecom.corp_id, app=settings.app, window_s=settings.timestamp_window_s
         )
-        self._publisher = publisher
         self._clock = clock
         self._max_body = settings.max_body_bytes
+
+    async def read(self, request: web.Request) -> MessageReceived:
+        query = CallbackQuery.parse(request.query, url_check=False)
+        check_content_type(request.headers.get(hdrs.CONTENT_TYPE))
+        check_declared_length(request.content_length, self._max_body)
+        body = await read_limited(request.content, self._max_body)
+        return self.opener.message(query, body, now=self._clock())
+
+
+class _CallbackHandlers:
+    __slots__ = ("_clock", "_publisher", "_reader")
+
+    def __init__(
+        self, settings: GatewaySettings, publisher: Publisher, clock: Callable[[], float]
+    ) -> None:
+        self._reader = CallbackReader(settings, clock)
+        self._publisher = publisher
+        self._clock = clock
 
     async def url_check(self, request: web.Request) -> web.Response:
         """GET: answer the decrypted echostr exactly (no quotes, BOM or newline)."""
         try:
             query = CallbackQuery.parse(request.query, url_check=True)
-            plaintext = self._opener.url_check(query, now=self._clock())
+            plaintext = self._reader.opener.url_check(query, now=self._clock())
         except (CallbackRejected, CryptoError) as exc:
             return _refuse(request, exc)
         except Exception:
@@ -165,11 +187,7 @@ class _CallbackHandlers:
         """POST: verify, decrypt, parse, append; 200 only once the log has it."""
         message: MessageReceived | None = None
         try:
-            query = CallbackQuery.parse(request.query, url_check=False)
-            check_content_type(request.headers.get(hdrs.CONTENT_TYPE))
-            check_declared_length(request.content_length, self._max_body)
-            body = await read_limited(request.content, self._max_body)
-            message = self._opener.message(query, body, now=self._clock())
+            message = await self._reader.read(request)
             appended = await self._publisher.append(message, msg_id=dedupe_key(message))
         except (CallbackRejected, CryptoError, AppendUnavailable) as exc:
             return _refuse(request, exc, message)
