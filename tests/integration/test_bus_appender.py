@@ -84,8 +84,10 @@ async def test_no_pub_ack_in_time_is_unavailable_and_close_fails_what_waits(
         await appender.append(reply("a", "x"), msg_id="k1", timeout=0.2)
     assert appender.in_flight == 0
     waiting = asyncio.create_task(appender.append(reply("a", "y"), msg_id="k2", timeout=30))
-    while appender.in_flight == 0:  # buffered by nats-py while it reconnects
-        await asyncio.sleep(0)
+    async with asyncio.timeout(5):  # published (buffered by nats-py while it reconnects)
+        while appender.in_flight == 0:
+            assert not waiting.done(), waiting
+            await asyncio.sleep(0)  # a condition polled under a deadline, not a delay
     await appender.close()
     with pytest.raises(AppendUnavailable, match="closed"):
         await waiting
