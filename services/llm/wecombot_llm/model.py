@@ -26,9 +26,11 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import aiohttp
 import httpx
 import msgspec
 import structlog
+from httpx_aiohttp import AiohttpTransport
 
 from wecombot_common.errors import PermanentError, TransientError, WecombotError
 from wecombot_common.logs import REDACTED, redact
@@ -120,8 +122,9 @@ class _Response(msgspec.Struct):
 
 
 _decode_response = msgspec.json.Decoder(_Response).decode
-_SHARD = 4  # connections per httpx pool (see OpenAIChatModel.__init__)
-_MAX_SHARDS = 256  # beyond 1,024 connections, pools grow instead (each costs ~1.7 ms to build)
+# Idle connections to the provider are closed after this (httpx's own default): a load
+# balancer that drops idle connections earlier costs one retried attempt.
+_KEEPALIVE_S = 5.0
 
 
 class _Retryable(Exception):
@@ -154,36 +157,25 @@ class OpenAIChatModel:
         self._params = {"api-version": settings.api_version} if settings.api_version else {}
         headers = {"api-key": key} if settings.api_version else {"Authorization": f"Bearer {key}"}
         timeout = settings.request_timeout_s
-        # httpcore's pool does work proportional to its connections (and to the idle ones
-        # squared) on every request and every response (encode/httpcore#1035): one pool of
-        # 1,000 connections cost ~23 ms of CPU per call and capped a replica at 36
-        # calls/s; pools of 4 cost ~1.1 ms (docs/benchmarks.md). A call takes the least
-        # busy pool. A test's transport gets a single pool.
-        shards = 1 if transport is not None else -(-settings.max_connections // _SHARD)
-        shards = min(shards, _MAX_SHARDS)
-        per_shard = -(-settings.max_connections // shards)
-        tls = httpx.create_ssl_context()  # one for all pools (each costs ~40 ms and memory)
-        self._clients = [
-            httpx.AsyncClient(
-                headers=headers,
-                verify=tls,
-                timeout=httpx.Timeout(
-                    connect=min(10.0, timeout),
-                    read=timeout,
-                    write=min(30.0, timeout),
-                    pool=timeout,
-                ),
-                limits=httpx.Limits(max_connections=per_shard, max_keepalive_connections=per_shard),
-                transport=transport,
-            )
-            for _ in range(shards)
-        ]
-        self._busy = [0] * shards
+        # httpx is the client; its wire is aiohttp's connection pool and C HTTP parser
+        # (httpx-aiohttp, the transport the openai SDK offers): half the CPU per call of
+        # httpcore + h11, and no per-request walk over the pool (encode/httpcore#1035),
+        # which capped a replica at 36 calls/s with 1,000 in flight (docs/benchmarks.md).
+        # HTTP(S)_PROXY / NO_PROXY from the environment apply, as with httpx's own pool.
+        self._client = httpx.AsyncClient(
+            headers=headers,
+            timeout=httpx.Timeout(
+                connect=min(10.0, timeout),
+                read=timeout,
+                write=min(30.0, timeout),
+                pool=timeout,
+            ),
+            transport=transport or _aiohttp_transport(settings.max_connections),
+        )
         self._rng = rng or random.Random()  # noqa: S311 (jitter, not security)
 
     async def aclose(self) -> None:
-        for client in self._clients:
-            await client.aclose()
+        await self._client.aclose()
 
     async def complete(self, messages: Sequence[ChatMessage]) -> Completion:
         body = self._body(messages)
@@ -219,11 +211,8 @@ class OpenAIChatModel:
         started = time.monotonic()
         try:
             response = await self._post(body)
-        except httpx.TimeoutException as exc:
-            raise _Retryable(f"timeout ({type(exc).__name__})") from exc
-        except httpx.TransportError as exc:
-            reason = self._clean(f"{type(exc).__name__}: {exc}")
-            raise _Retryable(f"connection error ({reason})") from exc
+        except (httpx.TransportError, aiohttp.ClientError) as exc:
+            raise _Retryable(self._clean(_transport_failure(exc))) from exc
         status = response.status_code
         log.debug(
             "model.response",
@@ -239,12 +228,7 @@ class OpenAIChatModel:
         raise ModelRejected(f"HTTP {status}: {detail}", attempts=attempt)
 
     async def _post(self, body: dict[str, Any]) -> httpx.Response:
-        shard = min(range(len(self._busy)), key=self._busy.__getitem__)
-        self._busy[shard] += 1
-        try:
-            return await self._clients[shard].post(self._url, json=body, params=self._params)
-        finally:
-            self._busy[shard] -= 1
+        return await self._client.post(self._url, json=body, params=self._params)
 
     def _clean(self, text: str) -> str:
         """Provider and transport texts end up in ReplyFailed.reason, a stored event that
@@ -268,6 +252,36 @@ class OpenAIChatModel:
             prompt_tokens=usage.prompt_tokens,
             completion_tokens=usage.completion_tokens,
         )
+
+
+def _aiohttp_transport(max_connections: int) -> httpx.AsyncBaseTransport:
+    """httpx's wire: one aiohttp pool of ``max_connections``, TLS verified as httpx does.
+
+    The session is built on the first request, inside the event loop that uses it.
+    """
+
+    def session() -> aiohttp.ClientSession:
+        connector = aiohttp.TCPConnector(
+            limit=max_connections,
+            ssl=httpx.create_ssl_context(),
+            keepalive_timeout=_KEEPALIVE_S,
+        )
+        return aiohttp.ClientSession(connector=connector, trust_env=True)
+
+    return AiohttpTransport(client=session)
+
+
+def _transport_failure(exc: Exception) -> str:
+    """``timeout (…)`` or ``connection error (…)``, named after what really failed.
+
+    The aiohttp transport re-raises aiohttp's errors as httpx's, not always as the same
+    kind (a server that hangs up becomes ``ConnectTimeout``), so the original decides.
+    """
+    cause = exc.__cause__ if isinstance(exc.__cause__, Exception) else exc
+    timed_out = isinstance(cause, httpx.TimeoutException | asyncio.TimeoutError)
+    text = str(cause)
+    what = f"{type(cause).__name__}: {text}" if text else type(cause).__name__
+    return f"{'timeout' if timed_out else 'connection error'} ({what})"
 
 
 def _error_detail(response: httpx.Response) -> str:
