@@ -52,6 +52,7 @@ from wecombot_llm.model import (
     ModelUnavailable,
     OfflineModel,
     OpenAIChatModel,
+    env_proxy,
 )
 from wecombot_llm.prompt import ChatMessage, Turn, build_prompt, estimate_tokens
 from wecombot_llm.retry import next_delay, parse_retry_after, retry_after_of
@@ -857,3 +858,44 @@ def test_settings_of_the_gate() -> None:
 def test_gate_settings_errors_name_the_variable(env: dict[str, str], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         LlmSettings.from_env(env)
+
+
+# ---------------------------------------------------------------- proxy from the environment
+
+_PROXY_VARS = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY")
+
+
+@pytest.fixture
+def proxy_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    for name in _PROXY_VARS:
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.lower(), raising=False)
+    return monkeypatch
+
+
+def test_env_proxy_follows_the_scheme_of_the_model_url(proxy_env: pytest.MonkeyPatch) -> None:
+    proxy_env.setenv("HTTPS_PROXY", "http://egress.corp:3128")
+    proxy_env.setenv("HTTP_PROXY", "http://plain.corp:3128")
+    https = env_proxy("https://api.openai.com/v1")
+    plain = env_proxy("http://vllm.internal:8000/v1")
+    assert https is not None and str(https.url) == "http://egress.corp:3128"
+    assert plain is not None and str(plain.url) == "http://plain.corp:3128"
+
+
+def test_env_proxy_falls_back_to_all_proxy_and_keeps_credentials_apart(
+    proxy_env: pytest.MonkeyPatch,
+) -> None:
+    proxy_env.setenv("ALL_PROXY", "http://user:pw@egress.corp:3128")
+    proxy = env_proxy("https://api.deepseek.com/v1")
+    assert proxy is not None and proxy.auth == ("user", "pw")
+    assert "pw" not in str(proxy.url)
+
+
+def test_no_proxy_and_no_setting_mean_a_direct_connection(
+    proxy_env: pytest.MonkeyPatch,
+) -> None:
+    assert env_proxy("https://api.openai.com/v1") is None
+    proxy_env.setenv("HTTPS_PROXY", "http://egress.corp:3128")
+    proxy_env.setenv("NO_PROXY", "localhost,.internal")
+    assert env_proxy("https://vllm.internal/v1") is None
+    assert env_proxy("https://api.openai.com/v1") is not None

@@ -21,10 +21,12 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+import urllib.request
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol
+from urllib.parse import urlsplit
 
 import aiohttp
 import httpx
@@ -47,6 +49,7 @@ __all__ = [
     "ModelUnavailable",
     "OfflineModel",
     "OpenAIChatModel",
+    "env_proxy",
     "open_model",
 ]
 
@@ -122,6 +125,9 @@ class _Response(msgspec.Struct):
 
 
 _decode_response = msgspec.json.Decoder(_Response).decode
+# The body as httpx's ``json=`` would send it (UTF-8, compact), at a fifth of the CPU.
+_encode_body = msgspec.json.Encoder().encode
+_JSON_BODY = {"Content-Type": "application/json"}
 # Idle connections to the provider are closed after this (httpx's own default): a load
 # balancer that drops idle connections earlier costs one retried attempt.
 _KEEPALIVE_S = 5.0
@@ -161,7 +167,9 @@ class OpenAIChatModel:
         # (httpx-aiohttp, the transport the openai SDK offers): half the CPU per call of
         # httpcore + h11, and no per-request walk over the pool (encode/httpcore#1035),
         # which capped a replica at 36 calls/s with 1,000 in flight (docs/benchmarks.md).
-        # HTTP(S)_PROXY / NO_PROXY from the environment apply, as with httpx's own pool.
+        # HTTP(S)_PROXY, ALL_PROXY and NO_PROXY from the environment apply, as with
+        # httpx's own pool (read once: aiohttp's trust_env re-reads them, and ~/.netrc, in
+        # a thread on every request, which was 60 % of a saturated replica's CPU).
         self._client = httpx.AsyncClient(
             headers=headers,
             timeout=httpx.Timeout(
@@ -170,7 +178,7 @@ class OpenAIChatModel:
                 write=min(30.0, timeout),
                 pool=timeout,
             ),
-            transport=transport or _aiohttp_transport(settings.max_connections),
+            transport=transport or _aiohttp_transport(settings),
         )
         self._rng = rng or random.Random()  # noqa: S311 (jitter, not security)
 
@@ -228,7 +236,9 @@ class OpenAIChatModel:
         raise ModelRejected(f"HTTP {status}: {detail}", attempts=attempt)
 
     async def _post(self, body: dict[str, Any]) -> httpx.Response:
-        return await self._client.post(self._url, json=body, params=self._params)
+        return await self._client.post(
+            self._url, content=_encode_body(body), headers=_JSON_BODY, params=self._params
+        )
 
     def _clean(self, text: str) -> str:
         """Provider and transport texts end up in ReplyFailed.reason, a stored event that
@@ -254,7 +264,7 @@ class OpenAIChatModel:
         )
 
 
-def _aiohttp_transport(max_connections: int) -> httpx.AsyncBaseTransport:
+def _aiohttp_transport(settings: ModelSettings) -> httpx.AsyncBaseTransport:
     """httpx's wire: one aiohttp pool of ``max_connections``, TLS verified as httpx does.
 
     The session is built on the first request, inside the event loop that uses it.
@@ -262,13 +272,25 @@ def _aiohttp_transport(max_connections: int) -> httpx.AsyncBaseTransport:
 
     def session() -> aiohttp.ClientSession:
         connector = aiohttp.TCPConnector(
-            limit=max_connections,
+            limit=settings.max_connections,
             ssl=httpx.create_ssl_context(),
             keepalive_timeout=_KEEPALIVE_S,
         )
-        return aiohttp.ClientSession(connector=connector, trust_env=True)
+        return aiohttp.ClientSession(connector=connector)
 
-    return AiohttpTransport(client=session)
+    return AiohttpTransport(client=session, proxy=env_proxy(settings.base_url))
+
+
+def env_proxy(url: str) -> httpx.Proxy | None:
+    """The proxy the environment names for ``url`` (``HTTPS_PROXY``/``HTTP_PROXY`` by
+    scheme, else ``ALL_PROXY``; none for a host in ``NO_PROXY``), as httpx would pick it.
+    """
+    parts = urlsplit(url)
+    proxies = urllib.request.getproxies_environment()
+    if "no" in proxies and urllib.request.proxy_bypass(parts.hostname or ""):
+        return None
+    proxy = proxies.get(parts.scheme) or proxies.get("all")
+    return httpx.Proxy(proxy) if proxy else None
 
 
 def _transport_failure(exc: Exception) -> str:
