@@ -8,6 +8,7 @@ import random
 from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime
 
+import httpcore
 import httpx
 import msgspec
 import pytest
@@ -899,3 +900,51 @@ def test_no_proxy_and_no_setting_mean_a_direct_connection(
     proxy_env.setenv("NO_PROXY", "localhost,.internal")
     assert env_proxy("https://vllm.internal/v1") is None
     assert env_proxy("https://api.openai.com/v1") is not None
+
+
+def test_env_proxy_without_a_scheme_is_http(proxy_env: pytest.MonkeyPatch) -> None:
+    proxy_env.setenv("HTTPS_PROXY", "egress.corp:3128")
+    proxy = env_proxy("https://api.openai.com/v1")
+    assert proxy is not None and str(proxy.url) == "http://egress.corp:3128"
+
+
+def test_a_proxy_the_model_calls_cannot_use_is_refused_at_start(
+    proxy_env: pytest.MonkeyPatch,
+) -> None:
+    proxy_env.setenv("ALL_PROXY", "socks5://user:secret-pw@egress.corp:1080")
+    with pytest.raises(ConfigError, match="socks5:// proxy") as info:
+        env_proxy("https://api.openai.com/v1")
+    assert "secret-pw" not in str(info.value)
+
+
+def _caused(exc: Exception, cause: Exception) -> Exception:
+    exc.__cause__ = cause  # as httpx re-raises httpcore's errors
+    return exc
+
+
+@pytest.mark.parametrize(
+    ("failure", "reason"),
+    [
+        (httpx.ReadTimeout("read timed out"), "timeout (ReadTimeout: read timed out)"),
+        (httpx.PoolTimeout("no free connection"), "timeout (PoolTimeout: no free connection)"),
+        (httpx.ConnectError("refused"), "connection error (ConnectError: refused)"),
+        (httpx.RemoteProtocolError("hung up"), "connection error (RemoteProtocolError: hung up)"),
+        (_caused(httpx.ReadTimeout("slow"), httpcore.ReadTimeout("slow")), "timeout (ReadTimeout"),
+    ],
+)
+async def test_httpx_transport_failures_are_named_by_kind(failure: Exception, reason: str) -> None:
+    """Any httpx transport (here MockTransport raising httpx's own errors, as httpcore's
+    are re-raised) gives the same reasons as the aiohttp one."""
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        raise failure
+
+    model = OpenAIChatModel(
+        model_settings(retry_budget_s=0.0), transport=httpx.MockTransport(handle)
+    )
+    try:
+        with pytest.raises(ModelUnavailable) as info:
+            await model.complete([ChatMessage("user", "u")])
+    finally:
+        await model.aclose()
+    assert str(info.value).startswith(reason)

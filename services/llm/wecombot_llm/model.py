@@ -34,7 +34,7 @@ import msgspec
 import structlog
 from httpx_aiohttp import AiohttpTransport
 
-from wecombot_common.errors import PermanentError, TransientError, WecombotError
+from wecombot_common.errors import ConfigError, PermanentError, TransientError, WecombotError
 from wecombot_common.logs import REDACTED, redact
 
 from .prompt import ChatMessage
@@ -265,7 +265,8 @@ class OpenAIChatModel:
 
 
 def _aiohttp_transport(settings: ModelSettings) -> httpx.AsyncBaseTransport:
-    """httpx's wire: one aiohttp pool of ``max_connections``, TLS verified as httpx does.
+    """httpx's wire: one aiohttp pool of ``max_connections``, TLS verified as httpx does
+    (the transport's own context: one CA store in memory, not two).
 
     The session is built on the first request, inside the event loop that uses it.
     """
@@ -273,36 +274,50 @@ def _aiohttp_transport(settings: ModelSettings) -> httpx.AsyncBaseTransport:
     def session() -> aiohttp.ClientSession:
         connector = aiohttp.TCPConnector(
             limit=settings.max_connections,
-            ssl=httpx.create_ssl_context(),
+            ssl=transport.ssl_context,
             keepalive_timeout=_KEEPALIVE_S,
         )
         return aiohttp.ClientSession(connector=connector)
 
-    return AiohttpTransport(client=session, proxy=env_proxy(settings.base_url))
+    transport = AiohttpTransport(client=session, proxy=env_proxy(settings.base_url))
+    return transport
 
 
 def env_proxy(url: str) -> httpx.Proxy | None:
     """The proxy the environment names for ``url`` (``HTTPS_PROXY``/``HTTP_PROXY`` by
     scheme, else ``ALL_PROXY``; none for a host in ``NO_PROXY``), as httpx would pick it.
+
+    ConfigError for a proxy the model calls cannot use (only http:// and https://).
     """
     parts = urlsplit(url)
     proxies = urllib.request.getproxies_environment()
     if "no" in proxies and urllib.request.proxy_bypass(parts.hostname or ""):
         return None
     proxy = proxies.get(parts.scheme) or proxies.get("all")
-    return httpx.Proxy(proxy) if proxy else None
+    if not proxy:
+        return None
+    if "://" not in proxy:
+        proxy = f"http://{proxy}"  # as httpx reads a proxy variable without a scheme
+    scheme = proxy.split("://", 1)[0].lower()
+    if scheme not in ("http", "https"):
+        raise ConfigError(
+            f"the environment's proxy for {parts.scheme}:// URLs is a {scheme}:// proxy; "
+            "the model calls can use http:// and https:// proxies only"
+        )
+    return httpx.Proxy(proxy)
 
 
 def _transport_failure(exc: Exception) -> str:
     """``timeout (…)`` or ``connection error (…)``, named after what really failed.
 
     The aiohttp transport re-raises aiohttp's errors as httpx's, not always as the same
-    kind (a server that hangs up becomes ``ConnectTimeout``), so the original decides.
+    kind (a server that hangs up becomes ``ConnectTimeout``), so aiohttp's error decides.
     """
-    cause = exc.__cause__ if isinstance(exc.__cause__, Exception) else exc
-    timed_out = isinstance(cause, httpx.TimeoutException | asyncio.TimeoutError)
-    text = str(cause)
-    what = f"{type(cause).__name__}: {text}" if text else type(cause).__name__
+    cause = exc.__cause__
+    failed = cause if isinstance(cause, aiohttp.ClientError | asyncio.TimeoutError) else exc
+    timed_out = isinstance(failed, httpx.TimeoutException | asyncio.TimeoutError)
+    text = str(failed)
+    what = f"{type(failed).__name__}: {text}" if text else type(failed).__name__
     return f"{'timeout' if timed_out else 'connection error'} ({what})"
 
 
