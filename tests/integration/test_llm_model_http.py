@@ -38,6 +38,18 @@ def settings(base_url: str, **changes: object) -> ModelSettings:
     return ModelSettings(**base)  # type: ignore[arg-type]
 
 
+async def failure(base_url: str, **changes: object) -> ModelUnavailable:
+    """The one attempt of a call that must fail, through the real transport."""
+    model = OpenAIChatModel(settings(base_url, **changes))
+    try:
+        with pytest.raises(ModelUnavailable) as info:
+            await model.complete(HELLO)
+    finally:
+        await model.aclose()
+    assert info.value.attempts == 1
+    return info.value
+
+
 @pytest.fixture
 async def api() -> AsyncIterator[SimulatedOpenAIApi]:
     async with SimulatedOpenAIApi(api_key=KEY) as server:
@@ -70,25 +82,14 @@ async def test_many_calls_in_flight_share_one_pool(api: SimulatedOpenAIApi) -> N
 
 async def test_a_hanging_model_is_a_timeout(api: SimulatedOpenAIApi) -> None:
     api.fail_always(Fault.hanging())
-    model = OpenAIChatModel(settings(api.base_url, request_timeout_s=0.3))
-    try:
-        with pytest.raises(ModelUnavailable) as info:
-            await model.complete(HELLO)
-    finally:
-        await model.aclose()
-    assert str(info.value).startswith("timeout (")
-    assert info.value.attempts == 1
+    failed = await failure(api.base_url, request_timeout_s=0.3)
+    assert str(failed).startswith("timeout (")
 
 
 async def test_a_refused_connection_is_a_connection_error() -> None:
-    model = OpenAIChatModel(settings(f"http://127.0.0.1:{free_port()}/v1"))
-    try:
-        with pytest.raises(ModelUnavailable) as info:
-            await model.complete(HELLO)
-    finally:
-        await model.aclose()
-    assert str(info.value).startswith("connection error (")
-    assert KEY not in str(info.value)
+    failed = await failure(f"http://127.0.0.1:{free_port()}/v1")
+    assert str(failed).startswith("connection error (ClientConnectorError")
+    assert KEY not in str(failed)
 
 
 async def test_a_server_that_hangs_up_is_a_connection_error_not_a_timeout() -> None:
@@ -98,15 +99,12 @@ async def test_a_server_that_hangs_up_is_a_connection_error_not_a_timeout() -> N
 
     server = await asyncio.start_server(hang_up, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
-    model = OpenAIChatModel(settings(f"http://127.0.0.1:{port}/v1"))
     try:
-        with pytest.raises(ModelUnavailable) as info:
-            await model.complete(HELLO)
+        failed = await failure(f"http://127.0.0.1:{port}/v1")
     finally:
-        await model.aclose()
         server.close()
         await server.wait_closed()
-    assert str(info.value).startswith("connection error (ServerDisconnectedError")
+    assert str(failed).startswith("connection error (ServerDisconnectedError")
 
 
 async def test_the_environment_proxy_carries_the_call(
