@@ -14,7 +14,7 @@ import pytest
 
 from tests.conftest import free_port
 from wecombot_common.settings import Secret
-from wecombot_common.sim.openai_api import Fault, SimulatedOpenAIApi
+from wecombot_common.sim.openai_api import Fault, Messages, SimulatedOpenAIApi, echo_reply
 from wecombot_llm.model import ModelUnavailable, OpenAIChatModel
 from wecombot_llm.prompt import ChatMessage
 from wecombot_llm.settings import ModelSettings
@@ -67,8 +67,22 @@ async def test_answers_through_the_aiohttp_pool(api: SimulatedOpenAIApi) -> None
     assert request.last_user_text == "你好"
 
 
-async def test_many_calls_in_flight_share_one_pool(api: SimulatedOpenAIApi) -> None:
-    api.latency_s = 0.2
+async def test_many_calls_in_flight_share_one_pool_of_max_connections(
+    api: SimulatedOpenAIApi,
+) -> None:
+    in_flight = peak = 0
+
+    async def slow_echo(messages: Messages) -> str:
+        nonlocal in_flight, peak
+        in_flight += 1
+        peak = max(peak, in_flight)
+        try:
+            await asyncio.sleep(0.5)  # long enough for every connection to be busy at once
+            return echo_reply(messages)
+        finally:
+            in_flight -= 1
+
+    api.reply = slow_echo
     model = OpenAIChatModel(settings(api.base_url, max_connections=40))
     try:
         answers = await asyncio.gather(
@@ -77,7 +91,7 @@ async def test_many_calls_in_flight_share_one_pool(api: SimulatedOpenAIApi) -> N
     finally:
         await model.aclose()
     assert all(f"q{i}" in answer.text for i, answer in enumerate(answers))
-    assert len(api.chat_requests) == 120
+    assert peak == 40, "the pool is LLM_MAX_CONCURRENCY + 8 connections, all of them used"
 
 
 async def test_a_hanging_model_is_a_timeout(api: SimulatedOpenAIApi) -> None:
