@@ -25,6 +25,7 @@ from wecombot_common.events import (
     decode_event,
     encode_event,
 )
+from wecombot_common.topology import is_user_id
 from wecombot_gateway.body import check_content_type, check_declared_length
 from wecombot_gateway.callback import CallbackQuery, check_fresh
 from wecombot_gateway.errors import (
@@ -37,7 +38,7 @@ from wecombot_gateway.errors import (
     UnsupportedMediaType,
     WrongRecipient,
 )
-from wecombot_gateway.parse import dedupe_key, is_user_id, parse_envelope, parse_message
+from wecombot_gateway.parse import dedupe_key, parse_envelope, parse_message
 from wecombot_gateway.settings import GatewaySettings
 
 CORP = "ww1436e0e65a779aee"

@@ -72,32 +72,6 @@ class StoredEvent:
     event: Event
 
 
-# Subjects of recently used conversations. topology.encode_token escapes a user id
-# character by character, which showed in every append's and read's profile.
-_CACHED_SUBJECTS = 4096
-_subjects: dict[tuple[type[Event], str, str], str] = {}
-_all_events: dict[ConversationRef, str] = {}
-
-
-def _subject_of(event: Event) -> str:
-    key = (type(event), event.app, event.conversation)
-    subject = _subjects.get(key)
-    if subject is None:
-        if len(_subjects) >= _CACHED_SUBJECTS:
-            _subjects.clear()
-        subject = _subjects[key] = subject_for(event)
-    return subject
-
-
-def _all_events_of(conversation: ConversationRef) -> str:
-    subject = _all_events.get(conversation)
-    if subject is None:
-        if len(_all_events) >= _CACHED_SUBJECTS:
-            _all_events.clear()
-        subject = _all_events[conversation] = conversation.all_events
-    return subject
-
-
 async def connect(settings: NatsSettings, name: str, **options: object) -> NATS:
     """Connect with endless reconnects and a client name (shown in server monitoring).
 
@@ -206,7 +180,7 @@ async def append_event(
     except ConcurrencyConflict:
         if expect_last_seq is None or expect_scope is None:
             raise
-        tail = await _unreadable_tail(js, expect_scope, after_seq=expect_last_seq)
+        tail = await _unreadable_tail(js, event, expect_scope, after_seq=expect_last_seq)
         if tail is None:
             raise
         log.warning(
@@ -219,26 +193,19 @@ async def append_event(
         return await _publish(js, event, headers, timeout)
 
 
-async def _unreadable_tail(js: JetStreamContext, scope: str, *, after_seq: int) -> int | None:
+async def _unreadable_tail(
+    js: JetStreamContext, event: Event, scope: str, *, after_seq: int
+) -> int | None:
     """The last sequence on ``scope`` if every message there after ``after_seq`` is not an
     event; None if one is (a real conflict), or if the log cannot tell now."""
     try:
         last = await js.get_last_msg(topology.CONVERSATION_STREAM, scope)
-        assert last.seq is not None
-        seq = after_seq + 1
-        while seq <= last.seq:
-            raw = await js.get_msg(
-                topology.CONVERSATION_STREAM, seq=seq, subject=scope, next=True, direct=True
-            )
-            assert raw.seq is not None
-            try:
-                decode_event(raw.data or b"")
-            except EventDecodeError:
-                seq = raw.seq + 1
-                continue
+        conversation = ConversationRef.of(event)
+        async for _ in read_conversation(js, conversation, after_seq=after_seq, branch=scope):
             return None  # a real event was appended after the expected sequence
     except (TimeoutError, nats.errors.Error):
         return None
+    assert last.seq is not None
     return last.seq if last.seq > after_seq else None
 
 
@@ -247,7 +214,7 @@ async def _publish(
 ) -> Appended:
     try:
         ack = await js.publish(
-            _subject_of(event), encode_event(event), timeout=timeout, headers=headers or None
+            subject_for(event), encode_event(event), timeout=timeout, headers=headers or None
         )
     except nats.js.errors.APIError as exc:
         raise _refusal(exc.err_code, exc.description) from exc
@@ -324,7 +291,7 @@ class PipelinedAppender:
         try:
             async with asyncio.timeout(timeout):
                 await self._nc.publish(
-                    _subject_of(event),
+                    subject_for(event),
                     encode_event(event),
                     reply=f"{self._inbox}.{token}",
                     headers={"Nats-Msg-Id": msg_id},
@@ -383,7 +350,7 @@ async def read_conversation(
     conversation costs one round trip per event plus one (a consumer per read caps a
     pipeline at tens of replies/s on 2 cores).
     """
-    subject = branch or _all_events_of(conversation)
+    subject = branch or conversation.all_events
     seq = after_seq + 1
     while True:
         try:

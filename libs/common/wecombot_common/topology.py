@@ -15,6 +15,7 @@ request on a captured subject would be answered by JetStream with a PubAck.
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from typing import Final
@@ -86,7 +87,7 @@ _SUFFIX: Final[dict[type[Event], str]] = {
 
 # Safe in a token and kept readable; everything else (notably '.', the token separator)
 # becomes ~XX. '~' itself is escaped, so the mapping is reversible.
-_PLAIN = re.compile(r"[A-Za-z0-9_\-@]")
+_NOT_PLAIN = re.compile(r"[^A-Za-z0-9_\-@]+")
 _ESCAPE = re.compile(r"~([0-9A-F]{2})")
 
 
@@ -100,13 +101,11 @@ def encode_token(value: str) -> str:
     """
     if not value:
         raise ValueError("cannot encode an empty subject token")
-    out: list[str] = []
-    for ch in value:
-        if _PLAIN.fullmatch(ch):
-            out.append(ch)
-        else:
-            out.extend(f"~{b:02X}" for b in ch.encode("utf-8"))
-    return "".join(out)
+    return _NOT_PLAIN.sub(_escape, value)
+
+
+def _escape(run: re.Match[str]) -> str:
+    return "".join(f"~{b:02X}" for b in run.group().encode("utf-8"))
 
 
 def decode_token(token: str) -> str:
@@ -123,6 +122,20 @@ def decode_token(token: str) -> str:
     return raw.decode("utf-8")
 
 
+# UserID: 1-64 bytes of letters, digits and _-@. ; first a letter or digit
+# (创建成员, https://developer.work.weixin.qq.com/document/path/90195).
+_USER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_\-@.]{0,63}")
+
+
+def is_user_id(value: str) -> bool:
+    """True for a valid WeCom UserID (a conversation is one user's).
+
+    >>> is_user_id("zhang.san@corp"), is_user_id(".hidden"), is_user_id("a" * 65)
+    (True, False, False)
+    """
+    return _USER_ID.fullmatch(value) is not None
+
+
 @dataclass(frozen=True, slots=True)
 class ConversationRef:
     """One conversation: the aggregate whose events share a subject tree."""
@@ -132,7 +145,7 @@ class ConversationRef:
 
     @property
     def root(self) -> str:
-        return f"{PREFIX}.conv.{encode_token(self.app)}.{encode_token(self.user)}"
+        return _root(self.app, self.user)
 
     @property
     def all_events(self) -> str:
@@ -163,7 +176,14 @@ def inbox_prefix(client_name: str) -> str:
 
 def subject_for(event: Event) -> str:
     """The subject an event is appended on."""
-    return f"{ConversationRef.of(event).root}.{_SUFFIX[type(event)]}"
+    return f"{_root(event.app, event.conversation)}.{_SUFFIX[type(event)]}"
+
+
+@functools.lru_cache(maxsize=4096)
+def _root(app: str, user: str) -> str:
+    # Every append, read and consumer key of a conversation starts here: recently used
+    # conversations are not escaped again (that showed in the gateway's profile).
+    return f"{PREFIX}.conv.{encode_token(app)}.{encode_token(user)}"
 
 
 def conversation_stream(

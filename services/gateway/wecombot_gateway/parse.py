@@ -48,20 +48,17 @@ from wecombot_common.events import (
     WeComEventPayload,
     derived_id,
 )
+from wecombot_common.topology import is_user_id
 
 from .errors import InvalidMessage, MalformedXml, UnsafeXml, WrongRecipient
 
 __all__ = [
     "Envelope",
     "dedupe_key",
-    "is_user_id",
     "parse_envelope",
     "parse_message",
 ]
 
-# UserID: 1-64 bytes of letters, digits and _-@. ; first a letter or digit
-# (创建成员, https://developer.work.weixin.qq.com/document/path/90195).
-_USER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_\-@.]{0,63}")
 _SAFE_KEY_PART = re.compile(r"[A-Za-z0-9_\-@.]{1,128}")
 # A MsgType token: every type WeCom documents (text, image, voice, video, location, link,
 # event, file, miniprogram_notice…) is lower-case letters and '_'. A well-formed type we
@@ -95,15 +92,6 @@ class Envelope:
     encrypt: str
     to_user: str | None
     agent_id: str | None
-
-
-def is_user_id(value: str) -> bool:
-    """True for a valid WeCom UserID.
-
-    >>> is_user_id("zhang.san@corp"), is_user_id(".hidden"), is_user_id("a" * 65)
-    (True, False, False)
-    """
-    return _USER_ID.fullmatch(value) is not None
 
 
 def parse_envelope(body: bytes) -> Envelope:

@@ -12,11 +12,11 @@ for each provider.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 from wecombot_common.settings import EnvReader, LogSettings, NatsSettings, Secret, health_port
+from wecombot_common.topology import is_user_id
 
 from .gate import GatePolicy
 
@@ -28,8 +28,6 @@ DEFAULT_SYSTEM_PROMPT = (
     "you are not sure."
 )
 DEFAULT_APOLOGY = "抱歉，我暂时无法回答这个问题，请稍后再试。"
-# A WeCom UserID: 1-64 letters, digits and _-@. , first a letter or digit (path/90195).
-_USER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_\-@.]{0,63}")
 
 
 @dataclass(frozen=True)
@@ -108,7 +106,7 @@ def _allowed_users(env: EnvReader) -> frozenset[str] | None:
     if raw is None:
         return None
     users = [u.strip() for u in raw.split(",") if u.strip()]
-    bad = [u for u in users if _USER_ID.fullmatch(u) is None]
+    bad = [u for u in users if not is_user_id(u)]
     env.check(
         not bad,
         f"LLM_ALLOWED_USERS must be comma-separated WeCom UserIDs, got {', '.join(bad)[:200]!r}",
