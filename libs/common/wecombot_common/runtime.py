@@ -20,6 +20,7 @@ import structlog
 from aiohttp import web
 
 from .errors import ConfigError
+from .http import LocalSite
 
 __all__ = [
     "Check",
@@ -102,14 +103,17 @@ Check = Callable[[], Awaitable[tuple[bool, str]]]
 class HealthServer:
     """``GET /healthz`` (the process answers) and ``GET /readyz`` (its checks pass).
 
-    >>> health = HealthServer(port=8081, ready=lambda: nats_ready(nc))  # doctest: +SKIP
+    ``ready`` answers ``(ready, detail)``; port 0 serves nothing (the routes can still be
+    mounted on another app, as the gateway does).
+
+    >>> health = HealthServer("0.0.0.0", 8081, ready=check)  # doctest: +SKIP
     """
 
     def __init__(self, host: str, port: int, ready: Check) -> None:
         self.host = host
         self.port = port
         self._ready = ready
-        self._runner: web.AppRunner | None = None
+        self._site: LocalSite | None = None
 
     async def _healthz(self, _: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
@@ -128,13 +132,12 @@ class HealthServer:
             return
         app = web.Application()
         app.add_routes(self.routes())
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        await web.TCPSite(self._runner, self.host, self.port).start()
+        self._site = await LocalSite.start(app, self.host, self.port)
 
     async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
+        if self._site is not None:
+            site, self._site = self._site, None
+            await site.stop()
 
 
 async def unless_stopped(work: Awaitable[T], stop: asyncio.Event) -> T | None:

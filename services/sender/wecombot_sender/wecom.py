@@ -90,12 +90,13 @@ class HttpMessageApi:
     ) -> str:
         register_secret(token)
         request = _SendRequest(
-            touser=touser, agentid=self._agent_id, text=_Text(content), msgtype="text"
+            touser=touser,
+            agentid=self._agent_id,
+            text=_Text(content),
+            msgtype="text",
+            enable_duplicate_check=int(duplicate_check_s is not None),
+            duplicate_check_interval=duplicate_check_s,
         )
-        if duplicate_check_s is not None:
-            request = msgspec.structs.replace(
-                request, enable_duplicate_check=1, duplicate_check_interval=duplicate_check_s
-            )
         body = _encoder.encode(request)
         try:
             response = await self._client.post(

@@ -55,6 +55,16 @@ async def serve(settings: TokenSettings, stop: asyncio.Event) -> None:
     ready = DeferredCheck()
     health = HealthServer(HEALTH_HOST, settings.health_port, ready)
     await health.start()
+    try:
+        await _serve_connected(settings, stop, ready)
+    finally:
+        await health.stop()
+        log.info("token.stopped")
+
+
+async def _serve_connected(
+    settings: TokenSettings, stop: asyncio.Event, ready: DeferredCheck
+) -> None:
     connected = await connect_when_ready(
         settings.nats,
         CLIENT_NAME,
@@ -62,13 +72,10 @@ async def serve(settings: TokenSettings, stop: asyncio.Event) -> None:
         lambda js: open_token_bucket(js, replicas=settings.nats.stream_replicas),
     )
     if connected is None:
-        await health.stop()
-        log.info("token.stopped")
         return
     nc, kv = connected
     try:
         async with contextlib.AsyncExitStack() as cleanup:
-            cleanup.push_async_callback(health.stop)
             source = WeComTokenSource(settings.wecom, timeout_s=settings.http_timeout_s)
             cleanup.push_async_callback(source.aclose)
             store = KvTokenStore(kv, settings.app)
@@ -99,7 +106,6 @@ async def serve(settings: TokenSettings, stop: asyncio.Event) -> None:
         if not nc.is_closed:
             with contextlib.suppress(nats.errors.Error, TimeoutError):
                 await nc.drain()
-        log.info("token.stopped")
 
 
 def main(environ: Mapping[str, str]) -> int:
