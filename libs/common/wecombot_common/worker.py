@@ -43,9 +43,31 @@ from . import topology
 from .errors import PermanentError, TransientError
 from .events import Event, EventDecodeError, decode_event
 
-__all__ = ["Ack", "Delivery", "Nak", "Outcome", "PullWorker"]
+__all__ = [
+    "DEFAULT_ACK_WAIT_S",
+    "DLQ_CONSUMER",
+    "DLQ_DELIVERIES",
+    "DLQ_REASON",
+    "DLQ_STREAM_SEQ",
+    "DLQ_SUBJECT",
+    "Ack",
+    "Delivery",
+    "Nak",
+    "Outcome",
+    "PullWorker",
+]
 
 log = structlog.get_logger(__name__)
+
+# A consumer config without ack_wait gets the broker's default, 30 s.
+DEFAULT_ACK_WAIT_S = 30.0
+
+# The headers of a dead letter (read back by ``wecombot dlq``).
+DLQ_REASON = "Wecombot-Dlq-Reason"
+DLQ_CONSUMER = "Wecombot-Dlq-Consumer"
+DLQ_SUBJECT = "Wecombot-Dlq-Subject"
+DLQ_STREAM_SEQ = "Wecombot-Dlq-Stream-Seq"
+DLQ_DELIVERIES = "Wecombot-Dlq-Deliveries"
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,16 +104,23 @@ class Lease:
 
     LAPSE_FRACTION = 2 / 3
 
-    def __init__(self, ack_wait_s: float, reconnects: Callable[[], int] | None = None) -> None:
+    def __init__(
+        self,
+        ack_wait_s: float,
+        reconnects: Callable[[], int] | None = None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._limit = ack_wait_s * self.LAPSE_FRACTION
-        self._renewed = time.monotonic()
+        self._clock = clock
+        self._renewed = clock()
         self._lapsed = False
         self._reconnects = reconnects
         self._reconnects_at_start = reconnects() if reconnects is not None else 0
 
     def renew(self) -> None:
         self._check()
-        self._renewed = time.monotonic()
+        self._renewed = self._clock()
 
     @property
     def lapsed(self) -> bool:
@@ -99,7 +128,7 @@ class Lease:
         return self._lapsed
 
     def _check(self) -> None:
-        overdue = time.monotonic() - self._renewed >= self._limit
+        overdue = self._clock() - self._renewed >= self._limit
         reconnected = (
             self._reconnects is not None and self._reconnects() != self._reconnects_at_start
         )
@@ -116,7 +145,7 @@ class Delivery:
     num_delivered: int
     subject: str
     msg: Msg
-    lease: Lease = field(default_factory=lambda: Lease(30.0))
+    lease: Lease = field(default_factory=lambda: Lease(DEFAULT_ACK_WAIT_S))
 
     @property
     def lapsed(self) -> bool:
@@ -166,6 +195,7 @@ class PullWorker:
         assert config.filter_subject is not None
         self._js = js
         self._config = config
+        self._ack_wait = config.ack_wait or DEFAULT_ACK_WAIT_S
         self._handler = handler
         self._key = key
         self._max = max_concurrency
@@ -329,7 +359,7 @@ class PullWorker:
             num_delivered=meta.num_delivered,
             subject=msg.subject,
             msg=msg,
-            lease=Lease(self._config.ack_wait or 30.0, reconnects=_reconnect_counter(msg)),
+            lease=Lease(self._ack_wait, reconnects=_reconnect_counter(msg)),
         )
 
     @contextlib.asynccontextmanager
@@ -410,7 +440,7 @@ class PullWorker:
         await self._nak(d.msg, outcome.delay_s)
 
     async def _heartbeat(self, d: Delivery) -> None:
-        interval = max(0.5, (self._config.ack_wait or 30.0) / 3)
+        interval = max(0.5, self._ack_wait / 3)
         while True:
             await asyncio.sleep(interval)
             await d.in_progress()
@@ -423,11 +453,11 @@ class PullWorker:
         """Park a poison message in the dead-letter stream with the reason, then term it."""
         meta = msg.metadata
         headers = {
-            "Wecombot-Dlq-Reason": reason[:1000],
-            "Wecombot-Dlq-Consumer": self.name,
-            "Wecombot-Dlq-Subject": msg.subject,
-            "Wecombot-Dlq-Stream-Seq": str(meta.sequence.stream),
-            "Wecombot-Dlq-Deliveries": str(deliveries),
+            DLQ_REASON: reason[:1000],
+            DLQ_CONSUMER: self.name,
+            DLQ_SUBJECT: msg.subject,
+            DLQ_STREAM_SEQ: str(meta.sequence.stream),
+            DLQ_DELIVERIES: str(deliveries),
             "Nats-Msg-Id": f"dlq:{self.name}:{meta.sequence.stream}",
         }
         try:
