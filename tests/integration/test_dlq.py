@@ -14,13 +14,13 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 
 import pytest
 from nats.js import JetStreamContext
 
 from tests.conftest import NatsHandle
+from tests.waiting import until
 from wecombot.dlq import run
 from wecombot_common import topology
 from wecombot_common.bus import append_event, ensure_topology
@@ -42,12 +42,6 @@ def _settings(url: str) -> NatsSettings:
     return NatsSettings.read(EnvReader({"NATS_URL": url}))
 
 
-async def _until(check: Callable[[], Awaitable[bool]], timeout: float = 15.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not await check():
-            await asyncio.sleep(0.02)
-
-
 async def _work(js: JetStreamContext, name: str, filter_subject: str, handler: Handler) -> None:
     config = topology.work_consumer(
         name, filter_subject, ack_wait_s=5, max_deliver=2, max_ack_pending=100
@@ -61,7 +55,7 @@ async def _work(js: JetStreamContext, name: str, filter_subject: str, handler: H
         info = await js.consumer_info(topology.CONVERSATION_STREAM, name)
         return bool(info.num_pending == 0 and info.num_ack_pending == 0)
 
-    await _until(settled)
+    await until(settled, timeout=15.0, what=f"{name} to have nothing pending or unacked")
     stop.set()
     await task
 
@@ -181,8 +175,8 @@ async def test_an_empty_dlq_and_an_unreachable_broker(
     url = nats_server.url.replace("nats://", "nats://admin:pw-never-shown@")
     code, out, err = await _dlq(url)
     assert code == 1 and out == ""
-    assert err.startswith("wecombot dlq: cannot reach NATS at 127.0.0.1:")
-    assert "pw-never-shown" not in err
+    assert err.startswith("wecombot dlq: cannot reach NATS at nats://127.0.0.1:")
+    assert "pw-never-shown" not in err and "admin" not in err
 
 
 def _wecombot(*argv: str, url: str) -> subprocess.CompletedProcess[str]:
@@ -205,3 +199,5 @@ async def test_the_wecombot_command(nats_server: NatsHandle, dead: JetStreamCont
     assert shown.returncode == 0 and "gave up after 2" in shown.stdout
     bad = await asyncio.to_thread(_wecombot, "show", "three", url=nats_server.url)
     assert bad.returncode == 2 and "invalid int value" in bad.stderr
+    helped = await asyncio.to_thread(_wecombot, "--help", url=nats_server.url)
+    assert helped.returncode == 0 and "--consumer" in helped.stdout, helped.stderr

@@ -4,7 +4,7 @@ the real gateway for the callback check, and the simulated OpenAI API. No mocks.
 
 from __future__ import annotations
 
-import asyncio
+import io
 import os
 import socket
 import subprocess
@@ -13,11 +13,19 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 from aiohttp import web
 
 from tests.conftest import NatsHandle, free_port
+from tests.integration.wecom_app import (
+    AGENT,
+    CORP,
+    KEY,
+    SECRET,
+    TOKEN,
+    running_gateway,
+    wecom_env,
+)
 from wecombot.doctor import (
     Report,
     check_callback,
@@ -27,37 +35,18 @@ from wecombot.doctor import (
     check_settings,
     diagnose,
     explain_gettoken_failure,
+    main,
 )
 from wecombot_common.crypto import generate_encoding_aes_key, generate_token
 from wecombot_common.embedded import nats_server_binary
 from wecombot_common.settings import EnvReader, WeComApiSettings
 from wecombot_common.sim.openai_api import Fault, SimulatedOpenAIApi
 from wecombot_common.sim.wecom_api import SimulatedWeComApi
-from wecombot_gateway.main import run_gateway
-from wecombot_gateway.settings import GatewaySettings
 from wecombot_token.domain import classify_errcode
 
 pytestmark = pytest.mark.integration
 
-CORP = "wwdoctortest01"
-AGENT = 1000002
-SECRET = "the-app-secret-0123456789"
-TOKEN = generate_token()
-KEY = generate_encoding_aes_key()
 TIMEOUT = 5.0
-
-
-def wecom_env(api_base: str = "http://127.0.0.1:9", **extra: str) -> dict[str, str]:
-    env = {
-        "WECOM_CORP_ID": CORP,
-        "WECOM_AGENT_ID": str(AGENT),
-        "WECOM_SECRET": SECRET,
-        "WECOM_TOKEN": TOKEN,
-        "WECOM_ENCODING_AES_KEY": KEY,
-        "WECOM_API_BASE": api_base,
-    }
-    env.update(extra)
-    return env
 
 
 @pytest.fixture
@@ -72,36 +61,11 @@ async def model_api() -> AsyncIterator[SimulatedOpenAIApi]:
         yield api
 
 
-async def until_ready(url: str, timeout: float = 15.0) -> None:
-    """Poll a readiness endpoint until 200 (the server is ours, starting in this loop)."""
-    deadline = time.monotonic() + timeout
-    async with httpx.AsyncClient(timeout=1.0) as http:
-        while True:
-            try:
-                if (await http.get(url)).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, f"{url} never became ready"
-            await asyncio.sleep(0.05)
-
-
 @pytest.fixture
 async def gateway(nats_server: NatsHandle) -> AsyncIterator[str]:
     """The real gateway with this module's keys; yields its base URL."""
-    port = free_port()
-    settings = GatewaySettings.from_env(
-        wecom_env(NATS_URL=nats_server.url, GATEWAY_PORT=str(port), GATEWAY_HOST="127.0.0.1")
-    )
-    stop = asyncio.Event()
-    task = asyncio.create_task(run_gateway(settings, stop))
-    base = f"http://127.0.0.1:{port}"
-    try:
-        await until_ready(f"{base}/readyz")
+    async with running_gateway(nats_server.url) as base:
         yield base
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 10)
 
 
 # ---------------------------------------------------------------- settings
@@ -184,6 +148,38 @@ def nats_with_password(tmp_path: Path) -> Iterator[str]:
     yield from _plain_nats(
         tmp_path, "-js", "-sd", str(tmp_path / "js"), "--user", "bot", "--pass", "pw1"
     )
+
+
+NATS_PASSWORD = "pw-in-the-url-0815"
+
+
+@pytest.fixture
+def nats_with_url_password(tmp_path: Path) -> Iterator[str]:
+    yield from _plain_nats(
+        tmp_path, "-js", "-sd", str(tmp_path / "js"), "--user", "bot", "--pass", NATS_PASSWORD
+    )
+
+
+def test_a_password_in_nats_url_is_never_printed(
+    nats_with_url_password: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The whole command's output, for a NATS_URL with the password accepted, refused,
+    and with nothing listening."""
+    monkeypatch.chdir(tmp_path)  # no ./.env of the developer's
+    host = nats_with_url_password.removeprefix("nats://")
+    urls = {
+        "ok": f"nats://bot:{NATS_PASSWORD}@{host}",
+        "refused": f"nats://bot:{NATS_PASSWORD}x@{host}",
+        "unreachable": f"nats://bot:{NATS_PASSWORD}@127.0.0.1:{free_port()}",
+    }
+    for expected, url in urls.items():
+        out = io.StringIO()
+        main(wecom_env(NATS_URL=url), ["--timeout", "3"], out=out)
+        printed = out.getvalue()
+        nats_line = next(line for line in printed.splitlines() if " nats " in line)
+        assert ("[ ok ]" in nats_line) == (expected == "ok"), printed
+        assert NATS_PASSWORD not in printed, printed
+        assert f"nats://{url.rpartition('@')[2]}" in printed
 
 
 async def test_nats_without_jetstream(nats_without_jetstream: str) -> None:
@@ -395,6 +391,20 @@ async def test_model_unreachable() -> None:
     finding = await check_model({"OPENAI_API_KEY": "k", "OPENAI_BASE_URL": base}, TIMEOUT)
     assert finding.status == "fail"
     assert finding.summary.startswith(f"cannot reach {base}")
+
+
+async def test_model_behind_a_proxy_the_llm_refuses(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The llm refuses to start with a socks proxy for its calls: doctor says so too."""
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.delenv("all_proxy", raising=False)
+    monkeypatch.setenv("ALL_PROXY", "socks5://127.0.0.1:1080")
+    base = f"http://127.0.0.1:{free_port()}/v1"
+    finding = await check_model({"OPENAI_API_KEY": "sk-sim", "OPENAI_BASE_URL": base}, TIMEOUT)
+    assert finding.status == "fail"
+    assert finding.summary.startswith("the llm would not start:")
+    assert "socks5:// proxy" in finding.summary
+    assert "HTTPS_PROXY" in finding.details[0]
 
 
 # ---------------------------------------------------------------- the whole report

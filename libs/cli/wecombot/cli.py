@@ -38,39 +38,47 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "dlq": (
         "wecombot.dlq",
-        "list dead-lettered messages with their reasons "
-        "([--json] [--consumer NAME] [--limit N] | show SEQ [--json])",
+        "list dead-lettered messages with their reasons (wecombot dlq --help)",
     ),
     "doctor": (
         "wecombot.doctor",
-        "check a real configuration and explain each problem with its fix "
-        "([--public-url URL] [--timeout S])",
+        "check a real configuration and explain each problem with its fix (wecombot doctor --help)",
     ),
 }
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """The command line up to the command, and each command's (still option-less) parser.
+
+    No command parser has -h/--help of its own here: a command that takes arguments
+    (``ACCEPTS_ARGS = True``) parses them itself, --help included, so its real options
+    show; the others get -h/--help in :func:`main` (which knows, once it imported them).
+    """
     parser = argparse.ArgumentParser(
         prog="wecombot",
         description="WeCom ↔ LLM bridge over NATS JetStream. Settings come from the environment.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, (_, help_) in COMMANDS.items():
-        sub.add_parser(name, help=help_, description=help_, add_help=True)
-    return parser
+    commands = {
+        name: sub.add_parser(name, help=help_, description=help_, add_help=False)
+        for name, (_, help_) in COMMANDS.items()
+    }
+    return parser, commands
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args, rest = _parser().parse_known_args(argv)
+    parser, commands = _parser()
+    args, rest = parser.parse_known_args(argv)
     module = importlib.import_module(COMMANDS[args.command][0])
-    if rest and not getattr(module, "ACCEPTS_ARGS", False):
-        _parser().error(f"unrecognized arguments: {' '.join(rest)}")
-    # Commands that take arguments (ACCEPTS_ARGS = True) get them as ``argv``.
-    code: int = (
-        module.main(os.environ, rest)
-        if getattr(module, "ACCEPTS_ARGS", False)
-        else module.main(os.environ)
-    )
+    if getattr(module, "ACCEPTS_ARGS", False):
+        # Its own parser: its options, --help and errors (exit code 2).
+        code: int = module.main(os.environ, rest)
+        return code
+    if rest:
+        command = commands[args.command]
+        command.add_argument("-h", "--help", action="help", help="show this help and exit")
+        command.parse_args(rest)  # prints the help (exit 0) or the error (exit 2)
+    code = module.main(os.environ)
     return code
 
 

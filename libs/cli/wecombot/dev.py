@@ -34,8 +34,9 @@ from wecombot_common.embedded import EmbeddedNats
 from wecombot_common.settings import EnvReader, NatsSettings, app_key
 from wecombot_common.sim.callbacks import CallbackBuilder
 from wecombot_common.sim.wecom_api import SentMessage, SimulatedWeComApi
+from wecombot_llm.settings import ModelSettings
 
-from .console import Console, ConsoleConfig, ObservedWeComApi
+from .console import Console, ConsoleConfig
 
 __all__ = ["main"]
 
@@ -161,24 +162,25 @@ async def _log_sandbox_sends(api: SimulatedWeComApi) -> None:
         print(f"{'[wecom]':<10} message/send → {msg.touser}: {msg.content}", flush=True)
 
 
-def console_port(env: Mapping[str, str]) -> int | None:
+def console_port(environ: Mapping[str, str]) -> int | None:
     """``WECOMBOT_CONSOLE_PORT``: None = off (0); the default 8090 falls back to any free
     port when taken. Raises ValueError naming the variable when malformed."""
-    raw = (env.get("WECOMBOT_CONSOLE_PORT") or "").strip()
-    if not raw:
+    env = EnvReader(environ)
+    name = "WECOMBOT_CONSOLE_PORT"
+    if not env.present(name):
         return CONSOLE_PORT if _port_free(CONSOLE_PORT) else 0
-    if not raw.isdigit() or int(raw) > 65535:
-        raise ValueError(f"WECOMBOT_CONSOLE_PORT must be a port number (0 = off), got {raw!r}")
-    return int(raw) or None
+    port = env.integer(name, 0, minimum=0, maximum=65535)
+    if env.problems:
+        raise ValueError(f"{name} must be a port number (0 = off), got {env.optional(name)!r}")
+    return port or None
 
 
 def model_label(env: Mapping[str, str]) -> tuple[str, bool]:
-    """What answers, for people: (label, offline)."""
-    if not env.get("OPENAI_API_KEY"):
+    """What answers, for people: (label, offline), as the llm reads its settings."""
+    model = ModelSettings.read(EnvReader(env), max_concurrency=1)
+    if model.api_key is None:
         return "offline echo model (OPENAI_API_KEY unset)", True
-    base = env.get("OPENAI_BASE_URL") or "https://api.openai.com/v1"
-    model = env.get("OPENAI_MODEL") or "gpt-4o-mini"
-    return f"{model} at {urlsplit(base).netloc or base}", False
+    return f"{model.model} at {urlsplit(model.base_url).netloc or model.base_url}", False
 
 
 async def start_console(
@@ -241,7 +243,7 @@ async def run(env: dict[str, str]) -> int:
             sup.say(f"embedded nats-server at {nats_server.url} (store: {data_dir / 'nats'})")
         if not all(env.get(k) for k in WECOM_KEYS):
             sandbox = Sandbox.load_or_create(data_dir)
-            sim = ObservedWeComApi(
+            sim = SimulatedWeComApi(
                 corp_id=sandbox.corp_id, secret=sandbox.secret, agent_id=sandbox.agent_id
             )
             await sim.start()
@@ -261,10 +263,11 @@ async def run(env: dict[str, str]) -> int:
                         "to turn it off"
                     )
                     return 2
-        if not env.get("OPENAI_API_KEY"):
+        label, offline = model_label(env)
+        if offline:
             sup.say("OPENAI_API_KEY is unset: the llm answers with the OFFLINE model (no network)")
         else:
-            sup.say(f"model: {model_label(env)[0]}")
+            sup.say(f"model: {label}")
         for service in SERVICES:
             await sup.start(service)
         gw_port = env.get("GATEWAY_PORT", "8080")

@@ -42,11 +42,20 @@ import nats.js.errors
 from nats.js import JetStreamContext
 from nats.js.api import RawStreamMsg
 
-from wecombot_common import bus, topology
+from wecombot_common import topology
 from wecombot_common.errors import ConfigError
 from wecombot_common.events import EventDecodeError, decode_event
 from wecombot_common.logs import configure_logging
 from wecombot_common.settings import EnvReader, LogSettings, NatsSettings
+from wecombot_common.worker import (
+    DLQ_CONSUMER,
+    DLQ_DELIVERIES,
+    DLQ_REASON,
+    DLQ_STREAM_SEQ,
+    DLQ_SUBJECT,
+)
+
+from .shared import clip, connect_once, without_credentials
 
 __all__ = ["ACCEPTS_ARGS", "DeadLetter", "main", "read_dead_letter", "read_dead_letters", "run"]
 
@@ -55,13 +64,6 @@ CLIENT_NAME = "wecombot-dlq"
 _TIMEOUT_S = 10.0
 _REASON_WIDTH = 60
 _SUBJECT_WIDTH = 44
-
-# The headers wecombot_common.worker.PullWorker._dead_letter sets.
-H_REASON = "Wecombot-Dlq-Reason"
-H_CONSUMER = "Wecombot-Dlq-Consumer"
-H_SUBJECT = "Wecombot-Dlq-Subject"
-H_STREAM_SEQ = "Wecombot-Dlq-Stream-Seq"
-H_DELIVERIES = "Wecombot-Dlq-Deliveries"
 
 
 @dataclass(frozen=True)
@@ -84,11 +86,11 @@ class DeadLetter:
         return cls(
             seq=raw.seq or 0,
             time=raw.time,
-            consumer=headers.get(H_CONSUMER) or subject.rpartition(".")[2],
-            reason=headers.get(H_REASON, ""),
-            subject=headers.get(H_SUBJECT, ""),
-            stream_seq=_int(headers.get(H_STREAM_SEQ)),
-            deliveries=_int(headers.get(H_DELIVERIES)),
+            consumer=headers.get(DLQ_CONSUMER) or subject.rpartition(".")[2],
+            reason=headers.get(DLQ_REASON, ""),
+            subject=headers.get(DLQ_SUBJECT, ""),
+            stream_seq=_int(headers.get(DLQ_STREAM_SEQ)),
+            deliveries=_int(headers.get(DLQ_DELIVERIES)),
             data=raw.data or b"",
         )
 
@@ -173,11 +175,6 @@ async def read_dead_letter(js: JetStreamContext, seq: int) -> DeadLetter | None:
 # ---------------------------------------------------------------- rendering
 
 
-def _cut(text: str, width: int) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= width else text[: width - 1] + "…"
-
-
 def render_table(total: int, letters: Sequence[DeadLetter], consumer: str | None) -> str:
     which = f" of consumer {consumer}" if consumer else ""
     if not letters:
@@ -193,8 +190,8 @@ def render_table(total: int, letters: Sequence[DeadLetter], consumer: str | None
                 d.consumer,
                 "" if d.stream_seq is None else str(d.stream_seq),
                 "" if d.deliveries is None else str(d.deliveries),
-                _cut(d.subject, _SUBJECT_WIDTH),
-                _cut(d.reason, _REASON_WIDTH),
+                clip(d.subject, _SUBJECT_WIDTH),
+                clip(d.reason, _REASON_WIDTH),
             )
         )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
@@ -268,18 +265,12 @@ async def run(
     args = _parser().parse_args(list(argv))
     try:
         async with asyncio.timeout(_TIMEOUT_S):
-            # One attempt per server (nats-py treats 0 as "retry forever").
-            nc = await bus.connect(
-                settings,
-                CLIENT_NAME,
-                allow_reconnect=False,
-                max_reconnect_attempts=1,
-                reconnect_time_wait=0.1,
-                connect_timeout=_TIMEOUT_S / 2,
-                error_cb=_quiet,
+            nc = await connect_once(
+                settings, CLIENT_NAME, connect_timeout_s=_TIMEOUT_S / 2, error_cb=_quiet
             )
     except (TimeoutError, OSError, nats.errors.Error) as exc:
-        err.write(f"wecombot dlq: cannot reach NATS at {_url(settings)}: {type(exc).__name__}\n")
+        url = without_credentials(settings.url)
+        err.write(f"wecombot dlq: cannot reach NATS at {url}: {type(exc).__name__}\n")
         return 1
     try:
         return await _act(nc.jetstream(timeout=_TIMEOUT_S), args, out, err)
@@ -316,13 +307,12 @@ async def _quiet(exc: Exception) -> None:
     """Connection errors are reported once, as the command's answer."""
 
 
-def _url(settings: NatsSettings) -> str:
-    # The URL may carry credentials (nats://user:pass@host): show the hosts only.
-    return ",".join(part.rpartition("@")[2] for part in settings.url.split(","))
-
-
 def main(environ: Mapping[str, str], argv: Sequence[str] = ()) -> int:
     """Entry point of ``wecombot dlq``."""
+    try:  # --help and bad arguments first, whatever the settings
+        _parser().parse_args(list(argv))
+    except SystemExit as exc:  # argparse: --help (0) or bad arguments (2)
+        return int(exc.code or 0)
     env = EnvReader(environ)
     try:
         settings = NatsSettings.read(env)
@@ -332,9 +322,5 @@ def main(environ: Mapping[str, str], argv: Sequence[str] = ()) -> int:
         sys.stderr.write(f"{exc}\n")
         return 2
     # Log lines (a NATS error, say) go to stderr, redacted: stdout is the answer.
-    secrets = [settings.password] if settings.password is not None else []
-    configure_logging(replace(log, level="error"), service="dlq", secrets=secrets)
-    try:
-        return asyncio.run(run(settings, argv, sys.stdout))
-    except SystemExit as exc:  # argparse: --help (0) or bad arguments (2)
-        return int(exc.code or 0)
+    configure_logging(replace(log, level="error"), service="dlq", secrets=settings.secrets)
+    return asyncio.run(run(settings, argv, sys.stdout))

@@ -14,7 +14,8 @@ Reads the environment (and ``./.env``, as ``wecombot dev`` does) and checks, in 
 ``callback``  with ``--public-url`` (or ``WECOMBOT_PUBLIC_URL``): the URL verification
               WeCom sends when the URL is saved, signed and encrypted with our Token and
               EncodingAESKey, is answered with the echo
-``model``     the OpenAI-compatible endpoint answers (``GET /models``, else a one-token
+``model``     the environment's proxy is one the llm accepts (its own ``env_proxy``), and
+              the OpenAI-compatible endpoint answers (``GET /models``, else a one-token
               completion); without OPENAI_API_KEY: offline mode, reported as such
 
 Exit code: 0 when nothing failed (warnings and skipped checks allowed), 1 when a check
@@ -40,8 +41,9 @@ import httpx
 import nats.errors
 import nats.js.errors
 
-from wecombot_common import bus, topology
+from wecombot_common import topology
 from wecombot_common.errors import ConfigError
+from wecombot_common.logs import REDACTED, redact
 from wecombot_common.settings import (
     EnvReader,
     NatsSettings,
@@ -50,6 +52,7 @@ from wecombot_common.settings import (
 )
 from wecombot_common.sim.callbacks import CallbackBuilder
 from wecombot_gateway.settings import GatewaySettings
+from wecombot_llm.model import env_proxy, error_detail
 from wecombot_llm.settings import LlmSettings, ModelSettings
 from wecombot_sender.settings import SenderSettings
 from wecombot_token.domain import Failure
@@ -57,6 +60,7 @@ from wecombot_token.settings import TokenSettings
 from wecombot_token.source import WeComTokenSource
 
 from .dev import read_dotenv
+from .shared import clip, connect_once, without_credentials
 
 __all__ = ["ACCEPTS_ARGS", "Finding", "Report", "diagnose", "main"]
 
@@ -86,7 +90,6 @@ WHERE = {
     "LLM_": ".env.example documents each LLM_ setting",
     "NATS_": "the broker's address and credentials, e.g. NATS_URL=nats://nats:4222",
 }
-_WECOM_SAID = re.compile(r"\(WeCom (errcode -?\d+: .*)\)$", re.DOTALL)
 _FROM_IP = re.compile(r"from ip:\s*([0-9A-Fa-f:.]+[0-9A-Fa-f])")
 
 
@@ -149,8 +152,8 @@ def check_settings(environ: Mapping[str, str]) -> Finding:
         try:
             load(environ)
         except ConfigError as exc:
-            for line in str(exc).splitlines()[1:]:
-                problems.setdefault(line.strip().removeprefix("- "), []).append(service)
+            for problem in exc.problems or (str(exc),):
+                problems.setdefault(problem, []).append(service)
     if not problems:
         return Finding(
             "settings", "ok", "every service accepts its settings (gateway, llm, sender, token)"
@@ -193,7 +196,7 @@ async def check_nats(environ: Mapping[str, str], timeout_s: float) -> Finding:
     settings = NatsSettings.read(env)
     if env.problems:
         return Finding("nats", "skip", "fix the NATS settings first (see settings above)")
-    url = settings.url
+    url = without_credentials(settings.url)  # NATS_URL may carry a password: never shown
     errors: list[BaseException] = []
 
     async def remember(exc: Exception) -> None:
@@ -201,13 +204,10 @@ async def check_nats(environ: Mapping[str, str], timeout_s: float) -> Finding:
 
     try:
         async with asyncio.timeout(timeout_s):
-            nc = await bus.connect(
+            nc = await connect_once(
                 settings,
                 "wecombot-doctor",
-                allow_reconnect=False,
-                max_reconnect_attempts=1,
-                reconnect_time_wait=0.1,
-                connect_timeout=max(1.0, timeout_s / 3),
+                connect_timeout_s=max(1.0, timeout_s / 3),
                 error_cb=remember,
             )
     except (TimeoutError, OSError, nats.errors.Error) as exc:
@@ -318,8 +318,11 @@ async def check_gettoken(environ: Mapping[str, str], timeout_s: float) -> Findin
 
 
 def explain_gettoken_failure(failure: Failure, settings: WeComApiSettings) -> Finding:
-    errmsg = _WECOM_SAID.search(failure.message)
-    said = f"WeCom said: {errmsg.group(1) if errmsg else failure.message}"
+    said = (
+        f"WeCom said: errcode {failure.errcode}: {failure.errmsg}"
+        if failure.errmsg is not None
+        else f"WeCom said: {failure.message}"
+    )
     if failure.errcode == 40001:
         return Finding(
             "gettoken",
@@ -340,7 +343,7 @@ def explain_gettoken_failure(failure: Failure, settings: WeComApiSettings) -> Fi
             (f"Copy WECOM_CORP_ID again: {WHERE['WECOM_CORP_ID']}.", said),
         )
     if failure.errcode == 60020:
-        match = _FROM_IP.search(failure.message)
+        match = _FROM_IP.search(failure.errmsg or failure.message)
         where = "应用管理 → your app → 企业可信IP (Trusted IPs) → 配置 in the WeCom admin console"
         if match:
             ip = match.group(1)
@@ -494,7 +497,7 @@ def _judge_verification(
             "fail",
             f"something else answers at {url}: 200, but not the echo",
             (
-                f"It answered {_clip(body)!r}. A proxy, ingress or login page may serve "
+                f"It answered {clip(body)!r}. A proxy, ingress or login page may serve "
                 "another app there; the gateway must get the request unchanged, query "
                 "string included.",
             ),
@@ -547,7 +550,7 @@ def _judge_verification(
                 "the gateway's /readyz and logs.",
             ),
         )
-    return Finding("callback", "fail", f"{url} answered {status}: {_clip(body)!r}")
+    return Finding("callback", "fail", f"{url} answered {status}: {clip(body)!r}")
 
 
 # ---------------------------------------------------------------- model
@@ -570,16 +573,36 @@ async def check_model(environ: Mapping[str, str], timeout_s: float) -> Finding:
                 "(docs/providers.md).",
             ),
         )
+    try:
+        env_proxy(model.base_url)  # what the llm checks at start: it refuses to run
+    except ConfigError as exc:
+        return Finding(
+            "model",
+            "fail",
+            f"the llm would not start: {exc}",
+            (
+                "Set HTTPS_PROXY (or HTTP_PROXY, for an http:// OPENAI_BASE_URL) to an "
+                "http:// proxy, add the provider's host to NO_PROXY, or unset ALL_PROXY "
+                "for the llm (docs/providers.md).",
+            ),
+        )
     key = model.api_key.reveal()
+    # As OpenAIChatModel authenticates (it builds these inside its constructor, so they
+    # cannot be imported): Bearer, or Azure's api-key header with ?api-version=.
     headers = {"api-key": key} if model.api_version else {"Authorization": f"Bearer {key}"}
     params = {"api-version": model.api_version} if model.api_version else {}
+
+    def detail_of(response: httpx.Response) -> str:
+        # A provider or proxy may echo the key: never shown (as the llm cleans it).
+        return clip(redact(error_detail(response).replace(key, REDACTED)))
+
     async with httpx.AsyncClient(timeout=timeout_s, headers=headers, params=params) as http:
         try:
             listed = await http.get(f"{model.base_url}/models")
         except httpx.HTTPError as exc:
             return _model_unreachable(model.base_url, exc)
         if listed.status_code in (401, 403):
-            return _key_refused(model.base_url, listed)
+            return _key_refused(model.base_url, listed, detail_of(listed))
         ids = _model_ids(listed) if listed.status_code == 200 else []
         if model.model in ids:
             return Finding(
@@ -595,8 +618,8 @@ async def check_model(environ: Mapping[str, str], timeout_s: float) -> Finding:
             "model", "ok", f"{model.base_url} answered a one-token completion with {model.model}"
         )
     if status in (401, 403):
-        return _key_refused(model.base_url, answer)
-    detail = _error_detail(answer)
+        return _key_refused(model.base_url, answer, detail_of(answer))
+    detail = detail_of(answer)
     if status == 404:
         hint = f" It lists: {', '.join(ids[:8])}." if ids else ""
         return Finding(
@@ -653,11 +676,11 @@ def _model_ids(response: httpx.Response) -> list[str]:
     return [str(m["id"]) for m in data if isinstance(m, dict) and "id" in m]
 
 
-def _key_refused(base_url: str, response: httpx.Response) -> Finding:
+def _key_refused(base_url: str, response: httpx.Response, detail: str) -> Finding:
     return Finding(
         "model",
         "fail",
-        f"{base_url} refused OPENAI_API_KEY ({response.status_code}: {_error_detail(response)})",
+        f"{base_url} refused OPENAI_API_KEY ({response.status_code}: {detail})",
         (
             "Check that the key belongs to this provider (a DeepSeek key does not work at "
             "api.openai.com), is not revoked, and may use the model. Azure classic "
@@ -676,22 +699,6 @@ def _model_unreachable(base_url: str, exc: httpx.HTTPError) -> Finding:
             "provider (docs/providers.md).",
         ),
     )
-
-
-def _error_detail(response: httpx.Response) -> str:
-    try:
-        data = response.json()
-    except ValueError:
-        return _clip(response.text) or response.reason_phrase
-    error = data.get("error") if isinstance(data, dict) else None
-    if isinstance(error, dict) and isinstance(error.get("message"), str):
-        return _clip(str(error["message"]))
-    return _clip(str(data))
-
-
-def _clip(text: str, limit: int = 160) -> str:
-    flat = " ".join(text.split())
-    return flat if len(flat) <= limit else flat[: limit - 1] + "…"
 
 
 # ---------------------------------------------------------------- entry points

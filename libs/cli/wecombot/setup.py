@@ -48,8 +48,7 @@ class SetupSettings:
         nats_ = NatsSettings.read(env)
         log_ = LogSettings.read(env)
         env.raise_if_invalid()
-        secrets = (nats_.password,) if nats_.password is not None else ()
-        return cls(nats=nats_, log=replace(log_, extra_secrets=secrets))
+        return cls(nats=nats_, log=replace(log_, extra_secrets=nats_.secrets))
 
 
 async def run_setup(settings: SetupSettings, stop: asyncio.Event) -> bool:

@@ -25,6 +25,8 @@ into ack / nak / term or an HTTP status.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 __all__ = [
     "ConfigError",
     "PermanentError",
@@ -38,7 +40,15 @@ class WecombotError(Exception):
 
 
 class ConfigError(WecombotError):
-    """A setting is missing or malformed; the message names the variable."""
+    """A setting is missing or malformed; the message names the variable.
+
+    ``problems``: one line per bad setting when several were collected at once
+    (``EnvReader.raise_if_invalid``), else empty.
+    """
+
+    def __init__(self, message: str, problems: Sequence[str] = ()) -> None:
+        super().__init__(message)
+        self.problems: tuple[str, ...] = tuple(problems)
 
 
 class TransientError(WecombotError):

@@ -196,7 +196,7 @@ class EnvReader:
     def raise_if_invalid(self) -> None:
         if self.problems:
             lines = "\n".join(f"  - {p}" for p in self.problems)
-            raise ConfigError(f"invalid configuration:\n{lines}")
+            raise ConfigError(f"invalid configuration:\n{lines}", self.problems)
 
 
 def _bounds(minimum: float | None, maximum: float | None) -> str:

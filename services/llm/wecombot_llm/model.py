@@ -50,6 +50,7 @@ __all__ = [
     "OfflineModel",
     "OpenAIChatModel",
     "env_proxy",
+    "error_detail",
     "open_model",
 ]
 
@@ -230,7 +231,7 @@ class OpenAIChatModel:
         )
         if status == 200:
             return self._parse(response, attempt)
-        detail = self._clean(_error_detail(response))
+        detail = self._clean(error_detail(response))
         if is_retryable_status(status):
             raise _Retryable(f"HTTP {status}: {detail}", retry_after_of(response.headers))
         raise ModelRejected(f"HTTP {status}: {detail}", attempts=attempt)
@@ -321,7 +322,7 @@ def _transport_failure(exc: Exception) -> str:
     return f"{'timeout' if timed_out else 'connection error'} ({what})"
 
 
-def _error_detail(response: httpx.Response) -> str:
+def error_detail(response: httpx.Response) -> str:
     """The provider's error message ({"error": {"message": …}}) or the start of the body."""
     try:
         data = response.json()

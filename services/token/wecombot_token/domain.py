@@ -72,6 +72,7 @@ class Failure(msgspec.Struct, frozen=True, kw_only=True):
     kind: ErrorKind
     message: str
     errcode: int | None = None
+    errmsg: str | None = None  # WeCom's own words with ``errcode``, as it sent them
 
     @property
     def transient(self) -> bool:
@@ -226,6 +227,7 @@ def classify_errcode(errcode: int, errmsg: str) -> Failure:
         return Failure(
             kind="bad_secret",
             errcode=errcode,
+            errmsg=errmsg,
             message="WECOM_SECRET is wrong: copy the app's Secret again from the WeCom "
             f"admin console {said}",
         )
@@ -233,6 +235,7 @@ def classify_errcode(errcode: int, errmsg: str) -> Failure:
         return Failure(
             kind="bad_corp_id",
             errcode=errcode,
+            errmsg=errmsg,
             message="WECOM_CORP_ID is wrong: copy the CorpID again from the WeCom admin "
             f"console (My Company > Company Info) {said}",
         )
@@ -240,6 +243,7 @@ def classify_errcode(errcode: int, errmsg: str) -> Failure:
         return Failure(
             kind="untrusted_ip",
             errcode=errcode,
+            errmsg=errmsg,
             message="WeCom refused this server's IP: add this server's egress IP to the "
             "app's trusted IP list (企业可信IP) under the app's settings in the WeCom admin "
             f"console {said}",
@@ -248,11 +252,16 @@ def classify_errcode(errcode: int, errmsg: str) -> Failure:
         return Failure(
             kind="rate_limited",
             errcode=errcode,
+            errmsg=errmsg,
             message=f"WeCom is rate-limiting gettoken; backing off {said}",
         )
     if errcode == _SYSTEM_BUSY:
-        return Failure(kind="network", errcode=errcode, message=f"WeCom is busy {said}")
-    return Failure(kind="wecom_error", errcode=errcode, message=f"gettoken failed {said}")
+        return Failure(
+            kind="network", errcode=errcode, errmsg=errmsg, message=f"WeCom is busy {said}"
+        )
+    return Failure(
+        kind="wecom_error", errcode=errcode, errmsg=errmsg, message=f"gettoken failed {said}"
+    )
 
 
 def http_failure(status: int) -> Failure:

@@ -1,0 +1,66 @@
+"""``wecombot COMMAND --help``: a command with options of its own shows them."""
+
+from __future__ import annotations
+
+import pytest
+
+from wecombot.cli import main
+from wecombot.shared import clip, without_credentials
+
+
+def _help(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
+    try:
+        code = main(list(argv))
+    except SystemExit as exc:  # argparse's own help exits
+        code = int(exc.code or 0)
+    assert code == 0
+    return capsys.readouterr().out
+
+
+def test_doctor_help_shows_its_options(capsys: pytest.CaptureFixture[str]) -> None:
+    shown = _help(capsys, "doctor", "--help")
+    assert shown.startswith("usage: wecombot doctor")
+    assert "--public-url PUBLIC_URL" in shown and "--timeout TIMEOUT" in shown
+
+
+def test_dlq_help_shows_its_options(capsys: pytest.CaptureFixture[str]) -> None:
+    shown = _help(capsys, "dlq", "--help")
+    assert shown.startswith("usage: wecombot dlq")
+    assert "--consumer CONSUMER" in shown and "--limit LIMIT" in shown and "show" in shown
+
+
+def test_a_command_without_options_has_help_and_refuses_arguments(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    shown = _help(capsys, "setup", "-h")
+    assert shown.startswith("usage: wecombot setup")
+    assert "create or update the JetStream streams" in shown
+    with pytest.raises(SystemExit) as refused:
+        main(["setup", "--nope"])
+    assert refused.value.code == 2
+    assert "unrecognized arguments: --nope" in capsys.readouterr().err
+
+
+def test_the_command_list_names_each_command(capsys: pytest.CaptureFixture[str]) -> None:
+    shown = _help(capsys, "--help")
+    for command in ("gateway", "llm", "sender", "token", "setup", "dev", "dlq", "doctor"):
+        assert command in shown
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("nats://127.0.0.1:4222", "nats://127.0.0.1:4222"),
+        ("nats://bot:pw@nats:4222", "nats://nats:4222"),
+        ("nats://bot:p@ss/w:rd@nats:4222", "nats://nats:4222"),  # "@" and "/" in it
+        ("nats://t0ken@a:4222, tls://u:p@b:4222", "nats://a:4222,tls://b:4222"),
+        ("u:p@host:4222", "host:4222"),
+    ],
+)
+def test_without_credentials(url: str, shown: str) -> None:
+    assert without_credentials(url) == shown
+
+
+def test_clip() -> None:
+    assert clip("a  long\nanswer", 8) == "a long …"
+    assert clip("short") == "short"
