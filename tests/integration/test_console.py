@@ -11,48 +11,39 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import NatsHandle, free_port
-from tests.integration.test_doctor import AGENT, CORP, KEY, SECRET, TOKEN, until_ready, wecom_env
-from wecombot.console import Console, ConsoleConfig, ObservedWeComApi
+from tests.conftest import NatsHandle
+from tests.integration.wecom_app import AGENT, CORP, KEY, SECRET, TOKEN, running_gateway
+from wecombot.console import Console, ConsoleConfig
 from wecombot_common.settings import EnvReader, NatsSettings
 from wecombot_common.sim.callbacks import CallbackBuilder
-from wecombot_gateway.main import run_gateway
-from wecombot_gateway.settings import GatewaySettings
+from wecombot_common.sim.wecom_api import SimulatedWeComApi
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
 async def console(nats_server: NatsHandle) -> AsyncIterator[Console]:
-    gw_port = free_port()
-    settings = GatewaySettings.from_env(
-        wecom_env(NATS_URL=nats_server.url, GATEWAY_PORT=str(gw_port), GATEWAY_HOST="127.0.0.1")
-    )
-    stop = asyncio.Event()
-    gateway = asyncio.create_task(run_gateway(settings, stop))
-    wecom = ObservedWeComApi(corp_id=CORP, secret=SECRET, agent_id=AGENT)
-    await wecom.start()
-    config = ConsoleConfig(
-        port=0,
-        callback_url=f"http://127.0.0.1:{gw_port}/wecom/callback",
-        ready_url=f"http://127.0.0.1:{gw_port}/readyz",
-        nats=NatsSettings.read(EnvReader({"NATS_URL": nats_server.url})),
-        app=f"{CORP}-{AGENT}",
-        corp_id=CORP,
-        model="offline echo model",
-        offline=True,
-    )
-    builder = CallbackBuilder(corp_id=CORP, agent_id=AGENT, token=TOKEN, encoding_aes_key=KEY)
-    console = Console(config, builder, wecom)
-    await console.start()
-    try:
-        await until_ready(config.ready_url)
-        yield console
-    finally:
-        await console.stop()
-        await wecom.stop()
-        stop.set()
-        await asyncio.wait_for(gateway, 10)
+    async with (
+        running_gateway(nats_server.url) as gateway,
+        SimulatedWeComApi(corp_id=CORP, secret=SECRET, agent_id=AGENT) as wecom,
+    ):
+        config = ConsoleConfig(
+            port=0,
+            callback_url=f"{gateway}/wecom/callback",
+            ready_url=f"{gateway}/readyz",
+            nats=NatsSettings.read(EnvReader({"NATS_URL": nats_server.url})),
+            app=f"{CORP}-{AGENT}",
+            corp_id=CORP,
+            model="offline echo model",
+            offline=True,
+        )
+        builder = CallbackBuilder(corp_id=CORP, agent_id=AGENT, token=TOKEN, encoding_aes_key=KEY)
+        console = Console(config, builder, wecom)
+        await console.start()
+        try:
+            yield console
+        finally:
+            await console.stop()
 
 
 class Stream:
@@ -156,6 +147,47 @@ async def test_switches_drive_the_simulated_wecom_api(console: Console, stream: 
     assert "42001" in switch["data"]["text"]
     refused = await post(console, "/api/faults", {"action": "fail_sends", "errcode": 0})
     assert refused.status_code == 400
+
+
+async def test_each_api_call_is_shown_with_whether_a_fault_was_injected(
+    console: Console, stream: Stream
+) -> None:
+    """A call answered while an injected one passes is not marked injected (the two
+    interleave: a gettoken held inside WeCom while a send gets the scripted errcode)."""
+    wecom = console.wecom
+    gettoken = {"corpid": CORP, "corpsecret": SECRET}
+    async with httpx.AsyncClient(base_url=wecom.base_url, timeout=15) as http:
+        token = (await http.get("/cgi-bin/gettoken", params=gettoken)).json()["access_token"]
+        await stream.until("api", api="gettoken", errcode=0)
+        hold = wecom.hold_gettoken()
+        held = asyncio.create_task(http.get("/cgi-bin/gettoken", params=gettoken))
+        await hold.wait_held()
+        wecom.fail_sends(45009)
+        body = {
+            "touser": "zhang.san",
+            "agentid": AGENT,
+            "msgtype": "text",
+            "text": {"content": "x"},
+        }
+        refused = await http.post(
+            "/cgi-bin/message/send", params={"access_token": token}, json=body
+        )
+        assert refused.json()["errcode"] == 45009
+        send = await stream.until("api", api="message/send")
+        assert send["data"] == {
+            "api": "message/send",
+            "http": 200,
+            "injected": True,
+            "errcode": 45009,
+            "errmsg": "reach max api daily quota limit",
+            "touser": "zhang.san",
+        }
+        hold.release()
+        assert (await held).json()["errcode"] == 0
+        later = await stream.until("api", api="gettoken")
+    assert later["data"]["injected"] is False
+    assert later["data"]["errcode"] == 0 and later["data"]["expires_in"] == 7200
+    assert token not in json.dumps(stream.items) and SECRET not in json.dumps(stream.items)
 
 
 async def test_the_console_refuses_what_a_page_elsewhere_could_send(console: Console) -> None:

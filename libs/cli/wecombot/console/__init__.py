@@ -12,6 +12,6 @@ access_tokens, fail the next N ``message/send`` calls with a chosen errcode.
 
 from __future__ import annotations
 
-from .server import Console, ConsoleConfig, ObservedWeComApi
+from .server import Console, ConsoleConfig
 
-__all__ = ["Console", "ConsoleConfig", "ObservedWeComApi"]
+__all__ = ["Console", "ConsoleConfig"]

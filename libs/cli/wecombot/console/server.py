@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import itertools
 import json
 import re
@@ -46,10 +47,10 @@ from wecombot_common.events import EventDecodeError, decode_event
 from wecombot_common.http import LocalSite
 from wecombot_common.settings import NatsSettings
 from wecombot_common.sim.callbacks import Callback, CallbackBuilder
-from wecombot_common.sim.wecom_api import SentMessage, SimulatedWeComApi
+from wecombot_common.sim.wecom_api import ApiCall, SentMessage, SimulatedWeComApi
 from wecombot_sender.errcodes import ErrorClass, classify, explain
 
-__all__ = ["Console", "ConsoleConfig", "Hub", "ObservedWeComApi"]
+__all__ = ["Console", "ConsoleConfig", "Hub"]
 
 STATIC_DIR = Path(__file__).parent / "static"
 RETRY_AFTER_S = 5.0  # WeCom gives up on a callback after 5 s and posts it again
@@ -98,58 +99,6 @@ class Hub:
     def close(self) -> None:
         for queue in self._followers:
             queue.put_nowait(None)
-
-
-class ObservedWeComApi(SimulatedWeComApi):
-    """The simulated WeCom API, reporting every call and its answer to ``observers``.
-
-    A middleware reads the JSON answer, so the simulator itself is untouched; ``injected``
-    says whether a fault scripted with ``fail_sends``/``fail_gettoken`` produced it.
-    """
-
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.observers: list[Callable[[dict[str, Any]], None]] = []
-
-    def app(self) -> web.Application:
-        app = super().app()
-
-        @web.middleware
-        async def observe(
-            request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-        ) -> web.StreamResponse:
-            scripted = len(self.faults.send) + len(self.faults.gettoken)
-            response = await handler(request)
-            injected = len(self.faults.send) + len(self.faults.gettoken) < scripted
-            call = await _describe_call(request, response, injected)
-            for observer in self.observers:
-                observer(call)
-            return response
-
-        app.middlewares.append(observe)
-        return app
-
-
-async def _describe_call(
-    request: web.Request, response: web.StreamResponse, injected: bool
-) -> dict[str, Any]:
-    """What the page shows of one API call (never the secret or the token)."""
-    api = request.path.removeprefix("/cgi-bin/")
-    call: dict[str, Any] = {"api": api, "http": response.status, "injected": injected}
-    body = getattr(response, "body", None)
-    if isinstance(body, bytes):
-        with contextlib.suppress(ValueError):
-            answer = json.loads(body)
-            if isinstance(answer, dict):
-                call["errcode"] = answer.get("errcode")
-                call["errmsg"] = answer.get("errmsg")
-                call["msgid"] = answer.get("msgid")
-                call["expires_in"] = answer.get("expires_in")
-    if api == "message/send" and request.can_read_body:
-        with contextlib.suppress(ValueError, TypeError):
-            sent = await request.json()  # cached: the handler read it already
-            call["touser"] = str(sent.get("touser"))
-    return call
 
 
 @dataclass(frozen=True)
@@ -203,8 +152,7 @@ class Console:
             deliver_policy=DeliverPolicy.NEW,
             cb=self._on_event,
         )
-        if isinstance(self.wecom, ObservedWeComApi):
-            self.wecom.observers.append(self._on_api_call)
+        self.wecom.observe_calls(self._on_api_call)
         self._spawn(self._pump_sent())
         self._spawn(self._watch_gateway())
         self._site = await LocalSite.start(
@@ -214,9 +162,7 @@ class Console:
 
     async def stop(self) -> None:
         self.hub.close()  # every open stream ends
-        if isinstance(self.wecom, ObservedWeComApi):
-            with contextlib.suppress(ValueError):
-                self.wecom.observers.remove(self._on_api_call)
+        self.wecom.unobserve_calls(self._on_api_call)
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -276,8 +222,10 @@ class Console:
         finally:
             self.wecom.unsubscribe(queue)
 
-    def _on_api_call(self, call: dict[str, Any]) -> None:
-        self.hub.publish("api", call)
+    def _on_api_call(self, call: ApiCall) -> None:
+        # What the page shows of the call; a field that does not apply is left out.
+        data = {k: v for k, v in dataclasses.asdict(call).items() if v is not None}
+        self.hub.publish("api", data)
         self.hub.publish("stats", self._stats())
 
     async def _watch_gateway(self) -> None:

@@ -15,9 +15,11 @@ console inject what WeCom does on a bad day::
     >>> await hold.wait_held()                     # doctest: +SKIP
     >>> hold.release(accept=False)                 # the held send is never accepted
 
-Every accepted send is recorded in :attr:`sent` (and pushed to subscribers) with the
-msgid WeCom would return; content over 2048 bytes is truncated silently, as WeCom does,
-and flagged so tests can prove no part ever was.
+Every call is reported to the :meth:`~SimulatedWeComApi.observe_calls` observers as an
+:class:`ApiCall` (the api, HTTP status, errcode, and whether a scripted ``fail_*`` fault
+produced the answer). Every accepted send is recorded in :attr:`sent` (and pushed to
+subscribers) with the msgid WeCom would return; content over 2048 bytes is truncated
+silently, as WeCom does, and flagged so tests can prove no part ever was.
 
 Duplicate check (path/90236): a send with ``enable_duplicate_check=1`` that is identical
 (touser, agentid, msgtype, content) to a send accepted within ``duplicate_check_interval``
@@ -36,7 +38,7 @@ import json
 import secrets
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,7 +46,7 @@ from aiohttp import web
 
 from wecombot_common.http import LoopbackServer
 
-__all__ = ["Hold", "SentMessage", "SimulatedWeComApi"]
+__all__ = ["ApiCall", "Hold", "SentMessage", "SimulatedWeComApi"]
 
 MAX_CONTENT_BYTES = 2048  # text.content limit, path/90236
 DUPLICATE_CHECK_DEFAULT_S = 1800  # path/90236
@@ -65,6 +67,26 @@ ERRMSG = {
     81013: "user & party & tag all invalid",
     82001: "all touser invalid",
 }
+
+
+@dataclass(frozen=True)
+class ApiCall:
+    """One call to the simulated API and its answer, as an observer sees it (never the
+    secret or the access_token). The errcode fields are None for a bare HTTP answer."""
+
+    api: str  # "gettoken" or "message/send"
+    http: int  # the HTTP status answered
+    injected: bool  # a fault scripted with fail_gettoken/fail_sends/fail_sends_http
+    errcode: int | None = None
+    errmsg: str | None = None
+    msgid: str | None = None
+    expires_in: int | None = None
+    touser: str | None = None  # message/send: whom it was for, if the body says
+
+
+# What a handler answered, kept on its response for the call's report.
+_ANSWER = web.ResponseKey("wecombot_sim_answer", dict)
+_INJECTED = web.ResponseKey("wecombot_sim_injected", bool)
 
 
 @dataclass(frozen=True)
@@ -162,6 +184,7 @@ class SimulatedWeComApi(LoopbackServer):
         self._subscribers: set[asyncio.Queue[SentMessage]] = set()
         self._send_holds: list[Hold] = []
         self._gettoken_holds: list[Hold] = []
+        self._call_observers: list[Callable[[ApiCall], None]] = []
 
     # ------------------------------------------------------------ lifecycle
     @property
@@ -170,9 +193,56 @@ class SimulatedWeComApi(LoopbackServer):
 
     def routes(self) -> list[web.RouteDef]:
         return [
-            web.get("/cgi-bin/gettoken", self._gettoken),
-            web.post("/cgi-bin/message/send", self._send),
+            web.get("/cgi-bin/gettoken", self._reported("gettoken", self._gettoken)),
+            web.post("/cgi-bin/message/send", self._reported("message/send", self._send)),
         ]
+
+    # ------------------------------------------------------------ observation
+    def observe_calls(self, observer: Callable[[ApiCall], None]) -> None:
+        """Call ``observer`` with every API call once it is answered (not a held one
+        before it is released)."""
+        self._call_observers.append(observer)
+
+    def unobserve_calls(self, observer: Callable[[ApiCall], None]) -> None:
+        if observer in self._call_observers:
+            self._call_observers.remove(observer)
+
+    def _reported(
+        self, api: str, handler: Callable[[web.Request], Awaitable[web.Response]]
+    ) -> Callable[[web.Request], Awaitable[web.Response]]:
+        async def handle(request: web.Request) -> web.Response:
+            response = await handler(request)
+            if self._call_observers:
+                answer: dict[str, Any] = response.get(_ANSWER) or {}
+                call = ApiCall(
+                    api=api,
+                    http=response.status,
+                    injected=response.get(_INJECTED, False),
+                    errcode=answer.get("errcode"),
+                    errmsg=answer.get("errmsg"),
+                    msgid=answer.get("msgid"),
+                    expires_in=answer.get("expires_in"),
+                    touser=await self._touser(request) if api == "message/send" else None,
+                )
+                for observer in list(self._call_observers):
+                    observer(call)
+            return response
+
+        return handle
+
+    @staticmethod
+    async def _touser(request: web.Request) -> str | None:
+        try:
+            body = json.loads(await request.read())  # read already: cached
+        except ValueError:
+            return None
+        touser = body.get("touser") if isinstance(body, dict) else None
+        return None if touser is None else str(touser)
+
+    @staticmethod
+    def _injected(response: web.Response) -> web.Response:
+        response[_INJECTED] = True
+        return response
 
     # ------------------------------------------------------------ fault injection
     def fail_gettoken(self, errcode: int, *, times: int = 1) -> None:
@@ -231,7 +301,9 @@ class SimulatedWeComApi(LoopbackServer):
     # ------------------------------------------------------------ handlers
     @staticmethod
     def _json(payload: dict[str, Any]) -> web.Response:
-        return web.json_response(payload, dumps=lambda o: json.dumps(o, ensure_ascii=False))
+        response = web.json_response(payload, dumps=lambda o: json.dumps(o, ensure_ascii=False))
+        response[_ANSWER] = payload
+        return response
 
     @staticmethod
     def _error(errcode: int) -> dict[str, Any]:
@@ -267,7 +339,8 @@ class SimulatedWeComApi(LoopbackServer):
             return web.Response(status=503, text="service unavailable")
         self.gettoken_calls += 1
         if self.faults.gettoken:
-            return self._json(self._gettoken_error(self.faults.gettoken.popleft(), request))
+            error = self._gettoken_error(self.faults.gettoken.popleft(), request)
+            return self._injected(self._json(error))
         if request.query.get("corpid") != self.corp_id:
             return self._json(self._error(40013))
         if not secrets.compare_digest(request.query.get("corpsecret", ""), self.secret):
@@ -330,12 +403,13 @@ class SimulatedWeComApi(LoopbackServer):
             return web.Response(status=503, text="service unavailable")
         self.send_calls += 1
         if self.faults.send_http:
-            return web.Response(status=self.faults.send_http.popleft(), text="bad gateway")
+            status = self.faults.send_http.popleft()
+            return self._injected(web.Response(status=status, text="bad gateway"))
         token_error = self._check_token(request.query.get("access_token"))
         if token_error:
             return self._json(self._error(token_error))
         if self.faults.send:
-            return self._json(self._error(self.faults.send.popleft()))
+            return self._injected(self._json(self._error(self.faults.send.popleft())))
         try:
             body = await request.json()
             touser = str(body["touser"])

@@ -209,7 +209,7 @@
     const status = el("div", "status", "sending…");
     body.append(bubble, status);
     row.append(avatar(d.user), body);
-    state.said.set(d.key, { user: d.user, status, answers: [], stored: false, seq: null, dupe: false });
+    state.said.set(d.key, { user: d.user, status, answers: [], seq: null, dupe: false });
     if (d.msg_id) state.keyOfMsg.set(d.msg_id, d.key);
     if (isEvent && !d.external) {
       if (!state.pendingEvents.has(d.user)) state.pendingEvents.set(d.user, []);
@@ -232,7 +232,7 @@
         parts.push(["bad", `✗ ${what}: ${answer.detail || "the gateway refused it"}`]);
       }
     }
-    if (said.stored) parts.push(["ok", `stored as seq ${said.seq}`]);
+    if (said.seq !== null) parts.push(["ok", `stored as seq ${said.seq}`]);
     said.status.replaceChildren();
     parts.forEach(([cls, text], i) => {
       if (i) said.status.append(" · ");
@@ -243,7 +243,7 @@
   function onCallback(d) {
     const said = state.said.get(d.key);
     if (!said) return;
-    if (d.attempt > 1) said.dupe = said.stored;
+    if (d.attempt > 1) said.dupe = said.seq !== null;
     said.answers.push(d);
     renderStatus(said);
   }
@@ -357,7 +357,6 @@
         if (!key && e.msg_type === "event") key = (state.pendingEvents.get(user) || []).shift();
         if (key) {
           const said = state.said.get(key);
-          said.stored = true;
           said.seq = d.seq;
           renderStatus(said);
         } else {
@@ -366,9 +365,7 @@
           const text = p.kind === "text" ? p.content : `⟨${p.kind === "event" ? `event: ${p.event}` : e.msg_type}⟩`;
           onSaid({ key: `seq-${d.seq}`, user, text, kind: p.kind === "text" ? "text" : "event", external: true });
           const said = state.said.get(`seq-${d.seq}`);
-          said.stored = true;
           said.seq = d.seq;
-          said.answers = [];
           renderStatus(said);
         }
         if (e.msg_type === "text") await_(user, e.correlation_id, true);
