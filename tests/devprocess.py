@@ -1,6 +1,6 @@
 """`wecombot dev` as a child process, for the tests that drive it as a user would
 (tests/e2e/test_dev.py, tests/browser): a bare environment, its output collected, and a
-SIGTERM stop that reports how long it took."""
+SIGTERM stop under a deadline."""
 
 from __future__ import annotations
 
@@ -71,14 +71,16 @@ class DevProcess:
         )
         self.out = Output(self.proc)
 
-    def stop(self, timeout: float = 15.0) -> tuple[int, float]:
-        """SIGTERM (as Ctrl-C or Kubernetes would); the exit code and seconds it took.
-        Killed after ``timeout`` if it hangs (and then the code is the kill's)."""
-        started = time.monotonic()
+    def stop(self, timeout: float = 10.0) -> int:
+        """SIGTERM (as Ctrl-C or Kubernetes would); the exit code. Still running after
+        ``timeout``: killed, and AssertionError (with the output's tail)."""
         self.proc.send_signal(signal.SIGTERM)
         try:
-            code = self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired as exc:
             self.proc.kill()
-            code = self.proc.wait()
-        return code, time.monotonic() - started
+            self.proc.wait()
+            raise AssertionError(
+                f"wecombot dev still running {timeout:g}s after SIGTERM (killed):\n"
+                f"{self.out.tail()}"
+            ) from exc

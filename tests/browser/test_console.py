@@ -82,10 +82,9 @@ def dev(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dev]:
         url = process.out.wait_for(r"console: (http://127\.0\.0\.1:\d+/)").group(1)
         yield Dev(process, process.out, url)
     finally:
-        code, took = process.stop()
-    # Open event streams must not hold up the shutdown.
+        # Open event streams must not hold up the shutdown: fails past 10 s.
+        code = process.stop(timeout=10)
     assert code == 0, process.out.tail()
-    assert took < 10
 
 
 @pytest.fixture(scope="module")

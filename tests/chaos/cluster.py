@@ -22,7 +22,7 @@ import asyncio
 import contextlib
 import re
 from collections import Counter, defaultdict
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +34,7 @@ from nats.js import JetStreamContext
 
 from tests.conftest import NatsHandle, free_port
 from tests.e2e.harness import AGENT_ID, CORP_ID, ProcessService, Stack
+from tests.waiting import until
 from wecombot_common import topology
 from wecombot_common.events import (
     DeliveryFailed,
@@ -87,27 +88,6 @@ def model_reply(messages: list[dict[str, Any]]) -> str:
     return reply_for(str(users[-1]) if users else "")
 
 
-async def until(
-    predicate: Callable[[], bool | Awaitable[bool]],
-    *,
-    timeout: float,
-    what: str,
-    interval: float = 0.1,
-) -> None:
-    """Poll ``predicate`` until it holds; AssertionError naming ``what`` at the deadline."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
-        result = predicate()
-        if not isinstance(result, bool):
-            result = await result
-        if result:
-            return
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
-        await asyncio.sleep(interval)
-
-
 @dataclass
 class Said:
     user: str
@@ -151,6 +131,15 @@ class Cluster:
             if isinstance(s, ProcessService)
             and s.proc.poll() is None
             and (name is None or s.name == name)
+        ]
+
+    def exited(self) -> list[ProcessService]:
+        """The service processes that have ended (killed, stopped or crashed), in the
+        order they were started."""
+        return [
+            s
+            for s in self.stack.services
+            if isinstance(s, ProcessService) and s.proc.poll() is not None
         ]
 
     def start(self, name: str, **env: str) -> ProcessService:
@@ -268,10 +257,7 @@ class Cluster:
             short = [(u, len(got[u]), len(p)) for u, p in expected.items() if len(got[u]) < len(p)]
             return f"every reply (user, parts got, parts expected: {short[:5]})"
 
-        try:
-            await until(done, timeout=timeout, what="every reply", interval=0.2)
-        except AssertionError:
-            raise AssertionError(f"timed out waiting for {missing()}") from None
+        await until(done, timeout=timeout, what=missing, interval=0.2)
 
     async def idle(self, *, timeout: float = 60.0) -> None:
         """Until both work consumers hold nothing (every delivery settled)."""

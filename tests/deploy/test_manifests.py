@@ -218,9 +218,9 @@ def _service_env(docs: list[dict[str, Any]], service: str) -> dict[str, str]:
 
 
 def _settings(service: str, env: Mapping[str, str]) -> Any:
-    from tests.e2e.harness import _service
+    from tests.e2e import harness
 
-    load, _ = _service(service)
+    load, _ = harness.service(service)
     return load(env)
 
 

@@ -26,7 +26,8 @@ import pytest
 from nats.aio.client import Client as NATS
 from nats.js.api import StreamConfig
 
-from tests.e2e.harness import AGENT_ID, CORP_ID, InProcessService, Stack, _service, eventually
+from tests.e2e.harness import AGENT_ID, CORP_ID, InProcessService, Stack, service
+from tests.waiting import until
 from wecombot import setup as setup_command
 from wecombot_common import bus, topology
 from wecombot_common.embedded import EmbeddedNats
@@ -86,7 +87,7 @@ def _service_env(stack: Stack, nats_: SecuredNats, user: str) -> dict[str, str]:
 
 async def _start_services(stack: Stack, nats_: SecuredNats) -> None:
     for name in SERVICES:
-        load, serve = _service(name)
+        load, serve = service(name)
         stop = asyncio.Event()
         settings = load(_service_env(stack, nats_, name))
         task = asyncio.create_task(serve(settings, stop), name=f"svc-{name}")
@@ -153,10 +154,7 @@ async def test_poison_messages_reach_the_dead_letter_stream(
                     dlq_subjects.add(msg.subject)
             return len(dlq_subjects) == 2
 
-        deadline = asyncio.get_running_loop().time() + 20
-        while not await collect():
-            assert asyncio.get_running_loop().time() < deadline, dlq_subjects
-            await asyncio.sleep(0.1)
+        await until(collect, timeout=20, what=lambda: f"both dead letters (have {dlq_subjects})")
     finally:
         await admin.close()
     assert secured_nats.violations() == []
@@ -183,14 +181,14 @@ class Client:
         before = len(self.errors)
         attempt = asyncio.ensure_future(what())
         try:
-            await eventually(
+            await until(
                 # nats-py lower-cases the server's "-ERR 'Permissions Violation for …'".
                 lambda: any(
                     "permissions violation" in e.lower() and f'"{subject.lower()}"' in e.lower()
                     for e in self.errors[before:]
                 ),
                 timeout=5,
-                what=f"a permissions violation for {subject!r} (got {self.errors[before:]})",
+                what=lambda: f"a permissions violation for {subject!r} ({self.errors[before:]})",
             )
         finally:
             attempt.cancel()
@@ -242,7 +240,7 @@ async def test_gateway_may_only_append_received_messages(
         lambda: gateway.js.publish(f"{CONV.root}.llm.reply", b"{}"), f"{CONV.root}.llm.reply"
     )
     # The server logs it too (what the end-to-end test asserts never happens there).
-    await eventually(
+    await until(
         lambda: any(
             "user:gateway" in line and f"{CONV.root}.llm.reply" in line
             for line in secured_nats.violations()

@@ -22,6 +22,7 @@ from typing import Any
 import httpx
 
 from tests.conftest import free_port
+from tests.waiting import until
 from wecombot_common.crypto import generate_encoding_aes_key, generate_token
 from wecombot_common.sim.callbacks import Callback, CallbackBuilder
 from wecombot_common.sim.openai_api import SimulatedOpenAIApi
@@ -31,9 +32,10 @@ CORP_ID = "wwe2e0123456789"
 AGENT_ID = 1000002
 
 
-def _service(
+def service(
     name: str,
 ) -> tuple[Callable[[Mapping[str, str]], Any], Callable[..., Awaitable[None]]]:
+    """A service's settings loader and ``serve(settings, stop)``, to run it in process."""
     if name == "gateway":
         from wecombot_gateway.main import serve as gateway_serve
         from wecombot_gateway.settings import GatewaySettings
@@ -53,18 +55,6 @@ def _service(
     from wecombot_token.settings import TokenSettings
 
     return TokenSettings.from_env, token_serve
-
-
-async def eventually(
-    predicate: Callable[[], bool], *, timeout: float = 20.0, what: str = "condition"
-) -> None:
-    """Wait for a condition with a deadline (polling, not sleeping as synchronisation)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not predicate():
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 @dataclass
@@ -154,9 +144,9 @@ class Stack:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        for service in reversed(self.services):
+        for running in reversed(self.services):
             with contextlib.suppress(Exception):
-                await service.terminate()
+                await running.terminate()
         await self.http.aclose()
         await self.model.stop()
         await self.wecom.stop()
@@ -165,7 +155,7 @@ class Stack:
     async def start_in_process(self, *names: str) -> None:
         env = self.env()
         for name in names:
-            load, serve = _service(name)
+            load, serve = service(name)
             stop = asyncio.Event()
             task = asyncio.create_task(serve(load(env), stop), name=f"svc-{name}")
             self.services.append(InProcessService(name, stop, task))
@@ -178,9 +168,9 @@ class Stack:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "wecombot", name], env=env, stdout=log, stderr=log
             )
-        service = ProcessService(name, proc, log_path)
-        self.services.append(service)
-        return service
+        started = ProcessService(name, proc, log_path)
+        self.services.append(started)
+        return started
 
     async def wait_ready(self, timeout: float = 20.0) -> None:
         """The gateway answers /readyz (NATS connected, stream present)."""
@@ -222,9 +212,9 @@ class Stack:
         return self.wecom.messages_to(user)
 
     async def wait_replies(self, user: str, count: int, timeout: float = 30.0) -> list[str]:
-        await eventually(
+        await until(
             lambda: len(self.replies(user)) >= count,
             timeout=timeout,
-            what=f"{count} replies to {user} (have {self.replies(user)})",
+            what=lambda: f"{count} replies to {user} (have {self.replies(user)})",
         )
         return self.replies(user)

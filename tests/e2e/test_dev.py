@@ -56,7 +56,6 @@ def test_dev_runs_the_whole_system_with_no_settings(tmp_path: Path) -> None:
         assert response.text == ""
         out.wait_for(r"message/send → zhang\.san: .*hello from the sandbox", timeout=30)
     finally:
-        code, took = dev.stop()
-    assert took < 10
+        code = dev.stop(timeout=10)  # fails if it takes longer
     assert code == 0
     out.wait_for(r"\[dev\]\s+stopped")

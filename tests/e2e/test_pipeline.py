@@ -16,7 +16,8 @@ from typing import Any
 import pytest
 
 from tests.conftest import NatsHandle
-from tests.e2e.harness import AGENT_ID, CORP_ID, Stack, eventually
+from tests.e2e.harness import AGENT_ID, CORP_ID, Stack
+from tests.waiting import until
 from wecombot_common import topology
 from wecombot_common.bus import read_conversation
 from wecombot_common.events import MessageReceived, ReplyDelivered, ReplyGenerated
@@ -93,7 +94,9 @@ async def test_long_reply_is_split_into_parts_that_join_exactly(stack: Stack, js
     assert len(long_reply.encode()) > 3 * 2048
     stack.model.reply = lambda messages: long_reply
     await stack.say("long.reader", "tell me everything")
-    await eventually(lambda: "".join(stack.replies("long.reader")) == long_reply, what="all parts")
+    await until(
+        lambda: "".join(stack.replies("long.reader")) == long_reply, timeout=20, what="all parts"
+    )
     parts = stack.replies("long.reader")
     assert len(parts) >= 4
     assert all(len(p.encode()) <= 2048 for p in parts)

@@ -18,7 +18,7 @@ that is why the llm runs both ways.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from urllib.parse import quote, quote_plus
 
@@ -29,6 +29,7 @@ from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
 from tests.e2e.harness import AGENT_ID, CORP_ID, Stack
+from tests.waiting import until
 from wecombot_common import topology
 from wecombot_common.crypto import WeComCrypto
 from wecombot_common.embedded import EmbeddedNats
@@ -128,27 +129,12 @@ async def _dead_lettered(js: JetStreamContext) -> bool:
     return bool((await js.stream_info(topology.DEAD_LETTER_STREAM)).state.messages)
 
 
-def _token_service_answers(nc: NATS) -> Callable[[JetStreamContext], Awaitable[bool]]:
-    async def check(_: JetStreamContext) -> bool:
-        try:
-            await TokenClient(nc).get(f"{CORP_ID}-{AGENT_ID}")
-        except (TokenError, TransientTokenError):
-            return False
-        return True
-
-    return check
-
-
-async def _until(
-    js: JetStreamContext,
-    check: Callable[[JetStreamContext], Awaitable[bool]],
-    timeout: float = 30.0,
-) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not await check(js):
-        assert loop.time() < deadline, f"{getattr(check, '__qualname__', check)} not in time"
-        await asyncio.sleep(0.05)
+async def _token_service_answers(nc: NATS) -> bool:
+    try:
+        await TokenClient(nc).get(f"{CORP_ID}-{AGENT_ID}")
+    except (TokenError, TransientTokenError):
+        return False
+    return True
 
 
 def _forms(secret: str) -> list[str]:
@@ -171,7 +157,10 @@ async def test_no_secret_in_any_log_line_or_stored_event(
         stack.start_process("sender")
         stack.start_process("llm")
         await stack.start_in_process("llm", "gateway")
-        await _until(js, _token_service_answers(nc))  # fetches the first access_token
+        # It fetches the first access_token.
+        await until(
+            lambda: _token_service_answers(nc), timeout=30, what="the token service's answer"
+        )
 
         # A normal day, for several users (either llm replica may answer each).
         users = [f"secret.user{i}@corp" for i in range(4)]
@@ -195,10 +184,10 @@ async def test_no_secret_in_any_log_line_or_stored_event(
         # both end in DeliveryFailed and in the DLQ.
         stack.wecom.reject_user("refused.user", 81013)
         await stack.say("refused.user", "you will not hear back")
-        await _until(js, _refusal_recorded)
+        await until(lambda: _refusal_recorded(js), timeout=30, what="the refusal's DeliveryFailed")
         stack.wecom.fail_sends_http(502, times=2)
         await stack.say(users[2], "this reply is dead-lettered")
-        await _until(js, _dead_lettered)
+        await until(lambda: _dead_lettered(js), timeout=30, what="the dead-lettered reply")
         issued = list(stack.wecom._tokens)  # every access_token WeCom handed out
         for service in reversed(stack.services):  # flush and close every log
             await service.terminate()

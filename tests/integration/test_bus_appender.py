@@ -37,32 +37,39 @@ async def test_many_appends_in_flight_each_get_their_own_pub_ack(
 ) -> None:
     await ensure_topology(js, NatsSettings.read(EnvReader({})))
     appender = await PipelinedAppender.start(nc)
-    events = [reply(f"user{i % 7}", f"m{i}") for i in range(300)]
-    results = await asyncio.gather(
-        *(appender.append(e, msg_id=f"k{i}", timeout=5) for i, e in enumerate(events))
-    )
-    assert not any(r.duplicate for r in results)
-    assert sorted(r.seq for r in results) == list(range(1, 301))
-    # Each answer is the sequence its own event was stored at.
-    for user in {e.conversation for e in events}:
-        stored = [s async for s in read_conversation(js, ConversationRef(APP, user))]
-        assert all(
-            results[events.index(s.event)].seq == s.seq
-            for s in stored  # type: ignore[arg-type]
+    try:
+        events = [reply(f"user{i % 7}", f"m{i}") for i in range(300)]
+        results = await asyncio.gather(
+            *(appender.append(e, msg_id=f"k{i}", timeout=5) for i, e in enumerate(events))
         )
-    # A repeated msg_id is JetStream's duplicate, at the first copy's sequence, exactly
-    # what append_event answers.
-    again = await appender.append(events[5], msg_id="k5", timeout=5)
-    assert again == Appended(seq=results[5].seq, duplicate=True)
-    assert again == await append_event(js, events[5], msg_id="k5")
-    assert appender.in_flight == 0
-    await appender.close()
+        assert not any(r.duplicate for r in results)
+        assert sorted(r.seq for r in results) == list(range(1, 301))
+        # Each answer is the sequence its own event was stored at: every event read back
+        # (all users together), by the sequence it was read at.
+        read = {
+            stored.seq: stored.event
+            for user in sorted({e.conversation for e in events})
+            async for stored in read_conversation(js, ConversationRef(APP, user))
+        }
+        assert len(read) == 300
+        assert [read.get(r.seq) for r in results] == events
+        # A repeated msg_id is JetStream's duplicate, at the first copy's sequence, exactly
+        # what append_event answers.
+        again = await appender.append(events[5], msg_id="k5", timeout=5)
+        assert again == Appended(seq=results[5].seq, duplicate=True)
+        assert again == await append_event(js, events[5], msg_id="k5")
+        assert appender.in_flight == 0
+    finally:
+        await appender.close()
 
 
 async def test_no_stream_is_a_clear_refusal_not_a_timeout(nc: NATS) -> None:
     appender = await PipelinedAppender.start(nc)  # no topology: nothing captures the subject
-    with pytest.raises(AppendUnavailable, match="no stream answered"):
-        await appender.append(reply("a", "x"), msg_id="k", timeout=30)
+    try:
+        with pytest.raises(AppendUnavailable, match="no stream answered"):
+            await appender.append(reply("a", "x"), msg_id="k", timeout=30)
+    finally:
+        await appender.close()
 
 
 async def test_a_refused_append_carries_jetstream_s_reason(nc: NATS, js: JetStreamContext) -> None:
@@ -70,8 +77,11 @@ async def test_a_refused_append_carries_jetstream_s_reason(nc: NATS, js: JetStre
         StreamConfig(name="TINY", subjects=[topology.CONVERSATION_SUBJECTS], max_msg_size=16)
     )
     appender = await PipelinedAppender.start(nc)
-    with pytest.raises(AppendUnavailable, match=r"JetStream refused the append: .*size"):
-        await appender.append(reply("a", "far more than sixteen bytes"), msg_id="k", timeout=5)
+    try:
+        with pytest.raises(AppendUnavailable, match=r"JetStream refused the append: .*size"):
+            await appender.append(reply("a", "far more than sixteen bytes"), msg_id="k", timeout=5)
+    finally:
+        await appender.close()
 
 
 async def test_no_pub_ack_in_time_is_unavailable_and_close_fails_what_waits(
@@ -94,4 +104,7 @@ async def test_no_pub_ack_in_time_is_unavailable_and_close_fails_what_waits(
     nats_server.start()  # and a new appender on the reconnected client works again
     await nc.flush(timeout=10)
     fresh = await PipelinedAppender.start(nc)
-    assert (await fresh.append(reply("a", "z"), msg_id="k3", timeout=5)).seq >= 1
+    try:
+        assert (await fresh.append(reply("a", "z"), msg_id="k3", timeout=5)).seq >= 1
+    finally:
+        await fresh.close()

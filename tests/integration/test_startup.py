@@ -5,35 +5,16 @@ never restart-loops a pod that is only waiting for the broker."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Mapping
-from typing import Any
 
 import httpx
 import pytest
 
 from tests.conftest import NatsHandle, free_port
+from tests.e2e.harness import service
+from tests.waiting import until
 from wecombot_common.crypto import generate_encoding_aes_key
 
 pytestmark = pytest.mark.integration
-
-
-def _service(
-    name: str,
-) -> tuple[Callable[[Mapping[str, str]], Any], Callable[..., Awaitable[None]]]:
-    if name == "llm":
-        from wecombot_llm.main import serve as llm_serve
-        from wecombot_llm.settings import LlmSettings
-
-        return LlmSettings.from_env, llm_serve
-    if name == "sender":
-        from wecombot_sender.main import serve as sender_serve
-        from wecombot_sender.settings import SenderSettings
-
-        return SenderSettings.from_env, sender_serve
-    from wecombot_token.main import serve as token_serve
-    from wecombot_token.settings import TokenSettings
-
-    return TokenSettings.from_env, token_serve
 
 
 async def _status(url: str) -> int | None:
@@ -42,12 +23,6 @@ async def _status(url: str) -> int | None:
             return (await client.get(url)).status_code
     except httpx.TransportError:
         return None
-
-
-async def _until(check: Callable[[], Awaitable[bool]], timeout: float = 20.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not await check():
-            await asyncio.sleep(0.05)
 
 
 @pytest.mark.parametrize("name", ["llm", "sender", "token"])
@@ -64,7 +39,7 @@ async def test_alive_before_nats_then_ready(name: str, nats_server: NatsHandle) 
         "WECOM_ENCODING_AES_KEY": generate_encoding_aes_key(),
         "WECOM_API_BASE": "http://127.0.0.1:9",
     }
-    load, serve = _service(name)
+    load, serve = service(name)
     base = f"http://127.0.0.1:{port}"
 
     # 1. NATS away: alive, not ready; SIGTERM (stop) ends it at once.
@@ -74,7 +49,7 @@ async def test_alive_before_nats_then_ready(name: str, nats_server: NatsHandle) 
     async def alive() -> bool:
         return await _status(f"{base}/healthz") == 200
 
-    await _until(alive)
+    await until(alive, timeout=20, what=f"{name}'s /healthz")
     assert await _status(f"{base}/readyz") == 503
     stop.set()
     await asyncio.wait_for(task, 5)
@@ -82,14 +57,14 @@ async def test_alive_before_nats_then_ready(name: str, nats_server: NatsHandle) 
     # 2. NATS arrives while the service waits: it becomes ready without a restart.
     stop = asyncio.Event()
     task = asyncio.create_task(serve(load(env), stop))
-    await _until(alive)
+    await until(alive, timeout=20, what=f"{name}'s /healthz")
     nats_server.start()
 
     async def ready() -> bool:
         return await _status(f"{base}/readyz") == 200
 
     try:
-        await _until(ready, timeout=30)
+        await until(ready, timeout=30, what=f"{name}'s /readyz once NATS is there")
     finally:
         stop.set()
         await asyncio.wait_for(task, 30)
