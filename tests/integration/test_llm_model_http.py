@@ -71,18 +71,23 @@ async def test_many_calls_in_flight_share_one_pool_of_max_connections(
     api: SimulatedOpenAIApi,
 ) -> None:
     in_flight = peak = 0
+    all_busy = asyncio.Event()
 
-    async def slow_echo(messages: Messages) -> str:
+    async def held_echo(messages: Messages) -> str:
+        """The first calls are held until 40 are in at once (a smaller pool never gets
+        there: its calls time out and the test fails)."""
         nonlocal in_flight, peak
         in_flight += 1
         peak = max(peak, in_flight)
+        if in_flight == 40:
+            all_busy.set()
         try:
-            await asyncio.sleep(0.5)  # long enough for every connection to be busy at once
+            await all_busy.wait()
             return echo_reply(messages)
         finally:
             in_flight -= 1
 
-    api.reply = slow_echo
+    api.reply = held_echo
     model = OpenAIChatModel(settings(api.base_url, max_connections=40))
     try:
         answers = await asyncio.gather(
@@ -92,6 +97,8 @@ async def test_many_calls_in_flight_share_one_pool_of_max_connections(
         await model.aclose()
     assert all(f"q{i}" in answer.text for i, answer in enumerate(answers))
     assert peak == 40, "the pool is LLM_MAX_CONCURRENCY + 8 connections, all of them used"
+    connections = {request.client for request in api.chat_requests}
+    assert len(connections) == 40, "kept alive and reused, never more than the pool"
 
 
 async def test_a_hanging_model_is_a_timeout(api: SimulatedOpenAIApi) -> None:

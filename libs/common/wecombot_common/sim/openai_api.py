@@ -80,6 +80,7 @@ class RecordedRequest:
     headers: dict[str, str]
     body: Any
     at: float  # time.monotonic()
+    client: str = ""  # the client's host:port: one per connection it used
 
     @property
     def messages(self) -> Messages:
@@ -184,6 +185,7 @@ class SimulatedOpenAIApi(LoopbackServer):
             headers={k.lower(): v for k, v in request.headers.items()},
             body=body,
             at=time.monotonic(),
+            client=_client_of(request),
         )
         self.requests.append(record)
         async with self._arrived:
@@ -264,6 +266,11 @@ class SimulatedOpenAIApi(LoopbackServer):
         if fault.status == 429:
             return _error(429, "Rate limit reached", "rate_limit_exceeded", headers=headers)
         return _error(fault.status, "The server had an error", "server_error", headers=headers)
+
+
+def _client_of(request: web.Request) -> str:
+    peer = request.transport.get_extra_info("peername") if request.transport else None
+    return f"{peer[0]}:{peer[1]}" if peer else ""
 
 
 def _error(
