@@ -31,6 +31,8 @@ from datetime import UTC, datetime
 
 from aiohttp import web
 
+from wecombot_common.http import LocalSite
+
 Work = Callable[[web.Request], Awaitable[None]]
 
 
@@ -105,10 +107,11 @@ async def serve(port: int, path: str, work_name: str) -> None:
     app = web.Application()
     app.router.add_post(path, receive)
     app.router.add_get("/healthz", _healthz)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    await asyncio.Event().wait()
+    site = await LocalSite.start(app, "127.0.0.1", port)
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await site.stop()
 
 
 def main() -> None:

@@ -9,8 +9,8 @@ small control API the orchestrator uses between and after scenarios::
     GET  /stats           counters; ``?sent=1`` adds every message/send (user, text, time)
     POST /reset?latency=2 forget everything, set the model's latency (seconds)
 
-The model is counted at the door: requests in flight now, the peak, and when the first
-request arrived and the last answer left (wall clock).
+The model is counted at the door: requests in flight, their peak, and when the first
+request arrived (wall clock).
 """
 
 from __future__ import annotations
@@ -25,6 +25,8 @@ from typing import Any
 
 from aiohttp import web
 
+from wecombot_common.http import LocalSite
+from wecombot_common.runtime import event_loop_name
 from wecombot_common.sim.openai_api import SimulatedOpenAIApi
 from wecombot_common.sim.wecom_api import SimulatedWeComApi
 
@@ -46,9 +48,7 @@ class CountingModel(SimulatedOpenAIApi):
     def reset_counters(self) -> None:
         self.in_flight = 0
         self.peak_in_flight = 0
-        self.completed = 0
         self.first_at: float | None = None
-        self.last_at: float | None = None
         self.requests.clear()
 
     def app(self) -> web.Application:
@@ -66,8 +66,6 @@ class CountingModel(SimulatedOpenAIApi):
             return await handler(request)
         finally:
             self.in_flight -= 1
-            self.completed += 1
-            self.last_at = time.time()
             self.requests.clear()  # the simulator records every request: not needed here
 
 
@@ -81,17 +79,12 @@ class Fakes:
     async def stats(self, request: web.Request) -> web.Response:
         body: dict[str, Any] = {
             "gettoken_calls": self.wecom.gettoken_calls,
-            "send_calls": self.wecom.send_calls,
             "sent": len(self.wecom.sent),
-            "truncated": sum(1 for m in self.wecom.sent if m.truncated),
             "first_sent_at": self.wecom.sent[0].at if self.wecom.sent else None,
             "last_sent_at": self.wecom.sent[-1].at if self.wecom.sent else None,
             "distinct_sent": len({(m.touser, m.content) for m in self.wecom.sent}),
-            "model_completed": self.model.completed,
-            "model_in_flight": self.model.in_flight,
             "model_peak_in_flight": self.model.peak_in_flight,
             "model_first_at": self.model.first_at,
-            "model_last_at": self.model.last_at,
         }
         if request.query.get("sent"):
             body["messages"] = [[m.touser, m.content, m.at] for m in self.wecom.sent]
@@ -100,8 +93,6 @@ class Fakes:
     async def reset(self, request: web.Request) -> web.Response:
         self.wecom.sent.clear()
         self.wecom.gettoken_calls = 0
-        self.wecom.send_calls = 0
-        self.wecom._tokens.clear()  # a fresh WeCom: tokens issued before are unknown
         self.model.reset_counters()
         if "latency" in request.query:
             self.model.latency_s = float(request.query["latency"])
@@ -112,17 +103,11 @@ class Fakes:
         await self.model.start()
         control = web.Application()
         control.add_routes([web.get("/stats", self.stats), web.post("/reset", self.reset)])
-        runner = web.AppRunner(control, access_log=None)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        server = site._server
-        assert server is not None
-        port = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
+        site = await LocalSite.start(control, "127.0.0.1", 0)
         tmp = ports_file.with_suffix(".tmp")
         tmp.write_text(
             json.dumps(
-                {"wecom": self.wecom.base_url, "model": self.model.base_url, "control": port}
+                {"wecom": self.wecom.base_url, "model": self.model.base_url, "control": site.port}
             )
         )
         tmp.rename(ports_file)
@@ -138,12 +123,12 @@ def main() -> None:
     parser.add_argument("--ports-file", type=Path, required=True)
     args = parser.parse_args()
     fakes = Fakes(args)
-    try:
-        import uvloop  # the fakes are not under test: keep them cheap
-    except ImportError:  # pragma: no cover - optional
-        asyncio.run(fakes.run(args.ports_file))
-    else:
+    if event_loop_name({}) == "uvloop":  # the fakes are not under test: keep them cheap
+        import uvloop
+
         uvloop.run(fakes.run(args.ports_file))
+    else:
+        asyncio.run(fakes.run(args.ports_file))
 
 
 if __name__ == "__main__":

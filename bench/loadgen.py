@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from typing import Any, cast
 from urllib.parse import urlsplit
 
+from wecombot_common.runtime import event_loop_name
 from wecombot_common.sim.callbacks import CallbackBuilder
 
 __all__ = ["HttpConnection", "Request", "build_requests", "percentiles"]
@@ -320,12 +321,12 @@ _MODES = {"closed": run_closed, "open": run_open, "burst": run_burst}
 def main() -> None:
     spec = json.loads(sys.stdin.read())
     runner = _MODES[spec["mode"]]
-    try:
-        import uvloop  # the generator's own loop: as cheap as possible
-    except ImportError:  # pragma: no cover - optional
-        result = asyncio.run(runner(spec))
-    else:
+    if event_loop_name({}) == "uvloop":  # the generator's own loop: as cheap as possible
+        import uvloop
+
         result = uvloop.run(runner(spec))
+    else:
+        result = asyncio.run(runner(spec))
     with contextlib.suppress(BrokenPipeError):
         sys.stdout.write(json.dumps(result))
         sys.stdout.flush()

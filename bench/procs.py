@@ -17,7 +17,7 @@ import subprocess
 import sys
 import sysconfig
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,8 @@ import aiohttp
 
 from wecombot_common.crypto import generate_encoding_aes_key, generate_token
 from wecombot_common.embedded import EmbeddedNats
+from wecombot_common.settings import app_key
+from wecombot_common.topology import OUTCOME_FILTER
 
 __all__ = [
     "Fakes",
@@ -84,7 +86,7 @@ class WeComApp:
 
     @property
     def app(self) -> str:
-        return f"{self.corp_id}-{self.agent_id}"
+        return app_key(self.corp_id, self.agent_id)
 
     def loadgen(self) -> dict[str, Any]:
         return {
@@ -113,14 +115,21 @@ async def wait_http(
 
 
 class Service:
-    """One ``python -m <module> …`` child process with a log file and a health URL."""
+    """One ``python -m <module> …`` child process with a log file, a health URL and the
+    port it serves HTTP on (None: none of ours to know)."""
 
     def __init__(
-        self, name: str, argv: list[str], env: Mapping[str, str], log: Path, health: str | None
+        self,
+        name: str,
+        argv: list[str],
+        env: Mapping[str, str],
+        log: Path,
+        health: str | None,
+        port: int | None = None,
     ) -> None:
         self.name = name
         self.health = health
-        self.log = log
+        self.port = port
         with open(log, "ab") as out:
             self.proc = subprocess.Popen(
                 [sys.executable, *argv], env=dict(env), stdout=out, stderr=subprocess.STDOUT
@@ -245,16 +254,14 @@ class Stack:
             self.env(**extra),
             self.workdir / f"{name}-{index}.log",
             f"http://127.0.0.1:{port}/readyz",
+            port,
         )
-        service.port = port  # type: ignore[attr-defined]
         self.services.append(service)
         return service
 
-    def callback_url(self, gateway: Service) -> str:
-        return f"http://127.0.0.1:{gateway.port}/wecom/callback"  # type: ignore[attr-defined]
-
-    def of(self, name: str) -> Iterator[Service]:
-        return (s for s in self.services if s.name == name)
+    def callback_url(self, server: Service) -> str:
+        """Where ``server`` (the gateway, or a ``bench.bare`` baseline) takes callbacks."""
+        return f"http://127.0.0.1:{server.port}/wecom/callback"
 
     async def stop(self) -> None:
         """Stop in dependency order (gateway first, token last), replicas together."""
@@ -296,7 +303,7 @@ class OutcomeWatch:
         async def on_msg(_: Any) -> None:
             self.times.append(time.time())
 
-        await self._nc.subscribe("wecombot.conv.*.*.llm.>", cb=on_msg)
+        await self._nc.subscribe(OUTCOME_FILTER, cb=on_msg)
         await self._nc.flush()
 
     async def wait_for(self, count: int, timeout: float) -> bool:
@@ -322,10 +329,6 @@ class Profiler:
         self.outdir = outdir
         self._running: list[tuple[subprocess.Popen[bytes], Path]] = []
         self.outputs: list[Path] = []
-
-    @property
-    def enabled(self) -> bool:
-        return self.outdir is not None
 
     def attach(self, service: Service, label: str) -> None:
         if self.outdir is None:

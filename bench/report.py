@@ -95,7 +95,7 @@ def table(results: dict[str, Any], quick: bool) -> list[str]:
             f"{fan['model_latency_s']:g} s model, 1 replica (LLM_MAX_CONCURRENCY="
             f"{fan['concurrency']}) | **{fan['rate']:.0f} completions/s** "
             f"({fan['outcomes']} in {fan['span_s']:.1f} s), peak {fan['peak_in_flight']} "
-            f"in flight; a thread pool of 8: {fan['thread_pool_ceiling']:g}/s "
+            f"in flight; a thread pool of 8 can do at most {fan['thread_pool_ceiling']:g}/s "
             f"| ≥ 200/s | {_ok(fan['rate'] >= 200 and fan['complete'])} |"
         )
     sc = results.get("scaling")

@@ -50,7 +50,6 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         sizes=_sized(QUICK if args.quick else FULL, args.set),
         loop=args.loop,
         profiler=profiler,
-        log=_say,
     )
     results: dict[str, Any] = {}
     failed = False

@@ -17,8 +17,8 @@ from typing import Any
 
 import nats
 
-from wecombot_common.events import ReplyGenerated, encode_event
-from wecombot_common.topology import subject_for
+from wecombot_common.bus import PipelinedAppender
+from wecombot_common.events import ReplyGenerated
 
 from .loadgen import percentiles
 from .procs import (
@@ -100,7 +100,6 @@ class Context:
     loop: str
     profiler: Profiler
     memory: dict[str, dict[str, float | str]] = field(default_factory=dict)
-    log: Callable[[str], None] = print
 
     def stack(self, name: str) -> Stack:
         workdir = self.workdir / name
@@ -197,17 +196,21 @@ async def gateway(ctx: Context) -> dict[str, Any]:
         bare, *parts = (
             _bare(ctx, stack, work) for work in ("none", "js-publish", "append", "open")
         )
-        await _ready(gw, bare.service, *(p.service for p in parts))
+        await _ready(gw, bare, *parts)
         ctx.note_idle(gw)
         ctx.profiler.attach(gw, "gateway")
-        meter = CpuMeter(_pids(stack, [gw, bare.service])).start()
+        meter = CpuMeter(_pids(stack, [gw, bare])).start()
         async with _rss_peaks([gw]) as peaks:
             closed = await run_loadgen(
                 _spec(
                     ctx,
                     mode="closed",
                     targets=[
-                        {"name": "bare", "url": bare.url, "prebuild": min(s.gw_prebuild, 20_000)},
+                        {
+                            "name": "bare",
+                            "url": stack.callback_url(bare),
+                            "prebuild": min(s.gw_prebuild, 20_000),
+                        },
                         {"name": "gateway", "url": stack.callback_url(gw)},
                     ],
                     connections=s.gw_connections,
@@ -272,21 +275,7 @@ async def gateway(ctx: Context) -> dict[str, Any]:
     }
 
 
-@dataclass(frozen=True)
-class _Bare:
-    service: Service
-    url: str
-
-    @property
-    def name(self) -> str:
-        return self.service.name
-
-    @property
-    def pid(self) -> int:
-        return self.service.pid
-
-
-def _bare(ctx: Context, stack: Stack, work: str) -> _Bare:
+def _bare(ctx: Context, stack: Stack, work: str) -> Service:
     """bench/bare.py, alone (``none``) or with one part of the gateway's work."""
     port = free_port()
     name = "bare" if work == "none" else f"bare+{work}"
@@ -296,12 +285,13 @@ def _bare(ctx: Context, stack: Stack, work: str) -> _Bare:
         stack.env(),
         stack.workdir / f"{name}.log",
         f"http://127.0.0.1:{port}/healthz",
+        port,
     )
     stack.services.append(service)
-    return _Bare(service, f"http://127.0.0.1:{port}/wecom/callback")
+    return service
 
 
-async def _steps(ctx: Context, stack: Stack, servers: list[_Bare]) -> dict[str, float]:
+async def _steps(ctx: Context, stack: Stack, servers: list[Service]) -> dict[str, float]:
     """CPU µs per request of the bare handler doing one part of the gateway's work each
     (one closed-loop round each, the same load as the side-by-side rounds)."""
     s = ctx.sizes
@@ -310,7 +300,7 @@ async def _steps(ctx: Context, stack: Stack, servers: list[_Bare]) -> dict[str, 
         _spec(
             ctx,
             mode="closed",
-            targets=[{"name": srv.name, "url": srv.url} for srv in servers],
+            targets=[{"name": srv.name, "url": stack.callback_url(srv)} for srv in servers],
             connections=s.gw_connections,
             warmup=s.gw_warmup_s,
             duration=s.gw_duration_s,
@@ -550,21 +540,23 @@ async def tokens(ctx: Context) -> dict[str, Any]:
 
 
 async def _inject_outcomes(url: str, app: str, count: int) -> None:
-    """Append ``count`` ReplyGenerated outcomes (distinct users) as the llm would."""
+    """Append ``count`` ReplyGenerated outcomes (distinct users) as the llm would, up to
+    2,000 awaiting their PubAck at a time."""
     nc = await nats.connect(url)
+    appender = await PipelinedAppender.start(nc)
+    window = asyncio.Semaphore(2000)
+
+    async def append(i: int) -> None:
+        event = ReplyGenerated(
+            app=app, conversation=f"tok{i}", correlation_id=f"t{i}", text=f"t{i}"
+        )
+        async with window:
+            await appender.append(event, msg_id=f"outcome:{event.event_id}", timeout=60)
+
     try:
-        js = nc.jetstream(publish_async_max_pending=2000)
-        for i in range(count):
-            event = ReplyGenerated(
-                app=app, conversation=f"tok{i}", correlation_id=f"t{i}", text=f"t{i}"
-            )
-            await js.publish_async(
-                subject_for(event),
-                encode_event(event),
-                headers={"Nats-Msg-Id": f"outcome:{event.event_id}"},
-            )
-        await asyncio.wait_for(js.publish_async_completed(), 60)
+        await asyncio.gather(*(append(i) for i in range(count)))
     finally:
+        await appender.close()
         await nc.close()
 
 
