@@ -52,7 +52,7 @@ from wecombot_common.settings import (
 )
 from wecombot_common.sim.callbacks import CallbackBuilder
 from wecombot_gateway.settings import GatewaySettings
-from wecombot_llm.model import env_proxy, error_detail
+from wecombot_llm.model import env_proxy, error_detail, provider_auth
 from wecombot_llm.settings import LlmSettings, ModelSettings
 from wecombot_sender.settings import SenderSettings
 from wecombot_token.domain import Failure
@@ -587,10 +587,7 @@ async def check_model(environ: Mapping[str, str], timeout_s: float) -> Finding:
             ),
         )
     key = model.api_key.reveal()
-    # As OpenAIChatModel authenticates (it builds these inside its constructor, so they
-    # cannot be imported): Bearer, or Azure's api-key header with ?api-version=.
-    headers = {"api-key": key} if model.api_version else {"Authorization": f"Bearer {key}"}
-    params = {"api-version": model.api_version} if model.api_version else {}
+    headers, params = provider_auth(model)  # as the llm authenticates
 
     def detail_of(response: httpx.Response) -> str:
         # A provider or proxy may echo the key: never shown (as the llm cleans it).

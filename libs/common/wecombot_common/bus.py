@@ -386,7 +386,7 @@ async def connect_when_ready(
     exponential backoff while JetStream is unavailable. Returns None if ``stop`` is set
     first, so a service waiting for its broker still stops at once on SIGTERM::
 
-        >>> ready = await connect_when_ready(s.nats, "wecombot-llm", stop,
+        >>> ready = await connect_when_ready(s.nats, "wecombot-llm", stop,  # doctest: +SKIP
         ...                                  lambda js: ensure_topology(js, s.nats))
     """
     log_ = log.bind(client=name)

@@ -1,13 +1,17 @@
 """Settings read from the environment once, at start-up, into frozen objects.
 
 Every service builds its own settings object with ``XxxSettings.from_env(os.environ)``
-in its entrypoint and passes it down; nothing else reads ``os.environ``. A missing or
-malformed value raises :class:`ConfigError` naming every bad variable at once::
+in its entrypoint and passes it down; nothing else reads ``os.environ``. The pieces here
+collect their problems in an :class:`EnvReader`, so a missing or malformed value raises
+:class:`ConfigError` naming every bad variable at once::
 
-    >>> GatewaySettings.from_env({"WECOM_CORP_ID": "ww1"})
+    >>> env = EnvReader({"WECOM_CORP_ID": "ww1", "NATS_URL": "http://nats:4222"})
+    >>> wecom, nats = WeComCallbackSettings.read(env), NatsSettings.read(env)
+    >>> env.raise_if_invalid()
     Traceback (most recent call last):
     ...
     wecombot_common.errors.ConfigError: invalid configuration:
+      - WECOM_AGENT_ID is required (the AgentId shown on the self-built app's page)
       - WECOM_TOKEN is required (the Token from the app's API-receive settings)
       ...
 

@@ -18,7 +18,7 @@ messages and shutdown behave the same everywhere:
 - On stop: no new fetches; in-flight handlers get ``grace_s`` to finish, the rest are
   cancelled and nak'ed (handed back) so another replica takes them at once.
 
-    >>> worker = PullWorker(js, config, handle, key=conversation_key, max_concurrency=64)
+    >>> worker = PullWorker(js, config, handle, key=conversation_key, max_concurrency=64)  # doctest: +SKIP
     >>> await worker.run(stop)  # doctest: +SKIP
 """
 

@@ -52,6 +52,7 @@ __all__ = [
     "env_proxy",
     "error_detail",
     "open_model",
+    "provider_auth",
 ]
 
 log = structlog.get_logger(__name__)
@@ -140,6 +141,26 @@ class _Retryable(Exception):
         self.retry_after = retry_after
 
 
+def provider_auth(settings: ModelSettings) -> tuple[dict[str, str], dict[str, str]]:
+    """The headers and query parameters that authenticate a call to the provider.
+
+    Bearer by default; with ``api_version`` set (Azure OpenAI's classic
+    ``/openai/deployments/{name}`` URLs) an ``api-key`` header and ``?api-version=``.
+    ``wecombot doctor`` calls the provider with exactly these.
+
+    >>> from wecombot_common.settings import EnvReader
+    >>> env = EnvReader({"OPENAI_API_KEY": "sk-test", "OPENAI_API_VERSION": "2024-06-01"})
+    >>> provider_auth(ModelSettings.read(env, max_concurrency=1))
+    ({'api-key': 'sk-test'}, {'api-version': '2024-06-01'})
+    """
+    if settings.api_key is None:
+        raise ValueError("the provider needs an API key")
+    key = settings.api_key.reveal()
+    if settings.api_version:
+        return {"api-key": key}, {"api-version": settings.api_version}
+    return {"Authorization": f"Bearer {key}"}, {}
+
+
 class OpenAIChatModel:
     """``POST {base_url}/chat/completions`` with retries inside a time budget.
 
@@ -157,12 +178,10 @@ class OpenAIChatModel:
     ) -> None:
         if settings.api_key is None:
             raise ValueError("OpenAIChatModel needs an API key")
-        key = settings.api_key.reveal()
-        self._key = key
+        self._key = settings.api_key.reveal()
         self._settings = settings
         self._url = f"{settings.base_url}/chat/completions"
-        self._params = {"api-version": settings.api_version} if settings.api_version else {}
-        headers = {"api-key": key} if settings.api_version else {"Authorization": f"Bearer {key}"}
+        headers, self._params = provider_auth(settings)
         timeout = settings.request_timeout_s
         # httpx is the client; its wire is aiohttp's connection pool and C HTTP parser
         # (httpx-aiohttp, the transport the openai SDK offers): half the CPU per call of

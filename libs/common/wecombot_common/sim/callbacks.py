@@ -3,11 +3,18 @@
 Used by everything that plays WeCom towards our gateway — the end-to-end tests, the
 load generator, the chaos suite and the sandbox console::
 
+    >>> import re
+    >>> from wecombot_common.crypto import generate_encoding_aes_key
     >>> wecom = CallbackBuilder(corp_id="ww1", agent_id=1000002, token="tok",
     ...                         encoding_aes_key=generate_encoding_aes_key())
     >>> cb = wecom.text("zhang.san", "你好")
-    >>> cb.query["msg_signature"], cb.body[:5]          # doctest: +SKIP
-    ('3f1c…', b'<xml>')
+    >>> sorted(cb.query), cb.body[:14]
+    (['msg_signature', 'nonce', 'timestamp'], b'<xml><ToUserNa')
+    >>> encrypt = re.search(r"<Encrypt><!\\[CDATA\\[(.+?)]]>", cb.body.decode())[1]
+    >>> wecom.crypto.verify_signature(
+    ...     cb.query["msg_signature"], cb.query["timestamp"], cb.query["nonce"], encrypt)
+    >>> wecom.crypto.decrypt(encrypt).decode() == cb.inner_xml
+    True
 
 Formats per https://developer.work.weixin.qq.com/document/path/90238 (receiving) and
 path/90239 (message types); crypto per path/90968.
