@@ -1,7 +1,8 @@
-"""Waiting for a condition under a deadline: the suite's one polling helper.
+"""Waiting for a condition under a deadline: the suite's polling helpers.
 
 A test never sleeps to let something happen; it names what it waits for and how long
 that may take, and the wait fails (AssertionError naming it) when the deadline passes.
+``until`` waits for a condition; ``eventually`` waits for a value and returns it.
 """
 
 from __future__ import annotations
@@ -9,8 +10,33 @@ from __future__ import annotations
 import asyncio
 import inspect
 from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
-__all__ = ["until"]
+__all__ = ["eventually", "until"]
+
+T = TypeVar("T")
+
+
+async def eventually(
+    get: Callable[[], Awaitable[T | None]],
+    *,
+    timeout: float,
+    what: str | Callable[[], str],
+    interval: float = 0.05,
+) -> T:
+    """Poll ``get`` until it returns something other than None, and return that;
+    AssertionError naming ``what`` at the deadline (a callable ``what`` is asked then,
+    so it can tell what was missing). An exception ``get`` raises ends the wait at once."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        value = await get()
+        if value is not None:
+            return value
+        if loop.time() > deadline:
+            wanted = what() if callable(what) else what
+            raise AssertionError(f"timed out after {timeout:g}s waiting for {wanted}")
+        await asyncio.sleep(interval)
 
 
 async def until(
@@ -20,18 +46,12 @@ async def until(
     what: str | Callable[[], str],
     interval: float = 0.05,
 ) -> None:
-    """Poll ``check`` (sync or async) until it holds; AssertionError naming ``what`` at
-    the deadline (a callable ``what`` is asked then, so it can tell what was missing).
-    An exception ``check`` raises ends the wait at once."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
+    """Poll ``check`` (sync or async) until it holds; as :func:`eventually` otherwise."""
+
+    async def holds() -> bool | None:
         result = check()
         if inspect.isawaitable(result):
             result = await result
-        if result:
-            return
-        if loop.time() > deadline:
-            wanted = what() if callable(what) else what
-            raise AssertionError(f"timed out after {timeout:g}s waiting for {wanted}")
-        await asyncio.sleep(interval)
+        return True if result else None
+
+    await eventually(holds, timeout=timeout, what=what, interval=interval)

@@ -30,6 +30,7 @@ from structlog.testing import capture_logs
 from yarl import URL
 
 from tests.conftest import NatsHandle, free_port
+from tests.waiting import until
 from wecombot_common import bus, topology
 from wecombot_common.bus import Appended, AppendUnavailable
 from wecombot_common.crypto import WeComCrypto, generate_encoding_aes_key, generate_token
@@ -220,14 +221,6 @@ async def make_gateway(nats_server: NatsHandle, js: JetStreamContext) -> AsyncIt
 @pytest.fixture
 async def gateway(make_gateway: MakeGateway) -> Gateway:
     return await make_gateway()
-
-
-async def until(check: Callable[[], Awaitable[bool]], *, timeout: float = 20.0) -> None:
-    """Poll ``check`` until it is true; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not await check():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.05)
 
 
 def rejections(logs: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -426,8 +419,8 @@ async def test_503_while_nats_is_down_then_recovers_without_restart(
     async def ready() -> bool:
         return (await gateway.client.get("/readyz")).status == 200
 
-    await until(accepted)
-    await until(ready)
+    await until(accepted, timeout=20, what="a callback stored after NATS came back")
+    await until(ready, timeout=20, what="the gateway ready")
     assert sorted(e.msg_id or "" for e in await gateway.events()) == ["1", "2"]
 
 
@@ -845,7 +838,7 @@ async def test_run_gateway_serves_then_stops_gracefully(
     async def ready() -> bool:
         return await _status(f"{base}/readyz") == 200
 
-    await until(ready)
+    await until(ready, timeout=20, what="the gateway ready")
     call = post(text_message("77"))
     async with (
         aiohttp.ClientSession() as session,
@@ -886,7 +879,7 @@ async def test_run_gateway_is_alive_but_not_ready_while_nats_is_away(
         async def failed_to_connect() -> bool:
             return any(e["event"] == "nats.error" for e in logs)
 
-        await until(failed_to_connect)
+        await until(failed_to_connect, timeout=20, what="a nats.error logged")
         assert await _status(f"{base}/healthz") == 200
         assert await _status(f"{base}/readyz") == 503
         call = post(text_message("77"))
@@ -918,7 +911,7 @@ async def test_run_gateway_starts_once_nats_comes_up(
         return await _status(f"http://127.0.0.1:{process_settings.port}/readyz") == 200
 
     try:
-        await until(ready)
+        await until(ready, timeout=20, what="the gateway ready")
     finally:
         stop.set()
         await asyncio.wait_for(task, 10)

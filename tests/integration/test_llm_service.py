@@ -10,16 +10,17 @@ import asyncio
 import os
 import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Protocol, TypeVar
+from typing import Protocol
 
 import msgspec
 import nats.js.errors
 import pytest
 from nats.js import JetStreamContext
 
+from tests.waiting import eventually, until
 from wecombot_common import topology
 from wecombot_common.bus import append_event, ensure_topology, read_conversation
 from wecombot_common.events import (
@@ -46,7 +47,6 @@ APP = "ww1436e0e65a779aee-1000002"
 KEY = "sk-test-2f1c9a7e"
 SYSTEM = "You are the wecombot test assistant."
 APOLOGY = "抱歉，模型暂时不可用。"
-T = TypeVar("T")
 
 
 class NatsHandle(Protocol):
@@ -117,18 +117,6 @@ async def running(env: dict[str, str]) -> AsyncIterator[Instance]:
             instance.task.result()  # surface a crash
 
 
-async def eventually(check: Callable[[], Awaitable[T | None]], *, timeout: float = 15.0) -> T:
-    """Poll ``check`` until it returns something truthy; fail after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = await check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s (last: {result!r})")
-        await asyncio.sleep(0.02)
-
-
 OUTCOMES = (ReplyGenerated, ReplyFailed, ConversationReset)
 
 
@@ -139,11 +127,15 @@ async def outcomes(js: JetStreamContext, user: str) -> list[Outcome]:
 
 
 async def wait_outcomes(js: JetStreamContext, user: str, count: int) -> list[Outcome]:
-    async def check() -> list[Outcome] | None:
-        found = await outcomes(js, user)
-        return found if len(found) >= count else None
+    found: list[Outcome] = []
 
-    return await eventually(check)
+    async def check() -> list[Outcome] | None:
+        found[:] = await outcomes(js, user)
+        return list(found) if len(found) >= count else None
+
+    return await eventually(
+        check, timeout=15, what=lambda: f"{count} outcomes for {user}, have {found}"
+    )
 
 
 async def wait_settled(js: JetStreamContext) -> None:
@@ -164,7 +156,7 @@ async def wait_settled(js: JetStreamContext) -> None:
         floor = info.ack_floor.stream_seq if info.ack_floor is not None else 0
         return bool(floor >= through and info.num_ack_pending == 0)
 
-    await eventually(check)
+    await until(check, timeout=15, what=f"the llm consumer settled through seq {through}")
 
 
 def expected_context(questions: list[str]) -> list[dict[str, str]]:

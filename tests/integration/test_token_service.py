@@ -12,8 +12,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from typing import TypeVar
+from collections.abc import AsyncIterator, Iterator
 
 import httpx
 import msgspec
@@ -22,6 +21,7 @@ import pytest
 from nats.aio.client import Client as NATS
 
 from tests.conftest import NatsHandle, free_port
+from tests.waiting import eventually
 from wecombot_common.sim.wecom_api import SimulatedWeComApi
 from wecombot_common.tokens import (
     TokenClient,
@@ -37,7 +37,6 @@ from wecombot_token.settings import TokenSettings
 
 pytestmark = pytest.mark.integration
 
-T = TypeVar("T")
 
 CORP_ID = "wwtokentest"
 AGENT_ID = 1000002
@@ -72,7 +71,7 @@ class Instance:
                     return (await http.get(url)).status_code == 200 or None
                 return None
 
-            await eventually(ready, timeout=10.0)
+            await eventually(ready, timeout=10.0, what="the token service ready")
 
     async def stop(self) -> None:
         self.stop_event.set()
@@ -121,17 +120,6 @@ async def connections(nats_server: NatsHandle, count: int) -> AsyncIterator[list
         await asyncio.gather(*(c.close() for c in clients))
 
 
-async def eventually(check: Callable[[], Awaitable[T | None]], timeout: float = 10.0) -> T:
-    """Poll ``check`` until it returns something other than None, for ``timeout`` s."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = await check()
-        if result is not None:
-            return result
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.05)
-
-
 async def ask(nc: NATS) -> TokenReply:
     """A raw get, to see expires_at as well as the token."""
     msg = await nc.request(TOKEN_GET, msgspec.json.encode(TokenRequest(app=APP)), timeout=10)
@@ -145,7 +133,7 @@ async def eventually_token(client: TokenClient) -> str:
         except (TokenError, TransientTokenError):
             return None
 
-    return await eventually(attempt)
+    return await eventually(attempt, timeout=10, what="a token from the service")
 
 
 async def requests_served(nc: NATS, instances: int) -> list[int]:
@@ -202,7 +190,7 @@ async def test_refresh_ahead_happens_once_per_lifetime_without_blocking_callers(
             assert reply.token == first.token
             return True if refresh.held else None
 
-        await eventually(refresh_started)  # the refresh is at WeCom, and stays there
+        await eventually(refresh_started, timeout=10, what="the refresh held at WeCom")
         try:
             async with asyncio.timeout(5):  # a caller blocked on the refresh never returns
                 during = await asyncio.gather(*(ask(ncs[i % 3]) for i in range(30)))
@@ -223,7 +211,9 @@ async def test_refresh_ahead_happens_once_per_lifetime_without_blocking_callers(
             lifetimes.setdefault(reply.token, reply.expires_at)
             return True if len(lifetimes) >= 3 else None
 
-        await eventually(three_tokens, timeout=15.0)
+        await eventually(
+            three_tokens, timeout=15.0, what=lambda: f"three tokens, have {len(lifetimes)}"
+        )
         assert sim.gettoken_calls == 3, "one gettoken per lifetime, cluster-wide"
 
 
@@ -251,7 +241,7 @@ async def test_a_burst_of_invalidates_refreshes_once(
             got = await asyncio.gather(*(clients[i % 3].get(APP) for i in range(30)))
             return True if set(got) == {new} else None
 
-        await eventually(everyone_has_new)
+        await eventually(everyone_has_new, timeout=10, what="every replica serving the new token")
         assert sim.gettoken_calls == 2
 
 

@@ -9,6 +9,7 @@ from collections import defaultdict
 import pytest
 from nats.js import JetStreamContext
 
+from tests.waiting import until
 from wecombot_common import topology
 from wecombot_common.bus import append_event, ensure_topology
 from wecombot_common.errors import PermanentError, TransientError
@@ -32,12 +33,6 @@ def _reply(user: str, text: str) -> ReplyGenerated:
 
 def _key(event: Event) -> str:
     return event.conversation
-
-
-async def _until(predicate, timeout: float = 10.0) -> None:  # type: ignore[no-untyped-def]
-    async with asyncio.timeout(timeout):
-        while not predicate():
-            await asyncio.sleep(0.01)
 
 
 @pytest.fixture
@@ -70,7 +65,11 @@ async def test_concurrency_is_bounded_and_order_kept_per_key(stream: JetStreamCo
     stop = asyncio.Event()
     worker = PullWorker(stream, _config(), handle, key=_key, max_concurrency=3)
     task = asyncio.create_task(worker.run(stop))
-    await _until(lambda: sum(map(len, seen.values())) == 20)
+    await until(
+        lambda: sum(map(len, seen.values())) == 20,
+        timeout=10,
+        what=lambda: f"20 handled: {dict(seen)}",
+    )
     stop.set()
     await task
     assert peak == 3
@@ -134,7 +133,11 @@ async def test_stop_hands_running_and_queued_work_back(stream: JetStreamContext)
     worker = PullWorker(stream, _config(), never_finishes, key=_key, max_concurrency=2, grace_s=0.2)
     task = asyncio.create_task(worker.run(stop))
     await started.wait()
-    await _until(lambda: worker.queued("u") != [])
+    await until(
+        lambda: worker.queued("u") != [],
+        timeout=10,
+        what="a second delivery queued behind the first",
+    )
     print("queued", flush=True)  # the second waits for the first's key
     stop.set()
     await task
@@ -149,6 +152,10 @@ async def test_stop_hands_running_and_queued_work_back(stream: JetStreamContext)
     task2 = asyncio.create_task(PullWorker(stream, _config(), quick, key=_key).run(stop2))
     # Both handed back with a nak (no ack_wait of 30 s to sit out), in stream order:
     # picked up at once, and in that order.
-    await _until(lambda: got == ["slow", "queued behind slow"], timeout=5)
+    await until(
+        lambda: got == ["slow", "queued behind slow"],
+        timeout=5,
+        what=lambda: f"both handed back, in order (got {got})",
+    )
     stop2.set()
     await task2
