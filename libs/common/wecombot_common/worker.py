@@ -18,8 +18,9 @@ messages and shutdown behave the same everywhere:
 - On stop: no new fetches; in-flight handlers get ``grace_s`` to finish, the rest are
   cancelled and nak'ed (handed back) so another replica takes them at once.
 
-    >>> worker = PullWorker(js, config, handle, key=conversation_key, max_concurrency=64)  # doctest: +SKIP
-    >>> await worker.run(stop)  # doctest: +SKIP
+    >>> worker = PullWorker(js, config, handle,            # doctest: +SKIP
+    ...                     key=conversation_key, max_concurrency=64)
+    >>> await worker.run(stop)                                # doctest: +SKIP
 """
 
 from __future__ import annotations

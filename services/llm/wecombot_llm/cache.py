@@ -11,7 +11,8 @@ re-read. An entry also coordinates this process's deliveries of one conversation
 
 Entries in use are never evicted, so all deliveries of a conversation share one lock.
 
-    >>> cache = ConversationCache(lambda: Conversation(needs_outcome=…), capacity=10_000)  # doctest: +SKIP
+    >>> cache = ConversationCache(                                # doctest: +SKIP
+    ...     lambda: Conversation(needs_outcome=…), capacity=10_000)
     >>> entry = cache.get(conv)                                   # doctest: +SKIP
     >>> with entry.handling(event_id):                            # doctest: +SKIP
     ...     async with entry.lock: ...
