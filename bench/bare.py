@@ -16,7 +16,10 @@ show where the gateway's CPU goes, measured in the same run and the same process
 - ``open``: what the gateway does before the append, with its own code
   (``CallbackReader``: the query, the body guards, signature, replay window, AES, both
   XML documents, the event) and the dedupe key (settings from the ``WECOM_*``
-  environment).
+  environment);
+- ``http``: only the HTTP half of ``open`` (``CallbackReader.read_http``: the query's
+  shape, the media type and size guards, the body read under the size limit), so
+  ``open`` minus ``http`` is the opener itself.
 """
 
 from __future__ import annotations
@@ -75,7 +78,7 @@ async def _append_work(pipelined: bool) -> Work:
     return work
 
 
-def _open_work() -> Work:
+def _open_work(http_only: bool) -> Work:
     from wecombot_gateway.app import CallbackReader
     from wecombot_gateway.parse import dedupe_key
     from wecombot_gateway.settings import GatewaySettings
@@ -83,7 +86,10 @@ def _open_work() -> Work:
     reader = CallbackReader(GatewaySettings.from_env(os.environ))
 
     async def work(request: web.Request) -> None:
-        dedupe_key(await reader.read(request))
+        if http_only:
+            await reader.read_http(request)
+        else:
+            dedupe_key(await reader.read(request))
 
     return work
 
@@ -95,8 +101,8 @@ async def _healthz(_: web.Request) -> web.Response:
 async def serve(port: int, path: str, work_name: str) -> None:
     if work_name in ("append", "js-publish"):
         work = await _append_work(pipelined=work_name == "append")
-    elif work_name == "open":
-        work = _open_work()
+    elif work_name in ("open", "http"):
+        work = _open_work(http_only=work_name == "http")
     else:
         work = _read
 
@@ -119,7 +125,9 @@ def main() -> None:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--path", default="/wecom/callback")
     parser.add_argument("--loop", choices=("asyncio", "uvloop"), default="asyncio")
-    parser.add_argument("--work", choices=("none", "append", "js-publish", "open"), default="none")
+    parser.add_argument(
+        "--work", choices=("none", "append", "js-publish", "http", "open"), default="none"
+    )
     args = parser.parse_args()
     coro = serve(args.port, args.path, args.work)
     if args.loop == "uvloop":

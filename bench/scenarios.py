@@ -194,7 +194,7 @@ async def gateway(ctx: Context) -> dict[str, Any]:
     try:
         gw = stack.start("gateway")
         bare, *parts = (
-            _bare(ctx, stack, work) for work in ("none", "js-publish", "append", "open")
+            _bare(ctx, stack, work) for work in ("none", "js-publish", "append", "http", "open")
         )
         await _ready(gw, bare, *parts)
         ctx.note_idle(gw)

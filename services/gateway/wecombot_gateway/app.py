@@ -135,9 +135,10 @@ def create_app(
 class CallbackReader:
     """A POSTed callback up to its event: everything the gateway does before the append.
 
-    Query shape, media type and size, the body, then :class:`CallbackOpener` (signature,
-    replay window, AES, both XML documents). Raises CallbackRejected or CryptoError.
-    ``bench/bare.py --work open`` measures exactly this.
+    Query shape, media type and size, the body (:meth:`read_http`), then
+    :class:`CallbackOpener` (signature, replay window, AES, both XML documents). Raises
+    CallbackRejected or CryptoError. ``bench/bare.py --work open`` measures exactly this,
+    ``--work http`` the HTTP half.
     """
 
     __slots__ = ("_clock", "_max_body", "opener")
@@ -154,11 +155,15 @@ class CallbackReader:
         self._max_body = settings.max_body_bytes
 
     async def read(self, request: web.Request) -> MessageReceived:
+        query, body = await self.read_http(request)
+        return self.opener.message(query, body, now=self._clock())
+
+    async def read_http(self, request: web.Request) -> tuple[CallbackQuery, bytes]:
+        """The HTTP half: the query's shape, the media type and size guards, the body."""
         query = CallbackQuery.parse(request.query, url_check=False)
         check_content_type(request.headers.get(hdrs.CONTENT_TYPE))
         check_declared_length(request.content_length, self._max_body)
-        body = await read_limited(request.content, self._max_body)
-        return self.opener.message(query, body, now=self._clock())
+        return query, await read_limited(request.content, self._max_body)
 
 
 class _CallbackHandlers:
