@@ -174,19 +174,17 @@ class Stack:
 
     async def wait_ready(self, timeout: float = 20.0) -> None:
         """The gateway answers /readyz (NATS connected, stream present)."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while True:
-            with contextlib.suppress(httpx.TransportError):
-                r = await self.http.get(f"http://127.0.0.1:{self.gateway_port}/readyz")
-                if r.status_code == 200:
-                    return
+
+        async def ready() -> bool:
             for s in self.services:
                 if isinstance(s, InProcessService) and s.task.done():
                     s.task.result()  # surface a crash
-            if loop.time() > deadline:
-                raise AssertionError("gateway never became ready")
-            await asyncio.sleep(0.05)
+            with contextlib.suppress(httpx.TransportError):
+                r = await self.http.get(f"http://127.0.0.1:{self.gateway_port}/readyz")
+                return r.status_code == 200
+            return False
+
+        await until(ready, timeout=timeout, what="the gateway ready")
 
     # ------------------------------------------------------------ playing WeCom
     async def post(self, callback: Callback) -> httpx.Response:

@@ -99,13 +99,11 @@ async def test_poison_goes_to_the_dead_letter_stream(stream: JetStreamContext) -
     worker = PullWorker(stream, _config(max_deliver=2), handle, max_concurrency=4)
     task = asyncio.create_task(worker.run(stop))
 
-    async def dead_letters() -> int:
+    async def three_dead_letters() -> bool:
         info = await stream.stream_info(topology.DEAD_LETTER_STREAM)
-        return int(info.state.messages)
+        return int(info.state.messages) >= 3
 
-    async with asyncio.timeout(20):
-        while await dead_letters() < 3:
-            await asyncio.sleep(0.05)
+    await until(three_dead_letters, timeout=20, what="three dead letters")
     stop.set()
     await task
     assert handled == ["fine"]

@@ -14,6 +14,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
+from tests.waiting import until
 from wecombot_common import topology
 from wecombot_common.bus import append_event, read_conversation
 from wecombot_common.events import (
@@ -173,10 +174,12 @@ class System:
 
 async def until_answering(nc: NATS, subject: str) -> None:
     """Wait until a service answers its PING (it has subscribed)."""
-    async with asyncio.timeout(10):
-        while True:
-            try:
-                await nc.request(subject, b"", timeout=0.5)
-                return
-            except (nats.errors.NoRespondersError, nats.errors.TimeoutError):
-                await asyncio.sleep(0.02)
+
+    async def answers() -> bool:
+        try:
+            await nc.request(subject, b"", timeout=0.5)
+        except (nats.errors.NoRespondersError, nats.errors.TimeoutError):
+            return False
+        return True
+
+    await until(answers, timeout=10, what=f"an answer on {subject}", interval=0.02)

@@ -6,7 +6,6 @@ the log."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 
 import httpx
 import nats
@@ -23,6 +22,7 @@ from tests.integration.sender.harness import (
     SECRET,
     System,
 )
+from tests.waiting import until
 from wecombot_common import topology
 from wecombot_common.events import (
     ConversationReset,
@@ -46,15 +46,15 @@ pytestmark = pytest.mark.integration
 async def _settled(js: JetStreamContext, timeout: float = 10.0) -> None:
     """Wait until the sender consumer holds nothing: every delivery was acked (the ack
     follows the last append, so it may trail the event by a moment)."""
-    async with asyncio.timeout(timeout):
-        while True:
-            with contextlib.suppress(nats.js.errors.NotFoundError):
-                info = await js.consumer_info(
-                    topology.CONVERSATION_STREAM, topology.SENDER_CONSUMER
-                )
-                if info.delivered.stream_seq and not (info.num_pending or info.num_ack_pending):
-                    return
-            await asyncio.sleep(0.02)
+
+    async def settled() -> bool:
+        try:
+            info = await js.consumer_info(topology.CONVERSATION_STREAM, topology.SENDER_CONSUMER)
+        except nats.js.errors.NotFoundError:
+            return False
+        return bool(info.delivered.stream_seq and not (info.num_pending or info.num_ack_pending))
+
+    await until(settled, timeout=timeout, what="the sender consumer settled", interval=0.02)
 
 
 # ---------------------------------------------------------------- the happy paths
