@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from datetime import UTC, datetime
 
 import httpcore
@@ -15,10 +15,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from tests.fakes import FakeLog
 from wecombot_common.bus import (
-    Appended,
-    AppendUnavailable,
-    ConcurrencyConflict,
     StoredEvent,
 )
 from wecombot_common.errors import ConfigError
@@ -40,7 +38,6 @@ from wecombot_common.events import (
     derived_id,
 )
 from wecombot_common.settings import Secret
-from wecombot_common.topology import ConversationRef, subject_for
 from wecombot_common.worker import Ack, Nak
 from wecombot_llm.commands import HELP_TEXT, Command, parse_command
 from wecombot_llm.conversation import Blocked, Conversation, Done, Go, fold, plan
@@ -543,50 +540,6 @@ async def test_openai_model_retries_transient_failures_within_the_budget() -> No
 
 
 # ---------------------------------------------------------------- the handler, over fakes
-
-
-class FakeLog:
-    """An in-memory event log with JetStream's append semantics (dedupe, expected seq)."""
-
-    def __init__(self) -> None:
-        self.events: list[tuple[str, StoredEvent]] = []
-        self.msg_ids: dict[str, int] = {}
-        self.settled = 0
-        self.unavailable = 0  # the next N appends fail
-        self.reads = 0
-
-    def add(self, event: Event) -> int:
-        seq = len(self.events) + 1
-        self.events.append((subject_for(event), StoredEvent(seq, event)))
-        return seq
-
-    async def read(self, conv: ConversationRef, *, after_seq: int) -> AsyncIterator[StoredEvent]:
-        self.reads += 1
-        for subject, s in list(self.events):
-            if s.seq > after_seq and subject.startswith(conv.root + "."):
-                yield s
-
-    async def append(
-        self, event: Event, *, msg_id: str, expect_last_seq: int, expect_scope: str
-    ) -> Appended:
-        await asyncio.sleep(0)
-        if self.unavailable:
-            self.unavailable -= 1
-            raise AppendUnavailable("broker away")
-        if msg_id in self.msg_ids:
-            return Appended(self.msg_ids[msg_id], duplicate=True)
-        prefix = expect_scope.removesuffix(">")
-        last = max((s.seq for subj, s in self.events if subj.startswith(prefix)), default=0)
-        if last != expect_last_seq:
-            raise ConcurrencyConflict(f"expected {expect_last_seq}, last is {last}")
-        seq = self.msg_ids[msg_id] = self.add(event)
-        return Appended(seq, duplicate=False)
-
-    async def settled_through(self) -> int:
-        return self.settled
-
-    def outcomes(self) -> list[Event]:
-        return [s.event for _, s in self.events if not isinstance(s.event, MessageReceived)]
 
 
 class FakeModel:

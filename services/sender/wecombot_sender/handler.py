@@ -430,7 +430,9 @@ class ReplySender:
         self, job: _Job, state: ConversationState, event: Event, msg_id: str
     ) -> ConversationState:
         """Append on the send branch if nobody wrote it since ``state``; returns the new
-        state. Retries an unconfirmed append (the msg_id makes a repeat harmless)."""
+        state. Retries an unconfirmed append: if the first went in after all, the repeat
+        is refused as a ConcurrencyConflict (nats-server checks the expected sequence
+        before the Nats-Msg-Id), and the caller catches up; it is never stored twice."""
         for attempt in range(1, self._policy.append_attempts + 1):
             try:
                 appended = await append_event(

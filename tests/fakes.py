@@ -1,0 +1,63 @@
+"""Fakes of the services' ports, for tests of the logic above them.
+
+Each is held to its real adapter by a contract test that runs the same assertions
+against both, the real one on a real nats-server: ``FakeLog`` (the llm's
+``ConversationLog``) by tests/integration/test_llm_log_contract.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+from wecombot_common.bus import Appended, AppendUnavailable, ConcurrencyConflict, StoredEvent
+from wecombot_common.events import Event, MessageReceived
+from wecombot_common.topology import ConversationRef, subject_for
+
+__all__ = ["FakeLog"]
+
+
+class FakeLog:
+    """An in-memory event log with JetStream's append semantics (dedupe, expected seq)."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, StoredEvent]] = []
+        self.msg_ids: dict[str, int] = {}
+        self.settled = 0
+        self.unavailable = 0  # the next N appends fail
+        self.reads = 0
+
+    def add(self, event: Event) -> int:
+        seq = len(self.events) + 1
+        self.events.append((subject_for(event), StoredEvent(seq, event)))
+        return seq
+
+    async def read(self, conv: ConversationRef, *, after_seq: int) -> AsyncIterator[StoredEvent]:
+        self.reads += 1
+        for subject, s in list(self.events):
+            if s.seq > after_seq and subject.startswith(conv.root + "."):
+                yield s
+
+    async def append(
+        self, event: Event, *, msg_id: str, expect_last_seq: int, expect_scope: str
+    ) -> Appended:
+        await asyncio.sleep(0)
+        if self.unavailable:
+            self.unavailable -= 1
+            raise AppendUnavailable("broker away")
+        # nats-server checks the expected sequence before the Nats-Msg-Id: a repeat sent
+        # with a stale expectation is a conflict, not a duplicate (the contract test).
+        prefix = expect_scope.removesuffix(">")
+        last = max((s.seq for subj, s in self.events if subj.startswith(prefix)), default=0)
+        if last != expect_last_seq:
+            raise ConcurrencyConflict(f"expected {expect_last_seq}, last is {last}")
+        if msg_id in self.msg_ids:
+            return Appended(self.msg_ids[msg_id], duplicate=True)
+        seq = self.msg_ids[msg_id] = self.add(event)
+        return Appended(seq, duplicate=False)
+
+    async def settled_through(self) -> int:
+        return self.settled
+
+    def outcomes(self) -> list[Event]:
+        return [s.event for _, s in self.events if not isinstance(s.event, MessageReceived)]

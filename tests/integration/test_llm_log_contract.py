@@ -1,0 +1,195 @@
+"""The llm's ConversationLog port: the same assertions against JetStreamLog on a real
+nats-server and against tests.fakes.FakeLog, so the fake the handler's unit tests stand
+on cannot drift from the log the llm really writes to."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import pytest
+from nats.js import JetStreamContext
+
+from tests.conftest import NatsHandle
+from tests.fakes import FakeLog
+from wecombot_common import bus, topology
+from wecombot_common.bus import Appended, AppendUnavailable, ConcurrencyConflict
+from wecombot_common.events import (
+    Event,
+    MessageReceived,
+    PartDelivered,
+    ReplyGenerated,
+    TextPayload,
+)
+from wecombot_common.settings import EnvReader, NatsSettings
+from wecombot_common.topology import ConversationRef
+from wecombot_llm.decide import outcome_msg_id
+from wecombot_llm.store import ConversationLog, JetStreamLog
+
+pytestmark = pytest.mark.integration
+
+APP = "ww1-1000002"
+_ids = itertools.count(1)
+
+
+@dataclass
+class Subject:
+    """A ConversationLog, how another writer (gateway, sender) appends to the same
+    log, and how to take the log away."""
+
+    log: ConversationLog
+    write: Callable[[Event], Awaitable[int]]
+    outage: Callable[[], None]
+
+
+@pytest.fixture(params=["jetstream", "fake"])
+async def subject(
+    request: pytest.FixtureRequest, nats_server: NatsHandle, js: JetStreamContext
+) -> Subject:
+    if request.param == "fake":
+        fake = FakeLog()
+
+        async def add(event: Event) -> int:
+            return fake.add(event)
+
+        return Subject(fake, add, lambda: setattr(fake, "unavailable", 1))
+    await bus.ensure_topology(js, NatsSettings.read(EnvReader({})))
+
+    async def append(event: Event) -> int:
+        return (await bus.append_event(js, event, timeout=5)).seq
+
+    return Subject(JetStreamLog(js, consumer=topology.LLM_CONSUMER), append, nats_server.stop)
+
+
+def received(user: str, text: str) -> MessageReceived:
+    return MessageReceived(
+        app=APP,
+        conversation=user,
+        correlation_id=str(next(_ids)),
+        msg_type="text",
+        msg_id=None,
+        from_user=user,
+        to_user="ww1",
+        agent_id=1000002,
+        create_time=1_700_000_000,
+        payload=TextPayload(content=text),
+    )
+
+
+def answer(to: MessageReceived, text: str) -> ReplyGenerated:
+    return ReplyGenerated(
+        app=APP,
+        conversation=to.conversation,
+        correlation_id=to.correlation_id,
+        causation_id=to.event_id,
+        text=text,
+    )
+
+
+async def history(log: ConversationLog, conv: ConversationRef, after_seq: int = 0) -> list[Event]:
+    return [stored.event async for stored in log.read(conv, after_seq=after_seq)]
+
+
+async def test_appends_are_read_back_in_order_per_conversation(subject: Subject) -> None:
+    log, conv, other = subject.log, ConversationRef(APP, "zhang.san"), ConversationRef(APP, "li.si")
+    assert await history(log, conv) == []
+    question = received(conv.user, "你好")
+    first = await subject.write(question)
+    await subject.write(received(other.user, "someone else"))
+    reply = answer(question, "您好")
+    appended = await log.append(
+        reply, msg_id=outcome_msg_id(question), expect_last_seq=0, expect_scope=conv.llm_branch
+    )
+    assert appended.duplicate is False and appended.seq > first
+    assert await history(log, conv) == [question, reply]
+    assert await history(log, conv, after_seq=first) == [reply]
+    assert await history(log, conv, after_seq=appended.seq) == []
+    assert [e.conversation for e in await history(log, other)] == [other.user]
+
+
+async def test_a_repeated_msg_id_is_a_conflict_if_stale_and_a_duplicate_if_current(
+    subject: Subject,
+) -> None:
+    """nats-server checks the expected sequence first: a replica that answered the same
+    message from an older view (or retries an append whose PubAck it lost) is told of a
+    conflict, re-reads and finds the outcome; nothing new is stored either way."""
+    log, conv = subject.log, ConversationRef(APP, "zhang.san")
+    question = received(conv.user, "hi")
+    await subject.write(question)
+    reply = answer(question, "hello")
+    key = outcome_msg_id(question)
+    stored = await log.append(reply, msg_id=key, expect_last_seq=0, expect_scope=conv.llm_branch)
+    with pytest.raises(ConcurrencyConflict):
+        await log.append(reply, msg_id=key, expect_last_seq=0, expect_scope=conv.llm_branch)
+    again = await log.append(
+        reply, msg_id=key, expect_last_seq=stored.seq, expect_scope=conv.llm_branch
+    )
+    assert again == Appended(seq=stored.seq, duplicate=True)
+    assert await history(log, conv) == [question, reply]
+
+
+async def test_the_expectation_is_scoped_to_the_llm_branch(subject: Subject) -> None:
+    log, conv = subject.log, ConversationRef(APP, "zhang.san")
+    q1, q2 = received(conv.user, "one"), received(conv.user, "two")
+    await subject.write(q1)
+    a1 = await log.append(
+        answer(q1, "1"), msg_id=outcome_msg_id(q1), expect_last_seq=0, expect_scope=conv.llm_branch
+    )
+    # Other writers' events (a new question, a delivered part) do not move the llm's
+    # branch: the next outcome still expects the llm's own last sequence.
+    await subject.write(q2)
+    await subject.write(
+        PartDelivered(
+            app=APP,
+            conversation=conv.user,
+            correlation_id=q1.correlation_id,
+            causation_id=q1.event_id,
+            reply_id="r1",
+            index=0,
+            total=1,
+            wecom_msgid="m1",
+        )
+    )
+    a2 = await log.append(
+        answer(q2, "2"),
+        msg_id=outcome_msg_id(q2),
+        expect_last_seq=a1.seq,
+        expect_scope=conv.llm_branch,
+    )
+    assert a2.duplicate is False and a2.seq > a1.seq
+
+
+async def test_a_stale_expectation_with_a_new_msg_id_is_a_conflict(subject: Subject) -> None:
+    log, conv = subject.log, ConversationRef(APP, "zhang.san")
+    q1, q2 = received(conv.user, "one"), received(conv.user, "two")
+    await subject.write(q1)
+    await subject.write(q2)
+    a1 = answer(q1, "1")
+    await log.append(a1, msg_id=outcome_msg_id(q1), expect_last_seq=0, expect_scope=conv.llm_branch)
+    with pytest.raises(ConcurrencyConflict):
+        await log.append(
+            answer(q2, "2"),
+            msg_id=outcome_msg_id(q2),
+            expect_last_seq=0,
+            expect_scope=conv.llm_branch,
+        )
+    assert await history(log, conv) == [q1, q2, a1]
+
+
+async def test_nothing_is_settled_before_the_consumer_settles_anything(subject: Subject) -> None:
+    assert await subject.log.settled_through() == 0
+
+
+async def test_an_append_the_log_cannot_confirm_is_unavailable(subject: Subject) -> None:
+    conv = ConversationRef(APP, "zhang.san")
+    question = received(conv.user, "hi")
+    await subject.write(question)
+    subject.outage()
+    with pytest.raises(AppendUnavailable):
+        await subject.log.append(
+            answer(question, "hello"),
+            msg_id=outcome_msg_id(question),
+            expect_last_seq=0,
+            expect_scope=conv.llm_branch,
+        )
