@@ -166,12 +166,14 @@ def console_port(environ: Mapping[str, str]) -> int | None:
     """``WECOMBOT_CONSOLE_PORT``: None = off (0); the default 8090 falls back to any free
     port when taken. Raises ValueError naming the variable when malformed."""
     env = EnvReader(environ)
-    name = "WECOMBOT_CONSOLE_PORT"
-    if not env.present(name):
+    if not env.present("WECOMBOT_CONSOLE_PORT"):
         return CONSOLE_PORT if _port_free(CONSOLE_PORT) else 0
-    port = env.integer(name, 0, minimum=0, maximum=65535)
+    port = env.integer("WECOMBOT_CONSOLE_PORT", 0, minimum=0, maximum=65535)
     if env.problems:
-        raise ValueError(f"{name} must be a port number (0 = off), got {env.optional(name)!r}")
+        raise ValueError(
+            "WECOMBOT_CONSOLE_PORT must be a port number (0 = off), "
+            f"got {env.optional('WECOMBOT_CONSOLE_PORT')!r}"
+        )
     return port or None
 
 

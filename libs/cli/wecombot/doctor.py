@@ -735,7 +735,7 @@ def main(environ: Mapping[str, str], argv: Sequence[str] = (), out: TextIO | Non
     stream = out or sys.stdout
     env = dict(environ)
     read_dotenv(Path(".env"), env)
-    public_url = args.public_url or env.get("WECOMBOT_PUBLIC_URL") or None
+    public_url = args.public_url or EnvReader(env).optional("WECOMBOT_PUBLIC_URL")
     print("wecombot doctor: checking the configuration in the environment and ./.env", file=stream)
     print("", file=stream)
     report = asyncio.run(diagnose(env, public_url=public_url, timeout_s=args.timeout))

@@ -21,6 +21,7 @@ from aiohttp import web
 
 from .errors import ConfigError
 from .http import LocalSite
+from .settings import EnvReader
 
 __all__ = [
     "Check",
@@ -62,9 +63,9 @@ def event_loop_name(environ: Mapping[str, str]) -> str:
     >>> event_loop_name({"WECOMBOT_EVENT_LOOP": "asyncio"})
     'asyncio'
     """
-    choice = environ.get("WECOMBOT_EVENT_LOOP", "").strip().lower() or "auto"
-    if choice not in ("auto", "uvloop", "asyncio"):
-        raise ConfigError(f"WECOMBOT_EVENT_LOOP must be auto, uvloop or asyncio, got {choice!r}")
+    env = EnvReader(environ)
+    choice = env.choice("WECOMBOT_EVENT_LOOP", "auto", ("auto", "uvloop", "asyncio"))
+    env.raise_if_invalid()
     if choice == "asyncio":
         return "asyncio"
     try:
