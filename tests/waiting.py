@@ -2,17 +2,19 @@
 
 A test never sleeps to let something happen; it names what it waits for and how long
 that may take, and the wait fails (AssertionError naming it) when the deadline passes.
-``until`` waits for a condition; ``eventually`` waits for a value and returns it.
+``until`` waits for a condition; ``eventually`` waits for a value and returns it;
+``until_sync`` is ``until`` for tests and fixtures without an event loop.
 """
 
 from __future__ import annotations
 
 import asyncio
 import inspect
+import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
-__all__ = ["eventually", "until"]
+__all__ = ["eventually", "until", "until_sync"]
 
 T = TypeVar("T")
 
@@ -55,3 +57,19 @@ async def until(
         return True if result else None
 
     await eventually(holds, timeout=timeout, what=what, interval=interval)
+
+
+def until_sync(
+    check: Callable[[], bool],
+    *,
+    timeout: float,
+    what: str | Callable[[], str],
+    interval: float = 0.05,
+) -> None:
+    """:func:`until` for synchronous code (it blocks the thread while it polls)."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            wanted = what() if callable(what) else what
+            raise AssertionError(f"timed out after {timeout:g}s waiting for {wanted}")
+        time.sleep(interval)

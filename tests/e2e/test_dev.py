@@ -8,7 +8,6 @@ within 10 s on SIGTERM.
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import httpx
@@ -16,6 +15,7 @@ import pytest
 
 from tests.conftest import free_port
 from tests.devprocess import DevProcess
+from tests.waiting import until_sync
 from wecombot_common.sim.callbacks import CallbackBuilder
 
 pytestmark = pytest.mark.e2e
@@ -37,15 +37,14 @@ def test_dev_runs_the_whole_system_with_no_settings(tmp_path: Path) -> None:
             encoding_aes_key=sandbox["encoding_aes_key"],
         )
         url = f"http://127.0.0.1:{gateway_port}/wecom/callback"
-        deadline = time.monotonic() + 30
-        while True:  # the gateway may still be connecting: WeCom would retry too
+
+        def ready() -> bool:  # the gateway may still be connecting: WeCom would retry too
             try:
-                if httpx.get(f"http://127.0.0.1:{gateway_port}/readyz").status_code == 200:
-                    break
+                return httpx.get(f"http://127.0.0.1:{gateway_port}/readyz").status_code == 200
             except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "gateway never became ready"
-            time.sleep(0.1)
+                return False
+
+        until_sync(ready, timeout=30, what="the gateway ready", interval=0.1)
         check = wecom.verify_url("1616140317555161061")
         assert httpx.get(url, params=check).text == "1616140317555161061"
         callback = wecom.text("zhang.san", "hello from the sandbox")

@@ -9,7 +9,6 @@ import os
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from tests.integration.wecom_app import (
     running_gateway,
     wecom_env,
 )
+from tests.waiting import until_sync
 from wecombot.doctor import (
     Report,
     check_callback,
@@ -122,16 +122,17 @@ def _plain_nats(tmp: Path, *args: str) -> Iterator[str]:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
+
+    def accepts() -> bool:
+        assert proc.poll() is None, "nats-server exited"
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return True
+        except OSError:
+            return False
+
     try:
-        deadline = time.monotonic() + 15
-        while True:  # until it accepts connections
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=1):
-                    break
-            except OSError:
-                assert proc.poll() is None, "nats-server exited"
-                assert time.monotonic() < deadline, "nats-server did not start"
-                time.sleep(0.02)
+        until_sync(accepts, timeout=15, what="nats-server accepting connections", interval=0.02)
         yield f"nats://127.0.0.1:{port}"
     finally:
         proc.terminate()
