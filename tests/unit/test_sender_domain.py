@@ -227,6 +227,16 @@ def test_settings_defaults_and_no_secret_needed() -> None:
     assert (s.health_port, s.max_concurrency, s.http_timeout_s) == (8082, 32, 10.0)
     assert (s.ack_wait_s, s.max_deliver, s.order_wait_s, s.retry_attempts) == (30.0, 20, 60.0, 4)
     assert s.per_user_per_minute == 30
+    assert s.message_type == "text"
+
+
+def test_replies_can_go_out_as_markdown() -> None:
+    env = {"WECOM_CORP_ID": "ww1", "WECOM_AGENT_ID": "1000002"}
+    assert SenderSettings.from_env({**env, "SENDER_MESSAGE_TYPE": "Markdown"}).message_type == (
+        "markdown"
+    )
+    with pytest.raises(ConfigError, match=r"SENDER_MESSAGE_TYPE must be one of text\|markdown"):
+        SenderSettings.from_env({**env, "SENDER_MESSAGE_TYPE": "html"})
 
 
 def test_settings_name_every_bad_variable() -> None:

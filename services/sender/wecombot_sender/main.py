@@ -47,7 +47,9 @@ async def serve(settings: SenderSettings, stop: asyncio.Event) -> None:
             return
         nc, _ = connected
         ready.attach(_ready(nc))
-        api = HttpMessageApi(settings.wecom, timeout_s=settings.http_timeout_s)
+        api = HttpMessageApi(
+            settings.wecom, timeout_s=settings.http_timeout_s, message_type=settings.message_type
+        )
         try:
             await _consume(settings, nc, api, stop)
         finally:

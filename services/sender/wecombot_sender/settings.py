@@ -1,8 +1,8 @@
 """The sender's settings, read once from the environment at start-up.
 
     >>> s = SenderSettings.from_env({"WECOM_CORP_ID": "ww1", "WECOM_AGENT_ID": "1000002"})
-    >>> s.wecom.app, s.health_port, s.max_concurrency, s.retry_attempts
-    ('ww1-1000002', 8082, 32, 4)
+    >>> s.wecom.app, s.health_port, s.max_concurrency, s.retry_attempts, s.message_type
+    ('ww1-1000002', 8082, 32, 4, 'text')
 
 The sender never needs the app Secret: access_tokens come from the token service.
 """
@@ -19,6 +19,8 @@ from wecombot_common.settings import (
     WeComApiSettings,
     health_port,
 )
+
+from .wecom import MESSAGE_TYPES, MessageType
 
 __all__ = ["SenderSettings"]
 
@@ -38,6 +40,8 @@ class SenderSettings:
     retry_attempts: int
     # WeCom drops a member's messages beyond 30 a minute silently (path/90454); 0 = off
     per_user_per_minute: int
+    # what replies go out as: text, or markdown (WeCom renders a subset; path/90236)
+    message_type: MessageType
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> SenderSettings:
@@ -57,6 +61,12 @@ class SenderSettings:
             order_wait_s=env.seconds("SENDER_ORDER_WAIT", 60.0, minimum=0.0, maximum=3600.0),
             retry_attempts=env.integer("SENDER_RETRY_ATTEMPTS", 4, minimum=0, maximum=100),
             per_user_per_minute=env.integer("SENDER_PER_USER_PER_MINUTE", 30, minimum=0),
+            message_type=_message_type(env),
         )
         env.raise_if_invalid()
         return settings
+
+
+def _message_type(env: EnvReader) -> MessageType:
+    chosen = env.choice("SENDER_MESSAGE_TYPE", "text", MESSAGE_TYPES)
+    return "markdown" if chosen == "markdown" else "text"

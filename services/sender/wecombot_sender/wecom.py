@@ -9,6 +9,11 @@ the URL holds the access_token)::
     >>> await api.send_text(token, "zhang.san", "你好")       # doctest: +SKIP
     '4A1y…'
 
+Replies go as ``text`` messages, or as ``markdown`` ones (``SENDER_MESSAGE_TYPE``): the
+same ``content`` field and the same 2048-byte limit. WeCom renders a subset of Markdown
+(headings, bold, links, inline code, quotes) and shows the rest as typed; 微工作台 (WeCom
+inside WeChat) does not show markdown messages at all (path/90236).
+
 ``duplicate_check_s`` sets WeCom's ``enable_duplicate_check`` with that
 ``duplicate_check_interval``: WeCom drops the request if an identical one (same touser,
 agentid and content) was sent within the interval. Only a send that may repeat an
@@ -18,7 +23,7 @@ documented; we assume ``errcode 0`` without a new msgid, so ``send_text`` return
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Literal, Protocol
 
 import httpx
 import msgspec
@@ -29,27 +34,31 @@ from wecombot_common.settings import WeComApiSettings
 from .errcodes import BUSY, ErrorClass, classify, explain
 from .errors import SendRejected, SendRetryable, TokenRejected
 
-__all__ = ["HttpMessageApi", "MessageApi"]
+__all__ = ["MESSAGE_TYPES", "HttpMessageApi", "MessageApi", "MessageType"]
+
+MessageType = Literal["text", "markdown"]
+MESSAGE_TYPES: tuple[MessageType, ...] = ("text", "markdown")
 
 
 class MessageApi(Protocol):
     async def send_text(
         self, token: str, touser: str, content: str, *, duplicate_check_s: int | None = None
     ) -> str:
-        """Send ``content`` to one member; returns WeCom's msgid ("" when WeCom's duplicate
-        check dropped it)."""
+        """Send ``content`` to one member (as the adapter's message type: text, or
+        markdown); returns WeCom's msgid ("" when WeCom's duplicate check dropped it)."""
         ...
 
 
-class _Text(msgspec.Struct, frozen=True):
+class _Content(msgspec.Struct, frozen=True):
     content: str
 
 
 class _SendRequest(msgspec.Struct, frozen=True, omit_defaults=True):
     touser: str
     agentid: int
-    text: _Text
-    msgtype: str
+    msgtype: MessageType
+    text: _Content | None = None
+    markdown: _Content | None = None
     enable_duplicate_check: int = 0
     duplicate_check_interval: int | None = None
 
@@ -71,9 +80,11 @@ class HttpMessageApi:
         settings: WeComApiSettings,
         *,
         timeout_s: float,
+        message_type: MessageType = "text",
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self._agent_id = settings.agent_id
+        self._message_type = message_type
         self._url = f"{settings.api_base}/cgi-bin/message/send"
         self._client = httpx.AsyncClient(
             timeout=httpx.Timeout(timeout_s, connect=min(timeout_s, 5.0)),
@@ -89,11 +100,13 @@ class HttpMessageApi:
         self, token: str, touser: str, content: str, *, duplicate_check_s: int | None = None
     ) -> str:
         register_secret(token)
+        markdown = self._message_type == "markdown"
         request = _SendRequest(
             touser=touser,
             agentid=self._agent_id,
-            text=_Text(content),
-            msgtype="text",
+            msgtype=self._message_type,
+            text=None if markdown else _Content(content),
+            markdown=_Content(content) if markdown else None,
             enable_duplicate_check=int(duplicate_check_s is not None),
             duplicate_check_interval=duplicate_check_s,
         )

@@ -67,10 +67,11 @@ async def test_a_short_reply_is_sent_once_and_recorded(system: System) -> None:
     await system.log.until_finished(reply.event_id)
 
     [sent] = system.sim.sent
-    assert (sent.touser, sent.content, sent.agentid) == (
+    assert (sent.touser, sent.content, sent.agentid, sent.msgtype) == (
         "zhang.san",
         "你好！有什么可以帮你？",
         AGENT,
+        "text",
     )
     history = await system.history("zhang.san")
     assert [type(e) for e in history] == [ReplyGenerated, PartDelivered, ReplyDelivered]
@@ -105,6 +106,19 @@ async def test_a_long_reply_goes_out_in_parts_that_join_to_it(system: System) ->
     assert [p.index for p in parts] == list(range(len(contents)))
     [done] = system.log.of(ReplyDelivered, reply.event_id)
     assert done.wecom_msgids == [m.msgid for m in system.sim.sent]
+
+
+async def test_with_markdown_configured_every_part_goes_out_as_markdown(system: System) -> None:
+    await system.start_token()
+    system.start_sender(SENDER_MESSAGE_TYPE="markdown")
+    text = "## 周报提纲\n\n**本周完成**：`wecombot` 的基准测试。\n\n" + LONG
+    reply = await system.reply("wang.wu", text)
+    await system.log.until_finished(reply.event_id)
+
+    assert "".join(system.sim.messages_to("wang.wu")) == text
+    assert len(system.sim.sent) >= 3
+    assert {m.msgtype for m in system.sim.sent} == {"markdown"}
+    assert not any(m.truncated for m in system.sim.sent)
 
 
 async def test_replies_to_one_user_arrive_in_order(system: System) -> None:
@@ -296,8 +310,21 @@ async def test_the_adapter_translates_wecom_answers(sim: SimulatedWeComApi) -> N
         )
     token = answer.json()["access_token"]
     api = HttpMessageApi(settings, timeout_s=2)
+    markdown = HttpMessageApi(settings, timeout_s=2, message_type="markdown")
     try:
         assert await api.send_text(token, "u", "你好") == sim.sent[-1].msgid
+        assert await markdown.send_text(token, "u", "**你好**") == sim.sent[-1].msgid
+        assert [(m.msgtype, m.content) for m in sim.sent] == [
+            ("text", "你好"),
+            ("markdown", "**你好**"),
+        ]
+        async with httpx.AsyncClient() as http:  # the simulator refuses what we never send
+            other = await http.post(
+                f"{sim.base_url}/cgi-bin/message/send",
+                params={"access_token": token},
+                json={"touser": "u", "agentid": AGENT, "msgtype": "news", "news": {"content": "x"}},
+            )
+        assert other.json()["errcode"] == 40008
         with pytest.raises(TokenRejected) as refused:
             await api.send_text("no-such-token", "u", "x")
         assert refused.value.errcode == 40014
@@ -310,6 +337,7 @@ async def test_the_adapter_translates_wecom_answers(sim: SimulatedWeComApi) -> N
         assert rejected.value.errcode == 82001
     finally:
         await api.aclose()
+        await markdown.aclose()
     unreachable = WeComApiSettings(CORP, AGENT, Secret(""), f"http://127.0.0.1:{free_port()}")
     api = HttpMessageApi(unreachable, timeout_s=2)
     try:

@@ -48,7 +48,9 @@ from wecombot_common.http import LoopbackServer
 
 __all__ = ["ApiCall", "Hold", "SentMessage", "SimulatedWeComApi"]
 
-MAX_CONTENT_BYTES = 2048  # text.content limit, path/90236
+MAX_CONTENT_BYTES = 2048  # text.content and markdown.content limit, path/90236
+# What wecombot sends (a body of one `content`); any other type is refused here (40008).
+SENDABLE_TYPES = frozenset(("text", "markdown"))
 DUPLICATE_CHECK_DEFAULT_S = 1800  # path/90236
 DUPLICATE_CHECK_MAX_S = 4 * 3600
 
@@ -415,6 +417,8 @@ class SimulatedWeComApi(LoopbackServer):
             touser = str(body["touser"])
             agentid = int(body["agentid"])
             msgtype = body["msgtype"]
+            if msgtype not in SENDABLE_TYPES:
+                raise ValueError(msgtype)
             content = str(body[msgtype]["content"])
         except (ValueError, KeyError, TypeError):
             return self._json({"errcode": 40008, "errmsg": "invalid message type"})
