@@ -1,4 +1,5 @@
-"""Fakes of the services' ports, for tests of the logic above them.
+"""Fakes of the services' ports, for tests of the logic above them, and the events
+they are fed (``received``, ``reply_to``).
 
 Each is held to its real adapter by a contract test that runs the same assertions
 against both, the real one on a real nats-server: ``FakeLog`` (the llm's
@@ -8,13 +9,22 @@ against both, the real one on a real nats-server: ``FakeLog`` (the llm's
 from __future__ import annotations
 
 import asyncio
+import random
 from collections.abc import AsyncIterator
 
 from wecombot_common.bus import Appended, AppendUnavailable, ConcurrencyConflict, StoredEvent
-from wecombot_common.events import Event, MessageReceived
+from wecombot_common.events import (
+    Event,
+    MessageReceived,
+    Payload,
+    ReplyGenerated,
+    TextPayload,
+)
 from wecombot_common.topology import ConversationRef, subject_for
 
-__all__ = ["FakeLog"]
+__all__ = ["APP", "FakeLog", "received", "reply_to"]
+
+APP = "ww1-1000002"
 
 
 class FakeLog:
@@ -61,3 +71,33 @@ class FakeLog:
 
     def outcomes(self) -> list[Event]:
         return [s.event for _, s in self.events if not isinstance(s.event, MessageReceived)]
+
+
+def received(
+    text: str | None = None, *, user: str, payload: Payload | None = None
+) -> MessageReceived:
+    """A message from ``user`` as the gateway appends it (a text one unless ``payload``)."""
+    return MessageReceived(
+        app=APP,
+        conversation=user,
+        correlation_id=str(random.getrandbits(60)),
+        msg_type="text",
+        msg_id=None,
+        from_user=user,
+        to_user="ww1",
+        agent_id=1000002,
+        create_time=0,
+        payload=payload if payload is not None else TextPayload(content=text or ""),
+    )
+
+
+def reply_to(m: MessageReceived, text: str, kind: str = "answer") -> ReplyGenerated:
+    """The llm's outcome for ``m``."""
+    return ReplyGenerated(
+        app=APP,
+        conversation=m.conversation,
+        correlation_id=m.correlation_id,
+        causation_id=m.event_id,
+        text=text,
+        kind=kind,  # type: ignore[arg-type]
+    )

@@ -4,7 +4,6 @@ on cannot drift from the log the llm really writes to."""
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -12,15 +11,12 @@ import pytest
 from nats.js import JetStreamContext
 
 from tests.conftest import NatsHandle
-from tests.fakes import FakeLog
+from tests.fakes import APP, FakeLog, received, reply_to
 from wecombot_common import bus, topology
 from wecombot_common.bus import Appended, AppendUnavailable, ConcurrencyConflict
 from wecombot_common.events import (
     Event,
-    MessageReceived,
     PartDelivered,
-    ReplyGenerated,
-    TextPayload,
 )
 from wecombot_common.settings import EnvReader, NatsSettings
 from wecombot_common.topology import ConversationRef
@@ -28,9 +24,6 @@ from wecombot_llm.decide import outcome_msg_id
 from wecombot_llm.store import ConversationLog, JetStreamLog
 
 pytestmark = pytest.mark.integration
-
-APP = "ww1-1000002"
-_ids = itertools.count(1)
 
 
 @dataclass
@@ -62,31 +55,6 @@ async def subject(
     return Subject(JetStreamLog(js, consumer=topology.LLM_CONSUMER), append, nats_server.stop)
 
 
-def received(user: str, text: str) -> MessageReceived:
-    return MessageReceived(
-        app=APP,
-        conversation=user,
-        correlation_id=str(next(_ids)),
-        msg_type="text",
-        msg_id=None,
-        from_user=user,
-        to_user="ww1",
-        agent_id=1000002,
-        create_time=1_700_000_000,
-        payload=TextPayload(content=text),
-    )
-
-
-def answer(to: MessageReceived, text: str) -> ReplyGenerated:
-    return ReplyGenerated(
-        app=APP,
-        conversation=to.conversation,
-        correlation_id=to.correlation_id,
-        causation_id=to.event_id,
-        text=text,
-    )
-
-
 async def history(log: ConversationLog, conv: ConversationRef, after_seq: int = 0) -> list[Event]:
     return [stored.event async for stored in log.read(conv, after_seq=after_seq)]
 
@@ -94,10 +62,10 @@ async def history(log: ConversationLog, conv: ConversationRef, after_seq: int = 
 async def test_appends_are_read_back_in_order_per_conversation(subject: Subject) -> None:
     log, conv, other = subject.log, ConversationRef(APP, "zhang.san"), ConversationRef(APP, "li.si")
     assert await history(log, conv) == []
-    question = received(conv.user, "你好")
+    question = received("你好", user=conv.user)
     first = await subject.write(question)
-    await subject.write(received(other.user, "someone else"))
-    reply = answer(question, "您好")
+    await subject.write(received("someone else", user=other.user))
+    reply = reply_to(question, "您好")
     appended = await log.append(
         reply, msg_id=outcome_msg_id(question), expect_last_seq=0, expect_scope=conv.llm_branch
     )
@@ -115,9 +83,9 @@ async def test_a_repeated_msg_id_is_a_conflict_if_stale_and_a_duplicate_if_curre
     message from an older view (or retries an append whose PubAck it lost) is told of a
     conflict, re-reads and finds the outcome; nothing new is stored either way."""
     log, conv = subject.log, ConversationRef(APP, "zhang.san")
-    question = received(conv.user, "hi")
+    question = received("hi", user=conv.user)
     await subject.write(question)
-    reply = answer(question, "hello")
+    reply = reply_to(question, "hello")
     key = outcome_msg_id(question)
     stored = await log.append(reply, msg_id=key, expect_last_seq=0, expect_scope=conv.llm_branch)
     with pytest.raises(ConcurrencyConflict):
@@ -131,10 +99,13 @@ async def test_a_repeated_msg_id_is_a_conflict_if_stale_and_a_duplicate_if_curre
 
 async def test_the_expectation_is_scoped_to_the_llm_branch(subject: Subject) -> None:
     log, conv = subject.log, ConversationRef(APP, "zhang.san")
-    q1, q2 = received(conv.user, "one"), received(conv.user, "two")
+    q1, q2 = received("one", user=conv.user), received("two", user=conv.user)
     await subject.write(q1)
     a1 = await log.append(
-        answer(q1, "1"), msg_id=outcome_msg_id(q1), expect_last_seq=0, expect_scope=conv.llm_branch
+        reply_to(q1, "1"),
+        msg_id=outcome_msg_id(q1),
+        expect_last_seq=0,
+        expect_scope=conv.llm_branch,
     )
     # Other writers' events (a new question, a delivered part) do not move the llm's
     # branch: the next outcome still expects the llm's own last sequence.
@@ -152,7 +123,7 @@ async def test_the_expectation_is_scoped_to_the_llm_branch(subject: Subject) -> 
         )
     )
     a2 = await log.append(
-        answer(q2, "2"),
+        reply_to(q2, "2"),
         msg_id=outcome_msg_id(q2),
         expect_last_seq=a1.seq,
         expect_scope=conv.llm_branch,
@@ -162,14 +133,14 @@ async def test_the_expectation_is_scoped_to_the_llm_branch(subject: Subject) -> 
 
 async def test_a_stale_expectation_with_a_new_msg_id_is_a_conflict(subject: Subject) -> None:
     log, conv = subject.log, ConversationRef(APP, "zhang.san")
-    q1, q2 = received(conv.user, "one"), received(conv.user, "two")
+    q1, q2 = received("one", user=conv.user), received("two", user=conv.user)
     await subject.write(q1)
     await subject.write(q2)
-    a1 = answer(q1, "1")
+    a1 = reply_to(q1, "1")
     await log.append(a1, msg_id=outcome_msg_id(q1), expect_last_seq=0, expect_scope=conv.llm_branch)
     with pytest.raises(ConcurrencyConflict):
         await log.append(
-            answer(q2, "2"),
+            reply_to(q2, "2"),
             msg_id=outcome_msg_id(q2),
             expect_last_seq=0,
             expect_scope=conv.llm_branch,
@@ -183,12 +154,12 @@ async def test_nothing_is_settled_before_the_consumer_settles_anything(subject: 
 
 async def test_an_append_the_log_cannot_confirm_is_unavailable(subject: Subject) -> None:
     conv = ConversationRef(APP, "zhang.san")
-    question = received(conv.user, "hi")
+    question = received("hi", user=conv.user)
     await subject.write(question)
     subject.outage()
     with pytest.raises(AppendUnavailable):
         await subject.log.append(
-            answer(question, "hello"),
+            reply_to(question, "hello"),
             msg_id=outcome_msg_id(question),
             expect_last_seq=0,
             expect_scope=conv.llm_branch,

@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tests.fakes import FakeLog
+from tests.fakes import APP, FakeLog, received, reply_to
 from wecombot_common.bus import (
     StoredEvent,
 )
@@ -56,37 +56,13 @@ from wecombot_llm.prompt import ChatMessage, Turn, build_prompt, estimate_tokens
 from wecombot_llm.retry import next_delay, parse_retry_after, retry_after_of
 from wecombot_llm.settings import LlmSettings, ModelSettings, ReplyPolicy
 
-APP = "ww1-1000002"
 USER = "zhang.san@corp"
 
 
 def msg(
     text: str | None = None, *, payload: Payload | None = None, user: str = USER
 ) -> MessageReceived:
-    body = payload if payload is not None else TextPayload(content=text or "")
-    return MessageReceived(
-        app=APP,
-        conversation=user,
-        correlation_id=str(random.getrandbits(60)),
-        msg_type="text",
-        msg_id=None,
-        from_user=user,
-        to_user="ww1",
-        agent_id=1000002,
-        create_time=0,
-        payload=body,
-    )
-
-
-def reply_to(m: MessageReceived, text: str, kind: str = "answer") -> ReplyGenerated:
-    return ReplyGenerated(
-        app=APP,
-        conversation=m.conversation,
-        correlation_id=m.correlation_id,
-        causation_id=m.event_id,
-        text=text,
-        kind=kind,  # type: ignore[arg-type]
-    )
+    return received(text, user=user, payload=payload)
 
 
 def fail_of(m: MessageReceived) -> ReplyFailed:
