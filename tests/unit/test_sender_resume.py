@@ -104,6 +104,26 @@ async def test_the_check_is_only_in_the_request_when_asked() -> None:
     finally:
         await api.aclose()
     assert bodies[0] == (
-        b'{"touser":"u","agentid":1000002,"text":{"content":"hi"},"msgtype":"text"}'
+        b'{"touser":"u","agentid":1000002,"msgtype":"text","text":{"content":"hi"}}'
     )
     assert bodies[1].endswith(b'"enable_duplicate_check":1,"duplicate_check_interval":42}')
+
+
+async def test_markdown_goes_in_the_markdown_object() -> None:
+    bodies: list[bytes] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        bodies.append(request.content)
+        return httpx.Response(200, json={"errcode": 0, "errmsg": "ok", "msgid": "m"})
+
+    settings = WeComApiSettings("ww1", 1000002, Secret(""), "http://wecom.invalid")
+    transport = httpx.MockTransport(answer)
+    api = HttpMessageApi(settings, timeout_s=1, message_type="markdown", transport=transport)
+    try:
+        assert await api.send_text("token", "u", "**hi**", duplicate_check_s=42) == "m"
+    finally:
+        await api.aclose()
+    assert bodies == [
+        b'{"touser":"u","agentid":1000002,"msgtype":"markdown","markdown":{"content":"**hi**"},'
+        b'"enable_duplicate_check":1,"duplicate_check_interval":42}'
+    ]
