@@ -73,9 +73,9 @@ class StoredEvent:
 
 
 async def connect(settings: NatsSettings, name: str, **options: object) -> NATS:
-    """Connect with endless reconnects and a client name (shown in server monitoring).
+    """Connect with endless reconnects and a client name (shown in server monitoring)::
 
-    >>> nc = await connect(settings.nats, "wecombot-gateway")  # doctest: +SKIP
+    nc = await connect(settings.nats, "wecombot-gateway")
     """
     log_ = log.bind(client=name)
 
@@ -263,11 +263,11 @@ class PipelinedAppender:
     process (``make bench``, scenario 1, part by part: bare handler + ``js.publish``
     86 µs, + this 66–79 µs, the bare handler alone 36–39 µs). Same results and errors
     as :func:`append_event` with a ``msg_id`` (no conditional appends: the gateway has
-    no use for them).
+    no use for them)::
 
-    >>> appender = await PipelinedAppender.start(nc)                     # doctest: +SKIP
-    >>> await appender.append(event, msg_id="ww1-2:42", timeout=2.0)     # doctest: +SKIP
-    Appended(seq=7, duplicate=False)
+    appender = await PipelinedAppender.start(nc)
+    await appender.append(event, msg_id="ww1-2:42", timeout=2.0)
+    # → Appended(seq=7, duplicate=False)
     """
 
     __slots__ = ("_inbox", "_nc", "_next", "_sub", "_waiting")
@@ -389,8 +389,8 @@ async def connect_when_ready(
     exponential backoff while JetStream is unavailable. Returns None if ``stop`` is set
     first, so a service waiting for its broker still stops at once on SIGTERM::
 
-        >>> ready = await connect_when_ready(s.nats, "wecombot-llm", stop,  # doctest: +SKIP
-        ...                                  lambda js: ensure_topology(js, s.nats))
+        ready = await connect_when_ready(s.nats, "wecombot-llm", stop,
+                                         lambda js: ensure_topology(js, s.nats))
     """
     log_ = log.bind(client=name)
     log_.info("nats.connecting", nats_url=settings.url)

@@ -4,9 +4,9 @@ Used by ``wecombot dev`` (the embedded default broker) and by the test fixtures,
 start the broker the same way: random or fixed ports, JetStream on file storage, and a
 readiness probe on the monitoring endpoint::
 
-    >>> server = EmbeddedNats(store_dir=Path(".wecombot/nats"))  # doctest: +SKIP
-    >>> server.start(); server.url                                # doctest: +SKIP
-    'nats://127.0.0.1:43127'
+    server = EmbeddedNats(store_dir=Path(".wecombot/nats"))
+    server.start(); server.url
+    # → 'nats://127.0.0.1:43127'
 """
 
 from __future__ import annotations

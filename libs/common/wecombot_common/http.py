@@ -2,10 +2,10 @@
 
 Shared by the simulators, the sandbox console and the health server::
 
-    >>> site = await LocalSite.start(app, "127.0.0.1", 0)   # doctest: +SKIP
-    >>> site.port                                         # doctest: +SKIP
-    41235
-    >>> await site.stop()                                 # doctest: +SKIP
+    site = await LocalSite.start(app, "127.0.0.1", 0)
+    site.port
+    # → 41235
+    await site.stop()
 """
 
 from __future__ import annotations

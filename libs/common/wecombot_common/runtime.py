@@ -105,9 +105,9 @@ class HealthServer:
     """``GET /healthz`` (the process answers) and ``GET /readyz`` (its checks pass).
 
     ``ready`` answers ``(ready, detail)``; port 0 serves nothing (the routes can still be
-    mounted on another app, as the gateway does).
+    mounted on another app, as the gateway does)::
 
-    >>> health = HealthServer("0.0.0.0", 8081, ready=check)  # doctest: +SKIP
+    health = HealthServer("0.0.0.0", 8081, ready=check)
     """
 
     def __init__(self, host: str, port: int, ready: Check) -> None:
@@ -142,9 +142,9 @@ class HealthServer:
 
 
 async def unless_stopped(work: Awaitable[T], stop: asyncio.Event) -> T | None:
-    """Await ``work`` unless ``stop`` is set first (then cancel it and return None).
+    """Await ``work`` unless ``stop`` is set first (then cancel it and return None)::
 
-    >>> nc = await unless_stopped(bus.connect(settings, "x"), stop)  # doctest: +SKIP
+    nc = await unless_stopped(bus.connect(settings, "x"), stop)
     """
     task = asyncio.ensure_future(work)
     stopper = asyncio.ensure_future(stop.wait())

@@ -2,9 +2,9 @@
 
 Only the token service calls WeCom ``gettoken``. Others ask it over NATS::
 
-    >>> tokens = TokenClient(nc)                      # doctest: +SKIP
-    >>> token = await tokens.get("ww1-1000002")       # doctest: +SKIP
-    >>> await tokens.invalidate("ww1-1000002", token) # after a 40014/42001 # doctest: +SKIP
+    tokens = TokenClient(nc)
+    token = await tokens.get("ww1-1000002")
+    await tokens.invalidate("ww1-1000002", token) # after a 40014/42001
 
 Failures arrive as :class:`TokenError` with a ``kind`` the caller can act on:
 ``bad_secret`` (40001), ``bad_corp_id`` (40013), ``untrusted_ip`` (60020),

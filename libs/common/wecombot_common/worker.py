@@ -16,11 +16,11 @@ messages and shutdown behave the same everywhere:
   reply WeCom always refuses) → dead-letter with the reason, then ``term``. A transient
   failure on the last allowed delivery is dead-lettered too, so nothing is silently lost.
 - On stop: no new fetches; in-flight handlers get ``grace_s`` to finish, the rest are
-  cancelled and nak'ed (handed back) so another replica takes them at once.
+  cancelled and nak'ed (handed back) so another replica takes them at once::
 
-    >>> worker = PullWorker(js, config, handle,            # doctest: +SKIP
-    ...                     key=conversation_key, max_concurrency=64)
-    >>> await worker.run(stop)                                # doctest: +SKIP
+    worker = PullWorker(js, config, handle,
+                        key=conversation_key, max_concurrency=64)
+    await worker.run(stop)
 """
 
 from __future__ import annotations

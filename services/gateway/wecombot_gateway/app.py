@@ -1,7 +1,7 @@
-"""The HTTP entrypoint: WeCom callbacks in, MessageReceived events appended, statuses out.
+"""The HTTP entrypoint: WeCom callbacks in, MessageReceived events appended, statuses out::
 
->>> publisher = JetStreamPublisher(await PipelinedAppender.start(nc), timeout_s=2)  # doctest: +SKIP
->>> app = create_app(settings, publisher, ready=jetstream_ready(nc, js))  # doctest: +SKIP
+    publisher = JetStreamPublisher(await PipelinedAppender.start(nc), timeout_s=2)
+    app = create_app(settings, publisher, ready=jetstream_ready(nc, js))
 
 Routes
     GET  {callback_path}  URL verification: 200 text/plain = the decrypted echostr, verbatim

@@ -5,10 +5,10 @@ is ready, so WeCom retries), connect to NATS (nats-py keeps retrying an unreacha
 server), create the topology (retried with exponential backoff while JetStream is
 unavailable), then accept callbacks.
 Shutdown (``stop`` set): stop accepting connections, let in-flight callbacks finish (each
-is bounded by GATEWAY_PUBLISH_TIMEOUT), then drain NATS.
+is bounded by GATEWAY_PUBLISH_TIMEOUT), then drain NATS::
 
->>> main({"WECOM_CORP_ID": "ww1", ...})  # doctest: +SKIP
-0
+    main({"WECOM_CORP_ID": "ww1", ...})
+    # → 0
 """
 
 from __future__ import annotations

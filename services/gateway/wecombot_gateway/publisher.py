@@ -1,9 +1,9 @@
-"""The gateway's one outbound port: append a received message to the event log.
+"""The gateway's one outbound port: append a received message to the event log::
 
->>> appender = await PipelinedAppender.start(nc)                        # doctest: +SKIP
->>> publisher = JetStreamPublisher(appender, timeout_s=2.0)             # doctest: +SKIP
->>> await publisher.append(message, msg_id="ww1-2:4561255354251345929")  # doctest: +SKIP
-Appended(seq=1, duplicate=False)
+appender = await PipelinedAppender.start(nc)
+publisher = JetStreamPublisher(appender, timeout_s=2.0)
+await publisher.append(message, msg_id="ww1-2:4561255354251345929")
+# → Appended(seq=1, duplicate=False)
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
-"""The /readyz check: NATS connected and the conversation stream present.
+"""The /readyz check: NATS connected and the conversation stream present::
 
->>> ok, detail = await jetstream_ready(nc, js)()  # doctest: +SKIP
+ok, detail = await jetstream_ready(nc, js)()
 """
 
 from __future__ import annotations

@@ -9,13 +9,13 @@ re-read. An entry also coordinates this process's deliveries of one conversation
 - ``changed``: set when this process appended to the conversation, waking waiters at
   once instead of at their next poll.
 
-Entries in use are never evicted, so all deliveries of a conversation share one lock.
+Entries in use are never evicted, so all deliveries of a conversation share one lock::
 
-    >>> cache = ConversationCache(                                # doctest: +SKIP
-    ...     lambda: Conversation(needs_outcome=…), capacity=10_000)
-    >>> entry = cache.get(conv)                                   # doctest: +SKIP
-    >>> with entry.handling(event_id):                            # doctest: +SKIP
-    ...     async with entry.lock: ...
+    cache = ConversationCache(
+        lambda: Conversation(needs_outcome=…), capacity=10_000)
+    entry = cache.get(conv)
+    with entry.handling(event_id):
+        async with entry.lock: ...
 """
 
 from __future__ import annotations

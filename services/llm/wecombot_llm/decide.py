@@ -1,8 +1,8 @@
-"""What each received message gets: a fixed reply, a model call, or nothing. Pure.
+"""What each received message gets: a fixed reply, a model call, or nothing. Pure::
 
-    >>> action = decide(received, conversation, policy)         # doctest: +SKIP
-    >>> isinstance(action, AskModel)                             # doctest: +SKIP
-    True
+    action = decide(received, conversation, policy)
+    isinstance(action, AskModel)
+    # → True
 
 Every outcome (ReplyGenerated, ReplyFailed, ConversationReset) built here has the
 deterministic event_id ``derived_id(received.event_id, "outcome")``: whoever appends the

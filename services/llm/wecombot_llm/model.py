@@ -6,10 +6,10 @@
     ├── ModelUnavailable          transient failures outlasted the retry budget
     └── ModelRejected             the provider refused the request (4xx, empty answer)
 
-    >>> async with open_model(settings.model) as model:          # doctest: +SKIP
-    ...     done = await model.complete([ChatMessage("user", "你好")])
-    >>> done.text                                                 # doctest: +SKIP
-    '你好！有什么可以帮你？'
+    async with open_model(settings.model) as model:
+        done = await model.complete([ChatMessage("user", "你好")])
+    done.text
+    # → '你好！有什么可以帮你？'
 
 ``OpenAIChatModel`` speaks ``POST {base_url}/chat/completions`` (non-streaming), which
 OpenAI, Azure OpenAI, DeepSeek, DashScope (Qwen), Ollama and vLLM all serve; see

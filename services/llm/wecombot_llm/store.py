@@ -1,7 +1,7 @@
-"""The event log as the llm handler needs it: a port and its JetStream adapter.
+"""The event log as the llm handler needs it: a port and its JetStream adapter::
 
->>> log_ = JetStreamLog(js, consumer="llm")                      # doctest: +SKIP
->>> async for stored in log_.read(conv, after_seq=41): ...        # doctest: +SKIP
+log_ = JetStreamLog(js, consumer="llm")
+async for stored in log_.read(conv, after_seq=41): ...
 """
 
 from __future__ import annotations

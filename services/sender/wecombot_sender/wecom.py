@@ -5,9 +5,9 @@ over ``httpx``. It returns WeCom's msgid or raises a :mod:`wecombot_sender.error
 httpx's own errors are translated here and never leak (their text may hold the URL, and
 the URL holds the access_token)::
 
-    >>> api = HttpMessageApi(settings.wecom, timeout_s=10)    # doctest: +SKIP
-    >>> await api.send_text(token, "zhang.san", "你好")       # doctest: +SKIP
-    '4A1y…'
+    api = HttpMessageApi(settings.wecom, timeout_s=10)
+    await api.send_text(token, "zhang.san", "你好")
+    # → '4A1y…'
 
 Replies go as ``text`` messages, or as ``markdown`` ones (``SENDER_MESSAGE_TYPE``): the
 same ``content`` field and the same 2048-byte limit. WeCom renders a subset of Markdown

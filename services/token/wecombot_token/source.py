@@ -4,10 +4,10 @@
 ``{"errcode": 0, "access_token": "…", "expires_in": 7200}`` or an errcode
 (https://developer.work.weixin.qq.com/document/path/91039). Failures come back as
 :class:`~.domain.Failure` values, never as exceptions: they are expected outcomes the
-service records and backs off on.
+service records and backs off on::
 
-    >>> source = WeComTokenSource(settings.wecom, timeout_s=10)  # doctest: +SKIP
-    >>> outcome = await source.fetch()                             # doctest: +SKIP
+    source = WeComTokenSource(settings.wecom, timeout_s=10)
+    outcome = await source.fetch()
 """
 
 from __future__ import annotations

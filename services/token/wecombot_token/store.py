@@ -8,10 +8,10 @@ Two keys per app (the app key is letters, digits and '-', valid in a KV key)::
 Every write is a compare-and-set on the key's revision, so replicas and restarts agree:
 the lock is taken with ``create()`` (fails if held) or, once its deadline has passed,
 ``update(last=rev)`` (only one taker wins); the state is written with
-``update(last=rev)`` of the revision the writer decided on.
+``update(last=rev)`` of the revision the writer decided on::
 
-    >>> kv = await open_token_bucket(js, replicas=1)          # doctest: +SKIP
-    >>> store = KvTokenStore(kv, "ww1-1000002")               # doctest: +SKIP
+    kv = await open_token_bucket(js, replicas=1)
+    store = KvTokenStore(kv, "ww1-1000002")
 """
 
 from __future__ import annotations
