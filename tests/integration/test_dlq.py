@@ -201,3 +201,21 @@ async def test_the_wecombot_command(nats_server: NatsHandle, dead: JetStreamCont
     assert bad.returncode == 2 and "invalid int value" in bad.stderr
     helped = await asyncio.to_thread(_wecombot, "--help", url=nats_server.url)
     assert helped.returncode == 0 and "--consumer" in helped.stdout, helped.stderr
+
+
+async def test_replay_refuses_what_it_cannot_requeue(
+    nats_server: NatsHandle, dead: JetStreamContext
+) -> None:
+    code, out, err = await _dlq(nats_server.url, "replay", "1")
+    assert (code, out) == (1, "")
+    assert err == (
+        "wecombot dlq: dead letter 1 is the llm's: only replies the sender gave up on can be "
+        "replayed\n"
+    )
+    # These workers park replies without recording a DeliveryFailed, as no sender would.
+    code, _, err = await _dlq(nats_server.url, "replay", "3")
+    assert code == 1 and "has no recorded failure to replay" in err
+    code, _, err = await _dlq(nats_server.url, "replay", "99")
+    assert (code, err) == (1, "wecombot dlq: no message 99 in WECOMBOT_DLQ\n")
+    info = await dead.stream_info(topology.CONVERSATION_STREAM)
+    assert info.state.messages == 4, "a refused replay appends nothing"

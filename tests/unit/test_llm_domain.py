@@ -30,6 +30,7 @@ from wecombot_common.events import (
     Payload,
     ReplyFailed,
     ReplyGenerated,
+    ReplyRequeued,
     TextPayload,
     UnknownPayload,
     VideoPayload,
@@ -120,6 +121,22 @@ def test_fold_pairs_answers_with_their_questions_since_the_last_reset() -> None:
     assert set(conv.awaiting) == {q5.event_id}
     assert all(conv.has_outcome(m.event_id) for m in (q1, q2, r, q3, q4))
     assert (conv.last_seq, conv.llm_last_seq) == (11, 10)
+
+
+def test_an_operators_requeue_moves_the_llm_branch_and_answers_nothing() -> None:
+    q1, q2 = msg("q1"), msg("q2")
+    a1 = reply_to(q1, "a1")
+    requeue = ReplyRequeued(
+        app=APP,
+        conversation=USER,
+        correlation_id=q1.correlation_id,
+        reply_id=a1.event_id,
+        reason="wecombot dlq replay 3",
+    )
+    conv = fold(stored(q1, a1, requeue, q2), always)
+    assert conv.llm_last_seq == 3, "the next outcome's expected sequence includes it"
+    assert set(conv.awaiting) == {q2.event_id}
+    assert list(conv.turns) == [Turn("q1", "a1")]
 
 
 def test_fold_excludes_notices_and_ignores_replays_and_second_copies() -> None:

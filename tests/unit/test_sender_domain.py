@@ -17,6 +17,7 @@ from wecombot_common.events import (
     ReplyDelivered,
     ReplyFailed,
     ReplyGenerated,
+    ReplyRequeued,
     TextPayload,
 )
 from wecombot_sender.domain import (
@@ -104,6 +105,31 @@ def test_reply_delivered_and_delivery_failed_are_terminal() -> None:
     assert state.outcome(r1.event_id).terminal
     assert state.outcome(r2.event_id).terminal
     assert state.last_send_seq == 4
+
+
+def test_a_requeue_reopens_a_failed_reply_until_its_round_ends() -> None:
+    r1, later = reply("a"), reply("b")
+    failed = DeliveryFailed(
+        **env(), reply_id=r1.event_id, errcode=-1, reason="gave up", parts_delivered=1
+    )
+    requeue = ReplyRequeued(**env(), reply_id=r1.event_id, reason="wecombot dlq replay 1")
+    events = [
+        StoredEvent(1, r1),
+        StoredEvent(2, part(r1.event_id, 0, "w1")),
+        StoredEvent(3, failed),
+        StoredEvent(4, later),
+        StoredEvent(5, requeue),
+    ]
+    state = fold(ConversationState(), events)
+    one = state.outcome(r1.event_id)
+    assert (one.terminal, one.requeued_by, one.delivered_by) == (False, requeue.event_id, 5)
+    assert next_part(one) == 1, "resumes after the recorded part"
+    assert state.last_send_seq == 3, "the requeue is on the llm branch"
+    # The reply is pending again before the later one: it goes out first.
+    assert [o.event_id for o in pending_before(state, 4)] == [r1.event_id]
+    done = ReplyDelivered(**env(), reply_id=r1.event_id, parts=2, wecom_msgids=["w1", "w2"])
+    assert fold(state, [StoredEvent(6, done)]).outcome(r1.event_id).terminal
+    assert state.outcome(later.event_id).delivered_by == 4
 
 
 def test_fold_is_incremental_idempotent_and_leaves_its_input_alone() -> None:

@@ -4,6 +4,7 @@
 
     wecombot dlq [--consumer NAME] [--limit N] [--json]    the newest dead letters
     wecombot dlq show SEQ [--json]                          one, with its event decoded
+    wecombot dlq replay SEQ                                 deliver that reply again
 
 A message a service can never handle (an undecodable event, a reply WeCom always refuses,
 a failure that outlasted ``max_deliver``) is copied to the stream ``WECOMBOT_DLQ``
@@ -19,10 +20,18 @@ deliveries. Example::
       1  2026-11-28 23:23:11  sender            26           1  wecombot.conv.ww1-…   SendRe…
     details: wecombot dlq show SEQ
 
-Reads only (STREAM.INFO and STREAM.MSG.GET on ``WECOMBOT_DLQ``): run it with the NATS
-admin credentials (``NATS_USER``/``NATS_PASSWORD`` or ``NATS_CREDS``, and ``NATS_URL``).
-Exit codes: 0 done (an empty DLQ included), 1 NATS unreachable or no such message,
-2 bad arguments or settings.
+``replay`` is for a reply the sender gave up on (a WeCom outage that outlasted its
+deliveries, a token error since fixed): it appends a ``ReplyRequeued`` for it, and the
+sender delivers the reply again after its last recorded part (the first send asks
+WeCom's duplicate check). It refuses a dead letter that is not the sender's, a reply
+delivered since, and one already requeued; a second replay of the same failure is
+deduplicated by JetStream.
+
+Listing and showing only read (STREAM.INFO and STREAM.MSG.GET on ``WECOMBOT_DLQ``);
+``replay`` also reads the conversation and appends to it. Run it with the NATS admin
+credentials (``NATS_USER``/``NATS_PASSWORD`` or ``NATS_CREDS``, and ``NATS_URL``).
+Exit codes: 0 done (an empty DLQ included), 1 NATS unreachable, no such message, or a
+replay refused, 2 bad arguments or settings.
 """
 
 from __future__ import annotations
@@ -43,10 +52,21 @@ from nats.js import JetStreamContext
 from nats.js.api import RawStreamMsg
 
 from wecombot_common import topology
+from wecombot_common.bus import append_event, read_conversation
 from wecombot_common.errors import ConfigError
-from wecombot_common.events import EventDecodeError, decode_event
+from wecombot_common.events import (
+    ConversationReset,
+    DeliveryFailed,
+    EventDecodeError,
+    ReplyDelivered,
+    ReplyFailed,
+    ReplyGenerated,
+    ReplyRequeued,
+    decode_event,
+)
 from wecombot_common.logs import configure_logging
 from wecombot_common.settings import EnvReader, LogSettings, NatsSettings
+from wecombot_common.topology import ConversationRef
 from wecombot_common.worker import (
     DLQ_CONSUMER,
     DLQ_DELIVERIES,
@@ -57,7 +77,15 @@ from wecombot_common.worker import (
 
 from .shared import clip, connect_once, without_credentials
 
-__all__ = ["ACCEPTS_ARGS", "DeadLetter", "main", "read_dead_letter", "read_dead_letters", "run"]
+__all__ = [
+    "ACCEPTS_ARGS",
+    "DeadLetter",
+    "main",
+    "read_dead_letter",
+    "read_dead_letters",
+    "replay",
+    "run",
+]
 
 ACCEPTS_ARGS = True
 CLIENT_NAME = "wecombot-dlq"
@@ -172,6 +200,52 @@ async def read_dead_letter(js: JetStreamContext, seq: int) -> DeadLetter | None:
         return None
 
 
+async def replay(js: JetStreamContext, seq: int) -> tuple[bool, str]:
+    """Requeue the reply parked as dead letter ``seq``; (done, what happened)."""
+    letter = await read_dead_letter(js, seq)
+    if letter is None:
+        return False, f"no message {seq} in {topology.DEAD_LETTER_STREAM}"
+    if letter.consumer != topology.SENDER_CONSUMER:
+        return False, (
+            f"dead letter {seq} is the {letter.consumer}'s: only replies the sender gave up "
+            "on can be replayed"
+        )
+    try:
+        reply = decode_event(letter.data)
+    except EventDecodeError:
+        return False, f"dead letter {seq} is not a wecombot event"
+    if not isinstance(reply, ReplyGenerated | ReplyFailed | ConversationReset):
+        return False, f"dead letter {seq} is a {type(reply).__name__}, not a reply"
+    conv = ConversationRef.of(reply)
+    last: DeliveryFailed | ReplyDelivered | ReplyRequeued | None = None
+    async for stored in read_conversation(js, conv):
+        event = stored.event
+        if (
+            isinstance(event, DeliveryFailed | ReplyDelivered | ReplyRequeued)
+            and event.reply_id == reply.event_id
+        ):
+            last = event
+    if isinstance(last, ReplyDelivered):
+        return False, f"reply {reply.event_id} was delivered since; nothing to replay"
+    if isinstance(last, ReplyRequeued):
+        return False, f"reply {reply.event_id} is already requeued ({last.reason})"
+    if last is None:
+        return False, f"reply {reply.event_id} has no recorded failure to replay"
+    requeue = ReplyRequeued(
+        app=reply.app,
+        conversation=reply.conversation,
+        correlation_id=reply.correlation_id,
+        causation_id=last.event_id,
+        reply_id=reply.event_id,
+        reason=f"wecombot dlq replay {seq}",
+    )
+    appended = await append_event(js, requeue, msg_id=f"requeue:{last.event_id}")
+    return True, (
+        f"reply {reply.event_id} to {reply.conversation} requeued (seq {appended.seq}); the "
+        f"sender delivers it again after the {last.parts_delivered} part(s) recorded"
+    )
+
+
 # ---------------------------------------------------------------- rendering
 
 
@@ -234,12 +308,14 @@ def _parser() -> argparse.ArgumentParser:
         description="List the dead-lettered messages (WECOMBOT_DLQ), or show one.",
     )
     _options(parser, listing=True, defaults=True)
-    sub = parser.add_subparsers(dest="action", metavar="{list,show}")
+    sub = parser.add_subparsers(dest="action", metavar="{list,show,replay}")
     # Options repeat after the action; SUPPRESS keeps a subparser from resetting them.
     _options(sub.add_parser("list", help="the newest dead letters (the default)"), listing=True)
     show = sub.add_parser("show", help="one dead letter, with its event decoded")
     show.add_argument("seq", type=int, help="its sequence in WECOMBOT_DLQ (the SEQ column)")
     _options(show, listing=False)
+    again = sub.add_parser("replay", help="deliver a reply the sender gave up on, again")
+    again.add_argument("seq", type=int, help="its sequence in WECOMBOT_DLQ (the SEQ column)")
     return parser
 
 
@@ -285,6 +361,10 @@ async def run(
 
 
 async def _act(js: JetStreamContext, args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    if args.action == "replay":
+        done, said = await replay(js, args.seq)
+        (out if done else err).write(("" if done else "wecombot dlq: ") + said + "\n")
+        return 0 if done else 1
     if args.action == "show":
         letter = await read_dead_letter(js, args.seq)
         if letter is None:

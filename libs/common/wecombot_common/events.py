@@ -59,6 +59,7 @@ __all__ = [
     "ReplyDelivered",
     "ReplyFailed",
     "ReplyGenerated",
+    "ReplyRequeued",
     "TextPayload",
     "UnknownPayload",
     "VideoPayload",
@@ -226,12 +227,21 @@ class DeliveryFailed(_Event, frozen=True):
     parts_delivered: int
 
 
+class ReplyRequeued(_Event, frozen=True):
+    """An operator asked for a reply whose delivery failed to be delivered again
+    (``wecombot dlq replay``): the sender resumes it after its last recorded part."""
+
+    reply_id: str
+    reason: str
+
+
 Outcome = ReplyGenerated | ReplyFailed | ConversationReset
 Event = (
     MessageReceived
     | ReplyGenerated
     | ReplyFailed
     | ConversationReset
+    | ReplyRequeued
     | PartDelivered
     | ReplyDelivered
     | DeliveryFailed

@@ -6,6 +6,7 @@ branch of it, so optimistic concurrency can be scoped per writer::
 
     wecombot.conv.<app>.<user>.in             MessageReceived          (gateway)
     wecombot.conv.<app>.<user>.llm.<kind>     ReplyGenerated|ReplyFailed|ConversationReset (llm)
+    wecombot.conv.<app>.<user>.llm.requeue    ReplyRequeued            (an operator: dlq replay)
     wecombot.conv.<app>.<user>.send.<kind>    PartDelivered|ReplyDelivered|DeliveryFailed (sender)
 
 ``<user>`` is the UserID made into one subject token by :func:`encode_token`.
@@ -40,6 +41,7 @@ from .events import (
     ReplyDelivered,
     ReplyFailed,
     ReplyGenerated,
+    ReplyRequeued,
 )
 
 __all__ = [
@@ -80,6 +82,7 @@ _SUFFIX: Final[dict[type[Event], str]] = {
     ReplyGenerated: "llm.reply",
     ReplyFailed: "llm.failed",
     ConversationReset: "llm.reset",
+    ReplyRequeued: "llm.requeue",  # by an operator: the sender consumes the llm branch
     PartDelivered: "send.part",
     ReplyDelivered: "send.done",
     DeliveryFailed: "send.failed",

@@ -36,6 +36,7 @@ from wecombot_common.events import (
     MessageReceived,
     ReplyFailed,
     ReplyGenerated,
+    ReplyRequeued,
     TextPayload,
     WeComEventPayload,
 )
@@ -84,6 +85,8 @@ class Conversation:
         elif isinstance(event, ReplyGenerated | ReplyFailed | ConversationReset):
             self.llm_last_seq = stored.seq
             self._outcome(event)
+        elif isinstance(event, ReplyRequeued):  # an operator's, on the llm branch
+            self.llm_last_seq = stored.seq
 
     def has_outcome(self, event_id: str) -> bool:
         """It has its outcome, or the gate silenced it (it never gets one)."""

@@ -3,7 +3,8 @@
 The log is the only truth. :func:`fold` turns a conversation's events into the
 :class:`ConversationState` the handler decides from: for each outcome (ReplyGenerated,
 ReplyFailed, ConversationReset) its stream sequence, the parts already accepted by WeCom
-and whether it is finished (ReplyDelivered or DeliveryFailed)::
+and whether it is finished (ReplyDelivered or DeliveryFailed; a later ReplyRequeued, an
+operator's ``wecombot dlq replay``, makes a failed one unfinished again)::
 
     >>> reply = ReplyGenerated(app="ww1-2", conversation="u", correlation_id="m", text="hi")
     >>> part = PartDelivered(app="ww1-2", conversation="u", correlation_id="m",
@@ -35,6 +36,7 @@ from wecombot_common.events import (
     ReplyDelivered,
     ReplyFailed,
     ReplyGenerated,
+    ReplyRequeued,
 )
 
 __all__ = [
@@ -63,6 +65,15 @@ class OutcomeState:
     seq: int | None = None
     delivered: Mapping[int, str] = field(default_factory=dict)  # part index → WeCom msgid
     terminal: bool = False
+    # the ReplyRequeued that reopened it ("" for the first round): each round's
+    # ReplyDelivered / DeliveryFailed is a new event, not a repeat of the last round's
+    requeued_by: str = ""
+    requeued_at: int | None = None  # its stream sequence: the delivery that finishes it
+
+    @property
+    def delivered_by(self) -> int | None:
+        """The stream sequence of the message whose delivery finishes this outcome."""
+        return self.requeued_at if self.requeued_by else self.seq
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,6 +147,11 @@ def _apply(outcomes: dict[str, OutcomeState], recent: list[datetime], stored: St
         current = outcomes.get(event.reply_id) or OutcomeState(event.reply_id)
         outcomes[event.reply_id] = replace(current, terminal=True)
         return True
+    if isinstance(event, ReplyRequeued):  # on the llm branch, not the sender's
+        current = outcomes.get(event.reply_id) or OutcomeState(event.reply_id)
+        outcomes[event.reply_id] = replace(
+            current, terminal=False, requeued_by=event.event_id, requeued_at=stored.seq
+        )
     return False
 
 

@@ -26,6 +26,11 @@ reached the user since the last recorded send (see
 (the same apology twice) are both delivered; and if the user's last recorded message is
 identical to the part, the check is skipped too, since it could not tell them apart.
 
+A ReplyRequeued (an operator's ``wecombot dlq replay`` of a reply whose delivery failed)
+is delivered as that reply once more, in its own place in the user's order: after the
+last part recorded, the first send with the duplicate check (the failed round may have
+had it accepted), and ending in a ReplyDelivered or DeliveryFailed of its own.
+
 A permanent refusal (and an empty reply) is recorded as DeliveryFailed, then raised, so
 the worker parks the outcome in the dead-letter stream with the reason. On the last
 delivery the consumer allows, a reply that still fails for a transient
@@ -64,6 +69,7 @@ from wecombot_common.events import (
     Outcome,
     PartDelivered,
     ReplyDelivered,
+    ReplyRequeued,
     decode_event,
     derived_id,
     utcnow,
@@ -160,12 +166,19 @@ class _Job:
     conv: ConversationRef
     parts: list[str]
     last_try: bool
+    order_seq: int  # its place in the user's order: the outcome's stream sequence
+    requeued_by: str = ""  # the ReplyRequeued being delivered ("" for the outcome itself)
     sent: dict[int, str] = field(default_factory=dict)  # index → msgid, maybe unrecorded
     first_index: int | None = None  # the first part this delivery sends
 
     @property
     def reply_id(self) -> str:
         return self.reply.event_id
+
+    @property
+    def round(self) -> tuple[str, ...]:
+        """What tells this round's closing event from an earlier round's."""
+        return (self.requeued_by,) if self.requeued_by else ()
 
 
 class ReplySender:
@@ -200,19 +213,47 @@ class ReplySender:
         self._stopping = stopping or asyncio.Event()
 
     async def handle(self, d: Delivery) -> Settlement:
-        reply = d.event
-        if not isinstance(reply, OUTCOME_TYPES):
-            log.warning("sender.not_an_outcome", type=type(reply).__name__)
+        event = d.event
+        if event.app != self._app:
+            raise PermanentError(f"reply for app {event.app!r}; this sender serves {self._app!r}")
+        if isinstance(event, ReplyRequeued):
+            return await self._requeued(d, event)
+        if not isinstance(event, OUTCOME_TYPES):
+            log.warning("sender.not_an_outcome", type=type(event).__name__)
             return Ack()
-        if reply.app != self._app:
-            raise PermanentError(f"reply for app {reply.app!r}; this sender serves {self._app!r}")
-        job = _Job(
+        return await self._run(self._job(d, event, order_seq=d.stream_seq))
+
+    def _job(self, d: Delivery, reply: Outcome, *, order_seq: int, requeued_by: str = "") -> _Job:
+        return _Job(
             delivery=d,
             reply=reply,
             conv=ConversationRef.of(reply),
             parts=split_text(reply.text),
             last_try=0 < self._policy.max_deliver <= d.num_delivered,
+            order_seq=order_seq,
+            requeued_by=requeued_by,
         )
+
+    async def _requeued(self, d: Delivery, requeue: ReplyRequeued) -> Settlement:
+        """Deliver the requeued reply again, from the log's copy of it."""
+        state = await self._cache.load(ConversationRef.of(requeue))
+        seq = state.outcome(requeue.reply_id).seq
+        missing = PermanentError(f"the requeued reply {requeue.reply_id} is not in the log")
+        if seq is None:
+            raise missing
+        try:
+            raw = await self._js.get_msg(topology.CONVERSATION_STREAM, seq, direct=True)
+        except nats.js.errors.NotFoundError:
+            raise missing from None
+        except (TimeoutError, nats.errors.Error) as exc:
+            raise TransientError(f"cannot read the requeued reply: {type(exc).__name__}") from exc
+        reply = decode_event(raw.data or b"")  # EventDecodeError: permanent
+        if not isinstance(reply, OUTCOME_TYPES) or reply.event_id != requeue.reply_id:
+            raise PermanentError(f"seq {seq} is not the requeued reply {requeue.reply_id}")
+        log.info("sender.requeued", reply_id=requeue.reply_id, reason=requeue.reason)
+        return await self._run(self._job(d, reply, order_seq=seq, requeued_by=requeue.event_id))
+
+    async def _run(self, job: _Job) -> Settlement:
         for _ in range(self._policy.conflict_rounds):
             try:
                 return await self._attempt(job)
@@ -224,10 +265,7 @@ class ReplySender:
 
     async def _attempt(self, job: _Job) -> Settlement:
         state = await self._cache.load(job.conv)
-        if (
-            pending_before(state, job.delivery.stream_seq)
-            and not state.outcome(job.reply_id).terminal
-        ):
+        if pending_before(state, job.order_seq) and not state.outcome(job.reply_id).terminal:
             turn = await self._take_turn(job, state)
             if isinstance(turn, Nak):
                 return turn
@@ -273,7 +311,7 @@ class ReplySender:
         delay = 0.05
         log.info("sender.waiting_for_earlier_reply")
         while True:
-            pending = {o.seq for o in pending_before(state, job.delivery.stream_seq)}
+            pending = {o.delivered_by for o in pending_before(state, job.order_seq)}
             if not pending:
                 return state
             if pending.intersection(self.queued_behind(job.conv.root)):
@@ -297,8 +335,10 @@ class ReplySender:
         token = await self._tokens.get(job.reply.app)
         refreshed = False
         retries = 0
-        # An earlier delivery may have had this part accepted and died before recording it.
-        maybe_sent = job.delivery.num_delivered > 1 and index == job.first_index
+        # An earlier delivery (or the failed round a requeue retries) may have had this part
+        # accepted and died before recording it.
+        again = job.delivery.num_delivered > 1 or bool(job.requeued_by)
+        maybe_sent = again and index == job.first_index
         while True:
             # ... or our hold on the message lapsed: another replica may be sending it now.
             maybe_sent = maybe_sent or job.delivery.lapsed
@@ -356,15 +396,18 @@ class ReplySender:
 
     async def _parts_of(self, state: ConversationState, reply_id: str) -> list[str]:
         seq = state.outcome(reply_id).seq
-        if seq is None:
-            return []
+        reply = await self._outcome_at(seq) if seq is not None else None
+        return split_text(reply.text) if reply is not None else []
+
+    async def _outcome_at(self, seq: int) -> Outcome | None:
+        """The outcome stored at ``seq`` (None if it cannot be read or is not one)."""
         try:
             raw = await self._js.get_msg(topology.CONVERSATION_STREAM, seq, direct=True)
             event = decode_event(raw.data or b"")
         except (TimeoutError, nats.errors.Error, EventDecodeError) as exc:
             log.info("sender.earlier_reply_unreadable", seq=seq, error=str(exc))
-            return []
-        return split_text(event.text) if isinstance(event, OUTCOME_TYPES) else []
+            return None
+        return event if isinstance(event, OUTCOME_TYPES) else None
 
     async def _retry_later(
         self, job: _Job, state: ConversationState, exc: TransientError
@@ -397,24 +440,24 @@ class ReplySender:
     async def _finish(self, job: _Job, state: ConversationState) -> Settlement:
         delivered = state.outcome(job.reply_id).delivered
         done = ReplyDelivered(
-            **self._envelope(job, "delivered"),
+            **self._envelope(job, "delivered", *job.round),
             reply_id=job.reply_id,
             parts=len(job.parts),
             wecom_msgids=[delivered.get(i, "") for i in range(len(job.parts))],
         )
-        await self._append(job, state, done, f"delivered:{job.reply_id}")
+        await self._append(job, state, done, ":".join(("delivered", job.reply_id, *job.round)))
         log.info("sender.delivered", parts=len(job.parts))
         return Ack()
 
     async def _fail(self, job: _Job, state: ConversationState, errcode: int, reason: str) -> None:
         failed = DeliveryFailed(
-            **self._envelope(job, "failed"),
+            **self._envelope(job, "failed", *job.round),
             reply_id=job.reply_id,
             errcode=errcode,
             reason=reason,
             parts_delivered=len(state.outcome(job.reply_id).delivered),
         )
-        await self._append(job, state, failed, f"failed:{job.reply_id}")
+        await self._append(job, state, failed, ":".join(("failed", job.reply_id, *job.round)))
         log.warning("sender.delivery_failed", errcode=errcode, reason=reason)
 
     def _envelope(self, job: _Job, *kind: str) -> _Envelope:

@@ -17,13 +17,16 @@ from nats.js import JetStreamContext
 from tests.conftest import free_port
 from tests.integration.sender.harness import (
     AGENT,
+    APP,
     CORP,
     LONG,
     SECRET,
     System,
 )
-from tests.waiting import until
+from tests.waiting import eventually, until
+from wecombot.dlq import replay
 from wecombot_common import topology
+from wecombot_common.bus import append_event
 from wecombot_common.events import (
     ConversationReset,
     DeliveryFailed,
@@ -31,6 +34,7 @@ from wecombot_common.events import (
     ReplyDelivered,
     ReplyFailed,
     ReplyGenerated,
+    ReplyRequeued,
     decode_event,
     derived_id,
 )
@@ -200,6 +204,58 @@ async def test_the_last_delivery_gives_up_records_it_and_dead_letters(system: Sy
     later = await system.reply("qian.shi", "back again")
     await system.log.until_finished(later.event_id)
     assert system.sim.messages_to("qian.shi") == ["token fetched", "back again"]
+
+
+async def test_a_replayed_reply_goes_out_after_its_recorded_parts_and_in_order(
+    system: System,
+) -> None:
+    await system.start_token()
+    system.start_sender(SENDER_RETRY_ATTEMPTS="0", SENDER_MAX_DELIVER="2")
+    warm = await system.reply("warm.up", "token fetched")
+    await system.log.until_finished(warm.event_id)
+    system.sim.set_down(True)
+    # A long reply whose first part a crashed sender had recorded; the rest fails.
+    lost = ReplyGenerated(app=APP, conversation="zhou.ba", correlation_id="m1", text=LONG)
+    parts = split_text(LONG)
+    await system.record_first_part(lost, len(parts), "w0")
+    await append_event(system.js, lost, msg_id=f"outcome:{lost.event_id}")
+    await system.log.until_finished(lost.event_id)
+    [failed] = system.log.of(DeliveryFailed, lost.event_id)
+    assert isinstance(failed, DeliveryFailed) and failed.parts_delivered == 1
+
+    async def parked() -> int | None:
+        info = await system.js.stream_info(topology.DEAD_LETTER_STREAM)
+        return int(info.state.last_seq) if info.state.messages else None
+
+    dead_seq = await eventually(parked, timeout=10, what="the reply in the DLQ")
+    system.sim.set_down(False)
+    done, said = await replay(system.js, dead_seq)
+    assert done, said
+    later = await system.reply("zhou.ba", "after the replay")  # waits for the replay
+    await system.log.until(
+        lambda: (
+            bool(system.log.of(ReplyDelivered, lost.event_id))
+            and system.log.finished(later.event_id)
+        )
+    )
+
+    assert system.sim.messages_to("zhou.ba") == [*parts[1:], "after the replay"]
+    history = [e for e in await system.history("zhou.ba") if e.correlation_id == "m1"]
+    assert [type(e) for e in history] == [
+        PartDelivered,
+        ReplyGenerated,
+        DeliveryFailed,
+        ReplyRequeued,
+        *[PartDelivered] * (len(parts) - 1),
+        ReplyDelivered,
+    ]
+    requeue, done_event = history[3], history[-1]
+    assert isinstance(requeue, ReplyRequeued) and requeue.causation_id == failed.event_id
+    assert isinstance(done_event, ReplyDelivered) and done_event.wecom_msgids[0] == "w0"
+    assert done_event.event_id == derived_id(lost.event_id, "delivered", requeue.event_id)
+    again, said = await replay(system.js, dead_seq)
+    assert not again and "was delivered since" in said
+    await _settled(system.js)
 
 
 async def test_a_permanent_refusal_fails_that_reply_only(system: System) -> None:
