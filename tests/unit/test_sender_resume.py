@@ -13,7 +13,7 @@ from wecombot_common.events import PartDelivered, ReplyDelivered, ReplyGenerated
 from wecombot_common.settings import Secret, WeComApiSettings
 from wecombot_sender.domain import ConversationState, duplicate_check_interval, fold, record
 from wecombot_sender.errors import SendRetryable
-from wecombot_sender.wecom import HttpMessageApi
+from wecombot_sender.wecom import HttpMessageApi, MessageType
 
 T0 = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
 ENV = {"app": "ww1-1000002", "conversation": "u", "correlation_id": "m"}
@@ -89,7 +89,8 @@ async def test_http_errors_from_a_front_end(status: int, maybe_delivered: bool) 
     assert caught.value.maybe_delivered is maybe_delivered
 
 
-async def test_the_check_is_only_in_the_request_when_asked() -> None:
+def _recording_api(message_type: MessageType = "text") -> tuple[HttpMessageApi, list[bytes]]:
+    """The real adapter over a transport that keeps each request body and accepts it."""
     bodies: list[bytes] = []
 
     def answer(request: httpx.Request) -> httpx.Response:
@@ -97,7 +98,14 @@ async def test_the_check_is_only_in_the_request_when_asked() -> None:
         return httpx.Response(200, json={"errcode": 0, "errmsg": "ok", "msgid": "m"})
 
     settings = WeComApiSettings("ww1", 1000002, Secret(""), "http://wecom.invalid")
-    api = HttpMessageApi(settings, timeout_s=1, transport=httpx.MockTransport(answer))
+    transport = httpx.MockTransport(answer)
+    return HttpMessageApi(
+        settings, timeout_s=1, message_type=message_type, transport=transport
+    ), bodies
+
+
+async def test_the_check_is_only_in_the_request_when_asked() -> None:
+    api, bodies = _recording_api()
     try:
         await api.send_text("token", "u", "hi")
         await api.send_text("token", "u", "hi", duplicate_check_s=42)
@@ -110,15 +118,7 @@ async def test_the_check_is_only_in_the_request_when_asked() -> None:
 
 
 async def test_markdown_goes_in_the_markdown_object() -> None:
-    bodies: list[bytes] = []
-
-    def answer(request: httpx.Request) -> httpx.Response:
-        bodies.append(request.content)
-        return httpx.Response(200, json={"errcode": 0, "errmsg": "ok", "msgid": "m"})
-
-    settings = WeComApiSettings("ww1", 1000002, Secret(""), "http://wecom.invalid")
-    transport = httpx.MockTransport(answer)
-    api = HttpMessageApi(settings, timeout_s=1, message_type="markdown", transport=transport)
+    api, bodies = _recording_api("markdown")
     try:
         assert await api.send_text("token", "u", "**hi**", duplicate_check_s=42) == "m"
     finally:
