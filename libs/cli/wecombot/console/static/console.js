@@ -290,6 +290,8 @@
         return `${e.parts} part${e.parts === 1 ? "" : "s"} delivered`;
       case "DeliveryFailed":
         return `errcode ${e.errcode}: ${e.reason}`;
+      case "ReplyRequeued":
+        return `delivering reply ${e.reply_id.slice(0, 8)}… again (${e.reason})`;
       default:
         return "";
     }
