@@ -21,7 +21,8 @@ deliveries. Example::
     details: wecombot dlq show SEQ
 
 ``replay`` is for a reply the sender gave up on (a WeCom outage that outlasted its
-deliveries, a token error since fixed): it appends a ``ReplyRequeued`` for it, and the
+deliveries, a token error since fixed), or for a parked ``ReplyRequeued`` (a replay
+whose round failed too): it appends a ``ReplyRequeued`` for the reply, and the
 sender delivers the reply again after its last recorded part (the first send asks
 WeCom's duplicate check). It refuses a dead letter that is not the sender's, a reply
 delivered since, and one already requeued; a second replay of the same failure is
@@ -211,37 +212,41 @@ async def replay(js: JetStreamContext, seq: int) -> tuple[bool, str]:
             "on can be replayed"
         )
     try:
-        reply = decode_event(letter.data)
+        parked = decode_event(letter.data)
     except EventDecodeError:
         return False, f"dead letter {seq} is not a wecombot event"
-    if not isinstance(reply, ReplyGenerated | ReplyFailed | ConversationReset):
-        return False, f"dead letter {seq} is a {type(reply).__name__}, not a reply"
-    conv = ConversationRef.of(reply)
+    # A reply, or the requeue of one whose second round failed too.
+    if isinstance(parked, ReplyGenerated | ReplyFailed | ConversationReset):
+        reply_id = parked.event_id
+    elif isinstance(parked, ReplyRequeued):
+        reply_id = parked.reply_id
+    else:
+        return False, f"dead letter {seq} is a {type(parked).__name__}, not a reply"
     last: DeliveryFailed | ReplyDelivered | ReplyRequeued | None = None
-    async for stored in read_conversation(js, conv):
+    async for stored in read_conversation(js, ConversationRef.of(parked)):
         event = stored.event
         if (
             isinstance(event, DeliveryFailed | ReplyDelivered | ReplyRequeued)
-            and event.reply_id == reply.event_id
+            and event.reply_id == reply_id
         ):
             last = event
     if isinstance(last, ReplyDelivered):
-        return False, f"reply {reply.event_id} was delivered since; nothing to replay"
+        return False, f"reply {reply_id} was delivered since; nothing to replay"
     if isinstance(last, ReplyRequeued):
-        return False, f"reply {reply.event_id} is already requeued ({last.reason})"
+        return False, f"reply {reply_id} is already requeued ({last.reason})"
     if last is None:
-        return False, f"reply {reply.event_id} has no recorded failure to replay"
+        return False, f"reply {reply_id} has no recorded failure to replay"
     requeue = ReplyRequeued(
-        app=reply.app,
-        conversation=reply.conversation,
-        correlation_id=reply.correlation_id,
+        app=parked.app,
+        conversation=parked.conversation,
+        correlation_id=parked.correlation_id,
         causation_id=last.event_id,
-        reply_id=reply.event_id,
+        reply_id=reply_id,
         reason=f"wecombot dlq replay {seq}",
     )
     appended = await append_event(js, requeue, msg_id=f"requeue:{last.event_id}")
     return True, (
-        f"reply {reply.event_id} to {reply.conversation} requeued (seq {appended.seq}); the "
+        f"reply {reply_id} to {parked.conversation} requeued (seq {appended.seq}); the "
         f"sender delivers it again after the {last.parts_delivered} part(s) recorded"
     )
 

@@ -228,6 +228,16 @@ async def test_a_replayed_reply_goes_out_after_its_recorded_parts_and_in_order(
         return int(info.state.last_seq) if info.state.messages else None
 
     dead_seq = await eventually(parked, timeout=10, what="the reply in the DLQ")
+    # Replayed while WeCom is still down: that round fails too, and its requeue is parked.
+    done, said = await replay(system.js, dead_seq)
+    assert done, said
+    await system.log.until(lambda: len(system.log.of(DeliveryFailed, lost.event_id)) == 2)
+
+    async def parked_again() -> int | None:
+        last = await parked()
+        return last if last is not None and last > dead_seq else None
+
+    dead_seq = await eventually(parked_again, timeout=10, what="the requeue in the DLQ")
     system.sim.set_down(False)
     done, said = await replay(system.js, dead_seq)
     assert done, said
@@ -246,11 +256,17 @@ async def test_a_replayed_reply_goes_out_after_its_recorded_parts_and_in_order(
         ReplyGenerated,
         DeliveryFailed,
         ReplyRequeued,
+        DeliveryFailed,
+        ReplyRequeued,
         *[PartDelivered] * (len(parts) - 1),
         ReplyDelivered,
     ]
-    requeue, done_event = history[3], history[-1]
-    assert isinstance(requeue, ReplyRequeued) and requeue.causation_id == failed.event_id
+    first_round, failed_again, requeue, done_event = history[3], history[4], history[5], history[-1]
+    assert isinstance(first_round, ReplyRequeued) and first_round.causation_id == failed.event_id
+    assert isinstance(failed_again, DeliveryFailed) and failed_again.event_id == derived_id(
+        lost.event_id, "failed", first_round.event_id
+    )
+    assert isinstance(requeue, ReplyRequeued) and requeue.causation_id == failed_again.event_id
     assert isinstance(done_event, ReplyDelivered) and done_event.wecom_msgids[0] == "w0"
     assert done_event.event_id == derived_id(lost.event_id, "delivered", requeue.event_id)
     again, said = await replay(system.js, dead_seq)
