@@ -310,7 +310,10 @@ def render_one(letter: DeadLetter) -> str:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="wecombot dlq",
-        description="List the dead-lettered messages (WECOMBOT_DLQ), or show one.",
+        description=(
+            "List the dead-lettered messages (WECOMBOT_DLQ), show one, or deliver a reply "
+            "the sender gave up on again."
+        ),
     )
     _options(parser, listing=True, defaults=True)
     sub = parser.add_subparsers(dest="action", metavar="{list,show,replay}")
