@@ -56,12 +56,10 @@ from wecombot_common import topology
 from wecombot_common.bus import append_event, read_conversation
 from wecombot_common.errors import ConfigError
 from wecombot_common.events import (
-    ConversationReset,
     DeliveryFailed,
     EventDecodeError,
+    Outcome,
     ReplyDelivered,
-    ReplyFailed,
-    ReplyGenerated,
     ReplyRequeued,
     decode_event,
 )
@@ -216,7 +214,7 @@ async def replay(js: JetStreamContext, seq: int) -> tuple[bool, str]:
     except EventDecodeError:
         return False, f"dead letter {seq} is not a wecombot event"
     # A reply, or the requeue of one whose second round failed too.
-    if isinstance(parked, ReplyGenerated | ReplyFailed | ConversationReset):
+    if isinstance(parked, Outcome):
         reply_id = parked.event_id
     elif isinstance(parked, ReplyRequeued):
         reply_id = parked.reply_id

@@ -65,7 +65,6 @@ from wecombot_common.errors import PermanentError, TransientError
 from wecombot_common.events import (
     DeliveryFailed,
     Event,
-    EventDecodeError,
     Outcome,
     PartDelivered,
     ReplyDelivered,
@@ -238,17 +237,10 @@ class ReplySender:
         """Deliver the requeued reply again, from the log's copy of it."""
         state = await self._cache.load(ConversationRef.of(requeue))
         seq = state.outcome(requeue.reply_id).seq
-        missing = PermanentError(f"the requeued reply {requeue.reply_id} is not in the log")
         if seq is None:
-            raise missing
-        try:
-            raw = await self._js.get_msg(topology.CONVERSATION_STREAM, seq, direct=True)
-        except nats.js.errors.NotFoundError:
-            raise missing from None
-        except (TimeoutError, nats.errors.Error) as exc:
-            raise TransientError(f"cannot read the requeued reply: {type(exc).__name__}") from exc
-        reply = decode_event(raw.data or b"")  # EventDecodeError: permanent
-        if not isinstance(reply, OUTCOME_TYPES) or reply.event_id != requeue.reply_id:
+            raise PermanentError(f"the requeued reply {requeue.reply_id} is not in the log")
+        reply = await self._read_outcome(seq)
+        if reply.event_id != requeue.reply_id:
             raise PermanentError(f"seq {seq} is not the requeued reply {requeue.reply_id}")
         log.info("sender.requeued", reply_id=requeue.reply_id, reason=requeue.reason)
         return await self._run(self._job(d, reply, order_seq=seq, requeued_by=requeue.event_id))
@@ -396,18 +388,27 @@ class ReplySender:
 
     async def _parts_of(self, state: ConversationState, reply_id: str) -> list[str]:
         seq = state.outcome(reply_id).seq
-        reply = await self._outcome_at(seq) if seq is not None else None
-        return split_text(reply.text) if reply is not None else []
+        if seq is None:
+            return []
+        try:
+            return split_text((await self._read_outcome(seq)).text)
+        except (TransientError, PermanentError) as exc:
+            log.info("sender.earlier_reply_unreadable", seq=seq, error=str(exc))
+            return []
 
-    async def _outcome_at(self, seq: int) -> Outcome | None:
-        """The outcome stored at ``seq`` (None if it cannot be read or is not one)."""
+    async def _read_outcome(self, seq: int) -> Outcome:
+        """The outcome stored at ``seq``: PermanentError when there is none (aged out, or
+        another event), TransientError when the log cannot be read now."""
         try:
             raw = await self._js.get_msg(topology.CONVERSATION_STREAM, seq, direct=True)
-            event = decode_event(raw.data or b"")
-        except (TimeoutError, nats.errors.Error, EventDecodeError) as exc:
-            log.info("sender.earlier_reply_unreadable", seq=seq, error=str(exc))
-            return None
-        return event if isinstance(event, OUTCOME_TYPES) else None
+        except nats.js.errors.NotFoundError:
+            raise PermanentError(f"no event at seq {seq} (aged out?)") from None
+        except (TimeoutError, nats.errors.Error) as exc:
+            raise TransientError(f"cannot read seq {seq}: {type(exc).__name__}") from exc
+        event = decode_event(raw.data or b"")  # EventDecodeError is a PermanentError
+        if not isinstance(event, OUTCOME_TYPES):
+            raise PermanentError(f"seq {seq} holds a {type(event).__name__}, not an outcome")
+        return event
 
     async def _retry_later(
         self, job: _Job, state: ConversationState, exc: TransientError
