@@ -17,7 +17,7 @@ import subprocess
 import sys
 import sysconfig
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +30,7 @@ from wecombot_common.settings import app_key
 from wecombot_common.topology import OUTCOME_FILTER
 
 __all__ = [
+    "Callgrind",
     "Fakes",
     "OutcomeWatch",
     "Profiler",
@@ -116,7 +117,9 @@ async def wait_http(
 
 class Service:
     """One ``python -m <module> …`` child process with a log file, a health URL and the
-    port it serves HTTP on (None: none of ours to know)."""
+    port it serves HTTP on (None: none of ours to know). ``launcher`` runs the
+    interpreter under another program (:meth:`Callgrind.launcher`); the process is then
+    that program's, which runs Python in the same pid."""
 
     def __init__(
         self,
@@ -126,13 +129,18 @@ class Service:
         log: Path,
         health: str | None,
         port: int | None = None,
+        *,
+        launcher: Sequence[str] = (),
     ) -> None:
         self.name = name
         self.health = health
         self.port = port
         with open(log, "ab") as out:
             self.proc = subprocess.Popen(
-                [sys.executable, *argv], env=dict(env), stdout=out, stderr=subprocess.STDOUT
+                [*launcher, sys.executable, *argv],
+                env=dict(env),
+                stdout=out,
+                stderr=subprocess.STDOUT,
             )
 
     @property
@@ -154,6 +162,67 @@ class Service:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             await asyncio.to_thread(self.proc.wait)
+
+
+class Callgrind:
+    """Instructions a process executes, counted by valgrind's callgrind.
+
+    A count, not a time: the same for the same work whatever else the machine is doing,
+    so it tells an instruction apart from a cache miss (``bench.scenarios.instructions``).
+    Python under callgrind runs ~50x slower, so only a few hundred requests are counted::
+
+        grind = Callgrind(workdir)
+        service = Service(..., launcher=grind.launcher("gateway"))
+        await grind.zero(service)   # after its warm-up
+        ...                         # the work to count
+        instructions = await grind.dump(service)
+    """
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+
+    @staticmethod
+    def missing() -> str | None:
+        """Why callgrind cannot run here (None: it can)."""
+        absent = [c for c in ("valgrind", "callgrind_control") if shutil.which(c) is None]
+        return f"{' and '.join(absent)} not installed" if absent else None
+
+    def launcher(self, name: str) -> list[str]:
+        return ["valgrind", "--tool=callgrind", f"--callgrind-out-file={self._out(name)}"]
+
+    async def zero(self, service: Service) -> None:
+        """Forget what ``service`` executed so far."""
+        await self._control("--zero", service)
+
+    async def dump(self, service: Service, timeout: float = 60.0) -> int:
+        """Instructions ``service`` executed since the last :meth:`zero`."""
+        before = set(self._dumps(service))
+        await self._control("--dump", service)
+        deadline = time.monotonic() + timeout
+        while True:
+            for path in set(self._dumps(service)) - before:
+                for line in path.read_text(errors="replace").splitlines():
+                    if line.startswith("summary:"):
+                        return int(line.split()[1])
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"callgrind wrote no dump for {service.name}")
+            await asyncio.sleep(0.1)
+
+    def _out(self, name: str) -> Path:
+        return self.workdir / f"{name}.callgrind"
+
+    def _dumps(self, service: Service) -> list[Path]:
+        return list(self.workdir.glob(f"{self._out(service.name).name}.*"))
+
+    async def _control(self, command: str, service: Service) -> None:
+        proc = await asyncio.create_subprocess_exec(
+            "callgrind_control", command, str(service.pid),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+        )  # fmt: skip
+        out, _ = await proc.communicate()
+        if proc.returncode != 0:
+            raise RuntimeError(f"callgrind_control {command} {service.name}: {out.decode()}")
 
 
 class Fakes:
@@ -241,7 +310,7 @@ class Stack:
     async def start_nats(self) -> None:
         await asyncio.to_thread(self.nats.start)
 
-    def start(self, name: str, **extra: str) -> Service:
+    def start(self, name: str, *, launcher: Sequence[str] = (), **extra: str) -> Service:
         port = free_port()
         if name == "gateway":
             extra = {"GATEWAY_HOST": "127.0.0.1", "GATEWAY_PORT": str(port), **extra}
@@ -255,6 +324,7 @@ class Stack:
             self.workdir / f"{name}-{index}.log",
             f"http://127.0.0.1:{port}/readyz",
             port,
+            launcher=launcher,
         )
         self.services.append(service)
         return service

@@ -166,6 +166,19 @@ def cpu_table(results: dict[str, Any]) -> list[str]:
     return out
 
 
+def instructions_table(results: dict[str, Any]) -> list[str]:
+    """Scenario 1 counted in instructions (callgrind): does not move with the machine."""
+    counted = results.get("instructions")
+    if not counted:
+        return []
+    head = ["| instructions per callback (callgrind) | by process |", "|---|---|"]
+    if "skipped" in counted:
+        return [*head, f"| not counted | {counted['skipped']} |"]
+    parts = ", ".join(f"{name} {n / 1000:,.0f}k" for name, n in counted["per_callback"].items())
+    label = f"1. {counted['callbacks']:,} callbacks each; bare / gateway **{counted['ratio']:.2f}**"
+    return [*head, f"| {label} | {parts} |"]
+
+
 def render(results: dict[str, Any], info: dict[str, str], quick: bool) -> str:
     lines = [
         "| machine | |",
@@ -174,9 +187,9 @@ def render(results: dict[str, Any], info: dict[str, str], quick: bool) -> str:
         "",
         *table(results, quick),
     ]
-    cpu = cpu_table(results)
-    if cpu:
-        lines += ["", *cpu]
+    for extra in (cpu_table(results), instructions_table(results)):
+        if extra:
+            lines += ["", *extra]
     return "\n".join(lines)
 
 

@@ -22,6 +22,7 @@ from wecombot_common.events import ReplyGenerated
 
 from .loadgen import percentiles
 from .procs import (
+    Callgrind,
     Fakes,
     OutcomeWatch,
     Profiler,
@@ -44,6 +45,10 @@ class Sizes:
     gw_duration_s: float = 5.0
     gw_rounds: int = 3
     gw_prebuild: int = 100_000  # unique callbacks for the gateway: no MsgId repeats
+    # 1. instructions per callback (callgrind): the bare handler doing which parts
+    instr_works: tuple[str, ...] = ("none", "http", "open", "append")
+    instr_warmup: int = 200
+    instr_count: int = 1000
     # 2. ack latency at a fixed offered rate (open loop)
     ack_rate: float = 300.0
     ack_duration_s: float = 10.0
@@ -73,6 +78,9 @@ QUICK = Sizes(
     gw_duration_s=1.0,
     gw_rounds=1,
     gw_prebuild=6000,
+    instr_works=("none",),
+    instr_warmup=20,
+    instr_count=50,
     ack_rate=100.0,
     ack_duration_s=1.5,
     pipe_rate=20.0,
@@ -275,7 +283,7 @@ async def gateway(ctx: Context) -> dict[str, Any]:
     }
 
 
-def _bare(ctx: Context, stack: Stack, work: str) -> Service:
+def _bare(ctx: Context, stack: Stack, work: str, grind: Callgrind | None = None) -> Service:
     """bench/bare.py, alone (``none``) or with one part of the gateway's work."""
     port = free_port()
     name = "bare" if work == "none" else f"bare+{work}"
@@ -286,6 +294,7 @@ def _bare(ctx: Context, stack: Stack, work: str) -> Service:
         stack.workdir / f"{name}.log",
         f"http://127.0.0.1:{port}/healthz",
         port,
+        launcher=grind.launcher(name) if grind else (),
     )
     stack.services.append(service)
     return service
@@ -316,6 +325,64 @@ async def _steps(ctx: Context, stack: Stack, servers: list[Service]) -> dict[str
         if set(measured["statuses"]) != {"200"}:  # the work failed: the figure would lie
             raise RuntimeError(f"{name} answered {measured['statuses']}; see its log")
     return {name: round(1e6 * meter.used[name] / r["sent"], 1) for name, r in rounds.items()}
+
+
+# ---------------------------------------------------------------- 1: instructions
+
+
+async def instructions(ctx: Context) -> dict[str, Any]:
+    """1, counted: instructions per callback of the gateway, the bare handler and the
+    bare handler doing each part of the gateway's work, under callgrind.
+
+    Scenario 1's CPU µs say what each part costs in a serving process; this says how
+    much of that is instructions executed and how much is executing them slowly (cache
+    misses), with a count that does not move with the machine's load. Each server gets
+    its own burst of the same kind of callbacks (32 connections, as in scenario 1) after
+    a warm-up; a server that answers anything but 200 fails the scenario.
+    """
+    missing = Callgrind.missing()
+    if missing is not None:
+        return {"skipped": missing}
+    s = ctx.sizes
+    stack = ctx.stack("instructions")
+    grind = Callgrind(stack.workdir)
+    await stack.start_nats()
+    try:
+        servers = [_bare(ctx, stack, work, grind) for work in s.instr_works]
+        servers.append(stack.start("gateway", launcher=grind.launcher("gateway")))
+        # Python under valgrind starts ~50x slower than without it.
+        await asyncio.gather(*(srv.ready(timeout=s.timeout_s) for srv in servers))
+        per_callback: dict[str, float] = {}
+        for srv in servers:
+            await _burst(ctx, stack, srv, s.instr_warmup, "warm")
+            await grind.zero(srv)
+            await _burst(ctx, stack, srv, s.instr_count, "count")
+            per_callback[srv.name] = await grind.dump(srv) / s.instr_count
+    finally:
+        await stack.stop()
+    return {
+        "callbacks": s.instr_count,
+        "per_callback": per_callback,
+        "ratio": per_callback["bare"] / per_callback["gateway"],
+    }
+
+
+async def _burst(ctx: Context, stack: Stack, server: Service, count: int, prefix: str) -> None:
+    """``count`` callbacks to ``server`` as fast as it answers; each must be a 200."""
+    result = await run_loadgen(
+        _spec(
+            ctx,
+            mode="burst",
+            url=stack.callback_url(server),
+            count=count,
+            connections=ctx.sizes.gw_connections,
+            users=1000,
+            prefix=f"{prefix}-{server.name}-",
+        ),
+        stack.workdir / "loadgen.log",
+    )
+    if result["statuses"] != {"200": count} or result["retries"]:
+        raise RuntimeError(f"{server.name} answered {result['statuses']}; see its log")
 
 
 # ---------------------------------------------------------------- 3: pipeline
@@ -562,6 +629,7 @@ async def _inject_outcomes(url: str, app: str, count: int) -> None:
 
 SCENARIOS: dict[str, Callable[[Context], Any]] = {
     "gateway": gateway,
+    "instructions": instructions,
     "pipeline": pipeline,
     "fanout": fanout,
     "scaling": scaling,

@@ -7,6 +7,7 @@ number against a target; the real run is ``make bench`` (docs/benchmarks.md).
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -40,3 +41,11 @@ def test_quick_bench_runs_every_scenario(tmp_path: Path) -> None:
     assert [r.split("|")[1].strip() for r in rows if r.split("|")[1].strip().isdigit()] == [
         "1", "2", "3", "4", "5", "6", "7"
     ]  # fmt: skip
+    counted = results["instructions"]
+    if shutil.which("valgrind") and shutil.which("callgrind_control"):
+        per = counted["per_callback"]
+        # The gateway's work is on top of the same HTTP handling as the bare handler's.
+        assert per["gateway"] > per["bare"] > 0, per
+        assert any(r.startswith("| 1. 50 callbacks each; bare / gateway") for r in rows)
+    else:  # .ci/run installs valgrind; a machine without it says so instead
+        assert "not installed" in counted["skipped"]
