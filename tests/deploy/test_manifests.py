@@ -252,6 +252,14 @@ def test_probes_hit_the_health_server_of_the_service(
     settings = _settings(service, _service_env(docs, service))
     port = settings.port if service == "gateway" else settings.health_port
     named = {p["name"]: p["containerPort"] for p in container["ports"]}
+    annotations = one(docs, "Deployment", f"wecombot-{service}")["spec"]["template"]["metadata"][
+        "annotations"
+    ]
+    assert annotations["prometheus.io/scrape"] == "true"
+    assert (annotations["prometheus.io/port"], annotations["prometheus.io/path"]) == (
+        str(port),
+        "/metrics",
+    )
     for probe, path in (("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")):
         get = container[probe]["httpGet"]
         assert get["path"] == path
@@ -459,8 +467,10 @@ def _allowed(
     peer: Peer,
     port: int,
     protocol: str = "TCP",
+    named: Mapping[str, int] | None = None,
 ) -> bool:
-    """Kubernetes NetworkPolicy semantics, for the fields these manifests use."""
+    """Kubernetes NetworkPolicy semantics, for the fields these manifests use; ``named``:
+    the pod's named container ports (a policy may name a port instead of numbering it)."""
     own_ns = {"kubernetes.io/metadata.name": NAMESPACE}
     kind = "Ingress" if direction == "ingress" else "Egress"
     selecting = [
@@ -475,7 +485,9 @@ def _allowed(
         for rule in policy["spec"].get(direction, []):
             ports = rule.get("ports")
             if ports and not any(
-                p.get("port") == port and p.get("protocol", "TCP") == protocol for p in ports
+                (named or {}).get(p.get("port"), p.get("port")) == port
+                and p.get("protocol", "TCP") == protocol
+                for p in ports
             ):
                 continue
             peers = rule.get(peers_key)
@@ -508,9 +520,18 @@ def test_network_policy_reachability(docs: list[dict[str, Any]]) -> None:
     nats_pod = {"pod": NATS_POD, "namespace": here}
     outsider = {"pod": {"app": "curious"}, "namespace": _ns("elsewhere")}
     ingress_controller = {"pod": {"app": "ingress-nginx"}, "namespace": _ns("ingress-nginx")}
+    prometheus = {"pod": {"app": "prometheus"}, "namespace": _ns("monitoring")}
+
+    named = {
+        d["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/component"]: {
+            p["name"]: p["containerPort"] for p in _container(d).get("ports", [])
+        }
+        for d in of_kind(docs, "Deployment")
+    }
 
     def allowed(direction: str, pod: Mapping[str, str], peer: Peer, port: int) -> bool:
-        return _allowed(policies, direction, pod, peer, port)
+        component = pod.get("app.kubernetes.io/component", "")
+        return _allowed(policies, direction, pod, peer, port, named=named.get(component))
 
     for name, labels in pods.items():
         # Every pod reaches NATS and DNS, and NATS lets it in.
@@ -530,6 +551,10 @@ def test_network_policy_reachability(docs: list[dict[str, Any]]) -> None:
             ), (name, port)
             assert not allowed("ingress", labels, internet, port)
             assert not allowed("ingress", labels, outsider, port)
+        # Prometheus in `monitoring` scrapes each pod's own port, and only that.
+        own = {"gateway": 8080, "llm": 8081, "sender": 8082, "token": 8083}.get(name)
+        for port in (8080, 8081, 8082, 8083, 4222):
+            assert allowed("ingress", labels, prometheus, port) == (port == own), (name, port)
         # Services do not talk to each other except through NATS.
         for other, other_labels in pods.items():
             peer = {"pod": other_labels, "namespace": here}

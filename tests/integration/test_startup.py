@@ -1,6 +1,6 @@
-"""Every service serves /healthz from the start: alive but not ready while NATS is away,
-stoppable at once while waiting for it, and ready as soon as it arrives — so Kubernetes
-never restart-loops a pod that is only waiting for the broker."""
+"""Every service serves /healthz (and /metrics) from the start: alive but not ready while
+NATS is away, stoppable at once while waiting for it, and ready as soon as it arrives — so
+Kubernetes never restart-loops a pod that is only waiting for the broker."""
 
 from __future__ import annotations
 
@@ -65,6 +65,12 @@ async def test_alive_before_nats_then_ready(name: str, nats_server: NatsHandle) 
 
     try:
         await until(ready, timeout=30, what=f"{name}'s /readyz once NATS is there")
+        # Prometheus scrapes the same port (tests/e2e/test_metrics.py: what it says).
+        async with httpx.AsyncClient(timeout=2) as client:
+            metrics = await client.get(f"{base}/metrics")
+        assert metrics.status_code == 200
+        assert "# TYPE process_cpu_seconds_total counter" in metrics.text
+        assert f"# TYPE wecombot_{'worker' if name != 'token' else 'token'}_" in metrics.text
     finally:
         stop.set()
         await asyncio.wait_for(task, 30)

@@ -21,6 +21,7 @@ from aiohttp import web
 
 from .errors import ConfigError
 from .http import LocalSite
+from .metrics import metrics_route
 from .settings import EnvReader
 
 __all__ = [
@@ -102,7 +103,8 @@ Check = Callable[[], Awaitable[tuple[bool, str]]]
 
 
 class HealthServer:
-    """``GET /healthz`` (the process answers) and ``GET /readyz`` (its checks pass).
+    """``GET /healthz`` (the process answers), ``GET /readyz`` (its checks pass) and
+    ``GET /metrics`` (Prometheus, :mod:`wecombot_common.metrics`).
 
     ``ready`` answers ``(ready, detail)``; port 0 serves nothing (the routes can still be
     mounted on another app, as the gateway does)::
@@ -126,7 +128,11 @@ class HealthServer:
         )
 
     def routes(self) -> list[web.RouteDef]:
-        return [web.get("/healthz", self._healthz), web.get("/readyz", self._readyz)]
+        return [
+            web.get("/healthz", self._healthz),
+            web.get("/readyz", self._readyz),
+            metrics_route(),
+        ]
 
     async def start(self) -> None:
         if self.port == 0:

@@ -39,8 +39,9 @@ import structlog
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig
+from prometheus_client import Counter, Gauge, Histogram
 
-from . import topology
+from . import metrics, topology
 from .errors import PermanentError, TransientError
 from .events import Event, EventDecodeError, decode_event
 
@@ -175,6 +176,30 @@ def _reconnect_counter(msg: Msg) -> Callable[[], int] | None:
     return lambda: int(stats["reconnects"])
 
 
+@dataclass(frozen=True, slots=True)
+class _ConsumerMetrics:
+    """One consumer's children of the worker metrics (bound once: no label lookups)."""
+
+    acked: Counter
+    retried: Counter
+    dead_lettered: Counter
+    handed_back: Counter
+    in_flight: Gauge
+    handler_seconds: Histogram
+
+    @classmethod
+    def of(cls, consumer: str) -> _ConsumerMetrics:
+        settled = metrics.WORKER_SETTLED
+        return cls(
+            acked=settled.labels(consumer, "acked"),
+            retried=settled.labels(consumer, "retried"),
+            dead_lettered=settled.labels(consumer, "dead_lettered"),
+            handed_back=settled.labels(consumer, "handed_back"),
+            in_flight=metrics.WORKER_IN_FLIGHT.labels(consumer),
+            handler_seconds=metrics.WORKER_HANDLER_SECONDS.labels(consumer),
+        )
+
+
 def backoff_delay(attempt: int, *, base: float = 0.5, cap: float = 30.0) -> float:
     """Exponential backoff with full jitter: attempt 1 → up to 0.5 s, doubling, capped."""
     return random.uniform(base / 2, min(cap, base * 2 ** (attempt - 1)))  # noqa: S311
@@ -209,6 +234,7 @@ class PullWorker:
         self._last_fetch_at = -math.inf  # loop time the last pull request was sent
         self.name = config.durable_name
         self.processed = 0
+        self._metrics = _ConsumerMetrics.of(self.name)
 
     @property
     def in_flight(self) -> int:
@@ -261,6 +287,7 @@ class PullWorker:
             msg = queue.get_nowait()
             if msg.reply and not JetStreamContext.is_status_msg(msg):
                 await self._nak(msg, 0)
+                self._metrics.handed_back.inc()
                 stranded += 1
         if stranded:
             log.info("worker.handed_back_buffered", consumer=self.name, count=stranded)
@@ -316,6 +343,7 @@ class PullWorker:
             with contextlib.suppress(TimeoutError, nats.errors.Error):
                 for msg in await fetch:
                     await self._nak(msg, 0)
+                    self._metrics.handed_back.inc()
             return []
         try:
             return fetch.result()
@@ -337,9 +365,13 @@ class PullWorker:
             heartbeat = asyncio.create_task(self._heartbeat(delivery))
             try:
                 async with self._turn(delivery):
-                    outcome = await self._run_handler(delivery)
+                    with self._metrics.in_flight.track_inprogress():
+                        started = time.monotonic()
+                        outcome = await self._run_handler(delivery)
+                        self._metrics.handler_seconds.observe(time.monotonic() - started)
             except asyncio.CancelledError:
                 await self._nak(msg, 0)  # stopping: hand it back, running or queued
+                self._metrics.handed_back.inc()
                 raise
             finally:
                 heartbeat.cancel()
@@ -419,6 +451,7 @@ class PullWorker:
             return
         if isinstance(outcome, Ack):
             self.processed += 1
+            self._metrics.acked.inc()
             try:
                 await d.msg.ack_sync(timeout=5)
             except (TimeoutError, nats.errors.Error) as exc:
@@ -439,6 +472,7 @@ class PullWorker:
             delivery=d.num_delivered,
         )
         await self._nak(d.msg, outcome.delay_s)
+        self._metrics.retried.inc()
 
     async def _heartbeat(self, d: Delivery) -> None:
         interval = max(0.5, self._ack_wait / 3)
@@ -469,6 +503,7 @@ class PullWorker:
             log.error("worker.dead_letter_failed", consumer=self.name, error=str(exc))
             await self._nak(msg, 5.0)  # keep it: retry the dead-lettering later
             return
+        self._metrics.dead_lettered.inc()
         log.error(
             "worker.dead_lettered",
             consumer=self.name,

@@ -58,6 +58,7 @@ from wecombot_common.crypto import (
     WeComCrypto,
 )
 from wecombot_common.events import MessageReceived
+from wecombot_common.metrics import GATEWAY_CALLBACKS, GATEWAY_REFUSALS
 from wecombot_common.runtime import Check, HealthServer
 
 from .body import check_content_type, check_declared_length, read_limited
@@ -84,6 +85,12 @@ log = structlog.get_logger(__name__)
 # A filtered structlog call still costs ≈ 4 µs (a bound logger is built per call); the
 # stdlib's level check is cached. Per callback, that is 3 % of the gateway's CPU.
 _debug_enabled = logging.getLogger(__name__).isEnabledFor
+# Bound once: the label lookup costs more than the increment.
+_STORED = GATEWAY_CALLBACKS.labels("stored")
+_DUPLICATE = GATEWAY_CALLBACKS.labels("duplicate")
+_REFUSED = GATEWAY_CALLBACKS.labels("refused")
+_FAILED = GATEWAY_CALLBACKS.labels("failed")
+_URL_VERIFIED = GATEWAY_CALLBACKS.labels("url_verified")
 
 _STATUS: dict[type[Exception], int] = {
     InvalidQuery: 400,
@@ -185,6 +192,7 @@ class _CallbackHandlers:
             return _refuse(request, exc)
         except Exception:
             return _failed(request)
+        _URL_VERIFIED.inc()
         log.debug("callback.url_verified")
         return web.Response(body=plaintext, content_type="text/plain")
 
@@ -198,6 +206,7 @@ class _CallbackHandlers:
             return _refuse(request, exc, message)
         except Exception:
             return _failed(request, message)
+        (_DUPLICATE if appended.duplicate else _STORED).inc()
         if _debug_enabled(logging.DEBUG):
             log.debug(
                 "callback.stored",
@@ -233,11 +242,14 @@ def _refuse(
     else:
         fields["reason"] = str(exc)
     fields["error"] = type(exc).__name__
+    _REFUSED.inc()
+    GATEWAY_REFUSALS.labels(str(status), fields["error"]).inc()
     # Input from the internet: one warning, no stack trace; the body never echoes input.
     log.warning("callback.rejected", **fields)
     return web.Response(status=status, text=HTTPStatus(status).phrase)
 
 
 def _failed(request: web.Request, message: MessageReceived | None = None) -> web.Response:
+    _FAILED.inc()
     log.exception("callback.failed", status=500, method=request.method, **_identity(message))
     return web.Response(status=500, text=HTTPStatus.INTERNAL_SERVER_ERROR.phrase)

@@ -48,6 +48,7 @@ import structlog
 
 from wecombot_common.bus import AppendUnavailable, ConcurrencyConflict
 from wecombot_common.events import Event, MessageReceived, Outcome
+from wecombot_common.metrics import LLM_MODEL_SECONDS, LLM_OUTCOMES
 from wecombot_common.topology import ConversationRef
 from wecombot_common.worker import Ack, Delivery, Nak, backoff_delay
 
@@ -69,6 +70,8 @@ from .store import ConversationLog
 __all__ = ["HandlerConfig", "LlmHandler"]
 
 log = structlog.get_logger(__name__)
+_MODEL_ANSWERED = LLM_MODEL_SECONDS.labels("answered")
+_MODEL_FAILED = LLM_MODEL_SECONDS.labels("failed")
 
 
 @dataclass(frozen=True)
@@ -263,6 +266,8 @@ class LlmHandler:
             entry.prepared[received.event_id] = (expect, outcome)
             return Nak(backoff_delay(num_delivered), str(exc))
         entry.notify()
+        if not appended.duplicate:
+            LLM_OUTCOMES.labels(type(outcome).__name__).inc()
         log.info(
             "llm.outcome_appended",
             outcome=type(outcome).__name__,
@@ -276,8 +281,10 @@ class LlmHandler:
         try:
             done = await self._model.complete(action.messages)
         except ModelError as exc:
+            _MODEL_FAILED.observe(time.monotonic() - started)
             log.warning("llm.model_failed", reason=str(exc), attempts=exc.attempts)
             return failed(received, str(exc), exc.attempts, self._policy.apology_message)
+        _MODEL_ANSWERED.observe(time.monotonic() - started)
         log.info(
             "llm.model_answered",
             model=done.model,

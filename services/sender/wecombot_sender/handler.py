@@ -73,6 +73,7 @@ from wecombot_common.events import (
     derived_id,
     utcnow,
 )
+from wecombot_common.metrics import SENDER_PARTS, SENDER_REPLIES, SENDER_WECOM_ERRORS
 from wecombot_common.tokens import TokenError, TransientTokenError
 from wecombot_common.topology import ConversationRef
 from wecombot_common.worker import Ack, Delivery, Nak, backoff_delay
@@ -96,6 +97,14 @@ from .wecom import MessageApi
 __all__ = ["ConversationCache", "DeliveryPolicy", "ReplySender", "TokenSource", "conversation_key"]
 
 log = structlog.get_logger(__name__)
+_PART_SENT = SENDER_PARTS.labels("sent")
+_PART_DEDUPLICATED = SENDER_PARTS.labels("deduplicated")
+_DELIVERED = SENDER_REPLIES.labels("delivered")
+_FAILED = SENDER_REPLIES.labels("failed")
+
+
+def _wecom_error(exc: SendError) -> None:
+    SENDER_WECOM_ERRORS.labels(str(exc.errcode)).inc()
 
 
 class TokenSource(Protocol):
@@ -339,7 +348,11 @@ class ReplySender:
                 msgid = await self._api.send_text(
                     token, job.reply.conversation, job.parts[index], duplicate_check_s=check
                 )
+            except SendRejected as exc:
+                _wecom_error(exc)
+                raise
             except TokenRejected as exc:
+                _wecom_error(exc)
                 if refreshed:
                     raise
                 log.info("sender.token_refused", errcode=exc.errcode)
@@ -347,6 +360,7 @@ class ReplySender:
                 refreshed = True
                 continue
             except SendRetryable as exc:
+                _wecom_error(exc)
                 maybe_sent = maybe_sent or exc.maybe_delivered
                 retries += 1
                 if retries > self._policy.retry_attempts:
@@ -364,7 +378,10 @@ class ReplySender:
                 await asyncio.sleep(delay)
                 continue
             if check is not None and not msgid:
+                _PART_DEDUPLICATED.inc()
                 log.info("sender.part_deduplicated", index=index, interval_s=check)
+            else:
+                _PART_SENT.inc()
             log.info("sender.part_sent", index=index, total=len(job.parts), wecom_msgid=msgid)
             return msgid
 
@@ -447,6 +464,7 @@ class ReplySender:
             wecom_msgids=[delivered.get(i, "") for i in range(len(job.parts))],
         )
         await self._append(job, state, done, ":".join(("delivered", job.reply_id, *job.round)))
+        _DELIVERED.inc()
         log.info("sender.delivered", parts=len(job.parts))
         return Ack()
 
@@ -459,6 +477,7 @@ class ReplySender:
             parts_delivered=len(state.outcome(job.reply_id).delivered),
         )
         await self._append(job, state, failed, ":".join(("failed", job.reply_id, *job.round)))
+        _FAILED.inc()
         log.warning("sender.delivery_failed", errcode=errcode, reason=reason)
 
     def _envelope(self, job: _Job, *kind: str) -> _Envelope:

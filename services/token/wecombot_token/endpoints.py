@@ -25,6 +25,7 @@ from nats.aio.client import Client as NATS
 from nats.micro.request import Request
 from nats.micro.service import Service
 
+from wecombot_common.metrics import TOKEN_REQUESTS
 from wecombot_common.tokens import TokenReply, TokenRequest
 from wecombot_common.topology import TOKEN_GET, TOKEN_INVALIDATE, TOKEN_QUEUE, TOKEN_SERVICE
 
@@ -79,9 +80,10 @@ class TokenEndpoints:
             return
         reply = self._keeper.answer_now(request.app)
         if reply is not None:
+            _count("get", reply)
             await req.respond(_encoder.encode(reply))
             return
-        self._answer_later(req, self._keeper.get(request.app))
+        self._answer_later(req, "get", self._keeper.get(request.app))
 
     async def _invalidate(self, req: Request) -> None:
         request = await _decode(req)
@@ -90,10 +92,10 @@ class TokenEndpoints:
         if request.token is None:
             await req.respond_error("400", "invalidate needs the token WeCom rejected")
             return
-        self._answer_later(req, self._keeper.invalidate(request.app, request.token))
+        self._answer_later(req, "invalidate", self._keeper.invalidate(request.app, request.token))
 
-    def _answer_later(self, req: Request, work: Awaitable[TokenReply]) -> None:
-        task = asyncio.create_task(_respond(req, work))
+    def _answer_later(self, req: Request, endpoint: str, work: Awaitable[TokenReply]) -> None:
+        task = asyncio.create_task(_respond(req, endpoint, work))
         self._waiting.add(task)
         task.add_done_callback(self._waiting.discard)
 
@@ -106,14 +108,20 @@ async def _decode(req: Request) -> TokenRequest | None:
         return None
 
 
-async def _respond(req: Request, work: Awaitable[TokenReply]) -> None:
+def _count(endpoint: str, reply: TokenReply) -> None:
+    TOKEN_REQUESTS.labels(endpoint, "ok" if reply.ok else (reply.kind or "error")).inc()
+
+
+async def _respond(req: Request, endpoint: str, work: Awaitable[TokenReply]) -> None:
     try:
         reply = await work
     except Exception as exc:  # a bug must still answer the caller, not leave it to time out
+        TOKEN_REQUESTS.labels(endpoint, "crashed").inc()
         log.exception("token.request_failed")
         with contextlib.suppress(nats.errors.Error):
             await req.respond_error("500", type(exc).__name__)
         return
+    _count(endpoint, reply)
     try:
         await req.respond(_encoder.encode(reply))
     except nats.errors.Error as exc:

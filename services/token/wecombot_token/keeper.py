@@ -30,6 +30,7 @@ from functools import partial
 import structlog
 
 from wecombot_common.logs import register_secret
+from wecombot_common.metrics import TOKEN_FETCHES
 from wecombot_common.tokens import TokenReply
 
 from .domain import (
@@ -186,6 +187,7 @@ class TokenKeeper:
         reason = _reason(action, rejected, snapshot)
         if isinstance(outcome, IssuedToken):
             register_secret(outcome.value)
+            TOKEN_FETCHES.labels("ok").inc()
             state = after_success(outcome)
             log.info(
                 "token.fetched",
@@ -195,6 +197,7 @@ class TokenKeeper:
                 expires_in_s=round(outcome.expires_at - now),
             )
         else:
+            TOKEN_FETCHES.labels(outcome.kind).inc()
             state = after_failure(snapshot.state, outcome, now, self._policy, rejected)
             assert state.failure is not None
             log.warning(

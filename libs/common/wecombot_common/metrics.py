@@ -1,0 +1,132 @@
+"""Prometheus metrics of every service, served as ``GET /metrics`` beside ``/healthz``.
+
+One registry per process (prometheus_client's default, which also carries the process's
+CPU, memory and open files). Every service's metrics are defined here, so names and
+labels are one list (docs/deploy.md, Metrics); a process only ever moves its own. Label values
+are closed sets (outcomes, error class names, WeCom errcodes), never user ids, message
+text or anything secret::
+
+    GATEWAY_CALLBACKS.labels(result="stored").inc()
+
+The scrape is the same route on each service's health port (the gateway's: its own port,
+which the Ingress does not route: it forwards only the callback path).
+"""
+
+from __future__ import annotations
+
+from aiohttp import hdrs, web
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import choose_encoder
+
+__all__ = [
+    "GATEWAY_CALLBACKS",
+    "GATEWAY_REFUSALS",
+    "LLM_MODEL_SECONDS",
+    "LLM_OUTCOMES",
+    "SENDER_PARTS",
+    "SENDER_REPLIES",
+    "SENDER_WECOM_ERRORS",
+    "TOKEN_FETCHES",
+    "TOKEN_REQUESTS",
+    "WORKER_HANDLER_SECONDS",
+    "WORKER_IN_FLIGHT",
+    "WORKER_SETTLED",
+    "metrics_route",
+]
+
+# ---------------------------------------------------------------- gateway
+
+GATEWAY_CALLBACKS = Counter(
+    "wecombot_gateway_callbacks",
+    "Callbacks answered, by result: stored (200, appended), duplicate (200, already "
+    "stored), refused (4xx or 503, see wecombot_gateway_refusals_total), failed (500), "
+    "url_verified (GET, the echostr answered)",
+    ["result"],
+)
+GATEWAY_REFUSALS = Counter(
+    "wecombot_gateway_refusals",
+    "Callbacks refused, by HTTP status and reason (the error class, as in the "
+    "callback.rejected log line)",
+    ["status", "reason"],
+)
+
+# ---------------------------------------------------------------- workers (llm, sender)
+
+WORKER_SETTLED = Counter(
+    "wecombot_worker_settled",
+    "JetStream deliveries settled, by consumer and how: acked, retried (nak with "
+    "backoff), dead_lettered, handed_back (nak at once: stopping)",
+    ["consumer", "result"],
+)
+WORKER_IN_FLIGHT = Gauge(
+    "wecombot_worker_in_flight",
+    "Deliveries being handled now, by consumer (at most its *_MAX_CONCURRENCY)",
+    ["consumer"],
+)
+WORKER_HANDLER_SECONDS = Histogram(
+    "wecombot_worker_handler_seconds",
+    "Time from a delivery's turn to its settlement, by consumer (model and WeCom calls included)",
+    ["consumer"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
+)
+
+# ---------------------------------------------------------------- llm
+
+LLM_OUTCOMES = Counter(
+    "wecombot_llm_outcomes",
+    "Outcomes appended (duplicates of a stored one not counted), by event type: "
+    "ReplyGenerated, ReplyFailed (the model failed: the apology), ConversationReset",
+    ["outcome"],
+)
+LLM_MODEL_SECONDS = Histogram(
+    "wecombot_llm_model_seconds",
+    "Model calls, retries included, by result: answered or failed",
+    ["result"],
+    buckets=(0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120),
+)
+
+# ---------------------------------------------------------------- sender
+
+SENDER_PARTS = Counter(
+    "wecombot_sender_parts",
+    "Reply parts accepted by WeCom message/send, by result: sent, deduplicated (WeCom's "
+    "duplicate check dropped a resend)",
+    ["result"],
+)
+SENDER_REPLIES = Counter(
+    "wecombot_sender_replies",
+    "Replies closed, by result: delivered (every part), failed (DeliveryFailed, dead-lettered)",
+    ["result"],
+)
+SENDER_WECOM_ERRORS = Counter(
+    "wecombot_sender_wecom_errors",
+    "message/send calls that did not deliver, by WeCom errcode (-1: no answer: a "
+    "timeout or a connection error)",
+    ["errcode"],
+)
+
+# ---------------------------------------------------------------- token
+
+TOKEN_FETCHES = Counter(
+    "wecombot_token_fetches",
+    "gettoken calls made by this replica, by result: ok, or the failure kind (as in the "
+    "token.fetch_failed log line)",
+    ["result"],
+)
+TOKEN_REQUESTS = Counter(
+    "wecombot_token_requests",
+    "Token requests answered over NATS, by endpoint (get, invalidate) and result: ok, "
+    "the error kind the caller is told, or crashed (a bug: answered 500)",
+    ["endpoint", "result"],
+)
+
+
+def metrics_route(registry: CollectorRegistry = REGISTRY) -> web.RouteDef:
+    """``GET /metrics`` in Prometheus' text format."""
+
+    async def scrape(request: web.Request) -> web.Response:
+        # The format the scraper asks for (Prometheus 2 and 3, OpenMetrics), else 0.0.4.
+        encode, content_type = choose_encoder(request.headers.get(hdrs.ACCEPT, ""))
+        return web.Response(body=encode(registry), headers={hdrs.CONTENT_TYPE: content_type})
+
+    return web.get("/metrics", scrape)
