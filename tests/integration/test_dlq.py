@@ -209,8 +209,7 @@ async def test_replay_refuses_what_it_cannot_requeue(
     code, out, err = await _dlq(nats_server.url, "replay", "1")
     assert (code, out) == (1, "")
     assert err == (
-        "wecombot dlq: dead letter 1 is the llm's: only replies the sender gave up on can be "
-        "replayed\n"
+        "wecombot dlq: dead letter 1 is not a wecombot event: replaying cannot mend it\n"
     )
     # These workers park replies without recording a DeliveryFailed, as no sender would.
     code, _, err = await _dlq(nats_server.url, "replay", "3")

@@ -21,6 +21,7 @@ import pytest
 from nats.js import JetStreamContext
 
 from tests.waiting import eventually, until
+from wecombot.dlq import replay
 from wecombot_common import topology
 from wecombot_common.bus import append_event, ensure_topology, read_conversation
 from wecombot_common.events import (
@@ -38,6 +39,8 @@ from wecombot_common.events import (
 from wecombot_common.settings import EnvReader, NatsSettings
 from wecombot_common.sim.openai_api import Fault, SimulatedOpenAIApi
 from wecombot_common.topology import ConversationRef
+from wecombot_common.worker import Delivery, Nak, PullWorker
+from wecombot_common.worker import Outcome as WorkOutcome
 from wecombot_llm.main import serve
 from wecombot_llm.settings import LlmSettings
 
@@ -323,6 +326,55 @@ async def test_a_message_stored_twice_gets_one_outcome(
         got = await outcomes(stream, "dup@corp")
     assert [e.causation_id for e in got] == [message.event_id]
     assert len(api.chat_requests) == 1
+
+
+async def test_a_message_the_llm_gave_up_on_is_replayed_and_answered_once(
+    nats_server: NatsHandle, stream: JetStreamContext, api: SimulatedOpenAIApi
+) -> None:
+    lost = received("lost.user", "are you there?")
+    await send(stream, lost)
+    # The llm's consumer gives up on it the way the llm does (here: a failure that
+    # outlasts max_deliver), through the same worker: it is parked in the DLQ.
+    config = topology.work_consumer(
+        topology.LLM_CONSUMER,
+        topology.RECEIVED_FILTER,
+        ack_wait_s=5,
+        max_deliver=2,
+        max_ack_pending=100,
+    )
+
+    async def failing(d: Delivery) -> WorkOutcome:
+        return Nak(0, "the outcome could not be appended")
+
+    stop = asyncio.Event()
+    worker = PullWorker(stream, config, failing, fetch_timeout_s=0.2)
+    task = asyncio.create_task(worker.run(stop))
+
+    async def parked() -> bool:
+        info = await stream.stream_info(topology.DEAD_LETTER_STREAM)
+        return bool(info.state.messages == 1)
+
+    await until(parked, timeout=15, what="the message in the DLQ")
+    stop.set()
+    await task
+    dead_seq = (await stream.stream_info(topology.DEAD_LETTER_STREAM)).state.last_seq
+
+    async with running(llm_env(nats_server, api)):
+        later = received("lost.user", "and now?")
+        await send(stream, later)
+        await wait_outcomes(stream, "lost.user", 1)  # the later one is not held back
+        done, said = await replay(stream, dead_seq)
+        assert done, said
+        assert "appended again" in said
+        answered = await wait_outcomes(stream, "lost.user", 2)
+        assert [o.causation_id for o in answered] == [later.event_id, lost.event_id]
+        assert isinstance(answered[1], ReplyGenerated)
+        assert answered[1].text == "echo: are you there?"
+        again, said = await replay(stream, dead_seq)
+        assert not again and "has its ReplyGenerated" in said, said
+        await wait_settled(stream)
+    assert len(await outcomes(stream, "lost.user")) == 2
+    assert len(api.chat_requests) == 2
 
 
 async def test_two_replicas_keep_each_users_order_and_context(

@@ -4,7 +4,7 @@
 
     wecombot dlq [--consumer NAME] [--limit N] [--json]    the newest dead letters
     wecombot dlq show SEQ [--json]                          one, with its event decoded
-    wecombot dlq replay SEQ                                 deliver that reply again
+    wecombot dlq replay SEQ                                 hand that one back
 
 A message a service can never handle (an undecodable event, a reply WeCom always refuses,
 a failure that outlasted ``max_deliver``) is copied to the stream ``WECOMBOT_DLQ``
@@ -20,13 +20,19 @@ deliveries. Example::
       1  2026-11-28 23:23:11  sender            26           1  wecombot.conv.ww1-…   SendRe…
     details: wecombot dlq show SEQ
 
-``replay`` is for a reply the sender gave up on (a WeCom outage that outlasted its
-deliveries, a token error since fixed), or for a parked ``ReplyRequeued`` (a replay
-whose round failed too): it appends a ``ReplyRequeued`` for the reply, and the
-sender delivers the reply again after its last recorded part (the first send asks
-WeCom's duplicate check). It refuses a dead letter that is not the sender's, a reply
-delivered since, and one already requeued; a second replay of the same failure is
-deduplicated by JetStream.
+``replay`` hands a dead letter back to its consumer:
+
+- a received message the llm gave up on (its outcome could not be appended, or its
+  handler crashed, for all its deliveries): the message is appended again, and the llm answers the copy as another
+  delivery of the same event; refused when the message has its outcome since;
+- a reply the sender gave up on (a WeCom outage that outlasted its deliveries, a token
+  error since fixed), or a parked ``ReplyRequeued`` (a replay whose round failed too):
+  it appends a ``ReplyRequeued`` for the reply, and the sender delivers the reply again
+  after its last recorded part (the first send asks WeCom's duplicate check); refused
+  for a reply delivered since, and one already requeued.
+
+A second replay of the same dead letter is deduplicated by JetStream; an undecodable
+event is refused (replaying cannot mend it).
 
 Listing and showing only read (STREAM.INFO and STREAM.MSG.GET on ``WECOMBOT_DLQ``);
 ``replay`` also reads the conversation and appends to it. Run it with the NATS admin
@@ -57,7 +63,9 @@ from wecombot_common.bus import append_event, read_conversation
 from wecombot_common.errors import ConfigError
 from wecombot_common.events import (
     DeliveryFailed,
+    Event,
     EventDecodeError,
+    MessageReceived,
     Outcome,
     ReplyDelivered,
     ReplyRequeued,
@@ -200,19 +208,51 @@ async def read_dead_letter(js: JetStreamContext, seq: int) -> DeadLetter | None:
 
 
 async def replay(js: JetStreamContext, seq: int) -> tuple[bool, str]:
-    """Requeue the reply parked as dead letter ``seq``; (done, what happened)."""
+    """Hand dead letter ``seq`` back to its consumer; (done, what happened)."""
     letter = await read_dead_letter(js, seq)
     if letter is None:
         return False, f"no message {seq} in {topology.DEAD_LETTER_STREAM}"
-    if letter.consumer != topology.SENDER_CONSUMER:
+    if letter.consumer not in (topology.LLM_CONSUMER, topology.SENDER_CONSUMER):
         return False, (
-            f"dead letter {seq} is the {letter.consumer}'s: only replies the sender gave up "
-            "on can be replayed"
+            f"dead letter {seq} is the {letter.consumer}'s: only the llm's and the sender's "
+            "can be replayed"
         )
     try:
         parked = decode_event(letter.data)
     except EventDecodeError:
-        return False, f"dead letter {seq} is not a wecombot event"
+        return False, f"dead letter {seq} is not a wecombot event: replaying cannot mend it"
+    if letter.consumer == topology.LLM_CONSUMER:
+        return await _redeliver(js, seq, parked)
+    return await _requeue(js, seq, parked)
+
+
+async def _redeliver(js: JetStreamContext, seq: int, parked: Event) -> tuple[bool, str]:
+    """Append a received message the llm gave up on once more, unless it has its outcome.
+
+    The llm takes the copy as another delivery of the same event (same event_id): it
+    answers it once, in its turn among the user's messages still waiting (one sent after
+    the copy, while an earlier one is unanswered, may be answered first), and a second
+    copy of an answered message gets nothing.
+    """
+    if not isinstance(parked, MessageReceived):
+        return False, f"dead letter {seq} is a {type(parked).__name__}, not a received message"
+    conversation = ConversationRef.of(parked)
+    async for stored in read_conversation(js, conversation, branch=conversation.llm_branch):
+        if isinstance(stored.event, Outcome) and stored.event.causation_id == parked.event_id:
+            return False, (
+                f"message {parked.correlation_id} from {parked.conversation} has its "
+                f"{type(stored.event).__name__} (seq {stored.seq}); nothing to replay"
+            )
+    appended = await append_event(js, parked, msg_id=f"redeliver:{parked.event_id}")
+    again = " (already replayed)" if appended.duplicate else ""
+    return True, (
+        f"message {parked.correlation_id} from {parked.conversation} appended again "
+        f"(seq {appended.seq}){again}; the llm answers it"
+    )
+
+
+async def _requeue(js: JetStreamContext, seq: int, parked: Event) -> tuple[bool, str]:
+    """Requeue a reply the sender gave up on (or a requeue whose round failed too)."""
     # A reply, or the requeue of one whose second round failed too.
     if isinstance(parked, Outcome):
         reply_id = parked.event_id
@@ -320,7 +360,9 @@ def _parser() -> argparse.ArgumentParser:
     show = sub.add_parser("show", help="one dead letter, with its event decoded")
     show.add_argument("seq", type=int, help="its sequence in WECOMBOT_DLQ (the SEQ column)")
     _options(show, listing=False)
-    again = sub.add_parser("replay", help="deliver a reply the sender gave up on, again")
+    again = sub.add_parser(
+        "replay", help="hand one back: the llm answers the message, the sender delivers the reply"
+    )
     again.add_argument("seq", type=int, help="its sequence in WECOMBOT_DLQ (the SEQ column)")
     return parser
 
