@@ -23,8 +23,9 @@ deliveries. Example::
 ``replay`` hands a dead letter back to its consumer:
 
 - a received message the llm gave up on (its outcome could not be appended, or its
-  handler crashed, for all its deliveries): the message is appended again, and the llm answers the copy as another
-  delivery of the same event; refused when the message has its outcome since;
+  handler crashed, for all its deliveries): the message is appended again, and the llm
+  answers the copy as another delivery of the same event; refused when the message has
+  its outcome since;
 - a reply the sender gave up on (a WeCom outage that outlasted its deliveries, a token
   error since fixed), or a parked ``ReplyRequeued`` (a replay whose round failed too):
   it appends a ``ReplyRequeued`` for the reply, and the sender delivers the reply again

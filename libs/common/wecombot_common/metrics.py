@@ -65,7 +65,8 @@ WORKER_IN_FLIGHT = Gauge(
 )
 WORKER_HANDLER_SECONDS = Histogram(
     "wecombot_worker_handler_seconds",
-    "Time from a delivery's turn to its settlement, by consumer (model and WeCom calls included)",
+    "Time a handler took over one delivery, from its turn (after earlier messages of the "
+    "same conversation) to its outcome, by consumer: model and WeCom calls included",
     ["consumer"],
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
 )
