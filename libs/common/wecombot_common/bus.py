@@ -261,7 +261,7 @@ class PipelinedAppender:
     with a reply subject ``<inbox>.<n>`` under one wildcard subscription, and the PubAck
     resolves the append's future: about a third less CPU per append inside a serving
     process (``make bench``, scenario 1, part by part: bare handler + ``js.publish``
-    82–98 µs, + this 65–79 µs, the bare handler alone 36–40 µs). Same results and errors
+    82–105 µs, + this 65–82 µs, the bare handler alone 36–40 µs). Same results and errors
     as :func:`append_event` with a ``msg_id`` (no conditional appends: the gateway has
     no use for them)::
 
