@@ -29,6 +29,7 @@ def test_dev_runs_the_whole_system_with_no_settings(tmp_path: Path) -> None:
         out.wait_for(r"SANDBOX MODE")
         out.wait_for(r"OFFLINE model")
         out.wait_for(r"gateway callback URL")
+        out.wait_for(r"metrics: http://127\.0\.0\.1:\d+/metrics \(gateway; the others are off")
         sandbox = json.loads((tmp_path / "data" / "sandbox.json").read_text())
         wecom = CallbackBuilder(
             corp_id=sandbox["corp_id"],
@@ -54,6 +55,8 @@ def test_dev_runs_the_whole_system_with_no_settings(tmp_path: Path) -> None:
         assert response.status_code == 200
         assert response.text == ""
         out.wait_for(r"message/send → zhang\.san: .*hello from the sandbox", timeout=30)
+        metrics = httpx.get(f"http://127.0.0.1:{gateway_port}/metrics").text
+        assert 'wecombot_gateway_callbacks_total{result="stored"} 1.0' in metrics
     finally:
         code = dev.stop(timeout=10)  # fails if it takes longer
     assert code == 0

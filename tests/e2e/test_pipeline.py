@@ -14,8 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import NatsHandle
+from tests.conftest import NatsHandle, free_port
 from tests.e2e.harness import AGENT_ID, CORP_ID, Stack
 from tests.waiting import until
 from wecombot_common import topology
@@ -150,8 +151,9 @@ async def test_separate_processes_two_llm_replicas_keep_order_without_duplicates
     async with Stack(nats_server.url, tmp_path) as stack:
         stack.model.latency_s = lambda: rng.uniform(0.0, 0.25)
         stack.start_process("token")
-        stack.start_process("llm", LLM_MAX_CONCURRENCY="8")
-        stack.start_process("llm", LLM_MAX_CONCURRENCY="8")
+        llm_ports = [free_port(), free_port()]
+        for port in llm_ports:
+            stack.start_process("llm", LLM_MAX_CONCURRENCY="8", WECOMBOT_HEALTH_PORT=str(port))
         stack.start_process("sender")
         stack.start_process("gateway")
         await stack.wait_ready(timeout=30)
@@ -183,5 +185,20 @@ async def test_separate_processes_two_llm_replicas_keep_order_without_duplicates
         answered = [log.count('"llm.outcome_appended"') for log in llm_logs]
         assert sum(answered) == 36
         assert all(n > 0 for n in answered), answered
+        # ... and each replica's own /metrics says so, as an operator's Prometheus sees it.
+        counted = [await _answers_counted(stack, port) for port in llm_ports]
+        assert counted == answered
         info = await js.consumer_info(topology.CONVERSATION_STREAM, topology.LLM_CONSUMER)
         assert info.num_ack_pending == 0
+
+
+async def _answers_counted(stack: Stack, port: int) -> int:
+    """``wecombot_llm_outcomes_total{outcome="ReplyGenerated"}`` of one llm process."""
+    response = await stack.http.get(f"http://127.0.0.1:{port}/metrics")
+    for family in text_string_to_metric_families(response.text):
+        for sample in family.samples:
+            if sample.name == "wecombot_llm_outcomes_total" and sample.labels == {
+                "outcome": "ReplyGenerated"
+            }:
+                return int(sample.value)
+    return 0
