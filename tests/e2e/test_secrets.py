@@ -28,6 +28,7 @@ import pytest
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
+from tests.conftest import free_port
 from tests.e2e.harness import AGENT_ID, CORP_ID, Stack
 from tests.waiting import until
 from wecombot_common import topology
@@ -153,9 +154,16 @@ async def test_no_secret_in_any_log_line_or_stored_event(
         _with_secrets(stack)
         # The token service takes its credentials in the URL, as many deployments do.
         url = broker.url.replace("nats://", f"nats://{NATS_USER}:{NATS_PASSWORD}@")
-        stack.start_process("token", NATS_URL=url, NATS_USER="", NATS_PASSWORD="")
-        stack.start_process("sender")
-        stack.start_process("llm")
+        ports = {name: free_port() for name in ("token", "sender", "llm")}
+        stack.start_process(
+            "token",
+            NATS_URL=url,
+            NATS_USER="",
+            NATS_PASSWORD="",
+            WECOMBOT_HEALTH_PORT=str(ports["token"]),
+        )
+        stack.start_process("sender", WECOMBOT_HEALTH_PORT=str(ports["sender"]))
+        stack.start_process("llm", WECOMBOT_HEALTH_PORT=str(ports["llm"]))
         await stack.start_in_process("llm", "gateway")
         # It fetches the first access_token.
         await until(
@@ -189,6 +197,11 @@ async def test_no_secret_in_any_log_line_or_stored_event(
         await stack.say(users[2], "this reply is dead-lettered")
         await until(lambda: _dead_lettered(js), timeout=30, what="the dead-lettered reply")
         issued = list(stack.wecom._tokens)  # every access_token WeCom handed out
+        # What Prometheus would scrape after such a day, from every process.
+        scrapes = {
+            name: (await stack.http.get(f"http://127.0.0.1:{port}/metrics")).text
+            for name, port in {**ports, "in-process": stack.gateway_port}.items()
+        }
         for service in reversed(stack.services):  # flush and close every log
             await service.terminate()
         stack.services.clear()
@@ -211,6 +224,10 @@ async def test_no_secret_in_any_log_line_or_stored_event(
     assert "81013" in reasons[0][1] and "HTTP 502" in reasons[1][1], reasons
     stored += [_blob(m) for m in dead]
     assert len(stored) > 20
+    # The scrapes hold the day's counts (so an empty search proves nothing).
+    assert 'wecombot_token_fetches_total{result="ok"} 2.0' in scrapes["token"]
+    assert 'wecombot_sender_wecom_errors_total{errcode="81013"}' in scrapes["sender"]
+    assert 'wecombot_gateway_callbacks_total{result="stored"}' in scrapes["in-process"]
 
     secrets = {
         "EncodingAESKey": AES_KEY,
@@ -227,3 +244,5 @@ async def test_no_secret_in_any_log_line_or_stored_event(
                 assert form not in text, f"{what} in {name}"
             for data in stored:
                 assert form.encode() not in data, f"{what} in a stored message: {data[:300]!r}"
+            for name, text in scrapes.items():
+                assert form not in text, f"{what} in the metrics of {name}"
