@@ -101,8 +101,8 @@ SENDER_REPLIES = Counter(
 )
 SENDER_WECOM_ERRORS = Counter(
     "wecombot_sender_wecom_errors",
-    "message/send calls that did not deliver, by WeCom errcode (-1: no answer: a "
-    "timeout or a connection error)",
+    "message/send calls that did not deliver, by WeCom errcode (-1: WeCom busy, or no "
+    "usable answer: a timeout, a connection error, an HTTP error)",
     ["errcode"],
 )
 

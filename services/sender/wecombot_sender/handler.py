@@ -73,7 +73,7 @@ from wecombot_common.events import (
     derived_id,
     utcnow,
 )
-from wecombot_common.metrics import SENDER_PARTS, SENDER_REPLIES, SENDER_WECOM_ERRORS
+from wecombot_common.metrics import SENDER_PARTS, SENDER_REPLIES
 from wecombot_common.tokens import TokenError, TransientTokenError
 from wecombot_common.topology import ConversationRef
 from wecombot_common.worker import Ack, Delivery, Nak, backoff_delay
@@ -101,10 +101,6 @@ _PART_SENT = SENDER_PARTS.labels("sent")
 _PART_DEDUPLICATED = SENDER_PARTS.labels("deduplicated")
 _DELIVERED = SENDER_REPLIES.labels("delivered")
 _FAILED = SENDER_REPLIES.labels("failed")
-
-
-def _wecom_error(exc: SendError) -> None:
-    SENDER_WECOM_ERRORS.labels(str(exc.errcode)).inc()
 
 
 class TokenSource(Protocol):
@@ -348,11 +344,7 @@ class ReplySender:
                 msgid = await self._api.send_text(
                     token, job.reply.conversation, job.parts[index], duplicate_check_s=check
                 )
-            except SendRejected as exc:
-                _wecom_error(exc)
-                raise
             except TokenRejected as exc:
-                _wecom_error(exc)
                 if refreshed:
                     raise
                 log.info("sender.token_refused", errcode=exc.errcode)
@@ -360,7 +352,6 @@ class ReplySender:
                 refreshed = True
                 continue
             except SendRetryable as exc:
-                _wecom_error(exc)
                 maybe_sent = maybe_sent or exc.maybe_delivered
                 retries += 1
                 if retries > self._policy.retry_attempts:

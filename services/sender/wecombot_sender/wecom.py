@@ -29,10 +29,11 @@ import httpx
 import msgspec
 
 from wecombot_common.logs import register_secret
+from wecombot_common.metrics import SENDER_WECOM_ERRORS
 from wecombot_common.settings import WeComApiSettings
 
 from .errcodes import BUSY, ErrorClass, classify, explain
-from .errors import SendRejected, SendRetryable, TokenRejected
+from .errors import SendError, SendRejected, SendRetryable, TokenRejected
 
 __all__ = ["MESSAGE_TYPES", "HttpMessageApi", "MessageApi", "MessageType"]
 
@@ -98,6 +99,15 @@ class HttpMessageApi:
 
     async def send_text(
         self, token: str, touser: str, content: str, *, duplicate_check_s: int | None = None
+    ) -> str:
+        try:
+            return await self._send(token, touser, content, duplicate_check_s)
+        except SendError as exc:
+            SENDER_WECOM_ERRORS.labels(str(exc.errcode)).inc()  # every failed call, once
+            raise
+
+    async def _send(
+        self, token: str, touser: str, content: str, duplicate_check_s: int | None
     ) -> str:
         register_secret(token)
         markdown = self._message_type == "markdown"
