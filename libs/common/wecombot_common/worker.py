@@ -286,8 +286,7 @@ class PullWorker:
         while queue is not None and not queue.empty():
             msg = queue.get_nowait()
             if msg.reply and not JetStreamContext.is_status_msg(msg):
-                await self._nak(msg, 0)
-                self._metrics.handed_back.inc()
+                await self._hand_back(msg)
                 stranded += 1
         if stranded:
             log.info("worker.handed_back_buffered", consumer=self.name, count=stranded)
@@ -342,8 +341,7 @@ class PullWorker:
             # cancel it with messages half-received, and hand back what it brings.
             with contextlib.suppress(TimeoutError, nats.errors.Error):
                 for msg in await fetch:
-                    await self._nak(msg, 0)
-                    self._metrics.handed_back.inc()
+                    await self._hand_back(msg)
             return []
         try:
             return fetch.result()
@@ -370,8 +368,7 @@ class PullWorker:
                         outcome = await self._run_handler(delivery)
                         self._metrics.handler_seconds.observe(time.monotonic() - started)
             except asyncio.CancelledError:
-                await self._nak(msg, 0)  # stopping: hand it back, running or queued
-                self._metrics.handed_back.inc()
+                await self._hand_back(msg)  # stopping: running or queued
                 raise
             finally:
                 heartbeat.cancel()
@@ -479,6 +476,11 @@ class PullWorker:
         while True:
             await asyncio.sleep(interval)
             await d.in_progress()
+
+    async def _hand_back(self, msg: Msg) -> None:
+        """Stopping: nak at once, so another replica takes it now."""
+        await self._nak(msg, 0)
+        self._metrics.handed_back.inc()
 
     async def _nak(self, msg: Msg, delay: float) -> None:
         with contextlib.suppress(nats.errors.Error):
