@@ -8,7 +8,7 @@ the traffic, so other tests in the process do not matter.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
@@ -42,8 +42,12 @@ async def _scrape(stack: Stack) -> tuple[httpx.Response, Samples]:
     return response, samples
 
 
+def _key(name: str, **labels: str) -> tuple[str, frozenset[tuple[str, str]]]:
+    return name, frozenset(labels.items())
+
+
 def _value(samples: Samples, name: str, **labels: str) -> float:
-    return samples.get((name, frozenset(labels.items())), 0.0)
+    return samples.get(_key(name, **labels), 0.0)
 
 
 async def test_counters_move_with_a_reply_and_a_refusal(stack: Stack) -> None:
@@ -55,39 +59,28 @@ async def test_counters_move_with_a_reply_and_a_refusal(stack: Stack) -> None:
     forged = dataclasses.replace(forged, query={**forged.query, "msg_signature": "0" * 40})
     assert (await stack.post(forged)).status_code == 403
 
-    expected = {
-        ("wecombot_gateway_callbacks_total", (("result", "stored"),)): 1,
-        ("wecombot_gateway_callbacks_total", (("result", "refused"),)): 1,
-        (
-            "wecombot_gateway_refusals_total",
-            (("status", "403"), ("reason", "SignatureError")),
-        ): 1,
-        ("wecombot_llm_outcomes_total", (("outcome", "ReplyGenerated"),)): 1,
-        ("wecombot_llm_model_seconds_count", (("result", "answered"),)): 1,
-        ("wecombot_sender_parts_total", (("result", "sent"),)): 1,
-        ("wecombot_sender_replies_total", (("result", "delivered"),)): 1,
-        (
-            "wecombot_worker_settled_total",
-            (("consumer", LLM_CONSUMER), ("result", "acked")),
-        ): 1,
-        (
-            "wecombot_worker_settled_total",
-            (("consumer", SENDER_CONSUMER), ("result", "acked")),
-        ): 1,
-        ("wecombot_token_fetches_total", (("result", "ok"),)): 1,
-        ("wecombot_token_requests_total", (("endpoint", "get"), ("result", "ok"))): 1,
+    expected: Samples = {
+        _key("wecombot_gateway_callbacks_total", result="stored"): 1,
+        _key("wecombot_gateway_callbacks_total", result="refused"): 1,
+        _key("wecombot_gateway_refusals_total", status="403", reason="SignatureError"): 1,
+        _key("wecombot_llm_outcomes_total", outcome="ReplyGenerated"): 1,
+        _key("wecombot_llm_model_seconds_count", result="answered"): 1,
+        _key("wecombot_sender_parts_total", result="sent"): 1,
+        _key("wecombot_sender_replies_total", result="delivered"): 1,
+        _key("wecombot_worker_settled_total", consumer=LLM_CONSUMER, result="acked"): 1,
+        _key("wecombot_worker_settled_total", consumer=SENDER_CONSUMER, result="acked"): 1,
+        _key("wecombot_token_fetches_total", result="ok"): 1,
+        _key("wecombot_token_requests_total", endpoint="get", result="ok"): 1,
     }
 
-    def grown(after: Samples) -> dict[str, float]:
-        return {
-            f"{name}{dict(labels)}": _value(after, name, **dict(labels))
-            - _value(before, name, **dict(labels))
-            for name, labels in expected
-        }
+    async def caught_up() -> bool:
+        _, after = await _scrape(stack)
+        grown = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in expected}
+        assert all(grown[k] <= n for k, n in expected.items()), grown  # none counted twice
+        return grown == expected
 
-    want = {f"{name}{dict(labels)}": n for (name, labels), n in expected.items()}
     # The sender acks after WeCom has the reply: wait for the scrape to catch up.
-    await until(lambda: _caught_up(stack, grown, want), timeout=10, what="the counters")
+    await until(caught_up, timeout=10, what="the counters")
 
     response, after = await _scrape(stack)
     assert response.headers["Content-Type"] == "text/plain; version=0.0.4; charset=utf-8"
@@ -103,12 +96,3 @@ async def test_counters_move_with_a_reply_and_a_refusal(stack: Stack) -> None:
     assert issued
     for secret in (stack.wecom.secret, "sk-e2e-model-key", *issued):
         assert secret not in response.text
-
-
-async def _caught_up(
-    stack: Stack, grown: Callable[[Samples], dict[str, float]], want: dict[str, float]
-) -> bool:
-    _, after = await _scrape(stack)
-    seen = grown(after)
-    assert all(seen[k] <= want[k] for k in want), seen  # nothing counted twice
-    return seen == want
