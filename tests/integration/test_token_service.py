@@ -19,6 +19,7 @@ import msgspec
 import nats
 import pytest
 from nats.aio.client import Client as NATS
+from nats.js.api import KeyValueConfig
 
 from tests.conftest import NatsHandle, free_port
 from tests.waiting import eventually
@@ -30,8 +31,8 @@ from wecombot_common.tokens import (
     TokenRequest,
     TransientTokenError,
 )
-from wecombot_common.topology import TOKEN_BUCKET, TOKEN_GET, TOKEN_SERVICE
-from wecombot_token.domain import Lock
+from wecombot_common.topology import TOKEN_BUCKET, TOKEN_GET, TOKEN_SERVICE, token_bucket
+from wecombot_token.domain import AppState, Lock
 from wecombot_token.main import serve
 from wecombot_token.settings import TokenSettings
 
@@ -378,3 +379,53 @@ async def test_a_crashed_holders_lock_is_taken_over_after_its_deadline(
         assert time.time() >= deadline, "the live lock was not respected"
         assert time.time() < deadline + 2.0, "the caller waited past the holder's deadline"
         assert sim.gettoken_calls == 1
+
+
+async def test_an_existing_bucket_is_brought_to_our_config_and_keeps_its_token(
+    nats_server: NatsHandle, sim: SimulatedWeComApi
+) -> None:
+    async with connections(nats_server, 1) as (nc,):
+        js = nc.jetstream()
+        # Left by an older release (or made by hand): more history, another description.
+        kv = await js.create_key_value(
+            KeyValueConfig(bucket=TOKEN_BUCKET, history=5, description="made by hand")
+        )
+        async with token_services(nats_server, sim):
+            token = await TokenClient(nc).get(APP)
+        config = (await js.stream_info(f"KV_{TOKEN_BUCKET}")).config
+        assert config.max_msgs_per_subject == 1
+        assert config.description == token_bucket(replicas=1).description
+        # Updated in place, not recreated: the token it stored is still there, and a
+        # second start (same config) changes nothing and fetches nothing.
+        assert (await kv.get(f"{APP}.token")).value
+        async with token_services(nats_server, sim):
+            assert await TokenClient(nc).get(APP) == token
+        assert sim.gettoken_calls == 1
+
+
+async def test_an_undecodable_token_value_is_replaced_by_a_fresh_token(
+    nats_server: NatsHandle, sim: SimulatedWeComApi
+) -> None:
+    async with connections(nats_server, 1) as (nc,):
+        js = nc.jetstream()
+        kv = await js.create_key_value(token_bucket(replicas=1))
+        await kv.put(f"{APP}.token", b"not json at all")  # e.g. `nats kv put` by hand
+        async with token_services(nats_server, sim):
+            token = await TokenClient(nc).get(APP)
+        assert token and sim.gettoken_calls == 1
+        stored = msgspec.json.decode((await kv.get(f"{APP}.token")).value or b"", type=AppState)
+        assert stored.token is not None and stored.token.value == token
+
+
+async def test_an_undecodable_lock_is_taken_over_at_once(
+    nats_server: NatsHandle, sim: SimulatedWeComApi
+) -> None:
+    async with connections(nats_server, 1) as (nc,):
+        kv = await nc.jetstream().create_key_value(token_bucket(replicas=1))
+        await kv.create(f"{APP}.lock", b"\x00garbage")
+        async with token_services(nats_server, sim):
+            # No deadline can be read from it, so nobody is waited for.
+            token = await asyncio.wait_for(TokenClient(nc).get(APP), 5.0)
+        assert token and sim.gettoken_calls == 1
+        with pytest.raises(nats.js.errors.KeyNotFoundError):
+            await kv.get(f"{APP}.lock")  # released after the refresh
