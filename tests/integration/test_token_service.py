@@ -31,7 +31,13 @@ from wecombot_common.tokens import (
     TokenRequest,
     TransientTokenError,
 )
-from wecombot_common.topology import TOKEN_BUCKET, TOKEN_GET, TOKEN_SERVICE, token_bucket
+from wecombot_common.topology import (
+    TOKEN_BUCKET,
+    TOKEN_GET,
+    TOKEN_INVALIDATE,
+    TOKEN_SERVICE,
+    token_bucket,
+)
 from wecombot_token.domain import AppState, Lock
 from wecombot_token.main import serve
 from wecombot_token.settings import TokenSettings
@@ -429,3 +435,21 @@ async def test_an_undecodable_lock_is_taken_over_at_once(
         assert token and sim.gettoken_calls == 1
         with pytest.raises(nats.js.errors.KeyNotFoundError):
             await kv.get(f"{APP}.lock")  # released after the refresh
+
+
+async def test_a_malformed_request_gets_a_400_and_the_service_goes_on(
+    nats_server: NatsHandle, sim: SimulatedWeComApi
+) -> None:
+    async with token_services(nats_server, sim), connections(nats_server, 1) as (nc,):
+        cases = [
+            (TOKEN_GET, b"{not json", "not a TokenRequest"),
+            (TOKEN_GET, b'{"token": "x"}', "not a TokenRequest"),  # no app
+            (TOKEN_INVALIDATE, msgspec.json.encode(TokenRequest(app=APP)), "needs the token"),
+        ]
+        for subject, data, reason in cases:
+            msg = await nc.request(subject, data, timeout=5)
+            assert msg.headers is not None
+            assert msg.headers.get("Nats-Service-Error-Code") == "400", subject
+            assert reason in msg.headers.get("Nats-Service-Error", "")
+        assert await TokenClient(nc).get(APP)
+        assert sim.gettoken_calls == 1
