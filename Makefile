@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: install test test-unit test-integration test-e2e chaos test-deploy test-browser fuzz lint format run doctor screenshot bench bench-quick clean
+.PHONY: install test test-unit test-integration test-e2e chaos test-deploy test-image test-browser fuzz lint format run doctor screenshot bench bench-quick clean
 
 install: $(STAMP)
 
@@ -36,6 +36,11 @@ chaos: install
 # Manifests, Dockerfile and NATS permissions, offline (also part of `make test`).
 test-deploy: install
 	$(BIN)/pytest tests/deploy $(PYTEST_ARGS)
+
+# The image: built from the Dockerfile by buildah and every service run from it (root,
+# apt-get install buildah debootstrap; also part of `make test`). See docs/deploy.md.
+test-image: install
+	$(BIN)/pytest tests/image $(PYTEST_ARGS)
 
 # The sandbox console in headless Chromium (Debian's: apt-get install chromium).
 test-browser: install

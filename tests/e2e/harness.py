@@ -14,7 +14,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +30,15 @@ from wecombot_common.sim.wecom_api import SimulatedWeComApi
 
 CORP_ID = "wwe2e0123456789"
 AGENT_ID = 1000002
+
+# How a service process is started: its argv and environment from ``wecombot`` arguments
+# and the stack's settings. tests/image starts them from the built image instead.
+Launcher = Callable[[Sequence[str], Mapping[str, str]], tuple[list[str], dict[str, str]]]
+
+
+def host_python(args: Sequence[str], env: Mapping[str, str]) -> tuple[list[str], dict[str, str]]:
+    """``python -m wecombot <args>`` from this venv, with this process's environment."""
+    return [sys.executable, "-m", "wecombot", *args], {**os.environ, **env}
 
 
 def service(
@@ -73,6 +82,8 @@ class ProcessService:
     name: str
     proc: subprocess.Popen[bytes]
     log_path: Path
+    # The process SIGTERM is for: the service itself, not a launcher wrapping it.
+    service_pid: Callable[[subprocess.Popen[bytes]], int] = field(default=lambda p: p.pid)
 
     def kill(self) -> None:
         """SIGKILL, as a crash or an OOM kill would."""
@@ -82,7 +93,7 @@ class ProcessService:
 
     async def terminate(self, timeout: float = 15.0) -> int:
         if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
+            os.kill(self.service_pid(self.proc), signal.SIGTERM)
         try:
             return await asyncio.to_thread(self.proc.wait, timeout)
         except subprocess.TimeoutExpired:
@@ -101,6 +112,8 @@ class Stack:
     gateway_port: int = field(default_factory=free_port)
     services: list[InProcessService | ProcessService] = field(default_factory=list)
     http: httpx.AsyncClient = field(init=False)
+    launcher: Launcher = host_python
+    service_pid: Callable[[subprocess.Popen[bytes]], int] = field(default=lambda p: p.pid)
 
     def __post_init__(self) -> None:
         token = generate_token()
@@ -162,13 +175,11 @@ class Stack:
         await self.wait_ready()
 
     def start_process(self, name: str, **extra_env: str) -> ProcessService:
-        env = {**os.environ, **self.env(), **extra_env}
+        argv, env = self.launcher([name], {**self.env(), **extra_env})
         log_path = self.workdir / f"{name}-{len(self.services)}.log"
         with open(log_path, "ab") as log:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "wecombot", name], env=env, stdout=log, stderr=log
-            )
-        started = ProcessService(name, proc, log_path)
+            proc = subprocess.Popen(argv, env=env, stdout=log, stderr=log)
+        started = ProcessService(name, proc, log_path, self.service_pid)
         self.services.append(started)
         return started
 
