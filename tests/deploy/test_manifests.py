@@ -1,10 +1,11 @@
 """The Kubernetes manifests, offline: render each kustomize overlay for real (kubectl's
 kustomize), validate every object against the Kubernetes OpenAPI schemas
 (kubernetes-validate, bundled, strict), the KEDA ScaledObjects against the schema kept in
-deploy/k8s/schemas, lint every YAML file (yamllint), then check what the schemas cannot:
-probes on the ports the services serve, grace periods longer than the in-app grace, one
-NATS user per service, what each pod may reach, consistent names across the manifests,
-the Helm values, the NATS authorization and the Secret template.
+deploy/k8s/schemas and against KEDA's own API types (@kubernetes-models/keda), lint every
+YAML file (yamllint), then check what the schemas cannot: probes on the ports the
+services serve, grace periods longer than the in-app grace, one NATS user per service,
+what each pod may reach, consistent names across the manifests, the Helm values, the
+NATS authorization and the Secret template.
 """
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ from __future__ import annotations
 import inspect
 import ipaddress
 import json
+import os
 import re
+import shutil
 import subprocess
 import sys
 from collections.abc import Mapping
@@ -45,6 +48,7 @@ from wecombot_common.worker import PullWorker
 # and the newest schema kubernetes-validate ships.
 KUBE_VERSIONS = ("1.29.0", "1.37.0")
 KEDA_SCHEMA = K8S / "schemas" / "keda-scaledobject-v1alpha1.schema.json"
+KEDA_MODELS = Path(__file__).parent / "keda"
 AUTH_CONF = NATS_DIR / "auth.conf"
 SECRET_TEMPLATE = K8S / "secrets.example.yaml"
 NATS_DRAIN_S = 10  # bus.connect(drain_timeout=10)
@@ -132,6 +136,37 @@ def test_the_keda_schema_catches_mistakes(mutate: Any, why: str) -> None:
     scaled = json.loads(json.dumps(one(render("prod"), "ScaledObject", "wecombot-llm")))
     mutate(scaled)
     assert list(validator.iter_errors(scaled)), why
+
+
+def _keda_model_errors(objects: list[dict[str, Any]]) -> list[str | None]:
+    """Each object checked by @kubernetes-models/keda (tests/deploy/keda, `make install`)."""
+    node = shutil.which("node")
+    if node is None or not (KEDA_MODELS / "node_modules").is_dir():
+        reason = "node or tests/deploy/keda/node_modules missing: run `make install` (npm ci)"
+        if os.environ.get("CI"):
+            pytest.fail(f"{reason} — CI must have them")
+        pytest.skip(reason)
+    result = subprocess.run(
+        [node, str(KEDA_MODELS / "validate.mjs")],
+        input=json.dumps(objects),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    errors: list[str | None] = json.loads(result.stdout)
+    return errors
+
+
+def test_scaled_objects_match_kedas_own_api_types(docs: list[dict[str, Any]]) -> None:
+    """The schema above is ours (stricter: unknown keys fail); this is KEDA's own Go API
+    types, as @kubernetes-models/keda generates validators from them."""
+    scaled = of_kind(docs, "ScaledObject")
+    wrong = json.loads(json.dumps(scaled[0]))
+    wrong["spec"]["triggers"][0]["metadata"]["lagThreshold"] = 10  # KEDA wants strings
+    *ours, control = _keda_model_errors([*scaled, wrong])
+    assert ours == [None] * len(scaled), ours
+    assert control is not None and "lagThreshold must be string" in control
 
 
 def test_yamllint_is_clean() -> None:
