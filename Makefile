@@ -10,14 +10,14 @@ PYTEST_ARGS ?=
 install: $(STAMP)
 
 # Idempotent: re-runs only when pyproject.toml or the npm lock changes (or the venv is
-# missing). npm: tests/deploy checks the ScaledObjects with KEDA's own API types.
-$(STAMP): pyproject.toml tests/deploy/keda/package-lock.json
+# missing). npm: tests/deploy checks the custom resources with their projects' API types.
+$(STAMP): pyproject.toml tests/deploy/models/package-lock.json
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	@if command -v npm >/dev/null; then \
-	  npm ci --prefix tests/deploy/keda --no-audit --no-fund --loglevel=error; \
-	else echo "npm not found: tests/deploy will skip the check against KEDA's API types"; fi
+	  npm ci --prefix tests/deploy/models --no-audit --no-fund --loglevel=error; \
+	else echo "npm not found: tests/deploy will skip the custom resources' API-type check"; fi
 	@touch $(STAMP)
 
 test: install

@@ -2,10 +2,10 @@
 kustomize), validate every object against the Kubernetes OpenAPI schemas
 (kubernetes-validate, bundled, strict), the KEDA ScaledObjects against the schema kept in
 deploy/k8s/schemas and against KEDA's own API types (@kubernetes-models/keda), lint every
-YAML file (yamllint), then check what the schemas cannot: probes on the ports the
-services serve, grace periods longer than the in-app grace, one NATS user per service,
-what each pod may reach, consistent names across the manifests, the Helm values, the
-NATS authorization and the Secret template.
+YAML file (yamllint), check the PodMonitor the docs show, then check what the schemas
+cannot: probes on the ports the services serve, grace periods longer than the in-app
+grace, one NATS user per service, what each pod may reach, consistent names across the
+manifests, the Helm values, the NATS authorization and the Secret template.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from typing import Any
 import jsonschema
 import kubernetes_validate
 import pytest
+import yaml
 
 from tests.deploy.conftest import (
     DEPLOY,
@@ -48,7 +49,8 @@ from wecombot_common.worker import PullWorker
 # and the newest schema kubernetes-validate ships.
 KUBE_VERSIONS = ("1.29.0", "1.37.0")
 KEDA_SCHEMA = K8S / "schemas" / "keda-scaledobject-v1alpha1.schema.json"
-KEDA_MODELS = Path(__file__).parent / "keda"
+MODELS = Path(__file__).parent / "models"  # npm: @kubernetes-models (make install)
+DEPLOY_DOC = ROOT / "docs" / "deploy.md"
 AUTH_CONF = NATS_DIR / "auth.conf"
 SECRET_TEMPLATE = K8S / "secrets.example.yaml"
 NATS_DRAIN_S = 10  # bus.connect(drain_timeout=10)
@@ -138,16 +140,16 @@ def test_the_keda_schema_catches_mistakes(mutate: Any, why: str) -> None:
     assert list(validator.iter_errors(scaled)), why
 
 
-def _keda_model_errors(objects: list[dict[str, Any]]) -> list[str | None]:
-    """Each object checked by @kubernetes-models/keda (tests/deploy/keda, `make install`)."""
+def _model_errors(objects: list[dict[str, Any]]) -> list[str | None]:
+    """Each custom resource checked by @kubernetes-models (tests/deploy/models)."""
     node = shutil.which("node")
-    if node is None or not (KEDA_MODELS / "node_modules").is_dir():
-        reason = "node or tests/deploy/keda/node_modules missing: run `make install` (npm ci)"
+    if node is None or not (MODELS / "node_modules").is_dir():
+        reason = "node or tests/deploy/models/node_modules missing: run `make install` (npm ci)"
         if os.environ.get("CI"):
             pytest.fail(f"{reason} — CI must have them")
         pytest.skip(reason)
     result = subprocess.run(
-        [node, str(KEDA_MODELS / "validate.mjs")],
+        [node, str(MODELS / "validate.mjs")],
         input=json.dumps(objects),
         capture_output=True,
         text=True,
@@ -164,9 +166,45 @@ def test_scaled_objects_match_kedas_own_api_types(docs: list[dict[str, Any]]) ->
     scaled = of_kind(docs, "ScaledObject")
     wrong = json.loads(json.dumps(scaled[0]))
     wrong["spec"]["triggers"][0]["metadata"]["lagThreshold"] = 10  # KEDA wants strings
-    *ours, control = _keda_model_errors([*scaled, wrong])
+    *ours, control = _model_errors([*scaled, wrong])
     assert ours == [None] * len(scaled), ours
     assert control is not None and "lagThreshold must be string" in control
+
+
+def _documented(kind: str) -> dict[str, Any]:
+    """The object of ``kind`` shown in a yaml block of docs/deploy.md."""
+    blocks = re.findall(r"```yaml\n(.*?)```", DEPLOY_DOC.read_text(), flags=re.S)
+    found = [doc for block in blocks for doc in yaml.safe_load_all(block) if doc]
+    (doc,) = [d for d in found if d.get("kind") == kind]
+    assert isinstance(doc, dict)
+    return doc
+
+
+def test_the_documented_pod_monitor_scrapes_each_service_once() -> None:
+    monitor = _documented("PodMonitor")
+    wrong = json.loads(json.dumps(monitor))
+    wrong["spec"]["podMetricsEndpoints"][0]["port"] = 8080  # a port *name* is wanted
+    ok, control = _model_errors([monitor, wrong])
+    assert ok is None, ok
+    assert control is not None and "port must be string" in control
+    assert monitor["metadata"]["namespace"] == NAMESPACE
+    selector = monitor["spec"]["selector"]["matchLabels"].items()
+    endpoints = {
+        e["port"]: e.get("path", "/metrics") for e in monitor["spec"]["podMetricsEndpoints"]
+    }
+    for deployment in of_kind(render("prod"), "Deployment"):
+        template = deployment["spec"]["template"]
+        assert selector <= template["metadata"]["labels"].items()
+        named = {
+            p["name"]: p["containerPort"]
+            for c in template["spec"]["containers"]
+            for p in c["ports"]
+            if "name" in p
+        }
+        (port,) = endpoints.keys() & named.keys()  # one endpoint per pod: no double scrape
+        annotations = template["metadata"]["annotations"]
+        assert named[port] == int(annotations["prometheus.io/port"])
+        assert endpoints[port] == annotations["prometheus.io/path"] == "/metrics"
 
 
 def test_yamllint_is_clean() -> None:
