@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import signal
-import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
@@ -26,8 +24,8 @@ import structlog
 
 from wecombot_common import topology
 from wecombot_common.bus import connect_when_ready, ensure_topology
-from wecombot_common.errors import ConfigError
 from wecombot_common.logs import configure_logging
+from wecombot_common.runtime import run_service
 from wecombot_common.settings import EnvReader, LogSettings, NatsSettings
 
 __all__ = ["CLIENT_NAME", "SetupSettings", "main", "run_setup"]
@@ -72,19 +70,11 @@ async def run_setup(settings: SetupSettings, stop: asyncio.Event) -> bool:
     return True
 
 
-async def _main(settings: SetupSettings) -> int:
+async def serve(settings: SetupSettings, stop: asyncio.Event) -> int:
+    """:func:`run_setup` with logging configured: the exit code (0 done, 1 stopped)."""
     configure_logging(settings.log, service="setup")
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
     return 0 if await run_setup(settings, stop) else 1
 
 
 def main(environ: Mapping[str, str]) -> int:
-    try:
-        settings = SetupSettings.from_env(environ)
-    except ConfigError as exc:
-        print(f"wecombot: {exc}", file=sys.stderr)
-        return 2
-    return asyncio.run(_main(settings))
+    return run_service(SetupSettings.from_env, serve, environ)

@@ -3,6 +3,8 @@
 Each service exposes ``async def serve(settings, stop: asyncio.Event) -> None`` and its
 ``main`` calls :func:`run_service`, so SIGTERM/SIGINT mean the same everywhere: set
 ``stop``; the service stops taking work, finishes or hands back what it holds, drains.
+A one-shot command (``wecombot setup``) runs the same way, its ``serve`` returning its
+exit code.
 
 Exit codes: 0 clean stop, 2 bad configuration, 1 anything else.
 """
@@ -38,12 +40,14 @@ T = TypeVar("T")
 log = structlog.get_logger(__name__)
 
 
+Serve = Callable[[S, asyncio.Event], Awaitable[int | None]]
+
+
 def run_service(
-    load: Callable[[Mapping[str, str]], S],
-    serve: Callable[[S, asyncio.Event], Awaitable[None]],
-    environ: Mapping[str, str],
+    load: Callable[[Mapping[str, str]], S], serve: Serve[S], environ: Mapping[str, str]
 ) -> int:
-    """Load settings (exit 2 with the message on ConfigError), then serve until a signal."""
+    """Load settings (exit 2 with the message on ConfigError), then serve until a signal;
+    the exit code is what ``serve`` returns (None: 0)."""
     try:
         settings = load(environ)
         loop = event_loop_name(environ)
@@ -86,17 +90,17 @@ def _loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
     return None
 
 
-async def _serve_until_signal(serve: Callable[[S, asyncio.Event], Awaitable[None]], s: S) -> int:
+async def _serve_until_signal(serve: Serve[S], s: S) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     try:
-        await serve(s, stop)
+        code = await serve(s, stop)
     except ConfigError as exc:
         log.error("service.config_error", error=str(exc))
         return 2
-    return 0
+    return code or 0
 
 
 Check = Callable[[], Awaitable[tuple[bool, str]]]

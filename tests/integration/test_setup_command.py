@@ -1,0 +1,68 @@
+"""``wecombot setup`` as the Kubernetes Job runs it: a process, its exit code and log.
+
+0 once the streams match the settings; 1 when SIGTERM (the Job's deadline) comes before
+NATS does; 2 for a bad setting, with the reason and nothing attempted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import nats
+import pytest
+
+from tests.conftest import NatsHandle, free_port
+from tests.waiting import until
+from wecombot_common import topology
+
+pytestmark = pytest.mark.integration
+
+
+def _setup(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    with log.open("ab") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "wecombot", "setup"],
+            env={**os.environ, "LOG_FORMAT": "json", **env},
+            stdout=out,
+            stderr=out,
+        )
+
+
+async def test_setup_creates_the_streams_and_exits_0(
+    nats_server: NatsHandle, tmp_path: Path
+) -> None:
+    log = tmp_path / "setup.log"
+    proc = _setup({"NATS_URL": nats_server.url, "WECOMBOT_HISTORY_MAX_AGE": "3600"}, log)
+    assert await asyncio.to_thread(proc.wait, 60) == 0, log.read_text()
+    assert '"setup.done"' in log.read_text()
+    nc = await nats.connect(nats_server.url)
+    try:
+        js = nc.jetstream()
+        conversation = await js.stream_info(topology.CONVERSATION_STREAM)
+        assert conversation.config.max_age == 3600
+        await js.stream_info(topology.DEAD_LETTER_STREAM)
+    finally:
+        await nc.close()
+
+
+async def test_sigterm_before_nats_is_there_exits_1(tmp_path: Path) -> None:
+    log = tmp_path / "setup.log"
+    proc = _setup({"NATS_URL": f"nats://127.0.0.1:{free_port()}"}, log)
+    await until(
+        lambda: '"nats.connecting"' in log.read_text(), timeout=30, what="setup waiting for NATS"
+    )
+    proc.send_signal(signal.SIGTERM)
+    assert await asyncio.to_thread(proc.wait, 30) == 1, log.read_text()
+    assert '"setup.stopped"' in log.read_text()
+
+
+def test_a_bad_setting_exits_2_with_the_reason(tmp_path: Path) -> None:
+    log = tmp_path / "setup.log"
+    proc = _setup({"NATS_URL": "nats://127.0.0.1:9", "WECOMBOT_STREAM_REPLICAS": "two"}, log)
+    assert proc.wait(60) == 2
+    assert "WECOMBOT_STREAM_REPLICAS" in log.read_text()
