@@ -119,7 +119,7 @@ def test_fold_pairs_answers_with_their_questions_since_the_last_reset() -> None:
     )
     assert list(conv.turns) == [Turn("q3", "a3")]
     assert set(conv.awaiting) == {q5.event_id}
-    assert all(conv.has_outcome(m.event_id) for m in (q1, q2, r, q3, q4))
+    assert all(conv.is_settled(m.event_id) for m in (q1, q2, r, q3, q4))
     assert (conv.last_seq, conv.llm_last_seq) == (11, 10)
 
 

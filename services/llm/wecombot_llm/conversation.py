@@ -16,9 +16,10 @@ What the fold keeps
     ``awaiting``     received messages that need an outcome and have none yet, by
                      event_id, with the stream seq where each was first stored and the
                      gate's verdict on it (gate.py: admitted, or a flood / refusal notice).
-    ``answered``     event_ids of received messages that have their outcome (the most
-                     recent ``remember`` of them: enough to recognise a duplicate copy),
-                     or that the gate silenced (``silenced``): they get no outcome.
+    ``settled``      received messages that need nothing more, by event_id: those with
+                     their outcome (ADMIT) and those the gate silenced (SILENT: they never
+                     get one); the most recent ``remember`` of them, enough to recognise a
+                     duplicate copy.
     ``last_seq``     the last stream seq applied (catch-up reads continue after it).
     ``llm_last_seq`` the last seq on the llm branch: the expected-last-sequence of the
                      next outcome append (optimistic concurrency).
@@ -64,8 +65,7 @@ class Conversation:
     gate_policy: GatePolicy = field(default_factory=GatePolicy)
     turns: deque[Turn] = field(init=False)
     awaiting: dict[str, Awaiting] = field(default_factory=dict)
-    answered: OrderedDict[str, None] = field(default_factory=OrderedDict)
-    silenced: OrderedDict[str, None] = field(default_factory=OrderedDict)
+    settled: OrderedDict[str, Verdict] = field(default_factory=OrderedDict)
     last_seq: int = 0
     llm_last_seq: int = 0
     gate: Gate = field(init=False)
@@ -88,28 +88,28 @@ class Conversation:
         elif isinstance(event, ReplyRequeued):  # an operator's, on the llm branch
             self.llm_last_seq = stored.seq
 
-    def has_outcome(self, event_id: str) -> bool:
+    def is_settled(self, event_id: str) -> bool:
         """It has its outcome, or the gate silenced it (it never gets one)."""
-        return event_id in self.answered
+        return event_id in self.settled
 
     def verdict(self, event_id: str) -> Verdict:
-        """The gate's verdict on a received message (ADMIT when it is not awaiting)."""
-        if event_id in self.silenced:
-            return Verdict.SILENT
+        """The gate's verdict on a received message (ADMIT once it has its outcome, or
+        when the fold does not know it)."""
         awaiting = self.awaiting.get(event_id)
-        return awaiting.verdict if awaiting is not None else Verdict.ADMIT
+        if awaiting is not None:
+            return awaiting.verdict
+        return self.settled.get(event_id, Verdict.ADMIT)
 
     def _received(self, seq: int, event: MessageReceived) -> None:
         # A second stored copy of the same event keeps the first one's place.
-        if event.event_id in self.answered or event.event_id in self.awaiting:
+        if event.event_id in self.settled or event.event_id in self.awaiting:
             return
         if not self.needs_outcome(event):
             return
         is_event = isinstance(event.payload, WeComEventPayload)
         verdict = self.gate.verdict(event.from_user, at=event.create_time, is_event=is_event)
         if verdict is Verdict.SILENT:
-            self._remember(event.event_id)
-            _bounded_add(self.silenced, event.event_id, self.remember)
+            self._settle(event.event_id, Verdict.SILENT)
             return
         text = event.payload.content if isinstance(event.payload, TextPayload) else None
         self.awaiting[event.event_id] = Awaiting(seq, text, verdict)
@@ -118,7 +118,7 @@ class Conversation:
         cause = event.causation_id
         received = self.awaiting.pop(cause, None) if cause is not None else None
         if cause is not None:
-            self._remember(cause)
+            self._settle(cause, Verdict.ADMIT)
         if isinstance(event, ConversationReset):
             self.turns.clear()
         elif (
@@ -129,15 +129,11 @@ class Conversation:
         ):
             self.turns.append(Turn(received.text, event.text))
 
-    def _remember(self, event_id: str) -> None:
-        _bounded_add(self.answered, event_id, self.remember)
-
-
-def _bounded_add(ids: OrderedDict[str, None], event_id: str, limit: int) -> None:
-    ids[event_id] = None
-    ids.move_to_end(event_id)
-    while len(ids) > limit:
-        ids.popitem(last=False)
+    def _settle(self, event_id: str, verdict: Verdict) -> None:
+        self.settled[event_id] = verdict
+        self.settled.move_to_end(event_id)
+        while len(self.settled) > self.remember:
+            self.settled.popitem(last=False)
 
 
 def fold(
@@ -193,7 +189,7 @@ def plan(
     nobody will answer it), or ``ignore_order`` (our last delivery: an answer without
     that turn beats none).
     """
-    if conv.has_outcome(event_id):
+    if conv.is_settled(event_id):
         return Done()
     if seq > conv.last_seq:
         return Blocked(event_id, 0)  # a lagging read: our own message is not visible yet
