@@ -93,7 +93,8 @@ class ProcessService:
 
     async def terminate(self, timeout: float = 15.0) -> int:
         if self.proc.poll() is None:
-            os.kill(self.service_pid(self.proc), signal.SIGTERM)
+            with contextlib.suppress(ProcessLookupError):  # it ended meanwhile
+                os.kill(self.service_pid(self.proc), signal.SIGTERM)
         try:
             return await asyncio.to_thread(self.proc.wait, timeout)
         except subprocess.TimeoutExpired:
