@@ -1,6 +1,6 @@
 """`wecombot dev` as a child process, for the tests that drive it as a user would
 (tests/e2e/test_dev.py, tests/browser): a bare environment, its output collected, and a
-SIGTERM stop under a deadline."""
+SIGTERM or Ctrl-C stop under a deadline."""
 
 from __future__ import annotations
 
@@ -68,17 +68,23 @@ class DevProcess:
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
+            start_new_session=True,  # its own process group, as a shell gives a command
         )
         self.out = Output(self.proc)
 
-    def stop(self, timeout: float = 10.0) -> int:
-        """SIGTERM (as Ctrl-C or Kubernetes would); the exit code. Still running after
-        ``timeout``: killed, and AssertionError (with the output's tail)."""
-        self.proc.send_signal(signal.SIGTERM)
+    def stop(self, timeout: float = 10.0, *, group_signal: signal.Signals | None = None) -> int:
+        """SIGTERM (as Kubernetes or ``kill`` would), or ``group_signal`` to the whole
+        process group (a terminal's Ctrl-C: SIGINT; the terminal closed: SIGHUP); the exit
+        code. Still running after ``timeout``: killed, and AssertionError (with the
+        output's tail)."""
+        if group_signal is not None:
+            os.killpg(self.proc.pid, group_signal)
+        else:
+            self.proc.send_signal(signal.SIGTERM)
         try:
             return self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired as exc:
-            self.proc.kill()
+            os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
             raise AssertionError(
                 f"wecombot dev still running {timeout:g}s after SIGTERM (killed):\n"

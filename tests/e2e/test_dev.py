@@ -8,6 +8,7 @@ within 10 s on SIGTERM.
 from __future__ import annotations
 
 import json
+import signal
 from pathlib import Path
 
 import httpx
@@ -61,3 +62,27 @@ def test_dev_runs_the_whole_system_with_no_settings(tmp_path: Path) -> None:
         code = dev.stop(timeout=10)  # fails if it takes longer
     assert code == 0
     out.wait_for(r"\[dev\]\s+stopped")
+
+
+@pytest.mark.parametrize("group_signal", [signal.SIGINT, signal.SIGHUP], ids=["ctrl-c", "hangup"])
+def test_a_terminal_stops_every_service_before_the_nats_server(
+    tmp_path: Path, group_signal: signal.Signals
+) -> None:
+    """A terminal's Ctrl-C (or closing it) signals the whole process group, the embedded
+    nats-server included: the services must still drain against it, nothing be killed."""
+    gateway_port = free_port()
+    dev = DevProcess(tmp_path, GATEWAY_PORT=str(gateway_port), WECOMBOT_HEALTH_PORT="0")
+    out = dev.out
+    try:
+        for started in ("gateway.ready", "llm.started", "sender.started", "token.started"):
+            out.wait_for(rf'"{started}"')
+    finally:
+        code = dev.stop(timeout=15, group_signal=group_signal)
+    assert code == 0, out.tail()
+    for service in ("gateway", "llm", "sender", "token"):
+        out.wait_for(rf'"{service}.stopped"', timeout=1)
+    out.wait_for(r"\[dev\]\s+stopped", timeout=1)
+    text = "".join(out.lines)
+    assert "did not stop in time" not in text
+    assert "exited with code" not in text
+    assert "nats.disconnected" not in text, "a service lost NATS before it had stopped"

@@ -232,7 +232,8 @@ async def run(env: dict[str, str]) -> int:
     side_tasks: list[asyncio.Task[None]] = []
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    # SIGHUP: the terminal was closed. Each stops the services, then the nats-server.
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         loop.add_signal_handler(sig, stop.set)
     try:
         if not env.get("NATS_URL"):
@@ -240,6 +241,7 @@ async def run(env: dict[str, str]) -> int:
                 data_dir / "nats",
                 port=4222 if _port_free(4222) else -1,
                 log_file=data_dir / "nats-server.log",
+                own_session=True,  # Ctrl-C reaches only us: it stops after the services
             )
             await asyncio.to_thread(nats_server.start)
             env["NATS_URL"] = nats_server.url

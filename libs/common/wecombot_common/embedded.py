@@ -50,7 +50,12 @@ class EmbeddedNats:
         monitor_port: int = -1,
         config_file: Path | None = None,
         log_file: Path | None = None,
+        own_session: bool = False,
     ) -> None:
+        """``own_session``: start the server outside our process group, so that a
+        terminal's Ctrl-C (SIGINT to the whole group) does not stop it before the
+        clients that still need it; the owner then stops it last (``wecombot dev``)."""
+        self.own_session = own_session
         self.store_dir = store_dir
         self.host = host
         self.port = port
@@ -93,7 +98,9 @@ class EmbeddedNats:
             cmd += ["-c", str(self.config_file)]
         out = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL  # noqa: SIM115
         try:
-            self.process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)  # noqa: S603
+            self.process = subprocess.Popen(  # noqa: S603
+                cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=self.own_session
+            )
         finally:
             if out is not subprocess.DEVNULL:
                 out.close()  # type: ignore[union-attr]
