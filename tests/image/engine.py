@@ -64,7 +64,8 @@ class Container:
     name: str
 
     def argv(self, args: Sequence[str], env: Mapping[str, str]) -> list[str]:
-        """``buildah run`` of ``args`` with exactly ``env`` (nothing of the host's)."""
+        """``buildah run`` of ``args``: the image's environment plus ``env``, nothing of the
+        host's."""
         flags = [f"--env={key}={value}" for key, value in env.items()]
         return [*self.buildah.cmd, "run", "--isolation", "chroot", *flags, self.name, "--", *args]
 

@@ -60,9 +60,9 @@ def built() -> Iterator[Built]:
         _missing(reason)
     buildah = Buildah()
     base = buildah.base(_official_base())
-    BASES.append(base.description)
     tag = f"localhost/wecombot-test:{uuid.uuid4().hex[:12]}"
-    buildah.build(ROOT, tag, build_args={"PYTHON_IMAGE": base.image})
+    seconds = buildah.build(ROOT, tag, build_args={"PYTHON_IMAGE": base.image})
+    BASES.append(f"{base.description}; the image built in {seconds:.0f} s")
     try:
         yield Built(buildah, tag, base)
     finally:
