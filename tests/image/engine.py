@@ -165,7 +165,7 @@ class Buildah:
                 self.out("rm", container)
 
     def build(self, context: Path, tag: str, *, build_args: Mapping[str, str]) -> float:
-        """``docker build`` of ``context``'s Dockerfile; the seconds it took."""
+        """``buildah bud`` (``docker build``) of ``context``'s Dockerfile; the seconds taken."""
         args = [f"--build-arg={key}={value}" for key, value in build_args.items()]
         # Build steps reach PyPI through the host's network and trust its CA bundle.
         volumes = [f"--volume={_CA_BUNDLE}:{_CA_BUNDLE}:ro"] if _CA_BUNDLE.is_file() else []
