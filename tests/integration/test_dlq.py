@@ -179,6 +179,13 @@ async def test_an_empty_dlq_and_an_unreachable_broker(
     assert "pw-never-shown" not in err and "admin" not in err
 
 
+async def test_no_dlq_stream_yet_is_said_plainly(nats_server: NatsHandle) -> None:
+    """Before any service (or `wecombot setup`) has created the streams."""
+    expected = "wecombot dlq: the stream WECOMBOT_DLQ does not exist\n"
+    for argv in ((), ("show", "1"), ("replay", "1")):
+        assert await _dlq(nats_server.url, *argv) == (1, "", expected), argv
+
+
 def _wecombot(*argv: str, url: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "NATS_URL": url}
     return subprocess.run(

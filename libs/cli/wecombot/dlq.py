@@ -100,6 +100,7 @@ CLIENT_NAME = "wecombot-dlq"
 _TIMEOUT_S = 10.0
 _REASON_WIDTH = 60
 _SUBJECT_WIDTH = 44
+_NO_MESSAGE = 10037  # JetStream's "no message found"; 10059 is "stream not found"
 
 
 @dataclass(frozen=True)
@@ -202,10 +203,13 @@ async def read_dead_letters(
 
 
 async def read_dead_letter(js: JetStreamContext, seq: int) -> DeadLetter | None:
+    """Dead letter ``seq`` (None: no such message; NotFoundError: no such stream)."""
     try:
         return DeadLetter.of(await js.get_msg(topology.DEAD_LETTER_STREAM, seq))
-    except nats.js.errors.NotFoundError:
-        return None
+    except nats.js.errors.NotFoundError as exc:
+        if exc.err_code == _NO_MESSAGE:
+            return None
+        raise
 
 
 async def replay(js: JetStreamContext, seq: int) -> tuple[bool, str]:
