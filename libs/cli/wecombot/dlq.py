@@ -258,7 +258,6 @@ async def _redeliver(js: JetStreamContext, seq: int, parked: Event) -> tuple[boo
 
 async def _requeue(js: JetStreamContext, seq: int, parked: Event) -> tuple[bool, str]:
     """Requeue a reply the sender gave up on (or a requeue whose round failed too)."""
-    # A reply, or the requeue of one whose second round failed too.
     if isinstance(parked, Outcome):
         reply_id = parked.event_id
     elif isinstance(parked, ReplyRequeued):
@@ -354,8 +353,8 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="wecombot dlq",
         description=(
-            "List the dead-lettered messages (WECOMBOT_DLQ), show one, or deliver a reply "
-            "the sender gave up on again."
+            "List the dead-lettered messages (WECOMBOT_DLQ), show one, or hand one back "
+            "to its consumer (the llm answers the message, the sender delivers the reply)."
         ),
     )
     _options(parser, listing=True, defaults=True)
