@@ -20,6 +20,7 @@ import nats
 import pytest
 from nats.aio.client import Client as NATS
 from nats.js.api import KeyValueConfig
+from prometheus_client import REGISTRY
 
 from tests.conftest import NatsHandle, free_port
 from tests.waiting import eventually
@@ -446,10 +447,19 @@ async def test_a_malformed_request_gets_a_400_and_the_service_goes_on(
             (TOKEN_GET, b'{"token": "x"}', "not a TokenRequest"),  # no app
             (TOKEN_INVALIDATE, msgspec.json.encode(TokenRequest(app=APP)), "needs the token"),
         ]
+        before = {e: _bad_requests(e) for e in ("get", "invalidate")}
         for subject, data, reason in cases:
             msg = await nc.request(subject, data, timeout=5)
             assert msg.headers is not None
             assert msg.headers.get("Nats-Service-Error-Code") == "400", subject
             assert reason in msg.headers.get("Nats-Service-Error", "")
+        # Counted where Prometheus sees them (this process runs the service).
+        assert _bad_requests("get") - before["get"] == 2
+        assert _bad_requests("invalidate") - before["invalidate"] == 1
         assert await TokenClient(nc).get(APP)
         assert sim.gettoken_calls == 1
+
+
+def _bad_requests(endpoint: str) -> float:
+    labels = {"endpoint": endpoint, "result": "bad_request"}
+    return REGISTRY.get_sample_value("wecombot_token_requests_total", labels) or 0.0

@@ -117,7 +117,8 @@ TOKEN_FETCHES = Counter(
 TOKEN_REQUESTS = Counter(
     "wecombot_token_requests",
     "Token requests answered over NATS, by endpoint (get, invalidate) and result: ok, "
-    "the error kind the caller is told, or crashed (a bug: answered 500)",
+    "the error kind the caller is told, bad_request (a malformed request: answered 400) "
+    "or crashed (a bug: answered 500)",
     ["endpoint", "result"],
 )
 

@@ -75,7 +75,7 @@ class TokenEndpoints:
             task.cancel()
 
     async def _get(self, req: Request) -> None:
-        request = await _decode(req)
+        request = await _decode(req, "get")
         if request is None:
             return
         reply = self._keeper.answer_now(request.app)
@@ -86,11 +86,11 @@ class TokenEndpoints:
         self._answer_later(req, "get", self._keeper.get(request.app))
 
     async def _invalidate(self, req: Request) -> None:
-        request = await _decode(req)
+        request = await _decode(req, "invalidate")
         if request is None:
             return
         if request.token is None:
-            await req.respond_error("400", "invalidate needs the token WeCom rejected")
+            await _bad_request(req, "invalidate", "invalidate needs the token WeCom rejected")
             return
         self._answer_later(req, "invalidate", self._keeper.invalidate(request.app, request.token))
 
@@ -100,12 +100,18 @@ class TokenEndpoints:
         task.add_done_callback(self._waiting.discard)
 
 
-async def _decode(req: Request) -> TokenRequest | None:
+async def _decode(req: Request, endpoint: str) -> TokenRequest | None:
     try:
         return _decoder.decode(req.data)
     except msgspec.DecodeError as exc:
-        await req.respond_error("400", f"not a TokenRequest: {exc}")
+        await _bad_request(req, endpoint, f"not a TokenRequest: {exc}")
         return None
+
+
+async def _bad_request(req: Request, endpoint: str, why: str) -> None:
+    """A caller's bug: answered 400 (nats.micro's error headers), counted, not retried."""
+    TOKEN_REQUESTS.labels(endpoint, "bad_request").inc()
+    await req.respond_error("400", why)
 
 
 def _count(endpoint: str, reply: TokenReply) -> None:
