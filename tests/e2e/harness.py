@@ -41,6 +41,11 @@ def host_python(args: Sequence[str], env: Mapping[str, str]) -> tuple[list[str],
     return [sys.executable, "-m", "wecombot", *args], {**os.environ, **env}
 
 
+def own_pid(proc: subprocess.Popen[bytes]) -> int:
+    """The started process is the service itself (no launcher wraps it)."""
+    return proc.pid
+
+
 def service(
     name: str,
 ) -> tuple[Callable[[Mapping[str, str]], Any], Callable[..., Awaitable[None]]]:
@@ -83,7 +88,7 @@ class ProcessService:
     proc: subprocess.Popen[bytes]
     log_path: Path
     # The process SIGTERM is for: the service itself, not a launcher wrapping it.
-    service_pid: Callable[[subprocess.Popen[bytes]], int] = field(default=lambda p: p.pid)
+    service_pid: Callable[[subprocess.Popen[bytes]], int] = own_pid
 
     def kill(self) -> None:
         """SIGKILL, as a crash or an OOM kill would."""
@@ -114,7 +119,7 @@ class Stack:
     services: list[InProcessService | ProcessService] = field(default_factory=list)
     http: httpx.AsyncClient = field(init=False)
     launcher: Launcher = host_python
-    service_pid: Callable[[subprocess.Popen[bytes]], int] = field(default=lambda p: p.pid)
+    service_pid: Callable[[subprocess.Popen[bytes]], int] = own_pid
 
     def __post_init__(self) -> None:
         token = generate_token()
