@@ -23,7 +23,7 @@ from nats.js.api import KeyValueConfig
 from prometheus_client import REGISTRY
 
 from tests.conftest import NatsHandle, free_port
-from tests.waiting import eventually
+from tests.waiting import eventually, until
 from wecombot_common.sim.wecom_api import SimulatedWeComApi
 from wecombot_common.tokens import (
     TokenClient,
@@ -463,3 +463,45 @@ async def test_a_malformed_request_gets_a_400_and_the_service_goes_on(
 def _bad_requests(endpoint: str) -> float:
     labels = {"endpoint": endpoint, "result": "bad_request"}
     return REGISTRY.get_sample_value("wecombot_token_requests_total", labels) or 0.0
+
+
+class LogEvents(logging.Handler):
+    """The structlog event names a stdlib logger emits, as they come."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.events: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if isinstance(record.msg, dict):
+            self.events.append(str(record.msg.get("event")))
+
+
+@pytest.mark.usefixtures("restore_logging")
+async def test_a_stopping_instance_answers_the_callers_waiting_for_its_refresh(
+    nats_server: NatsHandle, sim: SimulatedWeComApi
+) -> None:
+    # The first gettoken is held inside WeCom, so the caller waits on the refresh. The
+    # instance is told to stop; only once it has stopped taking requests and begun its
+    # grace does WeCom answer: the caller still gets the token.
+    held = sim.hold_gettoken(limit=1)
+    seen = LogEvents()
+    endpoints_log = logging.getLogger("wecombot_token.endpoints")
+    instance = Instance(settings_for(nats_server, sim))
+    await instance.start()
+    endpoints_log.addHandler(seen)
+    async with connections(nats_server, 1) as (nc,):
+        try:
+            caller = asyncio.create_task(ask(nc))
+            await held.wait_held()
+            instance.stop_event.set()
+            await until(lambda: "token.stop_grace" in seen.events, timeout=10, what="the grace")
+            held.release()
+            reply = await asyncio.wait_for(caller, 10)
+            assert reply.ok and reply.token is not None
+        finally:
+            held.release()
+            await instance.stop()
+            endpoints_log.removeHandler(seen)
+    assert "token.stop_unanswered" not in seen.events
+    assert sim.gettoken_calls == 1

@@ -70,8 +70,12 @@ class TokenEndpoints:
         if self._service is not None:
             await self._service.stop()
         if self._waiting:
+            log.info("token.stop_grace", waiting=len(self._waiting), grace_s=grace_s)
             await asyncio.wait(set(self._waiting), timeout=grace_s)
-        for task in set(self._waiting):
+        unanswered = [task for task in self._waiting if not task.done()]
+        if unanswered:
+            log.warning("token.stop_unanswered", cancelled=len(unanswered), grace_s=grace_s)
+        for task in unanswered:
             task.cancel()
 
     async def _get(self, req: Request) -> None:
