@@ -21,6 +21,7 @@ import pytest
 from nats.aio.client import Client as NATS
 from nats.js.api import KeyValueConfig
 from prometheus_client import REGISTRY
+from structlog.testing import capture_logs
 
 from tests.conftest import NatsHandle, free_port
 from tests.waiting import eventually, until
@@ -465,18 +466,6 @@ def _bad_requests(endpoint: str) -> float:
     return REGISTRY.get_sample_value("wecombot_token_requests_total", labels) or 0.0
 
 
-class LogEvents(logging.Handler):
-    """The structlog event names a stdlib logger emits, as they come."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.events: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if isinstance(record.msg, dict):
-            self.events.append(str(record.msg.get("event")))
-
-
 @pytest.mark.usefixtures("restore_logging")
 async def test_a_stopping_instance_answers_the_callers_waiting_for_its_refresh(
     nats_server: NatsHandle, sim: SimulatedWeComApi
@@ -485,23 +474,26 @@ async def test_a_stopping_instance_answers_the_callers_waiting_for_its_refresh(
     # instance is told to stop; only once it has stopped taking requests and begun its
     # grace does WeCom answer: the caller still gets the token.
     held = sim.hold_gettoken(limit=1)
-    seen = LogEvents()
-    endpoints_log = logging.getLogger("wecombot_token.endpoints")
     instance = Instance(settings_for(nats_server, sim))
     await instance.start()
-    endpoints_log.addHandler(seen)
     async with connections(nats_server, 1) as (nc,):
-        try:
-            caller = asyncio.create_task(ask(nc))
-            await held.wait_held()
-            instance.stop_event.set()
-            await until(lambda: "token.stop_grace" in seen.events, timeout=10, what="the grace")
-            held.release()
-            reply = await asyncio.wait_for(caller, 10)
-            assert reply.ok and reply.token is not None
-        finally:
-            held.release()
-            await instance.stop()
-            endpoints_log.removeHandler(seen)
-    assert "token.stop_unanswered" not in seen.events
+        with capture_logs() as logs:
+            try:
+                caller = asyncio.create_task(ask(nc))
+                await held.wait_held()
+                instance.stop_event.set()
+                await until(
+                    lambda: any(e["event"] == "token.stop_grace" for e in logs),
+                    timeout=10,
+                    what="the stopping instance's grace",
+                )
+                held.release()
+                reply = await asyncio.wait_for(caller, 10)
+                assert reply.ok and reply.token is not None
+            finally:
+                held.release()
+                await instance.stop()
+    [grace] = [e for e in logs if e["event"] == "token.stop_grace"]
+    assert grace["waiting"] == 1
+    assert not [e for e in logs if e["event"] == "token.stop_unanswered"]
     assert sim.gettoken_calls == 1
