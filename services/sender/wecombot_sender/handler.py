@@ -336,10 +336,16 @@ class ReplySender:
         # accepted and died before recording it.
         again = job.delivery.num_delivered > 1 or bool(job.requeued_by)
         maybe_sent = again and index == job.first_index
+        checkable: bool | None = None  # whether the check can tell a repeat (asked once)
         while True:
             # ... or our hold on the message lapsed: another replica may be sending it now.
             maybe_sent = maybe_sent or job.delivery.lapsed
-            check = await self._duplicate_check(job, state, index) if maybe_sent else None
+            check = None
+            if maybe_sent:
+                if checkable is None:
+                    checkable = await self._checkable(job, state, index)
+                if checkable:
+                    check = self._check_interval(job, state)
             try:
                 msgid = await self._api.send_text(
                     token, job.reply.conversation, job.parts[index], duplicate_check_s=check
@@ -376,13 +382,19 @@ class ReplySender:
             log.info("sender.part_sent", index=index, total=len(job.parts), wecom_msgid=msgid)
             return msgid
 
-    async def _duplicate_check(self, job: _Job, state: ConversationState, index: int) -> int | None:
-        """WeCom's duplicate_check_interval for re-sending ``index``, or None to skip the
-        check: when the user's last recorded message is this very text, WeCom could not
-        tell a repeat of it from our unrecorded send, and dropping it would lose it."""
+    async def _checkable(self, job: _Job, state: ConversationState, index: int) -> bool:
+        """Whether re-sending ``index`` may ask WeCom's duplicate check. Not when the
+        user's last recorded message is this very text: WeCom could not tell a repeat of
+        it from our unrecorded send, and dropping it would lose it."""
         if await self._last_recorded_text(job, state) == job.parts[index]:
             log.info("sender.duplicate_check_skipped", index=index)
-            return None
+            return False
+        return True
+
+    @staticmethod
+    def _check_interval(job: _Job, state: ConversationState) -> int:
+        """WeCom's duplicate_check_interval now: back to the last recorded send, or to
+        the reply if none was recorded since (it grows as a send is retried)."""
         since = max([job.reply.occurred_at, *state.recent_sends[-1:]])
         return duplicate_check_interval(since, utcnow())
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import httpx
 import pytest
 from nats.js import JetStreamContext
+from structlog.testing import capture_logs
 
 from tests.integration.sender.harness import AGENT, APP, CORP, LONG, SECRET, System
 from wecombot_common import topology
@@ -114,14 +115,18 @@ async def test_identical_replies_are_all_delivered(system: System) -> None:
     await system.log.until_finished(first.event_id)
     second = await system.reply("polite", "好的")  # a fresh send: no check asked
     await system.log.until_finished(second.event_id)
-    # The next send may have gone through before the 502, so its retry would ask for the
-    # check; but the user's last message is this very text, and the check could not tell
-    # a repeat of it from our own unrecorded send: skipped rather than risk losing it.
-    system.sim.fail_sends_http(502)
-    third = await system.reply("polite", "好的")
-    await system.log.until_finished(third.event_id)
+    # The next send may have gone through before the 502, so its retries would ask for
+    # the check; but the user's last message is this very text, and the check could not
+    # tell a repeat of it from our own unrecorded send: skipped rather than risk losing
+    # it. Decided once for the part (it reads the earlier reply), not once per retry.
+    system.sim.fail_sends_http(502, times=3)
+    with capture_logs() as logs:
+        third = await system.reply("polite", "好的")
+        await system.log.until_finished(third.event_id)
     assert system.sim.messages_to("polite") == ["好的", "好的", "好的"]
     assert system.sim.duplicates == []
+    assert [e["retry"] for e in logs if e["event"] == "sender.send_retry"] == [1, 2, 3]
+    assert [e["event"] for e in logs].count("sender.duplicate_check_skipped") == 1
 
 
 async def test_a_retry_after_a_lost_answer_is_dropped_as_a_duplicate(system: System) -> None:
