@@ -38,6 +38,14 @@ class NatsHandle:
         assert self._server is not None, "kill needs the embedded server"
         self._server.kill()
 
+    def pause(self) -> None:
+        assert self._server is not None, "pause needs the embedded server"
+        self._server.pause()
+
+    def resume(self) -> None:
+        assert self._server is not None, "resume needs the embedded server"
+        self._server.resume()
+
     def start(self) -> None:
         assert self._server is not None
         self._server.start()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import subprocess
 import sysconfig
 import time
@@ -135,6 +136,7 @@ class EmbeddedNats:
         """SIGTERM (clean shutdown: JetStream flushes its store), SIGKILL after timeout."""
         if self.process is None or self.process.poll() is not None:
             return
+        self.process.send_signal(signal.SIGCONT)  # a paused server must see the SIGTERM
         self.process.terminate()
         try:
             self.process.wait(timeout)
@@ -147,6 +149,16 @@ class EmbeddedNats:
         if self.process is not None and self.process.poll() is None:
             self.process.kill()
             self.process.wait()
+
+    def pause(self) -> None:
+        """SIGSTOP: connections stay open, nothing is read or answered (a hung server)."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """SIGCONT after :meth:`pause`."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGCONT)
 
     def __enter__(self) -> EmbeddedNats:
         self.start()
