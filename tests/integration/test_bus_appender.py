@@ -108,3 +108,39 @@ async def test_no_pub_ack_in_time_is_unavailable_and_close_fails_what_waits(
         assert (await fresh.append(reply("a", "z"), msg_id="k3", timeout=5)).seq >= 1
     finally:
         await fresh.close()
+
+
+async def test_a_server_that_stops_reading_is_refused_at_once_and_loses_nothing(
+    nats_server: NatsHandle, nc: NATS, js: JetStreamContext
+) -> None:
+    # A hung server keeps the connection open and reads nothing: the socket fills, then
+    # nats-py's outgoing buffer. An append that would take that buffer past the limit is
+    # refused at once (the gateway answers 503, WeCom retries), not left waiting inside
+    # nats-py's publish for the socket; the appends already published are not lost.
+    await ensure_topology(js, NatsSettings.read(EnvReader({})))
+    appender = await PipelinedAppender.start(nc, pending_limit=256 * 1024)
+    text = "x" * 60_000
+    published: list[asyncio.Task[Appended]] = []
+    nats_server.pause()
+    try:
+        async with asyncio.timeout(30):
+            while True:
+                task = asyncio.create_task(
+                    appender.append(reply("a", text), msg_id=f"k{len(published)}", timeout=120)
+                )
+                await asyncio.sleep(0)  # it runs to its PubAck wait, or is refused
+                if task.done():
+                    break
+                published.append(task)
+        with pytest.raises(AppendUnavailable, match="NATS is not taking writes"):
+            task.result()
+        assert nc.pending_data_size <= 256 * 1024
+        assert appender.in_flight == len(published) > 0
+    finally:
+        nats_server.resume()
+    async with asyncio.timeout(30):
+        results = await asyncio.gather(*published)
+    assert sorted(r.seq for r in results) == list(range(1, len(published) + 1))
+    again = await appender.append(reply("a", "after"), msg_id="after", timeout=5)
+    assert again.seq == len(published) + 1
+    await appender.close()
