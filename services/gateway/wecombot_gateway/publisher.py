@@ -40,8 +40,8 @@ class JetStreamPublisher:
     async def append(self, event: MessageReceived, *, msg_id: str) -> Appended:
         # nats-py buffers publishes while it reconnects, so the PubAck deadline, not the
         # connection state, decides between 200 and 503 (shared/nats/FACTS.md). The
-        # deadline covers the publish too (a full reconnect buffer is flushed first), so
-        # WeCom (5 s) hears 503 in time and retries.
+        # publish itself does not wait (the appender refuses at once what nats-py's full
+        # buffer would hold up), so WeCom (5 s) hears 503 in time and retries.
         return await self._appender.append(event, msg_id=msg_id, timeout=self._timeout_s)
 
 
