@@ -424,6 +424,30 @@ async def test_503_while_nats_is_down_then_recovers_without_restart(
     assert sorted(e.msg_id or "" for e in await gateway.events()) == ["1", "2"]
 
 
+async def test_503_while_nats_hangs_then_the_retry_finds_it_stored_once(
+    gateway: Gateway, nats_server: NatsHandle
+) -> None:
+    # A hung server (SIGSTOP): the connection stays up, nothing is answered. The append
+    # went out but its PubAck does not come: 503, and WeCom retries. Once the server
+    # runs again it stores what it was sent; the retry is deduplicated against it.
+    assert (await gateway.send(post(text_message("1")))).status == 200
+    nats_server.pause()
+    try:
+        with capture_logs() as logs:
+            hung = await gateway.send(post(text_message("2")))
+    finally:
+        nats_server.resume()
+    assert hung.status == 503
+    [rejected] = rejections(logs)
+    assert "no PubAck within 0.5s" in rejected["reason"]
+
+    async def accepted() -> bool:
+        return (await gateway.send(post(text_message("2")))).status == 200
+
+    await until(accepted, timeout=20, what="WeCom's retry answered 200")
+    assert [event.msg_id for event, _, _ in await gateway.stored()] == ["1", "2"]
+
+
 # ---------------------------------------------------------------- the Publisher port
 
 
