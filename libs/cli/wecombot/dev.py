@@ -216,6 +216,39 @@ async def start_console(
     return console
 
 
+def check_health_port(env: Mapping[str, str]) -> None:
+    """``WECOMBOT_HEALTH_PORT`` names one port; dev runs three services that serve one
+    each (8081-8083), so only unset or 0 (off) make sense here.
+
+    >>> check_health_port({"WECOMBOT_HEALTH_PORT": "9000"})
+    Traceback (most recent call last):
+    ...
+    ValueError: WECOMBOT_HEALTH_PORT=9000 would give llm, sender and token one port: \
+leave it unset (8081, 8082, 8083) or set it to 0 (off)
+    """
+    value = env.get("WECOMBOT_HEALTH_PORT", "")
+    if value not in ("", "0"):
+        raise ValueError(
+            f"WECOMBOT_HEALTH_PORT={value} would give llm, sender and token one port: leave "
+            "it unset (8081, 8082, 8083) or set it to 0 (off)"
+        )
+
+
+def _metrics_urls(env: Mapping[str, str], gateway_port: str) -> str:
+    """Where each service serves GET /metrics (docs/deploy.md, Metrics).
+
+    >>> _metrics_urls({}, "8080")
+    'http://127.0.0.1:8080/metrics (gateway), :8081 (llm), :8082 (sender), :8083 (token)'
+    >>> _metrics_urls({"WECOMBOT_HEALTH_PORT": "0"}, "8080")
+    'http://127.0.0.1:8080/metrics (gateway; the others are off: WECOMBOT_HEALTH_PORT=0)'
+    """
+    gateway = f"http://127.0.0.1:{gateway_port}/metrics"
+    if env.get("WECOMBOT_HEALTH_PORT") == "0":
+        return f"{gateway} (gateway; the others are off: WECOMBOT_HEALTH_PORT=0)"
+    others = ", ".join(f":{port} ({name})" for name, port in HEALTH_PORTS.items())
+    return f"{gateway} (gateway), {others}"
+
+
 async def run(env: dict[str, str]) -> int:
     data_dir = Path(env.get("WECOMBOT_DATA_DIR") or "./.wecombot")
     env.setdefault("LOG_FORMAT", "console")
@@ -324,36 +357,3 @@ def main(environ: Mapping[str, str]) -> int:
 
 if __name__ == "__main__":
     sys.exit(main(os.environ))
-
-
-def check_health_port(env: Mapping[str, str]) -> None:
-    """``WECOMBOT_HEALTH_PORT`` names one port; dev runs three services that serve one
-    each (8081-8083), so only unset or 0 (off) make sense here.
-
-    >>> check_health_port({"WECOMBOT_HEALTH_PORT": "9000"})
-    Traceback (most recent call last):
-    ...
-    ValueError: WECOMBOT_HEALTH_PORT=9000 would give llm, sender and token one port: \
-leave it unset (8081, 8082, 8083) or set it to 0 (off)
-    """
-    value = env.get("WECOMBOT_HEALTH_PORT", "")
-    if value not in ("", "0"):
-        raise ValueError(
-            f"WECOMBOT_HEALTH_PORT={value} would give llm, sender and token one port: leave "
-            "it unset (8081, 8082, 8083) or set it to 0 (off)"
-        )
-
-
-def _metrics_urls(env: Mapping[str, str], gateway_port: str) -> str:
-    """Where each service serves GET /metrics (docs/deploy.md, Metrics).
-
-    >>> _metrics_urls({}, "8080")
-    'http://127.0.0.1:8080/metrics (gateway), :8081 (llm), :8082 (sender), :8083 (token)'
-    >>> _metrics_urls({"WECOMBOT_HEALTH_PORT": "0"}, "8080")
-    'http://127.0.0.1:8080/metrics (gateway; the others are off: WECOMBOT_HEALTH_PORT=0)'
-    """
-    gateway = f"http://127.0.0.1:{gateway_port}/metrics"
-    if env.get("WECOMBOT_HEALTH_PORT") == "0":
-        return f"{gateway} (gateway; the others are off: WECOMBOT_HEALTH_PORT=0)"
-    others = ", ".join(f":{port} ({name})" for name, port in HEALTH_PORTS.items())
-    return f"{gateway} (gateway), {others}"
