@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import free_port
 from tests.waiting import until
@@ -34,6 +35,23 @@ AGENT_ID = 1000002
 # How a service process is started: its argv and environment from ``wecombot`` arguments
 # and the stack's settings. tests/image starts them from the built image instead.
 Launcher = Callable[[Sequence[str], Mapping[str, str]], tuple[list[str], dict[str, str]]]
+
+
+# One scrape of GET /metrics: (sample name, its labels) → value.
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+def sample_key(name: str, **labels: str) -> tuple[str, frozenset[tuple[str, str]]]:
+    return name, frozenset(labels.items())
+
+
+def samples_of(scrape: str) -> Samples:
+    """A Prometheus text scrape, parsed by prometheus_client's own parser."""
+    return {
+        sample_key(sample.name, **sample.labels): sample.value
+        for family in text_string_to_metric_families(scrape)
+        for sample in family.samples
+    }
 
 
 def host_python(args: Sequence[str], env: Mapping[str, str]) -> tuple[list[str], dict[str, str]]:

@@ -13,16 +13,13 @@ from pathlib import Path
 
 import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import NatsHandle
-from tests.e2e.harness import Stack
+from tests.e2e.harness import Samples, Stack, sample_key, samples_of
 from tests.waiting import until
 from wecombot_common.topology import LLM_CONSUMER, SENDER_CONSUMER
 
 pytestmark = pytest.mark.e2e
-
-Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
 
 @pytest.fixture
@@ -35,19 +32,11 @@ async def stack(nats_server: NatsHandle, tmp_path: Path) -> AsyncIterator[Stack]
 async def _scrape(stack: Stack) -> tuple[httpx.Response, Samples]:
     response = await stack.http.get(f"http://127.0.0.1:{stack.gateway_port}/metrics")
     assert response.status_code == 200, response.text
-    samples: Samples = {}
-    for family in text_string_to_metric_families(response.text):
-        for sample in family.samples:
-            samples[(sample.name, frozenset(sample.labels.items()))] = sample.value
-    return response, samples
-
-
-def _key(name: str, **labels: str) -> tuple[str, frozenset[tuple[str, str]]]:
-    return name, frozenset(labels.items())
+    return response, samples_of(response.text)
 
 
 def _value(samples: Samples, name: str, **labels: str) -> float:
-    return samples.get(_key(name, **labels), 0.0)
+    return samples.get(sample_key(name, **labels), 0.0)
 
 
 async def test_counters_move_with_a_reply_and_a_refusal(stack: Stack) -> None:
@@ -60,17 +49,17 @@ async def test_counters_move_with_a_reply_and_a_refusal(stack: Stack) -> None:
     assert (await stack.post(forged)).status_code == 403
 
     expected: Samples = {
-        _key("wecombot_gateway_callbacks_total", result="stored"): 1,
-        _key("wecombot_gateway_callbacks_total", result="refused"): 1,
-        _key("wecombot_gateway_refusals_total", status="403", reason="SignatureError"): 1,
-        _key("wecombot_llm_outcomes_total", outcome="ReplyGenerated"): 1,
-        _key("wecombot_llm_model_seconds_count", result="answered"): 1,
-        _key("wecombot_sender_parts_total", result="sent"): 1,
-        _key("wecombot_sender_replies_total", result="delivered"): 1,
-        _key("wecombot_worker_settled_total", consumer=LLM_CONSUMER, result="acked"): 1,
-        _key("wecombot_worker_settled_total", consumer=SENDER_CONSUMER, result="acked"): 1,
-        _key("wecombot_token_fetches_total", result="ok"): 1,
-        _key("wecombot_token_requests_total", endpoint="get", result="ok"): 1,
+        sample_key("wecombot_gateway_callbacks_total", result="stored"): 1,
+        sample_key("wecombot_gateway_callbacks_total", result="refused"): 1,
+        sample_key("wecombot_gateway_refusals_total", status="403", reason="SignatureError"): 1,
+        sample_key("wecombot_llm_outcomes_total", outcome="ReplyGenerated"): 1,
+        sample_key("wecombot_llm_model_seconds_count", result="answered"): 1,
+        sample_key("wecombot_sender_parts_total", result="sent"): 1,
+        sample_key("wecombot_sender_replies_total", result="delivered"): 1,
+        sample_key("wecombot_worker_settled_total", consumer=LLM_CONSUMER, result="acked"): 1,
+        sample_key("wecombot_worker_settled_total", consumer=SENDER_CONSUMER, result="acked"): 1,
+        sample_key("wecombot_token_fetches_total", result="ok"): 1,
+        sample_key("wecombot_token_requests_total", endpoint="get", result="ok"): 1,
     }
 
     async def caught_up() -> bool:

@@ -14,10 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import NatsHandle, free_port
-from tests.e2e.harness import AGENT_ID, CORP_ID, Stack
+from tests.e2e.harness import AGENT_ID, CORP_ID, Stack, sample_key, samples_of
 from tests.waiting import until
 from wecombot_common import topology
 from wecombot_common.bus import read_conversation
@@ -195,10 +194,5 @@ async def test_separate_processes_two_llm_replicas_keep_order_without_duplicates
 async def _answers_counted(stack: Stack, port: int) -> int:
     """``wecombot_llm_outcomes_total{outcome="ReplyGenerated"}`` of one llm process."""
     response = await stack.http.get(f"http://127.0.0.1:{port}/metrics")
-    for family in text_string_to_metric_families(response.text):
-        for sample in family.samples:
-            if sample.name == "wecombot_llm_outcomes_total" and sample.labels == {
-                "outcome": "ReplyGenerated"
-            }:
-                return int(sample.value)
-    return 0
+    key = sample_key("wecombot_llm_outcomes_total", outcome="ReplyGenerated")
+    return int(samples_of(response.text).get(key, 0))
