@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -44,3 +48,17 @@ def test_model_label() -> None:
         "OPENAI_MODEL": "deepseek-chat",
     }
     assert model_label(deepseek) == ("deepseek-chat at api.deepseek.com", False)
+
+
+@pytest.mark.parametrize("argv", [["wecombot", "dev"], ["wecombot.dev"]], ids=["cli", "module"])
+def test_a_health_port_for_three_services_is_refused_before_anything_starts(
+    argv: list[str], tmp_path: Path
+) -> None:
+    """Both ways of starting it (the module as a script too) refuse WECOMBOT_HEALTH_PORT
+    with the reason and exit 2, before any server is started."""
+    env = {**os.environ, "WECOMBOT_HEALTH_PORT": "9000", "WECOMBOT_DATA_DIR": str(tmp_path)}
+    done = subprocess.run(
+        [sys.executable, "-m", *argv], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "WECOMBOT_HEALTH_PORT=9000 would give llm, sender and token one port" in done.stdout
