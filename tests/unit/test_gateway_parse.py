@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import given
+from aiohttp import web
+from aiohttp.test_utils import make_mocked_request
+from hypothesis import example, given
 from hypothesis import strategies as st
 from multidict import MultiDict
 
+from wecombot_common.bus import Appended
 from wecombot_common.errors import ConfigError
 from wecombot_common.events import (
     ImagePayload,
@@ -25,7 +29,9 @@ from wecombot_common.events import (
     decode_event,
     encode_event,
 )
+from wecombot_common.runtime import HealthServer
 from wecombot_common.topology import is_user_id
+from wecombot_gateway.app import create_app
 from wecombot_gateway.body import check_content_type, check_declared_length
 from wecombot_gateway.callback import CallbackQuery, check_fresh
 from wecombot_gateway.errors import (
@@ -498,6 +504,58 @@ def test_settings_read_every_variable() -> None:
 def test_settings_errors_name_the_variable(env: dict[str, str], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         GatewaySettings.from_env({**ENV, **env})
+
+
+async def _ready() -> tuple[bool, str]:
+    return True, "ready"
+
+
+# What the gateway serves itself, on the callback's port (create_app): /healthz, /readyz
+# and /metrics.
+OWN_PATHS = sorted(route.path for route in HealthServer("127.0.0.1", 0, _ready).routes())
+
+
+@pytest.mark.parametrize("path", OWN_PATHS)
+def test_the_callback_path_is_none_of_the_gateways_own(path: str) -> None:
+    """On /metrics the callback's URL check would answer every Prometheus scrape (400)."""
+    with pytest.raises(ConfigError, match=f"GATEWAY_CALLBACK_PATH must not be one of .*'{path}'"):
+        GatewaySettings.from_env({**ENV, "GATEWAY_CALLBACK_PATH": path})
+
+
+@pytest.mark.parametrize("path", ["/{tail:.*}", "/wecom/{", "/wecom/}", "/wecom/{app}/callback"])
+def test_the_callback_path_is_literal_not_a_route_pattern(path: str) -> None:
+    """'/{tail:.*}' would take /healthz and /readyz (the probes fail); '/wecom/{' made
+    create_app raise ValueError (exit 1, no setting named) instead of a ConfigError."""
+    with pytest.raises(ConfigError, match="GATEWAY_CALLBACK_PATH must be a literal path"):
+        GatewaySettings.from_env({**ENV, "GATEWAY_CALLBACK_PATH": path})
+
+
+class _NoPublisher:
+    async def append(self, event: MessageReceived, *, msg_id: str) -> Appended:
+        raise AssertionError("no callback is handled here")
+
+
+async def _resources_serving(app: web.Application, paths: list[str]) -> list[web.AbstractResource]:
+    matches = [await app.router.resolve(make_mocked_request("GET", p, app=app)) for p in paths]
+    return [match.route.resource for match in matches if match.route.resource is not None]
+
+
+@given(st.text(alphabet="/az.:*%-_~{}", max_size=12).map(lambda tail: f"/{tail}"))
+@example("/{tail:.*}")
+@example("/wecom/{")
+@example("/metrics")
+def test_an_accepted_callback_path_builds_the_app_and_leaves_its_own_routes(path: str) -> None:
+    """Whatever path the setting accepts, create_app builds (no ValueError: exit 1) and
+    /healthz, /readyz and /metrics still reach their own handlers."""
+    try:
+        settings = GatewaySettings.from_env({**ENV, "GATEWAY_CALLBACK_PATH": path})
+    except ConfigError:
+        return  # refused at start, with the setting named: exit 2
+    app = create_app(settings, _NoPublisher(), ready=_ready)
+    callback = {r for r in app.router.resources() if any(route.method == "POST" for route in r)}
+    serving = asyncio.run(_resources_serving(app, OWN_PATHS))
+    assert len(serving) == len(OWN_PATHS)
+    assert not callback.intersection(serving), f"{path!r} takes one of {OWN_PATHS}"
 
 
 def test_settings_report_every_problem_at_once() -> None:

@@ -10,9 +10,11 @@
 Variables (besides the shared WECOM_*, NATS_*, LOG_*):
 
 ``GATEWAY_HOST`` (0.0.0.0), ``GATEWAY_PORT`` (8080), ``GATEWAY_CALLBACK_PATH``
-(/wecom/callback), ``GATEWAY_TIMESTAMP_WINDOW`` (300 s either side; 0 disables the replay
-check), ``GATEWAY_MAX_BODY_BYTES`` (1 MiB), ``GATEWAY_PUBLISH_TIMEOUT`` (2 s: after that
-the callback is answered 503 and WeCom retries).
+(/wecom/callback; a literal path, no ``{}`` pattern, and none of the gateway's own
+/healthz, /readyz, /metrics), ``GATEWAY_TIMESTAMP_WINDOW`` (300 s either side; 0
+disables the replay check), ``GATEWAY_MAX_BODY_BYTES`` (1 MiB),
+``GATEWAY_PUBLISH_TIMEOUT`` (2 s: after that the callback is answered 503 and WeCom
+retries).
 """
 
 from __future__ import annotations
@@ -30,7 +32,9 @@ from wecombot_common.settings import (
 
 __all__ = ["GatewaySettings"]
 
-_RESERVED_PATHS = ("/healthz", "/readyz")
+# HealthServer's routes, which the gateway serves on the callback's own port (app.py): a
+# callback path equal to one would answer the probes or the Prometheus scrape instead.
+_RESERVED_PATHS = ("/healthz", "/readyz", "/metrics")
 # WeCom gives up on a callback after 5 s (https://developer.work.weixin.qq.com/document/path/90238);
 # waiting longer for a PubAck only answers a request nobody is listening to any more.
 _MAX_PUBLISH_TIMEOUT_S = 4.5
@@ -74,8 +78,14 @@ class GatewaySettings:
             f"got {path!r}",
         )
         env.check(
+            not any(c in path for c in "{}"),
+            "GATEWAY_CALLBACK_PATH must be a literal path, without '{' or '}' (aiohttp reads "
+            f"them as a route pattern: '/{{tail:.*}}' would answer the probes too), got {path!r}",
+        )
+        env.check(
             path not in _RESERVED_PATHS,
-            f"GATEWAY_CALLBACK_PATH must not be one of {', '.join(_RESERVED_PATHS)}",
+            f"GATEWAY_CALLBACK_PATH must not be one of {', '.join(_RESERVED_PATHS)} (the "
+            f"gateway serves them on the same port), got {path!r}",
         )
         window = env.integer(
             "GATEWAY_TIMESTAMP_WINDOW", cls.timestamp_window_s, minimum=0, maximum=86400
