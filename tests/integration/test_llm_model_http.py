@@ -2,25 +2,29 @@
 
 What the transport must keep from httpx's own pool: answers, timeouts and hang-ups
 reported as retryable failures with their real cause, many calls in flight on one pool,
-and the environment's HTTP proxy.
+and the environment's HTTP proxy. And what it must not let through: an attempt that
+outlasts LLM_REQUEST_TIMEOUT, an httpx error that escapes ``complete()``.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 
 import pytest
 
 from tests.conftest import free_port
 from wecombot_common.settings import Secret
 from wecombot_common.sim.openai_api import Fault, Messages, SimulatedOpenAIApi, echo_reply
-from wecombot_llm.model import ModelUnavailable, OpenAIChatModel
+from wecombot_llm.model import ModelRejected, ModelUnavailable, OpenAIChatModel
 from wecombot_llm.prompt import ChatMessage
 from wecombot_llm.settings import ModelSettings
 
 KEY = "sk-integration-model"
 HELLO = [ChatMessage("user", "你好")]
+ANSWER = b'{"choices":[{"message":{"content":"late answer"},"finish_reason":"stop"}]}'
+Handle = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
 
 def settings(base_url: str, **changes: object) -> ModelSettings:
@@ -48,6 +52,19 @@ async def failure(base_url: str, **changes: object) -> ModelUnavailable:
         await model.aclose()
     assert info.value.attempts == 1
     return info.value
+
+
+@asynccontextmanager
+async def raw_http(handle: Handle) -> AsyncIterator[str]:
+    """A loopback server whose every connection ``handle`` answers byte by byte: the
+    base URL for the model."""
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        server.close()
+        await server.wait_closed()
 
 
 @pytest.fixture
@@ -118,14 +135,114 @@ async def test_a_server_that_hangs_up_is_a_connection_error_not_a_timeout() -> N
         await reader.readuntil(b"\r\n\r\n")  # the request's head, then close unanswered
         writer.close()
 
-    server = await asyncio.start_server(hang_up, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    try:
-        failed = await failure(f"http://127.0.0.1:{port}/v1")
-    finally:
-        server.close()
-        await server.wait_closed()
+    async with raw_http(hang_up) as base_url:
+        failed = await failure(base_url)
     assert str(failed).startswith("connection error (ServerDisconnectedError")
+
+
+async def test_a_provider_sending_blank_lines_is_cut_off_at_the_request_timeout() -> None:
+    """DeepSeek keeps a busy non-streaming request alive with blank lines, for up to 30
+    minutes: LLM_REQUEST_TIMEOUT bounds the whole attempt, not the gap between reads."""
+    hung_up = asyncio.Event()
+    answered = False
+
+    async def trickle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal answered
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n")
+        writer.write(b"Transfer-Encoding: chunked\r\n\r\n")
+        try:
+            for _ in range(300):  # a blank line every 0.1 s for 30 s, then the answer
+                writer.write(b"1\r\n\n\r\n")
+                await writer.drain()
+                await asyncio.sleep(0.1)
+            writer.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(ANSWER), ANSWER))
+            await writer.drain()
+            answered = True
+        except ConnectionError:
+            hung_up.set()
+        finally:
+            writer.close()
+
+    async with raw_http(trickle) as base_url:
+        model = OpenAIChatModel(settings(base_url, request_timeout_s=1.0))
+        try:
+            with pytest.raises(ModelUnavailable) as info:
+                await model.complete(HELLO)
+            # The attempt gave its connection up (none is left mid-answer in the pool).
+            await asyncio.wait_for(hung_up.wait(), timeout=15)
+        finally:
+            await model.aclose()
+    assert str(info.value).startswith("timeout (no whole answer within 1s)")
+    assert info.value.attempts == 1
+    assert not answered, "the call waited for the answer at the end of the blank lines"
+
+
+def corrupt_gzip(body: bytes) -> bytes:
+    """A 200 labelled gzip whose body is not (a proxy or provider mislabelling it)."""
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Encoding: gzip\r\n"
+    return head + b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body)
+
+
+async def test_an_undecodable_answer_is_a_retryable_failure() -> None:
+    """httpx's DecodingError is no TransportError: it escaped complete() and the llm
+    handler, and the worker took it for a crash (no apology, the model asked again)."""
+
+    async def mislabel(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(corrupt_gzip(ANSWER))
+        await writer.drain()
+        writer.close()
+
+    async with raw_http(mislabel) as base_url:
+        failed = await failure(base_url)
+    assert str(failed).startswith("malformed response (DecodingError: ")
+    assert KEY not in str(failed)
+
+
+async def test_an_undecodable_answer_is_retried_within_the_budget() -> None:
+    requests = 0
+
+    async def mislabel_once(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal requests
+        requests += 1
+        await reader.readuntil(b"\r\n\r\n")
+        body = corrupt_gzip(ANSWER)
+        if requests > 1:
+            body = body.replace(b"Content-Encoding: gzip\r\n", b"")
+        writer.write(body)
+        await writer.drain()
+        writer.close()
+
+    async with raw_http(mislabel_once) as base_url:
+        model = OpenAIChatModel(settings(base_url, retry_budget_s=30.0))
+        try:
+            done = await model.complete(HELLO)
+        finally:
+            await model.aclose()
+    assert done.text == "late answer"
+    assert requests == 2
+
+
+@pytest.mark.parametrize(
+    "base_url",
+    [
+        f"http://127.0.0.1:99999/{KEY}/v1",  # no such port: aiohttp's InvalidUrlClientError
+        "http://127.0.0.1/" + "v1/" * 30_000,  # httpx's InvalidURL: too long
+    ],
+    ids=["bad-port", "too-long"],
+)
+async def test_a_request_that_cannot_be_sent_is_rejected_at_once(base_url: str) -> None:
+    """httpx.InvalidURL escaped complete(); an unusable URL was retried for the budget."""
+    model = OpenAIChatModel(settings(base_url, retry_budget_s=5.0))
+    try:
+        with pytest.raises(ModelRejected) as info:
+            await model.complete(HELLO)
+    finally:
+        await model.aclose()
+    assert str(info.value).startswith("request not sendable (")
+    assert info.value.attempts == 1
+    assert KEY not in str(info.value)
 
 
 async def test_the_environment_proxy_carries_the_call(

@@ -4,7 +4,7 @@
 
     ModelError                    the model gave no answer; .attempts, str() = the reason
     ├── ModelUnavailable          transient failures outlasted the retry budget
-    └── ModelRejected             the provider refused the request (4xx, empty answer)
+    └── ModelRejected             refused (4xx, empty answer) or never sendable (bad URL)
 
     async with open_model(settings.model) as model:
         done = await model.complete([ChatMessage("user", "你好")])
@@ -75,11 +75,13 @@ class ModelError(WecombotError):
 
 
 class ModelUnavailable(ModelError, TransientError):
-    """Timeouts, 429 or 5xx until the retry budget ran out."""
+    """Timeouts, 429 or 5xx, connection errors or unreadable answers until the retry
+    budget ran out."""
 
 
 class ModelRejected(ModelError, PermanentError):
-    """The provider refused the request (a 4xx other than 408/429) or answered nothing."""
+    """The provider refused the request (a 4xx other than 408/429) or answered nothing,
+    or the request cannot be sent at all (an unusable ``OPENAI_BASE_URL``)."""
 
 
 class ChatModel(Protocol):
@@ -141,6 +143,21 @@ class _Retryable(Exception):
         self.retry_after = retry_after
 
 
+# The request can never be sent (our URL; redirects, which are not followed, and streams,
+# which are read once, cannot arise but must not escape complete()): no retry can help.
+_UNSENDABLE = (
+    httpx.InvalidURL,
+    httpx.UnsupportedProtocol,
+    httpx.LocalProtocolError,
+    httpx.TooManyRedirects,
+    httpx.StreamError,
+    aiohttp.InvalidURL,
+)
+# The provider, or what lies between, failed this once: a timeout, a dropped or refused
+# connection, a malformed or undecodable answer (a body not in its Content-Encoding).
+_PROVIDER_FAULTS = (httpx.TransportError, httpx.DecodingError, aiohttp.ClientError)
+
+
 def provider_auth(settings: ModelSettings) -> tuple[dict[str, str], dict[str, str]]:
     """The headers and query parameters that authenticate a call to the provider.
 
@@ -192,9 +209,12 @@ class OpenAIChatModel:
         # a thread on every request, which was 60 % of a saturated replica's CPU).
         self._client = httpx.AsyncClient(
             headers=headers,
+            # No read timeout: aiohttp's is a gap between two reads, which a provider that
+            # keeps the connection alive with blank lines never trips (DeepSeek does so
+            # for up to 30 minutes under load). _attempt bounds the whole attempt instead.
             timeout=httpx.Timeout(
                 connect=min(10.0, timeout),
-                read=timeout,
+                read=None,
                 write=min(30.0, timeout),
                 pool=timeout,
             ),
@@ -237,10 +257,17 @@ class OpenAIChatModel:
 
     async def _attempt(self, body: dict[str, Any], attempt: int) -> Completion:
         started = time.monotonic()
+        limit = self._settings.request_timeout_s
         try:
-            response = await self._post(body)
-        except (httpx.TransportError, aiohttp.ClientError) as exc:
+            async with asyncio.timeout(limit):
+                response = await self._post(body)
+        except _UNSENDABLE as exc:
+            reason = self._clean(f"request not sendable ({_named(exc)})")
+            raise ModelRejected(reason, attempts=attempt) from exc
+        except _PROVIDER_FAULTS as exc:
             raise _Retryable(self._clean(_transport_failure(exc))) from exc
+        except TimeoutError as exc:
+            raise _Retryable(f"timeout (no whole answer within {limit:g}s)") from exc
         status = response.status_code
         log.debug(
             "model.response",
@@ -328,17 +355,28 @@ def env_proxy(url: str) -> httpx.Proxy | None:
 
 
 def _transport_failure(exc: Exception) -> str:
-    """``timeout (…)`` or ``connection error (…)``, named after what really failed.
+    """``timeout (…)``, ``malformed response (…)`` or ``connection error (…)``, named
+    after what really failed (see :func:`_named`)."""
+    failed = _real_error(exc)
+    if isinstance(failed, httpx.TimeoutException | asyncio.TimeoutError):
+        return f"timeout ({_named(exc)})"
+    if isinstance(failed, httpx.DecodingError):
+        return f"malformed response ({_named(exc)})"
+    return f"connection error ({_named(exc)})"
 
-    The aiohttp transport re-raises aiohttp's errors as httpx's, not always as the same
-    kind (a server that hangs up becomes ``ConnectTimeout``), so aiohttp's error decides.
-    """
+
+def _real_error(exc: Exception) -> BaseException:
+    """The aiohttp transport re-raises aiohttp's errors as httpx's, not always as the same
+    kind (a server that hangs up becomes ``ConnectTimeout``), so aiohttp's error decides."""
     cause = exc.__cause__
-    failed = cause if isinstance(cause, aiohttp.ClientError | asyncio.TimeoutError) else exc
-    timed_out = isinstance(failed, httpx.TimeoutException | asyncio.TimeoutError)
+    return cause if isinstance(cause, aiohttp.ClientError | asyncio.TimeoutError) else exc
+
+
+def _named(exc: Exception) -> str:
+    """``Type: message`` of the error that really failed (just ``Type`` without one)."""
+    failed = _real_error(exc)
     text = str(failed)
-    what = f"{type(failed).__name__}: {text}" if text else type(failed).__name__
-    return f"{'timeout' if timed_out else 'connection error'} ({what})"
+    return f"{type(failed).__name__}: {text}" if text else type(failed).__name__
 
 
 def error_detail(response: httpx.Response) -> str:

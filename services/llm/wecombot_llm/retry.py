@@ -1,7 +1,8 @@
 """When to try a model call again, and how long to wait first. Pure.
 
-Retried: HTTP 408, 429 and 5xx, timeouts and connection errors. Everything else (400,
-401, 403, 404, 422 …) means the request itself is wrong and is never retried.
+Retried: HTTP 408, 429 and 5xx, timeouts, connection errors and answers that cannot be
+read. Everything else (400, 401, 403, 404, 422 …, or a URL that cannot be sent) means
+the request itself is wrong and is never retried.
 
 Waits are exponential with full jitter (``uniform(0, min(cap, base·2^(n-1)))``, so many
 replicas hit by the same outage spread their retries), but never shorter than what the

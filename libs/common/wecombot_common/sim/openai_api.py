@@ -68,7 +68,7 @@ class Fault:
 
     @classmethod
     def hanging(cls) -> Fault:
-        """Never answer: the client's read timeout (or its cancellation) ends it."""
+        """Never answer: the client's request timeout (or its cancellation) ends it."""
         return cls(status=0, hang=True)
 
 
