@@ -43,11 +43,9 @@ def _settings(url: str) -> NatsSettings:
 
 
 async def _work(js: JetStreamContext, name: str, filter_subject: str, handler: Handler) -> None:
-    config = topology.work_consumer(
-        name, filter_subject, ack_wait_s=5, max_deliver=2, max_ack_pending=100
-    )
+    config = topology.work_consumer(name, filter_subject, ack_wait_s=5, max_ack_pending=100)
     stop = asyncio.Event()
-    worker = PullWorker(js, config, handler, fetch_timeout_s=0.2)
+    worker = PullWorker(js, config, handler, max_deliver=2, fetch_timeout_s=0.2)
     await worker.ensure_consumer()
     task = asyncio.create_task(worker.run(stop))
 

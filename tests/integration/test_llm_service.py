@@ -339,7 +339,6 @@ async def test_a_message_the_llm_gave_up_on_is_replayed_and_answered_once(
         topology.LLM_CONSUMER,
         topology.RECEIVED_FILTER,
         ack_wait_s=5,
-        max_deliver=2,
         max_ack_pending=100,
     )
 
@@ -347,7 +346,7 @@ async def test_a_message_the_llm_gave_up_on_is_replayed_and_answered_once(
         return Nak(0, "the outcome could not be appended")
 
     stop = asyncio.Event()
-    worker = PullWorker(stream, config, failing, fetch_timeout_s=0.2)
+    worker = PullWorker(stream, config, failing, max_deliver=2, fetch_timeout_s=0.2)
     task = asyncio.create_task(worker.run(stop))
 
     async def parked() -> bool:

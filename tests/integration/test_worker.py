@@ -1,14 +1,19 @@
 """PullWorker against a real nats-server: bounded concurrency, order per key, poison
-messages dead-lettered with the reason, in-flight work handed back on stop."""
+messages dead-lettered with the reason, in-flight work handed back on stop, and a message
+whose last allowed delivery ends without an outcome dead-lettered, never dropped."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections import defaultdict
 
+import nats
 import pytest
 from nats.js import JetStreamContext
+from structlog.testing import capture_logs
 
+from tests.conftest import NatsHandle
 from tests.waiting import until
 from wecombot_common import topology
 from wecombot_common.bus import append_event, ensure_topology
@@ -20,11 +25,10 @@ from wecombot_common.worker import Ack, Delivery, Outcome, PullWorker
 pytestmark = pytest.mark.integration
 
 
-def _config(name: str = "w", *, max_deliver: int = 3, ack_wait: float = 30.0):  # type: ignore[no-untyped-def]
+def _config(name: str = "w", *, ack_wait: float = 30.0):  # type: ignore[no-untyped-def]
     return topology.work_consumer(
-        name, topology.OUTCOME_FILTER, ack_wait_s=ack_wait, max_deliver=max_deliver,
-        max_ack_pending=1000,
-    )  # fmt: skip
+        name, topology.OUTCOME_FILTER, ack_wait_s=ack_wait, max_ack_pending=1000
+    )
 
 
 def _reply(user: str, text: str) -> ReplyGenerated:
@@ -63,7 +67,7 @@ async def test_concurrency_is_bounded_and_order_kept_per_key(stream: JetStreamCo
         return Ack()
 
     stop = asyncio.Event()
-    worker = PullWorker(stream, _config(), handle, key=_key, max_concurrency=3)
+    worker = PullWorker(stream, _config(), handle, max_deliver=3, key=_key, max_concurrency=3)
     task = asyncio.create_task(worker.run(stop))
     await until(
         lambda: sum(map(len, seen.values())) == 20,
@@ -96,7 +100,7 @@ async def test_poison_goes_to_the_dead_letter_stream(stream: JetStreamContext) -
         return Ack()
 
     stop = asyncio.Event()
-    worker = PullWorker(stream, _config(max_deliver=2), handle, max_concurrency=4)
+    worker = PullWorker(stream, _config(), handle, max_deliver=2, max_concurrency=4)
     task = asyncio.create_task(worker.run(stop))
 
     async def three_dead_letters() -> bool:
@@ -128,7 +132,9 @@ async def test_stop_hands_running_and_queued_work_back(stream: JetStreamContext)
         return Ack()
 
     stop = asyncio.Event()
-    worker = PullWorker(stream, _config(), never_finishes, key=_key, max_concurrency=2, grace_s=0.2)
+    worker = PullWorker(
+        stream, _config(), never_finishes, max_deliver=3, key=_key, max_concurrency=2, grace_s=0.2
+    )
     task = asyncio.create_task(worker.run(stop))
     await started.wait()
     await until(
@@ -147,7 +153,9 @@ async def test_stop_hands_running_and_queued_work_back(stream: JetStreamContext)
         return Ack()
 
     stop2 = asyncio.Event()
-    task2 = asyncio.create_task(PullWorker(stream, _config(), quick, key=_key).run(stop2))
+    task2 = asyncio.create_task(
+        PullWorker(stream, _config(), quick, max_deliver=3, key=_key).run(stop2)
+    )
     # Both handed back with a nak (no ack_wait of 30 s to sit out), in stream order:
     # picked up at once, and in that order.
     await until(
@@ -157,3 +165,130 @@ async def test_stop_hands_running_and_queued_work_back(stream: JetStreamContext)
     )
     stop2.set()
     await task2
+
+
+# ------------------------------------------------- the last allowed delivery
+# JetStream's own max_deliver drops a message whose last delivery is nak'ed or never
+# acknowledged: no redelivery, no dead letter, and the consumer's ack floor stays below
+# it for good. The worker enforces the limit itself instead; each test below loses the
+# message when the consumer's max_deliver is the limit.
+
+
+async def _dead_letters(js: JetStreamContext) -> list[dict[str, str]]:
+    info = await js.stream_info(topology.DEAD_LETTER_STREAM)
+    letters = []
+    for seq in range(int(info.state.first_seq), int(info.state.last_seq) + 1):
+        msg = await js.get_msg(topology.DEAD_LETTER_STREAM, seq)
+        letters.append(dict(msg.headers or {}))
+    return letters
+
+
+async def _one_dead_letter(js: JetStreamContext) -> bool:
+    info = await js.stream_info(topology.DEAD_LETTER_STREAM)
+    return int(info.state.messages) == 1
+
+
+async def _settled(js: JetStreamContext, seq: int, name: str = "w") -> None:
+    """Nothing of the consumer's is pending any more, and its ack floor is past ``seq``."""
+    info = await js.consumer_info(topology.CONVERSATION_STREAM, name)
+    assert (info.num_pending, info.num_ack_pending) == (0, 0)
+    assert info.ack_floor is not None and info.ack_floor.stream_seq >= seq
+
+
+async def _parked_by_a_new_worker(js: JetStreamContext, seq: int) -> None:
+    """A fresh worker receives the message past the limit: it dead-letters it at once,
+    without running its handler."""
+    handled: list[int] = []
+
+    async def handle(d: Delivery) -> Outcome:
+        handled.append(d.stream_seq)
+        return Ack()
+
+    stop = asyncio.Event()
+    task = asyncio.create_task(
+        PullWorker(js, _config(ack_wait=1.0), handle, max_deliver=1).run(stop)
+    )
+    await until(lambda: _one_dead_letter(js), timeout=15, what="the message dead-lettered")
+    stop.set()
+    await task
+    assert handled == []
+    [letter] = await _dead_letters(js)
+    assert letter["Wecombot-Dlq-Stream-Seq"] == str(seq)
+    assert letter["Wecombot-Dlq-Deliveries"] == "2"
+    assert "past the limit of 1" in letter["Wecombot-Dlq-Reason"]
+    await _settled(js, seq)
+
+
+async def test_a_message_stopped_during_its_last_delivery_is_dead_lettered(
+    stream: JetStreamContext,
+) -> None:
+    appended = await append_event(stream, _reply("u", "slow"))
+    started = asyncio.Event()
+
+    async def never_finishes(d: Delivery) -> Outcome:
+        started.set()
+        await asyncio.Event().wait()
+        return Ack()
+
+    stop = asyncio.Event()
+    worker = PullWorker(stream, _config(ack_wait=1.0), never_finishes, max_deliver=1, grace_s=0)
+    task = asyncio.create_task(worker.run(stop))
+    await started.wait()
+    stop.set()
+    await task  # handed back with a nak on its only allowed delivery
+    await _parked_by_a_new_worker(stream, appended.seq)
+
+
+async def test_a_message_whose_process_dies_in_its_last_delivery_is_dead_lettered(
+    nats_server: NatsHandle, stream: JetStreamContext
+) -> None:
+    appended = await append_event(stream, _reply("u", "crash"))
+    doomed = await nats.connect(nats_server.url, max_reconnect_attempts=0)
+    started = asyncio.Event()
+
+    async def never_finishes(d: Delivery) -> Outcome:
+        started.set()
+        await asyncio.Event().wait()
+        return Ack()
+
+    worker = PullWorker(
+        doomed.jetstream(), _config(ack_wait=1.0), never_finishes, max_deliver=1, grace_s=0
+    )
+    task = asyncio.create_task(worker.run(asyncio.Event()))
+    await started.wait()
+    # The process dies: its connection goes first, so nothing is nak'ed or acknowledged
+    # and the delivery runs out its ack_wait on the server.
+    await doomed.close()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    await _parked_by_a_new_worker(stream, appended.seq)
+
+
+async def test_a_failed_dead_lettering_on_the_last_delivery_is_tried_again(
+    stream: JetStreamContext,
+) -> None:
+    appended = await append_event(stream, _reply("p", "poison"))
+    await stream.delete_stream(topology.DEAD_LETTER_STREAM)  # dead-lettering fails
+
+    async def refuse(d: Delivery) -> Outcome:
+        raise PermanentError("WeCom refuses this forever")
+
+    stop = asyncio.Event()
+    worker = PullWorker(stream, _config(ack_wait=1.0), refuse, max_deliver=1)
+    worker.DEAD_LETTER_RETRY_S = 0.1
+    with capture_logs() as logs:
+        task = asyncio.create_task(worker.run(stop))
+        await until(
+            lambda: sum(e["event"] == "worker.dead_letter_failed" for e in logs) >= 2,
+            timeout=15,
+            what="two failed dead-letterings",
+        )
+        await ensure_topology(stream, NatsSettings.read(EnvReader({})))
+        await until(lambda: _one_dead_letter(stream), timeout=15, what="the message parked")
+        stop.set()
+        await task
+    [letter] = await _dead_letters(stream)
+    assert letter["Wecombot-Dlq-Stream-Seq"] == str(appended.seq)
+    assert "past the limit of 1" in letter["Wecombot-Dlq-Reason"]
+    await _settled(stream, appended.seq)

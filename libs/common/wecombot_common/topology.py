@@ -222,16 +222,20 @@ def dead_letter_stream(*, replicas: int, max_age_s: float) -> StreamConfig:
 
 
 def work_consumer(
-    name: str, filter_subject: str, *, ack_wait_s: float, max_deliver: int, max_ack_pending: int
+    name: str, filter_subject: str, *, ack_wait_s: float, max_ack_pending: int
 ) -> ConsumerConfig:
-    """A durable pull consumer shared by every replica of one service."""
+    """A durable pull consumer shared by every replica of one service.
+
+    It redelivers without limit: the PullWorker counts deliveries and dead-letters a
+    message past its ``max_deliver``, since JetStream's own limit drops it silently.
+    """
     return ConsumerConfig(
         durable_name=name,
         description=f"wecombot {name} work queue",
         deliver_policy=DeliverPolicy.ALL,
         ack_policy=AckPolicy.EXPLICIT,
         ack_wait=ack_wait_s,
-        max_deliver=max_deliver,
+        max_deliver=-1,
         max_ack_pending=max_ack_pending,
         filter_subject=filter_subject,
     )

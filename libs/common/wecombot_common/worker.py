@@ -15,10 +15,16 @@ messages and shutdown behave the same everywhere:
   ``TransientError`` → nak with backoff; ``PermanentError`` (an undecodable event, a
   reply WeCom always refuses) → dead-letter with the reason, then ``term``. A transient
   failure on the last allowed delivery is dead-lettered too, so nothing is silently lost.
+- ``max_deliver`` is enforced here, not by JetStream: the consumer itself redelivers
+  without limit (:func:`topology.work_consumer`). JetStream drops a message whose last
+  allowed delivery is nak'ed or never acknowledged, with no trace but an advisory that
+  nobody may be listening to, and its ack floor never passes it. So a delivery past the
+  limit (the one before ended without an outcome: its process was stopped, crashed, or
+  its dead-lettering failed) is dead-lettered at once, without running the handler.
 - On stop: no new fetches; in-flight handlers get ``grace_s`` to finish, the rest are
   cancelled and nak'ed (handed back) so another replica takes them at once::
 
-    worker = PullWorker(js, config, handle,
+    worker = PullWorker(js, config, handle, max_deliver=10,
                         key=conversation_key, max_concurrency=64)
     await worker.run(stop)
 """
@@ -206,12 +212,15 @@ def backoff_delay(attempt: int, *, base: float = 0.5, cap: float = 30.0) -> floa
 
 
 class PullWorker:
+    DEAD_LETTER_RETRY_S = 5.0  # a failed dead-lettering is tried again this much later
+
     def __init__(
         self,
         js: JetStreamContext,
         config: ConsumerConfig,
         handler: Handler,
         *,
+        max_deliver: int,
         key: Callable[[Event], str] | None = None,
         max_concurrency: int = 16,
         grace_s: float = 20.0,
@@ -223,6 +232,7 @@ class PullWorker:
         self._config = config
         self._ack_wait = config.ack_wait or DEFAULT_ACK_WAIT_S
         self._handler = handler
+        self._max_deliver = max_deliver  # 0: no limit
         self._key = key
         self._max = max_concurrency
         self._grace = grace_s
@@ -378,6 +388,14 @@ class PullWorker:
 
     async def _delivery(self, msg: Msg) -> Delivery | None:
         meta = msg.metadata
+        if 0 < self._max_deliver < meta.num_delivered:
+            reason = (
+                f"delivery {meta.num_delivered} is past the limit of {self._max_deliver}: "
+                "the last one ended without an outcome (its process stopped or crashed, "
+                "or its dead-lettering failed)"
+            )
+            await self._dead_letter(msg, reason, meta.num_delivered)
+            return None
         try:
             event = decode_event(msg.data)
         except EventDecodeError as exc:
@@ -455,8 +473,7 @@ class PullWorker:
                 # The work is recorded in the log; a redelivery finds it done.
                 log.warning("worker.ack_failed", consumer=self.name, error=str(exc))
             return
-        max_deliver = self._config.max_deliver or -1
-        if 0 < max_deliver <= d.num_delivered:
+        if 0 < self._max_deliver <= d.num_delivered:
             await self._dead_letter(
                 d.msg, f"gave up after {d.num_delivered}: {outcome.reason}", d.num_delivered
             )
@@ -503,7 +520,9 @@ class PullWorker:
             )
         except (TimeoutError, nats.errors.Error) as exc:
             log.error("worker.dead_letter_failed", consumer=self.name, error=str(exc))
-            await self._nak(msg, 5.0)  # keep it: retry the dead-lettering later
+            # Keep it: the consumer redelivers without limit, and a delivery past
+            # max_deliver comes straight back here.
+            await self._nak(msg, self.DEAD_LETTER_RETRY_S)
             return
         self._metrics.dead_lettered.inc()
         log.error(

@@ -91,10 +91,10 @@ async def _answer(settings: LlmSettings, js: JetStreamContext, stop: asyncio.Eve
                 LLM_CONSUMER,
                 RECEIVED_FILTER,
                 ack_wait_s=settings.ack_wait_s,
-                max_deliver=settings.max_deliver,
                 max_ack_pending=MAX_ACK_PENDING,
             ),
             handler,
+            max_deliver=settings.max_deliver,
             # No per-key lock in the worker: the handler serialises a conversation
             # itself and must not hold it while waiting for an earlier message (that
             # message may be queued behind the lock).

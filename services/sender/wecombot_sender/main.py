@@ -84,10 +84,10 @@ async def _consume(
             SENDER_CONSUMER,
             OUTCOME_FILTER,
             ack_wait_s=settings.ack_wait_s,
-            max_deliver=settings.max_deliver,
             max_ack_pending=10_000,
         ),
         sender.handle,
+        max_deliver=settings.max_deliver,
         key=conversation_key,
         max_concurrency=settings.max_concurrency,
     )

@@ -135,6 +135,26 @@ class System:
         self.tasks.clear()
         self.stop = asyncio.Event()
 
+    async def deliver_once_and_drop(self, count: int) -> None:
+        """Play a sender that fetched ``count`` outcomes and died before acking them: the
+        next delivery of each is a redelivery (num_delivered 2)."""
+        settings = SenderSettings.from_env({"WECOM_CORP_ID": CORP, "WECOM_AGENT_ID": str(AGENT)})
+        config = topology.work_consumer(
+            topology.SENDER_CONSUMER,
+            topology.OUTCOME_FILTER,
+            ack_wait_s=settings.ack_wait_s,
+            max_ack_pending=10_000,
+        )
+        await self.js.add_consumer(topology.CONVERSATION_STREAM, config)
+        sub = await self.js.pull_subscribe_bind(
+            durable=topology.SENDER_CONSUMER, stream=topology.CONVERSATION_STREAM
+        )
+        msgs = await sub.fetch(count, timeout=5)
+        assert len(msgs) == count
+        for msg in msgs:
+            await msg.nak()
+        await sub.unsubscribe()
+
     async def reply(self, user: str, text: str, kind: type[Outcome] = ReplyGenerated) -> Outcome:
         base = Envelope(app=APP, conversation=user, correlation_id=f"msg-{user}-{len(text)}")
         event: Outcome

@@ -37,30 +37,6 @@ async def _token(sim: SimulatedWeComApi) -> str:
     return str(answer.json()["access_token"])
 
 
-async def _deliver_once_and_drop(js: JetStreamContext, count: int) -> None:
-    """Play a sender that fetched ``count`` outcomes and died before acking them: the
-    next delivery of each is a redelivery (num_delivered 2)."""
-    from wecombot_sender.settings import SenderSettings
-
-    settings = SenderSettings.from_env({"WECOM_CORP_ID": CORP, "WECOM_AGENT_ID": str(AGENT)})
-    config = topology.work_consumer(
-        topology.SENDER_CONSUMER,
-        topology.OUTCOME_FILTER,
-        ack_wait_s=settings.ack_wait_s,
-        max_deliver=settings.max_deliver,
-        max_ack_pending=10_000,
-    )
-    await js.add_consumer(topology.CONVERSATION_STREAM, config)
-    sub = await js.pull_subscribe_bind(
-        durable=topology.SENDER_CONSUMER, stream=topology.CONVERSATION_STREAM
-    )
-    msgs = await sub.fetch(count, timeout=5)
-    assert len(msgs) == count
-    for msg in msgs:
-        await msg.nak()
-    await sub.unsubscribe()
-
-
 async def test_the_adapter_asks_for_the_check_and_a_repeat_is_dropped(
     sim: SimulatedWeComApi,
 ) -> None:
@@ -94,7 +70,7 @@ async def test_a_part_accepted_but_not_recorded_is_not_sent_again(system: System
         await api.send_text(await _token(system.sim), user, parts[1])
     finally:
         await api.aclose()
-    await _deliver_once_and_drop(system.js, 1)
+    await system.deliver_once_and_drop(1)
 
     await system.start_token()
     system.start_sender()
@@ -150,7 +126,7 @@ async def test_a_resumed_reply_that_was_never_sent_is_delivered(system: System) 
     await system.log.until_finished(first.event_id)
     await system.shutdown()
     second = await system.reply("resumed", "second answer")
-    await _deliver_once_and_drop(system.js, 1)  # died before sending anything
+    await system.deliver_once_and_drop(1)  # died before sending anything
     await system.start_token()
     system.start_sender()
     await system.log.until_finished(second.event_id)
