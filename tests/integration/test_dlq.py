@@ -216,10 +216,16 @@ async def test_replay_refuses_what_it_cannot_requeue(
     assert err == (
         "wecombot dlq: dead letter 1 is not a wecombot event: replaying cannot mend it\n"
     )
-    # These workers park replies without recording a DeliveryFailed, as no sender would.
-    code, _, err = await _dlq(nats_server.url, "replay", "3")
-    assert code == 1 and "has no recorded failure to replay" in err
     code, _, err = await _dlq(nats_server.url, "replay", "99")
     assert (code, err) == (1, "wecombot dlq: no message 99 in WECOMBOT_DLQ\n")
     info = await dead.stream_info(topology.CONVERSATION_STREAM)
     assert info.state.messages == 4, "a refused replay appends nothing"
+    # These workers park a reply without its DeliveryFailed, as the sender's worker does
+    # when the reply's last delivery ended without an outcome: it is requeued all the
+    # same, once.
+    code, out, err = await _dlq(nats_server.url, "replay", "3")
+    assert code == 0 and "requeued" in out and "after the 0 part(s) recorded" in out, err
+    code, _, err = await _dlq(nats_server.url, "replay", "3")
+    assert code == 1 and "is already requeued (wecombot dlq replay 3)" in err
+    info = await dead.stream_info(topology.CONVERSATION_STREAM)
+    assert info.state.messages == 5

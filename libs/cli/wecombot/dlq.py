@@ -68,6 +68,7 @@ from wecombot_common.events import (
     EventDecodeError,
     MessageReceived,
     Outcome,
+    PartDelivered,
     ReplyDelivered,
     ReplyRequeued,
     decode_event,
@@ -265,6 +266,7 @@ async def _requeue(js: JetStreamContext, seq: int, parked: Event) -> tuple[bool,
     else:
         return False, f"dead letter {seq} is a {type(parked).__name__}, not a reply"
     last: DeliveryFailed | ReplyDelivered | ReplyRequeued | None = None
+    parts: set[int] = set()
     async for stored in read_conversation(js, ConversationRef.of(parked)):
         event = stored.event
         if (
@@ -272,24 +274,27 @@ async def _requeue(js: JetStreamContext, seq: int, parked: Event) -> tuple[bool,
             and event.reply_id == reply_id
         ):
             last = event
+        elif isinstance(event, PartDelivered) and event.reply_id == reply_id:
+            parts.add(event.index)
     if isinstance(last, ReplyDelivered):
         return False, f"reply {reply_id} was delivered since; nothing to replay"
-    if isinstance(last, ReplyRequeued):
+    if isinstance(last, ReplyRequeued) and last.event_id != parked.event_id:
         return False, f"reply {reply_id} is already requeued ({last.reason})"
-    if last is None:
-        return False, f"reply {reply_id} has no recorded failure to replay"
+    # ``last`` is the round's DeliveryFailed; or None, or this very requeue, when the
+    # round was parked without one (its last delivery ended without an outcome).
+    cause = reply_id if last is None else last.event_id
     requeue = ReplyRequeued(
         app=parked.app,
         conversation=parked.conversation,
         correlation_id=parked.correlation_id,
-        causation_id=last.event_id,
+        causation_id=cause,
         reply_id=reply_id,
         reason=f"wecombot dlq replay {seq}",
     )
-    appended = await append_event(js, requeue, msg_id=f"requeue:{last.event_id}")
+    appended = await append_event(js, requeue, msg_id=f"requeue:{cause}")
     return True, (
         f"reply {reply_id} to {parked.conversation} requeued (seq {appended.seq}); the "
-        f"sender delivers it again after the {last.parts_delivered} part(s) recorded"
+        f"sender delivers it again after the {len(parts)} part(s) recorded"
     )
 
 

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import random
 from collections import OrderedDict
 from collections.abc import Callable
@@ -115,12 +116,13 @@ class TokenSource(Protocol):
 class DeliveryPolicy:
     order_wait_s: float = 60.0
     retry_attempts: int = 4  # in-process retries of one part after the first try
-    max_deliver: int = 20  # the consumer's; the last delivery gives up instead of nak'ing
+    max_deliver: int = 20  # the worker's limit; the last delivery gives up instead of nak'ing
     per_user_per_minute: int = 30
     retry_base_s: float = 0.1
     retry_cap_s: float = 5.0
     conflict_rounds: int = 5
     append_attempts: int = 3
+    settled_refresh_s: float = 1.0  # how stale the consumer's ack floor may be
 
 
 def conversation_key(event: Event) -> str:
@@ -215,6 +217,8 @@ class ReplySender:
         self._cache = cache or ConversationCache(js)
         self.queued_behind: Callable[[str], list[int]] = queued_behind or (lambda _key: [])
         self._stopping = stopping or asyncio.Event()
+        self._settled = 0  # the consumer's ack floor, as last read
+        self._settled_at = -math.inf
 
     async def handle(self, d: Delivery) -> Settlement:
         event = d.event
@@ -309,6 +313,9 @@ class ReplySender:
         log.info("sender.waiting_for_earlier_reply")
         while True:
             pending = {o.delivered_by for o in pending_before(state, job.order_seq)}
+            if pending:
+                settled = await self._settled_through()
+                pending = {seq for seq in pending if seq is None or seq > settled}
             if not pending:
                 return state
             if pending.intersection(self.queued_behind(job.conv.root)):
@@ -321,6 +328,29 @@ class ReplySender:
                 await asyncio.wait_for(self._stopping.wait(), min(delay, left))
             delay = min(1.0, delay * 2)
             state = await self._cache.load(job.conv)
+
+    async def _settled_through(self) -> int:
+        """The sender consumer's ack floor, read at most every ``settled_refresh_s``.
+
+        Every outcome at or below it was acknowledged or dead-lettered: no sender will
+        deliver it again (only an operator's replay would). One that was dead-lettered
+        without its DeliveryFailed (its last delivery ended without an outcome: a stop, a
+        crash, the log unreachable; see PullWorker) stays unfinished in the log for good,
+        and must not hold back the user's later replies.
+        """
+        now = asyncio.get_running_loop().time()
+        if now - self._settled_at >= self._policy.settled_refresh_s:
+            self._settled_at = now
+            try:
+                info = await self._js.consumer_info(
+                    topology.CONVERSATION_STREAM, topology.SENDER_CONSUMER, timeout=2
+                )
+            except (TimeoutError, nats.errors.Error) as exc:
+                log.debug("sender.ack_floor_unknown", error=str(exc))
+            else:
+                floor = info.ack_floor.stream_seq if info.ack_floor is not None else 0
+                self._settled = max(self._settled, floor or 0)
+        return self._settled
 
     # ------------------------------------------------------------ sending
 

@@ -13,6 +13,7 @@ import nats.errors
 import nats.js.errors
 import pytest
 from nats.js import JetStreamContext
+from structlog.testing import capture_logs
 
 from tests.conftest import free_port
 from tests.integration.sender.harness import (
@@ -204,6 +205,42 @@ async def test_the_last_delivery_gives_up_records_it_and_dead_letters(system: Sy
     later = await system.reply("qian.shi", "back again")
     await system.log.until_finished(later.event_id)
     assert system.sim.messages_to("qian.shi") == ["token fetched", "back again"]
+
+
+async def test_a_reply_parked_without_its_failure_does_not_hold_back_later_ones(
+    system: System,
+) -> None:
+    # The only allowed delivery of the first reply ends without an outcome (a sender that
+    # died holding it), so the next sender dead-letters it on the spot, unsent and with
+    # no DeliveryFailed: it stays unfinished in the log. The user's next reply must not
+    # wait for it (an order wait of 60 s, then out of order on its last delivery).
+    await system.start_token()
+    lost = await system.reply("li.shisan", "lost in a crash")
+    await system.deliver_once_and_drop(1)
+    dead_letters = await system.nc.subscribe(f"{topology.PREFIX}.dlq.>")
+    system.start_sender(SENDER_MAX_DELIVER="1", SENDER_ORDER_WAIT="60")
+    dead = await dead_letters.next_msg(timeout=10)
+    assert decode_event(dead.data).event_id == lost.event_id
+    assert dead.headers is not None
+    assert "past the limit of 1" in dead.headers["Wecombot-Dlq-Reason"]
+    with capture_logs() as logs:
+        later = await system.reply("li.shisan", "the next answer")
+        await system.log.until_finished(later.event_id, timeout=20)
+    assert system.sim.messages_to("li.shisan") == ["the next answer"]
+    assert not system.log.of(DeliveryFailed)
+    events = [e["event"] for e in logs]
+    assert "sender.waiting_for_earlier_reply" in events  # it saw the lost one first
+    assert "sender.order_given_up" not in events
+    await _settled(system.js)
+
+    # With no failure recorded, the operator's replay still requeues it.
+    dlq = await system.js.stream_info(topology.DEAD_LETTER_STREAM)
+    done, said = await replay(system.js, dlq.state.last_seq)
+    assert done, said
+    await system.log.until_finished(lost.event_id)
+    assert system.sim.messages_to("li.shisan") == ["the next answer", "lost in a crash"]
+    assert len(system.log.of(ReplyDelivered, lost.event_id)) == 1
+    await _settled(system.js)
 
 
 async def test_a_replayed_reply_goes_out_after_its_recorded_parts_and_in_order(
