@@ -120,15 +120,19 @@ def test_a_requeue_reopens_a_failed_reply_until_its_round_ends() -> None:
         StoredEvent(4, later),
         StoredEvent(5, requeue),
     ]
+    failed_state = fold(ConversationState(), events[:3]).outcome(r1.event_id)
+    assert (failed_state.terminal, failed_state.failure) == (True, "gave up")
     state = fold(ConversationState(), events)
     one = state.outcome(r1.event_id)
     assert (one.terminal, one.requeued_by, one.delivered_by) == (False, requeue.event_id, 5)
+    assert one.failure is None, "the new round has not failed"
     assert next_part(one) == 1, "resumes after the recorded part"
     assert state.last_send_seq == 3, "the requeue is on the llm branch"
     # The reply is pending again before the later one: it goes out first.
     assert [o.event_id for o in pending_before(state, 4)] == [r1.event_id]
     done = ReplyDelivered(**env(), reply_id=r1.event_id, parts=2, wecom_msgids=["w1", "w2"])
-    assert fold(state, [StoredEvent(6, done)]).outcome(r1.event_id).terminal
+    finished = fold(state, [StoredEvent(6, done)]).outcome(r1.event_id)
+    assert (finished.terminal, finished.failure) == (True, None)
     assert state.outcome(later.event_id).delivered_by == 4
 
 

@@ -65,6 +65,7 @@ class OutcomeState:
     seq: int | None = None
     delivered: Mapping[int, str] = field(default_factory=dict)  # part index → WeCom msgid
     terminal: bool = False
+    failure: str | None = None  # the reason, when a DeliveryFailed finished it
     # the ReplyRequeued that reopened it ("" for the first round): each round's
     # ReplyDelivered / DeliveryFailed is a new event, not a repeat of the last round's
     requeued_by: str = ""
@@ -145,12 +146,17 @@ def _apply(outcomes: dict[str, OutcomeState], recent: list[datetime], stored: St
         return True
     if isinstance(event, ReplyDelivered | DeliveryFailed):
         current = outcomes.get(event.reply_id) or OutcomeState(event.reply_id)
-        outcomes[event.reply_id] = replace(current, terminal=True)
+        failure = event.reason if isinstance(event, DeliveryFailed) else None
+        outcomes[event.reply_id] = replace(current, terminal=True, failure=failure)
         return True
     if isinstance(event, ReplyRequeued):  # on the llm branch, not the sender's
         current = outcomes.get(event.reply_id) or OutcomeState(event.reply_id)
         outcomes[event.reply_id] = replace(
-            current, terminal=False, requeued_by=event.event_id, requeued_at=stored.seq
+            current,
+            terminal=False,
+            failure=None,
+            requeued_by=event.event_id,
+            requeued_at=stored.seq,
         )
     return False
 

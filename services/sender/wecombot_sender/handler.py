@@ -271,7 +271,13 @@ class ReplySender:
             if isinstance(turn, Nak):
                 return turn
             state = turn
-        if state.outcome(job.reply_id).terminal:
+        finished = state.outcome(job.reply_id)
+        if finished.terminal:
+            if finished.failure is not None:
+                # Recorded as failed, and the delivery that recorded it did not get it
+                # dead-lettered (that failed, or it died in between): park it now, so an
+                # operator can replay it. The dead letter's Nats-Msg-Id drops a repeat.
+                raise PermanentError(f"recorded as failed: {finished.failure}")
             log.info("sender.already_finished")
             return Ack()
         if not job.parts:

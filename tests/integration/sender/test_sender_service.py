@@ -27,7 +27,7 @@ from tests.integration.sender.harness import (
 from tests.waiting import eventually, until
 from wecombot.dlq import replay
 from wecombot_common import topology
-from wecombot_common.bus import append_event
+from wecombot_common.bus import append_event, ensure_topology
 from wecombot_common.events import (
     ConversationReset,
     DeliveryFailed,
@@ -39,7 +39,7 @@ from wecombot_common.events import (
     decode_event,
     derived_id,
 )
-from wecombot_common.settings import Secret, WeComApiSettings
+from wecombot_common.settings import EnvReader, NatsSettings, Secret, WeComApiSettings
 from wecombot_common.sim.wecom_api import SimulatedWeComApi
 from wecombot_sender.errors import SendRejected, SendRetryable, TokenRejected
 from wecombot_sender.split import split_text
@@ -337,6 +337,43 @@ async def test_a_permanent_refusal_fails_that_reply_only(system: System) -> None
     await system.log.until_finished(refused.event_id, later.event_id)
     assert system.log.of(DeliveryFailed, refused.event_id)[0].errcode == 82001
     assert system.sim.messages_to("left.company") == ["second"]
+    await _settled(system.js)
+
+
+async def test_a_failed_reply_whose_dead_lettering_failed_is_parked_on_redelivery(
+    system: System,
+) -> None:
+    # The failure is recorded before the dead letter; if the dead-lettering fails, the
+    # redelivery finds the reply finished. It must still park it, or the operator has
+    # nothing to replay.
+    await system.start_token()
+    system.start_sender()
+    warm = await system.reply("chen.qi", "streams in place")
+    await system.log.until_finished(warm.event_id)
+    await system.js.delete_stream(topology.DEAD_LETTER_STREAM)
+    system.sim.reject_user("chen.qi", 81013)
+    with capture_logs() as logs:
+        refused = await system.reply("chen.qi", "不会送达")
+        await system.log.until_finished(refused.event_id)
+        await until(
+            lambda: any(e["event"] == "worker.dead_letter_failed" for e in logs),
+            timeout=10,
+            what="the dead-lettering failed",
+        )
+    await ensure_topology(system.js, NatsSettings.read(EnvReader({})))
+
+    async def parked() -> bool:
+        info = await system.js.stream_info(topology.DEAD_LETTER_STREAM)
+        return int(info.state.messages) == 1
+
+    await until(parked, timeout=20, what="the refused reply dead-lettered")
+    dead = await system.js.get_msg(topology.DEAD_LETTER_STREAM, 1)
+    assert decode_event(dead.data or b"").event_id == refused.event_id
+    assert dead.headers is not None
+    assert "recorded as failed" in dead.headers["Wecombot-Dlq-Reason"]
+    assert "not a member the app can reach" in dead.headers["Wecombot-Dlq-Reason"]
+    assert len(system.log.of(DeliveryFailed, refused.event_id)) == 1
+    assert system.sim.messages_to("chen.qi") == ["streams in place"]
     await _settled(system.js)
 
 
