@@ -176,6 +176,9 @@ class _Job:
     requeued_by: str = ""  # the ReplyRequeued being delivered ("" for the outcome itself)
     sent: dict[int, str] = field(default_factory=dict)  # index → msgid, maybe unrecorded
     first_index: int | None = None  # the first part this delivery sends
+    # another writer appended to the conversation's send branch meanwhile: a replica
+    # whose hold on this reply lapsed may be sending the same parts
+    contested: bool = False
 
     @property
     def reply_id(self) -> str:
@@ -260,6 +263,7 @@ class ReplySender:
                 return await self._attempt(job)
             except ConcurrencyConflict:
                 log.info("sender.append_conflict")  # another writer: catch up, decide again
+                job.contested = True
         raise TransientError("the conversation's send branch kept changing; retry later")
 
     # ------------------------------------------------------------ deciding
@@ -374,8 +378,11 @@ class ReplySender:
         maybe_sent = again and index == job.first_index
         checkable: bool | None = None  # whether the check can tell a repeat (asked once)
         while True:
-            # ... or our hold on the message lapsed: another replica may be sending it now.
-            maybe_sent = maybe_sent or job.delivery.lapsed
+            # ... or our hold on the message lapsed, or another writer got into the send
+            # branch: another replica may be sending it now. Both must ask, or the one
+            # that loses each append race sends the next part again right after the
+            # winner.
+            maybe_sent = maybe_sent or job.delivery.lapsed or job.contested
             check = None
             if maybe_sent:
                 if checkable is None:

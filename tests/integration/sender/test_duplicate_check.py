@@ -7,9 +7,10 @@ answer to a dropped duplicate assumed (errcode 0, no msgid; see sim/wecom_api.py
 
 from __future__ import annotations
 
+import asyncio
+
 import httpx
 import pytest
-from nats.js import JetStreamContext
 from structlog.testing import capture_logs
 
 from tests.integration.sender.harness import AGENT, APP, CORP, LONG, SECRET, System
@@ -195,3 +196,85 @@ async def test_a_delivery_whose_lease_lapsed_asks_for_the_check(
     finally:
         await api.aclose()
     assert system.sim.messages_to(user) == ["只说一次"] * (1 if lapsed else 2)
+
+
+class _Interleaved:
+    """The real WeCom adapter, with each replica's sends held at the points where the
+    race below needs them (the test's own scheduling, not a fake WeCom)."""
+
+    def __init__(
+        self, api: HttpMessageApi, name: str, parts: list[str], gates: dict[str, asyncio.Event]
+    ) -> None:
+        self.api, self.name, self.parts, self.gates = api, name, parts, gates
+        self.sends: list[tuple[str, int, int | None]] = []
+
+    async def send_text(
+        self, token: str, touser: str, content: str, *, duplicate_check_s: int | None = None
+    ) -> str:
+        index, g = self.parts.index(content), self.gates
+        if (self.name, index) == ("lapsed", 0):
+            await g["redelivered sent 0"].wait()
+        if (self.name, index) == ("lapsed", 1):
+            g["lapsed recorded 0"].set()
+        if (self.name, index) == ("redelivered", 1):
+            g["redelivered at 1"].set()
+            await g["lapsed sent 1"].wait()
+        msgid = await self.api.send_text(
+            token, touser, content, duplicate_check_s=duplicate_check_s
+        )
+        self.sends.append((self.name, index, duplicate_check_s))
+        if (self.name, index) == ("redelivered", 0):
+            g["redelivered sent 0"].set()
+            await g["lapsed recorded 0"].wait()
+        if (self.name, index) == ("lapsed", 1):
+            g["lapsed sent 1"].set()
+            await g["redelivered at 1"].wait()
+        return msgid
+
+
+async def test_two_replicas_in_lockstep_deliver_each_part_once(system: System) -> None:
+    """A restarted broker redelivers a reply while the replica holding it carries on (its
+    lease lapsed, so it asks for the check). The redelivery loses the race to record
+    part 0, catches up and sends part 1 right after the lapsed one did: it must ask for
+    the check too, or the user gets part 1 twice."""
+    from wecombot_common.worker import Delivery, Lease
+    from wecombot_sender.handler import DeliveryPolicy, ReplySender
+
+    user = "lock.step"
+    text = "\n\n".join(c * 1500 for c in "abc")
+    parts = split_text(text)
+    assert len(parts) == 3
+    reply = await system.reply(user, text)
+    token = await _token(system.sim)
+    api = HttpMessageApi(
+        WeComApiSettings(CORP, AGENT, Secret(""), system.sim.base_url), timeout_s=5
+    )
+    gates = {
+        name: asyncio.Event()
+        for name in ("redelivered sent 0", "lapsed recorded 0", "lapsed sent 1", "redelivered at 1")
+    }
+    adapters = {name: _Interleaved(api, name, parts, gates) for name in ("lapsed", "redelivered")}
+
+    async def replica(name: str, num_delivered: int, lease: Lease) -> object:
+        sender = ReplySender(
+            system.js, _StaticTokens(token), adapters[name], app=APP, policy=DeliveryPolicy()
+        )
+        delivery = Delivery(
+            event=reply,
+            stream_seq=1,
+            num_delivered=num_delivered,
+            subject=f"{ConversationRef(APP, user).root}.llm.reply",
+            msg=None,  # type: ignore[arg-type]  # the handler never touches it
+            lease=lease,
+        )
+        return await sender.handle(delivery)
+
+    try:
+        async with asyncio.timeout(30):
+            await asyncio.gather(
+                replica("lapsed", 1, Lease(0.0)), replica("redelivered", 2, Lease(30.0))
+            )
+    finally:
+        await api.aclose()
+    assert system.sim.messages_to(user) == parts, adapters["redelivered"].sends
+    assert len(system.log.of(ReplyDelivered, reply.event_id)) == 1
