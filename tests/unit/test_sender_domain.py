@@ -23,6 +23,7 @@ from wecombot_common.events import (
 from wecombot_sender.domain import (
     ConversationState,
     fold,
+    hourly_delay,
     next_part,
     pending_before,
     rate_delay,
@@ -209,6 +210,38 @@ def test_rate_delay_keeps_a_minute_window() -> None:
     assert rate_delay(sends, T0 + timedelta(seconds=30), per_minute=30) == pytest.approx(30.0)
     assert rate_delay(sends, T0 + timedelta(seconds=61), per_minute=30) == 0.0
     assert rate_delay(sends, T0, per_minute=0) == 0.0
+
+
+def test_the_fold_counts_sends_per_minute_for_the_last_hour() -> None:
+    r1 = reply()
+    minute = int(T0.timestamp()) // 60
+    events = [StoredEvent(1, r1)]
+    events += [
+        StoredEvent(2 + i, part(r1.event_id, i, f"w{i}", at=T0 + timedelta(seconds=20 * i)))
+        for i in range(5)
+    ]
+    state = fold(ConversationState(), events)
+    assert state.sends_per_minute == ((minute, 3), (minute + 1, 2))
+    again = fold(state, [StoredEvent(9, part(r1.event_id, 4, "w4", at=T0))])
+    assert again.sends_per_minute == state.sends_per_minute, "a repeated part counts once"
+    later = T0 + timedelta(minutes=62, seconds=30)
+    late = record(state, StoredEvent(10, part(r1.event_id, 5, "w5", at=later)))
+    assert late.sends_per_minute == ((minute + 1, 2), (minute + 62, 1)), "older minutes go"
+
+
+def test_hourly_delay_waits_until_the_hour_has_room() -> None:
+    minute = int(T0.timestamp()) // 60
+    counts = ((minute, 600), (minute + 10, 400))
+    at = T0 + timedelta(minutes=30)
+    # 1,000 in the hour: the first minute's 600 leave it at its end plus an hour.
+    assert hourly_delay(counts, at, per_hour=1000) == pytest.approx(60 + 3600 - 30 * 60)
+    assert hourly_delay(counts, at, per_hour=1001) == 0.0
+    assert hourly_delay(counts, at, per_hour=0) == 0.0
+    # Over the limit by more than the oldest minute: wait for the next one too.
+    assert hourly_delay(counts, at, per_hour=300) == pytest.approx(11 * 60 + 3600 - 30 * 60)
+    # An hour and a minute after a send, it no longer counts.
+    assert hourly_delay(counts, T0 + timedelta(minutes=61), per_hour=401) == 0.0
+    assert hourly_delay(counts, T0 + timedelta(minutes=61), per_hour=400) > 0
 
 
 # ---------------------------------------------------------------- errcodes

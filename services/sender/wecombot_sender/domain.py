@@ -45,6 +45,7 @@ __all__ = [
     "OutcomeState",
     "duplicate_check_interval",
     "fold",
+    "hourly_delay",
     "next_part",
     "pending_before",
     "rate_delay",
@@ -53,6 +54,8 @@ __all__ = [
 
 OUTCOME_TYPES = (ReplyGenerated, ReplyFailed, ConversationReset)
 RECENT_SENDS_KEPT = 64
+HOUR_S = 3600
+MINUTES_KEPT = 62  # of send counts: the last hour, whatever minute we are in
 MAX_DUPLICATE_CHECK_S = 4 * 3600  # WeCom's limit for duplicate_check_interval, path/90236
 
 
@@ -86,6 +89,9 @@ class ConversationState:
     # per-member rate limit
     recent_sends: tuple[datetime, ...] = ()
     last_part: tuple[str, int] | None = None  # (reply event_id, part index)
+    # (minute since the epoch, PartDelivered events in it), oldest first, for WeCom's
+    # per-member hourly limit: the last MINUTES_KEPT minutes with a send
+    sends_per_minute: tuple[tuple[int, int], ...] = ()
 
     def outcome(self, event_id: str) -> OutcomeState:
         return self.outcomes.get(event_id) or OutcomeState(event_id)
@@ -95,14 +101,20 @@ def fold(state: ConversationState, events: Iterable[StoredEvent]) -> Conversatio
     """Apply events read from the log, in order; returns a new state (input untouched)."""
     outcomes = dict(state.outcomes)
     recent = list(state.recent_sends)
+    minutes = dict(state.sends_per_minute)
     last_seq, last_send, last_part = state.last_seq, state.last_send_seq, state.last_part
     for stored in events:
         last_seq = max(last_seq, stored.seq)
-        if _apply(outcomes, recent, stored):
+        if _apply(outcomes, recent, minutes, stored):
             last_send = max(last_send, stored.seq)
             last_part = _part_of(stored.event) or last_part
     return ConversationState(
-        outcomes, last_seq, last_send, tuple(recent[-RECENT_SENDS_KEPT:]), last_part
+        outcomes,
+        last_seq,
+        last_send,
+        tuple(recent[-RECENT_SENDS_KEPT:]),
+        last_part,
+        _kept(minutes),
     )
 
 
@@ -112,8 +124,9 @@ def record(state: ConversationState, stored: StoredEvent) -> ConversationState:
     one harmlessly: applying is idempotent)."""
     outcomes = dict(state.outcomes)
     recent = list(state.recent_sends)
+    minutes = dict(state.sends_per_minute)
     last_send, last_part = state.last_send_seq, state.last_part
-    if _apply(outcomes, recent, stored):
+    if _apply(outcomes, recent, minutes, stored):
         last_send = max(last_send, stored.seq)
         last_part = _part_of(stored.event) or last_part
     return replace(
@@ -122,14 +135,28 @@ def record(state: ConversationState, stored: StoredEvent) -> ConversationState:
         last_send_seq=last_send,
         recent_sends=tuple(recent[-RECENT_SENDS_KEPT:]),
         last_part=last_part,
+        sends_per_minute=_kept(minutes),
     )
+
+
+def _kept(minutes: dict[int, int]) -> tuple[tuple[int, int], ...]:
+    """The counts of the last MINUTES_KEPT minutes up to the latest send, oldest first."""
+    if not minutes:
+        return ()
+    newest = max(minutes)
+    return tuple(sorted((m, n) for m, n in minutes.items() if m > newest - MINUTES_KEPT))
 
 
 def _part_of(event: Event) -> tuple[str, int] | None:
     return (event.reply_id, event.index) if isinstance(event, PartDelivered) else None
 
 
-def _apply(outcomes: dict[str, OutcomeState], recent: list[datetime], stored: StoredEvent) -> bool:
+def _apply(
+    outcomes: dict[str, OutcomeState],
+    recent: list[datetime],
+    minutes: dict[int, int],
+    stored: StoredEvent,
+) -> bool:
     """Fold one event into ``outcomes``; True when it is on the sender's branch."""
     event: Event = stored.event
     if isinstance(event, OUTCOME_TYPES):
@@ -143,6 +170,8 @@ def _apply(outcomes: dict[str, OutcomeState], recent: list[datetime], stored: St
                 current, delivered={**current.delivered, event.index: event.wecom_msgid}
             )
             recent.append(event.occurred_at)
+            minute = int(event.occurred_at.timestamp()) // 60
+            minutes[minute] = minutes.get(minute, 0) + 1
         return True
     if isinstance(event, ReplyDelivered | DeliveryFailed):
         current = outcomes.get(event.reply_id) or OutcomeState(event.reply_id)
@@ -188,6 +217,37 @@ def rate_delay(recent: tuple[datetime, ...], now: datetime, *, per_minute: int) 
     oldest_in_window = sorted(recent)[-per_minute]
     wait = (oldest_in_window + timedelta(seconds=60) - now).total_seconds()
     return max(0.0, wait)
+
+
+def hourly_delay(
+    sends_per_minute: tuple[tuple[int, int], ...], now: datetime, *, per_hour: int
+) -> float:
+    """Seconds to wait so that at most ``per_hour`` sends fall in any hour.
+
+    WeCom drops a member's messages beyond 1000 an hour without an error (path/90454).
+    Sends are counted per minute, so a send is taken to stay in the hour until its
+    minute's end plus an hour (at most a minute early for the user; never late for
+    WeCom, whether its hour is rolling or on the clock). ``per_hour`` 0 turns it off.
+
+    >>> from datetime import UTC
+    >>> t = datetime(2024, 1, 1, tzinfo=UTC)   # minute 28401120 since the epoch
+    >>> hourly_delay(((28401120, 2), (28401150, 1)), t, per_hour=3)
+    3660.0
+    >>> hourly_delay(((28401120, 2), (28401150, 1)), t + timedelta(minutes=61), per_hour=3)
+    0.0
+    """
+    if per_hour <= 0:
+        return 0.0
+    clock = now.timestamp()
+    live = [(m, n) for m, n in sends_per_minute if (m + 1) * 60 + HOUR_S > clock]
+    count = sum(n for _, n in live)
+    for minute, n in live:  # oldest first: wait until enough of them have left the hour
+        if count < per_hour:
+            break
+        count -= n
+        if count < per_hour:
+            return (minute + 1) * 60 + HOUR_S - clock
+    return 0.0
 
 
 def duplicate_check_interval(since: datetime, now: datetime) -> int:

@@ -85,6 +85,7 @@ from .domain import (
     ConversationState,
     duplicate_check_interval,
     fold,
+    hourly_delay,
     next_part,
     pending_before,
     rate_delay,
@@ -118,6 +119,7 @@ class DeliveryPolicy:
     retry_attempts: int = 4  # in-process retries of one part after the first try
     max_deliver: int = 20  # the worker's limit; the last delivery gives up instead of nak'ing
     per_user_per_minute: int = 30
+    per_user_per_hour: int = 1000
     retry_base_s: float = 0.1
     retry_cap_s: float = 5.0
     conflict_rounds: int = 5
@@ -289,6 +291,9 @@ class ReplySender:
             raise SendRejected(EMPTY_CONTENT, explain(EMPTY_CONTENT))
         for index in range(next_part(state.outcome(job.reply_id)), len(job.parts)):
             if index not in job.sent:
+                held = self._over_the_hour(state)
+                if held is not None:
+                    return held
                 if job.first_index is None:
                     job.first_index = index
                 try:
@@ -361,6 +366,17 @@ class ReplySender:
                 floor = info.ack_floor.stream_seq if info.ack_floor is not None else 0
                 self._settled = max(self._settled, floor or 0)
         return self._settled
+
+    def _over_the_hour(self, state: ConversationState) -> Nak | None:
+        """A nak until the user's hour has room, when WeCom would drop the next send
+        silently (its per-member hourly limit); sleeping it out would hold a slot for up
+        to an hour. On the last delivery the worker dead-letters it, with this reason."""
+        per_hour = self._policy.per_user_per_hour
+        wait = hourly_delay(state.sends_per_minute, utcnow(), per_hour=per_hour)
+        if wait <= 0:
+            return None
+        log.warning("sender.hourly_limit", per_hour=per_hour, wait_s=round(wait))
+        return Nak(wait, f"WeCom's limit of {per_hour} messages an hour per member: {wait:.0f}s")
 
     # ------------------------------------------------------------ sending
 

@@ -75,6 +75,7 @@ async def _consume(
             retry_attempts=settings.retry_attempts,
             max_deliver=settings.max_deliver,
             per_user_per_minute=settings.per_user_per_minute,
+            per_user_per_hour=settings.per_user_per_hour,
         ),
         stopping=stop,
     )

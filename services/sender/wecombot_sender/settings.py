@@ -40,6 +40,8 @@ class SenderSettings:
     retry_attempts: int
     # WeCom drops a member's messages beyond 30 a minute silently (path/90454); 0 = off
     per_user_per_minute: int
+    # ... and beyond 1000 an hour (same page); 0 = off
+    per_user_per_hour: int
     # what replies go out as: text, or markdown (WeCom renders a subset; path/90236)
     message_type: MessageType
 
@@ -61,6 +63,7 @@ class SenderSettings:
             order_wait_s=env.seconds("SENDER_ORDER_WAIT", 60.0, minimum=0.0, maximum=3600.0),
             retry_attempts=env.integer("SENDER_RETRY_ATTEMPTS", 4, minimum=0, maximum=100),
             per_user_per_minute=env.integer("SENDER_PER_USER_PER_MINUTE", 30, minimum=0),
+            per_user_per_hour=env.integer("SENDER_PER_USER_PER_HOUR", 1000, minimum=0),
             message_type=_message_type(env),
         )
         env.raise_if_invalid()

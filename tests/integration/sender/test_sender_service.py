@@ -311,6 +311,27 @@ async def test_a_replayed_reply_goes_out_after_its_recorded_parts_and_in_order(
     await _settled(system.js)
 
 
+async def test_a_reply_over_wecoms_hourly_limit_waits_instead_of_being_dropped(
+    system: System,
+) -> None:
+    # WeCom drops a member's messages beyond its hourly limit without an error; here the
+    # limit is 3 and one delivery is allowed, so the fourth reply is dead-lettered with
+    # the reason rather than handed back for the hour (it could be replayed later).
+    await system.start_token()
+    system.start_sender(SENDER_PER_USER_PER_HOUR="3", SENDER_MAX_DELIVER="1")
+    dead_letters = await system.nc.subscribe(f"{topology.PREFIX}.dlq.>")
+    replies = [await system.reply("busy.user", f"answer {i}") for i in range(4)]
+    other = await system.reply("calm.user", "你好")
+    await system.log.until_finished(*(r.event_id for r in replies[:3]), other.event_id)
+    dead = await dead_letters.next_msg(timeout=10)
+    assert decode_event(dead.data).event_id == replies[3].event_id
+    assert dead.headers is not None
+    assert "limit of 3 messages an hour per member" in dead.headers["Wecombot-Dlq-Reason"]
+    assert system.sim.messages_to("busy.user") == ["answer 0", "answer 1", "answer 2"]
+    assert system.sim.messages_to("calm.user") == ["你好"]
+    await _settled(system.js)
+
+
 async def test_a_permanent_refusal_fails_that_reply_only(system: System) -> None:
     await system.start_token()
     system.start_sender()
