@@ -97,6 +97,26 @@ def test_malformed_settings_are_named_with_where_to_find_them() -> None:
     assert "EncodingAESKey (随机获取)" in details
 
 
+def test_unusable_urls_keys_and_paths_are_named_without_showing_secrets() -> None:
+    """What the services now refuse at start (exit 2), doctor names the same way: a
+    password in a URL and the key are never printed."""
+    env = wecom_env(
+        "https://ww:S3cretPw@qyapi.weixin.qq.com",
+        OPENAI_API_KEY="sk-Distinct1ve\u00e9",
+        OPENAI_BASE_URL="http://[llm/v1",
+        GATEWAY_CALLBACK_PATH="/%6detrics",
+    )
+    finding = check_settings(env)
+    assert finding.status == "fail"
+    assert finding.summary == "4 problems in the settings"
+    details = "\n".join(finding.details)
+    assert "WECOM_API_BASE must not hold user:password@" in details
+    assert "OPENAI_API_KEY must be printable ASCII without spaces" in details
+    assert "OPENAI_BASE_URL does not parse as a URL" in details
+    assert "GATEWAY_CALLBACK_PATH must not hold '%'" in details
+    assert "S3cret" not in details and "Distinct1ve" not in details
+
+
 # ---------------------------------------------------------------- NATS
 
 
@@ -272,6 +292,18 @@ async def test_gettoken_wecom_unreachable_or_failing(wecom: SimulatedWeComApi) -
     assert "firewall" in closed.details[1]
 
 
+@pytest.mark.parametrize(
+    "api_base",
+    ["http://[127.0.0.1/", "http://ww:S3cretPw@127.0.0.1:9", "http://127.0.0.1:port"],
+)
+async def test_gettoken_waits_for_a_usable_api_base(api_base: str) -> None:
+    """urlsplit's ValueError escaped (doctor ended in a traceback), and a password in the
+    URL was printed with the host ('ConnectError calling ww:…@127.0.0.1:9')."""
+    finding = await check_gettoken(wecom_env(api_base), TIMEOUT)
+    assert finding.status == "skip"
+    assert "WECOM_API_BASE" in finding.summary
+
+
 # ---------------------------------------------------------------- callback URL
 
 
@@ -335,6 +367,16 @@ async def test_callback_unreachable() -> None:
     assert finding.summary.startswith(f"cannot reach {url}")
 
 
+@pytest.mark.parametrize("path", ["/wecom\x01callback", "/%6detrics", "/wecom/../callback"])
+async def test_callback_waits_for_a_path_the_gateway_accepts(path: str) -> None:
+    """httpx's InvalidURL for a control character escaped the check; a path the gateway
+    refuses at start is not one WeCom can be given."""
+    url = f"http://127.0.0.1:{free_port()}"
+    finding = await check_callback(wecom_env(GATEWAY_CALLBACK_PATH=path), url, TIMEOUT)
+    assert finding.status == "skip"
+    assert "GATEWAY_CALLBACK_PATH" in finding.summary
+
+
 # ---------------------------------------------------------------- model
 
 
@@ -392,6 +434,22 @@ async def test_model_unreachable() -> None:
     finding = await check_model({"OPENAI_API_KEY": "k", "OPENAI_BASE_URL": base}, TIMEOUT)
     assert finding.status == "fail"
     assert finding.summary.startswith(f"cannot reach {base}")
+
+
+@pytest.mark.parametrize(
+    "env",
+    [
+        {"OPENAI_API_KEY": "sk-Distinct1ve\u00e9"},
+        {"OPENAI_API_KEY": "sk-sim", "OPENAI_BASE_URL": "http://[127.0.0.1/v1"},
+        {"OPENAI_API_KEY": "sk-sim", "OPENAI_BASE_URL": "http://u:S3cretPw@127.0.0.1:9/v1"},
+    ],
+)
+async def test_model_waits_for_a_usable_key_and_url(env: dict[str, str]) -> None:
+    """UnicodeEncodeError (the key in a header) and urlsplit's ValueError escaped the
+    check, and a password in the URL was printed ('cannot reach http://u:…@…')."""
+    finding = await check_model(env, TIMEOUT)
+    assert finding.status == "skip"
+    assert finding.summary == "fix the OPENAI_ settings first"
 
 
 async def test_model_behind_a_proxy_the_llm_refuses(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -7,10 +7,11 @@ import json
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import make_mocked_request
-from hypothesis import example, given
+from aiohttp.test_utils import TestServer, make_mocked_request
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from multidict import MultiDict
 
@@ -30,6 +31,7 @@ from wecombot_common.events import (
     encode_event,
 )
 from wecombot_common.runtime import HealthServer
+from wecombot_common.sim.callbacks import CallbackBuilder
 from wecombot_common.topology import is_user_id
 from wecombot_gateway.app import create_app
 from wecombot_gateway.body import check_content_type, check_declared_length
@@ -540,22 +542,70 @@ async def _resources_serving(app: web.Application, paths: list[str]) -> list[web
     return [match.route.resource for match in matches if match.route.resource is not None]
 
 
-@given(st.text(alphabet="/az.:*%-_~{}", max_size=12).map(lambda tail: f"/{tail}"))
+async def _url_verification(app: web.Application, path: str) -> tuple[int, str]:
+    """WeCom's URL verification of ``path`` (GET, signed, the echo encrypted), sent by a
+    real client (httpx, as ``wecombot doctor`` sends it) to the app on a real server:
+    the answer's status and body, which is the echo when the callback got it."""
+    wecom = CallbackBuilder(corp_id=CORP, agent_id=1000002, token=TOKEN, encoding_aes_key=AES_KEY)
+    async with TestServer(app) as server, httpx.AsyncClient() as http:
+        url = f"http://{server.host}:{server.port}{path}"
+        response = await http.get(url, params=wecom.verify_url(ECHO))
+    return response.status_code, response.text
+
+
+ECHO = "reached-the-callback"
+# What an operator may type: '%'-escapes, dot segments, spaces, controls, non-ASCII, the
+# route pattern's braces and characters a URL reserves.
+_PATH_CHARS = "/az26dF.:*%-_~{}?#+;=@\\ \t\x01\x7fé回"
+
+
+@settings(deadline=None)  # a real server per example
+@given(st.text(alphabet=_PATH_CHARS, max_size=12).map(lambda tail: f"/{tail}"))
 @example("/{tail:.*}")
 @example("/wecom/{")
 @example("/metrics")
-def test_an_accepted_callback_path_builds_the_app_and_leaves_its_own_routes(path: str) -> None:
-    """Whatever path the setting accepts, create_app builds (no ValueError: exit 1) and
+@example("/%6detrics")
+@example("/wecom%2Fcallback")
+@example("/wecom/../callback")
+@example("/wecom/./callback")
+@example("/wecom\x01callback")
+@example("/企业微信/回调")
+def test_an_accepted_callback_path_is_reached_and_leaves_the_gateways_own(path: str) -> None:
+    """Whatever path the setting accepts, create_app builds (no ValueError: exit 1),
+    WeCom's URL verification sent to it reaches the callback (the echo comes back), and
     /healthz, /readyz and /metrics still reach their own handlers."""
     try:
-        settings = GatewaySettings.from_env({**ENV, "GATEWAY_CALLBACK_PATH": path})
+        gateway = GatewaySettings.from_env({**ENV, "GATEWAY_CALLBACK_PATH": path})
     except ConfigError:
         return  # refused at start, with the setting named: exit 2
-    app = create_app(settings, _NoPublisher(), ready=_ready)
+    app = create_app(gateway, _NoPublisher(), ready=_ready)
     callback = {r for r in app.router.resources() if any(route.method == "POST" for route in r)}
     serving = asyncio.run(_resources_serving(app, OWN_PATHS))
     assert len(serving) == len(OWN_PATHS)
     assert not callback.intersection(serving), f"{path!r} takes one of {OWN_PATHS}"
+    reached = asyncio.run(_url_verification(app, gateway.callback_path))
+    assert reached == (200, ECHO), f"{path!r} is not reached"
+
+
+@pytest.mark.parametrize(
+    ("path", "message"),
+    [
+        ("/%6detrics", "must not hold '%'"),
+        ("/wecom%2Fcallback", "must not hold '%'"),
+        ("/wecom/../callback", "must not hold '.' or '..' segments"),
+        ("/wecom/./callback", "must not hold '.' or '..' segments"),
+        ("/.", "must not hold '.' or '..' segments"),
+        ("/wecom\x01callback", "must start with '/' and hold no '\\?', '#', spaces or"),
+        ("/wecom\u00a0callback", "must start with '/' and hold no '\\?', '#', spaces or"),
+    ],
+)
+def test_a_callback_path_no_request_would_reach_is_refused(path: str, message: str) -> None:
+    """'/%6detrics' was routed as itself but arrives decoded, as /metrics (404 for
+    WeCom); whether '%2F' stays '%2F' depends on every proxy on the way. '..' and '.'
+    are resolved by the client before sending, and a control character is refused by
+    clients (httpx: InvalidURL, which the doctor's callback check did not catch)."""
+    with pytest.raises(ConfigError, match=f"GATEWAY_CALLBACK_PATH {message}"):
+        GatewaySettings.from_env({**ENV, "GATEWAY_CALLBACK_PATH": path})
 
 
 def test_settings_report_every_problem_at_once() -> None:

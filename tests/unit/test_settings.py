@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+from urllib.parse import urlsplit
+
+import httpx
 import pytest
+import yarl
+from hypothesis import example, given
+from hypothesis import strategies as st
 
 from wecombot_common.errors import ConfigError
 from wecombot_common.settings import (
@@ -97,3 +103,89 @@ def test_other_bad_values(env: dict[str, str], message: str) -> None:
     WeComApiSettings.read(reader, need_secret=False)
     with pytest.raises(ConfigError, match=message):
         reader.raise_if_invalid()
+
+
+def _api_base(url: str) -> EnvReader:
+    reader = EnvReader({**GOOD, "WECOM_API_BASE": url})
+    WeComApiSettings.read(reader)
+    return reader
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        # urlsplit raised ValueError in the token service's constructor (and in `wecombot
+        # doctor`): exit 1 with a traceback instead of 2 naming the setting.
+        ("https://[qyapi.weixin.qq.com", "does not parse as a URL"),
+        ("https://qyapi.weixin.qq.com:https", "does not parse as a URL"),
+        ("https://qyapi.weixin.qq.com:99999", "does not parse as a URL"),
+        ("https://:443", "names no host"),
+        ("https://", "names no host"),
+        ("https:qyapi.weixin.qq.com", "must be a URL starting with http:// or https://"),
+        ("https://qyapi weixin.qq.com", "must not hold spaces or control characters"),
+        ("https://qyapi\x01.weixin.qq.com", "must not hold spaces or control characters"),
+        ("https://qyapi\\weixin.qq.com", "must name a host of letters, digits"),
+        ("https://企业微信.cn", "must name a host .* in its xn-- form"),
+        ("https://xn--zz.cn", "names an xn-- \\(punycode\\) host that is not valid IDNA"),
+        ("https://qyapi.weixin.qq.com:0", "must not name port 0"),
+    ],
+)
+def test_an_api_base_no_client_can_use_is_refused(url: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=f"WECOM_API_BASE {message}"):
+        _api_base(url).raise_if_invalid()
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://bot:S3cretPw@qyapi.weixin.qq.com",
+        "https://S3cretPw@qyapi.weixin.qq.com",
+        "https://bot:S3cret/Pw@qyapi.weixin.qq.com",  # a '/' in it: does not even parse
+        "https://bot:S3cretPw@[qyapi.weixin.qq.com",
+        "bot:S3cretPw@qyapi.weixin.qq.com",
+    ],
+)
+def test_a_password_in_the_api_base_is_refused_and_never_shown(url: str) -> None:
+    """The token service showed the host with it ('ConnectError calling bot:pw@…'), and
+    `wecombot doctor` the whole URL."""
+    [problem] = _api_base(url).problems
+    assert problem.startswith("WECOM_API_BASE ")
+    assert "S3cret" not in problem and "***@" in problem
+
+
+def test_a_user_in_the_api_base_says_where_the_secret_goes() -> None:
+    [problem] = _api_base("https://ww1:secret@qyapi.weixin.qq.com").problems
+    assert problem.startswith("WECOM_API_BASE must not hold user:password@")
+    assert "WECOM_SECRET" in problem
+
+
+@given(
+    scheme=st.sampled_from(["http", "https", "HTTPS", "ftp", ""]),
+    separator=st.sampled_from(["://", ":", ":///"]),
+    rest=st.text(alphabet="ah09.-_:@[]/%?#\\ \x01é", max_size=16),
+)
+@example(scheme="https", separator="://", rest="qyapi.weixin.qq.com")
+@example(scheme="http", separator="://", rest="[::1]:8080/base")
+@example(scheme="http", separator="://", rest="[fe80::1%25eth0]/")
+@example(scheme="https", separator="://", rest="xn--bcher-kva.de/v1")
+@example(scheme="https", separator="://", rest="xn--zz.de/v1")
+@example(scheme="http", separator="://", rest="u:p@h/v1")
+@example(scheme="http", separator="://", rest="[bad/v1")
+@example(scheme="http", separator="://", rest="h:99999")
+@example(scheme="http", separator="://", rest="h\\x")
+def test_an_accepted_url_is_one_every_client_here_reads(
+    scheme: str, separator: str, rest: str
+) -> None:
+    """urlsplit (the token service, the llm's proxy choice, doctor), httpx (every call)
+    and yarl (aiohttp, which sends the llm's calls: it reads the URL httpx hands it) all
+    take it, with a host and without user:password@ (a password would be logged)."""
+    url = f"{scheme}{separator}{rest}"
+    reader = EnvReader({"BASE": url})
+    base = reader.url("BASE", "https://unused.example")
+    if reader.problems:
+        return  # refused at start, the variable named: exit 2
+    parts = urlsplit(base)
+    assert parts.port != 0 and parts.hostname and "@" not in parts.netloc
+    sent = httpx.URL(f"{base}/cgi-bin/gettoken")
+    assert sent.host
+    assert yarl.URL(str(sent)).host

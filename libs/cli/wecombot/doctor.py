@@ -51,7 +51,7 @@ from wecombot_common.settings import (
     WeComCallbackSettings,
 )
 from wecombot_common.sim.callbacks import CallbackBuilder
-from wecombot_gateway.settings import GatewaySettings
+from wecombot_gateway.settings import GatewaySettings, read_callback_path
 from wecombot_llm.model import env_proxy, error_detail, provider_auth
 from wecombot_llm.settings import LlmSettings, ModelSettings
 from wecombot_sender.settings import SenderSettings
@@ -299,7 +299,9 @@ async def check_gettoken(environ: Mapping[str, str], timeout_s: float) -> Findin
     settings = WeComApiSettings.read(env)
     if env.problems:
         return Finding(
-            "gettoken", "skip", "fix WECOM_CORP_ID, WECOM_AGENT_ID and WECOM_SECRET first"
+            "gettoken",
+            "skip",
+            "fix WECOM_CORP_ID, WECOM_AGENT_ID, WECOM_SECRET and WECOM_API_BASE first",
         )
     source = WeComTokenSource(settings, timeout_s=timeout_s)
     try:
@@ -418,12 +420,13 @@ async def check_callback(
         )
     env = EnvReader(environ)
     wecom = WeComCallbackSettings.read(env)
-    path = env.text("GATEWAY_CALLBACK_PATH", "/wecom/callback")
+    path = read_callback_path(env)  # the gateway's own rule: no URL for a path it refuses
     if env.problems:
         return Finding(
             "callback",
             "skip",
-            "fix WECOM_CORP_ID, WECOM_AGENT_ID, WECOM_TOKEN and WECOM_ENCODING_AES_KEY first",
+            "fix WECOM_CORP_ID, WECOM_AGENT_ID, WECOM_TOKEN, WECOM_ENCODING_AES_KEY and "
+            "GATEWAY_CALLBACK_PATH first",
         )
     parts = urlsplit(public_url)
     if parts.scheme not in ("http", "https") or not parts.netloc:

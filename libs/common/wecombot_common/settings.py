@@ -25,6 +25,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, TypeVar
+from urllib.parse import urlsplit
+
+import idna
 
 from .errors import ConfigError
 
@@ -183,14 +186,31 @@ class EnvReader:
         self.problems.append(f"{name} must be true or false, got {raw!r}")
         return default
 
-    def url(self, name: str, default: str, *, schemes: tuple[str, ...] = ("http", "https")) -> str:
+    def url(
+        self,
+        name: str,
+        default: str,
+        *,
+        schemes: tuple[str, ...] = ("http", "https"),
+        credentials: str = "",
+    ) -> str:
+        """A base URL an HTTP client can use: it parses, has one of ``schemes`` and a host,
+        and holds no ``user:password@`` (``credentials`` says where they go instead). A
+        refused URL is quoted with anything up to an ``@`` hidden.
+
+        >>> env = EnvReader({"API": "https://bot:hunter2@api.example.com/v1"})
+        >>> env.url("API", "https://api.example.com", credentials="the key goes in API_KEY")
+        'https://bot:hunter2@api.example.com/v1'
+        >>> print(env.problems[0])  # doctest: +NORMALIZE_WHITESPACE
+        API must not hold user:password@ (the key goes in API_KEY),
+        got 'https://***@api.example.com/v1'
+        """
         raw = self._raw(name) or default
-        scheme = raw.split("://", 1)[0] if "://" in raw else ""
-        if scheme not in schemes or len(raw) <= len(scheme) + 3:
-            self.problems.append(
-                f"{name} must be a URL starting with {' or '.join(s + '://' for s in schemes)}"
-                f", got {raw!r}"
-            )
+        problem = _url_problem(raw, schemes)
+        if problem == _USERINFO and credentials:
+            problem = f"{problem} ({credentials})"
+        if problem:
+            self.problems.append(f"{name} {problem}, got {_masked(raw)!r}")
         return raw.rstrip("/")
 
     def check(self, ok: bool, problem: str) -> None:
@@ -201,6 +221,66 @@ class EnvReader:
         if self.problems:
             lines = "\n".join(f"  - {p}" for p in self.problems)
             raise ConfigError(f"invalid configuration:\n{lines}", self.problems)
+
+
+_USERINFO = "must not hold user:password@"
+# What a host name may hold (IPv6 literals in brackets are checked by urlsplit): letters,
+# digits, '-', '_' and dots between them, as httpx and aiohttp (yarl) both take it.
+_HOST_NAME = re.compile(r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*\.?$")
+_BRACKETED = re.compile(r"^\[[^\[\]]+\](:[0-9]*)?$")
+
+
+def _url_problem(url: str, schemes: tuple[str, ...]) -> str | None:
+    """Why ``url`` cannot be an HTTP client's base URL (phrased after the variable's
+    name), or None. Never quotes the URL: a password may be in it."""
+    if any(c.isspace() or not c.isprintable() for c in url):
+        return "must not hold spaces or control characters"
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        # urlsplit's own message may quote the netloc, password included: not shown.
+        return "does not parse as a URL (an unmatched '[' or ']', or a port that is not a number)"
+    if parts.scheme not in schemes or not url.lower().startswith(f"{parts.scheme}://"):
+        return f"must be a URL starting with {' or '.join(s + '://' for s in schemes)}"
+    if "@" in parts.netloc:
+        # aiohttp refuses it beside an Authorization header (every call fails), and the
+        # services and the doctor show the host, which would show the password too.
+        return _USERINFO
+    if not parts.hostname:
+        return "names no host (it must be like https://host/path)"
+    if port == 0:
+        return "must not name port 0"
+    if parts.netloc.startswith("["):
+        if not _BRACKETED.match(parts.netloc):
+            return "must hold nothing but ':port' after an IPv6 address's ']'"
+    elif not _HOST_NAME.match(parts.hostname):
+        return (
+            "must name a host of letters, digits, '-', '_' and '.' (an IPv6 address goes in "
+            "[brackets], an internationalised name in its xn-- form)"
+        )
+    if "xn--" in parts.hostname:
+        try:
+            # As httpx and yarl read an xn-- host (each building a request raises otherwise).
+            idna.decode(parts.hostname)
+        except UnicodeError:  # idna.IDNAError is one
+            return "names an xn-- (punycode) host that is not valid IDNA"
+    return None
+
+
+def _masked(url: str) -> str:
+    """``url`` with everything from its scheme up to the last '@' hidden: a password may
+    be there, even in a URL too broken to parse.
+
+    >>> _masked("https://bot:hunter2@[api/v1")
+    'https://***@[api/v1'
+    """
+    at = url.rfind("@")
+    if at < 0:
+        return url
+    scheme, sep, _ = url.partition("://")
+    start = len(scheme) + len(sep) if sep and len(scheme) < at else 0
+    return url[:start] + "***" + url[at:]
 
 
 def _bounds(minimum: float | None, maximum: float | None) -> str:
@@ -305,7 +385,11 @@ class WeComApiSettings:
                 required=need_secret,
                 hint="the self-built app's Secret",
             ),
-            api_base=env.url("WECOM_API_BASE", "https://qyapi.weixin.qq.com"),
+            api_base=env.url(
+                "WECOM_API_BASE",
+                "https://qyapi.weixin.qq.com",
+                credentials="WeCom takes none: the app's Secret goes in WECOM_SECRET",
+            ),
         )
 
 

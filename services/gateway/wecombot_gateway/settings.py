@@ -10,9 +10,10 @@
 Variables (besides the shared WECOM_*, NATS_*, LOG_*):
 
 ``GATEWAY_HOST`` (0.0.0.0), ``GATEWAY_PORT`` (8080), ``GATEWAY_CALLBACK_PATH``
-(/wecom/callback; a literal path, no ``{}`` pattern, and none of the gateway's own
-/healthz, /readyz, /metrics), ``GATEWAY_TIMESTAMP_WINDOW`` (300 s either side; 0
-disables the replay check), ``GATEWAY_MAX_BODY_BYTES`` (1 MiB),
+(/wecom/callback; a literal path, no ``{}`` pattern, ``%`` escape or ``.``/``..``
+segment, and none of the gateway's own /healthz, /readyz, /metrics),
+``GATEWAY_TIMESTAMP_WINDOW`` (300 s either side; 0 disables the replay check),
+``GATEWAY_MAX_BODY_BYTES`` (1 MiB),
 ``GATEWAY_PUBLISH_TIMEOUT`` (2 s: after that the callback is answered 503 and WeCom
 retries).
 """
@@ -30,11 +31,12 @@ from wecombot_common.settings import (
     WeComCallbackSettings,
 )
 
-__all__ = ["GatewaySettings"]
+__all__ = ["DEFAULT_CALLBACK_PATH", "GatewaySettings", "read_callback_path"]
 
 # HealthServer's routes, which the gateway serves on the callback's own port (app.py): a
 # callback path equal to one would answer the probes or the Prometheus scrape instead.
 _RESERVED_PATHS = ("/healthz", "/readyz", "/metrics")
+DEFAULT_CALLBACK_PATH = "/wecom/callback"
 # WeCom gives up on a callback after 5 s (https://developer.work.weixin.qq.com/document/path/90238);
 # waiting longer for a PubAck only answers a request nobody is listening to any more.
 _MAX_PUBLISH_TIMEOUT_S = 4.5
@@ -47,7 +49,7 @@ class GatewaySettings:
     log: LogSettings
     host: str = "0.0.0.0"  # noqa: S104 (a container's listener; the callback is public anyway)
     port: int = 8080
-    callback_path: str = "/wecom/callback"
+    callback_path: str = DEFAULT_CALLBACK_PATH
     timestamp_window_s: int = 300
     max_body_bytes: int = 1024 * 1024
     publish_timeout_s: float = 2.0
@@ -71,22 +73,7 @@ class GatewaySettings:
         log = LogSettings.read(env)
         host = env.text("GATEWAY_HOST", cls.host)
         port = env.integer("GATEWAY_PORT", cls.port, minimum=1, maximum=65535)
-        path = env.text("GATEWAY_CALLBACK_PATH", cls.callback_path)
-        env.check(
-            path.startswith("/") and not any(c in path for c in "?# \t"),
-            f"GATEWAY_CALLBACK_PATH must start with '/' and hold no '?', '#' or spaces, "
-            f"got {path!r}",
-        )
-        env.check(
-            not any(c in path for c in "{}"),
-            "GATEWAY_CALLBACK_PATH must be a literal path, without '{' or '}' (aiohttp reads "
-            f"them as a route pattern: '/{{tail:.*}}' would answer the probes too), got {path!r}",
-        )
-        env.check(
-            path not in _RESERVED_PATHS,
-            f"GATEWAY_CALLBACK_PATH must not be one of {', '.join(_RESERVED_PATHS)} (the "
-            f"gateway serves them on the same port), got {path!r}",
-        )
+        path = read_callback_path(env)
         window = env.integer(
             "GATEWAY_TIMESTAMP_WINDOW", cls.timestamp_window_s, minimum=0, maximum=86400
         )
@@ -111,3 +98,49 @@ class GatewaySettings:
             max_body_bytes=max_body,
             publish_timeout_s=publish_timeout,
         )
+
+
+def read_callback_path(env: EnvReader) -> str:
+    """GATEWAY_CALLBACK_PATH, refused unless a request for it reaches the callback route.
+
+    The router matches the *decoded* path, after the client has resolved '.' and '..'
+    segments, so '/%6detrics' and '/wecom/./callback' would never be reached. ``wecombot
+    doctor`` reads the path with this too.
+
+    >>> env = EnvReader({"GATEWAY_CALLBACK_PATH": "/wecom%2Fcallback"})
+    >>> read_callback_path(env), len(env.problems)
+    ('/wecom%2Fcallback', 1)
+    """
+    path = env.text("GATEWAY_CALLBACK_PATH", DEFAULT_CALLBACK_PATH)
+    env.check(
+        path.startswith("/") and not any(c in "?#" or _blank(c) for c in path),
+        "GATEWAY_CALLBACK_PATH must start with '/' and hold no '?', '#', spaces or control "
+        f"characters, got {path!r}",
+    )
+    env.check(
+        "%" not in path,
+        "GATEWAY_CALLBACK_PATH must not hold '%' (the gateway matches the decoded path, so a "
+        "%-escape is never reached: write the characters themselves, non-ASCII included), "
+        f"got {path!r}",
+    )
+    env.check(
+        not {".", ".."} & set(path.split("/")),
+        "GATEWAY_CALLBACK_PATH must not hold '.' or '..' segments (clients resolve them "
+        f"before sending: '/a/../b' is requested as '/b'), got {path!r}",
+    )
+    env.check(
+        not any(c in path for c in "{}"),
+        "GATEWAY_CALLBACK_PATH must be a literal path, without '{' or '}' (aiohttp reads "
+        f"them as a route pattern: '/{{tail:.*}}' would answer the probes too), got {path!r}",
+    )
+    env.check(
+        path not in _RESERVED_PATHS,
+        f"GATEWAY_CALLBACK_PATH must not be one of {', '.join(_RESERVED_PATHS)} (the "
+        f"gateway serves them on the same port), got {path!r}",
+    )
+    return path
+
+
+def _blank(char: str) -> bool:
+    """Whitespace or a control character: refused by HTTP clients, or sent escaped."""
+    return char.isspace() or not char.isprintable()

@@ -1,6 +1,6 @@
 """The llm service's settings, read from the environment once at start-up.
 
-    >>> s = LlmSettings.from_env({"OPENAI_API_KEY": "sk-…", "OPENAI_MODEL": "deepseek-chat",
+    >>> s = LlmSettings.from_env({"OPENAI_API_KEY": "sk-test", "OPENAI_MODEL": "deepseek-chat",
     ...                           "OPENAI_BASE_URL": "https://api.deepseek.com/v1"})
     >>> s.offline, s.model.model
     (False, 'deepseek-chat')
@@ -45,13 +45,16 @@ class ModelSettings:
 
     @classmethod
     def read(cls, env: EnvReader, *, max_concurrency: int) -> ModelSettings:
-        key = env.secret("OPENAI_API_KEY", required=False)
         temperature: float | None = None
         if env.present("LLM_TEMPERATURE"):
             temperature = env.number("LLM_TEMPERATURE", 1.0, float, "a number", 0.0, 2.0)
         return cls(
-            api_key=key if key else None,
-            base_url=env.url("OPENAI_BASE_URL", "https://api.openai.com/v1"),
+            api_key=_api_key(env),
+            base_url=env.url(
+                "OPENAI_BASE_URL",
+                "https://api.openai.com/v1",
+                credentials="the key goes in OPENAI_API_KEY",
+            ),
             model=env.text("OPENAI_MODEL", "gpt-4o-mini"),
             api_version=env.optional("OPENAI_API_VERSION"),
             temperature=temperature,
@@ -60,6 +63,25 @@ class ModelSettings:
             # Every in-flight message may hold one connection; a few spare for retries.
             max_connections=max_concurrency + 8,
         )
+
+
+def _api_key(env: EnvReader) -> Secret | None:
+    """OPENAI_API_KEY, or None (offline). It goes in a header (``Authorization: Bearer``
+    or ``api-key``), so printable ASCII without spaces: anything else made building the
+    client raise UnicodeEncodeError. The problem names the character, never the key."""
+    key = env.secret("OPENAI_API_KEY", required=False)
+    if not key:
+        return None
+    bad = next(((i, c) for i, c in enumerate(key.reveal(), 1) if not "!" <= c <= "~"), None)
+    if bad is not None:
+        position, char = bad
+        what = "a space" if char == " " else f"U+{ord(char):04X}"
+        env.check(
+            False,
+            "OPENAI_API_KEY must be printable ASCII without spaces (it is sent in an HTTP "
+            f"header): character {position} is {what}",
+        )
+    return key
 
 
 @dataclass(frozen=True)
