@@ -313,6 +313,21 @@ async def test_callback_skipped_without_a_public_url() -> None:
     assert "--public-url" in finding.summary
 
 
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("http://[bad", "--public-url does not parse as a URL"),  # urlsplit raised before
+        ("ftp://example.com/wecom/callback", "--public-url must be a URL starting with"),
+        ("https://bot:S3cretPw@example.com/", "--public-url must not hold user:password@"),
+    ],
+)
+async def test_callback_with_a_public_url_that_is_no_url(url: str, message: str) -> None:
+    finding = await check_callback(wecom_env(), url, TIMEOUT)
+    assert finding.status == "fail"
+    assert message in finding.summary
+    assert "S3cretPw" not in finding.summary
+
+
 async def test_callback_verified_by_the_real_gateway(gateway: str) -> None:
     finding = await check_callback(wecom_env(), gateway, TIMEOUT)  # path appended
     assert finding.status == "ok", finding

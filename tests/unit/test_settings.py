@@ -50,6 +50,7 @@ def test_good_values_are_read() -> None:
         ({"WECOM_AGENT_ID": "abc"}, "WECOM_AGENT_ID must be a number"),
         ({"WECOM_CORP_ID": "ww.1"}, "WECOM_CORP_ID must be letters and digits"),
         ({"WECOM_TOKEN": ""}, "WECOM_TOKEN is required"),
+        ({"WECOM_TOKEN": "令牌abc"}, "WECOM_TOKEN must be 1 to 32 ASCII letters or digits"),
         ({"WECOM_CORP_ID": ""}, "WECOM_CORP_ID is required"),
     ],
 )
@@ -128,6 +129,9 @@ def _api_base(url: str) -> EnvReader:
         ("https://企业微信.cn", "must name a host .* in its xn-- form"),
         ("https://xn--zz.cn", "names an xn-- \\(punycode\\) host that is not valid IDNA"),
         ("https://qyapi.weixin.qq.com:0", "must not name port 0"),
+        # A base for paths: '/cgi-bin/gettoken' would land after the query.
+        ("https://qyapi.weixin.qq.com/?x=1", "must not hold a query or fragment"),
+        ("https://qyapi.weixin.qq.com#top", "must not hold a query or fragment"),
     ],
 )
 def test_an_api_base_no_client_can_use_is_refused(url: str, message: str) -> None:

@@ -49,6 +49,8 @@ from wecombot_common.settings import (
     NatsSettings,
     WeComApiSettings,
     WeComCallbackSettings,
+    masked_url,
+    url_problem,
 )
 from wecombot_common.sim.callbacks import CallbackBuilder
 from wecombot_gateway.settings import GatewaySettings, read_callback_path
@@ -428,13 +430,12 @@ async def check_callback(
             "fix WECOM_CORP_ID, WECOM_AGENT_ID, WECOM_TOKEN, WECOM_ENCODING_AES_KEY and "
             "GATEWAY_CALLBACK_PATH first",
         )
-    parts = urlsplit(public_url)
-    if parts.scheme not in ("http", "https") or not parts.netloc:
+    problem = url_problem(public_url)
+    if problem is not None:
         return Finding(
-            "callback",
-            "fail",
-            f"--public-url must be an http:// or https:// URL, got {public_url!r}",
+            "callback", "fail", f"--public-url {problem}, got {masked_url(public_url)!r}"
         )
+    parts = urlsplit(public_url)
     url = public_url if parts.path not in ("", "/") else public_url.rstrip("/") + path
     builder = CallbackBuilder(
         corp_id=wecom.corp_id,

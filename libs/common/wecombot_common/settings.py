@@ -39,6 +39,8 @@ __all__ = [
     "WeComApiSettings",
     "WeComCallbackSettings",
     "app_key",
+    "masked_url",
+    "url_problem",
 ]
 
 T = TypeVar("T")
@@ -206,11 +208,15 @@ class EnvReader:
         got 'https://***@api.example.com/v1'
         """
         raw = self._raw(name) or default
-        problem = _url_problem(raw, schemes)
+        problem = url_problem(raw, schemes)
         if problem == _USERINFO and credentials:
             problem = f"{problem} ({credentials})"
+        if problem is None and ("?" in raw or "#" in raw):
+            # Paths are appended to it ('/chat/completions', '/cgi-bin/gettoken'): they
+            # would land after the query, and the provider answers 404 to every call.
+            problem = "must not hold a query or fragment ('?', '#'): it is a base for paths"
         if problem:
-            self.problems.append(f"{name} {problem}, got {_masked(raw)!r}")
+            self.problems.append(f"{name} {problem}, got {masked_url(raw)!r}")
         return raw.rstrip("/")
 
     def check(self, ok: bool, problem: str) -> None:
@@ -230,7 +236,7 @@ _HOST_NAME = re.compile(r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*\.?$")
 _BRACKETED = re.compile(r"^\[[^\[\]]+\](:[0-9]*)?$")
 
 
-def _url_problem(url: str, schemes: tuple[str, ...]) -> str | None:
+def url_problem(url: str, schemes: tuple[str, ...] = ("http", "https")) -> str | None:
     """Why ``url`` cannot be an HTTP client's base URL (phrased after the variable's
     name), or None. Never quotes the URL: a password may be in it."""
     if any(c.isspace() or not c.isprintable() for c in url):
@@ -268,11 +274,11 @@ def _url_problem(url: str, schemes: tuple[str, ...]) -> str | None:
     return None
 
 
-def _masked(url: str) -> str:
+def masked_url(url: str) -> str:
     """``url`` with everything from its scheme up to the last '@' hidden: a password may
     be there, even in a URL too broken to parse.
 
-    >>> _masked("https://bot:hunter2@[api/v1")
+    >>> masked_url("https://bot:hunter2@[api/v1")
     'https://***@[api/v1'
     """
     at = url.rfind("@")
@@ -355,9 +361,10 @@ class WeComCallbackSettings:
                 "WECOM_ENCODING_AES_KEY must contain only letters, digits, '+' and '/'",
             )
         if token:
+            raw_token = token.reveal()
             env.check(
-                token.reveal().isalnum() and len(token.reveal()) <= 32,
-                "WECOM_TOKEN must be 1 to 32 letters or digits",
+                raw_token.isascii() and raw_token.isalnum() and len(raw_token) <= 32,
+                "WECOM_TOKEN must be 1 to 32 ASCII letters or digits",
             )
         return cls(corp_id=corp_id, agent_id=agent_id, token=token, encoding_aes_key=key)
 
