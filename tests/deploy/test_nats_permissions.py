@@ -31,6 +31,7 @@ from tests.waiting import until
 from wecombot import setup as setup_command
 from wecombot_common import bus, topology
 from wecombot_common.embedded import EmbeddedNats
+from wecombot_common.events import Event, ReplyDelivered, ReplyGenerated
 from wecombot_common.settings import EnvReader, NatsSettings
 from wecombot_common.topology import ConversationRef
 
@@ -157,6 +158,40 @@ async def test_poison_messages_reach_the_dead_letter_stream(
         await until(collect, timeout=20, what=lambda: f"both dead letters (have {dlq_subjects})")
     finally:
         await admin.close()
+    assert secured_nats.violations() == []
+
+
+@pytest.mark.parametrize(
+    ("user", "branch"), [("llm", "llm"), ("sender", "send")], ids=["llm", "sender"]
+)
+async def test_an_append_goes_after_a_message_that_is_not_an_event(
+    clients: dict[str, Client], secured_nats: SecuredNats, user: str, branch: str
+) -> None:
+    """The conditional append reads its branch's last message (a message get, not a
+    direct one) to tell junk from a real conflict; refused, the conversation wedged."""
+    client = clients[user]
+    conv = ConversationRef(APP, f"after.junk.{user}")
+    junk = await client.js.publish(f"{conv.root}.{branch}.x", b"not an event")
+    reply = ReplyGenerated(app=APP, conversation=conv.user, correlation_id="m", text="hi")
+    event: Event = reply
+    if user == "sender":
+        event = ReplyDelivered(
+            app=APP,
+            conversation=conv.user,
+            correlation_id="m",
+            reply_id=reply.event_id,
+            parts=1,
+            wecom_msgids=["w1"],
+        )
+    appended = await bus.append_event(
+        client.js,
+        event,
+        expect_last_seq=0,
+        expect_scope=f"{conv.root}.{branch}.>",
+        timeout=5,
+    )
+    assert appended.seq > junk.seq
+    assert client.errors == []
     assert secured_nats.violations() == []
 
 
