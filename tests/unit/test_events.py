@@ -81,6 +81,14 @@ def test_garbage_is_a_typed_error(data: bytes) -> None:
         decode_event(data)
 
 
+def test_json_nested_too_deep_is_a_typed_error() -> None:
+    """A known type with an unknown field nested 1,000 deep (2 KB) raised RecursionError,
+    which every fold and the worker let through: the conversation could not be read."""
+    deep = b'{"type":"ReplyGenerated","x":' + b"[" * 1000 + b"]" * 1000 + b"}"
+    with pytest.raises(EventDecodeError, match="nested too deeply"):
+        decode_event(deep)
+
+
 def test_events_are_frozen() -> None:
     event = ReplyGenerated(**ENV, text="x")
     with pytest.raises(AttributeError):

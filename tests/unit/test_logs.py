@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from urllib.parse import urlsplit
 
 import pytest
 import structlog
@@ -51,7 +52,21 @@ def test_short_values_are_not_treated_as_secrets(capsys: pytest.CaptureFixture[s
         ('{"url": "https://k:v@api/v1"}', f'{{"url": "https://k:{REDACTED}@api/v1"}}'),
         ("nats://127.0.0.1:4222", "nats://127.0.0.1:4222"),
         ("zhang.san@corp wrote http://h/a@b", "zhang.san@corp wrote http://h/a@b"),
+        # The userinfo runs to the last '@' (nats-py reads the password as 'Xy7@kQ9z').
+        ("nats://wecombot:Xy7@kQ9z@nats:4222", f"nats://wecombot:{REDACTED}@nats:4222"),
     ],
 )
 def test_passwords_in_url_userinfo_are_redacted_by_pattern(text: str, expected: str) -> None:
     assert redact(text) == expected
+
+
+def test_a_namedtuple_value_is_redacted_not_an_error(capsys: pytest.CaptureFixture[str]) -> None:
+    """Rebuilding a namedtuple from a generator raised TypeError inside the caller's log
+    call (and a stdlib logger printed the raw arguments)."""
+    configure_logging(LogSettings(), service="test", secrets=[Secret("Sup3rS3cret")])
+    parts = urlsplit("nats://u:Sup3rS3cret@h:4222")
+    structlog.get_logger("t").info("connecting", parts=parts)
+    logging.getLogger("third.party").warning("conn %s", parts)
+    err = capsys.readouterr().err
+    assert "Sup3rS3cret" not in err
+    assert len(_lines(err)) == 2

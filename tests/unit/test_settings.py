@@ -193,3 +193,13 @@ def test_an_accepted_url_is_one_every_client_here_reads(
     sent = httpx.URL(f"{base}/cgi-bin/gettoken")
     assert sent.host
     assert yarl.URL(str(sent)).host
+
+
+def test_a_bad_nats_url_is_quoted_without_its_password() -> None:
+    url = "nats://wecombot:Sup3rS3cret@nats-1:4222, natss://wecombot:Sup3rS3cret@nats-2:4222"
+    env = EnvReader({"NATS_URL": url})
+    NatsSettings.read(env)
+    with pytest.raises(ConfigError, match="NATS_URL must be nats://host:port") as refused:
+        env.raise_if_invalid()
+    assert "Sup3rS3cret" not in str(refused.value)
+    assert "nats-2:4222" in str(refused.value)

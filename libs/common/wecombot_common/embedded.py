@@ -39,6 +39,9 @@ def nats_server_binary() -> str:
     return found
 
 
+_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
 class EmbeddedNats:
     """A nats-server child process with JetStream on file storage."""
 
@@ -125,7 +128,7 @@ class EmbeddedNats:
         self.client_port = int(ports["nats"][0].rsplit(":", 1)[1])
         self.monitoring_port = int(ports["monitoring"][0].rsplit(":", 1)[1])
         try:
-            with urllib.request.urlopen(  # noqa: S310 (loopback monitoring URL we started)
+            with _DIRECT.open(  # loopback: never through HTTP_PROXY, which urlopen honours
                 f"{self.monitoring_url}/healthz?js-enabled-only=true", timeout=1
             ) as resp:
                 return bool(resp.status == 200)

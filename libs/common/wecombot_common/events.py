@@ -265,3 +265,5 @@ def decode_event(data: bytes) -> Event:
         return _decoder.decode(data)
     except msgspec.DecodeError as exc:
         raise EventDecodeError(f"undecodable event: {exc}") from exc
+    except RecursionError:  # JSON nested deeper than msgspec follows: never an event
+        raise EventDecodeError("undecodable event: nested too deeply") from None

@@ -34,8 +34,10 @@ REDACTED = "[REDACTED]"
 _MIN_SECRET_LEN = 6  # shorter values would redact ordinary words
 _URL_SECRETS = re.compile(r"(?i)((?:access_token|corpsecret|api[_-]?key)=)[^&\s\"']+")
 _BEARER = re.compile(r"(?i)(bearer\s+)[A-Za-z0-9._\-~+/]+=*")
-# scheme://userinfo@ : keep the user name, never the password (or a bare token).
-_URL_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.\-]*://)([^/@\s\"',]+)@")
+# scheme://userinfo@ : keep the user name, never the password (or a bare token). The
+# userinfo runs to the *last* '@' before the host, as URL parsers read it (nats-py
+# included): a password may hold an '@' of its own.
+_URL_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.\-]*://)([^/\s\"',]+)@")
 _secrets: set[str] = set()
 _longest_first: tuple[str, ...] = ()  # _secrets, sorted once per registration, not per line
 
@@ -75,6 +77,8 @@ def _scrub(value: Any) -> Any:
         return redact(value)
     if isinstance(value, dict):
         return {k: _scrub(v) for k, v in value.items()}
+    if isinstance(value, tuple) and hasattr(value, "_fields"):  # a namedtuple
+        return type(value)(*(_scrub(v) for v in value))
     if isinstance(value, (list, tuple)):
         return type(value)(_scrub(v) for v in value)
     if isinstance(value, (int, float, bool)) or value is None:

@@ -421,7 +421,8 @@ class NatsSettings:
         for part in url.split(","):
             env.check(
                 part.strip().split("://", 1)[0] in ("nats", "tls", "ws", "wss"),
-                f"NATS_URL must be nats://host:port (comma-separated for a cluster), got {url!r}",
+                "NATS_URL must be nats://host:port (comma-separated for a cluster), got "
+                f"{','.join(masked_url(p) for p in url.split(','))!r}",
             )
         user = env.optional("NATS_USER")
         password = env.optional("NATS_PASSWORD")
