@@ -21,11 +21,11 @@ from nats.js import JetStreamContext
 
 from tests.conftest import NatsHandle
 from tests.waiting import until
-from wecombot.dlq import run
+from wecombot.dlq import replay, run
 from wecombot_common import topology
 from wecombot_common.bus import append_event, ensure_topology
 from wecombot_common.errors import PermanentError
-from wecombot_common.events import ReplyGenerated
+from wecombot_common.events import MessageReceived, ReplyGenerated, TextPayload
 from wecombot_common.settings import EnvReader, NatsSettings
 from wecombot_common.worker import Ack, Delivery, Handler, Nak, Outcome, PullWorker
 
@@ -60,7 +60,9 @@ async def _work(js: JetStreamContext, name: str, filter_subject: str, handler: H
 
 @pytest.fixture
 async def dead(js: JetStreamContext) -> JetStreamContext:
-    """Three dead letters: llm (undecodable), sender (refused), sender (gave up)."""
+    """Three dead letters: llm (undecodable), sender (refused), sender (gave up). A
+    reason in Chinese, as WeCom's own words are: nats-py reads a non-ASCII header of a
+    stream message as an email Header object (the listing crashed on it)."""
     await ensure_topology(js, _settings("nats://127.0.0.1:4222"))
     await js.publish(f"{topology.PREFIX}.conv.{APP}.wang~2Ewu.in", b"\xffnot an event")
     await append_event(js, _reply("li.si", "refused for good"))
@@ -72,7 +74,7 @@ async def dead(js: JetStreamContext) -> JetStreamContext:
 
     async def sender(d: Delivery) -> Outcome:
         if d.event.conversation == "li.si":
-            raise PermanentError("SendRejected: recipient left (errcode 81013)")
+            raise PermanentError("SendRejected: recipient left (成员已离职) (errcode 81013)")
         if d.event.conversation == "zhang.san":
             return Nak(0, "WeCom answered HTTP 502")
         return Ack()
@@ -106,7 +108,10 @@ async def test_list_as_json_has_time_consumer_reason_subject_and_sequence(
     assert "undecodable event" in undecodable["reason"]
     assert undecodable["subject"] == f"wecombot.conv.{APP}.wang~2Ewu.in"
     assert undecodable["stream_seq"] == 1 and undecodable["deliveries"] == 1
-    assert refused["reason"] == "PermanentError: SendRejected: recipient left (errcode 81013)"
+    assert (
+        refused["reason"]
+        == "PermanentError: SendRejected: recipient left (成员已离职) (errcode 81013)"
+    )
     assert refused["subject"] == f"wecombot.conv.{APP}.li~2Esi.llm.reply"
     assert refused["stream_seq"] == 2 and refused["app"] == APP
     assert gave_up["reason"] == "gave up after 2: WeCom answered HTTP 502"
@@ -144,7 +149,10 @@ async def test_show_one_with_its_event_decoded_or_its_bytes(
     code, out, _ = await _dlq(nats_server.url, "show", "2")
     assert code == 0
     assert out.startswith("dead letter 2 in WECOMBOT_DLQ\n")
-    assert "  reason:     PermanentError: SendRejected: recipient left (errcode 81013)" in out
+    assert (
+        "  reason:     PermanentError: SendRejected: recipient left (成员已离职) (errcode 81013)"
+        in out
+    )
     assert "  user:       li.si" in out and '"text": "refused for good"' in out
 
     code, out, _ = await _dlq(nats_server.url, "show", "2", "--json")
@@ -203,7 +211,11 @@ async def test_the_wecombot_command(nats_server: NatsHandle, dead: JetStreamCont
     shown = await asyncio.to_thread(_wecombot, "show", "3", url=nats_server.url)
     assert shown.returncode == 0 and "gave up after 2" in shown.stdout
     bad = await asyncio.to_thread(_wecombot, "show", "three", url=nats_server.url)
-    assert bad.returncode == 2 and "invalid int value" in bad.stderr
+    assert bad.returncode == 2 and "'three' is not a whole number" in bad.stderr
+    # 0 and -1 reached JetStream as requests it could not read (exit 1, its error code).
+    for argv in (("show", "0"), ("replay", "-1"), ("--limit", "-3")):
+        bad = await asyncio.to_thread(_wecombot, *argv, url=nats_server.url)
+        assert bad.returncode == 2 and "is not 1 or more" in bad.stderr, (argv, bad.stderr)
     helped = await asyncio.to_thread(_wecombot, "--help", url=nats_server.url)
     assert helped.returncode == 0 and "--consumer" in helped.stdout, helped.stderr
 
@@ -229,3 +241,57 @@ async def test_replay_refuses_what_it_cannot_requeue(
     assert code == 1 and "is already requeued (wecombot dlq replay 3)" in err
     info = await dead.stream_info(topology.CONVERSATION_STREAM)
     assert info.state.messages == 5
+
+
+async def test_each_llm_dead_letter_replays_once_and_a_failed_copy_again(
+    js: JetStreamContext,
+) -> None:
+    """A replayed copy that fails again is parked as a new dead letter; replaying that
+    one appended nothing before (the copy's Nats-Msg-Id was per message, not per letter,
+    and the repeat fell in the duplicate window), while saying the llm would answer it."""
+    await ensure_topology(js, _settings("nats://127.0.0.1:4222"))
+    lost = MessageReceived(
+        app=APP,
+        conversation="wang.wu",
+        correlation_id="m77",
+        msg_type="text",
+        msg_id="m77",
+        from_user="wang.wu",
+        to_user="ww1",
+        agent_id=1000002,
+        create_time=1_700_000_000,
+        payload=TextPayload(content="你好"),
+    )
+    await append_event(js, lost)
+
+    async def failing(d: Delivery) -> Outcome:
+        return Nak(0, "the outcome could not be appended")
+
+    async def conversation_length() -> int:
+        info = await js.stream_info(topology.CONVERSATION_STREAM)
+        return int(info.state.messages)
+
+    await _work(js, topology.LLM_CONSUMER, topology.RECEIVED_FILTER, failing)
+    done, said = await replay(js, 1)
+    assert done and "appended again (seq 2)" in said, said
+    done, said = await replay(js, 1)
+    assert done and "dead letter 1 was replayed already" in said, said
+    assert await conversation_length() == 2
+
+    await _work(js, topology.LLM_CONSUMER, topology.RECEIVED_FILTER, failing)  # fails again
+    letters = await js.stream_info(topology.DEAD_LETTER_STREAM)
+    assert letters.state.messages == 2
+    done, said = await replay(js, 2)
+    assert done and "appended again (seq 3)" in said, said
+    assert await conversation_length() == 3
+
+
+async def test_a_replay_the_log_refuses_says_so(
+    nats_server: NatsHandle, dead: JetStreamContext
+) -> None:
+    sealed = await dead.stream_info(topology.CONVERSATION_STREAM)
+    sealed.config.sealed = True  # no append is accepted any more
+    await dead.update_stream(sealed.config)
+    code, out, err = await _dlq(nats_server.url, "replay", "3")
+    assert (code, out) == (1, "")
+    assert err.startswith("wecombot dlq: nothing replayed, the log refused the append: "), err

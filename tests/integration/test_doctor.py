@@ -304,6 +304,17 @@ async def test_gettoken_waits_for_a_usable_api_base(api_base: str) -> None:
     assert "WECOM_API_BASE" in finding.summary
 
 
+@pytest.mark.parametrize("timeout", ["0", "-1", "nan", "soon"])
+def test_a_timeout_that_is_no_time_is_refused(
+    timeout: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """It used to run every check with it and fail them all as network timeouts."""
+    with pytest.raises(SystemExit) as exited:
+        main(wecom_env(), ["--timeout", timeout], out=io.StringIO())
+    assert exited.value.code == 2
+    assert "is not a number of seconds" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------- callback URL
 
 

@@ -51,6 +51,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
+from email.header import Header, decode_header
 from typing import Any, TextIO
 
 import msgspec
@@ -60,7 +61,12 @@ from nats.js import JetStreamContext
 from nats.js.api import RawStreamMsg
 
 from wecombot_common import topology
-from wecombot_common.bus import append_event, read_conversation
+from wecombot_common.bus import (
+    AppendUnavailable,
+    ConcurrencyConflict,
+    append_event,
+    read_conversation,
+)
 from wecombot_common.errors import ConfigError
 from wecombot_common.events import (
     DeliveryFailed,
@@ -119,7 +125,7 @@ class DeadLetter:
 
     @classmethod
     def of(cls, raw: RawStreamMsg) -> DeadLetter:
-        headers: Mapping[str, str] = raw.headers or {}
+        headers = {name: _header_text(value) for name, value in (raw.headers or {}).items()}
         subject = raw.subject or ""
         return cls(
             seq=raw.seq or 0,
@@ -249,11 +255,17 @@ async def _redeliver(js: JetStreamContext, seq: int, parked: Event) -> tuple[boo
                 f"message {parked.correlation_id} from {parked.conversation} has its "
                 f"{type(stored.event).__name__} (seq {stored.seq}); nothing to replay"
             )
-    appended = await append_event(js, parked, msg_id=f"redeliver:{parked.event_id}")
-    again = " (already replayed)" if appended.duplicate else ""
+    # One copy per dead letter: replaying this letter twice appends once, and the letter
+    # of a copy that failed again can be replayed in its turn.
+    appended = await append_event(js, parked, msg_id=f"redeliver:{parked.event_id}:{seq}")
+    if appended.duplicate:
+        return True, (
+            f"dead letter {seq} was replayed already: message {parked.correlation_id} from "
+            f"{parked.conversation} is in the log again at seq {appended.seq}"
+        )
     return True, (
         f"message {parked.correlation_id} from {parked.conversation} appended again "
-        f"(seq {appended.seq}){again}; the llm answers it"
+        f"(seq {appended.seq}); the llm answers it"
     )
 
 
@@ -296,6 +308,18 @@ async def _requeue(js: JetStreamContext, seq: int, parked: Event) -> tuple[bool,
         f"reply {reply_id} to {parked.conversation} requeued (seq {appended.seq}); the "
         f"sender delivers it again after the {len(parts)} part(s) recorded"
     )
+
+
+def _header_text(value: object) -> str:
+    """A header of a stream message as text. nats-py reads those headers with the email
+    parser, which gives a non-ASCII value (a reason in WeCom's words: 企业可信IP) as a
+    Header object holding the raw bytes; they are UTF-8, as the worker wrote them."""
+    if isinstance(value, Header):
+        return "".join(
+            part.decode("utf-8", "replace") if isinstance(part, bytes) else part
+            for part, _ in decode_header(value)
+        )
+    return str(value)
 
 
 # ---------------------------------------------------------------- rendering
@@ -367,13 +391,28 @@ def _parser() -> argparse.ArgumentParser:
     # Options repeat after the action; SUPPRESS keeps a subparser from resetting them.
     _options(sub.add_parser("list", help="the newest dead letters (the default)"), listing=True)
     show = sub.add_parser("show", help="one dead letter, with its event decoded")
-    show.add_argument("seq", type=int, help="its sequence in WECOMBOT_DLQ (the SEQ column)")
+    show.add_argument(
+        "seq", type=positive_int, help="its sequence in WECOMBOT_DLQ (the SEQ column)"
+    )
     _options(show, listing=False)
     again = sub.add_parser(
         "replay", help="hand one back: the llm answers the message, the sender delivers the reply"
     )
-    again.add_argument("seq", type=int, help="its sequence in WECOMBOT_DLQ (the SEQ column)")
+    again.add_argument(
+        "seq", type=positive_int, help="its sequence in WECOMBOT_DLQ (the SEQ column)"
+    )
     return parser
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number from 1 (a stream sequence, a count)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not 1 or more")
+    return value
 
 
 def _options(p: argparse.ArgumentParser, *, listing: bool, defaults: bool = False) -> None:
@@ -386,7 +425,10 @@ def _options(p: argparse.ArgumentParser, *, listing: bool, defaults: bool = Fals
             "--consumer", default=default(None), help="only this consumer's (llm, sender)"
         )
         p.add_argument(
-            "--limit", type=int, default=default(50), help="at most N, the newest (default 50)"
+            "--limit",
+            type=positive_int,
+            default=default(50),
+            help="at most N, the newest (default 50)",
         )
 
 
@@ -412,6 +454,9 @@ async def run(
         return 1
     except (TimeoutError, nats.errors.Error) as exc:
         err.write(f"wecombot dlq: {type(exc).__name__}: {exc}\n")
+        return 1
+    except (AppendUnavailable, ConcurrencyConflict) as exc:  # replay's append
+        err.write(f"wecombot dlq: nothing replayed, the log refused the append: {exc}\n")
         return 1
     finally:
         await nc.close()

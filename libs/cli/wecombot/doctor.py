@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import re
 import secrets
 import sys
@@ -729,9 +730,21 @@ def _parser() -> argparse.ArgumentParser:
         "(default: $WECOMBOT_PUBLIC_URL; unset: that check is skipped)",
     )
     parser.add_argument(
-        "--timeout", type=float, default=10.0, help="seconds per check (default: 10)"
+        "--timeout", type=_seconds, default=10.0, help="seconds per check (default: 10)"
     )
     return parser
+
+
+def _seconds(text: str) -> float:
+    """An argparse type: a finite number of seconds above 0 (0, -1 or nan failed every
+    check as a network timeout)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"{text} is not a number of seconds above 0")
+    return value
 
 
 def main(environ: Mapping[str, str], argv: Sequence[str] = (), out: TextIO | None = None) -> int:
