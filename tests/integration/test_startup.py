@@ -5,6 +5,10 @@ Kubernetes never restart-loops a pod that is only waiting for the broker."""
 from __future__ import annotations
 
 import asyncio
+import os
+import socket
+import subprocess
+import sys
 
 import httpx
 import pytest
@@ -76,3 +80,32 @@ async def test_alive_before_nats_then_ready(name: str, nats_server: NatsHandle) 
     finally:
         stop.set()
         await asyncio.wait_for(task, 30)
+
+
+@pytest.mark.parametrize("name", ["llm", "sender", "token"])
+def test_a_health_port_in_use_is_a_setting_problem(name: str) -> None:
+    """Exit 2 naming the setting, as the gateway does for its port; it was a traceback and
+    exit 1 (``make run`` with another program on 8081-8083)."""
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = {
+            **os.environ,
+            "NATS_URL": "nats://127.0.0.1:9",
+            "WECOMBOT_HEALTH_PORT": str(port),
+            "WECOM_CORP_ID": "wwstartup",
+            "WECOM_AGENT_ID": "1000002",
+            "WECOM_SECRET": "startup-secret",
+        }
+        ran = subprocess.run(
+            [sys.executable, "-m", "wecombot", name],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    assert ran.returncode == 2, ran.stderr
+    assert "(WECOMBOT_HEALTH_PORT)" in ran.stderr and str(port) in ran.stderr, ran.stderr
+    assert "Traceback" not in ran.stderr

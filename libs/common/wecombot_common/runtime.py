@@ -143,7 +143,13 @@ class HealthServer:
             return
         app = web.Application()
         app.add_routes(self.routes())
-        self._site = await LocalSite.start(app, self.host, self.port)
+        try:
+            self._site = await LocalSite.start(app, self.host, self.port)
+        except OSError as exc:  # the port is taken: fix the setting (exit 2), no traceback
+            raise ConfigError(
+                f"cannot listen on {self.host}:{self.port} (WECOMBOT_HEALTH_PORT): "
+                f"{exc.strerror or exc}"
+            ) from exc
 
     async def stop(self) -> None:
         if self._site is not None:
