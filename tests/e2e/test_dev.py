@@ -8,6 +8,7 @@ within 10 s on SIGTERM.
 from __future__ import annotations
 
 import json
+import os
 import signal
 from pathlib import Path
 
@@ -86,3 +87,61 @@ def test_a_terminal_stops_every_service_before_the_nats_server(
     assert "did not stop in time" not in text
     assert "exited with code" not in text
     assert "nats.disconnected" not in text, "a service lost NATS before it had stopped"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return bool(Path(f"/proc/{pid}/cmdline").read_bytes())  # empty: a zombie
+    except OSError:
+        return False
+
+
+def test_one_dev_per_data_dir_and_a_killed_ones_processes_are_stopped(tmp_path: Path) -> None:
+    """The services and the nats-server run in sessions of their own (so Ctrl-C reaches
+    only dev): a dev killed with SIGKILL left all of them running, and the next dev then
+    ran a second nats-server on the same JetStream store and found its ports taken."""
+    env = {
+        "GATEWAY_PORT": str(free_port()),
+        "WECOMBOT_HEALTH_PORT": "0",
+        "WECOMBOT_CONSOLE_PORT": "0",
+    }
+    started: dict[str, int] = {}
+    try:
+        _killed_dev_then_another(tmp_path, env, started)
+    finally:  # whatever happened, leave nothing running
+        for pid in started.values():
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+def _killed_dev_then_another(tmp_path: Path, env: dict[str, str], started: dict[str, int]) -> None:
+    first = DevProcess(tmp_path, **env)
+    try:
+        first.out.wait_for(r'"gateway\.ready"')
+        started |= dict(
+            (name, int(pid))
+            for pid, _, name in (
+                line.partition(" ")
+                for line in (tmp_path / "data" / "dev.pids").read_text().splitlines()
+            )
+        )
+        assert set(started) == {"nats-server", "token", "llm", "sender", "gateway"}
+
+        second = DevProcess(tmp_path, **env)
+        assert second.proc.wait(timeout=30) == 2
+        second.out.wait_for(rf"another wecombot dev \(pid {first.proc.pid}\) runs with")
+    finally:
+        os.kill(first.proc.pid, signal.SIGKILL)
+        first.proc.wait()
+    assert _alive(started["nats-server"]), "left running by the killed dev"
+
+    third = DevProcess(tmp_path, **env)
+    try:
+        third.out.wait_for(r"a wecombot dev that was killed left these running; stopping them")
+        third.out.wait_for(r'"gateway\.ready"')
+        assert not any(_alive(pid) for pid in started.values())
+        assert "exited with code" not in "".join(third.out.lines)
+    finally:
+        code = third.stop(timeout=15)
+    assert code == 0, third.out.tail()
+    assert not (tmp_path / "data" / "dev.pids").exists()

@@ -13,6 +13,9 @@
   line prefixed with its service. Ctrl-C or SIGTERM stops them in dependency order
   (gateway first, token last), each with SIGTERM so it drains, within 10 s in all.
 - A ``.env`` file in the working directory is read for values not already set.
+- One ``dev`` per ``WECOMBOT_DATA_DIR`` at a time; what a ``dev`` killed outright left
+  running (its children run in sessions of their own) is stopped by the next one
+  (``wecombot.devlock``).
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from wecombot_common.sim.wecom_api import SentMessage, SimulatedWeComApi
 from wecombot_llm.settings import ModelSettings
 
 from .console import Console, ConsoleConfig
+from .devlock import NATS_SERVER, DataDirLock
 
 __all__ = ["main"]
 
@@ -101,8 +105,9 @@ class Sandbox:
 
 
 class Supervisor:
-    def __init__(self, env: dict[str, str]) -> None:
+    def __init__(self, env: dict[str, str], lock: DataDirLock | None = None) -> None:
         self.env = env
+        self.lock = lock
         self.children: dict[str, asyncio.subprocess.Process] = {}
         self.pumps: list[asyncio.Task[None]] = []
         self.exited = asyncio.Event()
@@ -122,6 +127,8 @@ class Supervisor:
             start_new_session=True,  # Ctrl-C reaches only us; we stop children in order
         )  # fmt: skip
         self.children[service] = proc
+        if self.lock is not None:
+            self.lock.record(service, proc.pid)
         self.pumps.append(asyncio.create_task(self._pump(service, proc)))
 
     async def _pump(self, service: str, proc: asyncio.subprocess.Process) -> None:
@@ -252,13 +259,30 @@ def _metrics_urls(env: Mapping[str, str], gateway_port: str) -> str:
 async def run(env: dict[str, str]) -> int:
     data_dir = Path(env.get("WECOMBOT_DATA_DIR") or "./.wecombot")
     env.setdefault("LOG_FORMAT", "console")
-    sup = Supervisor(env)
+    lock = DataDirLock(data_dir)
+    sup = Supervisor(env, lock)
     try:
         port_for_console = console_port(env)
         check_health_port(env)
     except ValueError as exc:
         sup.say(str(exc))
         return 2
+    if not lock.acquire():
+        sup.say(
+            f"another wecombot dev (pid {lock.holder()}) runs with {data_dir}: stop it "
+            "first, or give this one its own WECOMBOT_DATA_DIR"
+        )
+        return 2
+    try:
+        await asyncio.to_thread(lock.stop_leftovers, sup.say)
+        return await _run(env, data_dir, sup, port_for_console)
+    finally:
+        lock.release()
+
+
+async def _run(
+    env: dict[str, str], data_dir: Path, sup: Supervisor, port_for_console: int | None
+) -> int:
     nats_server: EmbeddedNats | None = None
     sim: SimulatedWeComApi | None = None
     console: Console | None = None
@@ -277,6 +301,8 @@ async def run(env: dict[str, str]) -> int:
                 own_session=True,  # Ctrl-C reaches only us: it stops after the services
             )
             await asyncio.to_thread(nats_server.start)
+            if nats_server.process is not None and sup.lock is not None:
+                sup.lock.record(NATS_SERVER, nats_server.process.pid)
             env["NATS_URL"] = nats_server.url
             sup.say(f"embedded nats-server at {nats_server.url} (store: {data_dir / 'nats'})")
         if not all(env.get(k) for k in WECOM_KEYS):
