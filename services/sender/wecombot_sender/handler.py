@@ -273,6 +273,11 @@ class ReplySender:
     async def _attempt(self, job: _Job) -> Settlement:
         state = await self._cache.load(job.conv)
         if pending_before(state, job.order_seq) and not state.outcome(job.reply_id).terminal:
+            # The user's hour is full: the earlier replies wait for it too, so waiting for
+            # them would only spend this reply's deliveries (one per order wait).
+            held = self._over_the_hour(state)
+            if held is not None:
+                return held
             turn = await self._take_turn(job, state)
             if isinstance(turn, Nak):
                 return turn

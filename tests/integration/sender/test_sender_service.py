@@ -332,6 +332,28 @@ async def test_a_reply_over_wecoms_hourly_limit_waits_instead_of_being_dropped(
     await _settled(system.js)
 
 
+async def test_replies_behind_one_held_for_the_hour_wait_for_the_hour_too(
+    system: System,
+) -> None:
+    # Waiting for the held reply in turn (SENDER_ORDER_WAIT a delivery) would spend the
+    # later replies' deliveries until, on their last, they were dead-lettered unsent.
+    await system.start_token()
+    system.start_sender(SENDER_PER_USER_PER_HOUR="2", SENDER_ORDER_WAIT="60")
+    warm = await system.reply("calm.user", "你好")
+    await system.log.until_finished(warm.event_id)
+    with capture_logs() as logs:
+        replies = [await system.reply("busy.user", f"answer {i}") for i in range(4)]
+        await system.log.until_finished(*(r.event_id for r in replies[:2]))
+
+        def held() -> list[dict[str, object]]:
+            return [e for e in logs if e["event"] == "sender.hourly_limit"]
+
+        await until(lambda: len(held()) >= 2, timeout=15, what=lambda: f"two held: {logs}")
+    assert system.sim.messages_to("busy.user") == ["answer 0", "answer 1"]
+    assert not [e for e in logs if e["event"] == "sender.waiting_for_earlier_reply"]
+    assert all(3500 < int(str(e["wait_s"])) <= 3660 for e in held())
+
+
 async def test_a_permanent_refusal_fails_that_reply_only(system: System) -> None:
     await system.start_token()
     system.start_sender()
