@@ -196,8 +196,9 @@ async def _settled(js: JetStreamContext, seq: int, name: str = "w") -> None:
 
 
 async def _parked_by_a_new_worker(js: JetStreamContext, seq: int) -> None:
-    """A fresh worker receives the message past the limit: it dead-letters it at once,
-    without running its handler."""
+    """A fresh worker receives the message past the limit: it hands it back for one
+    ack_wait (in case its last holder still finishes), then dead-letters it, never
+    running its handler."""
     handled: list[int] = []
 
     async def handle(d: Delivery) -> Outcome:
@@ -214,7 +215,7 @@ async def _parked_by_a_new_worker(js: JetStreamContext, seq: int) -> None:
     assert handled == []
     [letter] = await _dead_letters(js)
     assert letter["Wecombot-Dlq-Stream-Seq"] == str(seq)
-    assert letter["Wecombot-Dlq-Deliveries"] == "2"
+    assert letter["Wecombot-Dlq-Deliveries"] == "3"
     assert "past the limit of 1" in letter["Wecombot-Dlq-Reason"]
     await _settled(js, seq)
 
@@ -291,4 +292,35 @@ async def test_a_failed_dead_lettering_on_the_last_delivery_is_tried_again(
     [letter] = await _dead_letters(stream)
     assert letter["Wecombot-Dlq-Stream-Seq"] == str(appended.seq)
     assert "past the limit of 1" in letter["Wecombot-Dlq-Reason"]
+    await _settled(stream, appended.seq)
+
+
+async def test_a_holder_that_lost_its_hold_on_the_last_delivery_may_still_finish(
+    nats_server: NatsHandle, stream: JetStreamContext
+) -> None:
+    """Parked at once, the message past the limit was dead-lettered (and its ack floor
+    passed) while the replica that had only lost its hold was still handling it."""
+    appended = await append_event(stream, _reply("u", "slow but alive"))
+    worker_config = _config(ack_wait=1.0)
+    await stream.add_consumer(topology.CONVERSATION_STREAM, worker_config)
+    holder = await stream.pull_subscribe_bind(durable="w", stream=topology.CONVERSATION_STREAM)
+    [held] = await holder.fetch(1, timeout=5)  # its only allowed delivery; no heartbeats
+
+    async def never(d: Delivery) -> Outcome:
+        raise AssertionError("past the limit: never handled again")
+
+    stop = asyncio.Event()
+    with capture_logs() as logs:
+        task = asyncio.create_task(
+            PullWorker(stream, worker_config, never, max_deliver=1).run(stop)
+        )
+        await until(
+            lambda: any(e["event"] == "worker.past_limit_grace" for e in logs),
+            timeout=15,
+            what="the redelivery past the limit handed back for one ack_wait",
+        )
+        await held.ack_sync()  # the holder finishes after all
+        stop.set()
+        await task
+    assert int((await stream.stream_info(topology.DEAD_LETTER_STREAM)).state.messages) == 0
     await _settled(stream, appended.seq)

@@ -20,7 +20,9 @@ messages and shutdown behave the same everywhere:
   allowed delivery is nak'ed or never acknowledged, with no trace but an advisory that
   nobody may be listening to, and its ack floor never passes it. So a delivery past the
   limit (the one before ended without an outcome: its process was stopped, crashed, or
-  its dead-lettering failed) is dead-lettered at once, without running the handler.
+  its dead-lettering failed) is not handled again: the first is handed back for one
+  ack_wait (a replica that only lost its hold may still finish and ack it), the next is
+  dead-lettered.
 - On stop: no new fetches; in-flight handlers get ``grace_s`` to finish, the rest are
   cancelled and nak'ed (handed back) so another replica takes them at once::
 
@@ -388,6 +390,20 @@ class PullWorker:
 
     async def _delivery(self, msg: Msg) -> Delivery | None:
         meta = msg.metadata
+        if self._max_deliver > 0 and meta.num_delivered == self._max_deliver + 1:
+            # The last delivery ended without an outcome, as far as the broker knows. Its
+            # replica may only have lost its hold (stalled, or the broker restarted) and
+            # still finish: give it one ack_wait before parking. Its ack then settles the
+            # message; parked at once, the consumer's ack floor would pass a message still
+            # being handled, and the next of its conversation would not wait for it.
+            log.warning(
+                "worker.past_limit_grace",
+                consumer=self.name,
+                stream_seq=meta.sequence.stream,
+                delivery=meta.num_delivered,
+            )
+            await self._nak(msg, self._ack_wait)
+            return None
         if 0 < self._max_deliver < meta.num_delivered:
             reason = (
                 f"delivery {meta.num_delivered} is past the limit of {self._max_deliver}: "

@@ -218,7 +218,7 @@ async def test_a_reply_parked_without_its_failure_does_not_hold_back_later_ones(
     lost = await system.reply("li.shisan", "lost in a crash")
     await system.deliver_once_and_drop(1)
     dead_letters = await system.nc.subscribe(f"{topology.PREFIX}.dlq.>")
-    system.start_sender(SENDER_MAX_DELIVER="1", SENDER_ORDER_WAIT="60")
+    system.start_sender(SENDER_MAX_DELIVER="1", SENDER_ACK_WAIT="1", SENDER_ORDER_WAIT="60")
     dead = await dead_letters.next_msg(timeout=10)
     assert decode_event(dead.data).event_id == lost.event_id
     assert dead.headers is not None
