@@ -118,13 +118,13 @@ def _killed_dev_then_another(tmp_path: Path, env: dict[str, str], started: dict[
     first = DevProcess(tmp_path, **env)
     try:
         first.out.wait_for(r'"gateway\.ready"')
-        started |= dict(
-            (name, int(pid))
+        started |= {  # lines "pid start-time name"
+            name: int(pid)
             for pid, _, name in (
-                line.partition(" ")
+                line.split(" ", 2)
                 for line in (tmp_path / "data" / "dev.pids").read_text().splitlines()
             )
-        )
+        }
         assert set(started) == {"nats-server", "token", "llm", "sender", "gateway"}
 
         second = DevProcess(tmp_path, **env)

@@ -30,7 +30,6 @@ from typing import TextIO
 __all__ = ["DataDirLock"]
 
 NATS_SERVER = "nats-server"
-_MARKERS = (b"wecombot", b"nats-server")  # what our processes' command lines contain
 _SERVICES_STOP_S = 10.0
 _NATS_STOP_S = 5.0
 
@@ -67,9 +66,10 @@ class DataDirLock:
         return "?"
 
     def record(self, name: str, pid: int) -> None:
-        """Write down a process this ``dev`` started."""
+        """Write down a process this ``dev`` started (with its start time, so a pid the
+        system has given to another process since is never taken for it)."""
         self._started.append((name, pid))
-        text = "".join(f"{pid} {name}\n" for name, pid in self._started)
+        text = "".join(f"{pid} {_started_at(pid)} {name}\n" for name, pid in self._started)
         tmp = self._pids_path.with_suffix(".tmp")
         tmp.write_text(text, encoding="utf-8")
         tmp.replace(self._pids_path)
@@ -81,16 +81,15 @@ class DataDirLock:
             lines = self._pids_path.read_text(encoding="utf-8").splitlines()
         except FileNotFoundError:
             return 0
-        left = [(name, pid) for name, pid in _parse(lines) if _ours_and_alive(pid)]
+        left = [(name, pid, at) for name, pid, at in _parse(lines) if _same(pid, at)]
+        if left:
+            names = ", ".join(f"{name} ({pid})" for name, pid, _ in left)
+            say(f"a wecombot dev that was killed left these running; stopping them: {names}")
+            services = [(pid, at) for name, pid, at in left if name != NATS_SERVER]
+            servers = [(pid, at) for name, pid, at in left if name == NATS_SERVER]
+            _terminate(services, _SERVICES_STOP_S)
+            _terminate(servers, _NATS_STOP_S)
         self._pids_path.unlink(missing_ok=True)
-        if not left:
-            return 0
-        names = ", ".join(f"{name} ({pid})" for name, pid in left)
-        say(f"a wecombot dev that was killed left these running; stopping them: {names}")
-        services = [pid for name, pid in left if name != NATS_SERVER]
-        servers = [pid for name, pid in left if name == NATS_SERVER]
-        _terminate(services, _SERVICES_STOP_S)
-        _terminate(servers, _NATS_STOP_S)
         return len(left)
 
     def release(self) -> None:
@@ -101,33 +100,43 @@ class DataDirLock:
             self._file = None
 
 
-def _parse(lines: list[str]) -> list[tuple[str, int]]:
+def _parse(lines: list[str]) -> list[tuple[str, int, str]]:
+    """(name, pid, start time) of each line ``pid start-time name``."""
     out = []
     for line in lines:
-        pid, _, name = line.strip().partition(" ")
-        if pid.isdigit():
-            out.append((name, int(pid)))
+        pid, at, name = [*line.strip().split(" ", 2), "", ""][:3]
+        if pid.isdigit() and at.isdigit() and name:
+            out.append((name, int(pid), at))
     return out
 
 
-def _ours_and_alive(pid: int) -> bool:
-    """Still running, and still one of ours (not another program given a recycled pid)."""
+def _started_at(pid: int) -> str:
+    """When ``pid`` started, in clock ticks since boot (/proc/<pid>/stat, field 22);
+    "0" when it cannot be read (no /proc here: such a record is never acted on)."""
     try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:  # gone (or no /proc here: then it cannot be told, so it is left alone)
-        return False
-    return any(marker in cmdline for marker in _MARKERS)
+        stat = Path(f"/proc/{pid}/stat").read_text(encoding="ascii", errors="replace")
+    except OSError:
+        return "0"
+    fields = stat.rpartition(")")[2].split()  # after the command name, which may hold spaces
+    if len(fields) <= 19 or fields[0] == "Z":  # a zombie has ended, only not been reaped
+        return "0"
+    return fields[19]
 
 
-def _terminate(pids: list[int], budget_s: float) -> None:
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError):
+def _same(pid: int, started_at: str) -> bool:
+    """The very process written down is still running (not a recycled pid, not gone)."""
+    return started_at != "0" and _started_at(pid) == started_at
+
+
+def _terminate(processes: list[tuple[int, str]], budget_s: float) -> None:
+    for pid, _ in processes:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + budget_s
     # Not our children (their parent is gone): no wait() to block on, so poll.
-    while any(_ours_and_alive(pid) for pid in pids) and time.monotonic() < deadline:
+    while any(_same(pid, at) for pid, at in processes) and time.monotonic() < deadline:
         time.sleep(0.05)
-    for pid in pids:
-        if _ours_and_alive(pid):
-            with contextlib.suppress(ProcessLookupError):
+    for pid, at in processes:
+        if _same(pid, at):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, signal.SIGKILL)
