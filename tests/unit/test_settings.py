@@ -203,3 +203,19 @@ def test_a_bad_nats_url_is_quoted_without_its_password() -> None:
         env.raise_if_invalid()
     assert "Sup3rS3cret" not in str(refused.value)
     assert "nats-2:4222" in str(refused.value)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://gw.example.com/v1?subscription-key=S3cretKey",
+        "https://gw.example.com/v1#S3cretKey",
+        "https://bot:S3cret?Key@gw.example.com/v1",
+        "https://gw.example.com/v1?key=S3cretKey&user=a@b",
+    ],
+)
+def test_a_refused_base_url_is_quoted_without_its_query(url: str) -> None:
+    env = EnvReader({"OPENAI_BASE_URL": url})
+    env.url("OPENAI_BASE_URL", "https://api.openai.com/v1")
+    [problem] = env.problems
+    assert "S3cret" not in problem and "Key" not in problem, problem

@@ -275,18 +275,22 @@ def url_problem(url: str, schemes: tuple[str, ...] = ("http", "https")) -> str |
 
 
 def masked_url(url: str) -> str:
-    """``url`` with everything from its scheme up to the last '@' hidden: a password may
-    be there, even in a URL too broken to parse.
+    """``url`` fit to quote in an error: everything from its scheme up to the last '@'
+    hidden (a password may be there, even in a URL too broken to parse), and so is a
+    query or fragment (an API key may be there).
 
     >>> masked_url("https://bot:hunter2@[api/v1")
     'https://***@[api/v1'
+    >>> masked_url("https://gw.example.com/v1?subscription-key=hunter2")
+    'https://gw.example.com/v1?***'
     """
     at = url.rfind("@")
-    if at < 0:
-        return url
-    scheme, sep, _ = url.partition("://")
-    start = len(scheme) + len(sep) if sep and len(scheme) < at else 0
-    return url[:start] + "***" + url[at:]
+    if at >= 0:
+        scheme, sep, _ = url.partition("://")
+        start = len(scheme) + len(sep) if sep and len(scheme) < at else 0
+        url = url[:start] + "***" + url[at:]
+    cut = min((i for i in (url.find("?"), url.find("#")) if i >= 0), default=-1)
+    return url if cut < 0 else url[: cut + 1] + "***"
 
 
 def _bounds(minimum: float | None, maximum: float | None) -> str:
