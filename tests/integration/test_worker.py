@@ -20,7 +20,7 @@ from wecombot_common.bus import append_event, ensure_topology
 from wecombot_common.errors import PermanentError, TransientError
 from wecombot_common.events import Event, ReplyGenerated
 from wecombot_common.settings import EnvReader, NatsSettings
-from wecombot_common.worker import Ack, Delivery, Outcome, PullWorker
+from wecombot_common.worker import Ack, Delivery, Handler, Outcome, PullWorker
 
 pytestmark = pytest.mark.integration
 
@@ -37,6 +37,18 @@ def _reply(user: str, text: str) -> ReplyGenerated:
 
 def _key(event: Event) -> str:
     return event.conversation
+
+
+def _never_finishing() -> tuple[asyncio.Event, Handler]:
+    """A handler that never returns, and the event it sets once it has started."""
+    started = asyncio.Event()
+
+    async def never_finishes(d: Delivery) -> Outcome:
+        started.set()
+        await asyncio.Event().wait()
+        return Ack()
+
+    return started, never_finishes
 
 
 @pytest.fixture
@@ -124,12 +136,7 @@ async def test_poison_goes_to_the_dead_letter_stream(stream: JetStreamContext) -
 async def test_stop_hands_running_and_queued_work_back(stream: JetStreamContext) -> None:
     await append_event(stream, _reply("u", "slow"))
     await append_event(stream, _reply("u", "queued behind slow"))
-    started = asyncio.Event()
-
-    async def never_finishes(d: Delivery) -> Outcome:
-        started.set()
-        await asyncio.Event().wait()
-        return Ack()
+    started, never_finishes = _never_finishing()
 
     stop = asyncio.Event()
     worker = PullWorker(
@@ -224,12 +231,7 @@ async def test_a_message_stopped_during_its_last_delivery_is_dead_lettered(
     stream: JetStreamContext,
 ) -> None:
     appended = await append_event(stream, _reply("u", "slow"))
-    started = asyncio.Event()
-
-    async def never_finishes(d: Delivery) -> Outcome:
-        started.set()
-        await asyncio.Event().wait()
-        return Ack()
+    started, never_finishes = _never_finishing()
 
     stop = asyncio.Event()
     worker = PullWorker(stream, _config(ack_wait=1.0), never_finishes, max_deliver=1, grace_s=0)
@@ -245,12 +247,7 @@ async def test_a_message_whose_process_dies_in_its_last_delivery_is_dead_lettere
 ) -> None:
     appended = await append_event(stream, _reply("u", "crash"))
     doomed = await nats.connect(nats_server.url, max_reconnect_attempts=0)
-    started = asyncio.Event()
-
-    async def never_finishes(d: Delivery) -> Outcome:
-        started.set()
-        await asyncio.Event().wait()
-        return Ack()
+    started, never_finishes = _never_finishing()
 
     worker = PullWorker(
         doomed.jetstream(), _config(ack_wait=1.0), never_finishes, max_deliver=1, grace_s=0
