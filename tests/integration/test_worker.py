@@ -58,29 +58,48 @@ async def stream(js: JetStreamContext) -> JetStreamContext:
 
 
 async def test_concurrency_is_bounded_and_order_kept_per_key(stream: JetStreamContext) -> None:
+    seqs: dict[str, int] = {}
     for i in range(5):
         for user in ("a", "b", "c", "d"):
-            await append_event(stream, _reply(user, f"{user}{i}"))
+            seqs[f"{user}{i}"] = (await append_event(stream, _reply(user, f"{user}{i}"))).seq
     seen: dict[str, list[str]] = defaultdict(list)
-    running = 0
-    peak = 0
-    release = asyncio.Event()
+    inside: set[str] = set()  # keys whose handler is running
+    overlapped: list[str] = []
+    running = peak = 0
+    release_a0 = asyncio.Event()
 
     async def handle(d: Delivery) -> Outcome:
         nonlocal running, peak
+        assert isinstance(d.event, ReplyGenerated)
+        key, text = d.event.conversation, d.event.text
+        if key in inside:
+            overlapped.append(text)
+        inside.add(key)
         running += 1
         peak = max(peak, running)
-        if peak >= 3:
-            release.set()
-        await release.wait()
-        assert isinstance(d.event, ReplyGenerated)
-        seen[d.event.conversation].append(d.event.text)
+        if text == "a0":
+            await release_a0.wait()  # the first of "a" holds on
+        else:
+            await asyncio.sleep(0)
+        seen[key].append(text)
+        inside.discard(key)
         running -= 1
         return Ack()
 
     stop = asyncio.Event()
     worker = PullWorker(stream, _config(), handle, max_deliver=3, key=_key, max_concurrency=3)
     task = asyncio.create_task(worker.run(stop))
+    # The slots fill with a0 (held) and the next two of "a", queued behind it; everything
+    # of the other keys fetched before them is done. Nothing more is fetched.
+    await until(
+        lambda: worker.queued("a") == [seqs["a1"], seqs["a2"]],
+        timeout=10,
+        what=lambda: f"a1 and a2 queued behind a0 (queued {worker.queued('a')}, seen {seen})",
+    )
+    info = await stream.consumer_info(topology.CONVERSATION_STREAM, "w")
+    assert info.num_ack_pending == 3, "three slots: three messages held, no more fetched"
+    assert (running, inside) == (1, {"a"}), "a1 and a2 wait outside the handler"
+    release_a0.set()
     await until(
         lambda: sum(map(len, seen.values())) == 20,
         timeout=10,
@@ -88,7 +107,7 @@ async def test_concurrency_is_bounded_and_order_kept_per_key(stream: JetStreamCo
     )
     stop.set()
     await task
-    assert peak == 3
+    assert overlapped == [] and peak <= 3
     for user in "abcd":
         assert seen[user] == [f"{user}{i}" for i in range(5)]
     info = await stream.consumer_info(topology.CONVERSATION_STREAM, "w")
