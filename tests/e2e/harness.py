@@ -181,12 +181,19 @@ class Stack:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
+        failures: list[BaseException] = []
         for running in reversed(self.services):
-            with contextlib.suppress(Exception):
+            try:
                 await running.terminate()
+            except Exception as error:  # stop the others first, then fail the test
+                failures.append(error)
         await self.http.aclose()
         await self.model.stop()
         await self.wecom.stop()
+        if failures and exc[0] is None:
+            # An in-process service that crashed, or a service that did not stop within
+            # its budget: the test must not pass on the work of the others.
+            raise failures[0]
 
     # ------------------------------------------------------------ services
     async def start_in_process(self, *names: str) -> None:

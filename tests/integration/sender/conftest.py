@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import AsyncIterator
 
 import nats
@@ -28,11 +27,14 @@ async def system(nats_server: NatsHandle, sim: SimulatedWeComApi) -> AsyncIterat
     js = nc.jetstream()
     await ensure_topology(js, NatsSettings.read(EnvReader({})))
     log = Log()
-    await log.start(nc)
+    await log.start(js)
     system = System(nc=nc, js=js, sim=sim, log=log, url=nats_server.url)
     try:
         yield system
     finally:
-        with contextlib.suppress(Exception):
+        try:
+            # A service that crashed, or did not stop within its budget, fails the test:
+            # the other replica may have done all the work.
             await system.shutdown()
-        await nc.close()
+        finally:
+            await nc.close()

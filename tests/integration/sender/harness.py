@@ -75,15 +75,18 @@ def environ(nats_url: str, sim: SimulatedWeComApi, **extra: str) -> dict[str, st
 
 
 class Log:
-    """Every conversation event as it is appended (a core subscription on the stream's
-    subjects), with a wait that wakes on each new event."""
+    """Every conversation event as the stream stores it (an ordered consumer, so an
+    append JetStream refused or dropped as a duplicate never shows here), with a wait
+    that wakes on each new event."""
 
     def __init__(self) -> None:
         self.events: list[Event] = []
         self._changed = asyncio.Condition()
 
-    async def start(self, nc: NATS) -> None:
-        await nc.subscribe(topology.CONVERSATION_SUBJECTS, cb=self._on_message)
+    async def start(self, js: JetStreamContext) -> None:
+        await js.subscribe(
+            topology.CONVERSATION_SUBJECTS, cb=self._on_message, ordered_consumer=True
+        )
 
     async def _on_message(self, msg: Msg) -> None:
         async with self._changed:
@@ -131,8 +134,9 @@ class System:
     async def shutdown(self) -> None:
         self.stop.set()
         async with asyncio.timeout(30):
-            await asyncio.gather(*self.tasks)
+            codes = await asyncio.gather(*self.tasks)
         self.tasks.clear()
+        assert all(code in (None, 0) for code in codes), f"a service exited with {codes}"
         self.stop = asyncio.Event()
 
     async def deliver_once_and_drop(self, count: int) -> None:
