@@ -153,10 +153,24 @@ class EmbeddedNats:
             self.process.kill()
             self.process.wait()
 
-    def pause(self) -> None:
-        """SIGSTOP: connections stay open, nothing is read or answered (a hung server)."""
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGSTOP)
+    def pause(self, timeout: float = 5.0) -> None:
+        """SIGSTOP: connections stay open, nothing is read or answered (a hung server).
+
+        Returns once every thread of the server has stopped: the signal is only queued
+        when kill() returns, and a server running on another core meanwhile could still
+        read, store and answer what is sent right after (seen on a loaded CI machine).
+        """
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGSTOP)
+        tasks = Path(f"/proc/{self.process.pid}/task")
+        if not tasks.is_dir():  # no /proc here: the signal is all there is
+            return
+        deadline = time.monotonic() + timeout
+        while not _all_stopped(tasks):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"nats-server did not stop within {timeout:g}s of SIGSTOP")
+            time.sleep(0.001)
 
     def resume(self) -> None:
         """SIGCONT after :meth:`pause`."""
@@ -169,3 +183,15 @@ class EmbeddedNats:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _all_stopped(tasks: Path) -> bool:
+    """Whether every thread under /proc/<pid>/task is stopped (state T)."""
+    for stat in tasks.glob("*/stat"):
+        try:
+            state = stat.read_text(encoding="ascii", errors="replace").rpartition(")")[2].split()
+        except OSError:
+            continue  # a thread that ended meanwhile
+        if state and state[0] not in ("T", "t"):
+            return False
+    return True
