@@ -16,6 +16,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tests.fakes import APP, FakeLog, received, reply_to
+from tests.waiting import until
 from wecombot_common.bus import (
     StoredEvent,
 )
@@ -565,8 +566,7 @@ async def test_handler_two_replicas_delivering_the_same_message_append_once() ->
     seq = log.add(q)
     first = asyncio.create_task(handler(log, model).handle(q, stream_seq=seq, num_delivered=1))
     second = asyncio.create_task(handler(log, model).handle(q, stream_seq=seq, num_delivered=2))
-    while len(model.calls) < 2:  # both replicas are asking the model
-        await asyncio.sleep(0)
+    await until(lambda: len(model.calls) == 2, timeout=10, what="both replicas asking the model")
     gate.set()
     assert list(await asyncio.gather(first, second)) == [Ack(), Ack()]
     assert [o.causation_id for o in log.outcomes()] == [q.event_id]
@@ -578,8 +578,8 @@ async def test_handler_answers_in_order_with_every_earlier_turn() -> None:
     s1, s2 = log.add(q1), log.add(q2)
     h = handler(log, model)
     later = asyncio.create_task(h.handle(q2, stream_seq=s2, num_delivered=1))
-    while log.reads < 3:  # q2 has read the log a few times, and is still waiting
-        await asyncio.sleep(0)
+    # q2 has read the log a few times, and is still waiting
+    await until(lambda: log.reads >= 3, timeout=10, what="q2 reading the log")
     assert not later.done() and model.calls == []
     assert await handler(log, model).handle(q1, stream_seq=s1, num_delivered=1) == Ack()
     assert await later == Ack()

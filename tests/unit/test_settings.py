@@ -70,7 +70,7 @@ def test_every_problem_is_reported_at_once() -> None:
 def test_secrets_never_show_in_reprs() -> None:
     s = _callback(GOOD)
     api = WeComApiSettings.read(EnvReader(GOOD))
-    for text in (repr(s), str(s), repr(api), str(Secret("x"))):
+    for text in (repr(s), str(s), repr(api), str(Secret(GOOD["WECOM_SECRET"]))):
         assert GOOD["WECOM_TOKEN"] not in text
         assert GOOD["WECOM_ENCODING_AES_KEY"] not in text
         assert GOOD["WECOM_SECRET"] not in text
