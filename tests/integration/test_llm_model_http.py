@@ -260,3 +260,33 @@ async def test_the_environment_proxy_carries_the_call(
         await model.aclose()
     assert "你好" in done.text
     assert len(api.chat_requests) == 1
+
+
+async def test_a_provider_echoing_the_key_never_puts_it_in_the_reason() -> None:
+    """Over the production stack (httpx over aiohttp): the reason is stored
+    (ReplyFailed.reason), so no log redaction ever sees it; the key must be gone already."""
+
+    async def echo_key(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1")
+        fields = dict(line.split(": ", 1) for line in head.split("\r\n")[1:] if ": " in line)
+        lower = {k.lower(): v for k, v in fields.items()}
+        await reader.readexactly(int(lower.get("content-length", "0")))
+        key = lower["authorization"].removeprefix("Bearer ")
+        body = f'{{"error": {{"message": "bad key {key} via proxy"}}}}'.encode()
+        writer.write(
+            b"HTTP/1.1 401 Unauthorized\r\nContent-Type: application/json\r\n"
+            + f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
+            + body
+        )
+        await writer.drain()
+        writer.close()
+
+    async with raw_http(echo_key) as base_url:
+        model = OpenAIChatModel(settings(base_url))
+        try:
+            with pytest.raises(ModelRejected) as refused:
+                await model.complete(HELLO)
+        finally:
+            await model.aclose()
+    assert KEY not in str(refused.value)
+    assert "bad key [REDACTED] via proxy" in str(refused.value)
