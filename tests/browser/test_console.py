@@ -148,31 +148,31 @@ def test_a_message_is_answered_through_the_real_path_and_its_events_show(page: P
 
     expect(page.locator("#mode")).to_contain_text("SANDBOX")
     expect(page.locator("#model")).to_contain_text("OFFLINE")
-    chat_as(page, "zhang.san")
+    chat_as(page, "zhao.yi")
     say(page, "你好，wecombot！Hello from the browser 👋")
 
-    mine = page.locator('.thread[data-user="zhang.san"] .msg.mine').last
+    mine = page.locator('.thread[data-user="zhao.yi"] .msg.mine').last
     expect(mine.locator(".bubble")).to_have_text("你好，wecombot！Hello from the browser 👋")
     expect(mine.locator(".status")).to_contain_text("gateway 200", timeout=WAIT_MS)
     expect(mine.locator(".status")).to_contain_text(re.compile(r"stored as seq \d+"))
-    reply = page.locator('.thread[data-user="zhang.san"] .msg.bot .bubble').last
+    reply = page.locator('.thread[data-user="zhao.yi"] .msg.bot .bubble').last
     expect(reply).to_contain_text(
         "[offline model] you said: 你好，wecombot！Hello from the browser 👋", timeout=WAIT_MS
     )
-    expect(page.locator('.thread[data-user="zhang.san"] .msg.bot .sender').last).to_contain_text(
+    expect(page.locator('.thread[data-user="zhao.yi"] .msg.bot .sender').last).to_contain_text(
         "offline model"
     )
     # The conversation's events, as JetStream appended them, in order, with their ids.
     for kind in ("MessageReceived", "ReplyGenerated", "PartDelivered", "ReplyDelivered"):
-        expect(page.locator(rows("zhang.san", kind))).to_have_count(1, timeout=WAIT_MS)
-    types = page.locator('#event-list li[data-user="zhang.san"][data-kind="event"]')
+        expect(page.locator(rows("zhao.yi", kind))).to_have_count(1, timeout=WAIT_MS)
+    types = page.locator('#event-list li[data-user="zhao.yi"][data-kind="event"]')
     assert types.evaluate_all("els => els.map(e => e.dataset.type)") == [
         "MessageReceived",
         "ReplyGenerated",
         "PartDelivered",
         "ReplyDelivered",
     ]
-    received = page.locator(rows("zhang.san", "MessageReceived"))
+    received = page.locator(rows("zhao.yi", "MessageReceived"))
     expect(received).to_contain_text("你好，wecombot！")
     expect(received.locator(".ev-ids")).to_contain_text(re.compile(r"id \w{8}… · msg \d+"))
     expect(received.locator(".ev-seq")).to_have_text(re.compile(r"#\d+"))

@@ -10,9 +10,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import logging
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import httpx
 import msgspec
@@ -338,19 +337,6 @@ async def test_unknown_app_is_refused_without_calling_wecom(
         assert sim.gettoken_calls == 0
 
 
-@pytest.fixture
-def restore_logging() -> Iterator[None]:
-    """serve() points the root logger at this test's captured stderr: undo that after."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    try:
-        yield
-    finally:
-        root.handlers[:] = handlers
-        root.setLevel(level)
-
-
-@pytest.mark.usefixtures("restore_logging")
 async def test_tokens_and_the_secret_never_reach_the_logs(
     nats_server: NatsHandle, sim: SimulatedWeComApi, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -471,7 +457,6 @@ def _bad_requests(endpoint: str) -> float:
     return REGISTRY.get_sample_value("wecombot_token_requests_total", labels) or 0.0
 
 
-@pytest.mark.usefixtures("restore_logging")
 async def test_a_stopping_instance_answers_the_callers_waiting_for_its_refresh(
     nats_server: NatsHandle, sim: SimulatedWeComApi
 ) -> None:
