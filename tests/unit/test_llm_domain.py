@@ -225,6 +225,20 @@ def test_token_estimate_counts_cjk_per_character_and_ascii_per_four() -> None:
     assert estimate_tokens("こんにちは") == 5
     assert estimate_tokens("안녕") == 2
     assert estimate_tokens("你好 abcd") == 2 + 2  # 2 CJK + " abcd" (5 chars → 2)
+    assert estimate_tokens("привет") == 12  # 2 bytes each: at most a token per byte
+    assert estimate_tokens("👨\u200d👩\u200d👧") == 4 + 3 + 4 + 3 + 4  # emoji and joiners
+
+
+def test_emoji_and_other_scripts_are_not_under_counted() -> None:
+    """Each emoji is at least one token; at a quarter token each, 20 turns of 1,000 kept
+    15 turns (≥ 30,000 tokens) under a budget of 8,000: the provider refused, and every
+    later message got the apology until the user reset."""
+    history = [Turn("😀" * 1000, "👍" * 1000)] * 20
+    prompt = build_prompt("sys", history, "hi", max_turns=20, max_tokens=8000)
+    assert sum(m.content.count("😀") + m.content.count("👍") for m in prompt) <= 8000
+    cyrillic = [Turn("вопрос " * 200, "ответ " * 200)] * 20  # ≈ 1 token per 2-3 letters
+    kept = build_prompt("sys", cyrillic, "hi", max_turns=20, max_tokens=8000)
+    assert sum(len(m.content) for m in kept) // 3 <= 8000
 
 
 @pytest.mark.parametrize(

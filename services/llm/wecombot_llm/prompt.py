@@ -12,14 +12,19 @@ the budget (the provider then answers with an error, which becomes the apology).
 Token estimate
     Real tokenizers differ per model, so a cheap, provider-independent estimate is used:
     each CJK character (Han, kana, Hangul, CJK punctuation and full-width forms) counts
-    as one token, the remaining characters as one token per four (rounded up), plus four
-    tokens of per-message overhead. It over-counts English a little and CJK slightly,
-    which errs on the side of fitting the context window.
+    as one token, ASCII as one token per four characters (rounded up), and any other
+    character as one token per UTF-8 byte (the most a byte-level tokenizer can make of
+    it: Cyrillic, Arabic or Thai letters, accented Latin, emoji and their joiners), plus
+    four tokens of per-message overhead. It over-counts English a little, CJK slightly
+    and other scripts more, which errs on the side of fitting the context window (an
+    under-count made the provider refuse, and every later message got the apology).
 
     >>> estimate_tokens("hello world!")   # 12 ASCII chars → 3
     3
     >>> estimate_tokens("你好，世界")        # 5 CJK chars → 5
     5
+    >>> estimate_tokens("😀 привет")       # 4 bytes + ' ' + 6 × 2 bytes → 4 + 1 + 12
+    17
 """
 
 from __future__ import annotations
@@ -77,10 +82,19 @@ def _is_cjk(ch: str) -> bool:
 
 
 def estimate_tokens(text: str) -> int:
-    """Estimated tokens of ``text``: 1 per CJK character, 1 per 4 other characters."""
-    cjk = sum(1 for ch in text if ord(ch) >= 0x1100 and _is_cjk(ch))
-    other = len(text) - cjk
-    return cjk + (other + 3) // 4
+    """Estimated tokens of ``text``: 1 per CJK character, 1 per 4 ASCII characters, 1 per
+    UTF-8 byte of anything else (see the module doc)."""
+    if text.isascii():
+        return (len(text) + 3) // 4
+    ascii_chars = cjk = other_bytes = 0
+    for ch in text:
+        if ch < "\x80":
+            ascii_chars += 1
+        elif ord(ch) >= 0x1100 and _is_cjk(ch):
+            cjk += 1
+        else:
+            other_bytes += len(ch.encode("utf-8", "surrogatepass"))
+    return cjk + other_bytes + (ascii_chars + 3) // 4
 
 
 def message_tokens(message: ChatMessage) -> int:
