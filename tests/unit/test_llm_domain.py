@@ -328,10 +328,24 @@ def test_other_message_types_get_a_not_supported_notice(payload: Payload, word: 
     assert word in action.outcome.text and "不支持" in action.outcome.text
 
 
+def test_a_question_from_before_a_reset_answered_after_it_is_no_history() -> None:
+    """Out of order (a replayed dead letter, a last delivery that did not wait), the
+    answer to a question asked before /reset can land after it: the new conversation
+    must not carry that exchange to the model."""
+    secret, r, later = msg("my secret is 42"), msg("/reset"), msg("hello")
+    conv = fold(
+        stored(secret, r, reset_of(r), secret, reply_to(secret, "noted: 42"), later), always
+    )
+    assert list(conv.turns) == []
+    # The other way round: asked after the reset, answered before it is recorded.
+    conv = fold(stored(r, later, reply_to(later, "hi"), reset_of(r)), always)
+    assert list(conv.turns) == [Turn("hello", "hi")]
+
+
 def test_decisions_carry_the_deterministic_envelope() -> None:
     policy = ReplyPolicy(system_prompt="sys", welcome_message="welcome!")
-    conv = Conversation(needs_outcome=always)
-    conv.turns.append(Turn("q0", "a0"))
+    q0 = msg("q0")
+    conv = fold(stored(q0, reply_to(q0, "a0")), always)
     for text, kind in (("/reset", ConversationReset), ("#清除记忆", ConversationReset)):
         m = msg(text)
         action = decide(m, conv, policy)

@@ -63,7 +63,11 @@ class Conversation:
     keep_turns: int = 1000
     remember: int = 1000
     gate_policy: GatePolicy = field(default_factory=GatePolicy)
-    turns: deque[Turn] = field(init=False)
+    # (seq of the message, the exchange), in the order answered
+    _turns: deque[tuple[int, Turn]] = field(init=False)
+    # the stream seq of the message that caused the latest reset: nothing asked before
+    # it is history any more, even when its answer comes after the reset
+    reset_from: int = 0
     awaiting: dict[str, Awaiting] = field(default_factory=dict)
     settled: OrderedDict[str, Verdict] = field(default_factory=OrderedDict)
     last_seq: int = 0
@@ -71,8 +75,13 @@ class Conversation:
     gate: Gate = field(init=False)
 
     def __post_init__(self) -> None:
-        self.turns = deque(maxlen=max(self.keep_turns, 0))
+        self._turns = deque(maxlen=max(self.keep_turns, 0))
         self.gate = Gate(self.gate_policy)
+
+    @property
+    def turns(self) -> list[Turn]:
+        """The answered exchanges since the latest reset, oldest first."""
+        return [turn for _, turn in self._turns]
 
     def apply(self, stored: StoredEvent) -> None:
         """Apply one stored event; events at or below ``last_seq`` are ignored."""
@@ -84,7 +93,7 @@ class Conversation:
             self._received(stored.seq, event)
         elif isinstance(event, ReplyGenerated | ReplyFailed | ConversationReset):
             self.llm_last_seq = stored.seq
-            self._outcome(event)
+            self._outcome(event, stored.seq)
         elif isinstance(event, ReplyRequeued):  # an operator's, on the llm branch
             self.llm_last_seq = stored.seq
 
@@ -114,20 +123,26 @@ class Conversation:
         text = event.payload.content if isinstance(event.payload, TextPayload) else None
         self.awaiting[event.event_id] = Awaiting(seq, text, verdict)
 
-    def _outcome(self, event: ReplyGenerated | ReplyFailed | ConversationReset) -> None:
+    def _outcome(self, event: ReplyGenerated | ReplyFailed | ConversationReset, seq: int) -> None:
         cause = event.causation_id
         received = self.awaiting.pop(cause, None) if cause is not None else None
         if cause is not None:
             self._settle(cause, Verdict.ADMIT)
         if isinstance(event, ConversationReset):
-            self.turns.clear()
+            # Out of order (a replayed dead letter, a last delivery that did not wait), an
+            # exchange may be answered on either side of the reset: its message decides.
+            self.reset_from = max(self.reset_from, received.seq if received else seq)
+            kept = [(at, turn) for at, turn in self._turns if at > self.reset_from]
+            self._turns.clear()
+            self._turns.extend(kept)
         elif (
             isinstance(event, ReplyGenerated)
             and event.kind == "answer"
             and received is not None
             and received.text is not None
+            and received.seq > self.reset_from
         ):
-            self.turns.append(Turn(received.text, event.text))
+            self._turns.append((received.seq, Turn(received.text, event.text)))
 
     def _settle(self, event_id: str, verdict: Verdict) -> None:
         self.settled[event_id] = verdict
