@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import msgspec
 import pytest
@@ -23,6 +24,7 @@ from wecombot_token.domain import (
     answer,
     backoff_delay,
     classify_errcode,
+    credentials_of,
     decide,
     fingerprint,
     http_failure,
@@ -164,6 +166,22 @@ def test_backoff_doubles_up_to_the_cap() -> None:
     policy = Policy(refresh_margin_s=300, min_backoff_s=1, max_backoff_s=60)
     assert [backoff_delay(n, policy) for n in range(1, 9)] == [1, 2, 4, 8, 16, 32, 60, 60]
     assert backoff_delay(10_000, policy) == 60
+
+
+def test_a_backoff_holds_only_for_the_credentials_that_failed() -> None:
+    """A corrected WECOM_SECRET (or corp id) fetches at once: the backoff of the wrong one
+    answered 'bad_secret' for up to TOKEN_MAX_BACKOFF after the fix, and the sender dead-
+    lettered every reply meanwhile."""
+    wrong = replace(POLICY, credentials=credentials_of("ww1", "wrong-secret"))
+    fixed = replace(POLICY, credentials=credentials_of("ww1", "right-secret"))
+    assert wrong.credentials != fixed.credentials and "secret" not in wrong.credentials
+    refused = after_failure(None, classify_errcode(40001, "invalid secret"), 100.0, wrong)
+    assert decide(refused, 100.5, wrong) is Action.FAIL
+    assert decide(refused, 100.5, fixed) is Action.FETCH
+    # A record from before credentials were kept holds for any, as it always did.
+    assert refused.failure is not None
+    legacy = AppState(failure=msgspec.structs.replace(refused.failure, credentials=""))
+    assert decide(legacy, 100.5, fixed) is Action.FAIL
 
 
 def test_consecutive_failures_back_off_longer_and_success_resets() -> None:

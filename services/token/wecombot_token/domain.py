@@ -38,6 +38,7 @@ __all__ = [
     "backing_off",
     "backoff_delay",
     "classify_errcode",
+    "credentials_of",
     "decide",
     "fingerprint",
     "http_failure",
@@ -85,6 +86,9 @@ class LastFailure(msgspec.Struct, frozen=True, kw_only=True):
     failure: Failure
     attempts: int
     retry_at: float
+    # Policy.credentials when it failed: a backoff started with other credentials (a
+    # WECOM_SECRET or corp id fixed since) does not hold back the ones in use now
+    credentials: str = ""
 
 
 class AppState(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
@@ -106,6 +110,13 @@ class Policy:
     refresh_margin_s: float
     min_backoff_s: float
     max_backoff_s: float
+    credentials: str = ""  # a fingerprint of the corp id and secret (credentials_of)
+
+
+def credentials_of(corp_id: str, secret: str) -> str:
+    """A fingerprint telling one pair of gettoken credentials from another: 16 hex digits
+    of a SHA-256, kept in the bucket with a failure (it reveals nothing of the secret)."""
+    return hashlib.sha256(f"{corp_id}\0{secret}".encode()).hexdigest()[:16]
 
 
 class Action(enum.Enum):
@@ -127,8 +138,13 @@ def usable_token(
     return token
 
 
-def backing_off(state: AppState | None, now: float) -> bool:
-    return state is not None and state.failure is not None and now < state.failure.retry_at
+def backing_off(state: AppState | None, now: float, credentials: str = "") -> bool:
+    """A failure's backoff holds, for the credentials it failed with (a record without
+    them, from before they were kept, holds for any)."""
+    if state is None or state.failure is None or now >= state.failure.retry_at:
+        return False
+    failed_with = state.failure.credentials
+    return not failed_with or not credentials or failed_with == credentials
 
 
 def decide(
@@ -136,7 +152,7 @@ def decide(
 ) -> Action:
     """What to do for a caller, given the shared state (``rejected``: invalidate's token)."""
     token = usable_token(state, now, rejected)
-    waiting = backing_off(state, now)
+    waiting = backing_off(state, now, policy.credentials)
     if token is not None:
         if waiting or now < token.refresh_at(policy.refresh_margin_s):
             return Action.SERVE
@@ -175,7 +191,10 @@ def after_failure(
     return AppState(
         token=keep,
         failure=LastFailure(
-            failure=failure, attempts=attempts, retry_at=now + backoff_delay(attempts, policy)
+            failure=failure,
+            attempts=attempts,
+            retry_at=now + backoff_delay(attempts, policy),
+            credentials=policy.credentials,
         ),
     )
 

@@ -30,7 +30,7 @@ from wecombot_common.settings import (
     health_port,
 )
 
-from .domain import Policy
+from .domain import Policy, credentials_of
 
 __all__ = ["LOCK_SLACK_S", "TokenSettings"]
 
@@ -65,6 +65,7 @@ class TokenSettings:
             refresh_margin_s=self.refresh_margin_s,
             min_backoff_s=self.min_backoff_s,
             max_backoff_s=self.max_backoff_s,
+            credentials=credentials_of(self.wecom.corp_id, self.wecom.secret.reveal()),
         )
 
     @property
