@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from wecombot_common import tokens
 from wecombot_common.errors import ConfigError
 from wecombot_token.domain import (
     Action,
@@ -286,3 +287,13 @@ def test_state_round_trips_as_json_without_defaults() -> None:
         "token": {"value": TOKEN.value, "fetched_at": 1000.0, "expires_at": 8200.0}
     }
     assert msgspec.json.decode(raw, type=AppState) == AppState(token=TOKEN)
+
+
+def test_the_client_waits_longer_than_the_service_may_take() -> None:
+    """The service may wait out a crashed holder's lock, then refresh itself: two refresh
+    budgets. A client giving up sooner (it waited 15 s, the service up to 24 s) was told
+    "unavailable" while its token was on the way."""
+    settings = TokenSettings.from_env(
+        {"WECOM_CORP_ID": "ww1", "WECOM_AGENT_ID": "1000002", "WECOM_SECRET": "s3cret"}
+    )
+    assert 2 * settings.refresh_timeout_s < tokens.DEFAULT_TIMEOUT_S

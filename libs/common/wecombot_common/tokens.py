@@ -81,8 +81,14 @@ _encoder = msgspec.json.Encoder()
 _reply_decoder = msgspec.json.Decoder(TokenReply)
 
 
+# Longer than the token service may take to answer with its defaults: up to one refresh
+# waiting out a crashed holder's lock, then its own, 2 × (TOKEN_HTTP_TIMEOUT 10 + 2) =
+# 24 s. A caller that gave up sooner was told "unavailable" while the token was coming.
+DEFAULT_TIMEOUT_S = 30.0
+
+
 class TokenClient:
-    def __init__(self, nc: NATS, *, timeout: float = 15.0) -> None:
+    def __init__(self, nc: NATS, *, timeout: float = DEFAULT_TIMEOUT_S) -> None:
         self._nc = nc
         self._timeout = timeout
 
