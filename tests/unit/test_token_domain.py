@@ -156,8 +156,18 @@ def test_gettoken_bodies_are_interpreted() -> None:
     refused = interpret(b'{"errcode":60020,"errmsg":"not allow, from ip: 1.2.3.4"}', 50.0)
     assert isinstance(refused, Failure) and refused.kind == "untrusted_ip"
     assert isinstance(interpret(b"<html>proxy</html>", 0.0), Failure)
-    empty = interpret(b'{"errcode":0,"errmsg":"ok"}', 0.0)
-    assert isinstance(empty, Failure) and empty.kind == "wecom_error"
+    # errcode 0 with no usable token: retried (transient), as a body that is not JSON is,
+    # whether expires_in is missing, zero or a string (it was permanent for the first
+    # two: the sender dead-lettered the reply).
+    for body in (
+        b'{"errcode":0,"errmsg":"ok"}',
+        b'{"errcode":0,"access_token":"abcdefgh"}',
+        b'{"errcode":0,"access_token":"abcdefgh","expires_in":0}',
+        b'{"errcode":0,"access_token":"abcdefgh","expires_in":"7200"}',
+    ):
+        glitch = interpret(body, 0.0)
+        assert isinstance(glitch, Failure) and glitch.transient, (body, glitch)
+        assert "abcdefgh" not in glitch.message
 
 
 # ---------------------------------------------------------------- backoff

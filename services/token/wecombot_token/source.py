@@ -13,6 +13,7 @@ service records and backs off on::
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import Callable
 from typing import Protocol
@@ -57,9 +58,16 @@ def interpret(body: bytes, requested_at: float) -> IssuedToken | Failure:
         return network_failure("gettoken answered something that is not WeCom's JSON")
     if parsed.errcode != 0:
         return classify_errcode(parsed.errcode, parsed.errmsg)
-    if not parsed.access_token or not parsed.expires_in or parsed.expires_in <= 0:
-        return Failure(kind="wecom_error", message="gettoken answered errcode 0 without a token")
-    return issued(parsed.access_token, parsed.expires_in, requested_at)
+    # errcode 0 and no usable token is no refusal an operator could fix: a glitch of
+    # WeCom's or of something in between, retried like a body that is not JSON at all.
+    if not parsed.access_token:
+        return network_failure("gettoken answered errcode 0 without an access_token")
+    lifetime = parsed.expires_in
+    if lifetime is None or not math.isfinite(lifetime) or lifetime <= 0:
+        return network_failure(
+            f"gettoken answered a token without a usable expires_in ({lifetime!r})"
+        )
+    return issued(parsed.access_token, lifetime, requested_at)
 
 
 class WeComTokenSource:
