@@ -695,6 +695,15 @@ def test_gate_never_counts_events_and_notices_do_not_use_up_the_rate() -> None:
     assert verdicts(gate, [0, 1, 2, 60]) == ["ADMIT", "FLOOD_NOTICE", "SILENT", "ADMIT"]
 
 
+def test_gate_memory_stays_small_after_a_createtime_from_the_future() -> None:
+    """One skewed CreateTime kept as the newest stopped all pruning: the list grew with
+    every message for the life of the conversation (and each verdict summed over it)."""
+    gate = Gate(GatePolicy(rate_per_minute=2))
+    gate.verdict(USER, at=99_999_999_999, is_event=False)
+    verdicts(gate, [1_700_000_000 + 20 * i for i in range(20_000)])
+    assert len(gate._admitted) <= 2 * 10 * 3  # the memory of a few windows, not 20,001
+
+
 def test_gate_refuses_users_off_the_allowlist_once_a_day() -> None:
     policy = GatePolicy(rate_per_minute=10, allowed_users=frozenset({"boss@corp", "zhang.san"}))
     gate = Gate(policy)

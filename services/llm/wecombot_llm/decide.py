@@ -58,7 +58,7 @@ def flood_text(rate_per_minute: int) -> str:
     """The notice for a user over ``LLM_USER_RATE_PER_MINUTE`` (sent once per minute)."""
     return (
         f"你发送得有点快（每分钟最多回答 {rate_per_minute} 条），"
-        "请稍等一分钟再继续提问。这期间的消息不会被回答。"
+        "超出的消息不会被回答，请稍等再继续提问。"
     )
 
 

@@ -97,9 +97,11 @@ class Gate:
 
     def _admit(self, at: int) -> None:
         self._admitted.append(at)
-        horizon = max(self._admitted) - _MEMORY_WINDOWS * self._policy.window_s
-        if self._admitted[0] < horizon:
-            self._admitted = [t for t in self._admitted if t >= horizon]
+        # Forget what lies far from this message either way: a CreateTime far in the
+        # future (a skewed clock at WeCom) kept as the newest used to stop any pruning.
+        span = _MEMORY_WINDOWS * self._policy.window_s
+        if abs(self._admitted[0] - at) > span or abs(max(self._admitted) - at) > span:
+            self._admitted = [t for t in self._admitted if abs(t - at) <= span]
 
 
 def _within(told_at: int | None, at: int, span_s: int) -> bool:
