@@ -916,3 +916,27 @@ async def test_httpx_transport_failures_are_named_by_kind(failure: Exception, re
     finally:
         await model.aclose()
     assert str(info.value).startswith(reason)
+
+
+def test_a_cached_conversation_idle_past_max_idle_is_rebuilt_from_the_log() -> None:
+    """Kept forever, its turns outlived the stream's retention: the replica holding it
+    prompted with exchanges a restarted replica (rebuilding from the log) no longer had."""
+    from wecombot_common.topology import ConversationRef
+    from wecombot_llm.cache import ConversationCache
+
+    now = [0.0]
+    cache = ConversationCache(
+        lambda: Conversation(needs_outcome=always),
+        capacity=10,
+        max_idle_s=3600.0,
+        clock=lambda: now[0],
+    )
+    conv = ConversationRef("ww1-1", "idle.user")
+    first = cache.get(conv)
+    now[0] = 3000.0
+    assert cache.get(conv) is first  # used again within the hour: the same entry
+    now[0] = 3000.0 + 3601.0
+    with first.handling("busy"):
+        assert cache.get(conv) is first  # in use: never dropped
+    now[0] = 3000.0 + 3601.0 + 3601.0
+    assert cache.get(conv) is not first  # idle past max_idle: rebuilt from the log

@@ -21,6 +21,7 @@ Entries in use are never evicted, so all deliveries of a conversation share one 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -34,8 +35,9 @@ __all__ = ["ConversationCache", "Entry"]
 
 
 class Entry:
-    def __init__(self, state: Conversation) -> None:
+    def __init__(self, state: Conversation, now: float = 0.0) -> None:
         self.state = state
+        self.used_at = now
         self.lock = asyncio.Lock()
         self.active: Counter[str] = Counter()
         # An outcome computed but not appended (the broker was away): reused by a
@@ -73,19 +75,37 @@ class Entry:
 
 
 class ConversationCache:
-    def __init__(self, new_state: Callable[[], Conversation], *, capacity: int) -> None:
+    """``max_idle_s``: an idle entry unused for longer is rebuilt from the log, so no
+    replica keeps turns the stream has since dropped (WECOMBOT_HISTORY_MAX_AGE) while a
+    restarted one would not."""
+
+    def __init__(
+        self,
+        new_state: Callable[[], Conversation],
+        *,
+        capacity: int,
+        max_idle_s: float = 3600.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._new_state = new_state
         self._capacity = capacity
+        self._max_idle_s = max_idle_s
+        self._clock = clock
         self._entries: OrderedDict[ConversationRef, Entry] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._entries)
 
     def get(self, conv: ConversationRef) -> Entry:
+        now = self._clock()
         entry = self._entries.get(conv)
+        if entry is not None and not entry.busy and now - entry.used_at > self._max_idle_s:
+            del self._entries[conv]
+            entry = None
         if entry is None:
             self._evict(room_for=1)
             entry = self._entries[conv] = Entry(self._new_state())
+        entry.used_at = now
         self._entries.move_to_end(conv)
         return entry
 
