@@ -105,7 +105,7 @@ class Sandbox:
 
 
 class Supervisor:
-    def __init__(self, env: dict[str, str], lock: DataDirLock | None = None) -> None:
+    def __init__(self, env: dict[str, str], lock: DataDirLock) -> None:
         self.env = env
         self.lock = lock
         self.children: dict[str, asyncio.subprocess.Process] = {}
@@ -127,8 +127,7 @@ class Supervisor:
             start_new_session=True,  # Ctrl-C reaches only us; we stop children in order
         )  # fmt: skip
         self.children[service] = proc
-        if self.lock is not None:
-            self.lock.record(service, proc.pid)
+        self.lock.record(service, proc.pid)
         self.pumps.append(asyncio.create_task(self._pump(service, proc)))
 
     async def _pump(self, service: str, proc: asyncio.subprocess.Process) -> None:
@@ -301,7 +300,7 @@ async def _run(
                 own_session=True,  # Ctrl-C reaches only us: it stops after the services
             )
             await asyncio.to_thread(nats_server.start)
-            if nats_server.process is not None and sup.lock is not None:
+            if nats_server.process is not None:
                 sup.lock.record(NATS_SERVER, nats_server.process.pid)
             env["NATS_URL"] = nats_server.url
             sup.say(f"embedded nats-server at {nats_server.url} (store: {data_dir / 'nats'})")

@@ -40,7 +40,7 @@ class DataDirLock:
         self._lock_path = data_dir / "dev.lock"
         self._pids_path = data_dir / "dev.pids"
         self._file: TextIO | None = None
-        self._started: list[tuple[str, int]] = []
+        self._started: list[tuple[str, int, str]] = []  # name, pid, start time
 
     def acquire(self) -> bool:
         """Hold the directory; False if another ``dev`` holds it (the lock goes with its
@@ -68,8 +68,8 @@ class DataDirLock:
     def record(self, name: str, pid: int) -> None:
         """Write down a process this ``dev`` started (with its start time, so a pid the
         system has given to another process since is never taken for it)."""
-        self._started.append((name, pid))
-        text = "".join(f"{pid} {_started_at(pid)} {name}\n" for name, pid in self._started)
+        self._started.append((name, pid, _started_at(pid)))
+        text = "".join(f"{pid} {at} {name}\n" for name, pid, at in self._started)
         tmp = self._pids_path.with_suffix(".tmp")
         tmp.write_text(text, encoding="utf-8")
         tmp.replace(self._pids_path)
