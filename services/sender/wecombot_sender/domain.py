@@ -241,13 +241,13 @@ def hourly_delay(
     clock = now.timestamp()
     live = [(m, n) for m, n in sends_per_minute if (m + 1) * 60 + HOUR_S > clock]
     count = sum(n for _, n in live)
+    if count < per_hour:
+        return 0.0
     for minute, n in live:  # oldest first: wait until enough of them have left the hour
-        if count < per_hour:
-            break
         count -= n
         if count < per_hour:
             return (minute + 1) * 60 + HOUR_S - clock
-    return 0.0
+    return 0.0  # not reached: per_hour > 0, so the hour empties at the latest
 
 
 def duplicate_check_interval(since: datetime, now: datetime) -> int:
