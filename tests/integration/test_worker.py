@@ -20,7 +20,7 @@ from wecombot_common.bus import append_event, ensure_topology
 from wecombot_common.errors import PermanentError, TransientError
 from wecombot_common.events import Event, ReplyGenerated
 from wecombot_common.settings import EnvReader, NatsSettings
-from wecombot_common.worker import Ack, Delivery, Handler, Outcome, PullWorker
+from wecombot_common.worker import Ack, Delivery, Handler, Nak, Outcome, PullWorker
 
 pytestmark = pytest.mark.integration
 
@@ -150,6 +150,29 @@ async def test_poison_goes_to_the_dead_letter_stream(stream: JetStreamContext) -
     assert any("WeCom refuses this forever" in r for r in reasons)
     assert any("gave up after 2" in r and "still down" in r for r in reasons)
     assert any("undecodable" in r for r in reasons)
+
+
+async def test_the_handler_is_told_which_delivery_is_the_last(stream: JetStreamContext) -> None:
+    # The handlers (llm, sender) act differently on the last try; the worker is the one
+    # that knows the limit, so it says so, rather than each handler keeping a copy of it.
+    await append_event(stream, _reply("l", "keeps failing"))
+    tries: list[tuple[int, bool]] = []
+
+    async def handle(d: Delivery) -> Outcome:
+        tries.append((d.num_delivered, d.last_try))
+        return Nak(0.0, "not yet")
+
+    stop = asyncio.Event()
+    task = asyncio.create_task(PullWorker(stream, _config(), handle, max_deliver=3).run(stop))
+
+    async def dead_lettered() -> bool:
+        info = await stream.stream_info(topology.DEAD_LETTER_STREAM)
+        return int(info.state.messages) == 1
+
+    await until(dead_lettered, timeout=20, what=lambda: f"a dead letter (tries {tries})")
+    stop.set()
+    await task
+    assert tries == [(1, False), (2, False), (3, True)]
 
 
 async def test_stop_hands_running_and_queued_work_back(stream: JetStreamContext) -> None:

@@ -606,10 +606,12 @@ async def test_handler_hands_back_after_the_order_wait_unless_last_delivery() ->
     q1, q2 = msg("q1"), msg("q2")
     log.add(q1)
     s2 = log.add(q2)
-    h = handler(log, model, order_wait_s=0.05, max_deliver=3)
+    h = handler(log, model, order_wait_s=0.05)
     outcome = await h.handle(q2, stream_seq=s2, num_delivered=1)
     assert isinstance(outcome, Nak) and "seq 1" in outcome.reason
-    assert await h.handle(q2, stream_seq=s2, num_delivered=3) == Ack()  # last delivery
+    outcome = await h.handle(q2, stream_seq=s2, num_delivered=2)
+    assert isinstance(outcome, Nak)  # a redelivery, not the last: it still waits
+    assert await h.handle(q2, stream_seq=s2, num_delivered=3, last_try=True) == Ack()
     assert model.calls == [["sys", "q2"]]
 
 

@@ -156,6 +156,9 @@ class Delivery:
     subject: str
     msg: Msg
     lease: Lease = field(default_factory=lambda: Lease(DEFAULT_ACK_WAIT_S))
+    # The last delivery the worker allows (its ``max_deliver``): a Nak now dead-letters
+    # the message, so a handler that would hand it back should do what it still can.
+    last_try: bool = False
 
     @property
     def lapsed(self) -> bool:
@@ -424,6 +427,7 @@ class PullWorker:
             subject=msg.subject,
             msg=msg,
             lease=Lease(self._ack_wait, reconnects=_reconnect_counter(msg)),
+            last_try=0 < self._max_deliver <= meta.num_delivered,
         )
 
     @contextlib.asynccontextmanager
@@ -489,7 +493,7 @@ class PullWorker:
                 # The work is recorded in the log; a redelivery finds it done.
                 log.warning("worker.ack_failed", consumer=self.name, error=str(exc))
             return
-        if 0 < self._max_deliver <= d.num_delivered:
+        if d.last_try:
             await self._dead_letter(
                 d.msg, f"gave up after {d.num_delivered}: {outcome.reason}", d.num_delivered
             )

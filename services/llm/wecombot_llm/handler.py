@@ -78,7 +78,6 @@ _MODEL_FAILED = LLM_MODEL_SECONDS.labels("failed")
 class HandlerConfig:
     policy: ReplyPolicy
     order_wait_s: float = 60.0
-    max_deliver: int = 10
     max_conflicts: int = 5
     poll_first_s: float = 0.05
     poll_max_s: float = 1.0
@@ -137,9 +136,14 @@ class LlmHandler:
         self._rng = rng or random.Random()  # noqa: S311 (jitter)
 
     async def __call__(self, d: Delivery) -> Ack | Nak:
-        return await self.handle(d.event, stream_seq=d.stream_seq, num_delivered=d.num_delivered)
+        return await self.handle(
+            d.event, stream_seq=d.stream_seq, num_delivered=d.num_delivered, last_try=d.last_try
+        )
 
-    async def handle(self, event: Event, *, stream_seq: int, num_delivered: int) -> Ack | Nak:
+    async def handle(
+        self, event: Event, *, stream_seq: int, num_delivered: int, last_try: bool = False
+    ) -> Ack | Nak:
+        """``last_try``: the worker's last delivery of it (no more waiting for order)."""
         if not isinstance(event, MessageReceived):
             log.warning("llm.unexpected_event", type=type(event).__name__)
             return Ack()
@@ -148,7 +152,7 @@ class LlmHandler:
         conv = ConversationRef.of(event)
         entry = self._cache.get(conv)
         with entry.handling(event.event_id):
-            return await self._handle(event, stream_seq, num_delivered, conv, entry)
+            return await self._handle(event, stream_seq, num_delivered, last_try, conv, entry)
 
     def _needs_outcome(self, received: MessageReceived) -> bool:
         return requires_outcome(received, welcome=self._policy.welcome_message is not None)
@@ -166,10 +170,10 @@ class LlmHandler:
         received: MessageReceived,
         seq: int,
         num_delivered: int,
+        last_try: bool,
         conv: ConversationRef,
         entry: Entry,
     ) -> Ack | Nak:
-        last_delivery = num_delivered >= self._config.max_deliver
         waiting = _OrderWait(self._config)
         conflicts = 0
         while True:
@@ -180,7 +184,7 @@ class LlmHandler:
                     received.event_id,
                     seq,
                     settled_through=self._settled,
-                    ignore_order=last_delivery,
+                    ignore_order=last_try,
                 )
                 if isinstance(step, Done):
                     entry.prepared.pop(received.event_id, None)

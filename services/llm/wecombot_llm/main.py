@@ -82,7 +82,6 @@ async def _answer(settings: LlmSettings, js: JetStreamContext, stop: asyncio.Eve
             HandlerConfig(
                 policy=settings.policy,
                 order_wait_s=settings.order_wait_s,
-                max_deliver=settings.max_deliver,
             ),
         )
         worker = PullWorker(

@@ -117,7 +117,6 @@ class TokenSource(Protocol):
 class DeliveryPolicy:
     order_wait_s: float = 60.0
     retry_attempts: int = 4  # in-process retries of one part after the first try
-    max_deliver: int = 20  # the worker's limit; the last delivery gives up instead of nak'ing
     per_user_per_minute: int = 30
     per_user_per_hour: int = 1000
     retry_base_s: float = 0.1
@@ -242,7 +241,7 @@ class ReplySender:
             reply=reply,
             conv=ConversationRef.of(reply),
             parts=split_text(reply.text),
-            last_try=0 < self._policy.max_deliver <= d.num_delivered,
+            last_try=d.last_try,
             order_seq=order_seq,
             requeued_by=requeued_by,
         )

@@ -73,7 +73,6 @@ async def _consume(
         policy=DeliveryPolicy(
             order_wait_s=settings.order_wait_s,
             retry_attempts=settings.retry_attempts,
-            max_deliver=settings.max_deliver,
             per_user_per_minute=settings.per_user_per_minute,
             per_user_per_hour=settings.per_user_per_hour,
         ),
