@@ -95,6 +95,11 @@ class Gate:
         self._flood_notice_at = at
         return Verdict.FLOOD_NOTICE
 
+    @property
+    def remembered(self) -> int:
+        """How many admitted CreateTimes this gate keeps (its memory, a few windows')."""
+        return len(self._admitted)
+
     def _admit(self, at: int) -> None:
         self._admitted.append(at)
         # Forget what lies far from this message either way: a CreateTime far in the
