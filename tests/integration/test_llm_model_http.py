@@ -9,12 +9,13 @@ outlasts LLM_REQUEST_TIMEOUT, an httpx error that escapes ``complete()``.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+import random
+from collections.abc import AsyncIterator
 
 import pytest
 
 from tests.conftest import free_port
+from tests.loopback import raw_http
 from wecombot_common.settings import Secret
 from wecombot_common.sim.openai_api import Fault, Messages, SimulatedOpenAIApi, echo_reply
 from wecombot_llm.model import ModelRejected, ModelUnavailable, OpenAIChatModel
@@ -24,7 +25,6 @@ from wecombot_llm.settings import ModelSettings
 KEY = "sk-integration-model"
 HELLO = [ChatMessage("user", "你好")]
 ANSWER = b'{"choices":[{"message":{"content":"late answer"},"finish_reason":"stop"}]}'
-Handle = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
 
 def settings(base_url: str, **changes: object) -> ModelSettings:
@@ -54,19 +54,6 @@ async def failure(base_url: str, **changes: object) -> ModelUnavailable:
     return info.value
 
 
-@asynccontextmanager
-async def raw_http(handle: Handle) -> AsyncIterator[str]:
-    """A loopback server whose every connection ``handle`` answers byte by byte: the
-    base URL for the model."""
-    server = await asyncio.start_server(handle, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    try:
-        yield f"http://127.0.0.1:{port}/v1"
-    finally:
-        server.close()
-        await server.wait_closed()
-
-
 @pytest.fixture
 async def api() -> AsyncIterator[SimulatedOpenAIApi]:
     async with SimulatedOpenAIApi(api_key=KEY) as server:
@@ -82,6 +69,79 @@ async def test_answers_through_the_aiohttp_pool(api: SimulatedOpenAIApi) -> None
     assert "你好" in done.text and done.model == "sim-model"
     [request] = api.chat_requests
     assert request.last_user_text == "你好"
+
+
+async def test_the_request_carries_the_bearer_key_and_the_chat_body(
+    api: SimulatedOpenAIApi,
+) -> None:
+    model = OpenAIChatModel(settings(api.base_url, temperature=0.2))
+    try:
+        done = await model.complete([ChatMessage("system", "s"), ChatMessage("user", "u")])
+    finally:
+        await model.aclose()
+    assert (done.text, done.model) == ("echo: u", "sim-model")
+    assert (done.prompt_tokens, done.completion_tokens) == (2, 1)  # the sim's usage
+    [request] = api.chat_requests
+    assert request.headers["authorization"] == f"Bearer {KEY}"
+    assert "api-key" not in request.headers and request.query == {}
+    assert request.body == {
+        "model": "sim-model",
+        "messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}],
+        "stream": False,
+        "temperature": 0.2,
+    }
+
+
+async def test_with_an_api_version_the_key_goes_in_the_api_key_header(
+    api: SimulatedOpenAIApi,
+) -> None:
+    """Azure OpenAI's classic deployments: ``api-key`` and ``?api-version=``."""
+    model = OpenAIChatModel(settings(api.base_url, api_version="2024-10-21"))
+    try:
+        await model.complete(HELLO)
+    finally:
+        await model.aclose()
+    [request] = api.chat_requests
+    assert request.query == {"api-version": "2024-10-21"}
+    assert request.headers["api-key"] == KEY
+    assert "authorization" not in request.headers
+
+
+async def test_a_client_error_is_permanent_and_not_retried(api: SimulatedOpenAIApi) -> None:
+    api.fail_always(Fault.server_error(400))
+    model = OpenAIChatModel(settings(api.base_url, retry_budget_s=5.0))
+    try:
+        with pytest.raises(ModelRejected, match="HTTP 400: The server had an error") as info:
+            await model.complete(HELLO)
+    finally:
+        await model.aclose()
+    assert info.value.attempts == 1 and len(api.chat_requests) == 1
+
+
+async def test_transient_failures_are_retried_within_the_budget(
+    api: SimulatedOpenAIApi,
+) -> None:
+    api.fail_next(Fault.server_error(503))
+    api.fail_next(Fault.rate_limited(retry_after="0"))
+    model = OpenAIChatModel(settings(api.base_url, retry_budget_s=5.0), rng=random.Random(0))
+    try:
+        done = await model.complete(HELLO)
+    finally:
+        await model.aclose()
+    assert done.text == "echo: 你好" and len(api.chat_requests) == 3
+
+
+async def test_a_retry_after_beyond_the_budget_is_not_waited_for(
+    api: SimulatedOpenAIApi,
+) -> None:
+    api.fail_always(Fault.rate_limited(retry_after="30"))
+    model = OpenAIChatModel(settings(api.base_url, retry_budget_s=5.0))
+    try:
+        with pytest.raises(ModelUnavailable, match="HTTP 429") as info:
+            await model.complete(HELLO)
+    finally:
+        await model.aclose()
+    assert info.value.attempts == 1 and len(api.chat_requests) == 1
 
 
 async def test_many_calls_in_flight_share_one_pool_of_max_connections(

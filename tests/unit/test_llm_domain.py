@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import random
 from collections.abc import Sequence
 from datetime import UTC, datetime
 
-import httpcore
-import httpx
 import msgspec
 import pytest
 from hypothesis import given
@@ -39,7 +36,6 @@ from wecombot_common.events import (
     WeComEventPayload,
     derived_id,
 )
-from wecombot_common.settings import Secret
 from wecombot_common.worker import Ack, Nak
 from wecombot_llm.commands import HELP_TEXT, Command, parse_command
 from wecombot_llm.conversation import Blocked, Conversation, Done, Go, fold, plan
@@ -48,15 +44,13 @@ from wecombot_llm.gate import Gate, GatePolicy, Verdict
 from wecombot_llm.handler import HandlerConfig, LlmHandler
 from wecombot_llm.model import (
     Completion,
-    ModelRejected,
     ModelUnavailable,
     OfflineModel,
-    OpenAIChatModel,
     env_proxy,
 )
 from wecombot_llm.prompt import ChatMessage, Turn, build_prompt, estimate_tokens
 from wecombot_llm.retry import next_delay, parse_retry_after, retry_after_of
-from wecombot_llm.settings import LlmSettings, ModelSettings, ReplyPolicy
+from wecombot_llm.settings import LlmSettings, ReplyPolicy
 
 USER = "zhang.san@corp"
 
@@ -435,117 +429,6 @@ async def test_offline_model_echoes_deterministically() -> None:
     assert done.model == "offline"
 
 
-def model_settings(**changes: object) -> ModelSettings:
-    base: dict[str, object] = {
-        "api_key": Secret("sk-unit-test"),
-        "base_url": "https://llm.example/v1",
-        "model": "m1",
-        "api_version": None,
-        "temperature": None,
-        "request_timeout_s": 5.0,
-        "retry_budget_s": 5.0,
-        "max_connections": 8,
-    }
-    base.update(changes)
-    return ModelSettings(**base)  # type: ignore[arg-type]
-
-
-def completion_json(text: str) -> dict[str, object]:
-    return {
-        "model": "m1-2025",
-        "choices": [{"message": {"role": "assistant", "content": text}}],
-        "usage": {"prompt_tokens": 7, "completion_tokens": 3},
-    }
-
-
-async def test_openai_model_bearer_request_and_parsing() -> None:
-    seen: list[httpx.Request] = []
-
-    def handle(request: httpx.Request) -> httpx.Response:
-        seen.append(request)
-        return httpx.Response(200, json=completion_json(" hi there "))
-
-    model = OpenAIChatModel(model_settings(temperature=0.2), transport=httpx.MockTransport(handle))
-    done = await model.complete([ChatMessage("system", "s"), ChatMessage("user", "u")])
-    await model.aclose()
-    assert done == Completion("hi there", "m1-2025", 7, 3)
-    (request,) = seen
-    assert str(request.url) == "https://llm.example/v1/chat/completions"
-    assert request.headers["authorization"] == "Bearer sk-unit-test"
-    assert json.loads(request.content) == {
-        "model": "m1",
-        "messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}],
-        "stream": False,
-        "temperature": 0.2,
-    }
-
-
-async def test_openai_model_azure_api_version_uses_api_key_header() -> None:
-    seen: list[httpx.Request] = []
-
-    def handle(request: httpx.Request) -> httpx.Response:
-        seen.append(request)
-        return httpx.Response(200, json=completion_json("ok"))
-
-    settings = model_settings(
-        base_url="https://r.openai.azure.com/openai/deployments/gpt4o",
-        api_version="2024-10-21",
-    )
-    model = OpenAIChatModel(settings, transport=httpx.MockTransport(handle))
-    await model.complete([ChatMessage("user", "u")])
-    await model.aclose()
-    assert seen[0].url.params["api-version"] == "2024-10-21"
-    assert seen[0].headers["api-key"] == "sk-unit-test"
-    assert "authorization" not in seen[0].headers
-
-
-async def test_openai_model_client_errors_are_permanent_and_not_retried() -> None:
-    calls = 0
-
-    def handle(request: httpx.Request) -> httpx.Response:
-        nonlocal calls
-        calls += 1
-        return httpx.Response(400, json={"error": {"message": "context too long"}})
-
-    model = OpenAIChatModel(model_settings(), transport=httpx.MockTransport(handle))
-    with pytest.raises(ModelRejected, match="HTTP 400: context too long") as info:
-        await model.complete([ChatMessage("user", "u")])
-    await model.aclose()
-    assert calls == 1 and info.value.attempts == 1
-
-
-async def test_openai_model_retries_transient_failures_within_the_budget() -> None:
-    responses: list[httpx.Response | Exception] = [
-        httpx.ConnectError("refused"),
-        httpx.Response(503, text="busy"),
-        httpx.Response(200, json=completion_json("finally")),
-    ]
-
-    def handle(request: httpx.Request) -> httpx.Response:
-        nxt = responses.pop(0)
-        if isinstance(nxt, Exception):
-            raise nxt
-        return nxt
-
-    model = OpenAIChatModel(
-        model_settings(), transport=httpx.MockTransport(handle), rng=random.Random(0)
-    )
-    done = await model.complete([ChatMessage("user", "u")])
-    assert done.text == "finally" and responses == []
-
-    def always_busy(request: httpx.Request) -> httpx.Response:
-        return httpx.Response(429, headers={"Retry-After": "30"}, json={"error": "slow down"})
-
-    broke = OpenAIChatModel(
-        model_settings(retry_budget_s=5.0), transport=httpx.MockTransport(always_busy)
-    )
-    with pytest.raises(ModelUnavailable, match="HTTP 429") as info:
-        await broke.complete([ChatMessage("user", "u")])  # Retry-After beyond the budget
-    assert info.value.attempts == 1
-    await model.aclose()
-    await broke.aclose()
-
-
 # ---------------------------------------------------------------- the handler, over fakes
 
 
@@ -885,39 +768,6 @@ def test_a_proxy_the_model_calls_cannot_use_is_refused_at_start(
     with pytest.raises(ConfigError, match="socks5:// proxy") as info:
         env_proxy("https://api.openai.com/v1")
     assert "secret-pw" not in str(info.value)
-
-
-def _caused(exc: Exception, cause: Exception) -> Exception:
-    exc.__cause__ = cause  # as httpx re-raises httpcore's errors
-    return exc
-
-
-@pytest.mark.parametrize(
-    ("failure", "reason"),
-    [
-        (httpx.ReadTimeout("read timed out"), "timeout (ReadTimeout: read timed out)"),
-        (httpx.PoolTimeout("no free connection"), "timeout (PoolTimeout: no free connection)"),
-        (httpx.ConnectError("refused"), "connection error (ConnectError: refused)"),
-        (httpx.RemoteProtocolError("hung up"), "connection error (RemoteProtocolError: hung up)"),
-        (_caused(httpx.ReadTimeout("slow"), httpcore.ReadTimeout("slow")), "timeout (ReadTimeout"),
-    ],
-)
-async def test_httpx_transport_failures_are_named_by_kind(failure: Exception, reason: str) -> None:
-    """Any httpx transport (here MockTransport raising httpx's own errors, as httpcore's
-    are re-raised) gives the same reasons as the aiohttp one."""
-
-    def handle(request: httpx.Request) -> httpx.Response:
-        raise failure
-
-    model = OpenAIChatModel(
-        model_settings(retry_budget_s=0.0), transport=httpx.MockTransport(handle)
-    )
-    try:
-        with pytest.raises(ModelUnavailable) as info:
-            await model.complete([ChatMessage("user", "u")])
-    finally:
-        await model.aclose()
-    assert str(info.value).startswith(reason)
 
 
 def test_a_cached_conversation_idle_past_max_idle_is_rebuilt_from_the_log() -> None:

@@ -190,7 +190,6 @@ class OpenAIChatModel:
         self,
         settings: ModelSettings,
         *,
-        transport: httpx.AsyncBaseTransport | None = None,
         rng: random.Random | None = None,
     ) -> None:
         if settings.api_key is None:
@@ -218,7 +217,7 @@ class OpenAIChatModel:
                 write=min(30.0, timeout),
                 pool=timeout,
             ),
-            transport=transport or _aiohttp_transport(settings),
+            transport=_aiohttp_transport(settings),
         )
         self._rng = rng or random.Random()  # noqa: S311 (jitter, not security)
 

@@ -35,7 +35,7 @@ from wecombot_common.settings import WeComApiSettings
 from .errcodes import BUSY, ErrorClass, classify, explain
 from .errors import SendError, SendRejected, SendRetryable, TokenRejected
 
-__all__ = ["MESSAGE_TYPES", "HttpMessageApi", "MessageApi", "MessageType"]
+__all__ = ["MESSAGE_TYPES", "HttpMessageApi", "MessageApi", "MessageType", "may_have_gone_out"]
 
 MessageType = Literal["text", "markdown"]
 MESSAGE_TYPES: tuple[MessageType, ...] = ("text", "markdown")
@@ -82,7 +82,6 @@ class HttpMessageApi:
         *,
         timeout_s: float,
         message_type: MessageType = "text",
-        transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self._agent_id = settings.agent_id
         self._message_type = message_type
@@ -90,7 +89,6 @@ class HttpMessageApi:
         self._client = httpx.AsyncClient(
             timeout=httpx.Timeout(timeout_s, connect=min(timeout_s, 5.0)),
             limits=httpx.Limits(max_connections=256, max_keepalive_connections=64),
-            transport=transport,
             follow_redirects=False,
         )
 
@@ -130,10 +128,10 @@ class HttpMessageApi:
             )
         except httpx.TimeoutException as exc:
             reason = f"WeCom did not answer in time ({type(exc).__name__})"
-            raise SendRetryable(BUSY, reason, maybe_delivered=_went_out(exc)) from exc
+            raise SendRetryable(BUSY, reason, maybe_delivered=may_have_gone_out(exc)) from exc
         except httpx.TransportError as exc:
             reason = f"cannot reach WeCom ({type(exc).__name__})"
-            raise SendRetryable(BUSY, reason, maybe_delivered=_went_out(exc)) from exc
+            raise SendRetryable(BUSY, reason, maybe_delivered=may_have_gone_out(exc)) from exc
         if response.status_code != 200:
             # WeCom answers 200 with an errcode; anything else is a proxy or front end
             # having a bad moment (or a wrong WECOM_API_BASE, which operators must see).
@@ -147,7 +145,7 @@ class HttpMessageApi:
         return _msgid_or_raise(answer, touser)
 
 
-def _went_out(exc: httpx.TransportError) -> bool:
+def may_have_gone_out(exc: httpx.TransportError) -> bool:
     """Whether the request may have reached WeCom (not a connect or pool failure)."""
     return not isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout | httpx.PoolTimeout)
 

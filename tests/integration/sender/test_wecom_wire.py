@@ -1,0 +1,146 @@
+"""``message/send`` on the wire, against raw loopback servers: the exact JSON the adapter
+posts, and which failures may have reached WeCom (``maybe_delivered``, which decides
+whether the next try asks WeCom's duplicate check)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+
+import pytest
+
+from tests.conftest import free_port
+from tests.loopback import Handle, answer, raw_http, read_request, reset
+from wecombot_common.settings import Secret, WeComApiSettings
+from wecombot_sender.errors import SendRetryable
+from wecombot_sender.wecom import HttpMessageApi, MessageType
+
+pytestmark = pytest.mark.integration
+
+ACCEPTED = b'{"errcode":0,"errmsg":"ok","msgid":"m"}'
+
+
+@asynccontextmanager
+async def adapter(
+    base_url: str, message_type: MessageType = "text", timeout_s: float = 2.0
+) -> AsyncIterator[HttpMessageApi]:
+    settings = WeComApiSettings("ww1", 1000002, Secret(""), base_url)
+    api = HttpMessageApi(settings, timeout_s=timeout_s, message_type=message_type)
+    try:
+        yield api
+    finally:
+        await api.aclose()
+
+
+async def failed_send(base_url: str, timeout_s: float = 2.0) -> SendRetryable:
+    async with adapter(base_url, timeout_s=timeout_s) as api:
+        with pytest.raises(SendRetryable) as caught:
+            await api.send_text("token", "u", "hi")
+    return caught.value
+
+
+def recording(bodies: list[bytes]) -> Handle:
+    """A WeCom that accepts every send and keeps each request's body."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with_body = True
+        while with_body:
+            try:
+                _, body = await read_request(reader)
+            except asyncio.IncompleteReadError:
+                with_body = False  # the client closed its keep-alive connection
+            else:
+                bodies.append(body)
+                await answer(writer, 200, ACCEPTED, "application/json")
+        writer.close()
+
+    return handle
+
+
+async def test_the_check_is_only_in_the_request_when_asked() -> None:
+    bodies: list[bytes] = []
+    async with raw_http(recording(bodies)) as base_url, adapter(base_url) as api:
+        assert await api.send_text("token", "u", "hi") == "m"
+        await api.send_text("token", "u", "hi", duplicate_check_s=42)
+    assert bodies[0] == (
+        b'{"touser":"u","agentid":1000002,"msgtype":"text","text":{"content":"hi"}}'
+    )
+    assert bodies[1].endswith(b'"enable_duplicate_check":1,"duplicate_check_interval":42}')
+
+
+async def test_markdown_goes_in_the_markdown_object() -> None:
+    bodies: list[bytes] = []
+    async with raw_http(recording(bodies)) as base_url, adapter(base_url, "markdown") as api:
+        assert await api.send_text("token", "u", "**hi**", duplicate_check_s=42) == "m"
+    assert bodies == [
+        b'{"touser":"u","agentid":1000002,"msgtype":"markdown","markdown":{"content":"**hi**"},'
+        b'"enable_duplicate_check":1,"duplicate_check_interval":42}'
+    ]
+
+
+async def test_a_refused_connection_never_reached_wecom() -> None:
+    failed = await failed_send(f"http://127.0.0.1:{free_port()}")
+    assert failed.maybe_delivered is False
+    assert "cannot reach WeCom (ConnectError)" in str(failed)
+
+
+def after_the_request(then: Callable[[asyncio.StreamWriter], object]) -> Handle:
+    """A server that reads the whole request, then does ``then`` instead of answering."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        outcome = then(writer)
+        if asyncio.iscoroutine(outcome):
+            await outcome
+
+    return handle
+
+
+async def _never_answer(writer: asyncio.StreamWriter) -> None:
+    await asyncio.Event().wait()  # cancelled when the server closes
+
+
+@pytest.mark.parametrize(
+    ("then", "kind"),
+    [
+        (_never_answer, "WeCom did not answer in time (ReadTimeout)"),
+        (lambda writer: writer.close(), "cannot reach WeCom (RemoteProtocolError)"),
+        (reset, "cannot reach WeCom (Read"),  # ReadError: the connection was reset
+    ],
+    ids=["no answer", "hung up", "reset"],
+)
+async def test_a_send_that_went_out_unanswered_may_have_been_delivered(
+    then: Callable[[asyncio.StreamWriter], object], kind: str
+) -> None:
+    async with raw_http(after_the_request(then)) as base_url:
+        failed = await failed_send(base_url, timeout_s=0.3)
+    assert failed.maybe_delivered is True
+    assert kind in str(failed)
+
+
+@pytest.mark.parametrize(("status", "maybe_delivered"), [(502, True), (504, True), (404, False)])
+async def test_http_errors_from_a_front_end(status: int, maybe_delivered: bool) -> None:
+    async def front_end(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        await answer(writer, status, b"<html>bad gateway</html>", "text/html")
+        writer.close()
+
+    async with raw_http(front_end) as base_url:
+        failed = await failed_send(base_url)
+    assert failed.maybe_delivered is maybe_delivered
+    assert f"WeCom answered HTTP {status}" in str(failed)
+
+
+async def test_a_200_that_is_not_json_may_have_been_delivered() -> None:
+    """A front end answering its own 200 page: the request went through it."""
+
+    async def portal(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        await answer(writer, 200, b"<html>captive portal</html>", "text/html")
+        writer.close()
+
+    async with raw_http(portal) as base_url:
+        failed = await failed_send(base_url)
+    assert failed.maybe_delivered is True
+    assert "not JSON" in str(failed)
