@@ -13,6 +13,8 @@ show where the gateway's CPU goes, measured in the same run and the same process
   the gateway's ``PipelinedAppender``, await the PubAck (NATS from ``NATS_URL``);
 - ``js-publish``: the same append through ``bus.append_event`` (nats-py's
   ``js.publish``, a request per append), which the gateway used before;
+- ``raw-append``: the same append through ``bench/rawappend.py``, the smallest hand-made
+  NATS client that can do it (an experiment: how much of the append is nats-py's);
 - ``open``: what the gateway does before the append, with its own code
   (``CallbackReader``: the query, the body guards, signature, replay window, AES, both
   XML documents, the event) and the dedupe key (settings from the ``WECOM_*``
@@ -37,13 +39,18 @@ from aiohttp import web
 from wecombot_common.http import LocalSite
 
 Work = Callable[[web.Request], Awaitable[None]]
+APPENDS = ("append", "js-publish", "raw-append")
 
 
 async def _read(request: web.Request) -> None:
     await request.read()
 
 
-async def _append_work(pipelined: bool) -> Work:
+async def _append_work(how: str) -> Work:
+    """``append``, ``js-publish`` or ``raw-append``: one event appended per request."""
+    from urllib.parse import urlsplit
+
+    from bench.rawappend import RawAppender
     from wecombot_common import bus
     from wecombot_common.events import MessageReceived, TextPayload
     from wecombot_common.settings import EnvReader, NatsSettings
@@ -52,7 +59,6 @@ async def _append_work(pipelined: bool) -> Work:
     nc = await bus.connect(settings, "wecombot-bench-bare")
     await bus.ensure_topology(nc.jetstream(), settings)
     js = nc.jetstream()
-    appender = await bus.PipelinedAppender.start(nc)
     keys = itertools.count()
     event = MessageReceived(
         app="ww-bench",
@@ -67,13 +73,20 @@ async def _append_work(pipelined: bool) -> Work:
         create_time=int(time.time()),
         payload=TextPayload(content="你好，请帮我写一个周报的提纲"),
     )
+    append: Callable[..., Awaitable[object]]
+    if how == "append":
+        append = (await bus.PipelinedAppender.start(nc)).append
+    elif how == "raw-append":
+        url = urlsplit(settings.url)
+        append = (await RawAppender.start(url.hostname or "127.0.0.1", url.port or 4222)).append
+    else:
+
+        async def append(event: MessageReceived, *, msg_id: str, timeout: float) -> object:
+            return await bus.append_event(js, event, msg_id=msg_id, timeout=timeout)
 
     async def work(request: web.Request) -> None:
         await request.read()
-        if pipelined:
-            await appender.append(event, msg_id=f"bare:{next(keys)}", timeout=2.0)
-        else:
-            await bus.append_event(js, event, msg_id=f"bare:{next(keys)}", timeout=2.0)
+        await append(event, msg_id=f"bare:{next(keys)}", timeout=2.0)
 
     return work
 
@@ -99,8 +112,8 @@ async def _healthz(_: web.Request) -> web.Response:
 
 
 async def serve(port: int, path: str, work_name: str) -> None:
-    if work_name in ("append", "js-publish"):
-        work = await _append_work(pipelined=work_name == "append")
+    if work_name in APPENDS:
+        work = await _append_work(work_name)
     elif work_name in ("open", "http"):
         work = _open_work(http_only=work_name == "http")
     else:
@@ -125,9 +138,7 @@ def main() -> None:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--path", default="/wecom/callback")
     parser.add_argument("--loop", choices=("asyncio", "uvloop"), default="asyncio")
-    parser.add_argument(
-        "--work", choices=("none", "append", "js-publish", "http", "open"), default="none"
-    )
+    parser.add_argument("--work", choices=("none", *APPENDS, "http", "open"), default="none")
     args = parser.parse_args()
     coro = serve(args.port, args.path, args.work)
     if args.loop == "uvloop":

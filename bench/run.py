@@ -82,7 +82,8 @@ def _sized(sizes: Sizes, overrides: list[str]) -> Sizes:
         name, _, value = item.partition("=")
         current = getattr(sizes, name.strip())
         if isinstance(current, tuple):
-            changes[name.strip()] = tuple(int(v) for v in value.split(","))
+            kind = type(current[0]) if current else str
+            changes[name.strip()] = tuple(kind(v) for v in value.split(","))
         else:
             changes[name.strip()] = type(current)(value)
     return dataclasses.replace(sizes, **changes)

@@ -46,7 +46,7 @@ class Sizes:
     gw_rounds: int = 3
     gw_prebuild: int = 100_000  # unique callbacks for the gateway: no MsgId repeats
     # 1. instructions per callback (callgrind): the bare handler doing which parts
-    instr_works: tuple[str, ...] = ("none", "http", "open", "append")
+    instr_works: tuple[str, ...] = ("none", "http", "open", "append", "raw-append")
     instr_warmup: int = 200
     instr_count: int = 1000
     # 2. ack latency at a fixed offered rate (open loop)
@@ -202,7 +202,8 @@ async def gateway(ctx: Context) -> dict[str, Any]:
     try:
         gw = stack.start("gateway")
         bare, *parts = (
-            _bare(ctx, stack, work) for work in ("none", "js-publish", "append", "http", "open")
+            _bare(ctx, stack, work)
+            for work in ("none", "js-publish", "append", "raw-append", "http", "open")
         )
         await _ready(gw, bare, *parts)
         ctx.note_idle(gw)
