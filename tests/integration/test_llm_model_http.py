@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import random
 from collections.abc import AsyncIterator
+from typing import TypeVar
 
 import pytest
 
@@ -18,12 +19,13 @@ from tests.conftest import free_port
 from tests.loopback import raw_http
 from wecombot_common.settings import Secret
 from wecombot_common.sim.openai_api import Fault, Messages, SimulatedOpenAIApi, echo_reply
-from wecombot_llm.model import ModelRejected, ModelUnavailable, OpenAIChatModel
+from wecombot_llm.model import ModelError, ModelRejected, ModelUnavailable, OpenAIChatModel
 from wecombot_llm.prompt import ChatMessage
 from wecombot_llm.settings import ModelSettings
 
 KEY = "sk-integration-model"
 HELLO = [ChatMessage("user", "你好")]
+Failure = TypeVar("Failure", bound=ModelError)
 ANSWER = b'{"choices":[{"message":{"content":"late answer"},"finish_reason":"stop"}]}'
 
 
@@ -42,11 +44,13 @@ def settings(base_url: str, **changes: object) -> ModelSettings:
     return ModelSettings(**base)  # type: ignore[arg-type]
 
 
-async def failure(base_url: str, **changes: object) -> ModelUnavailable:
-    """The one attempt of a call that must fail, through the real transport."""
+async def failure(
+    base_url: str, kind: type[Failure] = ModelUnavailable, **changes: object
+) -> Failure:
+    """The one attempt of a call that must fail so, through the real transport."""
     model = OpenAIChatModel(settings(base_url, **changes))
     try:
-        with pytest.raises(ModelUnavailable) as info:
+        with pytest.raises(kind) as info:
             await model.complete(HELLO)
     finally:
         await model.aclose()
@@ -109,13 +113,9 @@ async def test_with_an_api_version_the_key_goes_in_the_api_key_header(
 
 async def test_a_client_error_is_permanent_and_not_retried(api: SimulatedOpenAIApi) -> None:
     api.fail_always(Fault.server_error(400))
-    model = OpenAIChatModel(settings(api.base_url, retry_budget_s=5.0))
-    try:
-        with pytest.raises(ModelRejected, match="HTTP 400: The server had an error") as info:
-            await model.complete(HELLO)
-    finally:
-        await model.aclose()
-    assert info.value.attempts == 1 and len(api.chat_requests) == 1
+    failed = await failure(api.base_url, ModelRejected, retry_budget_s=5.0)
+    assert str(failed).startswith("HTTP 400: The server had an error")
+    assert len(api.chat_requests) == 1
 
 
 async def test_transient_failures_are_retried_within_the_budget(
@@ -135,13 +135,8 @@ async def test_a_retry_after_beyond_the_budget_is_not_waited_for(
     api: SimulatedOpenAIApi,
 ) -> None:
     api.fail_always(Fault.rate_limited(retry_after="30"))
-    model = OpenAIChatModel(settings(api.base_url, retry_budget_s=5.0))
-    try:
-        with pytest.raises(ModelUnavailable, match="HTTP 429") as info:
-            await model.complete(HELLO)
-    finally:
-        await model.aclose()
-    assert info.value.attempts == 1 and len(api.chat_requests) == 1
+    failed = await failure(api.base_url, retry_budget_s=5.0)
+    assert "HTTP 429" in str(failed) and len(api.chat_requests) == 1
 
 
 async def test_many_calls_in_flight_share_one_pool_of_max_connections(
