@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import math
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeVar
@@ -37,7 +39,9 @@ __all__ = [
     "Appended",
     "ConcurrencyConflict",
     "PipelinedAppender",
+    "SettledFloor",
     "StoredEvent",
+    "ack_floor",
     "append_event",
     "connect",
     "connect_when_ready",
@@ -266,7 +270,7 @@ class PipelinedAppender:
     with a reply subject ``<inbox>.<n>`` under one wildcard subscription, and the PubAck
     resolves the append's future: about a third less CPU per append inside a serving
     process (``make bench``, scenario 1, part by part: bare handler + ``js.publish``
-    82–105 µs, + this 65–82 µs, the bare handler alone 36–40 µs). Same results and errors
+    82–105 µs, + this 60–82 µs, the bare handler alone 36–40 µs). Same results and errors
     as :func:`append_event` with a ``msg_id`` (no conditional appends: the gateway has
     no use for them).
 
@@ -365,6 +369,57 @@ _COMMAND_OVERHEAD = 512
 def _no_pub_ack(waiter: asyncio.Future[_PubAck], timeout: float) -> None:
     if not waiter.done():
         waiter.set_exception(AppendUnavailable(f"no PubAck within {timeout:g}s"))
+
+
+async def ack_floor(
+    js: JetStreamContext, consumer: str, *, stream: str = topology.CONVERSATION_STREAM
+) -> int:
+    """A stream seq at or below which ``consumer`` has settled every message
+    (acknowledged, or terminated after dead-lettering); 0 when unknown."""
+    try:
+        info = await js.consumer_info(stream, consumer, timeout=2)
+    except (TimeoutError, nats.errors.Error) as exc:
+        log.debug("consumer.ack_floor_unknown", consumer=consumer, error=str(exc))
+        return 0
+    return (info.ack_floor.stream_seq or 0) if info.ack_floor is not None else 0
+
+
+class SettledFloor:
+    """A work consumer's ack floor as one process knows it: the highest read so far,
+    read again at most every ``refresh_s`` (one ``consumer_info`` call, however many
+    deliveries of the process are waiting on an earlier message).
+
+    The llm and the sender use it the same way: an earlier message at or below the
+    floor was acknowledged or dead-lettered, so nobody will handle it again and a later
+    one of its conversation need not wait for it, even when it left no outcome in the
+    log (see :class:`~wecombot_common.worker.PullWorker`)::
+
+        settled = SettledFloor(lambda: ack_floor(js, "sender"), refresh_s=1.0)
+        if blocker_seq <= await settled.refresh(): ...
+    """
+
+    __slots__ = ("_clock", "_read", "_read_at", "_refresh_s", "through")
+
+    def __init__(
+        self,
+        read: Callable[[], Awaitable[int]],
+        *,
+        refresh_s: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._read = read
+        self._refresh_s = refresh_s
+        self._clock = clock
+        self._read_at = -math.inf
+        self.through = 0  # the floor as last read (never lowered)
+
+    async def refresh(self) -> int:
+        """The floor, read again unless it was read within ``refresh_s``."""
+        now = self._clock()
+        if now - self._read_at >= self._refresh_s:
+            self._read_at = now
+            self.through = max(self.through, await self._read())
+        return self.through
 
 
 async def read_conversation(

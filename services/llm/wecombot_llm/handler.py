@@ -39,14 +39,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import math
 import random
 import time
 from dataclasses import dataclass
 
 import structlog
 
-from wecombot_common.bus import AppendUnavailable, ConcurrencyConflict
+from wecombot_common.bus import AppendUnavailable, ConcurrencyConflict, SettledFloor
 from wecombot_common.events import Event, MessageReceived, Outcome
 from wecombot_common.metrics import LLM_MODEL_SECONDS, LLM_OUTCOMES
 from wecombot_common.topology import ConversationRef
@@ -131,8 +130,8 @@ class LlmHandler:
         self._config = config
         self._policy = config.policy
         self._cache = ConversationCache(self._new_state, capacity=config.cache_capacity)
-        self._settled = 0  # a stream seq through which the consumer settled everything
-        self._settled_at = -math.inf
+        # a stream seq through which the consumer settled everything
+        self._settled = SettledFloor(store.settled_through, refresh_s=config.settled_refresh_s)
         self._rng = rng or random.Random()  # noqa: S311 (jitter)
 
     async def __call__(self, d: Delivery) -> Ack | Nak:
@@ -183,7 +182,7 @@ class LlmHandler:
                     entry.state,
                     received.event_id,
                     seq,
-                    settled_through=self._settled,
+                    settled_through=self._settled.through,
                     ignore_order=last_try,
                 )
                 if isinstance(step, Done):
@@ -219,21 +218,15 @@ class LlmHandler:
                 f"earlier message at seq {blocker.seq} still unanswered after "
                 f"{now - waiting.started:.0f}s",
             )
-        if blocker.seq > self._settled and waiting.long_enough(now):
-            await self._refresh_settled()
-            if blocker.seq <= self._settled:
-                log.info("llm.earlier_message_abandoned", blocker_seq=blocker.seq)
-                return None  # re-read at once: its outcome may have landed before its ack
+        if (
+            blocker.seq > self._settled.through
+            and waiting.long_enough(now)
+            and blocker.seq <= await self._settled.refresh()
+        ):
+            log.info("llm.earlier_message_abandoned", blocker_seq=blocker.seq)
+            return None  # re-read at once: its outcome may have landed before its ack
         await _wait(changed, waiting.next_interval(now))
         return None
-
-    async def _refresh_settled(self) -> None:
-        """Ask the consumer for its ack floor, at most every ``settled_refresh_s``."""
-        now = time.monotonic()
-        if now - self._settled_at < self._config.settled_refresh_s:
-            return
-        self._settled_at = now
-        self._settled = max(self._settled, await self._store.settled_through())
 
     async def _catch_up(self, conv: ConversationRef, entry: Entry) -> None:
         async for stored in self._store.read(conv, after_seq=entry.state.last_seq):

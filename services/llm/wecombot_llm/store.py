@@ -13,8 +13,13 @@ import nats.errors
 import structlog
 from nats.js import JetStreamContext
 
-from wecombot_common import topology
-from wecombot_common.bus import Appended, StoredEvent, append_event, read_conversation
+from wecombot_common.bus import (
+    Appended,
+    StoredEvent,
+    ack_floor,
+    append_event,
+    read_conversation,
+)
 from wecombot_common.errors import TransientError
 from wecombot_common.events import Event
 from wecombot_common.topology import ConversationRef
@@ -69,11 +74,4 @@ class JetStreamLog:
         )
 
     async def settled_through(self) -> int:
-        try:
-            info = await self._js.consumer_info(
-                topology.CONVERSATION_STREAM, self._consumer, timeout=2
-            )
-        except (TimeoutError, nats.errors.Error) as exc:
-            log.debug("llm.ack_floor_unknown", error=str(exc))
-            return 0
-        return info.ack_floor.stream_seq if info.ack_floor is not None else 0
+        return await ack_floor(self._js, self._consumer)

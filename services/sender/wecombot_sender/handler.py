@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import math
 import random
 from collections import OrderedDict
 from collections.abc import Callable
@@ -58,7 +57,9 @@ from wecombot_common import topology
 from wecombot_common.bus import (
     AppendUnavailable,
     ConcurrencyConflict,
+    SettledFloor,
     StoredEvent,
+    ack_floor,
     append_event,
     read_conversation,
 )
@@ -221,8 +222,14 @@ class ReplySender:
         self._cache = cache or ConversationCache(js)
         self.queued_behind: Callable[[str], list[int]] = queued_behind or (lambda _key: [])
         self._stopping = stopping or asyncio.Event()
-        self._settled = 0  # the consumer's ack floor, as last read
-        self._settled_at = -math.inf
+        # Every outcome at or below the consumer's ack floor was acknowledged or
+        # dead-lettered: no sender will deliver it again (only an operator's replay
+        # would). One dead-lettered without its DeliveryFailed (its last delivery ended
+        # without an outcome: a stop, a crash, the log unreachable) stays unfinished in
+        # the log for good, and must not hold back the user's later replies.
+        self._settled = SettledFloor(
+            lambda: ack_floor(js, topology.SENDER_CONSUMER), refresh_s=policy.settled_refresh_s
+        )
 
     async def handle(self, d: Delivery) -> Settlement:
         event = d.event
@@ -333,7 +340,7 @@ class ReplySender:
         while True:
             pending = {o.delivered_by for o in pending_before(state, job.order_seq)}
             if pending:
-                settled = await self._settled_through()
+                settled = await self._settled.refresh()
                 pending = {seq for seq in pending if seq is None or seq > settled}
             if not pending:
                 return state
@@ -347,29 +354,6 @@ class ReplySender:
                 await asyncio.wait_for(self._stopping.wait(), min(delay, left))
             delay = min(1.0, delay * 2)
             state = await self._cache.load(job.conv)
-
-    async def _settled_through(self) -> int:
-        """The sender consumer's ack floor, read at most every ``settled_refresh_s``.
-
-        Every outcome at or below it was acknowledged or dead-lettered: no sender will
-        deliver it again (only an operator's replay would). One that was dead-lettered
-        without its DeliveryFailed (its last delivery ended without an outcome: a stop, a
-        crash, the log unreachable; see PullWorker) stays unfinished in the log for good,
-        and must not hold back the user's later replies.
-        """
-        now = asyncio.get_running_loop().time()
-        if now - self._settled_at >= self._policy.settled_refresh_s:
-            self._settled_at = now
-            try:
-                info = await self._js.consumer_info(
-                    topology.CONVERSATION_STREAM, topology.SENDER_CONSUMER, timeout=2
-                )
-            except (TimeoutError, nats.errors.Error) as exc:
-                log.debug("sender.ack_floor_unknown", error=str(exc))
-            else:
-                floor = info.ack_floor.stream_seq if info.ack_floor is not None else 0
-                self._settled = max(self._settled, floor or 0)
-        return self._settled
 
     def _over_the_hour(self, state: ConversationState) -> Nak | None:
         """A nak until the user's hour has room, when WeCom would drop the next send
