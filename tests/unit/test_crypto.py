@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import hashlib
 import json
 import pickle
 from pathlib import Path
@@ -137,6 +138,20 @@ def test_vector_wrong_receive_id() -> None:
     other = _SETS[1]["cases"][0]  # set B ciphertext under set A's key: garbage
     with pytest.raises(CryptoError):
         WeComCrypto(TOKEN, KEY, CORP).decrypt(other["encrypt"])
+
+
+def test_wrong_aes_key_is_an_illegal_buffer() -> None:
+    """What docs/deploy.md tells operators: a Token that matches with another
+    EncodingAESKey shows as -40008 (the padding or length of garbage), not -40007."""
+    for i in range(64):
+        ours, theirs = (
+            base64.b64encode(hashlib.sha256(f"{side}{i}".encode()).digest()).decode()[:43]
+            for side in ("ours", "theirs")
+        )
+        sent = WeComCrypto(TOKEN, theirs, CORP).encrypt(
+            f"<xml><Content>{i}</Content></xml>".encode(), random_prefix=bytes(16)
+        )
+        _raises(PlaintextBufferError, -40008, WeComCrypto(TOKEN, ours, CORP).decrypt, sent)
 
 
 # --- round trips ------------------------------------------------------------------------
