@@ -1,4 +1,4 @@
-"""``wecombot dev``'s own two settings: the console port and the model label."""
+"""``wecombot dev``'s own settings: the console port, the model label, sandbox or not."""
 
 from __future__ import annotations
 
@@ -10,7 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from wecombot.dev import CONSOLE_PORT, console_port, model_label
+from wecombot.dev import (
+    CONSOLE_PORT,
+    WECOM_KEYS,
+    console_port,
+    model_label,
+    read_dotenv,
+    sandbox_wanted,
+)
 
 
 def test_console_port() -> None:
@@ -62,3 +69,24 @@ def test_a_health_port_for_three_services_is_refused_before_anything_starts(
     )
     assert done.returncode == 2, done.stdout + done.stderr
     assert "WECOMBOT_HEALTH_PORT=9000 would give llm, sender and token one port" in done.stdout
+
+
+def test_the_sandbox_runs_with_no_wecom_setting_as_in_a_copied_env_example() -> None:
+    env: dict[str, str] = {}
+    read_dotenv(Path(__file__).resolve().parents[2] / ".env.example", env)
+    example = (Path(__file__).resolve().parents[2] / ".env.example").read_text()
+    assert all(f"\n{key}=\n" in example for key in WECOM_KEYS)  # named, empty
+    assert sandbox_wanted(env)
+    assert sandbox_wanted({})
+
+
+def test_a_complete_wecom_app_is_used() -> None:
+    assert not sandbox_wanted({key: "x" for key in WECOM_KEYS})
+
+
+@pytest.mark.parametrize("unset", WECOM_KEYS)
+def test_one_wecom_setting_missing_stops_start_up_naming_it(unset: str) -> None:
+    env = {key: "x" for key in WECOM_KEYS} | {unset: ""}
+    with pytest.raises(ValueError, match=rf"incomplete: {unset} unset") as info:
+        sandbox_wanted(env)
+    assert "none for the sandbox" in str(info.value)

@@ -48,7 +48,14 @@ SERVICES = ("token", "llm", "sender", "gateway")  # start order; stop in reverse
 HEALTH_PORTS = {"llm": "8081", "sender": "8082", "token": "8083"}
 STOP_BUDGET_S = 10.0
 CONSOLE_PORT = 8090
-WECOM_KEYS = ("WECOM_CORP_ID", "WECOM_AGENT_ID", "WECOM_TOKEN", "WECOM_ENCODING_AES_KEY")
+# What the sandbox replaces; WECOM_SECRET too, though only the token service needs it.
+WECOM_KEYS = (
+    "WECOM_CORP_ID",
+    "WECOM_AGENT_ID",
+    "WECOM_SECRET",
+    "WECOM_TOKEN",
+    "WECOM_ENCODING_AES_KEY",
+)
 
 
 def read_dotenv(path: Path, into: MutableMapping[str, str]) -> None:
@@ -222,6 +229,30 @@ async def start_console(
     return console
 
 
+def sandbox_wanted(env: Mapping[str, str]) -> bool:
+    """The sandbox runs only when no WeCom setting is given (empty counts as not given,
+    as in a copied .env.example). With some but not all, the user meant a real app: a
+    typo must stop start-up naming the variable, not silently swap in the sandbox.
+
+    >>> sandbox_wanted({"WECOM_CORP_ID": "", "LOG_LEVEL": "debug"})
+    True
+    >>> sandbox_wanted({"WECOM_CORP_ID": "ww1", "WECOM_AGENT_ID": "1000002"})
+    Traceback (most recent call last):
+    ...
+    ValueError: WeCom settings are incomplete: WECOM_SECRET, WECOM_TOKEN, \
+WECOM_ENCODING_AES_KEY unset. Set all five for a real app, or none for the sandbox
+    """
+    missing = [key for key in WECOM_KEYS if not env.get(key)]
+    if len(missing) == len(WECOM_KEYS):
+        return True
+    if missing:
+        raise ValueError(
+            f"WeCom settings are incomplete: {', '.join(missing)} unset. Set all five for "
+            "a real app, or none for the sandbox"
+        )
+    return False
+
+
 def check_health_port(env: Mapping[str, str]) -> None:
     """``WECOMBOT_HEALTH_PORT`` names one port; dev runs three services that serve one
     each (8081-8083), so only unset or 0 (off) make sense here.
@@ -263,6 +294,7 @@ async def run(env: dict[str, str]) -> int:
     try:
         port_for_console = console_port(env)
         check_health_port(env)
+        sandbox = sandbox_wanted(env)
     except ValueError as exc:
         sup.say(str(exc))
         return 2
@@ -274,13 +306,18 @@ async def run(env: dict[str, str]) -> int:
         return 2
     try:
         await asyncio.to_thread(lock.stop_leftovers, sup.say)
-        return await _run(env, data_dir, sup, port_for_console)
+        return await _run(env, data_dir, sup, port_for_console, sandbox=sandbox)
     finally:
         lock.release()
 
 
 async def _run(
-    env: dict[str, str], data_dir: Path, sup: Supervisor, port_for_console: int | None
+    env: dict[str, str],
+    data_dir: Path,
+    sup: Supervisor,
+    port_for_console: int | None,
+    *,
+    sandbox: bool,
 ) -> int:
     nats_server: EmbeddedNats | None = None
     sim: SimulatedWeComApi | None = None
@@ -304,21 +341,19 @@ async def _run(
                 sup.lock.record(NATS_SERVER, nats_server.process.pid)
             env["NATS_URL"] = nats_server.url
             sup.say(f"embedded nats-server at {nats_server.url} (store: {data_dir / 'nats'})")
-        if not all(env.get(k) for k in WECOM_KEYS):
-            sandbox = Sandbox.load_or_create(data_dir)
-            sim = SimulatedWeComApi(
-                corp_id=sandbox.corp_id, secret=sandbox.secret, agent_id=sandbox.agent_id
-            )
+        if sandbox:
+            app = Sandbox.load_or_create(data_dir)
+            sim = SimulatedWeComApi(corp_id=app.corp_id, secret=app.secret, agent_id=app.agent_id)
             await sim.start()
-            env.update(sandbox.environ(sim.base_url))
+            env.update(app.environ(sim.base_url))
             side_tasks.append(asyncio.create_task(_log_sandbox_sends(sim)))
             sup.say(
                 "SANDBOX MODE: no WeCom settings found, so a simulated WeCom API runs at "
-                f"{sim.base_url} (corp id {sandbox.corp_id}). Set WECOM_* to use a real app."
+                f"{sim.base_url} (corp id {app.corp_id}). Set WECOM_* to use a real app."
             )
             if port_for_console is not None:
                 try:
-                    console = await start_console(env, port_for_console, sandbox, sim)
+                    console = await start_console(env, port_for_console, app, sim)
                 except OSError as exc:
                     sup.say(
                         f"the console cannot listen on 127.0.0.1:{port_for_console} "
