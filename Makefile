@@ -12,7 +12,7 @@ install: $(STAMP)
 # Idempotent: re-runs only when pyproject.toml or the npm lock changes (or the venv is
 # missing). npm: tests/deploy checks the custom resources with their projects' API types.
 $(STAMP): pyproject.toml tests/deploy/models/package-lock.json
-	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@test -x $(BIN)/pip || $(PYTHON) -m venv $(VENV)  # pip: a venv made without ensurepip is redone
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	@if command -v npm >/dev/null; then \

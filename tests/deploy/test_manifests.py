@@ -144,7 +144,7 @@ def _model_errors(objects: list[dict[str, Any]]) -> list[str | None]:
     """Each custom resource checked by @kubernetes-models (tests/deploy/models)."""
     node = shutil.which("node")
     if node is None or not (MODELS / "node_modules").is_dir():
-        reason = "node or tests/deploy/models/node_modules missing: run `make install` (npm ci)"
+        reason = "node or its packages missing: run `npm ci --prefix tests/deploy/models`"
         if os.environ.get("CI"):
             pytest.fail(f"{reason} — CI must have them")
         pytest.skip(reason)
