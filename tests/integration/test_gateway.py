@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import gzip
 import json
 import logging
 import socket
@@ -47,7 +48,7 @@ from wecombot_common.events import (
     WeComEventPayload,
     decode_event,
 )
-from wecombot_gateway.app import create_app
+from wecombot_gateway.app import RUNNER_OPTIONS, create_app
 from wecombot_gateway.main import run_gateway
 from wecombot_gateway.parse import parse_message
 from wecombot_gateway.publisher import JetStreamPublisher, Publisher
@@ -210,7 +211,9 @@ async def make_gateway(nats_server: NatsHandle, js: JetStreamContext) -> AsyncIt
                 publisher,
                 ready=jetstream_ready(gw_nc, gw_js),
             )
-            client: TestClient[Any, Any] = TestClient(TestServer(app, host="127.0.0.1"))
+            server = TestServer(app, host="127.0.0.1")
+            await server.start_server(**RUNNER_OPTIONS)  # served as main.py serves it
+            client: TestClient[Any, Any] = TestClient(server)
             await client.start_server()
             stack.push_async_callback(client.close)
             return Gateway(client=client, settings=settings, js=js)
@@ -750,6 +753,24 @@ BAD_INPUTS: dict[str, Bad] = {
         ),
         415,
         "multipart/form-data",
+    ),
+    "compressed body (gzip)": Bad(
+        lambda: Call(
+            params=signed("x"),
+            body=gzip.compress(b"<xml><Encrypt>x</Encrypt></xml>"),
+            headers={"Content-Type": "text/xml", "Content-Encoding": "gzip"},
+        ),
+        415,
+        "Content-Encoding 'gzip'",
+    ),
+    "corrupt compressed body (deflate)": Bad(
+        lambda: Call(
+            params=signed("x"),
+            body=b"not deflate at all",
+            headers={"Content-Type": "text/xml", "Content-Encoding": "deflate"},
+        ),
+        415,
+        "Content-Encoding 'deflate'",
     ),
     "invalid UTF-8 in the decrypted message": Bad(
         lambda: post(text_message("9").replace("你好".encode(), b"\xff\xfe")), 400, "UTF-8"

@@ -2,6 +2,7 @@
 
     publisher = JetStreamPublisher(await PipelinedAppender.start(nc), timeout_s=2)
     app = create_app(settings, publisher, ready=jetstream_ready(nc, js))
+    runner = web.AppRunner(app, **RUNNER_OPTIONS)
 
 Routes
     GET  {callback_path}  URL verification: 200 text/plain = the decrypted echostr, verbatim
@@ -20,6 +21,7 @@ refusal                                                status  code
 =====================================================  ======  ======
 query parameter missing / repeated / empty / bad ts     400
 Content-Type declared and not XML                       415
+Content-Encoding declared (gzip…): WeCom sends none     415
 body over GATEWAY_MAX_BODY_BYTES (declared or read)     413
 body unreadable (framing, encoding, disconnect)         400
 envelope not XML / no Encrypt / DTD (XXE, bomb)         400    -40002
@@ -42,6 +44,7 @@ import logging
 import time
 from collections.abc import Callable
 from http import HTTPStatus
+from typing import Any, Final
 
 import structlog
 from aiohttp import hdrs, web
@@ -61,7 +64,12 @@ from wecombot_common.events import MessageReceived
 from wecombot_common.metrics import GATEWAY_CALLBACKS, GATEWAY_REFUSALS
 from wecombot_common.runtime import Check, HealthServer
 
-from .body import check_content_type, check_declared_length, read_limited
+from .body import (
+    check_content_encoding,
+    check_content_type,
+    check_declared_length,
+    read_limited,
+)
 from .callback import CallbackOpener, CallbackQuery
 from .errors import (
     BodyTooLarge,
@@ -79,7 +87,7 @@ from .parse import dedupe_key
 from .publisher import Publisher
 from .settings import GatewaySettings
 
-__all__ = ["CallbackReader", "create_app", "status_for"]
+__all__ = ["RUNNER_OPTIONS", "CallbackReader", "create_app", "status_for"]
 
 log = structlog.get_logger(__name__)
 # A filtered structlog call still costs ≈ 4 µs (a bound logger is built per call); the
@@ -91,6 +99,14 @@ _DUPLICATE = GATEWAY_CALLBACKS.labels("duplicate")
 _REFUSED = GATEWAY_CALLBACKS.labels("refused")
 _FAILED = GATEWAY_CALLBACKS.labels("failed")
 _URL_VERIFIED = GATEWAY_CALLBACKS.labels("url_verified")
+
+# How the gateway's application is served (main.py, and the tests' servers):
+# - no access log: one debug line per callback is ours, none on the hot path;
+# - bodies are not decoded: WeCom posts plain XML, so a Content-Encoding is refused by
+#   its header (415). Were bodies decoded, one that does not decode would fail again
+#   when the server drains it after our answer: an aiohttp error with a stack, per
+#   request, that anyone could send.
+RUNNER_OPTIONS: Final[dict[str, Any]] = {"access_log": None, "auto_decompress": False}
 
 _STATUS: dict[type[Exception], int] = {
     InvalidQuery: 400,
@@ -169,6 +185,7 @@ class CallbackReader:
         """The HTTP half: the query's shape, the media type and size guards, the body."""
         query = CallbackQuery.parse(request.query, url_check=False)
         check_content_type(request.headers.get(hdrs.CONTENT_TYPE))
+        check_content_encoding(request.headers.get(hdrs.CONTENT_ENCODING))
         check_declared_length(request.content_length, self._max_body)
         return query, await read_limited(request.content, self._max_body)
 

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 from aiohttp import StreamReader
 from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web import RequestPayloadError
 
 from .errors import BodyTooLarge, UnreadableBody, UnsupportedMediaType
 
-__all__ = ["check_content_type", "check_declared_length", "read_limited"]
+__all__ = ["check_content_encoding", "check_content_type", "check_declared_length", "read_limited"]
 
 _XML_TYPES = frozenset(("text/xml", "application/xml"))
 
@@ -32,6 +33,30 @@ def check_content_type(header: str | None) -> None:
     if mime in _XML_TYPES or mime.endswith("+xml"):
         return
     raise UnsupportedMediaType(f"Content-Type {mime[:60]!r} is not XML")
+
+
+def check_content_encoding(header: str | None) -> None:
+    """Accept an uncoded body only: WeCom posts the XML as it is (no Content-Encoding).
+
+    The gateway's server leaves bodies undecoded (``RUNNER_OPTIONS``), so a gzip or
+    deflate body would reach the parser as bytes that are not XML: it is refused here,
+    by its header, instead. Nothing is ever decompressed (no decompression bomb).
+
+    >>> check_content_encoding("identity")
+    >>> check_content_encoding("gzip")
+    Traceback (most recent call last):
+    ...
+    wecombot_gateway.errors.UnsupportedMediaType: Content-Encoding 'gzip' is not accepted: \
+WeCom posts the XML uncoded
+    """
+    if header is None:
+        return
+    coding = header.strip().lower()
+    if coding in ("", "identity"):
+        return
+    raise UnsupportedMediaType(
+        f"Content-Encoding {coding[:40]!r} is not accepted: WeCom posts the XML uncoded"
+    )
 
 
 def check_declared_length(length: int | None, limit: int) -> None:
@@ -55,7 +80,10 @@ async def read_limited(stream: StreamReader, limit: int) -> bytes:
 async def _read_chunk(stream: StreamReader) -> bytes:
     try:
         return await stream.readany()
-    except HttpProcessingError as exc:  # bad chunking, Content-Length, compression
+    except HttpProcessingError as exc:  # bad chunking, Content-Length
         raise UnreadableBody(f"body cannot be read: {exc.message}") from None
+    except RequestPayloadError as exc:  # a coded body that does not decode, had a server
+        # decoded bodies (the gateway's does not: RUNNER_OPTIONS)
+        raise UnreadableBody(f"body cannot be read: {exc}") from None
     except ConnectionResetError:
         raise UnreadableBody("client disconnected while sending the body") from None

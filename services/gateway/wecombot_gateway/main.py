@@ -27,7 +27,7 @@ from wecombot_common.errors import ConfigError
 from wecombot_common.logs import configure_logging
 from wecombot_common.runtime import run_service
 
-from .app import create_app
+from .app import RUNNER_OPTIONS, create_app
 from .publisher import JetStreamPublisher, Pending
 from .readiness import jetstream_ready
 from .settings import GatewaySettings
@@ -83,9 +83,7 @@ async def run_gateway(settings: GatewaySettings, stop: asyncio.Event) -> None:
 async def _listening(settings: GatewaySettings, pending: Pending) -> AsyncIterator[None]:
     app = create_app(settings, pending, ready=pending.ready)
     runner = web.AppRunner(
-        app,
-        access_log=None,  # one debug line per callback is ours; no access log on the hot path
-        shutdown_timeout=settings.publish_timeout_s + _SHUTDOWN_GRACE_S,
+        app, shutdown_timeout=settings.publish_timeout_s + _SHUTDOWN_GRACE_S, **RUNNER_OPTIONS
     )
     await runner.setup()
     try:
