@@ -176,6 +176,22 @@ def test_unknown_type_keeps_every_field_even_nested() -> None:
     )
 
 
+def _nested(levels: int) -> bytes:
+    document = xml(message(MsgType="event", Event="deep"))
+    return document.replace(b"</xml>", b"<a>" * levels + b"x" + b"</a>" * levels + b"</xml>")
+
+
+def test_nesting_is_kept_to_sixteen_levels_and_refused_beyond() -> None:
+    """Flattening recurses per level: a signed message nested thousands deep was a
+    RecursionError (500); it is an InvalidMessage (400) instead."""
+    fields = parse(_nested(16)).payload
+    assert isinstance(fields, WeComEventPayload)
+    assert fields.fields == {".".join(["a"] * 16): "x"}
+    for levels in (17, 5000):
+        with pytest.raises(InvalidMessage, match="deeper than 16"):
+            parse(_nested(levels))
+
+
 @pytest.mark.parametrize("msg_type", ["miniprogram", "a", "x" * 32, "_", "future_type_v_"])
 def test_a_well_formed_unknown_msgtype_is_kept(msg_type: str) -> None:
     msg = parse(xml(message(MsgType=msg_type, MsgId="9", Extra="e")))

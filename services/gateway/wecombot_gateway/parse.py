@@ -69,6 +69,9 @@ _MAX_CREATE_TIME_DIGITS = 11  # beyond year 5000: not a real CreateTime
 # payload's ``fields`` holds everything else.
 _COMMON = frozenset(("ToUserName", "FromUserName", "CreateTime", "MsgType", "MsgId", "AgentID"))
 _SHOWN = 40  # characters of an offending value quoted in a reason
+# WeCom's messages are flat or nearly (an event's list of items); deeper is no message of
+# theirs, and flattening it would recurse once per level.
+_MAX_DEPTH = 16
 _DOCTYPE = "<!DOCTYPE"
 
 # The shape WeCom writes both documents in: ``<xml>`` then simple elements, each holding
@@ -247,11 +250,13 @@ def _flatten(root: ET.Element) -> dict[str, str]:
     else:
         return out
     out.clear()
-    _collect(root, "", out)
+    _collect(root, "", out, depth=1)
     return out
 
 
-def _collect(element: ET.Element, prefix: str, out: dict[str, str]) -> None:
+def _collect(element: ET.Element, prefix: str, out: dict[str, str], *, depth: int) -> None:
+    if depth > _MAX_DEPTH:
+        raise InvalidMessage(f"decrypted message nests elements deeper than {_MAX_DEPTH}")
     tags = [child.tag for child in element]
     repeated = {t for t in tags if tags.count(t) > 1} if len(set(tags)) != len(tags) else set()
     index: dict[str, int] = {}
@@ -267,7 +272,7 @@ def _collect(element: ET.Element, prefix: str, out: dict[str, str]) -> None:
         if len(child):
             if child.text and child.text.strip():
                 out[path] = child.text
-            _collect(child, path + ".", out)
+            _collect(child, path + ".", out, depth=depth + 1)
         else:
             out[path] = child.text or ""
 
