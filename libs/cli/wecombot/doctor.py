@@ -44,7 +44,6 @@ import nats.js.errors
 
 from wecombot_common import topology
 from wecombot_common.errors import ConfigError
-from wecombot_common.logs import REDACTED, redact
 from wecombot_common.settings import (
     EnvReader,
     NatsSettings,
@@ -596,7 +595,7 @@ async def check_model(environ: Mapping[str, str], timeout_s: float) -> Finding:
 
     def detail_of(response: httpx.Response) -> str:
         # A provider or proxy may echo the key: never shown (as the llm cleans it).
-        return clip(redact(error_detail(response).replace(key, REDACTED)))
+        return clip(error_detail(response, key=key))
 
     async with httpx.AsyncClient(timeout=timeout_s, headers=headers, params=params) as http:
         try:

@@ -276,7 +276,7 @@ class OpenAIChatModel:
         )
         if status == 200:
             return self._parse(response, attempt)
-        detail = self._clean(error_detail(response))
+        detail = error_detail(response, key=self._key)
         if is_retryable_status(status):
             raise _Retryable(f"HTTP {status}: {detail}", retry_after_of(response.headers))
         raise ModelRejected(f"HTTP {status}: {detail}", attempts=attempt)
@@ -378,19 +378,34 @@ def _named(exc: Exception) -> str:
     return f"{type(failed).__name__}: {text}" if text else type(failed).__name__
 
 
-def error_detail(response: httpx.Response) -> str:
-    """The provider's error message ({"error": {"message": …}}) or the start of the body."""
+_DETAIL_CHARS = 200
+_REDACT_SLACK = 1024  # past the cut, so a secret the cut would halve is still whole
+
+
+def error_detail(response: httpx.Response, *, key: str) -> str:
+    """The provider's error message ({"error": {"message": …}}) or the start of the body,
+    at most 200 characters, with ``key`` and anything secret-shaped redacted *before* the
+    cut: a key the cut halved would match neither and leave its first part.
+
+    A proxy or provider may echo the key: the llm stores this text (ReplyFailed.reason)
+    and doctor prints it.
+    """
+    text = _error_message(response)[: _DETAIL_CHARS + len(key) + _REDACT_SLACK]
+    return redact(text.replace(key, REDACTED) if key else text)[:_DETAIL_CHARS]
+
+
+def _error_message(response: httpx.Response) -> str:
     try:
         data = response.json()
     except ValueError:
-        return response.text[:200] or response.reason_phrase
+        return response.text or response.reason_phrase
     if isinstance(data, dict):
         error = data.get("error")
         if isinstance(error, dict) and isinstance(error.get("message"), str):
-            return str(error["message"])[:200]
+            return str(error["message"])
         if isinstance(error, str):
-            return error[:200]
-    return str(data)[:200]
+            return error
+    return str(data)
 
 
 @asynccontextmanager
