@@ -36,11 +36,16 @@ class FakeLog:
         self.settled = 0
         self.unavailable = 0  # the next N appends fail
         self.reads = 0
+        self._last_seq = 0
 
     def add(self, event: Event) -> int:
-        seq = len(self.events) + 1
+        seq = self._last_seq = self._last_seq + 1
         self.events.append((subject_for(event), StoredEvent(seq, event)))
         return seq
+
+    def expire(self, through_seq: int) -> None:
+        """Drop every event up to ``through_seq``, as the stream's max age does."""
+        self.events = [(subj, s) for subj, s in self.events if s.seq > through_seq]
 
     async def read(self, conv: ConversationRef, *, after_seq: int) -> AsyncIterator[StoredEvent]:
         self.reads += 1

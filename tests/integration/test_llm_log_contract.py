@@ -4,9 +4,11 @@ on cannot drift from the log the llm really writes to."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+import nats.js.errors
 import pytest
 from nats.js import JetStreamContext
 
@@ -34,6 +36,7 @@ class Subject:
     log: ConversationLog
     write: Callable[[Event], Awaitable[int]]
     outage: Callable[[], None]
+    expire: Callable[[int], Awaitable[None]]  # drop everything up to a seq (max age)
 
 
 @pytest.fixture(params=["jetstream", "fake"])
@@ -46,13 +49,23 @@ async def subject(
         async def add(event: Event) -> int:
             return fake.add(event)
 
-        return Subject(fake, add, lambda: setattr(fake, "unavailable", 1))
+        async def expire_fake(through_seq: int) -> None:
+            fake.expire(through_seq)
+
+        return Subject(fake, add, lambda: setattr(fake, "unavailable", 1), expire_fake)
     await bus.ensure_topology(js, NatsSettings.read(EnvReader({})))
 
     async def append(event: Event) -> int:
         return (await bus.append_event(js, event, timeout=5)).seq
 
-    return Subject(JetStreamLog(js, consumer=topology.LLM_CONSUMER), append, nats_server.stop)
+    async def expire(through_seq: int) -> None:
+        for seq in range(1, through_seq + 1):
+            with contextlib.suppress(nats.js.errors.NotFoundError):
+                await js.delete_msg(topology.CONVERSATION_STREAM, seq)
+
+    return Subject(
+        JetStreamLog(js, consumer=topology.LLM_CONSUMER), append, nats_server.stop, expire
+    )
 
 
 async def history(log: ConversationLog, conv: ConversationRef, after_seq: int = 0) -> list[Event]:
@@ -146,6 +159,32 @@ async def test_a_stale_expectation_with_a_new_msg_id_is_a_conflict(subject: Subj
             expect_scope=conv.llm_branch,
         )
     assert await history(log, conv) == [q1, q2, a1]
+
+
+async def test_an_outcome_gone_from_the_log_is_a_stale_expectation(subject: Subject) -> None:
+    """What the llm's rebuild stands on: once the stream drops the last outcome (its max
+    age), expecting that outcome's seq is a conflict that no re-read resolves, and the
+    branch as it now is (nothing) is what an append must expect."""
+    log, conv = subject.log, ConversationRef(APP, "zhang.san")
+    q1 = received("one", user=conv.user)
+    await subject.write(q1)
+    a1 = await log.append(
+        reply_to(q1, "1"),
+        msg_id=outcome_msg_id(q1),
+        expect_last_seq=0,
+        expect_scope=conv.llm_branch,
+    )
+    await subject.expire(a1.seq)
+    q2 = received("two", user=conv.user)
+    await subject.write(q2)
+    assert await history(log, conv) == [q2]
+    a2 = reply_to(q2, "2")
+    with pytest.raises(ConcurrencyConflict):
+        await log.append(
+            a2, msg_id=outcome_msg_id(q2), expect_last_seq=a1.seq, expect_scope=conv.llm_branch
+        )
+    await log.append(a2, msg_id=outcome_msg_id(q2), expect_last_seq=0, expect_scope=conv.llm_branch)
+    assert await history(log, conv) == [q2, a2]
 
 
 async def test_nothing_is_settled_before_the_consumer_settles_anything(subject: Subject) -> None:

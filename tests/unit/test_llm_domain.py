@@ -520,6 +520,28 @@ async def test_handler_keeps_the_answer_when_the_append_fails() -> None:
     assert [o.causation_id for o in log.outcomes()] == [q.event_id]
 
 
+async def test_handler_rebuilds_a_conversation_whose_answer_aged_out_of_the_log() -> None:
+    """The cached entry expects the llm branch to end at a1; once the stream's max age
+    drops q1 and a1, that expectation can never match. It used to conflict on every
+    try (the model asked again each time), dead-letter the message, and wedge every
+    later message of the user until a restart."""
+    log, model = FakeLog(), FakeModel()
+    h = handler(log, model)
+    q1 = msg("q1")
+    s1 = log.add(q1)
+    assert await h.handle(q1, stream_seq=s1, num_delivered=1) == Ack()
+    assert await h.handle(q1, stream_seq=s1, num_delivered=2) == Ack()  # the entry reads a1
+    log.settled = s1  # the consumer acked q1
+    log.expire(through_seq=max(s.seq for _, s in log.events))  # q1 and a1 age out
+    q2 = msg("q2")
+    s2 = log.add(q2)
+    assert await h.handle(q2, stream_seq=s2, num_delivered=1) == Ack()
+    # Asked from the entry (q1 still in it), refused by the log, rebuilt, asked again:
+    # the answer stored is the one without the turns the log no longer has.
+    assert model.calls[1:] == [["sys", "q1", "echo: q1", "q2"], ["sys", "q2"]]
+    assert [o.causation_id for o in log.outcomes()] == [q2.event_id]
+
+
 async def test_handler_ignores_events_that_need_no_outcome() -> None:
     log, model = FakeLog(), FakeModel()
     event = msg(payload=WeComEventPayload(event="subscribe"))

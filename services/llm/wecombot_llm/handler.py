@@ -199,6 +199,13 @@ class LlmHandler:
                     conflicts += 1
                     if conflicts >= self._config.max_conflicts:
                         return Nak(backoff_delay(num_delivered), "concurrent appends kept winning")
+                    if not await self._catch_up(conv, entry):
+                        # Nobody appended: the branch lost events the entry still counts
+                        # (aged out after WECOMBOT_HISTORY_MAX_AGE, or purged), so its
+                        # expected sequence can never match again. Rebuild from the log.
+                        log.info("llm.conversation_rebuilt", expected_seq=entry.state.llm_last_seq)
+                        entry.state = self._new_state()
+                        entry.prepared.clear()
                     continue
                 changed = entry.changed  # taken under the lock: no wake-up is missed
             give_up = await self._wait_for(step, entry, changed, waiting)
@@ -228,9 +235,12 @@ class LlmHandler:
         await _wait(changed, waiting.next_interval(now))
         return None
 
-    async def _catch_up(self, conv: ConversationRef, entry: Entry) -> None:
-        async for stored in self._store.read(conv, after_seq=entry.state.last_seq):
+    async def _catch_up(self, conv: ConversationRef, entry: Entry) -> bool:
+        """Apply what the log has past the entry; True if it had anything."""
+        before = entry.state.last_seq
+        async for stored in self._store.read(conv, after_seq=before):
             entry.state.apply(stored)
+        return entry.state.last_seq != before
 
     async def _decide_and_append(
         self, received: MessageReceived, conv: ConversationRef, entry: Entry, num_delivered: int
