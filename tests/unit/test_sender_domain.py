@@ -21,6 +21,7 @@ from wecombot_common.events import (
     TextPayload,
 )
 from wecombot_sender.domain import (
+    RECENT_SENDS_KEPT,
     ConversationState,
     fold,
     hourly_delay,
@@ -291,6 +292,19 @@ def test_settings_defaults_and_no_secret_needed() -> None:
     assert (s.ack_wait_s, s.max_deliver, s.order_wait_s, s.retry_attempts) == (30.0, 20, 60.0, 4)
     assert s.per_user_per_minute == 30
     assert s.message_type == "text"
+
+
+def test_pacing_is_refused_beyond_the_sends_a_conversation_remembers() -> None:
+    """The fold keeps the last RECENT_SENDS_KEPT sends: a per-minute limit above that
+    was never reached, so rate_delay paced nothing at all."""
+    env = {"WECOM_CORP_ID": "ww1", "WECOM_AGENT_ID": "1000002"}
+    limit = str(RECENT_SENDS_KEPT)
+    assert SenderSettings.from_env({**env, "SENDER_PER_USER_PER_MINUTE": limit}).per_user_per_minute
+    with pytest.raises(ConfigError, match="SENDER_PER_USER_PER_MINUTE"):
+        SenderSettings.from_env({**env, "SENDER_PER_USER_PER_MINUTE": str(RECENT_SENDS_KEPT + 1)})
+    now = datetime(2024, 1, 1, tzinfo=UTC)
+    burst = tuple(now for _ in range(RECENT_SENDS_KEPT))
+    assert rate_delay(burst, now, per_minute=RECENT_SENDS_KEPT) == 60.0  # the largest still paces
 
 
 def test_replies_can_go_out_as_markdown() -> None:

@@ -303,7 +303,9 @@ def test_the_client_waits_longer_than_the_service_may_take() -> None:
     """The service may wait out a crashed holder's lock, then refresh itself: two refresh
     budgets. A client giving up sooner (it waited 15 s, the service up to 24 s) was told
     "unavailable" while its token was on the way."""
-    settings = TokenSettings.from_env(
-        {"WECOM_CORP_ID": "ww1", "WECOM_AGENT_ID": "1000002", "WECOM_SECRET": "s3cret"}
-    )
-    assert 2 * settings.refresh_timeout_s < tokens.DEFAULT_TIMEOUT_S
+    env = {"WECOM_CORP_ID": "ww1", "WECOM_AGENT_ID": "1000002", "WECOM_SECRET": "s3cret"}
+    for timeout in ("", "12"):  # the default and the largest accepted
+        settings = TokenSettings.from_env({**env, "TOKEN_HTTP_TIMEOUT": timeout})
+        assert 2 * settings.refresh_timeout_s < tokens.DEFAULT_TIMEOUT_S
+    with pytest.raises(ConfigError, match="TOKEN_HTTP_TIMEOUT"):
+        TokenSettings.from_env({**env, "TOKEN_HTTP_TIMEOUT": "13"})

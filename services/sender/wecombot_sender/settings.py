@@ -20,6 +20,7 @@ from wecombot_common.settings import (
     health_port,
 )
 
+from .domain import RECENT_SENDS_KEPT
 from .wecom import MESSAGE_TYPES, MessageType
 
 __all__ = ["SenderSettings"]
@@ -62,7 +63,11 @@ class SenderSettings:
             max_deliver=env.integer("SENDER_MAX_DELIVER", 20, minimum=1, maximum=10_000),
             order_wait_s=env.seconds("SENDER_ORDER_WAIT", 60.0, minimum=0.0, maximum=3600.0),
             retry_attempts=env.integer("SENDER_RETRY_ATTEMPTS", 4, minimum=0, maximum=100),
-            per_user_per_minute=env.integer("SENDER_PER_USER_PER_MINUTE", 30, minimum=0),
+            # At most the sends a conversation remembers: a larger limit would never be
+            # reached, so it would pace nothing (WeCom's own limit is 30).
+            per_user_per_minute=env.integer(
+                "SENDER_PER_USER_PER_MINUTE", 30, minimum=0, maximum=RECENT_SENDS_KEPT
+            ),
             per_user_per_hour=env.integer("SENDER_PER_USER_PER_HOUR", 1000, minimum=0),
             message_type=_message_type(env),
         )

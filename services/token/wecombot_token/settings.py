@@ -10,8 +10,8 @@ Variables (besides the shared WECOM_CORP_ID, WECOM_AGENT_ID, WECOM_SECRET,
 WECOM_API_BASE, NATS_*, LOG_*):
 
 ``TOKEN_REFRESH_MARGIN`` (300 s: refresh this long before expiry, callers keep getting the
-current token meanwhile), ``TOKEN_HTTP_TIMEOUT`` (10 s: one gettoken call, all included),
-``TOKEN_MIN_BACKOFF`` (1 s) and ``TOKEN_MAX_BACKOFF`` (300 s: after a failed gettoken
+current token meanwhile), ``TOKEN_HTTP_TIMEOUT`` (10 s, at most 12: one gettoken call, all
+included), ``TOKEN_MIN_BACKOFF`` (1 s) and ``TOKEN_MAX_BACKOFF`` (300 s: after a failed gettoken
 nobody calls WeCom again for min·2ⁿ⁻¹ seconds, capped), ``WECOMBOT_HEALTH_PORT`` (8083;
 0 turns /healthz and /readyz off).
 """
@@ -82,7 +82,10 @@ class TokenSettings:
         log = LogSettings.read(env)
         port = health_port(env, cls.health_port)
         margin = env.seconds("TOKEN_REFRESH_MARGIN", cls.refresh_margin_s, minimum=0, maximum=3600)
-        timeout = env.seconds("TOKEN_HTTP_TIMEOUT", cls.http_timeout_s, minimum=0.5, maximum=120)
+        # At most 12 s: the service may wait out a crashed holder's lock and then refresh
+        # itself, 2 × (timeout + 2 s), which must stay under the callers' 30 s
+        # (tokens.DEFAULT_TIMEOUT_S), or a caller gives up while its token is on the way.
+        timeout = env.seconds("TOKEN_HTTP_TIMEOUT", cls.http_timeout_s, minimum=0.5, maximum=12)
         low = env.seconds("TOKEN_MIN_BACKOFF", cls.min_backoff_s, minimum=0.05, maximum=3600)
         high = env.seconds("TOKEN_MAX_BACKOFF", cls.max_backoff_s, minimum=1, maximum=86400)
         env.check(
