@@ -65,7 +65,9 @@ class _SendRequest(msgspec.Struct, frozen=True, omit_defaults=True):
 
 
 class _SendResponse(msgspec.Struct, frozen=True):
-    errcode: int = 0
+    # Required: WeCom always answers with one. A 200 without it is someone else's answer
+    # (a front end, a wrong WECOM_API_BASE): taken as success, the reply was lost.
+    errcode: int
     errmsg: str = ""
     msgid: str = ""
     invaliduser: str = ""
@@ -140,7 +142,7 @@ class HttpMessageApi:
         try:
             answer = _decoder.decode(response.content)
         except msgspec.DecodeError as exc:
-            reason = "WeCom answered with a body that is not JSON"
+            reason = f"WeCom answered 200 with a body that is not its JSON answer ({exc})"
             raise SendRetryable(BUSY, reason, maybe_delivered=True) from exc
         return _msgid_or_raise(answer, touser)
 

@@ -134,15 +134,28 @@ async def test_http_errors_from_a_front_end(status: int, maybe_delivered: bool) 
     assert f"WeCom answered HTTP {status}" in str(failed)
 
 
-async def test_a_200_that_is_not_json_may_have_been_delivered() -> None:
-    """A front end answering its own 200 page: the request went through it."""
+@pytest.mark.parametrize(
+    ("body", "content_type", "why"),
+    [
+        (b"<html>captive portal</html>", "text/html", "JSON is malformed"),
+        (b'{"status": "ok"}', "application/json", "missing required field `errcode`"),
+        (b"{}", "application/json", "missing required field `errcode`"),
+    ],
+    ids=["a page", "JSON without errcode", "empty JSON"],
+)
+async def test_a_200_that_is_not_wecoms_answer_is_no_delivery(
+    body: bytes, content_type: str, why: str
+) -> None:
+    """A front end answering its own 200: the request went through it, so it may have
+    been delivered, but nothing says so. JSON without an errcode used to count as
+    delivered (errcode defaulted to 0): a reply lost behind a wrong WECOM_API_BASE."""
 
     async def portal(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await read_request(reader)
-        await answer(writer, 200, b"<html>captive portal</html>", "text/html")
+        await answer(writer, 200, body, content_type)
         writer.close()
 
     async with raw_http(portal) as base_url:
         failed = await failed_send(base_url)
     assert failed.maybe_delivered is True
-    assert "not JSON" in str(failed)
+    assert "not its JSON answer" in str(failed) and why in str(failed)
