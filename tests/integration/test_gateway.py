@@ -471,7 +471,7 @@ class MemoryPublisher:
 
 
 def _received(msg_id: str) -> MessageReceived:
-    return parse_message(text_message(msg_id), corp_id=CORP, app=APP)
+    return parse_message(text_message(msg_id), corp_id=CORP, agent_id=AGENT, app=APP)
 
 
 @pytest.fixture(params=["jetstream", "memory"])
@@ -509,7 +509,7 @@ async def test_the_app_hands_the_event_and_its_dedupe_key_to_the_publisher(
     assert (await gw.send(post(message))).status == 200
     [(key, (_, event))] = fake.stored.items()
     assert key == f"{APP}:55"
-    assert event == parse_message(message, corp_id=CORP, app=APP)
+    assert event == parse_message(message, corp_id=CORP, agent_id=AGENT, app=APP)
     fake.available = False
     assert (await gw.send(post(text_message("56")))).status == 503
 
@@ -632,6 +632,11 @@ BAD_INPUTS: dict[str, Bad] = {
         ),
         403,
         "not to our CorpID",
+    ),
+    "another app's message (AgentID)": Bad(
+        lambda: post(text_message("9").replace(f">{AGENT}<".encode(), f">{AGENT + 1}<".encode())),
+        403,
+        f"AgentID {AGENT + 1}, not for ours",
     ),
     "bad base64": Bad(lambda: _signed_envelope("!!not*base64!!"), 400, "base64", -40010),
     "bad padding (value 0)": Bad(

@@ -70,7 +70,7 @@ def message(**fields: str) -> dict[str, str]:
 
 
 def parse(document: bytes) -> MessageReceived:
-    return parse_message(document, corp_id=CORP, app=APP)
+    return parse_message(document, corp_id=CORP, agent_id=1000002, app=APP)
 
 
 # ---------------------------------------------------------------- message types
@@ -176,6 +176,21 @@ def test_unknown_type_keeps_every_field_even_nested() -> None:
     )
 
 
+def test_a_message_for_another_app_of_the_company_is_refused() -> None:
+    """Two apps of one company may share a callback URL, Token and key: a message whose
+    AgentID is another app's would be stored and answered as ours."""
+    with pytest.raises(WrongRecipient, match=r"AgentID 1000003, not for ours \(1000002\)"):
+        parse(xml(message(MsgType="text", Content="hi", MsgId="9", AgentID="1000003")))
+    # No AgentID (some events), or one that is no number: not another app's, kept.
+    for agent in (None, "", "x"):
+        fields = message(MsgType="text", Content="hi", MsgId="9")
+        if agent is None:
+            del fields["AgentID"]
+        else:
+            fields["AgentID"] = agent
+        assert parse(xml(fields)).agent_id is None
+
+
 def _nested(levels: int) -> bytes:
     document = xml(message(MsgType="event", Event="deep"))
     return document.replace(b"</xml>", b"<a>" * levels + b"x" + b"</a>" * levels + b"</xml>")
@@ -220,7 +235,9 @@ def test_a_msgtype_that_is_no_type_token_is_refused(msg_type: str, reason: str) 
 @pytest.mark.parametrize("vectors", [_VECTORS, *_VECTORS["additional_sets"]])
 def test_official_vector_plaintexts_parse(vectors: dict[str, Any]) -> None:
     case = next(c for c in vectors["cases"] if c["kind"] == "post_xml")
-    msg = parse_message(case["expected_plaintext"].encode(), corp_id=vectors["corp_id"], app="a-1")
+    plaintext = case["expected_plaintext"]
+    agent = 218 if "218" in plaintext else 1000002  # the app each vector's message is for
+    msg = parse_message(plaintext.encode(), corp_id=vectors["corp_id"], agent_id=agent, app="a-1")
     assert msg.msg_type == "text"
     assert msg.from_user in ("mycreate", "ChenJiaShun")
     assert msg.msg_id in ("4561255354251345929", "1456453720")

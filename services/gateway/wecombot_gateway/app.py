@@ -33,6 +33,7 @@ decrypted buffer malformed (padding, length)            400    -40008
 receive_id is not our CorpID                            403    -40005
 message not UTF-8 / not XML / field missing or bad      400
 message ToUserName is not our CorpID                    403
+message AgentID is there and is not WECOM_AGENT_ID      403
 the log did not confirm the append in time              503
 anything else (a bug): logged with its stack            500
 =====================================================  ======  ======
@@ -172,7 +173,11 @@ class CallbackReader:
             wecom.token.reveal(), wecom.encoding_aes_key.reveal(), receive_id=wecom.corp_id
         )
         self.opener = CallbackOpener(
-            crypto, corp_id=wecom.corp_id, app=settings.app, window_s=settings.timestamp_window_s
+            crypto,
+            corp_id=wecom.corp_id,
+            agent_id=wecom.agent_id,
+            app=settings.app,
+            window_s=settings.timestamp_window_s,
         )
         self._clock = clock
         self._max_body = settings.max_body_bytes

@@ -6,7 +6,7 @@ worked example of https://developer.work.weixin.qq.com/document/path/90968::
     >>> from multidict import MultiDict
     >>> corp = "wx5823bf96d3bd56c7"
     >>> crypto = WeComCrypto("QDG6eK", "jWmYm7qr5nMoAUwZRjGtBxmz3KA1tkAj3ykkR6q2B2C", corp)
-    >>> opener = CallbackOpener(crypto, corp_id=corp, app=f"{corp}-218", window_s=0)
+    >>> opener = CallbackOpener(crypto, corp_id=corp, agent_id=218, app=f"{corp}-218", window_s=0)
     >>> query = MultiDict(
     ...     msg_signature="5c45ff5e21c57e6ad56bac8758b79b1d9ac89fd3",
     ...     timestamp="1409659589",
@@ -107,11 +107,14 @@ def check_fresh(timestamp: str, *, now: float, window_s: int) -> None:
 class CallbackOpener:
     """Verifies and decrypts callbacks for one app; stateless after construction."""
 
-    __slots__ = ("_app", "_corp_id", "_crypto", "_window_s")
+    __slots__ = ("_agent_id", "_app", "_corp_id", "_crypto", "_window_s")
 
-    def __init__(self, crypto: WeComCrypto, *, corp_id: str, app: str, window_s: int) -> None:
+    def __init__(
+        self, crypto: WeComCrypto, *, corp_id: str, agent_id: int, app: str, window_s: int
+    ) -> None:
         self._crypto = crypto
         self._corp_id = corp_id
+        self._agent_id = agent_id
         self._app = app
         self._window_s = window_s
 
@@ -132,4 +135,6 @@ class CallbackOpener:
         )
         check_fresh(query.timestamp, now=now, window_s=self._window_s)
         plaintext = self._crypto.decrypt(envelope.encrypt)
-        return parse_message(plaintext, corp_id=self._corp_id, app=self._app)
+        return parse_message(
+            plaintext, corp_id=self._corp_id, agent_id=self._agent_id, app=self._app
+        )

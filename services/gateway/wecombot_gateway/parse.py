@@ -12,7 +12,7 @@ check), so a DTD is refused (by defusedxml, typed as UnsafeXml): no entity expan
 ...     b"<xml><ToUserName>ww1</ToUserName><FromUserName>zhang.san</FromUserName>"
 ...     b"<CreateTime>1409659813</CreateTime><MsgType>text</MsgType>"
 ...     b"<Content>hi</Content><MsgId>42</MsgId><AgentID>2</AgentID></xml>",
-...     corp_id="ww1", app="ww1-2")
+...     corp_id="ww1", agent_id=2, app="ww1-2")
 >>> msg.payload, dedupe_key(msg)
 (TextPayload(content='hi'), 'ww1-2:42')
 
@@ -116,7 +116,7 @@ def parse_envelope(body: bytes) -> Envelope:
     )
 
 
-def parse_message(plaintext: bytes, *, corp_id: str, app: str) -> MessageReceived:
+def parse_message(plaintext: bytes, *, corp_id: str, agent_id: int, app: str) -> MessageReceived:
     """Turn a decrypted callback into a MessageReceived; unknown MsgTypes are kept whole.
 
     An unknown but well-formed MsgType (``[a-z_]{1,32}``, e.g. a future ``miniprogram``)
@@ -124,7 +124,9 @@ def parse_message(plaintext: bytes, *, corp_id: str, app: str) -> MessageReceive
     (empty, longer than 32, other characters) is refused as InvalidMessage.
 
     Raises InvalidMessage (not UTF-8, a required field missing or malformed), MalformedXml,
-    UnsafeXml, or WrongRecipient (ToUserName is not ``corp_id``).
+    UnsafeXml, or WrongRecipient (ToUserName is not ``corp_id``, or an AgentID is there
+    and is not ``agent_id``: another app of the company posting to our URL with the same
+    Token and key; stored as ours, its users would be answered by our app).
     """
     try:
         text = plaintext.decode("utf-8")
@@ -138,6 +140,9 @@ def parse_message(plaintext: bytes, *, corp_id: str, app: str) -> MessageReceive
     to_user = _required(fields, "ToUserName")
     if to_user != corp_id:
         raise WrongRecipient(f"message addressed to {_show(to_user)}, not to our CorpID")
+    agent = _agent_id(fields.get("AgentID"))
+    if agent is not None and agent != agent_id:
+        raise WrongRecipient(f"message for AgentID {agent}, not for ours ({agent_id})")
     from_user = _required(fields, "FromUserName")
     if not is_user_id(from_user):
         raise InvalidMessage(f"FromUserName {_show(from_user)} is not a valid UserID")
@@ -156,7 +161,7 @@ def parse_message(plaintext: bytes, *, corp_id: str, app: str) -> MessageReceive
         msg_id=msg_id,
         from_user=from_user,
         to_user=to_user,
-        agent_id=_agent_id(fields.get("AgentID")),
+        agent_id=agent,
         create_time=create_time,
         payload=payload,
     )
