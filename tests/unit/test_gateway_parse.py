@@ -532,6 +532,10 @@ def test_settings_read_every_variable() -> None:
         ({"GATEWAY_CALLBACK_PATH": "/healthz"}, "GATEWAY_CALLBACK_PATH must not be"),
         ({"GATEWAY_PORT": "80x"}, "GATEWAY_PORT must be an integer"),
         ({"GATEWAY_TIMESTAMP_WINDOW": "-1"}, "GATEWAY_TIMESTAMP_WINDOW must be an integer"),
+        (
+            {"GATEWAY_TIMESTAMP_WINDOW": "1000", "WECOMBOT_DUPLICATE_WINDOW": "900"},
+            r"GATEWAY_TIMESTAMP_WINDOW \(1000\) must not exceed WECOMBOT_DUPLICATE_WINDOW \(900\)",
+        ),
         ({"GATEWAY_MAX_BODY_BYTES": "10"}, "GATEWAY_MAX_BODY_BYTES must be an integer"),
         ({"GATEWAY_PUBLISH_TIMEOUT": "30"}, "GATEWAY_PUBLISH_TIMEOUT must be a number of seconds"),
     ],
@@ -539,6 +543,14 @@ def test_settings_read_every_variable() -> None:
 def test_settings_errors_name_the_variable(env: dict[str, str], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         GatewaySettings.from_env({**ENV, **env})
+
+
+def test_a_replay_window_within_the_dedupe_window_or_off_is_accepted() -> None:
+    for window, dedupe in (("900", "900"), ("0", "60"), ("300", "")):
+        settings = GatewaySettings.from_env(
+            {**ENV, "GATEWAY_TIMESTAMP_WINDOW": window, "WECOMBOT_DUPLICATE_WINDOW": dedupe}
+        )
+        assert settings.timestamp_window_s == int(window)
 
 
 async def _ready() -> tuple[bool, str]:

@@ -86,6 +86,14 @@ class GatewaySettings:
             minimum=0.05,
             maximum=_MAX_PUBLISH_TIMEOUT_S,
         )
+        if window:
+            # A signed callback replayed inside the window is stored again once the log
+            # no longer remembers its Nats-Msg-Id: the dedupe must outlast the window.
+            env.check(
+                window <= nats.duplicate_window_s,
+                f"GATEWAY_TIMESTAMP_WINDOW ({window}) must not exceed WECOMBOT_DUPLICATE_WINDOW "
+                f"({nats.duplicate_window_s:g}): a replay after the dedupe would be stored again",
+            )
         env.raise_if_invalid()
         return cls(
             wecom=wecom,
