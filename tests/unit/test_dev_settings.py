@@ -78,6 +78,7 @@ def test_the_sandbox_runs_with_no_wecom_setting_as_in_a_copied_env_example() -> 
     assert all(f"\n{key}=\n" in example for key in WECOM_KEYS)  # named, empty
     assert sandbox_wanted(env)
     assert sandbox_wanted({})
+    assert sandbox_wanted(dict.fromkeys(WECOM_KEYS, " "))  # blank is not given
 
 
 def test_a_complete_wecom_app_is_used() -> None:

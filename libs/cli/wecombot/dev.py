@@ -48,7 +48,7 @@ SERVICES = ("token", "llm", "sender", "gateway")  # start order; stop in reverse
 HEALTH_PORTS = {"llm": "8081", "sender": "8082", "token": "8083"}
 STOP_BUDGET_S = 10.0
 CONSOLE_PORT = 8090
-# What the sandbox replaces; WECOM_SECRET too, though only the token service needs it.
+# An app's five WeCom settings: what the sandbox replaces, and what doctor asks for.
 WECOM_KEYS = (
     "WECOM_CORP_ID",
     "WECOM_AGENT_ID",
@@ -242,7 +242,7 @@ def sandbox_wanted(env: Mapping[str, str]) -> bool:
     ValueError: WeCom settings are incomplete: WECOM_SECRET, WECOM_TOKEN, \
 WECOM_ENCODING_AES_KEY unset. Set all five for a real app, or none for the sandbox
     """
-    missing = [key for key in WECOM_KEYS if not env.get(key)]
+    missing = [key for key in WECOM_KEYS if not (env.get(key) or "").strip()]
     if len(missing) == len(WECOM_KEYS):
         return True
     if missing:

@@ -61,7 +61,7 @@ from wecombot_token.domain import Failure
 from wecombot_token.settings import TokenSettings
 from wecombot_token.source import WeComTokenSource
 
-from .dev import read_dotenv
+from .dev import WECOM_KEYS, read_dotenv
 from .shared import clip, connect_once, without_credentials
 
 __all__ = ["ACCEPTS_ARGS", "Finding", "Report", "diagnose", "main"]
@@ -73,13 +73,6 @@ _TAGS: dict[Status, str] = {"ok": "[ ok ]", "warn": "[warn]", "fail": "[FAIL]", 
 _WIDTH = 100
 _NAME_WIDTH = 9
 
-WECOM_KEYS = (
-    "WECOM_CORP_ID",
-    "WECOM_AGENT_ID",
-    "WECOM_SECRET",
-    "WECOM_TOKEN",
-    "WECOM_ENCODING_AES_KEY",
-)
 # Where each value is found, for the fix line of a settings problem.
 WHERE = {
     "WECOM_CORP_ID": "admin console → 我的企业 (My Company) → 企业信息 → 企业ID (starts with ww)",
