@@ -55,6 +55,9 @@ def test_model_label() -> None:
         "OPENAI_MODEL": "deepseek-chat",
     }
     assert model_label(deepseek) == ("deepseek-chat at api.deepseek.com", False)
+    # Printed, and sent to the console: never the password a proxy URL may carry.
+    proxied = {"OPENAI_API_KEY": "sk", "OPENAI_BASE_URL": "https://acct:Pa55word@gw.corp:8443/v1"}
+    assert model_label(proxied) == ("gpt-4o-mini at gw.corp:8443", False)
 
 
 @pytest.mark.parametrize("argv", [["wecombot", "dev"], ["wecombot.dev"]], ids=["cli", "module"])

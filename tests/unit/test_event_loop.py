@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import json
 
 import pytest
 
 from wecombot_common.errors import ConfigError
+from wecombot_common.logs import configure_logging
 from wecombot_common.runtime import event_loop_name, run_service
+from wecombot_common.settings import LogSettings, Secret
 
 HAVE_UVLOOP = importlib.util.find_spec("uvloop") is not None
 
@@ -47,3 +50,19 @@ def test_run_service_refuses_a_bad_loop_with_exit_2(capsys: pytest.CaptureFixtur
 
     assert run_service(lambda env: "s", serve, {"WECOMBOT_EVENT_LOOP": "nope"}) == 2
     assert "WECOMBOT_EVENT_LOOP" in capsys.readouterr().err
+
+
+def test_a_crash_is_exit_1_through_the_redacting_log(capsys: pytest.CaptureFixture[str]) -> None:
+    """Python's own report of an uncaught exception is printed as it is: a secret in its
+    message (a URL with a password nats-py refuses, say) reached stderr unredacted."""
+    configure_logging(LogSettings(), service="test", secrets=[Secret("pa55-in-url")])
+
+    async def serve(settings: str, stop: asyncio.Event) -> None:
+        raise ValueError("netloc 'bot:pa55-in-url@host' contains invalid characters")
+
+    assert run_service(lambda env: "s", serve, {}) == 1
+    err = capsys.readouterr().err
+    assert "pa55-in-url" not in err
+    [crash] = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
+    assert crash["event"] == "service.crashed" and crash["level"] == "error"
+    assert "ValueError" in crash["exception"]

@@ -6,11 +6,13 @@ from urllib.parse import urlsplit
 
 import httpx
 import pytest
+import structlog
 import yarl
 from hypothesis import example, given
 from hypothesis import strategies as st
 
 from wecombot_common.errors import ConfigError
+from wecombot_common.logs import configure_logging
 from wecombot_common.settings import (
     EnvReader,
     LogSettings,
@@ -95,6 +97,9 @@ def test_defaults_match_the_documented_interface() -> None:
         ({"WECOM_API_BASE": "qyapi"}, "WECOM_API_BASE must be a URL"),
         ({"NATS_USER": "gateway"}, "NATS_USER and NATS_PASSWORD go together"),
         ({"WECOMBOT_DUPLICATE_WINDOW": "5"}, "WECOMBOT_DUPLICATE_WINDOW must be a number"),
+        # nan passed every bound (all comparisons are false), then crashed a user: exit 1
+        ({"WECOMBOT_DUPLICATE_WINDOW": "nan"}, "WECOMBOT_DUPLICATE_WINDOW must be a number"),
+        ({"WECOMBOT_HISTORY_MAX_AGE": "inf"}, "WECOMBOT_HISTORY_MAX_AGE must be a number"),
     ],
 )
 def test_other_bad_values(env: dict[str, str], message: str) -> None:
@@ -219,3 +224,16 @@ def test_a_refused_base_url_is_quoted_without_its_query(url: str) -> None:
     env.url("OPENAI_BASE_URL", "https://api.openai.com/v1")
     [problem] = env.problems
     assert "S3cret" not in problem and "Key" not in problem, problem
+
+
+def test_a_password_in_nats_url_is_a_secret_even_one_no_pattern_finds(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Every service logs the URL it connects to; the log's userinfo pattern stops at a
+    quote or a space, so the password itself must be registered."""
+    nats = NatsSettings.read(EnvReader({"NATS_URL": "nats://wecombot:S3cr3t'pw x@127.0.0.1:4222"}))
+    assert [s.reveal() for s in nats.secrets] == ["S3cr3t'pw x"]
+    configure_logging(LogSettings(), service="test", secrets=nats.secrets)
+    structlog.get_logger("t").info("nats.connecting", nats_url=nats.url)
+    err = capsys.readouterr().err
+    assert "S3cr3t" not in err and "wecombot:" in err

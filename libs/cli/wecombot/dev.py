@@ -195,7 +195,13 @@ def model_label(env: Mapping[str, str]) -> tuple[str, bool]:
     model = ModelSettings.read(EnvReader(env), max_concurrency=1)
     if model.api_key is None:
         return "offline echo model (OPENAI_API_KEY unset)", True
-    return f"{model.model} at {urlsplit(model.base_url).netloc or model.base_url}", False
+    parts = urlsplit(model.base_url)
+    try:
+        host = f"{parts.hostname}:{parts.port}" if parts.port else parts.hostname
+    except ValueError:  # a port that is no number: the llm refuses it, naming the setting
+        host = None
+    # Host and port only: the URL may carry a password (printed, and sent to the console).
+    return f"{model.model} at {host or 'an invalid OPENAI_BASE_URL'}", False
 
 
 async def start_console(

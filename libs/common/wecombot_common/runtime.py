@@ -100,6 +100,11 @@ async def _serve_until_signal(serve: Serve[S], s: S) -> int:
     except ConfigError as exc:
         log.error("service.config_error", error=str(exc))
         return 2
+    except Exception:
+        # Through the log, so its secrets are redacted: Python's own report of an
+        # uncaught exception goes to stderr as it is (a URL with a password, say).
+        log.exception("service.crashed")
+        return 1
     return code or 0
 
 

@@ -20,6 +20,7 @@ The variable names are a public interface: keep them.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -160,6 +161,9 @@ class EnvReader:
             self.problems.append(f"{name} must be {what}{bounds}, got {raw!r}")
             return default
         numeric = float(value)  # type: ignore[arg-type]
+        if not math.isfinite(numeric):  # nan passes every comparison, then breaks users
+            self.problems.append(f"{name} must be {what}{bounds}, got {raw!r}")
+            return default
         if (minimum is not None and numeric < minimum) or (
             maximum is not None and numeric > maximum
         ):
@@ -272,6 +276,23 @@ def url_problem(url: str, schemes: tuple[str, ...] = ("http", "https")) -> str |
         except UnicodeError:  # idna.IDNAError is one
             return "names an xn-- (punycode) host that is not valid IDNA"
     return None
+
+
+def url_credentials(urls: str) -> list[str]:
+    """The passwords and bare tokens in a comma-separated list of URLs, read as URL
+    parsers read userinfo (up to the last '@'; a password may hold ':' or '@').
+
+    >>> url_credentials("nats://bot:it's s3cr@t@n1:4222, tls://t0ken@n2:4222, nats://n3")
+    ["it's s3cr@t", 't0ken']
+    """
+    found: list[str] = []
+    for part in urls.split(","):
+        rest = part.strip().partition("://")[2]
+        userinfo, at, _ = rest.rpartition("@")
+        if at and userinfo:
+            user, colon, password = userinfo.partition(":")
+            found.append(password if colon else user)
+    return [s for s in found if s]
 
 
 def masked_url(url: str) -> str:
@@ -416,8 +437,12 @@ class NatsSettings:
 
     @property
     def secrets(self) -> tuple[Secret, ...]:
-        """What of these settings the logs must never show (the password, if any)."""
-        return (self.password,) if self.password else ()
+        """What of these settings the logs must never show: NATS_PASSWORD, and a password
+        or token written into NATS_URL (every service logs the URL it connects to; the
+        log's URL pattern cannot find a password holding a quote or a space)."""
+        found = [self.password] if self.password else []
+        found += [Secret(s) for s in url_credentials(self.url)]
+        return tuple(found)
 
     @classmethod
     def read(cls, env: EnvReader) -> NatsSettings:
