@@ -9,6 +9,7 @@ import contextlib
 from collections import defaultdict
 
 import nats
+import nats.js.errors
 import pytest
 from nats.js import JetStreamContext
 from structlog.testing import capture_logs
@@ -363,3 +364,118 @@ async def test_a_holder_that_lost_its_hold_on_the_last_delivery_may_still_finish
         await task
     assert int((await stream.stream_info(topology.DEAD_LETTER_STREAM)).state.messages) == 0
     await _settled(stream, appended.seq)
+
+
+class _OneWayStall:
+    """A TCP proxy to nats-server that can hold what the server sends (a link stalled in
+    one direction) while the client's requests still go through."""
+
+    def __init__(self, upstream: tuple[str, int]) -> None:
+        self._upstream = upstream
+        self.holding = False
+        self.held = bytearray()
+        self._client: asyncio.StreamWriter | None = None
+        self._server: asyncio.Server | None = None
+        self._pumps: list[asyncio.Task[None]] = []
+
+    async def start(self) -> str:
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        return f"nats://127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection(*self._upstream)
+        self._client = writer
+        self._pumps += [
+            asyncio.create_task(self._pump(reader, up_writer, down=False)),
+            asyncio.create_task(self._pump(up_reader, writer, down=True)),
+        ]
+
+    async def _pump(
+        self, source: asyncio.StreamReader, sink: asyncio.StreamWriter, *, down: bool
+    ) -> None:
+        with contextlib.suppress(OSError):
+            while data := await source.read(65536):
+                if down and self.holding:
+                    self.held += data
+                    continue
+                sink.write(data)
+                await sink.drain()
+        sink.close()
+
+    def release(self) -> None:
+        """Send on what was held, in order, before anything newer (no await in between)."""
+        assert self._client is not None
+        self.holding = False
+        self._client.write(bytes(self.held))
+        self.held.clear()
+
+    async def close(self) -> None:
+        for pump in self._pumps:
+            pump.cancel()
+        await asyncio.gather(*self._pumps, return_exceptions=True)
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+
+async def test_deliveries_made_late_never_run_beyond_the_slots(
+    stream: JetStreamContext, nats_server: NatsHandle
+) -> None:
+    """While the link from the broker stalls, each fetch times out and the next one asks
+    again; the broker serves every request it holds, and once the link recovers all of
+    it lands in the subscription's buffer, which fetch() returned whole. The worker ran
+    a task per message (12 with 4 slots), each releasing a slot it never took, so the
+    bound grew for good; and messages that sat in the buffer ran as fresh deliveries
+    with nobody sending in_progress for them. Now they are handed back and come again."""
+    host, port = nats_server.url.removeprefix("nats://").rsplit(":", 1)
+    stall = _OneWayStall((host, int(port)))
+    nc = await nats.connect(await stall.start())
+    running = peak = 0
+    handled: set[int] = set()
+    gate = asyncio.Event()
+
+    async def handle(d: Delivery) -> Outcome:
+        nonlocal running, peak
+        running += 1
+        peak = max(peak, running)
+        await gate.wait()
+        handled.add(d.stream_seq)
+        running -= 1
+        return Ack()
+
+    stop = asyncio.Event()
+    worker = PullWorker(
+        nc.jetstream(), _config(), handle, max_deliver=5, max_concurrency=4, fetch_timeout_s=0.2
+    )
+    task = asyncio.create_task(worker.run(stop))
+    try:
+
+        async def fetching() -> bool:
+            with contextlib.suppress(nats.js.errors.NotFoundError):
+                info = await stream.consumer_info(topology.CONVERSATION_STREAM, "w")
+                return info.num_waiting > 0
+            return False
+
+        await until(fetching, timeout=10, what="the worker's first pull request")
+        stall.holding = True
+        seqs = [(await append_event(stream, _reply(f"u{i}", str(i)))).seq for i in range(24)]
+        await until(
+            lambda: stall.held.count(b'"ReplyGenerated"') >= 12,
+            timeout=20,
+            what=lambda: f"12 messages served and held ({stall.held.count(b'ReplyGenerated')})",
+        )
+        stall.release()
+        await until(lambda: running == 4, timeout=10, what=lambda: f"4 running ({running})")
+        gate.set()
+        await until(
+            lambda: handled == set(seqs),
+            timeout=30,
+            what=lambda: f"all 24 handled ({len(handled)})",
+        )
+    finally:
+        stop.set()
+        await task
+        await nc.close()
+        await stall.close()
+    assert peak == 4
+    await _settled(stream, seqs[-1])

@@ -55,7 +55,8 @@ GATEWAY_REFUSALS = Counter(
 WORKER_SETTLED = Counter(
     "wecombot_worker_settled",
     "JetStream deliveries settled, by consumer and how: acked, retried (nak with "
-    "backoff), dead_lettered, handed_back (nak at once: stopping)",
+    "backoff), dead_lettered, handed_back (nak at once: stopping, or a delivery the "
+    "broker made late, after the fetch that asked for it)",
     ["consumer", "result"],
 )
 WORKER_IN_FLIGHT = Gauge(

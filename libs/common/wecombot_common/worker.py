@@ -212,8 +212,12 @@ class _ConsumerMetrics:
 
 
 def backoff_delay(attempt: int, *, base: float = 0.5, cap: float = 30.0) -> float:
-    """Exponential backoff with full jitter: attempt 1 → up to 0.5 s, doubling, capped."""
-    return random.uniform(base / 2, min(cap, base * 2 ** (attempt - 1)))  # noqa: S311
+    """Exponential backoff with full jitter: attempt 1 → up to 0.5 s, doubling, capped.
+
+    >>> 0.25 <= backoff_delay(5000) <= 30.0  # no float overflow, however many deliveries
+    True
+    """
+    return random.uniform(base / 2, min(cap, base * 2 ** min(attempt - 1, 64)))  # noqa: S311
 
 
 class PullWorker:
@@ -293,20 +297,32 @@ class PullWorker:
         """
         loop = asyncio.get_running_loop()
         await asyncio.sleep(max(0.0, self._last_fetch_at + self._fetch_timeout - loop.time()))
-        # nats-py exposes no public way to read what a pull subscription has buffered.
-        queue: asyncio.Queue[Msg] | None = getattr(
-            getattr(sub, "_sub", None), "_pending_queue", None
-        )
-        stranded = 0
-        while queue is not None and not queue.empty():
-            msg = queue.get_nowait()
-            if msg.reply and not JetStreamContext.is_status_msg(msg):
-                await self._hand_back(msg)
-                stranded += 1
+        stranded = await self._hand_back_buffered(sub)
         if stranded:
             log.info("worker.handed_back_buffered", consumer=self.name, count=stranded)
         with contextlib.suppress(Exception):
             await sub.unsubscribe()
+
+    async def _hand_back_buffered(self, sub: JetStreamContext.PullSubscription) -> int:
+        """Nak what the subscription holds that no fetch() of ours is waiting for.
+
+        Such messages answer a pull request whose fetch() already returned: the broker
+        served it late (a stall on the link or in the broker, a reconnect). They may
+        have sat there past ack_wait, already redelivered elsewhere, with nobody sending
+        in_progress for them; fetch() would return them all at once, beyond the free
+        slots. Handed back, they come again as fresh deliveries.
+        """
+        # nats-py exposes no public way to read what a pull subscription has buffered.
+        queue: asyncio.Queue[Msg] | None = getattr(
+            getattr(sub, "_sub", None), "_pending_queue", None
+        )
+        count = 0
+        while queue is not None and not queue.empty():
+            msg = queue.get_nowait()
+            if msg.reply and not JetStreamContext.is_status_msg(msg):
+                await self._hand_back(msg)
+                count += 1
+        return count
 
     async def _fetch_loop(
         self, sub: JetStreamContext.PullSubscription, stop: asyncio.Event
@@ -332,7 +348,18 @@ class PullWorker:
                     for _ in range(free):
                         self._slots.release()
                     break
+                late = await self._hand_back_buffered(sub)
+                if late:
+                    log.warning(
+                        "worker.late_deliveries_handed_back", consumer=self.name, count=late
+                    )
                 msgs = await self._fetch(sub, free, stopping)
+                # fetch() also returns what reached the buffer while it ran: never more
+                # work than slots (a task per extra message would release a slot it never
+                # took, and the bound would grow for good).
+                for msg in msgs[free:]:
+                    await self._hand_back(msg)
+                msgs = msgs[:free]
                 for _ in range(free - len(msgs)):
                     self._slots.release()
                 for msg in msgs:
