@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -13,11 +14,13 @@ import pytest
 from wecombot.dev import (
     CONSOLE_PORT,
     WECOM_KEYS,
+    Supervisor,
     console_port,
     model_label,
     read_dotenv,
     sandbox_wanted,
 )
+from wecombot.devlock import DataDirLock
 
 
 def test_console_port() -> None:
@@ -94,3 +97,18 @@ def test_one_wecom_setting_missing_stops_start_up_naming_it(unset: str) -> None:
     with pytest.raises(ValueError, match=rf"incomplete: {unset} unset") as info:
         sandbox_wanted(env)
     assert "none for the sandbox" in str(info.value)
+
+
+def test_output_to_a_reader_that_went_away_does_not_stop_dev(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """`make run | tee log` and Ctrl-C: tee may exit first. A BrokenPipeError out of say()
+    or a child's output pump stopped the supervisor before it stopped the services."""
+    read, write = os.pipe()
+    os.close(read)
+    broken = os.fdopen(write, "w")
+    monkeypatch.setattr(sys, "stdout", broken)
+    Supervisor({}, DataDirLock(tmp_path)).say("stopping")  # no BrokenPipeError
+    monkeypatch.undo()
+    with contextlib.suppress(BrokenPipeError):
+        broken.close()

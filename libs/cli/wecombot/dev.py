@@ -120,7 +120,7 @@ class Supervisor:
         self.exited = asyncio.Event()
 
     def say(self, text: str) -> None:
-        print(f"{'[dev]':<10} {text}", flush=True)
+        _out(f"{'[dev]':<10} {text}\n")
 
     async def start(self, service: str) -> None:
         env = dict(self.env)
@@ -140,9 +140,8 @@ class Supervisor:
     async def _pump(self, service: str, proc: asyncio.subprocess.Process) -> None:
         assert proc.stdout is not None
         tag = f"[{service}]"
-        async for line in proc.stdout:
-            sys.stdout.write(f"{tag:<10} {line.decode('utf-8', 'replace')}")
-            sys.stdout.flush()
+        async for line in proc.stdout:  # read to the end, or the child blocks writing
+            _out(f"{tag:<10} {line.decode('utf-8', 'replace')}")
         code = await proc.wait()
         if code != 0:
             self.say(f"{service} exited with code {code}")
@@ -172,7 +171,15 @@ async def _log_sandbox_sends(api: SimulatedWeComApi) -> None:
     queue = api.subscribe()
     while True:
         msg: SentMessage = await queue.get()
-        print(f"{'[wecom]':<10} message/send → {msg.touser}: {msg.content}", flush=True)
+        _out(f"{'[wecom]':<10} message/send → {msg.touser}: {msg.content}\n")
+
+
+def _out(text: str) -> None:
+    """Write to our stdout; a reader gone away (``make run | head``, ``| tee`` stopped by
+    the same Ctrl-C) must not stop the supervisor before it stopped what it started."""
+    with contextlib.suppress(BrokenPipeError, ValueError):  # ValueError: stdout closed
+        sys.stdout.write(text)
+        sys.stdout.flush()
 
 
 def console_port(environ: Mapping[str, str]) -> int | None:
