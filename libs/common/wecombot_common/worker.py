@@ -350,9 +350,8 @@ class PullWorker:
                     break
                 late = await self._hand_back_buffered(sub)
                 if late:
-                    log.warning(
-                        "worker.late_deliveries_handed_back", consumer=self.name, count=late
-                    )
+                    # Also the rare one served in the instant after a fetch gave up.
+                    log.info("worker.late_deliveries_handed_back", consumer=self.name, count=late)
                 msgs = await self._fetch(sub, free, stopping)
                 # fetch() also returns what reached the buffer while it ran: never more
                 # work than slots (a task per extra message would release a slot it never

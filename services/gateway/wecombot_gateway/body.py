@@ -82,8 +82,8 @@ async def _read_chunk(stream: StreamReader) -> bytes:
         return await stream.readany()
     except HttpProcessingError as exc:  # bad chunking, Content-Length
         raise UnreadableBody(f"body cannot be read: {exc.message}") from None
-    except RequestPayloadError as exc:  # a coded body that does not decode, had a server
-        # decoded bodies (the gateway's does not: RUNNER_OPTIONS)
+    except RequestPayloadError as exc:  # a coded body that does not decode, where a
+        # server decodes bodies (the gateway's does not: RUNNER_OPTIONS)
         raise UnreadableBody(f"body cannot be read: {exc}") from None
     except ConnectionResetError:
         raise UnreadableBody("client disconnected while sending the body") from None
