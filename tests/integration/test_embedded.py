@@ -38,3 +38,19 @@ def test_it_starts_with_an_http_proxy_set(tmp_path: Path) -> None:
     )
     assert started.returncode == 0, started.stderr
     assert started.stdout.startswith("ready nats://127.0.0.1:")
+
+
+def test_whoever_starts_it_learns_its_pid_before_it_is_ready(tmp_path: Path) -> None:
+    """``wecombot dev`` records the pid to stop a leftover server later: recorded only
+    once ready, a dev killed during those seconds left a server nobody knew of."""
+    from wecombot_common.embedded import EmbeddedNats
+
+    server = EmbeddedNats(tmp_path / "store")
+    seen: list[tuple[int, int | None]] = []
+    server.start(timeout=20, on_spawn=lambda pid: seen.append((pid, server.client_port)))
+    try:
+        assert server.process is not None
+        assert seen == [(server.process.pid, None)]  # handed over before the ready wait
+        assert server.client_port is not None
+    finally:
+        server.stop()

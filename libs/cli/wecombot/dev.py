@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import os
 import secrets
@@ -349,9 +350,10 @@ async def _run(
                 log_file=data_dir / "nats-server.log",
                 own_session=True,  # Ctrl-C reaches only us: it stops after the services
             )
-            await asyncio.to_thread(nats_server.start)
-            if nats_server.process is not None:
-                sup.lock.record(NATS_SERVER, nats_server.process.pid)
+            # Recorded as soon as it runs: a dev killed while it starts leaves it behind,
+            # and the next dev stops it (DataDirLock.stop_leftovers).
+            record = functools.partial(sup.lock.record, NATS_SERVER)
+            await asyncio.to_thread(nats_server.start, on_spawn=record)
             env["NATS_URL"] = nats_server.url
             sup.say(f"embedded nats-server at {nats_server.url} (store: {data_dir / 'nats'})")
         if sandbox:

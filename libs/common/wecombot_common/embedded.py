@@ -18,6 +18,7 @@ import subprocess
 import sysconfig
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 from .errors import ConfigError
@@ -80,7 +81,10 @@ class EmbeddedNats:
     def monitoring_url(self) -> str:
         return f"http://{self.host}:{self.monitoring_port}"
 
-    def start(self, timeout: float = 15.0) -> None:
+    def start(self, timeout: float = 15.0, on_spawn: Callable[[int], None] | None = None) -> None:
+        """Start nats-server and wait until JetStream answers. ``on_spawn`` gets the pid at
+        once, before the wait: whoever must stop a leftover server later (``wecombot dev``
+        records it) knows of it even if killed during those seconds."""
         self.store_dir.mkdir(parents=True, exist_ok=True)
         ports_dir = self.store_dir / "ports"
         ports_dir.mkdir(exist_ok=True)
@@ -108,6 +112,8 @@ class EmbeddedNats:
         finally:
             if out is not subprocess.DEVNULL:
                 out.close()  # type: ignore[union-attr]
+        if on_spawn is not None:
+            on_spawn(self.process.pid)
         ports_file = ports_dir / f"nats-server_{self.process.pid}.ports"
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
