@@ -392,6 +392,8 @@ def test_pods_are_hardened_sized_spread_and_budgeted(
     pdb = one(docs, "PodDisruptionBudget", f"wecombot-{service}")
     assert pdb["spec"]["selector"]["matchLabels"] == selector
     assert pdb["spec"]["maxUnavailable"] == 1  # never blocks a drain, even at 1 replica
+    # ... nor with every pod unready (NATS away): unready pods may always be evicted.
+    assert pdb["spec"]["unhealthyPodEvictionPolicy"] == "AlwaysAllow"
     assert deployment["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
 
 
@@ -654,6 +656,12 @@ def test_network_policy_reachability(docs: list[dict[str, Any]]) -> None:
     box = {"pod": NATS_BOX_POD, "namespace": here}
     assert allowed("egress", NATS_BOX_POD, nats_pod, 4222)
     assert allowed("ingress", NATS_POD, box, 4222)
+    # cert-manager's HTTP-01 solver pod (prod's issuer) is reached by the ingress
+    # controller on its port, by nobody else; without it the certificate never issues.
+    solver = {"acme.cert-manager.io/http01-solver": "true"}
+    assert allowed("ingress", solver, ingress_controller, 8089)
+    assert not allowed("ingress", solver, outsider, 8089)
+    assert not allowed("ingress", solver, ingress_controller, 8080)
 
 
 # ---------------------------------------------------------------- NATS: one source of truth
