@@ -251,6 +251,7 @@ class PullWorker:
         self._locks: dict[str, asyncio.Lock] = {}
         self._queued: dict[str, list[int]] = {}
         self._last_fetch_at = -math.inf  # loop time the last pull request was sent
+        self._last_fetch_done = -math.inf  # loop time the last fetch() returned
         self.name = config.durable_name
         self.processed = 0
         self._metrics = _ConsumerMetrics.of(self.name)
@@ -348,11 +349,19 @@ class PullWorker:
                     for _ in range(free):
                         self._slots.release()
                     break
-                late = await self._hand_back_buffered(sub)
-                if late:
-                    # Also the rare one served in the instant after a fetch gave up.
-                    log.info("worker.late_deliveries_handed_back", consumer=self.name, count=late)
+                # What reached the buffer since the last fetch() is at most that old (give
+                # or take one fetch): past a third of ack_wait it may be past its lease,
+                # so it is handed back. A message served in the instant after a fetch gave
+                # up (common: a nak's delay may end just then) is younger: it is run, not
+                # sent round again at the cost of one of its deliveries.
+                if asyncio.get_running_loop().time() - self._last_fetch_done > self._ack_wait / 3:
+                    late = await self._hand_back_buffered(sub)
+                    if late:
+                        log.warning(
+                            "worker.late_deliveries_handed_back", consumer=self.name, count=late
+                        )
                 msgs = await self._fetch(sub, free, stopping)
+                self._last_fetch_done = asyncio.get_running_loop().time()
                 # fetch() also returns what reached the buffer while it ran: never more
                 # work than slots (a task per extra message would release a slot it never
                 # took, and the bound would grow for good).
