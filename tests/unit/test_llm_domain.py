@@ -607,8 +607,12 @@ def test_gate_memory_stays_small_after_a_createtime_from_the_future() -> None:
     every message for the life of the conversation (and each verdict summed over it)."""
     gate = Gate(GatePolicy(rate_per_minute=2))
     gate.verdict(USER, at=99_999_999_999, is_event=False)
-    verdicts(gate, [1_700_000_000 + 20 * i for i in range(20_000)])
+    times = [1_700_000_000 + 20 * i for i in range(20_000)]
+    admitted = [at for at, v in zip(times, verdicts(gate, times), strict=True) if v == "ADMIT"]
     assert gate.remembered <= 2 * 10 * 3  # the memory of a few windows, not 20,001
+    # ... and pruning forgets only what is out of the window: never 3 admitted in 60 s.
+    assert len(admitted) > 1000
+    assert all(b - a >= 60 for a, b in zip(admitted, admitted[2:], strict=False))
 
 
 def test_gate_refuses_users_off_the_allowlist_once_a_day() -> None:

@@ -243,6 +243,10 @@ def test_hourly_delay_waits_until_the_hour_has_room() -> None:
     # An hour and a minute after a send, it no longer counts.
     assert hourly_delay(counts, T0 + timedelta(minutes=61), per_hour=401) == 0.0
     assert hourly_delay(counts, T0 + timedelta(minutes=61), per_hour=400) > 0
+    # The first minute's sends count until that minute's end plus an hour, not sooner.
+    assert hourly_delay(counts, T0 + timedelta(minutes=60, seconds=30), per_hour=1000) == (
+        pytest.approx(30)
+    )
 
 
 # ---------------------------------------------------------------- errcodes

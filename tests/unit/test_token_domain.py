@@ -137,7 +137,8 @@ def test_errcodes_map_to_the_contracts_kinds(
 
 
 @pytest.mark.parametrize(
-    ("status", "kind"), [(502, "network"), (503, "network"), (429, "rate_limited")]
+    ("status", "kind"),
+    [(500, "network"), (502, "network"), (503, "network"), (429, "rate_limited")],
 )
 def test_http_errors_are_transient(status: int, kind: str) -> None:
     failure = http_failure(status)
@@ -233,7 +234,8 @@ def test_answers() -> None:
         45009,
         2.5,
     )
-    assert answer(None, 0.0).kind == "unavailable"
+    unavailable = answer(None, 0.0)
+    assert (unavailable.ok, unavailable.kind) == (False, "unavailable")
 
 
 def test_a_lock_is_stale_once_its_deadline_passed() -> None:
