@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
@@ -17,6 +19,15 @@ from wecombot_sender.split import (
 FAMILY = "👨\u200d👩\u200d👧"  # one grapheme, five code points, 18 bytes
 FLAG = "🇨🇳"  # two regional indicators, 8 bytes
 ACCENT = "e\u0301"  # e + combining acute
+# more graphemes of several code points, one per rule of UAX #29 a cut could break
+KEYCAP = "1\ufe0f\u20e3"
+HEART = "\u2764\ufe0f"  # emoji presentation selector
+THUMB = "👍🏽"  # skin tone modifier
+SCOTLAND = "🏴\U000e0067\U000e0062\U000e0073\U000e0063\U000e0074\U000e007f"  # tag sequence
+HANGUL = "\u1112\u1161\u11ab"  # 한 as conjoining jamo L V T
+CONJUNCT = "\u0915\u094d\u0937\u093f"  # क्षि: consonant, virama, consonant, vowel sign
+CRLF = "\r\n"
+GRAPHEME_BREAK_TEST = Path(__file__).parent.parent / "data" / "GraphemeBreakTest-15.0.0.txt"
 
 PIECES = [
     "你好",
@@ -231,8 +242,52 @@ def test_a_block_larger_than_a_part_is_cut_at_lines() -> None:
     assert all(p.endswith("\n") for p in parts)
 
 
+def _official_cases() -> list[tuple[str, set[int], str]]:
+    """Unicode's GraphemeBreakTest: each line a string with ``÷`` (break) and ``×`` (no
+    break) between its code points."""
+    cases = []
+    for line in GRAPHEME_BREAK_TEST.read_text(encoding="utf-8").splitlines():
+        spec = line.split("#")[0].strip()
+        if not spec:
+            continue
+        text, breaks = "", set()
+        for token in spec.split():
+            if token == "÷":
+                breaks.add(len(text))
+            elif token != "×":
+                text += chr(int(token, 16))
+        cases.append((text, breaks, spec))
+    return cases
+
+
+# regex does not count U+2701 UPPER BLADE SCISSORS as Extended_Pictographic (Unicode does)
+KNOWN_DIFFERENCES = {"÷ 2701 × 200D × 2701 ÷"}
+
+
+def test_graphemes_are_unicodes_own() -> None:
+    cases = _official_cases()
+    assert len(cases) == 602
+    assert {spec for _, _, spec in cases} >= KNOWN_DIFFERENCES
+    wrong = []
+    for text, breaks, spec in cases:
+        found = boundaries(text, 0, len(text))
+        cuts = {0} | {pos for pos, rank in found.items() if rank is not Boundary.CODEPOINT}
+        if cuts != breaks and spec not in KNOWN_DIFFERENCES:
+            wrong.append(spec)
+    assert wrong == []
+
+
+def test_a_space_before_a_combining_mark_is_no_place_to_cut() -> None:
+    found = boundaries("a \u0301b", 0, 4)
+    assert found[2] is Boundary.CODEPOINT  # " " + U+0301 is one grapheme
+    assert found[3] is Boundary.GRAPHEME
+    text = ("word \u0301" * 600)[:-2]
+    for part in split_text(text, limit=100)[1:]:
+        assert not part.startswith("\u0301")
+
+
 def test_emoji_sequences_flags_and_accents_stay_whole() -> None:
-    for unit in (FAMILY, FLAG, ACCENT):
+    for unit in (FAMILY, FLAG, ACCENT, KEYCAP, HEART, THUMB, SCOTLAND, HANGUL, CONJUNCT, CRLF):
         text = unit * (3 * WECOM_TEXT_LIMIT // nbytes(unit))
         for part in split_text(text):
             assert part == unit * (len(part) // len(unit))

@@ -13,9 +13,14 @@ several messages. The parts concatenate to the reply exactly: nothing is added (
 Each cut is the best boundary that fits in the byte budget, by rank: a paragraph (blank
 line), a line, a sentence end (``。！？；`` or ``.!?;`` before whitespace, with closing
 quotes and the whitespace after it), a run of whitespace, a character boundary that does
-not break a grapheme (emoji ZWJ sequences, flags, combining marks), and as a last resort
-any code point. Separators stay at the end of the part before the cut, so every part but
-a forced one starts with content.
+not break a grapheme, and as a last resort any code point. Separators stay at the end of
+the part before the cut, so every part but a forced one starts with content.
+
+Graphemes are Unicode's extended grapheme clusters (UAX #29: emoji ZWJ sequences, flags,
+keycaps, skin tones, combining marks, Hangul syllables, Indic conjuncts), as the
+``regex`` module's ``\\X`` finds them; the tests hold them to Unicode's own
+GraphemeBreakTest. Only a boundary between two graphemes can rank better than a code
+point: a space before a combining mark is no place to cut.
 
 Two refinements keep the result readable:
 
@@ -29,10 +34,11 @@ Two refinements keep the result readable:
 from __future__ import annotations
 
 import re
-import unicodedata
 from bisect import bisect_right
 from enum import IntEnum
 from itertools import accumulate
+
+import regex
 
 __all__ = ["WECOM_TEXT_LIMIT", "Boundary", "boundaries", "fenced_spans", "split_text"]
 
@@ -57,8 +63,7 @@ _SENTENCE = re.compile(
 )
 _SPACE_END = re.compile(r"\s+(?=\S)")
 _FENCE = re.compile(r"^[ \t]{0,3}```", re.MULTILINE)
-
-_ZWJ = "\u200d"
+_GRAPHEME = regex.compile(r"\X")  # one extended grapheme cluster (UAX #29)
 
 
 def split_text(
@@ -106,24 +111,32 @@ def fenced_spans(text: str) -> list[tuple[int, int]]:
 
 def boundaries(text: str, start: int, end: int) -> dict[int, Boundary]:
     """Every cut position in ``(start, end]`` with its best rank."""
+    stop = min(len(text), end + 1)
+    # a cluster starting at ``end`` needs ``text[end]``; a cut at the end of the text is whole
+    graphemes = {match.start() for match in _GRAPHEME.finditer(text, start, stop)}
+    graphemes.add(len(text))
     found: dict[int, Boundary] = {}
 
     def mark(pos: int, rank: Boundary) -> None:
-        if start < pos <= end and (pos not in found or rank < found[pos]):
+        if not start < pos <= end:
+            return
+        if pos not in graphemes:
+            rank = Boundary.CODEPOINT
+        if pos not in found or rank < found[pos]:
             found[pos] = rank
 
-    window = text[start : min(len(text), end + 1)]
+    window = text[start:stop]
     for match in _PARAGRAPH.finditer(window):
         mark(start + match.end(), Boundary.PARAGRAPH)
     for index, ch in enumerate(window):
         if ch == "\n":
             mark(start + index + 1, Boundary.LINE)
-    for match in _SENTENCE.finditer(text, start, min(len(text), end + 1)):
+    for match in _SENTENCE.finditer(text, start, stop):
         mark(match.end(), Boundary.SENTENCE)
     for match in _SPACE_END.finditer(window):
         mark(start + match.end(), Boundary.SPACE)
     for pos in range(start + 1, end + 1):
-        mark(pos, Boundary.GRAPHEME if _grapheme_boundary(text, pos) else Boundary.CODEPOINT)
+        mark(pos, Boundary.GRAPHEME)
     return found
 
 
@@ -154,38 +167,3 @@ def _best_cut(
 
 def _inside(pos: int, fences: list[tuple[int, int]]) -> bool:
     return any(begin < pos < finish for begin, finish in fences)
-
-
-def _grapheme_boundary(text: str, pos: int) -> bool:
-    """A cheap subset of UAX #29: enough not to break emoji sequences and accents."""
-    if pos <= 0 or pos >= len(text):
-        return True
-    before, after = text[pos - 1], text[pos]
-    if before == "\r" and after == "\n":
-        return False
-    if before == _ZWJ or _extends(after):
-        return False
-    if _regional(before) and _regional(after):
-        run = 0
-        i = pos - 1
-        while i >= 0 and _regional(text[i]):
-            run += 1
-            i -= 1
-        return run % 2 == 0
-    return True
-
-
-def _extends(ch: str) -> bool:
-    code = ord(ch)
-    return (
-        ch == _ZWJ
-        or 0xFE00 <= code <= 0xFE0F  # variation selectors
-        or 0x1F3FB <= code <= 0x1F3FF  # skin tones
-        or 0xE0020 <= code <= 0xE007F  # tag characters (subdivision flags)
-        or 0xE0100 <= code <= 0xE01EF  # variation selectors supplement
-        or unicodedata.category(ch) in ("Mn", "Mc", "Me")
-    )
-
-
-def _regional(ch: str) -> bool:
-    return 0x1F1E6 <= ord(ch) <= 0x1F1FF
