@@ -70,3 +70,76 @@ def test_a_namedtuple_value_is_redacted_not_an_error(capsys: pytest.CaptureFixtu
     lines = _lines(capsys.readouterr().err)
     assert lines[0]["server"] == ["primary", f"nats://u:{REDACTED}@h:4222"]
     assert lines[1]["event"] == f"conn Server(name='primary', url='nats://u:{REDACTED}@h:4222')"
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("Authorization: Bearer sk-live.A1_b2~c3+d4/e5==", f"Authorization: Bearer {REDACTED}"),
+        ('{"Authorization": "Bearer abc.DEF"}', f'{{"Authorization": "Bearer {REDACTED}"}}'),
+        ("sent bearer tok123 to the model", f"sent bearer {REDACTED} to the model"),
+        ("BEARER\tTOK-9=", f"BEARER\t{REDACTED}"),
+    ],
+)
+def test_bearer_tokens_are_redacted_by_pattern_without_being_registered(
+    text: str, expected: str
+) -> None:
+    assert redact(text) == expected
+
+
+def test_a_bearer_token_is_redacted_from_our_lines_and_foreign_ones(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    configure_logging(LogSettings(), service="test")
+    token = "sk-proj.Zx9_yW8-vU7~tS6+rQ5/pO4=="  # never registered
+    structlog.get_logger("t").info("model.call", headers={"Authorization": f"Bearer {token}"})
+    logging.getLogger("httpx").warning("sent Authorization: Bearer %s", token)
+    err = capsys.readouterr().err
+    assert "Zx9" not in err and "pO4" not in err
+    lines = _lines(err)
+    assert lines[0]["headers"] == {"Authorization": f"Bearer {REDACTED}"}
+    assert lines[1]["event"] == f"sent Authorization: Bearer {REDACTED}"
+
+
+# Pairs of secrets where one is a prefix, suffix or infix of the other, the shorter
+# registered first. Replacing the shorter first, inside the longer, would leave the rest
+# of the longer in the line. Many independent pairs, so that even a registry iterated in
+# set (hash) order would almost surely get one of them wrong.
+NESTED_SECRETS = [
+    pair
+    for i in range(8)
+    for pair in (
+        (f"k{i}Pfx-short", f"k{i}Pfx-short-LONGTAIL{i}"),  # prefix
+        (f"k{i}Sfx-short", f"HEAD{i}-k{i}Sfx-short"),  # suffix
+        (f"k{i}Mid-short", f"HEAD{i}-k{i}Mid-short-TAIL{i}"),  # infix
+    )
+]
+
+
+def test_a_secret_holding_another_is_redacted_whole_not_around_the_shorter(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    shorter = [Secret(short) for short, _ in NESTED_SECRETS]
+    configure_logging(LogSettings(), service="test", secrets=shorter)  # at start-up
+    for _, longer in NESTED_SECRETS:
+        register_secret(longer)  # at run time, as the sender does its access token
+    log = structlog.get_logger("t")
+    for short, longer in NESTED_SECRETS:
+        log.info("pair", longer=f"<{longer}>", shorter=f"<{short}>")
+    err = capsys.readouterr().err
+    lines = _lines(err)
+    assert len(lines) == len(NESTED_SECRETS)
+    for line in lines:
+        assert (line["longer"], line["shorter"]) == (f"<{REDACTED}>", f"<{REDACTED}>")
+    for short, longer in NESTED_SECRETS:
+        head, _, tail = longer.partition(short)
+        for part in (short, head, tail):  # nothing of either secret is left
+            assert not part or part not in err, part
+
+
+def test_secrets_that_overlap_leave_nothing_of_either() -> None:
+    first, second = "AAAAAAAAXYZ123", "XYZ123BBBBBBBB"  # the end of one starts the other
+    register_secret(first)
+    register_secret(second)
+    text = f"a {first[:8]}{second} b {second} c {first}{first} d"
+    assert redact(text) == f"a {REDACTED} b {REDACTED} c {REDACTED} d"

@@ -39,23 +39,28 @@ _BEARER = re.compile(r"(?i)(bearer\s+)[A-Za-z0-9._\-~+/]+=*")
 # included): a password may hold an '@' of its own.
 _URL_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.\-]*://)([^/\s\"',]+)@")
 _secrets: set[str] = set()
-_longest_first: tuple[str, ...] = ()  # _secrets, sorted once per registration, not per line
+_registered: tuple[str, ...] = ()  # _secrets as a tuple, made once per registration
 
 
 def register_secret(value: str | Secret) -> None:
     """Redact ``value`` from every log line from now on."""
-    global _longest_first
+    global _registered
     raw = value.reveal() if isinstance(value, Secret) else value
     if len(raw) >= _MIN_SECRET_LEN:
         _secrets.add(raw)
-        _longest_first = tuple(sorted(_secrets, key=len, reverse=True))
+        _registered = tuple(_secrets)
 
 
 def redact(text: str) -> str:
     """``text`` without any registered secret or secret-looking URL part."""
-    for secret in _longest_first:
-        if secret in text:
-            text = text.replace(secret, REDACTED)
+    spans = [
+        (start, start + len(secret))
+        for secret in _registered
+        if secret in text
+        for start in _occurrences(text, secret)
+    ]
+    if spans:
+        text = _cover(text, spans)
     # Each pattern runs only where it can match (every field of every line comes here).
     if "=" in text:
         text = _URL_SECRETS.sub(rf"\1{REDACTED}", text)
@@ -64,6 +69,35 @@ def redact(text: str) -> str:
     if "bearer" in text.lower():  # (?i)bearer matches only what lower() makes "bearer"
         text = _BEARER.sub(rf"\1{REDACTED}", text)
     return text
+
+
+def _occurrences(text: str, secret: str) -> list[int]:
+    """Every start of ``secret`` in ``text``, overlapping ones included."""
+    found = []
+    start = text.find(secret)
+    while start >= 0:
+        found.append(start)
+        start = text.find(secret, start + 1)
+    return found
+
+
+def _cover(text: str, spans: list[tuple[int, int]]) -> str:
+    """One marker over each run of overlapping or touching spans, so no secret keeps a
+    part: replacing the secrets one after the other would leave the tail of one that
+    overlaps another (``AAAXYZ`` and ``XYZBBB`` in ``AAAXYZBBB``), or cut the longer of
+    two where it holds the shorter."""
+    spans.sort()
+    out: list[str] = []
+    kept = 0  # text before this index is written (or covered)
+    begin, end = spans[0]
+    for start, stop in spans[1:]:
+        if start <= end:
+            end = max(end, stop)
+            continue
+        out += (text[kept:begin], REDACTED)
+        kept, begin, end = end, start, stop
+    out += (text[kept:begin], REDACTED, text[end:])
+    return "".join(out)
 
 
 def _userinfo(match: re.Match[str]) -> str:
