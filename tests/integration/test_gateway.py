@@ -846,6 +846,30 @@ def test_every_bad_input_is_documented_with_its_status() -> None:
         assert code == ("" if case.code is None else str(case.code)), name
 
 
+FORGED_AND_STALE: dict[str, Callable[[], Call]] = {
+    "POST": lambda: _forged(post(text_message("9"), timestamp=int(time.time()) - 3600)),
+    "GET": lambda: _forged(_url_check(timestamp=int(time.time()) - 3600)),
+}
+
+
+@pytest.mark.parametrize("build", FORGED_AND_STALE.values(), ids=FORGED_AND_STALE.keys())
+async def test_a_forged_stale_callback_is_refused_for_its_signature_not_its_clock(
+    gateway: Gateway, build: Callable[[], Call]
+) -> None:
+    """The signature is checked before the replay window: a forged request learns
+    nothing about our clock (both refusals are 403; the log line tells them apart)."""
+    with capture_logs() as logs:
+        resp = await gateway.send(build())
+    assert resp.status == 403
+    [rejected] = rejections(logs)
+    assert (rejected["error"], rejected.get("code"), rejected["reason"]) == (
+        "SignatureError",
+        -40001,
+        "signature mismatch",
+    )
+    assert await gateway.events() == []
+
+
 async def test_health_and_readiness(gateway: Gateway) -> None:
     assert (await gateway.client.get("/healthz")).status == 200
     ready = await gateway.client.get("/readyz")
