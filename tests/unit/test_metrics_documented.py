@@ -13,7 +13,6 @@ from pathlib import Path
 
 import promql_parser
 import pytest
-from prometheus_client import Counter, Gauge, Histogram
 from prometheus_client.metrics import MetricWrapperBase
 
 from wecombot_common import metrics
@@ -22,6 +21,7 @@ ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "docs" / "deploy.md"
 _SERIES = re.compile(r"(?<![/\w])wecombot_[a-z_]+[a-z](?![/\w.])")  # not a path
 _SELECTOR = re.compile(r"\b(wecombot_[a-z_]+[a-z])\{([^}]*)\}")
+_PROBE = "__docs_probe__"  # a label value no metric ever carries
 
 
 def defined() -> dict[str, MetricWrapperBase]:
@@ -32,17 +32,41 @@ def defined() -> dict[str, MetricWrapperBase]:
     }
 
 
+def family(metric: MetricWrapperBase) -> tuple[str, str, tuple[str, ...]]:
+    """A metric's family name, type and label names, through prometheus_client's public
+    collector API only.
+
+    A labelled metric shows its label names only on a child's samples, so one is made
+    with placeholder values (as many as ``labels()`` accepts), collected and removed.
+    """
+    [described] = metric.describe()
+    for count in range(1, 16):
+        values = [_PROBE] * count
+        try:
+            metric.labels(*values)
+        except ValueError:  # not this many labels, or none at all
+            continue
+        try:
+            [collected] = metric.collect()
+        finally:
+            metric.remove(*values)
+        sample = next(s for s in collected.samples if _PROBE in s.labels.values())
+        labels = tuple(name for name, value in sample.labels.items() if value == _PROBE)
+        return described.name, described.type, labels
+    return described.name, described.type, ()
+
+
 def series() -> dict[str, tuple[str, ...]]:
     """Every series name a scrape can show → the label names it may carry."""
     out: dict[str, tuple[str, ...]] = {}
     for metric in defined().values():
-        name, labels = metric._name, tuple(metric._labelnames)
-        if isinstance(metric, Counter):
+        name, kind, labels = family(metric)
+        if kind == "counter":
             out[f"{name}_total"] = labels
-        elif isinstance(metric, Gauge):
+        elif kind == "gauge":
             out[name] = labels
         else:
-            assert isinstance(metric, Histogram)
+            assert kind == "histogram", (name, kind)
             out[name] = labels  # the docs' name for the family
             out.update({f"{name}_{s}": labels for s in ("count", "sum")})
             out[f"{name}_bucket"] = (*labels, "le")
@@ -50,7 +74,8 @@ def series() -> dict[str, tuple[str, ...]]:
 
 
 def primary(metric: MetricWrapperBase) -> str:
-    return f"{metric._name}_total" if isinstance(metric, Counter) else metric._name
+    name, kind, _ = family(metric)
+    return f"{name}_total" if kind == "counter" else name
 
 
 def metrics_section() -> str:
