@@ -479,3 +479,130 @@ async def test_deliveries_made_late_never_run_beyond_the_slots(
         await stall.close()
     assert peak == 4
     await _settled(stream, seqs[-1])
+
+
+async def test_heartbeats_keep_a_long_handler_from_being_redelivered(
+    stream: JetStreamContext,
+) -> None:
+    """A handler that runs twice the consumer's ack_wait: the worker's in_progress()
+    every third of ack_wait keeps the broker from giving the message out again meanwhile
+    (to this worker, or to another replica), and the lease never lapses."""
+    ack_wait = 1.5
+    appended = await append_event(stream, _reply("h", "long model call"))
+    loop = asyncio.get_running_loop()
+    deliveries: list[int] = []  # num_delivered of each handler invocation
+    lapsed: list[bool] = []
+    started_at: list[float] = []
+    release = asyncio.Event()
+
+    async def handle(d: Delivery) -> Outcome:
+        deliveries.append(d.num_delivered)
+        started_at.append(loop.time())
+        await release.wait()
+        lapsed.append(d.lapsed)
+        return Ack()
+
+    stop = asyncio.Event()
+    worker = PullWorker(stream, _config(ack_wait=ack_wait), handle, max_deliver=5)
+    task = asyncio.create_task(worker.run(stop))
+    try:
+        await until(lambda: deliveries != [], timeout=10, what="the handler started")
+        # What is under test is time passing: two ack_waits, with the worker fetching
+        # all along, so a redelivery would reach it (and show in the broker's counts).
+        await asyncio.sleep(max(0.0, started_at[0] + 2 * ack_wait - loop.time()))
+        info = await stream.consumer_info(topology.CONVERSATION_STREAM, "w")
+        assert deliveries == [1], "never delivered again while its handler ran"
+        assert info.delivered.consumer_seq == 1 and not info.num_redelivered
+        assert info.num_ack_pending == 1
+        release.set()
+        await until(lambda: worker.processed == 1, timeout=10, what="the message acked")
+    finally:
+        release.set()
+        stop.set()
+        await task
+    assert deliveries == [1] and lapsed == [False]
+    await _settled(stream, appended.seq)
+    info = await stream.consumer_info(topology.CONVERSATION_STREAM, "w")
+    assert info.delivered.consumer_seq == 1, "one delivery in all"
+
+
+async def test_deliveries_left_in_the_buffer_past_a_third_of_ack_wait_are_handed_back(
+    stream: JetStreamContext, nats_server: NatsHandle
+) -> None:
+    """Two deliveries reach the worker late, together (the link from the broker stalled
+    while two of its pull requests were served). With one slot, fetch() returns one and
+    the other stays in nats-py's buffer while the first's handler holds the slot. By the
+    next fetch it has sat there unheld past a third of ack_wait (past its lease, for all
+    the worker can tell): it is handed back and comes again as delivery 2, rather than
+    drained from the buffer by fetch() and run as a fresh first delivery."""
+    ack_wait = 2.0
+    host, port = nats_server.url.removeprefix("nats://").rsplit(":", 1)
+    stall = _OneWayStall((host, int(port)))
+    nc = await nats.connect(await stall.start())
+    loop = asyncio.get_running_loop()
+    handled: list[tuple[int, int]] = []  # (stream seq, num_delivered) as handlers see them
+    first_started: list[float] = []
+    release_first = asyncio.Event()
+
+    async def handle(d: Delivery) -> Outcome:
+        handled.append((d.stream_seq, d.num_delivered))
+        if len(handled) == 1:
+            first_started.append(loop.time())
+            await release_first.wait()
+        return Ack()
+
+    stop = asyncio.Event()
+    worker = PullWorker(
+        nc.jetstream(),
+        _config(ack_wait=ack_wait),
+        handle,
+        max_deliver=5,
+        max_concurrency=1,
+        fetch_timeout_s=0.2,
+    )
+    with capture_logs() as logs:
+        task = asyncio.create_task(worker.run(stop))
+        try:
+
+            async def fetching() -> bool:
+                with contextlib.suppress(nats.js.errors.NotFoundError):
+                    info = await stream.consumer_info(topology.CONVERSATION_STREAM, "w")
+                    return bool(info.num_waiting)
+                return False
+
+            await until(fetching, timeout=10, what="the worker's first pull request")
+            stall.holding = True
+            seqs = [(await append_event(stream, _reply(f"u{i}", str(i)))).seq for i in range(2)]
+            # One slot, so one message per pull request: two requests served, both held.
+            await until(
+                lambda: stall.held.count(b'"ReplyGenerated"') == 2,
+                timeout=10,
+                what=lambda: f"2 messages served and held ({stall.held.count(b'ReplyGenerated')})",
+            )
+            stall.release()
+            await until(lambda: first_started != [], timeout=10, what="the first handler started")
+            # The other delivery now waits in the buffer, and no fetch is made while the
+            # only slot is busy. What is under test is its age: let a third of ack_wait
+            # pass (with some room) since the fetch that returned the first, which ended
+            # before its handler started.
+            await asyncio.sleep(max(0.0, first_started[0] + ack_wait / 3 + 0.3 - loop.time()))
+            assert len(handled) == 1
+            release_first.set()
+            await until(lambda: len(handled) == 2, timeout=10, what=lambda: f"both ({handled})")
+            await until(lambda: worker.processed == 2, timeout=10, what="both acked")
+            # nats-py's count of what it holds for us is back to nothing: left counting
+            # what was handed back, it would end up dropping every later message.
+            assert worker.buffered_bytes == 0
+        finally:
+            release_first.set()
+            stop.set()
+            await task
+            await nc.close()
+            await stall.close()
+    (first, delivery_1), (second, delivery_2) = handled
+    assert {first, second} == set(seqs)
+    assert delivery_1 == 1
+    assert delivery_2 == 2, "the stale buffered delivery was handed back, not run as fresh"
+    late = [e for e in logs if e["event"] == "worker.late_deliveries_handed_back"]
+    assert [e["count"] for e in late] == [1]
+    await _settled(stream, seqs[-1])

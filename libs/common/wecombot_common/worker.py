@@ -255,10 +255,17 @@ class PullWorker:
         self.name = config.durable_name
         self.processed = 0
         self._metrics = _ConsumerMetrics.of(self.name)
+        self._sub: JetStreamContext.PullSubscription | None = None
 
     @property
     def in_flight(self) -> int:
         return len(self._tasks)
+
+    @property
+    def buffered_bytes(self) -> int:
+        """Bytes nats-py counts as received for us and not yet taken (0 when not running).
+        At the subscription's limit (256 MiB) it drops what comes next as a slow consumer."""
+        return 0 if self._sub is None else self._sub.pending_bytes
 
     def queued(self, key: str) -> list[int]:
         """Stream sequences of deliveries with ``key`` waiting in this process for the one
@@ -281,11 +288,13 @@ class PullWorker:
         sub = await self._js.pull_subscribe_bind(
             durable=self.name, stream=topology.CONVERSATION_STREAM
         )
+        self._sub = sub
         try:
             await self._fetch_loop(sub, stop)
         finally:
             await self._release(sub)
             await self._shutdown()
+            self._sub = None
 
     async def _release(self, sub: JetStreamContext.PullSubscription) -> None:
         """Give up the subscription without stranding anything the broker sent us.
@@ -313,13 +322,15 @@ class PullWorker:
         in_progress for them; fetch() would return them all at once, beyond the free
         slots. Handed back, they come again as fresh deliveries.
         """
-        # nats-py exposes no public way to read what a pull subscription has buffered.
-        queue: asyncio.Queue[Msg] | None = getattr(
-            getattr(sub, "_sub", None), "_pending_queue", None
-        )
+        # nats-py exposes no public way to take what a pull subscription has buffered.
+        inner = getattr(sub, "_sub", None)
+        queue: asyncio.Queue[Msg] | None = getattr(inner, "_pending_queue", None)
         count = 0
         while queue is not None and not queue.empty():
             msg = queue.get_nowait()
+            # As nats-py's own drains do: a count left high grows with every hand-back
+            # until, at the limit, every later message is dropped as a slow consumer.
+            inner._pending_size -= len(msg.data)  # type: ignore[union-attr]
             if msg.reply and not JetStreamContext.is_status_msg(msg):
                 await self._hand_back(msg)
                 count += 1
