@@ -7,9 +7,13 @@ within 10 s on SIGTERM.
 
 from __future__ import annotations
 
+import contextlib
+import ipaddress
 import json
 import os
+import re
 import signal
+import socket
 from pathlib import Path
 
 import httpx
@@ -23,11 +27,40 @@ from wecombot_common.sim.callbacks import CallbackBuilder
 pytestmark = pytest.mark.e2e
 
 
+def _listening(port: int) -> set[str]:
+    """The local addresses with a TCP socket listening on ``port`` (from /proc/net)."""
+    found = set()
+    for table in ("tcp", "tcp6"):
+        for line in Path(f"/proc/net/{table}").read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            address, hex_port = local.split(":")
+            if state == "0A" and int(hex_port, 16) == port:  # 0A: LISTEN
+                raw = bytes.fromhex(address)
+                if len(raw) == 4:
+                    found.add(str(ipaddress.IPv4Address(raw[::-1])))
+                else:  # four little-endian 32-bit words
+                    words = b"".join(raw[i : i + 4][::-1] for i in range(0, 16, 4))
+                    found.add(str(ipaddress.IPv6Address(words)))
+    return found
+
+
 def test_dev_runs_the_whole_system_with_no_settings(tmp_path: Path) -> None:
     gateway_port = free_port()
+    # 4222 taken (by us, or already by something else): the embedded broker takes a free
+    # port, and dev says which NATS_URL the wecombot commands need.
+    with socket.socket() as taken:
+        with contextlib.suppress(OSError):
+            taken.bind(("127.0.0.1", 4222))
+        _run_the_sandbox(tmp_path, gateway_port)
+
+
+def _run_the_sandbox(tmp_path: Path, gateway_port: int) -> None:
     dev = DevProcess(tmp_path, GATEWAY_PORT=str(gateway_port), WECOMBOT_HEALTH_PORT="0")
     out = dev.out
     try:
+        nats_url = out.wait_for(r"embedded nats-server at (nats://127\.0\.0\.1:\d+)").group(1)
+        assert not nats_url.endswith(":4222")
+        out.wait_for(rf"4222 was taken: .* need NATS_URL={re.escape(nats_url)} to reach")
         out.wait_for(r"SANDBOX MODE")
         out.wait_for(r"OFFLINE model")
         out.wait_for(r"gateway callback URL")
@@ -48,6 +81,8 @@ def test_dev_runs_the_whole_system_with_no_settings(tmp_path: Path) -> None:
                 return False
 
         until_sync(ready, timeout=30, what="the gateway ready", interval=0.1)
+        # a sandbox is for this machine only: loopback, not every interface
+        assert _listening(gateway_port) == {"127.0.0.1"}
         check = wecom.verify_url("1616140317555161061")
         assert httpx.get(url, params=check).text == "1616140317555161061"
         callback = wecom.text("zhang.san", "hello from the sandbox")

@@ -315,7 +315,8 @@ async def run(env: dict[str, str]) -> int:
     if not lock.acquire():
         sup.say(
             f"another wecombot dev (pid {lock.holder()}) runs with {data_dir}: stop it "
-            "first, or give this one its own WECOMBOT_DATA_DIR"
+            "first, or give this one its own WECOMBOT_DATA_DIR, GATEWAY_PORT and "
+            "WECOMBOT_HEALTH_PORT=0 (its nats-server and console take free ports)"
         )
         return 2
     try:
@@ -356,7 +357,17 @@ async def _run(
             await asyncio.to_thread(nats_server.start, on_spawn=record)
             env["NATS_URL"] = nats_server.url
             sup.say(f"embedded nats-server at {nats_server.url} (store: {data_dir / 'nats'})")
+            if nats_server.client_port != 4222:
+                sup.say(
+                    "4222 was taken: the wecombot commands (dlq, doctor, setup) need "
+                    f"NATS_URL={nats_server.url} to reach this one"
+                )
         if sandbox:
+            # Nothing outside this machine calls a sandbox: its gateway and health
+            # servers listen on loopback unless told otherwise (the console always does).
+            for key in ("GATEWAY_HOST", "WECOMBOT_HEALTH_HOST"):
+                if not env.get(key):
+                    env[key] = "127.0.0.1"
             app = Sandbox.load_or_create(data_dir)
             sim = SimulatedWeComApi(corp_id=app.corp_id, secret=app.secret, agent_id=app.agent_id)
             await sim.start()

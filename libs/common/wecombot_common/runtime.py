@@ -152,8 +152,8 @@ class HealthServer:
             self._site = await LocalSite.start(app, self.host, self.port)
         except OSError as exc:  # the port is taken: fix the setting (exit 2), no traceback
             raise ConfigError(
-                f"cannot listen on {self.host}:{self.port} (WECOMBOT_HEALTH_PORT): "
-                f"{exc.strerror or exc}"
+                f"cannot listen on {self.host}:{self.port} (WECOMBOT_HEALTH_HOST, "
+                f"WECOMBOT_HEALTH_PORT): {exc.strerror or exc}"
             ) from exc
 
     async def stop(self) -> None:

@@ -497,3 +497,12 @@ def data_dir(env: EnvReader) -> Path:
 def health_port(env: EnvReader, default: int) -> int:
     """Port of the small /healthz + /readyz server each non-HTTP service runs (0 = off)."""
     return env.integer("WECOMBOT_HEALTH_PORT", default, minimum=0, maximum=65535)
+
+
+HEALTH_HOST = "0.0.0.0"  # noqa: S104 (probes and Prometheus reach the pod's IP)
+
+
+def health_host(env: EnvReader) -> str:
+    """Address that server listens on: every IPv4 interface by default, ``::`` on an
+    IPv6 cluster, ``127.0.0.1`` on a laptop (``wecombot dev``'s sandbox sets that)."""
+    return env.text("WECOMBOT_HEALTH_HOST", HEALTH_HOST) or HEALTH_HOST

@@ -54,7 +54,7 @@ async def serve(settings: LlmSettings, stop: asyncio.Event) -> None:
         log.info("llm.model", base_url=settings.model.base_url, model=settings.model.model)
     # Health first: /healthz answers while NATS is still coming up (readiness does not).
     ready = DeferredCheck()
-    health = HealthServer("0.0.0.0", settings.health_port, ready=ready)  # noqa: S104
+    health = HealthServer(settings.health_host, settings.health_port, ready=ready)
     await health.start()
     try:
         connected = await connect_when_ready(

@@ -15,7 +15,14 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from wecombot_common.settings import EnvReader, LogSettings, NatsSettings, Secret, health_port
+from wecombot_common.settings import (
+    EnvReader,
+    LogSettings,
+    NatsSettings,
+    Secret,
+    health_host,
+    health_port,
+)
 from wecombot_common.topology import is_user_id
 
 from .gate import GatePolicy
@@ -141,6 +148,7 @@ def _allowed_users(env: EnvReader) -> frozenset[str] | None:
 class LlmSettings:
     nats: NatsSettings
     log: LogSettings
+    health_host: str
     health_port: int
     model: ModelSettings
     policy: ReplyPolicy
@@ -169,6 +177,7 @@ class LlmSettings:
         settings = cls(
             nats=NatsSettings.read(env),
             log=LogSettings.read(env),
+            health_host=health_host(env),
             health_port=health_port(env, 8081),
             model=ModelSettings.read(env, max_concurrency=concurrency),
             policy=ReplyPolicy.read(env),

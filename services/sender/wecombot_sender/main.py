@@ -37,7 +37,7 @@ async def serve(settings: SenderSettings, stop: asyncio.Event) -> None:
     configure_logging(settings.log, service="sender")
     # Health first: /healthz answers while NATS is still coming up (readiness does not).
     ready = DeferredCheck()
-    health = HealthServer("0.0.0.0", settings.health_port, ready)  # noqa: S104 (probes)
+    health = HealthServer(settings.health_host, settings.health_port, ready)
     await health.start()
     try:
         connected = await connect_when_ready(

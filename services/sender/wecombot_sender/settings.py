@@ -17,6 +17,7 @@ from wecombot_common.settings import (
     LogSettings,
     NatsSettings,
     WeComApiSettings,
+    health_host,
     health_port,
 )
 
@@ -31,6 +32,7 @@ class SenderSettings:
     nats: NatsSettings
     log: LogSettings
     wecom: WeComApiSettings
+    health_host: str
     health_port: int
     max_concurrency: int
     http_timeout_s: float
@@ -56,6 +58,7 @@ class SenderSettings:
             # configure_logging registers these, so they are redacted from every line
             log=replace(log, extra_secrets=nats.secrets),
             wecom=WeComApiSettings.read(env, need_secret=False),
+            health_host=health_host(env),
             health_port=health_port(env, 8082),
             max_concurrency=env.integer("SENDER_MAX_CONCURRENCY", 32, minimum=1, maximum=4096),
             http_timeout_s=env.seconds("SENDER_HTTP_TIMEOUT", 10.0, minimum=0.1, maximum=120.0),

@@ -31,7 +31,6 @@ __all__ = ["main", "serve"]
 log = structlog.get_logger(__name__)
 
 CLIENT_NAME = "wecombot-token"
-HEALTH_HOST = "0.0.0.0"  # noqa: S104 (probes reach the pod IP; only /healthz and /readyz)
 
 
 def bucket_ready(nc: NATS, kv: KeyValue, *, timeout_s: float = 1.0) -> Check:
@@ -53,7 +52,7 @@ async def serve(settings: TokenSettings, stop: asyncio.Event) -> None:
     configure_logging(settings.log, service="token")
     # Health first: /healthz answers while NATS is still coming up (readiness does not).
     ready = DeferredCheck()
-    health = HealthServer(HEALTH_HOST, settings.health_port, ready)
+    health = HealthServer(settings.health_host, settings.health_port, ready)
     await health.start()
     try:
         await _serve_connected(settings, stop, ready)

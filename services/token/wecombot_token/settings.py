@@ -22,11 +22,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
 from wecombot_common.settings import (
+    HEALTH_HOST,
     EnvReader,
     LogSettings,
     NatsSettings,
     Secret,
     WeComApiSettings,
+    health_host,
     health_port,
 )
 
@@ -43,6 +45,7 @@ class TokenSettings:
     wecom: WeComApiSettings
     nats: NatsSettings
     log: LogSettings
+    health_host: str = HEALTH_HOST
     health_port: int = 8083
     refresh_margin_s: float = 300.0
     http_timeout_s: float = 10.0
@@ -80,6 +83,7 @@ class TokenSettings:
         wecom = WeComApiSettings.read(env)
         nats = NatsSettings.read(env)
         log = LogSettings.read(env)
+        host = health_host(env)
         port = health_port(env, cls.health_port)
         margin = env.seconds("TOKEN_REFRESH_MARGIN", cls.refresh_margin_s, minimum=0, maximum=3600)
         # At most 12 s: the service may wait out a crashed holder's lock and then refresh
@@ -97,6 +101,7 @@ class TokenSettings:
             wecom=wecom,
             nats=nats,
             log=log,
+            health_host=host,
             health_port=port,
             refresh_margin_s=margin,
             http_timeout_s=timeout,
