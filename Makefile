@@ -3,24 +3,29 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
+MODELS := tests/deploy/models
+NPM_STAMP := $(MODELS)/node_modules/.installed-stamp
 PYTEST_ARGS ?=
 
 .PHONY: install test test-unit test-integration test-e2e chaos test-deploy test-image test-browser fuzz lint format run doctor screenshot bench bench-quick clean
 
 install: $(STAMP)
 
-# Idempotent: re-runs only when pyproject.toml or the npm lock changes (or the venv is
-# missing). npm: tests/deploy checks the custom resources with their projects' API types.
-$(STAMP): pyproject.toml tests/deploy/models/package-lock.json
+# Idempotent: re-runs only when pyproject.toml changes (or the venv is missing).
+$(STAMP): pyproject.toml
 	@test -x $(BIN)/pip || $(PYTHON) -m venv $(VENV)  # pip: a venv made without ensurepip is redone
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
-	@if command -v npm >/dev/null; then \
-	  npm ci --prefix tests/deploy/models --no-audit --no-fund --loglevel=error; \
-	else echo "npm not found: tests/deploy will skip the custom resources' API-type check"; fi
 	@touch $(STAMP)
 
-test: install
+# Only for the tests: tests/deploy checks the custom resources with their projects' API
+# types (npm packages). Re-runs when the lock changes; without npm those checks skip.
+$(NPM_STAMP): $(MODELS)/package-lock.json
+	@if command -v npm >/dev/null; then \
+	  npm ci --prefix $(MODELS) --no-audit --no-fund --loglevel=error && touch $(NPM_STAMP); \
+	else echo "npm not found: tests/deploy will skip the custom resources' API-type check"; fi
+
+test: install $(NPM_STAMP)
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 test-unit: install
@@ -38,7 +43,7 @@ chaos: install
 	$(BIN)/pytest tests/chaos -m chaos $(PYTEST_ARGS)
 
 # Manifests, Dockerfile and NATS permissions, offline (also part of `make test`).
-test-deploy: install
+test-deploy: install $(NPM_STAMP)
 	$(BIN)/pytest tests/deploy $(PYTEST_ARGS)
 
 # The image: built from the Dockerfile by buildah and every service run from it (root,
