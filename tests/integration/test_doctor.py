@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -124,6 +125,7 @@ async def test_nats_reachable_with_jetstream(nats_server: NatsHandle) -> None:
     finding = await check_nats({"NATS_URL": nats_server.url}, TIMEOUT)
     assert finding.status == "ok", finding
     assert "JetStream enabled" in finding.summary
+    assert re.search(r"\(server \d+\.\d+\.\d+, \d+ streams; ", finding.summary), finding.summary
     assert "not created yet" in finding.summary
 
 

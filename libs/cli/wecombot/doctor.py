@@ -236,7 +236,11 @@ async def check_nats(environ: Mapping[str, str], timeout_s: float) -> Finding:
             held = f"stream {topology.CONVERSATION_STREAM} holds {stream.state.messages} events"
         except nats.js.errors.NotFoundError:
             held = f"stream {topology.CONVERSATION_STREAM} not created yet (the services create it)"
-        version = nc.connected_server_version
+        server = nc.connected_server_version  # its str() is "<nats server v2.11.4>"
+        try:
+            version = f"{server.major}.{server.minor}.{server.patch}"
+        except ValueError:  # not semantic: say what it is
+            version = str(server)
         details: tuple[str, ...] = ()
         if not (environ.get("NATS_URL") or "").strip():
             details = (
@@ -394,8 +398,8 @@ def explain_gettoken_failure(failure: Failure, settings: WeComApiSettings) -> Fi
         (
             failure.message,
             "Check DNS, the firewall and any HTTP proxy between this host and the WeCom API "
-            "(outbound HTTPS to qyapi.weixin.qq.com:443); WECOM_API_BASE must stay unset "
-            "unless you go through a gateway.",
+            "(outbound HTTPS to qyapi.weixin.qq.com:443); WECOM_API_BASE must stay "
+            "https://qyapi.weixin.qq.com (the default) unless you go through a gateway.",
         ),
     )
 
