@@ -369,7 +369,12 @@ async def _run(
                 if not env.get(key):
                     env[key] = "127.0.0.1"
             app = Sandbox.load_or_create(data_dir)
-            sim = SimulatedWeComApi(corp_id=app.corp_id, secret=app.secret, agent_id=app.agent_id)
+            sim = SimulatedWeComApi(
+                corp_id=app.corp_id,
+                secret=app.secret,
+                agent_id=app.agent_id,
+                token_file=data_dir / "sandbox-tokens.json",
+            )
             await sim.start()
             env.update(app.environ(sim.base_url))
             side_tasks.append(asyncio.create_task(_log_sandbox_sends(sim)))

@@ -40,6 +40,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -168,7 +169,10 @@ class SimulatedWeComApi(LoopbackServer):
         port: int = 0,
         expires_in: int = 7200,
         latency_s: float = 0.0,
+        token_file: Path | None = None,
     ) -> None:
+        """``token_file`` keeps the tokens issued, so that a restarted sandbox still
+        accepts them as WeCom would (they live 7200 s, whoever restarts)."""
         self.corp_id = corp_id
         self.secret = secret
         self.agent_id = agent_id
@@ -182,6 +186,8 @@ class SimulatedWeComApi(LoopbackServer):
         self.send_calls = 0
         self.faults = _Faults()
         self._tokens: dict[str, float] = {}  # token -> expiry (monotonic)
+        self._token_file = token_file
+        self._load_tokens()
         self._msgids = itertools.count(1)
         self._subscribers: set[asyncio.Queue[SentMessage]] = set()
         self._send_holds: list[Hold] = []
@@ -286,8 +292,30 @@ class SimulatedWeComApi(LoopbackServer):
 
     def expire_tokens(self) -> None:
         """Every token issued so far is now expired (42001), as after a quiet night."""
+        now = time.monotonic()
         for token in self._tokens:
-            self._tokens[token] = 0.0
+            self._tokens[token] = min(self._tokens[token], now)
+        self._save_tokens()
+
+    def _load_tokens(self) -> None:
+        if self._token_file is None or not self._token_file.is_file():
+            return
+        try:
+            saved = json.loads(self._token_file.read_text())
+        except (OSError, ValueError):  # unreadable: as if none were issued
+            return
+        offset = time.monotonic() - time.time()  # wall-clock expiry -> monotonic
+        self._tokens.update({token: float(at) + offset for token, at in saved.items()})
+
+    def _save_tokens(self) -> None:
+        if self._token_file is None:
+            return
+        now = time.monotonic()
+        offset = time.time() - now
+        # expired ones too, for a day (they answer 42001, not 40014, as WeCom's would)
+        live = {token: at + offset for token, at in self._tokens.items() if at > now - 86400}
+        self._token_file.write_text(json.dumps(live))
+        self._token_file.chmod(0o600)
 
     def subscribe(self) -> asyncio.Queue[SentMessage]:
         queue: asyncio.Queue[SentMessage] = asyncio.Queue()
@@ -349,6 +377,7 @@ class SimulatedWeComApi(LoopbackServer):
             return self._json(self._error(40001))
         token = secrets.token_urlsafe(48)
         self._tokens[token] = time.monotonic() + self.expires_in
+        self._save_tokens()
         return self._json(
             {"errcode": 0, "errmsg": "ok", "access_token": token, "expires_in": self.expires_in}
         )
