@@ -456,6 +456,34 @@ async def read_conversation(
         yield StoredEvent(seq=raw.seq, event=event)
 
 
+async def disconnect(nc: NATS, name: str) -> None:
+    """Drain ``nc`` (flush what is buffered, let subscriptions finish), or close it when it
+    cannot drain (reconnecting, already closing). Never raises: a stopping service must
+    stop cleanly, not report a crash::
+
+        await disconnect(nc, "wecombot-llm")
+    """
+    if nc.is_closed:
+        return
+    try:
+        await nc.drain()
+        return
+    except (TimeoutError, nats.errors.Error, OSError, RuntimeError) as exc:
+        # Reconnecting or closed: nothing buffered can be flushed anyway.
+        log.warning("nats.drain_failed", client=name, error=f"{type(exc).__name__}: {exc}")
+    await close_quietly(nc, name)
+
+
+async def close_quietly(nc: NATS, name: str) -> None:
+    """``nc.close()``, which raises half-way when called while nats-py reconnects with
+    unsent data (it writes that data into the dead transport: ConnectionResetError on
+    asyncio's loop, RuntimeError on uvloop's). The process is stopping: say so, go on."""
+    try:
+        await nc.close()
+    except (nats.errors.Error, OSError, RuntimeError) as exc:
+        log.warning("nats.close_failed", client=name, error=f"{type(exc).__name__}: {exc}")
+
+
 async def connect_when_ready(
     settings: NatsSettings,
     name: str,
@@ -489,6 +517,6 @@ async def connect_when_ready(
         else:
             return nc, prepared
         if await unless_stopped(asyncio.sleep(delay, result=True), stop) is None:
-            await nc.close()
+            await close_quietly(nc, name)
             return None
         delay = min(delay * 2, max_retry_s)

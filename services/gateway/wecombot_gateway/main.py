@@ -17,7 +17,6 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Mapping
 
-import nats.errors
 import structlog
 from aiohttp import web
 from nats.aio.client import Client as NATS
@@ -75,7 +74,7 @@ async def run_gateway(settings: GatewaySettings, stop: asyncio.Event) -> None:
             log.info("gateway.stopping")
     finally:
         if connected is not None:
-            await _drain(connected[0])
+            await bus.disconnect(connected[0], "wecombot-gateway")
     log.info("gateway.stopped")
 
 
@@ -109,12 +108,3 @@ async def _start_site(runner: web.AppRunner, settings: GatewaySettings) -> None:
             f"cannot listen on {settings.host}:{settings.port} (GATEWAY_HOST, GATEWAY_PORT): "
             f"{exc.strerror or exc}"
         ) from exc
-
-
-async def _drain(nc: NATS) -> None:
-    try:
-        await nc.drain()
-    except (TimeoutError, nats.errors.Error) as exc:
-        # Reconnecting or already closed: nothing buffered can be flushed anyway.
-        log.warning("gateway.drain_failed", error=f"{type(exc).__name__}: {exc}")
-        await nc.close()

@@ -13,15 +13,13 @@ each user's replies in order and exactly once across them (see handler.py).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Awaitable, Callable, Mapping
 
-import nats.errors
 import structlog
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
-from wecombot_common.bus import connect_when_ready, ensure_topology
+from wecombot_common.bus import connect_when_ready, disconnect, ensure_topology
 from wecombot_common.logs import configure_logging
 from wecombot_common.runtime import DeferredCheck, HealthServer, run_service
 from wecombot_common.topology import LLM_CONSUMER, RECEIVED_FILTER, work_consumer
@@ -67,8 +65,7 @@ async def serve(settings: LlmSettings, stop: asyncio.Event) -> None:
             ready.attach(_nats_ready(nc))
             await _answer(settings, nc.jetstream(), stop)
         finally:
-            with contextlib.suppress(nats.errors.Error, TimeoutError):
-                await nc.drain()
+            await disconnect(nc, "wecombot-llm")
     finally:
         await health.stop()
         log.info("llm.stopped")

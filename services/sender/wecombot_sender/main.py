@@ -7,14 +7,12 @@ settings and a stop event, next to the real token service.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Awaitable, Callable, Mapping
 
-import nats.errors
 import structlog
 from nats.aio.client import Client as NATS
 
-from wecombot_common.bus import connect_when_ready, ensure_topology
+from wecombot_common.bus import connect_when_ready, disconnect, ensure_topology
 from wecombot_common.logs import configure_logging
 from wecombot_common.runtime import DeferredCheck, HealthServer, run_service
 from wecombot_common.tokens import TokenClient
@@ -54,8 +52,7 @@ async def serve(settings: SenderSettings, stop: asyncio.Event) -> None:
             await _consume(settings, nc, api, stop)
         finally:
             await api.aclose()
-            with contextlib.suppress(nats.errors.Error, TimeoutError):
-                await nc.drain()
+            await disconnect(nc, "wecombot-sender")
     finally:
         await health.stop()
         log.info("sender.stopped")

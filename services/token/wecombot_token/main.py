@@ -16,7 +16,7 @@ import structlog
 from nats.aio.client import Client as NATS
 from nats.js.kv import KeyValue
 
-from wecombot_common.bus import connect_when_ready
+from wecombot_common.bus import connect_when_ready, disconnect
 from wecombot_common.logs import configure_logging
 from wecombot_common.runtime import Check, DeferredCheck, HealthServer, run_service
 
@@ -102,9 +102,7 @@ async def _serve_connected(
             await stop.wait()
             log.info("token.stopping", app=settings.app)
     finally:
-        if not nc.is_closed:
-            with contextlib.suppress(nats.errors.Error, TimeoutError):
-                await nc.drain()
+        await disconnect(nc, "wecombot-token")
 
 
 def main(environ: Mapping[str, str]) -> int:
