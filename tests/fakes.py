@@ -43,6 +43,11 @@ class FakeLog:
         self.events.append((subject_for(event), StoredEvent(seq, event)))
         return seq
 
+    def recreate(self) -> None:
+        """The stream deleted and created again (an operator, or a single node that lost
+        its tail): empty, its sequences from 1 again."""
+        self.events, self.msg_ids, self._last_seq = [], {}, 0
+
     def expire(self, through_seq: int) -> None:
         """Drop every event up to ``through_seq``, as the stream's max age does."""
         self.events = [(subj, s) for subj, s in self.events if s.seq > through_seq]

@@ -18,7 +18,13 @@ import pytest
 from tests.conftest import free_port
 from tests.loopback import raw_http
 from wecombot_common.settings import Secret
-from wecombot_common.sim.openai_api import Fault, Messages, SimulatedOpenAIApi, echo_reply
+from wecombot_common.sim.openai_api import (
+    Answer,
+    Fault,
+    Messages,
+    SimulatedOpenAIApi,
+    echo_reply,
+)
 from wecombot_llm.model import ModelError, ModelRejected, ModelUnavailable, OpenAIChatModel
 from wecombot_llm.prompt import ChatMessage
 from wecombot_llm.settings import ModelSettings
@@ -109,6 +115,34 @@ async def test_with_an_api_version_the_key_goes_in_the_api_key_header(
     assert request.query == {"api-version": "2024-10-21"}
     assert request.headers["api-key"] == KEY
     assert "authorization" not in request.headers
+
+
+async def _complete(api: SimulatedOpenAIApi, said: Answer) -> str | ModelRejected:
+    api.reply = lambda messages: said
+    model = OpenAIChatModel(settings(api.base_url, retry_budget_s=5.0))
+    try:
+        done = await model.complete(HELLO)
+    except ModelRejected as exc:
+        return exc
+    finally:
+        await model.aclose()
+    return f"{done.finish_reason}: {done.text}"
+
+
+async def test_how_the_answer_ended_is_read(api: SimulatedOpenAIApi) -> None:
+    """``length``: cut off at the output limit, kept and said so (the handler notes it);
+    ``content_filter``: the provider stopped it, no answer; a refusal is the model's
+    answer in its own words, not an empty completion."""
+    assert await _complete(api, Answer("第一步：打开设置。第二步：点", "length")) == (
+        "length: 第一步：打开设置。第二步：点"
+    )
+    filtered = await _complete(api, Answer("Here is how you", "content_filter"))
+    assert isinstance(filtered, ModelRejected) and "content filter" in str(filtered)
+    refused = await _complete(api, Answer(None, "stop", refusal="I can't help with that."))
+    assert refused == "stop: I can't help with that."
+    empty = await _complete(api, Answer("  ", "stop"))
+    assert isinstance(empty, ModelRejected) and "empty completion" in str(empty)
+    assert len(api.chat_requests) == 4  # none of them retried
 
 
 async def test_a_client_error_is_permanent_and_not_retried(api: SimulatedOpenAIApi) -> None:

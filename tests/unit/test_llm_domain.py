@@ -5,12 +5,13 @@ from __future__ import annotations
 import asyncio
 import random
 from collections.abc import Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import msgspec
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from structlog.testing import capture_logs
 
 from tests.fakes import APP, FakeLog, received, reply_to
 from tests.waiting import until
@@ -39,7 +40,14 @@ from wecombot_common.events import (
 from wecombot_common.worker import Ack, Nak
 from wecombot_llm.commands import HELP_TEXT, Command, parse_command
 from wecombot_llm.conversation import Blocked, Conversation, Done, Go, fold, plan
-from wecombot_llm.decide import REFUSAL_TEXT, AskModel, Reply, decide, requires_outcome
+from wecombot_llm.decide import (
+    CUT_OFF_NOTE,
+    REFUSAL_TEXT,
+    AskModel,
+    Reply,
+    decide,
+    requires_outcome,
+)
 from wecombot_llm.gate import Gate, GatePolicy, Verdict
 from wecombot_llm.handler import HandlerConfig, LlmHandler
 from wecombot_llm.model import (
@@ -315,7 +323,7 @@ def test_requires_outcome_for_every_payload_kind(
 )
 def test_other_message_types_get_a_not_supported_notice(payload: Payload, word: str) -> None:
     m = msg(payload=payload)
-    action = decide(m, Conversation(needs_outcome=always), ReplyPolicy())
+    action = decide(m, Conversation(needs_outcome=always), ReplyPolicy(), now=0.0)
     assert isinstance(action, Reply)
     assert isinstance(action.outcome, ReplyGenerated)
     assert action.outcome.kind == "notice"
@@ -342,17 +350,17 @@ def test_decisions_carry_the_deterministic_envelope() -> None:
     conv = fold(stored(q0, reply_to(q0, "a0")), always)
     for text, kind in (("/reset", ConversationReset), ("#清除记忆", ConversationReset)):
         m = msg(text)
-        action = decide(m, conv, policy)
+        action = decide(m, conv, policy, now=0.0)
         assert isinstance(action, Reply) and isinstance(action.outcome, kind)
         assert action.outcome.event_id == derived_id(m.event_id, "outcome")
         assert action.outcome.causation_id == m.event_id
         assert action.outcome.correlation_id == m.correlation_id
-    helped = decide(msg("/help"), conv, policy)
+    helped = decide(msg("/help"), conv, policy, now=0.0)
     assert isinstance(helped, Reply) and isinstance(helped.outcome, ReplyGenerated)
     assert (helped.outcome.kind, helped.outcome.text) == ("notice", HELP_TEXT)
-    welcomed = decide(msg(payload=WeComEventPayload(event="enter_agent")), conv, policy)
+    welcomed = decide(msg(payload=WeComEventPayload(event="enter_agent")), conv, policy, now=0.0)
     assert isinstance(welcomed, Reply) and welcomed.outcome.text == "welcome!"
-    asked = decide(msg("q1"), conv, policy)
+    asked = decide(msg("q1"), conv, policy, now=0.0)
     assert isinstance(asked, AskModel)
     assert [m.content for m in asked.messages] == ["sys", "q0", "a0", "q1"]
 
@@ -542,6 +550,101 @@ async def test_handler_rebuilds_a_conversation_whose_answer_aged_out_of_the_log(
     assert [o.causation_id for o in log.outcomes()] == [q2.event_id]
 
 
+async def test_an_earlier_message_answered_after_a_later_one_does_not_see_it() -> None:
+    """E's model call is slow on one replica; L, on its last delivery, is answered on
+    another without waiting. E's append then conflicts and E is asked again: its past is
+    what was asked before it, not L's exchange placed before its own question."""
+    log, gate = FakeLog(), asyncio.Event()
+    slow, fast = FakeModel(gate), FakeModel()
+    e, later = msg("E"), msg("L")
+    se, sl = log.add(e), log.add(later)
+    first = asyncio.create_task(handler(log, slow).handle(e, stream_seq=se, num_delivered=1))
+    await until(lambda: slow.calls != [], timeout=10, what="E at the model")
+    answered = await handler(log, fast).handle(
+        later, stream_seq=sl, num_delivered=10, last_try=True
+    )
+    assert answered == Ack()
+    slow.gate = None
+    gate.set()
+    assert await first == Ack()
+    assert fast.calls == [["sys", "L"]]
+    assert slow.calls == [["sys", "E"], ["sys", "E"]]  # asked again after the conflict
+    assert {o.causation_id for o in log.outcomes()} == {e.event_id, later.event_id}
+
+
+async def test_a_replayed_message_is_asked_with_its_own_past_only() -> None:
+    """E was dead-lettered, L answered, then an operator replays E (a second copy, later
+    in the log): E keeps its place, and L is not its history."""
+    log, model = FakeLog(), FakeModel()
+    e, later = msg("E"), msg("L")
+    se, sl = log.add(e), log.add(later)
+    log.settled = se
+    assert await handler(log, model).handle(later, stream_seq=sl, num_delivered=1) == Ack()
+    copy = log.add(e)
+    assert await handler(log, model).handle(e, stream_seq=copy, num_delivered=1) == Ack()
+    assert model.calls == [["sys", "L"], ["sys", "E"]]
+
+
+async def test_turns_the_stream_has_aged_out_leave_the_prompt_of_a_cached_conversation() -> None:
+    """The entry of an active conversation is never idle long enough to be rebuilt, so
+    it kept turns WECOMBOT_HISTORY_MAX_AGE had dropped from the log: sent to the model
+    again, and a prompt other replicas (reading the log) would not build."""
+    log, model = FakeLog(), FakeModel()
+    cfg = HandlerConfig(policy=ReplyPolicy(system_prompt="sys", history_max_age_s=3600))
+    h = LlmHandler(log, model, cfg)
+    now = datetime.now(UTC)
+    for text, minutes_ago in (("old", 90), ("recent", 30), ("now", 0)):
+        m = msgspec.structs.replace(msg(text), occurred_at=now - timedelta(minutes=minutes_ago))
+        assert await h.handle(m, stream_seq=log.add(m), num_delivered=1) == Ack()
+    assert model.calls[-1] == ["sys", "recent", "echo: recent", "now"]
+
+
+async def test_a_message_behind_the_cached_sequence_is_answered_after_a_recreated_stream() -> None:
+    """The stream was recreated (sequences from 1 again) while a replica kept its cache:
+    a new message stored at a seq the entry had read past looked answered long ago and
+    was acknowledged with no answer, silently, until the entry was dropped."""
+    log, model = FakeLog(), FakeModel()
+    h = handler(log, model)
+    for text in ("q1", "q2", "q3"):
+        m = msg(text)
+        assert await h.handle(m, stream_seq=log.add(m), num_delivered=1) == Ack()
+    log.recreate()
+    q4 = msg("q4")
+    assert await h.handle(q4, stream_seq=log.add(q4), num_delivered=1) == Ack()
+    assert [o.causation_id for o in log.outcomes()] == [q4.event_id]
+    assert model.calls[-1] == ["sys", "q4"]
+
+
+async def test_a_message_answered_long_ago_is_not_answered_again() -> None:
+    """Its redelivery, past what the fold remembers settling: one fresh read of the log
+    finds its outcome (the re-read the recreated stream needs costs nothing else)."""
+    log, model = FakeLog(), FakeModel()
+    cfg = HandlerConfig(policy=ReplyPolicy(system_prompt="sys"), remember_answered=1)
+    h = LlmHandler(log, model, cfg)
+    first, second = msg("first"), msg("second")
+    s1 = log.add(first)
+    assert await h.handle(first, stream_seq=s1, num_delivered=1) == Ack()
+    assert await h.handle(second, stream_seq=log.add(second), num_delivered=1) == Ack()
+    assert await h.handle(first, stream_seq=s1, num_delivered=2) == Ack()
+    assert len(model.calls) == 2 and len(log.outcomes()) == 2
+
+
+async def test_an_answer_cut_off_at_the_output_limit_says_so() -> None:
+    class CutOff:
+        async def complete(self, messages: Sequence[ChatMessage]) -> Completion:
+            return Completion(text="第一步：打开设置。第二步：点", finish_reason="length")
+
+    log = FakeLog()
+    q = msg("how?")
+    h = LlmHandler(log, CutOff(), HandlerConfig(policy=ReplyPolicy()))
+    with capture_logs() as logs:
+        assert await h.handle(q, stream_seq=log.add(q), num_delivered=1) == Ack()
+    [outcome] = log.outcomes()
+    assert isinstance(outcome, ReplyGenerated) and outcome.kind == "answer"
+    assert outcome.text == "第一步：打开设置。第二步：点" + CUT_OFF_NOTE
+    assert [e["event"] for e in logs if e["log_level"] == "warning"] == ["llm.answer_cut_off"]
+
+
 async def test_handler_ignores_events_that_need_no_outcome() -> None:
     log, model = FakeLog(), FakeModel()
     event = msg(payload=WeComEventPayload(event="subscribe"))
@@ -650,13 +753,13 @@ def test_the_fold_gives_each_message_its_verdict_in_stream_order() -> None:
 def test_a_flood_notice_and_a_refusal_never_ask_the_model() -> None:
     flood = [at(f"q{i}", 7) for i in range(3)]
     conv = fold(stored(*flood), always, gate=GatePolicy(rate_per_minute=2))
-    action = decide(flood[2], conv, ReplyPolicy(user_rate_per_minute=2))
+    action = decide(flood[2], conv, ReplyPolicy(user_rate_per_minute=2), now=0.0)
     assert isinstance(action, Reply) and isinstance(action.outcome, ReplyGenerated)
     assert action.outcome.kind == "notice" and "2" in action.outcome.text
     assert action.outcome.event_id == derived_id(flood[2].event_id, "outcome")
     outsider = at("/help", 7, user="intruder")
     conv = fold(stored(outsider), always, gate=GatePolicy(allowed_users=frozenset({"boss"})))
-    refusal = decide(outsider, conv, ReplyPolicy())
+    refusal = decide(outsider, conv, ReplyPolicy(), now=0.0)
     assert isinstance(refusal, Reply) and isinstance(refusal.outcome, ReplyGenerated)
     assert (refusal.outcome.kind, refusal.outcome.text) == ("notice", REFUSAL_TEXT)
 

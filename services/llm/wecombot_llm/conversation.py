@@ -12,7 +12,9 @@ What the fold keeps
     ``turns``        answered text exchanges since the last ConversationReset (at most
                      ``keep_turns``, oldest dropped): the user's text and the assistant's
                      ReplyGenerated(kind="answer") text, matched by ``causation_id``.
-                     Failed answers, notices and commands are not turns.
+                     Failed answers, notices and commands are not turns. Each keeps its
+                     message's seq and time: a message's history (:meth:`history`) is
+                     the turns asked before it, and none the stream has aged out.
     ``awaiting``     received messages that need an outcome and have none yet, by
                      event_id, with the stream seq where each was first stored and the
                      gate's verdict on it (gate.py: admitted, or a flood / refusal notice).
@@ -55,6 +57,14 @@ class Awaiting:
     seq: int
     text: str | None  # the user's text, for text messages (pairs with the answer)
     verdict: Verdict = Verdict.ADMIT
+    at: float = 0.0  # when it was received (epoch seconds, the event's occurred_at)
+
+
+@dataclass(frozen=True, slots=True)
+class _Exchange:
+    seq: int  # of the user's message
+    at: float  # when the user's message was received (epoch seconds)
+    turn: Turn
 
 
 @dataclass(slots=True)
@@ -63,8 +73,8 @@ class Conversation:
     keep_turns: int = 1000
     remember: int = 1000
     gate_policy: GatePolicy = field(default_factory=GatePolicy)
-    # (seq of the message, the exchange), in the order answered
-    _turns: deque[tuple[int, Turn]] = field(init=False)
+    # the exchanges, in the order answered
+    _turns: deque[_Exchange] = field(init=False)
     # the stream seq of the message that caused the latest reset: nothing asked before
     # it is history any more, even when its answer comes after the reset
     reset_from: int = 0
@@ -80,8 +90,20 @@ class Conversation:
 
     @property
     def turns(self) -> list[Turn]:
-        """The answered exchanges since the latest reset, oldest first."""
-        return [turn for _, turn in self._turns]
+        """The answered exchanges since the latest reset, in the order answered."""
+        return [exchange.turn for exchange in self._turns]
+
+    def history(self, seq: int, *, since: float | None = None) -> list[Turn]:
+        """The turns a message stored at ``seq`` follows: those asked before it (one
+        answered after it, out of order, is not its past), none asked before ``since``
+        (epoch seconds: what the stream has dropped, WECOMBOT_HISTORY_MAX_AGE, is no
+        longer history, however long this fold has been kept), in the order asked."""
+        kept = [
+            exchange
+            for exchange in self._turns
+            if exchange.seq < seq and (since is None or exchange.at >= since)
+        ]
+        return [exchange.turn for exchange in sorted(kept, key=lambda e: e.seq)]
 
     def apply(self, stored: StoredEvent) -> None:
         """Apply one stored event; events at or below ``last_seq`` are ignored."""
@@ -121,7 +143,7 @@ class Conversation:
             self._settle(event.event_id, Verdict.SILENT)
             return
         text = event.payload.content if isinstance(event.payload, TextPayload) else None
-        self.awaiting[event.event_id] = Awaiting(seq, text, verdict)
+        self.awaiting[event.event_id] = Awaiting(seq, text, verdict, event.occurred_at.timestamp())
 
     def _outcome(self, event: ReplyGenerated | ReplyFailed | ConversationReset, seq: int) -> None:
         cause = event.causation_id
@@ -132,7 +154,7 @@ class Conversation:
             # Out of order (a replayed dead letter, a last delivery that did not wait), an
             # exchange may be answered on either side of the reset: its message decides.
             self.reset_from = max(self.reset_from, received.seq if received else seq)
-            kept = [(at, turn) for at, turn in self._turns if at > self.reset_from]
+            kept = [exchange for exchange in self._turns if exchange.seq > self.reset_from]
             self._turns.clear()
             self._turns.extend(kept)
         elif (
@@ -142,7 +164,9 @@ class Conversation:
             and received.text is not None
             and received.seq > self.reset_from
         ):
-            self._turns.append((received.seq, Turn(received.text, event.text)))
+            self._turns.append(
+                _Exchange(received.seq, received.at, Turn(received.text, event.text))
+            )
 
     def _settle(self, event_id: str, verdict: Verdict) -> None:
         self.settled[event_id] = verdict
@@ -169,7 +193,13 @@ def fold(
 
 @dataclass(frozen=True, slots=True)
 class Done:
-    """The message already has its outcome (a redelivery, or another replica did it)."""
+    """The message already has its outcome (a redelivery, or another replica did it).
+
+    ``remembered`` False: the fold has read past the message's seq without it, and it is
+    not among the messages it remembers settling. Answered long ago, or the stream's
+    sequences went back (recreated): the handler re-reads the log once to tell."""
+
+    remembered: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,7 +239,7 @@ def plan(
     if seq > conv.last_seq:
         return Blocked(event_id, 0)  # a lagging read: our own message is not visible yet
     if event_id not in conv.awaiting:
-        return Done()  # read, and neither awaiting nor remembered: answered long ago
+        return Done(remembered=False)  # read past, and neither awaiting nor remembered
     if ignore_order:
         return Go()
     earlier = [

@@ -51,6 +51,9 @@ __all__ = [
 ]
 
 EMPTY_TEXT = "请直接输入你的问题（发送 /help 查看可用命令）。"
+# After an answer the provider cut off at its output limit (finish_reason "length"):
+# the user sees where it stops, rather than a reply that ends mid-sentence.
+CUT_OFF_NOTE = "\n\n（回答超出模型的输出长度上限，到此截断。回复“继续”可接着写。）"
 REFUSAL_TEXT = "抱歉，你暂时没有使用此应用的权限。如需开通，请联系管理员。"
 
 
@@ -114,11 +117,15 @@ class AskModel:
 Action = Reply | AskModel
 
 
-def decide(received: MessageReceived, conv: Conversation, policy: ReplyPolicy) -> Action:
+def decide(
+    received: MessageReceived, conv: Conversation, policy: ReplyPolicy, *, now: float
+) -> Action:
     """The action for a message that requires an outcome and is next in line.
 
     The gate's verdict (gate.py, taken when the fold applied the message) comes first:
-    a user over the rate or not on the allowlist gets a notice, never the model.
+    a user over the rate or not on the allowlist gets a notice, never the model. ``now``
+    (epoch seconds) dates the history: turns older than ``policy.history_max_age_s``
+    have left the stream, and leave the prompt too.
     """
     verdict = conv.verdict(received.event_id)
     if verdict is Verdict.FLOOD_NOTICE:
@@ -137,9 +144,12 @@ def decide(received: MessageReceived, conv: Conversation, policy: ReplyPolicy) -
         return Reply(_notice(received, HELP_TEXT))
     if not payload.content.strip():
         return Reply(_notice(received, EMPTY_TEXT))
+    awaiting = conv.awaiting.get(received.event_id)
+    seq = awaiting.seq if awaiting is not None else conv.last_seq + 1
+    max_age = policy.history_max_age_s
     messages = build_prompt(
         policy.system_prompt,
-        list(conv.turns),
+        conv.history(seq, since=None if max_age is None else now - max_age),
         payload.content,
         max_turns=policy.max_turns,
         max_tokens=policy.max_context_tokens,
@@ -154,10 +164,11 @@ def answer(
     model: str | None,
     prompt_tokens: int | None,
     completion_tokens: int | None,
+    cut_off: bool = False,
 ) -> ReplyGenerated:
     return ReplyGenerated(
         **_envelope(received),
-        text=text,
+        text=text + CUT_OFF_NOTE if cut_off else text,
         kind="answer",
         model=model,
         prompt_tokens=prompt_tokens,

@@ -175,6 +175,7 @@ class LlmHandler:
     ) -> Ack | Nak:
         waiting = _OrderWait(self._config)
         conflicts = 0
+        reread = False
         while True:
             async with entry.lock:
                 await self._catch_up(conv, entry)
@@ -185,6 +186,14 @@ class LlmHandler:
                     settled_through=self._settled.through,
                     ignore_order=last_try,
                 )
+                if isinstance(step, Done) and not step.remembered and not reread:
+                    # Read past without it, and not among the settled it remembers: long
+                    # answered, or the stream's sequences went back (recreated) and this
+                    # entry is ahead of the log. One fresh read tells.
+                    reread = True
+                    entry.state = self._new_state()
+                    entry.prepared.clear()
+                    continue
                 if isinstance(step, Done):
                     entry.prepared.pop(received.event_id, None)
                     if entry.state.verdict(received.event_id) is Verdict.SILENT:
@@ -253,7 +262,7 @@ class LlmHandler:
             verdict = entry.state.verdict(received.event_id)
             if verdict is not Verdict.ADMIT:
                 log.info("llm.gated", verdict=verdict.value)
-            action = decide(received, entry.state, self._policy)
+            action = decide(received, entry.state, self._policy, now=time.time())
             outcome = (
                 await self._ask(received, action)
                 if isinstance(action, AskModel)
@@ -300,12 +309,20 @@ class LlmHandler:
             prompt_tokens=done.prompt_tokens,
             completion_tokens=done.completion_tokens,
         )
+        cut_off = done.finish_reason == "length"
+        if cut_off:
+            log.warning(
+                "llm.answer_cut_off",
+                reason="the model stopped at its output limit (finish_reason=length)",
+                completion_tokens=done.completion_tokens,
+            )
         return answer(
             received,
             done.text,
             model=done.model,
             prompt_tokens=done.prompt_tokens,
             completion_tokens=done.completion_tokens,
+            cut_off=cut_off,
         )
 
 

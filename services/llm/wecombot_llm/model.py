@@ -64,6 +64,8 @@ class Completion:
     model: str | None = None
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
+    # "length": the provider stopped at its output limit, the text is cut off
+    finish_reason: str | None = None
 
 
 class ModelError(WecombotError):
@@ -110,6 +112,7 @@ class OfflineModel:
 
 class _Message(msgspec.Struct):
     content: str | None = None
+    refusal: str | None = None  # OpenAI: the model declined, in its own words
 
 
 class _Choice(msgspec.Struct):
@@ -298,15 +301,26 @@ class OpenAIChatModel:
         except msgspec.DecodeError as exc:
             # A proxy or overloaded provider answering 200 with junk: worth another try.
             raise _Retryable(f"malformed completion: {exc}") from exc
-        if not parsed.choices or not (parsed.choices[0].message.content or "").strip():
-            finish = parsed.choices[0].finish_reason if parsed.choices else None
+        choice = parsed.choices[0] if parsed.choices else None
+        finish = choice.finish_reason if choice is not None else None
+        if finish == "content_filter":
+            # What came before the filter stopped it is no answer to send as one.
+            raise ModelRejected(
+                "stopped by the provider's content filter (finish_reason=content_filter)",
+                attempts=attempt,
+            )
+        text = (choice.message.content or "").strip() if choice is not None else ""
+        if not text and choice is not None:
+            text = (choice.message.refusal or "").strip()
+        if not text:
             raise ModelRejected(f"empty completion (finish_reason={finish})", attempts=attempt)
         usage = parsed.usage or _Usage()
         return Completion(
-            text=(parsed.choices[0].message.content or "").strip(),
+            text=text,
             model=parsed.model or self._settings.model,
             prompt_tokens=usage.prompt_tokens,
             completion_tokens=usage.completion_tokens,
+            finish_reason=finish,
         )
 
 

@@ -13,7 +13,7 @@ for each provider.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from wecombot_common.settings import (
     EnvReader,
@@ -104,6 +104,8 @@ class ReplyPolicy:
     apology_message: str = DEFAULT_APOLOGY
     user_rate_per_minute: int = 10
     allowed_users: frozenset[str] | None = None
+    # WECOMBOT_HISTORY_MAX_AGE: older turns have left the stream; None = keep all
+    history_max_age_s: float | None = None
 
     @property
     def gate(self) -> GatePolicy:
@@ -174,13 +176,14 @@ class LlmSettings:
         """Read and validate every setting; ConfigError names each bad variable."""
         env = EnvReader(environ)
         concurrency = env.integer("LLM_MAX_CONCURRENCY", 64, minimum=1, maximum=10_000)
+        nats = NatsSettings.read(env)
         settings = cls(
-            nats=NatsSettings.read(env),
+            nats=nats,
             log=LogSettings.read(env),
             health_host=health_host(env),
             health_port=health_port(env, 8081),
             model=ModelSettings.read(env, max_concurrency=concurrency),
-            policy=ReplyPolicy.read(env),
+            policy=replace(ReplyPolicy.read(env), history_max_age_s=nats.history_max_age_s),
             max_concurrency=concurrency,
             ack_wait_s=env.seconds("LLM_ACK_WAIT", 30.0, minimum=1.0, maximum=3600),
             max_deliver=env.integer("LLM_MAX_DELIVER", 10, minimum=1, maximum=1000),

@@ -38,10 +38,22 @@ from aiohttp import web
 
 from wecombot_common.http import LoopbackServer
 
-__all__ = ["Fault", "RecordedRequest", "SimulatedOpenAIApi", "echo_reply"]
+__all__ = ["Answer", "Fault", "RecordedRequest", "SimulatedOpenAIApi", "echo_reply"]
+
+
+@dataclass(frozen=True)
+class Answer:
+    """A reply with more than its text: how it ended (``length``: cut off at the output
+    limit; ``content_filter``: stopped by the provider's filter), or a refusal (OpenAI's
+    ``message.refusal``, with no content)."""
+
+    text: str | None
+    finish_reason: str = "stop"
+    refusal: str | None = None
+
 
 Messages = list[dict[str, Any]]
-ReplyFunction = Callable[[Messages], str | Awaitable[str]]
+ReplyFunction = Callable[[Messages], str | Answer | Awaitable[str | Answer]]
 
 
 def echo_reply(messages: Messages) -> str:
@@ -214,12 +226,16 @@ class SimulatedOpenAIApi(LoopbackServer):
         messages = record.messages
         if not messages:
             return _error(400, "'messages' is a required property", "invalid_request_error")
-        text = self.reply(messages)
-        if inspect.isawaitable(text):
-            text = await text
+        reply = self.reply(messages)
+        if inspect.isawaitable(reply):
+            reply = await reply
+        said = reply if isinstance(reply, Answer) else Answer(reply)
+        message: dict[str, Any] = {"role": "assistant", "content": said.text}
+        if said.refusal is not None:
+            message["refusal"] = said.refusal
         body = record.body if isinstance(record.body, dict) else {}
         prompt_tokens = sum(_tokens(str(m.get("content", ""))) for m in messages)
-        completion_tokens = _tokens(text)
+        completion_tokens = _tokens(said.text or said.refusal or "")
         return web.json_response(
             {
                 "id": f"chatcmpl-sim-{next(self._ids)}",
@@ -229,8 +245,8 @@ class SimulatedOpenAIApi(LoopbackServer):
                 "choices": [
                     {
                         "index": 0,
-                        "message": {"role": "assistant", "content": text},
-                        "finish_reason": "stop",
+                        "message": message,
+                        "finish_reason": said.finish_reason,
                     }
                 ],
                 "usage": {
