@@ -899,6 +899,43 @@ def test_a_proxy_the_model_calls_cannot_use_is_refused_at_start(
     assert "secret-pw" not in str(info.value)
 
 
+def _conversation_of(turns: int, chars: int) -> Conversation:
+    conv = Conversation(needs_outcome=always)
+    seq = 0
+    for i in range(turns):
+        m = msg(f"{'问' * chars}{i}")
+        conv.apply(StoredEvent(seq := seq + 1, m))
+        conv.apply(StoredEvent(seq := seq + 1, reply_to(m, "答" * chars)))
+    return conv
+
+
+def test_the_cache_keeps_to_its_byte_budget_dropping_the_least_recently_used() -> None:
+    """Bounded by count alone, 10,000 conversations of 20 long turns (≈ 40 KB each) took
+    a replica to ≈ 400 MiB, past its pod's limit."""
+    from wecombot_common.topology import ConversationRef
+    from wecombot_llm.cache import ConversationCache
+
+    size = _conversation_of(20, 600).approx_bytes()
+    assert 30_000 < size < 80_000
+    cache = ConversationCache(
+        lambda: _conversation_of(20, 600), capacity=10_000, max_bytes=int(size * 3.5)
+    )
+    convs = [ConversationRef("ww1-1", f"user{i}") for i in range(6)]
+    held = cache.get(convs[0])
+    with held.handling("in use"):
+        for conv in convs[1:]:
+            cache.get(conv)
+            cache.used(conv)
+        cache.used(convs[0])
+        assert cache.bytes <= size * 3.5
+        assert len(cache) == 3  # the one in use, and the two most recently used
+        assert cache.get(convs[0]) is held  # in use: never dropped
+    kept = cache.get(convs[5])
+    cache.used(convs[5])
+    assert cache.get(convs[5]) is kept
+    assert cache.bytes == sum(e.size for e in [held, kept, cache.get(convs[4])])
+
+
 def test_a_cached_conversation_idle_past_max_idle_is_rebuilt_from_the_log() -> None:
     """Kept forever, its turns outlived the stream's retention: the replica holding it
     prompted with exchanges a restarted replica (rebuilding from the log) no longer had."""

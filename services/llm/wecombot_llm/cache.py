@@ -9,13 +9,18 @@ re-read. An entry also coordinates this process's deliveries of one conversation
 - ``changed``: set when this process appended to the conversation, waking waiters at
   once instead of at their next poll.
 
-Entries in use are never evicted, so all deliveries of a conversation share one lock::
+Entries in use are never evicted, so all deliveries of a conversation share one lock.
+The cache holds at most ``capacity`` entries and about ``max_bytes`` (each entry counted
+by :meth:`Conversation.approx_bytes` after use, ``LLM_CACHE_MB``): a conversation holds
+up to ``LLM_MAX_TURNS`` turns and a thousand settled ids, so a count alone let a busy
+replica grow past its pod's memory::
 
     cache = ConversationCache(
-        lambda: Conversation(needs_outcome=…), capacity=10_000)
+        lambda: Conversation(needs_outcome=…), capacity=10_000, max_bytes=64 << 20)
     entry = cache.get(conv)
     with entry.handling(event_id):
         async with entry.lock: ...
+    cache.used(conv)
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ class Entry:
     def __init__(self, state: Conversation, now: float = 0.0) -> None:
         self.state = state
         self.used_at = now
+        self.size = 0  # state.approx_bytes() when last counted
         self.lock = asyncio.Lock()
         self.active: Counter[str] = Counter()
         # An outcome computed but not appended (the broker was away): reused by a
@@ -84,11 +90,14 @@ class ConversationCache:
         new_state: Callable[[], Conversation],
         *,
         capacity: int,
+        max_bytes: int | None = None,
         max_idle_s: float = 3600.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._new_state = new_state
         self._capacity = capacity
+        self._max_bytes = max_bytes
+        self.bytes = 0  # the entries' sizes as last counted
         self._max_idle_s = max_idle_s
         self._clock = clock
         self._entries: OrderedDict[ConversationRef, Entry] = OrderedDict()
@@ -100,7 +109,7 @@ class ConversationCache:
         now = self._clock()
         entry = self._entries.get(conv)
         if entry is not None and not entry.busy and now - entry.used_at > self._max_idle_s:
-            del self._entries[conv]
+            self._drop(conv)
             entry = None
         if entry is None:
             self._evict(room_for=1)
@@ -109,14 +118,31 @@ class ConversationCache:
         self._entries.move_to_end(conv)
         return entry
 
+    def used(self, conv: ConversationRef) -> None:
+        """Count ``conv``'s entry again after a delivery used it, and keep to the budget."""
+        entry = self._entries.get(conv)
+        if entry is not None:
+            size = entry.state.approx_bytes()
+            self.bytes += size - entry.size
+            entry.size = size
+        self._evict(room_for=0)
+
+    def _over(self, room_for: int) -> bool:
+        return len(self._entries) + room_for > self._capacity or (
+            self._max_bytes is not None and self.bytes > self._max_bytes
+        )
+
     def _evict(self, *, room_for: int) -> None:
-        """Drop the least recently used idle entries (busy ones stay, over capacity)."""
-        excess = len(self._entries) + room_for - self._capacity
-        idle: list[ConversationRef] = []
-        for key, entry in self._entries.items():  # oldest first
-            if len(idle) >= excess:
+        """Drop the least recently used idle entries while over the count or the byte
+        budget (busy ones stay, over both)."""
+        if not self._over(room_for):
+            return
+        for key, entry in list(self._entries.items()):  # oldest first
+            if not self._over(room_for):
                 break
             if not entry.busy:
-                idle.append(key)
-        for key in idle:
-            del self._entries[key]
+                self._drop(key)
+
+    def _drop(self, conv: ConversationRef) -> None:
+        entry = self._entries.pop(conv)
+        self.bytes -= entry.size

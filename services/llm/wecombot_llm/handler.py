@@ -85,6 +85,7 @@ class HandlerConfig:
     settled_check_after_s: float = 1.0
     settled_refresh_s: float = 0.5  # shared by every waiter of this process
     cache_capacity: int = 10_000
+    cache_bytes: int | None = 64 << 20  # LLM_CACHE_MB
     remember_answered: int = 1000
 
 
@@ -129,7 +130,9 @@ class LlmHandler:
         self._model = model
         self._config = config
         self._policy = config.policy
-        self._cache = ConversationCache(self._new_state, capacity=config.cache_capacity)
+        self._cache = ConversationCache(
+            self._new_state, capacity=config.cache_capacity, max_bytes=config.cache_bytes
+        )
         # a stream seq through which the consumer settled everything
         self._settled = SettledFloor(store.settled_through, refresh_s=config.settled_refresh_s)
         self._rng = rng or random.Random()  # noqa: S311 (jitter)
@@ -150,8 +153,11 @@ class LlmHandler:
             return Ack()
         conv = ConversationRef.of(event)
         entry = self._cache.get(conv)
-        with entry.handling(event.event_id):
-            return await self._handle(event, stream_seq, num_delivered, last_try, conv, entry)
+        try:
+            with entry.handling(event.event_id):
+                return await self._handle(event, stream_seq, num_delivered, last_try, conv, entry)
+        finally:
+            self._cache.used(conv)
 
     def _needs_outcome(self, received: MessageReceived) -> bool:
         return requires_outcome(received, welcome=self._policy.welcome_message is not None)

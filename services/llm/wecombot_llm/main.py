@@ -79,6 +79,7 @@ async def _answer(settings: LlmSettings, js: JetStreamContext, stop: asyncio.Eve
             HandlerConfig(
                 policy=settings.policy,
                 order_wait_s=settings.order_wait_s,
+                cache_bytes=settings.cache_mb << 20,
             ),
         )
         worker = PullWorker(

@@ -159,6 +159,7 @@ class LlmSettings:
     max_deliver: int
     order_wait_s: float
     shutdown_grace_s: float
+    cache_mb: int = 64  # the conversations a replica keeps in memory between messages
 
     @property
     def offline(self) -> bool:
@@ -191,6 +192,7 @@ class LlmSettings:
             # In-flight model calls get this long to finish on SIGTERM, then they are
             # handed back to another replica. Keep it below the pod's grace period.
             shutdown_grace_s=env.seconds("LLM_SHUTDOWN_GRACE", 20.0, minimum=0.0, maximum=600),
+            cache_mb=env.integer("LLM_CACHE_MB", 64, minimum=1, maximum=1 << 20),
         )
         env.raise_if_invalid()
         return settings
