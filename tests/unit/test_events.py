@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 
+import msgspec
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -58,6 +59,9 @@ EVENTS: list[Event] = [
     ReplyFailed(**ENV, causation_id="c", reason="429", attempts=3, text="抱歉"),
     ConversationReset(**ENV, causation_id="c", text="ok"),
     PartDelivered(**ENV, causation_id="c", reply_id="r", index=0, total=2, wecom_msgid="m1"),
+    PartDelivered(
+        **ENV, causation_id="c", reply_id="r", index=1, total=2, wecom_msgid="m2", start=9, end=20
+    ),
     ReplyDelivered(**ENV, causation_id="c", reply_id="r", parts=2, wecom_msgids=["m1", "m2"]),
     DeliveryFailed(
         **ENV, causation_id="c", reply_id="r", errcode=81013, reason="x", parts_delivered=0
@@ -105,3 +109,22 @@ def test_derived_ids_are_uuid5_of_the_joined_parts(parts: list[str]) -> None:
     # Ids already in event logs were made by uuid.uuid5: the fast path must not change one.
     namespace = uuid.UUID("6f0b9d4e-5c1a-4a7e-9a55-2f4f7f6f2b10")
     assert derived_id(*parts) == str(uuid.uuid5(namespace, "/".join(parts)))
+
+
+def test_an_older_senders_part_has_no_span_and_a_newer_ones_reads_in_an_older_build() -> None:
+    """Rolling upgrades mix both in one log: the span is optional both ways."""
+    new = PartDelivered(
+        **ENV, causation_id="c", reply_id="r", index=1, total=2, wecom_msgid="m2", start=9, end=20
+    )
+    raw = msgspec.json.decode(encode_event(new))
+    older = {k: v for k, v in raw.items() if k not in ("start", "end")}
+    decoded = decode_event(msgspec.json.encode(older))
+    assert isinstance(decoded, PartDelivered) and (decoded.start, decoded.end) == (None, None)
+
+    class OlderPartDelivered(msgspec.Struct, tag="PartDelivered", tag_field="type"):
+        reply_id: str
+        index: int
+        total: int
+        wecom_msgid: str
+
+    assert msgspec.json.decode(encode_event(new), type=OlderPartDelivered).index == 1

@@ -23,8 +23,10 @@ from wecombot_common.events import (
 from wecombot_sender.domain import (
     RECENT_SENDS_KEPT,
     ConversationState,
+    OutcomeState,
     fold,
     hourly_delay,
+    layout,
     next_part,
     pending_before,
     rate_delay,
@@ -33,6 +35,7 @@ from wecombot_sender.domain import (
 from wecombot_sender.errcodes import ErrorClass, classify, explain
 from wecombot_sender.errors import SendRejected, SendRetryable, TokenRejected
 from wecombot_sender.settings import SenderSettings
+from wecombot_sender.split import split_text
 
 APP = "ww1-1000002"
 USER = "zhang.san"
@@ -333,3 +336,48 @@ def test_settings_name_every_bad_variable() -> None:
         "SENDER_HTTP_TIMEOUT",
     ):
         assert name in message
+
+
+# ---------------------------------------------------------------- layout: where to resume
+
+
+def test_with_nothing_recorded_the_parts_are_this_builds_split() -> None:
+    text = "第一段。\n\n" + "x" * 3000
+    spans = layout(text, OutcomeState("r"))
+    assert [text[s:e] for s, e in spans] == split_text(text)
+
+
+def test_a_recorded_span_is_where_the_rest_begins_whatever_this_build_would_cut() -> None:
+    text = "x" * 1500 + " \u0301" + "y" * 2000
+    outcome = OutcomeState("r", delivered={0: "w0"}, spans={0: (0, 1501)})
+    spans = layout(text, outcome)
+    assert spans == [(0, 1501), (1501, len(text))]
+    later = OutcomeState("r", delivered={0: "w0", 1: "w1"}, spans={1: (1501, 1800)})
+    assert layout(text, later)[:2] == [(1501, 1501), (1501, 1800)]  # earlier ones: unused
+    assert "".join(text[s:e] for s, e in layout(text, later)[1:]) == text[1501:]
+
+
+def test_a_part_recorded_without_its_span_is_resumed_by_index() -> None:
+    text = "x" * 5000
+    outcome = OutcomeState("r", delivered={0: "w0"})  # an older sender's record
+    assert [text[s:e] for s, e in layout(text, outcome)] == split_text(text)
+    broken = OutcomeState("r", delivered={0: "w0"}, spans={0: (0, 6000)})  # not this text
+    assert [text[s:e] for s, e in layout(text, broken)] == split_text(text)
+
+
+def test_the_fold_keeps_each_parts_span() -> None:
+    reply = ReplyGenerated(app="ww1-2", conversation="u", correlation_id="m", text="abcdef")
+    part = PartDelivered(
+        app="ww1-2",
+        conversation="u",
+        correlation_id="m",
+        reply_id=reply.event_id,
+        index=0,
+        total=2,
+        wecom_msgid="w1",
+        start=0,
+        end=3,
+    )
+    state = fold(ConversationState(), [StoredEvent(7, reply), StoredEvent(9, part)])
+    assert state.outcome(reply.event_id).spans == {0: (0, 3)}
+    assert layout(reply.text, state.outcome(reply.event_id)) == [(0, 3), (3, 6)]

@@ -212,6 +212,11 @@ class PartDelivered(_Event, frozen=True):
     index: int
     total: int
     wecom_msgid: str
+    # Where the part lies in the reply's text, in code points: a delivery resumed by
+    # another build continues at ``end`` whatever its split (None: an older sender's
+    # record, resumed by index).
+    start: int | None = None
+    end: int | None = None
 
 
 class ReplyDelivered(_Event, frozen=True):

@@ -39,6 +39,8 @@ from wecombot_common.events import (
     ReplyRequeued,
 )
 
+from .split import split_text
+
 __all__ = [
     "OUTCOME_TYPES",
     "ConversationState",
@@ -46,6 +48,7 @@ __all__ = [
     "duplicate_check_interval",
     "fold",
     "hourly_delay",
+    "layout",
     "next_part",
     "pending_before",
     "rate_delay",
@@ -67,6 +70,8 @@ class OutcomeState:
     event_id: str
     seq: int | None = None
     delivered: Mapping[int, str] = field(default_factory=dict)  # part index → WeCom msgid
+    # part index → (start, end) in the reply's text, as recorded (see :func:`layout`)
+    spans: Mapping[int, tuple[int, int]] = field(default_factory=dict)
     terminal: bool = False
     failure: str | None = None  # the reason, when a DeliveryFailed finished it
     # the ReplyRequeued that reopened it ("" for the first round): each round's
@@ -166,8 +171,13 @@ def _apply(
     if isinstance(event, PartDelivered):
         current = outcomes.get(event.reply_id) or OutcomeState(event.reply_id)
         if event.index not in current.delivered:
+            spans = current.spans
+            if event.start is not None and event.end is not None:
+                spans = {**spans, event.index: (event.start, event.end)}
             outcomes[event.reply_id] = replace(
-                current, delivered={**current.delivered, event.index: event.wecom_msgid}
+                current,
+                delivered={**current.delivered, event.index: event.wecom_msgid},
+                spans=spans,
             )
             recent.append(event.occurred_at)
             minute = int(event.occurred_at.timestamp()) // 60
@@ -199,6 +209,37 @@ def pending_before(state: ConversationState, seq: int) -> list[OutcomeState]:
 def next_part(outcome: OutcomeState) -> int:
     """The index to send next: after the last part recorded, so none is sent twice."""
     return max(outcome.delivered) + 1 if outcome.delivered else 0
+
+
+def layout(text: str, outcome: OutcomeState) -> list[tuple[int, int]]:
+    """The parts of ``text`` as (start, end) code point offsets, index by index.
+
+    Once parts are recorded, the rest is this build's split of what follows the end of
+    the last one recorded: a sender that splits otherwise than the one that started
+    the reply (a newer grapheme table, a changed rule, a rolling upgrade) neither
+    repeats nor skips text. The recorded parts keep their index (the earlier ones'
+    spans matter no more: nothing sends them again). A reply whose last part was
+    recorded without its span (an older sender) is split whole, and resumed by index.
+
+    >>> outcome = OutcomeState("r", delivered={0: "w1"}, spans={0: (0, 3)})
+    >>> layout("abcdef", outcome)
+    [(0, 3), (3, 6)]
+    """
+    if outcome.delivered:
+        last = max(outcome.delivered)
+        span = outcome.spans.get(last)
+        if span is not None and 0 <= span[0] <= span[1] <= len(text):
+            head = [(span[0], span[0])] * last + [span]
+            return head + _split_from(text, span[1])
+    return _split_from(text, 0)
+
+
+def _split_from(text: str, offset: int) -> list[tuple[int, int]]:
+    spans = []
+    for part in split_text(text[offset:]):
+        spans.append((offset, offset + len(part)))
+        offset += len(part)
+    return spans
 
 
 def rate_delay(recent: tuple[datetime, ...], now: datetime, *, per_minute: int) -> float:

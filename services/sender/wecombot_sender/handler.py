@@ -84,9 +84,11 @@ from wecombot_common.worker import Outcome as Settlement
 from .domain import (
     OUTCOME_TYPES,
     ConversationState,
+    OutcomeState,
     duplicate_check_interval,
     fold,
     hourly_delay,
+    layout,
     next_part,
     pending_before,
     rate_delay,
@@ -94,7 +96,6 @@ from .domain import (
 )
 from .errcodes import BUSY, EMPTY_CONTENT, explain
 from .errors import SendError, SendRejected, SendRetryable, TokenRejected
-from .split import split_text
 from .wecom import MessageApi
 
 __all__ = ["ConversationCache", "DeliveryPolicy", "ReplySender", "TokenSource", "conversation_key"]
@@ -172,19 +173,37 @@ class _Job:
     delivery: Delivery
     reply: Outcome
     conv: ConversationRef
-    parts: list[str]
+    spans: list[tuple[int, int]]  # each part's place in the reply's text (domain.layout)
     last_try: bool
     order_seq: int  # its place in the user's order: the outcome's stream sequence
     requeued_by: str = ""  # the ReplyRequeued being delivered ("" for the outcome itself)
     sent: dict[int, str] = field(default_factory=dict)  # index → msgid, maybe unrecorded
-    first_index: int | None = None  # the first part this delivery sends
     # another writer appended to the conversation's send branch meanwhile: a replica
     # whose hold on this reply lapsed may be sending the same parts
     contested: bool = False
+    parts: list[str] = field(init=False)  # the spans' texts
+
+    def __post_init__(self) -> None:
+        self.parts = [self.reply.text[start:end] for start, end in self.spans]
 
     @property
     def reply_id(self) -> str:
         return self.reply.event_id
+
+    def lay_out(self, outcome: OutcomeState) -> None:
+        """Take the parts as the log's record of this reply places them (``layout``)."""
+        spans = layout(self.reply.text, outcome)
+        if spans == self.spans:
+            return
+        # What this delivery sent without a record yet keeps its index only where the
+        # text is the same part.
+        self.sent = {
+            i: msgid
+            for i, msgid in self.sent.items()
+            if i < min(len(spans), len(self.spans)) and spans[i] == self.spans[i]
+        }
+        self.spans = spans
+        self.parts = [self.reply.text[start:end] for start, end in spans]
 
     @property
     def round(self) -> tuple[str, ...]:
@@ -247,7 +266,7 @@ class ReplySender:
             delivery=d,
             reply=reply,
             conv=ConversationRef.of(reply),
-            parts=split_text(reply.text),
+            spans=layout(reply.text, OutcomeState(reply.event_id)),
             last_try=d.last_try,
             order_seq=order_seq,
             requeued_by=requeued_by,
@@ -289,6 +308,7 @@ class ReplySender:
                 return turn
             state = turn
         finished = state.outcome(job.reply_id)
+        job.lay_out(finished)
         if finished.terminal:
             if finished.failure is not None:
                 # Recorded as failed, and the delivery that recorded it did not get it
@@ -305,8 +325,6 @@ class ReplySender:
                 held = self._over_the_hour(state)
                 if held is not None:
                     return held
-                if job.first_index is None:
-                    job.first_index = index
                 try:
                     job.sent[index] = await self._send_part(job, state, index)
                 except (SendRejected, TokenError) as exc:
@@ -377,9 +395,10 @@ class ReplySender:
         refreshed = False
         retries = 0
         # An earlier delivery (or the failed round a requeue retries) may have had this part
-        # accepted and died before recording it.
-        again = job.delivery.num_delivered > 1 or bool(job.requeued_by)
-        maybe_sent = again and index == job.first_index
+        # accepted and died before recording it; or, its hold lapsed unseen, be sending
+        # this very part now: every part of a redelivery asks (not only its first, or
+        # the replica that wins each append race sends the next part unchecked).
+        maybe_sent = job.delivery.num_delivered > 1 or bool(job.requeued_by)
         checkable: bool | None = None  # whether the check can tell a repeat (asked once)
         while True:
             # ... or our hold on the message lapsed, or another writer got into the send
@@ -458,10 +477,11 @@ class ReplySender:
         if seq is None:
             return []
         try:
-            return split_text((await self._read_outcome(seq)).text)
+            text = (await self._read_outcome(seq)).text
         except (TransientError, PermanentError) as exc:
             log.info("sender.earlier_reply_unreadable", seq=seq, error=str(exc))
             return []
+        return [text[start:end] for start, end in layout(text, state.outcome(reply_id))]
 
     async def _read_outcome(self, seq: int) -> Outcome:
         """The outcome stored at ``seq``: PermanentError when there is none (aged out, or
@@ -502,6 +522,8 @@ class ReplySender:
             index=index,
             total=len(job.parts),
             wecom_msgid=job.sent[index],
+            start=job.spans[index][0],
+            end=job.spans[index][1],
         )
         return await self._append(job, state, part, f"part:{job.reply_id}:{index}")
 

@@ -171,8 +171,11 @@ class System:
         await append_event(self.js, event, msg_id=f"outcome:{event.event_id}")
         return event
 
-    async def record_first_part(self, reply: Outcome, total: int, wecom_msgid: str) -> None:
-        """Append part 0's PartDelivered as a sender that then crashed would have."""
+    async def record_first_part(
+        self, reply: Outcome, total: int, wecom_msgid: str, span: tuple[int, int] | None = None
+    ) -> None:
+        """Append part 0's PartDelivered as a sender that then crashed would have (one
+        from before spans were recorded, unless ``span`` is given)."""
         conv = ConversationRef(APP, reply.conversation)
         await append_event(
             self.js,
@@ -186,6 +189,8 @@ class System:
                 index=0,
                 total=total,
                 wecom_msgid=wecom_msgid,
+                start=None if span is None else span[0],
+                end=None if span is None else span[1],
             ),
             msg_id=f"part:{reply.event_id}:0",
             expect_last_seq=0,

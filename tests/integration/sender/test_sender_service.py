@@ -460,6 +460,27 @@ async def test_a_restart_resumes_after_the_recorded_parts_and_never_resends(
     assert len(system.log.of(ReplyDelivered, reply.event_id)) == 1
 
 
+async def test_a_reply_started_by_a_sender_that_split_otherwise_goes_on_where_it_ended(
+    system: System,
+) -> None:
+    """A rolling upgrade: the old build cut part 0 before a combining mark (at 1,501),
+    where this build would cut at 2,047. Resumed by index, the user lost 546 characters
+    and the reply was recorded as delivered; resumed at the recorded end, nothing is
+    lost or repeated."""
+    text = "x" * 1500 + " \u0301" + "y" * 2000
+    assert len(split_text(text)[0]) != 1501
+    reply = await system.reply("zheng.shi", text)
+    await system.record_first_part(reply, 3, "msgid-old-build", span=(0, 1501))
+    await system.start_token()
+    system.start_sender()
+    await system.log.until_finished(reply.event_id)
+    assert text[:1501] + "".join(system.sim.messages_to("zheng.shi")) == text
+    parts = system.log.of(PartDelivered, reply.event_id)
+    assert [(p.index, p.start, p.end) for p in parts] == [(0, 0, 1501), (1, 1501, len(text))]
+    [done] = system.log.of(ReplyDelivered, reply.event_id)
+    assert isinstance(done, ReplyDelivered) and done.parts == 2
+
+
 async def test_two_senders_deliver_every_part_once_in_order_per_user(system: System) -> None:
     system.sim.latency_s = 0.005
     await system.start_token()
