@@ -34,7 +34,7 @@ Two refinements keep the result readable:
 from __future__ import annotations
 
 import re
-from bisect import bisect_right
+from bisect import bisect_left, bisect_right
 from enum import IntEnum
 from itertools import accumulate
 
@@ -61,7 +61,9 @@ _CLOSERS = "”’」』）》〉】)]\"'"
 _SENTENCE = re.compile(
     rf"(?:[。！？；][{re.escape(_CLOSERS)}]*|[.!?;][{re.escape(_CLOSERS)}]*(?=\s))\s*"
 )
-_SPACE_END = re.compile(r"\s+(?=\S)")
+# A run of whitespace; a cut goes after it when content follows. (``\s+(?=\S)`` said the
+# same, but retried from every space of a run at the window's end: quadratic.)
+_SPACE_RUN = re.compile(r"\s+")
 _FENCE = re.compile(r"^[ \t]{0,3}```", re.MULTILINE)
 _GRAPHEME = regex.compile(r"\X")  # one extended grapheme cluster (UAX #29)
 
@@ -133,8 +135,9 @@ def boundaries(text: str, start: int, end: int) -> dict[int, Boundary]:
             mark(start + index + 1, Boundary.LINE)
     for match in _SENTENCE.finditer(text, start, stop):
         mark(match.end(), Boundary.SENTENCE)
-    for match in _SPACE_END.finditer(window):
-        mark(start + match.end(), Boundary.SPACE)
+    for match in _SPACE_RUN.finditer(window):
+        if match.end() < len(window):
+            mark(start + match.end(), Boundary.SPACE)
     for pos in range(start + 1, end + 1):
         mark(pos, Boundary.GRAPHEME)
     return found
@@ -149,7 +152,8 @@ def _best_cut(
     fill: int,
 ) -> int:
     found = boundaries(text, start, end)
-    outside = {pos: rank for pos, rank in found.items() if not _inside(pos, fences)}
+    begins = [begin for begin, _ in fences]
+    outside = {pos: rank for pos, rank in found.items() if not _inside(pos, fences, begins)}
     allowed = outside or found
     for full_enough in (True, False):
         best: tuple[Boundary, int] | None = None
@@ -165,5 +169,8 @@ def _best_cut(
     raise AssertionError("a non-empty window always has a cut")  # pragma: no cover
 
 
-def _inside(pos: int, fences: list[tuple[int, int]]) -> bool:
-    return any(begin < pos < finish for begin, finish in fences)
+def _inside(pos: int, fences: list[tuple[int, int]], begins: list[int]) -> bool:
+    """Strictly inside a fenced block. The blocks are in order and apart (``begins``
+    their starts): only the last one to begin before ``pos`` can hold it."""
+    last = bisect_left(begins, pos) - 1
+    return last >= 0 and pos < fences[last][1]
