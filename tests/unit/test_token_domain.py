@@ -121,8 +121,10 @@ def test_never_an_expired_token_and_never_a_refresh_in_the_first_half_life(
         (40013, "bad_corp_id", False, "WECOM_CORP_ID is wrong"),
         (60020, "untrusted_ip", False, "trusted IP list (企业可信IP)"),
         (45009, "rate_limited", True, "rate-limiting"),
+        (45033, "rate_limited", True, "rate-limiting"),
         (-1, "network", True, "busy"),
-        (40056, "wecom_error", False, "gettoken failed"),
+        # one we do not know may pass: callers retry it, give up only as on any other
+        (40056, "wecom_error", True, "gettoken failed"),
     ],
 )
 def test_errcodes_map_to_the_contracts_kinds(

@@ -6,11 +6,14 @@ Only the token service calls WeCom ``gettoken``. Others ask it over NATS::
     token = await tokens.get("ww1-1000002")
     await tokens.invalidate("ww1-1000002", token) # after a 40014/42001
 
-Failures arrive as :class:`TokenError` with a ``kind`` the caller can act on:
-``bad_secret`` (40001), ``bad_corp_id`` (40013), ``untrusted_ip`` (60020),
-``rate_limited`` (45009), ``unknown_app``, ``wecom_error`` (another errcode) — all
-permanent until an operator acts, except ``rate_limited``, ``network`` and
-``unavailable`` which are transient.
+Failures arrive with a ``kind`` the caller can act on. Permanent until an operator acts
+(:class:`TokenError`): ``bad_secret`` (40001), ``bad_corp_id`` (40013), ``untrusted_ip``
+(60020), ``unknown_app``. Transient (:class:`TransientTokenError`): ``rate_limited``
+(45009, 45033), ``network`` (-1, 5xx, no answer), ``unavailable`` (no token service),
+and ``wecom_error``: an errcode we do not know, or an HTTP status that is not WeCom's
+answer (a proxy's 403, a wrong ``WECOM_API_BASE``). It may pass, so a caller retries it
+and gives up only as it would on any passing failure (the sender: at a reply's last
+delivery, with the reason).
 """
 
 from __future__ import annotations
@@ -42,7 +45,9 @@ ErrorKind = Literal[
     "unknown_app",
     "wecom_error",
 ]
-TRANSIENT_KINDS: frozenset[str] = frozenset({"rate_limited", "network", "unavailable"})
+TRANSIENT_KINDS: frozenset[str] = frozenset(
+    {"rate_limited", "network", "unavailable", "wecom_error"}
+)
 
 
 class TokenRequest(msgspec.Struct, frozen=True, kw_only=True):

@@ -235,6 +235,7 @@ def issued(value: str, expires_in: float, requested_at: float) -> IssuedToken:
 _BAD_SECRET = 40001
 _BAD_CORP_ID = 40013
 _RATE_LIMITED = 45009
+_CONCURRENCY_LIMITED = 45033  # path/90313: too many calls at once; message/send retries it
 _UNTRUSTED_IP = 60020
 _SYSTEM_BUSY = -1
 
@@ -267,7 +268,7 @@ def classify_errcode(errcode: int, errmsg: str) -> Failure:
             "app's trusted IP list (企业可信IP) under the app's settings in the WeCom admin "
             f"console {said}",
         )
-    if errcode == _RATE_LIMITED:
+    if errcode in (_RATE_LIMITED, _CONCURRENCY_LIMITED):
         return Failure(
             kind="rate_limited",
             errcode=errcode,

@@ -430,6 +430,22 @@ async def test_a_bad_secret_fails_the_reply_with_the_token_error(system: System)
     assert system.sim.sent == []
 
 
+@pytest.mark.parametrize("errcode", [45033, 40056], ids=["concurrency-limit", "unknown"])
+async def test_a_gettoken_failure_that_may_pass_is_retried_not_the_replys_end(
+    system: System, errcode: int
+) -> None:
+    """WeCom's 45033 (too many calls at once), or an errcode we do not know, while no
+    token is cached: the reply used to be recorded as failed and dead-lettered at its
+    first delivery. It is handed back, and delivered once a token comes."""
+    system.sim.fail_gettoken(errcode, times=1)
+    await system.start_token(TOKEN_MIN_BACKOFF="0.05")
+    system.start_sender()
+    reply = await system.reply("feng.jiu", "你好")
+    await system.log.until_finished(reply.event_id)
+    assert system.log.of(DeliveryFailed, reply.event_id) == []
+    assert system.sim.messages_to("feng.jiu") == ["你好"]
+
+
 # ---------------------------------------------------------------- crashes and replicas
 
 
