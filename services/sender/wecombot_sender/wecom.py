@@ -154,8 +154,9 @@ def may_have_gone_out(exc: httpx.TransportError) -> bool:
 
 def _msgid_or_raise(answer: _SendResponse, touser: str) -> str:
     if answer.errcode == 0:
-        if touser in answer.invaliduser.split("|"):
-            # Accepted for nobody: WeCom lists the one recipient as invalid.
+        # Accepted for nobody: WeCom lists the one recipient as invalid. UserIDs are
+        # case-insensitive in WeCom: its list may not spell it as we did.
+        if touser.casefold() in answer.invaliduser.casefold().split("|"):
             raise SendRejected(82001, explain(82001, answer.errmsg))
         return answer.msgid
     reason = explain(answer.errcode, answer.errmsg)

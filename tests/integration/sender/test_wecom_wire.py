@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
@@ -14,7 +15,7 @@ import pytest
 from tests.conftest import free_port
 from tests.loopback import Handle, answer, raw_http, read_request, reset
 from wecombot_common.settings import Secret, WeComApiSettings
-from wecombot_sender.errors import SendRetryable
+from wecombot_sender.errors import SendRejected, SendRetryable
 from wecombot_sender.wecom import HttpMessageApi, MessageType
 
 pytestmark = pytest.mark.integration
@@ -132,6 +133,23 @@ async def test_http_errors_from_a_front_end(status: int, maybe_delivered: bool) 
         failed = await failed_send(base_url)
     assert failed.maybe_delivered is maybe_delivered
     assert f"WeCom answered HTTP {status}" in str(failed)
+
+
+@pytest.mark.parametrize("listed", ["Zhang.San", "zhang.san", "li.si|ZHANG.SAN"])
+async def test_an_ok_that_lists_the_recipient_as_invalid_is_no_delivery(listed: str) -> None:
+    """errcode 0 with the user in ``invaliduser``: accepted for nobody. WeCom's UserIDs
+    are case-insensitive, so its list may spell the user otherwise than we did."""
+    body = json.dumps({"errcode": 0, "errmsg": "ok", "invaliduser": listed}).encode()
+
+    async def wecom(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        await answer(writer, 200, body, "application/json")
+        writer.close()
+
+    async with raw_http(wecom) as base_url, adapter(base_url) as api:
+        with pytest.raises(SendRejected) as caught:
+            await api.send_text("token", "Zhang.San", "hi")
+    assert caught.value.errcode == 82001
 
 
 @pytest.mark.parametrize(
