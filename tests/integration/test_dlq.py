@@ -237,10 +237,30 @@ async def test_replay_refuses_what_it_cannot_requeue(
     # same, once.
     code, out, err = await _dlq(nats_server.url, "replay", "3")
     assert code == 0 and "requeued" in out and "after the 0 part(s) recorded" in out, err
-    code, _, err = await _dlq(nats_server.url, "replay", "3")
-    assert code == 1 and "is already requeued (wecombot dlq replay 3)" in err
+    # The same replay again (its answer lost, or another operator): recognised, not
+    # refused as someone else's requeue, and not appended twice.
+    code, out, err = await _dlq(nats_server.url, "replay", "3")
+    assert code == 0 and "dead letter 3 was replayed already" in out, err
     info = await dead.stream_info(topology.CONVERSATION_STREAM)
     assert info.state.messages == 5
+    code, _, err = await _dlq(nats_server.url, "--json", "replay", "3")
+    assert (code, err) == (
+        2,
+        "wecombot dlq: --json is for list and show; replay answers in words\n",
+    )
+
+
+async def test_a_reply_no_longer_in_the_log_is_not_requeued(
+    nats_server: NatsHandle, dead: JetStreamContext
+) -> None:
+    """The dead letter outlives its reply (written later, kept as long): the requeue was
+    appended, reported done with exit 0, and parked again by the sender."""
+    await dead.purge_stream(topology.CONVERSATION_STREAM)  # as WECOMBOT_HISTORY_MAX_AGE would
+    code, out, err = await _dlq(nats_server.url, "replay", "3")
+    assert (code, out) == (1, "")
+    assert "is no longer in WECOMBOT (aged out after WECOMBOT_HISTORY_MAX_AGE" in err, err
+    info = await dead.stream_info(topology.CONVERSATION_STREAM)
+    assert info.state.messages == 0
 
 
 async def test_each_llm_dead_letter_replays_once_and_a_failed_copy_again(

@@ -29,11 +29,15 @@ deliveries. Example::
 - a reply the sender gave up on (a WeCom outage that outlasted its deliveries, a token
   error since fixed), or a parked ``ReplyRequeued`` (a replay whose round failed too):
   it appends a ``ReplyRequeued`` for the reply, and the sender delivers the reply again
-  after its last recorded part (the first send asks WeCom's duplicate check); refused
-  for a reply delivered since, and one already requeued.
+  after its last recorded part (its sends ask WeCom's duplicate check); refused for a
+  reply delivered since, one requeued by another replay, and one no longer in
+  ``WECOMBOT`` (the dead letter outlives it: the sender delivers from the log's copy).
 
-A second replay of the same dead letter is deduplicated by JetStream; an undecodable
-event is refused (replaying cannot mend it).
+The same replay run again (its answer lost, another operator) is recognised and says
+so, never appending twice; an undecodable event is refused (replaying cannot mend it).
+An append that got no answer is reported as such, exit 1: it may be stored, and running
+the same replay again tells. ``--json`` is for list and show (the newest ``--limit``
+letters, 50 by default; the table says how many there are in all).
 
 Listing and showing only read (STREAM.INFO and STREAM.MSG.GET on ``WECOMBOT_DLQ``);
 ``replay`` also reads the conversation and appends to it. Run it with the NATS admin
@@ -77,6 +81,7 @@ from wecombot_common.events import (
     PartDelivered,
     ReplyDelivered,
     ReplyRequeued,
+    WeComEventPayload,
     decode_event,
 )
 from wecombot_common.logs import configure_logging
@@ -107,6 +112,7 @@ CLIENT_NAME = "wecombot-dlq"
 _TIMEOUT_S = 10.0
 _REASON_WIDTH = 60
 _SUBJECT_WIDTH = 44
+_MAX_SEQ = 2**64 - 1  # a stream sequence is a uint64
 _NO_MESSAGE = 10037  # JetStream's "no message found"; 10059 is "stream not found"
 
 
@@ -263,6 +269,12 @@ async def _redeliver(js: JetStreamContext, seq: int, parked: Event) -> tuple[boo
             f"dead letter {seq} was replayed already: message {parked.correlation_id} from "
             f"{parked.conversation} is in the log again at seq {appended.seq}"
         )
+    if isinstance(parked.payload, WeComEventPayload):
+        return True, (
+            f"event {parked.payload.event} from {parked.conversation} appended again (seq "
+            f"{appended.seq}); the llm answers an event only with a welcome message set "
+            "(LLM_WELCOME_MESSAGE, for enter_agent)"
+        )
     return True, (
         f"message {parked.correlation_id} from {parked.conversation} appended again "
         f"(seq {appended.seq}); the llm answers it"
@@ -278,23 +290,39 @@ async def _requeue(js: JetStreamContext, seq: int, parked: Event) -> tuple[bool,
     else:
         return False, f"dead letter {seq} is a {type(parked).__name__}, not a reply"
     last: DeliveryFailed | ReplyDelivered | ReplyRequeued | None = None
+    before_last: DeliveryFailed | ReplyDelivered | ReplyRequeued | None = None
     parts: set[int] = set()
+    present = False
     async for stored in read_conversation(js, ConversationRef.of(parked)):
         event = stored.event
+        if isinstance(event, Outcome) and event.event_id == reply_id:
+            present = True
         if (
             isinstance(event, DeliveryFailed | ReplyDelivered | ReplyRequeued)
             and event.reply_id == reply_id
         ):
-            last = event
+            before_last, last = last, event
         elif isinstance(event, PartDelivered) and event.reply_id == reply_id:
             parts.add(event.index)
+    if not present:
+        # The dead letter outlives it (written later, kept as long): a requeue would only
+        # be parked again by the sender, which delivers from the log's copy.
+        return False, (
+            f"reply {reply_id} to {parked.conversation} is no longer in "
+            f"{topology.CONVERSATION_STREAM} (aged out after WECOMBOT_HISTORY_MAX_AGE, or "
+            "purged): nothing to deliver"
+        )
     if isinstance(last, ReplyDelivered):
         return False, f"reply {reply_id} was delivered since; nothing to replay"
     if isinstance(last, ReplyRequeued) and last.event_id != parked.event_id:
+        if last.causation_id == _cause(reply_id, before_last, parked):
+            # This very replay, run before (its answer lost, or by another operator).
+            return True, (
+                f"dead letter {seq} was replayed already: reply {reply_id} to "
+                f"{parked.conversation} is requeued ({last.reason})"
+            )
         return False, f"reply {reply_id} is already requeued ({last.reason})"
-    # ``last`` is the round's DeliveryFailed; or None, or this very requeue, when the
-    # round was parked without one (its last delivery ended without an outcome).
-    cause = reply_id if last is None else last.event_id
+    cause = _cause(reply_id, last, parked)
     requeue = ReplyRequeued(
         app=parked.app,
         conversation=parked.conversation,
@@ -304,10 +332,26 @@ async def _requeue(js: JetStreamContext, seq: int, parked: Event) -> tuple[bool,
         reason=f"wecombot dlq replay {seq}",
     )
     appended = await append_event(js, requeue, msg_id=f"requeue:{cause}")
+    if appended.duplicate:
+        return True, (
+            f"dead letter {seq} was replayed already: reply {reply_id} to "
+            f"{parked.conversation} is requeued (seq {appended.seq})"
+        )
     return True, (
         f"reply {reply_id} to {parked.conversation} requeued (seq {appended.seq}); the "
         f"sender delivers it again after the {len(parts)} part(s) recorded"
     )
+
+
+def _cause(reply_id: str, last: Event | None, parked: Event) -> str:
+    """What a requeue of this round answers: the round's DeliveryFailed; or the reply, or
+    the parked requeue itself, when the round was parked without one (its last delivery
+    ended without an outcome)."""
+    if isinstance(last, DeliveryFailed) or (
+        isinstance(last, ReplyRequeued) and last.event_id == parked.event_id
+    ):
+        return last.event_id
+    return reply_id
 
 
 def _header_text(value: object) -> str:
@@ -412,6 +456,8 @@ def positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"{text} is not 1 or more")
+    if value > _MAX_SEQ:
+        raise argparse.ArgumentTypeError(f"{text} is beyond any stream sequence")
     return value
 
 
@@ -438,6 +484,9 @@ async def run(
     """The command, given its NATS settings and arguments; writes to ``out``."""
     err = err or sys.stderr
     args = _parser().parse_args(list(argv))
+    if args.action == "replay" and args.json:
+        err.write("wecombot dlq: --json is for list and show; replay answers in words\n")
+        return 2
     try:
         async with asyncio.timeout(_TIMEOUT_S):
             nc = await connect_once(
@@ -456,7 +505,14 @@ async def run(
         err.write(f"wecombot dlq: {type(exc).__name__}: {exc}\n")
         return 1
     except (AppendUnavailable, ConcurrencyConflict) as exc:  # replay's append
-        err.write(f"wecombot dlq: nothing replayed, the log refused the append: {exc}\n")
+        if not getattr(exc, "maybe_stored", False):
+            err.write(f"wecombot dlq: nothing replayed, the log refused the append: {exc}\n")
+            return 1
+        # No PubAck: stored or not, nobody can tell.
+        err.write(
+            f"wecombot dlq: the replay's append got no answer ({exc}): it may or may not "
+            "be stored. Run the same replay again: a repeat is recognised, never doubled\n"
+        )
         return 1
     finally:
         await nc.close()

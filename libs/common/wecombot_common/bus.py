@@ -61,7 +61,15 @@ PENDING_BYTES = 2 * 1024 * 1024
 
 
 class AppendUnavailable(TransientError):
-    """JetStream did not confirm the append in time (broker down, no quorum…)."""
+    """JetStream did not confirm the append (broker down, no quorum, a refusal…).
+
+    ``maybe_stored``: the append went out and no answer came, so it may be in the log
+    (a retry meets its ``Nats-Msg-Id``); False when it was refused or never sent.
+    """
+
+    def __init__(self, reason: str, *, maybe_stored: bool = False) -> None:
+        super().__init__(reason)
+        self.maybe_stored = maybe_stored
 
 
 class ConcurrencyConflict(TransientError):
@@ -231,7 +239,10 @@ async def _publish(
     except nats.js.errors.APIError as exc:
         raise _refusal(exc.err_code, exc.description) from exc
     except (TimeoutError, nats.errors.TimeoutError, nats.errors.NoRespondersError) as exc:
-        raise AppendUnavailable(f"no PubAck within {timeout:g}s: {type(exc).__name__}") from exc
+        raise AppendUnavailable(
+            f"no PubAck within {timeout:g}s: {type(exc).__name__}",
+            maybe_stored=not isinstance(exc, nats.errors.NoRespondersError),
+        ) from exc
     except nats.errors.Error as exc:
         raise AppendUnavailable(f"cannot publish: {exc}") from exc
     return Appended(seq=ack.seq, duplicate=bool(ack.duplicate))
@@ -340,7 +351,9 @@ class PipelinedAppender:
         """Stop listening for PubAcks; appends still waiting fail as AppendUnavailable."""
         for waiter in self._waiting.values():
             if not waiter.done():
-                waiter.set_exception(AppendUnavailable("the appender was closed"))
+                waiter.set_exception(
+                    AppendUnavailable("the appender was closed", maybe_stored=True)
+                )
         if self._sub is not None:
             sub, self._sub = self._sub, None
             # Closed or draining: the subscription is gone with the connection anyway.
@@ -358,7 +371,7 @@ class PipelinedAppender:
         try:
             waiter.set_result(_decode_pub_ack(msg.data))
         except msgspec.DecodeError as exc:
-            waiter.set_exception(AppendUnavailable(f"unreadable PubAck: {exc}"))
+            waiter.set_exception(AppendUnavailable(f"unreadable PubAck: {exc}", maybe_stored=True))
 
 
 # The HPUB line and headers around an event's bytes and its message id: the subject
@@ -368,7 +381,7 @@ _COMMAND_OVERHEAD = 512
 
 def _no_pub_ack(waiter: asyncio.Future[_PubAck], timeout: float) -> None:
     if not waiter.done():
-        waiter.set_exception(AppendUnavailable(f"no PubAck within {timeout:g}s"))
+        waiter.set_exception(AppendUnavailable(f"no PubAck within {timeout:g}s", maybe_stored=True))
 
 
 async def ack_floor(
