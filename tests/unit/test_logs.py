@@ -9,7 +9,13 @@ from collections import namedtuple
 import pytest
 import structlog
 
-from wecombot_common.logs import REDACTED, configure_logging, redact, register_secret
+from wecombot_common.logs import (
+    EPHEMERAL_KEPT,
+    REDACTED,
+    configure_logging,
+    redact,
+    register_secret,
+)
 from wecombot_common.settings import LogSettings, Secret
 
 
@@ -143,3 +149,20 @@ def test_secrets_that_overlap_leave_nothing_of_either() -> None:
     register_secret(second)
     text = f"a {first[:8]}{second} b {second} c {first}{first} d"
     assert redact(text) == f"a {REDACTED} b {REDACTED} c {REDACTED} d"
+
+
+def test_only_the_latest_ephemeral_secrets_are_kept() -> None:
+    """An access token every two hours for as long as a process lives: kept all, each
+    log line checked thousands of them. The latest EPHEMERAL_KEPT are redacted; a
+    setting's secret, for good."""
+    register_secret("setting-secret-kept-for-good")
+    tokens = [f"access-token-{i:04d}-xyz" for i in range(EPHEMERAL_KEPT + 5)]
+    for token in tokens:
+        register_secret(token, ephemeral=True)
+    register_secret(tokens[6], ephemeral=True)  # seen again: the latest once more
+    register_secret("access-token-new-xyz", ephemeral=True)
+    line = " ".join(["setting-secret-kept-for-good", *tokens])
+    redacted = redact(line).split(" ")
+    assert redacted[0] == REDACTED
+    kept = {tokens[6], *tokens[-(EPHEMERAL_KEPT - 2) :]}
+    assert [r == REDACTED for r in redacted[1:]] == [t in kept for t in tokens]

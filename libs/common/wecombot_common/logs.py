@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import re
 import sys
+from collections import OrderedDict
 from collections.abc import Iterable, MutableMapping
 from typing import Any
 
@@ -38,17 +39,32 @@ _BEARER = re.compile(r"(?i)(bearer\s+)[A-Za-z0-9._\-~+/]+=*")
 # userinfo runs to the *last* '@' before the host, as URL parsers read it (nats-py
 # included): a password may hold an '@' of its own.
 _URL_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.\-]*://)([^/\s\"',]+)@")
-_secrets: set[str] = set()
-_registered: tuple[str, ...] = ()  # _secrets as a tuple, made once per registration
+_secrets: set[str] = set()  # for good: the settings' secrets
+# The latest ephemeral ones (access tokens: one every two hours, for as long as the
+# process lives): kept all, they made every log line slower, ~0.5 ms after a year.
+_ephemeral: OrderedDict[str, None] = OrderedDict()
+EPHEMERAL_KEPT = 32
+_registered: tuple[str, ...] = ()  # both, as a tuple, made once per change
 
 
-def register_secret(value: str | Secret) -> None:
-    """Redact ``value`` from every log line from now on."""
+def register_secret(value: str | Secret, *, ephemeral: bool = False) -> None:
+    """Redact ``value`` from every log line from now on; ``ephemeral`` (a token that
+    expires): only while it is among the latest ``EPHEMERAL_KEPT`` of them."""
     global _registered
     raw = value.reveal() if isinstance(value, Secret) else value
-    if len(raw) >= _MIN_SECRET_LEN:
+    if len(raw) < _MIN_SECRET_LEN or raw in _secrets:
+        return
+    if not ephemeral:
         _secrets.add(raw)
-        _registered = tuple(_secrets)
+        _ephemeral.pop(raw, None)
+    elif raw in _ephemeral:
+        _ephemeral.move_to_end(raw)
+        return
+    else:
+        _ephemeral[raw] = None
+        while len(_ephemeral) > EPHEMERAL_KEPT:
+            _ephemeral.popitem(last=False)
+    _registered = (*_secrets, *_ephemeral)
 
 
 def redact(text: str) -> str:

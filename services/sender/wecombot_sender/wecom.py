@@ -109,7 +109,7 @@ class HttpMessageApi:
     async def _send(
         self, token: str, touser: str, content: str, duplicate_check_s: int | None
     ) -> str:
-        register_secret(token)
+        register_secret(token, ephemeral=True)
         markdown = self._message_type == "markdown"
         request = _SendRequest(
             touser=touser,

@@ -106,7 +106,7 @@ class TokenKeeper:
         if snapshot.revision < self._snapshot.revision:
             return
         if snapshot.state is not None and snapshot.state.token is not None:
-            register_secret(snapshot.state.token.value)
+            register_secret(snapshot.state.token.value, ephemeral=True)
         self._snapshot = snapshot
 
     async def close(self) -> None:
@@ -186,7 +186,7 @@ class TokenKeeper:
         now = self._clock()
         reason = _reason(action, rejected, snapshot)
         if isinstance(outcome, IssuedToken):
-            register_secret(outcome.value)
+            register_secret(outcome.value, ephemeral=True)
             TOKEN_FETCHES.labels("ok").inc()
             state = after_success(outcome)
             log.info(
