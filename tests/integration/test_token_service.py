@@ -178,6 +178,40 @@ async def test_ten_thousand_gets_cost_one_gettoken_and_a_restart_reuses_it(
         assert sim.gettoken_calls == 1
 
 
+async def test_a_replica_stopping_answers_the_requests_already_routed_to_it(
+    nats_server: NatsHandle, sim: SimulatedWeComApi
+) -> None:
+    """nats.micro's stop() dropped them (nats-py discards an unsubscribed subscription's
+    pending messages): on a rolling restart under load, each such caller waited its
+    whole timeout. Drained, every request gets its answer."""
+    async with (
+        token_services(nats_server, sim, count=2) as (first, _other),
+        connections(nats_server, 1) as (nc,),
+    ):
+        assert (await ask(nc)).ok
+        body = msgspec.json.encode(TokenRequest(app=APP))
+        answered = 0
+        some_answered = asyncio.Event()
+
+        async def one() -> bool:
+            nonlocal answered
+            try:
+                reply = await nc.request(TOKEN_GET, body, timeout=5)
+            except nats.errors.TimeoutError:
+                return False
+            answered += 1
+            if answered == 20:
+                some_answered.set()
+            return msgspec.json.decode(reply.data, type=TokenReply).ok
+
+        # Enough that `first` still holds some when it stops (all in this one loop).
+        calls = [asyncio.create_task(one()) for _ in range(20_000)]
+        await some_answered.wait()
+        await first.stop()  # as SIGTERM would, with requests still routed to it
+        results = await asyncio.gather(*calls)
+        assert all(results), f"{results.count(False)} of 20,000 unanswered"
+
+
 async def test_refresh_ahead_happens_once_per_lifetime_without_blocking_callers(
     nats_server: NatsHandle, sim: SimulatedWeComApi
 ) -> None:

@@ -68,6 +68,7 @@ class TokenEndpoints:
     async def stop(self, grace_s: float) -> None:
         """Stop taking requests, then give the waiting ones ``grace_s`` to be answered."""
         if self._service is not None:
+            await self._drain_endpoints(self._service)
             await self._service.stop()
         if self._waiting:
             log.info("token.stop_grace", waiting=len(self._waiting), grace_s=grace_s)
@@ -77,6 +78,24 @@ class TokenEndpoints:
             log.warning("token.stop_unanswered", cancelled=len(unanswered), grace_s=grace_s)
         for task in unanswered:
             task.cancel()
+
+    @staticmethod
+    async def _drain_endpoints(service: Service) -> None:
+        """Take no new requests, and answer the ones already routed here.
+
+        nats.micro's ``stop()`` unsubscribes its endpoints, and nats-py then discards
+        what the subscription holds: the requests already routed to this replica went
+        unanswered, and each caller waited its whole timeout (30 s) on a rolling
+        restart. nats.micro offers no drain, so its endpoints' subscriptions are drained
+        here (nats-py < 3 pinned; tests/integration/test_token_service.py checks it).
+        """
+        for endpoint in getattr(service, "_endpoints", ()):
+            subscription = getattr(endpoint, "_subscription", None)
+            if subscription is None:
+                continue
+            with contextlib.suppress(nats.errors.Error):
+                await subscription.drain()
+            endpoint._subscription = _Drained()
 
     async def _get(self, req: Request) -> None:
         request = await _decode(req, "get")
@@ -102,6 +121,13 @@ class TokenEndpoints:
         task = asyncio.create_task(_respond(req, endpoint, work))
         self._waiting.add(task)
         task.add_done_callback(self._waiting.discard)
+
+
+class _Drained:
+    """Stands for a drained endpoint subscription when nats.micro stops it."""
+
+    async def unsubscribe(self) -> None:
+        return None
 
 
 async def _decode(req: Request, endpoint: str) -> TokenRequest | None:
