@@ -414,6 +414,52 @@ async def test_a_crashed_holders_lock_is_taken_over_after_its_deadline(
     assert taken == ["dead"]
 
 
+async def test_a_bucket_deleted_while_running_is_made_again(
+    nats_server: NatsHandle, sim: SimulatedWeComApi
+) -> None:
+    """Deleted by hand, or its storage lost: every request that had to read it was
+    answered "unavailable" until a restart. And a replica that had read the old bucket
+    ignored the new one (its revisions start again lower): asked again about the token
+    WeCom rejected, it answered that very token, until a restart."""
+    async with (
+        token_services(nats_server, sim, count=2),
+        connections(nats_server, 1) as (nc,),
+    ):
+        client = TokenClient(nc)
+        old = await client.get(APP)
+        js = nc.jetstream()
+        await js.delete_key_value(TOKEN_BUCKET)
+        with capture_logs() as logs:
+            new = await client.invalidate(APP, old)  # as after WeCom's 40014
+        assert new != old
+        assert "token.bucket_missing" in [e["event"] for e in logs]
+        kv = await js.key_value(TOKEN_BUCKET)
+        assert msgspec.json.decode((await kv.get(f"{APP}.token")).value, type=AppState).token
+        # Senders still given the old token by the other replica (from its memory) have
+        # it rejected and say so: both replicas answer the new one, from then on too.
+        assert {await client.invalidate(APP, old) for _ in range(20)} == {new}
+        assert {await client.get(APP) for _ in range(20)} == {new}
+        assert sim.gettoken_calls == 2
+
+
+async def test_a_token_fetched_when_it_cannot_be_stored_is_still_answered(
+    nats_server: NatsHandle, sim: SimulatedWeComApi
+) -> None:
+    """WeCom issued it, the bucket would not take it: it was thrown away, the caller told
+    "unavailable", and the next caller cost another gettoken."""
+    async with token_services(nats_server, sim), connections(nats_server, 1) as (nc,):
+        held = sim.hold_gettoken(limit=1)
+        asking = asyncio.create_task(TokenClient(nc).get(APP))
+        await held.wait_held()
+        await nc.jetstream().delete_key_value(TOKEN_BUCKET)  # the save will find no stream
+        with capture_logs() as logs:
+            held.release()
+            token = await asking
+        assert token and "token.save_failed" in [e["event"] for e in logs]
+        assert await TokenClient(nc).get(APP) == token
+        assert sim.gettoken_calls == 1
+
+
 async def test_an_existing_bucket_is_brought_to_our_config_and_keeps_its_token(
     nats_server: NatsHandle, sim: SimulatedWeComApi
 ) -> None:

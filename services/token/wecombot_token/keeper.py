@@ -155,6 +155,8 @@ class TokenKeeper:
         """Loop until the shared state answers the caller (a token or a failure)."""
         while True:
             snapshot = await self._store.load()
+            if snapshot.revision < self._snapshot.revision:
+                await self._start_over(snapshot)
             self.adopt(snapshot)
             now = self._clock()
             action = decide(snapshot.state, now, self._policy, rejected)
@@ -174,6 +176,16 @@ class TokenKeeper:
             deadline = claim.held_by.deadline if claim.held_by is not None else now
             wait_s = min(deadline - now, self._refresh_timeout_s) + _RECHECK_S
             await self._store.wait_for_change(max(snapshot.revision, claim.seen), wait_s)
+
+    async def _start_over(self, snapshot: Snapshot) -> None:
+        """A load from the bucket (its leader, never behind) went back in revisions: the
+        bucket was made again (deleted by hand, its storage lost). What this replica
+        remembers, the token it would still serve included, belongs to the old one."""
+        log.warning(
+            "token.bucket_recreated", seen_revision=self._snapshot.revision, now=snapshot.revision
+        )
+        self._snapshot = Snapshot(None, 0)
+        await self._store.restart_watch()
 
     async def _refresh(self, rejected: str | None) -> Snapshot:
         """Holding the lock: check again, call gettoken, write the outcome for everyone."""
@@ -210,16 +222,39 @@ class TokenKeeper:
                 attempts=state.failure.attempts,
                 retry_after_s=round(state.failure.retry_at - now, 3),
             )
-        revision = await self._store.save(state, snapshot.revision)
-        if revision is None:
-            # Our claim was taken over while we were slow and the taker wrote first.
-            log.warning("token.save_conflict", app=self.app)
-            latest = await self._store.load()
-            self.adopt(latest)
-            return latest
+        try:
+            revision = await self._store.save(state, snapshot.revision)
+            if revision is None:
+                # Our claim was taken over while we were slow and the taker wrote first.
+                log.warning("token.save_conflict", app=self.app)
+                latest = await self._store.load()
+                if not isinstance(outcome, IssuedToken) or _has_token(latest, now, rejected):
+                    self.adopt(latest)
+                    return latest
+                # What won holds no token (a failure, say): ours goes on top of it.
+                revision = await self._store.save(state, latest.revision)
+                if revision is None:
+                    latest = await self._store.load()
+                    self.adopt(latest)
+                    return latest
+        except StoreUnavailable:
+            if not isinstance(outcome, IssuedToken):
+                raise
+            # WeCom issued it: answer with it rather than fetch another for the next
+            # caller. The bucket gets a token at the next refresh (or this one's load).
+            log.warning("token.save_failed", app=self.app, fingerprint=fingerprint(outcome.value))
+            held = Snapshot(state, snapshot.revision)
+            self.adopt(held)
+            return held
         saved = Snapshot(state, revision)
         self.adopt(saved)
         return saved
+
+
+def _has_token(snapshot: Snapshot, now: float, rejected: str | None) -> bool:
+    """The state holds a token still valid at ``now``, and not the one WeCom rejected."""
+    token = snapshot.state.token if snapshot.state is not None else None
+    return token is not None and token.expires_at > now and token.value != rejected
 
 
 def _reason(action: Action, rejected: str | None, snapshot: Snapshot) -> str:

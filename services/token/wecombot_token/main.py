@@ -77,7 +77,13 @@ async def _serve_connected(
         async with contextlib.AsyncExitStack() as cleanup:
             source = WeComTokenSource(settings.wecom, timeout_s=settings.http_timeout_s)
             cleanup.push_async_callback(source.aclose)
-            store = KvTokenStore(kv, settings.app)
+            store = KvTokenStore(
+                kv,
+                settings.app,
+                reopen=lambda: open_token_bucket(
+                    nc.jetstream(), replicas=settings.nats.stream_replicas
+                ),
+            )
             cleanup.push_async_callback(store.close)
             keeper = TokenKeeper(
                 settings.app,

@@ -46,6 +46,7 @@ T = TypeVar("T")
 POLL_S = 1.0
 _STREAM_EXISTS = 10058  # "stream name already in use with a different configuration"
 _CAS = (10071, 10164)  # wrong last sequence: a compare-and-set lost
+_NO_STREAM = 10059  # "stream not found": the bucket was deleted
 
 _encoder = msgspec.json.Encoder()
 _state_decoder = msgspec.json.Decoder(AppState)
@@ -80,6 +81,12 @@ class TokenStore(Protocol):
 
     async def wait_for_change(self, after: int, timeout_s: float) -> None: ...
 
+    async def restart_watch(self) -> None: ...
+
+
+class BucketMissing(StoreUnavailable):
+    """The bucket is gone (deleted by hand, or its storage lost)."""
+
 
 async def open_token_bucket(js: JetStreamContext, *, replicas: int) -> KeyValue:
     """Create the bucket, or bring an existing one to our config. Safe from every replica."""
@@ -103,8 +110,16 @@ async def open_token_bucket(js: JetStreamContext, *, replicas: int) -> KeyValue:
 
 
 class KvTokenStore:
-    def __init__(self, kv: KeyValue, app: str) -> None:
+    """``reopen`` makes the bucket again when it is found missing (open_token_bucket):
+    every replica may, and the first to do so wins; without it, the store stays
+    unavailable until a restart."""
+
+    def __init__(
+        self, kv: KeyValue, app: str, reopen: Callable[[], Awaitable[KeyValue]] | None = None
+    ) -> None:
         self._kv = kv
+        self._reopen = reopen
+        self._on_state: Callable[[Snapshot], None] | None = None
         self._token_key = f"{app}.token"
         self._lock_key = f"{app}.lock"
         self._pattern = f"{app}.*"
@@ -116,8 +131,23 @@ class KvTokenStore:
     # ------------------------------------------------------------ state
     async def load(self) -> Snapshot:
         try:
+            return await self._load()
+        except BucketMissing:
+            if self._reopen is None:
+                raise
+            log.warning("token.bucket_missing", action="making it again")
+            self._kv = await _guard(self._reopen())
+            await self.restart_watch()
+            return await self._load()
+
+    async def _load(self) -> Snapshot:
+        try:
             entry = await _guard(self._kv.get(self._token_key))
         except nats.js.errors.KeyNotFoundError as exc:
+            # nats-py says "no key" for "no stream" too; what it caught tells them apart.
+            cause = exc.__context__
+            if isinstance(cause, nats.js.errors.APIError) and cause.err_code == _NO_STREAM:
+                raise BucketMissing("token bucket missing") from exc
             # A deleted key still has a revision (its delete marker) to write after.
             marker = getattr(exc, "entry", None)
             return Snapshot(None, int(getattr(marker, "revision", 0) or 0))
@@ -171,8 +201,20 @@ class KvTokenStore:
     # ------------------------------------------------------------ changes
     async def watch(self, on_state: Callable[[Snapshot], None]) -> None:
         """Follow both keys: ``on_state`` gets every new state; waiters wake on any change."""
+        self._on_state = on_state
         self._watcher = await _guard(self._kv.watch(self._pattern))
         self._follower = asyncio.create_task(self._follow(on_state), name="token-kv-watch")
+
+    async def restart_watch(self) -> None:
+        """Follow a bucket made again from its start: the old watcher waits for sequences
+        past the ones the deleted bucket had reached, so it would show nothing for long."""
+        await self.close()
+        self._watcher = self._follower = None
+        async with self._changed:
+            self._seen = 0
+        if self._on_state is not None:
+            with contextlib.suppress(StoreUnavailable):  # requests still re-read KV
+                await self.watch(self._on_state)
 
     async def _follow(self, on_state: Callable[[Snapshot], None]) -> None:
         try:
@@ -215,9 +257,13 @@ async def _guard(call: Awaitable[T]) -> T:
         return await call
     except nats.js.errors.KeyNotFoundError:
         raise
+    except nats.js.errors.NoStreamResponseError as exc:  # a write found no stream
+        raise BucketMissing("token bucket missing: no stream took the write") from exc
     except nats.js.errors.APIError as exc:
         if isinstance(exc, nats.js.errors.KeyWrongLastSequenceError) or exc.err_code in _CAS:
             raise
+        if exc.err_code == _NO_STREAM:
+            raise BucketMissing(f"token bucket missing: {exc.description}") from exc
         raise StoreUnavailable(f"token bucket refused: {exc.description}") from exc
     except (nats.errors.Error, TimeoutError) as exc:
         raise StoreUnavailable(f"token bucket unavailable: {type(exc).__name__}") from exc
