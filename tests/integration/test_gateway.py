@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import gzip
 import json
 import logging
@@ -114,6 +115,7 @@ class Call:
     params: list[tuple[str, str]] = field(default_factory=list)
     body: Any = None
     headers: dict[str, str] = field(default_factory=lambda: {"Content-Type": "text/xml"})
+    path: str | None = None  # the callback path unless given
 
 
 def signed(
@@ -161,7 +163,7 @@ class Gateway:
     async def send(self, call: Call) -> aiohttp.ClientResponse:
         return await self.client.request(
             call.method,
-            self.settings.callback_path,
+            call.path or self.settings.callback_path,
             params=call.params,
             data=call.body,
             headers=call.headers,
@@ -375,7 +377,35 @@ async def test_every_message_type_is_stored_exactly_once(gateway: Gateway) -> No
         if "MsgId" in fields:
             assert msg_id == f"{APP}:{fields['MsgId']}" == f"{APP}:{event.correlation_id}"
         else:
-            assert msg_id == f"{APP}:{USER}:{NOW}:{fields['Event']}" == event.correlation_id
+            assert msg_id == event.correlation_id
+            assert msg_id.startswith(f"{APP}:{USER}:{NOW}:{fields['Event']}.")
+
+
+async def test_two_menu_clicks_in_one_second_are_both_stored(gateway: Gateway) -> None:
+    """Same user, same second, same Event, another EventKey: one dedupe key made the
+    second a duplicate, answered 200 and never stored."""
+    for key in ("#sendmsg#_0_0", "#sendmsg#_0_1", "#sendmsg#_0_1"):  # the last: a retry
+        click = {"FromUserName": USER, "CreateTime": NOW, "MsgType": "event", "Event": "click"}
+        resp = await gateway.send(post(message_xml({**click, "EventKey": key, "AgentID": AGENT})))
+        assert resp.status == 200
+    keys = [event.payload.event_key for event, _, _ in await gateway.stored()]  # type: ignore[union-attr]
+    assert keys == ["#sendmsg#_0_0", "#sendmsg#_0_1"]
+
+
+async def test_a_control_character_is_stored_not_refused(gateway: Gateway) -> None:
+    resp = await gateway.send(post(text_message("31", content="line1\x0bline2")))
+    assert resp.status == 200
+    [event] = await gateway.events()
+    assert event.payload == TextPayload(content="line1\ufffdline2")
+
+
+async def test_an_event_with_no_sender_is_answered_and_not_stored(gateway: Gateway) -> None:
+    kf = {"CreateTime": NOW, "MsgType": "event", "Event": "kf_msg_or_event", "Token": "t"}
+    with capture_logs() as logs:
+        resp = await gateway.send(post(message_xml({**kf, "OpenKfId": "wk1"})))
+    assert resp.status == 200
+    assert [e["event"] for e in logs] == ["callback.ignored"]
+    assert await gateway.events() == []
 
 
 async def test_the_same_msgid_three_times_is_stored_once(
@@ -792,6 +822,16 @@ BAD_INPUTS: dict[str, Bad] = {
         "FromUserName is missing",
     ),
     "invalid UserID": Bad(lambda: post(text_message("9", user="-not valid")), 400, "valid UserID"),
+    "callback path with a trailing slash": Bad(
+        lambda: dataclasses.replace(post(text_message("9")), path=f"{PATH}/"),
+        404,
+        f"no such path: the callback is served at {PATH}",
+    ),
+    "PUT to the callback path": Bad(
+        lambda: dataclasses.replace(post(text_message("9")), method="PUT"),
+        405,
+        "PUT is not served here",
+    ),
     "bad CreateTime": Bad(
         lambda: post(
             message_xml(

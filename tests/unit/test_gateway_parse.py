@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,7 @@ from wecombot_gateway.errors import (
     InvalidMessage,
     InvalidQuery,
     MalformedXml,
+    NoSender,
     StaleTimestamp,
     UnsafeXml,
     UnsupportedMediaType,
@@ -262,17 +264,62 @@ def test_dedupe_key_of_a_message_is_app_and_msgid() -> None:
     assert dedupe_key(msg) == f"{APP}:4561255354251345929"
 
 
-def test_dedupe_key_of_an_event_is_app_user_time_event() -> None:
+def test_dedupe_key_of_an_event_is_app_user_time_event_and_its_digest() -> None:
     msg = parse(xml(message(MsgType="event", Event="enter_agent")))
-    assert dedupe_key(msg) == f"{APP}:{USER}:1409659813:enter_agent"
+    assert re.fullmatch(rf"{APP}:{USER}:1409659813:enter_agent\.[0-9a-f]{{16}}", dedupe_key(msg))
     assert msg.correlation_id == dedupe_key(msg)
     later = parse(xml(message(MsgType="event", Event="enter_agent", CreateTime="1409659814")))
     assert dedupe_key(later) != dedupe_key(msg)
+    again = parse(xml(message(MsgType="event", Event="enter_agent")))  # WeCom's retry
+    assert (dedupe_key(again), again.event_id) == (dedupe_key(msg), msg.event_id)
+
+
+def test_two_events_of_one_user_in_one_second_are_two() -> None:
+    """Two menu clicks, or contact changes (all from ``sys``) in one second: one key made
+    the second a duplicate, answered 200 and never stored."""
+    clicks = [
+        parse(xml(message(MsgType="event", Event="click", EventKey=f"#sendmsg#_0_{i}")))
+        for i in range(2)
+    ]
+    changes = [
+        parse(
+            xml(
+                message(
+                    MsgType="event",
+                    Event="change_contact",
+                    ChangeType="update_user",
+                    UserID=user,
+                    FromUserName="sys",
+                )
+            )
+        )
+        for user in ("u1", "u2")
+    ]
+    for first, second in (clicks, changes):
+        assert dedupe_key(first) != dedupe_key(second)
+        assert first.event_id != second.event_id
 
 
 def test_dedupe_key_without_msgid_uses_the_msgtype() -> None:
     msg = parse(xml(message(MsgType="brand_new")))
-    assert dedupe_key(msg) == f"{APP}:{USER}:1409659813:brand_new"
+    assert dedupe_key(msg).startswith(f"{APP}:{USER}:1409659813:brand_new.")
+
+
+def test_a_control_character_in_a_message_is_no_refusal() -> None:
+    """XML forbids them; WeChat sends them raw in CDATA (a vertical tab pasted from
+    Word). Signed and decrypted, the message is the user's: each retry was a 400."""
+    for raw, kept in (("line1\x0bline2", "line1\ufffdline2"), (" \x1dc", " \ufffdc")):
+        msg = parse(xml(message(MsgType="text", Content=raw, MsgId="77")))
+        assert msg.payload == TextPayload(content=kept)
+
+
+def test_an_event_without_a_sender_is_not_a_conversations() -> None:
+    """微信客服's kf_msg_or_event has no FromUserName (path/94670): answered 200 and not
+    stored, rather than refused (WeCom would retry it in vain)."""
+    fields = message(MsgType="event", Event="kf_msg_or_event", Token="ENC", OpenKfId="wk1")
+    del fields["FromUserName"]
+    with pytest.raises(NoSender, match="kf_msg_or_event"):
+        parse(xml(fields))
 
 
 def test_dedupe_key_is_header_safe() -> None:

@@ -39,8 +39,9 @@ __all__ = [
 GATEWAY_CALLBACKS = Counter(
     "wecombot_gateway_callbacks",
     "Callbacks answered, by result: stored (200, appended), duplicate (200, already "
-    "stored), refused (4xx or 503, see wecombot_gateway_refusals_total), failed (500), "
-    "url_verified (GET, the echostr answered)",
+    "stored), ignored (200, an event with no sender: 微信客服's), refused (4xx or 503, see "
+    "wecombot_gateway_refusals_total), failed (500), url_verified (GET, the echostr "
+    "answered)",
     ["result"],
 )
 GATEWAY_REFUSALS = Counter(

@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from http import HTTPStatus
 from typing import Any, Final
 
@@ -78,6 +78,7 @@ from .errors import (
     InvalidMessage,
     InvalidQuery,
     MalformedXml,
+    NoSender,
     StaleTimestamp,
     UnreadableBody,
     UnsafeXml,
@@ -97,6 +98,7 @@ _debug_enabled = logging.getLogger(__name__).isEnabledFor
 # Bound once: the label lookup costs more than the increment.
 _STORED = GATEWAY_CALLBACKS.labels("stored")
 _DUPLICATE = GATEWAY_CALLBACKS.labels("duplicate")
+_IGNORED = GATEWAY_CALLBACKS.labels("ignored")
 _REFUSED = GATEWAY_CALLBACKS.labels("refused")
 _FAILED = GATEWAY_CALLBACKS.labels("failed")
 _URL_VERIFIED = GATEWAY_CALLBACKS.labels("url_verified")
@@ -149,7 +151,9 @@ def create_app(
 ) -> web.Application:
     """Build the gateway's aiohttp application (crypto and parsers are built here, once)."""
     handlers = _CallbackHandlers(settings, publisher, clock)
-    app = web.Application(client_max_size=settings.max_body_bytes)
+    app = web.Application(
+        client_max_size=settings.max_body_bytes, middlewares=[_unrouted(settings.callback_path)]
+    )
     app.router.add_get(settings.callback_path, handlers.url_check, allow_head=False)
     app.router.add_post(settings.callback_path, handlers.receive)
     app.add_routes(HealthServer(settings.host, 0, ready).routes())
@@ -224,6 +228,10 @@ class _CallbackHandlers:
         try:
             message = await self._reader.read(request)
             appended = await self._publisher.append(message, msg_id=dedupe_key(message))
+        except NoSender as exc:
+            _IGNORED.inc()
+            log.info("callback.ignored", reason=exc.reason)
+            return web.Response()
         except (CallbackRejected, CryptoError, AppendUnavailable) as exc:
             return _refuse(request, exc, message)
         except Exception:
@@ -237,6 +245,36 @@ class _CallbackHandlers:
                 **_identity(message),
             )
         return web.Response()
+
+
+def _unrouted(callback_path: str) -> Any:
+    """A request no route takes (a URL saved with a typo or a trailing slash in the
+    WeCom admin; a method the callback does not serve) is answered 404 / 405 by aiohttp
+    before any handler: say so in the log too, once, naming the path we serve."""
+
+    @web.middleware
+    async def middleware(
+        request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except (web.HTTPNotFound, web.HTTPMethodNotAllowed) as exc:
+            GATEWAY_REFUSALS.labels(str(exc.status), type(exc).__name__).inc()
+            log.warning(
+                "callback.rejected",
+                status=exc.status,
+                method=request.method,
+                path=request.path[:200],
+                error=type(exc).__name__,
+                reason=(
+                    f"no such path: the callback is served at {callback_path}"
+                    if exc.status == 404
+                    else f"{request.method} is not served here (GET verifies, POST delivers)"
+                ),
+            )
+            raise
+
+    return middleware
 
 
 def _identity(message: MessageReceived | None) -> dict[str, object]:

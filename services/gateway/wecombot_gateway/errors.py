@@ -31,6 +31,7 @@ __all__ = [
     "InvalidMessage",
     "InvalidQuery",
     "MalformedXml",
+    "NoSender",
     "StaleTimestamp",
     "UnreadableBody",
     "UnsafeXml",
@@ -78,6 +79,12 @@ class UnsafeXml(CallbackRejected):
 
 class InvalidMessage(CallbackRejected):
     """The decrypted message is not UTF-8, or a required field is missing or malformed."""
+
+
+class NoSender(CallbackRejected):
+    """An event with no FromUserName (微信客服's kf_msg_or_event, path/94670): a valid
+    callback that belongs to no conversation. Answered 200 and not stored: refused, WeCom
+    would retry it in vain."""
 
 
 class WrongRecipient(CallbackRejected):

@@ -23,6 +23,7 @@ https://developer.work.weixin.qq.com/document/path/90238.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import re
 import xml.etree.ElementTree as ET
@@ -31,6 +32,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from urllib.parse import quote
 
+import msgspec
 from defusedxml import DefusedXmlException
 from defusedxml.ElementTree import fromstring
 
@@ -50,7 +52,7 @@ from wecombot_common.events import (
 )
 from wecombot_common.topology import is_user_id
 
-from .errors import InvalidMessage, MalformedXml, UnsafeXml, WrongRecipient
+from .errors import InvalidMessage, MalformedXml, NoSender, UnsafeXml, WrongRecipient
 
 __all__ = [
     "Envelope",
@@ -59,6 +61,7 @@ __all__ = [
     "parse_message",
 ]
 
+_payload_encoder = msgspec.json.Encoder(order="sorted")  # the same bytes for a retry
 _SAFE_KEY_PART = re.compile(r"[A-Za-z0-9_\-@.]{1,128}")
 # A MsgType token: every type WeCom documents (text, image, voice, video, location, link,
 # event, file, miniprogram_notice…) is lower-case letters and '_'. A well-formed type we
@@ -86,6 +89,10 @@ _FLAT_ELEMENT = re.compile(
     rf"|([^<&>\]{_NOT_XML_CHAR}]*+))</\1>"
 )
 _FLAT_END = re.compile(r"[ \t\n]*+</xml>")
+# Characters XML 1.0 forbids. WeCom's sibling WeChat sends them raw inside CDATA (a
+# vertical tab pasted from Word, \x1d…): in the decrypted message, already signed, they
+# become U+FFFD rather than make every retry of the user's message a 400.
+_FORBIDDEN_IN_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,6 +141,8 @@ def parse_message(plaintext: bytes, *, corp_id: str, agent_id: int, app: str) ->
         raise InvalidMessage(
             f"decrypted message is not valid UTF-8 (byte {exc.start}: {exc.reason})"
         ) from None
+    if _FORBIDDEN_IN_XML.search(text) is not None:
+        text = _FORBIDDEN_IN_XML.sub("\ufffd", text)
     fields = _flat_fields(text)
     if fields is None:
         fields = _flatten(_parse_xml(text, "decrypted message"))
@@ -143,6 +152,8 @@ def parse_message(plaintext: bytes, *, corp_id: str, agent_id: int, app: str) ->
     agent = _agent_id(fields.get("AgentID"))
     if agent is not None and agent != agent_id:
         raise WrongRecipient(f"message for AgentID {agent}, not for ours ({agent_id})")
+    if "FromUserName" not in fields and fields.get("MsgType") == "event":
+        raise NoSender(f"event {_show(fields.get('Event', ''))} has no FromUserName")
     from_user = _required(fields, "FromUserName")
     if not is_user_id(from_user):
         raise InvalidMessage(f"FromUserName {_show(from_user)} is not a valid UserID")
@@ -171,10 +182,13 @@ def dedupe_key(message: MessageReceived) -> str:
     """The Nats-Msg-Id of a received message: WeCom retries must map to the same key.
 
     ``{app}:{MsgId}`` for messages; events have no MsgId, so
-    ``{app}:{FromUserName}:{CreateTime}:{Event}`` (a message without MsgId uses its
-    MsgType in place of Event). WeCom retries a callback it got no 200 for and advises
-    deduplicating by MsgId, and events by FromUserName + CreateTime
-    (https://developer.work.weixin.qq.com/document/path/90238).
+    ``{app}:{FromUserName}:{CreateTime}:{Event}.{digest}`` (a message without MsgId
+    uses its MsgType in place of Event), the digest of everything the event carries.
+    WeCom retries a callback it got no 200 for and advises deduplicating by MsgId, and
+    events by FromUserName + CreateTime
+    (https://developer.work.weixin.qq.com/document/path/90238); two different events
+    of one user in one second (two menu clicks; contact changes, all from ``sys``) are
+    not one event, so the digest tells them apart.
     """
     discriminator = _discriminator(message.msg_type, message.payload)
     return _key(message.app, message.msg_id, message.from_user, message.create_time, discriminator)
@@ -400,7 +414,12 @@ _BUILDERS: dict[str, Callable[[dict[str, str]], Payload]] = {
 
 
 def _discriminator(msg_type: str, payload: Payload) -> str:
-    return payload.event if isinstance(payload, WeComEventPayload) else msg_type
+    """What tells apart two callbacks without MsgId from one user in one second: the
+    event (or type), and a digest of everything it carries. Two menu clicks, or two
+    contact changes from ``sys``, differ by their fields; a WeCom retry does not."""
+    label = payload.event if isinstance(payload, WeComEventPayload) else msg_type
+    digest = hashlib.sha1(_payload_encoder.encode(payload), usedforsecurity=False)
+    return f"{label}.{digest.hexdigest()[:16]}"
 
 
 def _key_part(value: str) -> str:
