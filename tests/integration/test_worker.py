@@ -17,7 +17,7 @@ from structlog.testing import capture_logs
 from tests.conftest import NatsHandle
 from tests.waiting import until
 from wecombot_common import topology
-from wecombot_common.bus import append_event, ensure_topology
+from wecombot_common.bus import append_event, connect, ensure_topology
 from wecombot_common.errors import PermanentError, TransientError
 from wecombot_common.events import Event, ReplyGenerated
 from wecombot_common.settings import EnvReader, NatsSettings
@@ -606,3 +606,83 @@ async def test_deliveries_left_in_the_buffer_past_a_third_of_ack_wait_are_handed
     late = [e for e in logs if e["event"] == "worker.late_deliveries_handed_back"]
     assert [e["count"] for e in late] == [1]
     await _settled(stream, seqs[-1])
+
+
+async def test_no_pull_request_piles_up_while_nats_is_away(
+    stream: JetStreamContext, nats_server: NatsHandle
+) -> None:
+    """nats-py buffers what is published while it reconnects: each fetch of an outage
+    left one pull request (five a second here), the broker served them all at once on
+    reconnect, and every message beyond the free slots was handed back at the cost of
+    one of its deliveries (one on its last was parked without running). With its
+    connection, the worker asks for nothing while it is away, and goes on after."""
+    nc = await connect(NatsSettings.read(EnvReader({"NATS_URL": nats_server.url})), "w")
+    handled: list[int] = []
+
+    async def handle(d: Delivery) -> Outcome:
+        handled.append(d.stream_seq)
+        return Ack()
+
+    worker = PullWorker(
+        nc.jetstream(),
+        _config(),
+        handle,
+        max_deliver=3,
+        max_concurrency=8,
+        fetch_timeout_s=0.2,
+        connection=nc,
+    )
+    stop = asyncio.Event()
+    task = asyncio.create_task(worker.run(stop))
+    try:
+
+        async def fetching() -> bool:
+            with contextlib.suppress(nats.js.errors.NotFoundError):
+                info = await stream.consumer_info(topology.CONVERSATION_STREAM, "w")
+                return bool(info.num_waiting)
+            return False
+
+        await until(fetching, timeout=10, what="the worker's first pull request")
+        nats_server.stop()
+        await until(lambda: not nc.is_connected, timeout=10, what="the client to see it gone")
+        # What is under test is an outage's length: the fetch under way when it began
+        # ends (its timeout), then five more fetch timeouts' worth of outage.
+        await asyncio.sleep(0.5)
+        before = nc.pending_data_size
+        await asyncio.sleep(1.0)
+        assert nc.pending_data_size == before, "pull requests buffered for the reconnect"
+        nats_server.start()
+        await until(lambda: nc.is_connected, timeout=20, what="the client back")
+        seqs = [(await append_event(stream, _reply(f"u{i}", str(i)))).seq for i in range(20)]
+        await until(lambda: sorted(handled) == seqs, timeout=20, what="all handled after it")
+    finally:
+        stop.set()
+        await task
+        await nc.close()
+
+
+async def test_a_deleted_consumer_is_made_again(stream: JetStreamContext) -> None:
+    """Deleted by hand (or with its stream): no fetch was ever answered again, on any
+    replica, until a restart, while readiness stayed green."""
+    handled: list[int] = []
+
+    async def handle(d: Delivery) -> Outcome:
+        handled.append(d.stream_seq)
+        return Ack()
+
+    worker = PullWorker(stream, _config(), handle, max_deliver=3, fetch_timeout_s=0.2)
+    stop = asyncio.Event()
+    task = asyncio.create_task(worker.run(stop))
+    try:
+        first = (await append_event(stream, _reply("a", "before"))).seq
+        await until(lambda: handled == [first], timeout=10, what="the first handled")
+        with capture_logs() as logs:
+            await stream.delete_consumer(topology.CONVERSATION_STREAM, "w")
+            second = (await append_event(stream, _reply("b", "after"))).seq
+            # Made again, it starts from the stream's first message: the handlers find
+            # what is done done (the llm its outcome, the sender its delivery).
+            await until(lambda: second in handled, timeout=15, what="the message handled")
+        assert "worker.consumer_ensured" in [e["event"] for e in logs], logs
+    finally:
+        stop.set()
+        await task

@@ -62,7 +62,8 @@ WORKER_SETTLED = Counter(
 )
 WORKER_IN_FLIGHT = Gauge(
     "wecombot_worker_in_flight",
-    "Deliveries being handled now, by consumer (at most its *_MAX_CONCURRENCY)",
+    "Deliveries holding a slot now, running or waiting for an earlier one of their "
+    "conversation, by consumer (at most its *_MAX_CONCURRENCY)",
     ["consumer"],
 )
 WORKER_HANDLER_SECONDS = Histogram(

@@ -209,6 +209,13 @@ def conversation_stream(
     )
 
 
+# A message's dead letter may be written again when its term was lost: after the first
+# delivery past the limit (handed back for one ack_wait) and the next, so up to two of
+# the longest ack_wait (3600 s) plus the worker's retry later. Its Nats-Msg-Id must
+# still be remembered then (the server's default window is 2 minutes).
+DEAD_LETTER_DUPLICATE_WINDOW_S: Final = 2 * 3600 + 60
+
+
 def dead_letter_stream(*, replicas: int, max_age_s: float) -> StreamConfig:
     return StreamConfig(
         name=DEAD_LETTER_STREAM,
@@ -218,6 +225,7 @@ def dead_letter_stream(*, replicas: int, max_age_s: float) -> StreamConfig:
         storage=StorageType.FILE,
         num_replicas=replicas,
         max_age=max_age_s,
+        duplicate_window=min(DEAD_LETTER_DUPLICATE_WINDOW_S, max_age_s),
     )
 
 

@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 import nats.errors
 import nats.js.errors
 import structlog
+from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig
@@ -234,7 +235,13 @@ class PullWorker:
         max_concurrency: int = 16,
         grace_s: float = 20.0,
         fetch_timeout_s: float = 1.0,
+        connection: NATS | None = None,
     ) -> None:
+        """``connection``: the client ``js`` belongs to. With it, no pull request is made
+        while it is away: nats-py would buffer one per fetch (one a second), the broker
+        serve them all at once on reconnect, and each message beyond the free slots be
+        handed back at the cost of one of its deliveries (a message on its last one was
+        parked without ever running)."""
         assert config.durable_name is not None
         assert config.filter_subject is not None
         self._js = js
@@ -256,6 +263,7 @@ class PullWorker:
         self.processed = 0
         self._metrics = _ConsumerMetrics.of(self.name)
         self._sub: JetStreamContext.PullSubscription | None = None
+        self._connection = connection
 
     @property
     def in_flight(self) -> int:
@@ -391,6 +399,9 @@ class PullWorker:
     async def _fetch(
         self, sub: JetStreamContext.PullSubscription, batch: int, stopping: asyncio.Future[bool]
     ) -> list[Msg]:
+        await self._until_connected(stopping)
+        if stopping.done():
+            return []
         self._last_fetch_at = asyncio.get_running_loop().time()
         fetch: asyncio.Future[list[Msg]] = asyncio.ensure_future(
             sub.fetch(batch, timeout=self._fetch_timeout)
@@ -412,7 +423,28 @@ class PullWorker:
             # Broker away (restart, reconnect): back off a little and try again.
             log.warning("worker.fetch_failed", consumer=self.name, error=str(exc))
             await asyncio.sleep(0.5)
+            if isinstance(
+                exc, nats.js.errors.ServiceUnavailableError | nats.js.errors.NotFoundError
+            ):
+                await self._consumer_again()
             return []
+
+    async def _consumer_again(self) -> None:
+        """The consumer may be gone (deleted by hand, or with its stream): without it no
+        fetch is ever answered, on any replica, until a restart. Make it again; the pull
+        subscription works again as soon as a consumer of its name exists."""
+        try:
+            await self.ensure_consumer()
+        except (TimeoutError, nats.errors.Error) as exc:  # the stream itself missing, say
+            log.warning("worker.consumer_missing", consumer=self.name, error=str(exc))
+        else:
+            log.info("worker.consumer_ensured", consumer=self.name)
+
+    async def _until_connected(self, stopping: asyncio.Future[bool]) -> None:
+        """While the client is away, wait (no pull request to buffer) or stop."""
+        connection = self._connection
+        while connection is not None and not connection.is_connected and not stopping.done():
+            await asyncio.wait([stopping], timeout=0.25)
 
     async def _process(self, msg: Msg) -> None:
         try:
@@ -423,8 +455,10 @@ class PullWorker:
             # earlier one of its conversation must not outlive ack_wait either.
             heartbeat = asyncio.create_task(self._heartbeat(delivery))
             try:
-                async with self._turn(delivery):
-                    with self._metrics.in_flight.track_inprogress():
+                # In flight from its slot on, waiting for its key included: the gauge at
+                # the concurrency limit means the replica takes no more.
+                with self._metrics.in_flight.track_inprogress():
+                    async with self._turn(delivery):
                         started = time.monotonic()
                         outcome = await self._run_handler(delivery)
                         self._metrics.handler_seconds.observe(time.monotonic() - started)
@@ -532,12 +566,13 @@ class PullWorker:
             return
         if isinstance(outcome, Ack):
             self.processed += 1
-            self._metrics.acked.inc()
             try:
                 await d.msg.ack_sync(timeout=5)
             except (TimeoutError, nats.errors.Error) as exc:
                 # The work is recorded in the log; a redelivery finds it done.
                 log.warning("worker.ack_failed", consumer=self.name, error=str(exc))
+                return
+            self._metrics.acked.inc()
             return
         if d.last_try:
             await self._dead_letter(
@@ -551,23 +586,34 @@ class PullWorker:
             delay_s=round(outcome.delay_s, 2),
             delivery=d.num_delivered,
         )
-        await self._nak(d.msg, outcome.delay_s)
-        self._metrics.retried.inc()
+        if await self._nak(d.msg, outcome.delay_s):
+            self._metrics.retried.inc()
 
     async def _heartbeat(self, d: Delivery) -> None:
+        # The first at once: the delivery may have waited on the way (a stalled link from
+        # the broker, the buffer) for part of its ack_wait already, unseen.
         interval = max(0.5, self._ack_wait / 3)
         while True:
-            await asyncio.sleep(interval)
             await d.in_progress()
+            await asyncio.sleep(interval)
 
     async def _hand_back(self, msg: Msg) -> None:
-        """Stopping: nak at once, so another replica takes it now."""
-        await self._nak(msg, 0)
-        self._metrics.handed_back.inc()
+        """Not ours to run now (stopping, no free slot, too old in the buffer): nak at
+        once, so another replica takes it now; but the first delivery past the limit
+        keeps its grace of one ack_wait (see ``_delivery``), or it would be parked at once
+        while the replica that lost its hold may still finish it."""
+        past_limit = self._max_deliver > 0 and msg.metadata.num_delivered == self._max_deliver + 1
+        if await self._nak(msg, self._ack_wait if past_limit else 0):
+            self._metrics.handed_back.inc()
 
-    async def _nak(self, msg: Msg, delay: float) -> None:
-        with contextlib.suppress(nats.errors.Error):
+    async def _nak(self, msg: Msg, delay: float) -> bool:
+        """Nak ``msg``; False when the nak did not go out (it then comes back after
+        ack_wait, as the broker sees no answer)."""
+        try:
             await msg.nak(delay=delay if delay > 0 else None)
+        except nats.errors.Error:
+            return False
+        return True
 
     async def _dead_letter(self, msg: Msg, reason: str, deliveries: int) -> None:
         """Park a poison message in the dead-letter stream with the reason, then term it."""
@@ -581,7 +627,7 @@ class PullWorker:
             "Nats-Msg-Id": f"dlq:{self.name}:{meta.sequence.stream}",
         }
         try:
-            await self._js.publish(
+            parked = await self._js.publish(
                 f"{topology.PREFIX}.dlq.{self.name}", msg.data, headers=headers, timeout=5
             )
         except (TimeoutError, nats.errors.Error) as exc:
@@ -590,7 +636,8 @@ class PullWorker:
             # max_deliver comes straight back here.
             await self._nak(msg, self.DEAD_LETTER_RETRY_S)
             return
-        self._metrics.dead_lettered.inc()
+        if not parked.duplicate:  # a repeat of one parked already (its term was lost)
+            self._metrics.dead_lettered.inc()
         log.error(
             "worker.dead_lettered",
             consumer=self.name,

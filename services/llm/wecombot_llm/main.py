@@ -17,7 +17,6 @@ from collections.abc import Awaitable, Callable, Mapping
 
 import structlog
 from nats.aio.client import Client as NATS
-from nats.js import JetStreamContext
 
 from wecombot_common.bus import connect_when_ready, disconnect, ensure_topology
 from wecombot_common.logs import configure_logging
@@ -63,7 +62,7 @@ async def serve(settings: LlmSettings, stop: asyncio.Event) -> None:
         nc, _ = connected
         try:
             ready.attach(_nats_ready(nc))
-            await _answer(settings, nc.jetstream(), stop)
+            await _answer(settings, nc, stop)
         finally:
             await disconnect(nc, "wecombot-llm")
     finally:
@@ -71,7 +70,8 @@ async def serve(settings: LlmSettings, stop: asyncio.Event) -> None:
         log.info("llm.stopped")
 
 
-async def _answer(settings: LlmSettings, js: JetStreamContext, stop: asyncio.Event) -> None:
+async def _answer(settings: LlmSettings, nc: NATS, stop: asyncio.Event) -> None:
+    js = nc.jetstream()
     async with open_model(settings.model) as model:
         handler = LlmHandler(
             JetStreamLog(js, consumer=LLM_CONSUMER),
@@ -98,6 +98,7 @@ async def _answer(settings: LlmSettings, js: JetStreamContext, stop: asyncio.Eve
             key=None,
             max_concurrency=settings.max_concurrency,
             grace_s=settings.shutdown_grace_s,
+            connection=nc,
         )
         log.info("llm.started", concurrency=settings.max_concurrency)
         await worker.run(stop)

@@ -87,6 +87,7 @@ async def _consume(
         max_deliver=settings.max_deliver,
         key=conversation_key,
         max_concurrency=settings.max_concurrency,
+        connection=nc,
     )
     sender.queued_behind = worker.queued
     log.info("sender.started", app=settings.wecom.app, consumer=SENDER_CONSUMER)
