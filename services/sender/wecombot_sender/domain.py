@@ -225,13 +225,16 @@ def layout(text: str, outcome: OutcomeState) -> list[tuple[int, int]]:
     >>> layout("abcdef", outcome)
     [(0, 3), (3, 6)]
     """
+    whole = _split_from(text, 0)
     if outcome.delivered:
         last = max(outcome.delivered)
         span = outcome.spans.get(last)
         if span is not None and 0 <= span[0] <= span[1] <= len(text):
+            if last < len(whole) and whole[last] == span:
+                return whole  # split as this build splits: the parts stay the same
             head = [(span[0], span[0])] * last + [span]
             return head + _split_from(text, span[1])
-    return _split_from(text, 0)
+    return whole
 
 
 def _split_from(text: str, offset: int) -> list[tuple[int, int]]:
