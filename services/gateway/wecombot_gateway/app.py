@@ -43,7 +43,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
+from functools import partial
 from http import HTTPStatus
 from typing import Any, Final
 
@@ -151,12 +152,13 @@ def create_app(
 ) -> web.Application:
     """Build the gateway's aiohttp application (crypto and parsers are built here, once)."""
     handlers = _CallbackHandlers(settings, publisher, clock)
-    app = web.Application(
-        client_max_size=settings.max_body_bytes, middlewares=[_unrouted(settings.callback_path)]
-    )
+    app = web.Application(client_max_size=settings.max_body_bytes)
     app.router.add_get(settings.callback_path, handlers.url_check, allow_head=False)
     app.router.add_post(settings.callback_path, handlers.receive)
     app.add_routes(HealthServer(settings.host, 0, ready).routes())
+    # Last: what no route above takes (a route, not a middleware, which every callback
+    # would pay for).
+    app.router.add_route("*", "/{anything:.*}", partial(_unrouted, settings.callback_path))
     return app
 
 
@@ -247,34 +249,26 @@ class _CallbackHandlers:
         return web.Response()
 
 
-def _unrouted(callback_path: str) -> Any:
-    """A request no route takes (a URL saved with a typo or a trailing slash in the
-    WeCom admin; a method the callback does not serve) is answered 404 / 405 by aiohttp
-    before any handler: say so in the log too, once, naming the path we serve."""
-
-    @web.middleware
-    async def middleware(
-        request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-    ) -> web.StreamResponse:
-        try:
-            return await handler(request)
-        except (web.HTTPNotFound, web.HTTPMethodNotAllowed) as exc:
-            GATEWAY_REFUSALS.labels(str(exc.status), type(exc).__name__).inc()
-            log.warning(
-                "callback.rejected",
-                status=exc.status,
-                method=request.method,
-                path=request.path[:200],
-                error=type(exc).__name__,
-                reason=(
-                    f"no such path: the callback is served at {callback_path}"
-                    if exc.status == 404
-                    else f"{request.method} is not served here (GET verifies, POST delivers)"
-                ),
-            )
-            raise
-
-    return middleware
+async def _unrouted(callback_path: str, request: web.Request) -> web.Response:
+    """A request no route takes (a URL saved with a typo or a trailing slash in the WeCom
+    admin; a method the callback does not serve): 404 / 405 as aiohttp would answer, and
+    said in the log once, naming the path we serve."""
+    if request.path == callback_path:
+        status, reason = 405, f"{request.method} is not served here (GET verifies, POST delivers)"
+        error, headers = "HTTPMethodNotAllowed", {"Allow": "GET, POST"}
+    else:
+        status, reason = 404, f"no such path: the callback is served at {callback_path}"
+        error, headers = "HTTPNotFound", {}
+    GATEWAY_REFUSALS.labels(str(status), error).inc()
+    log.warning(
+        "callback.rejected",
+        status=status,
+        method=request.method,
+        path=request.path[:200],
+        error=error,
+        reason=reason,
+    )
+    return web.Response(status=status, text=HTTPStatus(status).phrase, headers=headers)
 
 
 def _identity(message: MessageReceived | None) -> dict[str, object]:

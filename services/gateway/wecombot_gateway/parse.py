@@ -141,9 +141,10 @@ def parse_message(plaintext: bytes, *, corp_id: str, agent_id: int, app: str) ->
         raise InvalidMessage(
             f"decrypted message is not valid UTF-8 (byte {exc.start}: {exc.reason})"
         ) from None
-    if _FORBIDDEN_IN_XML.search(text) is not None:
+    fields = _flat_fields(text)  # refuses a forbidden character: then sanitised below
+    if fields is None and _FORBIDDEN_IN_XML.search(text) is not None:
         text = _FORBIDDEN_IN_XML.sub("\ufffd", text)
-    fields = _flat_fields(text)
+        fields = _flat_fields(text)
     if fields is None:
         fields = _flatten(_parse_xml(text, "decrypted message"))
     to_user = _required(fields, "ToUserName")
@@ -161,7 +162,7 @@ def parse_message(plaintext: bytes, *, corp_id: str, agent_id: int, app: str) ->
     msg_type = _msg_type(_required(fields, "MsgType"))
     msg_id = fields.get("MsgId") or None
     payload = _payload(msg_type, fields)
-    key = _key(app, msg_id, from_user, create_time, _discriminator(msg_type, payload))
+    key = _key(app, msg_id, from_user, create_time, msg_type, payload)
     return MessageReceived(
         event_id=derived_id(key, "received"),
         occurred_at=datetime.fromtimestamp(create_time, UTC),
@@ -190,8 +191,14 @@ def dedupe_key(message: MessageReceived) -> str:
     of one user in one second (two menu clicks; contact changes, all from ``sys``) are
     not one event, so the digest tells them apart.
     """
-    discriminator = _discriminator(message.msg_type, message.payload)
-    return _key(message.app, message.msg_id, message.from_user, message.create_time, discriminator)
+    return _key(
+        message.app,
+        message.msg_id,
+        message.from_user,
+        message.create_time,
+        message.msg_type,
+        message.payload,
+    )
 
 
 # ---------------------------------------------------------------- XML
@@ -427,7 +434,10 @@ def _key_part(value: str) -> str:
     return value if _SAFE_KEY_PART.fullmatch(value) else quote(value, safe="")
 
 
-def _key(app: str, msg_id: str | None, from_user: str, create_time: int, disc: str) -> str:
+def _key(
+    app: str, msg_id: str | None, from_user: str, create_time: int, msg_type: str, payload: Payload
+) -> str:
     if msg_id:
         return f"{app}:{_key_part(msg_id)}"
+    disc = _discriminator(msg_type, payload)  # only here: a digest costs what a message saves
     return f"{app}:{from_user}:{create_time}:{_key_part(disc)}"
