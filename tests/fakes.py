@@ -36,6 +36,7 @@ class FakeLog:
         self.settled = 0
         self.unavailable = 0  # the next N appends fail
         self.reads = 0
+        self.events_read = 0
         self._last_seq = 0
 
     def add(self, event: Event) -> int:
@@ -56,6 +57,7 @@ class FakeLog:
         self.reads += 1
         for subject, s in list(self.events):
             if s.seq > after_seq and subject.startswith(conv.root + "."):
+                self.events_read += 1
                 yield s
 
     async def append(

@@ -910,6 +910,16 @@ async def test_a_forged_stale_callback_is_refused_for_its_signature_not_its_cloc
     assert await gateway.events() == []
 
 
+async def test_a_method_a_health_route_does_not_serve_is_405_not_404(gateway: Gateway) -> None:
+    """The catch-all route that logs what no route takes must not turn a health route's
+    405 into a 404 (as it did at first)."""
+    with capture_logs() as logs:
+        resp = await gateway.client.post("/healthz")
+    assert (resp.status, resp.headers["Allow"]) == (405, "GET,HEAD")
+    [rejected] = rejections(logs)
+    assert rejected["reason"] == "POST is not served here (GET, HEAD)"
+
+
 async def test_health_and_readiness(gateway: Gateway) -> None:
     assert (await gateway.client.get("/healthz")).status == 200
     ready = await gateway.client.get("/readyz")

@@ -615,18 +615,23 @@ async def test_a_message_behind_the_cached_sequence_is_answered_after_a_recreate
     assert model.calls[-1] == ["sys", "q4"]
 
 
-async def test_a_message_answered_long_ago_is_not_answered_again() -> None:
-    """Its redelivery, past what the fold remembers settling: one fresh read of the log
-    finds its outcome (the re-read the recreated stream needs costs nothing else)."""
+async def test_messages_answered_long_ago_are_not_answered_again_nor_reread_each() -> None:
+    """Redelivered past what the fold remembers settling (a consumer made again replays
+    the stream from its start): one fresh read of the log finds them answered, once for
+    the conversation, not once per message (that was quadratic in a long history)."""
     log, model = FakeLog(), FakeModel()
-    cfg = HandlerConfig(policy=ReplyPolicy(system_prompt="sys"), remember_answered=1)
-    h = LlmHandler(log, model, cfg)
-    first, second = msg("first"), msg("second")
-    s1 = log.add(first)
-    assert await h.handle(first, stream_seq=s1, num_delivered=1) == Ack()
-    assert await h.handle(second, stream_seq=log.add(second), num_delivered=1) == Ack()
-    assert await h.handle(first, stream_seq=s1, num_delivered=2) == Ack()
-    assert len(model.calls) == 2 and len(log.outcomes()) == 2
+    policy = ReplyPolicy(system_prompt="sys", user_rate_per_minute=0)
+    h = LlmHandler(log, model, HandlerConfig(policy=policy, remember_answered=1))
+    asked = [msg(f"q{i}") for i in range(30)]
+    seqs = [log.add(m) for m in asked]
+    for m, seq in zip(asked, seqs, strict=True):
+        assert await h.handle(m, stream_seq=seq, num_delivered=1) == Ack()
+    events = len(log.events)  # 30 messages, 30 answers
+    log.events_read = 0
+    for m, seq in zip(asked, seqs, strict=True):
+        assert await h.handle(m, stream_seq=seq, num_delivered=2) == Ack()
+    assert len(model.calls) == 30 and len(log.outcomes()) == 30
+    assert log.events_read < 2 * events, "the conversation was read again per message"
 
 
 async def test_an_answer_cut_off_at_the_output_limit_says_so() -> None:

@@ -253,9 +253,21 @@ async def _unrouted(callback_path: str, request: web.Request) -> web.Response:
     """A request no route takes (a URL saved with a typo or a trailing slash in the WeCom
     admin; a method the callback does not serve): 404 / 405 as aiohttp would answer, and
     said in the log once, naming the path we serve."""
+    allowed = sorted(
+        {
+            route.method
+            for resource in request.app.router.resources()
+            if resource.canonical == request.path
+            for route in resource
+            if route.method != "*"
+        }
+    )
     if request.path == callback_path:
         status, reason = 405, f"{request.method} is not served here (GET verifies, POST delivers)"
         error, headers = "HTTPMethodNotAllowed", {"Allow": "GET, POST"}
+    elif allowed:  # a health route: as aiohttp answers a method it does not serve
+        status, reason = 405, f"{request.method} is not served here ({', '.join(allowed)})"
+        error, headers = "HTTPMethodNotAllowed", {"Allow": ",".join(allowed)}
     else:
         status, reason = 404, f"no such path: the callback is served at {callback_path}"
         error, headers = "HTTPNotFound", {}

@@ -44,6 +44,8 @@ class Entry:
         self.state = state
         self.used_at = now
         self.size = 0  # state.approx_bytes() when last counted
+        # rebuilt once for a message it had read past without knowing (handler._handle)
+        self.reread = False
         self.lock = asyncio.Lock()
         self.active: Counter[str] = Counter()
         # An outcome computed but not appended (the broker was away): reused by a

@@ -1,6 +1,6 @@
 """What each received message gets: a fixed reply, a model call, or nothing. Pure::
 
-    action = decide(received, conversation, policy)
+    action = decide(received, conversation, policy, now=time.time())
     isinstance(action, AskModel)
     # → True
 

@@ -181,7 +181,6 @@ class LlmHandler:
     ) -> Ack | Nak:
         waiting = _OrderWait(self._config)
         conflicts = 0
-        reread = False
         while True:
             async with entry.lock:
                 await self._catch_up(conv, entry)
@@ -192,11 +191,13 @@ class LlmHandler:
                     settled_through=self._settled.through,
                     ignore_order=last_try,
                 )
-                if isinstance(step, Done) and not step.remembered and not reread:
+                if isinstance(step, Done) and not step.remembered and not entry.reread:
                     # Read past without it, and not among the settled it remembers: long
                     # answered, or the stream's sequences went back (recreated) and this
-                    # entry is ahead of the log. One fresh read tells.
-                    reread = True
+                    # entry is ahead of the log. One fresh read tells, once per entry: after
+                    # it the entry is the log's, and the next such message is an old one
+                    # (a consumer made again replays the stream from its start).
+                    entry.reread = True
                     entry.state = self._new_state()
                     entry.prepared.clear()
                     continue
