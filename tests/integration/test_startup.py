@@ -82,6 +82,26 @@ async def test_alive_before_nats_then_ready(name: str, nats_server: NatsHandle) 
         await asyncio.wait_for(task, 30)
 
 
+def _start_failing(name: str, **env: str) -> subprocess.CompletedProcess[str]:
+    """Run service ``name`` with its WeCom settings and an unreachable NATS: it must stop
+    on its own at start-up (a settings problem), and this returns how."""
+    return subprocess.run(
+        [sys.executable, "-m", "wecombot", name],
+        env={
+            **os.environ,
+            "NATS_URL": "nats://127.0.0.1:9",
+            "WECOM_CORP_ID": "wwstartup",
+            "WECOM_AGENT_ID": "1000002",
+            "WECOM_SECRET": "startup-secret",
+            **env,
+        },
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
 @pytest.mark.parametrize("name", ["llm", "sender", "token"])
 def test_a_health_port_in_use_is_a_setting_problem(name: str) -> None:
     """Exit 2 naming the setting, as the gateway does for its port; it was a traceback and
@@ -90,22 +110,7 @@ def test_a_health_port_in_use_is_a_setting_problem(name: str) -> None:
         taken.bind(("0.0.0.0", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        env = {
-            **os.environ,
-            "NATS_URL": "nats://127.0.0.1:9",
-            "WECOMBOT_HEALTH_PORT": str(port),
-            "WECOM_CORP_ID": "wwstartup",
-            "WECOM_AGENT_ID": "1000002",
-            "WECOM_SECRET": "startup-secret",
-        }
-        ran = subprocess.run(
-            [sys.executable, "-m", "wecombot", name],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
+        ran = _start_failing(name, WECOMBOT_HEALTH_PORT=str(port))
     assert ran.returncode == 2, ran.stderr
     assert "(WECOMBOT_HEALTH_HOST, WECOMBOT_HEALTH_PORT)" in ran.stderr, ran.stderr
     assert f"0.0.0.0:{port}" in ran.stderr
@@ -116,23 +121,7 @@ def test_a_health_port_in_use_is_a_setting_problem(name: str) -> None:
 def test_the_health_server_listens_where_it_is_told(name: str) -> None:
     """WECOMBOT_HEALTH_HOST is where each service's health server binds: an address this
     machine does not have (TEST-NET-1) cannot be bound, and the service says so."""
-    env = {
-        **os.environ,
-        "NATS_URL": "nats://127.0.0.1:9",
-        "WECOMBOT_HEALTH_HOST": "192.0.2.1",
-        "WECOMBOT_HEALTH_PORT": "18089",
-        "WECOM_CORP_ID": "wwstartup",
-        "WECOM_AGENT_ID": "1000002",
-        "WECOM_SECRET": "startup-secret",
-    }
-    ran = subprocess.run(
-        [sys.executable, "-m", "wecombot", name],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    ran = _start_failing(name, WECOMBOT_HEALTH_HOST="192.0.2.1", WECOMBOT_HEALTH_PORT="18089")
     assert ran.returncode == 2, ran.stderr
     assert "cannot listen on 192.0.2.1:18089 (WECOMBOT_HEALTH_HOST" in ran.stderr, ran.stderr
     assert "Traceback" not in ran.stderr

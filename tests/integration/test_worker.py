@@ -238,6 +238,33 @@ async def _one_dead_letter(js: JetStreamContext) -> bool:
     return int(info.state.messages) == 1
 
 
+async def _until_fetching(js: JetStreamContext, name: str = "w") -> None:
+    """Until the worker has a pull request waiting at the broker."""
+
+    async def fetching() -> bool:
+        with contextlib.suppress(nats.js.errors.NotFoundError):
+            info = await js.consumer_info(topology.CONVERSATION_STREAM, name)
+            return info.num_waiting > 0
+        return False
+
+    await until(fetching, timeout=10, what=f"{name}'s first pull request")
+
+
+async def _served_and_held(
+    stall: _OneWayStall, js: JetStreamContext, *, count: int, held: int
+) -> list[int]:
+    """Hold what the broker sends, append ``count`` messages, and wait until at least
+    ``held`` of them were served (and are held); their stream sequences."""
+    stall.holding = True
+    seqs = [(await append_event(js, _reply(f"u{i}", str(i)))).seq for i in range(count)]
+    await until(
+        lambda: stall.held.count(b'"ReplyGenerated"') >= held,
+        timeout=20,
+        what=lambda: f"{held} messages served and held ({stall.held.count(b'ReplyGenerated')})",
+    )
+    return seqs
+
+
 async def _settled(js: JetStreamContext, seq: int, name: str = "w") -> None:
     """Nothing of the consumer's is pending any more, and its ack floor is past ``seq``."""
     info = await js.consumer_info(topology.CONVERSATION_STREAM, name)
@@ -449,21 +476,8 @@ async def test_deliveries_made_late_never_run_beyond_the_slots(
     )
     task = asyncio.create_task(worker.run(stop))
     try:
-
-        async def fetching() -> bool:
-            with contextlib.suppress(nats.js.errors.NotFoundError):
-                info = await stream.consumer_info(topology.CONVERSATION_STREAM, "w")
-                return info.num_waiting > 0
-            return False
-
-        await until(fetching, timeout=10, what="the worker's first pull request")
-        stall.holding = True
-        seqs = [(await append_event(stream, _reply(f"u{i}", str(i)))).seq for i in range(24)]
-        await until(
-            lambda: stall.held.count(b'"ReplyGenerated"') >= 12,
-            timeout=20,
-            what=lambda: f"12 messages served and held ({stall.held.count(b'ReplyGenerated')})",
-        )
+        await _until_fetching(stream)
+        seqs = await _served_and_held(stall, stream, count=24, held=12)
         stall.release()
         await until(lambda: running == 4, timeout=10, what=lambda: f"4 running ({running})")
         gate.set()
@@ -563,22 +577,9 @@ async def test_deliveries_left_in_the_buffer_past_a_third_of_ack_wait_are_handed
     with capture_logs() as logs:
         task = asyncio.create_task(worker.run(stop))
         try:
-
-            async def fetching() -> bool:
-                with contextlib.suppress(nats.js.errors.NotFoundError):
-                    info = await stream.consumer_info(topology.CONVERSATION_STREAM, "w")
-                    return bool(info.num_waiting)
-                return False
-
-            await until(fetching, timeout=10, what="the worker's first pull request")
-            stall.holding = True
-            seqs = [(await append_event(stream, _reply(f"u{i}", str(i)))).seq for i in range(2)]
+            await _until_fetching(stream)
             # One slot, so one message per pull request: two requests served, both held.
-            await until(
-                lambda: stall.held.count(b'"ReplyGenerated"') == 2,
-                timeout=10,
-                what=lambda: f"2 messages served and held ({stall.held.count(b'ReplyGenerated')})",
-            )
+            seqs = await _served_and_held(stall, stream, count=2, held=2)
             stall.release()
             await until(lambda: first_started != [], timeout=10, what="the first handler started")
             # The other delivery now waits in the buffer, and no fetch is made while the
@@ -635,14 +636,7 @@ async def test_no_pull_request_piles_up_while_nats_is_away(
     stop = asyncio.Event()
     task = asyncio.create_task(worker.run(stop))
     try:
-
-        async def fetching() -> bool:
-            with contextlib.suppress(nats.js.errors.NotFoundError):
-                info = await stream.consumer_info(topology.CONVERSATION_STREAM, "w")
-                return bool(info.num_waiting)
-            return False
-
-        await until(fetching, timeout=10, what="the worker's first pull request")
+        await _until_fetching(stream)
         nats_server.stop()
         await until(lambda: not nc.is_connected, timeout=10, what="the client to see it gone")
         # What is under test is an outage's length: the fetch under way when it began
