@@ -42,6 +42,7 @@ from .domain import (
     answer,
     decide,
     fingerprint,
+    usable_token,
 )
 from .errors import StoreUnavailable
 from .source import TokenSource
@@ -228,7 +229,8 @@ class TokenKeeper:
                 # Our claim was taken over while we were slow and the taker wrote first.
                 log.warning("token.save_conflict", app=self.app)
                 latest = await self._store.load()
-                if not isinstance(outcome, IssuedToken) or _has_token(latest, now, rejected):
+                won = usable_token(latest.state, now, rejected)
+                if not isinstance(outcome, IssuedToken) or won is not None:
                     self.adopt(latest)
                     return latest
                 # What won holds no token (a failure, say): ours goes on top of it.
@@ -249,12 +251,6 @@ class TokenKeeper:
         saved = Snapshot(state, revision)
         self.adopt(saved)
         return saved
-
-
-def _has_token(snapshot: Snapshot, now: float, rejected: str | None) -> bool:
-    """The state holds a token still valid at ``now``, and not the one WeCom rejected."""
-    token = snapshot.state.token if snapshot.state is not None else None
-    return token is not None and token.expires_at > now and token.value != rejected
 
 
 def _reason(action: Action, rejected: str | None, snapshot: Snapshot) -> str:
