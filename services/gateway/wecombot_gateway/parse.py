@@ -191,14 +191,9 @@ def dedupe_key(message: MessageReceived) -> str:
     of one user in one second (two menu clicks; contact changes, all from ``sys``) are
     not one event, so the digest tells them apart.
     """
-    return _key(
-        message.app,
-        message.msg_id,
-        message.from_user,
-        message.create_time,
-        message.msg_type,
-        message.payload,
-    )
+    if message.msg_id:
+        return f"{message.app}:{_key_part(message.msg_id)}"
+    return message.correlation_id  # the key parse_message made (and digested) already
 
 
 # ---------------------------------------------------------------- XML
