@@ -262,11 +262,9 @@ async def _unrouted(callback_path: str, request: web.Request) -> web.Response:
             if route.method != "*"
         }
     )
-    if request.path == callback_path:
-        status, reason = 405, f"{request.method} is not served here (GET verifies, POST delivers)"
-        error, headers = "HTTPMethodNotAllowed", {"Allow": "GET, POST"}
-    elif allowed:  # a health route: as aiohttp answers a method it does not serve
-        status, reason = 405, f"{request.method} is not served here ({', '.join(allowed)})"
+    if allowed:  # a route of ours, another method: as aiohttp answers it
+        how = "GET verifies, POST delivers" if request.path == callback_path else ", ".join(allowed)
+        status, reason = 405, f"{request.method} is not served here ({how})"
         error, headers = "HTTPMethodNotAllowed", {"Allow": ",".join(allowed)}
     else:
         status, reason = 404, f"no such path: the callback is served at {callback_path}"
