@@ -473,7 +473,7 @@ class PullWorker:
 
     async def _delivery(self, msg: Msg) -> Delivery | None:
         meta = msg.metadata
-        if self._max_deliver > 0 and meta.num_delivered == self._max_deliver + 1:
+        if self._first_past_limit(msg):
             # The last delivery ended without an outcome, as far as the broker knows. Its
             # replica may only have lost its hold (stalled, or the broker restarted) and
             # still finish: give it one ack_wait before parking. Its ack then settles the
@@ -602,9 +602,12 @@ class PullWorker:
         once, so another replica takes it now; but the first delivery past the limit
         keeps its grace of one ack_wait (see ``_delivery``), or it would be parked at once
         while the replica that lost its hold may still finish it."""
-        past_limit = self._max_deliver > 0 and msg.metadata.num_delivered == self._max_deliver + 1
-        if await self._nak(msg, self._ack_wait if past_limit else 0):
+        if await self._nak(msg, self._ack_wait if self._first_past_limit(msg) else 0):
             self._metrics.handed_back.inc()
+
+    def _first_past_limit(self, msg: Msg) -> bool:
+        """The first delivery past max_deliver: it waits one ack_wait before it is parked."""
+        return self._max_deliver > 0 and msg.metadata.num_delivered == self._max_deliver + 1
 
     async def _nak(self, msg: Msg, delay: float) -> bool:
         """Nak ``msg``; False when the nak did not go out (it then comes back after
