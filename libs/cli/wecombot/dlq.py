@@ -505,7 +505,7 @@ async def run(
         err.write(f"wecombot dlq: {type(exc).__name__}: {exc}\n")
         return 1
     except (AppendUnavailable, ConcurrencyConflict) as exc:  # replay's append
-        if not getattr(exc, "maybe_stored", False):
+        if not (isinstance(exc, AppendUnavailable) and exc.maybe_stored):
             err.write(f"wecombot dlq: nothing replayed, the log refused the append: {exc}\n")
             return 1
         # No PubAck: stored or not, nobody can tell.
