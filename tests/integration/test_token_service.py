@@ -287,6 +287,45 @@ async def test_a_burst_of_invalidates_refreshes_once(
         assert sim.gettoken_calls == 2
 
 
+async def test_tokens_wecom_keeps_rejecting_are_refetched_with_backoff_not_per_report(
+    nats_server: NatsHandle, sim: SimulatedWeComApi
+) -> None:
+    """A WeCom that refuses every token its gettoken issues: each failed send reports its
+    token, and without a limit each report would cost a gettoken. The first report of a
+    token that served refetches at once; a replacement rejected in turn waits
+    TOKEN_MIN_BACKOFF·2ⁿ⁻¹ after its fetch, answered as rate_limited with retry_after."""
+    async with (
+        token_services(nats_server, sim, count=2, TOKEN_MIN_BACKOFF="2", TOKEN_MAX_BACKOFF="60"),
+        connections(nats_server, 2) as ncs,
+    ):
+        clients = [TokenClient(nc) for nc in ncs]
+        first = await clients[0].get(APP)
+        second = await clients[1].invalidate(APP, first)  # served, then rejected: at once
+        assert second != first and sim.gettoken_calls == 2
+
+        for i in range(20):  # the replacement rejected too, by every sender, again and again
+            with pytest.raises(TransientTokenError) as held:
+                await clients[i % 2].invalidate(APP, second)
+            assert held.value.kind == "rate_limited"
+            assert held.value.retry_after is not None and 0 < held.value.retry_after <= 2
+        assert "2 access_tokens in a row" in str(held.value)
+        assert sim.gettoken_calls == 2
+        assert await clients[0].get(APP) == second  # nobody else is held back
+
+        async def refetched() -> str | None:
+            try:
+                return await clients[1].invalidate(APP, second)
+            except TransientTokenError:
+                return None
+
+        third = await eventually(refetched, timeout=10, what="a gettoken once the wait is over")
+        assert third not in (first, second) and sim.gettoken_calls == 3
+        with pytest.raises(TransientTokenError) as held:
+            await clients[0].invalidate(APP, third)  # the third in a row: twice the wait
+        assert held.value.retry_after is not None and 2 < held.value.retry_after <= 4
+        assert sim.gettoken_calls == 3
+
+
 @pytest.mark.parametrize(
     ("errcode", "kind", "hints"),
     [
@@ -383,8 +422,17 @@ async def test_tokens_and_the_secret_never_reach_the_logs(
         issued.append(await client.get(APP))
         issued.append(await client.invalidate(APP, issued[0]))
         sim.fail_gettoken(60020)
-        with pytest.raises(TokenError):
-            await client.invalidate(APP, issued[1])
+
+        async def refused() -> bool | None:
+            try:
+                await client.invalidate(APP, issued[1])  # a replacement: held a moment
+            except TransientTokenError:
+                return None
+            except TokenError:
+                return True
+            raise AssertionError("gettoken was to fail with 60020")
+
+        await eventually(refused, timeout=10, what="the next gettoken refused")
     output = capsys.readouterr().err
     lines = [json.loads(line) for line in output.splitlines() if line.startswith("{")]
     events = [line["event"] for line in lines]

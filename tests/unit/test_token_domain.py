@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from dataclasses import replace
 
@@ -31,6 +32,7 @@ from wecombot_token.domain import (
     http_failure,
     lock_is_stale,
     network_failure,
+    replacing,
 )
 from wecombot_token.settings import TokenSettings
 from wecombot_token.source import interpret
@@ -226,18 +228,78 @@ def test_a_failure_keeps_a_valid_token_but_drops_a_rejected_one() -> None:
 
 
 def test_answers() -> None:
-    ok = answer(state(), 2000.0)
+    ok = answer(state(), 2000.0, POLICY)
     assert (ok.ok, ok.token, ok.expires_at) == (True, TOKEN.value, TOKEN.expires_at)
     limited = LastFailure(failure=classify_errcode(45009, "limit"), attempts=1, retry_at=12.5)
-    refused = answer(state(None, limited), 10.0)
+    refused = answer(state(None, limited), 10.0, POLICY)
     assert (refused.ok, refused.kind, refused.errcode, refused.retry_after) == (
         False,
         "rate_limited",
         45009,
         2.5,
     )
-    unavailable = answer(None, 0.0)
+    unavailable = answer(None, 0.0, POLICY)
     assert (unavailable.ok, unavailable.kind) == (False, "unavailable")
+
+
+# ---------------------------------------------------------------- tokens rejected in a row
+
+
+def test_a_token_rejected_after_it_served_is_fetched_again_at_once() -> None:
+    # TOKEN was fetched for no rejection: WeCom refusing it (early expiry) refetches now,
+    # even a moment after its fetch.
+    assert decide(state(), TOKEN.fetched_at, POLICY, rejected=TOKEN.value) is Action.FETCH
+
+
+def test_tokens_rejected_in_a_row_are_refetched_with_a_growing_wait() -> None:
+    """A WeCom refusing every token gettoken issues costs one gettoken per backoff, not one
+    per failed send: each replacement waits min·2ⁿ⁻¹ after its fetch before the next."""
+    fetches = [TOKEN.fetched_at]
+    current = TOKEN
+    now = TOKEN.fetched_at
+    while now < TOKEN.fetched_at + 60:
+        if decide(state(current), now, POLICY, rejected=current.value) is Action.FETCH:
+            fresh = IssuedToken(value=f"t{len(fetches)}", fetched_at=now, expires_at=now + 7200)
+            current = replacing(fresh, current, POLICY)
+            fetches.append(now)
+        now += 0.25  # a send refused every quarter of a second
+    gaps = [b - a for a, b in itertools.pairwise(fetches)]
+    # the first at once, then 1, 2, 4, 8, 16 s (TOKEN_MIN_BACKOFF=1, doubling)
+    assert gaps == [0.0, 1.0, 2.0, 4.0, 8.0, 16.0]
+    held = answer(state(current), now, POLICY, rejected=current.value)
+    assert (held.ok, held.kind) == (False, "rate_limited")
+    assert held.retry_after == pytest.approx(fetches[-1] + 32.0 - now)
+    assert "7 access_tokens in a row" in (held.message or "")
+    # A caller that has not seen it rejected still gets the token.
+    assert answer(state(current), now, POLICY).token == current.value
+
+
+def test_the_same_token_issued_again_after_its_rejection_is_not_refetched_at_once() -> None:
+    again = replacing(replace_value(TOKEN, fetched_at=5000.0), TOKEN, POLICY)
+    assert again.value == TOKEN.value and again.rejected_in_a_row == 1
+    reply = answer(state(again), 5000.0, POLICY, rejected=TOKEN.value)
+    assert (reply.ok, reply.kind, reply.retry_after) == (False, "rate_limited", 1.0)
+    assert decide(state(again), 5000.5, POLICY, rejected=TOKEN.value) is Action.FAIL
+    assert decide(state(again), 5001.0, POLICY, rejected=TOKEN.value) is Action.FETCH
+
+
+def test_a_failure_backoff_answers_before_the_streak() -> None:
+    streak = replacing(replace_value(TOKEN, fetched_at=5000.0), TOKEN, POLICY)
+    down = LastFailure(failure=network_failure("down"), attempts=3, retry_at=5010.0)
+    reply = answer(state(streak, down), 5000.5, POLICY, rejected=streak.value)
+    assert (reply.kind, reply.retry_after) == ("network", 9.5)
+
+
+def test_the_streak_survives_a_round_trip_through_the_bucket() -> None:
+    streak = replacing(replace_value(TOKEN, fetched_at=5000.0), TOKEN, POLICY)
+    raw = msgspec.json.encode(AppState(token=streak))
+    assert msgspec.json.decode(raw, type=AppState).token == streak
+    # A token of no streak is written as before: replicas of the previous build read it.
+    assert b"rejected_in_a_row" not in msgspec.json.encode(AppState(token=TOKEN))
+
+
+def replace_value(token: IssuedToken, *, fetched_at: float) -> IssuedToken:
+    return msgspec.structs.replace(token, fetched_at=fetched_at, expires_at=fetched_at + 7200)
 
 
 def test_a_lock_is_stale_once_its_deadline_passed() -> None:

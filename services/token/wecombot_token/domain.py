@@ -45,6 +45,9 @@ __all__ = [
     "issued",
     "lock_is_stale",
     "network_failure",
+    "refetch_at",
+    "refetch_held",
+    "replacing",
     "usable_token",
 ]
 
@@ -52,12 +55,15 @@ __all__ = [
 _MAX_DOUBLINGS = 32
 
 
-class IssuedToken(msgspec.Struct, frozen=True, kw_only=True):
+class IssuedToken(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     """An access_token as WeCom issued it, with wall-clock times (shared by replicas)."""
 
     value: str
     fetched_at: float
     expires_at: float
+    # Fetched because WeCom rejected the token before it: how many were rejected in a row,
+    # each soon after its own fetch (0: fetched for another reason). See ``refetch_at``.
+    rejected_in_a_row: int = 0
 
     def refresh_at(self, margin_s: float) -> float:
         """When to start refreshing ahead: ``margin_s`` before expiry, but never in the
@@ -157,7 +163,61 @@ def decide(
         if waiting or now < token.refresh_at(policy.refresh_margin_s):
             return Action.SERVE
         return Action.SERVE_AND_REFRESH
-    return Action.FAIL if waiting else Action.FETCH
+    if waiting or refetch_held(state, now, policy, rejected) is not None:
+        return Action.FAIL
+    return Action.FETCH
+
+
+def refetch_at(token: IssuedToken, policy: Policy) -> float:
+    """When WeCom's rejection of ``token`` may make us fetch another.
+
+    At once for a token that replaced none WeCom rejected. One that did may be rejected in
+    turn (a WeCom that keeps refusing what its gettoken issues, or issues the token it
+    refused again): then every send's 40014 would cost a gettoken, and calling gettoken
+    often gets the caller rate-limited (path/91039). So the next fetch waits as after a
+    failure, min·2ⁿ⁻¹ after this token's fetch (``TOKEN_MIN_BACKOFF``, capped at
+    ``TOKEN_MAX_BACKOFF``), n the tokens rejected in a row.
+
+    >>> p = Policy(refresh_margin_s=300, min_backoff_s=1, max_backoff_s=300)
+    >>> [refetch_at(IssuedToken(value="t", fetched_at=100.0, expires_at=7300.0,
+    ...                         rejected_in_a_row=n), p) for n in (0, 1, 2, 5)]
+    [100.0, 101.0, 102.0, 116.0]
+    """
+    if token.rejected_in_a_row == 0:
+        return token.fetched_at
+    return token.fetched_at + backoff_delay(token.rejected_in_a_row, policy)
+
+
+def refetch_held(
+    state: AppState | None, now: float, policy: Policy, rejected: str | None
+) -> float | None:
+    """Until when a caller's report that ``rejected`` was refused fetches nothing (None:
+    it may fetch now, or it names no current token)."""
+    token = state.token if state is not None else None
+    if rejected is None or token is None or token.value != rejected:
+        return None
+    until = refetch_at(token, policy)
+    return until if now < until else None
+
+
+def replacing(token: IssuedToken, rejected: IssuedToken, policy: Policy) -> IssuedToken:
+    """``token``, fetched because WeCom rejected ``rejected``: the streak goes on while each
+    token is replaced within twice TOKEN_MAX_BACKOFF of its fetch (the longest wait, and
+    as long again; a token that served longer proved WeCom sound: its rejection starts a
+    new streak).
+
+    >>> p = Policy(refresh_margin_s=300, min_backoff_s=1, max_backoff_s=300)
+    >>> def token(at: float, n: int = 0) -> IssuedToken:
+    ...     return IssuedToken(value="t", fetched_at=at, expires_at=at + 7200, rejected_in_a_row=n)
+    >>> [replacing(token(t), token(0, n), p).rejected_in_a_row for t, n in
+    ...  ((5, 0), (5, 1), (5, 3), (599, 3), (600, 3))]
+    [1, 2, 4, 4, 1]
+    """
+    streak = 1
+    served_s = token.fetched_at - rejected.fetched_at
+    if rejected.rejected_in_a_row and served_s < 2 * policy.max_backoff_s:
+        streak = rejected.rejected_in_a_row + 1
+    return msgspec.structs.replace(token, rejected_in_a_row=streak)
 
 
 def backoff_delay(attempts: int, policy: Policy) -> float:
@@ -199,11 +259,24 @@ def after_failure(
     )
 
 
-def answer(state: AppState | None, now: float, rejected: str | None = None) -> TokenReply:
+def answer(
+    state: AppState | None, now: float, policy: Policy, rejected: str | None = None
+) -> TokenReply:
     """The reply a caller gets from the state as it stands."""
     token = usable_token(state, now, rejected)
     if token is not None:
         return TokenReply(ok=True, token=token.value, expires_at=token.expires_at)
+    held = refetch_held(state, now, policy, rejected)
+    if held is not None and not backing_off(state, now, policy.credentials):
+        assert state is not None and state.token is not None
+        return TokenReply(
+            ok=False,
+            kind="rate_limited",
+            message=f"WeCom rejected {state.token.rejected_in_a_row + 1} access_tokens in a "
+            "row, each soon after gettoken issued it; the next gettoken waits "
+            "(TOKEN_MIN_BACKOFF, doubling, up to TOKEN_MAX_BACKOFF)",
+            retry_after=round(held - now, 3),
+        )
     if state is not None and state.failure is not None:
         last = state.failure
         return TokenReply(

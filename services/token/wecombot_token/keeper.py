@@ -42,6 +42,8 @@ from .domain import (
     answer,
     decide,
     fingerprint,
+    refetch_held,
+    replacing,
     usable_token,
 )
 from .errors import StoreUnavailable
@@ -89,7 +91,7 @@ class TokenKeeper:
             return None
         if action is Action.SERVE_AND_REFRESH:
             self._converging(None)
-        return answer(state, now)
+        return answer(state, now, self._policy)
 
     async def get(self, app: str) -> TokenReply:
         reply = self.answer_now(app)
@@ -135,7 +137,7 @@ class TokenKeeper:
             snapshot = self._snapshot
         except StoreUnavailable as exc:
             return TokenReply(ok=False, kind="unavailable", message=str(exc))
-        return answer(snapshot.state, self._clock(), rejected)
+        return answer(snapshot.state, self._clock(), self._policy, rejected)
 
     def _converging(self, rejected: str | None) -> asyncio.Task[Snapshot]:
         """The in-flight task for this goal, started if none runs (one per process)."""
@@ -162,6 +164,13 @@ class TokenKeeper:
             now = self._clock()
             action = decide(snapshot.state, now, self._policy, rejected)
             if action in (Action.SERVE, Action.FAIL):
+                if (held := refetch_held(snapshot.state, now, self._policy, rejected)) is not None:
+                    log.warning(
+                        "token.refetch_held",
+                        app=self.app,
+                        fingerprint=fingerprint(rejected or ""),
+                        retry_after_s=round(held - now, 3),
+                    )
                 return snapshot
             if action is Action.SERVE_AND_REFRESH and rejected is not None:
                 self._converging(None)  # the caller has its answer; refresh behind it
@@ -200,6 +209,9 @@ class TokenKeeper:
         reason = _reason(action, rejected, snapshot)
         if isinstance(outcome, IssuedToken):
             register_secret(outcome.value, ephemeral=True)
+            current = snapshot.state.token if snapshot.state is not None else None
+            if current is not None and current.value == rejected:
+                outcome = replacing(outcome, current, self._policy)
             TOKEN_FETCHES.labels("ok").inc()
             state = after_success(outcome)
             log.info(
@@ -208,6 +220,7 @@ class TokenKeeper:
                 reason=reason,
                 fingerprint=fingerprint(outcome.value),
                 expires_in_s=round(outcome.expires_at - now),
+                rejected_in_a_row=outcome.rejected_in_a_row,
             )
         else:
             TOKEN_FETCHES.labels(outcome.kind).inc()

@@ -12,7 +12,8 @@ WECOM_API_BASE, NATS_*, LOG_*):
 ``TOKEN_REFRESH_MARGIN`` (300 s: refresh this long before expiry, callers keep getting the
 current token meanwhile), ``TOKEN_HTTP_TIMEOUT`` (10 s, at most 12: one gettoken call, all
 included), ``TOKEN_MIN_BACKOFF`` (1 s) and ``TOKEN_MAX_BACKOFF`` (300 s: after a failed gettoken
-nobody calls WeCom again for min·2ⁿ⁻¹ seconds, capped), ``WECOMBOT_HEALTH_PORT`` (8083;
+nobody calls WeCom again for min·2ⁿ⁻¹ seconds, capped; the same wait separates replacements
+of tokens WeCom rejects in a row, see ``domain.refetch_at``), ``WECOMBOT_HEALTH_PORT`` (8083;
 0 turns /healthz and /readyz off).
 """
 

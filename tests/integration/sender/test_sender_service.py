@@ -149,12 +149,14 @@ async def test_a_refused_token_is_refreshed_once_and_the_reply_delivered(system:
     await system.log.until_finished(first.event_id)
     assert system.sim.gettoken_calls == 1
 
-    system.sim.expire_tokens()  # 42001 for the token everyone holds
+    system.sim.fail_sends(40014)  # WeCom refuses a token that has not expired
     second = await system.reply("zhao.liu", "two")
     await system.log.until_finished(second.event_id)
     assert system.sim.gettoken_calls == 2
 
-    system.sim.fail_sends(40014)  # WeCom refuses a token that has not expired
+    # 42001 for the token everyone holds, fetched a moment ago to replace a rejected one:
+    # the next gettoken waits TOKEN_MIN_BACKOFF after it, the reply is handed back meanwhile.
+    system.sim.expire_tokens()
     third = await system.reply("zhao.liu", "three")
     await system.log.until_finished(third.event_id)
     assert system.sim.gettoken_calls == 3
