@@ -16,6 +16,7 @@ import subprocess
 import sys
 from datetime import UTC, datetime, timedelta
 
+import msgspec
 import pytest
 from nats.js import JetStreamContext
 
@@ -304,6 +305,56 @@ async def test_each_llm_dead_letter_replays_once_and_a_failed_copy_again(
     done, said = await replay(js, 2)
     assert done and "appended again (seq 3)" in said, said
     assert await conversation_length() == 3
+
+
+async def test_a_replayed_message_keeps_what_only_a_newer_build_knows(
+    js: JetStreamContext,
+) -> None:
+    """A copy re-encoded by this build would drop fields it does not know (a newer
+    gateway's, parked by a replica of either build): the copy is the parked bytes. A
+    letter of a type this build lacks is refused, saying which build can replay it."""
+    await ensure_topology(js, _settings("nats://127.0.0.1:4222"))
+    message = MessageReceived(
+        app=APP,
+        conversation="wang.wu",
+        correlation_id="m78",
+        msg_type="text",
+        msg_id="m78",
+        from_user="wang.wu",
+        to_user="ww1",
+        agent_id=1000002,
+        create_time=1_700_000_000,
+        payload=TextPayload(content="你好"),
+    )
+    fields = msgspec.to_builtins(message)
+    fields["quoted_msg_id"] = "m70"
+    fields["payload"]["mentions"] = ["li.si"]
+    newer_fields = msgspec.json.encode(fields)
+    subject = f"{topology.PREFIX}.conv.{APP}.wang~2Ewu.in"
+    await js.publish(subject, newer_fields)
+    await js.publish(
+        subject, b'{"type":"MessageRecalled","version":1,"app":"' + APP.encode() + b'"}'
+    )
+
+    async def failing(d: Delivery) -> Outcome:
+        return Nak(0, "the outcome could not be appended")
+
+    await _work(js, topology.LLM_CONSUMER, topology.RECEIVED_FILTER, failing)
+    letters = [await js.get_msg(topology.DEAD_LETTER_STREAM, seq) for seq in (1, 2)]
+    newer_type = next(seq for seq, m in zip((1, 2), letters, strict=True) if b"Recalled" in m.data)
+    kept = 3 - newer_type
+
+    done, said = await replay(js, kept)
+    assert done and "appended again (seq 3)" in said, said
+    copy = await js.get_msg(topology.CONVERSATION_STREAM, 3)
+    assert copy.data == newer_fields
+
+    done, said = await replay(js, newer_type)
+    assert not done
+    assert f"dead letter {newer_type} was written by a newer build" in said
+    assert "'MessageRecalled' (version 1) is unknown to this build" in said
+    info = await js.stream_info(topology.CONVERSATION_STREAM)
+    assert info.state.messages == 3
 
 
 async def test_a_replay_the_log_refuses_says_so(

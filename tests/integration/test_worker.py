@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 from collections import defaultdict
 
+import msgspec
 import nats
 import nats.js.errors
 import pytest
@@ -151,6 +152,51 @@ async def test_poison_goes_to_the_dead_letter_stream(stream: JetStreamContext) -
     assert any("WeCom refuses this forever" in r for r in reasons)
     assert any("gave up after 2" in r and "still down" in r for r in reasons)
     assert any("undecodable" in r for r in reasons)
+
+
+async def test_an_event_of_a_newer_build_is_handed_back_for_a_newer_replica(
+    stream: JetStreamContext,
+) -> None:
+    """During a rolling upgrade a newer build writes a type (or version) this one lacks:
+    not poison. Each old replica hands it back, with backoff, for a new one; with no new
+    replica, it is parked at its last delivery, as it was, saying what to do."""
+    newer = b'{"type":"ReplyRetracted","version":1,"app":"ww1-1","conversation":"n"}'
+    reshaped = msgspec.json.encode({**msgspec.to_builtins(_reply("n", "v2")), "version": 2})
+    for data in (newer, reshaped):
+        await stream.publish("wecombot.conv.ww1-1.n.llm.reply", data)
+    old_handled: list[str] = []
+
+    async def handle(d: Delivery) -> Outcome:
+        old_handled.append(type(d.event).__name__)
+        return Ack()
+
+    stop = asyncio.Event()
+    worker = PullWorker(stream, _config(), handle, max_deliver=3, max_concurrency=4)
+    with capture_logs() as logs:
+        task = asyncio.create_task(worker.run(stop))
+
+        async def parked() -> bool:
+            info = await stream.stream_info(topology.DEAD_LETTER_STREAM)
+            return int(info.state.messages) == 2
+
+        await until(parked, timeout=30, what="both parked at their third delivery")
+        stop.set()
+        await task
+    assert old_handled == []
+    handed_back = [e for e in logs if e["event"] == "worker.newer_event"]
+    assert sorted(e["delivery"] for e in handed_back) == [1, 1, 2, 2]
+    reasons, parked_data = [], set()
+    for seq in (1, 2):
+        msg = await stream.get_msg(topology.DEAD_LETTER_STREAM, seq)
+        assert msg.headers is not None
+        reasons.append(msg.headers["Wecombot-Dlq-Reason"])
+        parked_data.add(msg.data)
+    assert parked_data == {newer, reshaped}
+    assert any("'ReplyRetracted' (version 1) is unknown to this build" in r for r in reasons)
+    assert any("'ReplyGenerated' (version 2) is newer than this build's 1" in r for r in reasons)
+    assert all("once every replica is upgraded" in r for r in reasons)
+    info = await stream.consumer_info(topology.CONVERSATION_STREAM, "w")
+    assert info.num_ack_pending == 0 and info.num_pending == 0
 
 
 async def test_the_handler_is_told_which_delivery_is_the_last(stream: JetStreamContext) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import uuid
 
 import msgspec
@@ -18,10 +19,12 @@ from wecombot_common.events import (
     LinkPayload,
     LocationPayload,
     MessageReceived,
+    NewerEventError,
     PartDelivered,
     ReplyDelivered,
     ReplyFailed,
     ReplyGenerated,
+    TextPayload,
     UnknownPayload,
     VideoPayload,
     VoicePayload,
@@ -91,6 +94,71 @@ def test_json_nested_too_deep_is_a_typed_error() -> None:
     deep = b'{"type":"ReplyGenerated","x":' + b"[" * 1000 + b"]" * 1000 + b"}"
     with pytest.raises(EventDecodeError, match="nested too deeply"):
         decode_event(deep)
+
+
+def _fields(event: Event, **changes: object) -> bytes:
+    raw = msgspec.json.decode(encode_event(event))
+    for key, value in changes.items():
+        node = raw
+        *path, last = key.split("__")
+        for step in path:
+            node = node[step]
+        node[last] = value
+    return msgspec.json.encode(raw)
+
+
+MESSAGE = MessageReceived(
+    **ENV,
+    msg_type="text",
+    msg_id="1",
+    from_user="li.si@x",
+    to_user="ww1",
+    agent_id=1000002,
+    create_time=1409659813,
+    payload=TextPayload(content="hi"),
+)
+
+
+@pytest.mark.parametrize(
+    ("data", "said"),
+    [
+        (b'{"type":"ReplyRetracted","app":"a"}', "'ReplyRetracted' (version 1) is unknown"),
+        (_fields(MESSAGE, version=2), "'MessageReceived' (version 2) is newer than this"),
+        # a new payload kind goes with a version bump: what an older build cannot read
+        (_fields(MESSAGE, version=2, payload__kind="file"), "(version 2) is newer"),
+    ],
+)
+def test_an_event_of_a_newer_build_is_told_apart_from_poison(data: bytes, said: str) -> None:
+    with pytest.raises(NewerEventError, match=re.escape(said)):
+        decode_event(data)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        _fields(MESSAGE, payload__kind="file"),  # a kind we lack, at our version: poison
+        _fields(MESSAGE, occurred_at="2026-01-01T00:00:00"),  # no zone
+        _fields(MESSAGE, version="2"),
+        b'{"type":1}',
+    ],
+)
+def test_poison_is_not_taken_for_a_newer_event(data: bytes) -> None:
+    with pytest.raises(EventDecodeError) as raised:
+        decode_event(data)
+    assert not isinstance(raised.value, NewerEventError)
+
+
+def test_a_time_without_its_zone_is_refused_and_one_with_an_offset_kept() -> None:
+    """A naive time decoded, and broke the sender's comparisons with aware ones (every
+    reply to that user failed until the event aged out of its last 64 sends)."""
+    with pytest.raises(EventDecodeError, match="occurred_at"):
+        decode_event(_fields(MESSAGE, occurred_at="2026-01-01T00:00:00"))
+    shanghai = decode_event(_fields(MESSAGE, occurred_at="2026-01-01T08:00:00+08:00"))
+    assert shanghai.occurred_at.utcoffset() is not None
+
+
+def test_unknown_fields_are_ignored_as_an_optional_addition_should_be() -> None:
+    assert decode_event(_fields(MESSAGE, quoted_msg_id="m0", payload__mentions=[])) == MESSAGE
 
 
 def test_events_are_frozen() -> None:

@@ -77,6 +77,7 @@ from wecombot_common.events import (
     Event,
     EventDecodeError,
     MessageReceived,
+    NewerEventError,
     Outcome,
     PartDelivered,
     ReplyDelivered,
@@ -237,17 +238,25 @@ async def replay(js: JetStreamContext, seq: int) -> tuple[bool, str]:
         )
     try:
         parked = decode_event(letter.data)
+    except NewerEventError as exc:
+        return False, (
+            f"dead letter {seq} was written by a newer build ({exc}): replay it with that "
+            "build's wecombot, once its replicas run"
+        )
     except EventDecodeError:
         return False, f"dead letter {seq} is not a wecombot event: replaying cannot mend it"
     if letter.consumer == topology.LLM_CONSUMER:
-        return await _redeliver(js, seq, parked)
+        return await _redeliver(js, seq, parked, letter.data)
     return await _requeue(js, seq, parked)
 
 
-async def _redeliver(js: JetStreamContext, seq: int, parked: Event) -> tuple[bool, str]:
+async def _redeliver(
+    js: JetStreamContext, seq: int, parked: Event, data: bytes
+) -> tuple[bool, str]:
     """Append a received message the llm gave up on once more, unless it has its outcome.
 
-    The llm takes the copy as another delivery of the same event (same event_id): it
+    The copy is the parked bytes as they are (``data``), fields this build does not know
+    included. The llm takes it as another delivery of the same event (same event_id): it
     answers it once, in its turn among the user's messages still waiting (one sent after
     the copy, while an earlier one is unanswered, may be answered first), and a second
     copy of an answered message gets nothing.
@@ -263,7 +272,9 @@ async def _redeliver(js: JetStreamContext, seq: int, parked: Event) -> tuple[boo
             )
     # One copy per dead letter: replaying this letter twice appends once, and the letter
     # of a copy that failed again can be replayed in its turn.
-    appended = await append_event(js, parked, msg_id=f"redeliver:{parked.event_id}:{seq}")
+    appended = await append_event(
+        js, parked, msg_id=f"redeliver:{parked.event_id}:{seq}", as_read=data
+    )
     if appended.duplicate:
         return True, (
             f"dead letter {seq} was replayed already: message {parked.correlation_id} from "

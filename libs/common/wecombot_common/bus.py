@@ -172,8 +172,12 @@ async def append_event(
     expect_last_seq: int | None = None,
     expect_scope: str | None = None,
     timeout: float = 5.0,
+    as_read: bytes | None = None,
 ) -> Appended:
     """Append one event to its conversation subject and wait for the PubAck.
+
+    ``as_read``: the event's bytes as they were read, appended instead of this build's
+    encoding of ``event`` (a copy keeps the fields only a newer build knows).
 
     ``msg_id`` becomes ``Nats-Msg-Id`` (JetStream drops a repeat within the duplicate
     window and answers ``duplicate=True``). ``expect_last_seq``/``expect_scope`` make the
@@ -195,8 +199,9 @@ async def append_event(
         headers["Nats-Expected-Last-Subject-Sequence"] = str(expect_last_seq)
         if expect_scope is not None:
             headers["Nats-Expected-Last-Subject-Sequence-Subject"] = expect_scope
+    data = encode_event(event) if as_read is None else as_read
     try:
-        return await _publish(js, event, headers, timeout)
+        return await _publish(js, event, data, headers, timeout)
     except ConcurrencyConflict:
         if expect_last_seq is None or expect_scope is None:
             raise
@@ -210,7 +215,7 @@ async def append_event(
             last_seq=tail,
         )
         headers["Nats-Expected-Last-Subject-Sequence"] = str(tail)
-        return await _publish(js, event, headers, timeout)
+        return await _publish(js, event, data, headers, timeout)
 
 
 async def _unreadable_tail(
@@ -230,12 +235,10 @@ async def _unreadable_tail(
 
 
 async def _publish(
-    js: JetStreamContext, event: Event, headers: dict[str, str], timeout: float
+    js: JetStreamContext, event: Event, data: bytes, headers: dict[str, str], timeout: float
 ) -> Appended:
     try:
-        ack = await js.publish(
-            subject_for(event), encode_event(event), timeout=timeout, headers=headers or None
-        )
+        ack = await js.publish(subject_for(event), data, timeout=timeout, headers=headers or None)
     except nats.js.errors.APIError as exc:
         raise _refusal(exc.err_code, exc.description) from exc
     except (TimeoutError, nats.errors.TimeoutError, nats.errors.NoRespondersError) as exc:

@@ -12,7 +12,9 @@ Envelope
     ``event_id``      unique id of this event (uuid; deterministic where a retry must
                       produce the same event, see :func:`derived_id`)
     ``type``          the event's class name (the tag)
-    ``version``       schema version of that type; bump it when a type changes shape
+    ``version``       schema version of that type: bumped (``VERSION``) when older builds
+                      could not read it right (a new payload kind, a field whose meaning
+                      changes); an added optional field needs none (older builds ignore it)
     ``occurred_at``   UTC time the fact happened
     ``app``           the WeCom app, ``{corp_id}-{agent_id}`` (see settings.app_key)
     ``conversation``  the aggregate key: the WeCom UserID the conversation is with
@@ -38,13 +40,14 @@ from __future__ import annotations
 import hashlib
 import uuid
 from datetime import UTC, datetime
-from typing import Literal
+from typing import Annotated, Literal, get_args
 
 import msgspec
 
 from .errors import PermanentError
 
 __all__ = [
+    "VERSION",
     "ConversationReset",
     "DeliveryFailed",
     "Event",
@@ -53,6 +56,7 @@ __all__ = [
     "LinkPayload",
     "LocationPayload",
     "MessageReceived",
+    "NewerEventError",
     "Outcome",
     "PartDelivered",
     "Payload",
@@ -169,10 +173,19 @@ Payload = (
 # ---------------------------------------------------------------- the envelope
 
 
+# The newest schema version this build reads and writes, of every type. An event of a
+# higher version, or of a type this build does not have, comes from a newer build during
+# a rolling upgrade: NewerEventError, handed back for a newer replica, never taken as
+# poison (see worker.PullWorker).
+VERSION = 1
+
+
 class _Event(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", tag=True):
     event_id: str = msgspec.field(default_factory=new_id)
-    version: int = 1
-    occurred_at: datetime = msgspec.field(default_factory=utcnow)
+    version: int = VERSION
+    # A time without its zone is refused when decoded (aware and naive times cannot be
+    # compared: one such event would break every fold that orders by time).
+    occurred_at: Annotated[datetime, msgspec.Meta(tz=True)] = msgspec.field(default_factory=utcnow)
     app: str
     conversation: str
     causation_id: str | None = None
@@ -256,8 +269,28 @@ _encoder = msgspec.json.Encoder()
 _decoder: msgspec.json.Decoder[Event] = msgspec.json.Decoder(Event)
 
 
+_TYPES = frozenset(t.__name__ for t in get_args(Event))
+
+
 class EventDecodeError(PermanentError):
     """Bytes that are not a known event: the message is poison and never valid."""
+
+
+class NewerEventError(EventDecodeError):
+    """An event of a type or version this build does not know: written by a newer build
+    (a rolling upgrade under way), which can read it. Not to be parked at once.
+
+    >>> decode_event(b'{"type": "ReplyRetracted", "version": 1, "app": "a"}')
+    Traceback (most recent call last):
+    ...
+    wecombot_common.events.NewerEventError: event type 'ReplyRetracted' (version 1) is \
+unknown to this build: written by a newer one?
+    """
+
+
+class _Peek(msgspec.Struct):
+    type: str
+    version: int = 1
 
 
 def encode_event(event: Event) -> bytes:
@@ -265,10 +298,32 @@ def encode_event(event: Event) -> bytes:
 
 
 def decode_event(data: bytes) -> Event:
-    """Decode any event; raises :class:`EventDecodeError` with the reason."""
+    """Decode any event; raises :class:`EventDecodeError` with the reason, or
+    :class:`NewerEventError` for an event of a newer build."""
     try:
-        return _decoder.decode(data)
+        event = _decoder.decode(data)
     except msgspec.DecodeError as exc:
-        raise EventDecodeError(f"undecodable event: {exc}") from exc
+        raise _undecodable(data, exc) from exc
     except RecursionError:  # JSON nested deeper than msgspec follows: never an event
         raise EventDecodeError("undecodable event: nested too deeply") from None
+    if event.version > VERSION:
+        raise _newer(type(event).__name__, event.version)
+    return event
+
+
+def _undecodable(data: bytes, exc: msgspec.DecodeError) -> EventDecodeError:
+    """A newer build's event (its type or version unknown here), or poison."""
+    try:
+        peek = msgspec.json.decode(data, type=_Peek)
+    except (msgspec.DecodeError, RecursionError):
+        return EventDecodeError(f"undecodable event: {exc}")
+    if peek.type not in _TYPES or peek.version > VERSION:
+        return _newer(peek.type, peek.version)
+    return EventDecodeError(f"undecodable event: {exc}")
+
+
+def _newer(name: str, version: int) -> NewerEventError:
+    known = "unknown to this build" if name not in _TYPES else f"newer than this build's {VERSION}"
+    return NewerEventError(
+        f"event type {name[:60]!r} (version {version}) is {known}: written by a newer one?"
+    )

@@ -15,6 +15,9 @@ messages and shutdown behave the same everywhere:
   ``TransientError`` → nak with backoff; ``PermanentError`` (an undecodable event, a
   reply WeCom always refuses) → dead-letter with the reason, then ``term``. A transient
   failure on the last allowed delivery is dead-lettered too, so nothing is silently lost.
+  An event of a newer build (``NewerEventError``: a rolling upgrade under way) is no
+  poison: it is handed back with backoff for a newer replica, and parked only at its
+  last delivery, with the advice to replay it once the upgrade is done.
 - ``max_deliver`` is enforced here, not by JetStream: the consumer itself redelivers
   without limit (:func:`topology.work_consumer`). JetStream drops a message whose last
   allowed delivery is nak'ed or never acknowledged, with no trace but an advisory that
@@ -52,7 +55,7 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from . import metrics, topology
 from .errors import PermanentError, TransientError
-from .events import Event, EventDecodeError, decode_event
+from .events import Event, EventDecodeError, NewerEventError, decode_event
 
 __all__ = [
     "DEFAULT_ACK_WAIT_S",
@@ -495,8 +498,25 @@ class PullWorker:
             )
             await self._dead_letter(msg, reason, meta.num_delivered)
             return None
+        last_try = 0 < self._max_deliver <= meta.num_delivered
         try:
             event = decode_event(msg.data)
+        except NewerEventError as exc:
+            if last_try:
+                reason = f"{exc} (`wecombot dlq replay` it once every replica is upgraded)"
+                await self._dead_letter(msg, reason, meta.num_delivered)
+            else:
+                # A rolling upgrade under way: a replica of the newer build can read it.
+                # Handed back, a delivery spent; parked at the last like any other.
+                log.warning(
+                    "worker.newer_event",
+                    consumer=self.name,
+                    stream_seq=meta.sequence.stream,
+                    delivery=meta.num_delivered,
+                    reason=str(exc),
+                )
+                await self._nak(msg, backoff_delay(meta.num_delivered, base=1.0))
+            return None
         except EventDecodeError as exc:
             await self._dead_letter(msg, str(exc), meta.num_delivered)
             return None
@@ -507,7 +527,7 @@ class PullWorker:
             subject=msg.subject,
             msg=msg,
             lease=Lease(self._ack_wait, reconnects=_reconnect_counter(msg)),
-            last_try=0 < self._max_deliver <= meta.num_delivered,
+            last_try=last_try,
         )
 
     @contextlib.asynccontextmanager
