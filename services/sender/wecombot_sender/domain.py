@@ -15,9 +15,10 @@ operator's ``wecombot dlq replay``, makes a failed one unfinished again)::
 
 ``last_seq`` is the read cursor (the last stream sequence folded from the log);
 ``last_send_seq`` the last sequence on the sender's subject branch, the expected sequence
-for the next conditional append; ``last_part`` the (reply, index) of the part recorded
-last, the message the user saw most recently. :func:`record` applies an event this process just
-appended without moving the cursor, so events others appended meanwhile are still read.
+for the next conditional append; ``recent_parts`` the parts recorded last (when, which
+reply, which part), the messages the user saw most recently. :func:`record` applies an
+event this process just appended without moving the cursor, so events others appended
+meanwhile are still read.
 """
 
 from __future__ import annotations
@@ -42,9 +43,11 @@ from wecombot_common.events import (
 from .split import split_text
 
 __all__ = [
+    "CHECK_REACHES_BACK_S",
     "OUTCOME_TYPES",
     "ConversationState",
     "OutcomeState",
+    "RecordedPart",
     "duplicate_check_interval",
     "fold",
     "hourly_delay",
@@ -60,6 +63,8 @@ RECENT_SENDS_KEPT = 64
 HOUR_S = 3600
 MINUTES_KEPT = 62  # of send counts: the last hour, whatever minute we are in
 MAX_DUPLICATE_CHECK_S = 4 * 3600  # WeCom's limit for duplicate_check_interval, path/90236
+# How far before ``since`` a duplicate_check_interval reaches (whole seconds, one more).
+CHECK_REACHES_BACK_S = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +83,7 @@ class OutcomeState:
     # ReplyDelivered / DeliveryFailed is a new event, not a repeat of the last round's
     requeued_by: str = ""
     requeued_at: int | None = None  # its stream sequence: the delivery that finishes it
+    last_sent_at: datetime | None = None  # occurred_at of its latest PartDelivered
 
     @property
     def delivered_by(self) -> int | None:
@@ -86,14 +92,22 @@ class OutcomeState:
 
 
 @dataclass(frozen=True, slots=True)
+class RecordedPart:
+    """A PartDelivered as the fold keeps it: a message the user was sent."""
+
+    at: datetime  # its occurred_at
+    reply_id: str
+    index: int
+
+
+@dataclass(frozen=True, slots=True)
 class ConversationState:
     outcomes: Mapping[str, OutcomeState] = field(default_factory=dict)
     last_seq: int = 0
     last_send_seq: int = 0
-    # occurred_at of the latest PartDelivered events (oldest first), for WeCom's
-    # per-member rate limit
-    recent_sends: tuple[datetime, ...] = ()
-    last_part: tuple[str, int] | None = None  # (reply event_id, part index)
+    # the latest RECENT_SENDS_KEPT parts recorded (oldest first): for WeCom's per-member
+    # rate limit, and for what its duplicate check could take a re-sent part for
+    recent_parts: tuple[RecordedPart, ...] = ()
     # (minute since the epoch, PartDelivered events in it), oldest first, for WeCom's
     # per-member hourly limit: the last MINUTES_KEPT minutes with a send
     sends_per_minute: tuple[tuple[int, int], ...] = ()
@@ -101,25 +115,35 @@ class ConversationState:
     def outcome(self, event_id: str) -> OutcomeState:
         return self.outcomes.get(event_id) or OutcomeState(event_id)
 
+    @property
+    def recent_sends(self) -> tuple[datetime, ...]:
+        return tuple(part.at for part in self.recent_parts)
+
+    @property
+    def last_part(self) -> tuple[str, int] | None:
+        """(reply event_id, part index) of the part recorded last."""
+        if not self.recent_parts:
+            return None
+        last = self.recent_parts[-1]
+        return last.reply_id, last.index
+
+    def parts_since(self, since: datetime) -> tuple[RecordedPart, ...]:
+        """The parts recorded at or after ``since``, of the latest RECENT_SENDS_KEPT."""
+        return tuple(part for part in self.recent_parts if part.at >= since)
+
 
 def fold(state: ConversationState, events: Iterable[StoredEvent]) -> ConversationState:
     """Apply events read from the log, in order; returns a new state (input untouched)."""
     outcomes = dict(state.outcomes)
-    recent = list(state.recent_sends)
+    recent = list(state.recent_parts)
     minutes = dict(state.sends_per_minute)
-    last_seq, last_send, last_part = state.last_seq, state.last_send_seq, state.last_part
+    last_seq, last_send = state.last_seq, state.last_send_seq
     for stored in events:
         last_seq = max(last_seq, stored.seq)
         if _apply(outcomes, recent, minutes, stored):
             last_send = max(last_send, stored.seq)
-            last_part = _part_of(stored.event) or last_part
     return ConversationState(
-        outcomes,
-        last_seq,
-        last_send,
-        tuple(recent[-RECENT_SENDS_KEPT:]),
-        last_part,
-        _kept(minutes),
+        outcomes, last_seq, last_send, tuple(recent[-RECENT_SENDS_KEPT:]), _kept(minutes)
     )
 
 
@@ -128,18 +152,16 @@ def record(state: ConversationState, stored: StoredEvent) -> ConversationState:
     a later catch-up still reads what others appended before it (and re-applies this
     one harmlessly: applying is idempotent)."""
     outcomes = dict(state.outcomes)
-    recent = list(state.recent_sends)
+    recent = list(state.recent_parts)
     minutes = dict(state.sends_per_minute)
-    last_send, last_part = state.last_send_seq, state.last_part
+    last_send = state.last_send_seq
     if _apply(outcomes, recent, minutes, stored):
         last_send = max(last_send, stored.seq)
-        last_part = _part_of(stored.event) or last_part
     return replace(
         state,
         outcomes=outcomes,
         last_send_seq=last_send,
-        recent_sends=tuple(recent[-RECENT_SENDS_KEPT:]),
-        last_part=last_part,
+        recent_parts=tuple(recent[-RECENT_SENDS_KEPT:]),
         sends_per_minute=_kept(minutes),
     )
 
@@ -152,13 +174,9 @@ def _kept(minutes: dict[int, int]) -> tuple[tuple[int, int], ...]:
     return tuple(sorted((m, n) for m, n in minutes.items() if m > newest - MINUTES_KEPT))
 
 
-def _part_of(event: Event) -> tuple[str, int] | None:
-    return (event.reply_id, event.index) if isinstance(event, PartDelivered) else None
-
-
 def _apply(
     outcomes: dict[str, OutcomeState],
-    recent: list[datetime],
+    recent: list[RecordedPart],
     minutes: dict[int, int],
     stored: StoredEvent,
 ) -> bool:
@@ -178,8 +196,9 @@ def _apply(
                 current,
                 delivered={**current.delivered, event.index: event.wecom_msgid},
                 spans=spans,
+                last_sent_at=max(event.occurred_at, current.last_sent_at or event.occurred_at),
             )
-            recent.append(event.occurred_at)
+            recent.append(RecordedPart(event.occurred_at, event.reply_id, event.index))
             minute = int(event.occurred_at.timestamp()) // 60
             minutes[minute] = minutes.get(minute, 0) + 1
         return True
@@ -296,9 +315,9 @@ def hourly_delay(
 
 def duplicate_check_interval(since: datetime, now: datetime) -> int:
     """WeCom's ``duplicate_check_interval`` for re-sending a part that an earlier attempt
-    may have got accepted after ``since`` (the last send recorded for the user, or the
-    reply's own time if later): whole seconds reaching a little before ``since``, so the
-    unrecorded send is inside the window and older sends are (nearly all) outside it.
+    may have got accepted after ``since`` (the reply's last recorded part, or the reply
+    itself): whole seconds reaching a little (up to CHECK_REACHES_BACK_S) before
+    ``since``, so the unrecorded send is inside the window and older sends outside it.
 
     >>> from datetime import UTC
     >>> t = datetime(2024, 1, 1, tzinfo=UTC)

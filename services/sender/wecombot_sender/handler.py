@@ -21,10 +21,11 @@ in between, or an answer lost on the way back), or be in flight from another rep
 hold on the message lapsed, ``Delivery.lapsed``, and the broker redelivered it). So the
 first part a *redelivery* sends, any retry of a send that may have gone through, and
 every send after a lapse asks WeCom's duplicate check to drop it if an identical message
-reached the user since the last recorded send (see
+reached the user since the reply's last recorded part (see
 :func:`~.domain.duplicate_check_interval`). Fresh sends never ask, so identical replies
-(the same apology twice) are both delivered; and if the user's last recorded message is
-identical to the part, the check is skipped too, since it could not tell them apart.
+(the same apology twice) are both delivered; and if a message recorded inside that
+window is identical to the part, the check is skipped too, since it could not tell them
+apart.
 
 A ReplyRequeued (an operator's ``wecombot dlq replay`` of a reply whose delivery failed)
 is delivered as that reply once more, in its own place in the user's order: after the
@@ -46,6 +47,7 @@ import random
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from typing import Protocol, TypedDict
 
 import nats.errors
@@ -82,6 +84,7 @@ from wecombot_common.worker import Ack, Delivery, Nak, backoff_delay
 from wecombot_common.worker import Outcome as Settlement
 
 from .domain import (
+    CHECK_REACHES_BACK_S,
     OUTCOME_TYPES,
     ConversationState,
     OutcomeState,
@@ -457,28 +460,29 @@ class ReplySender:
             return msgid
 
     async def _checkable(self, job: _Job, state: ConversationState, index: int) -> bool:
-        """Whether re-sending ``index`` may ask WeCom's duplicate check. Not when the
-        user's last recorded message is this very text: WeCom could not tell a repeat of
-        it from our unrecorded send, and dropping it would lose it."""
-        if await self._last_recorded_text(job, state) == job.parts[index]:
-            log.info("sender.duplicate_check_skipped", index=index)
-            return False
+        """Whether re-sending ``index`` may ask WeCom's duplicate check. Not when a
+        message the user was sent inside the check's window, as recorded, is this very
+        text: WeCom could not tell a repeat of it from our unrecorded send, and dropping
+        it would lose it. The window reaches back to this reply's last recorded part (or
+        the reply), where an unrecorded send of ``index`` can start: for a requeued
+        reply, or one a later reply overtook on its last try, well before the user's
+        last recorded message (a window from there missed the failed round's send)."""
+        since = _check_since(job, state) - timedelta(seconds=CHECK_REACHES_BACK_S)
+        texts: dict[str, list[str]] = {job.reply_id: job.parts}
+        for part in state.parts_since(since):  # a text unknown (aged out) counts as other
+            if part.reply_id not in texts:
+                texts[part.reply_id] = await self._parts_of(state, part.reply_id)
+            parts = texts[part.reply_id]
+            if part.index < len(parts) and parts[part.index] == job.parts[index]:
+                log.info("sender.duplicate_check_skipped", index=index, same_as_part=part.index)
+                return False
         return True
 
     @staticmethod
     def _check_interval(job: _Job, state: ConversationState) -> int:
-        """WeCom's duplicate_check_interval now: back to the last recorded send, or to
-        the reply if none was recorded since (it grows as a send is retried)."""
-        since = max([job.reply.occurred_at, *state.recent_sends[-1:]])
-        return duplicate_check_interval(since, utcnow())
-
-    async def _last_recorded_text(self, job: _Job, state: ConversationState) -> str | None:
-        """The text of the part recorded last in the conversation (None if unknown)."""
-        if state.last_part is None:
-            return None
-        reply_id, index = state.last_part
-        parts = job.parts if reply_id == job.reply_id else await self._parts_of(state, reply_id)
-        return parts[index] if index < len(parts) else None
+        """WeCom's duplicate_check_interval now: back to this reply's last recorded part,
+        or to the reply if none was (it grows as a send is retried)."""
+        return duplicate_check_interval(_check_since(job, state), utcnow())
 
     async def _parts_of(self, state: ConversationState, reply_id: str) -> list[str]:
         seq = state.outcome(reply_id).seq
@@ -603,3 +607,9 @@ def _failure(exc: SendRejected | TokenError) -> tuple[int, str]:
         return exc.errcode, exc.reason
     errcode = exc.errcode if exc.errcode is not None else BUSY
     return errcode, f"no access token ({exc.kind}): {exc}"
+
+
+def _check_since(job: _Job, state: ConversationState) -> datetime:
+    """The earliest an unrecorded send of this reply's next part can have gone out."""
+    last_sent = state.outcome(job.reply_id).last_sent_at
+    return job.reply.occurred_at if last_sent is None else max(last_sent, job.reply.occurred_at)

@@ -36,7 +36,7 @@ from wecombot_sender.settings import SenderSettings
 from wecombot_token.main import serve as serve_token
 from wecombot_token.settings import TokenSettings
 
-__all__ = ["AGENT", "APP", "CORP", "LONG", "SECRET", "Log", "System", "environ"]
+__all__ = ["AGENT", "APP", "CORP", "LONG", "SECRET", "Envelope", "Log", "System", "environ"]
 
 E = TypeVar("E", bound=Event)
 

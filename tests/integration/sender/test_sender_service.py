@@ -6,6 +6,8 @@ the log."""
 from __future__ import annotations
 
 import asyncio
+import time
+from datetime import datetime, timedelta
 
 import httpx
 import nats
@@ -22,6 +24,7 @@ from tests.integration.sender.harness import (
     CORP,
     LONG,
     SECRET,
+    Envelope,
     System,
 )
 from tests.waiting import eventually, until
@@ -38,9 +41,10 @@ from wecombot_common.events import (
     ReplyRequeued,
     decode_event,
     derived_id,
+    utcnow,
 )
 from wecombot_common.settings import EnvReader, NatsSettings, Secret, WeComApiSettings
-from wecombot_common.sim.wecom_api import SimulatedWeComApi
+from wecombot_common.sim.wecom_api import SentMessage, SimulatedWeComApi
 from wecombot_sender.errors import SendRejected, SendRetryable, TokenRejected
 from wecombot_sender.split import split_text
 from wecombot_sender.wecom import HttpMessageApi
@@ -310,6 +314,78 @@ async def test_a_replayed_reply_goes_out_after_its_recorded_parts_and_in_order(
     assert done_event.event_id == derived_id(lost.event_id, "delivered", requeue.event_id)
     again, said = await replay(system.js, dead_seq)
     assert not again and "was delivered since" in said
+    await _settled(system.js)
+
+
+async def test_a_replay_asks_the_duplicate_check_back_to_the_failed_round(
+    system: System,
+) -> None:
+    """The failed round had its send accepted, only WeCom's answer lost, and the user got
+    a later reply since (parking the failed one lets later ones through). The check's
+    window reached back only to that later reply: the replay delivered the lost answer
+    a second time. It reaches back to the reply's last recorded part (here, the reply)."""
+    now, user = utcnow(), "chen.qi"
+
+    def ago(seconds: float) -> datetime:
+        return now - timedelta(seconds=seconds)
+
+    env = Envelope(app=APP, conversation=user, correlation_id="m1")
+    lost = ReplyGenerated(**env, text="the lost answer", occurred_at=ago(120))
+    failed = DeliveryFailed(
+        **env,
+        causation_id=lost.event_id,
+        reply_id=lost.event_id,
+        errcode=-1,
+        reason="gave up after 20: no answer from WeCom",
+        parts_delivered=0,
+        occurred_at=ago(80),
+    )
+    later_env = Envelope(app=APP, conversation=user, correlation_id="m2")
+    later = ReplyGenerated(**later_env, text="a later answer", occurred_at=ago(40))
+    later_part = PartDelivered(
+        **later_env,
+        causation_id=later.event_id,
+        reply_id=later.event_id,
+        index=0,
+        total=1,
+        wecom_msgid="w-later",
+        start=0,
+        end=len(later.text),
+        occurred_at=ago(30),
+    )
+    later_done = ReplyDelivered(
+        **later_env,
+        causation_id=later.event_id,
+        reply_id=later.event_id,
+        parts=1,
+        wecom_msgids=["w-later"],
+        occurred_at=ago(30),
+    )
+    requeue = ReplyRequeued(
+        **env, causation_id=failed.event_id, reply_id=lost.event_id, reason="replayed"
+    )
+    for event in (lost, failed, later, later_part, later_done):
+        await append_event(system.js, event)
+    # What WeCom accepted in the failed round, 90 s ago, and what the user saw since.
+    for content, msgid, seconds in (("the lost answer", "w-lost", 90), (later.text, "w-later", 30)):
+        system.sim.sent.append(
+            SentMessage(
+                touser=user,
+                agentid=AGENT,
+                content=content,
+                msgid=msgid,
+                truncated=False,
+                at=time.time() - seconds,
+            )
+        )
+
+    await system.start_token()
+    system.start_sender()
+    await _settled(system.js)  # both replies finished, as the log says: nothing sent
+    await append_event(system.js, requeue)  # the operator's `wecombot dlq replay`
+    await system.log.until(lambda: bool(system.log.of(ReplyDelivered, lost.event_id)))
+    assert system.sim.messages_to(user) == ["the lost answer", "a later answer"]
+    assert [m.content for m in system.sim.duplicates] == ["the lost answer"]
     await _settled(system.js)
 
 
