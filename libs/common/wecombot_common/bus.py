@@ -182,10 +182,11 @@ async def append_event(
     ``msg_id`` becomes ``Nats-Msg-Id`` (JetStream drops a repeat within the duplicate
     window and answers ``duplicate=True``). ``expect_last_seq``/``expect_scope`` make the
     append conditional on the last sequence of the subjects matching ``expect_scope``
-    (0 = none yet): optimistic concurrency per conversation branch. nats-server checks
-    the expectation first: a repeated ``msg_id`` sent with a stale expectation (a retry
-    of an append that went in after all) raises ConcurrencyConflict, not a duplicate
-    (tests/integration/test_llm_log_contract.py).
+    (0 = none yet): optimistic concurrency per conversation branch. A single nats-server
+    checks the expectation first: a repeated ``msg_id`` sent with a stale expectation (a
+    retry of an append that went in after all) raises ConcurrencyConflict, not a
+    duplicate (tests/integration/test_llm_log_contract.py); a clustered stream checks
+    the ``msg_id`` first and answers ``duplicate=True``. Callers handle both.
 
     Messages on the branch that are not events (corrupt, or from a newer version) are
     skipped by every fold, so the expected sequence never counts them: a conflict caused

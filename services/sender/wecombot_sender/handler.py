@@ -578,8 +578,11 @@ class ReplySender:
     ) -> ConversationState:
         """Append on the send branch if nobody wrote it since ``state``; returns the new
         state. Retries an unconfirmed append: if the first went in after all, the repeat
-        is refused as a ConcurrencyConflict (nats-server checks the expected sequence
-        before the Nats-Msg-Id), and the caller catches up; it is never stored twice."""
+        is refused as a ConcurrencyConflict (a single nats-server checks the expected
+        sequence before the Nats-Msg-Id), or answered as a duplicate (a clustered
+        stream checks the Nats-Msg-Id first), and the caller catches up; it is never
+        stored twice. A duplicate may as well be another replica's record of the same
+        event: the delivery is contested from then on, as after a conflict."""
         for attempt in range(1, self._policy.append_attempts + 1):
             try:
                 appended = await append_event(
@@ -595,6 +598,7 @@ class ReplySender:
                 await asyncio.sleep(backoff_delay(attempt))
                 continue
             if appended.duplicate:  # recorded before (maybe by another replica): re-read
+                job.contested = True
                 return await self._cache.load(job.conv)
             state = record(state, StoredEvent(appended.seq, event))
             self._cache.put(job.conv, state)
