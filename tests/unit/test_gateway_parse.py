@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import re
 from pathlib import Path
 from typing import Any
 
 import httpx
+import msgspec
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer, make_mocked_request
@@ -272,6 +274,22 @@ def test_dedupe_key_of_an_event_is_app_user_time_event_and_its_digest() -> None:
     assert dedupe_key(later) != dedupe_key(msg)
     again = parse(xml(message(MsgType="event", Event="enter_agent")))  # WeCom's retry
     assert (dedupe_key(again), again.event_id) == (dedupe_key(msg), msg.event_id)
+
+
+def test_the_key_of_an_event_is_made_of_wecoms_fields_not_of_our_payload() -> None:
+    """A retry must keep its key across an upgrade that adds a field to a payload: the
+    digest is of the message's fields as WeCom wrote them, in any order and however the
+    document is read (flat reader or XML parser)."""
+    fields = message(MsgType="event", Event="click", EventKey="menu_1")
+    msg = parse(xml(fields))
+    reordered = parse(xml(dict(reversed(list(fields.items())))))
+    declared = parse(b'<?xml version="1.0" encoding="UTF-8"?>' + xml(fields))  # the parser
+    assert dedupe_key(msg) == dedupe_key(reordered) == dedupe_key(declared)
+    digest = hashlib.sha1(
+        msgspec.json.encode(sorted({"ToUserName": CORP, **fields}.items())),
+        usedforsecurity=False,
+    ).hexdigest()[:16]
+    assert dedupe_key(msg) == f"{APP}:{USER}:1409659813:click.{digest}"
 
 
 def test_two_events_of_one_user_in_one_second_are_two() -> None:

@@ -61,7 +61,7 @@ __all__ = [
     "parse_message",
 ]
 
-_payload_encoder = msgspec.json.Encoder(order="sorted")  # the same bytes for a retry
+_fields_encoder = msgspec.json.Encoder()
 _SAFE_KEY_PART = re.compile(r"[A-Za-z0-9_\-@.]{1,128}")
 # A MsgType token: every type WeCom documents (text, image, voice, video, location, link,
 # event, file, miniprogram_notice…) is lower-case letters and '_'. A well-formed type we
@@ -162,7 +162,7 @@ def parse_message(plaintext: bytes, *, corp_id: str, agent_id: int, app: str) ->
     msg_type = _msg_type(_required(fields, "MsgType"))
     msg_id = fields.get("MsgId") or None
     payload = _payload(msg_type, fields)
-    key = _key(app, msg_id, from_user, create_time, msg_type, payload)
+    key = _key(app, msg_id, from_user, create_time, msg_type, payload, fields)
     return MessageReceived(
         event_id=derived_id(key, "received"),
         occurred_at=datetime.fromtimestamp(create_time, UTC),
@@ -415,12 +415,15 @@ _BUILDERS: dict[str, Callable[[dict[str, str]], Payload]] = {
 # ---------------------------------------------------------------- dedupe key
 
 
-def _discriminator(msg_type: str, payload: Payload) -> str:
+def _discriminator(msg_type: str, payload: Payload, fields: dict[str, str]) -> str:
     """What tells apart two callbacks without MsgId from one user in one second: the
-    event (or type), and a digest of everything it carries. Two menu clicks, or two
-    contact changes from ``sys``, differ by their fields; a WeCom retry does not."""
+    event (or type), and a digest of every field of the message as WeCom wrote it. Two
+    menu clicks, or two contact changes from ``sys``, differ by their fields; a WeCom
+    retry does not. The digest is of WeCom's fields, not of our payload, so a field we
+    add to a payload later does not change the key of a retry across an upgrade."""
     label = payload.event if isinstance(payload, WeComEventPayload) else msg_type
-    digest = hashlib.sha1(_payload_encoder.encode(payload), usedforsecurity=False)
+    canonical = _fields_encoder.encode(sorted(fields.items()))
+    digest = hashlib.sha1(canonical, usedforsecurity=False)
     return f"{label}.{digest.hexdigest()[:16]}"
 
 
@@ -430,9 +433,16 @@ def _key_part(value: str) -> str:
 
 
 def _key(
-    app: str, msg_id: str | None, from_user: str, create_time: int, msg_type: str, payload: Payload
+    app: str,
+    msg_id: str | None,
+    from_user: str,
+    create_time: int,
+    msg_type: str,
+    payload: Payload,
+    fields: dict[str, str],
 ) -> str:
     if msg_id:
         return f"{app}:{_key_part(msg_id)}"
-    disc = _discriminator(msg_type, payload)  # only here: a digest costs what a message saves
+    # only here: a digest costs what a message saves
+    disc = _discriminator(msg_type, payload, fields)
     return f"{app}:{from_user}:{create_time}:{_key_part(disc)}"
