@@ -39,6 +39,21 @@ def _reply(user: str, text: str) -> ReplyGenerated:
     return ReplyGenerated(app=APP, conversation=user, correlation_id=text, text=text)
 
 
+def _received(msg_id: str) -> MessageReceived:
+    return MessageReceived(
+        app=APP,
+        conversation="wang.wu",
+        correlation_id=msg_id,
+        msg_type="text",
+        msg_id=msg_id,
+        from_user="wang.wu",
+        to_user="ww1",
+        agent_id=1000002,
+        create_time=1_700_000_000,
+        payload=TextPayload(content="你好"),
+    )
+
+
 def _settings(url: str) -> NatsSettings:
     return NatsSettings.read(EnvReader({"NATS_URL": url}))
 
@@ -271,18 +286,7 @@ async def test_each_llm_dead_letter_replays_once_and_a_failed_copy_again(
     one appended nothing before (the copy's Nats-Msg-Id was per message, not per letter,
     and the repeat fell in the duplicate window), while saying the llm would answer it."""
     await ensure_topology(js, _settings("nats://127.0.0.1:4222"))
-    lost = MessageReceived(
-        app=APP,
-        conversation="wang.wu",
-        correlation_id="m77",
-        msg_type="text",
-        msg_id="m77",
-        from_user="wang.wu",
-        to_user="ww1",
-        agent_id=1000002,
-        create_time=1_700_000_000,
-        payload=TextPayload(content="你好"),
-    )
+    lost = _received("m77")
     await append_event(js, lost)
 
     async def failing(d: Delivery) -> Outcome:
@@ -314,19 +318,7 @@ async def test_a_replayed_message_keeps_what_only_a_newer_build_knows(
     gateway's, parked by a replica of either build): the copy is the parked bytes. A
     letter of a type this build lacks is refused, saying which build can replay it."""
     await ensure_topology(js, _settings("nats://127.0.0.1:4222"))
-    message = MessageReceived(
-        app=APP,
-        conversation="wang.wu",
-        correlation_id="m78",
-        msg_type="text",
-        msg_id="m78",
-        from_user="wang.wu",
-        to_user="ww1",
-        agent_id=1000002,
-        create_time=1_700_000_000,
-        payload=TextPayload(content="你好"),
-    )
-    fields = msgspec.to_builtins(message)
+    fields = msgspec.to_builtins(_received("m78"))
     fields["quoted_msg_id"] = "m70"
     fields["payload"]["mentions"] = ["li.si"]
     newer_fields = msgspec.json.encode(fields)

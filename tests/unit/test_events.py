@@ -107,16 +107,7 @@ def _fields(event: Event, **changes: object) -> bytes:
     return msgspec.json.encode(raw)
 
 
-MESSAGE = MessageReceived(
-    **ENV,
-    msg_type="text",
-    msg_id="1",
-    from_user="li.si@x",
-    to_user="ww1",
-    agent_id=1000002,
-    create_time=1409659813,
-    payload=TextPayload(content="hi"),
-)
+MESSAGE = msgspec.structs.replace(EVENTS[0], msg_type="text", payload=TextPayload(content="hi"))
 
 
 @pytest.mark.parametrize(
