@@ -78,7 +78,7 @@ class FakeLog:
         seq = self.msg_ids[msg_id] = self.add(event)
         return Appended(seq, duplicate=False)
 
-    async def settled_through(self) -> int:
+    async def settled_through(self) -> int | None:
         return self.settled
 
     def outcomes(self) -> list[Event]:

@@ -390,21 +390,27 @@ def _no_pub_ack(waiter: asyncio.Future[_PubAck], timeout: float) -> None:
 
 async def ack_floor(
     js: JetStreamContext, consumer: str, *, stream: str = topology.CONVERSATION_STREAM
-) -> int:
+) -> int | None:
     """A stream seq at or below which ``consumer`` has settled every message
-    (acknowledged, or terminated after dead-lettering); 0 when unknown."""
+    (acknowledged, or terminated after dead-lettering); 0 while the consumer does not
+    exist (nothing settled by it yet); None when it cannot be read."""
     try:
         info = await js.consumer_info(stream, consumer, timeout=2)
+    except nats.js.errors.NotFoundError:
+        return 0
     except (TimeoutError, nats.errors.Error) as exc:
         log.debug("consumer.ack_floor_unknown", consumer=consumer, error=str(exc))
-        return 0
+        return None
     return (info.ack_floor.stream_seq or 0) if info.ack_floor is not None else 0
 
 
 class SettledFloor:
-    """A work consumer's ack floor as one process knows it: the highest read so far,
-    read again at most every ``refresh_s`` (one ``consumer_info`` call, however many
-    deliveries of the process are waiting on an earlier message).
+    """A work consumer's ack floor as one process knows it: the latest read, read again
+    at most every ``refresh_s`` (one ``consumer_info`` call, however many deliveries of
+    the process are waiting on an earlier message). A read that fails keeps the floor;
+    one that answers lower lowers it (the consumer or its stream was made again, and
+    sequences start over: a floor kept from before would let every later message skip
+    its wait for an earlier one until a restart).
 
     The llm and the sender use it the same way: an earlier message at or below the
     floor was acknowledged or dead-lettered, so nobody will handle it again and a later
@@ -415,11 +421,11 @@ class SettledFloor:
         if blocker_seq <= await settled.refresh(): ...
     """
 
-    __slots__ = ("_clock", "_read", "_read_at", "_refresh_s", "through")
+    __slots__ = ("_clock", "_read", "_read_at", "_reads", "_refresh_s", "through")
 
     def __init__(
         self,
-        read: Callable[[], Awaitable[int]],
+        read: Callable[[], Awaitable[int | None]],
         *,
         refresh_s: float,
         clock: Callable[[], float] = time.monotonic,
@@ -428,14 +434,19 @@ class SettledFloor:
         self._refresh_s = refresh_s
         self._clock = clock
         self._read_at = -math.inf
-        self.through = 0  # the floor as last read (never lowered)
+        self._reads = 0  # reads started: only the latest one's answer is taken
+        self.through = 0  # the floor as last read
 
     async def refresh(self) -> int:
         """The floor, read again unless it was read within ``refresh_s``."""
         now = self._clock()
         if now - self._read_at >= self._refresh_s:
             self._read_at = now
-            self.through = max(self.through, await self._read())
+            self._reads += 1
+            started = self._reads
+            value = await self._read()
+            if value is not None and started == self._reads:  # none started after us
+                self.through = value
         return self.through
 
 

@@ -44,9 +44,9 @@ class ConversationLog(Protocol):
         """Append conditionally; ConcurrencyConflict / AppendUnavailable as in bus."""
         ...
 
-    async def settled_through(self) -> int:
+    async def settled_through(self) -> int | None:
         """A stream seq at or below which the work consumer has settled every message
-        (acknowledged, or terminated after dead-lettering); 0 when unknown."""
+        (acknowledged, or terminated after dead-lettering); None when it cannot be read."""
         ...
 
 
@@ -73,5 +73,5 @@ class JetStreamLog:
             expect_scope=expect_scope,
         )
 
-    async def settled_through(self) -> int:
+    async def settled_through(self) -> int | None:
         return await ack_floor(self._js, self._consumer)
