@@ -12,7 +12,8 @@ from typing import Any
 import httpx
 import msgspec
 import pytest
-from aiohttp import web
+from aiohttp import StreamReader, web
+from aiohttp.base_protocol import BaseProtocol
 from aiohttp.test_utils import TestServer, make_mocked_request
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
@@ -37,7 +38,12 @@ from wecombot_common.runtime import HealthServer
 from wecombot_common.sim.callbacks import CallbackBuilder
 from wecombot_common.topology import is_user_id
 from wecombot_gateway.app import create_app
-from wecombot_gateway.body import check_content_type, check_declared_length
+from wecombot_gateway.body import (
+    check_content_encoding,
+    check_content_type,
+    check_declared_length,
+    read_limited,
+)
 from wecombot_gateway.callback import CallbackQuery, check_fresh
 from wecombot_gateway.errors import (
     BodyTooLarge,
@@ -185,8 +191,9 @@ def test_a_message_for_another_app_of_the_company_is_refused() -> None:
     AgentID is another app's would be stored and answered as ours."""
     with pytest.raises(WrongRecipient, match=r"AgentID 1000003, not for ours \(1000002\)"):
         parse(xml(message(MsgType="text", Content="hi", MsgId="9", AgentID="1000003")))
-    # No AgentID (some events), or one that is no number: not another app's, kept.
-    for agent in (None, "", "x"):
+    # No AgentID (some events), or one that is no number: not another app's, kept. Digits
+    # of other scripts are no number either (int() would read "٢" as 2: another app).
+    for agent in (None, "", "x", "٢", "２"):
         fields = message(MsgType="text", Content="hi", MsgId="9")
         if agent is None:
             del fields["AgentID"]
@@ -340,6 +347,12 @@ def test_an_event_without_a_sender_is_not_a_conversations() -> None:
         parse(xml(fields))
 
 
+def test_a_msgid_with_a_colon_is_quoted_in_its_key() -> None:
+    """':' separates the key's parts: a MsgId holding one could pose as another key."""
+    msg = parse(xml(message(MsgType="text", Content="x", MsgId="a:b")))
+    assert dedupe_key(msg) == f"{APP}:a%3Ab"
+
+
 def test_dedupe_key_is_header_safe() -> None:
     msg = parse(xml(message(MsgType="text", Content="x", MsgId="a:b\r\nX-Evil: 1")))
     key = dedupe_key(msg)
@@ -404,11 +417,48 @@ def test_bad_createtime_is_refused(value: str) -> None:
         parse(xml(message(MsgType="text", Content="x", CreateTime=value)))
 
 
-@pytest.mark.parametrize(("name", "value"), [("Location_X", "north"), ("Scale", "nan")])
-def test_bad_location_numbers_are_refused(name: str, value: str) -> None:
+@pytest.mark.parametrize(
+    ("name", "value", "reason"),
+    [
+        ("Location_X", "north", "is not a number"),
+        ("Scale", "nan", "is not a number"),
+        ("Location_X", "inf", "is not a finite number"),
+        ("Location_Y", "nan", "is not a finite number"),
+    ],
+)
+def test_bad_location_numbers_are_refused(name: str, value: str, reason: str) -> None:
     fields = message(MsgType="location", Location_X="1", Location_Y="2", Scale="3", Label="")
-    with pytest.raises(InvalidMessage, match=name):
+    with pytest.raises(InvalidMessage, match=f"{name} '{value}' {reason}"):
         parse(xml({**fields, name: value}))
+
+
+def test_an_event_must_name_its_event() -> None:
+    with pytest.raises(InvalidMessage, match="Event is empty"):
+        parse(xml(message(MsgType="event", Event="")))
+
+
+def test_an_empty_msgid_is_no_msgid() -> None:
+    msg = parse(xml(message(MsgType="text", Content="x", MsgId="")))
+    assert msg.msg_id is None
+    assert dedupe_key(msg).startswith(f"{APP}:{USER}:1409659813:text.")
+
+
+def test_an_indented_nested_element_keeps_only_its_children() -> None:
+    """The whitespace between nested elements is layout, not a value of the parent."""
+    document = xml(message(MsgType="event", Event="pic_sysphoto", EventKey="k")).replace(
+        b"</xml>", b"<SendPicsInfo>\n  <Count>1</Count>\n</SendPicsInfo></xml>"
+    )
+    payload = parse(document).payload
+    assert isinstance(payload, WeComEventPayload)
+    assert payload.fields == {"SendPicsInfo.Count": "1"}
+
+
+def test_createtime_of_eleven_digits_is_a_time_and_of_twelve_is_not() -> None:
+    assert parse(
+        xml(message(MsgType="text", Content="x", CreateTime="1" + "0" * 10))
+    ).create_time == (10**10)
+    with pytest.raises(InvalidMessage, match="CreateTime"):
+        parse(xml(message(MsgType="text", Content="x", CreateTime="1" + "0" * 11)))
 
 
 def test_message_for_another_corp_is_refused() -> None:
@@ -515,6 +565,12 @@ def test_query_needs_each_parameter_exactly_once() -> None:
         CallbackQuery.parse(
             MultiDict(msg_signature="s", timestamp="-1", nonce="n"), url_check=False
         )
+    eleven = MultiDict(msg_signature="s", timestamp="9" * 11, nonce="n")
+    assert CallbackQuery.parse(eleven, url_check=False).timestamp == "9" * 11
+    with pytest.raises(InvalidQuery, match="timestamp"):
+        CallbackQuery.parse(
+            MultiDict(msg_signature="s", timestamp="9" * 12, nonce="n"), url_check=False
+        )
 
 
 def test_replay_window() -> None:
@@ -529,10 +585,46 @@ def test_replay_window() -> None:
 
 @pytest.mark.parametrize(
     "header",
-    [None, "text/xml", "text/xml; charset=utf-8", "application/xml", "application/atom+xml"],
+    [
+        None,
+        "text/xml",
+        "text/xml; charset=utf-8",
+        "Text/XML; charset=UTF-8",
+        " application/xml ",
+        "application/atom+xml",
+    ],
 )
 def test_xml_content_types_are_accepted(header: str | None) -> None:
     check_content_type(header)
+
+
+@pytest.mark.parametrize("header", [None, "", "identity", " Identity "])
+def test_an_uncoded_body_is_accepted(header: str | None) -> None:
+    check_content_encoding(header)
+
+
+@pytest.mark.parametrize("header", ["gzip", "deflate", "br", "gzip, identity"])
+def test_a_coded_body_is_refused(header: str) -> None:
+    with pytest.raises(UnsupportedMediaType, match="Content-Encoding"):
+        check_content_encoding(header)
+
+
+async def _read(chunks: list[bytes], limit: int) -> bytes:
+    loop = asyncio.get_running_loop()
+    stream = StreamReader(BaseProtocol(loop), 2**16, loop=loop)
+    for chunk in chunks:
+        stream.feed_data(chunk)
+    stream.feed_eof()
+    return await read_limited(stream, limit)
+
+
+async def test_a_body_is_read_up_to_its_limit_and_not_a_byte_past_it() -> None:
+    """Chunked bodies declare no length: the limit holds while reading."""
+    assert await _read([b"a" * 6, b"b" * 4], 10) == b"a" * 6 + b"b" * 4
+    assert await _read([b"x" * 10], 10) == b"x" * 10
+    assert await _read([], 10) == b""
+    with pytest.raises(BodyTooLarge, match="body exceeds 10 bytes"):
+        await _read([b"a" * 6, b"b" * 5], 10)
 
 
 @pytest.mark.parametrize(

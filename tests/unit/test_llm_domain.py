@@ -42,10 +42,12 @@ from wecombot_llm.commands import HELP_TEXT, Command, parse_command
 from wecombot_llm.conversation import Blocked, Conversation, Done, Go, fold, plan
 from wecombot_llm.decide import (
     CUT_OFF_NOTE,
+    EMPTY_TEXT,
     REFUSAL_TEXT,
     AskModel,
     Reply,
     decide,
+    failed,
     requires_outcome,
 )
 from wecombot_llm.gate import Gate, GatePolicy, Verdict
@@ -176,6 +178,68 @@ def test_fold_keeps_a_bounded_number_of_turns() -> None:
     for s in stored(*events):
         conv.apply(s)
     assert list(conv.turns) == [Turn("q3", "a3"), Turn("q4", "a4")]
+
+
+def test_applying_the_last_event_again_changes_nothing() -> None:
+    r, q = msg("/reset"), msg("q")
+    events = stored(r, q, reply_to(q, "a"), reset_of(r))
+    conv = fold(events, always)
+    before = (list(conv.turns), conv.reset_from)
+    conv.apply(events[-1])  # a re-read that starts at the last seq read
+    assert (list(conv.turns), conv.reset_from) == before == ([Turn("q", "a")], 1)
+
+
+def test_a_late_confirmation_of_an_older_reset_does_not_bring_back_what_a_newer_cleared() -> None:
+    m1, q3, m5 = msg("/reset"), msg("q3"), msg("/reset")
+    events = [
+        StoredEvent(1, m1),
+        StoredEvent(3, q3),
+        StoredEvent(5, m5),
+        StoredEvent(6, reset_of(m5)),
+        StoredEvent(10, reset_of(m1)),  # answered out of order (a redelivery)
+        StoredEvent(11, reply_to(q3, "a3")),
+    ]
+    conv = fold(events, always)
+    assert list(conv.turns) == [] and conv.reset_from == 5
+
+
+def test_only_the_latest_settled_messages_are_remembered() -> None:
+    conv = Conversation(needs_outcome=always, remember=3)
+    questions = [msg(f"q{i}") for i in range(5)]
+    seq = 0
+    for q in questions:
+        conv.apply(StoredEvent(seq := seq + 1, q))
+        conv.apply(StoredEvent(seq := seq + 1, reply_to(q, "a")))
+    assert [conv.is_settled(q.event_id) for q in questions] == [False, False, True, True, True]
+
+
+def test_a_message_settled_again_is_remembered_as_recent() -> None:
+    conv = Conversation(needs_outcome=always, remember=2)
+    q0, q1, q2 = msg("q0"), msg("q1"), msg("q2")
+    for event in (q0, q1, reply_to(q0, "a"), reply_to(q1, "a"), reply_to(q0, "again")):
+        conv.apply(StoredEvent(conv.last_seq + 1, event))  # a second outcome for q0: a race
+    for event in (q2, reply_to(q2, "a")):
+        conv.apply(StoredEvent(conv.last_seq + 1, event))
+    assert [conv.is_settled(q.event_id) for q in (q0, q1, q2)] == [True, False, True]
+
+
+def test_history_keeps_an_exchange_asked_exactly_at_the_age_limit() -> None:
+    q = msg("q")
+    conv = fold(stored(q, reply_to(q, "a")), always)
+    asked_at = q.occurred_at.timestamp()
+    assert conv.history(9, since=asked_at) == [Turn("q", "a")]
+    assert conv.history(9, since=asked_at + 0.001) == []
+
+
+def test_a_text_of_only_whitespace_is_answered_with_a_hint_not_sent_to_the_model() -> None:
+    m = msg(" \n\u3000 ")
+    action = decide(m, fold(stored(m), always), ReplyPolicy(), now=0.0)
+    assert isinstance(action, Reply) and action.outcome.text == EMPTY_TEXT
+
+
+def test_a_failure_reason_is_kept_short() -> None:
+    reason = failed(msg("q"), "x" * 2000, 3, "sorry").reason
+    assert reason == "x" * 500
 
 
 # ---------------------------------------------------------------- planning

@@ -159,10 +159,45 @@ def test_only_the_latest_ephemeral_secrets_are_kept() -> None:
     tokens = [f"access-token-{i:04d}-xyz" for i in range(EPHEMERAL_KEPT + 5)]
     for token in tokens:
         register_secret(token, ephemeral=True)
-    register_secret(tokens[6], ephemeral=True)  # seen again: the latest once more
-    register_secret("access-token-new-xyz", ephemeral=True)
+    oldest_kept = tokens[5]
+    register_secret(oldest_kept, ephemeral=True)  # seen again (in use): the latest once more
+    register_secret("access-token-new-xyz", ephemeral=True)  # so the next oldest goes
     line = " ".join(["setting-secret-kept-for-good", *tokens])
     redacted = redact(line).split(" ")
     assert redacted[0] == REDACTED
-    kept = {tokens[6], *tokens[-(EPHEMERAL_KEPT - 2) :]}
+    kept = {oldest_kept, *tokens[-(EPHEMERAL_KEPT - 2) :]}
     assert [r == REDACTED for r in redacted[1:]] == [t in kept for t in tokens]
+
+
+@pytest.mark.parametrize("name", ["access_token", "corpsecret", "api_key", "apikey", "api-key"])
+def test_credentials_in_a_query_are_redacted_by_pattern(name: str) -> None:
+    assert redact(f"GET /x?{name}=S1abcdef&y=1") == f"GET /x?{name}={REDACTED}&y=1"
+
+
+def test_the_password_runs_from_the_first_colon_of_the_userinfo() -> None:
+    assert redact("nats://user:pa:ss@host:4222") == f"nats://user:{REDACTED}@host:4222"
+
+
+def test_a_secret_of_six_characters_is_redacted_and_its_repeats_too() -> None:
+    register_secret("abc123")
+    assert redact("x abc123 y") == f"x {REDACTED} y"
+    register_secret("zyxzyx")
+    assert redact("zyxzyxzyx") == REDACTED  # overlapping occurrences: nothing left
+
+
+def test_lists_and_tuples_stay_lists_and_tuples_redacted_item_by_item(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    configure_logging(LogSettings(), service="test", secrets=[Secret("s3cret-value")])
+    structlog.get_logger("t").info("hosts", hosts=["a", "s3cret-value"], pair=("b", "s3cret-value"))
+    line = _lines(capsys.readouterr().err)[0]
+    assert line["hosts"] == ["a", REDACTED] and line["pair"] == ["b", REDACTED]
+
+
+def test_http_client_loggers_are_kept_at_warning() -> None:
+    """httpx logs every request's URL at info: message/send's carries the access_token."""
+    configure_logging(LogSettings(level="info"), service="test")
+    for noisy in ("httpx", "httpcore", "aiohttp.access"):
+        assert logging.getLogger(noisy).level == logging.WARNING
+    configure_logging(LogSettings(level="error"), service="test")
+    assert logging.getLogger("httpx").level == logging.ERROR

@@ -164,6 +164,49 @@ def test_the_first_part_recorded_wins() -> None:
     assert len(again.recent_sends) == 1
 
 
+def test_the_newest_sends_are_kept_and_paced_from_the_right_one() -> None:
+    """WeCom counts the last minute: the wait runs from the send ``per_minute`` back
+    from the newest, and the fold keeps the newest RECENT_SENDS_KEPT, not the oldest."""
+    t = T0
+    three = (t, t + timedelta(seconds=10), t + timedelta(seconds=20))
+    assert rate_delay(three, t + timedelta(seconds=30), per_minute=2) == 40.0
+    r1 = reply()
+    sends = [
+        StoredEvent(i + 2, part(r1.event_id, i, f"w{i}", at=t + timedelta(seconds=i)))
+        for i in range(70)
+    ]
+    state = fold(ConversationState(), [StoredEvent(1, r1), *sends])
+    assert len(state.recent_sends) == RECENT_SENDS_KEPT
+    assert state.recent_sends[-1] == t + timedelta(seconds=69)
+    assert state.recent_sends[0] == t + timedelta(seconds=70 - RECENT_SENDS_KEPT)
+    assert rate_delay(state.recent_sends, t + timedelta(seconds=70), per_minute=30) == 30.0
+    assert state.outcome(r1.event_id).last_sent_at == t + timedelta(seconds=69)
+
+
+def test_the_next_part_follows_the_highest_recorded() -> None:
+    assert next_part(OutcomeState("r")) == 0
+    assert next_part(OutcomeState("r", delivered={0: "w1"})) == 1
+    assert next_part(OutcomeState("r", delivered={1: "w2"})) == 2  # never part 1 again
+
+
+def test_the_parts_recorded_in_a_window_are_known_by_reply_and_index() -> None:
+    r1, r2 = reply("one"), reply("two")
+    state = fold(
+        ConversationState(),
+        [
+            StoredEvent(1, r1),
+            StoredEvent(2, part(r1.event_id, 0, "w1", at=T0)),
+            StoredEvent(3, r2),
+            StoredEvent(4, part(r2.event_id, 0, "w2", at=T0 + timedelta(seconds=30))),
+        ],
+    )
+    assert state.last_part == (r2.event_id, 0)
+    assert [(p.reply_id, p.index) for p in state.parts_since(T0 + timedelta(seconds=1))] == [
+        (r2.event_id, 0)
+    ]
+    assert len(state.parts_since(T0)) == 2
+
+
 def test_record_applies_an_own_append_without_moving_the_cursor() -> None:
     r1 = reply()
     state = fold(ConversationState(), [StoredEvent(4, r1)])

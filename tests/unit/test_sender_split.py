@@ -181,6 +181,41 @@ def test_exactly_at_the_limit_is_one_part() -> None:
     assert split_text(text + "c") == [text, "c"]
 
 
+def test_a_text_of_exactly_the_limit_with_a_paragraph_break_is_one_part() -> None:
+    text = "a" * 60 + "\n\n" + "b" * 38  # 100 bytes
+    assert split_text(text, limit=100) == [text]
+
+
+def test_a_better_boundary_wins_only_if_its_part_fills_half_the_limit() -> None:
+    """A paragraph break 42 bytes in would leave a part under half full: a plain cut at
+    the limit fills the part instead (min_fill defaults to half the limit)."""
+    text = "a" * 40 + "\n\n" + "b" * 100
+    assert [nbytes(p) for p in split_text(text, limit=100)] == [100, 42]
+    assert [nbytes(p) for p in split_text(text, limit=100, min_fill=0)] == [42, 100]
+
+
+def test_a_grapheme_is_never_broken_to_fill_a_part() -> None:
+    """An e with a hundred combining marks is one grapheme over the limit: it goes
+    whole in a part of its own (the only cut it allows is no cut at all)."""
+    cluster = "e" + "\u0301" * 100
+    parts = split_text("ab " + cluster + " tail", limit=100)
+    assert parts[0] == "ab "
+    assert "".join(parts) == "ab " + cluster + " tail"
+
+
+def test_a_code_block_is_cut_after_its_closing_fence_or_before_its_opening() -> None:
+    block = "```\n" + "c" * 50 + "\n```\n"
+    assert split_text(block + "d" * 80, limit=100) == [block, "d" * 80]
+    intro = "intro text that is long enough to fill.\n"
+    parts = split_text(intro + "```\n" + "c" * 200 + "\n```\n", limit=60)
+    assert parts[0] == intro
+
+
+def test_a_fence_is_indented_three_spaces_at_most() -> None:
+    assert fenced_spans("   ```\nx\n   ```\n") == [(0, 16)]
+    assert fenced_spans("    ```\nx\n    ```\n") == []  # four: an indented code line
+
+
 def test_paragraph_then_rest() -> None:
     assert split_text("第一段。\n\nsecond paragraph", limit=16) == [
         "第一段。\n\n",

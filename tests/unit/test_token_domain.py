@@ -240,6 +240,9 @@ def test_answers() -> None:
     )
     unavailable = answer(None, 0.0, POLICY)
     assert (unavailable.ok, unavailable.kind) == (False, "unavailable")
+    # A backoff already over (a caller that waited out a refresh): retry now, not in -150 s.
+    over = answer(state(None, limited), 162.5, POLICY)
+    assert (over.kind, over.retry_after) == ("rate_limited", 0.0)
 
 
 # ---------------------------------------------------------------- tokens rejected in a row
