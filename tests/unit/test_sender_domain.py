@@ -200,11 +200,19 @@ def test_the_parts_recorded_in_a_window_are_known_by_reply_and_index() -> None:
             StoredEvent(4, part(r2.event_id, 0, "w2", at=T0 + timedelta(seconds=30))),
         ],
     )
-    assert state.last_part == (r2.event_id, 0)
-    assert [(p.reply_id, p.index) for p in state.parts_since(T0 + timedelta(seconds=1))] == [
-        (r2.event_id, 0)
-    ]
-    assert len(state.parts_since(T0)) == 2
+    recent = state.parts_since(T0 + timedelta(seconds=1))
+    assert recent is not None and [(p.reply_id, p.index) for p in recent] == [(r2.event_id, 0)]
+    assert len(state.parts_since(T0) or ()) == 2
+    # Every part kept is in the window: older ones in it may have been forgotten.
+    full = fold(
+        state,
+        [
+            StoredEvent(10 + i, part(r2.event_id, i + 1, f"w{i}", at=T0 + timedelta(seconds=40)))
+            for i in range(RECENT_SENDS_KEPT)
+        ],
+    )
+    assert full.parts_since(T0 + timedelta(seconds=35)) is None
+    assert full.parts_since(T0 + timedelta(seconds=40, microseconds=1)) == ()
 
 
 def test_record_applies_an_own_append_without_moving_the_cursor() -> None:

@@ -21,16 +21,21 @@ def _part(reply_id: str, index: int) -> PartDelivered:
     return PartDelivered(**ENV, reply_id=reply_id, index=index, total=2, wecom_msgid="w")
 
 
+def _last_part(state: ConversationState) -> tuple[str, int] | None:
+    last = state.recent_parts[-1] if state.recent_parts else None
+    return None if last is None else (last.reply_id, last.index)
+
+
 def test_the_last_recorded_part_is_tracked_by_fold_and_record() -> None:
     a, b = ReplyGenerated(**ENV, text="a"), ReplyGenerated(**ENV, text="b")
     state = fold(ConversationState(), [StoredEvent(1, a), StoredEvent(2, _part(a.event_id, 0))])
-    assert state.last_part == (a.event_id, 0)
+    assert _last_part(state) == (a.event_id, 0)
     done = ReplyDelivered(**ENV, reply_id=a.event_id, parts=1, wecom_msgids=["w"])
     state = fold(state, [StoredEvent(3, done), StoredEvent(4, b)])
-    assert state.last_part == (a.event_id, 0)  # a terminal event is not a message
+    assert _last_part(state) == (a.event_id, 0)  # a terminal event is not a message
     state = record(state, StoredEvent(5, _part(b.event_id, 1)))
-    assert state.last_part == (b.event_id, 1)
-    assert ConversationState().last_part is None
+    assert _last_part(state) == (b.event_id, 1)
+    assert _last_part(ConversationState()) is None
 
 
 @pytest.mark.parametrize(

@@ -252,6 +252,8 @@ def test_a_token_rejected_after_it_served_is_fetched_again_at_once() -> None:
     # TOKEN was fetched for no rejection: WeCom refusing it (early expiry) refetches now,
     # even a moment after its fetch.
     assert decide(state(), TOKEN.fetched_at, POLICY, rejected=TOKEN.value) is Action.FETCH
+    # ... on a replica whose clock is behind the one that fetched it too
+    assert decide(state(), TOKEN.fetched_at - 5, POLICY, rejected=TOKEN.value) is Action.FETCH
 
 
 def test_tokens_rejected_in_a_row_are_refetched_with_a_growing_wait() -> None:

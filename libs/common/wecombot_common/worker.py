@@ -515,7 +515,8 @@ class PullWorker:
                     delivery=meta.num_delivered,
                     reason=str(exc),
                 )
-                await self._nak(msg, backoff_delay(meta.num_delivered, base=1.0))
+                if await self._nak(msg, backoff_delay(meta.num_delivered, base=1.0)):
+                    self._metrics.handed_back.inc()
             return None
         except EventDecodeError as exc:
             await self._dead_letter(msg, str(exc), meta.num_delivered)

@@ -119,17 +119,13 @@ class ConversationState:
     def recent_sends(self) -> tuple[datetime, ...]:
         return tuple(part.at for part in self.recent_parts)
 
-    @property
-    def last_part(self) -> tuple[str, int] | None:
-        """(reply event_id, part index) of the part recorded last."""
-        if not self.recent_parts:
+    def parts_since(self, since: datetime) -> tuple[RecordedPart, ...] | None:
+        """The parts recorded at or after ``since``; None when some of them may have
+        been forgotten (the latest RECENT_SENDS_KEPT are kept, all that recent)."""
+        kept = self.recent_parts
+        if len(kept) >= RECENT_SENDS_KEPT and kept[0].at >= since:
             return None
-        last = self.recent_parts[-1]
-        return last.reply_id, last.index
-
-    def parts_since(self, since: datetime) -> tuple[RecordedPart, ...]:
-        """The parts recorded at or after ``since``, of the latest RECENT_SENDS_KEPT."""
-        return tuple(part for part in self.recent_parts if part.at >= since)
+        return tuple(part for part in kept if part.at >= since)
 
 
 def fold(state: ConversationState, events: Iterable[StoredEvent]) -> ConversationState:

@@ -69,6 +69,7 @@ from wecombot_common.errors import PermanentError, TransientError
 from wecombot_common.events import (
     DeliveryFailed,
     Event,
+    NewerEventError,
     Outcome,
     PartDelivered,
     ReplyDelivered,
@@ -188,6 +189,8 @@ class _Job:
     # what the layout was made from: the last recorded part and its span (a split costs
     # ~1 ms per 2 KB, on the event loop: made again only when the record moved)
     laid_for: tuple[int, tuple[int, int] | None] | None = None
+    # other replies' parts, read once per delivery to compare with what it re-sends
+    others_parts: dict[str, list[str]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.parts = [self.reply.text[start:end] for start, end in self.spans]
@@ -462,21 +465,34 @@ class ReplySender:
     async def _checkable(self, job: _Job, state: ConversationState, index: int) -> bool:
         """Whether re-sending ``index`` may ask WeCom's duplicate check. Not when a
         message the user was sent inside the check's window, as recorded, is this very
-        text: WeCom could not tell a repeat of it from our unrecorded send, and dropping
-        it would lose it. The window reaches back to this reply's last recorded part (or
-        the reply), where an unrecorded send of ``index`` can start: for a requeued
-        reply, or one a later reply overtook on its last try, well before the user's
-        last recorded message (a window from there missed the failed round's send)."""
+        text, or may be (its text cannot be read, or more messages than are kept fall in
+        the window): WeCom could not tell a repeat of it from our unrecorded send, and
+        dropping it would lose it (a possible repeat beats a lost answer). The window
+        reaches back to this reply's last recorded part (or the reply), where an
+        unrecorded send of ``index`` can start: for a requeued reply, or one a later
+        reply overtook on its last try, well before the user's last recorded message (a
+        window from there missed the failed round's send)."""
         since = _check_since(job, state) - timedelta(seconds=CHECK_REACHES_BACK_S)
-        texts: dict[str, list[str]] = {job.reply_id: job.parts}
-        for part in state.parts_since(since):  # a text unknown (aged out) counts as other
-            if part.reply_id not in texts:
-                texts[part.reply_id] = await self._parts_of(state, part.reply_id)
-            parts = texts[part.reply_id]
-            if part.index < len(parts) and parts[part.index] == job.parts[index]:
-                log.info("sender.duplicate_check_skipped", index=index, same_as_part=part.index)
-                return False
+        recorded = state.parts_since(since)
+        if recorded is None:
+            return _skip_check(index, "more messages in the window than are kept")
+        for part in recorded:
+            parts = await self._recorded_parts(job, state, part.reply_id)
+            if part.index >= len(parts):
+                return _skip_check(index, "a message in the window cannot be read")
+            if parts[part.index] == job.parts[index]:
+                return _skip_check(index, "a message in the window is the same text")
         return True
+
+    async def _recorded_parts(
+        self, job: _Job, state: ConversationState, reply_id: str
+    ) -> list[str]:
+        if reply_id == job.reply_id:
+            return job.parts
+        parts = job.others_parts.get(reply_id)
+        if parts is None:
+            parts = job.others_parts[reply_id] = await self._parts_of(state, reply_id)
+        return parts
 
     @staticmethod
     def _check_interval(job: _Job, state: ConversationState) -> int:
@@ -504,7 +520,10 @@ class ReplySender:
             raise PermanentError(f"no event at seq {seq} (aged out?)") from None
         except (TimeoutError, nats.errors.Error) as exc:
             raise TransientError(f"cannot read seq {seq}: {type(exc).__name__}") from exc
-        event = decode_event(raw.data or b"")  # EventDecodeError is a PermanentError
+        try:
+            event = decode_event(raw.data or b"")  # EventDecodeError is a PermanentError
+        except NewerEventError as exc:  # a newer replica can read it: hand it back
+            raise TransientError(str(exc)) from exc
         if not isinstance(event, OUTCOME_TYPES):
             raise PermanentError(f"seq {seq} holds a {type(event).__name__}, not an outcome")
         return event
@@ -617,3 +636,8 @@ def _check_since(job: _Job, state: ConversationState) -> datetime:
     """The earliest an unrecorded send of this reply's next part can have gone out."""
     last_sent = state.outcome(job.reply_id).last_sent_at
     return job.reply.occurred_at if last_sent is None else max(last_sent, job.reply.occurred_at)
+
+
+def _skip_check(index: int, reason: str) -> bool:
+    log.info("sender.duplicate_check_skipped", index=index, reason=reason)
+    return False

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import enum
 import hashlib
+import math
 from dataclasses import dataclass
 
 import msgspec
@@ -181,10 +182,10 @@ def refetch_at(token: IssuedToken, policy: Policy) -> float:
     >>> p = Policy(refresh_margin_s=300, min_backoff_s=1, max_backoff_s=300)
     >>> [refetch_at(IssuedToken(value="t", fetched_at=100.0, expires_at=7300.0,
     ...                         rejected_in_a_row=n), p) for n in (0, 1, 2, 5)]
-    [100.0, 101.0, 102.0, 116.0]
+    [-inf, 101.0, 102.0, 116.0]
     """
     if token.rejected_in_a_row == 0:
-        return token.fetched_at
+        return -math.inf  # not the fetch time: another replica's clock may be behind it
     return token.fetched_at + backoff_delay(token.rejected_in_a_row, policy)
 
 

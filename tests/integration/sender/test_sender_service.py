@@ -6,8 +6,9 @@ the log."""
 from __future__ import annotations
 
 import asyncio
-import time
+from collections.abc import MutableMapping
 from datetime import datetime, timedelta
+from typing import Any
 
 import httpx
 import nats
@@ -45,6 +46,7 @@ from wecombot_common.events import (
 )
 from wecombot_common.settings import EnvReader, NatsSettings, Secret, WeComApiSettings
 from wecombot_common.sim.wecom_api import SentMessage, SimulatedWeComApi
+from wecombot_sender.domain import RECENT_SENDS_KEPT
 from wecombot_sender.errors import SendRejected, SendRetryable, TokenRejected
 from wecombot_sender.split import split_text
 from wecombot_sender.wecom import HttpMessageApi
@@ -317,6 +319,71 @@ async def test_a_replayed_reply_goes_out_after_its_recorded_parts_and_in_order(
     await _settled(system.js)
 
 
+def _ago(seconds: float) -> datetime:
+    return utcnow() - timedelta(seconds=seconds)
+
+
+async def _delivered_before(system: System, user: str, key: str, text: str, at: datetime) -> None:
+    """A one-part reply delivered earlier, as the log and WeCom remember it."""
+    env = Envelope(app=APP, conversation=user, correlation_id=key)
+    reply = ReplyGenerated(**env, text=text, occurred_at=at - timedelta(seconds=1))
+    done = {"causation_id": reply.event_id, "reply_id": reply.event_id, "occurred_at": at}
+    msgid = f"w-{key}"
+    part = PartDelivered(**env, **done, index=0, total=1, wecom_msgid=msgid, start=0, end=len(text))
+    finished = ReplyDelivered(**env, **done, parts=1, wecom_msgids=[msgid])
+    for event in (reply, part, finished):
+        await append_event(system.js, event)
+    _accepted(system, user, text, msgid, at)
+
+
+def _accepted(system: System, user: str, text: str, msgid: str, at: datetime) -> None:
+    system.sim.sent.append(
+        SentMessage(
+            touser=user,
+            agentid=AGENT,
+            content=text,
+            msgid=msgid,
+            truncated=False,
+            at=at.timestamp(),
+        )
+    )
+
+
+async def _failed_before(
+    system: System, user: str, text: str, *, asked: datetime, failed: datetime
+) -> ReplyRequeued:
+    """A reply whose delivery failed (parked, later replies went on); its requeue, as
+    `wecombot dlq replay` would append it."""
+    env = Envelope(app=APP, conversation=user, correlation_id="lost")
+    lost = ReplyGenerated(**env, text=text, occurred_at=asked)
+    gave_up = DeliveryFailed(
+        **env,
+        causation_id=lost.event_id,
+        reply_id=lost.event_id,
+        errcode=-1,
+        reason="gave up after 20: no answer from WeCom",
+        parts_delivered=0,
+        occurred_at=failed,
+    )
+    for event in (lost, gave_up):
+        await append_event(system.js, event)
+    return ReplyRequeued(
+        **env, causation_id=gave_up.event_id, reply_id=lost.event_id, reason="replayed"
+    )
+
+
+async def _replay(system: System, requeue: ReplyRequeued) -> list[MutableMapping[str, Any]]:
+    """Start the services, replay; the sender's log lines while it delivers the replay."""
+    await system.start_token()
+    system.start_sender()
+    await _settled(system.js)  # every reply finished, as the log says: nothing sent
+    with capture_logs() as logs:  # after the sender configured its logging
+        await append_event(system.js, requeue)  # the operator's `wecombot dlq replay`
+        await system.log.until(lambda: bool(system.log.of(ReplyDelivered, requeue.reply_id)))
+        await _settled(system.js)
+    return logs
+
+
 async def test_a_replay_asks_the_duplicate_check_back_to_the_failed_round(
     system: System,
 ) -> None:
@@ -324,69 +391,34 @@ async def test_a_replay_asks_the_duplicate_check_back_to_the_failed_round(
     a later reply since (parking the failed one lets later ones through). The check's
     window reached back only to that later reply: the replay delivered the lost answer
     a second time. It reaches back to the reply's last recorded part (here, the reply)."""
-    now, user = utcnow(), "chen.qi"
-
-    def ago(seconds: float) -> datetime:
-        return now - timedelta(seconds=seconds)
-
-    env = Envelope(app=APP, conversation=user, correlation_id="m1")
-    lost = ReplyGenerated(**env, text="the lost answer", occurred_at=ago(120))
-    failed = DeliveryFailed(
-        **env,
-        causation_id=lost.event_id,
-        reply_id=lost.event_id,
-        errcode=-1,
-        reason="gave up after 20: no answer from WeCom",
-        parts_delivered=0,
-        occurred_at=ago(80),
+    user = "chen.qi"
+    requeue = await _failed_before(
+        system, user, "the lost answer", asked=_ago(120), failed=_ago(80)
     )
-    later_env = Envelope(app=APP, conversation=user, correlation_id="m2")
-    later = ReplyGenerated(**later_env, text="a later answer", occurred_at=ago(40))
-    later_part = PartDelivered(
-        **later_env,
-        causation_id=later.event_id,
-        reply_id=later.event_id,
-        index=0,
-        total=1,
-        wecom_msgid="w-later",
-        start=0,
-        end=len(later.text),
-        occurred_at=ago(30),
-    )
-    later_done = ReplyDelivered(
-        **later_env,
-        causation_id=later.event_id,
-        reply_id=later.event_id,
-        parts=1,
-        wecom_msgids=["w-later"],
-        occurred_at=ago(30),
-    )
-    requeue = ReplyRequeued(
-        **env, causation_id=failed.event_id, reply_id=lost.event_id, reason="replayed"
-    )
-    for event in (lost, failed, later, later_part, later_done):
-        await append_event(system.js, event)
-    # What WeCom accepted in the failed round, 90 s ago, and what the user saw since.
-    for content, msgid, seconds in (("the lost answer", "w-lost", 90), (later.text, "w-later", 30)):
-        system.sim.sent.append(
-            SentMessage(
-                touser=user,
-                agentid=AGENT,
-                content=content,
-                msgid=msgid,
-                truncated=False,
-                at=time.time() - seconds,
-            )
-        )
-
-    await system.start_token()
-    system.start_sender()
-    await _settled(system.js)  # both replies finished, as the log says: nothing sent
-    await append_event(system.js, requeue)  # the operator's `wecombot dlq replay`
-    await system.log.until(lambda: bool(system.log.of(ReplyDelivered, lost.event_id)))
+    _accepted(system, user, "the lost answer", "w-lost", _ago(90))  # its answer lost
+    await _delivered_before(system, user, "later", "a later answer", _ago(30))
+    await _replay(system, requeue)
     assert system.sim.messages_to(user) == ["the lost answer", "a later answer"]
     assert [m.content for m in system.sim.duplicates] == ["the lost answer"]
-    await _settled(system.js)
+
+
+async def test_a_replay_skips_the_check_when_its_window_holds_more_than_is_kept(
+    system: System,
+) -> None:
+    """An hour after the failed round, with more messages since than the sender keeps
+    (64): one of the forgotten ones may be the same text (the same apology), and WeCom
+    would drop the replay as its repeat, recorded as delivered. It goes out unchecked."""
+    user = "zhou.jiu"
+    sorry = "抱歉，请稍后再试。"
+    requeue = await _failed_before(system, user, sorry, asked=_ago(3600), failed=_ago(3550))
+    await _delivered_before(system, user, "same", sorry, _ago(3499))
+    for i in range(RECENT_SENDS_KEPT):
+        await _delivered_before(system, user, f"k{i}", f"answer {i}", _ago(3400 - i))
+    logs = await _replay(system, requeue)
+    assert system.sim.messages_to(user)[-1] == sorry
+    assert system.sim.duplicates == []
+    skipped = [e for e in logs if e["event"] == "sender.duplicate_check_skipped"]
+    assert [e["reason"] for e in skipped] == ["more messages in the window than are kept"]
 
 
 async def test_a_reply_over_wecoms_hourly_limit_waits_instead_of_being_dropped(
