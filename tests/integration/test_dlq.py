@@ -22,13 +22,22 @@ from nats.js import JetStreamContext
 
 from tests.conftest import NatsHandle
 from tests.waiting import until
-from wecombot.dlq import replay, run
+from wecombot.dlq import read_dead_letters, replay, run
 from wecombot_common import topology
 from wecombot_common.bus import append_event, ensure_topology
 from wecombot_common.errors import PermanentError
 from wecombot_common.events import MessageReceived, ReplyGenerated, TextPayload
 from wecombot_common.settings import EnvReader, NatsSettings
-from wecombot_common.worker import Ack, Delivery, Handler, Nak, Outcome, PullWorker
+from wecombot_common.worker import (
+    DLQ_CONSUMER,
+    DLQ_REASON,
+    Ack,
+    Delivery,
+    Handler,
+    Nak,
+    Outcome,
+    PullWorker,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -234,6 +243,30 @@ async def test_the_wecombot_command(nats_server: NatsHandle, dead: JetStreamCont
         assert bad.returncode == 2 and "is not 1 or more" in bad.stderr, (argv, bad.stderr)
     helped = await asyncio.to_thread(_wecombot, "--help", url=nats_server.url)
     assert helped.returncode == 0 and "--consumer" in helped.stdout, helped.stderr
+
+
+async def test_one_consumers_newest_letters_are_found_however_they_mix_with_others(
+    js: JetStreamContext,
+) -> None:
+    """Few letters among many: read forwards by their subject; many: scanned back. Both
+    give the newest, oldest first."""
+    await ensure_topology(js, _settings("nats://127.0.0.1:4222"))
+    owners = ["sender", *["llm"] * 5, "sender", *["llm"] * 5, "sender", "llm", "llm"]
+    for i, owner in enumerate(owners, start=1):
+        await js.publish(
+            f"{topology.PREFIX}.dlq.{owner}",
+            b"{}",
+            headers={DLQ_CONSUMER: owner, DLQ_REASON: f"letter {i}"},
+        )
+    total, letters = await read_dead_letters(js, consumer="sender", limit=2)
+    assert (total, [d.seq for d in letters]) == (15, [7, 13])
+    _, letters = await read_dead_letters(js, consumer="sender", limit=5)
+    assert [d.seq for d in letters] == [1, 7, 13]
+    assert [d.reason for d in letters] == ["letter 1", "letter 7", "letter 13"]
+    _, letters = await read_dead_letters(js, consumer="llm", limit=3)
+    assert [d.seq for d in letters] == [12, 14, 15]
+    _, letters = await read_dead_letters(js, consumer="llm.*", limit=3)  # not a token
+    assert letters == []
 
 
 async def test_replay_refuses_what_it_cannot_requeue(

@@ -51,7 +51,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import re
 import sys
+from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
@@ -115,6 +117,7 @@ _REASON_WIDTH = 60
 _SUBJECT_WIDTH = 44
 _MAX_SEQ = 2**64 - 1  # a stream sequence is a uint64
 _NO_MESSAGE = 10037  # JetStream's "no message found"; 10059 is "stream not found"
+_SUBJECT_TOKEN = re.compile(r"[A-Za-z0-9_-]{1,64}")  # a consumer name that is one subject token
 
 
 @dataclass(frozen=True)
@@ -197,10 +200,17 @@ async def read_dead_letters(
     """The DLQ's size and its newest ``limit`` letters (of ``consumer``), oldest first.
 
     Reads backwards from the last sequence, one message per request: a DLQ is small, and
-    the newest letters are what an operator looks at first.
+    the newest letters are what an operator looks at first. One consumer's letters, when
+    they are few among the others', are read forwards by their subject instead (only
+    theirs: scanning back through everyone else's would cost more).
     """
     info = await js.stream_info(topology.DEAD_LETTER_STREAM)
     total = int(info.state.messages)
+    if consumer is not None and total and _SUBJECT_TOKEN.fullmatch(consumer):
+        subject = f"{topology.PREFIX}.dlq.{consumer}"
+        mine = await _letters_on(js, subject)
+        if mine * mine <= limit * total:  # ≈ what a scan back would read to find `limit`
+            return total, await _read_forward(js, subject, limit)
     found: list[DeadLetter] = []
     seq = int(info.state.last_seq)
     while seq >= max(int(info.state.first_seq), 1) and len(found) < limit and total:
@@ -214,6 +224,28 @@ async def read_dead_letters(
             found.append(letter)
         seq -= 1
     return total, found[::-1]
+
+
+async def _letters_on(js: JetStreamContext, subject: str) -> int:
+    info = await js.stream_info(topology.DEAD_LETTER_STREAM, subjects_filter=subject)
+    return int((info.state.subjects or {}).get(subject, 0))
+
+
+async def _read_forward(js: JetStreamContext, subject: str, limit: int) -> list[DeadLetter]:
+    """The newest ``limit`` letters on ``subject``, read oldest first by subject."""
+    newest: deque[DeadLetter] = deque(maxlen=max(limit, 0))
+    seq = 0
+    while limit > 0:
+        try:
+            raw = await js.get_msg(
+                topology.DEAD_LETTER_STREAM, seq=seq + 1, subject=subject, next=True
+            )
+        except nats.js.errors.NotFoundError:
+            break
+        assert raw.seq is not None
+        seq = raw.seq
+        newest.append(DeadLetter.of(raw))
+    return list(newest)
 
 
 async def read_dead_letter(js: JetStreamContext, seq: int) -> DeadLetter | None:
