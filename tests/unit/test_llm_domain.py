@@ -59,7 +59,7 @@ from wecombot_llm.model import (
     env_proxy,
 )
 from wecombot_llm.prompt import ChatMessage, Turn, build_prompt, estimate_tokens
-from wecombot_llm.retry import next_delay, parse_retry_after, retry_after_of
+from wecombot_llm.retry import is_retryable_status, next_delay, parse_retry_after, retry_after_of
 from wecombot_llm.settings import LlmSettings, ReplyPolicy
 
 USER = "zhang.san@corp"
@@ -438,6 +438,8 @@ def test_retry_after_in_seconds_and_as_an_http_date() -> None:
     assert parse_retry_after(" 2.5 ") == 2.5
     assert parse_retry_after("Wed, 01 Jan 2025 12:00:30 GMT", now=now) == 30.0
     assert parse_retry_after("Wed, 01 Jan 2025 11:00:00 GMT", now=now) == 0.0  # past
+    # "-0000" is RFC 5322 for "zone unknown": parsed without one, taken as UTC
+    assert parse_retry_after("Wed, 01 Jan 2025 12:00:30 -0000", now=now) == 30.0
     for bad in (None, "", "soon", "-1", "nan", "inf"):
         assert parse_retry_after(bad) is None
     assert retry_after_of({"retry-after-ms": "250", "retry-after": "9"}) == 0.25
@@ -451,6 +453,20 @@ def test_backoff_has_full_jitter_and_honours_retry_after() -> None:
         delay = next_delay(attempt, None, rng)
         assert 0 <= delay <= min(8.0, 0.5 * 2 ** (attempt - 1))
     assert next_delay(1, 3.0, rng) == 3.0
+
+    class Highest(random.Random):
+        def uniform(self, a: float, b: float) -> float:
+            return b
+
+    # a Retry-After shorter than the backoff does not shorten it (0: "at once")
+    assert next_delay(4, 1.0, Highest()) == 4.0 and next_delay(4, 0.0, Highest()) == 4.0
+    assert next_delay(9, None, Highest()) == 8.0  # capped
+
+
+@pytest.mark.parametrize(("status", "retryable"), [(408, True), (429, True), (500, True),
+    (503, True), (400, False), (401, False), (404, False), (499, False)])  # fmt: skip
+def test_which_statuses_are_retried(status: int, retryable: bool) -> None:
+    assert is_retryable_status(status) is retryable
 
 
 # ---------------------------------------------------------------- settings
@@ -785,6 +801,13 @@ def test_gate_memory_stays_small_after_a_createtime_from_the_future() -> None:
     # ... and pruning forgets only what is out of the window: never 3 admitted in 60 s.
     assert len(admitted) > 1000
     assert all(b - a >= 60 for a, b in zip(admitted, admitted[2:], strict=False))
+
+
+def test_gate_judges_a_message_ten_minutes_older_than_the_newest_exactly() -> None:
+    """A WeCom retry after an outage arrives late: 590 s older than the newest, 20 s
+    after one admitted. The memory had pruned that one (600 s from the newest)."""
+    gate = Gate(GatePolicy(rate_per_minute=1))
+    assert verdicts(gate, [10, 620, 30]) == ["ADMIT", "ADMIT", "FLOOD_NOTICE"]
 
 
 def test_gate_refuses_users_off_the_allowlist_once_a_day() -> None:

@@ -20,6 +20,7 @@ from wecombot_common.settings import (
     Secret,
     WeComApiSettings,
     WeComCallbackSettings,
+    masked_url,
 )
 
 GOOD = {
@@ -50,6 +51,13 @@ def test_good_values_are_read() -> None:
         ({"WECOM_ENCODING_AES_KEY": "short"}, "WECOM_ENCODING_AES_KEY must be 43 characters"),
         ({"WECOM_ENCODING_AES_KEY": "!" * 43}, "WECOM_ENCODING_AES_KEY must contain only"),
         ({"WECOM_AGENT_ID": "abc"}, "WECOM_AGENT_ID must be a number"),
+        # "²".isdigit() holds and int() refuses it: a ValueError, not a ConfigError
+        ({"WECOM_AGENT_ID": "²"}, "WECOM_AGENT_ID must be a number"),
+        ({"WECOM_AGENT_ID": "١٠٠٠٠٠٢"}, "WECOM_AGENT_ID must be a number"),
+        ({"WECOM_CORP_ID": "   "}, "WECOM_CORP_ID is required"),
+        ({"WECOM_CORP_ID": "ww_1"}, "WECOM_CORP_ID must be letters and digits"),
+        ({"WECOM_TOKEN": "a" * 33}, "WECOM_TOKEN must be 1 to 32 ASCII letters or digits"),
+        ({"WECOM_ENCODING_AES_KEY": "=" * 43}, "WECOM_ENCODING_AES_KEY must contain only"),
         ({"WECOM_CORP_ID": "ww.1"}, "WECOM_CORP_ID must be letters and digits"),
         ({"WECOM_TOKEN": ""}, "WECOM_TOKEN is required"),
         ({"WECOM_TOKEN": "令牌abc"}, "WECOM_TOKEN must be 1 to 32 ASCII letters or digits"),
@@ -100,6 +108,9 @@ def test_defaults_match_the_documented_interface() -> None:
         # nan passed every bound (all comparisons are false), then crashed a user: exit 1
         ({"WECOMBOT_DUPLICATE_WINDOW": "nan"}, "WECOMBOT_DUPLICATE_WINDOW must be a number"),
         ({"WECOMBOT_HISTORY_MAX_AGE": "inf"}, "WECOMBOT_HISTORY_MAX_AGE must be a number"),
+        # other scripts' digits: int("٣") is 3, float("٣") 3.0
+        ({"WECOMBOT_DUPLICATE_WINDOW": "٣٦٠٠"}, "WECOMBOT_DUPLICATE_WINDOW must be a number"),
+        ({"NATS_CREDS": "/nonexistent/user.creds"}, "NATS_CREDS must name a readable file"),
     ],
 )
 def test_other_bad_values(env: dict[str, str], message: str) -> None:
@@ -237,3 +248,45 @@ def test_a_password_in_nats_url_is_a_secret_even_one_no_pattern_finds(
     structlog.get_logger("t").info("nats.connecting", nats_url=nats.url)
     err = capsys.readouterr().err
     assert "S3cr3t" not in err and "wecombot:" in err
+
+
+def _secrets_of_each_service(env: dict[str, str]) -> dict[str, set[str]]:
+    """What each service hands its log redaction, read from the same environment."""
+    from wecombot_gateway.settings import GatewaySettings
+    from wecombot_llm.settings import LlmSettings
+    from wecombot_sender.settings import SenderSettings
+    from wecombot_token.settings import TokenSettings
+
+    sender, token = SenderSettings.from_env(env), TokenSettings.from_env(env)
+    return {
+        "gateway": {s.reveal() for s in GatewaySettings.from_env(env).secrets},
+        "llm": {s.reveal() for s in LlmSettings.from_env(env).secrets},
+        "sender": {s.reveal() for s in sender.log.extra_secrets},
+        "token": {s.reveal() for s in (*token.secrets, *token.log.extra_secrets)},
+    }
+
+
+def test_every_service_redacts_the_nats_password_and_its_own_secrets() -> None:
+    env = {
+        **GOOD,
+        "NATS_URL": "nats://wecombot:pw-s3cret-9@nats:4222",
+        "OPENAI_API_KEY": "sk-k3y-1",
+    }
+    secrets = _secrets_of_each_service(env)
+    for service, held in secrets.items():
+        assert "pw-s3cret-9" in held, service
+    assert {GOOD["WECOM_TOKEN"], GOOD["WECOM_ENCODING_AES_KEY"]} <= secrets["gateway"]
+    assert "sk-k3y-1" in secrets["llm"]
+    assert GOOD["WECOM_SECRET"] in secrets["token"]
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("https://bot:p@ss@host/[", "https://***@host/["),  # to the last '@'
+        ("bot:hunter2@host://x", "***@host://x"),  # no scheme to start from
+        ("https://host/v1?key=hunter2#frag", "https://host/v1?***"),
+    ],
+)
+def test_a_url_quoted_in_an_error_hides_its_credentials(url: str, shown: str) -> None:
+    assert masked_url(url) == shown

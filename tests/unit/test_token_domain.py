@@ -161,6 +161,10 @@ def test_gettoken_bodies_are_interpreted() -> None:
     refused = interpret(b'{"errcode":60020,"errmsg":"not allow, from ip: 1.2.3.4"}', 50.0)
     assert isinstance(refused, Failure) and refused.kind == "untrusted_ip"
     assert isinstance(interpret(b"<html>proxy</html>", 0.0), Failure)
+    # no errcode at all, with a token: WeCom's success answer without its 0
+    assert isinstance(interpret(b'{"access_token":"t0k","expires_in":7200}', 0.0), IssuedToken)
+    busy = interpret(b'{"errcode":-1,"errmsg":"system busy"}', 0.0)
+    assert isinstance(busy, Failure) and busy.errcode == -1 and "busy" in busy.message
     # errcode 0 with no usable token: retried (transient), as a body that is not JSON is,
     # whether expires_in is missing, zero or a string (it was permanent for the first
     # two: the sender dead-lettered the reply).
@@ -169,6 +173,7 @@ def test_gettoken_bodies_are_interpreted() -> None:
         b'{"errcode":0,"access_token":"abcdefgh"}',
         b'{"errcode":0,"access_token":"abcdefgh","expires_in":0}',
         b'{"errcode":0,"access_token":"abcdefgh","expires_in":"7200"}',
+        b'{"errcode":0,"access_token":"","expires_in":7200}',
     ):
         glitch = interpret(body, 0.0)
         assert isinstance(glitch, Failure) and glitch.transient, (body, glitch)

@@ -5,16 +5,20 @@ from __future__ import annotations
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from nats.js.api import AckPolicy, DeliverPolicy
 
 from wecombot_common.events import MessageReceived, PartDelivered, ReplyGenerated, TextPayload
 from wecombot_common.topology import (
     CONVERSATION_SUBJECTS,
+    RECEIVED_FILTER,
     TOKEN_GET,
     TOKEN_INVALIDATE,
     ConversationRef,
+    dead_letter_stream,
     decode_token,
     encode_token,
     subject_for,
+    work_consumer,
 )
 
 USERID = st.from_regex(r"[A-Za-z0-9][A-Za-z0-9_\-@.]{0,63}", fullmatch=True)
@@ -63,3 +67,19 @@ def test_request_reply_subjects_lie_outside_the_stream() -> None:
     prefix = CONVERSATION_SUBJECTS.removesuffix(">")
     for subject in (TOKEN_GET, TOKEN_INVALIDATE):
         assert not subject.startswith(prefix)
+
+
+def test_a_work_consumer_redelivers_without_limit_from_the_first_message() -> None:
+    """JetStream's own max_deliver drops a message silently: the worker counts instead."""
+    config = work_consumer("llm", RECEIVED_FILTER, ack_wait_s=30, max_ack_pending=64)
+    assert (config.max_deliver, config.deliver_policy) == (-1, DeliverPolicy.ALL)
+    assert (config.ack_policy, config.ack_wait, config.durable_name) == (
+        AckPolicy.EXPLICIT,
+        30,
+        "llm",
+    )
+
+
+def test_the_dead_letter_window_drops_a_repeat_for_two_hours_or_the_streams_age() -> None:
+    assert dead_letter_stream(replicas=1, max_age_s=86_400).duplicate_window == 7260
+    assert dead_letter_stream(replicas=1, max_age_s=3600).duplicate_window == 3600

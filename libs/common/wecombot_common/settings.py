@@ -21,6 +21,7 @@ The variable names are a public interface: keep them.
 from __future__ import annotations
 
 import math
+import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -156,6 +157,8 @@ class EnvReader:
             return default
         bounds = _bounds(minimum, maximum)
         try:
+            if not raw.isascii():  # int() and float() read "٣" or "²"-like digits too
+                raise ValueError(raw)
             value = parse(raw)
         except ValueError:
             self.problems.append(f"{name} must be {what}{bounds}, got {raw!r}")
@@ -179,18 +182,6 @@ class EnvReader:
             self.problems.append(f"{name} must be one of {'|'.join(choices)}, got {raw!r}")
             return default
         return raw.lower()
-
-    def boolean(self, name: str, default: bool) -> bool:
-        raw = self._raw(name)
-        if raw is None:
-            return default
-        lowered = raw.lower()
-        if lowered in ("1", "true", "yes", "on"):
-            return True
-        if lowered in ("0", "false", "no", "off"):
-            return False
-        self.problems.append(f"{name} must be true or false, got {raw!r}")
-        return default
 
     def url(
         self,
@@ -348,7 +339,7 @@ def _corp_id(env: EnvReader) -> str:
 
 def _agent_id(env: EnvReader) -> int:
     raw = env.text("WECOM_AGENT_ID", hint="the AgentId shown on the self-built app's page")
-    if raw and not raw.isdigit():
+    if raw and not (raw.isascii() and raw.isdigit()):  # "²".isdigit(), and int() refuses it
         env.check(False, f"WECOM_AGENT_ID must be a number (the app's AgentId), got {raw!r}")
         return 0
     return int(raw) if raw else 0
@@ -458,7 +449,8 @@ class NatsSettings:
         env.check((user is None) == (password is None), "NATS_USER and NATS_PASSWORD go together")
         creds = env.optional("NATS_CREDS")
         if creds is not None:
-            env.check(Path(creds).is_file(), f"NATS_CREDS must name a readable file, got {creds!r}")
+            readable = Path(creds).is_file() and os.access(creds, os.R_OK)
+            env.check(readable, f"NATS_CREDS must name a readable file, got {creds!r}")
         duplicate_window = env.seconds(
             "WECOMBOT_DUPLICATE_WINDOW", 900.0, minimum=60.0, maximum=86400.0
         )

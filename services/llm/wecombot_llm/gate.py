@@ -104,7 +104,9 @@ class Gate:
         self._admitted.append(at)
         # Forget what lies far from this message either way: a CreateTime far in the
         # future (a skewed clock at WeCom) kept as the newest used to stop any pruning.
-        span = _MEMORY_WINDOWS * self._policy.window_s
+        # A message _MEMORY_WINDOWS older than the newest is judged against the window
+        # before it too: keep one window more.
+        span = (_MEMORY_WINDOWS + 1) * self._policy.window_s
         if abs(self._admitted[0] - at) > span or abs(max(self._admitted) - at) > span:
             self._admitted = [t for t in self._admitted if abs(t - at) <= span]
 

@@ -1,0 +1,89 @@
+"""TokenClient, as the sender uses it, against a real nats-server and responders that
+answer what a token service might: nothing, garbage, a failure of each kind.
+
+What matters is which failures are passing (TransientTokenError: the reply is handed
+back and tried again) and which need an operator (TokenError: parked with the reason).
+A token service restarting must never park replies."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import pytest
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+
+from wecombot_common.tokens import TokenClient, TokenError, TransientTokenError
+from wecombot_common.topology import TOKEN_GET
+
+pytestmark = pytest.mark.integration
+
+APP = "ww1-1000002"
+
+
+Answer = Callable[[bytes, dict[str, str] | None], Awaitable[None]]
+
+
+@pytest.fixture
+async def answer(nc: NATS) -> AsyncIterator[Answer]:
+    """Make the (only) token service answer every get with these bytes and headers."""
+    subs = []
+
+    async def set_answer(data: bytes, headers: dict[str, str] | None = None) -> None:
+        async def respond(msg: Msg) -> None:
+            await nc.publish(msg.reply, data, headers=headers)
+
+        subs.append(await nc.subscribe(TOKEN_GET, cb=respond))
+        await nc.flush()
+
+    yield set_answer
+    for sub in subs:
+        await sub.unsubscribe()
+
+
+async def test_no_token_service_is_a_passing_failure(nc: NATS) -> None:
+    with pytest.raises(TransientTokenError) as raised:
+        await TokenClient(nc, timeout=2).get(APP)
+    assert raised.value.kind == "unavailable" and "no token service" in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    ("data", "headers", "kind", "said"),
+    [
+        (b"oops", {"Nats-Service-Error": "boom"}, "unavailable", "bad token reply: boom"),
+        (b"oops", None, "unavailable", "bad token reply"),
+        (b'{"ok":false}', None, "wecom_error", "token service error"),
+        (b'{"ok":true}', None, "wecom_error", "token service error"),  # ok, but no token
+        (b'{"ok":false,"kind":"rate_limited","message":"45009","retry_after":3.5}', None,
+         "rate_limited", "45009"),
+        (b'{"ok":false,"kind":"network","message":"down"}', None, "network", "down"),
+    ],
+)  # fmt: skip
+async def test_passing_failures(
+    nc: NATS,
+    answer: Answer,
+    data: bytes,
+    headers: dict[str, str] | None,
+    kind: str,
+    said: str,
+) -> None:
+    await answer(data, headers)
+    with pytest.raises(TransientTokenError) as raised:
+        await TokenClient(nc, timeout=2).get(APP)
+    assert raised.value.kind == kind and said in str(raised.value)
+    if kind == "rate_limited":
+        assert raised.value.retry_after == 3.5
+
+
+@pytest.mark.parametrize("kind", ["bad_secret", "bad_corp_id", "untrusted_ip", "unknown_app"])
+async def test_failures_an_operator_must_fix(nc: NATS, answer: Answer, kind: str) -> None:
+    await answer(f'{{"ok":false,"kind":"{kind}","message":"m","errcode":40001}}'.encode(), None)
+    with pytest.raises(TokenError) as raised:
+        await TokenClient(nc, timeout=2).get(APP)
+    assert not isinstance(raised.value, TransientTokenError)
+    assert (raised.value.kind, raised.value.errcode) == (kind, 40001)
+
+
+async def test_a_token_is_answered(nc: NATS, answer: Answer) -> None:
+    await answer(b'{"ok":true,"token":"t0k3n-value","expires_at":1.0}', None)
+    assert await TokenClient(nc, timeout=2).get(APP) == "t0k3n-value"
