@@ -102,6 +102,20 @@ async def test_the_request_carries_the_bearer_key_and_the_chat_body(
     }
 
 
+async def test_a_temperature_of_zero_is_sent_not_left_to_the_provider(
+    api: SimulatedOpenAIApi,
+) -> None:
+    """0 is the deterministic setting operators choose on purpose; a provider's default
+    (often 1) is not what they asked for."""
+    model = OpenAIChatModel(settings(api.base_url, temperature=0.0))
+    try:
+        await model.complete(HELLO)
+    finally:
+        await model.aclose()
+    [request] = api.chat_requests
+    assert request.body["temperature"] == 0.0
+
+
 async def test_with_an_api_version_the_key_goes_in_the_api_key_header(
     api: SimulatedOpenAIApi,
 ) -> None:
@@ -311,6 +325,30 @@ async def test_an_undecodable_answer_is_retried_within_the_budget() -> None:
             await model.aclose()
     assert done.text == "late answer"
     assert requests == 2
+
+
+async def test_a_200_that_is_no_chat_answer_is_retried_within_the_budget() -> None:
+    """A front end's page with status 200 (a captive proxy, a gateway's maintenance page)
+    is no answer of the model's: asked again, not turned into an apology at once."""
+    requests = 0
+
+    async def page_once(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal requests
+        requests += 1
+        await reader.readuntil(b"\r\n\r\n")
+        kind, body = (b"text/html", b"<html>") if requests == 1 else (b"application/json", ANSWER)
+        head = b"HTTP/1.1 200 OK\r\nContent-Type: %s\r\nContent-Length: %d\r\n" % (kind, len(body))
+        writer.write(head + b"Connection: close\r\n\r\n" + body)
+        await writer.drain()
+        writer.close()
+
+    async with raw_http(page_once) as base_url:
+        model = OpenAIChatModel(settings(base_url, retry_budget_s=30.0))
+        try:
+            done = await model.complete(HELLO)
+        finally:
+            await model.aclose()
+    assert (done.text, requests) == ("late answer", 2)
 
 
 @pytest.mark.parametrize(

@@ -122,7 +122,10 @@ async def test_a_send_that_went_out_unanswered_may_have_been_delivered(
     assert kind in str(failed)
 
 
-@pytest.mark.parametrize(("status", "maybe_delivered"), [(502, True), (504, True), (404, False)])
+@pytest.mark.parametrize(
+    ("status", "maybe_delivered"),
+    [(500, True), (502, True), (504, True), (404, False), (302, False)],
+)
 async def test_http_errors_from_a_front_end(status: int, maybe_delivered: bool) -> None:
     async def front_end(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await read_request(reader)
