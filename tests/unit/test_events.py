@@ -139,6 +139,12 @@ def test_poison_is_not_taken_for_a_newer_event(data: bytes) -> None:
     assert not isinstance(raised.value, NewerEventError)
 
 
+def test_an_unknown_type_is_quoted_short() -> None:
+    with pytest.raises(NewerEventError) as raised:
+        decode_event(b'{"type":"' + b"X" * 1000 + b'"}')
+    assert str(raised.value).count("X") == 60
+
+
 def test_a_time_without_its_zone_is_refused_and_one_with_an_offset_kept() -> None:
     """A naive time decoded, and broke the sender's comparisons with aware ones (every
     reply to that user failed until the event aged out of its last 64 sends)."""

@@ -293,6 +293,9 @@ def test_token_estimate_counts_cjk_per_character_and_ascii_per_four() -> None:
     assert estimate_tokens("你好 abcd") == 2 + 2  # 2 CJK + " abcd" (5 chars → 2)
     assert estimate_tokens("привет") == 12  # 2 bytes each: at most a token per byte
     assert estimate_tokens("👨\u200d👩\u200d👧") == 4 + 3 + 4 + 3 + 4  # emoji and joiners
+    # the edges of the ranges: U+0080 is the first 2-byte character; a Hangul jamo and
+    # an ideograph outside the BMP count as one token each
+    assert [estimate_tokens(c) for c in ("\x80", "\u1100", "\U00020000")] == [2, 1, 1]
 
 
 def test_emoji_and_other_scripts_are_not_under_counted() -> None:

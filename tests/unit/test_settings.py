@@ -290,3 +290,15 @@ def test_every_service_redacts_the_nats_password_and_its_own_secrets() -> None:
 )
 def test_a_url_quoted_in_an_error_hides_its_credentials(url: str, shown: str) -> None:
     assert masked_url(url) == shown
+
+
+@pytest.mark.parametrize("url", ["ws://nats:8080", "wss://nats.example.com:443"])
+def test_nats_over_websocket_is_accepted(url: str) -> None:
+    reader = EnvReader({"NATS_URL": url})
+    assert NatsSettings.read(reader).url == url
+    assert reader.problems == []
+
+
+def test_an_ipv6_host_with_anything_but_a_port_after_it_is_refused() -> None:
+    with pytest.raises(ConfigError, match=r"nothing but ':port' after an IPv6 address"):
+        _api_base("https://[::1]junk/v1").raise_if_invalid()

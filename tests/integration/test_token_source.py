@@ -1,0 +1,52 @@
+"""gettoken over HTTP against loopback servers that answer what WeCom would not."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from tests.loopback import raw_http, read_request
+from wecombot_common.settings import Secret, WeComApiSettings
+from wecombot_token.domain import Failure
+from wecombot_token.source import WeComTokenSource
+
+pytestmark = pytest.mark.integration
+
+SECRET = "corp-s3cret-value"
+
+
+async def test_a_redirect_is_not_followed_and_points_at_the_api_base() -> None:
+    """Following it would send the corpsecret (in gettoken's query) wherever the
+    Location says; a WeCom API base answers gettoken itself."""
+    elsewhere: list[bytes] = []
+
+    async def record(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head, _ = await read_request(reader)
+        elsewhere.append(head)
+        writer.close()
+
+    async with raw_http(record) as other:
+
+        async def redirect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await read_request(reader)
+            writer.write(
+                b"HTTP/1.1 302 Found\r\nLocation: %s/cgi-bin/gettoken\r\n"
+                b"Content-Length: 0\r\nConnection: close\r\n\r\n" % other.encode()
+            )
+            await writer.drain()
+            writer.close()
+
+        async with raw_http(redirect) as base:
+            api = WeComApiSettings(
+                corp_id="ww1", agent_id=1000002, secret=Secret(SECRET), api_base=base
+            )
+            source = WeComTokenSource(api, timeout_s=3)
+            try:
+                failure = await source.fetch()
+            finally:
+                await source.aclose()
+    assert isinstance(failure, Failure)
+    assert failure.kind == "wecom_error" and "HTTP 302" in failure.message
+    assert "WECOM_API_BASE" in failure.message and SECRET not in failure.message
+    assert elsewhere == []
