@@ -870,6 +870,32 @@ async def test_bad_input_is_refused_logged_once_and_nothing_is_stored(
     assert not caplog.records, caplog.records
 
 
+async def test_a_body_that_stops_arriving_is_answered_408_and_its_connection_freed(
+    make_gateway: MakeGateway,
+) -> None:
+    """A client declaring more than it sends held its connection for good (slowloris):
+    enough of them, and no descriptor was left for WeCom's callbacks."""
+    gw = await make_gateway(GATEWAY_BODY_TIMEOUT="0.3")
+    url = gw.client.make_url(gw.settings.callback_path)
+    reader, writer = await asyncio.open_connection(url.host, url.port)
+    try:
+        writer.write(
+            f"POST {gw.settings.callback_path}?msg_signature=s&timestamp=1&nonce=n HTTP/1.1\r\n"
+            f"Host: x\r\nContent-Type: text/xml\r\nContent-Length: 100\r\n\r\n<xml>".encode()
+        )
+        await writer.drain()
+        with capture_logs() as logs:
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n"), timeout=10)
+            rest = await asyncio.wait_for(reader.read(), timeout=5)  # then closed at once
+    finally:
+        writer.close()
+    assert head.startswith(b"HTTP/1.1 408")
+    assert b"Connection: close" in rest and rest.endswith(b"Request Timeout")
+    [rejected] = rejections(logs)
+    assert (rejected["status"], rejected["error"]) == (408, "BodyTimeout")
+    assert await gw.events() == []
+
+
 def test_every_bad_input_is_documented_with_its_status() -> None:
     """docs/security.md lists every row of BAD_INPUTS with the same status and code."""
     doc = (Path(__file__).parents[2] / "docs" / "security.md").read_text(encoding="utf-8")

@@ -46,6 +46,7 @@ from wecombot_gateway.body import (
 )
 from wecombot_gateway.callback import CallbackQuery, check_fresh
 from wecombot_gateway.errors import (
+    BodyTimeout,
     BodyTooLarge,
     InvalidMessage,
     InvalidQuery,
@@ -609,13 +610,16 @@ def test_a_coded_body_is_refused(header: str) -> None:
         check_content_encoding(header)
 
 
-async def _read(chunks: list[bytes], limit: int) -> bytes:
+async def _read(chunks: list[bytes], limit: int, *, complete: bool = True) -> bytes:
     loop = asyncio.get_running_loop()
-    stream = StreamReader(BaseProtocol(loop), 2**16, loop=loop)
+    protocol = BaseProtocol(loop)
+    protocol.connection_made(asyncio.Transport())  # a connection still open
+    stream = StreamReader(protocol, 2**16, loop=loop)
     for chunk in chunks:
         stream.feed_data(chunk)
-    stream.feed_eof()
-    return await read_limited(stream, limit)
+    if complete:
+        stream.feed_eof()
+    return await read_limited(stream, limit, timeout_s=0.05)
 
 
 async def test_a_body_is_read_up_to_its_limit_and_not_a_byte_past_it() -> None:
@@ -625,6 +629,12 @@ async def test_a_body_is_read_up_to_its_limit_and_not_a_byte_past_it() -> None:
     assert await _read([], 10) == b""
     with pytest.raises(BodyTooLarge, match="body exceeds 10 bytes"):
         await _read([b"a" * 6, b"b" * 5], 10)
+
+
+async def test_a_body_that_stops_arriving_is_given_up_on() -> None:
+    """A client that declares a length and sends less held its connection for good."""
+    with pytest.raises(BodyTimeout, match=r"body not received within 0\.05 s"):
+        await _read([b"<xml>"], 1024, complete=False)
 
 
 @pytest.mark.parametrize(

@@ -23,6 +23,7 @@ query parameter missing / repeated / empty / bad ts     400
 Content-Type declared and not XML                       415
 Content-Encoding declared (gzip…): WeCom sends none     415
 body over GATEWAY_MAX_BODY_BYTES (declared or read)     413
+body not received within GATEWAY_BODY_TIMEOUT           408
 body unreadable (framing, encoding, disconnect)         400
 envelope not XML / no Encrypt / DTD (XXE, bomb)         400    -40002
 msg_signature does not match                            403    -40001
@@ -74,6 +75,7 @@ from .body import (
 )
 from .callback import CallbackOpener, CallbackQuery
 from .errors import (
+    BodyTimeout,
     BodyTooLarge,
     CallbackRejected,
     InvalidMessage,
@@ -109,10 +111,17 @@ _URL_VERIFIED = GATEWAY_CALLBACKS.labels("url_verified")
 # - bodies are not decoded: WeCom posts plain XML, so a Content-Encoding is refused by
 #   its header (415). Were bodies decoded, one that does not decode would fail again
 #   when the server drains it after our answer: an aiohttp error with a stack, per
-#   request, that anyone could send.
-RUNNER_OPTIONS: Final[dict[str, Any]] = {"access_log": None, "auto_decompress": False}
+#   request, that anyone could send;
+# - the unread rest of a refused body is drained for 1 s at most (aiohttp: 10 s), so that
+#   its client sees our status; a client that sends it slowly on purpose is let go.
+RUNNER_OPTIONS: Final[dict[str, Any]] = {
+    "access_log": None,
+    "auto_decompress": False,
+    "lingering_time": 1.0,
+}
 
 _STATUS: dict[type[Exception], int] = {
+    BodyTimeout: 408,
     InvalidQuery: 400,
     UnsupportedMediaType: 415,
     BodyTooLarge: 413,
@@ -171,7 +180,7 @@ class CallbackReader:
     ``--work http`` the HTTP half.
     """
 
-    __slots__ = ("_clock", "_max_body", "opener")
+    __slots__ = ("_body_timeout", "_clock", "_max_body", "opener")
 
     def __init__(self, settings: GatewaySettings, clock: Callable[[], float] = time.time) -> None:
         wecom = settings.wecom
@@ -187,6 +196,7 @@ class CallbackReader:
         )
         self._clock = clock
         self._max_body = settings.max_body_bytes
+        self._body_timeout = settings.body_timeout_s
 
     async def read(self, request: web.Request) -> MessageReceived:
         query, body = await self.read_http(request)
@@ -198,7 +208,7 @@ class CallbackReader:
         check_content_type(request.headers.get(hdrs.CONTENT_TYPE))
         check_content_encoding(request.headers.get(hdrs.CONTENT_ENCODING))
         check_declared_length(request.content_length, self._max_body)
-        return query, await read_limited(request.content, self._max_body)
+        return query, await read_limited(request.content, self._max_body, self._body_timeout)
 
 
 class _CallbackHandlers:
@@ -310,7 +320,10 @@ def _refuse(
     GATEWAY_REFUSALS.labels(str(status), fields["error"]).inc()
     # Input from the internet: one warning, no stack trace; the body never echoes input.
     log.warning("callback.rejected", **fields)
-    return web.Response(status=status, text=HTTPStatus(status).phrase)
+    response = web.Response(status=status, text=HTTPStatus(status).phrase)
+    if isinstance(exc, BodyTimeout):
+        response.force_close()  # no keep-alive for a client that stalls
+    return response
 
 
 def _failed(request: web.Request, message: MessageReceived | None = None) -> web.Response:

@@ -9,11 +9,13 @@ wecombot_gateway.errors.UnsupportedMediaType: Content-Type 'application/json' is
 
 from __future__ import annotations
 
+import asyncio
+
 from aiohttp import StreamReader
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web import RequestPayloadError
 
-from .errors import BodyTooLarge, UnreadableBody, UnsupportedMediaType
+from .errors import BodyTimeout, BodyTooLarge, UnreadableBody, UnsupportedMediaType
 
 __all__ = ["check_content_encoding", "check_content_type", "check_declared_length", "read_limited"]
 
@@ -65,8 +67,23 @@ def check_declared_length(length: int | None, limit: int) -> None:
         raise BodyTooLarge(f"Content-Length {length} exceeds {limit} bytes")
 
 
-async def read_limited(stream: StreamReader, limit: int) -> bytes:
-    """Read the whole body, refusing as soon as it grows past ``limit`` (chunked bodies)."""
+async def read_limited(stream: StreamReader, limit: int, timeout_s: float) -> bytes:
+    """Read the whole body, refusing as soon as it grows past ``limit`` (chunked bodies),
+    or when it has not all arrived ``timeout_s`` after the read began: a client that
+    declares a length and sends less, or trickles, holds a connection otherwise.
+
+    WeCom's small bodies arrive with the headers: read at once, with no deadline to set.
+    """
+    if stream.is_eof():
+        return await _read_all(stream, limit)
+    try:
+        async with asyncio.timeout(timeout_s):
+            return await _read_all(stream, limit)
+    except TimeoutError:
+        raise BodyTimeout(f"body not received within {timeout_s:g} s") from None
+
+
+async def _read_all(stream: StreamReader, limit: int) -> bytes:
     chunks: list[bytes] = []
     size = 0
     while chunk := await _read_chunk(stream):

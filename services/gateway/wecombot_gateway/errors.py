@@ -8,6 +8,7 @@
         ├── UnsupportedMediaType       the body is declared as something other than XML
         ├── BodyTooLarge               the body exceeds GATEWAY_MAX_BODY_BYTES
         ├── UnreadableBody             broken framing or encoding, or the client went away
+        │   └── BodyTimeout            the body did not arrive within GATEWAY_BODY_TIMEOUT
         ├── StaleTimestamp             the signed timestamp is outside the replay window
         ├── MalformedXml               not well-formed XML, or not the expected shape
         ├── UnsafeXml                  DTD, entity or external reference (XXE, billion laughs)
@@ -26,6 +27,7 @@ from __future__ import annotations
 from wecombot_common.errors import PermanentError
 
 __all__ = [
+    "BodyTimeout",
     "BodyTooLarge",
     "CallbackRejected",
     "InvalidMessage",
@@ -63,6 +65,10 @@ class BodyTooLarge(CallbackRejected):
 
 class UnreadableBody(CallbackRejected):
     """The body could not be read: bad chunking or compression, or the peer disconnected."""
+
+
+class BodyTimeout(UnreadableBody):
+    """The body stopped arriving (a slow or stalled client): its connection is freed."""
 
 
 class StaleTimestamp(CallbackRejected):

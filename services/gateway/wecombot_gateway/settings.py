@@ -13,7 +13,8 @@ Variables (besides the shared WECOM_*, NATS_*, LOG_*):
 (/wecom/callback; a literal path, no ``{}`` pattern, ``%`` escape or ``.``/``..``
 segment, and none of the gateway's own /healthz, /readyz, /metrics),
 ``GATEWAY_TIMESTAMP_WINDOW`` (300 s either side; 0 disables the replay check),
-``GATEWAY_MAX_BODY_BYTES`` (1 MiB),
+``GATEWAY_MAX_BODY_BYTES`` (1 MiB), ``GATEWAY_BODY_TIMEOUT`` (5 s: a body not received
+by then is answered 408 and its connection freed; WeCom gives up after 5 s anyway),
 ``GATEWAY_PUBLISH_TIMEOUT`` (2 s: after that the callback is answered 503 and WeCom
 retries).
 """
@@ -53,6 +54,7 @@ class GatewaySettings:
     timestamp_window_s: int = 300
     max_body_bytes: int = 1024 * 1024
     publish_timeout_s: float = 2.0
+    body_timeout_s: float = 5.0
 
     @property
     def app(self) -> str:
@@ -86,6 +88,9 @@ class GatewaySettings:
             minimum=0.05,
             maximum=_MAX_PUBLISH_TIMEOUT_S,
         )
+        body_timeout = env.seconds(
+            "GATEWAY_BODY_TIMEOUT", cls.body_timeout_s, minimum=0.1, maximum=60
+        )
         if window:
             # A signed callback replayed inside the window is stored again once the log
             # no longer remembers its Nats-Msg-Id: the dedupe must outlast the window.
@@ -105,6 +110,7 @@ class GatewaySettings:
             timestamp_window_s=window,
             max_body_bytes=max_body,
             publish_timeout_s=publish_timeout,
+            body_timeout_s=body_timeout,
         )
 
 
