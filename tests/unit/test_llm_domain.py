@@ -599,6 +599,28 @@ async def test_handler_skips_an_earlier_message_the_consumer_settled() -> None:
     assert model.calls == [["sys", "q2"]]
 
 
+async def test_a_floor_from_before_the_stream_was_made_again_is_read_again() -> None:
+    """The floor a replica learned outlived the stream: recreated, its sequences start
+    over, and every later message at or under that floor skipped its wait for an
+    earlier one (answered out of order, without the earlier turn). The floor is read
+    again before it lets an earlier message go."""
+    log, model = FakeLog(), FakeModel()
+    h = handler(log, model, settled_refresh_s=0.0, order_wait_s=0.05)
+    x1, x2 = msg("x1", user="x"), msg("x2", user="x")
+    log.add(x1)
+    sx2 = log.add(x2)
+    log.settled = sx2  # x1 was dead-lettered: the replica learns the floor, 2
+    assert await h.handle(x2, stream_seq=sx2, num_delivered=1) == Ack()
+    log.recreate()
+    log.settled = 0  # a new consumer: nothing settled yet
+    q1, q2 = msg("first"), msg("second")
+    log.add(q1)
+    s2 = log.add(q2)
+    outcome = await h.handle(q2, stream_seq=s2, num_delivered=1)
+    assert isinstance(outcome, Nak) and "seq 1" in outcome.reason
+    assert ["sys", "second"] not in model.calls
+
+
 async def test_handler_keeps_the_answer_when_the_append_fails() -> None:
     log, model = FakeLog(), FakeModel()
     q = msg("q")
