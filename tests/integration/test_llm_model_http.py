@@ -25,7 +25,13 @@ from wecombot_common.sim.openai_api import (
     SimulatedOpenAIApi,
     echo_reply,
 )
-from wecombot_llm.model import ModelError, ModelRejected, ModelUnavailable, OpenAIChatModel
+from wecombot_llm.model import (
+    Completion,
+    ModelError,
+    ModelRejected,
+    ModelUnavailable,
+    OpenAIChatModel,
+)
 from wecombot_llm.prompt import ChatMessage
 from wecombot_llm.settings import ModelSettings
 
@@ -325,6 +331,54 @@ async def test_an_undecodable_answer_is_retried_within_the_budget() -> None:
             await model.aclose()
     assert done.text == "late answer"
     assert requests == 2
+
+
+async def _answering(*bodies: bytes) -> tuple[Completion | ModelError, int]:
+    """complete() against a provider answering these bodies with 200, one per request
+    (the last again for any later request); what it returned and the requests made."""
+    requests = 0
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal requests
+        requests += 1
+        await reader.readuntil(b"\r\n\r\n")
+        body = bodies[min(requests, len(bodies)) - 1]
+        head = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
+        writer.write(head % len(body) + b"Connection: close\r\n\r\n" + body)
+        await writer.drain()
+        writer.close()
+
+    async with raw_http(answer) as base_url:
+        model = OpenAIChatModel(settings(base_url, retry_budget_s=30.0))
+        try:
+            return await model.complete(HELLO), requests
+        except ModelError as exc:
+            return exc, requests
+        finally:
+            await model.aclose()
+
+
+async def test_an_answer_in_parts_with_counts_as_floats_is_an_answer() -> None:
+    """Strict decoding threw these away as malformed: retried for the whole budget, each
+    try a billed completion, then the apology."""
+    done, requests = await _answering(
+        b'{"choices":[{"message":{"content":[{"type":"text","text":"part one, "},'
+        b'{"type":"image_url"},{"type":"text","text":"part two"}]},"finish_reason":"stop"}],'
+        b'"usage":{"prompt_tokens":12.0,"completion_tokens":3.0}}'
+    )
+    assert isinstance(done, Completion) and requests == 1
+    assert (done.text, done.prompt_tokens, done.completion_tokens) == ("part one, part two", 12, 3)
+
+
+async def test_an_answer_the_provider_interrupted_is_asked_again() -> None:
+    """DeepSeek's finish_reason=insufficient_system_resource: the text stops mid-way; it
+    was stored and sent as a whole answer (and kept as history)."""
+    interrupted = (
+        b'{"choices":[{"message":{"content":"step one: open the sett"},'
+        b'"finish_reason":"insufficient_system_resource"}]}'
+    )
+    done, requests = await _answering(interrupted, ANSWER)
+    assert isinstance(done, Completion) and (done.text, requests) == ("late answer", 2)
 
 
 async def test_a_200_that_is_no_chat_answer_is_retried_within_the_budget() -> None:

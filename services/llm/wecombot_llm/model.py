@@ -19,6 +19,7 @@ docs/providers.md. Without an API key, ``OfflineModel`` echoes what it received.
 from __future__ import annotations
 
 import asyncio
+import math
 import random
 import time
 import urllib.request
@@ -110,9 +111,22 @@ class OfflineModel:
 # ---------------------------------------------------------------- OpenAI-compatible HTTP
 
 
+class _Part(msgspec.Struct):
+    type: str = "text"
+    text: str | None = None
+
+
 class _Message(msgspec.Struct):
-    content: str | None = None
+    # a string, or (some providers, newer APIs) a list of parts of which the text ones
+    # make the answer
+    content: str | list[_Part] | None = None
     refusal: str | None = None  # OpenAI: the model declined, in its own words
+
+    @property
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(p.text or "" for p in self.content if p.type == "text")
+        return self.content or ""
 
 
 class _Choice(msgspec.Struct):
@@ -121,8 +135,13 @@ class _Choice(msgspec.Struct):
 
 
 class _Usage(msgspec.Struct):
-    prompt_tokens: int | None = None
-    completion_tokens: int | None = None
+    # counts only, never worth refusing an answer over: some providers send 12.0
+    prompt_tokens: int | float | None = None
+    completion_tokens: int | float | None = None
+
+
+def _count(value: float | None) -> int | None:
+    return int(value) if value is not None and math.isfinite(value) else None
 
 
 class _Response(msgspec.Struct):
@@ -303,13 +322,16 @@ class OpenAIChatModel:
             raise _Retryable(f"malformed completion: {exc}") from exc
         choice = parsed.choices[0] if parsed.choices else None
         finish = choice.finish_reason if choice is not None else None
+        if finish == "insufficient_system_resource":
+            # DeepSeek: the answer was interrupted for want of capacity, not finished
+            raise _Retryable("the provider interrupted the answer (finish_reason=" + finish + ")")
         if finish == "content_filter":
             # What came before the filter stopped it is no answer to send as one.
             raise ModelRejected(
                 "stopped by the provider's content filter (finish_reason=content_filter)",
                 attempts=attempt,
             )
-        text = (choice.message.content or "").strip() if choice is not None else ""
+        text = choice.message.text.strip() if choice is not None else ""
         if not text and choice is not None:
             text = (choice.message.refusal or "").strip()
         if not text:
@@ -318,8 +340,8 @@ class OpenAIChatModel:
         return Completion(
             text=text,
             model=parsed.model or self._settings.model,
-            prompt_tokens=usage.prompt_tokens,
-            completion_tokens=usage.completion_tokens,
+            prompt_tokens=_count(usage.prompt_tokens),
+            completion_tokens=_count(usage.completion_tokens),
             finish_reason=finish,
         )
 
