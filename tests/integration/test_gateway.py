@@ -28,6 +28,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from Crypto.Cipher import AES
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
+from prometheus_client import REGISTRY
 from structlog.testing import capture_logs
 from yarl import URL
 
@@ -894,6 +895,54 @@ async def test_a_body_that_stops_arriving_is_answered_408_and_its_connection_fre
     [rejected] = rejections(logs)
     assert (rejected["status"], rejected["error"]) == (408, "BodyTimeout")
     assert await gw.events() == []
+
+
+@pytest.mark.parametrize(
+    ("request_head", "error"),
+    [
+        (b"POST /wecom/callback HTTP/1.1\r\nHost: x\r\nNo colon here\r\n\r\n", "BadHttpMessage"),
+        (b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", "LineTooLong"),
+        (
+            b"POST /wecom/callback HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n",
+            "BadHttpMessage",
+        ),
+    ],
+    ids=["header-without-colon", "line-too-long", "length-and-chunked"],
+)
+async def test_a_request_the_server_cannot_parse_is_one_counted_warning_without_a_stack(
+    make_gateway: MakeGateway,
+    caplog: pytest.LogCaptureFixture,
+    request_head: bytes,
+    error: str,
+) -> None:
+    """aiohttp logged each as an error with its stack, uncounted (anyone can send them:
+    a megabyte of error log a second from one client)."""
+    gw = await make_gateway()
+    url = gw.client.make_url("/")
+    before = _refusals("400", error)
+    caplog.set_level(logging.DEBUG, logger="wecombot_gateway.http")
+    with capture_logs() as logs:
+        reader, writer = await asyncio.open_connection(url.host, url.port)
+        try:
+            writer.write(request_head)
+            await writer.drain()
+            answer = await asyncio.wait_for(reader.read(), timeout=10)
+        finally:
+            writer.close()
+    assert answer.split(b"\r\n", 1)[0].endswith(b" 400 Bad Request")  # aiohttp's answer
+    [rejected] = rejections(logs)
+    assert (rejected["status"], rejected["error"]) == (400, error)
+    assert "exc_info" not in rejected
+    assert not [r for r in caplog.records if r.name == "wecombot_gateway.http"]
+    assert _refusals("400", error) - before == 1
+
+
+def _refusals(status: str, error: str) -> float:
+    value = REGISTRY.get_sample_value(
+        "wecombot_gateway_refusals_total", {"status": status, "reason": error}
+    )
+    return value or 0.0
 
 
 def test_every_bad_input_is_documented_with_its_status() -> None:

@@ -135,6 +135,7 @@ def _gateway_settings(nats_url: str, port: int) -> GatewaySettings:
             "GATEWAY_PORT": str(port),
             "GATEWAY_MAX_BODY_BYTES": str(BODY_LIMIT),
             "GATEWAY_PUBLISH_TIMEOUT": "4",
+            "GATEWAY_REFUSAL_LOG_RATE": "0",  # a line for every refusal: each is checked
         }
     )
 

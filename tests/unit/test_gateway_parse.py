@@ -18,6 +18,7 @@ from aiohttp.test_utils import TestServer, make_mocked_request
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from multidict import MultiDict
+from structlog.testing import capture_logs
 
 from wecombot_common.bus import Appended
 from wecombot_common.errors import ConfigError
@@ -37,7 +38,7 @@ from wecombot_common.events import (
 from wecombot_common.runtime import HealthServer
 from wecombot_common.sim.callbacks import CallbackBuilder
 from wecombot_common.topology import is_user_id
-from wecombot_gateway.app import create_app
+from wecombot_gateway.app import RefusalLog, create_app
 from wecombot_gateway.body import (
     check_content_encoding,
     check_content_type,
@@ -836,3 +837,17 @@ def test_secrets_never_appear_in_repr_or_errors() -> None:
     with pytest.raises(ConfigError) as exc:
         GatewaySettings.from_env({**ENV, "WECOM_ENCODING_AES_KEY": AES_KEY + "x"})
     assert AES_KEY not in str(exc.value)
+
+
+def test_refusals_of_one_kind_are_written_a_few_a_second_and_the_rest_counted() -> None:
+    now = [0.0]
+    refusals = RefusalLog(burst=3, period_s=1.0, clock=lambda: now[0])
+    with capture_logs() as logs:
+        for _ in range(10):
+            refusals.warning(status=400, error="InvalidQuery", reason="no query")
+        refusals.warning(status=403, error="SignatureError", reason="forged")  # another kind
+        now[0] = 1.0
+        refusals.warning(status=400, error="InvalidQuery", reason="no query")
+    lines = [(e["status"], e.get("suppressed")) for e in logs]
+    assert lines == [(400, None), (400, None), (400, None), (403, None), (400, 7)]
+    assert all(e["event"] == "callback.rejected" and e["log_level"] == "warning" for e in logs)

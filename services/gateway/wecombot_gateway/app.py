@@ -51,6 +51,7 @@ from typing import Any, Final
 
 import structlog
 from aiohttp import hdrs, web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from wecombot_common.bus import AppendUnavailable
 from wecombot_common.crypto import (
@@ -92,7 +93,7 @@ from .parse import dedupe_key
 from .publisher import Publisher
 from .settings import GatewaySettings
 
-__all__ = ["RUNNER_OPTIONS", "CallbackReader", "create_app", "status_for"]
+__all__ = ["RUNNER_OPTIONS", "CallbackReader", "RefusalLog", "create_app", "status_for"]
 
 log = structlog.get_logger(__name__)
 # A filtered structlog call still costs ≈ 4 µs (a bound logger is built per call); the
@@ -106,6 +107,68 @@ _REFUSED = GATEWAY_CALLBACKS.labels("refused")
 _FAILED = GATEWAY_CALLBACKS.labels("failed")
 _URL_VERIFIED = GATEWAY_CALLBACKS.labels("url_verified")
 
+
+class RefusalLog:
+    """The ``callback.rejected`` lines: every refusal is counted (the metrics), but only
+    ``burst`` lines of one kind (status, error) a second are written; the next line of
+    that kind says how many were not (``suppressed``). A flood of bad requests (anyone
+    can send them) wrote a warning each: megabytes a second of logs."""
+
+    __slots__ = ("_burst", "_clock", "_kinds", "_period_s")
+
+    def __init__(
+        self,
+        *,
+        burst: int | None = 20,
+        period_s: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._burst = burst
+        self._period_s = period_s
+        self._clock = clock
+        self._kinds: dict[tuple[object, object], tuple[float, int, int]] = {}
+
+    def warning(self, **fields: object) -> None:
+        kind = (fields.get("status"), fields.get("error"))
+        now = self._clock()
+        started, written, suppressed = self._kinds.get(kind, (now, 0, 0))
+        if now - started >= self._period_s:
+            started, written = now, 0
+        if self._burst is not None and written >= self._burst:
+            self._kinds[kind] = (started, written, suppressed + 1)
+            return
+        if suppressed:
+            fields["suppressed"] = suppressed
+        self._kinds[kind] = (started, written + 1, 0)
+        # Input from the internet: one warning, no stack trace; the body never echoes it.
+        log.warning("callback.rejected", **fields)
+
+
+_REFUSALS: Final = web.AppKey("refusals", RefusalLog)
+
+
+class _MalformedHttp(logging.Filter):
+    """aiohttp logs a request it cannot parse (a header without a colon, a line over 8 KB,
+    broken chunking) as an error with a stack, uncounted: anyone could fill the log
+    with them. They are refusals like ours: counted, and said as ``callback.rejected``
+    (through the refusal log of the application made last: one per process)."""
+
+    refusals = RefusalLog()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if not isinstance(exc, HttpProcessingError):
+            return True  # anything else from the server is a real error: as it is
+        status, error = exc.code or 400, type(exc).__name__
+        GATEWAY_REFUSALS.labels(str(status), error).inc()
+        self.refusals.warning(status=status, error=error, reason=str(exc.message)[:200])
+        return False
+
+
+_HTTP_LOG = logging.getLogger("wecombot_gateway.http")
+_MALFORMED = _MalformedHttp()
+_HTTP_LOG.addFilter(_MALFORMED)
+
 # How the gateway's application is served (main.py, and the tests' servers):
 # - no access log: one debug line per callback is ours, none on the hot path;
 # - bodies are not decoded: WeCom posts plain XML, so a Content-Encoding is refused by
@@ -114,10 +177,12 @@ _URL_VERIFIED = GATEWAY_CALLBACKS.labels("url_verified")
 #   request, that anyone could send;
 # - the unread rest of a refused body is drained for 1 s at most (aiohttp: 10 s), so that
 #   its client sees our status; a client that sends it slowly on purpose is let go.
+# - what the server cannot parse is logged through ``_HTTP_LOG`` (see _MalformedHttp).
 RUNNER_OPTIONS: Final[dict[str, Any]] = {
     "access_log": None,
     "auto_decompress": False,
     "lingering_time": 1.0,
+    "logger": _HTTP_LOG,
 }
 
 _STATUS: dict[type[Exception], int] = {
@@ -162,6 +227,9 @@ def create_app(
     """Build the gateway's aiohttp application (crypto and parsers are built here, once)."""
     handlers = _CallbackHandlers(settings, publisher, clock)
     app = web.Application(client_max_size=settings.max_body_bytes)
+    refusals = RefusalLog(burst=settings.refusal_log_rate or None)
+    app[_REFUSALS] = refusals
+    _MALFORMED.refusals = refusals
     app.router.add_get(settings.callback_path, handlers.url_check, allow_head=False)
     app.router.add_post(settings.callback_path, handlers.receive)
     app.add_routes(HealthServer(settings.host, 0, ready).routes())
@@ -280,13 +348,8 @@ async def _unrouted(callback_path: str, request: web.Request) -> web.Response:
         status, reason = 404, f"no such path: the callback is served at {callback_path}"
         error, headers = "HTTPNotFound", {}
     GATEWAY_REFUSALS.labels(str(status), error).inc()
-    log.warning(
-        "callback.rejected",
-        status=status,
-        method=request.method,
-        path=request.path[:200],
-        error=error,
-        reason=reason,
+    request.app[_REFUSALS].warning(
+        status=status, method=request.method, path=request.path[:200], error=error, reason=reason
     )
     return web.Response(status=status, text=HTTPStatus(status).phrase, headers=headers)
 
@@ -318,8 +381,7 @@ def _refuse(
     fields["error"] = type(exc).__name__
     _REFUSED.inc()
     GATEWAY_REFUSALS.labels(str(status), fields["error"]).inc()
-    # Input from the internet: one warning, no stack trace; the body never echoes input.
-    log.warning("callback.rejected", **fields)
+    request.app[_REFUSALS].warning(**fields)
     response = web.Response(status=status, text=HTTPStatus(status).phrase)
     if isinstance(exc, BodyTimeout):
         response.force_close()  # no keep-alive for a client that stalls

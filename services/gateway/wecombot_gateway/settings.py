@@ -15,6 +15,8 @@ segment, and none of the gateway's own /healthz, /readyz, /metrics),
 ``GATEWAY_TIMESTAMP_WINDOW`` (300 s either side; 0 disables the replay check),
 ``GATEWAY_MAX_BODY_BYTES`` (1 MiB), ``GATEWAY_BODY_TIMEOUT`` (5 s: a body not received
 by then is answered 408 and its connection freed; WeCom gives up after 5 s anyway),
+``GATEWAY_REFUSAL_LOG_RATE`` (20: ``callback.rejected`` lines written per second per kind
+of refusal, the rest counted in the next line; 0 writes every one),
 ``GATEWAY_PUBLISH_TIMEOUT`` (2 s: after that the callback is answered 503 and WeCom
 retries).
 """
@@ -55,6 +57,7 @@ class GatewaySettings:
     max_body_bytes: int = 1024 * 1024
     publish_timeout_s: float = 2.0
     body_timeout_s: float = 5.0
+    refusal_log_rate: int = 20
 
     @property
     def app(self) -> str:
@@ -91,6 +94,9 @@ class GatewaySettings:
         body_timeout = env.seconds(
             "GATEWAY_BODY_TIMEOUT", cls.body_timeout_s, minimum=0.1, maximum=60
         )
+        refusal_log_rate = env.integer(
+            "GATEWAY_REFUSAL_LOG_RATE", cls.refusal_log_rate, minimum=0, maximum=100_000
+        )
         if window:
             # A signed callback replayed inside the window is stored again once the log
             # no longer remembers its Nats-Msg-Id: the dedupe must outlast the window.
@@ -111,6 +117,7 @@ class GatewaySettings:
             max_body_bytes=max_body,
             publish_timeout_s=publish_timeout,
             body_timeout_s=body_timeout,
+            refusal_log_rate=refusal_log_rate,
         )
 
 
