@@ -1053,6 +1053,28 @@ def test_the_cache_keeps_to_its_byte_budget_dropping_the_least_recently_used() -
     assert cache.bytes == sum(e.size for e in [held, kept, cache.get(convs[4])])
 
 
+def test_the_cache_counts_what_many_small_conversations_really_hold() -> None:
+    """Counted by their folds alone, 5,000 one-message users held 1.34 times the budget:
+    the entry around each fold (its lock, counters, key) was not counted."""
+    import tracemalloc
+
+    from wecombot_common.topology import ConversationRef
+    from wecombot_llm.cache import ConversationCache
+
+    cache = ConversationCache(lambda: _conversation_of(0, 0), capacity=100_000, max_bytes=None)
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for i in range(5000):
+            conv = ConversationRef("ww1-1", f"user{i}")
+            cache.get(conv)
+            cache.used(conv)
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert 0.85 < cache.bytes / held < 1.25, (cache.bytes, held)
+
+
 def test_a_cached_conversation_idle_past_max_idle_is_rebuilt_from_the_log() -> None:
     """Kept forever, its turns outlived the stream's retention: the replica holding it
     prompted with exchanges a restarted replica (rebuilding from the log) no longer had."""

@@ -38,12 +38,16 @@ from .conversation import Conversation
 
 __all__ = ["ConversationCache", "Entry"]
 
+# What an entry holds besides its fold (the Entry, its lock, Counter and dict, the key,
+# its slot in the cache): ≈ 530 bytes under tracemalloc, 5,000 fresh entries.
+ENTRY_BYTES = 600
+
 
 class Entry:
     def __init__(self, state: Conversation, now: float = 0.0) -> None:
         self.state = state
         self.used_at = now
-        self.size = 0  # state.approx_bytes() when last counted
+        self.size = 0  # ENTRY_BYTES + state.approx_bytes() when last counted
         # rebuilt once for a message it had read past without knowing (handler._handle)
         self.reread = False
         self.lock = asyncio.Lock()
@@ -124,7 +128,7 @@ class ConversationCache:
         """Count ``conv``'s entry again after a delivery used it, and keep to the budget."""
         entry = self._entries.get(conv)
         if entry is not None:
-            size = entry.state.approx_bytes()
+            size = ENTRY_BYTES + entry.state.approx_bytes()
             self.bytes += size - entry.size
             entry.size = size
         self._evict(room_for=0)
