@@ -1,5 +1,6 @@
-"""The ack floor the llm and the sender wait on: read at most every refresh_s; a failed
-read keeps it, a lower answer lowers it (the consumer or its stream was made again)."""
+"""The ack floor the llm and the sender wait on: read at most every refresh_s (callers
+meanwhile wait for a read on its way); a failed read keeps it, a lower answer lowers it
+(the consumer or its stream was made again)."""
 
 from __future__ import annotations
 
@@ -47,23 +48,26 @@ async def test_a_consumer_made_again_lowers_the_floor() -> None:
     assert await floor.refresh() == 3
 
 
-async def test_a_slow_read_overtaken_by_a_later_one_does_not_undo_it() -> None:
-    first_asked, release_first = asyncio.Event(), asyncio.Event()
-    answers = iter([7, 12])
+async def test_callers_while_a_read_is_on_its_way_wait_for_its_answer() -> None:
+    """They took the floor from before it: after the consumer was made again, every
+    delivery but the first of a backlog fetched together skipped its order wait."""
+    asked, release = asyncio.Event(), asyncio.Event()
+    reads = 0
     now = [0.0]
 
     async def read() -> int | None:
-        value = next(answers)
-        if value == 7:  # the first read hangs past refresh_s
-            first_asked.set()
-            await release_first.wait()
-        return value
+        nonlocal reads
+        reads += 1
+        asked.set()
+        await release.wait()
+        return 3
 
     floor = SettledFloor(read, refresh_s=1.0, clock=lambda: now[0])
-    slow = asyncio.create_task(floor.refresh())
-    await first_asked.wait()
-    now[0] = 1.5
-    assert await floor.refresh() == 12  # a second read started and answered
-    release_first.set()
-    assert await slow == 12  # the older answer arrives last and is not taken
-    assert floor.through == 12
+    floor.through = 900  # learned before the consumer was made again
+    first = asyncio.create_task(floor.refresh())
+    await asked.wait()
+    second = asyncio.create_task(floor.refresh())  # within refresh_s, the read on its way
+    await asyncio.sleep(0)
+    assert not second.done()
+    release.set()
+    assert (await first, await second, reads) == (3, 3, 1)

@@ -407,7 +407,9 @@ async def ack_floor(
 class SettledFloor:
     """A work consumer's ack floor as one process knows it: the latest read, read again
     at most every ``refresh_s`` (one ``consumer_info`` call, however many deliveries of
-    the process are waiting on an earlier message). A read that fails keeps the floor;
+    the process are waiting on an earlier message; those that ask while it is on its
+    way wait for its answer, not take the floor from before it). A read that fails
+    keeps the floor;
     one that answers lower lowers it (the consumer or its stream was made again, and
     sequences start over: a floor kept from before would let every later message skip
     its wait for an earlier one until a restart).
@@ -421,7 +423,7 @@ class SettledFloor:
         if blocker_seq <= await settled.refresh(): ...
     """
 
-    __slots__ = ("_clock", "_read", "_read_at", "_reads", "_refresh_s", "through")
+    __slots__ = ("_clock", "_pending", "_read", "_read_at", "_refresh_s", "through")
 
     def __init__(
         self,
@@ -434,20 +436,25 @@ class SettledFloor:
         self._refresh_s = refresh_s
         self._clock = clock
         self._read_at = -math.inf
-        self._reads = 0  # reads started: only the latest one's answer is taken
+        self._pending: asyncio.Future[None] | None = None  # the read on its way
         self.through = 0  # the floor as last read
 
     async def refresh(self) -> int:
         """The floor, read again unless it was read within ``refresh_s``."""
-        now = self._clock()
-        if now - self._read_at >= self._refresh_s:
-            self._read_at = now
-            self._reads += 1
-            started = self._reads
-            value = await self._read()
-            if value is not None and started == self._reads:  # none started after us
-                self.through = value
+        if self._pending is None and self._clock() - self._read_at >= self._refresh_s:
+            self._read_at = self._clock()
+            self._pending = asyncio.ensure_future(self._read_once())
+        if self._pending is not None:
+            await asyncio.shield(self._pending)
         return self.through
+
+    async def _read_once(self) -> None:
+        try:
+            value = await self._read()
+            if value is not None:
+                self.through = value
+        finally:
+            self._pending = None
 
 
 async def read_conversation(

@@ -11,9 +11,9 @@ re-read. An entry also coordinates this process's deliveries of one conversation
 
 Entries in use are never evicted, so all deliveries of a conversation share one lock.
 The cache holds at most ``capacity`` entries and about ``max_bytes`` (each entry counted
-by :meth:`Conversation.approx_bytes` after use, ``LLM_CACHE_MB``): a conversation holds
-up to ``LLM_MAX_TURNS`` turns and a thousand settled ids, so a count alone let a busy
-replica grow past its pod's memory::
+after use: ENTRY_BYTES plus :meth:`Conversation.approx_bytes`, ``LLM_CACHE_MB``): a
+conversation holds up to ``LLM_MAX_TURNS`` turns and a thousand settled ids, so a count
+alone let a busy replica grow past its pod's memory::
 
     cache = ConversationCache(
         lambda: Conversation(needs_outcome=…), capacity=10_000, max_bytes=64 << 20)

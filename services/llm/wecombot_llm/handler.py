@@ -192,7 +192,8 @@ class LlmHandler:
                     ignore_order=last_try,
                 )
                 if (
-                    isinstance(step, Go)
+                    not last_try
+                    and isinstance(step, Go)
                     and self._settled.through
                     and isinstance(
                         plan(entry.state, received.event_id, seq, settled_through=0), Blocked
