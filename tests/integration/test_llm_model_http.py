@@ -384,25 +384,8 @@ async def test_an_answer_the_provider_interrupted_is_asked_again() -> None:
 async def test_a_200_that_is_no_chat_answer_is_retried_within_the_budget() -> None:
     """A front end's page with status 200 (a captive proxy, a gateway's maintenance page)
     is no answer of the model's: asked again, not turned into an apology at once."""
-    requests = 0
-
-    async def page_once(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        nonlocal requests
-        requests += 1
-        await reader.readuntil(b"\r\n\r\n")
-        kind, body = (b"text/html", b"<html>") if requests == 1 else (b"application/json", ANSWER)
-        head = b"HTTP/1.1 200 OK\r\nContent-Type: %s\r\nContent-Length: %d\r\n" % (kind, len(body))
-        writer.write(head + b"Connection: close\r\n\r\n" + body)
-        await writer.drain()
-        writer.close()
-
-    async with raw_http(page_once) as base_url:
-        model = OpenAIChatModel(settings(base_url, retry_budget_s=30.0))
-        try:
-            done = await model.complete(HELLO)
-        finally:
-            await model.aclose()
-    assert (done.text, requests) == ("late answer", 2)
+    done, requests = await _answering(b"<html>maintenance</html>", ANSWER)
+    assert isinstance(done, Completion) and (done.text, requests) == ("late answer", 2)
 
 
 @pytest.mark.parametrize(

@@ -7,19 +7,13 @@ from collections.abc import Callable, Mapping
 
 import pytest
 
+from tests.unit.test_settings import GOOD
 from wecombot_common.errors import ConfigError
 from wecombot_gateway.settings import GatewaySettings
 from wecombot_llm.settings import LlmSettings
 from wecombot_sender.settings import SenderSettings
 from wecombot_token.settings import TokenSettings
 
-GOOD = {
-    "WECOM_CORP_ID": "ww1436e0e65a779aee",
-    "WECOM_AGENT_ID": "1000002",
-    "WECOM_SECRET": "app-secret-value-123",
-    "WECOM_TOKEN": "hJqcu3uJ9Tn2gXPmxx2w9kkCkCE2EPYo",
-    "WECOM_ENCODING_AES_KEY": "6qkdMrq68nTKduznJYO1A37W2oEgpkMUvkttRToqhUt",
-}
 Read = Callable[[Mapping[str, str]], object]
 
 
