@@ -19,7 +19,7 @@ from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlencode
 from xml.sax.saxutils import escape
 
 import aiohttp
@@ -943,6 +943,56 @@ def _refusals(status: str, error: str) -> float:
         "wecombot_gateway_refusals_total", {"status": status, "reason": error}
     )
     return value or 0.0
+
+
+async def _exchange(gw: Gateway, head: bytes, then: bytes = b"") -> bytes:
+    """Send a request head, read the first answer; send ``then`` after a 100, read on."""
+    url = gw.client.make_url("/")
+    reader, writer = await asyncio.open_connection(url.host, url.port)
+    try:
+        writer.write(head)
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=10)
+        if answer.startswith(b"HTTP/1.1 100") and then:
+            writer.write(then)
+            await writer.drain()
+            answer += await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=10)
+        return answer
+    finally:
+        writer.close()
+
+
+async def test_expect_100_continue_is_answered_after_the_checks_a_body_cannot_change(
+    make_gateway: MakeGateway,
+) -> None:
+    """aiohttp answered 100 to any such request: a client declaring 50 MB was told to
+    go on, sent it all, and only then heard 413."""
+    gw = await make_gateway(GATEWAY_MAX_BODY_BYTES=str(SMALL_BODY_LIMIT))
+    call = post(text_message("100c"))
+    query = urlencode(call.params)
+    body = call.body if isinstance(call.body, bytes) else str(call.body).encode()
+    line = f"POST {gw.settings.callback_path}?{query} HTTP/1.1\r\nHost: x\r\n".encode()
+
+    def head(length: int, expect: str = "100-continue") -> bytes:
+        return (
+            line
+            + (
+                f"Content-Type: text/xml\r\nContent-Length: {length}\r\nExpect: {expect}\r\n\r\n"
+            ).encode()
+        )
+
+    with capture_logs() as logs:
+        too_large = await _exchange(gw, head(50_000_000))
+        unknown = await _exchange(gw, head(len(body), "something-else"))
+    assert too_large.startswith(b"HTTP/1.1 413") and b"100 Continue" not in too_large
+    assert unknown.startswith(b"HTTP/1.1 417")
+    assert [(e["status"], e["error"]) for e in rejections(logs)] == [
+        (413, "BodyTooLarge"),
+        (417, "UnknownExpectation"),
+    ]
+    accepted = await _exchange(gw, head(len(body)), then=body)
+    assert accepted.startswith(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200")
+    assert [e.msg_id for e in await gw.events()] == ["100c"]
 
 
 def test_every_bad_input_is_documented_with_its_status() -> None:

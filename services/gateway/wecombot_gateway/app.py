@@ -24,6 +24,7 @@ Content-Type declared and not XML                       415
 Content-Encoding declared (gzip…): WeCom sends none     415
 body over GATEWAY_MAX_BODY_BYTES (declared or read)     413
 body not received within GATEWAY_BODY_TIMEOUT           408
+Expect other than 100-continue                          417
 body unreadable (framing, encoding, disconnect)         400
 envelope not XML / no Encrypt / DTD (XXE, bomb)         400    -40002
 msg_signature does not match                            403    -40001
@@ -50,7 +51,7 @@ from http import HTTPStatus
 from typing import Any, Final
 
 import structlog
-from aiohttp import hdrs, web
+from aiohttp import HttpVersion11, hdrs, web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from wecombot_common.bus import AppendUnavailable
@@ -84,6 +85,7 @@ from .errors import (
     MalformedXml,
     NoSender,
     StaleTimestamp,
+    UnknownExpectation,
     UnreadableBody,
     UnsafeXml,
     UnsupportedMediaType,
@@ -187,6 +189,7 @@ RUNNER_OPTIONS: Final[dict[str, Any]] = {
 
 _STATUS: dict[type[Exception], int] = {
     BodyTimeout: 408,
+    UnknownExpectation: 417,
     InvalidQuery: 400,
     UnsupportedMediaType: 415,
     BodyTooLarge: 413,
@@ -231,7 +234,7 @@ def create_app(
     app[_REFUSALS] = refusals
     _MALFORMED.refusals = refusals
     app.router.add_get(settings.callback_path, handlers.url_check, allow_head=False)
-    app.router.add_post(settings.callback_path, handlers.receive)
+    app.router.add_post(settings.callback_path, handlers.receive, expect_handler=handlers.expect)
     app.add_routes(HealthServer(settings.host, 0, ready).routes())
     # Last: what no route above takes (a route, not a middleware, which every callback
     # would pay for).
@@ -272,11 +275,17 @@ class CallbackReader:
 
     async def read_http(self, request: web.Request) -> tuple[CallbackQuery, bytes]:
         """The HTTP half: the query's shape, the media type and size guards, the body."""
+        query = self.check_head(request)
+        return query, await read_limited(request.content, self._max_body, self._body_timeout)
+
+    def check_head(self, request: web.Request) -> CallbackQuery:
+        """What the request's line and headers alone can refuse: the query's shape, the
+        media type, the coding and the declared size."""
         query = CallbackQuery.parse(request.query, url_check=False)
         check_content_type(request.headers.get(hdrs.CONTENT_TYPE))
         check_content_encoding(request.headers.get(hdrs.CONTENT_ENCODING))
         check_declared_length(request.content_length, self._max_body)
-        return query, await read_limited(request.content, self._max_body, self._body_timeout)
+        return query
 
 
 class _CallbackHandlers:
@@ -301,6 +310,23 @@ class _CallbackHandlers:
         _URL_VERIFIED.inc()
         log.debug("callback.url_verified")
         return web.Response(body=plaintext, content_type="text/plain")
+
+    async def expect(self, request: web.Request) -> web.Response | None:
+        """A POST with ``Expect: 100-continue`` waits for our go before sending its body:
+        refused by its line and headers first, it never sends it (aiohttp's default
+        answered 100 to any request, then the client pushed a body we refused)."""
+        try:
+            if request.headers.get(hdrs.EXPECT, "").lower() != "100-continue":
+                raise UnknownExpectation("Expect must be 100-continue, if given")
+            self._reader.check_head(request)
+        except CallbackRejected as exc:
+            response = _refuse(request, exc)
+            response.force_close()  # its body, if it comes after all, is not ours to read
+            return response
+        if request.version == HttpVersion11:
+            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            request.writer.output_size = 0  # as aiohttp's own: the answer is still to come
+        return None
 
     async def receive(self, request: web.Request) -> web.Response:
         """POST: verify, decrypt, parse, append; 200 only once the log has it."""

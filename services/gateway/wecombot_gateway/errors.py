@@ -6,6 +6,7 @@
     └── CallbackRejected               .reason (safe to log), .code (official -400xx or None)
         ├── InvalidQuery               a query parameter is missing, repeated or malformed
         ├── UnsupportedMediaType       the body is declared as something other than XML
+        ├── UnknownExpectation         an Expect header other than 100-continue
         ├── BodyTooLarge               the body exceeds GATEWAY_MAX_BODY_BYTES
         ├── UnreadableBody             broken framing or encoding, or the client went away
         │   └── BodyTimeout            the body did not arrive within GATEWAY_BODY_TIMEOUT
@@ -35,6 +36,7 @@ __all__ = [
     "MalformedXml",
     "NoSender",
     "StaleTimestamp",
+    "UnknownExpectation",
     "UnreadableBody",
     "UnsafeXml",
     "UnsupportedMediaType",
@@ -57,6 +59,10 @@ class InvalidQuery(CallbackRejected):
 
 class UnsupportedMediaType(CallbackRejected):
     """Content-Type says JSON, a form, multipart…: not a WeCom XML callback."""
+
+
+class UnknownExpectation(CallbackRejected):
+    """``Expect`` names something other than ``100-continue`` (RFC 9110 §10.1.1: 417)."""
 
 
 class BodyTooLarge(CallbackRejected):
