@@ -844,10 +844,10 @@ def test_refusals_of_one_kind_are_written_a_few_a_second_and_the_rest_counted() 
     refusals = RefusalLog(burst=3, period_s=1.0, clock=lambda: now[0])
     with capture_logs() as logs:
         for _ in range(10):
-            refusals.warning(status=400, error="InvalidQuery", reason="no query")
-        refusals.warning(status=403, error="SignatureError", reason="forged")  # another kind
+            refusals.refused(400, "InvalidQuery", reason="no query")
+        refusals.refused(403, "SignatureError", reason="forged")  # another kind
         now[0] = 1.0
-        refusals.warning(status=400, error="InvalidQuery", reason="no query")
+        refusals.refused(400, "InvalidQuery", reason="no query")
     lines = [(e["status"], e.get("suppressed")) for e in logs]
     assert lines == [(400, None), (400, None), (400, None), (403, None), (400, 7)]
     assert all(e["event"] == "callback.rejected" and e["log_level"] == "warning" for e in logs)

@@ -409,10 +409,9 @@ class SettledFloor:
     at most every ``refresh_s`` (one ``consumer_info`` call, however many deliveries of
     the process are waiting on an earlier message; those that ask while it is on its
     way wait for its answer, not take the floor from before it). A read that fails
-    keeps the floor;
-    one that answers lower lowers it (the consumer or its stream was made again, and
-    sequences start over: a floor kept from before would let every later message skip
-    its wait for an earlier one until a restart).
+    keeps the floor; one that answers lower lowers it (the consumer or its stream was
+    made again, and sequences start over: a floor kept from before would let every
+    later message skip its wait for an earlier one until a restart).
 
     The llm and the sender use it the same way: an earlier message at or below the
     floor was acknowledged or dead-lettered, so nobody will handle it again and a later
@@ -441,8 +440,9 @@ class SettledFloor:
 
     async def refresh(self) -> int:
         """The floor, read again unless it was read within ``refresh_s``."""
-        if self._pending is None and self._clock() - self._read_at >= self._refresh_s:
-            self._read_at = self._clock()
+        now = self._clock()
+        if self._pending is None and now - self._read_at >= self._refresh_s:
+            self._read_at = now
             self._pending = asyncio.ensure_future(self._read_once())
         if self._pending is not None:
             await asyncio.shield(self._pending)

@@ -111,10 +111,11 @@ _URL_VERIFIED = GATEWAY_CALLBACKS.labels("url_verified")
 
 
 class RefusalLog:
-    """The ``callback.rejected`` lines: every refusal is counted (the metrics), but only
-    ``burst`` lines of one kind (status, error) a second are written; the next line of
-    that kind says how many were not (``suppressed``). A flood of bad requests (anyone
-    can send them) wrote a warning each: megabytes a second of logs."""
+    """Every refusal counted (``wecombot_gateway_refusals_total``) and said in a
+    ``callback.rejected`` line, but only ``burst`` lines of one kind (status, error) a
+    second are written; the next line of that kind says how many were not
+    (``suppressed``). A flood of bad requests (anyone can send them) wrote a warning
+    each: megabytes a second of logs."""
 
     __slots__ = ("_burst", "_clock", "_kinds", "_period_s")
 
@@ -128,10 +129,11 @@ class RefusalLog:
         self._burst = burst
         self._period_s = period_s
         self._clock = clock
-        self._kinds: dict[tuple[object, object], tuple[float, int, int]] = {}
+        self._kinds: dict[tuple[int, str], tuple[float, int, int]] = {}
 
-    def warning(self, **fields: object) -> None:
-        kind = (fields.get("status"), fields.get("error"))
+    def refused(self, status: int, error: str, **fields: object) -> None:
+        GATEWAY_REFUSALS.labels(str(status), error).inc()
+        kind = (status, error)
         now = self._clock()
         started, written, suppressed = self._kinds.get(kind, (now, 0, 0))
         if now - started >= self._period_s:
@@ -143,7 +145,7 @@ class RefusalLog:
             fields["suppressed"] = suppressed
         self._kinds[kind] = (started, written + 1, 0)
         # Input from the internet: one warning, no stack trace; the body never echoes it.
-        log.warning("callback.rejected", **fields)
+        log.warning("callback.rejected", status=status, error=error, **fields)
 
 
 _REFUSALS: Final = web.AppKey("refusals", RefusalLog)
@@ -161,9 +163,8 @@ class _MalformedHttp(logging.Filter):
         exc = record.exc_info[1] if record.exc_info else None
         if not isinstance(exc, HttpProcessingError):
             return True  # anything else from the server is a real error: as it is
-        status, error = exc.code or 400, type(exc).__name__
-        GATEWAY_REFUSALS.labels(str(status), error).inc()
-        self.refusals.warning(status=status, error=error, reason=str(exc.message)[:200])
+        reason = str(exc.message)[:200]
+        self.refusals.refused(exc.code or 400, type(exc).__name__, reason=reason)
         return False
 
 
@@ -373,9 +374,8 @@ async def _unrouted(callback_path: str, request: web.Request) -> web.Response:
     else:
         status, reason = 404, f"no such path: the callback is served at {callback_path}"
         error, headers = "HTTPNotFound", {}
-    GATEWAY_REFUSALS.labels(str(status), error).inc()
-    request.app[_REFUSALS].warning(
-        status=status, method=request.method, path=request.path[:200], error=error, reason=reason
+    request.app[_REFUSALS].refused(
+        status, error, method=request.method, path=request.path[:200], reason=reason
     )
     return web.Response(status=status, text=HTTPStatus(status).phrase, headers=headers)
 
@@ -393,7 +393,7 @@ def _refuse(
     message: MessageReceived | None = None,
 ) -> web.Response:
     status = status_for(exc)
-    fields: dict[str, object] = {"status": status, "method": request.method}
+    fields: dict[str, object] = {"method": request.method}
     fields.update(_identity(message))
     if isinstance(exc, CryptoError):
         fields["reason"] = f"{exc.reason}: {exc.detail}" if exc.detail else exc.reason
@@ -404,10 +404,8 @@ def _refuse(
             fields["code"] = exc.code
     else:
         fields["reason"] = str(exc)
-    fields["error"] = type(exc).__name__
     _REFUSED.inc()
-    GATEWAY_REFUSALS.labels(str(status), fields["error"]).inc()
-    request.app[_REFUSALS].warning(**fields)
+    request.app[_REFUSALS].refused(status, type(exc).__name__, **fields)
     response = web.Response(status=status, text=HTTPStatus(status).phrase)
     if isinstance(exc, BodyTimeout):
         response.force_close()  # no keep-alive for a client that stalls

@@ -52,7 +52,7 @@ from wecombot_common.topology import ConversationRef
 from wecombot_common.worker import Ack, Delivery, Nak, backoff_delay
 
 from .cache import ConversationCache, Entry
-from .conversation import Blocked, Conversation, Done, Go, plan
+from .conversation import Blocked, Conversation, Done, plan
 from .decide import (
     AskModel,
     answer,
@@ -185,30 +185,14 @@ class LlmHandler:
             async with entry.lock:
                 await self._catch_up(conv, entry)
                 step = plan(
-                    entry.state,
-                    received.event_id,
-                    seq,
-                    settled_through=self._settled.through,
-                    ignore_order=last_try,
+                    entry.state, received.event_id, seq, settled_through=0, ignore_order=last_try
                 )
-                if (
-                    not last_try
-                    and isinstance(step, Go)
-                    and self._settled.through
-                    and isinstance(
-                        plan(entry.state, received.event_id, seq, settled_through=0), Blocked
-                    )
-                ):
-                    # The floor let an earlier message go: read it again first (at most
-                    # every refresh), or a floor from before the consumer was made again
-                    # (its stream recreated) would let every later message skip its wait.
-                    step = plan(
-                        entry.state,
-                        received.event_id,
-                        seq,
-                        settled_through=await self._settled.refresh(),
-                        ignore_order=last_try,
-                    )
+                if isinstance(step, Blocked) and 0 < step.seq <= self._settled.through:
+                    # The floor would let an earlier message go: read it again first (at
+                    # most every refresh), or a floor from before the consumer was made
+                    # again (its stream recreated) would let later messages skip their wait.
+                    floor = await self._settled.refresh()
+                    step = plan(entry.state, received.event_id, seq, settled_through=floor)
                 if isinstance(step, Done) and not step.remembered and not entry.reread:
                     # Read past without it, and not among the settled it remembers: long
                     # answered, or the stream's sequences went back (recreated) and this
