@@ -36,7 +36,10 @@ class FakeLog:
         self.settled = 0
         self.unavailable = 0  # the next N appends fail
         self.reads = 0
+        self.leader_reads = 0
         self.events_read = 0
+        # direct reads answered by a stream follower that has applied the log this far
+        self.follower_at: int | None = None
         self._last_seq = 0
 
     def add(self, event: Event) -> int:
@@ -53,10 +56,14 @@ class FakeLog:
         """Drop every event up to ``through_seq``, as the stream's max age does."""
         self.events = [(subj, s) for subj, s in self.events if s.seq > through_seq]
 
-    async def read(self, conv: ConversationRef, *, after_seq: int) -> AsyncIterator[StoredEvent]:
+    async def read(
+        self, conv: ConversationRef, *, after_seq: int, direct: bool = True
+    ) -> AsyncIterator[StoredEvent]:
         self.reads += 1
+        self.leader_reads += not direct
+        through = self.follower_at if direct and self.follower_at is not None else self._last_seq
         for subject, s in list(self.events):
-            if s.seq > after_seq and subject.startswith(conv.root + "."):
+            if after_seq < s.seq <= through and subject.startswith(conv.root + "."):
                 self.events_read += 1
                 yield s
 

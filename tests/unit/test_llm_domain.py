@@ -621,6 +621,43 @@ async def test_a_floor_from_before_the_stream_was_made_again_is_read_again() -> 
     assert ["sys", "second"] not in model.calls
 
 
+async def test_a_message_a_lagging_follower_cannot_show_yet_is_read_from_the_leader() -> None:
+    """The catch-up's direct reads come from a stream follower that has not applied the
+    earlier answer nor this message: the handler must not wait for it to catch up (it
+    handed the message back after its order wait), but read the rest from the leader."""
+    log, model = FakeLog(), FakeModel()
+    q1, q2 = msg("q1"), msg("q2")
+    log.add(q1)
+    log.add(reply_to(q1, "a1"))
+    s2 = log.add(q2)
+    log.follower_at = 1
+    h = handler(log, model, order_wait_s=0.05)
+    assert await h.handle(q2, stream_seq=s2, num_delivered=1) == Ack()
+    assert model.calls == [["sys", "q1", "a1", "q2"]]
+    assert log.leader_reads == 1
+
+
+async def test_a_conflict_a_lagging_follower_cannot_explain_is_read_from_the_leader() -> None:
+    """Another replica answered the message while this one asked the model; the follower
+    answering the catch-up has the message, not that answer. The refused append must
+    be followed by a read that shows it (not a rebuild and the same conflict again,
+    until the delivery is handed back)."""
+    log = FakeLog()
+    q = msg("q")
+    seq = log.add(q)
+    log.follower_at = seq
+
+    class _Racing(FakeModel):
+        async def complete(self, messages: Sequence[ChatMessage]) -> Completion:
+            log.add(reply_to(q, "theirs"))  # the other replica's answer lands meanwhile
+            return await super().complete(messages)
+
+    h = handler(log, _Racing())
+    assert await h.handle(q, stream_seq=seq, num_delivered=2) == Ack()
+    assert [o.text for o in log.outcomes() if isinstance(o, ReplyGenerated)] == ["theirs"]
+    assert log.leader_reads == 1
+
+
 async def test_handler_keeps_the_answer_when_the_append_fails() -> None:
     log, model = FakeLog(), FakeModel()
     q = msg("q")

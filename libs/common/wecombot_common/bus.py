@@ -223,11 +223,16 @@ async def _unreadable_tail(
     js: JetStreamContext, event: Event, scope: str, *, after_seq: int
 ) -> int | None:
     """The last sequence on ``scope`` if every message there after ``after_seq`` is not an
-    event; None if one is (a real conflict), or if the log cannot tell now."""
+    event; None if one is (a real conflict), or if the log cannot tell now. Both read
+    from the stream leader: a lagging follower's direct read would miss the very event
+    that caused the conflict, and the append would go after it unseen."""
     try:
         last = await js.get_last_msg(topology.CONVERSATION_STREAM, scope)
         conversation = ConversationRef.of(event)
-        async for _ in read_conversation(js, conversation, after_seq=after_seq, branch=scope):
+        branch = read_conversation(
+            js, conversation, after_seq=after_seq, branch=scope, direct=False
+        )
+        async for _ in branch:
             return None  # a real event was appended after the expected sequence
     except (TimeoutError, nats.errors.Error):
         return None
@@ -463,19 +468,28 @@ async def read_conversation(
     *,
     after_seq: int = 0,
     branch: str | None = None,
+    direct: bool = True,
 ) -> AsyncIterator[StoredEvent]:
     """Yield a conversation's events after ``after_seq``, in stream order, up to now.
 
-    Uses direct "next message by subject" reads: no consumer is created, so reading a
+    Uses "next message by subject" reads: no consumer is created, so reading a
     conversation costs one round trip per event plus one (a consumer per read caps a
     pipeline at tens of replies/s on 2 cores).
+
+    ``direct`` reads (the default) may be answered by any replica of a replicated stream
+    (``allow_direct``), and a follower can lag its leader: such a read may end before
+    the last append ("it is possible for a lookup after an update to not include the
+    message that was just added", nats.js's DirectStreamAPI docs). Each message it does
+    yield is the stream's own (a sequence is never reused). ``direct=False`` asks the
+    stream leader (``$JS.API.STREAM.MSG.GET``), which has every acknowledged append: for
+    a reader that knows the log holds more than a read showed.
     """
     subject = branch or conversation.all_events
     seq = after_seq + 1
     while True:
         try:
             raw = await js.get_msg(
-                topology.CONVERSATION_STREAM, seq=seq, subject=subject, next=True, direct=True
+                topology.CONVERSATION_STREAM, seq=seq, subject=subject, next=True, direct=direct
             )
         except nats.js.errors.NotFoundError:
             return

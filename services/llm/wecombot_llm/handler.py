@@ -183,7 +183,7 @@ class LlmHandler:
         conflicts = 0
         while True:
             async with entry.lock:
-                await self._catch_up(conv, entry)
+                await self._catch_up(conv, entry, through=seq)
                 step = plan(
                     entry.state, received.event_id, seq, settled_through=0, ignore_order=last_try
                 )
@@ -217,7 +217,7 @@ class LlmHandler:
                     conflicts += 1
                     if conflicts >= self._config.max_conflicts:
                         return Nak(backoff_delay(num_delivered), "concurrent appends kept winning")
-                    if not await self._catch_up(conv, entry):
+                    if not await self._catch_up(conv, entry, leader=True):
                         # Nobody appended: the branch lost events the entry still counts
                         # (aged out after WECOMBOT_HISTORY_MAX_AGE, or purged), so its
                         # expected sequence can never match again. Rebuild from the log.
@@ -238,10 +238,12 @@ class LlmHandler:
         if blocker.seq and blocker.event_id in entry.active:
             waiting.extend(now)  # it is being handled right here: it will finish
         if now >= waiting.deadline:
+            waited = f"{now - waiting.started:.0f}s"
             return Nak(
                 self._rng.uniform(0.5, 1.5),
-                f"earlier message at seq {blocker.seq} still unanswered after "
-                f"{now - waiting.started:.0f}s",
+                f"earlier message at seq {blocker.seq} still unanswered after {waited}"
+                if blocker.seq
+                else f"this message not readable in the log after {waited}",
             )
         if (
             blocker.seq > self._settled.through
@@ -253,12 +255,28 @@ class LlmHandler:
         await _wait(changed, waiting.next_interval(now))
         return None
 
-    async def _catch_up(self, conv: ConversationRef, entry: Entry) -> bool:
-        """Apply what the log has past the entry; True if it had anything."""
+    async def _catch_up(
+        self, conv: ConversationRef, entry: Entry, *, through: int = 0, leader: bool = False
+    ) -> bool:
+        """Apply what the log has past the entry; True if it had anything.
+
+        A direct read may come from a stream follower that lags its leader; when it ends
+        before ``through`` (the message being handled), or with ``leader`` (an append was
+        refused: the log holds more), the rest is read from the leader. Otherwise the
+        handler would wait for its own message to show, or, after a conflict, find
+        nothing new and rebuild the conversation, to conflict again."""
         before = entry.state.last_seq
-        async for stored in self._store.read(conv, after_seq=before):
-            entry.state.apply(stored)
+        if not leader:
+            await self._apply(conv, entry, direct=True)
+            leader = entry.state.last_seq < through
+        if leader:
+            await self._apply(conv, entry, direct=False)
         return entry.state.last_seq != before
+
+    async def _apply(self, conv: ConversationRef, entry: Entry, *, direct: bool) -> None:
+        read = self._store.read(conv, after_seq=entry.state.last_seq, direct=direct)
+        async for stored in read:
+            entry.state.apply(stored)
 
     async def _decide_and_append(
         self, received: MessageReceived, conv: ConversationRef, entry: Entry, num_delivered: int

@@ -34,8 +34,12 @@ class LogUnavailable(TransientError):
 
 
 class ConversationLog(Protocol):
-    def read(self, conv: ConversationRef, *, after_seq: int) -> AsyncIterator[StoredEvent]:
-        """The conversation's events after ``after_seq``, in order, up to now."""
+    def read(
+        self, conv: ConversationRef, *, after_seq: int, direct: bool = True
+    ) -> AsyncIterator[StoredEvent]:
+        """The conversation's events after ``after_seq``, in order, up to now; a direct
+        read may be answered by a stream follower and end early (``read_conversation``),
+        ``direct=False`` is answered by the stream leader."""
         ...
 
     async def append(
@@ -55,9 +59,13 @@ class JetStreamLog:
         self._js = js
         self._consumer = consumer
 
-    async def read(self, conv: ConversationRef, *, after_seq: int) -> AsyncIterator[StoredEvent]:
+    async def read(
+        self, conv: ConversationRef, *, after_seq: int, direct: bool = True
+    ) -> AsyncIterator[StoredEvent]:
         try:
-            async for stored in read_conversation(self._js, conv, after_seq=after_seq):
+            async for stored in read_conversation(
+                self._js, conv, after_seq=after_seq, direct=direct
+            ):
                 yield stored
         except (TimeoutError, nats.errors.Error) as exc:
             raise LogUnavailable(f"cannot read the conversation: {type(exc).__name__}") from exc

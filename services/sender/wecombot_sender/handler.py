@@ -145,12 +145,35 @@ class ConversationCache:
         self._max = max_entries
         self._entries: OrderedDict[ConversationRef, ConversationState] = OrderedDict()
 
-    async def load(self, conv: ConversationRef) -> ConversationState:
+    async def load(
+        self, conv: ConversationRef, *, through: int = 0, leader: bool = False
+    ) -> ConversationState:
+        """The conversation caught up from the log, through stream seq ``through`` at
+        least (the event being handled, or one the log has just reported storing).
+
+        The catch-up is a direct read, which a stream follower that lags its leader may
+        answer: it would end before ``through``, and the state would miss an earlier
+        reply still being delivered (this one would overtake it) or the reply a requeue
+        names (parked as "not in the log"). Then, or when ``leader`` (an append was
+        refused: the log holds more than this state), the rest is read from the leader.
+        Still short of ``through`` after that: the event is gone (aged out, the stream
+        purged or made again), and the state is the log's all the same."""
         state = self._entries.get(conv) or ConversationState()
-        events = [e async for e in read_conversation(self._js, conv, after_seq=state.last_seq)]
-        state = fold(state, events)
+        if not leader:
+            state = await self._caught_up(conv, state, direct=True)
+            leader = state.last_seq < through
+            if leader:
+                log.info("sender.read_lagged", read_to=state.last_seq, through=through)
+        if leader:
+            state = await self._caught_up(conv, state, direct=False)
         self.put(conv, state)
         return state
+
+    async def _caught_up(
+        self, conv: ConversationRef, state: ConversationState, *, direct: bool
+    ) -> ConversationState:
+        read = read_conversation(self._js, conv, after_seq=state.last_seq, direct=direct)
+        return fold(state, [stored async for stored in read])
 
     def put(self, conv: ConversationRef, state: ConversationState) -> None:
         self._entries[conv] = state
@@ -288,7 +311,7 @@ class ReplySender:
 
     async def _requeued(self, d: Delivery, requeue: ReplyRequeued) -> Settlement:
         """Deliver the requeued reply again, from the log's copy of it."""
-        state = await self._cache.load(ConversationRef.of(requeue))
+        state = await self._cache.load(ConversationRef.of(requeue), through=d.stream_seq)
         seq = state.outcome(requeue.reply_id).seq
         if seq is None:
             raise PermanentError(f"the requeued reply {requeue.reply_id} is not in the log")
@@ -299,18 +322,20 @@ class ReplySender:
         return await self._run(self._job(d, reply, order_seq=seq, requeued_by=requeue.event_id))
 
     async def _run(self, job: _Job) -> Settlement:
+        behind = False
         for _ in range(self._policy.conflict_rounds):
             try:
-                return await self._attempt(job)
+                return await self._attempt(job, behind=behind)
             except ConcurrencyConflict:
                 log.info("sender.append_conflict")  # another writer: catch up, decide again
                 job.contested = True
+                behind = True  # the log holds more than our state: read it from the leader
         raise TransientError("the conversation's send branch kept changing; retry later")
 
     # ------------------------------------------------------------ deciding
 
-    async def _attempt(self, job: _Job) -> Settlement:
-        state = await self._cache.load(job.conv)
+    async def _attempt(self, job: _Job, *, behind: bool = False) -> Settlement:
+        state = await self._cache.load(job.conv, through=job.delivery.stream_seq, leader=behind)
         if pending_before(state, job.order_seq) and not state.outcome(job.reply_id).terminal:
             # The user's hour is full: the earlier replies wait for it too, so waiting for
             # them would only spend this reply's deliveries (one per order wait).
@@ -359,7 +384,7 @@ class ReplySender:
             delay = random.uniform(0.5, 1.5)  # noqa: S311 (jitter, not crypto)
             return Nak(delay, "an earlier reply to this user is still being delivered")
         log.warning("sender.order_given_up")
-        return await self._cache.load(job.conv)
+        return await self._cache.load(job.conv, through=job.delivery.stream_seq)
 
     async def _wait_turn(self, job: _Job, state: ConversationState) -> ConversationState | None:
         """Poll the log until no earlier reply of the conversation is pending; None when
@@ -385,7 +410,7 @@ class ReplySender:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), min(delay, left))
             delay = min(1.0, delay * 2)
-            state = await self._cache.load(job.conv)
+            state = await self._cache.load(job.conv, through=job.delivery.stream_seq)
 
     def _over_the_hour(self, state: ConversationState) -> Nak | None:
         """A nak until the user's hour has room, when WeCom would drop the next send
@@ -513,9 +538,15 @@ class ReplySender:
 
     async def _read_outcome(self, seq: int) -> Outcome:
         """The outcome stored at ``seq``: PermanentError when there is none (aged out, or
-        another event), TransientError when the log cannot be read now."""
+        another event), TransientError when the log cannot be read now. ``seq`` came
+        from a read of the log: a direct get that finds nothing there may have been
+        answered by a lagging follower (``ConversationCache.load``), so the leader is
+        asked before the outcome is called gone."""
         try:
-            raw = await self._js.get_msg(topology.CONVERSATION_STREAM, seq, direct=True)
+            try:
+                raw = await self._js.get_msg(topology.CONVERSATION_STREAM, seq, direct=True)
+            except nats.js.errors.NotFoundError:
+                raw = await self._js.get_msg(topology.CONVERSATION_STREAM, seq, direct=False)
         except nats.js.errors.NotFoundError:
             raise PermanentError(f"no event at seq {seq} (aged out?)") from None
         except (TimeoutError, nats.errors.Error) as exc:
@@ -618,7 +649,7 @@ class ReplySender:
                 continue
             if appended.duplicate:  # recorded before (maybe by another replica): re-read
                 job.contested = True
-                return await self._cache.load(job.conv)
+                return await self._cache.load(job.conv, through=appended.seq)
             state = record(state, StoredEvent(appended.seq, event))
             self._cache.put(job.conv, state)
             return state

@@ -1,0 +1,189 @@
+"""Direct reads of a replicated stream may be answered by a follower that lags its leader
+(``allow_direct``; "a lookup after an update" may "not include the message that was just
+added", nats.js's DirectStreamAPI docs). A real nats-server has one copy, so the follower
+is played in front of it: its direct gets see the log only through a given sequence,
+everything else (the leader's reads, appends, the consumer's floor) is the real server.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import nats.js.errors
+import pytest
+from nats.js import JetStreamContext
+from nats.js.api import RawStreamMsg
+from structlog.testing import capture_logs
+
+from tests.integration.sender.harness import AGENT, APP, CORP, Envelope, System
+from tests.integration.sender.test_duplicate_check import _StaticTokens, _token
+from wecombot_common.bus import Appended, append_event
+from wecombot_common.events import (
+    DeliveryFailed,
+    Event,
+    ReplyDelivered,
+    ReplyGenerated,
+    ReplyRequeued,
+    derived_id,
+)
+from wecombot_common.settings import Secret, WeComApiSettings
+from wecombot_common.topology import ConversationRef
+from wecombot_common.worker import Ack, Delivery, Lease, Nak
+from wecombot_sender.handler import DeliveryPolicy, ReplySender
+from wecombot_sender.split import split_text
+from wecombot_sender.wecom import HttpMessageApi
+
+pytestmark = pytest.mark.integration
+
+
+class LaggingFollower:
+    """``js``, with every direct get answered as by a follower that has applied the log
+    through stream seq ``applied`` only."""
+
+    def __init__(self, js: JetStreamContext, applied: int) -> None:
+        self._js = js
+        self.applied = applied
+        self.leader_reads = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._js, name)
+
+    async def get_msg(
+        self,
+        stream_name: str,
+        seq: int | None = None,
+        subject: str | None = None,
+        direct: bool | None = False,
+        next: bool | None = False,  # nats-py's name
+    ) -> RawStreamMsg:
+        if not direct:
+            self.leader_reads += 1
+        elif seq is not None and not next and seq > self.applied:
+            raise nats.js.errors.NotFoundError
+        raw = await self._js.get_msg(stream_name, seq, subject, direct=direct, next=next)
+        if direct and (raw.seq or 0) > self.applied:
+            raise nats.js.errors.NotFoundError  # not applied here yet
+        return raw
+
+
+async def _append(system: System, event: Event, msg_id: str, **expect: Any) -> int:
+    appended: Appended = await append_event(system.js, event, msg_id=msg_id, **expect)
+    return appended.seq
+
+
+async def _handle(
+    system: System, follower: LaggingFollower, event: Event, seq: int, *, num_delivered: int = 1
+) -> object:
+    token = await _token(system.sim)
+    api = HttpMessageApi(
+        WeComApiSettings(CORP, AGENT, Secret(""), system.sim.base_url), timeout_s=2
+    )
+    sender = ReplySender(
+        follower,  # type: ignore[arg-type]  # a JetStreamContext in all it is asked
+        _StaticTokens(token),
+        api,
+        app=APP,
+        policy=DeliveryPolicy(order_wait_s=0.3),
+    )
+    delivery = Delivery(
+        event=event,
+        stream_seq=seq,
+        num_delivered=num_delivered,
+        subject=f"{ConversationRef(APP, event.conversation).root}.sender",
+        msg=None,  # type: ignore[arg-type]  # the handler never touches it
+        lease=Lease(30.0),
+    )
+    try:
+        return await sender.handle(delivery)
+    finally:
+        await api.aclose()
+
+
+async def test_a_reply_does_not_overtake_an_earlier_one_a_lagging_follower_missed(
+    system: System,
+) -> None:
+    """The earlier reply (another replica is delivering it) is in the log, not yet on the
+    follower that answers the catch-up: the later one must still wait for it."""
+    user = "lagging.order"
+    base = Envelope(app=APP, conversation=user, correlation_id="m")
+    earlier = ReplyGenerated(**base, text="先说这句")
+    later = ReplyGenerated(**base, text="再说这句")
+    await _append(system, earlier, f"outcome:{earlier.event_id}")
+    later_seq = await _append(system, later, f"outcome:{later.event_id}")
+    follower = LaggingFollower(system.js, applied=0)
+    with capture_logs() as logs:
+        settled = await _handle(system, follower, later, later_seq)
+    assert isinstance(settled, Nak), settled
+    assert "earlier reply" in settled.reason
+    assert system.sim.messages_to(user) == []
+    assert follower.leader_reads > 0
+    lagged = [e for e in logs if e["event"] == "sender.read_lagged"]
+    assert lagged and lagged[0]["through"] == later_seq and lagged[0]["read_to"] == 0
+
+
+async def test_a_requeue_a_lagging_follower_cannot_see_yet_is_delivered_not_parked(
+    system: System,
+) -> None:
+    """``wecombot dlq replay`` appended a ReplyRequeued for a failed reply; the follower
+    answering the sender's reads has neither the requeue nor the reply yet."""
+    user = "lagging.requeue"
+    base = Envelope(app=APP, conversation=user, correlation_id="m")
+    reply = ReplyGenerated(**base, text="重新投递的回复")
+    await _append(system, reply, f"outcome:{reply.event_id}")
+    failed = DeliveryFailed(
+        **base,
+        event_id=derived_id(reply.event_id, "failed"),
+        causation_id=reply.event_id,
+        reply_id=reply.event_id,
+        errcode=-1,
+        reason="busy",
+        parts_delivered=0,
+    )
+    conv = ConversationRef(APP, user)
+    await _append(
+        system,
+        failed,
+        f"failed:{reply.event_id}",
+        expect_last_seq=0,
+        expect_scope=conv.sender_branch,
+    )
+    requeue = ReplyRequeued(
+        **base, causation_id=failed.event_id, reply_id=reply.event_id, reason="replay"
+    )
+    requeue_seq = await _append(system, requeue, f"requeue:{failed.event_id}")
+    follower = LaggingFollower(system.js, applied=0)
+    settled = await _handle(system, follower, requeue, requeue_seq)
+    assert isinstance(settled, Ack), settled
+    assert system.sim.messages_to(user) == [reply.text]
+    await system.log.until(lambda: bool(system.log.of(ReplyDelivered, reply.event_id)))
+
+
+async def test_a_conflict_reads_the_log_from_the_leader(system: System) -> None:
+    """Another replica recorded part 0; the follower answering our catch-up has the
+    reply, not the record. Our append of part 0 is refused (the send branch moved): the
+    catch-up after it must not ask the same follower again, round after round, until the
+    delivery gives up."""
+    user = "lagging.conflict"
+    text = "\n\n".join(c * 1500 for c in "ab")
+    parts = split_text(text)
+    assert len(parts) == 2
+    reply = await system.reply(user, text)
+    token = await _token(system.sim)
+    api = HttpMessageApi(
+        WeComApiSettings(CORP, AGENT, Secret(""), system.sim.base_url), timeout_s=2
+    )
+    try:
+        msgid = await api.send_text(token, user, parts[0])  # the other replica's send
+    finally:
+        await api.aclose()
+    await system.record_first_part(reply, 2, msgid, span=(0, len(parts[0])))
+    follower = LaggingFollower(system.js, applied=1)  # the reply, not its record
+    with capture_logs() as logs:
+        settled = await _handle(system, follower, reply, 1, num_delivered=2)
+    events = [e["event"] for e in logs]
+    # the record is a real event: the append must not be put after it unseen
+    assert "event.appending_after_unreadable" not in events, events
+    assert "sender.append_conflict" in events
+    assert isinstance(settled, Ack), settled
+    assert system.sim.messages_to(user) == parts
+    assert len(system.log.of(ReplyDelivered, reply.event_id)) == 1
