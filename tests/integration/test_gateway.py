@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import dataclasses
 import gzip
 import json
@@ -50,7 +51,7 @@ from wecombot_common.events import (
     WeComEventPayload,
     decode_event,
 )
-from wecombot_gateway.app import RUNNER_OPTIONS, create_app
+from wecombot_gateway.app import create_app, runner_options
 from wecombot_gateway.main import run_gateway
 from wecombot_gateway.parse import parse_message
 from wecombot_gateway.publisher import JetStreamPublisher, Publisher
@@ -215,7 +216,7 @@ async def make_gateway(nats_server: NatsHandle, js: JetStreamContext) -> AsyncIt
                 ready=jetstream_ready(gw_nc, gw_js),
             )
             server = TestServer(app, host="127.0.0.1")
-            await server.start_server(**RUNNER_OPTIONS)  # served as main.py serves it
+            await server.start_server(**runner_options(settings))  # served as main.py serves it
             client: TestClient[Any, Any] = TestClient(server)
             await client.start_server()
             stack.push_async_callback(client.close)
@@ -894,6 +895,31 @@ async def test_a_body_that_stops_arriving_is_answered_408_and_its_connection_fre
     assert b"Connection: close" in rest and rest.endswith(b"Request Timeout")
     [rejected] = rejections(logs)
     assert (rejected["status"], rejected["error"]) == (408, "BodyTimeout")
+    assert await gw.events() == []
+
+
+async def test_headers_trickled_in_do_not_hold_a_connection(make_gateway: MakeGateway) -> None:
+    """A client sending one header line at a time, never the blank line, held its
+    connection for aiohttp's default keep-alive time (3630 s)."""
+    gw = await make_gateway(GATEWAY_KEEPALIVE_TIMEOUT="1")
+    url = gw.client.make_url(gw.settings.callback_path)
+    reader, writer = await asyncio.open_connection(url.host, url.port)
+
+    async def trickle() -> None:
+        writer.write(f"POST {gw.settings.callback_path} HTTP/1.1\r\nHost: x\r\n".encode())
+        with contextlib.suppress(ConnectionError):
+            while True:
+                await writer.drain()
+                await asyncio.sleep(0.2)  # the client's pace, not a wait for the server
+                writer.write(b"X-Slow: 1\r\n")
+
+    trickling = asyncio.create_task(trickle())
+    try:
+        closed = await asyncio.wait_for(reader.read(), timeout=10)
+    finally:
+        trickling.cancel()
+        writer.close()
+    assert closed == b""  # let go, with nothing to answer
     assert await gw.events() == []
 
 

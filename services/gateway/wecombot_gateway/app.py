@@ -2,7 +2,7 @@
 
     publisher = JetStreamPublisher(await PipelinedAppender.start(nc), timeout_s=2)
     app = create_app(settings, publisher, ready=jetstream_ready(nc, js))
-    runner = web.AppRunner(app, **RUNNER_OPTIONS)
+    runner = web.AppRunner(app, **runner_options(settings))
 
 Routes
     GET  {callback_path}  URL verification: 200 text/plain = the decrypted echostr, verbatim
@@ -95,7 +95,7 @@ from .parse import dedupe_key
 from .publisher import Publisher
 from .settings import GatewaySettings
 
-__all__ = ["RUNNER_OPTIONS", "CallbackReader", "RefusalLog", "create_app", "status_for"]
+__all__ = ["CallbackReader", "RefusalLog", "create_app", "runner_options", "status_for"]
 
 log = structlog.get_logger(__name__)
 # A filtered structlog call still costs ≈ 4 µs (a bound logger is built per call); the
@@ -172,21 +172,33 @@ _HTTP_LOG = logging.getLogger("wecombot_gateway.http")
 _MALFORMED = _MalformedHttp()
 _HTTP_LOG.addFilter(_MALFORMED)
 
-# How the gateway's application is served (main.py, and the tests' servers):
-# - no access log: one debug line per callback is ours, none on the hot path;
-# - bodies are not decoded: WeCom posts plain XML, so a Content-Encoding is refused by
-#   its header (415). Were bodies decoded, one that does not decode would fail again
-#   when the server drains it after our answer: an aiohttp error with a stack, per
-#   request, that anyone could send;
-# - the unread rest of a refused body is drained for 1 s at most (aiohttp: 10 s), so that
-#   its client sees our status; a client that sends it slowly on purpose is let go.
-# - what the server cannot parse is logged through ``_HTTP_LOG`` (see _MalformedHttp).
-RUNNER_OPTIONS: Final[dict[str, Any]] = {
-    "access_log": None,
-    "auto_decompress": False,
-    "lingering_time": 1.0,
-    "logger": _HTTP_LOG,
-}
+
+def runner_options(settings: GatewaySettings) -> dict[str, Any]:
+    """How the gateway's application is served (main.py, and the tests' servers)::
+
+        runner = web.AppRunner(app, **runner_options(settings))
+
+    - no access log: one debug line per callback is ours, none on the hot path;
+    - bodies are not decoded: WeCom posts plain XML, so a Content-Encoding is refused by
+      its header (415). Were bodies decoded, one that does not decode would fail again
+      when the server drains it after our answer: an aiohttp error with a stack, per
+      request, that anyone could send;
+    - the unread rest of a refused body is drained for 1 s at most (aiohttp: 10 s), so
+      that its client sees our status; a client that sends it slowly on purpose is let go;
+    - a connection without a whole request's headers for ``GATEWAY_KEEPALIVE_TIMEOUT`` is
+      closed (aiohttp's keep-alive timer runs from the connection's start and from each
+      answer until the next request's headers are in; its default is 3630 s): an idle
+      keep-alive connection, or headers trickled to hold one;
+    - what the server cannot parse is logged through ``_HTTP_LOG`` (see _MalformedHttp).
+    """
+    return {
+        "access_log": None,
+        "auto_decompress": False,
+        "lingering_time": 1.0,
+        "keepalive_timeout": settings.keepalive_timeout_s,
+        "logger": _HTTP_LOG,
+    }
+
 
 _STATUS: dict[type[Exception], int] = {
     BodyTimeout: 408,

@@ -40,7 +40,7 @@ def check_content_type(header: str | None) -> None:
 def check_content_encoding(header: str | None) -> None:
     """Accept an uncoded body only: WeCom posts the XML as it is (no Content-Encoding).
 
-    The gateway's server leaves bodies undecoded (``RUNNER_OPTIONS``), so a gzip or
+    The gateway's server leaves bodies undecoded (``app.runner_options``), so a gzip or
     deflate body would reach the parser as bytes that are not XML: it is refused here,
     by its header, instead. Nothing is ever decompressed (no decompression bomb).
 
@@ -100,7 +100,7 @@ async def _read_chunk(stream: StreamReader) -> bytes:
     except HttpProcessingError as exc:  # bad chunking, Content-Length
         raise UnreadableBody(f"body cannot be read: {exc.message}") from None
     except RequestPayloadError as exc:  # a coded body that does not decode, where a
-        # server decodes bodies (the gateway's does not: RUNNER_OPTIONS)
+        # server decodes bodies (the gateway's does not: app.runner_options)
         raise UnreadableBody(f"body cannot be read: {exc}") from None
     except ConnectionResetError:
         raise UnreadableBody("client disconnected while sending the body") from None

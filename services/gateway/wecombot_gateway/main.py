@@ -26,7 +26,7 @@ from wecombot_common.errors import ConfigError
 from wecombot_common.logs import configure_logging
 from wecombot_common.runtime import run_service
 
-from .app import RUNNER_OPTIONS, create_app
+from .app import create_app, runner_options
 from .publisher import JetStreamPublisher, Pending
 from .readiness import jetstream_ready
 from .settings import GatewaySettings
@@ -82,7 +82,9 @@ async def run_gateway(settings: GatewaySettings, stop: asyncio.Event) -> None:
 async def _listening(settings: GatewaySettings, pending: Pending) -> AsyncIterator[None]:
     app = create_app(settings, pending, ready=pending.ready)
     runner = web.AppRunner(
-        app, shutdown_timeout=settings.publish_timeout_s + _SHUTDOWN_GRACE_S, **RUNNER_OPTIONS
+        app,
+        shutdown_timeout=settings.publish_timeout_s + _SHUTDOWN_GRACE_S,
+        **runner_options(settings),
     )
     await runner.setup()
     try:

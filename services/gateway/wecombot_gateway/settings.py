@@ -15,6 +15,9 @@ segment, and none of the gateway's own /healthz, /readyz, /metrics),
 ``GATEWAY_TIMESTAMP_WINDOW`` (300 s either side; 0 disables the replay check),
 ``GATEWAY_MAX_BODY_BYTES`` (1 MiB), ``GATEWAY_BODY_TIMEOUT`` (5 s: a body not received
 by then is answered 408 and its connection freed; WeCom gives up after 5 s anyway),
+``GATEWAY_KEEPALIVE_TIMEOUT`` (75 s: a connection on which no whole request's headers
+arrive for that long is closed, an idle keep-alive one or one whose headers trickle in;
+keep it above the idle timeout of the proxy in front, e.g. ingress-nginx's 60 s),
 ``GATEWAY_REFUSAL_LOG_RATE`` (20: ``callback.rejected`` lines written per second per kind
 of refusal, the rest counted in the next line; 0 writes every one),
 ``GATEWAY_PUBLISH_TIMEOUT`` (2 s: after that the callback is answered 503 and WeCom
@@ -57,6 +60,7 @@ class GatewaySettings:
     max_body_bytes: int = 1024 * 1024
     publish_timeout_s: float = 2.0
     body_timeout_s: float = 5.0
+    keepalive_timeout_s: float = 75.0
     refusal_log_rate: int = 20
 
     @property
@@ -94,6 +98,9 @@ class GatewaySettings:
         body_timeout = env.seconds(
             "GATEWAY_BODY_TIMEOUT", cls.body_timeout_s, minimum=0.1, maximum=60
         )
+        keepalive_timeout = env.seconds(
+            "GATEWAY_KEEPALIVE_TIMEOUT", cls.keepalive_timeout_s, minimum=1, maximum=3600
+        )
         refusal_log_rate = env.integer(
             "GATEWAY_REFUSAL_LOG_RATE", cls.refusal_log_rate, minimum=0, maximum=100_000
         )
@@ -117,6 +124,7 @@ class GatewaySettings:
             max_body_bytes=max_body,
             publish_timeout_s=publish_timeout,
             body_timeout_s=body_timeout,
+            keepalive_timeout_s=keepalive_timeout,
             refusal_log_rate=refusal_log_rate,
         )
 
