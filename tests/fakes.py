@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 from collections.abc import AsyncIterator
 
 from wecombot_common.bus import Appended, AppendUnavailable, ConcurrencyConflict, StoredEvent
@@ -33,6 +34,7 @@ class FakeLog:
     def __init__(self) -> None:
         self.events: list[tuple[str, StoredEvent]] = []
         self.msg_ids: dict[str, int] = {}
+        self.stored_at: dict[int, float] = {}  # seq → when the broker stored it
         self.settled = 0
         self.unavailable = 0  # the next N appends fail
         self.reads = 0
@@ -42,15 +44,17 @@ class FakeLog:
         self.follower_at: int | None = None
         self._last_seq = 0
 
-    def add(self, event: Event) -> int:
+    def add(self, event: Event, *, stored_at: float | None = None) -> int:
+        """Store ``event`` (as the broker would at ``stored_at``: now, unless given)."""
         seq = self._last_seq = self._last_seq + 1
         self.events.append((subject_for(event), StoredEvent(seq, event)))
+        self.stored_at[seq] = time.time() if stored_at is None else stored_at
         return seq
 
     def recreate(self) -> None:
         """The stream deleted and created again (an operator, or a single node that lost
         its tail): empty, its sequences from 1 again."""
-        self.events, self.msg_ids, self._last_seq = [], {}, 0
+        self.events, self.msg_ids, self.stored_at, self._last_seq = [], {}, {}, 0
 
     def expire(self, through_seq: int) -> None:
         """Drop every event up to ``through_seq``, as the stream's max age does."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections import defaultdict
 
 import msgspec
@@ -220,6 +221,30 @@ async def test_the_handler_is_told_which_delivery_is_the_last(stream: JetStreamC
     stop.set()
     await task
     assert tries == [(1, False), (2, False), (3, True)]
+
+
+async def test_the_handler_is_told_when_the_broker_stored_the_message(
+    stream: JetStreamContext,
+) -> None:
+    """Not when it was delivered (as nats-py's docstring of the metadata says): the llm
+    tells a message stored after its cached fold began from one it has read."""
+    before = time.time()
+    await append_event(stream, _reply("t", "stored once"))
+    after = time.time()
+    stored: list[float | None] = []
+
+    async def handle(d: Delivery) -> Outcome:
+        stored.append(d.stored_at)
+        return Nak(0.0, "again") if len(stored) == 1 else Ack()
+
+    stop = asyncio.Event()
+    task = asyncio.create_task(PullWorker(stream, _config(), handle, max_deliver=3).run(stop))
+    await until(lambda: len(stored) == 2, timeout=20, what="a delivery and a redelivery")
+    stop.set()
+    await task
+    first, again = stored
+    assert first is not None and before - 1 <= first <= after + 1
+    assert again == first
 
 
 async def test_stop_hands_running_and_queued_work_back(stream: JetStreamContext) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 
@@ -757,6 +758,30 @@ async def test_a_message_behind_the_cached_sequence_is_answered_after_a_recreate
     assert model.calls[-1] == ["sys", "q4"]
 
 
+async def test_no_message_is_lost_however_often_the_stream_is_recreated() -> None:
+    """The fresh read for a message behind the cached sequence was made once per entry:
+    a stream recreated a second time in the entry's life (or once, after a consumer's
+    replay had used that read up) had its next message acknowledged with no answer."""
+    log, model = FakeLog(), FakeModel()
+    h = handler(log, model)
+    asked = []
+    for incarnation in range(3):
+        for i in range(3 - incarnation):
+            m = msg(f"q{incarnation}.{i}")
+            asked.append(m)
+            seq = log.add(m)
+            outcome = await h.handle(
+                m, stream_seq=seq, num_delivered=1, stored_at=log.stored_at[seq]
+            )
+            assert outcome == Ack()
+        answered = {o.causation_id for o in log.outcomes()}
+        assert answered == {m.event_id for m in asked[-(3 - incarnation) :]}
+        log.recreate()
+    assert [call[-1] for call in model.calls] == [
+        f"q{n}.{i}" for n in range(3) for i in range(3 - n)
+    ]
+
+
 async def test_messages_answered_long_ago_are_not_answered_again_nor_reread_each() -> None:
     """Redelivered past what the fold remembers settling (a consumer made again replays
     the stream from its start): one fresh read of the log finds them answered, once for
@@ -765,13 +790,15 @@ async def test_messages_answered_long_ago_are_not_answered_again_nor_reread_each
     policy = ReplyPolicy(system_prompt="sys", user_rate_per_minute=0)
     h = LlmHandler(log, model, HandlerConfig(policy=policy, remember_answered=1))
     asked = [msg(f"q{i}") for i in range(30)]
-    seqs = [log.add(m) for m in asked]
+    an_hour_ago = time.time() - 3600
+    seqs = [log.add(m, stored_at=an_hour_ago) for m in asked]
     for m, seq in zip(asked, seqs, strict=True):
         assert await h.handle(m, stream_seq=seq, num_delivered=1) == Ack()
     events = len(log.events)  # 30 messages, 30 answers
     log.events_read = 0
     for m, seq in zip(asked, seqs, strict=True):
-        assert await h.handle(m, stream_seq=seq, num_delivered=2) == Ack()
+        redelivered = await h.handle(m, stream_seq=seq, num_delivered=2, stored_at=an_hour_ago)
+        assert redelivered == Ack()
     assert len(model.calls) == 30 and len(log.outcomes()) == 30
     assert log.events_read < 2 * events, "the conversation was read again per message"
 

@@ -163,6 +163,10 @@ class Delivery:
     # The last delivery the worker allows (its ``max_deliver``): a Nak now dead-letters
     # the message, so a handler that would hand it back should do what it still can.
     last_try: bool = False
+    # When the broker stored the message (POSIX seconds, its clock; the ack subject's
+    # timestamp, the same on every delivery, whatever nats-py's docstring says of it);
+    # None: unknown.
+    stored_at: float | None = None
 
     @property
     def lapsed(self) -> bool:
@@ -529,6 +533,7 @@ class PullWorker:
             msg=msg,
             lease=Lease(self._ack_wait, reconnects=_reconnect_counter(msg)),
             last_try=last_try,
+            stored_at=meta.timestamp.timestamp(),
         )
 
     @contextlib.asynccontextmanager

@@ -48,8 +48,10 @@ class Entry:
         self.state = state
         self.used_at = now
         self.size = 0  # ENTRY_BYTES + state.approx_bytes() when last counted
-        # rebuilt once for a message it had read past without knowing (handler._handle)
-        self.reread = False
+        # When the fold began reading the log from its start (wall clock, as the broker
+        # stamps a message's storage): every message stored before then that the log
+        # still holds was read by it (handler._handle).
+        self.built_at = time.time()
         self.lock = asyncio.Lock()
         self.active: Counter[str] = Counter()
         # An outcome computed but not appended (the broker was away): reused by a

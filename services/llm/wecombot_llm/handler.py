@@ -93,6 +93,16 @@ class _Conflict:
     """Someone appended to the llm branch between our read and our append."""
 
 
+# How far the broker's clock may be ahead of ours: a message stored this long before a
+# fold began still counts as stored after it (read the log again rather than drop it).
+CLOCK_SKEW_S = 60.0
+
+
+def _newer(stored_at: float | None, entry: Entry) -> bool:
+    """Whether a message may have been stored after ``entry``'s fold began reading."""
+    return stored_at is None or stored_at >= entry.built_at - CLOCK_SKEW_S
+
+
 class _OrderWait:
     """The clock of one delivery waiting for an earlier message: deadline and polls."""
 
@@ -139,13 +149,25 @@ class LlmHandler:
 
     async def __call__(self, d: Delivery) -> Ack | Nak:
         return await self.handle(
-            d.event, stream_seq=d.stream_seq, num_delivered=d.num_delivered, last_try=d.last_try
+            d.event,
+            stream_seq=d.stream_seq,
+            num_delivered=d.num_delivered,
+            last_try=d.last_try,
+            stored_at=d.stored_at,
         )
 
     async def handle(
-        self, event: Event, *, stream_seq: int, num_delivered: int, last_try: bool = False
+        self,
+        event: Event,
+        *,
+        stream_seq: int,
+        num_delivered: int,
+        last_try: bool = False,
+        stored_at: float | None = None,
     ) -> Ack | Nak:
-        """``last_try``: the worker's last delivery of it (no more waiting for order)."""
+        """``last_try``: the worker's last delivery of it (no more waiting for order).
+        ``stored_at``: when the broker stored it (POSIX seconds; None: unknown, taken as
+        just now)."""
         if not isinstance(event, MessageReceived):
             log.warning("llm.unexpected_event", type=type(event).__name__)
             return Ack()
@@ -155,7 +177,9 @@ class LlmHandler:
         entry = self._cache.get(conv)
         try:
             with entry.handling(event.event_id):
-                return await self._handle(event, stream_seq, num_delivered, last_try, conv, entry)
+                return await self._handle(
+                    event, stream_seq, num_delivered, last_try, stored_at, conv, entry
+                )
         finally:
             self._cache.used(conv)
 
@@ -176,6 +200,7 @@ class LlmHandler:
         seq: int,
         num_delivered: int,
         last_try: bool,
+        stored_at: float | None,
         conv: ConversationRef,
         entry: Entry,
     ) -> Ack | Nak:
@@ -193,14 +218,15 @@ class LlmHandler:
                     # again (its stream recreated) would let later messages skip their wait.
                     floor = await self._settled.refresh()
                     step = plan(entry.state, received.event_id, seq, settled_through=floor)
-                if isinstance(step, Done) and not step.remembered and not entry.reread:
-                    # Read past without it, and not among the settled it remembers: long
-                    # answered, or the stream's sequences went back (recreated) and this
-                    # entry is ahead of the log. One fresh read tells, once per entry: after
-                    # it the entry is the log's, and the next such message is an old one
-                    # (a consumer made again replays the stream from its start).
-                    entry.reread = True
+                if isinstance(step, Done) and not step.remembered and _newer(stored_at, entry):
+                    # Read past without it, and not among the settled it remembers: the
+                    # stream's sequences went back (recreated) and this entry is ahead of
+                    # the log, or it was answered long ago. Stored before the fold began
+                    # reading, the fold saw it: long answered (a consumer made again
+                    # replays the stream from its start), and not read again per message.
+                    # Stored since: the fold read another stream. Read the log afresh.
                     entry.state = self._new_state()
+                    entry.built_at = time.time()
                     entry.prepared.clear()
                     continue
                 if isinstance(step, Done):
