@@ -61,6 +61,12 @@ class Entry:
         # ~0.7 KB (its deque), per cached conversation and per message in flight.
         self._changed: asyncio.Event | None = None
 
+    def rebuild(self, state: Conversation) -> None:
+        """Start the fold again from ``state`` (empty: read from the log's start)."""
+        self.state = state
+        self.built_at = time.time()
+        self.prepared.clear()
+
     @property
     def changed(self) -> asyncio.Event:
         """An event set at the next change; take it before waiting, under the lock."""

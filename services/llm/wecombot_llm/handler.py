@@ -225,9 +225,7 @@ class LlmHandler:
                     # reading, the fold saw it: long answered (a consumer made again
                     # replays the stream from its start), and not read again per message.
                     # Stored since: the fold read another stream. Read the log afresh.
-                    entry.state = self._new_state()
-                    entry.built_at = time.time()
-                    entry.prepared.clear()
+                    entry.rebuild(self._new_state())
                     continue
                 if isinstance(step, Done):
                     entry.prepared.pop(received.event_id, None)
@@ -248,8 +246,7 @@ class LlmHandler:
                         # (aged out after WECOMBOT_HISTORY_MAX_AGE, or purged), so its
                         # expected sequence can never match again. Rebuild from the log.
                         log.info("llm.conversation_rebuilt", expected_seq=entry.state.llm_last_seq)
-                        entry.state = self._new_state()
-                        entry.prepared.clear()
+                        entry.rebuild(self._new_state())
                     continue
                 changed = entry.changed  # taken under the lock: no wake-up is missed
             give_up = await self._wait_for(step, entry, changed, waiting)
