@@ -212,6 +212,39 @@ async def test_a_replica_stopping_answers_the_requests_already_routed_to_it(
         assert all(results), f"{results.count(False)} of 20,000 unanswered"
 
 
+async def test_after_a_broker_restart_every_replica_follows_a_replaced_token(
+    nats_server: NatsHandle, sim: SimulatedWeComApi
+) -> None:
+    """Replicas answer from memory, kept current by a KV watcher, an ordered consumer
+    that goes silent across a broker restart until nats-py's heartbeat check resets it
+    (15-20 s). Meanwhile a replica kept answering a token another had replaced, even
+    one WeCom had rejected: every send it served failed."""
+    async with (
+        token_services(nats_server, sim, count=2),
+        connections(nats_server, 1) as [nc],
+    ):
+        client = TokenClient(nc, timeout=5)
+        old = await eventually_token(client)
+        nats_server.stop()
+        nats_server.start()
+
+        async def both_back() -> bool:
+            try:
+                return len(await requests_served(nc, 2)) == 2
+            except (nats.errors.Error, TimeoutError):
+                return False
+
+        await until(both_back, timeout=30, what="both replicas answering again")
+        new = await client.invalidate(APP, old)
+        assert new != old
+
+        async def all_fresh() -> bool:
+            got = await asyncio.gather(*(client.get(APP) for _ in range(20)))
+            return old not in got
+
+        await until(all_fresh, timeout=8, what="every replica answering the new token")
+
+
 async def test_refresh_ahead_happens_once_per_lifetime_without_blocking_callers(
     nats_server: NatsHandle, sim: SimulatedWeComApi
 ) -> None:

@@ -19,6 +19,7 @@ of 42001s from many senders costs one gettoken.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import os
 import secrets
@@ -187,6 +188,18 @@ class TokenKeeper:
             wait_s = min(deadline - now, self._refresh_timeout_s) + _RECHECK_S
             await self._store.wait_for_change(max(snapshot.revision, claim.seen), wait_s)
 
+    async def resync(self) -> None:
+        """Follow the bucket afresh after NATS reconnected. The watcher, an ordered
+        consumer, goes silent across a broker restart until nats-py's heartbeat check
+        resets it (15-20 s), and meanwhile this replica would answer from memory a token
+        another one had replaced, even one WeCom rejected. StoreUnavailable while the
+        bucket does not answer yet."""
+        await self._store.restart_watch()
+        snapshot = await self._store.load()
+        if snapshot.revision < self._snapshot.revision:
+            await self._start_over(snapshot)
+        self.adopt(snapshot)
+
     async def _start_over(self, snapshot: Snapshot) -> None:
         """A load from the bucket (its leader, never behind) went back in revisions: the
         bucket was made again (deleted by hand, its storage lost). What this replica
@@ -195,7 +208,8 @@ class TokenKeeper:
             "token.bucket_recreated", seen_revision=self._snapshot.revision, now=snapshot.revision
         )
         self._snapshot = Snapshot(None, 0)
-        await self._store.restart_watch()
+        with contextlib.suppress(StoreUnavailable):  # requests still re-read KV
+            await self._store.restart_watch()
 
     async def _refresh(self, rejected: str | None) -> Snapshot:
         """Holding the lock: check again, call gettoken, write the outcome for everyone."""

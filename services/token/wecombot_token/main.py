@@ -21,6 +21,7 @@ from wecombot_common.logs import configure_logging
 from wecombot_common.runtime import Check, DeferredCheck, HealthServer, run_service
 
 from .endpoints import TokenEndpoints
+from .errors import StoreUnavailable
 from .keeper import TokenKeeper
 from .settings import TokenSettings
 from .source import WeComTokenSource
@@ -94,6 +95,8 @@ async def _serve_connected(
             )
             cleanup.push_async_callback(keeper.close)
             await store.watch(keeper.adopt)
+            resyncing = asyncio.create_task(_resync_after_reconnects(nc, keeper))
+            cleanup.callback(resyncing.cancel)
             endpoints = TokenEndpoints(keeper)
             await endpoints.start(nc)
             cleanup.push_async_callback(endpoints.stop, settings.refresh_timeout_s)
@@ -109,6 +112,27 @@ async def _serve_connected(
             log.info("token.stopping", app=settings.app)
     finally:
         await disconnect(nc, "wecombot-token")
+
+
+async def _resync_after_reconnects(nc: NATS, keeper: TokenKeeper, poll_s: float = 0.5) -> None:
+    """After each reconnection, ``keeper.resync()`` until the bucket answers.
+
+    Polls nats-py's reconnect count: its reconnected callback is awaited inside the
+    reconnection loop, which a bucket slow to answer there would hold up, and an error
+    there would send back to reconnecting."""
+    done = nc.stats["reconnects"]
+    while True:
+        await asyncio.sleep(poll_s)
+        count = nc.stats["reconnects"]
+        if count == done or not nc.is_connected:
+            continue
+        try:
+            await keeper.resync()
+        except StoreUnavailable as exc:
+            log.info("token.resync_pending", reason=str(exc))
+            continue
+        done = count
+        log.info("token.resynced", reconnects=count)
 
 
 def main(environ: Mapping[str, str]) -> int:

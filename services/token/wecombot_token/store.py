@@ -41,8 +41,9 @@ log = structlog.get_logger(__name__)
 
 T = TypeVar("T")
 
-# A waiter re-reads the bucket at least this often, so a watcher lost in a reconnect
-# only slows waiters down to polling; it never strands them.
+# A waiter re-reads the bucket at least this often, so a watcher silent after a
+# reconnection (until the keeper's resync) only slows waiters down to polling; it never
+# strands them.
 POLL_S = 1.0
 _STREAM_EXISTS = 10058  # "stream name already in use with a different configuration"
 _CAS = (10071, 10164)  # wrong last sequence: a compare-and-set lost
@@ -126,6 +127,7 @@ class KvTokenStore:
         self._seen = 0  # highest revision of our keys the watcher delivered
         self._changed = asyncio.Condition()
         self._watcher: Any = None
+        self._restarting = asyncio.Lock()
         self._follower: asyncio.Task[None] | None = None
 
     # ------------------------------------------------------------ state
@@ -137,7 +139,8 @@ class KvTokenStore:
                 raise
             log.warning("token.bucket_missing", action="making it again")
             self._kv = await _guard(self._reopen())
-            await self.restart_watch()
+            with contextlib.suppress(StoreUnavailable):  # requests still re-read KV
+                await self.restart_watch()
             return await self._load()
 
     async def _load(self) -> Snapshot:
@@ -206,14 +209,17 @@ class KvTokenStore:
         self._follower = asyncio.create_task(self._follow(on_state), name="token-kv-watch")
 
     async def restart_watch(self) -> None:
-        """Follow a bucket made again from its start: the old watcher waits for sequences
-        past the ones the deleted bucket had reached, so it would show nothing for long."""
-        await self.close()
-        self._watcher = self._follower = None
-        async with self._changed:
-            self._seen = 0
-        if self._on_state is not None:
-            with contextlib.suppress(StoreUnavailable):  # requests still re-read KV
+        """Follow the bucket afresh: one made again from its start (the old watcher waits
+        for sequences past the ones the deleted bucket had reached, so it would show
+        nothing for long), or after a reconnection (the keeper's ``resync``).
+        StoreUnavailable when the bucket does not answer: requests still re-read KV.
+        One at a time: two at once would leave a watcher nobody stops."""
+        async with self._restarting:
+            await self.close()
+            self._watcher = self._follower = None
+            async with self._changed:
+                self._seen = 0
+            if self._on_state is not None:
                 await self.watch(self._on_state)
 
     async def _follow(self, on_state: Callable[[Snapshot], None]) -> None:
