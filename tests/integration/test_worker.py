@@ -8,11 +8,13 @@ import asyncio
 import contextlib
 import time
 from collections import defaultdict
+from collections.abc import AsyncIterator
 
 import msgspec
 import nats
 import nats.js.errors
 import pytest
+from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from structlog.testing import capture_logs
 
@@ -465,14 +467,19 @@ async def test_a_holder_that_lost_its_hold_on_the_last_delivery_may_still_finish
 
 
 class _OneWayStall:
-    """A TCP proxy to nats-server that can hold what the server sends (a link stalled in
-    one direction) while the client's requests still go through."""
+    """A TCP proxy to nats-server that can hold what the server sends (``holding``: a
+    link stalled in one direction) while the client's requests still go through, or
+    hold what the client sends (``holding_up``: a dead path towards the broker, no reset,
+    the client none the wiser) while the server's messages still arrive."""
 
     def __init__(self, upstream: tuple[str, int]) -> None:
         self._upstream = upstream
         self.holding = False
         self.held = bytearray()
+        self.holding_up = False
+        self.held_up = bytearray()
         self._client: asyncio.StreamWriter | None = None
+        self._broker: asyncio.StreamWriter | None = None
         self._server: asyncio.Server | None = None
         self._pumps: list[asyncio.Task[None]] = []
 
@@ -482,7 +489,7 @@ class _OneWayStall:
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         up_reader, up_writer = await asyncio.open_connection(*self._upstream)
-        self._client = writer
+        self._client, self._broker = writer, up_writer
         self._pumps += [
             asyncio.create_task(self._pump(reader, up_writer, down=False)),
             asyncio.create_task(self._pump(up_reader, writer, down=True)),
@@ -496,6 +503,9 @@ class _OneWayStall:
                 if down and self.holding:
                     self.held += data
                     continue
+                if not down and self.holding_up:
+                    self.held_up += data
+                    continue
                 sink.write(data)
                 await sink.drain()
         sink.close()
@@ -507,10 +517,22 @@ class _OneWayStall:
         self._client.write(bytes(self.held))
         self.held.clear()
 
+    def release_up(self) -> None:
+        """As ``release``, towards the broker."""
+        assert self._broker is not None
+        self.holding_up = False
+        self._broker.write(bytes(self.held_up))
+        self.held_up.clear()
+
     async def close(self) -> None:
         for pump in self._pumps:
             pump.cancel()
         await asyncio.gather(*self._pumps, return_exceptions=True)
+        for writer in (self._client, self._broker):
+            if writer is not None:
+                writer.close()
+                with contextlib.suppress(OSError):
+                    await writer.wait_closed()
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
@@ -751,3 +773,141 @@ async def test_a_deleted_consumer_is_made_again(stream: JetStreamContext) -> Non
     finally:
         stop.set()
         await task
+
+
+class _DeadPathToTheBroker:
+    """Replica ``a`` (behind ``stall``) takes a message; the path towards the broker then
+    holds everything ``a`` sends, and replica ``b`` gets the message once ack_wait is
+    out. ``a``'s handler waits for ``gate``; ``b``'s, of that message, for ever."""
+
+    def __init__(self, stream: JetStreamContext, stall: _OneWayStall) -> None:
+        self.stream, self.stall = stream, stall
+        self.seen: list[tuple[str, int]] = []  # (replica, delivery) of the message
+        self.later: list[int] = []  # stream seqs of other messages b handled
+        self.gate = asyncio.Event()
+        self.held: list[Delivery] = []  # a's delivery
+        self.stop_a, self.stop_b = asyncio.Event(), asyncio.Event()
+        self.tasks: list[asyncio.Task[None]] = []
+        self.a_nc: NATS | None = None
+
+    async def handle_a(self, d: Delivery) -> Outcome:
+        self.seen.append(("a", d.num_delivered))
+        self.held.append(d)
+        await self.gate.wait()
+        return Ack()
+
+    async def handle_b(self, d: Delivery) -> Outcome:
+        if d.stream_seq != 1:
+            self.later.append(d.stream_seq)
+            return Ack()
+        self.seen.append(("b", d.num_delivered))
+        await asyncio.Event().wait()
+        return Ack()
+
+    async def start(self, *, grace_s: float = 20.0) -> None:
+        self.a_nc = await nats.connect(await self.stall.start())
+        config = _config(ack_wait=1.5)
+        a_js = self.a_nc.jetstream()
+        a = PullWorker(a_js, config, self.handle_a, max_deliver=5, grace_s=grace_s)
+        self.tasks.append(asyncio.create_task(a.run(self.stop_a)))
+        await _until_fetching(self.stream)
+        await append_event(self.stream, _reply("u", "first"))
+        await until(lambda: self.seen == [("a", 1)], timeout=10, what="a handling it")
+        self.stall.holding_up = True  # a's heartbeats, and all else it sends, go nowhere
+        b = PullWorker(
+            self.stream, config, self.handle_b, max_deliver=5, grace_s=0.1, fetch_timeout_s=0.5
+        )
+        self.tasks.append(asyncio.create_task(b.run(self.stop_b)))
+        await until(
+            lambda: ("b", 2) in self.seen, timeout=10, what=lambda: f"b's delivery ({self.seen})"
+        )
+
+    async def close(self) -> None:
+        if self.stall.holding_up:
+            self.stall.release_up()
+        self.gate.set()
+        self.stop_a.set()
+        self.stop_b.set()
+        for task in self.tasks:
+            task.cancel()  # b's handler of the message never returns
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        if self.a_nc is not None:
+            await self.a_nc.close()
+        await self.stall.close()
+
+
+@pytest.fixture
+async def dead_path(
+    stream: JetStreamContext, nats_server: NatsHandle
+) -> AsyncIterator[_DeadPathToTheBroker]:
+    host, port = nats_server.url.removeprefix("nats://").rsplit(":", 1)
+    scenario = _DeadPathToTheBroker(stream, _OneWayStall((host, int(port))))
+    try:
+        yield scenario
+    finally:
+        await scenario.close()
+
+
+async def test_a_lease_is_not_renewed_by_heartbeats_the_broker_never_got(
+    dead_path: _DeadPathToTheBroker,
+) -> None:
+    """nats-py takes a heartbeat into its buffer and says it is connected (its own pings
+    would notice in minutes); the broker meanwhile gave the message to another replica.
+    The delivery must know it may be handled twice (the sender then asks WeCom's check)."""
+    import ast
+
+    ast.parse("x = 1")
+    await dead_path.start()
+    ast.parse("x = 2")
+    [held] = dead_path.held
+    assert held.lapsed
+    await dead_path.close()
+    ast.parse("x = 3")
+
+
+async def test_a_lapsed_delivery_is_not_handed_back_at_stop(
+    dead_path: _DeadPathToTheBroker,
+) -> None:
+    """A nak is not tied to one delivery: one from a replica whose hold lapsed made the
+    broker deliver the message once more, at once, beside the replica working on it."""
+    await dead_path.start(grace_s=0.1)
+    [held] = dead_path.held
+    await until(lambda: held.lapsed, timeout=10, what="a's hold lapsing")
+    dead_path.stall.release_up()  # the path recovers: what a sends now arrives
+    dead_path.stop_a.set()
+    await dead_path.tasks[0]  # a stopped, its connection drained
+    later = await append_event(dead_path.stream, _reply("v", "after a stopped"))
+    # the broker redelivers what is naked before it delivers a newer message
+    await until(lambda: later.seq in dead_path.later, timeout=10, what="b handling a later one")
+    assert dead_path.seen == [("a", 1), ("b", 2)]
+
+
+async def test_a_poison_message_is_parked_after_its_stream_was_made_again(
+    stream: JetStreamContext,
+) -> None:
+    """The dead letter's Nats-Msg-Id named the consumer and the stream seq only: after the
+    stream was made again (sequences from 1), a new poison message at a seq used before
+    was dropped by the DLQ as a repeat, and terminated with no dead letter."""
+
+    async def never(d: Delivery) -> Outcome:
+        raise AssertionError("a poison message reached the handler")
+
+    async def park(body: bytes, letters: int) -> None:
+        await stream.publish(f"{topology.PREFIX}.conv.ww1-1.x.llm.reply", body)
+        stop = asyncio.Event()
+        task = asyncio.create_task(PullWorker(stream, _config(), never, max_deliver=2).run(stop))
+
+        async def parked() -> bool:
+            info = await stream.stream_info(topology.DEAD_LETTER_STREAM)
+            return int(info.state.messages) == letters
+
+        await until(parked, timeout=10, what=f"{letters} dead letters")
+        stop.set()
+        await task
+
+    await park(b"poison one", 1)
+    await stream.delete_stream(topology.CONVERSATION_STREAM)
+    await ensure_topology(stream, NatsSettings.read(EnvReader({})))
+    await park(b"poison two", 2)  # at stream seq 1 again
+    letters = await _dead_letters(stream)
+    assert [letter["Wecombot-Dlq-Stream-Seq"] for letter in letters] == ["1", "1"]

@@ -105,6 +105,9 @@ class DeadLetter:
     reason: str
 
 
+_IN_PROGRESS = b"+WPI"  # JetStream's "working on it" ack
+
+
 class Lease:
     """How long this process has held a delivery without telling the broker. Past
     ``LAPSE_FRACTION`` of ack_wait (heartbeats go every third), the broker may have given
@@ -173,14 +176,23 @@ class Delivery:
         """True once this delivery may have been redelivered to another consumer."""
         return self.lease.lapsed
 
-    async def in_progress(self) -> None:
-        """Tell the broker we are still at it; renews the lease only while connected (a
-        publish while reconnecting is merely buffered)."""
+    async def in_progress(self, confirm_s: float = 2.0) -> None:
+        """Tell the broker we are still at it. The lease is renewed once the broker has
+        answered, within ``confirm_s`` (it answers an ack sent as a request): a plain
+        publish only fills nats-py's buffer, which a path to the broker that went dead
+        without a reset never empties, while the client still says it is connected
+        (until its own pings time out, 4 minutes at nats-py's defaults) and the broker
+        gives the message to another replica. Not ``flush()``: nats-py 2.16 fails a
+        PING's future when the flush times out or is cancelled, and the PONG arriving
+        later ends its read loop for good. Nothing is renewed while reconnecting."""
         client = getattr(self.msg, "_client", None)
         if client is not None and not client.is_connected:
             return
         with contextlib.suppress(nats.errors.Error):
-            await self.msg.in_progress()
+            if client is None or not self.msg.reply:
+                await self.msg.in_progress()  # a message from elsewhere: unconfirmed
+            else:
+                await client.request(self.msg.reply, _IN_PROGRESS, timeout=confirm_s)
             self.lease.renew()
 
 
@@ -470,7 +482,12 @@ class PullWorker:
                         outcome = await self._run_handler(delivery)
                         self._metrics.handler_seconds.observe(time.monotonic() - started)
             except asyncio.CancelledError:
-                await self._hand_back(msg)  # stopping: running or queued
+                # Stopping: running or queued. Held past its lease, the broker may have
+                # given it to another replica: a nak would make it deliver the message
+                # once more at once, beside that one (a nak is not tied to a delivery).
+                # Its ack_wait has run out, or nearly: the broker passes it on itself.
+                if not delivery.lapsed:
+                    await self._hand_back(msg)
                 raise
             finally:
                 heartbeat.cancel()
@@ -620,7 +637,7 @@ class PullWorker:
         # the broker, the buffer) for part of its ack_wait already, unseen.
         interval = max(0.5, self._ack_wait / 3)
         while True:
-            await d.in_progress()
+            await d.in_progress(confirm_s=interval)
             await asyncio.sleep(interval)
 
     async def _hand_back(self, msg: Msg) -> None:
@@ -653,7 +670,12 @@ class PullWorker:
             DLQ_SUBJECT: msg.subject,
             DLQ_STREAM_SEQ: str(meta.sequence.stream),
             DLQ_DELIVERIES: str(deliveries),
-            "Nats-Msg-Id": f"dlq:{self.name}:{meta.sequence.stream}",
+            # The time the broker stored it tells a message from one at the same seq
+            # of a stream made again (the DLQ remembers ids for 2 hours: a new poison
+            # message there was dropped as a repeat, and terminated unparked).
+            "Nats-Msg-Id": (
+                f"dlq:{self.name}:{meta.sequence.stream}:{meta.timestamp.timestamp():.6f}"
+            ),
         }
         try:
             parked = await self._js.publish(
