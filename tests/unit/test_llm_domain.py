@@ -782,6 +782,25 @@ async def test_no_message_is_lost_however_often_the_stream_is_recreated() -> Non
     ]
 
 
+async def test_a_recent_message_a_fresh_read_cannot_place_is_read_for_once() -> None:
+    """Stored a moment ago, read past, not remembered (remembering one settled message,
+    and a later one settled since): the fresh read finds it no more than the cache did,
+    and the handler must not read the log again and again."""
+    log, model = FakeLog(), FakeModel()
+    policy = ReplyPolicy(system_prompt="sys", user_rate_per_minute=0)
+    h = LlmHandler(log, model, HandlerConfig(policy=policy, remember_answered=1))
+    q1, q2 = msg("q1"), msg("q2")
+    s1, s2 = log.add(q1), log.add(q2)
+    for m, seq in ((q1, s1), (q2, s2)):
+        assert await h.handle(m, stream_seq=seq, num_delivered=1) == Ack()
+    log.reads = 0
+    async with asyncio.timeout(5):
+        redelivered = await h.handle(q1, stream_seq=s1, num_delivered=2, stored_at=time.time())
+    assert redelivered == Ack()
+    assert log.reads <= 3, "the log was read again and again"
+    assert len(model.calls) == 2
+
+
 async def test_messages_answered_long_ago_are_not_answered_again_nor_reread_each() -> None:
     """Redelivered past what the fold remembers settling (a consumer made again replays
     the stream from its start): one fresh read of the log finds them answered, once for

@@ -206,6 +206,7 @@ class LlmHandler:
     ) -> Ack | Nak:
         waiting = _OrderWait(self._config)
         conflicts = 0
+        reread = False
         while True:
             async with entry.lock:
                 await self._catch_up(conv, entry, through=seq)
@@ -218,13 +219,20 @@ class LlmHandler:
                     # again (its stream recreated) would let later messages skip their wait.
                     floor = await self._settled.refresh()
                     step = plan(entry.state, received.event_id, seq, settled_through=floor)
-                if isinstance(step, Done) and not step.remembered and _newer(stored_at, entry):
+                if (
+                    isinstance(step, Done)
+                    and not step.remembered
+                    and not reread
+                    and _newer(stored_at, entry)
+                ):
                     # Read past without it, and not among the settled it remembers: the
                     # stream's sequences went back (recreated) and this entry is ahead of
                     # the log, or it was answered long ago. Stored before the fold began
                     # reading, the fold saw it: long answered (a consumer made again
                     # replays the stream from its start), and not read again per message.
-                    # Stored since: the fold read another stream. Read the log afresh.
+                    # Stored since: the fold read another stream. Read the log afresh,
+                    # once: a fresh fold without it is the log's word.
+                    reread = True
                     entry.rebuild(self._new_state())
                     continue
                 if isinstance(step, Done):
