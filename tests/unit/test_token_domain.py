@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 from dataclasses import replace
@@ -248,6 +249,22 @@ def test_answers() -> None:
     # A backoff already over (a caller that waited out a refresh): retry now, not in -150 s.
     over = answer(state(None, limited), 162.5, POLICY)
     assert (over.kind, over.retry_after) == ("rate_limited", 0.0)
+
+
+def test_a_permanent_failure_is_answered_only_while_its_backoff_holds() -> None:
+    """A caller whose refresh did not finish in time heard the last failure recorded,
+    even a bad secret from before the secret was fixed: the sender then failed the reply
+    for good while the token was still coming."""
+    bad = LastFailure(
+        failure=classify_errcode(40001, "invalid secret"),
+        attempts=1,
+        retry_at=12.5,
+        credentials=credentials_of("ww1", "old secret"),
+    )
+    assert answer(state(None, bad), 10.0, POLICY).kind == "bad_secret"
+    assert answer(state(None, bad), 12.5, POLICY).kind == "unavailable"
+    fixed = dataclasses.replace(POLICY, credentials=credentials_of("ww1", "new secret"))
+    assert answer(state(None, bad), 10.0, fixed).kind == "unavailable"
 
 
 # ---------------------------------------------------------------- tokens rejected in a row

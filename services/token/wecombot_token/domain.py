@@ -278,8 +278,11 @@ def answer(
             "(TOKEN_MIN_BACKOFF, doubling, up to TOKEN_MAX_BACKOFF)",
             retry_after=round(held - now, 3),
         )
-    if state is not None and state.failure is not None:
-        last = state.failure
+    last = state.failure if state is not None else None
+    if last is not None and (last.failure.transient or backing_off(state, now, policy.credentials)):
+        # (A permanent failure whose backoff is over, or that other credentials met, is
+        # not the caller's answer: a refresh is due and may well pass, the secret fixed.
+        # A caller hears it only when the refresh did not finish in time.)
         return TokenReply(
             ok=False,
             kind=last.failure.kind,
