@@ -854,15 +854,9 @@ async def test_a_lease_is_not_renewed_by_heartbeats_the_broker_never_got(
     """nats-py takes a heartbeat into its buffer and says it is connected (its own pings
     would notice in minutes); the broker meanwhile gave the message to another replica.
     The delivery must know it may be handled twice (the sender then asks WeCom's check)."""
-    import ast
-
-    ast.parse("x = 1")
     await dead_path.start()
-    ast.parse("x = 2")
     [held] = dead_path.held
     assert held.lapsed
-    await dead_path.close()
-    ast.parse("x = 3")
 
 
 async def test_a_lapsed_delivery_is_not_handed_back_at_stop(

@@ -630,9 +630,10 @@ class ReplySender:
         state. Retries an unconfirmed append: if the first went in after all, the repeat
         is refused as a ConcurrencyConflict (a single nats-server checks the expected
         sequence before the Nats-Msg-Id), or answered as a duplicate (a clustered
-        stream checks the Nats-Msg-Id first), and the caller catches up; it is never
-        stored twice. A duplicate may as well be another replica's record of the same
-        event: the delivery is contested from then on, as after a conflict."""
+        stream checks the Nats-Msg-Id first), raised as a ConcurrencyConflict too; the
+        delivery decides again from the log; it is never stored twice. A duplicate may
+        as well be another replica's record of the same event: the delivery is
+        contested from then on, as after a conflict."""
         for attempt in range(1, self._policy.append_attempts + 1):
             try:
                 appended = await append_event(
@@ -647,9 +648,14 @@ class ReplySender:
                     raise
                 await asyncio.sleep(backoff_delay(attempt))
                 continue
-            if appended.duplicate:  # recorded before (maybe by another replica): re-read
+            if appended.duplicate:
+                # Recorded before: by this delivery (an unanswered append that went in),
+                # or by another replica, which may have sent and recorded later parts,
+                # or finished the reply, since. Decide again from the log, as after a
+                # conflict: going on from here sent its recorded parts a second time,
+                # unchecked (their texts are in the window).
                 job.contested = True
-                return await self._cache.load(job.conv, through=appended.seq)
+                raise ConcurrencyConflict(f"{msg_id} was recorded before (seq {appended.seq})")
             state = record(state, StoredEvent(appended.seq, event))
             self._cache.put(job.conv, state)
             return state

@@ -1,0 +1,94 @@
+"""The sender on a replicated stream (three nats-servers, ``WECOMBOT_STREAM_REPLICAS=3``,
+as in production), where an append repeating a recorded ``Nats-Msg-Id`` is answered as a
+duplicate before its expected sequence is checked (a single server refuses it as a
+conflict first)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import nats
+import pytest
+from nats.js import JetStreamContext
+
+from tests.cluster import NatsCluster
+from tests.integration.sender.harness import AGENT, APP, CORP
+from tests.integration.sender.test_duplicate_check import _StaticTokens, _token
+from wecombot_common.bus import append_event, ensure_topology
+from wecombot_common.events import ReplyGenerated
+from wecombot_common.settings import EnvReader, NatsSettings, Secret, WeComApiSettings
+from wecombot_common.sim.wecom_api import SimulatedWeComApi
+from wecombot_common.topology import ConversationRef
+from wecombot_common.worker import Ack, Delivery, Lease
+from wecombot_sender.handler import DeliveryPolicy, ReplySender
+from wecombot_sender.split import split_text
+from wecombot_sender.wecom import HttpMessageApi
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[NatsCluster]:
+    cluster = NatsCluster(tmp_path / "cluster")
+    cluster.start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+async def replicated(cluster: NatsCluster) -> AsyncIterator[JetStreamContext]:
+    nc = await nats.connect(cluster.urls)
+    try:
+        js = nc.jetstream()
+        await ensure_topology(js, NatsSettings.read(EnvReader({"WECOMBOT_STREAM_REPLICAS": "3"})))
+        yield js
+    finally:
+        await nc.close()
+
+
+async def test_a_replica_whose_part_was_recorded_by_another_sends_nothing_twice(
+    replicated: JetStreamContext, sim: SimulatedWeComApi
+) -> None:
+    """Replica A (its hold lapsed) has part 1 accepted, its answer slow; the redelivery,
+    on replica B, has WeCom's check drop its copy of part 1, records it, sends and
+    records part 2 and finishes. A's record of part 1 then comes back a duplicate: A
+    went on with part 2, whose text the log now held, so it skipped the check and the
+    user got part 2 twice."""
+    user = "two.replicas"
+    text = "\n\n".join(c * 1500 for c in "abc")
+    parts = split_text(text)
+    assert len(parts) == 3
+    reply = ReplyGenerated(app=APP, conversation=user, correlation_id="m", text=text)
+    stored = await append_event(replicated, reply, msg_id=f"outcome:{reply.event_id}")
+    token = await _token(sim)
+    api = HttpMessageApi(WeComApiSettings(CORP, AGENT, Secret(""), sim.base_url), timeout_s=30)
+
+    async def replica(num_delivered: int, lease: Lease) -> object:
+        sender = ReplySender(
+            replicated, _StaticTokens(token), api, app=APP, policy=DeliveryPolicy()
+        )
+        delivery = Delivery(
+            event=reply,
+            stream_seq=stored.seq,
+            num_delivered=num_delivered,
+            subject=f"{ConversationRef(APP, user).root}.llm.reply",
+            msg=None,  # type: ignore[arg-type]  # the handler never touches it
+            lease=lease,
+        )
+        return await sender.handle(delivery)
+
+    try:
+        hold = sim.hold_sends(lambda _user, content: content == parts[1], after_accept=True)
+        lapsed = asyncio.create_task(replica(1, Lease(0.0)))
+        await hold.wait_held()
+        assert await replica(2, Lease(30.0)) == Ack()
+        hold.release()
+        async with asyncio.timeout(30):
+            assert await lapsed == Ack()
+    finally:
+        await api.aclose()
+    assert [m.content for m in sim.sent] == parts
