@@ -21,6 +21,7 @@ import pytest
 from nats.js import JetStreamContext
 
 from tests.conftest import NatsHandle
+from tests.lagging import LaggingFollower
 from tests.waiting import until
 from wecombot.dlq import read_dead_letters, replay, run
 from wecombot_common import topology
@@ -310,6 +311,14 @@ async def test_a_reply_no_longer_in_the_log_is_not_requeued(
     assert "is no longer in WECOMBOT (aged out after WECOMBOT_HISTORY_MAX_AGE" in err, err
     info = await dead.stream_info(topology.CONVERSATION_STREAM)
     assert info.state.messages == 0
+
+
+async def test_a_replay_reads_the_log_from_the_leader(dead: JetStreamContext) -> None:
+    """Its direct reads answered by a stream follower that had not applied the reply
+    yet, the replay said the reply was "no longer in WECOMBOT" and requeued nothing."""
+    follower = LaggingFollower(dead, applied=0)
+    done, said = await replay(follower, 3)  # type: ignore[arg-type]
+    assert done and "requeued" in said, said
 
 
 async def test_each_llm_dead_letter_replays_once_and_a_failed_copy_again(

@@ -789,12 +789,13 @@ class _DeadPathToTheBroker:
         self.stop_a, self.stop_b = asyncio.Event(), asyncio.Event()
         self.tasks: list[asyncio.Task[None]] = []
         self.a_nc: NATS | None = None
+        self.a_outcome: Outcome = Ack()  # what a's handler returns once the gate opens
 
     async def handle_a(self, d: Delivery) -> Outcome:
         self.seen.append(("a", d.num_delivered))
         self.held.append(d)
         await self.gate.wait()
-        return Ack()
+        return self.a_outcome
 
     async def handle_b(self, d: Delivery) -> Outcome:
         if d.stream_seq != 1:
@@ -827,10 +828,9 @@ class _DeadPathToTheBroker:
             self.stall.release_up()
         self.gate.set()
         self.stop_a.set()
-        self.stop_b.set()
-        for task in self.tasks:
-            task.cancel()  # b's handler of the message never returns
-        await asyncio.gather(*self.tasks, return_exceptions=True)
+        self.stop_b.set()  # b's handler of the message never returns: cancelled at its grace
+        async with asyncio.timeout(30):
+            await asyncio.gather(*self.tasks, return_exceptions=True)
         if self.a_nc is not None:
             await self.a_nc.close()
         await self.stall.close()
@@ -859,15 +859,21 @@ async def test_a_lease_is_not_renewed_by_heartbeats_the_broker_never_got(
     assert held.lapsed
 
 
-async def test_a_lapsed_delivery_is_not_handed_back_at_stop(
-    dead_path: _DeadPathToTheBroker,
+@pytest.mark.parametrize("how", ["cancelled at stop", "handed back by its handler"])
+async def test_a_lapsed_delivery_is_not_handed_back(
+    dead_path: _DeadPathToTheBroker, how: str
 ) -> None:
     """A nak is not tied to one delivery: one from a replica whose hold lapsed made the
-    broker deliver the message once more, at once, beside the replica working on it."""
+    broker deliver the message once more, at once, beside the replica working on it.
+    Either way: cancelled at stop, or its handler answering Nak (the sender's does
+    when it stops waiting for an earlier reply)."""
     await dead_path.start(grace_s=0.1)
     [held] = dead_path.held
     await until(lambda: held.lapsed, timeout=10, what="a's hold lapsing")
     dead_path.stall.release_up()  # the path recovers: what a sends now arrives
+    if how == "handed back by its handler":
+        dead_path.a_outcome = Nak(0.0, "an earlier reply to this user is still being delivered")
+        dead_path.gate.set()
     dead_path.stop_a.set()
     await dead_path.tasks[0]  # a stopped, its connection drained
     later = await append_event(dead_path.stream, _reply("v", "after a stopped"))

@@ -56,3 +56,15 @@ def test_a_reconnection_while_held_lapses_the_lease() -> None:
     reconnects["n"] = 4
     lease.renew()
     assert lease.lapsed
+
+
+def test_a_renewal_counts_from_when_the_heartbeat_was_sent(clock: Clock) -> None:
+    """The broker restarts its ack_wait when the heartbeat arrives, not when its answer
+    comes back to us: a slow answer must not stretch the lease past the broker's."""
+    lease = Lease(3.0, clock=clock)
+    clock.now += 1.0
+    sent = lease.now()
+    clock.now += 0.9  # the answer took this long
+    lease.renew(sent)
+    clock.now += 1.1  # 2.0 after the heartbeat went out
+    assert lease.lapsed

@@ -296,7 +296,9 @@ async def _redeliver(
     if not isinstance(parked, MessageReceived):
         return False, f"dead letter {seq} is a {type(parked).__name__}, not a received message"
     conversation = ConversationRef.of(parked)
-    async for stored in read_conversation(js, conversation, branch=conversation.llm_branch):
+    # from the leader: a follower's direct read may lag (bus.read_conversation)
+    leader_read = read_conversation(js, conversation, branch=conversation.llm_branch, direct=False)
+    async for stored in leader_read:
         if isinstance(stored.event, Outcome) and stored.event.causation_id == parked.event_id:
             return False, (
                 f"message {parked.correlation_id} from {parked.conversation} has its "
@@ -336,7 +338,8 @@ async def _requeue(js: JetStreamContext, seq: int, parked: Event) -> tuple[bool,
     before_last: DeliveryFailed | ReplyDelivered | ReplyRequeued | None = None
     parts: set[int] = set()
     present = False
-    async for stored in read_conversation(js, ConversationRef.of(parked)):
+    # from the leader: a follower's direct read may lag (bus.read_conversation)
+    async for stored in read_conversation(js, ConversationRef.of(parked), direct=False):
         event = stored.event
         if isinstance(event, Outcome) and event.event_id == reply_id:
             present = True

@@ -135,9 +135,13 @@ class Lease:
         self._reconnects = reconnects
         self._reconnects_at_start = reconnects() if reconnects is not None else 0
 
-    def renew(self) -> None:
+    def now(self) -> float:
+        return self._clock()
+
+    def renew(self, at: float | None = None) -> None:
+        """The broker restarted its ack_wait at ``at`` (now, unless given)."""
         self._check()
-        self._renewed = self._clock()
+        self._renewed = max(self._renewed, self._clock() if at is None else at)
 
     @property
     def lapsed(self) -> bool:
@@ -188,12 +192,13 @@ class Delivery:
         client = getattr(self.msg, "_client", None)
         if client is not None and not client.is_connected:
             return
+        sent = self.lease.now()  # the broker counts from when it got it: no later
         with contextlib.suppress(nats.errors.Error):
             if client is None or not self.msg.reply:
                 await self.msg.in_progress()  # a message from elsewhere: unconfirmed
             else:
                 await client.request(self.msg.reply, _IN_PROGRESS, timeout=confirm_s)
-            self.lease.renew()
+            self.lease.renew(sent)
 
 
 Handler = Callable[[Delivery], Awaitable[Outcome]]
@@ -621,6 +626,12 @@ class PullWorker:
             await self._dead_letter(
                 d.msg, f"gave up after {d.num_delivered}: {outcome.reason}", d.num_delivered
             )
+            return
+        if d.lapsed:
+            # The broker may have given it to another replica already, and a nak would
+            # have it delivered once more at once, beside that one (a nak is not tied to
+            # a delivery): its ack_wait passes it on.
+            log.info("worker.retry_left_to_ack_wait", consumer=self.name, reason=outcome.reason)
             return
         log.info(
             "worker.retry",

@@ -93,7 +93,7 @@ class _Conflict:
     """Someone appended to the llm branch between our read and our append."""
 
 
-# How far the broker's clock may be ahead of ours: a message stored this long before a
+# How far the broker's clock may be behind ours: a message stamped this long before a
 # fold began still counts as stored after it (read the log again rather than drop it).
 CLOCK_SKEW_S = 60.0
 

@@ -96,7 +96,7 @@ async def _serve_connected(
             cleanup.push_async_callback(keeper.close)
             await store.watch(keeper.adopt)
             resyncing = asyncio.create_task(_resync_after_reconnects(nc, keeper))
-            cleanup.callback(resyncing.cancel)
+            cleanup.push_async_callback(_cancelled, resyncing)
             endpoints = TokenEndpoints(keeper)
             await endpoints.start(nc)
             cleanup.push_async_callback(endpoints.stop, settings.refresh_timeout_s)
@@ -131,8 +131,16 @@ async def _resync_after_reconnects(nc: NATS, keeper: TokenKeeper, poll_s: float 
         except StoreUnavailable as exc:
             log.info("token.resync_pending", reason=str(exc))
             continue
+        except Exception:  # never end the loop: the next reconnection needs it too
+            log.exception("token.resync_failed")
+            continue
         done = count
         log.info("token.resynced", reconnects=count)
+
+
+async def _cancelled(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
 
 
 def main(environ: Mapping[str, str]) -> int:

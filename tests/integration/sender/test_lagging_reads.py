@@ -9,14 +9,12 @@ from __future__ import annotations
 
 from typing import Any
 
-import nats.js.errors
 import pytest
-from nats.js import JetStreamContext
-from nats.js.api import RawStreamMsg
 from structlog.testing import capture_logs
 
 from tests.integration.sender.harness import AGENT, APP, CORP, Envelope, System
 from tests.integration.sender.test_duplicate_check import _StaticTokens, _token
+from tests.lagging import LaggingFollower
 from wecombot_common.bus import Appended, append_event
 from wecombot_common.events import (
     DeliveryFailed,
@@ -34,36 +32,6 @@ from wecombot_sender.split import split_text
 from wecombot_sender.wecom import HttpMessageApi
 
 pytestmark = pytest.mark.integration
-
-
-class LaggingFollower:
-    """``js``, with every direct get answered as by a follower that has applied the log
-    through stream seq ``applied`` only."""
-
-    def __init__(self, js: JetStreamContext, applied: int) -> None:
-        self._js = js
-        self.applied = applied
-        self.leader_reads = 0
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._js, name)
-
-    async def get_msg(
-        self,
-        stream_name: str,
-        seq: int | None = None,
-        subject: str | None = None,
-        direct: bool | None = False,
-        next: bool | None = False,  # nats-py's name
-    ) -> RawStreamMsg:
-        if not direct:
-            self.leader_reads += 1
-        elif seq is not None and not next and seq > self.applied:
-            raise nats.js.errors.NotFoundError
-        raw = await self._js.get_msg(stream_name, seq, subject, direct=direct, next=next)
-        if direct and (raw.seq or 0) > self.applied:
-            raise nats.js.errors.NotFoundError  # not applied here yet
-        return raw
 
 
 async def _append(system: System, event: Event, msg_id: str, **expect: Any) -> int:
