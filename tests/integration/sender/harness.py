@@ -9,6 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TypedDict, TypeVar
 
+import httpx
 import nats.errors
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
@@ -26,17 +27,35 @@ from wecombot_common.events import (
     ReplyDelivered,
     ReplyFailed,
     ReplyGenerated,
+    ReplyRequeued,
     decode_event,
     derived_id,
 )
+from wecombot_common.settings import Secret, WeComApiSettings
 from wecombot_common.sim.wecom_api import SimulatedWeComApi
 from wecombot_common.topology import ConversationRef
+from wecombot_common.worker import Delivery, Lease
 from wecombot_sender.main import serve as serve_sender
 from wecombot_sender.settings import SenderSettings
+from wecombot_sender.wecom import HttpMessageApi
 from wecombot_token.main import serve as serve_token
 from wecombot_token.settings import TokenSettings
 
-__all__ = ["AGENT", "APP", "CORP", "LONG", "SECRET", "Envelope", "Log", "System", "environ"]
+__all__ = [
+    "AGENT",
+    "APP",
+    "CORP",
+    "LONG",
+    "SECRET",
+    "Envelope",
+    "Log",
+    "StaticTokens",
+    "System",
+    "delivery_of",
+    "environ",
+    "message_api",
+    "sim_token",
+]
 
 E = TypeVar("E", bound=Event)
 
@@ -72,6 +91,53 @@ def environ(nats_url: str, sim: SimulatedWeComApi, **extra: str) -> dict[str, st
         "LOG_LEVEL": "warning",
         **extra,
     }
+
+
+async def sim_token(sim: SimulatedWeComApi) -> str:
+    """An access_token of the simulated WeCom, as gettoken issues it."""
+    async with httpx.AsyncClient() as http:
+        answer = await http.get(
+            f"{sim.base_url}/cgi-bin/gettoken", params={"corpid": CORP, "corpsecret": SECRET}
+        )
+    return str(answer.json()["access_token"])
+
+
+def message_api(sim: SimulatedWeComApi, timeout_s: float = 2.0) -> HttpMessageApi:
+    """The real message/send adapter, pointed at the simulated WeCom (close it after)."""
+    return HttpMessageApi(
+        WeComApiSettings(CORP, AGENT, Secret(""), sim.base_url), timeout_s=timeout_s
+    )
+
+
+class StaticTokens:
+    """A TokenSource that always has ``token`` (for a ReplySender run by hand)."""
+
+    def __init__(self, token: str) -> None:
+        self.token = token
+
+    async def get(self, app: str) -> str:
+        return self.token
+
+    async def invalidate(self, app: str, token: str) -> str:
+        return self.token
+
+
+def delivery_of(
+    event: Outcome | ReplyRequeued,
+    stream_seq: int,
+    *,
+    num_delivered: int = 1,
+    lease: Lease | None = None,
+) -> Delivery:
+    """The worker's delivery of ``event``, for a ReplySender's ``handle`` run by hand."""
+    return Delivery(
+        event=event,
+        stream_seq=stream_seq,
+        num_delivered=num_delivered,
+        subject=f"{ConversationRef(event.app, event.conversation).root}.llm.reply",
+        msg=None,  # type: ignore[arg-type]  # the handler never touches it
+        lease=lease or Lease(30.0),
+    )
 
 
 class Log:

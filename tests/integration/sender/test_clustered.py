@@ -14,17 +14,20 @@ import pytest
 from nats.js import JetStreamContext
 
 from tests.cluster import NatsCluster
-from tests.integration.sender.harness import AGENT, APP, CORP
-from tests.integration.sender.test_duplicate_check import _StaticTokens, _token
+from tests.integration.sender.harness import (
+    APP,
+    StaticTokens,
+    delivery_of,
+    message_api,
+    sim_token,
+)
 from wecombot_common.bus import append_event, ensure_topology
 from wecombot_common.events import ReplyGenerated
-from wecombot_common.settings import EnvReader, NatsSettings, Secret, WeComApiSettings
+from wecombot_common.settings import EnvReader, NatsSettings
 from wecombot_common.sim.wecom_api import SimulatedWeComApi
-from wecombot_common.topology import ConversationRef
-from wecombot_common.worker import Ack, Delivery, Lease
+from wecombot_common.worker import Ack, Lease
 from wecombot_sender.handler import DeliveryPolicy, ReplySender
 from wecombot_sender.split import split_text
-from wecombot_sender.wecom import HttpMessageApi
 
 pytestmark = pytest.mark.integration
 
@@ -64,22 +67,14 @@ async def test_a_replica_whose_part_was_recorded_by_another_sends_nothing_twice(
     assert len(parts) == 3
     reply = ReplyGenerated(app=APP, conversation=user, correlation_id="m", text=text)
     stored = await append_event(replicated, reply, msg_id=f"outcome:{reply.event_id}")
-    token = await _token(sim)
-    api = HttpMessageApi(WeComApiSettings(CORP, AGENT, Secret(""), sim.base_url), timeout_s=30)
+    token = await sim_token(sim)
+    api = message_api(sim, timeout_s=30)
 
     async def replica(num_delivered: int, lease: Lease) -> object:
-        sender = ReplySender(
-            replicated, _StaticTokens(token), api, app=APP, policy=DeliveryPolicy()
+        sender = ReplySender(replicated, StaticTokens(token), api, app=APP, policy=DeliveryPolicy())
+        return await sender.handle(
+            delivery_of(reply, stored.seq, num_delivered=num_delivered, lease=lease)
         )
-        delivery = Delivery(
-            event=reply,
-            stream_seq=stored.seq,
-            num_delivered=num_delivered,
-            subject=f"{ConversationRef(APP, user).root}.llm.reply",
-            msg=None,  # type: ignore[arg-type]  # the handler never touches it
-            lease=lease,
-        )
-        return await sender.handle(delivery)
 
     try:
         hold = sim.hold_sends(lambda _user, content: content == parts[1], after_accept=True)

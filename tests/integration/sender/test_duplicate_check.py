@@ -9,11 +9,18 @@ from __future__ import annotations
 
 import asyncio
 
-import httpx
 import pytest
 from structlog.testing import capture_logs
 
-from tests.integration.sender.harness import AGENT, APP, CORP, LONG, SECRET, System
+from tests.integration.sender.harness import (
+    APP,
+    LONG,
+    StaticTokens,
+    System,
+    delivery_of,
+    message_api,
+    sim_token,
+)
 from wecombot_common import topology
 from wecombot_common.events import (
     DeliveryFailed,
@@ -21,28 +28,18 @@ from wecombot_common.events import (
     ReplyGenerated,
     decode_event,
 )
-from wecombot_common.settings import Secret, WeComApiSettings
 from wecombot_common.sim.wecom_api import SimulatedWeComApi
-from wecombot_common.topology import ConversationRef
 from wecombot_sender.split import split_text
 from wecombot_sender.wecom import HttpMessageApi
 
 pytestmark = pytest.mark.integration
 
 
-async def _token(sim: SimulatedWeComApi) -> str:
-    async with httpx.AsyncClient() as http:
-        answer = await http.get(
-            f"{sim.base_url}/cgi-bin/gettoken", params={"corpid": CORP, "corpsecret": SECRET}
-        )
-    return str(answer.json()["access_token"])
-
-
 async def test_the_adapter_asks_for_the_check_and_a_repeat_is_dropped(
     sim: SimulatedWeComApi,
 ) -> None:
-    api = HttpMessageApi(WeComApiSettings(CORP, AGENT, Secret(""), sim.base_url), timeout_s=2)
-    token = await _token(sim)
+    api = message_api(sim, timeout_s=2)
+    token = await sim_token(sim)
     try:
         first = await api.send_text(token, "u", "同一句话")
         assert await api.send_text(token, "u", "同一句话", duplicate_check_s=60) == ""
@@ -64,11 +61,9 @@ async def test_a_part_accepted_but_not_recorded_is_not_sent_again(system: System
     reply = await system.reply(user, LONG)
     # A sender recorded part 0, had part 1 accepted by WeCom, and died before recording it.
     await system.record_first_part(reply, len(parts), "msgid-0")
-    api = HttpMessageApi(
-        WeComApiSettings(CORP, AGENT, Secret(""), system.sim.base_url), timeout_s=2
-    )
+    api = message_api(system.sim, timeout_s=2)
     try:
-        await api.send_text(await _token(system.sim), user, parts[1])
+        await api.send_text(await sim_token(system.sim), user, parts[1])
     finally:
         await api.aclose()
     await system.deliver_once_and_drop(1)
@@ -155,44 +150,23 @@ async def test_a_reply_wecom_refuses_is_recorded_and_dead_lettered(system: Syste
     assert system.sim.messages_to("other.user") == ["still flowing"]
 
 
-class _StaticTokens:
-    def __init__(self, token: str) -> None:
-        self.token = token
-
-    async def get(self, app: str) -> str:
-        return self.token
-
-    async def invalidate(self, app: str, token: str) -> str:
-        return self.token
-
-
 @pytest.mark.parametrize("lapsed", [True, False])
 async def test_a_delivery_whose_lease_lapsed_asks_for_the_check(
     system: System, lapsed: bool
 ) -> None:
     """Two replicas on one reply (ours held it past ack_wait, the broker gave it to
     another, which got part 0 accepted): ours must not deliver part 0 a second time."""
-    from wecombot_common.worker import Delivery, Lease
+    from wecombot_common.worker import Lease
     from wecombot_sender.handler import DeliveryPolicy, ReplySender
 
     user = "two.replicas"
     reply = await system.reply(user, "只说一次")
-    token = await _token(system.sim)
-    api = HttpMessageApi(
-        WeComApiSettings(CORP, AGENT, Secret(""), system.sim.base_url), timeout_s=2
-    )
+    token = await sim_token(system.sim)
+    api = message_api(system.sim, timeout_s=2)
     try:
         await api.send_text(token, user, "只说一次")  # the other replica's send
-        sender = ReplySender(system.js, _StaticTokens(token), api, app=APP, policy=DeliveryPolicy())
-        delivery = Delivery(
-            event=reply,
-            stream_seq=1,
-            num_delivered=1,
-            subject=f"{ConversationRef(APP, user).root}.llm.reply",
-            msg=None,  # type: ignore[arg-type]  # the handler never touches it
-            lease=Lease(0.0 if lapsed else 30.0),
-        )
-        await sender.handle(delivery)
+        sender = ReplySender(system.js, StaticTokens(token), api, app=APP, policy=DeliveryPolicy())
+        await sender.handle(delivery_of(reply, 1, lease=Lease(0.0 if lapsed else 30.0)))
     finally:
         await api.aclose()
     assert system.sim.messages_to(user) == ["只说一次"] * (1 if lapsed else 2)
@@ -237,7 +211,7 @@ async def test_two_replicas_in_lockstep_deliver_each_part_once(system: System) -
     lease lapsed, so it asks for the check). The redelivery loses the race to record
     part 0, catches up and sends part 1 right after the lapsed one did: it must ask for
     the check too, or the user gets part 1 twice."""
-    from wecombot_common.worker import Delivery, Lease
+    from wecombot_common.worker import Lease
     from wecombot_sender.handler import DeliveryPolicy, ReplySender
 
     user = "lock.step"
@@ -245,10 +219,8 @@ async def test_two_replicas_in_lockstep_deliver_each_part_once(system: System) -
     parts = split_text(text)
     assert len(parts) == 3
     reply = await system.reply(user, text)
-    token = await _token(system.sim)
-    api = HttpMessageApi(
-        WeComApiSettings(CORP, AGENT, Secret(""), system.sim.base_url), timeout_s=5
-    )
+    token = await sim_token(system.sim)
+    api = message_api(system.sim, timeout_s=5)
     gates = {
         name: asyncio.Event()
         for name in ("redelivered sent 0", "lapsed recorded 0", "lapsed sent 1", "redelivered at 1")
@@ -257,17 +229,9 @@ async def test_two_replicas_in_lockstep_deliver_each_part_once(system: System) -
 
     async def replica(name: str, num_delivered: int, lease: Lease) -> object:
         sender = ReplySender(
-            system.js, _StaticTokens(token), adapters[name], app=APP, policy=DeliveryPolicy()
+            system.js, StaticTokens(token), adapters[name], app=APP, policy=DeliveryPolicy()
         )
-        delivery = Delivery(
-            event=reply,
-            stream_seq=1,
-            num_delivered=num_delivered,
-            subject=f"{ConversationRef(APP, user).root}.llm.reply",
-            msg=None,  # type: ignore[arg-type]  # the handler never touches it
-            lease=lease,
-        )
-        return await sender.handle(delivery)
+        return await sender.handle(delivery_of(reply, 1, num_delivered=num_delivered, lease=lease))
 
     try:
         async with asyncio.timeout(30):

@@ -12,8 +12,15 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
-from tests.integration.sender.harness import AGENT, APP, CORP, Envelope, System
-from tests.integration.sender.test_duplicate_check import _StaticTokens, _token
+from tests.integration.sender.harness import (
+    APP,
+    Envelope,
+    StaticTokens,
+    System,
+    delivery_of,
+    message_api,
+    sim_token,
+)
 from tests.lagging import LaggingFollower
 from wecombot_common.bus import Appended, append_event
 from wecombot_common.events import (
@@ -24,12 +31,10 @@ from wecombot_common.events import (
     ReplyRequeued,
     derived_id,
 )
-from wecombot_common.settings import Secret, WeComApiSettings
 from wecombot_common.topology import ConversationRef
-from wecombot_common.worker import Ack, Delivery, Lease, Nak
+from wecombot_common.worker import Ack, Nak
 from wecombot_sender.handler import DeliveryPolicy, ReplySender
 from wecombot_sender.split import split_text
-from wecombot_sender.wecom import HttpMessageApi
 
 pytestmark = pytest.mark.integration
 
@@ -42,25 +47,16 @@ async def _append(system: System, event: Event, msg_id: str, **expect: Any) -> i
 async def _handle(
     system: System, follower: LaggingFollower, event: Event, seq: int, *, num_delivered: int = 1
 ) -> object:
-    token = await _token(system.sim)
-    api = HttpMessageApi(
-        WeComApiSettings(CORP, AGENT, Secret(""), system.sim.base_url), timeout_s=2
-    )
+    token = await sim_token(system.sim)
+    api = message_api(system.sim, timeout_s=2)
     sender = ReplySender(
         follower,  # type: ignore[arg-type]  # a JetStreamContext in all it is asked
-        _StaticTokens(token),
+        StaticTokens(token),
         api,
         app=APP,
         policy=DeliveryPolicy(order_wait_s=0.3),
     )
-    delivery = Delivery(
-        event=event,
-        stream_seq=seq,
-        num_delivered=num_delivered,
-        subject=f"{ConversationRef(APP, event.conversation).root}.sender",
-        msg=None,  # type: ignore[arg-type]  # the handler never touches it
-        lease=Lease(30.0),
-    )
+    delivery = delivery_of(event, seq, num_delivered=num_delivered)  # type: ignore[arg-type]
     try:
         return await sender.handle(delivery)
     finally:
@@ -136,10 +132,8 @@ async def test_a_conflict_reads_the_log_from_the_leader(system: System) -> None:
     parts = split_text(text)
     assert len(parts) == 2
     reply = await system.reply(user, text)
-    token = await _token(system.sim)
-    api = HttpMessageApi(
-        WeComApiSettings(CORP, AGENT, Secret(""), system.sim.base_url), timeout_s=2
-    )
+    token = await sim_token(system.sim)
+    api = message_api(system.sim, timeout_s=2)
     try:
         msgid = await api.send_text(token, user, parts[0])  # the other replica's send
     finally:
