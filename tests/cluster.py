@@ -37,35 +37,56 @@ class NatsCluster:
     def start(self, timeout: float = 30.0) -> None:
         """Start every node; return once each says it is healthy, JetStream included (a
         meta leader elected)."""
-        for i in range(self.size):
-            node = self.root / f"n{i}"
-            node.mkdir(parents=True, exist_ok=True)
-            routes = ", ".join(
-                f"nats-route://127.0.0.1:{port}" for j, port in enumerate(self._routes) if j != i
+        self._processes = [self._spawn(i) for i in range(self.size)]
+        self._wait_healthy(range(self.size), timeout)
+
+    def _spawn(self, i: int) -> subprocess.Popen[bytes]:
+        node = self.root / f"n{i}"
+        node.mkdir(parents=True, exist_ok=True)
+        routes = ", ".join(
+            f"nats-route://127.0.0.1:{port}" for j, port in enumerate(self._routes) if j != i
+        )
+        config = node / "nats.conf"
+        config.write_text(
+            f'server_name: "n{i}"\n'
+            f"listen: 127.0.0.1:{self.ports[i]}\n"
+            f"http: 127.0.0.1:{self._monitors[i]}\n"
+            f'jetstream {{ store_dir: "{node / "js"}" }}\n'
+            f"cluster {{ name: wecombot-test, listen: 127.0.0.1:{self._routes[i]}, "
+            f"routes: [{routes}] }}\n"
+        )
+        with open(node / "nats.log", "ab") as log:
+            return subprocess.Popen(
+                [nats_server_binary(), "-c", str(config)], stdout=log, stderr=subprocess.STDOUT
             )
-            config = node / "nats.conf"
-            config.write_text(
-                f'server_name: "n{i}"\n'
-                f"listen: 127.0.0.1:{self.ports[i]}\n"
-                f"http: 127.0.0.1:{self._monitors[i]}\n"
-                f'jetstream {{ store_dir: "{node / "js"}" }}\n'
-                f"cluster {{ name: wecombot-test, listen: 127.0.0.1:{self._routes[i]}, "
-                f"routes: [{routes}] }}\n"
-            )
-            with open(node / "nats.log", "ab") as log:
-                self._processes.append(
-                    subprocess.Popen(
-                        [nats_server_binary(), "-c", str(config)],
-                        stdout=log,
-                        stderr=subprocess.STDOUT,
-                    )
-                )
+
+    def _wait_healthy(self, nodes: range | list[int], timeout: float) -> None:
         deadline = time.monotonic() + timeout
-        while not all(self._healthy(port) for port in self._monitors):
+        while not all(self._healthy(self._monitors[i]) for i in nodes):
             if time.monotonic() > deadline:
                 self.stop()
                 raise RuntimeError(f"the cluster was not healthy within {timeout:g}s")
             time.sleep(0.1)
+
+    def monitor_url(self, i: int) -> str:
+        """Node ``i``'s monitoring endpoint (``/connz``, ``/jsz``, ``/healthz``)."""
+        return f"http://127.0.0.1:{self._monitors[i]}"
+
+    def stop_node(self, i: int) -> None:
+        """SIGTERM node ``i`` (the others keep running) and wait for it to exit."""
+        process = self._processes[i]
+        process.terminate()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+    def start_node(self, i: int, timeout: float = 30.0) -> None:
+        """Start node ``i`` again on its ports and store; return once it is healthy."""
+        assert self._processes[i].poll() is not None, f"n{i} is running"
+        self._processes[i] = self._spawn(i)
+        self._wait_healthy([i], timeout)
 
     @staticmethod
     def _healthy(monitor: int) -> bool:
@@ -77,7 +98,8 @@ class NatsCluster:
 
     def stop(self) -> None:
         for process in self._processes:
-            process.terminate()
+            if process.poll() is None:
+                process.terminate()
         for process in self._processes:
             try:
                 process.wait(10)

@@ -68,3 +68,17 @@ def test_a_renewal_counts_from_when_the_heartbeat_was_sent(clock: Clock) -> None
     lease.renew(sent)
     clock.now += 1.1  # 2.0 after the heartbeat went out
     assert lease.lapsed
+
+
+def test_a_reconnection_lapses_a_lease_without_making_it_overdue(clock: Clock) -> None:
+    """After a failover the delivery is usually still ours: handed back as ever, not left
+    to ack_wait (which stalled every conversation in flight); only a lease the broker
+    got no heartbeat for is overdue."""
+    reconnects = [0]
+    lease = Lease(3.0, lambda: reconnects[0], clock=clock)
+    reconnects[0] = 1
+    assert lease.lapsed and not lease.overdue
+    clock.now += 2.0
+    assert lease.overdue
+    lease.renew()
+    assert lease.overdue and lease.lapsed

@@ -117,6 +117,10 @@ class Lease:
     forgets the ``in_progress()`` extensions and redelivers what has been pending longer
     than ack_wait at once, however recent our last heartbeat (seen in the chaos suite).
     ``reconnects`` counts the client's reconnections (nats-py's ``stats``).
+
+    ``overdue`` is the first kind alone: the broker has had no heartbeat of ours for
+    2/3 of ack_wait, so it has likely given the message away (a reconnection may well
+    not have: after a failover the delivery is usually still ours).
     """
 
     LAPSE_FRACTION = 2 / 3
@@ -132,6 +136,7 @@ class Lease:
         self._clock = clock
         self._renewed = clock()
         self._lapsed = False
+        self._overdue = False
         self._reconnects = reconnects
         self._reconnects_at_start = reconnects() if reconnects is not None else 0
 
@@ -148,12 +153,15 @@ class Lease:
         self._check()
         return self._lapsed
 
+    @property
+    def overdue(self) -> bool:
+        self._check()
+        return self._overdue
+
     def _check(self) -> None:
-        overdue = self._clock() - self._renewed >= self._limit
-        reconnected = (
-            self._reconnects is not None and self._reconnects() != self._reconnects_at_start
-        )
-        if overdue or reconnected:
+        if self._clock() - self._renewed >= self._limit:
+            self._overdue = self._lapsed = True
+        if self._reconnects is not None and self._reconnects() != self._reconnects_at_start:
             self._lapsed = True
 
 
@@ -487,11 +495,11 @@ class PullWorker:
                         outcome = await self._run_handler(delivery)
                         self._metrics.handler_seconds.observe(time.monotonic() - started)
             except asyncio.CancelledError:
-                # Stopping: running or queued. Held past its lease, the broker may have
-                # given it to another replica: a nak would make it deliver the message
-                # once more at once, beside that one (a nak is not tied to a delivery).
-                # Its ack_wait has run out, or nearly: the broker passes it on itself.
-                if not delivery.lapsed:
+                # Stopping: running or queued. Overdue, the broker has likely given it
+                # to another replica: a nak would make it deliver the message once more
+                # at once, beside that one (a nak is not tied to a delivery). Its
+                # ack_wait has run out, or nearly: the broker passes it on itself.
+                if not delivery.lease.overdue:
                     await self._hand_back(msg)
                 raise
             finally:
@@ -627,10 +635,12 @@ class PullWorker:
                 d.msg, f"gave up after {d.num_delivered}: {outcome.reason}", d.num_delivered
             )
             return
-        if d.lapsed:
-            # The broker may have given it to another replica already, and a nak would
+        if d.lease.overdue:
+            # The broker has likely given it to another replica already, and a nak would
             # have it delivered once more at once, beside that one (a nak is not tied to
-            # a delivery): its ack_wait passes it on.
+            # a delivery): its ack_wait passes it on. (Lapsed by a reconnection alone it
+            # is handed back as ever: after a failover it is usually still ours, and
+            # waiting out ack_wait stalled every conversation in flight.)
             log.info("worker.retry_left_to_ack_wait", consumer=self.name, reason=outcome.reason)
             return
         log.info(
