@@ -869,13 +869,16 @@ async def test_a_lapsed_delivery_is_not_handed_back(
     when it stops waiting for an earlier reply)."""
     await dead_path.start(grace_s=0.1)
     [held] = dead_path.held
-    await until(lambda: held.lapsed, timeout=10, what="a's hold lapsing")
+    await until(lambda: held.lease.overdue, timeout=10, what="a's hold lapsing")
     dead_path.stall.release_up()  # the path recovers: what a sends now arrives
-    if how == "handed back by its handler":
-        dead_path.a_outcome = Nak(0.0, "an earlier reply to this user is still being delivered")
-        dead_path.gate.set()
-    dead_path.stop_a.set()
-    await dead_path.tasks[0]  # a stopped, its connection drained
+    with capture_logs() as logs:
+        if how == "handed back by its handler":
+            dead_path.a_outcome = Nak(0.0, "an earlier reply to this user is still busy")
+            dead_path.gate.set()
+        dead_path.stop_a.set()
+        await dead_path.tasks[0]  # a stopped, its connection drained
+    [left] = [e for e in logs if e["event"] == "worker.left_to_ack_wait"]
+    assert left["stream_seq"] == 1
     later = await append_event(dead_path.stream, _reply("v", "after a stopped"))
     # the broker redelivers what is naked before it delivers a newer message
     await until(lambda: later.seq in dead_path.later, timeout=10, what="b handling a later one")

@@ -57,7 +57,9 @@ WORKER_SETTLED = Counter(
     "wecombot_worker_settled",
     "JetStream deliveries settled, by consumer and how: acked, retried (nak with "
     "backoff), dead_lettered, handed_back (nak at once: stopping, or a delivery the "
-    "broker made late, after the fetch that asked for it)",
+    "broker made late, after the fetch that asked for it), left (not naked: the broker "
+    "had no heartbeat of ours for 2/3 of ack_wait and has likely given it to another "
+    "replica; its ack_wait passes it on)",
     ["consumer", "result"],
 )
 WORKER_IN_FLIGHT = Gauge(

@@ -228,6 +228,7 @@ class _ConsumerMetrics:
     retried: Counter
     dead_lettered: Counter
     handed_back: Counter
+    left: Counter
     in_flight: Gauge
     handler_seconds: Histogram
 
@@ -239,6 +240,7 @@ class _ConsumerMetrics:
             retried=settled.labels(consumer, "retried"),
             dead_lettered=settled.labels(consumer, "dead_lettered"),
             handed_back=settled.labels(consumer, "handed_back"),
+            left=settled.labels(consumer, "left"),
             in_flight=metrics.WORKER_IN_FLIGHT.labels(consumer),
             handler_seconds=metrics.WORKER_HANDLER_SECONDS.labels(consumer),
         )
@@ -499,7 +501,9 @@ class PullWorker:
                 # to another replica: a nak would make it deliver the message once more
                 # at once, beside that one (a nak is not tied to a delivery). Its
                 # ack_wait has run out, or nearly: the broker passes it on itself.
-                if not delivery.lease.overdue:
+                if delivery.lease.overdue:
+                    self._leave(delivery, "stopping")
+                else:
                     await self._hand_back(msg)
                 raise
             finally:
@@ -641,7 +645,7 @@ class PullWorker:
             # a delivery): its ack_wait passes it on. (Lapsed by a reconnection alone it
             # is handed back as ever: after a failover it is usually still ours, and
             # waiting out ack_wait stalled every conversation in flight.)
-            log.info("worker.retry_left_to_ack_wait", consumer=self.name, reason=outcome.reason)
+            self._leave(d, outcome.reason)
             return
         log.info(
             "worker.retry",
@@ -652,6 +656,13 @@ class PullWorker:
         )
         if await self._nak(d.msg, outcome.delay_s):
             self._metrics.retried.inc()
+
+    def _leave(self, d: Delivery, reason: str) -> None:
+        """Settle nothing: an overdue delivery is left to its ack_wait (see _settle)."""
+        self._metrics.left.inc()
+        log.info(
+            "worker.left_to_ack_wait", consumer=self.name, stream_seq=d.stream_seq, reason=reason
+        )
 
     async def _heartbeat(self, d: Delivery) -> None:
         # The first at once: the delivery may have waited on the way (a stalled link from
@@ -734,4 +745,5 @@ class PullWorker:
             task.cancel()
         if pending:
             await asyncio.gather(*pending, return_exceptions=True)
+            # (an overdue one among them is left to its ack_wait: worker.left_to_ack_wait)
             log.info("worker.handed_back", consumer=self.name, count=len(pending))
