@@ -203,9 +203,17 @@ async def test_replicated_cluster_survives_losing_the_stream_leader(
                 ]
             )
             assert kinds == {"MessageReceived": 10, "ReplyDelivered": 10}, (user, kinds)
-        for consumer in (topology.LLM_CONSUMER, topology.SENDER_CONSUMER):
-            info = await js.consumer_info(topology.CONVERSATION_STREAM, consumer)
-            assert info.num_ack_pending == 0 and info.num_pending == 0, (consumer, info)
+
+        # Nothing left pending: an ack lost with the server leaves its delivery pending
+        # until ack_wait (30 s), when the redelivery finds the work done.
+        async def idle() -> bool:
+            for consumer in (topology.LLM_CONSUMER, topology.SENDER_CONSUMER):
+                info = await js.consumer_info(topology.CONVERSATION_STREAM, consumer)
+                if info.num_ack_pending or info.num_pending:
+                    return False
+            return True
+
+        await until(idle, timeout=45, what="both consumers with nothing pending")
 
         # 3. The server comes back and catches up: every replica of the stream current.
         await asyncio.to_thread(cluster.start_node, stopped)

@@ -885,6 +885,41 @@ async def test_a_lapsed_delivery_is_not_handed_back(
     assert dead_path.seen == [("a", 1), ("b", 2)]
 
 
+async def test_a_worker_started_while_jetstream_does_not_answer_waits_for_it(
+    stream: JetStreamContext, nats_server: NatsHandle
+) -> None:
+    """Making the consumer timed out on a cluster still electing its leaders, and the
+    service crashed at start (seen in the 3-node cluster test). It is tried again."""
+    nc = await nats.connect(nats_server.url)
+    handled: list[int] = []
+
+    async def handle(d: Delivery) -> Outcome:
+        handled.append(d.stream_seq)
+        return Ack()
+
+    stop = asyncio.Event()
+    worker = PullWorker(nc.jetstream(timeout=0.5), _config(), handle, max_deliver=3)
+    try:
+        with capture_logs() as logs:
+            nats_server.pause()  # a broker that answers nothing
+            try:
+                task = asyncio.create_task(worker.run(stop))
+                await until(
+                    lambda: any(e["event"] == "worker.consumer_not_ready" for e in logs),
+                    timeout=10,
+                    what="the worker waiting for JetStream",
+                )
+                assert not task.done()
+            finally:
+                nats_server.resume()
+        seq = (await append_event(stream, _reply("w", "after the wait"))).seq
+        await until(lambda: handled == [seq], timeout=15, what="the message handled")
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 15)
+        await nc.close()
+
+
 async def test_a_poison_message_is_parked_after_its_stream_was_made_again(
     stream: JetStreamContext,
 ) -> None:

@@ -325,7 +325,8 @@ class PullWorker:
             await self._js.add_consumer(topology.CONVERSATION_STREAM, self._config)
 
     async def run(self, stop: asyncio.Event) -> None:
-        await self.ensure_consumer()
+        if not await self._consumer_at_start(stop):
+            return
         assert self._config.filter_subject is not None
         sub = await self._js.pull_subscribe_bind(
             durable=self.name, stream=topology.CONVERSATION_STREAM
@@ -462,6 +463,32 @@ class PullWorker:
             ):
                 await self._consumer_again()
             return []
+
+    async def _consumer_at_start(self, stop: asyncio.Event) -> bool:
+        """``ensure_consumer``, tried again with backoff while JetStream does not answer
+        (a cluster still electing its leaders timed it out, and the service crashed);
+        False when ``stop`` comes first. A refusal (bad config, permissions) raises."""
+        delay = 0.5
+        while True:
+            try:
+                await self.ensure_consumer()
+                return True
+            except (
+                TimeoutError,
+                nats.errors.NoRespondersError,
+                nats.js.errors.ServiceUnavailableError,
+            ) as exc:
+                log.warning(
+                    "worker.consumer_not_ready",
+                    consumer=self.name,
+                    error=f"{type(exc).__name__}: {exc}",
+                    retry_in_s=delay,
+                )
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), delay)
+            if stop.is_set():
+                return False
+            delay = min(delay * 2, 15.0)
 
     async def _consumer_again(self) -> None:
         """The consumer may be gone (deleted by hand, or with its stream): without it no
