@@ -48,7 +48,14 @@ def cluster(tmp_path: Path) -> Iterator[NatsCluster]:
 
 @pytest.fixture
 async def stack(cluster: NatsCluster, tmp_path: Path) -> AsyncIterator[Stack]:
-    env = {"WECOMBOT_STREAM_REPLICAS": "3", "LOG_LEVEL": "warning"}
+    env = {
+        "WECOMBOT_STREAM_REPLICAS": "3",
+        "LOG_LEVEL": "warning",
+        # An ack lost with the stopped server leaves its delivery pending until ack_wait
+        # (the redelivery then finds the work done): 10 s instead of 30 keeps it short.
+        "LLM_ACK_WAIT": "10",
+        "SENDER_ACK_WAIT": "10",
+    }
     async with Stack(",".join(cluster.urls), tmp_path, env_extra=env) as s:
         await s.start_in_process("token", "llm", "llm", "sender", "sender", "gateway")
         yield s
@@ -205,7 +212,7 @@ async def test_replicated_cluster_survives_losing_the_stream_leader(
             assert kinds == {"MessageReceived": 10, "ReplyDelivered": 10}, (user, kinds)
 
         # Nothing left pending: an ack lost with the server leaves its delivery pending
-        # until ack_wait (30 s), when the redelivery finds the work done.
+        # until ack_wait, when the redelivery finds the work done.
         async def idle() -> bool:
             for consumer in (topology.LLM_CONSUMER, topology.SENDER_CONSUMER):
                 info = await js.consumer_info(topology.CONVERSATION_STREAM, consumer)
@@ -213,7 +220,7 @@ async def test_replicated_cluster_survives_losing_the_stream_leader(
                     return False
             return True
 
-        await until(idle, timeout=45, what="both consumers with nothing pending")
+        await until(idle, timeout=30, what="both consumers with nothing pending")
 
         # 3. The server comes back and catches up: every replica of the stream current.
         await asyncio.to_thread(cluster.start_node, stopped)
