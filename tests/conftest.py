@@ -11,6 +11,7 @@ import os
 import socket
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import nats
 import pytest
@@ -18,6 +19,9 @@ from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
 from wecombot_common.embedded import EmbeddedNats
+
+if TYPE_CHECKING:
+    from tests.cluster import NatsCluster
 
 
 class NatsHandle:
@@ -70,6 +74,20 @@ def nats_server(tmp_path: Path) -> Iterator[NatsHandle]:
         yield NatsHandle(server, server.url)
     finally:
         server.stop()
+
+
+@pytest.fixture
+def nats_cluster(tmp_path: Path) -> Iterator[NatsCluster]:
+    """Three nats-servers on loopback (tests/cluster.py), for what a replicated stream
+    does otherwise than one server."""
+    from tests.cluster import NatsCluster  # it imports free_port from here
+
+    cluster = NatsCluster(tmp_path / "cluster")
+    cluster.start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ import json
 import time
 import urllib.request
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
@@ -37,17 +37,7 @@ _DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 @pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[NatsCluster]:
-    cluster = NatsCluster(tmp_path / "cluster")
-    cluster.start()
-    try:
-        yield cluster
-    finally:
-        cluster.stop()
-
-
-@pytest.fixture
-async def stack(cluster: NatsCluster, tmp_path: Path) -> AsyncIterator[Stack]:
+async def stack(nats_cluster: NatsCluster, tmp_path: Path) -> AsyncIterator[Stack]:
     env = {
         "WECOMBOT_STREAM_REPLICAS": "3",
         "LOG_LEVEL": "warning",
@@ -56,7 +46,7 @@ async def stack(cluster: NatsCluster, tmp_path: Path) -> AsyncIterator[Stack]:
         "LLM_ACK_WAIT": "10",
         "SENDER_ACK_WAIT": "10",
     }
-    async with Stack(",".join(cluster.urls), tmp_path, env_extra=env) as s:
+    async with Stack(",".join(nats_cluster.urls), tmp_path, env_extra=env) as s:
         await s.start_in_process("token", "llm", "llm", "sender", "sender", "gateway")
         yield s
 
@@ -158,9 +148,9 @@ async def _check_delivered(stack: Stack, rounds: range, timeout: float) -> None:
 
 
 async def test_replicated_cluster_survives_losing_the_stream_leader(
-    cluster: NatsCluster, stack: Stack
+    nats_cluster: NatsCluster, stack: Stack
 ) -> None:
-    nc = await nats.connect(cluster.urls)
+    nc = await nats.connect(nats_cluster.urls)
     js = nc.jetstream()
     sender = Sender(stack)
     stopped: int | None = None
@@ -176,8 +166,8 @@ async def test_replicated_cluster_survives_losing_the_stream_leader(
         # first, so its loss also costs an election of each.
         info = await js.stream_info(topology.CONVERSATION_STREAM)
         assert info.config.num_replicas == 3
-        connected = [_service_connections(cluster, i) for i in range(cluster.size)]
-        stopped = max(range(cluster.size), key=lambda i: len(connected[i]))
+        connected = [_service_connections(nats_cluster, i) for i in range(nats_cluster.size)]
+        stopped = max(range(nats_cluster.size), key=lambda i: len(connected[i]))
         await _lead_from(js, nc, f"n{stopped}")
         print(f"stopping n{stopped}; service connections per node: {connected}")
 
@@ -190,7 +180,7 @@ async def test_replicated_cluster_survives_losing_the_stream_leader(
             what="ten messages of the second round accepted",
         )
         t0 = time.monotonic()
-        await asyncio.to_thread(cluster.stop_node, stopped)
+        await asyncio.to_thread(nats_cluster.stop_node, stopped)
         await flowing
         await _check_delivered(stack, range(1, 11), timeout=45)
         print(
@@ -223,7 +213,7 @@ async def test_replicated_cluster_survives_losing_the_stream_leader(
         await until(idle, timeout=30, what="both consumers with nothing pending")
 
         # 3. The server comes back and catches up: every replica of the stream current.
-        await asyncio.to_thread(cluster.start_node, stopped)
+        await asyncio.to_thread(nats_cluster.start_node, stopped)
         back, stopped = stopped, None
 
         async def caught_up() -> bool:
@@ -236,5 +226,5 @@ async def test_replicated_cluster_survives_losing_the_stream_leader(
         await until(caught_up, timeout=20, what=f"n{back} back among the stream's replicas")
     finally:
         if stopped is not None:
-            await asyncio.to_thread(cluster.start_node, stopped)
+            await asyncio.to_thread(nats_cluster.start_node, stopped)
         await nc.close()

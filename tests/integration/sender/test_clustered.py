@@ -6,8 +6,7 @@ conflict first)."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
+from collections.abc import AsyncIterator
 
 import nats
 import pytest
@@ -33,18 +32,8 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[NatsCluster]:
-    cluster = NatsCluster(tmp_path / "cluster")
-    cluster.start()
-    try:
-        yield cluster
-    finally:
-        cluster.stop()
-
-
-@pytest.fixture
-async def replicated(cluster: NatsCluster) -> AsyncIterator[JetStreamContext]:
-    nc = await nats.connect(cluster.urls)
+async def replicated(nats_cluster: NatsCluster) -> AsyncIterator[JetStreamContext]:
+    nc = await nats.connect(nats_cluster.urls)
     try:
         js = nc.jetstream()
         await ensure_topology(js, NatsSettings.read(EnvReader({"WECOMBOT_STREAM_REPLICAS": "3"})))
