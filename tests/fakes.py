@@ -61,15 +61,30 @@ class FakeLog:
         self.events = [(subj, s) for subj, s in self.events if s.seq > through_seq]
 
     async def read(
-        self, conv: ConversationRef, *, after_seq: int, direct: bool = True
+        self, conv: ConversationRef, *, after_seq: int, direct: bool = True, reach: int = 0
     ) -> AsyncIterator[StoredEvent]:
+        """As ``read_conversation``: a direct read answered by the follower at
+        ``follower_at`` that ends before ``reach`` goes on from the leader."""
         self.reads += 1
-        self.leader_reads += not direct
-        through = self.follower_at if direct and self.follower_at is not None else self._last_seq
-        for subject, s in list(self.events):
-            if after_seq < s.seq <= through and subject.startswith(conv.root + "."):
-                self.events_read += 1
+        if direct:
+            through = self._last_seq if self.follower_at is None else self.follower_at
+            for s in self._read(conv, after_seq, through):
+                after_seq = s.seq
                 yield s
+            if after_seq >= reach:
+                return
+        self.leader_reads += 1
+        for s in self._read(conv, after_seq, self._last_seq):
+            yield s
+
+    def _read(self, conv: ConversationRef, after_seq: int, through: int) -> list[StoredEvent]:
+        found = [
+            s
+            for subject, s in self.events
+            if after_seq < s.seq <= through and subject.startswith(conv.root + ".")
+        ]
+        self.events_read += len(found)
+        return found
 
     async def append(
         self, event: Event, *, msg_id: str, expect_last_seq: int, expect_scope: str

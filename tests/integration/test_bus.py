@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from nats.js import JetStreamContext
 
+from tests.lagging import LaggingFollower
 from wecombot_common import topology
 from wecombot_common.bus import (
     ConcurrencyConflict,
@@ -51,6 +52,30 @@ async def test_append_dedupes_and_reads_back_in_order(js: JetStreamContext) -> N
     assert got == [first, second]
     later = [s.event async for s in read_conversation(js, conv, after_seq=a1.seq)]
     assert later == [second]
+
+
+async def test_a_read_short_of_its_reach_goes_on_from_the_leader(js: JetStreamContext) -> None:
+    """A follower that has applied the log through the first event answers the direct
+    reads: a read that knows the log holds the third goes on from the leader; one that
+    knows nothing ends where the follower does; a reach the log no longer holds (aged
+    out) ends after the leader's read, not in a loop."""
+    await ensure_topology(js, _settings())
+    conv = ConversationRef("ww1-1", "wang.wu")
+    replies = [
+        ReplyGenerated(app=conv.app, conversation=conv.user, correlation_id=f"m{i}", text=t)
+        for i, t in enumerate("abc")
+    ]
+    seqs = [(await append_event(js, r)).seq for r in replies]
+    follower = LaggingFollower(js, applied=seqs[0])  # type: ignore[arg-type]
+
+    async def read(**kwargs: int) -> list[int]:
+        return [s.seq async for s in read_conversation(follower, conv, **kwargs)]  # type: ignore[arg-type]
+
+    assert await read() == seqs[:1] and follower.leader_reads == 0
+    assert await read(reach=seqs[2]) == seqs and follower.leader_reads > 0
+    follower.leader_reads = 0
+    assert await read(after_seq=seqs[2], reach=seqs[2]) == [] and follower.leader_reads == 0
+    assert await read(reach=seqs[2] + 5) == seqs
 
 
 async def test_expected_last_sequence_is_scoped_to_a_branch(js: JetStreamContext) -> None:

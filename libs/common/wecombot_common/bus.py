@@ -469,6 +469,7 @@ async def read_conversation(
     after_seq: int = 0,
     branch: str | None = None,
     direct: bool = True,
+    reach: int = 0,
 ) -> AsyncIterator[StoredEvent]:
     """Yield a conversation's events after ``after_seq``, in stream order, up to now.
 
@@ -483,6 +484,11 @@ async def read_conversation(
     yield is the stream's own (a sequence is never reused). ``direct=False`` asks the
     stream leader (``$JS.API.STREAM.MSG.GET``), which has every acknowledged append: for
     a reader that knows the log holds more than a read showed.
+
+    ``reach``: a seq of this conversation the log is known to hold (the event being
+    handled). A direct read that ends before it was answered by a lagging follower: the
+    rest is read from the leader (log ``conversation.read_lagged``). Still short of it
+    after that, the event is gone (aged out, the stream purged or made again).
     """
     subject = branch or conversation.all_events
     seq = after_seq + 1
@@ -492,6 +498,10 @@ async def read_conversation(
                 topology.CONVERSATION_STREAM, seq=seq, subject=subject, next=True, direct=direct
             )
         except nats.js.errors.NotFoundError:
+            if direct and seq <= reach:
+                log.info("conversation.read_lagged", read_to=seq - 1, reach=reach)
+                direct = False
+                continue
             return
         assert raw.seq is not None
         seq = raw.seq + 1

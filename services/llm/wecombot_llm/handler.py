@@ -291,23 +291,17 @@ class LlmHandler:
     ) -> bool:
         """Apply what the log has past the entry; True if it had anything.
 
-        A direct read may come from a stream follower that lags its leader; when it ends
-        before ``through`` (the message being handled), or with ``leader`` (an append was
-        refused: the log holds more), the rest is read from the leader. Otherwise the
-        handler would wait for its own message to show, or, after a conflict, find
-        nothing new and rebuild the conversation, to conflict again."""
+        A direct read may come from a stream follower that lags its leader; one that
+        ends before ``through`` (the message being handled) goes on from the leader
+        (``read_conversation``'s ``reach``), and with ``leader`` (an append was refused:
+        the log holds more) all of it is read there. Otherwise the handler would wait
+        for its own message to show, or, after a conflict, find nothing new and rebuild
+        the conversation, to conflict again."""
         before = entry.state.last_seq
-        if not leader:
-            await self._apply(conv, entry, direct=True)
-            leader = entry.state.last_seq < through
-        if leader:
-            await self._apply(conv, entry, direct=False)
-        return entry.state.last_seq != before
-
-    async def _apply(self, conv: ConversationRef, entry: Entry, *, direct: bool) -> None:
-        read = self._store.read(conv, after_seq=entry.state.last_seq, direct=direct)
+        read = self._store.read(conv, after_seq=before, direct=not leader, reach=through)
         async for stored in read:
             entry.state.apply(stored)
+        return entry.state.last_seq != before
 
     async def _decide_and_append(
         self, received: MessageReceived, conv: ConversationRef, entry: Entry, num_delivered: int

@@ -35,11 +35,12 @@ class LogUnavailable(TransientError):
 
 class ConversationLog(Protocol):
     def read(
-        self, conv: ConversationRef, *, after_seq: int, direct: bool = True
+        self, conv: ConversationRef, *, after_seq: int, direct: bool = True, reach: int = 0
     ) -> AsyncIterator[StoredEvent]:
         """The conversation's events after ``after_seq``, in order, up to now; a direct
-        read may be answered by a stream follower and end early (``read_conversation``),
-        ``direct=False`` is answered by the stream leader."""
+        read may be answered by a stream follower and end early, unless before ``reach``
+        (then it goes on from the leader); ``direct=False`` is answered by the stream
+        leader (``read_conversation``)."""
         ...
 
     async def append(
@@ -60,11 +61,11 @@ class JetStreamLog:
         self._consumer = consumer
 
     async def read(
-        self, conv: ConversationRef, *, after_seq: int, direct: bool = True
+        self, conv: ConversationRef, *, after_seq: int, direct: bool = True, reach: int = 0
     ) -> AsyncIterator[StoredEvent]:
         try:
             async for stored in read_conversation(
-                self._js, conv, after_seq=after_seq, direct=direct
+                self._js, conv, after_seq=after_seq, direct=direct, reach=reach
             ):
                 yield stored
         except (TimeoutError, nats.errors.Error) as exc:

@@ -151,29 +151,19 @@ class ConversationCache:
         """The conversation caught up from the log, through stream seq ``through`` at
         least (the event being handled, or one the log has just reported storing).
 
-        The catch-up is a direct read, which a stream follower that lags its leader may
-        answer: it would end before ``through``, and the state would miss an earlier
-        reply still being delivered (this one would overtake it) or the reply a requeue
-        names (parked as "not in the log"). Then, or when ``leader`` (an append was
-        refused: the log holds more than this state), the rest is read from the leader.
-        Still short of ``through`` after that: the event is gone (aged out, the stream
-        purged or made again), and the state is the log's all the same."""
+        A direct read from a stream follower that lags its leader would end before
+        ``through``, and the state would miss an earlier reply still being delivered
+        (this one would overtake it) or the reply a requeue names (parked as "not in the
+        log"): ``read_conversation`` reads the rest from the leader then (``reach``), and
+        all of it with ``leader`` (an append was refused: the log holds more than this
+        state, whatever a follower shows)."""
         state = self._entries.get(conv) or ConversationState()
-        if not leader:
-            state = await self._caught_up(conv, state, direct=True)
-            leader = state.last_seq < through
-            if leader:
-                log.info("sender.read_lagged", read_to=state.last_seq, through=through)
-        if leader:
-            state = await self._caught_up(conv, state, direct=False)
+        read = read_conversation(
+            self._js, conv, after_seq=state.last_seq, direct=not leader, reach=through
+        )
+        state = fold(state, [stored async for stored in read])
         self.put(conv, state)
         return state
-
-    async def _caught_up(
-        self, conv: ConversationRef, state: ConversationState, *, direct: bool
-    ) -> ConversationState:
-        read = read_conversation(self._js, conv, after_seq=state.last_seq, direct=direct)
-        return fold(state, [stored async for stored in read])
 
     def put(self, conv: ConversationRef, state: ConversationState) -> None:
         self._entries[conv] = state

@@ -81,8 +81,8 @@ async def test_a_reply_does_not_overtake_an_earlier_one_a_lagging_follower_misse
     assert "earlier reply" in settled.reason
     assert system.sim.messages_to(user) == []
     assert follower.leader_reads > 0
-    lagged = [e for e in logs if e["event"] == "sender.read_lagged"]
-    assert lagged and lagged[0]["through"] == later_seq and lagged[0]["read_to"] == 0
+    lagged = [e for e in logs if e["event"] == "conversation.read_lagged"]
+    assert lagged and lagged[0]["reach"] == later_seq and lagged[0]["read_to"] == 0
 
 
 async def test_a_requeue_a_lagging_follower_cannot_see_yet_is_delivered_not_parked(
