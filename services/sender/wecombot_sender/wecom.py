@@ -71,6 +71,7 @@ class _SendResponse(msgspec.Struct, frozen=True):
     errmsg: str = ""
     msgid: str = ""
     invaliduser: str = ""
+    unlicenseduser: str = ""
 
 
 _encoder = msgspec.json.Encoder()
@@ -147,6 +148,12 @@ class HttpMessageApi:
         return _msgid_or_raise(answer, touser)
 
 
+_UNLICENSED = (
+    "WeCom accepted the message for nobody: the recipient has no API license "
+    "(unlicenseduser; 接口许可, buy or assign one in the admin console)"
+)
+
+
 def may_have_gone_out(exc: httpx.TransportError) -> bool:
     """Whether the request may have reached WeCom (not a connect or pool failure)."""
     return not isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout | httpx.PoolTimeout)
@@ -154,10 +161,15 @@ def may_have_gone_out(exc: httpx.TransportError) -> bool:
 
 def _msgid_or_raise(answer: _SendResponse, touser: str) -> str:
     if answer.errcode == 0:
-        # Accepted for nobody: WeCom lists the one recipient as invalid. UserIDs are
-        # case-insensitive in WeCom: its list may not spell it as we did.
-        if touser.casefold() in answer.invaliduser.casefold().split("|"):
+        # Accepted for nobody: WeCom lists the one recipient as invalid, or as a member
+        # without the API license (接口许可) the message needs ("unlicenseduser",
+        # https://developer.work.weixin.qq.com/document/path/90236). UserIDs are
+        # case-insensitive in WeCom: its lists may not spell it as we did.
+        user = touser.casefold()
+        if user in answer.invaliduser.casefold().split("|"):
             raise SendRejected(82001, explain(82001, answer.errmsg))
+        if user in answer.unlicenseduser.casefold().split("|"):
+            raise SendRejected(82001, _UNLICENSED)
         return answer.msgid
     reason = explain(answer.errcode, answer.errmsg)
     kind = classify(answer.errcode)

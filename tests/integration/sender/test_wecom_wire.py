@@ -156,6 +156,33 @@ async def test_an_ok_that_lists_the_recipient_as_invalid_is_no_delivery(listed: 
 
 
 @pytest.mark.parametrize(
+    ("listed", "delivered"),
+    [("zhang.san", False), ("li.si|ZHANG.SAN", False), ("li.si", True), ("", True)],
+)
+async def test_an_ok_that_lists_the_recipient_as_unlicensed_is_no_delivery(
+    listed: str, delivered: bool
+) -> None:
+    """errcode 0 with the user in ``unlicenseduser`` (no API license, path/90236): the
+    message went to nobody; another user listed there is none of this send's business."""
+    answer_ = {"errcode": 0, "errmsg": "ok", "invaliduser": "", "msgid": "m1"}
+    body = json.dumps({**answer_, "unlicenseduser": listed}).encode()
+
+    async def wecom(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        await answer(writer, 200, body, "application/json")
+        writer.close()
+
+    async with raw_http(wecom) as base_url, adapter(base_url) as api:
+        if delivered:
+            assert await api.send_text("token", "Zhang.San", "hi") == "m1"
+            return
+        with pytest.raises(SendRejected) as caught:
+            await api.send_text("token", "Zhang.San", "hi")
+    assert caught.value.errcode == 82001
+    assert "API license" in str(caught.value)
+
+
+@pytest.mark.parametrize(
     ("body", "content_type", "why"),
     [
         (b"<html>captive portal</html>", "text/html", "JSON is malformed"),
