@@ -212,6 +212,12 @@ class _Job:
     def reply_id(self) -> str:
         return self.reply.event_id
 
+    @property
+    def repeat(self) -> bool:
+        """An earlier round may have sent parts it did not record: a redelivery, or the
+        failed round a requeue retries."""
+        return self.delivery.num_delivered > 1 or bool(self.requeued_by)
+
     def lay_out(self, outcome: OutcomeState) -> None:
         """Take the parts as the log's record of this reply places them (``layout``)."""
         last = max(outcome.delivered, default=-1)
@@ -325,7 +331,12 @@ class ReplySender:
     # ------------------------------------------------------------ deciding
 
     async def _attempt(self, job: _Job, *, behind: bool = False) -> Settlement:
-        state = await self._cache.load(job.conv, through=job.delivery.stream_seq, leader=behind)
+        # A repeat reads the whole log from the stream leader, not only through this
+        # reply: its sends ask the duplicate check, whose window must show every part
+        # sent since, a later reply's too (one that overtook it); a lagging follower may
+        # not show those yet.
+        leader = behind or job.repeat
+        state = await self._cache.load(job.conv, through=job.delivery.stream_seq, leader=leader)
         if pending_before(state, job.order_seq) and not state.outcome(job.reply_id).terminal:
             # The user's hour is full: the earlier replies wait for it too, so waiting for
             # them would only spend this reply's deliveries (one per order wait).
@@ -427,7 +438,7 @@ class ReplySender:
         # accepted and died before recording it; or, its hold lapsed unseen, be sending
         # this very part now: every part of a redelivery asks (not only its first, or
         # the replica that wins each append race sends the next part unchecked).
-        maybe_sent = job.delivery.num_delivered > 1 or bool(job.requeued_by)
+        maybe_sent = job.repeat
         checkable: bool | None = None  # whether the check can tell a repeat (asked once)
         while True:
             # ... or our hold on the message lapsed, or another writer got into the send

@@ -7,6 +7,7 @@ everything else (the leader's reads, appends, the consumer's floor) is the real 
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
@@ -122,30 +123,55 @@ async def test_a_requeue_a_lagging_follower_cannot_see_yet_is_delivered_not_park
     await system.log.until(lambda: bool(system.log.of(ReplyDelivered, reply.event_id)))
 
 
+async def test_the_duplicate_checks_window_is_read_from_the_leader(system: System) -> None:
+    """The first delivery of an earlier reply died before its send; a later one of the
+    same text overtook it (on its last try) and another replica delivered it. The
+    follower answering the redelivery's reads has both replies, not that record: asked
+    with the duplicate check, WeCom would drop the earlier reply as a repeat of it."""
+    user = "lagging.window"
+    earlier, later = (
+        ReplyGenerated(**Envelope(app=APP, conversation=user, correlation_id=m), text="好的")
+        for m in ("m1", "m2")
+    )
+    earlier_seq = await _append(system, earlier, f"outcome:{earlier.event_id}")
+    later_seq = await _append(system, later, f"outcome:{later.event_id}")
+    token = await sim_token(system.sim)
+    api = message_api(system.sim, timeout_s=2)
+    try:
+        msgid = await api.send_text(token, user, later.text)  # the other replica's send
+    finally:
+        await api.aclose()
+    await system.record_first_part(later, 1, msgid, span=(0, len(later.text)))
+    follower = LaggingFollower(system.js, applied=later_seq)
+    settled = await _handle(system, follower, earlier, earlier_seq, num_delivered=2)
+    assert isinstance(settled, Ack), settled
+    assert system.sim.messages_to(user) == ["好的", "好的"]
+    assert system.sim.duplicates == []
+
+
 async def test_a_conflict_reads_the_log_from_the_leader(system: System) -> None:
-    """Another replica recorded part 0; the follower answering our catch-up has the
-    reply, not the record. Our append of part 0 is refused (the send branch moved): the
-    catch-up after it must not ask the same follower again, round after round, until the
-    delivery gives up."""
+    """While WeCom's answer to our send of part 0 is slow, another replica (our hold
+    lapsed) delivers the whole reply. The follower answering our catch-up has the reply,
+    not those records. Our append of part 0 is refused (the send branch moved): the
+    catch-up after it must not ask the same follower again, round after round, until
+    the delivery gives up."""
     user = "lagging.conflict"
     text = "\n\n".join(c * 1500 for c in "ab")
     parts = split_text(text)
     assert len(parts) == 2
     reply = await system.reply(user, text)
-    token = await sim_token(system.sim)
-    api = message_api(system.sim, timeout_s=2)
-    try:
-        msgid = await api.send_text(token, user, parts[0])  # the other replica's send
-    finally:
-        await api.aclose()
-    await system.record_first_part(reply, 2, msgid, span=(0, len(parts[0])))
-    follower = LaggingFollower(system.js, applied=1)  # the reply, not its record
+    follower = LaggingFollower(system.js, applied=1)  # the reply, not its records
+    hold = system.sim.hold_sends(lambda _user, content: content == parts[0], after_accept=True)
     with capture_logs() as logs:
-        settled = await _handle(system, follower, reply, 1, num_delivered=2)
+        ours = asyncio.create_task(_handle(system, follower, reply, 1))
+        await hold.wait_held()
+        assert await _handle(system, follower, reply, 1, num_delivered=2) == Ack()
+        hold.release()
+        settled = await ours
     events = [e["event"] for e in logs]
-    # the record is a real event: the append must not be put after it unseen
+    # the records are real events: the append must not be put after them unseen
     assert "event.appending_after_unreadable" not in events, events
     assert "sender.append_conflict" in events
     assert isinstance(settled, Ack), settled
-    assert system.sim.messages_to(user) == parts
+    assert system.sim.messages_to(user) == parts  # the other's part 0 was a repeat
     assert len(system.log.of(ReplyDelivered, reply.event_id)) == 1
