@@ -330,13 +330,18 @@ class ReplySender:
 
     # ------------------------------------------------------------ deciding
 
+    async def _load(self, job: _Job, *, behind: bool = False) -> ConversationState:
+        """The conversation, through the event being handled at least. Read from the
+        stream leader when ``behind`` (an append was refused: the log holds more than a
+        follower may show), and for a repeat or a contested delivery: its sends ask
+        WeCom's duplicate check, whose window must show every part sent since, a later
+        reply's too (one that overtook this one), which a lagging follower may not show
+        yet (``ConversationCache.load``)."""
+        leader = behind or job.repeat or job.contested
+        return await self._cache.load(job.conv, through=job.delivery.stream_seq, leader=leader)
+
     async def _attempt(self, job: _Job, *, behind: bool = False) -> Settlement:
-        # A repeat reads the whole log from the stream leader, not only through this
-        # reply: its sends ask the duplicate check, whose window must show every part
-        # sent since, a later reply's too (one that overtook it); a lagging follower may
-        # not show those yet.
-        leader = behind or job.repeat
-        state = await self._cache.load(job.conv, through=job.delivery.stream_seq, leader=leader)
+        state = await self._load(job, behind=behind)
         if pending_before(state, job.order_seq) and not state.outcome(job.reply_id).terminal:
             # The user's hour is full: the earlier replies wait for it too, so waiting for
             # them would only spend this reply's deliveries (one per order wait).
@@ -385,7 +390,7 @@ class ReplySender:
             delay = random.uniform(0.5, 1.5)  # noqa: S311 (jitter, not crypto)
             return Nak(delay, "an earlier reply to this user is still being delivered")
         log.warning("sender.order_given_up")
-        return await self._cache.load(job.conv, through=job.delivery.stream_seq)
+        return await self._load(job)
 
     async def _wait_turn(self, job: _Job, state: ConversationState) -> ConversationState | None:
         """Poll the log until no earlier reply of the conversation is pending; None when
@@ -411,7 +416,7 @@ class ReplySender:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), min(delay, left))
             delay = min(1.0, delay * 2)
-            state = await self._cache.load(job.conv, through=job.delivery.stream_seq)
+            state = await self._load(job)
 
     def _over_the_hour(self, state: ConversationState) -> Nak | None:
         """A nak until the user's hour has room, when WeCom would drop the next send
