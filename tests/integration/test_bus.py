@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+
 import pytest
 from nats.js import JetStreamContext
+from structlog.testing import capture_logs
 
+from tests.conftest import free_port
 from tests.lagging import LaggingFollower
+from tests.waiting import until
 from wecombot_common import topology
 from wecombot_common.bus import (
     ConcurrencyConflict,
     append_event,
+    connect,
     ensure_topology,
     read_conversation,
 )
@@ -89,3 +96,26 @@ async def test_expected_last_sequence_is_scoped_to_a_branch(js: JetStreamContext
     await append_event(js, reply("2"), expect_last_seq=a.seq, expect_scope=conv.llm_branch)
     with pytest.raises(ConcurrencyConflict):
         await append_event(js, reply("3"), expect_last_seq=a.seq, expect_scope=conv.llm_branch)
+
+
+async def test_a_broker_that_is_not_there_is_named_without_its_password() -> None:
+    """The first connection is tried again without end (a pod may start before NATS);
+    each failure must say which NATS_URL failed, or a wrong one reads only as
+    "connection refused" forever."""
+    port = free_port()
+    url = f"nats://bot:hunter2@127.0.0.1:{port}"
+    settings = NatsSettings.read(EnvReader({"NATS_URL": url}))
+
+    def errors() -> list[dict[str, object]]:
+        return [e for e in logs if e["event"] == "nats.error"]
+
+    with capture_logs() as logs:
+        connecting = asyncio.create_task(connect(settings, "wecombot-test"))
+        try:
+            await until(lambda: bool(errors()), timeout=10, what="a nats.error line")
+        finally:
+            connecting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await connecting
+    assert errors()[0]["nats_url"] == f"nats://127.0.0.1:{port}"
+    assert "hunter2" not in repr(logs)

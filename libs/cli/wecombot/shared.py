@@ -7,28 +7,9 @@ from collections.abc import Awaitable, Callable
 from nats.aio.client import Client as NATS
 
 from wecombot_common import bus
-from wecombot_common.settings import NatsSettings
+from wecombot_common.settings import NatsSettings, without_credentials
 
 __all__ = ["clip", "connect_once", "without_credentials"]
-
-
-def without_credentials(url: str) -> str:
-    """``url`` (a comma-separated list of server URLs) without any user, password or
-    token: what may be printed of NATS_URL.
-
-    >>> without_credentials("nats://bot:s3cr@t@nats-1:4222, tls://t0ken@nats-2:4222")
-    'nats://nats-1:4222,tls://nats-2:4222'
-    >>> without_credentials("nats://127.0.0.1:4222")
-    'nats://127.0.0.1:4222'
-    """
-    hosts: list[str] = []
-    for part in url.split(","):
-        scheme, sep, rest = part.strip().partition("://")
-        if not sep:  # no scheme: host[:port], or user:pass@host[:port]
-            scheme, rest = "", scheme
-        # The last "@" ends the userinfo: a password may contain "@" itself.
-        hosts.append(f"{scheme}{sep}{rest.rpartition('@')[2]}")
-    return ",".join(hosts)
 
 
 def clip(text: str, limit: int = 160) -> str:

@@ -31,7 +31,7 @@ from . import topology
 from .errors import TransientError
 from .events import Event, EventDecodeError, decode_event, encode_event
 from .runtime import unless_stopped
-from .settings import NatsSettings
+from .settings import NatsSettings, without_credentials
 from .topology import ConversationRef, subject_for
 
 __all__ = [
@@ -94,9 +94,12 @@ async def connect(settings: NatsSettings, name: str, **options: object) -> NATS:
     nc = await connect(settings.nats, "wecombot-gateway")
     """
     log_ = log.bind(client=name)
+    servers = without_credentials(settings.url)  # NATS_URL may carry a password
 
     async def on_error(exc: Exception) -> None:
-        log_.warning("nats.error", error=str(exc))
+        # Named: a wrong NATS_URL shows only as "connection refused" otherwise (the
+        # first connection is tried again without end too: a pod may start before NATS).
+        log_.warning("nats.error", error=str(exc), nats_url=servers)
 
     client: list[NATS] = []
 

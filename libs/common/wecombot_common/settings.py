@@ -43,6 +43,7 @@ __all__ = [
     "app_key",
     "masked_url",
     "url_problem",
+    "without_credentials",
 ]
 
 T = TypeVar("T")
@@ -284,6 +285,25 @@ def url_credentials(urls: str) -> list[str]:
             user, colon, password = userinfo.partition(":")
             found.append(password if colon else user)
     return [s for s in found if s]
+
+
+def without_credentials(url: str) -> str:
+    """``url`` (a comma-separated list of server URLs) without any user, password or
+    token: what may be printed of NATS_URL.
+
+    >>> without_credentials("nats://bot:s3cr@t@nats-1:4222, tls://t0ken@nats-2:4222")
+    'nats://nats-1:4222,tls://nats-2:4222'
+    >>> without_credentials("nats://127.0.0.1:4222")
+    'nats://127.0.0.1:4222'
+    """
+    hosts: list[str] = []
+    for part in url.split(","):
+        scheme, sep, rest = part.strip().partition("://")
+        if not sep:  # no scheme: host[:port], or user:pass@host[:port]
+            scheme, rest = "", scheme
+        # The last "@" ends the userinfo: a password may contain "@" itself.
+        hosts.append(f"{scheme}{sep}{rest.rpartition('@')[2]}")
+    return ",".join(hosts)
 
 
 def masked_url(url: str) -> str:
