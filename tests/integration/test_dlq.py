@@ -15,17 +15,19 @@ import os
 import subprocess
 import sys
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import msgspec
 import pytest
 from nats.js import JetStreamContext
 
-from tests.conftest import NatsHandle
+from tests.conftest import NatsHandle, free_port
 from tests.lagging import LaggingFollower
-from tests.waiting import until
+from tests.waiting import eventually, until
 from wecombot.dlq import read_dead_letters, replay, run
 from wecombot_common import topology
 from wecombot_common.bus import append_event, ensure_topology
+from wecombot_common.embedded import nats_server_binary
 from wecombot_common.errors import PermanentError
 from wecombot_common.events import MessageReceived, ReplyGenerated, TextPayload
 from wecombot_common.settings import EnvReader, NatsSettings
@@ -154,9 +156,11 @@ async def test_list_as_a_table_and_filtered(
     head, columns, *rows, hint = out.splitlines()
     assert head == "3 dead letters in WECOMBOT_DLQ"
     assert columns.split() == [
-        "SEQ", "TIME", "(UTC)", "CONSUMER", "STREAM", "SEQ", "DELIVERIES", "SUBJECT", "REASON",
+        "SEQ", "TIME", "(UTC)", "CONSUMER", "STREAM", "SEQ", "DELIVERIES", "USER", "REASON",
     ]  # fmt: skip
     assert [r.split()[:5:3] for r in rows] == [["1", "llm"], ["2", "sender"], ["3", "sender"]]
+    # the user whole, not a subject clipped before it
+    assert [r.split()[6] for r in rows] == ["wang.wu", "li.si", "zhang.san"]
     assert "gave up after 2: WeCom answered HTTP 502" in rows[2]
     assert hint == "details: wecombot dlq show SEQ"
 
@@ -165,8 +169,8 @@ async def test_list_as_a_table_and_filtered(
     head, _, only, _ = out.splitlines()
     assert head == "3 dead letters in WECOMBOT_DLQ (showing 1 of consumer sender)"
     assert only.split()[0] == "3"  # the newest
-    code, out, _ = await _dlq(nats_server.url, "--consumer", "token")
-    assert out == "no dead letters of consumer token in WECOMBOT_DLQ (3 in all)\n"
+    code, out, _ = await _dlq(nats_server.url, "--consumer", "llm", "--limit", "5")
+    assert out.splitlines()[0] == "3 dead letters in WECOMBOT_DLQ (showing 1 of consumer llm)"
 
 
 async def test_show_one_with_its_event_decoded_or_its_bytes(
@@ -208,12 +212,40 @@ async def test_an_empty_dlq_and_an_unreachable_broker(
     code, out, err = await _dlq(url)
     assert code == 1 and out == ""
     assert err.startswith("wecombot dlq: cannot reach NATS at nats://127.0.0.1:")
+    assert ": nothing listens at that address\nStart nats-server with JetStream" in err
     assert "pw-never-shown" not in err and "admin" not in err
+
+
+async def test_a_broker_without_jetstream_is_said_plainly(tmp_path: Path) -> None:
+    server = subprocess.Popen(
+        [nats_server_binary(), "-a", "127.0.0.1", "-p", str(port := free_port())],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        url = f"nats://127.0.0.1:{port}"
+        code, out, err = await eventually(
+            lambda: _answered(url), timeout=10, what="nats-server without JetStream to answer"
+        )
+    finally:
+        server.terminate()
+        server.wait()
+    assert (code, out) == (1, "")
+    assert err.startswith(f"wecombot dlq: NATS at {url} answers, but JetStream is not enabled\n")
+
+
+async def _answered(url: str) -> tuple[int, str, str] | None:
+    """The command's answer, once it reaches the server (None while it cannot)."""
+    answer = await _dlq(url)
+    return None if "cannot reach NATS" in answer[2] else answer
 
 
 async def test_no_dlq_stream_yet_is_said_plainly(nats_server: NatsHandle) -> None:
     """Before any service (or `wecombot setup`) has created the streams."""
-    expected = "wecombot dlq: the stream WECOMBOT_DLQ does not exist\n"
+    expected = (
+        f"wecombot dlq: the stream WECOMBOT_DLQ does not exist at {nats_server.url}: the "
+        "services make it when they start (or `wecombot setup`)\n"
+    )
     for argv in ((), ("show", "1"), ("replay", "1")):
         assert await _dlq(nats_server.url, *argv) == (1, "", expected), argv
 
@@ -244,6 +276,28 @@ async def test_the_wecombot_command(nats_server: NatsHandle, dead: JetStreamCont
         assert bad.returncode == 2 and "is not 1 or more" in bad.stderr, (argv, bad.stderr)
     helped = await asyncio.to_thread(_wecombot, "--help", url=nats_server.url)
     assert helped.returncode == 0 and "--consumer" in helped.stdout, helped.stderr
+    bad = await asyncio.to_thread(_wecombot, "--consumer", "token", url=nats_server.url)
+    assert bad.returncode == 2 and "invalid choice: 'token'" in bad.stderr, bad.stderr
+
+
+async def test_the_wecombot_command_reads_dot_env(
+    nats_server: NatsHandle, dead: JetStreamContext, tmp_path: Path
+) -> None:
+    """As dev and doctor do: README's step 3 puts the settings in ./.env."""
+    (tmp_path / ".env").write_text(f"NATS_URL={nats_server.url}\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NATS_")}
+    listed = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "wecombot", "dlq", "--json"],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert listed.returncode == 0, listed.stderr
+    assert len(json.loads(listed.stdout)) == 3
 
 
 async def test_one_consumers_newest_letters_are_found_however_they_mix_with_others(

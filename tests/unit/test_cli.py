@@ -26,7 +26,7 @@ def test_doctor_help_shows_its_options(capsys: pytest.CaptureFixture[str]) -> No
 def test_dlq_help_shows_its_options(capsys: pytest.CaptureFixture[str]) -> None:
     shown = _help(capsys, "dlq", "--help")
     assert shown.startswith("usage: wecombot dlq")
-    assert "--consumer CONSUMER" in shown and "--limit LIMIT" in shown and "show" in shown
+    assert "--consumer {llm,sender}" in shown and "--limit LIMIT" in shown and "show" in shown
 
 
 def test_a_command_without_options_has_help_and_refuses_arguments(

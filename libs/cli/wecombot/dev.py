@@ -32,7 +32,7 @@ import secrets
 import signal
 import subprocess
 import sys
-from collections.abc import Coroutine, Mapping, MutableMapping
+from collections.abc import Coroutine, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -47,6 +47,7 @@ from wecombot_llm.settings import ModelSettings
 
 from .console import Console, ConsoleConfig
 from .devlock import NATS_SERVER, DataDirLock
+from .shared import read_dotenv
 
 __all__ = ["main"]
 
@@ -65,23 +66,6 @@ WECOM_KEYS = (
     "WECOM_TOKEN",
     "WECOM_ENCODING_AES_KEY",
 )
-
-
-def read_dotenv(path: Path, into: MutableMapping[str, str]) -> None:
-    """KEY=VALUE lines (``#`` comments, optional quotes); existing variables win."""
-    if not path.is_file():
-        return
-    for line in path.read_text(encoding="utf-8").splitlines():
-        line = line.strip()
-        if not line or line.startswith("#") or "=" not in line:
-            continue
-        key, _, value = line.partition("=")
-        key = key.removeprefix("export ").strip()
-        value = value.strip()
-        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
-            value = value[1:-1]
-        if key and value and not into.get(key):
-            into[key] = value
 
 
 @dataclass(frozen=True)

@@ -10,14 +10,14 @@ A message a service can never handle (an undecodable event, a reply WeCom always
 a failure that outlasted ``max_deliver``) is copied to the stream ``WECOMBOT_DLQ``
 (subject ``wecombot.dlq.<consumer>``) with why, and terminated in its work queue, so it
 never blocks the conversation behind it (``wecombot_common.worker``). This command shows
-them: when, which consumer gave up, the reason, the original subject and stream
-sequence (still in ``WECOMBOT`` until ``WECOMBOT_HISTORY_MAX_AGE``), and the number of
-deliveries. Example::
+them: when, which consumer gave up, the user, the reason, the original stream sequence
+(still in ``WECOMBOT`` until ``WECOMBOT_HISTORY_MAX_AGE``), and the number of deliveries
+(``show`` and ``--json`` add the original subject and the event). Example::
 
     $ wecombot dlq
     1 dead letter in WECOMBOT_DLQ
-    SEQ  TIME (UTC)           CONSUMER  STREAM SEQ  DELIVERIES  SUBJECT               REASON
-      1  2026-11-28 23:23:11  sender            26           1  wecombot.conv.ww1-…   SendRe…
+    SEQ  TIME (UTC)           CONSUMER  STREAM SEQ  DELIVERIES  USER       REASON
+      1  2026-11-28 23:23:11  sender            26           1  zhang.san  SendRe…
     details: wecombot dlq show SEQ
 
 ``replay`` hands a dead letter back to its consumer:
@@ -41,7 +41,8 @@ letters, 50 by default; the table says how many there are in all).
 
 Listing and showing only read (STREAM.INFO and STREAM.MSG.GET on ``WECOMBOT_DLQ``);
 ``replay`` also reads the conversation and appends to it. Run it with the NATS admin
-credentials (``NATS_USER``/``NATS_PASSWORD`` or ``NATS_CREDS``, and ``NATS_URL``).
+credentials (``NATS_USER``/``NATS_PASSWORD`` or ``NATS_CREDS``, and ``NATS_URL``; a
+``.env`` in the working directory is read for those not set, as ``dev`` and ``doctor`` do).
 Exit codes: 0 done (an empty DLQ included), 1 NATS unreachable, no such message, or a
 replay refused, 2 bad arguments or settings.
 """
@@ -58,6 +59,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
 from email.header import Header, decode_header
+from pathlib import Path
 from typing import Any, TextIO
 
 import msgspec
@@ -98,7 +100,14 @@ from wecombot_common.worker import (
     DLQ_SUBJECT,
 )
 
-from .shared import clip, connect_once, without_credentials
+from .shared import (
+    clip,
+    connect_once,
+    nats_unreachable,
+    no_jetstream,
+    read_dotenv,
+    without_credentials,
+)
 
 __all__ = [
     "ACCEPTS_ARGS",
@@ -420,7 +429,7 @@ def render_table(total: int, letters: Sequence[DeadLetter], consumer: str | None
     if not letters:
         return f"no dead letters{which} in {topology.DEAD_LETTER_STREAM} ({total} in all)\n"
     shown = "" if len(letters) == total else f" (showing {len(letters)}{which})"
-    rows = [("SEQ", "TIME (UTC)", "CONSUMER", "STREAM SEQ", "DELIVERIES", "SUBJECT", "REASON")]
+    rows = [("SEQ", "TIME (UTC)", "CONSUMER", "STREAM SEQ", "DELIVERIES", "USER", "REASON")]
     for d in letters:
         when = d.time.strftime("%Y-%m-%d %H:%M:%S") if d.time else "?"
         rows.append(
@@ -430,7 +439,7 @@ def render_table(total: int, letters: Sequence[DeadLetter], consumer: str | None
                 d.consumer,
                 "" if d.stream_seq is None else str(d.stream_seq),
                 "" if d.deliveries is None else str(d.deliveries),
-                clip(d.subject, _SUBJECT_WIDTH),
+                _user(d),
                 clip(d.reason, _REASON_WIDTH),
             )
         )
@@ -446,6 +455,13 @@ def render_table(total: int, letters: Sequence[DeadLetter], consumer: str | None
         lines.append("  ".join(cells).rstrip())
     lines.append("details: wecombot dlq show SEQ")
     return "\n".join(lines) + "\n"
+
+
+def _user(letter: DeadLetter) -> str:
+    """The WeCom user of the conversation (a UserID is at most 64 characters: shown
+    whole); a subject that names none, clipped (``show`` has it all)."""
+    conv = letter.conversation
+    return conv[1] if conv else clip(letter.subject, _SUBJECT_WIDTH)
 
 
 def render_one(letter: DeadLetter) -> str:
@@ -514,7 +530,10 @@ def _options(p: argparse.ArgumentParser, *, listing: bool, defaults: bool = Fals
     p.add_argument("--json", action="store_true", default=default(False), help="JSON output")
     if listing:
         p.add_argument(
-            "--consumer", default=default(None), help="only this consumer's (llm, sender)"
+            "--consumer",
+            default=default(None),
+            choices=(topology.LLM_CONSUMER, topology.SENDER_CONSUMER),
+            help="only this consumer's",
         )
         p.add_argument(
             "--limit",
@@ -533,19 +552,32 @@ async def run(
     if args.action == "replay" and args.json:
         err.write("wecombot dlq: --json is for list and show; replay answers in words\n")
         return 2
+    url = without_credentials(settings.url)
+    errors: list[Exception] = []
+
+    async def remember(exc: Exception) -> None:  # reported once, as the command's answer
+        errors.append(exc)
+
     try:
         async with asyncio.timeout(_TIMEOUT_S):
             nc = await connect_once(
-                settings, CLIENT_NAME, connect_timeout_s=_TIMEOUT_S / 2, error_cb=_quiet
+                settings, CLIENT_NAME, connect_timeout_s=_TIMEOUT_S / 2, error_cb=remember
             )
     except (TimeoutError, OSError, nats.errors.Error) as exc:
-        url = without_credentials(settings.url)
-        err.write(f"wecombot dlq: cannot reach NATS at {url}: {type(exc).__name__}\n")
+        summary, advice = nats_unreachable(url, errors[-1] if errors else exc)
+        err.write(f"wecombot dlq: {summary}\n{advice}\n")
         return 1
     try:
         return await _act(nc.jetstream(timeout=_TIMEOUT_S), args, out, err)
     except nats.js.errors.NotFoundError:
-        err.write(f"wecombot dlq: the stream {topology.DEAD_LETTER_STREAM} does not exist\n")
+        err.write(
+            f"wecombot dlq: the stream {topology.DEAD_LETTER_STREAM} does not exist at {url}: "
+            "the services make it when they start (or `wecombot setup`)\n"
+        )
+        return 1
+    except (nats.js.errors.ServiceUnavailableError, nats.errors.NoRespondersError):
+        summary, details = no_jetstream(url)
+        err.write(f"wecombot dlq: {summary}\n{details[0]}\n")
         return 1
     except (TimeoutError, nats.errors.Error) as exc:
         err.write(f"wecombot dlq: {type(exc).__name__}: {exc}\n")
@@ -587,16 +619,14 @@ async def _act(js: JetStreamContext, args: argparse.Namespace, out: TextIO, err:
     return 0
 
 
-async def _quiet(exc: Exception) -> None:
-    """Connection errors are reported once, as the command's answer."""
-
-
 def main(environ: Mapping[str, str], argv: Sequence[str] = ()) -> int:
     """Entry point of ``wecombot dlq``."""
     try:  # --help and bad arguments first, whatever the settings
         _parser().parse_args(list(argv))
     except SystemExit as exc:  # argparse: --help (0) or bad arguments (2)
         return int(exc.code or 0)
+    environ = dict(environ)
+    read_dotenv(Path(".env"), environ)  # as dev and doctor do: values not set already
     env = EnvReader(environ)
     try:
         settings = NatsSettings.read(env)

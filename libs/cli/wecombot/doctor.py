@@ -61,8 +61,15 @@ from wecombot_token.domain import Failure
 from wecombot_token.settings import TokenSettings
 from wecombot_token.source import WeComTokenSource
 
-from .dev import WECOM_KEYS, read_dotenv
-from .shared import clip, connect_once, without_credentials
+from .dev import WECOM_KEYS
+from .shared import (
+    clip,
+    connect_once,
+    nats_unreachable,
+    no_jetstream,
+    read_dotenv,
+    without_credentials,
+)
 
 __all__ = ["ACCEPTS_ARGS", "Finding", "Report", "diagnose", "main"]
 
@@ -214,16 +221,7 @@ async def check_nats(environ: Mapping[str, str], timeout_s: float) -> Finding:
             async with asyncio.timeout(timeout_s):
                 account = await js.account_info()
         except (nats.js.errors.ServiceUnavailableError, nats.errors.NoRespondersError):
-            return Finding(
-                "nats",
-                "fail",
-                f"NATS at {url} answers, but JetStream is not enabled",
-                (
-                    "wecombot keeps its event log in JetStream. Start nats-server with -js "
-                    "(or `jetstream {}` in its config file); in a cluster enable it on every "
-                    "node; with accounts, give this account JetStream limits.",
-                ),
-            )
+            return Finding("nats", "fail", *no_jetstream(url))
         except (TimeoutError, nats.errors.Error) as exc:
             return Finding(
                 "nats",
@@ -259,35 +257,8 @@ async def check_nats(environ: Mapping[str, str], timeout_s: float) -> Finding:
 
 
 def _nats_unreachable(url: str, exc: BaseException) -> Finding:
-    text = str(exc)
-    if "authorization" in text.lower() or "authentication" in text.lower():
-        return Finding(
-            "nats",
-            "fail",
-            f"NATS at {url} refused the credentials ({text.strip()})",
-            (
-                "Check NATS_USER and NATS_PASSWORD (or NATS_CREDS) for this service: the "
-                "server's authorization block must know them.",
-            ),
-        )
-    if isinstance(exc, ConnectionRefusedError):
-        why = "nothing listens at that address"
-    elif isinstance(exc, TimeoutError):
-        why = "no answer in time (a firewall dropping packets, or the wrong host)"
-    elif isinstance(exc, OSError) and "name" in text.lower():
-        why = f"the host name does not resolve ({text})"
-    else:
-        why = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-    return Finding(
-        "nats",
-        "fail",
-        f"cannot reach NATS at {url}: {why}",
-        (
-            "Start nats-server with JetStream (nats-server -js), or point NATS_URL at your "
-            "broker (on Kubernetes, its Service, e.g. nats://nats.nats.svc:4222). "
-            "`wecombot dev` starts its own broker when NATS_URL is unset.",
-        ),
-    )
+    summary, detail = nats_unreachable(url, exc)
+    return Finding("nats", "fail", summary, (detail,))
 
 
 # ---------------------------------------------------------------- gettoken

@@ -2,14 +2,39 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, MutableMapping
+from pathlib import Path
 
 from nats.aio.client import Client as NATS
 
 from wecombot_common import bus
 from wecombot_common.settings import NatsSettings, without_credentials
 
-__all__ = ["clip", "connect_once", "without_credentials"]
+__all__ = [
+    "clip",
+    "connect_once",
+    "nats_unreachable",
+    "no_jetstream",
+    "read_dotenv",
+    "without_credentials",
+]
+
+
+def read_dotenv(path: Path, into: MutableMapping[str, str]) -> None:
+    """KEY=VALUE lines (``#`` comments, optional quotes); existing variables win."""
+    if not path.is_file():
+        return
+    for line in path.read_text(encoding="utf-8").splitlines():
+        line = line.strip()
+        if not line or line.startswith("#") or "=" not in line:
+            continue
+        key, _, value = line.partition("=")
+        key = key.removeprefix("export ").strip()
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]
+        if key and value and not into.get(key):
+            into[key] = value
 
 
 def clip(text: str, limit: int = 160) -> str:
@@ -40,4 +65,42 @@ async def connect_once(
         reconnect_time_wait=0.1,
         connect_timeout=connect_timeout_s,
         error_cb=error_cb,
+    )
+
+
+def nats_unreachable(url: str, exc: BaseException) -> tuple[str, str]:
+    """Why the broker at ``url`` (credentials removed) cannot be reached, from the last
+    connection error, and what to do: (summary, advice)."""
+    text = str(exc)
+    if "authorization" in text.lower() or "authentication" in text.lower():
+        return (
+            f"NATS at {url} refused the credentials ({text.strip()})",
+            "Check NATS_USER and NATS_PASSWORD (or NATS_CREDS) for this service: the "
+            "server's authorization block must know them.",
+        )
+    if isinstance(exc, ConnectionRefusedError):
+        why = "nothing listens at that address"
+    elif isinstance(exc, TimeoutError):
+        why = "no answer in time (a firewall dropping packets, or the wrong host)"
+    elif isinstance(exc, OSError) and "name" in text.lower():
+        why = f"the host name does not resolve ({text})"
+    else:
+        why = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return (
+        f"cannot reach NATS at {url}: {why}",
+        "Start nats-server with JetStream (nats-server -js), or point NATS_URL at your "
+        "broker (on Kubernetes, its Service, e.g. nats://nats.nats.svc:4222). "
+        "`wecombot dev` starts its own broker when NATS_URL is unset.",
+    )
+
+
+def no_jetstream(url: str) -> tuple[str, tuple[str, ...]]:
+    """The broker at ``url`` answers without JetStream: (summary, details)."""
+    return (
+        f"NATS at {url} answers, but JetStream is not enabled",
+        (
+            "wecombot keeps its event log in JetStream. Start nats-server with -js "
+            "(or `jetstream {}` in its config file); in a cluster enable it on every "
+            "node; with accounts, give this account JetStream limits.",
+        ),
     )
