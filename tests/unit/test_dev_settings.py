@@ -77,6 +77,24 @@ def test_a_health_port_for_three_services_is_refused_before_anything_starts(
     assert "WECOMBOT_HEALTH_PORT=9000 would give llm, sender and token one port" in done.stdout
 
 
+def test_a_data_dir_that_is_a_file_is_refused_naming_it(tmp_path: Path) -> None:
+    """It was a FileExistsError traceback."""
+    taken = tmp_path / "data"
+    taken.write_text("not a directory")
+    env = {**os.environ, "WECOMBOT_DATA_DIR": str(taken), "WECOMBOT_CONSOLE_PORT": "0"}
+    done = subprocess.run(
+        [sys.executable, "-m", "wecombot", "dev"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert f"WECOMBOT_DATA_DIR={taken} cannot be used: File exists" in done.stdout
+    assert "Traceback" not in done.stdout + done.stderr
+
+
 def test_the_sandbox_runs_with_no_wecom_setting_as_in_a_copied_env_example() -> None:
     env: dict[str, str] = {}
     read_dotenv(Path(__file__).resolve().parents[2] / ".env.example", env)

@@ -311,7 +311,12 @@ async def run(env: dict[str, str]) -> int:
     except ValueError as exc:
         sup.say(str(exc))
         return 2
-    if not lock.acquire():
+    try:
+        held = lock.acquire()
+    except OSError as exc:  # a file in its place, no permission, a read-only disk
+        sup.say(f"WECOMBOT_DATA_DIR={data_dir} cannot be used: {exc.strerror or exc}")
+        return 2
+    if not held:
         sup.say(
             f"another wecombot dev (pid {lock.holder()}) runs with {data_dir}: stop it "
             "first, or give this one its own WECOMBOT_DATA_DIR, GATEWAY_PORT and "
