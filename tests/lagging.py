@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import nats.errors
 import nats.js.errors
 from nats.js import JetStreamContext
 from nats.js.api import RawStreamMsg
@@ -22,10 +23,12 @@ class LaggingFollower:
     """``js``, with every direct get answered as by a follower that has applied the log
     through stream seq ``applied`` only."""
 
-    def __init__(self, js: JetStreamContext, applied: int) -> None:
+    def __init__(self, js: JetStreamContext, applied: int, *, leaderless: bool = False) -> None:
         self._js = js
         self.applied = applied
         self.leader_reads = 0
+        # electing a leader (a node was lost): leader reads time out, direct ones answer
+        self.leaderless = leaderless
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._js, name)
@@ -40,6 +43,8 @@ class LaggingFollower:
     ) -> RawStreamMsg:
         if not direct:
             self.leader_reads += 1
+            if self.leaderless:
+                raise nats.errors.TimeoutError
         elif seq is not None and not next and seq > self.applied:
             raise nats.js.errors.NotFoundError
         raw = await self._js.get_msg(stream_name, seq, subject, direct=direct, next=next)

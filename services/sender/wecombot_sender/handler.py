@@ -155,15 +155,36 @@ class ConversationCache:
         ``through``, and the state would miss an earlier reply still being delivered
         (this one would overtake it) or the reply a requeue names (parked as "not in the
         log"): ``read_conversation`` reads the rest from the leader then (``reach``), and
-        all of it with ``leader`` (an append was refused: the log holds more than this
-        state, whatever a follower shows)."""
+        all of it with ``leader`` (an append was refused, or the duplicate check's window
+        must be whole: the log may hold more than a follower shows).
+
+        A stream without a leader (electing one after a node was lost, for seconds) does
+        not answer a leader read: then this reads directly, as far as the followers
+        have it. A reply recorded as done is done; one still to send waits for the
+        leader anyway, since its append needs it. TransientError if the log cannot be
+        read at all."""
         state = self._entries.get(conv) or ConversationState()
-        read = read_conversation(
-            self._js, conv, after_seq=state.last_seq, direct=not leader, reach=through
-        )
-        state = fold(state, [stored async for stored in read])
+        try:
+            if leader:
+                try:
+                    state = await self._read(conv, state, direct=False, through=through)
+                except (TimeoutError, nats.errors.Error) as exc:
+                    log.info("sender.leader_unavailable", error=type(exc).__name__)
+                    leader = False
+            if not leader:
+                state = await self._read(conv, state, direct=True, through=through)
+        except (TimeoutError, nats.errors.Error) as exc:
+            raise TransientError(f"cannot read the conversation: {type(exc).__name__}") from exc
         self.put(conv, state)
         return state
+
+    async def _read(
+        self, conv: ConversationRef, state: ConversationState, *, direct: bool, through: int
+    ) -> ConversationState:
+        read = read_conversation(
+            self._js, conv, after_seq=state.last_seq, direct=direct, reach=through
+        )
+        return fold(state, [stored async for stored in read])
 
     def put(self, conv: ConversationRef, state: ConversationState) -> None:
         self._entries[conv] = state

@@ -23,6 +23,7 @@ from tests.integration.sender.harness import (
     sim_token,
 )
 from tests.lagging import LaggingFollower
+from wecombot_common import topology
 from wecombot_common.bus import Appended, append_event
 from wecombot_common.events import (
     DeliveryFailed,
@@ -147,6 +148,32 @@ async def test_the_duplicate_checks_window_is_read_from_the_leader(system: Syste
     assert isinstance(settled, Ack), settled
     assert system.sim.messages_to(user) == ["好的", "好的"]
     assert system.sim.duplicates == []
+
+
+async def test_a_repeat_of_a_delivered_reply_is_acked_while_the_stream_has_no_leader(
+    system: System,
+) -> None:
+    """A node was lost and the stream elects a leader (seconds): leader reads time out,
+    followers answer. A redelivery of a reply another delivery finished reads its window
+    from the leader; it must still be acknowledged from what the followers show, not
+    crash the handler and, on its last try, be dead-lettered though delivered."""
+    user = "lagging.leaderless"
+    reply = await system.reply(user, "已经送达的回复")
+    token = await sim_token(system.sim)
+    api = message_api(system.sim, timeout_s=2)
+    try:
+        first = ReplySender(system.js, StaticTokens(token), api, app=APP, policy=DeliveryPolicy())
+        assert await first.handle(delivery_of(reply, 1)) == Ack()
+    finally:
+        await api.aclose()
+    seq = (await system.js.stream_info(topology.CONVERSATION_STREAM)).state.last_seq
+    follower = LaggingFollower(system.js, applied=seq, leaderless=True)
+    with capture_logs() as logs:
+        settled = await _handle(system, follower, reply, 1, num_delivered=2)
+    assert isinstance(settled, Ack), settled
+    assert follower.leader_reads > 0
+    assert "sender.leader_unavailable" in [e["event"] for e in logs]
+    assert system.sim.messages_to(user) == [reply.text]
 
 
 async def test_a_conflict_reads_the_log_from_the_leader(system: System) -> None:
