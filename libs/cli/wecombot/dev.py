@@ -14,7 +14,8 @@
 - Then the four services as child processes (exactly what Kubernetes runs), every log
   line prefixed with its service. Ctrl-C or SIGTERM stops them in dependency order
   (gateway first, token last), each with SIGTERM so it drains, within 10 s in all;
-  during start-up too, wherever it waits.
+  during start-up too, wherever it waits (an embedded nats-server still starting is
+  waited for first: up to its start timeout, 15 s).
 - A ``.env`` file in the working directory is read for values not already set.
 - One ``dev`` per ``WECOMBOT_DATA_DIR`` at a time; what a ``dev`` killed outright left
   running (its children run in sessions of their own) is stopped by the next one
@@ -442,7 +443,8 @@ async def _run(
         starting = waiting(start())
         # A stop (Ctrl-C) ends start-up wherever it is, even waiting for a broker.
         await asyncio.wait({stopped, starting}, return_when=asyncio.FIRST_COMPLETED)
-        if not starting.done():
+        if stop.is_set():
+            await _cancel(starting)
             sup.say("stopping…")
             return 0
         failed = starting.result()
@@ -482,6 +484,15 @@ async def _run(
         if nats_server is not None:
             await asyncio.to_thread(nats_server.stop, 3.0)
         sup.say("stopped")
+
+
+async def _cancel(task: asyncio.Task[Any]) -> None:
+    """Cancel ``task`` until it ends: on Python 3.11, ``asyncio.wait_for`` (nats-py's
+    connect waits in one) swallows a cancellation that arrives as what it waits for
+    completes, and the task would go on (bpo-42130)."""
+    while not task.done():
+        task.cancel()
+        await asyncio.wait({task}, timeout=0.5)
 
 
 async def _exit_code(process: subprocess.Popen[bytes]) -> int:
