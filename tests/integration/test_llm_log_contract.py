@@ -14,6 +14,7 @@ from nats.js import JetStreamContext
 
 from tests.conftest import NatsHandle
 from tests.fakes import APP, FakeLog, received, reply_to
+from tests.lagging import LaggingFollower
 from wecombot_common import bus, topology
 from wecombot_common.bus import Appended, AppendUnavailable, ConcurrencyConflict
 from wecombot_common.events import (
@@ -37,6 +38,8 @@ class Subject:
     write: Callable[[Event], Awaitable[int]]
     outage: Callable[[], None]
     expire: Callable[[int], Awaitable[None]]  # drop everything up to a seq (max age)
+    # the log as read through a stream follower that has applied it through a seq
+    follower: Callable[[int], ConversationLog]
 
 
 @pytest.fixture(params=["jetstream", "fake"])
@@ -52,7 +55,13 @@ async def subject(
         async def expire_fake(through_seq: int) -> None:
             fake.expire(through_seq)
 
-        return Subject(fake, add, lambda: setattr(fake, "unavailable", 1), expire_fake)
+        def lagging_fake(applied: int) -> ConversationLog:
+            fake.follower_at = applied
+            return fake
+
+        return Subject(
+            fake, add, lambda: setattr(fake, "unavailable", 1), expire_fake, lagging_fake
+        )
     await bus.ensure_topology(js, NatsSettings.read(EnvReader({})))
 
     async def append(event: Event) -> int:
@@ -63,13 +72,41 @@ async def subject(
             with contextlib.suppress(nats.js.errors.NotFoundError):
                 await js.delete_msg(topology.CONVERSATION_STREAM, seq)
 
+    def lagging(applied: int) -> ConversationLog:
+        follower = LaggingFollower(js, applied)
+        return JetStreamLog(follower, consumer=topology.LLM_CONSUMER)  # type: ignore[arg-type]
+
     return Subject(
-        JetStreamLog(js, consumer=topology.LLM_CONSUMER), append, nats_server.stop, expire
+        JetStreamLog(js, consumer=topology.LLM_CONSUMER),
+        append,
+        nats_server.stop,
+        expire,
+        lagging,
     )
 
 
 async def history(log: ConversationLog, conv: ConversationRef, after_seq: int = 0) -> list[Event]:
     return [stored.event async for stored in log.read(conv, after_seq=after_seq)]
+
+
+async def test_a_read_a_lagging_follower_ends_short_of_its_reach_goes_on_from_the_leader(
+    subject: Subject,
+) -> None:
+    conv, other = ConversationRef(APP, "wang.wu"), ConversationRef(APP, "li.si")
+    seqs = [await subject.write(received(t, user=conv.user)) for t in "ab"]
+    await subject.write(received("elsewhere", user=other.user))
+    seqs.append(await subject.write(received("c", user=conv.user)))
+    log = subject.follower(seqs[0])
+
+    async def read(**kwargs: int | bool) -> list[int]:
+        return [s.seq async for s in log.read(conv, **kwargs)]  # type: ignore[arg-type]
+
+    assert await read(after_seq=0) == seqs[:1]  # what the follower has, nothing more
+    assert await read(after_seq=0, reach=seqs[2]) == seqs
+    assert await read(after_seq=0, reach=seqs[1]) == seqs  # the rest: all the leader has
+    assert await read(after_seq=seqs[0], reach=seqs[0]) == []  # nothing owed past it
+    assert await read(after_seq=0, reach=seqs[2] + 9) == seqs  # gone: ends, no loop
+    assert await read(after_seq=0, direct=False) == seqs
 
 
 async def test_appends_are_read_back_in_order_per_conversation(subject: Subject) -> None:

@@ -12,7 +12,7 @@ a failure that outlasted ``max_deliver``) is copied to the stream ``WECOMBOT_DLQ
 never blocks the conversation behind it (``wecombot_common.worker``). This command shows
 them: when, which consumer gave up, the user, the reason, the original stream sequence
 (still in ``WECOMBOT`` until ``WECOMBOT_HISTORY_MAX_AGE``), and the number of deliveries
-(``show`` and ``--json`` add the original subject and the event). Example::
+(``--json`` adds the original subject; ``show`` gives one with it and its event). Example::
 
     $ wecombot dlq
     1 dead letter in WECOMBOT_DLQ
