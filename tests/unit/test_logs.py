@@ -12,6 +12,7 @@ import structlog
 from wecombot_common.logs import (
     EPHEMERAL_KEPT,
     REDACTED,
+    LogSampler,
     configure_logging,
     redact,
     register_secret,
@@ -201,3 +202,17 @@ def test_http_client_loggers_are_kept_at_warning() -> None:
         assert logging.getLogger(noisy).level == logging.WARNING
     configure_logging(LogSettings(level="error"), service="test")
     assert logging.getLogger("httpx").level == logging.ERROR
+
+
+def test_a_sampler_writes_a_burst_per_period_and_then_says_how_many_it_did_not() -> None:
+    now = [0.0]
+    sampler = LogSampler(burst=2, period_s=30.0, clock=lambda: now[0])
+    assert [sampler.take("refused") for _ in range(5)] == [0, 0, None, None, None]
+    assert sampler.take("timeout") == 0  # another kind has its own burst
+    now[0] = 29.9
+    assert sampler.take("refused") is None
+    now[0] = 30.0  # a new period: written, with the 4 it left out
+    assert [sampler.take("refused") for _ in range(3)] == [4, 0, None]
+    assert sampler.take("timeout") == 0
+    every = LogSampler(burst=None, period_s=1.0, clock=lambda: now[0])
+    assert [every.take("x") for _ in range(50)] == [0] * 50

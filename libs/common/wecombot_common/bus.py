@@ -30,6 +30,7 @@ from nats.js.api import StreamConfig
 from . import topology
 from .errors import TransientError
 from .events import Event, EventDecodeError, decode_event, encode_event
+from .logs import LogSampler
 from .runtime import unless_stopped
 from .settings import NatsSettings, without_credentials
 from .topology import ConversationRef, subject_for
@@ -58,6 +59,7 @@ WRONG_LAST_SEQUENCE = 10071
 # that would take it past this waits inside nats-py until the socket takes the data,
 # however long that is; :class:`PipelinedAppender` refuses such an append instead.
 PENDING_BYTES = 2 * 1024 * 1024
+ERROR_LOG_PERIOD_S = 30.0  # nats.error: one line per kind of error in this long
 
 
 class AppendUnavailable(TransientError):
@@ -95,11 +97,18 @@ async def connect(settings: NatsSettings, name: str, **options: object) -> NATS:
     """
     log_ = log.bind(client=name)
     servers = without_credentials(settings.url)  # NATS_URL may carry a password
+    # One line per kind of error every 30 s while NATS stays away: nats-py reports each
+    # attempt, twice a second per client, for as long as the outage lasts.
+    errors = [LogSampler(burst=1, period_s=ERROR_LOG_PERIOD_S)]
 
     async def on_error(exc: Exception) -> None:
+        suppressed = errors[0].take((type(exc), str(exc)))
+        if suppressed is None:
+            return
         # Named: a wrong NATS_URL shows only as "connection refused" otherwise (the
         # first connection is tried again without end too: a pod may start before NATS).
-        log_.warning("nats.error", error=str(exc), nats_url=servers)
+        extra = {"suppressed": suppressed} if suppressed else {}
+        log_.warning("nats.error", error=str(exc), nats_url=servers, **extra)
 
     client: list[NATS] = []
 
@@ -110,6 +119,7 @@ async def connect(settings: NatsSettings, name: str, **options: object) -> NATS:
         log_.warning("nats.disconnected")
 
     async def on_reconnect() -> None:
+        errors[0] = LogSampler(burst=1, period_s=ERROR_LOG_PERIOD_S)  # the next outage's first
         log_.info("nats.reconnected")
 
     kwargs: dict[str, object] = {

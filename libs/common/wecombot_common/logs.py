@@ -21,15 +21,16 @@ from __future__ import annotations
 import logging
 import re
 import sys
+import time
 from collections import OrderedDict
-from collections.abc import Iterable, MutableMapping
+from collections.abc import Callable, Hashable, Iterable, MutableMapping
 from typing import Any
 
 import structlog
 
 from .settings import LogSettings, Secret
 
-__all__ = ["REDACTED", "configure_logging", "redact", "register_secret"]
+__all__ = ["REDACTED", "LogSampler", "configure_logging", "redact", "register_secret"]
 
 REDACTED = "[REDACTED]"
 _MIN_SECRET_LEN = 6  # shorter values would redact ordinary words
@@ -198,3 +199,45 @@ def _add_service(service: str) -> Any:
         return event_dict
 
     return processor
+
+
+class LogSampler:
+    """At most ``burst`` lines of one kind per ``period_s``; the rest only counted, and
+    the next line written says how many were not. For lines anyone can cause at any
+    rate (refused requests) or that repeat for as long as a fault lasts (a broker that
+    does not answer), which would otherwise write megabytes a second::
+
+        sampler = LogSampler(burst=1, period_s=30.0)
+        if (suppressed := sampler.take("nats.error")) is not None:
+            log.warning("nats.error", suppressed=suppressed)
+
+    ``burst=None``: every line is written.
+    """
+
+    __slots__ = ("_burst", "_clock", "_kinds", "_period_s")
+
+    def __init__(
+        self,
+        *,
+        burst: int | None,
+        period_s: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._burst = burst
+        self._period_s = period_s
+        self._clock = clock
+        # kind → (period started, lines written in it, lines suppressed since the last)
+        self._kinds: dict[Hashable, tuple[float, int, int]] = {}
+
+    def take(self, kind: Hashable) -> int | None:
+        """None: do not write this line. Otherwise write it, saying the returned count
+        of lines of its kind not written before it (when not 0)."""
+        now = self._clock()
+        started, written, suppressed = self._kinds.get(kind, (now, 0, 0))
+        if now - started >= self._period_s:
+            started, written = now, 0
+        if self._burst is not None and written >= self._burst:
+            self._kinds[kind] = (started, written, suppressed + 1)
+            return None
+        self._kinds[kind] = (started, written + 1, 0)
+        return suppressed

@@ -66,6 +66,7 @@ from wecombot_common.crypto import (
     WeComCrypto,
 )
 from wecombot_common.events import MessageReceived
+from wecombot_common.logs import LogSampler
 from wecombot_common.metrics import GATEWAY_CALLBACKS, GATEWAY_REFUSALS
 from wecombot_common.runtime import Check, HealthServer
 
@@ -117,7 +118,7 @@ class RefusalLog:
     (``suppressed``). A flood of bad requests (anyone can send them) wrote a warning
     each: megabytes a second of logs."""
 
-    __slots__ = ("_burst", "_clock", "_kinds", "_period_s")
+    __slots__ = ("_sampler",)
 
     def __init__(
         self,
@@ -126,24 +127,15 @@ class RefusalLog:
         period_s: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self._burst = burst
-        self._period_s = period_s
-        self._clock = clock
-        self._kinds: dict[tuple[int, str], tuple[float, int, int]] = {}
+        self._sampler = LogSampler(burst=burst, period_s=period_s, clock=clock)
 
     def refused(self, status: int, error: str, **fields: object) -> None:
         GATEWAY_REFUSALS.labels(str(status), error).inc()
-        kind = (status, error)
-        now = self._clock()
-        started, written, suppressed = self._kinds.get(kind, (now, 0, 0))
-        if now - started >= self._period_s:
-            started, written = now, 0
-        if self._burst is not None and written >= self._burst:
-            self._kinds[kind] = (started, written, suppressed + 1)
+        suppressed = self._sampler.take((status, error))
+        if suppressed is None:
             return
         if suppressed:
             fields["suppressed"] = suppressed
-        self._kinds[kind] = (started, written + 1, 0)
         # Input from the internet: one warning, no stack trace; the body never echoes it.
         log.warning("callback.rejected", status=status, error=error, **fields)
 
