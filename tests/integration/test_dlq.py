@@ -250,11 +250,17 @@ async def test_no_dlq_stream_yet_is_said_plainly(nats_server: NatsHandle) -> Non
         assert await _dlq(nats_server.url, *argv) == (1, "", expected), argv
 
 
-def _wecombot(*argv: str, url: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "NATS_URL": url}
+def _wecombot(
+    *argv: str, url: str | None, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    """``wecombot dlq`` as a command; ``url=None``: no NATS setting in its environment."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NATS_")}
+    if url is not None:
+        env["NATS_URL"] = url
     return subprocess.run(
         [sys.executable, "-m", "wecombot", "dlq", *argv],
         env=env,
+        cwd=cwd,
         capture_output=True,
         text=True,
         timeout=60,
@@ -285,17 +291,7 @@ async def test_the_wecombot_command_reads_dot_env(
 ) -> None:
     """As dev and doctor do: README's step 3 puts the settings in ./.env."""
     (tmp_path / ".env").write_text(f"NATS_URL={nats_server.url}\n")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("NATS_")}
-    listed = await asyncio.to_thread(
-        subprocess.run,
-        [sys.executable, "-m", "wecombot", "dlq", "--json"],
-        env=env,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    listed = await asyncio.to_thread(_wecombot, "--json", url=None, cwd=tmp_path)
     assert listed.returncode == 0, listed.stderr
     assert len(json.loads(listed.stdout)) == 3
 
