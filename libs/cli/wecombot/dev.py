@@ -41,6 +41,7 @@ from urllib.parse import urlsplit
 
 from wecombot_common.crypto import generate_encoding_aes_key, generate_token
 from wecombot_common.embedded import EmbeddedNats
+from wecombot_common.runtime import cancel_until_done
 from wecombot_common.settings import EnvReader, NatsSettings, app_key
 from wecombot_common.sim.callbacks import CallbackBuilder
 from wecombot_common.sim.wecom_api import SentMessage, SimulatedWeComApi
@@ -444,7 +445,7 @@ async def _run(
         # A stop (Ctrl-C) ends start-up wherever it is, even waiting for a broker.
         await asyncio.wait({stopped, starting}, return_when=asyncio.FIRST_COMPLETED)
         if stop.is_set():
-            await _cancel(starting)
+            await cancel_until_done(starting)
             sup.say("stopping…")
             return 0
         failed = starting.result()
@@ -468,9 +469,7 @@ async def _run(
             sup.say("stopping…")
         return 1
     finally:
-        for task in waits:
-            task.cancel()
-        await asyncio.gather(*waits, return_exceptions=True)
+        await cancel_until_done(*waits)
         await sup.stop_all()
         for task in side_tasks:
             task.cancel()
@@ -484,15 +483,6 @@ async def _run(
         if nats_server is not None:
             await asyncio.to_thread(nats_server.stop, 3.0)
         sup.say("stopped")
-
-
-async def _cancel(task: asyncio.Task[Any]) -> None:
-    """Cancel ``task`` until it ends: on Python 3.11, ``asyncio.wait_for`` (nats-py's
-    connect waits in one) swallows a cancellation that arrives as what it waits for
-    completes, and the task would go on (bpo-42130)."""
-    while not task.done():
-        task.cancel()
-        await asyncio.wait({task}, timeout=0.5)
 
 
 async def _exit_code(process: subprocess.Popen[bytes]) -> int:

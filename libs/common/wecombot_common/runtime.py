@@ -12,11 +12,10 @@ Exit codes: 0 clean stop, 2 bad configuration, 1 anything else.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Mapping
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import structlog
 from aiohttp import web
@@ -30,6 +29,7 @@ __all__ = [
     "Check",
     "DeferredCheck",
     "HealthServer",
+    "cancel_until_done",
     "event_loop_name",
     "run_service",
     "unless_stopped",
@@ -175,10 +175,27 @@ async def unless_stopped(work: Awaitable[T], stop: asyncio.Event) -> T | None:
         stopper.cancel()
     if task.done():
         return task.result()
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+    await cancel_until_done(task)
+    if not task.cancelled():
+        task.result()  # an error it ended with instead is raised; a late result dropped
     return None
+
+
+async def cancel_until_done(*tasks: asyncio.Future[Any], every_s: float = 0.5) -> None:
+    """Cancel ``tasks`` and wait until each has ended, cancelling again the ones that
+    go on. On Python 3.11, ``asyncio.wait_for`` swallows a cancellation that arrives as
+    what it waits for completes (bpo-42130), and nats-py connects and reads inside
+    ``wait_for``: cancelled once, a loop (the first connection to a broker that is not
+    there, a watcher) could go on for good, and whoever awaited it with it. Their
+    results and errors are left in them (retrieved: no "never retrieved" warning)."""
+    pending = {task for task in tasks if not task.done()}
+    while pending:
+        for task in pending:
+            task.cancel()
+        _, pending = await asyncio.wait(pending, timeout=every_s)
+    for task in tasks:
+        if not task.cancelled():
+            task.exception()
 
 
 class DeferredCheck:

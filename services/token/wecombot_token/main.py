@@ -18,7 +18,13 @@ from nats.js.kv import KeyValue
 
 from wecombot_common.bus import connect_when_ready, disconnect
 from wecombot_common.logs import configure_logging
-from wecombot_common.runtime import Check, DeferredCheck, HealthServer, run_service
+from wecombot_common.runtime import (
+    Check,
+    DeferredCheck,
+    HealthServer,
+    cancel_until_done,
+    run_service,
+)
 
 from .endpoints import TokenEndpoints
 from .errors import StoreUnavailable
@@ -96,7 +102,7 @@ async def _serve_connected(
             cleanup.push_async_callback(keeper.close)
             await store.watch(keeper.adopt)
             resyncing = asyncio.create_task(_resync_after_reconnects(nc, keeper))
-            cleanup.push_async_callback(_cancelled, resyncing)
+            cleanup.push_async_callback(cancel_until_done, resyncing)
             endpoints = TokenEndpoints(keeper)
             await endpoints.start(nc)
             cleanup.push_async_callback(endpoints.stop, settings.refresh_timeout_s)
@@ -136,11 +142,6 @@ async def _resync_after_reconnects(nc: NATS, keeper: TokenKeeper, poll_s: float 
             continue
         done = count
         log.info("token.resynced", reconnects=count)
-
-
-async def _cancelled(task: asyncio.Task[None]) -> None:
-    task.cancel()
-    await asyncio.gather(task, return_exceptions=True)
 
 
 def main(environ: Mapping[str, str]) -> int:

@@ -30,6 +30,7 @@ import structlog
 from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
 
+from wecombot_common.runtime import cancel_until_done
 from wecombot_common.topology import TOKEN_BUCKET, token_bucket
 
 from .domain import AppState, Lock, lock_is_stale
@@ -253,8 +254,7 @@ class KvTokenStore:
             with contextlib.suppress(Exception):
                 await self._watcher.stop()
         if self._follower is not None:
-            self._follower.cancel()
-            await asyncio.gather(self._follower, return_exceptions=True)
+            await cancel_until_done(self._follower)
 
 
 async def _guard(call: Awaitable[T]) -> T:

@@ -45,6 +45,7 @@ from nats.js.api import DeliverPolicy
 from wecombot_common import bus, topology
 from wecombot_common.events import EventDecodeError, decode_event
 from wecombot_common.http import LocalSite
+from wecombot_common.runtime import cancel_until_done
 from wecombot_common.settings import NatsSettings
 from wecombot_common.sim.callbacks import Callback, CallbackBuilder
 from wecombot_common.sim.wecom_api import ApiCall, SentMessage, SimulatedWeComApi
@@ -163,9 +164,7 @@ class Console:
     async def stop(self) -> None:
         self.hub.close()  # every open stream ends
         self.wecom.unobserve_calls(self._on_api_call)
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await cancel_until_done(*self._tasks)
         if self._site is not None:
             await self._site.stop()
         if self._nc is not None:

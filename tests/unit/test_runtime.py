@@ -1,0 +1,51 @@
+"""Stopping work that may not stop when told once."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+from wecombot_common.runtime import cancel_until_done, unless_stopped
+
+
+async def _stubborn(cancels_swallowed: int, arrived: asyncio.Event) -> str:
+    """Work that goes on after a cancellation, as a task inside Python 3.11's
+    ``asyncio.wait_for`` does when the cancellation meets what it waits for completing
+    (bpo-42130): nats-py's first connection to a broker that is not there, say."""
+    arrived.set()
+    for _ in range(cancels_swallowed):
+        with contextlib.suppress(asyncio.CancelledError):  # swallowed
+            await asyncio.Event().wait()  # forever, unless cancelled
+    await asyncio.Event().wait()
+    return "never"
+
+
+async def test_work_that_swallows_a_cancellation_still_stops_when_stop_is_set() -> None:
+    """One cancel and an await: the service (wecombot setup, waiting for NATS) never
+    exited on SIGTERM."""
+    stop, arrived = asyncio.Event(), asyncio.Event()
+    waiting = asyncio.create_task(unless_stopped(_stubborn(2, arrived), stop))
+    await arrived.wait()
+    stop.set()
+    async with asyncio.timeout(10):
+        assert await waiting is None
+
+
+async def test_cancel_until_done_ends_every_task_and_leaves_their_outcomes() -> None:
+    arrived = [asyncio.Event() for _ in range(3)]
+    stubborn = [
+        asyncio.create_task(_stubborn(n, e)) for n, e in zip((0, 1, 3), arrived, strict=True)
+    ]
+
+    async def failing() -> None:
+        raise ValueError("its own error")
+
+    failed = asyncio.create_task(failing())
+    finished = asyncio.create_task(asyncio.sleep(0, result="done"))
+    for event in arrived:
+        await event.wait()
+    await asyncio.wait({failed, finished})
+    async with asyncio.timeout(10):
+        await cancel_until_done(*stubborn, failed, finished, every_s=0.01)
+    assert all(task.cancelled() for task in stubborn)
+    assert isinstance(failed.exception(), ValueError) and finished.result() == "done"
