@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from pathlib import Path
 
 import pytest
 from nats.js import JetStreamContext
@@ -20,6 +21,7 @@ from wecombot_common.bus import (
     ensure_topology,
     read_conversation,
 )
+from wecombot_common.embedded import EmbeddedNats
 from wecombot_common.events import ConversationReset, ReplyGenerated
 from wecombot_common.settings import EnvReader, NatsSettings
 from wecombot_common.topology import ConversationRef
@@ -119,3 +121,41 @@ async def test_a_broker_that_is_not_there_is_named_without_its_password() -> Non
                 await connecting
     assert errors()[0]["nats_url"] == f"nats://127.0.0.1:{port}"
     assert "hunter2" not in repr(logs)
+
+
+async def test_errors_while_nats_stays_away_are_written_once_a_period_and_counted(
+    tmp_path: Path,
+) -> None:
+    """nats-py reports every failed attempt, twice a second per client, for as long as
+    NATS stays away: one line per kind of error a period, and the client, once
+    connected, says how many more failed."""
+    attempts = 0
+
+    async def hang_up(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal attempts
+        attempts += 1
+        writer.close()
+
+    server = await asyncio.start_server(hang_up, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    settings = NatsSettings.read(EnvReader({"NATS_URL": f"nats://127.0.0.1:{port}"}))
+    broker = EmbeddedNats(tmp_path / "nats", port=port)
+    with capture_logs() as logs:
+        connecting = asyncio.create_task(
+            connect(settings, "wecombot-test", error_log_period_s=3600)
+        )
+        try:
+            await until(lambda: attempts >= 4, timeout=20, what="four attempts")
+            server.close()
+            await server.wait_closed()
+            await asyncio.to_thread(broker.start)
+            async with asyncio.timeout(30):
+                nc = await connecting
+            await nc.close()
+        finally:
+            connecting.cancel()
+            await asyncio.to_thread(broker.stop)
+    written = [e["error"] for e in logs if e["event"] == "nats.error"]
+    assert len(written) == len(set(written)) < attempts, written
+    connected = [e for e in logs if e["event"] == "nats.connected"]
+    assert connected and connected[0]["errors_not_logged"] > 0

@@ -216,3 +216,21 @@ def test_a_sampler_writes_a_burst_per_period_and_then_says_how_many_it_did_not()
     assert sampler.take("timeout") == 0
     every = LogSampler(burst=None, period_s=1.0, clock=lambda: now[0])
     assert [every.take("x") for _ in range(50)] == [0] * 50
+
+
+def test_a_sampler_remembers_a_bounded_number_of_kinds_and_tells_what_it_left_out() -> None:
+    """A kind may carry a varying text (nats-py names the subject a permission was
+    refused on): the table must not grow with every text for as long as it runs."""
+    now = [0.0]
+    sampler = LogSampler(burst=1, period_s=30.0, clock=lambda: now[0], max_kinds=4)
+    for i in range(4):
+        assert sampler.take(i) == 0
+        assert sampler.take(i) is None
+    now[0] = 30.0  # the four periods are over: forgotten when a fifth kind comes
+    assert sampler.take("new") == 0
+    assert sampler.take(0) == 0  # remembered no longer: its one suppressed line is lost
+    for i in range(100):  # all current: the oldest go
+        sampler.take(f"flood {i}")
+    assert len(sampler._kinds) <= 4
+    assert sampler.take("flood 99") is None  # the newest is still known
+    assert sampler.reset() == 1 and sampler.reset() == 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 
 from wecombot_common.runtime import cancel_until_done, unless_stopped
 
@@ -49,3 +50,40 @@ async def test_cancel_until_done_ends_every_task_and_leaves_their_outcomes() -> 
         await cancel_until_done(*stubborn, failed, finished, every_s=0.01)
     assert all(task.cancelled() for task in stubborn)
     assert isinstance(failed.exception(), ValueError) and finished.result() == "done"
+
+
+async def test_a_cancelled_caller_leaves_no_task_running_nor_an_unread_error() -> None:
+    """Whoever waits in cancel_until_done may be cancelled itself (its own stop): the
+    tasks are cancelled once more, and what they end with is read when they end."""
+    unread: list[dict[str, object]] = []
+    loop = asyncio.get_running_loop()
+    loop.set_exception_handler(lambda _loop, context: unread.append(context))
+    arrived, swallowed, raised = asyncio.Event(), asyncio.Event(), asyncio.Event()
+
+    async def raises_when_cancelled() -> None:
+        with contextlib.suppress(asyncio.CancelledError):
+            arrived.set()
+            await asyncio.Event().wait()
+        swallowed.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            raised.set()
+            raise ValueError("its own error, on the way out") from None
+
+    try:
+        task = asyncio.create_task(raises_when_cancelled())
+        await arrived.wait()
+        caller = asyncio.create_task(cancel_until_done(task, every_s=3600))
+        await swallowed.wait()  # the caller cancelled it once, and it went on
+        caller.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await caller
+        async with asyncio.timeout(10):
+            await raised.wait()
+            await asyncio.wait({task})
+        del task  # its error unread by this test: only cancel_until_done may read it
+        gc.collect()
+        assert unread == []
+    finally:
+        loop.set_exception_handler(None)

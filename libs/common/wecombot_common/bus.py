@@ -90,19 +90,28 @@ class StoredEvent:
     event: Event
 
 
-async def connect(settings: NatsSettings, name: str, **options: object) -> NATS:
+async def connect(
+    settings: NatsSettings,
+    name: str,
+    *,
+    error_log_period_s: float = ERROR_LOG_PERIOD_S,
+    **options: object,
+) -> NATS:
     """Connect with endless reconnects and a client name (shown in server monitoring)::
 
     nc = await connect(settings.nats, "wecombot-gateway")
+
+    nats-py reports each failed attempt, twice a second, for as long as NATS stays away:
+    ``nats.error`` is written once per kind of error every ``error_log_period_s`` (the
+    next one says how many were not, ``suppressed``), and the line that says the client
+    is connected again counts the rest (``errors_not_logged``).
     """
     log_ = log.bind(client=name)
     servers = without_credentials(settings.url)  # NATS_URL may carry a password
-    # One line per kind of error every 30 s while NATS stays away: nats-py reports each
-    # attempt, twice a second per client, for as long as the outage lasts.
-    errors = [LogSampler(burst=1, period_s=ERROR_LOG_PERIOD_S)]
+    errors = LogSampler(burst=1, period_s=error_log_period_s)
 
     async def on_error(exc: Exception) -> None:
-        suppressed = errors[0].take((type(exc), str(exc)))
+        suppressed = errors.take((type(exc), str(exc)))
         if suppressed is None:
             return
         # Named: a wrong NATS_URL shows only as "connection refused" otherwise (the
@@ -119,8 +128,7 @@ async def connect(settings: NatsSettings, name: str, **options: object) -> NATS:
         log_.warning("nats.disconnected")
 
     async def on_reconnect() -> None:
-        errors[0] = LogSampler(burst=1, period_s=ERROR_LOG_PERIOD_S)  # the next outage's first
-        log_.info("nats.reconnected")
+        log_.info("nats.reconnected", **_untold(errors))  # the next outage's first is written
 
     kwargs: dict[str, object] = {
         "servers": [s.strip() for s in settings.url.split(",")],
@@ -146,7 +154,14 @@ async def connect(settings: NatsSettings, name: str, **options: object) -> NATS:
     kwargs.update(options)
     nc = await nats.connect(**kwargs)  # type: ignore[arg-type]
     client.append(nc)
+    if untold := _untold(errors):  # it took attempts: say how many more failed
+        log_.info("nats.connected", **untold)
     return nc
+
+
+def _untold(errors: LogSampler) -> dict[str, int]:
+    untold = errors.reset()
+    return {"errors_not_logged": untold} if untold else {}
 
 
 async def ensure_stream(js: JetStreamContext, config: StreamConfig) -> None:
@@ -576,7 +591,9 @@ async def connect_when_ready(
     """
     log_ = log.bind(client=name)
     log_.info("nats.connecting", nats_url=settings.url)
-    nc = await unless_stopped(connect(settings, name), stop)
+    nc = await unless_stopped(
+        connect(settings, name), stop, discard=lambda late: close_quietly(late, name)
+    )
     if nc is None:
         return None
     js = nc.jetstream()

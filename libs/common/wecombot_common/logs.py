@@ -211,10 +211,12 @@ class LogSampler:
         if (suppressed := sampler.take("nats.error")) is not None:
             log.warning("nats.error", suppressed=suppressed)
 
-    ``burst=None``: every line is written.
+    ``burst=None``: every line is written. At most ``max_kinds`` kinds are remembered
+    (a kind may carry a varying text: a subject, an address): past that, those whose
+    period is over are forgotten, then the oldest, with what they had not reported.
     """
 
-    __slots__ = ("_burst", "_clock", "_kinds", "_period_s")
+    __slots__ = ("_burst", "_clock", "_kinds", "_max_kinds", "_period_s")
 
     def __init__(
         self,
@@ -222,10 +224,12 @@ class LogSampler:
         burst: int | None,
         period_s: float,
         clock: Callable[[], float] = time.monotonic,
+        max_kinds: int = 256,
     ) -> None:
         self._burst = burst
         self._period_s = period_s
         self._clock = clock
+        self._max_kinds = max_kinds
         # kind → (period started, lines written in it, lines suppressed since the last)
         self._kinds: dict[Hashable, tuple[float, int, int]] = {}
 
@@ -233,7 +237,12 @@ class LogSampler:
         """None: do not write this line. Otherwise write it, saying the returned count
         of lines of its kind not written before it (when not 0)."""
         now = self._clock()
-        started, written, suppressed = self._kinds.get(kind, (now, 0, 0))
+        entry = self._kinds.get(kind)
+        if entry is None:
+            if len(self._kinds) >= self._max_kinds:
+                self._forget(now)
+            entry = (now, 0, 0)
+        started, written, suppressed = entry
         if now - started >= self._period_s:
             started, written = now, 0
         if self._burst is not None and written >= self._burst:
@@ -241,3 +250,17 @@ class LogSampler:
             return None
         self._kinds[kind] = (started, written + 1, 0)
         return suppressed
+
+    def reset(self) -> int:
+        """Forget every kind; how many lines were suppressed and not reported since
+        (for a closing line: the fault is over)."""
+        untold = sum(suppressed for _, _, suppressed in self._kinds.values())
+        self._kinds.clear()
+        return untold
+
+    def _forget(self, now: float) -> None:
+        for kind, (started, _, _) in list(self._kinds.items()):
+            if now - started >= self._period_s:
+                del self._kinds[kind]
+        while len(self._kinds) >= self._max_kinds:  # all current: the oldest go
+            del self._kinds[next(iter(self._kinds))]

@@ -162,22 +162,36 @@ class HealthServer:
             await site.stop()
 
 
-async def unless_stopped(work: Awaitable[T], stop: asyncio.Event) -> T | None:
+async def unless_stopped(
+    work: Awaitable[T],
+    stop: asyncio.Event,
+    *,
+    discard: Callable[[T], Awaitable[None]] | None = None,
+) -> T | None:
     """Await ``work`` unless ``stop`` is set first (then cancel it and return None)::
 
-    nc = await unless_stopped(bus.connect(settings, "x"), stop)
+    nc = await unless_stopped(bus.connect(settings, "x"), stop, discard=close)
+
+    ``discard``: for a result the work produced all the same, cancelled too late (a
+    connection made as the stop came): nobody else will close it. Cancelled itself,
+    this cancels the work too.
     """
     task = asyncio.ensure_future(work)
     stopper = asyncio.ensure_future(stop.wait())
     try:
         await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
     finally:
         stopper.cancel()
     if task.done():
         return task.result()
     await cancel_until_done(task)
     if not task.cancelled():
-        task.result()  # an error it ended with instead is raised; a late result dropped
+        late = task.result()  # an error it ended with instead is raised
+        if discard is not None:
+            await discard(late)
     return None
 
 
@@ -187,15 +201,25 @@ async def cancel_until_done(*tasks: asyncio.Future[Any], every_s: float = 0.5) -
     what it waits for completes (bpo-42130), and nats-py connects and reads inside
     ``wait_for``: cancelled once, a loop (the first connection to a broker that is not
     there, a watcher) could go on for good, and whoever awaited it with it. Their
-    results and errors are left in them (retrieved: no "never retrieved" warning)."""
+    results and errors are left in them, read (no "never retrieved" warning). If the
+    caller is cancelled meanwhile, the tasks are cancelled once more and left."""
+    for task in tasks:
+        task.add_done_callback(_retrieve)
     pending = {task for task in tasks if not task.done()}
-    while pending:
+    try:
+        while pending:
+            for task in pending:
+                task.cancel()
+            _, pending = await asyncio.wait(pending, timeout=every_s)
+    except asyncio.CancelledError:
         for task in pending:
             task.cancel()
-        _, pending = await asyncio.wait(pending, timeout=every_s)
-    for task in tasks:
-        if not task.cancelled():
-            task.exception()
+        raise
+
+
+def _retrieve(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled():
+        task.exception()
 
 
 class DeferredCheck:
