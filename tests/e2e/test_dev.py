@@ -236,3 +236,21 @@ def test_dev_stops_when_its_nats_server_dies(tmp_path: Path) -> None:
     dev.out.wait_for(r"the embedded nats-server exited \(code -9\); its log: ", timeout=5)
     dev.out.wait_for(r"\[dev\]\s+stopped", timeout=5)
     assert "exited with code -15" not in "".join(dev.out.lines)
+
+
+def test_a_bad_setting_of_any_service_stops_dev_before_anything_starts(tmp_path: Path) -> None:
+    """Every service's settings are checked first (each one's own loader): a bad one
+    was said by the first service that read it, after the broker and the console had
+    started, and the others then reported exit codes as if they had crashed."""
+    dev = DevProcess(tmp_path, LOG_LEVEL="verbose", SENDER_MAX_DELIVER="0")
+    try:
+        code = dev.proc.wait(timeout=30)
+    finally:
+        if dev.proc.poll() is None:
+            dev.stop()
+    assert code == 2, dev.out.tail()
+    dev.out.wait_for(r"\[dev\]\s+2 problems in the settings", timeout=5)
+    dev.out.wait_for(r"LOG_LEVEL .*\(read by gateway, llm, sender, token\)", timeout=5)
+    dev.out.wait_for(r"SENDER_MAX_DELIVER .*\(read by sender\)", timeout=5)
+    text = "".join(dev.out.lines)
+    assert "embedded nats-server" not in text and "exited with code" not in text

