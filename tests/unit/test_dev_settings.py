@@ -15,6 +15,7 @@ from wecombot.dev import (
     CONSOLE_PORT,
     WECOM_KEYS,
     Supervisor,
+    _port_free,
     console_port,
     model_label,
     read_dotenv,
@@ -130,3 +131,20 @@ def test_output_to_a_reader_that_went_away_does_not_stop_dev(
     monkeypatch.undo()
     with contextlib.suppress(BrokenPipeError):
         broken.close()
+
+
+def test_a_port_whose_last_connection_is_in_time_wait_is_free() -> None:
+    """An embedded nats-server that stopped leaves its side of closed connections in
+    TIME_WAIT for a minute: 4222 was said taken, the next dev's broker went to another
+    port, and the other commands could not find it."""
+    with socket.socket() as listener:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        client = socket.create_connection(("127.0.0.1", port))
+        served, _ = listener.accept()
+        served.close()  # the server side closes first: its port goes to TIME_WAIT
+        assert not _port_free(port)  # still listening
+    client.close()
+    assert _port_free(port)

@@ -504,9 +504,12 @@ async def _exit_code(process: subprocess.Popen[bytes]) -> int:
 
 
 def _port_free(port: int) -> bool:
+    """Whether nothing listens on ``port`` (connections of an earlier server still in
+    TIME_WAIT do not count: nats-server itself binds with SO_REUSEADDR)."""
     import socket
 
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("127.0.0.1", port))
         except OSError:
