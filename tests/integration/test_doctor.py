@@ -234,6 +234,40 @@ async def test_gettoken_ok(wecom: SimulatedWeComApi) -> None:
     assert f"issued an access_token for {CORP} (valid 7200 s)" in finding.summary
 
 
+async def test_gettoken_names_the_app_of_the_agent_id(wecom: SimulatedWeComApi) -> None:
+    finding = await check_gettoken(wecom_env(wecom.base_url), TIMEOUT)
+    assert finding.summary.endswith(f", app 'wecombot' (AgentId {AGENT})"), finding
+
+
+async def test_an_agent_id_of_another_app_fails_though_its_secret_works(
+    wecom: SimulatedWeComApi,
+) -> None:
+    """A wrong AgentId passed every check, then the gateway refused every message of the
+    real app (403, for another app) and WeCom dropped them after its retries."""
+    other = str(AGENT + 1)
+    finding = await check_gettoken(wecom_env(wecom.base_url, WECOM_AGENT_ID=other), TIMEOUT)
+    assert finding.status == "fail", finding
+    assert finding.summary == (
+        f"WECOM_AGENT_ID {other} is not the app of this WECOM_SECRET (agent/get: errcode 301002)"
+    )
+    assert "WrongRecipient" in finding.details[0]
+    assert "errcode 301002: not allow operate another agent" in finding.details[1]
+
+
+class _NoAgentGet(SimulatedWeComApi):
+    """A front of WeCom's API that lets through only what the services call."""
+
+    def routes(self) -> list[web.RouteDef]:
+        return [r for r in super().routes() if not r.path.endswith("/agent/get")]
+
+
+async def test_an_agent_id_that_cannot_be_checked_is_a_warning() -> None:
+    async with _NoAgentGet(corp_id=CORP, secret=SECRET, agent_id=AGENT) as api:
+        finding = await check_gettoken(wecom_env(api.base_url), TIMEOUT)
+    assert finding.status == "warn", finding
+    assert finding.summary.endswith(f"; WECOM_AGENT_ID {AGENT} could not be checked (HTTP 404)")
+
+
 async def test_gettoken_bad_secret(wecom: SimulatedWeComApi) -> None:
     wecom.fail_gettoken(40001)
     finding = await check_gettoken(wecom_env(wecom.base_url), TIMEOUT)

@@ -1061,6 +1061,47 @@ async def test_a_forged_stale_callback_is_refused_for_its_signature_not_its_cloc
     assert await gateway.events() == []
 
 
+def _other_apps_message(setting: str) -> Call:
+    """A callback WeCom would send for an app whose ``setting`` differs from ours."""
+    message = text_message("77")
+    if setting == "WECOM_TOKEN":
+        other = WeComCrypto(generate_token(), KEY, CORP)
+        encrypt = other.encrypt(message)
+        return Call(params=signed(encrypt, crypto=other), body=envelope(encrypt))
+    if setting == "WECOM_ENCODING_AES_KEY":
+        return post(message, crypto=WeComCrypto(TOKEN, generate_encoding_aes_key(), CORP))
+    if setting == "WECOM_CORP_ID":
+        return post(message, crypto=WeComCrypto(TOKEN, KEY, "wwanothercorp"))
+    fields = {"FromUserName": "zhang.san", "CreateTime": int(time.time()), "MsgType": "text"}
+    if setting == "WECOM_AGENT_ID":
+        return post(message_xml({**fields, "Content": "hi", "MsgId": "78", "AgentID": AGENT + 1}))
+    return post(message_xml({**fields, "Content": "hi", "MsgId": "79"}, to="wwanothercorp"))
+
+
+@pytest.mark.parametrize(
+    ("setting", "error"),
+    [
+        ("WECOM_TOKEN", "SignatureError"),
+        ("WECOM_ENCODING_AES_KEY", "PlaintextBufferError"),
+        ("WECOM_CORP_ID", "ReceiveIdError"),
+        ("WECOM_AGENT_ID", "WrongRecipient"),
+        ("ToUserName", "WrongRecipient"),
+    ],
+)
+async def test_a_refusal_for_another_apps_keys_names_the_setting_to_check(
+    gateway: Gateway, setting: str, error: str
+) -> None:
+    """A Token, key, CorpID or AgentId copied wrong: every message is refused, and lost
+    after WeCom's retries. The line must say which setting to compare with the app's."""
+    with capture_logs() as logs:
+        resp = await gateway.send(_other_apps_message(setting))
+    assert resp.status in (400, 403)
+    [rejected] = rejections(logs)
+    expected = "WECOM_CORP_ID" if setting == "ToUserName" else setting
+    assert (rejected["error"], rejected["setting"]) == (error, expected)
+    assert await gateway.events() == []
+
+
 async def test_a_method_a_health_route_does_not_serve_is_405_not_404(gateway: Gateway) -> None:
     """The catch-all route that logs what no route takes must not turn a health route's
     405 into a 404 (as it did at first)."""

@@ -44,6 +44,7 @@ import nats.js.errors
 
 from wecombot_common import topology
 from wecombot_common.errors import ConfigError
+from wecombot_common.logs import register_secret
 from wecombot_common.settings import (
     EnvReader,
     NatsSettings,
@@ -279,14 +280,56 @@ async def check_gettoken(environ: Mapping[str, str], timeout_s: float) -> Findin
     finally:
         await source.aclose()
     host = urlsplit(settings.api_base).netloc
-    if not isinstance(outcome, Failure):
-        lifetime = round(outcome.expires_at - outcome.fetched_at)
+    if isinstance(outcome, Failure):
+        return explain_gettoken_failure(outcome, settings)
+    register_secret(outcome.value, ephemeral=True)
+    lifetime = round(outcome.expires_at - outcome.fetched_at)
+    issued = f"{host} issued an access_token for {settings.corp_id} (valid {lifetime} s)"
+    return await _check_agent(settings, outcome.value, issued, timeout_s)
+
+
+async def _check_agent(
+    settings: WeComApiSettings, token: str, issued: str, timeout_s: float
+) -> Finding:
+    """Whether WECOM_AGENT_ID is the app whose Secret issued ``token``: WeCom's
+    ``agent/get`` (https://developer.work.weixin.qq.com/document/path/90227) answers a
+    self-built app's token for that app only. Another AgentId passes every other check,
+    and then the gateway refuses every message (403, for another app), which WeCom
+    drops after its retries."""
+    url = f"{settings.api_base}/cgi-bin/agent/get"
+    params = {"access_token": token, "agentid": str(settings.agent_id)}
+    try:
+        async with httpx.AsyncClient(timeout=timeout_s, follow_redirects=False) as client:
+            response = await client.get(url, params=params)
+        body = response.json() if response.status_code == 200 else None
+    except (httpx.HTTPError, ValueError) as exc:
+        body, why = None, type(exc).__name__
+    else:
+        why = f"HTTP {response.status_code}"
+    if not isinstance(body, dict) or not isinstance(body.get("errcode"), int):
         return Finding(
             "gettoken",
-            "ok",
-            f"{host} issued an access_token for {settings.corp_id} (valid {lifetime} s)",
+            "warn",
+            f"{issued}; WECOM_AGENT_ID {settings.agent_id} could not be checked ({why})",
+            ("agent/get did not give WeCom's answer: the AgentId is checked by nothing else.",),
         )
-    return explain_gettoken_failure(outcome, settings)
+    if body["errcode"] == 0:
+        name = str(body.get("name") or "?")[:40]
+        return Finding("gettoken", "ok", f"{issued}, app {name!r} (AgentId {settings.agent_id})")
+    said = f"WeCom said: errcode {body['errcode']}: {str(body.get('errmsg', ''))[:200]}"
+    return Finding(
+        "gettoken",
+        "fail",
+        f"WECOM_AGENT_ID {settings.agent_id} is not the app of this WECOM_SECRET "
+        f"(agent/get: errcode {body['errcode']})",
+        (
+            "The AgentId and the Secret must be of the same app: the gateway refuses "
+            "callbacks for another AgentId (403, WrongRecipient), and WeCom refuses sends "
+            f"with another app's token (301002). Copy both again: {WHERE['WECOM_AGENT_ID']}; "
+            f"{WHERE['WECOM_SECRET']}.",
+            said,
+        ),
+    )
 
 
 def explain_gettoken_failure(failure: Failure, settings: WeComApiSettings) -> Finding:

@@ -216,6 +216,13 @@ _STATUS: dict[type[Exception], int] = {
 }
 
 
+_SUSPECT: dict[type[Exception], str] = {
+    SignatureError: "WECOM_TOKEN",
+    PlaintextBufferError: "WECOM_ENCODING_AES_KEY",
+    ReceiveIdError: "WECOM_CORP_ID",
+}
+
+
 def status_for(exc: Exception) -> int:
     """The HTTP status for a refusal (500 for anything not in the table)."""
     for cls in type(exc).__mro__:
@@ -408,6 +415,11 @@ def _refuse(
             fields["code"] = exc.code
     else:
         fields["reason"] = str(exc)
+    # Which of our settings differs from the app's, if WeCom itself sent it (else: a
+    # forged or foreign request); the first thing to check after a change in the admin.
+    setting = exc.setting if isinstance(exc, WrongRecipient) else _SUSPECT.get(type(exc))
+    if setting is not None:
+        fields["setting"] = setting
     _REFUSED.inc()
     request.app[_REFUSALS].refused(status, type(exc).__name__, **fields)
     response = web.Response(status=status, text=HTTPStatus(status).phrase)

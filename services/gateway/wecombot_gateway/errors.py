@@ -14,7 +14,7 @@
         ├── MalformedXml               not well-formed XML, or not the expected shape
         ├── UnsafeXml                  DTD, entity or external reference (XXE, billion laughs)
         ├── InvalidMessage             a required field is missing or malformed; not UTF-8
-        └── WrongRecipient             the decrypted ToUserName is not our CorpID
+        └── WrongRecipient             ToUserName is not our CorpID, or AgentID not ours
 
 Crypto failures are :class:`wecombot_common.crypto.CryptoError` subclasses and a broker
 that does not confirm an append is :class:`wecombot_common.bus.AppendUnavailable` ("retry
@@ -100,4 +100,9 @@ class NoSender(CallbackRejected):
 
 
 class WrongRecipient(CallbackRejected):
-    """The decrypted message is addressed to another corporation."""
+    """The decrypted message is addressed to another corporation, or to another app of
+    ours. ``setting``: the one of ours it does not match (WECOM_CORP_ID, WECOM_AGENT_ID)."""
+
+    def __init__(self, reason: str, *, setting: str) -> None:
+        super().__init__(reason)
+        self.setting = setting

@@ -149,10 +149,14 @@ def parse_message(plaintext: bytes, *, corp_id: str, agent_id: int, app: str) ->
         fields = _flatten(_parse_xml(text, "decrypted message"))
     to_user = _required(fields, "ToUserName")
     if to_user != corp_id:
-        raise WrongRecipient(f"message addressed to {_show(to_user)}, not to our CorpID")
+        raise WrongRecipient(
+            f"message addressed to {_show(to_user)}, not to our CorpID", setting="WECOM_CORP_ID"
+        )
     agent = _agent_id(fields.get("AgentID"))
     if agent is not None and agent != agent_id:
-        raise WrongRecipient(f"message for AgentID {agent}, not for ours ({agent_id})")
+        raise WrongRecipient(
+            f"message for AgentID {agent}, not for ours ({agent_id})", setting="WECOM_AGENT_ID"
+        )
     if "FromUserName" not in fields and fields.get("MsgType") == "event":
         raise NoSender(f"event {_show(fields.get('Event', ''))} has no FromUserName")
     from_user = _required(fields, "FromUserName")

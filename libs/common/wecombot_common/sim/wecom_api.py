@@ -1,7 +1,9 @@
-"""A simulated WeCom server API: ``gettoken`` and ``message/send``, on a real HTTP port.
+"""A simulated WeCom server API: ``gettoken``, ``message/send`` and ``agent/get``, on a
+real HTTP port.
 
 It behaves as the official docs say (https://developer.work.weixin.qq.com/document/path/91039
-gettoken, path/90236 message/send, path/90313 error codes), and lets a test or the sandbox
+gettoken, path/90236 message/send, path/90227 agent/get, path/90313 error codes), and lets
+a test or the sandbox
 console inject what WeCom does on a bad day::
 
     >>> api = SimulatedWeComApi(corp_id="wwsim", secret="s3cret", agent_id=1000002)
@@ -67,6 +69,7 @@ ERRMSG = {
     45009: "reach max api daily quota limit",
     45033: "api concurrent out of limit",
     60020: "not allow to access from your ip",
+    301002: "not allow operate another agent",
     81013: "user & party & tag all invalid",
     82001: "all touser invalid",
 }
@@ -203,6 +206,7 @@ class SimulatedWeComApi(LoopbackServer):
         return [
             web.get("/cgi-bin/gettoken", self._reported("gettoken", self._gettoken)),
             web.post("/cgi-bin/message/send", self._reported("message/send", self._send)),
+            web.get("/cgi-bin/agent/get", self._reported("agent/get", self._agent)),
         ]
 
     # ------------------------------------------------------------ observation
@@ -420,6 +424,24 @@ class SimulatedWeComApi(LoopbackServer):
             ):
                 return earlier
         return None
+
+    async def _agent(self, request: web.Request) -> web.Response:
+        """The app's details (path/90227); a self-built app's token reads its own app
+        only: another AgentId is 301002, as message/send answers it."""
+        if self.faults.down:
+            return web.Response(status=503, text="service unavailable")
+        token_error = self._check_token(request.query.get("access_token"))
+        if token_error:
+            return self._json(self._error(token_error))
+        try:
+            agentid = int(request.query.get("agentid", ""))
+        except ValueError:
+            return self._json({"errcode": 40056, "errmsg": "invalid agentid"})
+        if agentid != self.agent_id:
+            return self._json(self._error(301002))
+        return self._json(
+            {"errcode": 0, "errmsg": "ok", "agentid": agentid, "name": "wecombot", "close": 0}
+        )
 
     async def _send(self, request: web.Request) -> web.Response:
         if self.latency_s:
