@@ -29,6 +29,7 @@ from tests.integration.wecom_app import (
 from tests.waiting import until_sync
 from wecombot.doctor import (
     Report,
+    _not_public,
     check_callback,
     check_gettoken,
     check_model,
@@ -376,9 +377,37 @@ async def test_callback_with_a_public_url_that_is_no_url(url: str, message: str)
 
 
 async def test_callback_verified_by_the_real_gateway(gateway: str) -> None:
+    """Verified, but on this machine: WeCom cannot call it (a first try said "Save this
+    URL" for http://127.0.0.1)."""
     finding = await check_callback(wecom_env(), gateway, TIMEOUT)  # path appended
-    assert finding.status == "ok", finding
+    assert finding.status == "warn", finding
     assert f"{gateway}/wecom/callback answered WeCom's URL verification" in finding.summary
+    assert finding.details[0].startswith("But 127.0.0.1 is this machine: WeCom calls from")
+
+
+@pytest.mark.parametrize(
+    ("host", "said"),
+    [
+        ("localhost", "this machine"),
+        ("127.0.0.2", "this machine"),
+        ("::1", "this machine"),
+        ("10.1.2.3", "a private address"),
+        ("192.168.1.5", "a private address"),
+        ("fe80::1", "a private address"),
+        ("8.8.8.8", None),
+        ("bot.example.com", None),
+    ],
+)
+def test_hosts_wecom_cannot_reach(host: str, said: str | None) -> None:
+    assert _not_public(host) == said
+
+
+async def test_an_https_url_on_a_plain_http_port_is_said_to_be_that(gateway: str) -> None:
+    """It was explained as an invalid certificate."""
+    url = gateway.replace("http://", "https://") + "/wecom/callback"
+    finding = await check_callback(wecom_env(), url, TIMEOUT)
+    assert finding.status == "fail", finding
+    assert finding.details[0].startswith("The port does not speak TLS")
 
 
 async def test_callback_with_another_token(gateway: str) -> None:
@@ -545,7 +574,8 @@ async def test_a_good_configuration_passes(
         OPENAI_MODEL="sim-model",
     )
     report = await diagnose(env, public_url=gateway, timeout_s=TIMEOUT)
-    assert [f.status for f in report.findings] == ["ok"] * 5, report.render()
+    statuses = [f.status for f in report.findings]
+    assert statuses == ["ok", "ok", "ok", "warn", "ok"], report.render()  # warn: on 127.0.0.1
     assert not report.failed
     rendered = report.render()
     assert rendered.endswith("No problems found.")

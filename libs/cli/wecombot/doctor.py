@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ipaddress
 import math
 import re
 import secrets
@@ -468,21 +469,52 @@ async def check_callback(
         )
     except httpx.HTTPError as exc:
         reason = str(exc) or type(exc).__name__
-        tls = "certificate" in reason.lower() or "ssl" in reason.lower()
         return Finding(
-            "callback",
-            "fail",
-            f"cannot reach {url}: {reason}",
-            (
-                "The TLS certificate is not valid for that host: WeCom needs a publicly "
-                "trusted certificate."
-                if tls
-                else "Check that the host resolves publicly and the port is open.",
-                *_REACH,
-            ),
+            "callback", "fail", f"cannot reach {url}: {reason}", (_unreachable(reason), *_REACH)
         )
     elapsed = time.monotonic() - started
-    return _judge_verification(url, path, echo, response, elapsed)
+    found = _judge_verification(url, path, echo, response, elapsed)
+    private = _not_public(parts.hostname or "")
+    if found.status == "ok" and private:
+        return Finding(
+            "callback",
+            "warn",
+            found.summary,
+            (
+                f"But {parts.hostname} is {private}: WeCom calls from its servers on the "
+                "internet and cannot reach it. Give it the public URL of your proxy or "
+                "ingress (with a publicly trusted certificate, for https).",
+            ),
+        )
+    return found
+
+
+def _unreachable(reason: str) -> str:
+    """What to look at, from httpx's reason for a URL it could not reach."""
+    low = reason.lower()
+    if "wrong_version_number" in low or "wrong version number" in low:
+        return (
+            "The port does not speak TLS: an https:// URL pointed at the gateway's plain "
+            "HTTP port, or at a proxy that does not terminate TLS there."
+        )
+    if "certificate" in low or "ssl" in low:
+        return "The TLS certificate is not valid for that host: WeCom needs a publicly trusted one."
+    return "Check that the host resolves publicly and the port is open."
+
+
+def _not_public(host: str) -> str | None:
+    """Why WeCom cannot reach ``host`` from the internet (None: it may)."""
+    if host == "localhost" or host.endswith(".localhost"):
+        return "this machine"
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return None  # a name: where it resolves for WeCom is not knowable from here
+    if address.is_loopback:
+        return "this machine"
+    if address.is_private or address.is_link_local:
+        return "a private address"
+    return None
 
 
 _REACH = (
