@@ -457,6 +457,7 @@ async def test_a_provider_echoing_the_key_never_puts_it_in_the_reason(before: in
         finally:
             await model.aclose()
     reason = str(refused.value)
+    assert refused.value.setting == "OPENAI_API_KEY"  # said on the llm's failure line
     assert KEY[:7] not in reason
     assert "bad key [REDACT" in reason
     assert len(reason) <= len("HTTP 401: ") + 200

@@ -55,6 +55,7 @@ from wecombot_llm.gate import Gate, GatePolicy, Verdict
 from wecombot_llm.handler import HandlerConfig, LlmHandler
 from wecombot_llm.model import (
     Completion,
+    ModelRejected,
     ModelUnavailable,
     OfflineModel,
     env_proxy,
@@ -860,6 +861,36 @@ async def test_handler_turns_a_model_failure_into_the_apology() -> None:
     assert isinstance(failed, ReplyFailed)
     assert (failed.text, failed.attempts) == ("sorry!", 4)
     assert "HTTP 503" in failed.reason
+
+
+@pytest.mark.parametrize(
+    ("error", "level", "setting"),
+    [
+        (ModelRejected("HTTP 401: bad key", attempts=1, setting="OPENAI_API_KEY"), "error", True),
+        (ModelRejected("HTTP 400: context too long", attempts=1), "warning", False),
+        (ModelUnavailable("HTTP 503 (gave up after 4 attempts)", attempts=4), "warning", False),
+    ],
+    ids=["our key refused", "this request refused", "provider away"],
+)
+async def test_a_model_refusal_of_our_configuration_is_an_error_naming_the_setting(
+    error: ModelRejected | ModelUnavailable, level: str, setting: bool
+) -> None:
+    """A refused key fails every message alike, each answered with the apology; the
+    warning said "HTTP 401" and nothing of OPENAI_API_KEY."""
+
+    class Refusing:
+        async def complete(self, messages: Sequence[ChatMessage]) -> Completion:
+            raise error
+
+    log = FakeLog()
+    q = msg("q")
+    seq = log.add(q)
+    llm = LlmHandler(log, Refusing(), HandlerConfig(policy=ReplyPolicy()))
+    with capture_logs() as logs:
+        await llm.handle(q, stream_seq=seq, num_delivered=1)
+    [failed] = [e for e in logs if e["event"] == "llm.model_failed"]
+    assert failed["log_level"] == level
+    assert failed.get("setting") == ("OPENAI_API_KEY" if setting else None)
 
 
 # ---------------------------------------------------------------- flood control, allowlist

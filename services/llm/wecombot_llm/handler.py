@@ -62,7 +62,7 @@ from .decide import (
     requires_outcome,
 )
 from .gate import Verdict
-from .model import ChatModel, ModelError
+from .model import ChatModel, ModelError, ModelRejected
 from .settings import ReplyPolicy
 from .store import ConversationLog
 
@@ -350,7 +350,13 @@ class LlmHandler:
             done = await self._model.complete(action.messages)
         except ModelError as exc:
             _MODEL_FAILED.observe(time.monotonic() - started)
-            log.warning("llm.model_failed", reason=str(exc), attempts=exc.attempts)
+            setting = exc.setting if isinstance(exc, ModelRejected) else None
+            if setting is not None:  # every message fails alike until it is fixed
+                log.error(
+                    "llm.model_failed", reason=str(exc), attempts=exc.attempts, setting=setting
+                )
+            else:
+                log.warning("llm.model_failed", reason=str(exc), attempts=exc.attempts)
             return failed(received, str(exc), exc.attempts, self._policy.apology_message)
         _MODEL_ANSWERED.observe(time.monotonic() - started)
         log.info(

@@ -84,7 +84,21 @@ class ModelUnavailable(ModelError, TransientError):
 
 class ModelRejected(ModelError, PermanentError):
     """The provider refused the request (a 4xx other than 408/429) or answered nothing,
-    or the request cannot be sent at all (an unusable ``OPENAI_BASE_URL``)."""
+    or the request cannot be sent at all (an unusable ``OPENAI_BASE_URL``). ``setting``:
+    ours the refusal points at (401/403: OPENAI_API_KEY; 404: the model or the base URL),
+    so that the failure line says what to fix; None when it is about this request."""
+
+    def __init__(self, reason: str, *, attempts: int, setting: str | None = None) -> None:
+        super().__init__(reason, attempts=attempts)
+        self.setting = setting
+
+
+# A refusal of every request alike: our configuration, not the message.
+_SETTING_FOR_STATUS = {
+    401: "OPENAI_API_KEY",
+    403: "OPENAI_API_KEY",
+    404: "OPENAI_MODEL or OPENAI_BASE_URL",
+}
 
 
 class ChatModel(Protocol):
@@ -284,7 +298,7 @@ class OpenAIChatModel:
                 response = await self._post(body)
         except _UNSENDABLE as exc:
             reason = self._clean(f"request not sendable ({_named(exc)})")
-            raise ModelRejected(reason, attempts=attempt) from exc
+            raise ModelRejected(reason, attempts=attempt, setting="OPENAI_BASE_URL") from exc
         except _PROVIDER_FAULTS as exc:
             raise _Retryable(self._clean(_transport_failure(exc))) from exc
         except TimeoutError as exc:
@@ -301,7 +315,9 @@ class OpenAIChatModel:
         detail = error_detail(response, key=self._key)
         if is_retryable_status(status):
             raise _Retryable(f"HTTP {status}: {detail}", retry_after_of(response.headers))
-        raise ModelRejected(f"HTTP {status}: {detail}", attempts=attempt)
+        raise ModelRejected(
+            f"HTTP {status}: {detail}", attempts=attempt, setting=_SETTING_FOR_STATUS.get(status)
+        )
 
     async def _post(self, body: dict[str, Any]) -> httpx.Response:
         return await self._client.post(
