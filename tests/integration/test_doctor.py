@@ -502,6 +502,16 @@ async def test_model_not_listed_is_tried_with_one_token(model_api: SimulatedOpen
     assert model_api.chat_requests[-1].body["max_tokens"] == 1
 
 
+async def test_a_model_the_provider_does_not_have_is_named_with_what_it_lists() -> None:
+    """A typo in OPENAI_MODEL (the provider answers 404 model_not_found, as OpenAI does)."""
+    async with SimulatedOpenAIApi(api_key="sk-sim", model="gpt-4o-mini", strict_model=True) as api:
+        env = {"OPENAI_API_KEY": "sk-sim", "OPENAI_BASE_URL": api.base_url}
+        finding = await check_model({**env, "OPENAI_MODEL": "gpt-4o-mni"}, TIMEOUT)
+    assert finding.status == "fail", finding
+    assert finding.summary.startswith(f"{api.base_url} has no model 'gpt-4o-mni' (404: ")
+    assert "It lists: gpt-4o-mini." in " ".join(finding.details)
+
+
 async def test_model_key_refused(model_api: SimulatedOpenAIApi) -> None:
     env = {"OPENAI_API_KEY": "sk-wrong", "OPENAI_BASE_URL": model_api.base_url}
     finding = await check_model(env, TIMEOUT)

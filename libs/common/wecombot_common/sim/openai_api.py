@@ -128,9 +128,13 @@ class SimulatedOpenAIApi(LoopbackServer):
         latency_s: float | Callable[[], float] = 0.0,
         host: str = "127.0.0.1",
         port: int = 0,
+        strict_model: bool = False,
     ) -> None:
         self.api_key = api_key
         self.model = model
+        # As OpenAI does: a chat for another model is 404 model_not_found (off by
+        # default: most tests care about the answer, not the model's name).
+        self.strict_model = strict_model
         self.reply = reply
         self.latency_s = latency_s
         self.host = host
@@ -226,6 +230,13 @@ class SimulatedOpenAIApi(LoopbackServer):
         messages = record.messages
         if not messages:
             return _error(400, "'messages' is a required property", "invalid_request_error")
+        asked = record.body.get("model") if isinstance(record.body, dict) else None
+        if self.strict_model and asked != self.model:
+            return _error(
+                404,
+                f"The model `{asked}` does not exist or you do not have access to it.",
+                "model_not_found",
+            )
         reply = self.reply(messages)
         if inspect.isawaitable(reply):
             reply = await reply
