@@ -72,6 +72,16 @@ class DevProcess:
         )
         self.out = Output(self.proc)
 
+    def ended(self, timeout: float = 30.0) -> int:
+        """The exit code of a dev that ends by itself (a refused start, a lost broker).
+        Still running after ``timeout``: stopped, and AssertionError (with the output's
+        tail)."""
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.stop()
+            raise AssertionError(f"dev did not end in {timeout}s:\n{self.out.tail()}") from None
+
     def stop(self, timeout: float = 10.0, *, group_signal: signal.Signals | None = None) -> int:
         """SIGTERM (as Kubernetes or ``kill`` would), or ``group_signal`` to the whole
         process group (a terminal's Ctrl-C: SIGINT; the terminal closed: SIGHUP); the exit

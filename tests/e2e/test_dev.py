@@ -188,12 +188,7 @@ def test_a_nats_url_nothing_answers_stops_start_up_naming_it(tmp_path: Path) -> 
     and Ctrl-C did not stop dev. It is checked first, as doctor does."""
     port = free_port()
     dev = DevProcess(tmp_path, NATS_URL=f"nats://127.0.0.1:{port}", GATEWAY_PORT=str(free_port()))
-    try:
-        code = dev.proc.wait(timeout=30)
-    finally:
-        if dev.proc.poll() is None:
-            dev.stop()
-    assert code == 2, dev.out.tail()
+    assert dev.ended() == 2, dev.out.tail()
     dev.out.wait_for(
         rf"cannot reach NATS at nats://127\.0\.0\.1:{port}: nothing listens at that address "
         r"\(NATS_URL\)",
@@ -228,11 +223,10 @@ def test_dev_stops_when_its_nats_server_dies(tmp_path: Path) -> None:
     try:
         dev.out.wait_for(r'"gateway\.ready"')
         os.kill(_recorded(dev)["nats-server"], signal.SIGKILL)
-        code = dev.proc.wait(timeout=30)
-    finally:
-        if dev.proc.poll() is None:
-            dev.stop()
-    assert code == 1, dev.out.tail()
+    except BaseException:
+        dev.stop()
+        raise
+    assert dev.ended() == 1, dev.out.tail()
     dev.out.wait_for(r"the embedded nats-server exited \(code -9\); its log: ", timeout=5)
     dev.out.wait_for(r"\[dev\]\s+stopped", timeout=5)
     assert "exited with code -15" not in "".join(dev.out.lines)
@@ -243,12 +237,7 @@ def test_a_bad_setting_of_any_service_stops_dev_before_anything_starts(tmp_path:
     was said by the first service that read it, after the broker and the console had
     started, and the others then reported exit codes as if they had crashed."""
     dev = DevProcess(tmp_path, LOG_LEVEL="verbose", SENDER_MAX_DELIVER="0")
-    try:
-        code = dev.proc.wait(timeout=30)
-    finally:
-        if dev.proc.poll() is None:
-            dev.stop()
-    assert code == 2, dev.out.tail()
+    assert dev.ended() == 2, dev.out.tail()
     dev.out.wait_for(r"\[dev\]\s+2 problems in the settings", timeout=5)
     dev.out.wait_for(r"LOG_LEVEL .*\(read by gateway, llm, sender, token\)", timeout=5)
     dev.out.wait_for(r"SENDER_MAX_DELIVER .*\(read by sender\)", timeout=5)
