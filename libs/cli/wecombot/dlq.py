@@ -576,8 +576,8 @@ async def run(
         )
         return 1
     except (nats.js.errors.ServiceUnavailableError, nats.errors.NoRespondersError):
-        summary, details = no_jetstream(url)
-        err.write(f"wecombot dlq: {summary}\n{details[0]}\n")
+        summary, advice = no_jetstream(url)
+        err.write(f"wecombot dlq: {summary}\n{advice}\n")
         return 1
     except (TimeoutError, nats.errors.Error) as exc:
         err.write(f"wecombot dlq: {type(exc).__name__}: {exc}\n")

@@ -223,7 +223,8 @@ async def check_nats(environ: Mapping[str, str], timeout_s: float) -> Finding:
             async with asyncio.timeout(timeout_s):
                 account = await js.account_info()
         except (nats.js.errors.ServiceUnavailableError, nats.errors.NoRespondersError):
-            return Finding("nats", "fail", *no_jetstream(url))
+            summary, advice = no_jetstream(url)
+            return Finding("nats", "fail", summary, (advice,))
         except (TimeoutError, nats.errors.Error) as exc:
             return Finding(
                 "nats",

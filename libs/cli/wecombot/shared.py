@@ -94,13 +94,11 @@ def nats_unreachable(url: str, exc: BaseException) -> tuple[str, str]:
     )
 
 
-def no_jetstream(url: str) -> tuple[str, tuple[str, ...]]:
-    """The broker at ``url`` answers without JetStream: (summary, details)."""
+def no_jetstream(url: str) -> tuple[str, str]:
+    """The broker at ``url`` answers without JetStream: (summary, advice)."""
     return (
         f"NATS at {url} answers, but JetStream is not enabled",
-        (
-            "wecombot keeps its event log in JetStream. Start nats-server with -js "
-            "(or `jetstream {}` in its config file); in a cluster enable it on every "
-            "node; with accounts, give this account JetStream limits.",
-        ),
+        "wecombot keeps its event log in JetStream. Start nats-server with -js (or "
+        "`jetstream {}` in its config file); in a cluster enable it on every node; with "
+        "accounts, give this account JetStream limits.",
     )
