@@ -339,30 +339,30 @@ class ReplySender:
         return await self._run(self._job(d, reply, order_seq=seq, requeued_by=requeue.event_id))
 
     async def _run(self, job: _Job) -> Settlement:
-        behind = False
         for _ in range(self._policy.conflict_rounds):
             try:
-                return await self._attempt(job, behind=behind)
+                return await self._attempt(job)
             except ConcurrencyConflict:
-                log.info("sender.append_conflict")  # another writer: catch up, decide again
+                # Another writer: catch up (the log holds more than our state, so from
+                # the leader: job.contested), decide again.
+                log.info("sender.append_conflict")
                 job.contested = True
-                behind = True  # the log holds more than our state: read it from the leader
         raise TransientError("the conversation's send branch kept changing; retry later")
 
     # ------------------------------------------------------------ deciding
 
-    async def _load(self, job: _Job, *, behind: bool = False) -> ConversationState:
+    async def _load(self, job: _Job) -> ConversationState:
         """The conversation, through the event being handled at least. Read from the
-        stream leader when ``behind`` (an append was refused: the log holds more than a
-        follower may show), and for a repeat or a contested delivery: its sends ask
-        WeCom's duplicate check, whose window must show every part sent since, a later
-        reply's too (one that overtook this one), which a lagging follower may not show
-        yet (``ConversationCache.load``)."""
-        leader = behind or job.repeat or job.contested
+        stream leader for a contested delivery (an append was refused: the log holds
+        more than a follower may show) and for a repeat: their sends ask WeCom's
+        duplicate check, whose window must show every part sent since, a later reply's
+        too (one that overtook this one), which a lagging follower may not show yet
+        (``ConversationCache.load``)."""
+        leader = job.repeat or job.contested
         return await self._cache.load(job.conv, through=job.delivery.stream_seq, leader=leader)
 
-    async def _attempt(self, job: _Job, *, behind: bool = False) -> Settlement:
-        state = await self._load(job, behind=behind)
+    async def _attempt(self, job: _Job) -> Settlement:
+        state = await self._load(job)
         if pending_before(state, job.order_seq) and not state.outcome(job.reply_id).terminal:
             # The user's hour is full: the earlier replies wait for it too, so waiting for
             # them would only spend this reply's deliveries (one per order wait).
