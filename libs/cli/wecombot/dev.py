@@ -51,7 +51,8 @@ from wecombot_llm.settings import ModelSettings
 
 from .console import Console, ConsoleConfig
 from .devlock import NATS_SERVER, DataDirLock
-from .shared import read_dotenv
+from .doctor import check_nats, check_settings
+from .shared import WECOM_KEYS, read_dotenv
 
 __all__ = ["main"]
 
@@ -63,14 +64,6 @@ STOP_BUDGET_S = 10.0
 NATS_CHECK_S = 5.0  # a broker of the user's (NATS_URL) must answer within this at start
 CONSOLE_PORT = 8090
 SANDBOX_API = "http://127.0.0.1:9"  # stands in for the simulated API's URL in the check
-# An app's five WeCom settings: what the sandbox replaces, and what doctor asks for.
-WECOM_KEYS = (
-    "WECOM_CORP_ID",
-    "WECOM_AGENT_ID",
-    "WECOM_SECRET",
-    "WECOM_TOKEN",
-    "WECOM_ENCODING_AES_KEY",
-)
 
 
 @dataclass(frozen=True)
@@ -357,8 +350,6 @@ async def _run(
     async def start() -> int | None:
         """Everything up to "Ctrl-C stops all"; an exit code if start-up cannot go on."""
         nonlocal nats_server, spawning, sim, console
-        from .doctor import check_nats, check_settings  # doctor imports this module
-
         # Every service's settings first, with each service's own loader (as doctor
         # does), so that a bad one is said before anything starts, all of them at once.
         placeholders = Sandbox.load_or_create(data_dir).environ(SANDBOX_API) if sandbox else {}

@@ -63,8 +63,8 @@ from wecombot_token.domain import Failure
 from wecombot_token.settings import TokenSettings
 from wecombot_token.source import WeComTokenSource
 
-from .dev import WECOM_KEYS
 from .shared import (
+    WECOM_KEYS,
     clip,
     connect_once,
     nats_unreachable,

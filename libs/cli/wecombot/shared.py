@@ -11,6 +11,7 @@ from wecombot_common import bus
 from wecombot_common.settings import NatsSettings, without_credentials
 
 __all__ = [
+    "WECOM_KEYS",
     "clip",
     "connect_once",
     "nats_unreachable",
@@ -18,6 +19,16 @@ __all__ = [
     "read_dotenv",
     "without_credentials",
 ]
+
+
+# An app's five WeCom settings: what the sandbox replaces, and what doctor asks for.
+WECOM_KEYS = (
+    "WECOM_CORP_ID",
+    "WECOM_AGENT_ID",
+    "WECOM_SECRET",
+    "WECOM_TOKEN",
+    "WECOM_ENCODING_AES_KEY",
+)
 
 
 def read_dotenv(path: Path, into: MutableMapping[str, str]) -> None:
