@@ -9,11 +9,11 @@ stream checks an append's ``Nats-Msg-Id`` before its expected sequence, for one.
 from __future__ import annotations
 
 import subprocess
-import time
 import urllib.request
 from pathlib import Path
 
 from tests.conftest import free_port
+from tests.waiting import until_sync
 from wecombot_common.embedded import nats_server_binary
 
 __all__ = ["NatsCluster"]
@@ -61,12 +61,16 @@ class NatsCluster:
             )
 
     def _wait_healthy(self, nodes: range | list[int], timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while not all(self._healthy(self._monitors[i]) for i in nodes):
-            if time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"the cluster was not healthy within {timeout:g}s")
-            time.sleep(0.1)
+        try:
+            until_sync(
+                lambda: all(self._healthy(self._monitors[i]) for i in nodes),
+                timeout=timeout,
+                what=f"nodes {list(nodes)} of the cluster to be healthy",
+                interval=0.1,
+            )
+        except AssertionError:
+            self.stop()  # nothing left running
+            raise
 
     def monitor_url(self, i: int) -> str:
         """Node ``i``'s monitoring endpoint (``/connz``, ``/jsz``, ``/healthz``)."""
