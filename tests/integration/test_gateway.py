@@ -1119,6 +1119,23 @@ async def test_health_and_readiness(gateway: Gateway) -> None:
     assert (await ready.json())["status"] == "ready"
 
 
+async def test_no_answer_names_the_versions_of_python_or_aiohttp(gateway: Gateway) -> None:
+    """aiohttp's default ``Server: Python/3.11 aiohttp/3.14.5`` tells a scanner what to
+    try; every answer the application makes says ``wecombot``."""
+    forged = signed("x", crypto=WeComCrypto("another-token", KEY, CORP))
+    answers = [
+        await gateway.send(post(text_message("41"))),  # stored
+        await gateway.send(dataclasses.replace(post(text_message("42")), params=forged)),
+        await gateway.client.get("/no-such-path"),
+        await gateway.client.post("/healthz"),  # 405
+        await gateway.client.get("/healthz"),
+        await gateway.client.get("/readyz"),
+        await gateway.client.get("/metrics"),
+    ]
+    assert [resp.status for resp in answers] == [200, 403, 404, 405, 200, 200, 200]
+    assert {resp.headers["Server"] for resp in answers} == {"wecombot"}
+
+
 async def test_readiness_fails_without_the_stream(gateway: Gateway) -> None:
     await gateway.js.delete_stream(topology.CONVERSATION_STREAM)
     resp = await gateway.client.get("/readyz")

@@ -76,6 +76,7 @@ async def test_alive_before_nats_then_ready(name: str, nats_server: NatsHandle) 
         async with httpx.AsyncClient(timeout=2) as client:
             metrics = await client.get(f"{base}/metrics")
         assert metrics.status_code == 200
+        assert metrics.headers["server"] == "wecombot"  # not aiohttp's and Python's versions
         assert "# TYPE process_cpu_seconds_total counter" in metrics.text
     finally:
         stop.set()

@@ -6,6 +6,9 @@ Shared by the simulators, the sandbox console and the health server::
     site.port
     # → 41235
     await site.stop()
+
+The servers the services expose (the gateway's callback, every health and metrics port)
+also call :func:`name_server`.
 """
 
 from __future__ import annotations
@@ -13,9 +16,28 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar, Self
 
-from aiohttp import web
+from aiohttp import hdrs, web
 
-__all__ = ["LocalSite", "LoopbackServer"]
+__all__ = ["SERVER_NAME", "LocalSite", "LoopbackServer", "name_server"]
+
+SERVER_NAME = "wecombot"
+
+
+def name_server(app: web.Application) -> None:
+    """Answer ``Server: wecombot`` instead of aiohttp's ``Python/3.x aiohttp/3.y.z``: a
+    scanner learns which versions to try its exploits on from that header (the first
+    finding of a penetration test). aiohttp only sets it when a response has none.
+
+    Not covered: a request aiohttp cannot parse at all (a bad request line or header) is
+    answered by aiohttp itself, before any application, with its own header and a body
+    quoting what it could not parse. An ingress or load balancer in front refuses those
+    first (docs/security.md).
+    """
+    app.on_response_prepare.append(_name)
+
+
+async def _name(_: web.Request, response: web.StreamResponse) -> None:
+    response.headers[hdrs.SERVER] = SERVER_NAME
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,7 +21,7 @@ import structlog
 from aiohttp import web
 
 from .errors import ConfigError
-from .http import LocalSite
+from .http import LocalSite, name_server
 from .metrics import metrics_route
 from .settings import EnvReader
 
@@ -148,6 +148,7 @@ class HealthServer:
             return
         app = web.Application()
         app.add_routes(self.routes())
+        name_server(app)
         try:
             self._site = await LocalSite.start(app, self.host, self.port)
         except OSError as exc:  # the port is taken: fix the setting (exit 2), no traceback

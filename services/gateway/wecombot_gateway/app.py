@@ -66,6 +66,7 @@ from wecombot_common.crypto import (
     WeComCrypto,
 )
 from wecombot_common.events import MessageReceived
+from wecombot_common.http import name_server
 from wecombot_common.logs import LogSampler
 from wecombot_common.metrics import GATEWAY_CALLBACKS, GATEWAY_REFUSALS
 from wecombot_common.runtime import Check, HealthServer
@@ -251,6 +252,7 @@ def create_app(
     # Last: what no route above takes (a route, not a middleware, which every callback
     # would pay for).
     app.router.add_route("*", "/{anything:.*}", partial(_unrouted, settings.callback_path))
+    name_server(app)
     return app
 
 
