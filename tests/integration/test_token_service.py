@@ -386,6 +386,37 @@ async def test_wecom_refusals_are_typed_and_recover(
         assert sim.gettoken_calls == 2
 
 
+async def test_a_wrong_new_secret_is_told_at_once_while_the_token_it_inherited_serves(
+    nats_server: NatsHandle, sim: SimulatedWeComApi, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The token is kept per app, not per Secret: a WECOM_SECRET changed to a wrong one
+    served the token the right one had bought until it expired (up to 2 h), then every
+    send failed. Once that token is TOKEN_MAX_BACKOFF old (2 s here), a replica with other
+    credentials fetches one of its own, ahead: the wrong Secret is said at once, and the
+    valid token goes on serving meanwhile."""
+    async with token_services(nats_server, sim), connections(nats_server, 1) as (nc,):
+        bought = await ask(nc)
+    assert bought.ok and sim.gettoken_calls == 1
+
+    capsys.readouterr()
+    async with (
+        token_services(nats_server, sim, WECOM_SECRET="changed-to-a-wrong-one", LOG_FORMAT="json"),
+        connections(nats_server, 1) as (nc,),
+    ):
+
+        async def wrong_secret_tried() -> bool | None:
+            reply = await ask(nc)
+            assert (reply.ok, reply.token) == (True, bought.token), reply
+            return True if sim.gettoken_calls == 2 else None
+
+        await eventually(wrong_secret_tried, timeout=10, what="a gettoken with the new Secret")
+        reply = await ask(nc)  # the failure is recorded: still the valid token
+        assert (reply.ok, reply.token) == (True, bought.token)
+    lines = [json.loads(line) for line in capsys.readouterr().err.splitlines() if line[:1] == "{"]
+    [failed] = [line for line in lines if line["event"] == "token.fetch_failed"]
+    assert (failed["reason"], failed["kind"]) == ("credentials_changed", "bad_secret")
+
+
 async def test_rate_limited_backs_off_cluster_wide_without_calling_wecom(
     nats_server: NatsHandle, sim: SimulatedWeComApi
 ) -> None:

@@ -206,6 +206,31 @@ def test_a_backoff_holds_only_for_the_credentials_that_failed() -> None:
     assert decide(legacy, 100.5, fixed) is Action.FAIL
 
 
+def test_a_token_bought_with_other_credentials_is_replaced_ahead_once_it_is_old_enough() -> None:
+    """A token bought with a Secret since changed serves on, and the replica with the new
+    one fetches its own ahead, once the token is TOKEN_MAX_BACKOFF (300 s) old; while that
+    fetch backs off, the token serves without another (a wrong new Secret: not every
+    request a gettoken)."""
+    old = replace(POLICY, credentials=credentials_of("ww1", "old-secret"))
+    new = replace(POLICY, credentials=credentials_of("ww1", "new-secret"))
+    bought = AppState(token=replace_token(credentials=old.credentials))
+    assert decide(bought, 1299.0, new) is Action.SERVE  # < 300 s old: two in a rollout
+    assert decide(bought, 1300.0, new) is Action.SERVE_AND_REFRESH
+    assert decide(bought, 1300.0, old) is Action.SERVE  # its own
+    legacy = AppState(token=TOKEN)  # bought before tokens kept their credentials
+    assert decide(legacy, 1300.0, new) is Action.SERVE
+    refused = after_failure(bought, classify_errcode(40001, "invalid"), 1300.0, new)
+    assert refused.token == bought.token, "the valid token is kept"
+    assert decide(refused, 1300.5, new) is Action.SERVE
+    assert answer(refused, 1300.5, new).token == TOKEN.value
+    assert decide(refused, 1301.0, new) is Action.SERVE_AND_REFRESH  # its backoff is over
+    assert decide(refused, 8200.0, new) is Action.FETCH  # expired: callers wait for one
+
+
+def replace_token(**changes: object) -> IssuedToken:
+    return msgspec.structs.replace(TOKEN, **changes)
+
+
 def test_consecutive_failures_back_off_longer_and_success_resets() -> None:
     down = network_failure("ConnectError")
     first = after_failure(None, down, now=100.0, policy=POLICY)

@@ -38,6 +38,7 @@ __all__ = [
     "answer",
     "backing_off",
     "backoff_delay",
+    "bought_elsewhere",
     "classify_errcode",
     "credentials_of",
     "decide",
@@ -65,6 +66,9 @@ class IssuedToken(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True)
     # Fetched because WeCom rejected the token before it: how many were rejected in a row,
     # each soon after its own fetch (0: fetched for another reason). See ``refetch_at``.
     rejected_in_a_row: int = 0
+    # Policy.credentials of the replica that bought it ("": before they were kept). See
+    # ``bought_elsewhere``.
+    credentials: str = ""
 
     def refresh_at(self, margin_s: float) -> float:
         """When to start refreshing ahead: ``margin_s`` before expiry, but never in the
@@ -154,6 +158,30 @@ def backing_off(state: AppState | None, now: float, credentials: str = "") -> bo
     return not failed_with or not credentials or failed_with == credentials
 
 
+def bought_elsewhere(token: IssuedToken, now: float, policy: Policy) -> bool:
+    """``token`` was bought with other credentials (a WECOM_SECRET or CorpID changed
+    since), at least TOKEN_MAX_BACKOFF ago: fetch one with ours, ahead, and serve it
+    meanwhile.
+
+    Keyed by the app alone, the token a wrong new Secret inherited served until it
+    expired, up to 2 hours after the change, and then every send failed; the gettoken
+    ahead tells at once (``token.fetch_failed``, ``bad_secret``), while the token still
+    serves. The age bound keeps two sets of credentials in one rollout from replacing
+    each other's token on every request: one gettoken per TOKEN_MAX_BACKOFF at most.
+
+    >>> p = Policy(refresh_margin_s=300, min_backoff_s=1, max_backoff_s=300, credentials="new")
+    >>> def token(by: str) -> IssuedToken:
+    ...     return IssuedToken(value="t", fetched_at=0.0, expires_at=7200.0, credentials=by)
+    >>> [bought_elsewhere(token(by), now, p) for by, now in
+    ...  (("old", 300.0), ("old", 299.0), ("new", 300.0), ("", 300.0))]
+    [True, False, False, False]
+    """
+    theirs, ours = token.credentials, policy.credentials
+    if not theirs or not ours or theirs == ours:
+        return False
+    return now >= token.fetched_at + policy.max_backoff_s
+
+
 def decide(
     state: AppState | None, now: float, policy: Policy, rejected: str | None = None
 ) -> Action:
@@ -161,9 +189,11 @@ def decide(
     token = usable_token(state, now, rejected)
     waiting = backing_off(state, now, policy.credentials)
     if token is not None:
-        if waiting or now < token.refresh_at(policy.refresh_margin_s):
+        if waiting:
             return Action.SERVE
-        return Action.SERVE_AND_REFRESH
+        if now >= token.refresh_at(policy.refresh_margin_s) or bought_elsewhere(token, now, policy):
+            return Action.SERVE_AND_REFRESH
+        return Action.SERVE
     if waiting or refetch_held(state, now, policy, rejected) is not None:
         return Action.FAIL
     return Action.FETCH

@@ -28,6 +28,7 @@ import time
 from collections.abc import Callable
 from functools import partial
 
+import msgspec
 import structlog
 
 from wecombot_common.logs import register_secret
@@ -41,6 +42,7 @@ from .domain import (
     after_failure,
     after_success,
     answer,
+    bought_elsewhere,
     decide,
     fingerprint,
     refetch_held,
@@ -220,9 +222,10 @@ class TokenKeeper:
             return snapshot  # another replica finished between our read and our claim
         outcome = await self._source.fetch()
         now = self._clock()
-        reason = _reason(action, rejected, snapshot)
+        reason = _reason(action, rejected, snapshot, now, self._policy)
         if isinstance(outcome, IssuedToken):
             register_secret(outcome.value, ephemeral=True)
+            outcome = msgspec.structs.replace(outcome, credentials=self._policy.credentials)
             current = snapshot.state.token if snapshot.state is not None else None
             if current is not None and current.value == rejected:
                 outcome = replacing(outcome, current, self._policy)
@@ -280,11 +283,16 @@ class TokenKeeper:
         return saved
 
 
-def _reason(action: Action, rejected: str | None, snapshot: Snapshot) -> str:
+def _reason(
+    action: Action, rejected: str | None, snapshot: Snapshot, now: float, policy: Policy
+) -> str:
+    token = snapshot.state.token if snapshot.state is not None else None
     if action is Action.SERVE_AND_REFRESH:
+        if token is not None and bought_elsewhere(token, now, policy):
+            return "credentials_changed"
         return "ahead"
     if rejected is not None:
         return "rejected"
-    if snapshot.state is None or snapshot.state.token is None:
+    if token is None:
         return "missing"
     return "expired"
