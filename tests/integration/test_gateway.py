@@ -51,7 +51,7 @@ from wecombot_common.events import (
     WeComEventPayload,
     decode_event,
 )
-from wecombot_gateway.app import create_app, runner_options
+from wecombot_gateway.app import MAX_HEADERS, create_app, runner_options
 from wecombot_gateway.main import run_gateway
 from wecombot_gateway.parse import parse_message
 from wecombot_gateway.publisher import JetStreamPublisher, Publisher
@@ -772,6 +772,29 @@ BAD_INPUTS: dict[str, Bad] = {
         lambda: _twice("timestamp", post(text_message("9"))), 400, "timestamp is repeated"
     ),
     "duplicated echostr (GET)": Bad(lambda: _twice("echostr", _url_check()), 400, "repeated"),
+    "a message's Encrypt as the echostr (GET)": Bad(
+        lambda: _url_check(CRYPTO.encrypt(text_message("9"))), 400, "echostr decrypts to XML"
+    ),
+    "Expect other than 100-continue (GET)": Bad(
+        lambda: dataclasses.replace(_url_check(), headers={"Expect": "x-gimme"}),
+        417,
+        "Expect must be 100-continue",
+    ),
+    "Expect other than 100-continue (another path)": Bad(
+        lambda: Call(method="GET", path="/healthz", headers={"Expect": "x-gimme"}),
+        417,
+        "Expect must be 100-continue",
+    ),
+    "a newline in the path": Bad(
+        lambda: Call(method="GET", path="/wecom%0Acallback", headers={}),
+        404,
+        "no such path",
+    ),
+    "an encoded slash in the callback path": Bad(
+        lambda: dataclasses.replace(post(text_message("9")), path="%2F".join(PATH.rsplit("/", 1))),
+        404,
+        "no such path",
+    ),
     "forged signature (GET)": Bad(lambda: _forged(_url_check()), 403, "signature mismatch", -40001),
     "wrong content type (JSON)": Bad(
         lambda: Call(
@@ -933,8 +956,14 @@ async def test_headers_trickled_in_do_not_hold_a_connection(make_gateway: MakeGa
             b"Transfer-Encoding: chunked\r\n\r\n",
             "BadHttpMessage",
         ),
+        (  # each up to 8 KB, so 128 of them (aiohttp's limit) held 1 MB per connection
+            b"GET /healthz HTTP/1.1\r\nHost: x\r\n"
+            + b"".join(b"X-H%d: v\r\n" % i for i in range(MAX_HEADERS))
+            + b"\r\n",
+            "BadHttpMessage",
+        ),
     ],
-    ids=["header-without-colon", "line-too-long", "length-and-chunked"],
+    ids=["header-without-colon", "line-too-long", "length-and-chunked", "too-many-headers"],
 )
 async def test_a_request_the_server_cannot_parse_is_one_counted_warning_without_a_stack(
     make_gateway: MakeGateway,

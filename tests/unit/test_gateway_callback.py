@@ -7,6 +7,7 @@ signed request can be refused as stale.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 
 import pytest
@@ -16,7 +17,7 @@ from wecombot_common.crypto import SignatureError, generate_encoding_aes_key, ge
 from wecombot_common.events import MessageReceived, TextPayload
 from wecombot_common.sim.callbacks import CallbackBuilder
 from wecombot_gateway.callback import CallbackOpener, CallbackQuery
-from wecombot_gateway.errors import StaleTimestamp
+from wecombot_gateway.errors import InvalidQuery, StaleTimestamp
 
 CORP = "wwcallbackunit01"
 AGENT = 1000002
@@ -65,6 +66,17 @@ def test_a_signed_request_inside_the_window_is_opened() -> None:
         "zhang.san",
         TextPayload(content="你好"),
     )
+
+
+def test_a_messages_encrypt_sent_back_as_a_url_check_is_not_decrypted() -> None:
+    """A POST's query and Encrypt are signed as a GET's echostr is: replayed as one (a
+    POST seen in a proxy's body log), the gateway answered the message decrypted."""
+    callback = WECOM.wrap(WECOM.text("zhang.san", "工资单").inner_xml, timestamp=SENT_AT)
+    encrypt = re.search(rb"<Encrypt><!\[CDATA\[(.+?)]]>", callback.body)
+    assert encrypt is not None
+    query = MultiDict(callback.query, echostr=encrypt[1].decode())
+    with pytest.raises(InvalidQuery, match="echostr decrypts to XML"):
+        OPENER.url_check(CallbackQuery.parse(query, url_check=True), now=FRESH)
 
 
 @pytest.mark.parametrize("open_", OPEN.values(), ids=OPEN.keys())

@@ -20,11 +20,12 @@ official -400xx code where there is one):
 refusal                                                status  code
 =====================================================  ======  ======
 query parameter missing / repeated / empty / bad ts     400
+echostr that decrypts to XML (a message's Encrypt)      400
 Content-Type declared and not XML                       415
 Content-Encoding declared (gzip…): WeCom sends none     415
 body over GATEWAY_MAX_BODY_BYTES (declared or read)     413
 body not received within GATEWAY_BODY_TIMEOUT           408
-Expect other than 100-continue                          417
+Expect other than 100-continue (any route)              417
 body unreadable (framing, encoding, disconnect)         400
 envelope not XML / no Encrypt / DTD (XXE, bomb)         400    -40002
 msg_signature does not match                            403    -40001
@@ -162,6 +163,7 @@ class _MalformedHttp(logging.Filter):
 
 
 _HTTP_LOG = logging.getLogger("wecombot_gateway.http")
+MAX_HEADERS: Final = 32
 _MALFORMED = _MalformedHttp()
 _HTTP_LOG.addFilter(_MALFORMED)
 
@@ -182,11 +184,16 @@ def runner_options(settings: GatewaySettings) -> dict[str, Any]:
       closed (aiohttp's keep-alive timer runs from the connection's start and from each
       answer until the next request's headers are in; its default is 3630 s): an idle
       keep-alive connection, or headers trickled to hold one;
+    - at most ``MAX_HEADERS`` header lines (aiohttp: 128, each up to 8 KB): a connection
+      trickling 126 headers of 8 KB held ≈ 2 MB of the gateway's memory for the
+      keep-alive time, so a hundred of them took it past its 256 MiB limit; WeCom sends
+      about six, an ingress or a mesh adds a dozen;
     - what the server cannot parse is logged through ``_HTTP_LOG`` (see _MalformedHttp).
     """
     return {
         "access_log": None,
         "auto_decompress": False,
+        "max_headers": MAX_HEADERS,
         "lingering_time": 1.0,
         "keepalive_timeout": settings.keepalive_timeout_s,
         "logger": _HTTP_LOG,
@@ -246,12 +253,22 @@ def create_app(
     refusals = RefusalLog(burst=settings.refusal_log_rate or None)
     app[_REFUSALS] = refusals
     _MALFORMED.refusals = refusals
-    app.router.add_get(settings.callback_path, handlers.url_check, allow_head=False)
+    # Every route refuses an Expect it does not know as ours do (aiohttp's own answers
+    # 417 quoting the header, neither logged nor counted).
+    app.router.add_get(
+        settings.callback_path, handlers.url_check, allow_head=False, expect_handler=_expect
+    )
     app.router.add_post(settings.callback_path, handlers.receive, expect_handler=handlers.expect)
-    app.add_routes(HealthServer(settings.host, 0, ready).routes())
+    for route in HealthServer(settings.host, 0, ready).routes():  # all GET
+        app.router.add_get(route.path, route.handler, expect_handler=_expect, **route.kwargs)
     # Last: what no route above takes (a route, not a middleware, which every callback
-    # would pay for).
-    app.router.add_route("*", "/{anything:.*}", partial(_unrouted, settings.callback_path))
+    # would pay for); `(?s:…)`: a path holding a newline (%0A) too.
+    app.router.add_route(
+        "*",
+        "/{anything:(?s:.*)}",
+        partial(_unrouted, settings.callback_path),
+        expect_handler=_expect,
+    )
     name_server(app)
     return app
 
@@ -329,18 +346,7 @@ class _CallbackHandlers:
         """A POST with ``Expect: 100-continue`` waits for our go before sending its body:
         refused by its line and headers first, it never sends it (aiohttp's default
         answered 100 to any request, then the client pushed a body we refused)."""
-        try:
-            if request.headers.get(hdrs.EXPECT, "").lower() != "100-continue":
-                raise UnknownExpectation("Expect must be 100-continue, if given")
-            self._reader.check_head(request)
-        except CallbackRejected as exc:
-            response = _refuse(request, exc)
-            response.force_close()  # its body, if it comes after all, is not ours to read
-            return response
-        if request.version == HttpVersion11:
-            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-            request.writer.output_size = 0  # as aiohttp's own: the answer is still to come
-        return None
+        return await _expect(request, self._reader.check_head)
 
     async def receive(self, request: web.Request) -> web.Response:
         """POST: verify, decrypt, parse, append; 200 only once the log has it."""
@@ -367,21 +373,43 @@ class _CallbackHandlers:
         return web.Response()
 
 
+async def _expect(
+    request: web.Request, check_head: Callable[[web.Request], object] | None = None
+) -> web.Response | None:
+    """``Expect: 100-continue`` is answered 100 once ``check_head`` (if any) passed; any
+    other expectation, or what ``check_head`` refuses, is a counted refusal."""
+    try:
+        if request.headers.get(hdrs.EXPECT, "").lower() != "100-continue":
+            raise UnknownExpectation("Expect must be 100-continue, if given")
+        if check_head is not None:
+            check_head(request)
+    except CallbackRejected as exc:
+        response = _refuse(request, exc)
+        response.force_close()  # its body, if it comes after all, is not ours to read
+        return response
+    if request.version == HttpVersion11:
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0  # as aiohttp's own: the answer is still to come
+    return None
+
+
 async def _unrouted(callback_path: str, request: web.Request) -> web.Response:
     """A request no route takes (a URL saved with a typo or a trailing slash in the WeCom
     admin; a method the callback does not serve): 404 / 405 as aiohttp would answer, and
     said in the log once, naming the path we serve."""
+    # As the router saw it: '%2F' is not a '/' (request.path decodes it).
+    path = request.rel_url.path_safe
     allowed = sorted(
         {
             route.method
             for resource in request.app.router.resources()
-            if resource.canonical == request.path
+            if resource.canonical == path
             for route in resource
             if route.method != "*"
         }
     )
     if allowed:  # a route of ours, another method: as aiohttp answers it
-        how = "GET verifies, POST delivers" if request.path == callback_path else ", ".join(allowed)
+        how = "GET verifies, POST delivers" if path == callback_path else ", ".join(allowed)
         status, reason = 405, f"{request.method} is not served here ({how})"
         error, headers = "HTTPMethodNotAllowed", {"Allow": ",".join(allowed)}
     else:

@@ -19,7 +19,7 @@ worked example of https://developer.work.weixin.qq.com/document/path/90968::
 
 Order, from the cheapest refusal to the dearest: query shape → (envelope XML) →
 signature → replay window → decrypt + receive_id → message fields. The signature comes
-before the timestamp so an unsigned request learns nothing about our clock.
+before the timestamp so an unsigned request is never told its timestamp is stale.
 
 Protocol: https://developer.work.weixin.qq.com/document/path/90238 (receiving),
 https://developer.work.weixin.qq.com/document/path/90968 (crypto).
@@ -119,13 +119,22 @@ class CallbackOpener:
         self._window_s = window_s
 
     def url_check(self, query: CallbackQuery, *, now: float) -> bytes:
-        """The GET URL verification: the decrypted echostr, to be answered verbatim."""
+        """The GET URL verification: the decrypted echostr, to be answered verbatim.
+
+        A message's ``Encrypt`` is signed exactly as an echostr is (path/90968), so a
+        POST seen on its way (a proxy's or WAF's body log) could be sent back as a GET
+        within the replay window, and its message would be answered decrypted. WeCom's
+        echostr is a random string, never XML: a plaintext that is XML is refused (400).
+        """
         assert query.echostr is not None, "parse the query with url_check=True"
         self._crypto.verify_signature(
             query.msg_signature, query.timestamp, query.nonce, query.echostr
         )
         check_fresh(query.timestamp, now=now, window_s=self._window_s)
-        return self._crypto.decrypt(query.echostr)
+        plaintext = self._crypto.decrypt(query.echostr)
+        if plaintext.lstrip()[:1] == b"<":
+            raise InvalidQuery("echostr decrypts to XML: a message's Encrypt sent as a URL check")
+        return plaintext
 
     def message(self, query: CallbackQuery, body: bytes, *, now: float) -> MessageReceived:
         """A POSTed message or event, verified, decrypted and parsed."""
