@@ -211,6 +211,26 @@ def test_an_accepted_url_is_one_every_client_here_reads(
     assert yarl.URL(str(sent)).host
 
 
+@pytest.mark.parametrize(
+    "url",
+    [
+        "nats://wecombot:pw-s3cret@[bad",  # urlsplit: invalid IPv6 URL
+        "nats://127.0.0.1:99999",  # port out of range
+        "nats://127.0.0.1:42x2",
+        "nats://:4222",  # no host
+        "nats://a:4222,ws://b:8080",  # nats-py refuses to mix them
+    ],
+)
+def test_a_nats_url_nats_py_cannot_use_is_refused_at_start(url: str) -> None:
+    """These passed the settings and crashed the service at its first connection with
+    nats-py's traceback (exit 1, ``service.crashed``), not a message naming NATS_URL."""
+    env = EnvReader({"NATS_URL": url})
+    NatsSettings.read(env)
+    with pytest.raises(ConfigError, match="NATS_URL must be nats://host:port") as refused:
+        env.raise_if_invalid()
+    assert "s3cret" not in str(refused.value)
+
+
 def test_a_bad_nats_url_is_quoted_without_its_password() -> None:
     url = "nats://wecombot:Sup3rS3cret@nats-1:4222, natss://wecombot:Sup3rS3cret@nats-2:4222"
     env = EnvReader({"NATS_URL": url})

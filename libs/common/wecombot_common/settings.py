@@ -287,6 +287,17 @@ def url_credentials(urls: str) -> list[str]:
     return [s for s in found if s]
 
 
+def _nats_server_url(url: str) -> bool:
+    """One server of NATS_URL: a scheme nats-py speaks, a host, a port that is a port
+    (nats-py would fail on it with a traceback at the first connection)."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 (raises ValueError for a port out of range or not a number)
+    except ValueError:
+        return False
+    return parts.scheme in ("nats", "tls", "ws", "wss") and bool(parts.hostname)
+
+
 def without_credentials(url: str) -> str:
     """``url`` (a comma-separated list of server URLs) without any user, password or
     token: what may be printed of NATS_URL.
@@ -458,12 +469,14 @@ class NatsSettings:
     @classmethod
     def read(cls, env: EnvReader) -> NatsSettings:
         url = env.text("NATS_URL", "nats://127.0.0.1:4222")
-        for part in url.split(","):
-            env.check(
-                part.strip().split("://", 1)[0] in ("nats", "tls", "ws", "wss"),
-                "NATS_URL must be nats://host:port (comma-separated for a cluster), got "
-                f"{','.join(masked_url(p) for p in url.split(','))!r}",
-            )
+        parts = [part.strip() for part in url.split(",")]
+        schemes = {part.split("://", 1)[0] for part in parts}
+        env.check(
+            all(_nats_server_url(part) for part in parts)
+            and (schemes <= {"nats", "tls"} or schemes <= {"ws", "wss"}),
+            "NATS_URL must be nats://host:port (comma-separated for a cluster; nats:// and "
+            f"tls://, or ws:// and wss://), got {','.join(masked_url(p) for p in parts)!r}",
+        )
         user = env.optional("NATS_USER")
         password = env.optional("NATS_PASSWORD")
         env.check((user is None) == (password is None), "NATS_USER and NATS_PASSWORD go together")
