@@ -417,6 +417,29 @@ async def test_a_wrong_new_secret_is_told_at_once_while_the_token_it_inherited_s
     assert (failed["reason"], failed["kind"]) == ("credentials_changed", "bad_secret")
 
 
+async def test_a_restart_calls_gettoken_again_at_once_after_a_refusal(
+    nats_server: NatsHandle, sim: SimulatedWeComApi
+) -> None:
+    """docs/deploy.md: after adding the egress IP to 企业可信IP, restart the token
+    service to retry at once. The refusal's backoff was kept in the bucket, so the new
+    pods answered 60020 without asking WeCom until it was over (up to
+    TOKEN_MAX_BACKOFF), and the sender dead-lettered every reply meanwhile."""
+    slow = {"TOKEN_MIN_BACKOFF": "120", "TOKEN_MAX_BACKOFF": "300"}
+    sim.fail_gettoken(60020)
+    async with token_services(nats_server, sim, **slow), connections(nats_server, 1) as (nc,):
+        with pytest.raises(TokenError) as refused:
+            await TokenClient(nc).get(APP)
+        assert refused.value.kind == "untrusted_ip"
+        with pytest.raises(TokenError):  # the backoff holds for the replica that failed
+            await TokenClient(nc).get(APP)
+    assert sim.gettoken_calls == 1
+
+    # The operator adds the IP, then restarts the token service.
+    async with token_services(nats_server, sim, **slow), connections(nats_server, 1) as (nc,):
+        assert await TokenClient(nc).get(APP)
+    assert sim.gettoken_calls == 2
+
+
 async def test_rate_limited_backs_off_cluster_wide_without_calling_wecom(
     nats_server: NatsHandle, sim: SimulatedWeComApi
 ) -> None:

@@ -100,6 +100,9 @@ class LastFailure(msgspec.Struct, frozen=True, kw_only=True):
     # Policy.credentials when it failed: a backoff started with other credentials (a
     # WECOM_SECRET or corp id fixed since) does not hold back the ones in use now
     credentials: str = ""
+    # When it failed (0: before this was kept): a refusal from before a replica started
+    # does not hold that replica back (see ``backing_off``)
+    failed_at: float = 0.0
 
 
 class AppState(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
@@ -122,6 +125,7 @@ class Policy:
     min_backoff_s: float
     max_backoff_s: float
     credentials: str = ""  # a fingerprint of the corp id and secret (credentials_of)
+    started_at: float = -math.inf  # when this replica started (wall clock)
 
 
 def credentials_of(corp_id: str, secret: str) -> str:
@@ -149,12 +153,29 @@ def usable_token(
     return token
 
 
-def backing_off(state: AppState | None, now: float, credentials: str = "") -> bool:
+def backing_off(state: AppState | None, now: float, policy: Policy) -> bool:
     """A failure's backoff holds, for the credentials it failed with (a record without
-    them, from before they were kept, holds for any)."""
+    them, from before they were kept, holds for any), except a refusal (40001, 40013,
+    60020: not transient) recorded before this replica started: restarting the token
+    service is how an operator says it is fixed (the egress IP added to 企业可信IP), and
+    its replicas then call gettoken at once instead of answering the refusal until the
+    backoff, up to TOKEN_MAX_BACKOFF, is over. Their first failure holds them again.
+
+    >>> p = Policy(refresh_margin_s=300, min_backoff_s=1, max_backoff_s=300, started_at=100.0)
+    >>> def refused(kind: ErrorKind, at: float) -> AppState:
+    ...     failure = Failure(kind=kind, message="")
+    ...     return AppState(failure=LastFailure(failure=failure, attempts=1, retry_at=400.0,
+    ...                                         failed_at=at))
+    >>> [backing_off(refused(kind, at), 150.0, p) for kind, at in
+    ...  (("untrusted_ip", 99.0), ("untrusted_ip", 100.0), ("rate_limited", 99.0))]
+    [False, True, True]
+    """
     if state is None or state.failure is None or now >= state.failure.retry_at:
         return False
-    failed_with = state.failure.credentials
+    last = state.failure
+    if not last.failure.transient and last.failed_at < policy.started_at:
+        return False
+    failed_with, credentials = last.credentials, policy.credentials
     return not failed_with or not credentials or failed_with == credentials
 
 
@@ -187,7 +208,7 @@ def decide(
 ) -> Action:
     """What to do for a caller, given the shared state (``rejected``: invalidate's token)."""
     token = usable_token(state, now, rejected)
-    waiting = backing_off(state, now, policy.credentials)
+    waiting = backing_off(state, now, policy)
     if token is not None:
         if waiting:
             return Action.SERVE
@@ -286,6 +307,7 @@ def after_failure(
             attempts=attempts,
             retry_at=now + backoff_delay(attempts, policy),
             credentials=policy.credentials,
+            failed_at=now,
         ),
     )
 
@@ -298,7 +320,7 @@ def answer(
     if token is not None:
         return TokenReply(ok=True, token=token.value, expires_at=token.expires_at)
     held = refetch_held(state, now, policy, rejected)
-    if held is not None and not backing_off(state, now, policy.credentials):
+    if held is not None and not backing_off(state, now, policy):
         assert state is not None and state.token is not None
         return TokenReply(
             ok=False,
@@ -309,7 +331,7 @@ def answer(
             retry_after=round(held - now, 3),
         )
     last = state.failure if state is not None else None
-    if last is not None and (last.failure.transient or backing_off(state, now, policy.credentials)):
+    if last is not None and (last.failure.transient or backing_off(state, now, policy)):
         # (A permanent failure whose backoff is over, or that other credentials met, is
         # not the caller's answer: a refresh is due and may well pass, the secret fixed.
         # A caller hears it only when the refresh did not finish in time.)

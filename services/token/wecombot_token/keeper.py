@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import itertools
 import os
 import secrets
@@ -74,7 +75,7 @@ class TokenKeeper:
         self.app = app
         self._source = source
         self._store = store
-        self._policy = policy
+        self._policy = dataclasses.replace(policy, started_at=clock())
         self._refresh_timeout_s = refresh_timeout_s
         self._clock = clock
         self._snapshot = Snapshot(None, 0)  # the newest state seen: loaded, written, watched
