@@ -17,6 +17,7 @@ from wecombot.dev import (
     Supervisor,
     _port_free,
     console_port,
+    health_ports,
     model_label,
     read_dotenv,
     sandbox_wanted,
@@ -148,3 +149,18 @@ def test_a_port_whose_last_connection_is_in_time_wait_is_free() -> None:
         assert not _port_free(port)  # still listening
     client.close()
     assert _port_free(port)
+
+
+def test_a_health_port_another_program_holds_is_replaced_by_a_free_one() -> None:
+    """With 8081 taken, the llm could not listen, exited 2, and dev stopped everything;
+    the only way round was WECOMBOT_HEALTH_PORT=0, which turned the metrics off."""
+    with socket.socket() as taken, socket.socket() as free:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        free.bind(("127.0.0.1", 0))
+        held, unused = str(taken.getsockname()[1]), str(free.getsockname()[1])
+        free.close()
+        ports = health_ports({}, {"llm": held, "sender": unused})
+    assert ports["sender"] == unused
+    assert ports["llm"] not in (held, "0") and int(ports["llm"]) > 0
+    assert health_ports({"WECOMBOT_HEALTH_PORT": "0"}) == {}

@@ -110,14 +110,15 @@ class Supervisor:
         self.pumps: list[asyncio.Task[None]] = []
         self.exited = asyncio.Event()
         self.stopping = False  # stop_all has begun: its SIGTERMs are not news
+        self.health_ports: dict[str, str] = {}  # health_ports(): set once leftovers are gone
 
     def say(self, text: str) -> None:
         _out(f"{'[dev]':<10} {text}\n")
 
     async def start(self, service: str) -> None:
         env = dict(self.env)
-        if service in HEALTH_PORTS:
-            env.setdefault("WECOMBOT_HEALTH_PORT", HEALTH_PORTS[service])
+        if service in self.health_ports:
+            env["WECOMBOT_HEALTH_PORT"] = self.health_ports[service]
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "wecombot", service,
             env=env,
@@ -282,18 +283,32 @@ leave it unset (8081, 8082, 8083) or set it to 0 (off)
         )
 
 
-def _metrics_urls(env: Mapping[str, str], gateway_port: str) -> str:
+def health_ports(
+    env: Mapping[str, str], defaults: Mapping[str, str] = HEALTH_PORTS
+) -> dict[str, str]:
+    """The port llm, sender and token each serve /healthz and /metrics on: 8081-8083, or
+    any free port in place of one another program holds (the service could not listen,
+    exited 2, and dev stopped everything). None when ``WECOMBOT_HEALTH_PORT=0`` (off)."""
+    if env.get("WECOMBOT_HEALTH_PORT") == "0":
+        return {}
+    return {
+        service: port if _port_free(int(port)) else str(_any_free_port())
+        for service, port in defaults.items()
+    }
+
+
+def _metrics_urls(gateway_port: str, health: Mapping[str, str]) -> str:
     """Where each service serves GET /metrics (docs/deploy.md, Metrics).
 
-    >>> _metrics_urls({}, "8080")
+    >>> _metrics_urls("8080", HEALTH_PORTS)
     'http://127.0.0.1:8080/metrics (gateway), :8081 (llm), :8082 (sender), :8083 (token)'
-    >>> _metrics_urls({"WECOMBOT_HEALTH_PORT": "0"}, "8080")
+    >>> _metrics_urls("8080", {})
     'http://127.0.0.1:8080/metrics (gateway; the others are off: WECOMBOT_HEALTH_PORT=0)'
     """
     gateway = f"http://127.0.0.1:{gateway_port}/metrics"
-    if env.get("WECOMBOT_HEALTH_PORT") == "0":
+    if not health:
         return f"{gateway} (gateway; the others are off: WECOMBOT_HEALTH_PORT=0)"
-    others = ", ".join(f":{port} ({name})" for name, port in HEALTH_PORTS.items())
+    others = ", ".join(f":{port} ({name})" for name, port in health.items())
     return f"{gateway} (gateway), {others}"
 
 
@@ -323,6 +338,7 @@ async def run(env: dict[str, str]) -> int:
         return 2
     try:
         await asyncio.to_thread(lock.stop_leftovers, sup.say)
+        sup.health_ports = health_ports(env)
         return await _run(env, data_dir, sup, port_for_console, sandbox=sandbox)
     finally:
         lock.release()
@@ -428,7 +444,7 @@ async def _run(
         gw_port = env.get("GATEWAY_PORT", "8080")
         path = env.get("GATEWAY_CALLBACK_PATH", "/wecom/callback")
         sup.say(f"gateway callback URL: http://127.0.0.1:{gw_port}{path}")
-        sup.say(f"metrics: {_metrics_urls(env, gw_port)}")
+        sup.say(f"metrics: {_metrics_urls(gw_port, sup.health_ports)}")
         if console is not None:
             sup.say(f"console: {console.url} — chat as a WeCom user, watch the events")
         elif sim is not None:
@@ -492,6 +508,14 @@ async def _exit_code(process: subprocess.Popen[bytes]) -> int:
     """When ``process`` exits, its code (waited for on a thread, which ends when the
     process does: at the latest when ``_run`` stops it)."""
     return await asyncio.to_thread(process.wait)
+
+
+def _any_free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def _port_free(port: int) -> bool:
