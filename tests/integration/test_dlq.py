@@ -29,7 +29,13 @@ from wecombot_common import topology
 from wecombot_common.bus import append_event, ensure_topology
 from wecombot_common.embedded import nats_server_binary
 from wecombot_common.errors import PermanentError
-from wecombot_common.events import MessageReceived, ReplyGenerated, TextPayload
+from wecombot_common.events import (
+    MessageReceived,
+    ReplyDelivered,
+    ReplyGenerated,
+    TextPayload,
+    decode_event,
+)
 from wecombot_common.settings import EnvReader, NatsSettings
 from wecombot_common.worker import (
     DLQ_CONSUMER,
@@ -156,13 +162,18 @@ async def test_list_as_a_table_and_filtered(
     head, columns, *rows, hint = out.splitlines()
     assert head == "3 dead letters in WECOMBOT_DLQ"
     assert columns.split() == [
-        "SEQ", "TIME", "(UTC)", "CONSUMER", "STREAM", "SEQ", "DELIVERIES", "USER", "REASON",
+        "SEQ", "TIME", "(UTC)", "CONSUMER", "STREAM", "SEQ", "DELIVERIES", "USER", "STATE",
+        "REASON",
     ]  # fmt: skip
     assert [r.split()[:5:3] for r in rows] == [["1", "llm"], ["2", "sender"], ["3", "sender"]]
     # the user whole, not a subject clipped before it
-    assert [r.split()[6] for r in rows] == ["wang.wu", "li.si", "zhang.san"]
+    assert [r.split()[6:8] for r in rows] == [
+        ["wang.wu", "unreadable"],
+        ["li.si", "pending"],
+        ["zhang.san", "pending"],
+    ]
     assert "gave up after 2: WeCom answered HTTP 502" in rows[2]
-    assert hint == "details: wecombot dlq show SEQ"
+    assert hint == "details: wecombot dlq show SEQ; to hand one back: wecombot dlq replay SEQ"
 
     code, out, _ = await _dlq(nats_server.url, "list", "--consumer", "sender", "--limit", "1")
     assert code == 0
@@ -348,6 +359,44 @@ async def test_replay_refuses_what_it_cannot_requeue(
         2,
         "wecombot dlq: --json is for list and show; replay answers in words\n",
     )
+
+
+async def test_a_letter_handled_since_says_so_where_it_stays_listed(
+    nats_server: NatsHandle, dead: JetStreamContext
+) -> None:
+    """A replayed letter stays in WECOMBOT_DLQ (for WECOMBOT_HISTORY_MAX_AGE) and was
+    listed as before: an operator could not tell the handled ones from those still to
+    replay."""
+
+    async def states() -> list[str]:
+        code, out, err = await _dlq(nats_server.url, "--json")
+        assert (code, err) == (0, "")
+        return [d["state"] for d in json.loads(out)]
+
+    assert await states() == ["unreadable", "pending", "pending"]
+    code, _, err = await _dlq(nats_server.url, "replay", "3")
+    assert code == 0, err
+    assert await states() == ["unreadable", "pending", "requeued"]
+    # The sender delivers the requeued reply; the other reply went to a user since fixed.
+    for seq in (2, 3):
+        reply = decode_event((await dead.get_msg(topology.CONVERSATION_STREAM, seq)).data)
+        assert isinstance(reply, ReplyGenerated)
+        delivered = ReplyDelivered(
+            app=APP,
+            conversation=reply.conversation,
+            correlation_id=reply.correlation_id,
+            causation_id=reply.event_id,
+            reply_id=reply.event_id,
+            parts=1,
+            wecom_msgids=["m1"],
+        )
+        await append_event(dead, delivered)
+    assert await states() == ["unreadable", "delivered", "delivered"]
+    code, out, _ = await _dlq(nats_server.url, "show", "2")
+    assert (code, "  state:      delivered") == (0, out.splitlines()[8])
+
+    await dead.purge_stream(topology.CONVERSATION_STREAM)  # as WECOMBOT_HISTORY_MAX_AGE would
+    assert await states() == ["unreadable", "gone", "gone"]
 
 
 async def test_a_reply_no_longer_in_the_log_is_not_requeued(

@@ -10,15 +10,19 @@ A message a service can never handle (an undecodable event, a reply WeCom always
 a failure that outlasted ``max_deliver``) is copied to the stream ``WECOMBOT_DLQ``
 (subject ``wecombot.dlq.<consumer>``) with why, and terminated in its work queue, so it
 never blocks the conversation behind it (``wecombot_common.worker``). This command shows
-them: when, which consumer gave up, the user, the reason, the original stream sequence
-(still in ``WECOMBOT`` until ``WECOMBOT_HISTORY_MAX_AGE``), and the number of deliveries
-(``--json`` adds the original subject; ``show`` gives one with it and its event). Example::
+them: when, which consumer gave up, the user, what became of it since (``standing``:
+``pending`` still needs a replay; ``answered``, ``delivered`` or ``requeued`` was handled;
+a letter stays listed for ``WECOMBOT_HISTORY_MAX_AGE`` all the same), the reason, the
+original stream sequence (still in ``WECOMBOT`` until ``WECOMBOT_HISTORY_MAX_AGE``), and
+the number of deliveries (``--json`` adds the original subject; ``show`` gives one with
+it and its event). Example::
 
     $ wecombot dlq
-    1 dead letter in WECOMBOT_DLQ
-    SEQ  TIME (UTC)           CONSUMER  STREAM SEQ  DELIVERIES  USER       REASON
-      1  2026-11-28 23:23:11  sender            26           1  zhang.san  SendRe…
-    details: wecombot dlq show SEQ
+    2 dead letters in WECOMBOT_DLQ
+    SEQ  TIME (UTC)           CONSUMER  STREAM SEQ  DELIVERIES  USER       STATE      REASON
+      1  2026-11-28 23:23:11  sender            26           1  zhang.san  delivered  SendRe…
+      2  2026-11-28 23:40:02  sender            31           5  li.si      pending    gave u…
+    details: wecombot dlq show SEQ; to hand one back: wecombot dlq replay SEQ
 
 ``replay`` hands a dead letter back to its consumer:
 
@@ -39,10 +43,11 @@ An append that got no answer is reported as such, exit 1: it may be stored, and 
 the same replay again tells. ``--json`` is for list and show (the newest ``--limit``
 letters, 50 by default; the table says how many there are in all).
 
-Listing and showing only read (STREAM.INFO and STREAM.MSG.GET on ``WECOMBOT_DLQ``);
-``replay`` also reads the conversation and appends to it. Run it with the NATS admin
-credentials (``NATS_USER``/``NATS_PASSWORD`` or ``NATS_CREDS``, and ``NATS_URL``; a
-``.env`` in the working directory is read for those not set, as ``dev`` and ``doctor`` do).
+Listing and showing read (STREAM.INFO and STREAM.MSG.GET on ``WECOMBOT_DLQ``, and each
+letter's conversation in ``WECOMBOT`` for its state); ``replay`` also appends to it.
+Run it with the NATS admin credentials (``NATS_USER``/``NATS_PASSWORD`` or
+``NATS_CREDS``, and ``NATS_URL``; a ``.env`` in the working directory is read for those
+not set, as ``dev`` and ``doctor`` do).
 Exit codes: 0 done (an empty DLQ included), 1 NATS unreachable, no such message, or a
 replay refused, 2 bad arguments or settings.
 """
@@ -56,7 +61,7 @@ import re
 import sys
 from collections import deque
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from email.header import Header, decode_header
 from pathlib import Path
@@ -72,6 +77,7 @@ from wecombot_common import topology
 from wecombot_common.bus import (
     AppendUnavailable,
     ConcurrencyConflict,
+    StoredEvent,
     append_event,
     read_conversation,
 )
@@ -117,6 +123,7 @@ __all__ = [
     "read_dead_letters",
     "replay",
     "run",
+    "standing",
 ]
 
 ACCEPTS_ARGS = True
@@ -141,6 +148,7 @@ class DeadLetter:
     stream_seq: int | None
     deliveries: int | None
     data: bytes
+    state: str | None = None  # standing(), when it was asked
 
     @classmethod
     def of(cls, raw: RawStreamMsg) -> DeadLetter:
@@ -188,6 +196,8 @@ class DeadLetter:
             "app": conv[0] if conv else None,
             "user": conv[1] if conv else None,
         }
+        if self.state is not None:
+            out["state"] = self.state
         if with_event:
             event = self.event()
             out["event"] = event
@@ -304,15 +314,12 @@ async def _redeliver(
     """
     if not isinstance(parked, MessageReceived):
         return False, f"dead letter {seq} is a {type(parked).__name__}, not a received message"
-    conversation = ConversationRef.of(parked)
-    # from the leader: a follower's direct read may lag (bus.read_conversation)
-    leader_read = read_conversation(js, conversation, branch=conversation.llm_branch, direct=False)
-    async for stored in leader_read:
-        if isinstance(stored.event, Outcome) and stored.event.causation_id == parked.event_id:
-            return False, (
-                f"message {parked.correlation_id} from {parked.conversation} has its "
-                f"{type(stored.event).__name__} (seq {stored.seq}); nothing to replay"
-            )
+    stored = await _outcome_of(js, parked)
+    if stored is not None:
+        return False, (
+            f"message {parked.correlation_id} from {parked.conversation} has its "
+            f"{type(stored.event).__name__} (seq {stored.seq}); nothing to replay"
+        )
     # One copy per dead letter: replaying this letter twice appends once, and the letter
     # of a copy that failed again can be replayed in its turn.
     appended = await append_event(
@@ -335,31 +342,95 @@ async def _redeliver(
     )
 
 
-async def _requeue(js: JetStreamContext, seq: int, parked: Event) -> tuple[bool, str]:
-    """Requeue a reply the sender gave up on (or a requeue whose round failed too)."""
+async def _outcome_of(js: JetStreamContext, parked: MessageReceived) -> StoredEvent | None:
+    """The llm's outcome for ``parked``, if it has one since."""
+    conversation = ConversationRef.of(parked)
+    # from the leader: a follower's direct read may lag (bus.read_conversation)
+    leader_read = read_conversation(js, conversation, branch=conversation.llm_branch, direct=False)
+    async for stored in leader_read:
+        if isinstance(stored.event, Outcome) and stored.event.causation_id == parked.event_id:
+            return stored
+    return None
+
+
+_Settled = DeliveryFailed | ReplyDelivered | ReplyRequeued
+
+
+@dataclass
+class _ReplyHistory:
+    """What the log says of a reply: whether it is still there, its last two rounds'
+    ends (failed, delivered, requeued), and the parts delivered."""
+
+    reply_id: str
+    present: bool = False
+    last: _Settled | None = None
+    before_last: _Settled | None = None
+    parts: set[int] = field(default_factory=set)
+
+
+async def _reply_history(js: JetStreamContext, parked: Event) -> _ReplyHistory | None:
+    """The history of the reply a sender's dead letter holds (None: it holds no reply)."""
     if isinstance(parked, Outcome):
-        reply_id = parked.event_id
+        history = _ReplyHistory(parked.event_id)
     elif isinstance(parked, ReplyRequeued):
-        reply_id = parked.reply_id
+        history = _ReplyHistory(parked.reply_id)
     else:
-        return False, f"dead letter {seq} is a {type(parked).__name__}, not a reply"
-    last: DeliveryFailed | ReplyDelivered | ReplyRequeued | None = None
-    before_last: DeliveryFailed | ReplyDelivered | ReplyRequeued | None = None
-    parts: set[int] = set()
-    present = False
+        return None
     # from the leader: a follower's direct read may lag (bus.read_conversation)
     async for stored in read_conversation(js, ConversationRef.of(parked), direct=False):
         event = stored.event
-        if isinstance(event, Outcome) and event.event_id == reply_id:
-            present = True
-        if (
-            isinstance(event, DeliveryFailed | ReplyDelivered | ReplyRequeued)
-            and event.reply_id == reply_id
-        ):
-            before_last, last = last, event
-        elif isinstance(event, PartDelivered) and event.reply_id == reply_id:
-            parts.add(event.index)
-    if not present:
+        if isinstance(event, Outcome) and event.event_id == history.reply_id:
+            history.present = True
+        if isinstance(event, _Settled) and event.reply_id == history.reply_id:
+            history.before_last, history.last = history.last, event
+        elif isinstance(event, PartDelivered) and event.reply_id == history.reply_id:
+            history.parts.add(event.index)
+    return history
+
+
+async def standing(js: JetStreamContext, letter: DeadLetter) -> str:
+    """What became of a dead letter since it was parked, read from the log:
+
+    - ``pending``: nothing; ``replay`` hands it back;
+    - ``answered``: the llm's message has its outcome (a replay, or a retry by WeCom);
+    - ``delivered``: the sender's reply was delivered since;
+    - ``requeued``: the reply is requeued (a replay): the sender has it;
+    - ``gone``: the reply aged out of WECOMBOT (WECOMBOT_HISTORY_MAX_AGE);
+    - ``unreadable``: not a wecombot event, or a newer build's: replaying cannot mend it;
+    - ``""``: a consumer whose letters are not replayed.
+
+    A letter stays in WECOMBOT_DLQ once handled (for WECOMBOT_HISTORY_MAX_AGE): this
+    tells which still need a hand.
+    """
+    if letter.consumer not in (topology.LLM_CONSUMER, topology.SENDER_CONSUMER):
+        return ""
+    try:
+        parked = decode_event(letter.data)
+    except EventDecodeError:  # NewerEventError included
+        return "unreadable"
+    if letter.consumer == topology.LLM_CONSUMER:
+        if not isinstance(parked, MessageReceived):
+            return "unreadable"
+        return "answered" if await _outcome_of(js, parked) is not None else "pending"
+    history = await _reply_history(js, parked)
+    if history is None:
+        return "unreadable"
+    if not history.present:
+        return "gone"
+    if isinstance(history.last, ReplyDelivered):
+        return "delivered"
+    if isinstance(history.last, ReplyRequeued) and history.last.event_id != parked.event_id:
+        return "requeued"
+    return "pending"
+
+
+async def _requeue(js: JetStreamContext, seq: int, parked: Event) -> tuple[bool, str]:
+    """Requeue a reply the sender gave up on (or a requeue whose round failed too)."""
+    history = await _reply_history(js, parked)
+    if history is None:
+        return False, f"dead letter {seq} is a {type(parked).__name__}, not a reply"
+    reply_id, last, before_last = history.reply_id, history.last, history.before_last
+    if not history.present:
         # The dead letter outlives it (written later, kept as long): a requeue would only
         # be parked again by the sender, which delivers from the log's copy.
         return False, (
@@ -394,7 +465,7 @@ async def _requeue(js: JetStreamContext, seq: int, parked: Event) -> tuple[bool,
         )
     return True, (
         f"reply {reply_id} to {parked.conversation} requeued (seq {appended.seq}); the "
-        f"sender delivers it again after the {len(parts)} part(s) recorded"
+        f"sender delivers it again after the {len(history.parts)} part(s) recorded"
     )
 
 
@@ -429,7 +500,9 @@ def render_table(total: int, letters: Sequence[DeadLetter], consumer: str | None
     if not letters:
         return f"no dead letters{which} in {topology.DEAD_LETTER_STREAM} ({total} in all)\n"
     shown = "" if len(letters) == total else f" (showing {len(letters)}{which})"
-    rows = [("SEQ", "TIME (UTC)", "CONSUMER", "STREAM SEQ", "DELIVERIES", "USER", "REASON")]
+    rows = [
+        ("SEQ", "TIME (UTC)", "CONSUMER", "STREAM SEQ", "DELIVERIES", "USER", "STATE", "REASON")
+    ]
     for d in letters:
         when = d.time.strftime("%Y-%m-%d %H:%M:%S") if d.time else "?"
         rows.append(
@@ -440,6 +513,7 @@ def render_table(total: int, letters: Sequence[DeadLetter], consumer: str | None
                 "" if d.stream_seq is None else str(d.stream_seq),
                 "" if d.deliveries is None else str(d.deliveries),
                 _user(d),
+                d.state or "",
                 clip(d.reason, _REASON_WIDTH),
             )
         )
@@ -453,7 +527,7 @@ def render_table(total: int, letters: Sequence[DeadLetter], consumer: str | None
             for i, (c, w) in enumerate(zip(row, widths, strict=True))
         ]
         lines.append("  ".join(cells).rstrip())
-    lines.append("details: wecombot dlq show SEQ")
+    lines.append("details: wecombot dlq show SEQ; to hand one back: wecombot dlq replay SEQ")
     return "\n".join(lines) + "\n"
 
 
@@ -467,9 +541,10 @@ def _user(letter: DeadLetter) -> str:
 def render_one(letter: DeadLetter) -> str:
     fields = letter.as_json(with_event=True)
     lines = [f"dead letter {letter.seq} in {topology.DEAD_LETTER_STREAM}"]
-    for name in ("time", "consumer", "deliveries", "subject", "stream_seq", "app", "user"):
-        value = fields[name]
-        if value is not None:
+    names = ("time", "consumer", "deliveries", "subject", "stream_seq", "app", "user", "state")
+    for name in names:
+        value = fields.get(name)
+        if value not in (None, ""):
             lines.append(f"  {name + ':':<12}{value}")
     lines.append(f"  {'reason:':<12}{letter.reason}")
     if fields["event"] is not None:
@@ -606,12 +681,14 @@ async def _act(js: JetStreamContext, args: argparse.Namespace, out: TextIO, err:
         if letter is None:
             err.write(f"wecombot dlq: no message {args.seq} in {topology.DEAD_LETTER_STREAM}\n")
             return 1
+        letter = replace(letter, state=await standing(js, letter))
         if args.json:
             out.write(json.dumps(letter.as_json(with_event=True), ensure_ascii=False) + "\n")
         else:
             out.write(render_one(letter))
         return 0
     total, letters = await read_dead_letters(js, consumer=args.consumer, limit=max(args.limit, 0))
+    letters = [replace(d, state=await standing(js, d)) for d in letters]
     if args.json:
         out.write(json.dumps([d.as_json() for d in letters], ensure_ascii=False) + "\n")
     else:
