@@ -89,6 +89,12 @@ _FLAT_ELEMENT = re.compile(
     rf"|([^<&>\]{_NOT_XML_CHAR}]*+))</\1>"
 )
 _FLAT_END = re.compile(r"[ \t\n]*+</xml>")
+# The envelope is read before its signature is checked, by anyone's request: WeCom's has
+# three fields and is always flat. One in another shape goes to the XML parser only up to
+# this size: a megabyte of nested or attributed elements cost ≈ 50-100 ms of the
+# gateway's CPU to refuse, so ten such requests a second, from anyone, filled a core.
+_ENVELOPE_FIELDS = 16
+MAX_UNFLAT_ENVELOPE = 64 * 1024  # characters
 # Characters XML 1.0 forbids. WeCom's sibling WeChat sends them raw inside CDATA (a
 # vertical tab pasted from Word, \x1d…): in the decrypted message, already signed, they
 # become U+FFFD rather than make every retry of the user's message a 400.
@@ -112,8 +118,14 @@ def parse_envelope(body: bytes) -> Envelope:
         raise MalformedXml(
             f"callback body is not valid UTF-8 (byte {exc.start})", code=ParseError.code
         ) from None
-    fields = _flat_fields(text)
+    fields = _flat_fields(text, max_fields=_ENVELOPE_FIELDS)
     if fields is None:
+        if len(text) > MAX_UNFLAT_ENVELOPE:
+            raise MalformedXml(
+                f"callback body is over {MAX_UNFLAT_ENVELOPE // 1024} KiB and not in WeCom's "
+                "flat XML shape: not parsed before its signature is checked",
+                code=ParseError.code,
+            )
         fields = _children(_parse_xml(text, "callback body", code=ParseError.code))
     encrypt = fields.get("Encrypt")
     if not encrypt:
@@ -203,8 +215,9 @@ def dedupe_key(message: MessageReceived) -> str:
 # ---------------------------------------------------------------- XML
 
 
-def _flat_fields(document: str) -> dict[str, str] | None:
-    """Tag → text of a document in WeCom's flat shape; None if it is not in that shape.
+def _flat_fields(document: str, *, max_fields: int | None = None) -> dict[str, str] | None:
+    """Tag → text of a document in WeCom's flat shape; None if it is not in that shape
+    (or has more than ``max_fields`` elements).
 
     Where it answers, the answer is the XML parser's (``_children`` and ``_flatten`` read
     a flat document with unique tags the same way), at under half the cost: this runs
@@ -217,7 +230,7 @@ def _flat_fields(document: str) -> dict[str, str] | None:
     pos = 5
     while (element := match(document, pos)) is not None:
         tag, cdata, plain = element.groups()
-        if tag in fields:
+        if tag in fields or len(fields) == max_fields:
             return None
         fields[tag] = plain if cdata is None else cdata
         pos = element.end()
