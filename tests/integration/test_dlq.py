@@ -24,7 +24,7 @@ from nats.js import JetStreamContext
 from tests.conftest import NatsHandle, free_port
 from tests.lagging import LaggingFollower
 from tests.waiting import eventually, until
-from wecombot.dlq import read_dead_letters, replay, run
+from wecombot.dlq import _with_states, read_dead_letters, replay, run, standing
 from wecombot_common import topology
 from wecombot_common.bus import append_event, ensure_topology
 from wecombot_common.embedded import nats_server_binary
@@ -397,6 +397,35 @@ async def test_a_letter_handled_since_says_so_where_it_stays_listed(
 
     await dead.purge_stream(topology.CONVERSATION_STREAM)  # as WECOMBOT_HISTORY_MAX_AGE would
     assert await states() == ["unreadable", "gone", "gone"]
+
+
+async def test_a_letters_state_is_read_from_its_parked_event_on(js: JetStreamContext) -> None:
+    """Each listed letter's state read its whole conversation, one request per event:
+    50 letters of a user with 2,000 events took 25 s to list. And one conversation that
+    could not be read failed the whole listing, which read only the DLQ before."""
+    await ensure_topology(js, _settings("nats://127.0.0.1:4222"))
+    for i in range(30):  # the user's history before the reply
+        said = msgspec.structs.replace(_received(f"m{i}"), conversation="zhang.san")
+        await append_event(js, said)
+    await append_event(js, _reply("zhang.san", "refused"))
+
+    async def refuse(d: Delivery) -> Outcome:
+        raise PermanentError("SendRejected: recipient left (errcode 81013)")
+
+    await _work(js, topology.SENDER_CONSUMER, topology.OUTCOME_FILTER, refuse)
+    _, [letter] = await read_dead_letters(js)
+    counted = LaggingFollower(js, applied=10**9)
+    assert await standing(counted, letter) == "pending"  # type: ignore[arg-type]
+    assert counted.leader_reads == 2, "the reply, then the end: not the 30 events before it"
+
+    electing = LaggingFollower(js, applied=10**9, leaderless=True)  # its reads time out
+    err = io.StringIO()
+    [shown] = await _with_states(electing, [letter], err)  # type: ignore[arg-type]
+    assert shown.state == "?"
+    assert err.getvalue() == (
+        "wecombot dlq: the state of dead letter 1 (TimeoutError) could not be read from "
+        "WECOMBOT: shown as ?\n"
+    )
 
 
 async def test_a_reply_no_longer_in_the_log_is_not_requeued(

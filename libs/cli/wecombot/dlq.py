@@ -314,7 +314,7 @@ async def _redeliver(
     """
     if not isinstance(parked, MessageReceived):
         return False, f"dead letter {seq} is a {type(parked).__name__}, not a received message"
-    stored = await _outcome_of(js, parked)
+    stored = await _outcome_of(js, parked, None)
     if stored is not None:
         return False, (
             f"message {parked.correlation_id} from {parked.conversation} has its "
@@ -342,11 +342,16 @@ async def _redeliver(
     )
 
 
-async def _outcome_of(js: JetStreamContext, parked: MessageReceived) -> StoredEvent | None:
-    """The llm's outcome for ``parked``, if it has one since."""
+async def _outcome_of(
+    js: JetStreamContext, parked: MessageReceived, at: int | None
+) -> StoredEvent | None:
+    """The llm's outcome for ``parked`` (stored at seq ``at``, if known), if it has one."""
     conversation = ConversationRef.of(parked)
-    # from the leader: a follower's direct read may lag (bus.read_conversation)
-    leader_read = read_conversation(js, conversation, branch=conversation.llm_branch, direct=False)
+    # from the leader: a follower's direct read may lag (bus.read_conversation); from the
+    # message on: its outcome comes after it
+    leader_read = read_conversation(
+        js, conversation, after_seq=_before(at), branch=conversation.llm_branch, direct=False
+    )
     async for stored in leader_read:
         if isinstance(stored.event, Outcome) and stored.event.causation_id == parked.event_id:
             return stored
@@ -368,16 +373,22 @@ class _ReplyHistory:
     parts: set[int] = field(default_factory=set)
 
 
-async def _reply_history(js: JetStreamContext, parked: Event) -> _ReplyHistory | None:
-    """The history of the reply a sender's dead letter holds (None: it holds no reply)."""
+async def _reply_history(
+    js: JetStreamContext, parked: Event, at: int | None
+) -> _ReplyHistory | None:
+    """The history of the reply a sender's dead letter holds (None: it holds no reply);
+    ``at``: where the parked event is stored, if known."""
     if isinstance(parked, Outcome):
         history = _ReplyHistory(parked.event_id)
+        after = _before(at)  # the reply itself, and what became of it after
     elif isinstance(parked, ReplyRequeued):
         history = _ReplyHistory(parked.reply_id)
+        after = 0  # the reply is before the requeue
     else:
         return None
     # from the leader: a follower's direct read may lag (bus.read_conversation)
-    async for stored in read_conversation(js, ConversationRef.of(parked), direct=False):
+    conversation = ConversationRef.of(parked)
+    async for stored in read_conversation(js, conversation, after_seq=after, direct=False):
         event = stored.event
         if isinstance(event, Outcome) and event.event_id == history.reply_id:
             history.present = True
@@ -386,6 +397,10 @@ async def _reply_history(js: JetStreamContext, parked: Event) -> _ReplyHistory |
         elif isinstance(event, PartDelivered) and event.reply_id == history.reply_id:
             history.parts.add(event.index)
     return history
+
+
+def _before(seq: int | None) -> int:
+    return seq - 1 if seq else 0
 
 
 async def standing(js: JetStreamContext, letter: DeadLetter) -> str:
@@ -397,10 +412,12 @@ async def standing(js: JetStreamContext, letter: DeadLetter) -> str:
     - ``requeued``: the reply is requeued (a replay): the sender has it;
     - ``gone``: the reply aged out of WECOMBOT (WECOMBOT_HISTORY_MAX_AGE);
     - ``unreadable``: not a wecombot event, or a newer build's: replaying cannot mend it;
+    - ``?``: its conversation could not be read (said on stderr by the listing);
     - ``""``: a consumer whose letters are not replayed.
 
     A letter stays in WECOMBOT_DLQ once handled (for WECOMBOT_HISTORY_MAX_AGE): this
-    tells which still need a hand.
+    tells which still need a hand. Each is read from its parked event on, so a listing
+    costs the letters' own histories, not their conversations' whole.
     """
     if letter.consumer not in (topology.LLM_CONSUMER, topology.SENDER_CONSUMER):
         return ""
@@ -411,8 +428,9 @@ async def standing(js: JetStreamContext, letter: DeadLetter) -> str:
     if letter.consumer == topology.LLM_CONSUMER:
         if not isinstance(parked, MessageReceived):
             return "unreadable"
-        return "answered" if await _outcome_of(js, parked) is not None else "pending"
-    history = await _reply_history(js, parked)
+        outcome = await _outcome_of(js, parked, letter.stream_seq)
+        return "answered" if outcome is not None else "pending"
+    history = await _reply_history(js, parked, letter.stream_seq)
     if history is None:
         return "unreadable"
     if not history.present:
@@ -426,7 +444,7 @@ async def standing(js: JetStreamContext, letter: DeadLetter) -> str:
 
 async def _requeue(js: JetStreamContext, seq: int, parked: Event) -> tuple[bool, str]:
     """Requeue a reply the sender gave up on (or a requeue whose round failed too)."""
-    history = await _reply_history(js, parked)
+    history = await _reply_history(js, parked, None)
     if history is None:
         return False, f"dead letter {seq} is a {type(parked).__name__}, not a reply"
     reply_id, last, before_last = history.reply_id, history.last, history.before_last
@@ -681,19 +699,41 @@ async def _act(js: JetStreamContext, args: argparse.Namespace, out: TextIO, err:
         if letter is None:
             err.write(f"wecombot dlq: no message {args.seq} in {topology.DEAD_LETTER_STREAM}\n")
             return 1
-        letter = replace(letter, state=await standing(js, letter))
+        [letter] = await _with_states(js, [letter], err)
         if args.json:
             out.write(json.dumps(letter.as_json(with_event=True), ensure_ascii=False) + "\n")
         else:
             out.write(render_one(letter))
         return 0
     total, letters = await read_dead_letters(js, consumer=args.consumer, limit=max(args.limit, 0))
-    letters = [replace(d, state=await standing(js, d)) for d in letters]
+    letters = await _with_states(js, letters, err)
     if args.json:
         out.write(json.dumps([d.as_json() for d in letters], ensure_ascii=False) + "\n")
     else:
         out.write(render_table(total, letters, args.consumer))
     return 0
+
+
+async def _with_states(
+    js: JetStreamContext, letters: Sequence[DeadLetter], err: TextIO
+) -> list[DeadLetter]:
+    """The letters with their ``standing``; one whose conversation cannot be read is
+    shown all the same, its state ``?`` (said once on ``err``)."""
+    out: list[DeadLetter] = []
+    unread: list[str] = []
+    for letter in letters:
+        try:
+            state = await standing(js, letter)
+        except (TimeoutError, nats.errors.Error) as exc:
+            state = "?"
+            unread.append(f"{letter.seq} ({type(exc).__name__})")
+        out.append(replace(letter, state=state))
+    if unread:
+        err.write(
+            f"wecombot dlq: the state of dead letter {', '.join(unread)} could not be read "
+            f"from {topology.CONVERSATION_STREAM}: shown as ?\n"
+        )
+    return out
 
 
 def main(environ: Mapping[str, str], argv: Sequence[str] = ()) -> int:
