@@ -993,6 +993,17 @@ async def test_a_request_the_server_cannot_parse_is_one_counted_warning_without_
     assert _refusals("400", error) - before == 1
 
 
+async def test_a_request_with_headers_from_a_mesh_and_an_ingress_is_served(
+    make_gateway: MakeGateway,
+) -> None:
+    """The header limit leaves room for what sits in front of the gateway (the pure-Python
+    parser counts the request line among them: one less)."""
+    gw = await make_gateway()
+    many = b"".join(b"X-Forwarded-%d: v\r\n" % i for i in range(MAX_HEADERS - 2))
+    answer = await _exchange(gw, b"GET /healthz HTTP/1.1\r\nHost: x\r\n" + many + b"\r\n")
+    assert answer.startswith(b"HTTP/1.1 200 OK"), answer
+
+
 def _refusals(status: str, error: str) -> float:
     value = REGISTRY.get_sample_value(
         "wecombot_gateway_refusals_total", {"status": status, "reason": error}

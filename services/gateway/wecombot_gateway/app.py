@@ -163,7 +163,7 @@ class _MalformedHttp(logging.Filter):
 
 
 _HTTP_LOG = logging.getLogger("wecombot_gateway.http")
-MAX_HEADERS: Final = 32
+MAX_HEADERS: Final = 64
 _MALFORMED = _MalformedHttp()
 _HTTP_LOG.addFilter(_MALFORMED)
 
@@ -187,7 +187,8 @@ def runner_options(settings: GatewaySettings) -> dict[str, Any]:
     - at most ``MAX_HEADERS`` header lines (aiohttp: 128, each up to 8 KB): a connection
       trickling 126 headers of 8 KB held ≈ 2 MB of the gateway's memory for the
       keep-alive time, so a hundred of them took it past its 256 MiB limit; WeCom sends
-      about six, an ingress or a mesh adds a dozen;
+      about six, and a load balancer, a WAF, an ingress and a mesh together add twenty
+      or so (``X-Forwarded-*``, ``x-b3-*``, ``x-envoy-*``, ``traceparent``);
     - what the server cannot parse is logged through ``_HTTP_LOG`` (see _MalformedHttp).
     """
     return {
