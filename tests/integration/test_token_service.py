@@ -440,6 +440,24 @@ async def test_a_restart_calls_gettoken_again_at_once_after_a_refusal(
     assert sim.gettoken_calls == 2
 
 
+async def test_a_pod_in_a_crash_loop_does_not_call_gettoken_at_every_start(
+    nats_server: NatsHandle, sim: SimulatedWeComApi
+) -> None:
+    """A refusal met by a replica that had just started (its start skipped the backoff)
+    holds those started after it for a minute: a crash loop every few seconds is not a
+    refused gettoken every few seconds (WeCom limits the callers of gettoken)."""
+    slow = {"TOKEN_MIN_BACKOFF": "120", "TOKEN_MAX_BACKOFF": "300"}
+    sim.fail_gettoken(60020, times=3)
+    for _ in range(4):  # four starts in a row, each refused
+        async with (
+            token_services(nats_server, sim, **slow),
+            connections(nats_server, 1) as (nc,),
+        ):
+            with pytest.raises(TokenError):
+                await TokenClient(nc).get(APP)
+    assert sim.gettoken_calls == 2, "the first start's, and the second's (it skipped)"
+
+
 async def test_rate_limited_backs_off_cluster_wide_without_calling_wecom(
     nats_server: NatsHandle, sim: SimulatedWeComApi
 ) -> None:

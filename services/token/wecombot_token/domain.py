@@ -50,11 +50,15 @@ __all__ = [
     "refetch_at",
     "refetch_held",
     "replacing",
+    "restart_skips",
     "usable_token",
 ]
 
 # Exponents beyond this would overflow a float long before the cap applies.
 _MAX_DOUBLINGS = 32
+# A refusal met by a replica that had just started holds the replicas started after it
+# this long at most (a crash loop calls gettoken once a minute, not at every start).
+RESTART_RETRY_S = 60.0
 
 
 class IssuedToken(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
@@ -103,6 +107,8 @@ class LastFailure(msgspec.Struct, frozen=True, kw_only=True):
     # When it failed (0: before this was kept): a refusal from before a replica started
     # does not hold that replica back (see ``backing_off``)
     failed_at: float = 0.0
+    # The gettoken that failed skipped this backoff because its replica had just started
+    by_restart: bool = False
 
 
 class AppState(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
@@ -155,28 +161,43 @@ def usable_token(
 
 def backing_off(state: AppState | None, now: float, policy: Policy) -> bool:
     """A failure's backoff holds, for the credentials it failed with (a record without
-    them, from before they were kept, holds for any), except a refusal (40001, 40013,
-    60020: not transient) recorded before this replica started: restarting the token
-    service is how an operator says it is fixed (the egress IP added to 企业可信IP), and
-    its replicas then call gettoken at once instead of answering the refusal until the
-    backoff, up to TOKEN_MAX_BACKOFF, is over. Their first failure holds them again.
-
-    >>> p = Policy(refresh_margin_s=300, min_backoff_s=1, max_backoff_s=300, started_at=100.0)
-    >>> def refused(kind: ErrorKind, at: float) -> AppState:
-    ...     failure = Failure(kind=kind, message="")
-    ...     return AppState(failure=LastFailure(failure=failure, attempts=1, retry_at=400.0,
-    ...                                         failed_at=at))
-    >>> [backing_off(refused(kind, at), 150.0, p) for kind, at in
-    ...  (("untrusted_ip", 99.0), ("untrusted_ip", 100.0), ("rate_limited", 99.0))]
-    [False, True, True]
-    """
+    them, from before they were kept, holds for any), except a refusal this replica's
+    start skips (``restart_skips``)."""
     if state is None or state.failure is None or now >= state.failure.retry_at:
         return False
     last = state.failure
-    if not last.failure.transient and last.failed_at < policy.started_at:
+    if restart_skips(last, now, policy):
         return False
     failed_with, credentials = last.credentials, policy.credentials
     return not failed_with or not credentials or failed_with == credentials
+
+
+def restart_skips(last: LastFailure, now: float, policy: Policy) -> bool:
+    """A refusal (40001, 40013, 60020: not transient) recorded before this replica
+    started does not hold it: restarting the token service is how an operator says it is
+    fixed (the egress IP added to 企业可信IP), and the new replicas call gettoken at once
+    instead of answering the refusal until its backoff, up to TOKEN_MAX_BACKOFF, is over.
+    Their first failure holds them again. A refusal met that way (``by_restart``) holds
+    the replicas started after it ``RESTART_RETRY_S`` at most: a pod in a crash loop costs
+    a gettoken a minute, not one per start. A record without ``failed_at`` (written by an
+    older build during a rollout) holds, as it did. ``failed_at`` is the writer's clock:
+    one running behind makes its refusals look older, to be skipped a little sooner.
+
+    >>> p = Policy(refresh_margin_s=300, min_backoff_s=1, max_backoff_s=300, started_at=100.0)
+    >>> def refused(kind: ErrorKind, at: float, by_restart: bool = False) -> LastFailure:
+    ...     return LastFailure(failure=Failure(kind=kind, message=""), attempts=1,
+    ...                        retry_at=400.0, failed_at=at, by_restart=by_restart)
+    >>> [restart_skips(refused(kind, at), 150.0, p) for kind, at in
+    ...  (("untrusted_ip", 99.0), ("untrusted_ip", 100.0), ("rate_limited", 99.0),
+    ...   ("untrusted_ip", 0.0))]
+    [True, False, False, False]
+    >>> [restart_skips(refused("untrusted_ip", 99.0, by_restart=True), now, p)
+    ...  for now in (158.9, 159.0)]
+    [False, True]
+    """
+    if last.failure.transient or not 0 < last.failed_at < policy.started_at:
+        return False
+    return not last.by_restart or now >= last.failed_at + RESTART_RETRY_S
 
 
 def bought_elsewhere(token: IssuedToken, now: float, policy: Policy) -> bool:
@@ -300,6 +321,9 @@ def after_failure(
     previous = state.failure if state is not None else None
     attempts = previous.attempts + 1 if previous is not None else 1
     keep = usable_token(state, now, rejected)
+    by_restart = (
+        previous is not None and now < previous.retry_at and restart_skips(previous, now, policy)
+    )
     return AppState(
         token=keep,
         failure=LastFailure(
@@ -308,6 +332,7 @@ def after_failure(
             retry_at=now + backoff_delay(attempts, policy),
             credentials=policy.credentials,
             failed_at=now,
+            by_restart=by_restart,
         ),
     )
 
