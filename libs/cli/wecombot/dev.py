@@ -292,7 +292,7 @@ def health_ports(
     if env.get("WECOMBOT_HEALTH_PORT") == "0":
         return {}
     return {
-        service: port if _port_free(int(port)) else str(_any_free_port())
+        service: port if _port_free(int(port), "0.0.0.0") else str(_any_free_port())  # noqa: S104
         for service, port in defaults.items()
     }
 
@@ -338,7 +338,6 @@ async def run(env: dict[str, str]) -> int:
         return 2
     try:
         await asyncio.to_thread(lock.stop_leftovers, sup.say)
-        sup.health_ports = health_ports(env)
         return await _run(env, data_dir, sup, port_for_console, sandbox=sandbox)
     finally:
         lock.release()
@@ -439,6 +438,8 @@ async def _run(
             sup.say("OPENAI_API_KEY is unset: the llm answers with the OFFLINE model (no network)")
         else:
             sup.say(f"model: {label}")
+        # Chosen last, once the broker, the console and the simulated APIs hold theirs.
+        sup.health_ports = health_ports(env)
         for service in SERVICES:
             await sup.start(service)
         gw_port = env.get("GATEWAY_PORT", "8080")
@@ -518,15 +519,16 @@ def _any_free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _port_free(port: int) -> bool:
+def _port_free(port: int, host: str = "127.0.0.1") -> bool:
     """Whether nothing listens on ``port`` (connections of an earlier server still in
-    TIME_WAIT do not count: nats-server itself binds with SO_REUSEADDR)."""
+    TIME_WAIT do not count: nats-server itself binds with SO_REUSEADDR). ``host``
+    0.0.0.0: on no address (a service may listen on all of them)."""
     import socket
 
     with socket.socket() as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            s.bind(("127.0.0.1", port))
+            s.bind((host, port))
         except OSError:
             return False
     return True
