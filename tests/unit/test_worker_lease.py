@@ -1,11 +1,15 @@
 """A delivery's lease: once heartbeats have not reached the broker for 2/3 of ack_wait,
-the message may have been redelivered elsewhere, and it stays marked so."""
+the message may have been redelivered elsewhere, and it stays marked so. And the
+heartbeat itself stops when told to."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+
 import pytest
 
-from wecombot_common.worker import Lease
+from wecombot_common.worker import Heartbeat, Lease
 
 
 class Clock:
@@ -82,3 +86,35 @@ def test_a_reconnection_lapses_a_lease_without_making_it_overdue(clock: Clock) -
     assert lease.overdue
     lease.renew()
     assert lease.overdue and lease.lapsed
+
+
+class SwallowsTheCancel:
+    """A heartbeat's request as nats-py makes it on Python 3.11 when the broker's reply
+    arrives with the cancellation: ``asyncio.wait_for`` returns the reply instead of
+    raising (bpo-42130)."""
+
+    def __init__(self) -> None:
+        self.beats = 0
+        self.waiting = asyncio.Event()
+
+    async def in_progress(self, confirm_s: float = 2.0) -> None:
+        self.beats += 1
+        self.waiting.set()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.Event().wait()  # the reply, cancelled as it comes
+
+
+def heartbeats_running() -> list[asyncio.Task[object]]:
+    return [t for t in asyncio.all_tasks() if t.get_name() == "worker-heartbeat"]
+
+
+async def test_a_heartbeat_whose_cancellation_is_swallowed_still_stops() -> None:
+    """Cancelled once and left, it went on beating for good: its +WPI kept the message
+    it had handed back from ever being delivered again (seen against a provider whose
+    answers failed at once: never redelivered, never dead-lettered)."""
+    delivery = SwallowsTheCancel()
+    heartbeat = Heartbeat(delivery, interval_s=0.01)
+    await delivery.waiting.wait()
+    await heartbeat.stop()
+    assert heartbeats_running() == []
+    assert delivery.beats == 1

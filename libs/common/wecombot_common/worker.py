@@ -43,6 +43,7 @@ import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import nats.errors
 import nats.js.errors
@@ -56,6 +57,7 @@ from prometheus_client import Counter, Gauge, Histogram
 from . import metrics, topology
 from .errors import PermanentError, TransientError
 from .events import Event, EventDecodeError, NewerEventError, decode_event
+from .runtime import cancel_until_done
 
 __all__ = [
     "DEFAULT_ACK_WAIT_S",
@@ -210,6 +212,45 @@ class Delivery:
 
 
 Handler = Callable[[Delivery], Awaitable[Outcome]]
+
+
+class _Beating(Protocol):
+    async def in_progress(self, confirm_s: float = 2.0) -> None: ...
+
+
+class Heartbeat:
+    """``in_progress`` every ``interval_s`` for a delivery being handled, until
+    :meth:`stop`; the first at once (the delivery may have waited on the way, a stalled
+    link from the broker or the buffer, for part of its ack_wait already, unseen).
+
+    Stopped by a flag as well as by cancelling it: the heartbeat is a request, and
+    nats-py awaits its reply inside ``asyncio.wait_for``, which on Python 3.11 swallows
+    a cancellation that arrives with the reply (bpo-42130). A heartbeat cancelled then
+    went on beating every ``interval_s`` for good, and its +WPI kept the message it had
+    handed back from ever being delivered again: never redelivered, never dead-lettered,
+    the user's next messages waiting behind it.
+    """
+
+    def __init__(self, delivery: _Beating, *, interval_s: float) -> None:
+        self._delivery = delivery
+        self._interval_s = interval_s
+        self._stopped = False
+        self._task = asyncio.create_task(self._beat(), name="worker-heartbeat")
+
+    async def _beat(self) -> None:
+        while not self.stopped():
+            await self._delivery.in_progress(confirm_s=self._interval_s)
+            if self.stopped():  # a cancel swallowed with the reply
+                return
+            await asyncio.sleep(self._interval_s)
+
+    def stopped(self) -> bool:
+        return self._stopped
+
+    async def stop(self) -> None:
+        """Stop beating; returns once the last heartbeat has ended."""
+        self._stopped = True
+        await cancel_until_done(self._task)
 
 
 def _reconnect_counter(msg: Msg) -> Callable[[], int] | None:
@@ -514,15 +555,20 @@ class PullWorker:
                 return
             # The heartbeat covers the wait for the key too: a delivery queued behind an
             # earlier one of its conversation must not outlive ack_wait either.
-            heartbeat = asyncio.create_task(self._heartbeat(delivery))
+            heartbeat = Heartbeat(delivery, interval_s=max(0.5, self._ack_wait / 3))
             try:
-                # In flight from its slot on, waiting for its key included: the gauge at
-                # the concurrency limit means the replica takes no more.
-                with self._metrics.in_flight.track_inprogress():
-                    async with self._turn(delivery):
-                        started = time.monotonic()
-                        outcome = await self._run_handler(delivery)
-                        self._metrics.handler_seconds.observe(time.monotonic() - started)
+                try:
+                    # In flight from its slot on, waiting for its key included: the gauge
+                    # at the concurrency limit means the replica takes no more.
+                    with self._metrics.in_flight.track_inprogress():
+                        async with self._turn(delivery):
+                            started = time.monotonic()
+                            outcome = await self._run_handler(delivery)
+                            self._metrics.handler_seconds.observe(time.monotonic() - started)
+                finally:
+                    # Ended before the delivery is settled or handed back: a +WPI after
+                    # the nak would hold the message from its redelivery.
+                    await heartbeat.stop()
             except asyncio.CancelledError:
                 # Stopping: running or queued. Overdue, the broker has likely given it
                 # to another replica: a nak would make it deliver the message once more
@@ -533,8 +579,6 @@ class PullWorker:
                 else:
                     await self._hand_back(msg)
                 raise
-            finally:
-                heartbeat.cancel()
             await self._settle(delivery, outcome)
         finally:
             self._slots.release()
@@ -690,14 +734,6 @@ class PullWorker:
         log.info(
             "worker.left_to_ack_wait", consumer=self.name, stream_seq=d.stream_seq, reason=reason
         )
-
-    async def _heartbeat(self, d: Delivery) -> None:
-        # The first at once: the delivery may have waited on the way (a stalled link from
-        # the broker, the buffer) for part of its ack_wait already, unseen.
-        interval = max(0.5, self._ack_wait / 3)
-        while True:
-            await d.in_progress(confirm_s=interval)
-            await asyncio.sleep(interval)
 
     async def _hand_back(self, msg: Msg) -> None:
         """Not ours to run now (stopping, no free slot, too old in the buffer): nak at
