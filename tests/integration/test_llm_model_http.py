@@ -16,7 +16,7 @@ from typing import TypeVar
 import pytest
 
 from tests.conftest import free_port
-from tests.loopback import raw_http
+from tests.loopback import raw_http, read_request
 from wecombot_common.settings import Secret
 from wecombot_common.sim.openai_api import (
     Answer,
@@ -163,6 +163,38 @@ async def test_how_the_answer_ended_is_read(api: SimulatedOpenAIApi) -> None:
     empty = await _complete(api, Answer("  ", "stop"))
     assert isinstance(empty, ModelRejected) and "empty completion" in str(empty)
     assert len(api.chat_requests) == 4  # none of them retried
+
+
+async def test_what_the_user_would_not_see_is_not_the_answer(api: SimulatedOpenAIApi) -> None:
+    """A reasoning model served without a reasoning parser (DeepSeek-R1 on Ollama) puts
+    its thinking first in the content, between <think> tags: it was sent to the user.
+    An answer of zero-width characters only was sent as an empty bubble."""
+    thought = "<think>\nThe user greets me. I should reason privately…\n</think>\n\n你好！"
+    assert await _complete(api, Answer(thought, "stop")) == "stop: 你好！"
+    kept = "Use <think> tags like this: <think>…</think>"  # not first: part of the answer
+    assert await _complete(api, Answer(kept, "stop")) == f"stop: {kept}"
+    for nothing in ("\u200b\u200b", "<think>only thinking</think>", " \ufeff\n\u2060"):
+        empty = await _complete(api, Answer(nothing, "stop"))
+        assert isinstance(empty, ModelRejected) and "empty completion" in str(empty), nothing
+
+
+async def test_a_redirect_is_not_followed_and_names_the_base_url() -> None:
+    """Followed, the key would go where it points; refused, it named no setting (logged
+    as a warning): a 3xx means OPENAI_BASE_URL is off (http for https, no /v1)."""
+
+    async def moved(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(
+            b"HTTP/1.1 307 Temporary Redirect\r\nLocation: https://elsewhere.example/v1/"
+            b"chat/completions\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        )
+        await writer.drain()
+        writer.close()
+
+    async with raw_http(moved) as base_url:
+        failed = await failure(base_url, ModelRejected, retry_budget_s=5.0)
+    assert str(failed).startswith("HTTP 307")
+    assert failed.setting == "OPENAI_BASE_URL"
 
 
 async def test_a_client_error_is_permanent_and_not_retried(api: SimulatedOpenAIApi) -> None:

@@ -44,7 +44,9 @@ from wecombot_llm.conversation import Blocked, Conversation, Done, Go, fold, pla
 from wecombot_llm.decide import (
     CUT_OFF_NOTE,
     EMPTY_TEXT,
+    MAX_ANSWER_BYTES,
     REFUSAL_TEXT,
+    TOO_LONG_NOTE,
     AskModel,
     Reply,
     decide,
@@ -837,6 +839,27 @@ async def test_an_answer_cut_off_at_the_output_limit_says_so() -> None:
     assert isinstance(outcome, ReplyGenerated) and outcome.kind == "answer"
     assert outcome.text == "第一步：打开设置。第二步：点" + CUT_OFF_NOTE
     assert [e["event"] for e in logs if e["log_level"] == "warning"] == ["llm.answer_cut_off"]
+
+
+async def test_an_answer_too_long_for_an_event_is_cut_and_says_so() -> None:
+    """A 1.2 MB answer made an event over NATS's max_payload: every delivery of its
+    message failed to append, until it was dead-lettered, and the user got nothing."""
+    huge = "答案😀" * 200_000  # 2.2 MB in UTF-8, an emoji at each cut point
+
+    class Verbose:
+        async def complete(self, messages: Sequence[ChatMessage]) -> Completion:
+            return Completion(text=huge, finish_reason="length")
+
+    log = FakeLog()
+    q = msg("tell me everything")
+    h = LlmHandler(log, Verbose(), HandlerConfig(policy=ReplyPolicy()))
+    with capture_logs() as logs:
+        assert await h.handle(q, stream_seq=log.add(q), num_delivered=1) == Ack()
+    [outcome] = log.outcomes()
+    assert isinstance(outcome, ReplyGenerated) and outcome.text.endswith(TOO_LONG_NOTE)
+    kept = outcome.text.removesuffix(TOO_LONG_NOTE)
+    assert huge.startswith(kept) and MAX_ANSWER_BYTES - 4 < len(kept.encode()) <= MAX_ANSWER_BYTES
+    assert [e["event"] for e in logs if e["log_level"] == "warning"] == ["llm.answer_too_long"]
 
 
 async def test_handler_ignores_events_that_need_no_outcome() -> None:

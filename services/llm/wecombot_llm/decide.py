@@ -47,6 +47,7 @@ __all__ = [
     "outcome_id",
     "outcome_msg_id",
     "requires_outcome",
+    "too_long",
     "unsupported_text",
 ]
 
@@ -54,6 +55,13 @@ EMPTY_TEXT = "请直接输入你的问题（发送 /help 查看可用命令）�
 # After an answer the provider cut off at its output limit (finish_reason "length"):
 # the user sees where it stops, rather than a reply that ends mid-sentence.
 CUT_OFF_NOTE = "\n\n（回答超出模型的输出长度上限，到此截断。回复“继续”可接着写。）"
+# An answer over this many bytes (UTF-8) is cut, and says so: the event carrying it must
+# fit NATS's max_payload (1 MB by default; a 1.2 MB answer could never be appended, and
+# every delivery of its message failed until it was dead-lettered, the user told
+# nothing), and WeCom shows it 2048 bytes a message, 30 messages a minute: 64 KiB is
+# 32 messages already.
+MAX_ANSWER_BYTES = 64 * 1024
+TOO_LONG_NOTE = "\n\n（回答过长，到此截断。）"
 REFUSAL_TEXT = "抱歉，你暂时没有使用此应用的权限。如需开通，请联系管理员。"
 
 
@@ -166,14 +174,26 @@ def answer(
     completion_tokens: int | None,
     cut_off: bool = False,
 ) -> ReplyGenerated:
+    """The model's answer as the reply; ``cut_off``: the provider stopped it at its output
+    limit. One over MAX_ANSWER_BYTES is cut there (at a character), with a note."""
+    if too_long(text):
+        text = text.encode()[:MAX_ANSWER_BYTES].decode("utf-8", "ignore") + TOO_LONG_NOTE
+    elif cut_off:
+        text += CUT_OFF_NOTE
     return ReplyGenerated(
         **_envelope(received),
-        text=text + CUT_OFF_NOTE if cut_off else text,
+        text=text,
         kind="answer",
         model=model,
         prompt_tokens=prompt_tokens,
         completion_tokens=completion_tokens,
     )
+
+
+def too_long(text: str) -> bool:
+    """Whether ``answer`` cuts ``text`` (MAX_ANSWER_BYTES; a code point is 4 bytes at
+    most, so most answers are not encoded to know)."""
+    return len(text) * 4 > MAX_ANSWER_BYTES and len(text.encode()) > MAX_ANSWER_BYTES
 
 
 def failed(received: MessageReceived, reason: str, attempts: int, apology: str) -> ReplyFailed:

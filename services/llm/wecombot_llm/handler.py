@@ -54,12 +54,14 @@ from wecombot_common.worker import Ack, Delivery, Nak, backoff_delay
 from .cache import ConversationCache, Entry
 from .conversation import Blocked, Conversation, Done, plan
 from .decide import (
+    MAX_ANSWER_BYTES,
     AskModel,
     answer,
     decide,
     failed,
     outcome_msg_id,
     requires_outcome,
+    too_long,
 )
 from .gate import Verdict
 from .model import ChatModel, ModelError, ModelRejected
@@ -368,7 +370,13 @@ class LlmHandler:
             completion_tokens=done.completion_tokens,
         )
         cut_off = done.finish_reason == "length"
-        if cut_off:
+        if too_long(done.text):
+            log.warning(
+                "llm.answer_too_long",
+                reason=f"cut at {MAX_ANSWER_BYTES} bytes (WeCom shows 2048 a message)",
+                answer_bytes=len(done.text.encode()),
+            )
+        elif cut_off:
             log.warning(
                 "llm.answer_cut_off",
                 reason="the model stopped at its output limit (finish_reason=length)",

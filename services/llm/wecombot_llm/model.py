@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import math
 import random
+import re
 import time
 import urllib.request
 from collections.abc import AsyncIterator, Sequence
@@ -95,6 +96,9 @@ class ModelRejected(ModelError, PermanentError):
 
 # A refusal of every request alike: our configuration, not the message.
 _SETTING_FOR_STATUS = {
+    # redirects are not followed (the key would go where they point): the base URL is
+    # off (http for https, a path without /v1)
+    **dict.fromkeys((301, 302, 303, 307, 308), "OPENAI_BASE_URL"),
     401: "OPENAI_API_KEY",
     403: "OPENAI_API_KEY",
     404: "OPENAI_MODEL or OPENAI_BASE_URL",
@@ -347,9 +351,9 @@ class OpenAIChatModel:
                 "stopped by the provider's content filter (finish_reason=content_filter)",
                 attempts=attempt,
             )
-        text = choice.message.text.strip() if choice is not None else ""
+        text = _visible(choice.message.text) if choice is not None else ""
         if not text and choice is not None:
-            text = (choice.message.refusal or "").strip()
+            text = _visible(choice.message.refusal or "")
         if not text:
             raise ModelRejected(f"empty completion (finish_reason={finish})", attempts=attempt)
         usage = parsed.usage or _Usage()
@@ -360,6 +364,23 @@ class OpenAIChatModel:
             completion_tokens=_count(usage.completion_tokens),
             finish_reason=finish,
         )
+
+
+# A reasoning model served without a reasoning parser (DeepSeek-R1 or QwQ on Ollama or
+# vLLM) puts its thinking in the content, first, between these tags: not for the user.
+_THINKING = re.compile(r"\s*<think>.*?</think>", re.DOTALL)
+# Characters that show nothing: an answer of only these is an empty one.
+_INVISIBLE = "\u200b\u200c\u200d\u2060\ufeff"
+
+
+def _visible(content: str) -> str:
+    """The answer to send: without a leading ``<think>`` block, stripped; "" when
+    nothing in it would show."""
+    text = (
+        _THINKING.sub("", content, count=1) if content.lstrip().startswith("<think>") else content
+    )
+    text = text.strip()
+    return text if text.strip(_INVISIBLE).strip() else ""
 
 
 def _aiohttp_transport(settings: ModelSettings) -> httpx.AsyncBaseTransport:
