@@ -9,6 +9,8 @@ outlasts LLM_REQUEST_TIMEOUT, an httpx error that escapes ``complete()``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import gzip
 import random
 from collections.abc import AsyncIterator
 from typing import TypeVar
@@ -26,6 +28,7 @@ from wecombot_common.sim.openai_api import (
     echo_reply,
 )
 from wecombot_llm.model import (
+    MAX_RESPONSE_BYTES,
     Completion,
     ModelError,
     ModelRejected,
@@ -195,6 +198,31 @@ async def test_a_redirect_is_not_followed_and_names_the_base_url() -> None:
         failed = await failure(base_url, ModelRejected, retry_budget_s=5.0)
     assert str(failed).startswith("HTTP 307")
     assert failed.setting == "OPENAI_BASE_URL"
+
+
+@pytest.mark.parametrize("coding", ["identity", "gzip"])
+async def test_an_answer_too_big_to_be_one_is_refused_as_it_arrives(coding: str) -> None:
+    """Read whole, a broken proxy's endless body (or a small gzip that unpacks to
+    gigabytes) took the replica's memory; retried, it came back the same."""
+    body = b'{"choices":[{"message":{"content":"' + b"0" * MAX_RESPONSE_BYTES + b'"}}]}'
+    sent = gzip.compress(body) if coding == "gzip" else body
+    requests = 0
+
+    async def endless(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal requests
+        requests += 1
+        await read_request(reader)
+        head = "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+        head += f"Content-Encoding: {coding}\r\nContent-Length: {len(sent)}\r\n\r\n"
+        writer.write(head.encode() + sent)
+        with contextlib.suppress(ConnectionError):
+            await writer.drain()
+        writer.close()
+
+    async with raw_http(endless) as base_url:
+        failed = await failure(base_url, ModelRejected, retry_budget_s=5.0)
+    assert str(failed).startswith("answer over 8 MiB"), failed
+    assert requests == 1
 
 
 async def test_a_client_error_is_permanent_and_not_retried(api: SimulatedOpenAIApi) -> None:

@@ -303,6 +303,14 @@ class OpenAIChatModel:
         except _UNSENDABLE as exc:
             reason = self._clean(f"request not sendable ({_named(exc)})")
             raise ModelRejected(reason, attempts=attempt, setting="OPENAI_BASE_URL") from exc
+        except _TooLarge as exc:
+            # Read whole, a broken proxy's endless body took the replica's memory; asked
+            # again, the same answer would come back.
+            raise ModelRejected(
+                f"answer over {MAX_RESPONSE_BYTES // (1024 * 1024)} MiB (read {exc.size} "
+                "bytes): no chat answer is that long",
+                attempts=attempt,
+            ) from None
         except _PROVIDER_FAULTS as exc:
             raise _Retryable(self._clean(_transport_failure(exc))) from exc
         except TimeoutError as exc:
@@ -324,8 +332,27 @@ class OpenAIChatModel:
         )
 
     async def _post(self, body: dict[str, Any]) -> httpx.Response:
-        return await self._client.post(
-            self._url, content=_encode_body(body), headers=_JSON_BODY, params=self._params
+        """The provider's answer, its body read up to MAX_RESPONSE_BYTES (decompressed)."""
+        request = self._client.build_request(
+            "POST", self._url, content=_encode_body(body), headers=_JSON_BODY, params=self._params
+        )
+        response = await self._client.send(request, stream=True)
+        try:
+            chunks: list[bytes] = []
+            size = 0
+            async for chunk in response.aiter_bytes():
+                size += len(chunk)
+                if size > MAX_RESPONSE_BYTES:
+                    raise _TooLarge(size)
+                chunks.append(chunk)
+        finally:
+            await response.aclose()
+        return httpx.Response(
+            response.status_code,
+            headers=response.headers,
+            content=b"".join(chunks),
+            request=request,
+            extensions=response.extensions,
         )
 
     def _clean(self, text: str) -> str:
@@ -381,6 +408,17 @@ def _visible(content: str) -> str:
     )
     text = text.strip()
     return text if text.strip(_INVISIBLE).strip() else ""
+
+
+# A chat answer, reasoning included, is kilobytes; the reply keeps 64 KiB of it at most
+# (decide.MAX_ANSWER_BYTES). A body (decompressed) past this is refused as it arrives.
+MAX_RESPONSE_BYTES = 8 * 1024 * 1024
+
+
+class _TooLarge(Exception):
+    def __init__(self, size: int) -> None:
+        super().__init__(size)
+        self.size = size
 
 
 def _aiohttp_transport(settings: ModelSettings) -> httpx.AsyncBaseTransport:
