@@ -176,7 +176,14 @@ async def test_what_the_user_would_not_see_is_not_the_answer(api: SimulatedOpenA
     assert await _complete(api, Answer(thought, "stop")) == "stop: 你好！"
     kept = "Use <think> tags like this: <think>…</think>"  # not first: part of the answer
     assert await _complete(api, Answer(kept, "stop")) == f"stop: {kept}"
-    for nothing in ("\u200b\u200b", "<think>only thinking</think>", " \ufeff\n\u2060"):
+    nothing_shown = (
+        "\u200b\u200b",
+        "\u200b \u2060 \u200b",
+        "<think>only thinking</think>",
+        "<think>thinking until the output limit" + "\n" * 30_000,  # no quadratic search
+        " \ufeff\n\u2060",
+    )
+    for nothing in nothing_shown:
         empty = await _complete(api, Answer(nothing, "stop"))
         assert isinstance(empty, ModelRejected) and "empty completion" in str(empty), nothing
 
@@ -198,6 +205,33 @@ async def test_a_redirect_is_not_followed_and_names_the_base_url() -> None:
         failed = await failure(base_url, ModelRejected, retry_budget_s=5.0)
     assert str(failed).startswith("HTTP 307")
     assert failed.setting == "OPENAI_BASE_URL"
+
+
+@pytest.mark.parametrize("status", [200, 401])
+async def test_a_gzipped_answer_is_read(status: int) -> None:
+    """httpx asks for gzip; the body read (and decoded) under the size limit was decoded
+    a second time by its Content-Encoding: every gzipped answer, "malformed"."""
+    body = ANSWER if status == 200 else b'{"error": {"message": "Incorrect API key"}}'
+
+    async def gzipped(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        sent = gzip.compress(body)
+        head = f"HTTP/1.1 {status} X\r\nContent-Type: application/json\r\n"
+        head += f"Content-Encoding: gzip\r\nContent-Length: {len(sent)}\r\n\r\n"
+        writer.write(head.encode() + sent)
+        await writer.drain()
+        writer.close()
+
+    async with raw_http(gzipped) as base_url:
+        model = OpenAIChatModel(settings(base_url, retry_budget_s=5.0))
+        try:
+            if status == 200:
+                assert (await model.complete(HELLO)).text == "late answer"
+            else:
+                with pytest.raises(ModelRejected, match="HTTP 401: Incorrect API key"):
+                    await model.complete(HELLO)
+        finally:
+            await model.aclose()
 
 
 @pytest.mark.parametrize("coding", ["identity", "gzip"])

@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import math
 import random
-import re
 import time
 import urllib.request
 from collections.abc import AsyncIterator, Sequence
@@ -347,9 +346,16 @@ class OpenAIChatModel:
                 chunks.append(chunk)
         finally:
             await response.aclose()
+        # The bytes are decoded already (gzip): httpx would decode them again by the
+        # Content-Encoding header, and its length is the coded one.
+        headers = [
+            (name, value)
+            for name, value in response.headers.multi_items()
+            if name.lower() not in ("content-encoding", "content-length")
+        ]
         return httpx.Response(
             response.status_code,
-            headers=response.headers,
+            headers=headers,
             content=b"".join(chunks),
             request=request,
             extensions=response.extensions,
@@ -393,21 +399,20 @@ class OpenAIChatModel:
         )
 
 
-# A reasoning model served without a reasoning parser (DeepSeek-R1 or QwQ on Ollama or
-# vLLM) puts its thinking in the content, first, between these tags: not for the user.
-_THINKING = re.compile(r"\s*<think>.*?</think>", re.DOTALL)
-# Characters that show nothing: an answer of only these is an empty one.
-_INVISIBLE = "\u200b\u200c\u200d\u2060\ufeff"
+# Characters that show nothing: an answer of only these (and spaces) is an empty one.
+_INVISIBLE = dict.fromkeys(map(ord, "\u200b\u200c\u200d\u2060\ufeff"))
 
 
 def _visible(content: str) -> str:
-    """The answer to send: without a leading ``<think>`` block, stripped; "" when
-    nothing in it would show."""
-    text = (
-        _THINKING.sub("", content, count=1) if content.lstrip().startswith("<think>") else content
-    )
-    text = text.strip()
-    return text if text.strip(_INVISIBLE).strip() else ""
+    """The answer to send, stripped; "" when nothing in it would show. A reasoning model
+    served without a reasoning parser (DeepSeek-R1 or QwQ on Ollama or vLLM) puts its
+    thinking first in the content, between ``<think>`` tags: not for the user (a block
+    never closed, the output limit reached while thinking, leaves no answer)."""
+    text = content.strip()
+    if text.startswith("<think>"):
+        end = text.find("</think>")
+        text = "" if end < 0 else text[end + len("</think>") :].strip()
+    return text if text.translate(_INVISIBLE).strip() else ""
 
 
 # A chat answer, reasoning included, is kilobytes; the reply keeps 64 KiB of it at most
