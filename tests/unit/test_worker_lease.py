@@ -100,6 +100,8 @@ class SwallowsTheCancel:
     async def in_progress(self, confirm_s: float = 2.0) -> None:
         self.beats += 1
         self.waiting.set()
+        if self.beats > 1:  # the next ones as usual: a cancel raises
+            await asyncio.Event().wait()
         with contextlib.suppress(asyncio.CancelledError):
             await asyncio.Event().wait()  # the reply, cancelled as it comes
 
@@ -115,6 +117,8 @@ async def test_a_heartbeat_whose_cancellation_is_swallowed_still_stops() -> None
     delivery = SwallowsTheCancel()
     heartbeat = Heartbeat(delivery, interval_s=0.01)
     await delivery.waiting.wait()
-    await heartbeat.stop()
+    heartbeat.stop()
+    async with asyncio.timeout(10):  # a bound for the failure only: it ends at once
+        await heartbeat.ended()
     assert heartbeats_running() == []
     assert delivery.beats == 1

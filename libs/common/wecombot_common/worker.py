@@ -57,7 +57,6 @@ from prometheus_client import Counter, Gauge, Histogram
 from . import metrics, topology
 from .errors import PermanentError, TransientError
 from .events import Event, EventDecodeError, NewerEventError, decode_event
-from .runtime import cancel_until_done
 
 __all__ = [
     "DEFAULT_ACK_WAIT_S",
@@ -228,7 +227,10 @@ class Heartbeat:
     a cancellation that arrives with the reply (bpo-42130). A heartbeat cancelled then
     went on beating every ``interval_s`` for good, and its +WPI kept the message it had
     handed back from ever being delivered again: never redelivered, never dead-lettered,
-    the user's next messages waiting behind it.
+    the user's next messages waiting behind it. :meth:`stop` does not wait: the task
+    sends nothing more once the flag is set, and a wait there would reorder the
+    hand-backs a shutdown makes in stream order, or lose a finished outcome to a cancel
+    arriving meanwhile.
     """
 
     def __init__(self, delivery: _Beating, *, interval_s: float) -> None:
@@ -247,10 +249,14 @@ class Heartbeat:
     def stopped(self) -> bool:
         return self._stopped
 
-    async def stop(self) -> None:
-        """Stop beating; returns once the last heartbeat has ended."""
+    def stop(self) -> None:
+        """Stop beating: nothing is sent after this call."""
         self._stopped = True
-        await cancel_until_done(self._task)
+        self._task.cancel()
+
+    async def ended(self) -> None:
+        """Until the heartbeat's task has ended (after :meth:`stop`)."""
+        await asyncio.wait([self._task])
 
 
 def _reconnect_counter(msg: Msg) -> Callable[[], int] | None:
@@ -557,18 +563,13 @@ class PullWorker:
             # earlier one of its conversation must not outlive ack_wait either.
             heartbeat = Heartbeat(delivery, interval_s=max(0.5, self._ack_wait / 3))
             try:
-                try:
-                    # In flight from its slot on, waiting for its key included: the gauge
-                    # at the concurrency limit means the replica takes no more.
-                    with self._metrics.in_flight.track_inprogress():
-                        async with self._turn(delivery):
-                            started = time.monotonic()
-                            outcome = await self._run_handler(delivery)
-                            self._metrics.handler_seconds.observe(time.monotonic() - started)
-                finally:
-                    # Ended before the delivery is settled or handed back: a +WPI after
-                    # the nak would hold the message from its redelivery.
-                    await heartbeat.stop()
+                # In flight from its slot on, waiting for its key included: the gauge at
+                # the concurrency limit means the replica takes no more.
+                with self._metrics.in_flight.track_inprogress():
+                    async with self._turn(delivery):
+                        started = time.monotonic()
+                        outcome = await self._run_handler(delivery)
+                        self._metrics.handler_seconds.observe(time.monotonic() - started)
             except asyncio.CancelledError:
                 # Stopping: running or queued. Overdue, the broker has likely given it
                 # to another replica: a nak would make it deliver the message once more
@@ -579,6 +580,10 @@ class PullWorker:
                 else:
                     await self._hand_back(msg)
                 raise
+            finally:
+                # Before the delivery is settled or handed back: no heartbeat of it is
+                # sent after that (one on its way went out before, on the same link).
+                heartbeat.stop()
             await self._settle(delivery, outcome)
         finally:
             self._slots.release()
