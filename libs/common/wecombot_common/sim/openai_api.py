@@ -247,7 +247,7 @@ class SimulatedOpenAIApi(LoopbackServer):
         body = record.body if isinstance(record.body, dict) else {}
         prompt_tokens = sum(_tokens(str(m.get("content", ""))) for m in messages)
         completion_tokens = _tokens(said.text or said.refusal or "")
-        return web.json_response(
+        response = web.json_response(
             {
                 "id": f"chatcmpl-sim-{next(self._ids)}",
                 "object": "chat.completion",
@@ -268,6 +268,11 @@ class SimulatedOpenAIApi(LoopbackServer):
             },
             dumps=lambda o: json.dumps(o, ensure_ascii=False),
         )
+        # As OpenAI's API does for a client that accepts it (httpx asks for gzip): the
+        # llm read every gzipped answer as malformed once, unseen by tests that got none.
+        if "gzip" in request.headers.get("Accept-Encoding", ""):
+            response.enable_compression(web.ContentCoding.gzip)
+        return response
 
     async def _models(self, request: web.Request) -> web.Response:
         record = await self._record(request)
