@@ -306,7 +306,7 @@ def test_hourly_delay_waits_until_the_hour_has_room() -> None:
 # ---------------------------------------------------------------- errcodes
 
 
-@pytest.mark.parametrize("code", [-1, 45009, 45033])
+@pytest.mark.parametrize("code", [-1, 45009, 45011, 45033])
 def test_busy_codes_are_retried(code: int) -> None:
     assert classify(code) is ErrorClass.RETRYABLE
 

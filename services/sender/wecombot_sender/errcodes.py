@@ -36,7 +36,8 @@ class ErrorClass(StrEnum):
     PERMANENT = "permanent"
 
 
-_RETRYABLE = frozenset({BUSY, 45009, 45033})
+# 45011: "API调用太频繁，请稍候再试" (the global error codes, path/90313): a rate limit
+_RETRYABLE = frozenset({BUSY, 45009, 45011, 45033})
 _TOKEN = frozenset({40014, 41001, 42001})
 
 _REASONS: dict[int, str] = {
@@ -48,6 +49,7 @@ _REASONS: dict[int, str] = {
     EMPTY_CONTENT: "the reply is empty",
     45002: "the reply is too large for one message",
     45009: "the app called the WeCom API too often",
+    45011: "WeCom asks the app to call less often",
     45033: "too many concurrent calls to the WeCom API",
     60020: "this server's IP is not among the app's trusted IPs (企业可信IP)",
     81013: "the recipient is not a member the app can reach (left, or outside its visible range)",

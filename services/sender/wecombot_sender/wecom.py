@@ -23,6 +23,7 @@ documented; we assume ``errcode 0`` without a new msgid, so ``send_text`` return
 
 from __future__ import annotations
 
+import asyncio
 from typing import Literal, Protocol
 
 import httpx
@@ -88,6 +89,7 @@ class HttpMessageApi:
     ) -> None:
         self._agent_id = settings.agent_id
         self._message_type = message_type
+        self._timeout_s = timeout_s
         self._url = f"{settings.api_base}/cgi-bin/message/send"
         self._client = httpx.AsyncClient(
             timeout=httpx.Timeout(timeout_s, connect=min(timeout_s, 5.0)),
@@ -123,12 +125,19 @@ class HttpMessageApi:
         )
         body = _encoder.encode(request)
         try:
-            response = await self._client.post(
-                self._url,
-                params={"access_token": token},
-                content=body,
-                headers={"Content-Type": "application/json; charset=utf-8"},
-            )
+            # The whole call, at most twice the timeout: httpx's is per read, and an answer
+            # trickled a byte at a time held the reply (and the user's next ones) for as
+            # long as it lasted.
+            async with asyncio.timeout(2 * self._timeout_s):
+                response = await self._client.post(
+                    self._url,
+                    params={"access_token": token},
+                    content=body,
+                    headers={"Content-Type": "application/json; charset=utf-8"},
+                )
+        except TimeoutError as exc:
+            reason = f"WeCom's answer did not arrive whole within {2 * self._timeout_s:g}s"
+            raise SendRetryable(BUSY, reason, maybe_delivered=True) from exc
         except httpx.TimeoutException as exc:
             reason = f"WeCom did not answer in time ({type(exc).__name__})"
             raise SendRetryable(BUSY, reason, maybe_delivered=may_have_gone_out(exc)) from exc

@@ -122,6 +122,27 @@ async def test_a_send_that_went_out_unanswered_may_have_been_delivered(
     assert kind in str(failed)
 
 
+async def test_an_answer_trickled_in_is_cut_off_at_twice_the_timeout() -> None:
+    """httpx's timeout is per read: headers at once, then a byte a second, held the
+    reply (and the user's next replies) for as long as WeCom or a proxy kept it up."""
+
+    async def trickle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n")
+        writer.write(b"Content-Length: 100000\r\n\r\n")
+        with contextlib.suppress(ConnectionError):
+            for _ in range(600):
+                writer.write(b" ")
+                await writer.drain()
+                await asyncio.sleep(0.1)  # paces the trickle: under the per-read timeout
+        writer.close()
+
+    async with raw_http(trickle) as base_url, asyncio.timeout(30):
+        failed = await failed_send(base_url, timeout_s=0.3)
+    assert failed.maybe_delivered is True
+    assert "did not arrive whole within 0.6s" in str(failed)
+
+
 @pytest.mark.parametrize(
     ("status", "maybe_delivered"),
     [(500, True), (502, True), (504, True), (404, False), (302, False)],
