@@ -157,6 +157,33 @@ async def test_poison_goes_to_the_dead_letter_stream(stream: JetStreamContext) -
     assert any("undecodable" in r for r in reasons)
 
 
+async def test_an_event_of_no_wecom_user_is_parked_before_it_is_handled(
+    stream: JetStreamContext,
+) -> None:
+    """Appended by hand or by a faulty build (the gateway refuses such a FromUserName):
+    handled, the outcome's subject for a 1,330-dot user passed the broker's control line
+    limit, nats-py closed the connection for good, and the service answered nobody."""
+    await append_event(stream, _reply("." * 1330, "for nobody"))
+    await append_event(stream, _reply("ok", "fine"))
+    handled: list[str] = []
+
+    async def handle(d: Delivery) -> Outcome:
+        handled.append(d.event.conversation)
+        return Ack()
+
+    stop = asyncio.Event()
+    worker = PullWorker(stream, _config(), handle, max_deliver=2, max_concurrency=4)
+    task = asyncio.create_task(worker.run(stop))
+    await until(lambda: handled == ["ok"], timeout=20, what="the next user's reply handled")
+    await until(lambda: _one_dead_letter(stream), timeout=20, what="the other one parked")
+    stop.set()
+    await task
+    [letter] = await _dead_letters(stream)
+    assert letter["Wecombot-Dlq-Reason"] == (
+        "the conversation '...........................................' is not a WeCom UserID"
+    )
+
+
 async def test_an_event_of_a_newer_build_is_handed_back_for_a_newer_replica(
     stream: JetStreamContext,
 ) -> None:

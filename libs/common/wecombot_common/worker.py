@@ -635,6 +635,14 @@ class PullWorker:
         except EventDecodeError as exc:
             await self._dead_letter(msg, str(exc), meta.num_delivered)
             return None
+        if not topology.is_user_id(event.conversation):
+            # Not one our gateway stores (it refuses such a FromUserName): handled, its
+            # outcome's subject, past the broker's control line limit, made nats-py
+            # close the connection for good, and the service answered nobody again.
+            shown = event.conversation[:40] + ("..." if len(event.conversation) > 40 else "")
+            reason = f"the conversation {shown!r} is not a WeCom UserID"
+            await self._dead_letter(msg, reason, meta.num_delivered)
+            return None
         return Delivery(
             event=event,
             stream_seq=meta.sequence.stream,
