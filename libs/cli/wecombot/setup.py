@@ -15,15 +15,13 @@ match the settings, 1 stopped before that, 2 bad configuration.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
-import nats.errors
 import structlog
 
 from wecombot_common import topology
-from wecombot_common.bus import connect_when_ready, ensure_topology
+from wecombot_common.bus import connect_when_ready, disconnect, ensure_topology
 from wecombot_common.logs import configure_logging
 from wecombot_common.runtime import run_service
 from wecombot_common.settings import EnvReader, LogSettings, NatsSettings
@@ -58,8 +56,7 @@ async def run_setup(settings: SetupSettings, stop: asyncio.Event) -> bool:
         log.error("setup.stopped", detail="stopped before the streams were in place")
         return False
     nc, _ = connected
-    with contextlib.suppress(nats.errors.Error, TimeoutError):
-        await nc.drain()
+    await disconnect(nc, CLIENT_NAME)
     log.info(
         "setup.done",
         streams=[topology.CONVERSATION_STREAM, topology.DEAD_LETTER_STREAM],

@@ -12,6 +12,7 @@ import contextlib
 import itertools
 import math
 import time
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeVar
@@ -31,7 +32,7 @@ from . import topology
 from .errors import TransientError
 from .events import Event, EventDecodeError, decode_event, encode_event
 from .logs import LogSampler
-from .runtime import unless_stopped
+from .runtime import fail, unless_stopped
 from .settings import NatsSettings, without_credentials
 from .topology import ConversationRef, subject_for
 
@@ -60,6 +61,9 @@ WRONG_LAST_SEQUENCE = 10071
 # however long that is; :class:`PipelinedAppender` refuses such an append instead.
 PENDING_BYTES = 2 * 1024 * 1024
 ERROR_LOG_PERIOD_S = 30.0  # nats.error: one line per kind of error in this long
+# Clients our own code closes (:func:`disconnect`, :func:`close_quietly`): any other
+# close is nats-py giving up on the connection.
+_CLOSED_BY_US: weakref.WeakSet[NATS] = weakref.WeakSet()
 
 
 class AppendUnavailable(TransientError):
@@ -95,11 +99,18 @@ async def connect(
     name: str,
     *,
     error_log_period_s: float = ERROR_LOG_PERIOD_S,
+    on_lost: Callable[[str], None] | None = None,
     **options: object,
 ) -> NATS:
     """Connect with endless reconnects and a client name (shown in server monitoring)::
 
     nc = await connect(settings.nats, "wecombot-gateway")
+
+    Reconnects are endless, but nats-py closes a client for good on an ``-ERR`` from the
+    broker on a live connection (a payload over a ``max_payload`` lowered since it
+    connected, a control line too long…): nothing it does again will ever succeed.
+    With ``on_lost``, that is ``nats.closed`` (an error) and ``on_lost(reason)``; a close
+    by :func:`disconnect` or :func:`close_quietly` is not.
 
     nats-py reports each failed attempt, twice a second, for as long as NATS stays away:
     ``nats.error`` is written once per kind of error every ``error_log_period_s`` (the
@@ -130,6 +141,14 @@ async def connect(
     async def on_reconnect() -> None:
         log_.info("nats.reconnected", **_untold(errors))  # the next outage's first is written
 
+    async def on_closed() -> None:
+        if on_lost is None or not client or client[0] in _CLOSED_BY_US:
+            return
+        error = client[0].last_error
+        reason = f"{type(error).__name__}: {error}" if error else "closed by nats-py"
+        log_.error("nats.closed", error=reason, nats_url=servers)
+        on_lost(f"the NATS connection was closed for good ({reason})")
+
     kwargs: dict[str, object] = {
         "servers": [s.strip() for s in settings.url.split(",")],
         "name": name,
@@ -141,6 +160,7 @@ async def connect(
         "error_cb": on_error,
         "disconnected_cb": on_disconnect,
         "reconnected_cb": on_reconnect,
+        "closed_cb": on_closed,
         # Replies (JetStream API, PubAcks, token answers) come to an inbox of this client
         # alone, so NATS permissions can keep every service from reading another's.
         "inbox_prefix": topology.inbox_prefix(name),
@@ -552,6 +572,7 @@ async def disconnect(nc: NATS, name: str) -> None:
     """
     if nc.is_closed:
         return
+    _CLOSED_BY_US.add(nc)
     try:
         await nc.drain()
         return
@@ -565,6 +586,7 @@ async def close_quietly(nc: NATS, name: str) -> None:
     """``nc.close()``, which raises half-way when called while nats-py reconnects with
     unsent data (it writes that data into the dead transport: ConnectionResetError on
     asyncio's loop, RuntimeError on uvloop's). The process is stopping: say so, go on."""
+    _CLOSED_BY_US.add(nc)
     try:
         await nc.close()
     except (nats.errors.Error, OSError, RuntimeError) as exc:
@@ -591,8 +613,12 @@ async def connect_when_ready(
     """
     log_ = log.bind(client=name)
     log_.info("nats.connecting", nats_url=settings.url)
+    # A client nats-py closes for good stops the service as failed (exit 1): left
+    # running, it answered nobody with /healthz ok, so nothing ever restarted it.
     nc = await unless_stopped(
-        connect(settings, name), stop, discard=lambda late: close_quietly(late, name)
+        connect(settings, name, on_lost=lambda reason: fail(stop, reason)),
+        stop,
+        discard=lambda late: close_quietly(late, name),
     )
     if nc is None:
         return None

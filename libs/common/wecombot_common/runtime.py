@@ -29,8 +29,10 @@ __all__ = [
     "Check",
     "DeferredCheck",
     "HealthServer",
+    "ServiceStop",
     "cancel_until_done",
     "event_loop_name",
+    "fail",
     "run_service",
     "unless_stopped",
 ]
@@ -90,8 +92,27 @@ def _loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
     return None
 
 
+class ServiceStop(asyncio.Event):
+    """The ``stop`` that :func:`run_service` hands to ``serve``: set by SIGTERM or SIGINT,
+    or by :func:`fail` when the service cannot go on; the process then exits 1 once
+    ``serve`` has stopped, so that Kubernetes (or whoever runs it) starts it again."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.failure: str | None = None
+
+
+def fail(stop: asyncio.Event, reason: str) -> None:
+    """Stop the service as failed (exit 1, the first ``reason`` logged as
+    ``service.failed``). ``stop`` not made by :func:`run_service` (a test's own event)
+    is only set."""
+    if isinstance(stop, ServiceStop) and stop.failure is None:
+        stop.failure = reason
+    stop.set()
+
+
 async def _serve_until_signal(serve: Serve[S], s: S) -> int:
-    stop = asyncio.Event()
+    stop = ServiceStop()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
@@ -104,6 +125,9 @@ async def _serve_until_signal(serve: Serve[S], s: S) -> int:
         # Through the log, so its secrets are redacted: Python's own report of an
         # uncaught exception goes to stderr as it is (a URL with a password, say).
         log.exception("service.crashed")
+        return 1
+    if stop.failure is not None:
+        log.error("service.failed", reason=stop.failure)
         return 1
     return code or 0
 
