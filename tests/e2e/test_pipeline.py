@@ -20,7 +20,7 @@ from tests.e2e.harness import AGENT_ID, CORP_ID, Stack, sample_key, samples_of
 from tests.waiting import until
 from wecombot_common import topology
 from wecombot_common.bus import read_conversation
-from wecombot_common.events import MessageReceived, ReplyDelivered, ReplyGenerated
+from wecombot_common.events import MessageReceived, ReplyDelivered, ReplyGenerated, encode_event
 from wecombot_common.sim.openai_api import Fault
 from wecombot_common.topology import ConversationRef
 
@@ -196,3 +196,28 @@ async def _answers_counted(stack: Stack, port: int) -> int:
     response = await stack.http.get(f"http://127.0.0.1:{port}/metrics")
     key = sample_key("wecombot_llm_outcomes_total", outcome="ReplyGenerated")
     return int(samples_of(response.text).get(key, 0))
+
+
+async def test_an_event_filed_on_the_wrong_branch_does_not_wedge_its_conversation(
+    stack: Stack, js: Any
+) -> None:
+    """A reply's body on the gateway's branch (its NATS user may publish there; a faulty
+    build, a hand-made append) was taken for a reply by every read: the llm's appends
+    for that user were refused as stale ever after, each message dead-lettered as
+    "concurrent appends kept winning". It is dead-lettered itself and read past."""
+    conv = ConversationRef(APP, "wedge.user")
+    stray = ReplyGenerated(app=APP, conversation="wedge.user", correlation_id="x", text="stray")
+    await js.publish(f"{conv.root}.in", encode_event(stray))
+    await stack.say("wedge.user", "still there?")
+    await stack.wait_replies("wedge.user", 1)
+    await stack.say("wedge.user", "and now?")
+    await stack.wait_replies("wedge.user", 2)
+    assert stack.replies("wedge.user") == ["echo: still there?", "echo: and now?"]
+
+    async def parked() -> bool:
+        info = await js.stream_info(topology.DEAD_LETTER_STREAM)
+        return int(info.state.messages) == 1
+
+    await until(parked, timeout=20, what="the misfiled reply dead-lettered")
+    letter = await js.get_msg(topology.DEAD_LETTER_STREAM, 1)
+    assert "a ReplyGenerated filed on" in (letter.headers or {})["Wecombot-Dlq-Reason"]

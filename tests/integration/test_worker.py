@@ -23,7 +23,7 @@ from tests.waiting import until
 from wecombot_common import topology
 from wecombot_common.bus import append_event, connect, ensure_topology
 from wecombot_common.errors import PermanentError, TransientError
-from wecombot_common.events import Event, ReplyGenerated
+from wecombot_common.events import Event, ReplyGenerated, encode_event
 from wecombot_common.settings import EnvReader, NatsSettings
 from wecombot_common.worker import Ack, Delivery, Handler, Nak, Outcome, PullWorker
 
@@ -181,6 +181,35 @@ async def test_an_event_of_no_wecom_user_is_parked_before_it_is_handled(
     [letter] = await _dead_letters(stream)
     assert letter["Wecombot-Dlq-Reason"] == (
         "the conversation '...........................................' is not a WeCom UserID"
+    )
+
+
+async def test_an_event_filed_on_another_subject_is_parked_before_it_is_handled(
+    stream: JetStreamContext,
+) -> None:
+    """Appended by hand or by a faulty build: the body decides who is answered, so an
+    outcome filed on zhang.san's subject naming li.si was delivered to li.si."""
+    misfiled = _reply("li.si", "for li.si, filed on zhang.san")
+    await stream.publish("wecombot.conv.ww1-1.zhang~2Esan.llm.reply", encode_event(misfiled))
+    await append_event(stream, _reply("ok", "fine"))
+    handled: list[str] = []
+
+    async def handle(d: Delivery) -> Outcome:
+        handled.append(d.event.conversation)
+        return Ack()
+
+    stop = asyncio.Event()
+    worker = PullWorker(stream, _config(), handle, max_deliver=2, max_concurrency=4)
+    task = asyncio.create_task(worker.run(stop))
+    await until(lambda: handled == ["ok"], timeout=20, what="the next user's reply handled")
+    await until(lambda: _one_dead_letter(stream), timeout=20, what="the misfiled one parked")
+    stop.set()
+    await task
+    assert handled == ["ok"]
+    [letter] = await _dead_letters(stream)
+    assert letter["Wecombot-Dlq-Reason"] == (
+        "a ReplyGenerated filed on 'wecombot.conv.ww1-1.zhang~2Esan.llm.reply': its "
+        "conversation and type belong on 'wecombot.conv.ww1-1.li~2Esi.llm.reply'"
     )
 
 

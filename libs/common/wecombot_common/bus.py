@@ -560,6 +560,11 @@ async def read_conversation(
             # the consumer that meets it dead-letters it with the reason.
             log.warning("event.undecodable", seq=raw.seq, subject=raw.subject, reason=str(exc))
             continue
+        if raw.subject != subject_for(event):
+            # Filed on another conversation's or branch's subject (by hand, a faulty
+            # build): not this conversation's history; dead-lettered by its consumer.
+            log.warning("event.misfiled", seq=raw.seq, subject=raw.subject)
+            continue
         yield StoredEvent(seq=raw.seq, event=event)
 
 

@@ -643,6 +643,16 @@ class PullWorker:
             reason = f"the conversation {shown!r} is not a WeCom UserID"
             await self._dead_letter(msg, reason, meta.num_delivered)
             return None
+        if msg.subject != (filed := topology.subject_for(event)):
+            # Appended by hand or by a faulty build: handled, an outcome filed on another
+            # conversation went to the user its body names, and a reply filed on the
+            # gateway's branch wedged its own conversation (every later append refused).
+            reason = (
+                f"a {type(event).__name__} filed on {msg.subject!r}: its conversation "
+                f"and type belong on {filed!r}"
+            )
+            await self._dead_letter(msg, reason, meta.num_delivered)
+            return None
         return Delivery(
             event=event,
             stream_seq=meta.sequence.stream,
