@@ -416,11 +416,11 @@ class SimulatedWeComApi(LoopbackServer):
         for earlier in reversed(self.sent):
             if msg.at - earlier.at > interval:
                 return None
-            if (  # every send asks: compared without building tuples
-                earlier.content == msg.content
-                and earlier.touser == msg.touser
-                and earlier.agentid == msg.agentid
-                and earlier.msgtype == msg.msgtype
+            if (earlier.touser, earlier.agentid, earlier.msgtype, earlier.content) == (
+                msg.touser,
+                msg.agentid,
+                msg.msgtype,
+                msg.content,
             ):
                 return earlier
         return None
