@@ -17,14 +17,15 @@ Any append can meet :class:`ConcurrencyConflict` (someone else wrote C's send br
 then catch up and decide again, without re-sending a part this delivery already sent.
 
 A part may have been accepted by WeCom without its PartDelivered being appended (a crash
-in between, or an answer lost on the way back), be in flight from another replica (our
-hold on the message lapsed, ``Delivery.lapsed``, and the broker redelivered it), or be
-accepted by a WeCom that answered too late, after its retry got through. So every send
-asks WeCom's duplicate check to drop it if an identical message reached the user since
-the reply's last recorded part (see :func:`~.domain.duplicate_check_interval`), unless
-a message recorded inside that window is identical to the part (or may be): the check
-could not tell them apart, so it is skipped, and identical replies (the same apology
-twice) are both delivered.
+in between, or an answer lost on the way back), or be in flight from another replica (our
+hold on the message lapsed, ``Delivery.lapsed``, and the broker redelivered it). So the
+first part a *redelivery* sends, any retry of a send that may have gone through, and
+every send after a lapse asks WeCom's duplicate check to drop it if an identical message
+reached the user since the reply's last recorded part (see
+:func:`~.domain.duplicate_check_interval`). Fresh sends never ask, so identical replies
+(the same apology twice) are both delivered; and if a message recorded inside that
+window is identical to the part, the check is skipped too, since it could not tell them
+apart.
 
 A ReplyRequeued (an operator's ``wecombot dlq replay`` of a reply whose delivery failed)
 is delivered as that reply once more, in its own place in the user's order: after the
@@ -459,16 +460,24 @@ class ReplySender:
         token = await self._tokens.get(job.reply.app)
         refreshed = False
         retries = 0
-        # Every send asks WeCom's duplicate check (unless the window holds this very text):
-        # an earlier delivery may have had this part accepted and died before recording
-        # it, or be sending it now (its hold lapsed unseen, another writer in the send
-        # branch); a retry's first attempt may have gone through; and a first attempt
-        # WeCom accepts after our timeout, once its retry has got through, would be the
-        # user's second copy of the part, out of order, had it not asked too.
-        checkable = await self._checkable(job, state, index)
+        # An earlier delivery (or the failed round a requeue retries) may have had this part
+        # accepted and died before recording it; or, its hold lapsed unseen, be sending
+        # this very part now: every part of a redelivery asks (not only its first, or
+        # the replica that wins each append race sends the next part unchecked).
+        maybe_sent = job.repeat
+        checkable: bool | None = None  # whether the check can tell a repeat (asked once)
         while True:
-            # The window grows as the send is retried (from the same ``since``).
-            check = self._check_interval(job, state) if checkable else None
+            # ... or our hold on the message lapsed, or another writer got into the send
+            # branch: another replica may be sending it now. Both must ask, or the one
+            # that loses each append race sends the next part again right after the
+            # winner.
+            maybe_sent = maybe_sent or job.delivery.lapsed or job.contested
+            check = None
+            if maybe_sent:
+                if checkable is None:
+                    checkable = await self._checkable(job, state, index)
+                if checkable:
+                    check = self._check_interval(job, state)
             try:
                 msgid = await self._api.send_text(
                     token, job.reply.conversation, job.parts[index], duplicate_check_s=check
@@ -481,6 +490,7 @@ class ReplySender:
                 refreshed = True
                 continue
             except SendRetryable as exc:
+                maybe_sent = maybe_sent or exc.maybe_delivered
                 retries += 1
                 if retries > self._policy.retry_attempts:
                     raise
@@ -505,10 +515,10 @@ class ReplySender:
             return msgid
 
     async def _checkable(self, job: _Job, state: ConversationState, index: int) -> bool:
-        """Whether sending ``index`` may ask WeCom's duplicate check. Not when a
+        """Whether re-sending ``index`` may ask WeCom's duplicate check. Not when a
         message the user was sent inside the check's window, as recorded, is this very
         text, or may be (its text cannot be read, or more messages than are kept fall in
-        the window): WeCom could not tell a repeat of it from an unrecorded send, and
+        the window): WeCom could not tell a repeat of it from our unrecorded send, and
         dropping it would lose it (a possible repeat beats a lost answer). The window
         reaches back to this reply's last recorded part (or the reply), where an
         unrecorded send of ``index`` can start: for a requeued reply, or one a later
