@@ -54,6 +54,14 @@ async def _exit_code(service: ProcessService, timeout: float = 30.0) -> int:
     return await asyncio.to_thread(service.proc.wait, timeout)
 
 
+async def _started(service: ProcessService, event: str) -> None:
+    await until(
+        lambda: event in [line["event"] for line in _lines(service)],
+        timeout=30,
+        what=f"{event} in {service.log_path.name}",
+    )
+
+
 def _lines(service: ProcessService) -> list[dict[str, object]]:
     lines = []
     for line in service.log_path.read_text(encoding="utf-8").splitlines():
@@ -70,6 +78,9 @@ async def test_a_service_whose_connection_nats_py_closed_for_good_exits_1(
         gateway = stack.start_process("gateway")
         llm = stack.start_process("llm")
         await stack.wait_ready()
+        # Connected before the limit is lowered: one connecting after it is told the new
+        # limit, and nats-py refuses the append itself (no -ERR, nothing closed).
+        await _started(llm, "llm.started")
         await _lower_max_payload(broker)
 
         # A short message fits: stored, answered 200. The llm's append of the long
@@ -105,3 +116,36 @@ async def test_a_stop_by_signal_is_not_taken_for_a_lost_connection(
         events = [line["event"] for line in _lines(gateway)]
         assert "gateway.stopped" in events
         assert "nats.closed" not in events and "service.failed" not in events
+
+
+USERS = "authorization {{ users = [ {{ user: wecombot, password: {password} }} ] }}\n"
+
+
+async def test_every_service_stops_as_failed_when_the_broker_revokes_its_user(
+    tmp_path: Path,
+) -> None:
+    """A password rotated on the broker (a config reload) ends each live connection with
+    ``-ERR 'Authorization Violation'``, which nats-py does not reconnect after."""
+    conf = tmp_path / "nats.conf"
+    conf.write_text(USERS.format(password="first"), encoding="utf-8")
+    log = tmp_path / "nats.log"
+    broker = EmbeddedNats(tmp_path / "nats", config_file=conf, log_file=log)
+    broker.start()
+    try:
+        credentials = {"NATS_USER": "wecombot", "NATS_PASSWORD": "first"}
+        async with Stack(broker.url, tmp_path, env_extra=credentials) as stack:
+            started = {"gateway": "gateway.ready", "llm": "llm.started"}
+            started |= {"sender": "sender.started", "token": "token.started"}
+            services = {name: stack.start_process(name) for name in started}
+            for name, line in started.items():
+                await _started(services[name], line)
+            conf.write_text(USERS.format(password="second"), encoding="utf-8")
+            assert broker.process is not None
+            broker.process.send_signal(signal.SIGHUP)
+            for name, service in services.items():
+                assert await _exit_code(service) == 1, name
+                events = [line["event"] for line in _lines(service)]
+                assert "nats.closed" in events, (name, events)
+                assert events[-1] == "service.failed", (name, events[-5:])
+    finally:
+        broker.stop()
