@@ -43,7 +43,7 @@ import httpx
 import nats.errors
 import nats.js.errors
 
-from wecombot_common import topology
+from wecombot_common import bus, topology
 from wecombot_common.errors import ConfigError
 from wecombot_common.logs import register_secret
 from wecombot_common.settings import (
@@ -218,6 +218,13 @@ async def check_nats(environ: Mapping[str, str], timeout_s: float) -> Finding:
         last = errors[-1] if errors else exc
         return _nats_unreachable(url, last)
     try:
+        if (too_old := bus.server_too_old(nc.connected_server_version)) is not None:
+            return Finding(
+                "nats",
+                "fail",
+                f"{url}: {too_old}",
+                ("Upgrade the NATS servers (docs/deploy.md pins the chart's version).",),
+            )
         js = nc.jetstream()
         try:
             async with asyncio.timeout(timeout_s):

@@ -23,13 +23,14 @@ import nats.errors
 import nats.js.errors
 import structlog
 from nats.aio.client import Client as NATS
+from nats.aio.client import ServerVersion
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
 from nats.js.api import StreamConfig
 
 from . import topology
-from .errors import TransientError
+from .errors import ConfigError, TransientError
 from .events import Event, EventDecodeError, decode_event, encode_event
 from .logs import LogSampler
 from .runtime import fail, unless_stopped
@@ -50,6 +51,7 @@ __all__ = [
     "ensure_stream",
     "ensure_topology",
     "read_conversation",
+    "server_too_old",
 ]
 
 log = structlog.get_logger(__name__)
@@ -64,6 +66,12 @@ ERROR_LOG_PERIOD_S = 30.0  # nats.error: one line per kind of error in this long
 # Clients our own code closes (:func:`disconnect`, :func:`close_quietly`): any other
 # close is nats-py giving up on the connection.
 _CLOSED_BY_US: weakref.WeakSet[NATS] = weakref.WeakSet()
+# Conditional appends scope their expected sequence to a branch of the conversation with
+# ``Nats-Expected-Last-Subject-Sequence-Subject``, which nats-server has since 2.11.0
+# (nats-io/nats-server#5281). An older one ignores the header and checks the sequence
+# against the publish subject alone: every append after the first of a branch on
+# another subject is refused as a conflict, again and again (no reply is ever recorded).
+MIN_SERVER_VERSION = (2, 11, 0)
 
 
 class AppendUnavailable(TransientError):
@@ -598,6 +606,29 @@ async def close_quietly(nc: NATS, name: str) -> None:
         log.warning("nats.close_failed", client=name, error=f"{type(exc).__name__}: {exc}")
 
 
+def server_too_old(version: ServerVersion) -> str | None:
+    """Why a broker of ``version`` (``nc.connected_server_version``) cannot serve
+    wecombot, or None.
+
+    >>> server_too_old(ServerVersion("2.10.22")).split(":")[0]
+    'nats-server 2.10.22 is too old'
+    >>> server_too_old(ServerVersion("2.11.0")) is None
+    True
+    """
+    try:
+        found = (version.major, version.minor, version.patch)
+    except ValueError:  # not a semantic version (a development build): let it be tried
+        return None
+    if found >= MIN_SERVER_VERSION:
+        return None
+    needed = ".".join(map(str, MIN_SERVER_VERSION))
+    return (
+        f"nats-server {'.'.join(map(str, found))} is too old: wecombot needs {needed} or "
+        "later (its appends scope their expected sequence with "
+        "Nats-Expected-Last-Subject-Sequence-Subject)"
+    )
+
+
 async def connect_when_ready(
     settings: NatsSettings,
     name: str,
@@ -627,6 +658,9 @@ async def connect_when_ready(
     )
     if nc is None:
         return None
+    if (too_old := server_too_old(nc.connected_server_version)) is not None:
+        await close_quietly(nc, name)
+        raise ConfigError(f"{too_old}; NATS_URL points at {without_credentials(settings.url)}")
     js = nc.jetstream()
     delay = first_retry_s
     while True:
