@@ -62,6 +62,7 @@ NATS_POD = {
 }
 NATS_BOX_POD = {**NATS_POD, "app.kubernetes.io/component": "nats-box"}
 PUBLIC_IP = "203.0.113.10"  # documentation range: "somewhere on the internet"
+PUBLIC_IPV6 = "2606:4700:4700::1111"
 
 EXPECTED_KINDS = {
     "ServiceAccount",
@@ -619,6 +620,13 @@ def test_network_policy_reachability(docs: list[dict[str, Any]]) -> None:
         assert not allowed("egress", labels, internet, 80), name
         assert not allowed("egress", labels, {"ip": "10.1.2.3"}, 443), name  # cluster ranges
         assert not allowed("egress", labels, {"ip": "169.254.169.254"}, 443), name  # metadata
+        # The same over IPv6 (an IPv6-only cluster; NAT64's 64:ff9b::/96 is the internet).
+        for ip in (PUBLIC_IPV6, "64:ff9b::cb00:710a"):
+            assert allowed("egress", labels, {"ip": ip}, 443) == (
+                name in {"token", "sender", "llm"}
+            ), (name, ip)
+        for ip in ("fd00::10", "fe80::1"):  # unique-local (cluster) and link-local
+            assert not allowed("egress", labels, {"ip": ip}, 443), (name, ip)
         # Nothing from outside the namespace but the ingress controller → gateway:8080.
         for port in (8080, 8081, 8082, 8083):
             assert allowed("ingress", labels, ingress_controller, port) == (
