@@ -35,6 +35,7 @@ from wecombot_common.events import (
     ReplyGenerated,
     TextPayload,
     decode_event,
+    encode_event,
 )
 from wecombot_common.settings import EnvReader, NatsSettings
 from wecombot_common.worker import (
@@ -359,6 +360,35 @@ async def test_replay_refuses_what_it_cannot_requeue(
         2,
         "wecombot dlq: --json is for list and show; replay answers in words\n",
     )
+
+
+async def test_a_misfiled_letter_says_so_and_is_not_replayed(
+    nats_server: NatsHandle, js: JetStreamContext
+) -> None:
+    """A message for wang.wu filed on zhao.liu's subject (by hand, a faulty build) is
+    parked by the worker before it is handled. Replayed, it was appended on its own
+    subject and wang.wu was answered."""
+    await ensure_topology(js, _settings(nats_server.url))
+    filed_on = f"{topology.PREFIX}.conv.{APP}.zhao~2Eliu.in"
+    await js.publish(filed_on, encode_event(_received("m-misfiled")))
+
+    async def never(d: Delivery) -> Outcome:
+        raise AssertionError("a misfiled event never reaches a handler")
+
+    await _work(js, topology.LLM_CONSUMER, topology.RECEIVED_FILTER, never)
+    code, out, err = await _dlq(nats_server.url, "--json")
+    assert (code, err) == (0, "")
+    [letter] = json.loads(out)
+    assert (letter["state"], letter["subject"]) == ("misfiled", filed_on)
+    code, out, err = await _dlq(nats_server.url, "replay", "1")
+    assert (code, out) == (1, "")
+    assert err == (
+        f"wecombot dlq: dead letter 1 is a MessageReceived filed on '{filed_on}', which is "
+        f"not its own subject ('{topology.PREFIX}.conv.{APP}.wang~2Ewu.in'): written by "
+        "hand or by a faulty build, it is not replayed\n"
+    )
+    info = await js.stream_info(topology.CONVERSATION_STREAM)
+    assert info.state.messages == 1, "nothing appended"
 
 
 async def test_a_letter_handled_since_says_so_where_it_stays_listed(

@@ -176,6 +176,12 @@ class DeadLetter:
         except (ValueError, UnicodeDecodeError):
             return None
 
+    def misfiled(self, parked: Event) -> bool:
+        """Whether the event was filed on a subject other than its own (the worker parks
+        such an event before it is handled). A letter of an older build, without its
+        original subject, is not."""
+        return bool(self.subject) and self.subject != topology.subject_for(parked)
+
     def event(self) -> Any:
         """The parked event as plain JSON data, or None when it does not decode."""
         try:
@@ -296,6 +302,14 @@ async def replay(js: JetStreamContext, seq: int) -> tuple[bool, str]:
         )
     except EventDecodeError:
         return False, f"dead letter {seq} is not a wecombot event: replaying cannot mend it"
+    if letter.misfiled(parked):
+        # Appended again, it would go on its own subject: answered, or delivered, to the
+        # user its body names, whom the subject it was filed on did not.
+        return False, (
+            f"dead letter {seq} is a {type(parked).__name__} filed on {letter.subject!r}, "
+            f"which is not its own subject ({topology.subject_for(parked)!r}): written by "
+            "hand or by a faulty build, it is not replayed"
+        )
     if letter.consumer == topology.LLM_CONSUMER:
         return await _redeliver(js, seq, parked, letter.data)
     return await _requeue(js, seq, parked)
@@ -412,6 +426,8 @@ async def standing(js: JetStreamContext, letter: DeadLetter) -> str:
     - ``requeued``: the reply is requeued (a replay): the sender has it;
     - ``gone``: the reply aged out of WECOMBOT (WECOMBOT_HISTORY_MAX_AGE);
     - ``unreadable``: not a wecombot event, or a newer build's: replaying cannot mend it;
+    - ``misfiled``: filed on a subject other than its own (by hand, a faulty build): not
+      replayed;
     - ``?``: its conversation could not be read (said on stderr by the listing);
     - ``""``: a consumer whose letters are not replayed.
 
@@ -425,6 +441,8 @@ async def standing(js: JetStreamContext, letter: DeadLetter) -> str:
         parked = decode_event(letter.data)
     except EventDecodeError:  # NewerEventError included
         return "unreadable"
+    if letter.misfiled(parked):
+        return "misfiled"
     if letter.consumer == topology.LLM_CONSUMER:
         if not isinstance(parked, MessageReceived):
             return "unreadable"
