@@ -223,7 +223,7 @@ async def check_nats(environ: Mapping[str, str], timeout_s: float) -> Finding:
                 "nats",
                 "fail",
                 f"{url}: {too_old}",
-                ("Upgrade the NATS servers (docs/deploy.md pins the chart's version).",),
+                ("Upgrade the NATS servers (deploy/nats/values.yaml pins the server image).",),
             )
         js = nc.jetstream()
         try:
