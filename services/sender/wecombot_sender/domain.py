@@ -309,16 +309,23 @@ def hourly_delay(
     return 0.0  # not reached: per_hour > 0, so the hour empties at the latest
 
 
-def duplicate_check_interval(since: datetime, now: datetime) -> int:
-    """WeCom's ``duplicate_check_interval`` for re-sending a part that an earlier attempt
+def duplicate_check_interval(since: datetime, now: datetime, *, slack_s: int = 0) -> int:
+    """WeCom's ``duplicate_check_interval`` for sending a part that an earlier attempt
     may have got accepted after ``since`` (the reply's last recorded part, or the reply
     itself): whole seconds reaching a little (up to CHECK_REACHES_BACK_S) before
     ``since``, so the unrecorded send is inside the window and older sends outside it.
+
+    WeCom measures the window back from when it handles the request, which can be well
+    after ``now`` (a slow WeCom: the very case where a send is retried); ``slack_s``
+    more keeps ``since`` inside it for a request handled up to that much later, and
+    reaches as much further back before ``since``.
 
     >>> from datetime import UTC
     >>> t = datetime(2024, 1, 1, tzinfo=UTC)
     >>> duplicate_check_interval(t, t + timedelta(seconds=31.2))
     33
+    >>> duplicate_check_interval(t, t + timedelta(seconds=31.2), slack_s=30)
+    63
     """
     elapsed = (now - since).total_seconds()
-    return min(MAX_DUPLICATE_CHECK_S, max(1, math.ceil(elapsed) + 1))
+    return min(MAX_DUPLICATE_CHECK_S, max(1, math.ceil(elapsed) + 1 + slack_s))

@@ -17,15 +17,16 @@ Any append can meet :class:`ConcurrencyConflict` (someone else wrote C's send br
 then catch up and decide again, without re-sending a part this delivery already sent.
 
 A part may have been accepted by WeCom without its PartDelivered being appended (a crash
-in between, or an answer lost on the way back), or be in flight from another replica (our
-hold on the message lapsed, ``Delivery.lapsed``, and the broker redelivered it). So the
-first part a *redelivery* sends, any retry of a send that may have gone through, and
-every send after a lapse asks WeCom's duplicate check to drop it if an identical message
-reached the user since the reply's last recorded part (see
-:func:`~.domain.duplicate_check_interval`). Fresh sends never ask, so identical replies
-(the same apology twice) are both delivered; and if a message recorded inside that
-window is identical to the part, the check is skipped too, since it could not tell them
-apart.
+in between, or an answer lost on the way back), be in flight from another replica (our
+hold on the message lapsed, ``Delivery.lapsed``, and the broker redelivered it), or be
+handled by a slow WeCom after we gave up on it and retried. So every send asks WeCom's
+duplicate check to drop it if an identical message reached the user since the reply's
+last recorded part (see :func:`~.domain.duplicate_check_interval`; the window reaches
+``DeliveryPolicy.check_slack_s`` further, for a request WeCom handles late). If a
+message recorded inside that window is identical to the part (or may be), the check is
+skipped, since it could not tell them apart: identical replies (the same apology twice)
+are both delivered. The window is read whole: a reply whose turn came by the consumer's
+ack floor reads the conversation again from the stream leader (docs/reliability.md).
 
 A ReplyRequeued (an operator's ``wecombot dlq replay`` of a reply whose delivery failed)
 is delivered as that reply once more, in its own place in the user's order: after the
@@ -130,6 +131,10 @@ class DeliveryPolicy:
     conflict_rounds: int = 5
     append_attempts: int = 3
     settled_refresh_s: float = 1.0  # how stale the consumer's ack floor may be
+    # How much later than sent WeCom may handle a send and its duplicate check still reach
+    # back to the reply's last recorded part: twice SENDER_HTTP_TIMEOUT (when the sender
+    # gives up on an answer and retries) and 10 s more (main.py sets it).
+    check_slack_s: int = 30
 
 
 def conversation_key(event: Event) -> str:
@@ -219,6 +224,8 @@ class _Job:
     # another writer appended to the conversation's send branch meanwhile: a replica
     # whose hold on this reply lapsed may be sending the same parts
     contested: bool = False
+    # delivered out of order on its last try: an earlier reply may be in flight, unrecorded
+    gave_up_order: bool = False
     parts: list[str] = field(init=False)  # the spans' texts
     # what the layout was made from: the last recorded part and its span (a split costs
     # ~1 ms per 2 KB, on the event loop: made again only when the record moved)
@@ -354,10 +361,11 @@ class ReplySender:
     async def _load(self, job: _Job) -> ConversationState:
         """The conversation, through the event being handled at least. Read from the
         stream leader for a contested delivery (an append was refused: the log holds
-        more than a follower may show) and for a repeat: their sends ask WeCom's
-        duplicate check, whose window must show every part sent since, a later reply's
-        too (one that overtook this one), which a lagging follower may not show yet
-        (``ConversationCache.load``)."""
+        more than a follower may show) and for a repeat: the duplicate check's window
+        must show every part sent since, a later reply's too (one that overtook this
+        one), which a lagging follower may not show yet (``ConversationCache.load``).
+        A first delivery's window holds the earlier replies' parts: read again from the
+        leader when its turn comes by the consumer's ack floor (``_wait_turn``)."""
         leader = job.repeat or job.contested
         return await self._cache.load(job.conv, through=job.delivery.stream_seq, leader=leader)
 
@@ -411,6 +419,7 @@ class ReplySender:
             delay = random.uniform(0.5, 1.5)  # noqa: S311 (jitter, not crypto)
             return Nak(delay, "an earlier reply to this user is still being delivered")
         log.warning("sender.order_given_up")
+        job.gave_up_order = True
         return await self._load(job)
 
     async def _wait_turn(self, job: _Job, state: ConversationState) -> ConversationState | None:
@@ -421,11 +430,22 @@ class ReplySender:
         deadline = loop.time() + self._policy.order_wait_s
         delay = 0.05
         log.info("sender.waiting_for_earlier_reply")
+        from_leader = False
         while True:
             pending = {o.delivered_by for o in pending_before(state, job.order_seq)}
             if pending:
                 settled = await self._settled.refresh()
                 pending = {seq for seq in pending if seq is None or seq > settled}
+                if not pending and not from_leader:
+                    # Settled by the consumer's ack floor, not by what this read shows (a
+                    # lagging follower, or it was read before the ack): every send asks
+                    # the duplicate check, whose window must show the earlier reply's
+                    # parts, recorded before its ack: read them from the stream leader.
+                    state = await self._cache.load(
+                        job.conv, through=job.delivery.stream_seq, leader=True
+                    )
+                    from_leader = True
+                    continue
             if not pending:
                 return state
             if pending.intersection(self.queued_behind(job.conv.root)):
@@ -460,24 +480,16 @@ class ReplySender:
         token = await self._tokens.get(job.reply.app)
         refreshed = False
         retries = 0
-        # An earlier delivery (or the failed round a requeue retries) may have had this part
-        # accepted and died before recording it; or, its hold lapsed unseen, be sending
-        # this very part now: every part of a redelivery asks (not only its first, or
-        # the replica that wins each append race sends the next part unchecked).
-        maybe_sent = job.repeat
-        checkable: bool | None = None  # whether the check can tell a repeat (asked once)
+        # Every send asks WeCom's duplicate check (unless its window holds this very text,
+        # _checkable): an earlier delivery (or the failed round a requeue retries) may
+        # have had this part accepted and died before recording it, or, its hold lapsed
+        # unseen, be sending it now; an attempt we gave up on may still be handled by
+        # WeCom after its retry got through, or after later parts: unchecked, the user's
+        # second copy, out of order. The window reaches ``check_slack_s`` further for
+        # that (domain.duplicate_check_interval).
+        checkable = await self._checkable(job, state, index)
         while True:
-            # ... or our hold on the message lapsed, or another writer got into the send
-            # branch: another replica may be sending it now. Both must ask, or the one
-            # that loses each append race sends the next part again right after the
-            # winner.
-            maybe_sent = maybe_sent or job.delivery.lapsed or job.contested
-            check = None
-            if maybe_sent:
-                if checkable is None:
-                    checkable = await self._checkable(job, state, index)
-                if checkable:
-                    check = self._check_interval(job, state)
+            check = self._check_interval(job, state) if checkable else None
             try:
                 msgid = await self._api.send_text(
                     token, job.reply.conversation, job.parts[index], duplicate_check_s=check
@@ -490,7 +502,6 @@ class ReplySender:
                 refreshed = True
                 continue
             except SendRetryable as exc:
-                maybe_sent = maybe_sent or exc.maybe_delivered
                 retries += 1
                 if retries > self._policy.retry_attempts:
                     raise
@@ -515,16 +526,20 @@ class ReplySender:
             return msgid
 
     async def _checkable(self, job: _Job, state: ConversationState, index: int) -> bool:
-        """Whether re-sending ``index`` may ask WeCom's duplicate check. Not when a
-        message the user was sent inside the check's window, as recorded, is this very
-        text, or may be (its text cannot be read, or more messages than are kept fall in
-        the window): WeCom could not tell a repeat of it from our unrecorded send, and
-        dropping it would lose it (a possible repeat beats a lost answer). The window
-        reaches back to this reply's last recorded part (or the reply), where an
-        unrecorded send of ``index`` can start: for a requeued reply, or one a later
-        reply overtook on its last try, well before the user's last recorded message (a
-        window from there missed the failed round's send)."""
-        since = _check_since(job, state) - timedelta(seconds=CHECK_REACHES_BACK_S)
+        """Whether sending ``index`` may ask WeCom's duplicate check. Not when a message
+        the user was sent inside the check's window, as recorded, is this very text, or
+        may be (its text cannot be read, or more messages than are kept fall in the
+        window): WeCom could not tell a repeat of it from an unrecorded send of ours,
+        and dropping it would lose it (a possible repeat beats a lost answer). Nor for
+        a delivery that gave up waiting for an earlier reply (its last try): that one
+        may be in flight, unrecorded, with the same text. The window reaches back to this reply's
+        last recorded part (or the reply), where an unrecorded send of ``index`` can
+        start (for a requeued reply, or one a later reply overtook on its last try, well
+        before the user's last recorded message), and ``check_slack_s`` before that."""
+        if job.gave_up_order:
+            return _skip_check(index, "an earlier reply may be in flight, unrecorded")
+        reach = CHECK_REACHES_BACK_S + self._policy.check_slack_s
+        since = _check_since(job, state) - timedelta(seconds=reach)
         recorded = state.parts_since(since)
         if recorded is None:
             return _skip_check(index, "more messages in the window than are kept")
@@ -546,11 +561,11 @@ class ReplySender:
             parts = job.others_parts[reply_id] = await self._parts_of(state, reply_id)
         return parts
 
-    @staticmethod
-    def _check_interval(job: _Job, state: ConversationState) -> int:
+    def _check_interval(self, job: _Job, state: ConversationState) -> int:
         """WeCom's duplicate_check_interval now: back to this reply's last recorded part,
-        or to the reply if none was (it grows as a send is retried)."""
-        return duplicate_check_interval(_check_since(job, state), utcnow())
+        or to the reply if none was (it grows as a send is retried), and the slack."""
+        since = _check_since(job, state)
+        return duplicate_check_interval(since, utcnow(), slack_s=self._policy.check_slack_s)
 
     async def _parts_of(self, state: ConversationState, reply_id: str) -> list[str]:
         seq = state.outcome(reply_id).seq

@@ -7,6 +7,7 @@ settings and a stop event, next to the real token service.
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import Awaitable, Callable, Mapping
 
 import structlog
@@ -72,6 +73,7 @@ async def _consume(
             retry_attempts=settings.retry_attempts,
             per_user_per_minute=settings.per_user_per_minute,
             per_user_per_hour=settings.per_user_per_hour,
+            check_slack_s=math.ceil(2 * settings.http_timeout_s) + 10,
         ),
         stopping=stop,
     )

@@ -8,6 +8,7 @@ answer to a dropped duplicate assumed (errcode 0, no msgid; see sim/wecom_api.py
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
 import pytest
 from structlog.testing import capture_logs
@@ -15,13 +16,16 @@ from structlog.testing import capture_logs
 from tests.integration.sender.harness import (
     APP,
     LONG,
+    Envelope,
     StaticTokens,
     System,
     delivery_of,
     message_api,
     sim_token,
 )
+from tests.waiting import until
 from wecombot_common import topology
+from wecombot_common.bus import append_event
 from wecombot_common.events import (
     DeliveryFailed,
     ReplyDelivered,
@@ -29,6 +33,8 @@ from wecombot_common.events import (
     decode_event,
 )
 from wecombot_common.sim.wecom_api import SimulatedWeComApi
+from wecombot_common.worker import Ack
+from wecombot_sender.handler import DeliveryPolicy, ReplySender
 from wecombot_sender.split import split_text
 from wecombot_sender.wecom import HttpMessageApi
 
@@ -85,7 +91,8 @@ async def test_identical_replies_are_all_delivered(system: System) -> None:
     system.start_sender()
     first = await system.reply("polite", "好的")
     await system.log.until_finished(first.event_id)
-    second = await system.reply("polite", "好的")  # a fresh send: no check asked
+    # Asked for the check unless the first is inside its window: either way delivered.
+    second = await system.reply("polite", "好的")
     await system.log.until_finished(second.event_id)
     # The next send may have gone through before the 502, so its retries would ask for
     # the check; but the user's last message is this very text, and the check could not
@@ -112,6 +119,41 @@ async def test_a_retry_after_a_lost_answer_is_dropped_as_a_duplicate(system: Sys
     await system.log.until_finished(reply.event_id)
     hold.release()
     assert system.sim.messages_to("slow.wecom") == ["warm-up", "answer"]
+    assert [m.content for m in system.sim.duplicates] == ["answer"]
+
+
+async def test_a_send_wecom_accepts_after_its_retry_got_through_is_dropped(
+    system: System,
+) -> None:
+    """WeCom (or a proxy before it) answered the first send after our timeout and
+    accepted it only after the retry had got through, and after a later reply: unchecked
+    (or checked over a window measured from when it was sent), that first send was the
+    user's second copy of the part, after the parts sent meanwhile."""
+    await system.start_token()
+    system.start_sender(SENDER_HTTP_TIMEOUT="0.5")
+    warm = await system.reply("slow.accept", "warm-up")
+    await system.log.until_finished(warm.event_id)
+    hold = system.sim.hold_sends(lambda _user, text: text == "answer")  # not accepted yet
+    reply = await system.reply("slow.accept", "answer")
+    await hold.wait_held()
+    await system.log.until_finished(reply.event_id)  # the retry got through
+    later = await system.reply("slow.accept", "later")
+    await system.log.until_finished(later.event_id)
+    # WeCom handles the first send seconds later still. Not a wait for something to
+    # happen: the time itself is the case (the window is measured back from when WeCom
+    # handles a request; it reached back only the seconds the send had taken to go out).
+    await asyncio.sleep(3)
+    hold.release()  # WeCom now accepts the first send
+
+    def answered() -> list[str]:
+        return [m.content for m in system.sim.sent + system.sim.duplicates]
+
+    await until(
+        lambda: answered().count("answer") == 2,
+        timeout=10,
+        what=lambda: f"the held send answered too (WeCom has {answered()})",
+    )
+    assert system.sim.messages_to("slow.accept") == ["warm-up", "answer", "later"]
     assert [m.content for m in system.sim.duplicates] == ["answer"]
 
 
@@ -155,9 +197,9 @@ async def test_a_delivery_whose_lease_lapsed_asks_for_the_check(
     system: System, lapsed: bool
 ) -> None:
     """Two replicas on one reply (ours held it past ack_wait, the broker gave it to
-    another, which got part 0 accepted): ours must not deliver part 0 a second time."""
+    another, which got part 0 accepted): ours must not deliver part 0 a second time.
+    Nor when our lease did not lapse as far as we know: every send asks."""
     from wecombot_common.worker import Lease
-    from wecombot_sender.handler import DeliveryPolicy, ReplySender
 
     user = "two.replicas"
     reply = await system.reply(user, "只说一次")
@@ -169,7 +211,39 @@ async def test_a_delivery_whose_lease_lapsed_asks_for_the_check(
         await sender.handle(delivery_of(reply, 1, lease=Lease(0.0 if lapsed else 30.0)))
     finally:
         await api.aclose()
-    assert system.sim.messages_to(user) == ["只说一次"] * (1 if lapsed else 2)
+    assert system.sim.messages_to(user) == ["只说一次"]
+    assert [m.content for m in system.sim.duplicates] == ["只说一次"]
+
+
+async def test_a_reply_that_gave_up_its_turn_is_sent_unchecked(system: System) -> None:
+    """On its last try a reply stops waiting for an earlier one (``order_given_up``),
+    whose replica may have got the same text accepted and not recorded it yet: asked
+    with the check, WeCom dropped the later reply as a repeat of that one (lost)."""
+    user = "gave.up"
+    earlier, later = (
+        ReplyGenerated(**Envelope(app=APP, conversation=user, correlation_id=m), text="好的")
+        for m in ("m1", "m2")
+    )
+    await append_event(system.js, earlier, msg_id=f"outcome:{earlier.event_id}")
+    later_seq = (await append_event(system.js, later, msg_id=f"outcome:{later.event_id}")).seq
+    token = await sim_token(system.sim)
+    api = message_api(system.sim, timeout_s=2)
+    try:
+        await api.send_text(token, user, "好的")  # the earlier reply's replica, unrecorded
+        sender = ReplySender(
+            system.js, StaticTokens(token), api, app=APP, policy=DeliveryPolicy(order_wait_s=0.1)
+        )
+        last_try = dataclasses.replace(
+            delivery_of(later, later_seq, num_delivered=5), last_try=True
+        )
+        with capture_logs() as logs:
+            assert await sender.handle(last_try) == Ack()
+    finally:
+        await api.aclose()
+    assert system.sim.messages_to(user) == ["好的", "好的"]
+    assert system.sim.duplicates == []
+    skipped = [e["reason"] for e in logs if e["event"] == "sender.duplicate_check_skipped"]
+    assert skipped == ["an earlier reply may be in flight, unrecorded"]
 
 
 class _Interleaved:
@@ -212,7 +286,6 @@ async def test_two_replicas_in_lockstep_deliver_each_part_once(system: System) -
     part 0, catches up and sends part 1 right after the lapsed one did: it must ask for
     the check too, or the user gets part 1 twice."""
     from wecombot_common.worker import Lease
-    from wecombot_sender.handler import DeliveryPolicy, ReplySender
 
     user = "lock.step"
     text = "\n\n".join(c * 1500 for c in "abc")

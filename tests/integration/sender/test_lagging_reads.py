@@ -150,6 +150,49 @@ async def test_the_duplicate_checks_window_is_read_from_the_leader(system: Syste
     assert system.sim.duplicates == []
 
 
+async def test_a_fresh_reply_waits_for_the_leader_to_show_the_earlier_ones_parts(
+    system: System,
+) -> None:
+    """Every send asks the duplicate check. Another replica delivered an earlier reply of
+    the same text and acked it: the consumer's ack floor says it is settled, but the
+    follower answering this first delivery's reads has neither its parts nor its end.
+    Read from there, the window showed no message of that text, the check was asked,
+    and WeCom dropped this reply as a repeat of the earlier one (lost)."""
+    user = "lagging.fresh"
+    earlier, later = (
+        ReplyGenerated(**Envelope(app=APP, conversation=user, correlation_id=m), text="好的")
+        for m in ("m1", "m2")
+    )
+    earlier_seq = await _append(system, earlier, f"outcome:{earlier.event_id}")
+    later_seq = await _append(system, later, f"outcome:{later.event_id}")
+    token = await sim_token(system.sim)
+    api = message_api(system.sim, timeout_s=2)
+    try:
+        other = ReplySender(system.js, StaticTokens(token), api, app=APP, policy=DeliveryPolicy())
+        assert await other.handle(delivery_of(earlier, earlier_seq)) == Ack()
+    finally:
+        await api.aclose()
+    # ... and the other replica's worker acked it: the consumer's floor passes it.
+    config = topology.work_consumer(
+        topology.SENDER_CONSUMER, topology.OUTCOME_FILTER, ack_wait_s=30, max_ack_pending=10
+    )
+    await system.js.add_consumer(topology.CONVERSATION_STREAM, config)
+    pulled = await system.js.pull_subscribe_bind(
+        durable=topology.SENDER_CONSUMER, stream=topology.CONVERSATION_STREAM
+    )
+    [msg] = await pulled.fetch(1, timeout=5)
+    assert msg.metadata.sequence.stream == earlier_seq
+    await msg.ack_sync()
+    await pulled.unsubscribe()
+
+    follower = LaggingFollower(system.js, applied=later_seq)
+    settled = await _handle(system, follower, later, later_seq)
+    assert isinstance(settled, Ack), settled
+    assert system.sim.messages_to(user) == ["好的", "好的"]
+    assert system.sim.duplicates == []
+    assert follower.leader_reads > 0
+
+
 async def test_a_repeat_of_a_delivered_reply_is_acked_while_the_stream_has_no_leader(
     system: System,
 ) -> None:
