@@ -44,6 +44,7 @@ from .split import split_text
 
 __all__ = [
     "CHECK_REACHES_BACK_S",
+    "CLOCK_SKEW_ALLOWANCE_S",
     "OUTCOME_TYPES",
     "ConversationState",
     "OutcomeState",
@@ -65,6 +66,10 @@ MINUTES_KEPT = 62  # of send counts: the last hour, whatever minute we are in
 MAX_DUPLICATE_CHECK_S = 4 * 3600  # WeCom's limit for duplicate_check_interval, path/90236
 # How far before ``since`` a duplicate_check_interval reaches (whole seconds, one more).
 CHECK_REACHES_BACK_S = 2
+# How much further back than WeCom's window the sender looks for a message of the same
+# text before it asks the check: the times compared are recorded by different replicas,
+# whose clocks may differ (a message missed for that is a message lost).
+CLOCK_SKEW_ALLOWANCE_S = 10
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +89,7 @@ class OutcomeState:
     requeued_by: str = ""
     requeued_at: int | None = None  # its stream sequence: the delivery that finishes it
     last_sent_at: datetime | None = None  # occurred_at of its latest PartDelivered
+    ended_at: datetime | None = None  # occurred_at of what finished it (this round)
 
     @property
     def delivered_by(self) -> int | None:
@@ -201,7 +207,9 @@ def _apply(
     if isinstance(event, ReplyDelivered | DeliveryFailed):
         current = outcomes.get(event.reply_id) or OutcomeState(event.reply_id)
         failure = event.reason if isinstance(event, DeliveryFailed) else None
-        outcomes[event.reply_id] = replace(current, terminal=True, failure=failure)
+        outcomes[event.reply_id] = replace(
+            current, terminal=True, failure=failure, ended_at=event.occurred_at
+        )
         return True
     if isinstance(event, ReplyRequeued):  # on the llm branch, not the sender's
         current = outcomes.get(event.reply_id) or OutcomeState(event.reply_id)
@@ -209,6 +217,7 @@ def _apply(
             current,
             terminal=False,
             failure=None,
+            ended_at=None,
             requeued_by=event.event_id,
             requeued_at=stored.seq,
         )

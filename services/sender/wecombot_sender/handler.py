@@ -87,6 +87,7 @@ from wecombot_common.worker import Outcome as Settlement
 
 from .domain import (
     CHECK_REACHES_BACK_S,
+    CLOCK_SKEW_ALLOWANCE_S,
     OUTCOME_TYPES,
     ConversationState,
     OutcomeState,
@@ -528,27 +529,45 @@ class ReplySender:
     async def _checkable(self, job: _Job, state: ConversationState, index: int) -> bool:
         """Whether sending ``index`` may ask WeCom's duplicate check. Not when a message
         the user was sent inside the check's window, as recorded, is this very text, or
-        may be (its text cannot be read, or more messages than are kept fall in the
-        window): WeCom could not tell a repeat of it from an unrecorded send of ours,
-        and dropping it would lose it (a possible repeat beats a lost answer). Nor for
-        a delivery that gave up waiting for an earlier reply (its last try): that one
-        may be in flight, unrecorded, with the same text. The window reaches back to this reply's
-        last recorded part (or the reply), where an unrecorded send of ``index`` can
-        start (for a requeued reply, or one a later reply overtook on its last try, well
-        before the user's last recorded message), and ``check_slack_s`` before that."""
+        may be (its text cannot be read, more messages than are kept fall in the window,
+        an earlier reply that failed in the window or is unfinished has it: any of its
+        parts may have been accepted unrecorded): WeCom could not tell a repeat of it
+        from an unrecorded send of ours, and dropping it would lose it (a possible
+        repeat beats a lost answer). Nor for a delivery that gave up waiting for an
+        earlier reply (its last try): that one may be in flight, unrecorded, with the
+        same text. The window reaches back to this reply's last recorded part (or the
+        reply), where an unrecorded send of ``index`` can start (for a requeued reply,
+        or one a later reply overtook on its last try, well before the user's last
+        recorded message), ``check_slack_s`` before that, and it is searched
+        ``CLOCK_SKEW_ALLOWANCE_S`` further (the times compared are different replicas')."""
         if job.gave_up_order:
             return _skip_check(index, "an earlier reply may be in flight, unrecorded")
-        reach = CHECK_REACHES_BACK_S + self._policy.check_slack_s
+        reach = CHECK_REACHES_BACK_S + self._policy.check_slack_s + CLOCK_SKEW_ALLOWANCE_S
         since = _check_since(job, state) - timedelta(seconds=reach)
         recorded = state.parts_since(since)
         if recorded is None:
             return _skip_check(index, "more messages in the window than are kept")
+        text = job.parts[index]
         for part in recorded:
             parts = await self._recorded_parts(job, state, part.reply_id)
             if part.index >= len(parts):
                 return _skip_check(index, "a message in the window cannot be read")
-            if parts[part.index] == job.parts[index]:
+            if parts[part.index] == text:
                 return _skip_check(index, "a message in the window is the same text")
+        # An earlier reply that failed inside the window, or is unfinished (parked without
+        # an outcome), may have had any of its parts accepted without a record (a lost
+        # answer, a crash): each is a message the user may have got.
+        for other in state.outcomes.values():
+            unrecorded = (other.failure is not None and (other.ended_at or since) >= since) or (
+                not other.terminal and other.seq is not None and other.seq < job.order_seq
+            )
+            if not unrecorded or other.event_id == job.reply_id:
+                continue
+            parts = await self._recorded_parts(job, state, other.event_id)
+            if not parts:
+                return _skip_check(index, "a reply that failed or is unfinished cannot be read")
+            if text in parts:
+                return _skip_check(index, "a reply that failed or is unfinished has the same text")
         return True
 
     async def _recorded_parts(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+from datetime import timedelta
 
 import pytest
 from structlog.testing import capture_logs
@@ -28,11 +29,16 @@ from wecombot_common import topology
 from wecombot_common.bus import append_event
 from wecombot_common.events import (
     DeliveryFailed,
+    PartDelivered,
     ReplyDelivered,
+    ReplyFailed,
     ReplyGenerated,
     decode_event,
+    derived_id,
+    utcnow,
 )
 from wecombot_common.sim.wecom_api import SimulatedWeComApi
+from wecombot_common.topology import ConversationRef
 from wecombot_common.worker import Ack
 from wecombot_sender.handler import DeliveryPolicy, ReplySender
 from wecombot_sender.split import split_text
@@ -244,6 +250,104 @@ async def test_a_reply_that_gave_up_its_turn_is_sent_unchecked(system: System) -
     assert system.sim.duplicates == []
     skipped = [e["reason"] for e in logs if e["event"] == "sender.duplicate_check_skipped"]
     assert skipped == ["an earlier reply may be in flight, unrecorded"]
+
+
+async def test_an_identical_reply_after_one_that_failed_maybe_sent_is_delivered(
+    system: System,
+) -> None:
+    """The apology A's last delivery: WeCom accepted its part but the answer was lost,
+    and the retries met 502s, so A was recorded as failed, with nothing recorded sent.
+    The user's next message got the same apology B: asked with the check, WeCom
+    dropped B as a repeat of A's unrecorded copy (one apology for two messages)."""
+    user = "apology.twice"
+    apology = "抱歉，模型暂时不可用。"
+
+    def failed(m: str) -> ReplyFailed:
+        envelope = Envelope(app=APP, conversation=user, correlation_id=m)
+        return ReplyFailed(**envelope, reason="model timed out", attempts=3, text=apology)
+
+    a, b = failed("m1"), failed("m2")
+    a_seq = (await append_event(system.js, a, msg_id=f"outcome:{a.event_id}")).seq
+    token = await sim_token(system.sim)
+    api = message_api(system.sim, timeout_s=0.3)
+    try:
+        policy = DeliveryPolicy(retry_attempts=1)
+        sender = ReplySender(system.js, StaticTokens(token), api, app=APP, policy=policy)
+        hold = system.sim.hold_sends(after_accept=True)  # accepted; the answer is lost
+        last_try = dataclasses.replace(delivery_of(a, a_seq, num_delivered=5), last_try=True)
+        handling = asyncio.create_task(sender.handle(last_try))
+        await hold.wait_held()
+        system.sim.fail_sends_http(502, times=5)  # the retries meet a bad front end
+        await handling
+        hold.release()
+        system.sim.faults.send_http.clear()  # the front end is fine again
+        await system.log.until(lambda: bool(system.log.of(DeliveryFailed, a.event_id)))
+        [recorded] = system.log.of(DeliveryFailed, a.event_id)
+        assert isinstance(recorded, DeliveryFailed)
+        assert recorded.parts_delivered == 0
+        b_seq = (await append_event(system.js, b, msg_id=f"outcome:{b.event_id}")).seq
+        with capture_logs() as logs:
+            assert await sender.handle(delivery_of(b, b_seq)) == Ack()
+    finally:
+        await api.aclose()
+    assert system.sim.messages_to(user) == [apology, apology]
+    skipped = [e["reason"] for e in logs if e["event"] == "sender.duplicate_check_skipped"]
+    assert skipped == ["a reply that failed or is unfinished has the same text"]
+
+
+async def test_a_replica_clock_behind_does_not_lose_an_identical_reply(
+    system: System,
+) -> None:
+    """The replica that recorded A's part runs 1.5 s behind: its record looks older than
+    it is. B, the same text 0.8 s later, looked for it only as far back as WeCom's
+    window reaches: it missed it, asked the check, and WeCom, which sees the real
+    times, dropped B as a repeat of A."""
+    user = "skewed.clock"
+    conv = ConversationRef(APP, user)
+    a = ReplyGenerated(**Envelope(app=APP, conversation=user, correlation_id="m1"), text="好的")
+    await append_event(system.js, a, msg_id=f"outcome:{a.event_id}")
+    token = await sim_token(system.sim)
+    api = message_api(system.sim, timeout_s=2)
+    try:
+        msgid = await api.send_text(token, user, "好的")  # replica X delivers A
+        recorded_at = utcnow() - timedelta(seconds=1.5)  # on X's clock
+        envelope = {"app": APP, "conversation": user, "causation_id": a.event_id}
+        part = PartDelivered(
+            **envelope,
+            correlation_id=a.correlation_id,
+            event_id=derived_id(a.event_id, "part", "0"),
+            reply_id=a.event_id,
+            index=0,
+            total=1,
+            wecom_msgid=msgid,
+            start=0,
+            end=2,
+            occurred_at=recorded_at,
+        )
+        done = ReplyDelivered(
+            **envelope,
+            correlation_id=a.correlation_id,
+            event_id=derived_id(a.event_id, "delivered"),
+            reply_id=a.event_id,
+            parts=1,
+            wecom_msgids=[msgid],
+            occurred_at=recorded_at,
+        )
+        branch = conv.sender_branch
+        p = await append_event(system.js, part, msg_id="p", expect_last_seq=0, expect_scope=branch)
+        await append_event(system.js, done, msg_id="d", expect_last_seq=p.seq, expect_scope=branch)
+        # The case is the time between the two (not a wait for something to happen).
+        await asyncio.sleep(0.8)
+        b = ReplyGenerated(**Envelope(app=APP, conversation=user, correlation_id="m2"), text="好的")
+        b_seq = (await append_event(system.js, b, msg_id=f"outcome:{b.event_id}")).seq
+        # No slack: the window is only the seconds since B, the margin the clocks' alone.
+        policy = DeliveryPolicy(check_slack_s=0)
+        sender = ReplySender(system.js, StaticTokens(token), api, app=APP, policy=policy)
+        assert await sender.handle(delivery_of(b, b_seq)) == Ack()
+    finally:
+        await api.aclose()
+    assert system.sim.messages_to(user) == ["好的", "好的"]
+    assert system.sim.duplicates == []
 
 
 class _Interleaved:
