@@ -17,16 +17,19 @@ Any append can meet :class:`ConcurrencyConflict` (someone else wrote C's send br
 then catch up and decide again, without re-sending a part this delivery already sent.
 
 A part may have been accepted by WeCom without its PartDelivered being appended (a crash
-in between, or an answer lost on the way back), be in flight from another replica (our
-hold on the message lapsed, ``Delivery.lapsed``, and the broker redelivered it), or be
-handled by a slow WeCom after we gave up on it and retried. So every send asks WeCom's
-duplicate check to drop it if an identical message reached the user since the reply's
-last recorded part (see :func:`~.domain.duplicate_check_interval`; the window reaches
-``DeliveryPolicy.check_slack_s`` further, for a request WeCom handles late). If a
-message recorded inside that window is identical to the part (or may be), the check is
-skipped, since it could not tell them apart: identical replies (the same apology twice)
-are both delivered. The window is read whole: a reply whose turn came by the consumer's
-ack floor reads the conversation again from the stream leader (docs/reliability.md).
+in between, or an answer lost on the way back), or be in flight from another replica (our
+hold on the message lapsed, ``Delivery.lapsed``, and the broker redelivered it). So the
+parts a *redelivery* sends, any retry of a send that may have gone through, and every
+send after a lapse or a conflict ask WeCom's duplicate check to drop it if an identical
+message reached the user since the reply's last recorded part (see
+:func:`~.domain.duplicate_check_interval`; the window reaches
+``DeliveryPolicy.check_slack_s`` further, since WeCom measures it from when it handles
+a request, late when it is slow). If a message inside that window is identical to the
+part, or may be, the check is skipped, since it could not tell them apart. Fresh sends
+never ask: identical replies (the same apology twice) are both delivered, and a fresh
+send racing an identical one of another replica (a replay, a reply that gave up its
+turn) is never dropped for it; a first attempt WeCom handles after its retry got
+through is then delivered twice (docs/reliability.md).
 
 A ReplyRequeued (an operator's ``wecombot dlq replay`` of a reply whose delivery failed)
 is delivered as that reply once more, in its own place in the user's order: after the
@@ -225,14 +228,12 @@ class _Job:
     # another writer appended to the conversation's send branch meanwhile: a replica
     # whose hold on this reply lapsed may be sending the same parts
     contested: bool = False
-    # delivered out of order on its last try: an earlier reply may be in flight, unrecorded
-    gave_up_order: bool = False
     parts: list[str] = field(init=False)  # the spans' texts
     # what the layout was made from: the last recorded part and its span (a split costs
     # ~1 ms per 2 KB, on the event loop: made again only when the record moved)
     laid_for: tuple[int, tuple[int, int] | None] | None = None
-    # other replies' parts, read once per delivery to compare with what it re-sends
-    others_parts: dict[str, list[str]] = field(default_factory=dict)
+    # other replies' texts, read once per delivery to compare with what it re-sends
+    others_text: dict[str, str | None] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.parts = [self.reply.text[start:end] for start, end in self.spans]
@@ -365,8 +366,8 @@ class ReplySender:
         more than a follower may show) and for a repeat: the duplicate check's window
         must show every part sent since, a later reply's too (one that overtook this
         one), which a lagging follower may not show yet (``ConversationCache.load``).
-        A first delivery's window holds the earlier replies' parts: read again from the
-        leader when its turn comes by the consumer's ack floor (``_wait_turn``)."""
+        A first delivery whose turn came by the consumer's ack floor may not show the
+        earlier reply's end: its retries' check treats that reply as unfinished."""
         leader = job.repeat or job.contested
         return await self._cache.load(job.conv, through=job.delivery.stream_seq, leader=leader)
 
@@ -420,7 +421,6 @@ class ReplySender:
             delay = random.uniform(0.5, 1.5)  # noqa: S311 (jitter, not crypto)
             return Nak(delay, "an earlier reply to this user is still being delivered")
         log.warning("sender.order_given_up")
-        job.gave_up_order = True
         return await self._load(job)
 
     async def _wait_turn(self, job: _Job, state: ConversationState) -> ConversationState | None:
@@ -431,22 +431,11 @@ class ReplySender:
         deadline = loop.time() + self._policy.order_wait_s
         delay = 0.05
         log.info("sender.waiting_for_earlier_reply")
-        from_leader = False
         while True:
             pending = {o.delivered_by for o in pending_before(state, job.order_seq)}
             if pending:
                 settled = await self._settled.refresh()
                 pending = {seq for seq in pending if seq is None or seq > settled}
-                if not pending and not from_leader:
-                    # Settled by the consumer's ack floor, not by what this read shows (a
-                    # lagging follower, or it was read before the ack): every send asks
-                    # the duplicate check, whose window must show the earlier reply's
-                    # parts, recorded before its ack: read them from the stream leader.
-                    state = await self._cache.load(
-                        job.conv, through=job.delivery.stream_seq, leader=True
-                    )
-                    from_leader = True
-                    continue
             if not pending:
                 return state
             if pending.intersection(self.queued_behind(job.conv.root)):
@@ -481,16 +470,26 @@ class ReplySender:
         token = await self._tokens.get(job.reply.app)
         refreshed = False
         retries = 0
-        # Every send asks WeCom's duplicate check (unless its window holds this very text,
-        # _checkable): an earlier delivery (or the failed round a requeue retries) may
-        # have had this part accepted and died before recording it, or, its hold lapsed
-        # unseen, be sending it now; an attempt we gave up on may still be handled by
-        # WeCom after its retry got through, or after later parts: unchecked, the user's
-        # second copy, out of order. The window reaches ``check_slack_s`` further for
-        # that (domain.duplicate_check_interval).
-        checkable = await self._checkable(job, state, index)
+        # An earlier delivery (or the failed round a requeue retries) may have had this part
+        # accepted and died before recording it; or, its hold lapsed unseen, be sending
+        # this very part now: every part of a redelivery asks (not only its first, or
+        # the replica that wins each append race sends the next part unchecked). A fresh
+        # send does not: asked, it could be dropped for an identical send of another
+        # replica racing it, which its window cannot show (reviews found four ways).
+        maybe_sent = job.repeat
+        checkable: bool | None = None  # whether the check can tell a repeat (asked once)
         while True:
-            check = self._check_interval(job, state) if checkable else None
+            # ... or our hold on the message lapsed, or another writer got into the send
+            # branch: another replica may be sending it now. Both must ask, or the one
+            # that loses each append race sends the next part again right after the
+            # winner.
+            maybe_sent = maybe_sent or job.delivery.lapsed or job.contested
+            check = None
+            if maybe_sent:
+                if checkable is None:
+                    checkable = await self._checkable(job, state, index)
+                if checkable:
+                    check = self._check_interval(job, state)
             try:
                 msgid = await self._api.send_text(
                     token, job.reply.conversation, job.parts[index], duplicate_check_s=check
@@ -503,6 +502,7 @@ class ReplySender:
                 refreshed = True
                 continue
             except SendRetryable as exc:
+                maybe_sent = maybe_sent or exc.maybe_delivered
                 retries += 1
                 if retries > self._policy.retry_attempts:
                     raise
@@ -527,58 +527,64 @@ class ReplySender:
             return msgid
 
     async def _checkable(self, job: _Job, state: ConversationState, index: int) -> bool:
-        """Whether sending ``index`` may ask WeCom's duplicate check. Not when a message
-        the user was sent inside the check's window, as recorded, is this very text, or
-        may be (its text cannot be read, more messages than are kept fall in the window,
-        an earlier reply that failed in the window or is unfinished has it: any of its
-        parts may have been accepted unrecorded): WeCom could not tell a repeat of it
-        from an unrecorded send of ours, and dropping it would lose it (a possible
-        repeat beats a lost answer). Nor for a delivery that gave up waiting for an
-        earlier reply (its last try): that one may be in flight, unrecorded, with the
-        same text. The window reaches back to this reply's last recorded part (or the
-        reply), where an unrecorded send of ``index`` can start (for a requeued reply,
-        or one a later reply overtook on its last try, well before the user's last
-        recorded message), ``check_slack_s`` before that, and it is searched
-        ``CLOCK_SKEW_ALLOWANCE_S`` further (the times compared are different replicas')."""
-        if job.gave_up_order:
-            return _skip_check(index, "an earlier reply may be in flight, unrecorded")
+        """Whether re-sending ``index`` may ask WeCom's duplicate check. Not when a
+        message the user was sent inside the check's window is this very text, or may
+        be: a part of this reply recorded there with that text; another reply with a part
+        recorded there, one that failed there or one unfinished (parked without an
+        outcome: any of its parts may have been accepted unrecorded) whose text holds it
+        (however it was split); a text that cannot be read; more messages in the window
+        than are kept. WeCom could not tell a repeat of it from an unrecorded send of
+        ours, and dropping it would lose it (a possible repeat beats a lost answer). The
+        earlier reply a reply gave up waiting for (its last try) is unfinished: it may
+        be in flight. The window reaches back to this reply's last recorded part (or the
+        reply), where an unrecorded send of ``index`` can start (for a requeued reply, or
+        one a later reply overtook on its last try, well before the user's last recorded
+        message), ``check_slack_s`` before that, and is searched
+        ``CLOCK_SKEW_ALLOWANCE_S`` further (the times compared are different
+        replicas')."""
         reach = CHECK_REACHES_BACK_S + self._policy.check_slack_s + CLOCK_SKEW_ALLOWANCE_S
         since = _check_since(job, state) - timedelta(seconds=reach)
         recorded = state.parts_since(since)
         if recorded is None:
             return _skip_check(index, "more messages in the window than are kept")
         text = job.parts[index]
+        others: set[str] = set()
         for part in recorded:
-            parts = await self._recorded_parts(job, state, part.reply_id)
-            if part.index >= len(parts):
-                return _skip_check(index, "a message in the window cannot be read")
-            if parts[part.index] == text:
-                return _skip_check(index, "a message in the window is the same text")
-        # An earlier reply that failed inside the window, or is unfinished (parked without
-        # an outcome), may have had any of its parts accepted without a record (a lost
-        # answer, a crash): each is a message the user may have got.
-        for other in state.outcomes.values():
-            unrecorded = (other.failure is not None and (other.ended_at or since) >= since) or (
-                not other.terminal and other.seq is not None and other.seq < job.order_seq
-            )
-            if not unrecorded or other.event_id == job.reply_id:
+            if part.reply_id != job.reply_id:
+                others.add(part.reply_id)
                 continue
-            parts = await self._recorded_parts(job, state, other.event_id)
-            if not parts:
-                return _skip_check(index, "a reply that failed or is unfinished cannot be read")
-            if text in parts:
-                return _skip_check(index, "a reply that failed or is unfinished has the same text")
+            span = state.outcome(job.reply_id).spans.get(part.index)
+            if span is not None:
+                sent = job.reply.text[span[0] : span[1]]
+            elif part.index < len(job.parts):
+                sent = job.parts[part.index]  # recorded without its span: an older sender
+            else:
+                return _skip_check(index, "a message in the window cannot be read")
+            if sent == text:
+                return _skip_check(index, "a message in the window is the same text")
+        # An earlier reply that failed inside the window, or one unfinished (parked
+        # without an outcome), may have had any of its parts accepted without a record (a
+        # lost answer, a crash): each is a message the user may have got.
+        for other in state.outcomes.values():
+            failed_lately = other.failure is not None and (other.ended_at or since) >= since
+            if failed_lately or (not other.terminal and other.seq is not None):
+                others.add(other.event_id)
+        others.discard(job.reply_id)
+        # Another reply's parts are compared as text it holds, however it was split (by
+        # another build, or not yet): whatever the split, a part of it is in it.
+        for reply_id in sorted(others):
+            whole = await self._reply_text(job, state, reply_id)
+            if whole is None:
+                return _skip_check(index, "a message in the window cannot be read")
+            if text in whole:
+                return _skip_check(index, "a message in the window may be the same text")
         return True
 
-    async def _recorded_parts(
-        self, job: _Job, state: ConversationState, reply_id: str
-    ) -> list[str]:
-        if reply_id == job.reply_id:
-            return job.parts
-        parts = job.others_parts.get(reply_id)
-        if parts is None:
-            parts = job.others_parts[reply_id] = await self._parts_of(state, reply_id)
-        return parts
+    async def _reply_text(self, job: _Job, state: ConversationState, reply_id: str) -> str | None:
+        """Another reply's text, read once per delivery; None when it cannot be read."""
+        if reply_id not in job.others_text:
+            job.others_text[reply_id] = await self._text_of(state, reply_id)
+        return job.others_text[reply_id]
 
     def _check_interval(self, job: _Job, state: ConversationState) -> int:
         """WeCom's duplicate_check_interval now: back to this reply's last recorded part,
@@ -586,16 +592,15 @@ class ReplySender:
         since = _check_since(job, state)
         return duplicate_check_interval(since, utcnow(), slack_s=self._policy.check_slack_s)
 
-    async def _parts_of(self, state: ConversationState, reply_id: str) -> list[str]:
+    async def _text_of(self, state: ConversationState, reply_id: str) -> str | None:
         seq = state.outcome(reply_id).seq
         if seq is None:
-            return []
+            return None
         try:
-            text = (await self._read_outcome(seq)).text
+            return (await self._read_outcome(seq)).text
         except (TransientError, PermanentError) as exc:
             log.info("sender.earlier_reply_unreadable", seq=seq, error=str(exc))
-            return []
-        return [text[start:end] for start, end in layout(text, state.outcome(reply_id))]
+            return None
 
     async def _read_outcome(self, seq: int) -> Outcome:
         """The outcome stored at ``seq``: PermanentError when there is none (aged out, or
