@@ -164,6 +164,14 @@ async def test_an_event_of_no_wecom_user_is_parked_before_it_is_handled(
     handled, the outcome's subject for a 1,330-dot user passed the broker's control line
     limit, nats-py closed the connection for good, and the service answered nobody."""
     await append_event(stream, _reply("." * 1330, "for nobody"))
+    assert await _parked_before_the_next_is_handled(stream) == (
+        "the conversation '...........................................' is not a WeCom UserID"
+    )
+
+
+async def _parked_before_the_next_is_handled(stream: JetStreamContext) -> str:
+    """Append a good reply after what the test appended, run a worker until the good one
+    is handled and the other parked, unhandled; the dead letter's reason."""
     await append_event(stream, _reply("ok", "fine"))
     handled: list[str] = []
 
@@ -178,10 +186,9 @@ async def test_an_event_of_no_wecom_user_is_parked_before_it_is_handled(
     await until(lambda: _one_dead_letter(stream), timeout=20, what="the other one parked")
     stop.set()
     await task
+    assert handled == ["ok"]
     [letter] = await _dead_letters(stream)
-    assert letter["Wecombot-Dlq-Reason"] == (
-        "the conversation '...........................................' is not a WeCom UserID"
-    )
+    return letter["Wecombot-Dlq-Reason"]
 
 
 async def test_an_event_filed_on_another_subject_is_parked_before_it_is_handled(
@@ -191,23 +198,7 @@ async def test_an_event_filed_on_another_subject_is_parked_before_it_is_handled(
     outcome filed on zhang.san's subject naming li.si was delivered to li.si."""
     misfiled = _reply("li.si", "for li.si, filed on zhang.san")
     await stream.publish("wecombot.conv.ww1-1.zhang~2Esan.llm.reply", encode_event(misfiled))
-    await append_event(stream, _reply("ok", "fine"))
-    handled: list[str] = []
-
-    async def handle(d: Delivery) -> Outcome:
-        handled.append(d.event.conversation)
-        return Ack()
-
-    stop = asyncio.Event()
-    worker = PullWorker(stream, _config(), handle, max_deliver=2, max_concurrency=4)
-    task = asyncio.create_task(worker.run(stop))
-    await until(lambda: handled == ["ok"], timeout=20, what="the next user's reply handled")
-    await until(lambda: _one_dead_letter(stream), timeout=20, what="the misfiled one parked")
-    stop.set()
-    await task
-    assert handled == ["ok"]
-    [letter] = await _dead_letters(stream)
-    assert letter["Wecombot-Dlq-Reason"] == (
+    assert await _parked_before_the_next_is_handled(stream) == (
         "a ReplyGenerated filed on 'wecombot.conv.ww1-1.zhang~2Esan.llm.reply': its "
         "conversation and type belong on 'wecombot.conv.ww1-1.li~2Esi.llm.reply'"
     )

@@ -65,6 +65,17 @@ async def _handle(
         await api.aclose()
 
 
+async def _two_alike(system: System, user: str) -> list[tuple[ReplyGenerated, int]]:
+    """Two replies of the same text to ``user``, appended: each with its sequence."""
+    replies = []
+    for m in ("m1", "m2"):
+        reply = ReplyGenerated(
+            **Envelope(app=APP, conversation=user, correlation_id=m), text="好的"
+        )
+        replies.append((reply, await _append(system, reply, f"outcome:{reply.event_id}")))
+    return replies
+
+
 async def test_a_reply_does_not_overtake_an_earlier_one_a_lagging_follower_missed(
     system: System,
 ) -> None:
@@ -130,12 +141,7 @@ async def test_the_duplicate_checks_window_is_read_from_the_leader(system: Syste
     follower answering the redelivery's reads has both replies, not that record: asked
     with the duplicate check, WeCom would drop the earlier reply as a repeat of it."""
     user = "lagging.window"
-    earlier, later = (
-        ReplyGenerated(**Envelope(app=APP, conversation=user, correlation_id=m), text="好的")
-        for m in ("m1", "m2")
-    )
-    earlier_seq = await _append(system, earlier, f"outcome:{earlier.event_id}")
-    later_seq = await _append(system, later, f"outcome:{later.event_id}")
+    (earlier, earlier_seq), (later, later_seq) = await _two_alike(system, user)
     token = await sim_token(system.sim)
     api = message_api(system.sim, timeout_s=2)
     try:
@@ -161,12 +167,7 @@ async def test_a_retry_does_not_drop_a_reply_for_one_a_lagging_follower_shows_un
     unfinished there, has it: the check is skipped (asked, WeCom dropped this reply as
     a repeat of the earlier one: lost)."""
     user = "lagging.fresh"
-    earlier, later = (
-        ReplyGenerated(**Envelope(app=APP, conversation=user, correlation_id=m), text="好的")
-        for m in ("m1", "m2")
-    )
-    earlier_seq = await _append(system, earlier, f"outcome:{earlier.event_id}")
-    later_seq = await _append(system, later, f"outcome:{later.event_id}")
+    (earlier, earlier_seq), (later, later_seq) = await _two_alike(system, user)
     token = await sim_token(system.sim)
     api = message_api(system.sim, timeout_s=2)
     try:
