@@ -475,7 +475,7 @@ class ReplySender:
         # this very part now: every part of a redelivery asks (not only its first, or
         # the replica that wins each append race sends the next part unchecked). A fresh
         # send does not: asked, it could be dropped for an identical send of another
-        # replica racing it, which its window cannot show (reviews found four ways).
+        # replica racing it, which its window cannot show (reviews found several ways).
         maybe_sent = job.repeat
         checkable: bool | None = None  # whether the check can tell a repeat (asked once)
         while True:
