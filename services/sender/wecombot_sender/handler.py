@@ -233,7 +233,7 @@ class _Job:
     # ~1 ms per 2 KB, on the event loop: made again only when the record moved)
     laid_for: tuple[int, tuple[int, int] | None] | None = None
     # other replies' texts, read once per delivery to compare with what it re-sends
-    others_text: dict[str, str | None] = field(default_factory=dict)
+    others_text: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.parts = [self.reply.text[start:end] for start, end in self.spans]
@@ -548,7 +548,7 @@ class ReplySender:
         if recorded is None:
             return _skip_check(index, "more messages in the window than are kept")
         text = job.parts[index]
-        others: set[str] = set()
+        others: set[str] = set()  # replies with a part recorded in the window
         for part in recorded:
             if part.reply_id != job.reply_id:
                 others.add(part.reply_id)
@@ -562,29 +562,36 @@ class ReplySender:
                 return _skip_check(index, "a message in the window cannot be read")
             if sent == text:
                 return _skip_check(index, "a message in the window is the same text")
-        # An earlier reply that failed inside the window, or one unfinished (parked
-        # without an outcome), may have had any of its parts accepted without a record (a
-        # lost answer, a crash): each is a message the user may have got.
+        # A reply that failed inside the window, or one unfinished (parked without an
+        # outcome, in flight), may have had any of its parts accepted without a record (a
+        # lost answer, a crash): each is a message the user may have got. One aged out of
+        # the stream is older than any window: nothing of it counts.
+        unrecorded: set[str] = set()
         for other in state.outcomes.values():
             failed_lately = other.failure is not None and (other.ended_at or since) >= since
             if failed_lately or (not other.terminal and other.seq is not None):
-                others.add(other.event_id)
+                unrecorded.add(other.event_id)
         others.discard(job.reply_id)
+        unrecorded.discard(job.reply_id)
         # Another reply's parts are compared as text it holds, however it was split (by
         # another build, or not yet): whatever the split, a part of it is in it.
-        for reply_id in sorted(others):
+        for reply_id in sorted(others | unrecorded):
             whole = await self._reply_text(job, state, reply_id)
-            if whole is None:
+            if whole is None or (whole == "" and reply_id in others):
                 return _skip_check(index, "a message in the window cannot be read")
             if text in whole:
                 return _skip_check(index, "a message in the window may be the same text")
         return True
 
     async def _reply_text(self, job: _Job, state: ConversationState, reply_id: str) -> str | None:
-        """Another reply's text, read once per delivery; None when it cannot be read."""
-        if reply_id not in job.others_text:
-            job.others_text[reply_id] = await self._text_of(state, reply_id)
-        return job.others_text[reply_id]
+        """Another reply's text, read once per delivery: "" when the log no longer has it
+        (aged out), None when it cannot be read now (asked again next time)."""
+        if reply_id in job.others_text:
+            return job.others_text[reply_id]
+        text = await self._text_of(state, reply_id)
+        if text is not None:
+            job.others_text[reply_id] = text
+        return text
 
     def _check_interval(self, job: _Job, state: ConversationState) -> int:
         """WeCom's duplicate_check_interval now: back to this reply's last recorded part,
@@ -593,12 +600,17 @@ class ReplySender:
         return duplicate_check_interval(since, utcnow(), slack_s=self._policy.check_slack_s)
 
     async def _text_of(self, state: ConversationState, reply_id: str) -> str | None:
+        """A reply's text; "" when the log has it no more, None when it cannot tell now
+        (an empty reply is never sent, so "" holds no part)."""
         seq = state.outcome(reply_id).seq
         if seq is None:
-            return None
+            return ""
         try:
             return (await self._read_outcome(seq)).text
-        except (TransientError, PermanentError) as exc:
+        except PermanentError as exc:
+            log.info("sender.earlier_reply_unreadable", seq=seq, error=str(exc))
+            return ""
+        except TransientError as exc:
             log.info("sender.earlier_reply_unreadable", seq=seq, error=str(exc))
             return None
 

@@ -26,7 +26,7 @@ from tests.integration.sender.harness import (
 )
 from tests.waiting import until
 from wecombot_common import topology
-from wecombot_common.bus import append_event
+from wecombot_common.bus import SettledFloor, append_event
 from wecombot_common.events import (
     DeliveryFailed,
     PartDelivered,
@@ -409,6 +409,42 @@ async def test_a_part_another_build_split_differently_is_recognised(system: Syst
         await api.aclose()
     assert system.sim.messages_to(user) == [head, "b" * 1500, head]
     assert system.sim.duplicates == []
+
+
+@pytest.mark.parametrize("aged_out", [False, True])
+async def test_an_unfinished_reply_aged_out_does_not_turn_the_check_off(
+    system: System, aged_out: bool
+) -> None:
+    """A, dead-lettered without an outcome, stays unfinished for good; once it aged out
+    of the stream, a long-running sender's cached state still had it, its text could not
+    be read, and every checked send to that user skipped the check: B's first delivery,
+    accepted and then dead, was sent again by its redelivery."""
+    user = "aged.out"
+    conv = ConversationRef(APP, user)
+    a, b = (
+        ReplyGenerated(**Envelope(app=APP, conversation=user, correlation_id=m), text=t)
+        for m, t in (("m1", "早上好"), ("m2", "晚安"))
+    )
+    a_seq = (await append_event(system.js, a, msg_id=f"outcome:{a.event_id}")).seq
+    b_seq = (await append_event(system.js, b, msg_id=f"outcome:{b.event_id}")).seq
+    token = await sim_token(system.sim)
+    api = message_api(system.sim, timeout_s=2)
+    try:
+        sender = ReplySender(system.js, StaticTokens(token), api, app=APP, policy=DeliveryPolicy())
+
+        async def floor() -> int:  # A was dead-lettered: the ack floor is past it
+            return a_seq
+
+        sender._settled = SettledFloor(floor, refresh_s=0.0)
+        await sender._cache.load(conv, through=b_seq, leader=True)  # the process saw A
+        if aged_out:  # WECOMBOT_HISTORY_MAX_AGE passed for A; the cache still has it
+            await system.js.delete_msg(topology.CONVERSATION_STREAM, a_seq)
+        await api.send_text(token, user, "晚安")  # B's first delivery: accepted, died
+        assert await sender.handle(delivery_of(b, b_seq, num_delivered=2)) == Ack()
+    finally:
+        await api.aclose()
+    assert system.sim.messages_to(user) == ["晚安"]
+    assert [m.content for m in system.sim.duplicates] == ["晚安"]
 
 
 class _Interleaved:
