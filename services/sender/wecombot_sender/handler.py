@@ -530,10 +530,11 @@ class ReplySender:
         """Whether re-sending ``index`` may ask WeCom's duplicate check. Not when a
         message the user was sent inside the check's window is this very text, or may
         be: a part of this reply recorded there with that text; another reply with a part
-        recorded there, one that failed there or one unfinished (parked without an
-        outcome: any of its parts may have been accepted unrecorded) whose text holds it
-        (however it was split); a text that cannot be read; more messages in the window
-        than are kept. WeCom could not tell a repeat of it from an unrecorded send of
+        recorded there, one that failed there or one unfinished (waiting, in flight or
+        parked without an outcome: any of its parts may have been accepted unrecorded;
+        not one aged out of the stream) whose text holds it (however it was split); a
+        reply with a part there that cannot be read; more messages in the window than
+        are kept. WeCom could not tell a repeat of it from an unrecorded send of
         ours, and dropping it would lose it (a possible repeat beats a lost answer). The
         earlier reply a reply gave up waiting for (its last try) is unfinished: it may
         be in flight. The window reaches back to this reply's last recorded part (or the
@@ -571,7 +572,6 @@ class ReplySender:
             failed_lately = other.failure is not None and (other.ended_at or since) >= since
             if failed_lately or (not other.terminal and other.seq is not None):
                 unrecorded.add(other.event_id)
-        others.discard(job.reply_id)
         unrecorded.discard(job.reply_id)
         # Another reply's parts are compared as text it holds, however it was split (by
         # another build, or not yet): whatever the split, a part of it is in it.
