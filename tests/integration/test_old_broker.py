@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from tests.integration.test_startup import _start_failing
+from tests.loopback import raw_http
 from wecombot.doctor import check_nats
 from wecombot_common.bus import connect_when_ready
 from wecombot_common.errors import ConfigError
@@ -47,13 +48,8 @@ async def old_broker() -> AsyncIterator[str]:
         finally:
             writer.close()
 
-    server = await asyncio.start_server(session, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    try:
-        yield f"nats://127.0.0.1:{port}"
-    finally:
-        server.close()
-        await server.wait_closed()
+    async with raw_http(session) as url:  # a raw loopback server: here it speaks NATS
+        yield "nats://" + url.removeprefix("http://")
 
 
 async def test_connecting_to_a_broker_older_than_2_11_is_a_configuration_error(
