@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
-import nats
 import pytest
 from nats.js import JetStreamContext
 
@@ -20,7 +19,7 @@ from tests.integration.sender.harness import (
     message_api,
     sim_token,
 )
-from wecombot_common.bus import append_event, ensure_topology
+from wecombot_common.bus import append_event, connect_when_ready, disconnect, ensure_topology
 from wecombot_common.events import ReplyGenerated
 from wecombot_common.settings import EnvReader, NatsSettings
 from wecombot_common.sim.wecom_api import SimulatedWeComApi
@@ -33,13 +32,22 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture
 async def replicated(nats_cluster: NatsCluster) -> AsyncIterator[JetStreamContext]:
-    nc = await nats.connect(nats_cluster.urls)
+    """The streams made as the services make them: a fresh cluster's first replicated
+    stream may take longer than one request's timeout to be placed (seen on a loaded CI
+    machine), which ``connect_when_ready`` retries, as every service does at start."""
+    settings = NatsSettings.read(
+        EnvReader({"NATS_URL": ",".join(nats_cluster.urls), "WECOMBOT_STREAM_REPLICAS": "3"})
+    )
+    async with asyncio.timeout(60):
+        ready = await connect_when_ready(
+            settings, "test", asyncio.Event(), lambda js: ensure_topology(js, settings)
+        )
+    assert ready is not None  # nothing sets its stop
+    nc, _ = ready
     try:
-        js = nc.jetstream()
-        await ensure_topology(js, NatsSettings.read(EnvReader({"WECOMBOT_STREAM_REPLICAS": "3"})))
-        yield js
+        yield nc.jetstream()
     finally:
-        await nc.close()
+        await disconnect(nc, "test")
 
 
 async def test_a_replica_whose_part_was_recorded_by_another_sends_nothing_twice(
