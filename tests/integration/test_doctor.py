@@ -478,6 +478,17 @@ async def test_model_offline_is_reported_not_failed() -> None:
     assert "OFFLINE" in finding.summary
 
 
+@pytest.mark.parametrize("key", [None, ""])
+async def test_model_without_the_key_it_requires_fails(key: str | None) -> None:
+    env = {"LLM_REQUIRE_API_KEY": "true"} | ({} if key is None else {"OPENAI_API_KEY": key})
+    finding = await check_model(env, TIMEOUT)
+    assert finding.status == "fail"
+    assert "LLM_REQUIRE_API_KEY=true" in finding.summary
+    settings = check_settings(wecom_env(**env))
+    assert settings.status == "fail"
+    assert any("OPENAI_API_KEY is required" in line for line in settings.details)
+
+
 async def test_model_listed(model_api: SimulatedOpenAIApi) -> None:
     env = {
         "OPENAI_API_KEY": "sk-sim",

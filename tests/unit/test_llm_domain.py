@@ -493,9 +493,22 @@ def test_settings_defaults_and_offline_without_a_key() -> None:
     assert "sk-abc" not in repr(online)
 
 
+@pytest.mark.parametrize("key", [None, "", "   "])
+def test_a_required_api_key_refuses_the_offline_model(key: str | None) -> None:
+    """The Kubernetes manifests set LLM_REQUIRE_API_KEY=true: a Secret made without the
+    key (or with an empty one) must stop the llm, not start an echo of every message."""
+    env = {"LLM_REQUIRE_API_KEY": "true"} | ({} if key is None else {"OPENAI_API_KEY": key})
+    with pytest.raises(ConfigError, match=r"OPENAI_API_KEY is required .*LLM_REQUIRE_API_KEY"):
+        LlmSettings.from_env(env)
+    with_key = LlmSettings.from_env(env | {"OPENAI_API_KEY": "sk-abc"})
+    assert not with_key.offline
+    assert LlmSettings.from_env(env | {"LLM_REQUIRE_API_KEY": "FALSE"}).offline
+
+
 @pytest.mark.parametrize(
     ("name", "value"),
     [
+        ("LLM_REQUIRE_API_KEY", "yes"),
         ("LLM_MAX_TURNS", "many"),
         ("LLM_MAX_CONTEXT_TOKENS", "-5"),
         ("LLM_MAX_CONCURRENCY", "0"),

@@ -614,6 +614,16 @@ def _judge_verification(
 async def check_model(environ: Mapping[str, str], timeout_s: float) -> Finding:
     env = EnvReader(environ)
     model = ModelSettings.read(env, max_concurrency=1)
+    if model.api_key is None and (environ.get("LLM_REQUIRE_API_KEY") or "").strip().lower() == (
+        "true"
+    ):
+        return Finding(
+            "model",
+            "fail",
+            "OPENAI_API_KEY is unset (or empty) and LLM_REQUIRE_API_KEY=true: the llm "
+            "does not start",
+            ("Set OPENAI_API_KEY (in Kubernetes: the wecombot-secrets Secret, docs/deploy.md).",),
+        )
     if env.problems:
         return Finding("model", "skip", "fix the OPENAI_ settings first")
     if model.api_key is None:

@@ -6,8 +6,9 @@
     (False, 'deepseek-chat')
 
 Without ``OPENAI_API_KEY`` the service answers with the offline echo model (no network),
-so the whole pipeline can run in a sandbox. docs/providers.md lists the three settings
-for each provider.
+so the whole pipeline can run in a sandbox, unless ``LLM_REQUIRE_API_KEY=true`` (as the
+Kubernetes manifests set): then it does not start. docs/providers.md lists the three
+settings for each provider.
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ class ModelSettings:
         if env.present("LLM_TEMPERATURE"):
             temperature = env.number("LLM_TEMPERATURE", 1.0, float, "a number", 0.0, 2.0)
         return cls(
-            api_key=_api_key(env),
+            api_key=_api_key(env, required=_requires_api_key(env)),
             base_url=env.url(
                 "OPENAI_BASE_URL",
                 "https://api.openai.com/v1",
@@ -72,11 +73,20 @@ class ModelSettings:
         )
 
 
-def _api_key(env: EnvReader) -> Secret | None:
-    """OPENAI_API_KEY, or None (offline). It goes in a header (``Authorization: Bearer``
-    or ``api-key``), so printable ASCII without spaces: anything else made building the
-    client raise UnicodeEncodeError. The problem names the character, never the key."""
-    key = env.secret("OPENAI_API_KEY", required=False)
+def _requires_api_key(env: EnvReader) -> bool:
+    """LLM_REQUIRE_API_KEY=true (the Kubernetes manifests set it): no offline echo model.
+    A Secret whose OPENAI_API_KEY is empty (a key forgotten when it was made) otherwise
+    started an llm that echoed every user's message back to them, in production."""
+    return env.choice("LLM_REQUIRE_API_KEY", "false", ("false", "true")) == "true"
+
+
+def _api_key(env: EnvReader, *, required: bool) -> Secret | None:
+    """OPENAI_API_KEY, or None (offline; a problem when ``required``). It goes in a header
+    (``Authorization: Bearer`` or ``api-key``), so printable ASCII without spaces: anything
+    else made building the client raise UnicodeEncodeError. The problem names the
+    character, never the key."""
+    hint = "LLM_REQUIRE_API_KEY=true refuses the offline echo model; empty counts as unset"
+    key = env.secret("OPENAI_API_KEY", required=required, hint=hint)
     if not key:
         return None
     bad = next(((i, c) for i, c in enumerate(key.reveal(), 1) if not "!" <= c <= "~"), None)
