@@ -23,15 +23,20 @@ ENV PIP_NO_CACHE_DIR=1 \
 WORKDIR /src
 
 # Only what the wheel is built from (.dockerignore keeps the rest, .env included, out).
-COPY pyproject.toml README.md ./
+COPY requirements.lock pyproject.toml README.md ./
 COPY libs/ libs/
 COPY services/ services/
 
-# Build the project's wheel (and collect its dependencies' wheels), then install them
-# into a self-contained virtualenv that the final stage copies as it is.
-RUN python -m pip wheel --wheel-dir /wheels . \
- && python -m venv /opt/venv \
- && /opt/venv/bin/pip install --no-index --find-links /wheels wecombot \
+# A self-contained virtualenv that the final stage copies as it is: the dependencies
+# exactly as locked (requirements.lock: every version pinned, every file's sha256
+# checked; `make lock` writes it and the tests run the same versions), then the
+# project's own wheel without resolving anything, and `pip check` that the lock holds
+# all it needs.
+RUN python -m venv /opt/venv \
+ && /opt/venv/bin/pip install --require-hashes --no-deps -r requirements.lock \
+ && python -m pip wheel --no-deps --wheel-dir /wheels . \
+ && /opt/venv/bin/pip install --no-index --no-deps /wheels/wecombot-*.whl \
+ && /opt/venv/bin/pip check \
  && /opt/venv/bin/pip uninstall --yes pip \
  && /opt/venv/bin/wecombot --help > /dev/null
 

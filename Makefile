@@ -7,16 +7,28 @@ MODELS := tests/deploy/models
 NPM_STAMP := $(MODELS)/node_modules/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: install test test-unit test-integration test-e2e chaos test-deploy test-image test-browser fuzz lint format run doctor screenshot bench bench-quick clean
+.PHONY: install lock test test-unit test-integration test-e2e chaos test-deploy test-image test-browser fuzz lint format run doctor screenshot bench bench-quick clean
 
 install: $(STAMP)
 
-# Idempotent: re-runs only when pyproject.toml changes (or the venv is missing).
-$(STAMP): pyproject.toml
+# Idempotent: re-runs only when pyproject.toml or the lock changes (or the venv is
+# missing). The runtime dependencies come from requirements.lock, as in the image, so the
+# tests run the versions the image ships; then the package itself and the dev tools.
+$(STAMP): pyproject.toml requirements.lock
 	@test -x $(BIN)/pip || $(PYTHON) -m venv $(VENV)  # pip: a venv made without ensurepip is redone
 	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet --require-hashes -r requirements.lock
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	@touch $(STAMP)
+
+# requirements.lock: pyproject.toml's runtime dependencies resolved for Python 3.11 on any
+# platform (amd64 and arm64 images alike), each version pinned with the sha256 of every
+# file PyPI has for it. Run after changing a dependency, or to take new releases.
+lock:
+	@test -x $(BIN)/pip || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet 'uv>=0.5,<1'
+	$(BIN)/uv pip compile pyproject.toml --universal --python-version 3.11 --generate-hashes \
+	  --upgrade --quiet --custom-compile-command 'make lock' --output-file requirements.lock
 
 # Only for the tests: tests/deploy checks the custom resources with their projects' API
 # types (npm packages). Re-runs when the lock changes; without npm those checks skip.

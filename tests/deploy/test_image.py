@@ -6,6 +6,7 @@ wheel is built here exactly as the builder stage builds it.
 
 from __future__ import annotations
 
+import importlib.metadata
 import re
 import shutil
 import subprocess
@@ -15,9 +16,14 @@ import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from packaging.markers import Marker
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+
 from tests.deploy.conftest import ROOT, SERVICES, of_kind, render, tool
 
 DOCKERFILE = ROOT / "Dockerfile"
+LOCK = ROOT / "requirements.lock"
 DOCKERIGNORE = ROOT / ".dockerignore"
 
 
@@ -76,14 +82,101 @@ def test_two_stages_on_slim_python_311() -> None:
     assert re.fullmatch(r"python:3\.11-slim(-\w+)?", args["PYTHON_IMAGE"])
 
 
-def test_builder_builds_the_wheel_and_a_venv() -> None:
+def test_builder_installs_the_lock_then_the_wheel_into_a_venv() -> None:
     _, (builder, _) = _stages()
     run = " ".join(builder.all("RUN"))
-    assert "pip wheel --wheel-dir /wheels ." in run
     assert "python -m venv /opt/venv" in run
-    assert "--no-index --find-links /wheels wecombot" in run
+    assert "/opt/venv/bin/pip install --require-hashes --no-deps -r requirements.lock" in run
+    assert "pip wheel --no-deps --wheel-dir /wheels ." in run
+    assert "/opt/venv/bin/pip install --no-index --no-deps /wheels/wecombot-*.whl" in run
+    assert "/opt/venv/bin/pip check" in run
     copied = {c.split()[0] for c in builder.all("COPY")}
-    assert copied == {"pyproject.toml", "libs/", "services/"}
+    assert copied == {"requirements.lock", "libs/", "services/"}
+
+
+@dataclass(frozen=True)
+class Locked:
+    version: str
+    marker: str | None
+    hashes: tuple[str, ...]
+
+
+def _lock() -> dict[str, Locked]:
+    """requirements.lock: ``name==version [; marker]`` then its ``--hash`` lines."""
+    entries: dict[str, Locked] = {}
+    text = re.sub(r"\\\n", " ", LOCK.read_text())
+    for line in text.splitlines():
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        spec, *hashes = line.split("--hash=")
+        requirement = Requirement(spec.strip())
+        (pin,) = requirement.specifier
+        assert pin.operator == "==", line
+        marker = str(requirement.marker) if requirement.marker else None
+        digests = tuple(h.strip() for h in hashes)
+        entries[canonicalize_name(requirement.name)] = Locked(pin.version, marker, digests)
+    return entries
+
+
+def _applies(requirement: Requirement, extra: str = "") -> bool:
+    """Whether it applies to the image: CPython 3.11 on Linux, no extras asked for."""
+    if requirement.marker is None:
+        return True
+    return requirement.marker.evaluate({"extra": extra, **IMAGE_PLATFORM})
+
+
+IMAGE_PLATFORM = {
+    "python_version": "3.11",
+    "python_full_version": "3.11.2",
+    "platform_python_implementation": "CPython",
+    "implementation_name": "cpython",
+    "sys_platform": "linux",
+    "os_name": "posix",
+    "platform_system": "Linux",
+}
+
+
+def test_the_lock_pins_every_runtime_dependency_within_pyproject_with_hashes() -> None:
+    """Every dependency pyproject.toml declares is locked, at a version it allows, each
+    with sha256 digests (pip's --require-hashes refuses anything else)."""
+    lock = _lock()
+    declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    for line in declared:
+        requirement = Requirement(line)
+        if not _applies(requirement):
+            continue
+        locked = lock.get(canonicalize_name(requirement.name))
+        assert locked is not None, f"{requirement.name} is not in requirements.lock: make lock"
+        assert requirement.specifier.contains(locked.version, prereleases=True), (
+            f"requirements.lock has {requirement.name}=={locked.version}, pyproject.toml "
+            f"asks {requirement.specifier}: make lock"
+        )
+    for name, locked in lock.items():
+        assert locked.hashes and all(h.startswith("sha256:") for h in locked.hashes), name
+
+
+def test_the_lock_is_closed_and_is_what_the_tests_run() -> None:
+    """What each locked distribution needs is locked too (the image's ``pip check``), and
+    this environment (``make install`` installs the lock) has exactly the locked
+    versions: the tests exercise what the image ships."""
+    lock = _lock()
+    for name, locked in lock.items():
+        if locked.marker is not None and not Marker(locked.marker).evaluate(IMAGE_PLATFORM):
+            continue
+        installed = importlib.metadata.version(name)
+        assert installed == locked.version, (
+            f"{name} {installed} is installed, requirements.lock has {locked.version}: "
+            "make install (or make lock, to take the new release)"
+        )
+        for line in importlib.metadata.requires(name) or []:
+            needed = Requirement(line)
+            if not _applies(needed):
+                continue
+            dependency = lock.get(canonicalize_name(needed.name))
+            assert dependency is not None, f"{name} needs {needed.name}, not locked"
+            assert needed.specifier.contains(dependency.version, prereleases=True), (
+                f"{name} needs {needed}, requirements.lock has {dependency.version}"
+            )
 
 
 def test_final_stage_is_non_root_with_the_wecombot_entrypoint_and_no_build_tools() -> None:
@@ -206,6 +299,7 @@ def test_dockerignore_keeps_secrets_and_clutter_out() -> None:
     ):
         assert not _in_context(path, rules), path
     for path in (
+        "requirements.lock",
         "pyproject.toml",
         "README.md",
         "libs/common/wecombot_common/bus.py",
