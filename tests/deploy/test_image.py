@@ -125,6 +125,22 @@ def _applies(requirement: Requirement, extra: str = "") -> bool:
     return requirement.marker.evaluate({"extra": extra, **IMAGE_PLATFORM})
 
 
+def _unmet(requirements: list[str], lock: dict[str, Locked]) -> list[str]:
+    """Those of ``requirements`` that apply to the image and that the lock misses, or
+    pins at a version they do not allow."""
+    problems = []
+    for line in requirements:
+        requirement = Requirement(line)
+        if not _applies(requirement):
+            continue
+        locked = lock.get(canonicalize_name(requirement.name))
+        if locked is None:
+            problems.append(f"{requirement.name} is not locked")
+        elif not requirement.specifier.contains(locked.version, prereleases=True):
+            problems.append(f"{requirement} is wanted, the lock has {locked.version}")
+    return problems
+
+
 IMAGE_PLATFORM = {
     "python_version": "3.11",
     "python_full_version": "3.11.2",
@@ -141,16 +157,7 @@ def test_the_lock_pins_every_runtime_dependency_within_pyproject_with_hashes() -
     with sha256 digests (pip's --require-hashes refuses anything else)."""
     lock = _lock()
     declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
-    for line in declared:
-        requirement = Requirement(line)
-        if not _applies(requirement):
-            continue
-        locked = lock.get(canonicalize_name(requirement.name))
-        assert locked is not None, f"{requirement.name} is not in requirements.lock: make lock"
-        assert requirement.specifier.contains(locked.version, prereleases=True), (
-            f"requirements.lock has {requirement.name}=={locked.version}, pyproject.toml "
-            f"asks {requirement.specifier}: make lock"
-        )
+    assert _unmet(declared, lock) == [], "pyproject.toml and requirements.lock: make lock"
     for name, locked in lock.items():
         assert locked.hashes and all(h.startswith("sha256:") for h in locked.hashes), name
 
@@ -168,15 +175,7 @@ def test_the_lock_is_closed_and_is_what_the_tests_run() -> None:
             f"{name} {installed} is installed, requirements.lock has {locked.version}: "
             "make install (or make lock, to take the new release)"
         )
-        for line in importlib.metadata.requires(name) or []:
-            needed = Requirement(line)
-            if not _applies(needed):
-                continue
-            dependency = lock.get(canonicalize_name(needed.name))
-            assert dependency is not None, f"{name} needs {needed.name}, not locked"
-            assert needed.specifier.contains(dependency.version, prereleases=True), (
-                f"{name} needs {needed}, requirements.lock has {dependency.version}"
-            )
+        assert _unmet(importlib.metadata.requires(name) or [], lock) == [], name
 
 
 def test_final_stage_is_non_root_with_the_wecombot_entrypoint_and_no_build_tools() -> None:
