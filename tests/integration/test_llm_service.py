@@ -13,7 +13,7 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import msgspec
 import nats.js.errors
@@ -219,6 +219,36 @@ async def test_multi_turn_context_per_user(
             assert request.messages == expected_context(questions[user][:k])
             assert request.body["model"] == "test-model"
             assert request.headers["authorization"] == f"Bearer {KEY}"
+
+
+async def test_one_users_burst_does_not_hold_up_another_user(
+    nats_server: NatsHandle, stream: JetStreamContext, api: SimulatedOpenAIApi
+) -> None:
+    """Quick messages of one user wait for their first answer without taking the llm's
+    slots (they did: with LLM_MAX_CONCURRENCY=2, "busy 1" waiting for "busy 0", held at
+    the model, kept everyone else's messages unfetched until it was answered)."""
+    release = asyncio.Event()
+
+    async def reply(messages: list[dict[str, Any]]) -> str:
+        text = str(messages[-1]["content"])
+        if text == "busy 0":
+            await release.wait()
+        return f"echo: {text}"
+
+    api.reply = reply
+    async with running(llm_env(nats_server, api, LLM_MAX_CONCURRENCY="2")):
+        await send(stream, *[received("busy", f"busy {i}") for i in range(4)])
+        await api.wait_for_requests(1)
+        await send(stream, received("other", "hello"))
+        (answer,) = await wait_outcomes(stream, "other", 1)
+        assert isinstance(answer, ReplyGenerated) and answer.text == "echo: hello"
+        assert [r.last_user_text for r in api.chat_requests] == ["busy 0", "hello"]
+        release.set()
+        got = await wait_outcomes(stream, "busy", 4)
+        assert [e.text for e in got if isinstance(e, ReplyGenerated)] == [
+            f"echo: busy {i}" for i in range(4)
+        ]
+        assert [r.last_user_text for r in api.chat_requests][2:] == [f"busy {i}" for i in (1, 2, 3)]
 
 
 async def test_reset_starts_a_fresh_context(

@@ -16,6 +16,7 @@ import nats.js.errors
 import pytest
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
+from prometheus_client import REGISTRY
 from structlog.testing import capture_logs
 
 from tests.conftest import NatsHandle
@@ -94,16 +95,18 @@ async def test_concurrency_is_bounded_and_order_kept_per_key(stream: JetStreamCo
     stop = asyncio.Event()
     worker = PullWorker(stream, _config(), handle, max_deliver=3, key=_key, max_concurrency=3)
     task = asyncio.create_task(worker.run(stop))
-    # The slots fill with a0 (held) and the next two of "a", queued behind it; everything
-    # of the other keys fetched before them is done. Nothing more is fetched.
+    # a0 holds on; the rest of "a" queue behind it without a slot (one user's burst held
+    # up everyone else's messages when they kept theirs), so every other key is done.
     await until(
-        lambda: worker.queued("a") == [seqs["a1"], seqs["a2"]],
+        lambda: sum(map(len, seen.values())) == 15,
         timeout=10,
-        what=lambda: f"a1 and a2 queued behind a0 (queued {worker.queued('a')}, seen {seen})",
+        what=lambda: f"b, c and d handled while a0 holds on (seen {dict(seen)})",
     )
+    assert worker.queued("a") == [seqs[f"a{i}"] for i in range(1, 5)]
     info = await stream.consumer_info(topology.CONVERSATION_STREAM, "w")
-    assert info.num_ack_pending == 3, "three slots: three messages held, no more fetched"
-    assert (running, inside) == (1, {"a"}), "a1 and a2 wait outside the handler"
+    assert info.num_ack_pending == 5, "a0 held, a1-a4 queued behind it"
+    assert (running, inside) == (1, {"a"}), "a1 to a4 wait outside the handler"
+    assert REGISTRY.get_sample_value("wecombot_worker_waiting", {"consumer": "w"}) == 4
     release_a0.set()
     await until(
         lambda: sum(map(len, seen.values())) == 20,
@@ -117,6 +120,41 @@ async def test_concurrency_is_bounded_and_order_kept_per_key(stream: JetStreamCo
         assert seen[user] == [f"{user}{i}" for i in range(5)]
     info = await stream.consumer_info(topology.CONVERSATION_STREAM, "w")
     assert info.num_ack_pending == 0 and info.num_pending == 0
+
+
+async def test_deliveries_waiting_without_a_slot_are_bounded(stream: JetStreamContext) -> None:
+    """ROOM_FACTOR deliveries per slot at most in the process: for two slots, one held
+    and seven queued behind it; the rest of its key and another key's message stay in
+    the stream until the first is done."""
+    seqs = [(await append_event(stream, _reply("a", f"a{i}"))).seq for i in range(10)]
+    await append_event(stream, _reply("b", "b0"))
+    seen: list[str] = []
+    release = asyncio.Event()
+
+    async def handle(d: Delivery) -> Outcome:
+        assert isinstance(d.event, ReplyGenerated)
+        if d.event.text == "a0":
+            await release.wait()
+        seen.append(d.event.text)
+        return Ack()
+
+    stop = asyncio.Event()
+    worker = PullWorker(stream, _config(), handle, max_deliver=3, key=_key, max_concurrency=2)
+    assert worker.ROOM_FACTOR == 4
+    task = asyncio.create_task(worker.run(stop))
+    await until(
+        lambda: worker.queued("a") == seqs[1:8],
+        timeout=10,
+        what=lambda: f"a1-a7 queued behind a0 (queued {worker.queued('a')})",
+    )
+    info = await stream.consumer_info(topology.CONVERSATION_STREAM, "w")
+    assert info.num_ack_pending == 8 and seen == []
+    assert worker.in_flight == 8
+    release.set()
+    await until(lambda: len(seen) == 11, timeout=10, what=lambda: f"all 11 handled: {seen}")
+    stop.set()
+    await task
+    assert seen == [f"a{i}" for i in range(10)] + ["b0"]
 
 
 async def test_poison_goes_to_the_dead_letter_stream(stream: JetStreamContext) -> None:

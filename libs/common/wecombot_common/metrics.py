@@ -64,8 +64,14 @@ WORKER_SETTLED = Counter(
 )
 WORKER_IN_FLIGHT = Gauge(
     "wecombot_worker_in_flight",
-    "Deliveries holding a slot now, running or waiting for an earlier one of their "
-    "conversation, by consumer (at most its *_MAX_CONCURRENCY)",
+    "Deliveries in the process now, by consumer: working (at most its "
+    "*_MAX_CONCURRENCY) or waiting without a slot (wecombot_worker_waiting)",
+    ["consumer"],
+)
+WORKER_WAITING = Gauge(
+    "wecombot_worker_waiting",
+    "Deliveries that gave up their slot to wait (for an earlier message of their "
+    "conversation, for WeCom's pacing), by consumer: in_flight - waiting are working",
     ["consumer"],
 )
 WORKER_HANDLER_SECONDS = Histogram(

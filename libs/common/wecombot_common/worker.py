@@ -3,7 +3,11 @@
 Shared by every consuming service (llm, sender), so redelivery, heartbeats, poison
 messages and shutdown behave the same everywhere:
 
-- The fetch loop keeps up to ``max_concurrency`` messages in flight (asyncio tasks).
+- The fetch loop keeps up to ``max_concurrency`` handlers working (asyncio tasks). A
+  handler that only waits (for an earlier message of its conversation, for WeCom's
+  pacing: :meth:`Delivery.idle`) gives its slot to another delivery meanwhile, so one
+  user's burst never holds up everyone else's messages; at most ``ROOM_FACTOR`` times
+  ``max_concurrency`` deliveries are in the process, waiting ones included.
 - While a handler runs, ``in_progress()`` is sent every ``ack_wait / 3`` so a long model
   call never outlives ``ack_wait`` and gets delivered to a second replica. If that fails
   (the broker unreachable, the process stalled), :attr:`Delivery.lapsed` says so: the
@@ -166,6 +170,45 @@ class Lease:
             self._lapsed = True
 
 
+class Slot:
+    """A delivery's place among its worker's ``max_concurrency`` working handlers: taken
+    by the fetch loop for it, given up while it only waits (:meth:`Delivery.idle`),
+    taken back to work, and returned when it is settled."""
+
+    __slots__ = ("_gauge", "_slots", "held", "waiting")
+
+    def __init__(self, slots: asyncio.Semaphore, waiting: Gauge) -> None:
+        self._slots = slots
+        self._gauge = waiting
+        self.held = True
+        self.waiting = False
+
+    def give_up(self) -> None:
+        if self.held:
+            self.held = False
+            self._slots.release()
+            self.waiting = True
+            self._gauge.inc()
+
+    def stop_waiting(self) -> None:
+        if self.waiting:
+            self.waiting = False
+            self._gauge.dec()
+
+    async def take_back(self) -> None:
+        """Cancelled while waiting for a slot, it holds none (nothing to return)."""
+        self.stop_waiting()
+        if not self.held:
+            await self._slots.acquire()
+            self.held = True
+
+    def give_back(self) -> None:
+        """The delivery is done with: its slot, if it holds one, is free again."""
+        if self.held:
+            self.held = False
+            self._slots.release()
+
+
 @dataclass(frozen=True, slots=True)
 class Delivery:
     """One message handed to a handler: the decoded event and its delivery facts."""
@@ -183,6 +226,30 @@ class Delivery:
     # timestamp, the same on every delivery, whatever nats-py's docstring says of it);
     # None: unknown.
     stored_at: float | None = None
+    # Its place among the worker's working handlers (None: not from a PullWorker).
+    slot: Slot | None = None
+
+    @contextlib.asynccontextmanager
+    async def idle(self) -> AsyncIterator[None]:
+        """For a wait that does no work (an earlier message's outcome, WeCom's pacing):
+        the delivery's concurrency slot serves another delivery meanwhile, and is taken
+        back (waiting for one, if all are busy) when the block ends. The heartbeat goes
+        on: the delivery stays this process's. Without a slot, it only runs the block::
+
+            async with delivery.idle():
+                await asyncio.sleep(pacing)
+        """
+        slot = self.slot
+        if slot is None or not slot.held:
+            yield
+            return
+        slot.give_up()
+        try:
+            yield
+        except BaseException:  # cancelled (stopping), or the wait failed: no slot needed
+            slot.stop_waiting()
+            raise
+        await slot.take_back()
 
     @property
     def lapsed(self) -> bool:
@@ -277,6 +344,7 @@ class _ConsumerMetrics:
     handed_back: Counter
     left: Counter
     in_flight: Gauge
+    waiting: Gauge
     handler_seconds: Histogram
 
     @classmethod
@@ -289,6 +357,7 @@ class _ConsumerMetrics:
             handed_back=settled.labels(consumer, "handed_back"),
             left=settled.labels(consumer, "left"),
             in_flight=metrics.WORKER_IN_FLIGHT.labels(consumer),
+            waiting=metrics.WORKER_WAITING.labels(consumer),
             handler_seconds=metrics.WORKER_HANDLER_SECONDS.labels(consumer),
         )
 
@@ -304,6 +373,9 @@ def backoff_delay(attempt: int, *, base: float = 0.5, cap: float = 30.0) -> floa
 
 class PullWorker:
     DEAD_LETTER_RETRY_S = 5.0  # a failed dead-lettering is tried again this much later
+    # Deliveries in the process at most, per slot: the working ones and those that gave
+    # their slot up to wait (Delivery.idle). Past it, nothing more is fetched.
+    ROOM_FACTOR = 4
 
     def __init__(
         self,
@@ -335,6 +407,7 @@ class PullWorker:
         self._grace = grace_s
         self._fetch_timeout = fetch_timeout_s
         self._slots = asyncio.Semaphore(max_concurrency)
+        self._room = asyncio.Semaphore(max_concurrency * self.ROOM_FACTOR)
         self._tasks: dict[asyncio.Task[None], int] = {}  # task -> stream seq it handles
         self._locks: dict[str, asyncio.Lock] = {}
         self._queued: dict[str, list[int]] = {}
@@ -432,23 +505,21 @@ class PullWorker:
         stopping: asyncio.Future[bool] = asyncio.ensure_future(stop.wait())
         try:
             while not stop.is_set():
-                # With every slot busy, wait for one or for stop: a loaded replica must
-                # still notice SIGTERM at once.
-                slot: asyncio.Future[bool] = asyncio.ensure_future(self._slots.acquire())
-                await asyncio.wait([slot, stopping], return_when=asyncio.FIRST_COMPLETED)
-                if not slot.done():
-                    slot.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await slot
-                    if slot.cancelled():
-                        break
+                # Room in the process, then a slot for a handler: with the process full
+                # or every slot busy, wait for them or for stop (a loaded replica must
+                # still notice SIGTERM at once).
+                if not await self._take(self._room, stopping):
+                    break
+                if not await self._take(self._slots, stopping):
+                    self._room.release()
+                    break
                 free = 1
-                while free < self._max and not self._slots.locked():
+                while free < self._max and not self._slots.locked() and not self._room.locked():
+                    await self._room.acquire()
                     await self._slots.acquire()
                     free += 1
                 if stop.is_set():
-                    for _ in range(free):
-                        self._slots.release()
+                    self._return(free)
                     break
                 # What reached the buffer since the last fetch() is at most that old (give
                 # or take one fetch): past a third of ack_wait it may be past its lease,
@@ -469,14 +540,34 @@ class PullWorker:
                 for msg in msgs[free:]:
                     await self._hand_back(msg)
                 msgs = msgs[:free]
-                for _ in range(free - len(msgs)):
-                    self._slots.release()
+                self._return(free - len(msgs))
                 for msg in msgs:
-                    task = asyncio.create_task(self._process(msg))
+                    task = asyncio.create_task(
+                        self._process(msg, Slot(self._slots, self._metrics.waiting))
+                    )
                     self._tasks[task] = msg.metadata.sequence.stream
                     task.add_done_callback(self._forget_task)
         finally:
             stopping.cancel()
+
+    @staticmethod
+    async def _take(semaphore: asyncio.Semaphore, stopping: asyncio.Future[bool]) -> bool:
+        """One unit of ``semaphore``, or False when stopping comes first."""
+        taken: asyncio.Future[bool] = asyncio.ensure_future(semaphore.acquire())
+        await asyncio.wait([taken, stopping], return_when=asyncio.FIRST_COMPLETED)
+        if not taken.done():
+            taken.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await taken
+            if taken.cancelled():
+                return False
+        return True
+
+    def _return(self, count: int) -> None:
+        """Give back ``count`` pairs of room and slot the fetch loop took and did not use."""
+        for _ in range(count):
+            self._slots.release()
+            self._room.release()
 
     async def _fetch(
         self, sub: JetStreamContext.PullSubscription, batch: int, stopping: asyncio.Future[bool]
@@ -554,9 +645,9 @@ class PullWorker:
         while connection is not None and not connection.is_connected and not stopping.done():
             await asyncio.wait([stopping], timeout=0.25)
 
-    async def _process(self, msg: Msg) -> None:
+    async def _process(self, msg: Msg, slot: Slot) -> None:
         try:
-            delivery = await self._delivery(msg)
+            delivery = await self._delivery(msg, slot)
             if delivery is None:
                 return
             # The heartbeat covers the wait for the key too: a delivery queued behind an
@@ -586,9 +677,11 @@ class PullWorker:
                 heartbeat.stop()
             await self._settle(delivery, outcome)
         finally:
-            self._slots.release()
+            slot.stop_waiting()
+            slot.give_back()
+            self._room.release()
 
-    async def _delivery(self, msg: Msg) -> Delivery | None:
+    async def _delivery(self, msg: Msg, slot: Slot | None = None) -> Delivery | None:
         meta = msg.metadata
         if self._first_past_limit(msg):
             # The last delivery ended without an outcome, as far as the broker knows. Its
@@ -662,6 +755,7 @@ class PullWorker:
             lease=Lease(self._ack_wait, reconnects=_reconnect_counter(msg)),
             last_try=last_try,
             stored_at=meta.timestamp.timestamp(),
+            slot=slot,
         )
 
     @contextlib.asynccontextmanager
@@ -675,9 +769,18 @@ class PullWorker:
         queue = self._queued.setdefault(key, [])
         lock = self._locks.setdefault(key, asyncio.Lock())
         queue.append(d.stream_seq)
+        acquired = False
         try:
-            await lock.acquire()
-        except asyncio.CancelledError:
+            if lock.locked():
+                async with d.idle():  # another user's delivery works meanwhile
+                    await lock.acquire()
+                    acquired = True
+            else:
+                await lock.acquire()
+                acquired = True
+        except asyncio.CancelledError:  # waiting for the key, or for a slot with it
+            if acquired:
+                lock.release()
             queue.remove(d.stream_seq)
             self._forget_idle(key)
             raise

@@ -41,6 +41,8 @@ import asyncio
 import contextlib
 import random
 import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 
 import structlog
@@ -67,6 +69,9 @@ from .gate import Verdict
 from .model import ChatModel, ModelError, ModelRejected
 from .settings import ReplyPolicy
 from .store import ConversationLog
+
+# A delivery's Delivery.idle: its worker slot serves others during the block.
+Idle = Callable[[], AbstractAsyncContextManager[None]]
 
 __all__ = ["HandlerConfig", "LlmHandler"]
 
@@ -156,6 +161,7 @@ class LlmHandler:
             num_delivered=d.num_delivered,
             last_try=d.last_try,
             stored_at=d.stored_at,
+            idle=d.idle,
         )
 
     async def handle(
@@ -166,10 +172,13 @@ class LlmHandler:
         num_delivered: int,
         last_try: bool = False,
         stored_at: float | None = None,
+        idle: Idle = contextlib.nullcontext,
     ) -> Ack | Nak:
         """``last_try``: the worker's last delivery of it (no more waiting for order).
         ``stored_at``: when the broker stored it (POSIX seconds; None: unknown, taken as
-        just now)."""
+        just now). ``idle``: the delivery's (:meth:`Delivery.idle`), around the waits
+        for the conversation (its lock, an earlier message's outcome), so that one user's
+        burst does not hold the worker's slots while others' messages wait."""
         if not isinstance(event, MessageReceived):
             log.warning("llm.unexpected_event", type=type(event).__name__)
             return Ack()
@@ -180,7 +189,7 @@ class LlmHandler:
         try:
             with entry.handling(event.event_id):
                 return await self._handle(
-                    event, stream_seq, num_delivered, last_try, stored_at, conv, entry
+                    event, stream_seq, num_delivered, last_try, stored_at, conv, entry, idle
                 )
         finally:
             self._cache.used(conv)
@@ -205,12 +214,13 @@ class LlmHandler:
         stored_at: float | None,
         conv: ConversationRef,
         entry: Entry,
+        idle: Idle,
     ) -> Ack | Nak:
         waiting = _OrderWait(self._config)
         conflicts = 0
         reread = False
         while True:
-            async with entry.lock:
+            async with _locked(entry.lock, idle):
                 await self._catch_up(conv, entry, through=seq)
                 step = plan(
                     entry.state, received.event_id, seq, settled_through=0, ignore_order=last_try
@@ -259,12 +269,17 @@ class LlmHandler:
                         entry.rebuild(self._new_state())
                     continue
                 changed = entry.changed  # taken under the lock: no wake-up is missed
-            give_up = await self._wait_for(step, entry, changed, waiting)
+            give_up = await self._wait_for(step, entry, changed, waiting, idle)
             if give_up is not None:
                 return give_up
 
     async def _wait_for(
-        self, blocker: Blocked, entry: Entry, changed: asyncio.Event, waiting: _OrderWait
+        self,
+        blocker: Blocked,
+        entry: Entry,
+        changed: asyncio.Event,
+        waiting: _OrderWait,
+        idle: Idle,
     ) -> Nak | None:
         """Wait a little for ``blocker``'s outcome; a Nak once the order wait is over."""
         now = time.monotonic()
@@ -285,7 +300,8 @@ class LlmHandler:
         ):
             log.info("llm.earlier_message_abandoned", blocker_seq=blocker.seq)
             return None  # re-read at once: its outcome may have landed before its ack
-        await _wait(changed, waiting.next_interval(now))
+        async with idle():
+            await _wait(changed, waiting.next_interval(now))
         return None
 
     async def _catch_up(
@@ -390,6 +406,25 @@ class LlmHandler:
             completion_tokens=done.completion_tokens,
             cut_off=cut_off,
         )
+
+
+@contextlib.asynccontextmanager
+async def _locked(lock: asyncio.Lock, idle: Idle) -> AsyncIterator[None]:
+    """``lock``, waited for idle when another delivery of the conversation has it (that
+    one may be calling the model for a while): the slot is taken back once it is ours."""
+    acquired = False
+    try:
+        if lock.locked():
+            async with idle():
+                await lock.acquire()
+                acquired = True
+        else:
+            await lock.acquire()
+            acquired = True
+        yield
+    finally:
+        if acquired:  # cancelled while taking the slot back with it, too
+            lock.release()
 
 
 async def _wait(changed: asyncio.Event, timeout: float) -> None:

@@ -398,7 +398,7 @@ class ReplySender:
             raise SendRejected(EMPTY_CONTENT, explain(EMPTY_CONTENT))
         for index in range(next_part(state.outcome(job.reply_id)), len(job.parts)):
             if index not in job.sent:
-                held = self._over_the_hour(state)
+                held = self._over_the_hour(state) or await self._paced(job, state)
                 if held is not None:
                     return held
                 try:
@@ -444,8 +444,9 @@ class ReplySender:
             left = deadline - loop.time()
             if left <= 0 or self._stopping.is_set():
                 return None
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), min(delay, left))
+            async with job.delivery.idle():  # another user's reply goes out meanwhile
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), min(delay, left))
             delay = min(1.0, delay * 2)
             state = await self._load(job)
 
@@ -462,11 +463,29 @@ class ReplySender:
 
     # ------------------------------------------------------------ sending
 
+    async def _paced(self, job: _Job, state: ConversationState) -> Nak | None:
+        """Wait until the user's minute has room (SENDER_PER_USER_PER_MINUTE), idle: the
+        worker's slot sends other users' replies meanwhile (held, one paced user stopped
+        every reply for up to a minute). Stopping, a nak for the rest of the wait, so the
+        reply goes to another replica instead of holding the shutdown; on the last
+        delivery (a nak would park it) the wait goes on."""
+        per_minute = self._policy.per_user_per_minute
+        wait = rate_delay(state.recent_sends, utcnow(), per_minute=per_minute)
+        if wait <= 0:
+            return None
+        log.info("sender.rate_limited", wait_s=round(wait, 2))
+        loop = asyncio.get_running_loop()
+        until = loop.time() + wait
+        async with job.delivery.idle():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), wait)
+            if self._stopping.is_set() and not job.last_try:
+                left = max(0.0, until - loop.time())
+                return Nak(left, f"stopping while paced ({per_minute} sends a minute per user)")
+            await asyncio.sleep(max(0.0, until - loop.time()))
+        return None
+
     async def _send_part(self, job: _Job, state: ConversationState, index: int) -> str:
-        wait = rate_delay(state.recent_sends, utcnow(), per_minute=self._policy.per_user_per_minute)
-        if wait > 0:
-            log.info("sender.rate_limited", wait_s=round(wait, 2))
-            await asyncio.sleep(wait)
         token = await self._tokens.get(job.reply.app)
         refreshed = False
         retries = 0

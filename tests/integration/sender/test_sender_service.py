@@ -464,6 +464,32 @@ async def test_replies_behind_one_held_for_the_hour_wait_for_the_hour_too(
     assert all(3500 < int(str(e["wait_s"])) <= 3660 for e in held())
 
 
+async def test_a_user_paced_for_the_minute_does_not_hold_up_other_users(
+    system: System,
+) -> None:
+    """A reply waiting for its user's minute to have room (SENDER_PER_USER_PER_MINUTE)
+    gives up its slot: with one slot, the next user's reply went out only after that
+    wait, up to a minute, and so did every other reply."""
+    await system.start_token()
+    system.start_sender(SENDER_MAX_CONCURRENCY="1", SENDER_PER_USER_PER_MINUTE="2")
+    warm = await system.reply("calm.user", "早")  # the sender has set up its logging
+    await system.log.until_finished(warm.event_id)
+    with capture_logs() as logs:
+        for i in range(3):
+            await system.reply("busy.user", f"answer {i}")
+        await until(
+            lambda: any(e["event"] == "sender.rate_limited" for e in logs),
+            timeout=10,
+            what=lambda: f"the third reply paced: {logs}",
+        )
+        other = await system.reply("calm.user", "你好")
+        await system.log.until_finished(other.event_id)
+    assert system.sim.messages_to("calm.user") == ["早", "你好"]
+    assert system.sim.messages_to("busy.user") == ["answer 0", "answer 1"]
+    paced = [e for e in logs if e["event"] == "sender.rate_limited"]
+    assert len(paced) == 1 and 50 < float(str(paced[0]["wait_s"])) <= 60
+
+
 async def test_a_permanent_refusal_fails_that_reply_only(system: System) -> None:
     await system.start_token()
     system.start_sender()
