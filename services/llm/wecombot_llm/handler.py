@@ -54,7 +54,7 @@ from wecombot_common.topology import ConversationRef
 from wecombot_common.worker import Ack, Delivery, Nak, backoff_delay
 
 from .cache import ConversationCache, Entry
-from .conversation import Blocked, Conversation, Done, plan
+from .conversation import Blocked, Conversation, Done, Go, plan
 from .decide import (
     MAX_ANSWER_BYTES,
     AskModel,
@@ -142,7 +142,12 @@ class LlmHandler:
         config: HandlerConfig,
         *,
         rng: random.Random | None = None,
+        stopping: asyncio.Event | None = None,
     ) -> None:
+        """``stopping``: set when the service stops. A message still waiting then (for its
+        conversation or an earlier message's outcome) is handed back at once instead of
+        asking the model when its turn comes, within the shutdown's grace or past it."""
+        self._stopping = stopping or asyncio.Event()
         self._store = store
         self._model = model
         self._config = config
@@ -254,6 +259,15 @@ class LlmHandler:
                     else:
                         log.debug("llm.already_answered")
                     return Ack()
+                if (
+                    isinstance(step, Go)
+                    and self._stopping.is_set()
+                    and not last_try
+                    and received.event_id not in entry.prepared
+                ):
+                    # Its turn came while stopping: another replica answers it, rather
+                    # than a model call the shutdown's grace may cut (and pay twice).
+                    return Nak(0.0, "stopping before its model call: handed back")
                 if not isinstance(step, Blocked):
                     result = await self._decide_and_append(received, conv, entry, num_delivered)
                     if not isinstance(result, _Conflict):
@@ -283,6 +297,8 @@ class LlmHandler:
     ) -> Nak | None:
         """Wait a little for ``blocker``'s outcome; a Nak once the order wait is over."""
         now = time.monotonic()
+        if self._stopping.is_set():  # (a last delivery does not wait for order)
+            return Nak(0.0, "stopping while waiting for an earlier message: handed back")
         if blocker.seq and blocker.event_id in entry.active:
             waiting.extend(now)  # it is being handled right here: it will finish
         if now >= waiting.deadline:
@@ -301,7 +317,7 @@ class LlmHandler:
             log.info("llm.earlier_message_abandoned", blocker_seq=blocker.seq)
             return None  # re-read at once: its outcome may have landed before its ack
         async with idle():
-            await _wait(changed, waiting.next_interval(now))
+            await _wait(changed, waiting.next_interval(now), self._stopping)
         return None
 
     async def _catch_up(
@@ -427,7 +443,12 @@ async def _locked(lock: asyncio.Lock, idle: Idle) -> AsyncIterator[None]:
             lock.release()
 
 
-async def _wait(changed: asyncio.Event, timeout: float) -> None:
-    """Until this process changes the conversation, or ``timeout`` (the next poll)."""
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(changed.wait(), max(timeout, 0.0))
+async def _wait(changed: asyncio.Event, timeout: float, stopping: asyncio.Event) -> None:
+    """Until this process changes the conversation, it stops, or ``timeout`` (the next
+    poll)."""
+    waits = [asyncio.ensure_future(changed.wait()), asyncio.ensure_future(stopping.wait())]
+    try:
+        await asyncio.wait(waits, timeout=max(timeout, 0.0), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for wait in waits:
+            wait.cancel()

@@ -81,6 +81,7 @@ async def _answer(settings: LlmSettings, nc: NATS, stop: asyncio.Event) -> None:
                 order_wait_s=settings.order_wait_s,
                 cache_bytes=settings.cache_mb << 20,
             ),
+            stopping=stop,
         )
         worker = PullWorker(
             js,
