@@ -993,8 +993,22 @@ def test_gate_admits_the_rate_then_one_notice_then_silence(
 
 def test_gate_never_counts_events_and_notices_do_not_use_up_the_rate() -> None:
     gate = Gate(GatePolicy(rate_per_minute=1))
-    assert [gate.verdict(USER, at=0, is_event=True).name for _ in range(5)] == ["ADMIT"] * 5
+    assert [gate.verdict(USER, at=t, is_event=True).name for t in (0, 86_400)] == ["ADMIT"] * 2
     assert verdicts(gate, [0, 1, 2, 60]) == ["ADMIT", "FLOOD_NOTICE", "SILENT", "ADMIT"]
+
+
+def test_the_welcome_goes_once_a_day_however_often_the_app_is_opened() -> None:
+    """WeCom sends enter_agent each time a member opens the app: each got the welcome,
+    a message against the member's limits, five in five minutes."""
+    gate = Gate(GatePolicy(rate_per_minute=10))
+    opened = [1000, 1060, 1200, 50_000, 1000 + 86_399, 1000 + 86_400, 90_000]
+    got = [gate.verdict(USER, at=t, is_event=True).name for t in opened]
+    assert got == ["ADMIT", "SILENT", "SILENT", "SILENT", "SILENT", "ADMIT", "SILENT"]
+    event = WeComEventPayload(event="enter_agent")
+    entries = [msgspec.structs.replace(msg(payload=event), create_time=t) for t in (0, 300)]
+    conv = fold(stored(*entries), lambda m: requires_outcome(m, welcome=True))
+    assert list(conv.awaiting) == [entries[0].event_id]
+    assert conv.verdict(entries[1].event_id) is Verdict.SILENT
 
 
 def test_gate_memory_stays_small_after_a_createtime_from_the_future() -> None:

@@ -8,6 +8,9 @@ restarted process and a rebuilt cache reach the same verdict for the same messag
     >>> gate = Gate(GatePolicy(rate_per_minute=2))
     >>> [gate.verdict("zhang.san", at=t, is_event=False).name for t in (0, 1, 2, 3, 61)]
     ['ADMIT', 'ADMIT', 'FLOOD_NOTICE', 'SILENT', 'ADMIT']
+    >>> gate = Gate(GatePolicy())  # enter_agent, when a welcome is set
+    >>> [gate.verdict("zhang.san", at=t, is_event=True).name for t in (0, 600, 86400)]
+    ['ADMIT', 'SILENT', 'ADMIT']
     >>> gate = Gate(GatePolicy(allowed_users=frozenset({"boss"})))
     >>> [gate.verdict("intruder", at=t, is_event=False).name for t in (0, 5, 86400)]
     ['REFUSAL_NOTICE', 'SILENT', 'REFUSAL_NOTICE']
@@ -20,7 +23,10 @@ Rules
       ``window_s`` (60 s) of each other. The first message over the rate gets one
       polite notice; the rest within the window of that notice get no outcome at all
       (the notice already told them), neither model call nor send.
-    - Events (a welcome on ``enter_agent``) are neither counted nor limited.
+    - Events (the welcome on ``enter_agent``, the only one answered) are not counted
+      against the rate; a user is welcomed once per ``welcome_every_s`` (a day) at most:
+      WeCom sends ``enter_agent`` each time a member opens the app (path/90376), and
+      every welcome was a message, against the member's limits too.
     - Windows are symmetric (``|a - b| < 60 s``) because CreateTimes need not arrive in
       order; a message up to ten minutes older than the newest one seen is judged
       exactly, an even later one against what is remembered.
@@ -58,6 +64,7 @@ class GatePolicy:
     allowed_users: frozenset[str] | None = None
     window_s: int = 60
     refusal_every_s: int = 86_400
+    welcome_every_s: int = 86_400
 
     def allows(self, user: str) -> bool:
         return self.allowed_users is None or user.casefold() in self.allowed_users
@@ -66,7 +73,7 @@ class GatePolicy:
 class Gate:
     """The gate's memory of one conversation: what it admitted and whom it told, when."""
 
-    __slots__ = ("_admitted", "_flood_notice_at", "_policy", "_refused_at")
+    __slots__ = ("_admitted", "_flood_notice_at", "_policy", "_refused_at", "_welcomed_at")
 
     def __init__(self, policy: GatePolicy) -> None:
         self._policy = policy
@@ -75,6 +82,7 @@ class Gate:
         self._admitted: list[int] = []
         self._flood_notice_at: int | None = None
         self._refused_at: int | None = None
+        self._welcomed_at: int | None = None
 
     def verdict(self, user: str, *, at: int, is_event: bool) -> Verdict:
         """The verdict for the next message (CreateTime ``at``), and remember it."""
@@ -84,7 +92,12 @@ class Gate:
                 return Verdict.SILENT
             self._refused_at = at
             return Verdict.REFUSAL_NOTICE
-        if is_event or policy.rate_per_minute <= 0:
+        if is_event:
+            if _within(self._welcomed_at, at, policy.welcome_every_s):
+                return Verdict.SILENT
+            self._welcomed_at = at
+            return Verdict.ADMIT
+        if policy.rate_per_minute <= 0:
             return Verdict.ADMIT
         recent = sum(1 for t in self._admitted if abs(at - t) < policy.window_s)
         if recent < policy.rate_per_minute:

@@ -255,7 +255,10 @@ class LlmHandler:
                 if isinstance(step, Done):
                     entry.prepared.pop(received.event_id, None)
                     if entry.state.verdict(received.event_id) is Verdict.SILENT:
-                        log.info("llm.silenced", reason="over the rate or not allowed; told")
+                        log.info(
+                            "llm.silenced",
+                            reason="over the rate or not allowed (told), or welcomed today",
+                        )
                     else:
                         log.debug("llm.already_answered")
                     return Ack()
