@@ -493,6 +493,17 @@ def test_settings_defaults_and_offline_without_a_key() -> None:
     assert "sk-abc" not in repr(online)
 
 
+def test_the_default_prompt_asks_for_what_wecom_shows() -> None:
+    """Text replies (the default) show Markdown as typed: the prompt that asked for
+    "simple Markdown" put **, # and tables in front of every user."""
+    text = LlmSettings.from_env({}).policy.system_prompt
+    assert "Write plain text" in text and "simple Markdown" not in text
+    markdown = LlmSettings.from_env({"SENDER_MESSAGE_TYPE": "Markdown"}).policy.system_prompt
+    assert "Markdown WeCom renders" in markdown and markdown != text
+    own = {"SENDER_MESSAGE_TYPE": "markdown", "LLM_SYSTEM_PROMPT": "Be brief."}
+    assert LlmSettings.from_env(own).policy.system_prompt == "Be brief."
+
+
 @pytest.mark.parametrize("key", [None, "", "   "])
 def test_a_required_api_key_refuses_the_offline_model(key: str | None) -> None:
     """The Kubernetes manifests set LLM_REQUIRE_API_KEY=true: a Secret made without the

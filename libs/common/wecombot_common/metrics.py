@@ -31,6 +31,7 @@ __all__ = [
     "WORKER_HANDLER_SECONDS",
     "WORKER_IN_FLIGHT",
     "WORKER_SETTLED",
+    "WORKER_WAITING",
     "metrics_route",
 ]
 

@@ -30,10 +30,20 @@ from .gate import GatePolicy
 
 __all__ = ["LlmSettings", "ModelSettings", "ReplyPolicy"]
 
-DEFAULT_SYSTEM_PROMPT = (
+_PROMPT_HEAD = (
     "You are a helpful assistant inside WeCom (企业微信). Answer in the language the user "
-    "writes in, concisely and accurately. Use plain text or simple Markdown; say so when "
-    "you are not sure."
+    "writes in, concisely and accurately, and say so when you are not sure. "
+)
+# The default prompt follows SENDER_MESSAGE_TYPE (the same setting the sender reads):
+# a text message shows Markdown as typed, and a markdown one renders only a subset of it
+# (path/90236; the sender's wecom.py).
+DEFAULT_SYSTEM_PROMPT = _PROMPT_HEAD + (
+    "Write plain text: WeCom shows Markdown as typed, so no **bold**, # headings, tables "
+    "or ``` code fences; use short paragraphs and numbered lines instead."
+)
+MARKDOWN_SYSTEM_PROMPT = _PROMPT_HEAD + (
+    "Format with the Markdown WeCom renders: # headings, **bold**, [links](url), "
+    "`inline code` and > quotes. It shows tables and ``` code fences as typed: avoid them."
 )
 DEFAULT_APOLOGY = "抱歉，我暂时无法回答这个问题，请稍后再试。"
 
@@ -126,7 +136,7 @@ class ReplyPolicy:
     @classmethod
     def read(cls, env: EnvReader) -> ReplyPolicy:
         return cls(
-            system_prompt=env.text("LLM_SYSTEM_PROMPT", DEFAULT_SYSTEM_PROMPT),
+            system_prompt=env.text("LLM_SYSTEM_PROMPT", _default_prompt(env)),
             max_turns=env.integer("LLM_MAX_TURNS", 20, minimum=0, maximum=1000),
             max_context_tokens=env.integer(
                 "LLM_MAX_CONTEXT_TOKENS", 8000, minimum=100, maximum=10_000_000
@@ -139,6 +149,12 @@ class ReplyPolicy:
             ),
             allowed_users=_allowed_users(env),
         )
+
+
+def _default_prompt(env: EnvReader) -> str:
+    """The default system prompt for what the replies go out as (SENDER_MESSAGE_TYPE)."""
+    markdown = env.choice("SENDER_MESSAGE_TYPE", "text", ("text", "markdown")) == "markdown"
+    return MARKDOWN_SYSTEM_PROMPT if markdown else DEFAULT_SYSTEM_PROMPT
 
 
 def _allowed_users(env: EnvReader) -> frozenset[str] | None:
