@@ -235,8 +235,11 @@ def test_history_keeps_an_exchange_asked_exactly_at_the_age_limit() -> None:
     assert conv.history(9, since=asked_at + 0.001) == []
 
 
-def test_a_text_of_only_whitespace_is_answered_with_a_hint_not_sent_to_the_model() -> None:
-    m = msg(" \n\u3000 ")
+@pytest.mark.parametrize("text", [" \n\u3000 ", "\u200b\u200b", "\ufeff", " \u2060\u200d "])
+def test_a_text_that_shows_nothing_is_answered_with_a_hint_not_sent_to_the_model(
+    text: str,
+) -> None:
+    m = msg(text)
     action = decide(m, fold(stored(m), always), ReplyPolicy(), now=0.0)
     assert isinstance(action, Reply) and action.outcome.text == EMPTY_TEXT
 
@@ -347,6 +350,12 @@ def test_prompt_always_keeps_system_and_current_message() -> None:
         ("  /RESET\n", Command.RESET),
         ("／reset", Command.RESET),
         ("#清除记忆", Command.RESET),
+        # a Chinese keyboard's full-width forms, a space, a final full stop
+        ("＃清除记忆", Command.RESET),
+        ("# 清除记忆", Command.RESET),
+        ("/reset。", Command.RESET),
+        ("／ＲＥＳＥＴ", Command.RESET),
+        ("\u200b/help", Command.HELP),
         ("/help", Command.HELP),
         ("/reset now", None),
         ("please /help", None),

@@ -6,13 +6,20 @@
 <Command.RESET: 'reset'>
 >>> parse_command("what is /reset?") is None
 True
+>>> parse_command("＃清除记忆。"), blank("\u200b \ufeff")
+(<Command.RESET: 'reset'>, True)
 """
 
 from __future__ import annotations
 
 import enum
+import unicodedata
 
-__all__ = ["HELP_TEXT", "RESET_TEXT", "Command", "parse_command"]
+__all__ = ["HELP_TEXT", "RESET_TEXT", "Command", "blank", "parse_command"]
+
+# Characters that show nothing (zero-width space, non-joiner and joiner, word joiner,
+# BOM): text of only these and whitespace is blank, as a message and as an answer.
+_INVISIBLE = dict.fromkeys(map(ord, "\u200b\u200c\u200d\u2060\ufeff"))
 
 
 class Command(enum.Enum):
@@ -20,7 +27,8 @@ class Command(enum.Enum):
     HELP = "help"
 
 
-# What the user types (after trimming, lower-cased, full-width slash folded) → command.
+# What the user types (NFKC-folded: full-width ／＃ and letters as ASCII; without
+# whitespace, invisible characters and a final full stop; lower-cased) → command.
 _COMMANDS: dict[str, Command] = {
     "/reset": Command.RESET,
     "#清除记忆": Command.RESET,
@@ -37,5 +45,14 @@ HELP_TEXT = (
 
 
 def parse_command(text: str) -> Command | None:
-    """The command ``text`` is, or None for an ordinary message."""
-    return _COMMANDS.get(text.strip().replace("／", "/").lower())
+    """The command ``text`` is, or None for an ordinary message. A Chinese keyboard types
+    ``＃`` and ``／`` full-width and may end a line with ``。``: those count too."""
+    if len(text) > 64:  # a command is a few characters; a question is not folded
+        return None
+    folded = unicodedata.normalize("NFKC", text).translate(_INVISIBLE)
+    return _COMMANDS.get("".join(folded.split()).rstrip("。.").lower())
+
+
+def blank(text: str) -> bool:
+    """Nothing in ``text`` would show: whitespace and invisible characters only."""
+    return not text.translate(_INVISIBLE).strip()

@@ -31,7 +31,7 @@ from wecombot_common.events import (
     derived_id,
 )
 
-from .commands import HELP_TEXT, RESET_TEXT, Command, parse_command
+from .commands import HELP_TEXT, RESET_TEXT, Command, blank, parse_command
 from .conversation import Conversation
 from .gate import Verdict
 from .prompt import ChatMessage, build_prompt
@@ -150,7 +150,7 @@ def decide(
         return Reply(ConversationReset(**_envelope(received), text=RESET_TEXT))
     if command is Command.HELP:
         return Reply(_notice(received, HELP_TEXT))
-    if not payload.content.strip():
+    if blank(payload.content):  # zero-width spaces or a BOM alone too
         return Reply(_notice(received, EMPTY_TEXT))
     awaiting = conv.awaiting.get(received.event_id)
     seq = awaiting.seq if awaiting is not None else conv.last_seq + 1

@@ -38,6 +38,7 @@ from httpx_aiohttp import AiohttpTransport
 from wecombot_common.errors import ConfigError, PermanentError, TransientError, WecombotError
 from wecombot_common.logs import REDACTED, redact
 
+from .commands import blank
 from .prompt import ChatMessage
 from .retry import is_retryable_status, next_delay, retry_after_of
 from .settings import ModelSettings
@@ -399,10 +400,6 @@ class OpenAIChatModel:
         )
 
 
-# Characters that show nothing: an answer of only these (and spaces) is an empty one.
-_INVISIBLE = dict.fromkeys(map(ord, "\u200b\u200c\u200d\u2060\ufeff"))
-
-
 def _visible(content: str) -> str:
     """The answer to send, stripped; "" when nothing in it would show. A reasoning model
     served without a reasoning parser (DeepSeek-R1 or QwQ on Ollama or vLLM) puts its
@@ -412,7 +409,7 @@ def _visible(content: str) -> str:
     if text.startswith("<think>"):
         end = text.find("</think>")
         text = "" if end < 0 else text[end + len("</think>") :].strip()
-    return text if text.translate(_INVISIBLE).strip() else ""
+    return "" if blank(text) else text
 
 
 # A chat answer, reasoning included, is kilobytes; the reply keeps 64 KiB of it at most
