@@ -107,6 +107,28 @@ def test_the_sandbox_runs_with_no_wecom_setting_as_in_a_copied_env_example() -> 
     assert sandbox_wanted(dict.fromkeys(WECOM_KEYS, " "))  # blank is not given
 
 
+def test_dotenv_values_read_as_written(tmp_path: Path) -> None:
+    """A two-line welcome needs its escape read; a comment after a value is no part of
+    it; a ``$`` in a secret stays; what is set already wins."""
+    dotenv = tmp_path / ".env"
+    dotenv.write_text(
+        'LLM_WELCOME_MESSAGE="欢迎使用！\\n发送 /help 查看命令"\n'
+        "LLM_APOLOGY_MESSAGE=稍后再试 # 注释\n"
+        "export NATS_PASSWORD='pa$$word # not a comment'\n"
+        "OPENAI_MODEL=\n"
+        "LOG_LEVEL=debug\n",
+        encoding="utf-8",
+    )
+    env = {"LOG_LEVEL": "info"}
+    read_dotenv(dotenv, env)
+    assert env == {
+        "LLM_WELCOME_MESSAGE": "欢迎使用！\n发送 /help 查看命令",
+        "LLM_APOLOGY_MESSAGE": "稍后再试",
+        "NATS_PASSWORD": "pa$$word # not a comment",
+        "LOG_LEVEL": "info",
+    }
+
+
 def test_a_complete_wecom_app_is_used() -> None:
     assert not sandbox_wanted({key: "x" for key in WECOM_KEYS})
 

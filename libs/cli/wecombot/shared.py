@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, MutableMapping
 from pathlib import Path
 
+from dotenv import dotenv_values
 from nats.aio.client import Client as NATS
 
 from wecombot_common import bus
@@ -32,18 +33,14 @@ WECOM_KEYS = (
 
 
 def read_dotenv(path: Path, into: MutableMapping[str, str]) -> None:
-    """KEY=VALUE lines (``#`` comments, optional quotes); existing variables win."""
+    """``path`` as python-dotenv reads a ``.env``: ``#`` comments (at the end of an
+    unquoted value too), ``export``, quotes, escapes such as ``\\n`` in double quotes (a
+    welcome message of two lines), values over several lines in quotes. No ``${VAR}``
+    expansion: a password or key may hold a ``$``. Variables already set win; an empty
+    value sets nothing (as an unset one)."""
     if not path.is_file():
         return
-    for line in path.read_text(encoding="utf-8").splitlines():
-        line = line.strip()
-        if not line or line.startswith("#") or "=" not in line:
-            continue
-        key, _, value = line.partition("=")
-        key = key.removeprefix("export ").strip()
-        value = value.strip()
-        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
-            value = value[1:-1]
+    for key, value in dotenv_values(path, interpolate=False, encoding="utf-8").items():
         if key and value and not into.get(key):
             into[key] = value
 
