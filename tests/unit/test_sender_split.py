@@ -211,6 +211,18 @@ def test_a_code_block_is_cut_after_its_closing_fence_or_before_its_opening() -> 
     assert parts[0] == intro
 
 
+def test_a_code_block_over_the_limit_is_not_preceded_by_a_stub() -> None:
+    """It is cut anyway: keeping the cut out of it sent "Here is the code:" alone, one
+    more message against WeCom's 30 a minute (found by review)."""
+    code = "```python\n" + "".join(f"print('line {i:03}')  # a comment\n" for i in range(120))
+    text = "Here is the code:\n\n" + code + "```\nDone."
+    parts = split_text(text)
+    assert "".join(parts) == text
+    assert len(parts) == 2  # 3,758 bytes: not "Here is the code:" and then two more
+    assert all(len(p.encode()) >= WECOM_TEXT_LIMIT // 2 for p in parts[:-1])
+    assert parts[0].startswith("Here is the code:\n\n```python\n")
+
+
 def test_a_fence_is_indented_three_spaces_at_most() -> None:
     assert fenced_spans("   ```\nx\n   ```\n") == [(0, 16)]
     assert fenced_spans("    ```\nx\n    ```\n") == []  # four: an indented code line

@@ -25,7 +25,9 @@ point: a space before a combining mark is no place to cut.
 Two refinements keep the result readable:
 
 - A cut never falls inside a fenced ``` code block while any allowed boundary outside
-  fences exists in the budget.
+  fences exists in the budget; but a block over the limit is cut anyway, so when the
+  boundaries outside would all leave the part under ``min_fill``, a cut inside such a
+  block is taken first (cutting before it sent its intro line alone, a stub).
 - A better-ranked boundary only wins if its part fills at least ``min_fill`` bytes (half
   the limit by default); otherwise a blank line near the start would send a stub, and
   WeCom drops a member's messages beyond 30 a minute (path/90454).
@@ -77,11 +79,13 @@ def split_text(
     fill = limit // 2 if min_fill is None else min_fill
     offsets = [0, *accumulate(len(ch.encode("utf-8")) for ch in text)]
     fences = fenced_spans(text)
+    fitting = [(b, e) for b, e in fences if offsets[e] - offsets[b] <= limit]
+    too_big = [(b, e) for b, e in fences if offsets[e] - offsets[b] > limit]
     parts: list[str] = []
     start = 0
     while offsets[-1] - offsets[start] > limit:
         end = bisect_right(offsets, offsets[start] + limit) - 1
-        cut = _best_cut(text, start, end, offsets, fences, fill)
+        cut = _best_cut(text, start, end, offsets, (fitting, too_big), fill)
         parts.append(text[start:cut])
         start = cut
     if start < len(text):
@@ -148,14 +152,24 @@ def _best_cut(
     start: int,
     end: int,
     offsets: list[int],
-    fences: list[tuple[int, int]],
+    fences: tuple[list[tuple[int, int]], list[tuple[int, int]]],
     fill: int,
 ) -> int:
+    """``fences``: the fenced blocks that fit in one part, and those that do not."""
     found = boundaries(text, start, end)
-    begins = [begin for begin, _ in fences]
-    outside = {pos: rank for pos, rank in found.items() if not _inside(pos, fences, begins)}
-    allowed = outside or found
-    for full_enough in (True, False):
+    fitting, too_big = fences
+    fits_in, big_in = [begin for begin, _ in fitting], [begin for begin, _ in too_big]
+    outside: dict[int, Boundary] = {}
+    in_big: dict[int, Boundary] = {}
+    for pos, rank in found.items():
+        if not _inside(pos, fitting, fits_in):
+            (in_big if _inside(pos, too_big, big_in) else outside)[pos] = rank
+    tiers = (
+        [(True, outside), (True, outside | in_big), (False, outside)]
+        if outside
+        else [(True, found), (False, found)]
+    )
+    for full_enough, allowed in tiers:
         best: tuple[Boundary, int] | None = None
         for pos, rank in allowed.items():
             # Filling a part never justifies breaking a grapheme (an emoji sequence).
