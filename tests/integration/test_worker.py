@@ -157,6 +157,51 @@ async def test_deliveries_waiting_without_a_slot_are_bounded(stream: JetStreamCo
     assert seen == [f"a{i}" for i in range(10)] + ["b0"]
 
 
+async def test_the_consumers_backlog_is_in_the_services_metrics(stream: JetStreamContext) -> None:
+    """Lag was visible only on NATS's monitoring port, which KEDA alone may reach: now
+    each replica reads it (pending, unsettled, the oldest unsettled message's age)."""
+
+    def sample(name: str) -> float | None:
+        return REGISTRY.get_sample_value(name, {"consumer": "w"})
+
+    first = await append_event(stream, _reply("a", "held"))
+    for i in range(3):
+        await append_event(stream, _reply(f"u{i}", "waits"))
+    release = asyncio.Event()
+
+    async def handle(d: Delivery) -> Outcome:
+        await release.wait()
+        return Ack()
+
+    stop = asyncio.Event()
+    worker = PullWorker(
+        stream, _config(), handle, max_deliver=3, max_concurrency=1, backlog_every_s=0.05
+    )
+    task = asyncio.create_task(worker.run(stop))
+    await until(
+        lambda: (
+            (sample("wecombot_consumer_pending"), sample("wecombot_consumer_ack_pending")) == (3, 1)
+        ),
+        timeout=10,
+        what="3 messages waiting, 1 unsettled",
+    )
+    stored = await stream.get_msg(topology.CONVERSATION_STREAM, first.seq)
+    assert stored.time is not None
+    oldest = sample("wecombot_consumer_oldest_unsettled_seconds")
+    assert oldest is not None and 0 < oldest <= time.time() - stored.time.timestamp() + 1
+    release.set()
+    await until(
+        lambda: (
+            (sample("wecombot_consumer_pending"), sample("wecombot_consumer_ack_pending")) == (0, 0)
+            and sample("wecombot_consumer_oldest_unsettled_seconds") == 0
+        ),
+        timeout=10,
+        what="the backlog cleared",
+    )
+    stop.set()
+    await task
+
+
 async def test_poison_goes_to_the_dead_letter_stream(stream: JetStreamContext) -> None:
     await append_event(stream, _reply("p", "permanent"))
     await append_event(stream, _reply("t", "transient"))

@@ -19,6 +19,9 @@ from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histo
 from prometheus_client.exposition import choose_encoder
 
 __all__ = [
+    "CONSUMER_ACK_PENDING",
+    "CONSUMER_OLDEST_SECONDS",
+    "CONSUMER_PENDING",
     "GATEWAY_CALLBACKS",
     "GATEWAY_REFUSALS",
     "LLM_MODEL_SECONDS",
@@ -73,6 +76,24 @@ WORKER_WAITING = Gauge(
     "wecombot_worker_waiting",
     "Deliveries that gave up their slot to wait (for an earlier message of their "
     "conversation, for WeCom's pacing), by consumer: in_flight - waiting are working",
+    ["consumer"],
+)
+CONSUMER_PENDING = Gauge(
+    "wecombot_consumer_pending",
+    "Messages of the consumer's subjects not delivered yet (its backlog), as the broker "
+    "counts them, read every 15 s by each replica (the same figure on each: take max)",
+    ["consumer"],
+)
+CONSUMER_ACK_PENDING = Gauge(
+    "wecombot_consumer_ack_pending",
+    "Messages delivered and not yet settled (acked, dead-lettered), read as "
+    "wecombot_consumer_pending is",
+    ["consumer"],
+)
+CONSUMER_OLDEST_SECONDS = Gauge(
+    "wecombot_consumer_oldest_unsettled_seconds",
+    "Age of the oldest message the consumer has not settled, delivered or not (0 when "
+    "none): how far behind the pipeline is, read as wecombot_consumer_pending is",
     ["consumer"],
 )
 WORKER_HANDLER_SECONDS = Histogram(

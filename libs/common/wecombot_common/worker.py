@@ -346,6 +346,9 @@ class _ConsumerMetrics:
     in_flight: Gauge
     waiting: Gauge
     handler_seconds: Histogram
+    pending: Gauge
+    ack_pending: Gauge
+    oldest_seconds: Gauge
 
     @classmethod
     def of(cls, consumer: str) -> _ConsumerMetrics:
@@ -358,6 +361,9 @@ class _ConsumerMetrics:
             left=settled.labels(consumer, "left"),
             in_flight=metrics.WORKER_IN_FLIGHT.labels(consumer),
             waiting=metrics.WORKER_WAITING.labels(consumer),
+            pending=metrics.CONSUMER_PENDING.labels(consumer),
+            ack_pending=metrics.CONSUMER_ACK_PENDING.labels(consumer),
+            oldest_seconds=metrics.CONSUMER_OLDEST_SECONDS.labels(consumer),
             handler_seconds=metrics.WORKER_HANDLER_SECONDS.labels(consumer),
         )
 
@@ -389,6 +395,7 @@ class PullWorker:
         grace_s: float = 20.0,
         fetch_timeout_s: float = 1.0,
         connection: NATS | None = None,
+        backlog_every_s: float = 15.0,
     ) -> None:
         """``connection``: the client ``js`` belongs to. With it, no pull request is made
         while it is away: nats-py would buffer one per fetch (one a second), the broker
@@ -406,6 +413,7 @@ class PullWorker:
         self._max = max_concurrency
         self._grace = grace_s
         self._fetch_timeout = fetch_timeout_s
+        self._backlog_every = backlog_every_s
         self._slots = asyncio.Semaphore(max_concurrency)
         self._room = asyncio.Semaphore(max_concurrency * self.ROOM_FACTOR)
         self._tasks: dict[asyncio.Task[None], int] = {}  # task -> stream seq it handles
@@ -452,12 +460,47 @@ class PullWorker:
             durable=self.name, stream=topology.CONVERSATION_STREAM
         )
         self._sub = sub
+        backlog = asyncio.create_task(self._report_backlog(stop))
         try:
             await self._fetch_loop(sub, stop)
         finally:
+            backlog.cancel()
             await self._release(sub)
             await self._shutdown()
             self._sub = None
+
+    async def _report_backlog(self, stop: asyncio.Event) -> None:
+        """The consumer's backlog as the broker counts it, into the consumer gauges every
+        ``backlog_every_s``: the services' own metrics show a pipeline falling behind
+        (NATS's monitoring port is KEDA's only). An unanswered read leaves them as
+        they were."""
+        while not stop.is_set():
+            try:
+                await self._read_backlog()
+            except (TimeoutError, nats.errors.Error) as exc:
+                log.debug("worker.backlog_unread", consumer=self.name, error=str(exc))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), self._backlog_every)
+
+    async def _read_backlog(self) -> None:
+        info = await self._js.consumer_info(topology.CONVERSATION_STREAM, self.name, timeout=5.0)
+        pending, unsettled = info.num_pending or 0, info.num_ack_pending or 0
+        self._metrics.pending.set(pending)
+        self._metrics.ack_pending.set(unsettled)
+        oldest = 0.0
+        if pending or unsettled:
+            # Everything through the ack floor is settled: the first of our subjects
+            # after it is not (a leader read: two requests per interval and replica).
+            floor = info.ack_floor.stream_seq if info.ack_floor is not None else 0
+            first = await self._js.get_msg(
+                topology.CONVERSATION_STREAM,
+                seq=floor + 1,
+                subject=self._config.filter_subject,
+                next=True,
+            )
+            if first.time is not None:
+                oldest = max(0.0, time.time() - first.time.timestamp())
+        self._metrics.oldest_seconds.set(oldest)
 
     async def _release(self, sub: JetStreamContext.PullSubscription) -> None:
         """Give up the subscription without stranding anything the broker sent us.
