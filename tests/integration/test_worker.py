@@ -26,7 +26,7 @@ from wecombot_common.bus import append_event, connect, ensure_topology
 from wecombot_common.errors import PermanentError, TransientError
 from wecombot_common.events import Event, ReplyGenerated, encode_event
 from wecombot_common.settings import EnvReader, NatsSettings
-from wecombot_common.worker import Ack, Delivery, Handler, Nak, Outcome, PullWorker
+from wecombot_common.worker import Ack, Delivery, HandBack, Handler, Nak, Outcome, PullWorker
 
 pytestmark = pytest.mark.integration
 
@@ -200,6 +200,40 @@ async def test_the_consumers_backlog_is_in_the_services_metrics(stream: JetStrea
     )
     stop.set()
     await task
+
+
+async def test_a_hand_back_of_a_stopping_handler_is_no_retry(stream: JetStreamContext) -> None:
+    """A handler that hands its delivery back as its service stops (HandBack) is counted
+    and logged as a hand-back, not as a retry (rising retries mean WeCom or the log are
+    failing), and the message comes again at once."""
+
+    def count(result: str) -> float:
+        return (
+            REGISTRY.get_sample_value(
+                "wecombot_worker_settled_total", {"consumer": "w", "result": result}
+            )
+            or 0.0
+        )
+
+    await append_event(stream, _reply("a", "x"))
+    deliveries: list[int] = []
+
+    async def handle(d: Delivery) -> Outcome:
+        deliveries.append(d.num_delivered)
+        return HandBack("stopping") if d.num_delivered == 1 else Ack()
+
+    retried, handed_back = count("retried"), count("handed_back")
+    stop = asyncio.Event()
+    worker = PullWorker(stream, _config(), handle, max_deliver=3)
+    with capture_logs() as logs:
+        task = asyncio.create_task(worker.run(stop))
+        await until(lambda: deliveries == [1, 2], timeout=10, what=lambda: f"{deliveries}")
+        await until(lambda: worker.processed == 1, timeout=10, what="the second acked")
+        stop.set()
+        await task
+    assert (count("retried"), count("handed_back")) == (retried, handed_back + 1)
+    events = [e["event"] for e in logs]
+    assert "worker.handed_back" in events and "worker.retry" not in events
 
 
 async def test_poison_goes_to_the_dead_letter_stream(stream: JetStreamContext) -> None:

@@ -16,6 +16,7 @@ from structlog.testing import capture_logs
 
 from tests.fakes import APP, FakeLog, received, reply_to
 from tests.waiting import until
+from wecombot_common import metrics
 from wecombot_common.bus import (
     StoredEvent,
 )
@@ -38,7 +39,7 @@ from wecombot_common.events import (
     WeComEventPayload,
     derived_id,
 )
-from wecombot_common.worker import Ack, Nak
+from wecombot_common.worker import Ack, Delivery, HandBack, Nak, Slot
 from wecombot_llm.commands import HELP_TEXT, Command, parse_command
 from wecombot_llm.conversation import Blocked, Conversation, Done, Go, fold, plan
 from wecombot_llm.decide import (
@@ -54,7 +55,7 @@ from wecombot_llm.decide import (
     requires_outcome,
 )
 from wecombot_llm.gate import Gate, GatePolicy, Verdict
-from wecombot_llm.handler import HandlerConfig, LlmHandler
+from wecombot_llm.handler import HandlerConfig, LlmHandler, _locked
 from wecombot_llm.model import (
     Completion,
     ModelRejected,
@@ -646,16 +647,68 @@ async def test_a_stopping_handler_hands_back_what_has_not_asked_the_model() -> N
     stopping.set()
     async with asyncio.timeout(5):
         handed_back = await waiting
-    assert isinstance(handed_back, Nak) and handed_back.delay_s == 0
+    assert isinstance(handed_back, HandBack) and handed_back.delay_s == 0
     gate.set()
     assert await first == Ack()
     # q2's turn has come, but this replica is stopping; q3 still waits for q2.
     for m, seq in ((q2, s2), (q3, s3)):
         later = await h.handle(m, stream_seq=seq, num_delivered=2, stored_at=time.time())
-        assert isinstance(later, Nak) and later.delay_s == 0
+        assert isinstance(later, HandBack) and later.delay_s == 0
     assert model.calls == [["sys", "q1"]]
     assert await other_replica.handle(q2, stream_seq=s2, num_delivered=3) == Ack()
     assert model.calls[-1] == ["sys", "q1", "echo: q1", "q2"]
+
+
+async def test_a_delivery_back_for_the_lock_after_a_conflict_waits_without_its_slot() -> None:
+    """After an append conflict a delivery takes its conversation's lock again, just as
+    it released it to another delivery of the user, woken but not run yet: the lock
+    said unlocked, the first waited for it holding its slot, the other held the lock
+    waiting for a slot, and with another user's long call in the last slot neither
+    moved until that call ended (found by review: here it never ends)."""
+    slots, lock, gauge = asyncio.Semaphore(2), asyncio.Lock(), metrics.WORKER_WAITING.labels("t")
+    other_user_done, second_round = asyncio.Event(), asyncio.Event()
+    first_round = asyncio.Event()
+
+    def delivery() -> Delivery:
+        return Delivery(
+            event=msg("q"), stream_seq=1, num_delivered=1, subject="s", msg=None,  # type: ignore[arg-type]
+            slot=Slot(slots, gauge),
+        )  # fmt: skip
+
+    async def conflicting() -> None:
+        await slots.acquire()
+        d, rounds = delivery(), 0
+        while True:
+            async with _locked(lock, d.idle, contended=True):
+                if rounds == 0:
+                    rounds += 1
+                    first_round.set()
+                    await asyncio.sleep(0)
+                    continue  # the append conflicted: again, under the lock
+                second_round.set()
+                break
+        assert d.slot is not None
+        d.slot.give_back()
+
+    async def waiting() -> None:
+        await first_round.wait()
+        await slots.acquire()
+        d = delivery()
+        async with _locked(lock, d.idle, contended=True):
+            pass
+        assert d.slot is not None
+        d.slot.give_back()
+
+    async def other_user() -> None:  # a long model call in the slot the waiter gave up
+        await first_round.wait()
+        await slots.acquire()
+        await second_round.wait()
+        slots.release()
+        other_user_done.set()
+
+    async with asyncio.timeout(5):
+        await asyncio.gather(conflicting(), waiting(), other_user())
+    assert other_user_done.is_set()
 
 
 async def test_handler_skips_an_earlier_message_the_consumer_settled() -> None:

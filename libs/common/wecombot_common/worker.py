@@ -71,6 +71,7 @@ __all__ = [
     "DLQ_SUBJECT",
     "Ack",
     "Delivery",
+    "HandBack",
     "Nak",
     "Outcome",
     "PullWorker",
@@ -100,7 +101,17 @@ class Nak:
     reason: str
 
 
-Outcome = Ack | Nak
+@dataclass(frozen=True, slots=True)
+class HandBack:
+    """Not this replica's to finish: it is stopping (another takes it after ``delay_s``).
+    Counted and logged as a hand-back, not a retry; never dead-letters, even on the
+    last allowed delivery (the next one gets the grace of a delivery past the limit)."""
+
+    reason: str
+    delay_s: float = 0.0
+
+
+Outcome = Ack | Nak | HandBack
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,11 +207,12 @@ class Slot:
             self._gauge.dec()
 
     async def take_back(self) -> None:
-        """Cancelled while waiting for a slot, it holds none (nothing to return)."""
-        self.stop_waiting()
+        """Cancelled while waiting for a slot, it holds none (nothing to return). Counted
+        as waiting until it has one: the working ones are never over the limit."""
         if not self.held:
             await self._slots.acquire()
             self.held = True
+        self.stop_waiting()
 
     def give_back(self) -> None:
         """The delivery is done with: its slot, if it holds one, is free again."""
@@ -814,7 +826,10 @@ class PullWorker:
         queue.append(d.stream_seq)
         acquired = False
         try:
-            if lock.locked():
+            # Another delivery queued for the key (one woken by a release has not run
+            # yet, while the lock says unlocked): wait without the slot, or each would
+            # wait for the other (it for a slot, this one for the lock).
+            if lock.locked() or len(queue) > 1:
                 async with d.idle():  # another user's delivery works meanwhile
                     await lock.acquire()
                     acquired = True
@@ -873,6 +888,14 @@ class PullWorker:
                 log.warning("worker.ack_failed", consumer=self.name, error=str(exc))
                 return
             self._metrics.acked.inc()
+            return
+        if isinstance(outcome, HandBack):
+            if d.lease.overdue:
+                self._leave(d, outcome.reason)
+                return
+            log.info("worker.handed_back", consumer=self.name, count=1, reason=outcome.reason)
+            if await self._nak(d.msg, outcome.delay_s):
+                self._metrics.handed_back.inc()
             return
         if d.last_try:
             await self._dead_letter(

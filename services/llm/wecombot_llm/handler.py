@@ -51,7 +51,7 @@ from wecombot_common.bus import AppendUnavailable, ConcurrencyConflict, SettledF
 from wecombot_common.events import Event, MessageReceived, Outcome
 from wecombot_common.metrics import LLM_MODEL_SECONDS, LLM_OUTCOMES
 from wecombot_common.topology import ConversationRef
-from wecombot_common.worker import Ack, Delivery, Nak, backoff_delay
+from wecombot_common.worker import Ack, Delivery, HandBack, Nak, backoff_delay
 
 from .cache import ConversationCache, Entry
 from .conversation import Blocked, Conversation, Done, Go, plan
@@ -159,7 +159,7 @@ class LlmHandler:
         self._settled = SettledFloor(store.settled_through, refresh_s=config.settled_refresh_s)
         self._rng = rng or random.Random()  # noqa: S311 (jitter)
 
-    async def __call__(self, d: Delivery) -> Ack | Nak:
+    async def __call__(self, d: Delivery) -> Ack | Nak | HandBack:
         return await self.handle(
             d.event,
             stream_seq=d.stream_seq,
@@ -178,7 +178,7 @@ class LlmHandler:
         last_try: bool = False,
         stored_at: float | None = None,
         idle: Idle = contextlib.nullcontext,
-    ) -> Ack | Nak:
+    ) -> Ack | Nak | HandBack:
         """``last_try``: the worker's last delivery of it (no more waiting for order).
         ``stored_at``: when the broker stored it (POSIX seconds; None: unknown, taken as
         just now). ``idle``: the delivery's (:meth:`Delivery.idle`), around the waits
@@ -220,12 +220,14 @@ class LlmHandler:
         conv: ConversationRef,
         entry: Entry,
         idle: Idle,
-    ) -> Ack | Nak:
+    ) -> Ack | Nak | HandBack:
         waiting = _OrderWait(self._config)
         conflicts = 0
         reread = False
         while True:
-            async with _locked(entry.lock, idle):
+            # Another delivery of the conversation here may hold the lock or be about to
+            # (woken by its release, not run yet): wait for it without a slot.
+            async with _locked(entry.lock, idle, contended=sum(entry.active.values()) > 1):
                 await self._catch_up(conv, entry, through=seq)
                 step = plan(
                     entry.state, received.event_id, seq, settled_through=0, ignore_order=last_try
@@ -270,7 +272,7 @@ class LlmHandler:
                 ):
                     # Its turn came while stopping: another replica answers it, rather
                     # than a model call the shutdown's grace may cut (and pay twice).
-                    return Nak(0.0, "stopping before its model call: handed back")
+                    return HandBack("stopping before its model call")
                 if not isinstance(step, Blocked):
                     result = await self._decide_and_append(received, conv, entry, num_delivered)
                     if not isinstance(result, _Conflict):
@@ -286,7 +288,7 @@ class LlmHandler:
                         entry.rebuild(self._new_state())
                     continue
                 changed = entry.changed  # taken under the lock: no wake-up is missed
-            give_up = await self._wait_for(step, entry, changed, waiting, idle)
+            give_up = await self._wait_for(step, entry, changed, waiting, idle, last_try)
             if give_up is not None:
                 return give_up
 
@@ -297,11 +299,14 @@ class LlmHandler:
         changed: asyncio.Event,
         waiting: _OrderWait,
         idle: Idle,
-    ) -> Nak | None:
+        last_try: bool,
+    ) -> Nak | HandBack | None:
         """Wait a little for ``blocker``'s outcome; a Nak once the order wait is over."""
         now = time.monotonic()
-        if self._stopping.is_set():  # (a last delivery does not wait for order)
-            return Nak(0.0, "stopping while waiting for an earlier message: handed back")
+        # (on its last delivery it waits only to see its own message in the log: a hand
+        # back then would leave it to the grace of a delivery past the limit)
+        if self._stopping.is_set() and not last_try:
+            return HandBack("stopping while waiting for an earlier message")
         if blocker.seq and blocker.event_id in entry.active:
             waiting.extend(now)  # it is being handled right here: it will finish
         if now >= waiting.deadline:
@@ -319,8 +324,13 @@ class LlmHandler:
         ):
             log.info("llm.earlier_message_abandoned", blocker_seq=blocker.seq)
             return None  # re-read at once: its outcome may have landed before its ack
-        async with idle():
-            await _wait(changed, waiting.next_interval(now), self._stopping)
+        try:
+            async with idle():
+                await _wait(changed, waiting.next_interval(now), self._stopping)
+                if self._stopping.is_set() and not last_try:
+                    raise _Stopping  # out of the wait without taking a slot back
+        except _Stopping:
+            return HandBack("stopping while waiting for an earlier message")
         return None
 
     async def _catch_up(
@@ -427,13 +437,18 @@ class LlmHandler:
         )
 
 
+class _Stopping(Exception):
+    """Raised inside an idle wait the service's stop ended: its slot is not taken back."""
+
+
 @contextlib.asynccontextmanager
-async def _locked(lock: asyncio.Lock, idle: Idle) -> AsyncIterator[None]:
-    """``lock``, waited for idle when another delivery of the conversation has it (that
-    one may be calling the model for a while): the slot is taken back once it is ours."""
+async def _locked(lock: asyncio.Lock, idle: Idle, *, contended: bool) -> AsyncIterator[None]:
+    """``lock``, waited for idle when another delivery of the conversation has it or is
+    about to (``contended``; that one may be calling the model for a while): the slot is
+    taken back once the lock is ours."""
     acquired = False
     try:
-        if lock.locked():
+        if contended or lock.locked():
             async with idle():
                 await lock.acquire()
                 acquired = True

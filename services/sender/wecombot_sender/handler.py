@@ -85,7 +85,7 @@ from wecombot_common.events import (
 from wecombot_common.metrics import SENDER_PARTS, SENDER_REPLIES
 from wecombot_common.tokens import TokenError, TransientTokenError
 from wecombot_common.topology import ConversationRef
-from wecombot_common.worker import Ack, Delivery, Nak, backoff_delay
+from wecombot_common.worker import Ack, Delivery, HandBack, Nak, backoff_delay
 from wecombot_common.worker import Outcome as Settlement
 
 from .domain import (
@@ -108,6 +108,11 @@ from .errors import SendError, SendRejected, SendRetryable, TokenRejected
 from .wecom import MessageApi
 
 __all__ = ["ConversationCache", "DeliveryPolicy", "ReplySender", "TokenSource", "conversation_key"]
+
+
+class _Stopping(Exception):
+    """Raised inside an idle wait the service's stop ended: its slot is not taken back."""
+
 
 log = structlog.get_logger(__name__)
 _PART_SENT = SENDER_PARTS.labels("sent")
@@ -380,7 +385,7 @@ class ReplySender:
             if held is not None:
                 return held
             turn = await self._take_turn(job, state)
-            if isinstance(turn, Nak):
+            if isinstance(turn, Nak | HandBack):
                 return turn
             state = turn
         finished = state.outcome(job.reply_id)
@@ -398,9 +403,9 @@ class ReplySender:
             raise SendRejected(EMPTY_CONTENT, explain(EMPTY_CONTENT))
         for index in range(next_part(state.outcome(job.reply_id)), len(job.parts)):
             if index not in job.sent:
-                held = self._over_the_hour(state) or await self._paced(job, state)
-                if held is not None:
-                    return held
+                paced = self._over_the_hour(state) or await self._paced(job, state)
+                if paced is not None:
+                    return paced
                 try:
                     job.sent[index] = await self._send_part(job, state, index)
                 except (SendRejected, TokenError) as exc:
@@ -411,13 +416,17 @@ class ReplySender:
             state = await self._append_part(job, state, index)
         return await self._finish(job, state)
 
-    async def _take_turn(self, job: _Job, state: ConversationState) -> ConversationState | Nak:
+    async def _take_turn(
+        self, job: _Job, state: ConversationState
+    ) -> ConversationState | Nak | HandBack:
         """Per-user order: wait for earlier replies; nak if they take too long, except on
         the last delivery, where delivering out of order beats losing the reply."""
         waited = await self._wait_turn(job, state)
         if waited is not None:
             return waited
         if not job.last_try:
+            if self._stopping.is_set():
+                return HandBack("stopping while an earlier reply to this user is delivered")
             delay = random.uniform(0.5, 1.5)  # noqa: S311 (jitter, not crypto)
             return Nak(delay, "an earlier reply to this user is still being delivered")
         log.warning("sender.order_given_up")
@@ -463,12 +472,12 @@ class ReplySender:
 
     # ------------------------------------------------------------ sending
 
-    async def _paced(self, job: _Job, state: ConversationState) -> Nak | None:
+    async def _paced(self, job: _Job, state: ConversationState) -> HandBack | None:
         """Wait until the user's minute has room (SENDER_PER_USER_PER_MINUTE), idle: the
         worker's slot sends other users' replies meanwhile (held, one paced user stopped
-        every reply for up to a minute). Stopping, a nak for the rest of the wait, so the
-        reply goes to another replica instead of holding the shutdown; on the last
-        delivery (a nak would park it) the wait goes on."""
+        every reply for up to a minute). Stopping, it is handed back for the rest of the
+        wait (without taking a slot again), so another replica sends it instead of it
+        holding the shutdown; on the last delivery the wait goes on."""
         per_minute = self._policy.per_user_per_minute
         wait = rate_delay(state.recent_sends, utcnow(), per_minute=per_minute)
         if wait <= 0:
@@ -476,13 +485,16 @@ class ReplySender:
         log.info("sender.rate_limited", wait_s=round(wait, 2))
         loop = asyncio.get_running_loop()
         until = loop.time() + wait
-        async with job.delivery.idle():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), wait)
-            if self._stopping.is_set() and not job.last_try:
-                left = max(0.0, until - loop.time())
-                return Nak(left, f"stopping while paced ({per_minute} sends a minute per user)")
-            await asyncio.sleep(max(0.0, until - loop.time()))
+        try:
+            async with job.delivery.idle():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), wait)
+                if self._stopping.is_set() and not job.last_try:
+                    raise _Stopping
+                await asyncio.sleep(max(0.0, until - loop.time()))
+        except _Stopping:
+            left = max(0.0, until - loop.time())
+            return HandBack(f"stopping while paced ({per_minute} sends a minute per user)", left)
         return None
 
     async def _send_part(self, job: _Job, state: ConversationState, index: int) -> str:
