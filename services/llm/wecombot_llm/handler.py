@@ -144,9 +144,10 @@ class LlmHandler:
         rng: random.Random | None = None,
         stopping: asyncio.Event | None = None,
     ) -> None:
-        """``stopping``: set when the service stops. A message still waiting then (for its
-        conversation or an earlier message's outcome) is handed back at once instead of
-        asking the model when its turn comes, within the shutdown's grace or past it."""
+        """``stopping``: set when the service stops. A message still waiting then for an
+        earlier message's outcome is handed back at once, one waiting for its conversation
+        (another delivery of it at the model here) once that ends: neither asks the model
+        when its turn comes, within the shutdown's grace or past it."""
         self._stopping = stopping or asyncio.Event()
         self._store = store
         self._model = model

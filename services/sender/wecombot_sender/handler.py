@@ -453,9 +453,14 @@ class ReplySender:
             left = deadline - loop.time()
             if left <= 0 or self._stopping.is_set():
                 return None
-            async with job.delivery.idle():  # another user's reply goes out meanwhile
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stopping.wait(), min(delay, left))
+            try:
+                async with job.delivery.idle():  # another user's reply goes out meanwhile
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._stopping.wait(), min(delay, left))
+                    if self._stopping.is_set() and not job.last_try:
+                        raise _Stopping  # handed back: no slot to take again for that
+            except _Stopping:
+                return None
             delay = min(1.0, delay * 2)
             state = await self._load(job)
 
