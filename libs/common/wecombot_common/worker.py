@@ -6,8 +6,9 @@ messages and shutdown behave the same everywhere:
 - The fetch loop keeps up to ``max_concurrency`` handlers working (asyncio tasks). A
   handler that only waits (for an earlier message of its conversation, for WeCom's
   pacing: :meth:`Delivery.idle`) gives its slot to another delivery meanwhile, so one
-  user's burst never holds up everyone else's messages; at most ``ROOM_FACTOR`` times
-  ``max_concurrency`` deliveries are in the process, waiting ones included.
+  user's burst does not hold up everyone else's messages; at most ``ROOM_FACTOR`` times
+  ``max_concurrency`` deliveries are in the process, waiting ones included (past that,
+  nothing more is fetched).
 - While a handler runs, ``in_progress()`` is sent every ``ack_wait / 3`` so a long model
   call never outlives ``ack_wait`` and gets delivered to a second replica. If that fails
   (the broker unreachable, the process stalled), :attr:`Delivery.lapsed` says so: the
