@@ -675,6 +675,8 @@ async def test_a_delivery_back_for_the_lock_after_a_conflict_waits_without_its_s
             slot=Slot(slots, gauge),
         )  # fmt: skip
 
+    waiters: list[Slot] = []
+
     async def conflicting() -> None:
         await slots.acquire()
         d, rounds = delivery(), 0
@@ -683,7 +685,11 @@ async def test_a_delivery_back_for_the_lock_after_a_conflict_waits_without_its_s
                 if rounds == 0:
                     rounds += 1
                     first_round.set()
-                    await asyncio.sleep(0)
+                    await until(
+                        lambda: bool(waiters) and waiters[0].waiting and slots.locked(),
+                        timeout=5,
+                        what="the other delivery waiting for the lock, its slot taken",
+                    )
                     continue  # the append conflicted: again, under the lock
                 second_round.set()
                 break
@@ -694,6 +700,8 @@ async def test_a_delivery_back_for_the_lock_after_a_conflict_waits_without_its_s
         await first_round.wait()
         await slots.acquire()
         d = delivery()
+        assert d.slot is not None
+        waiters.append(d.slot)
         async with _locked(lock, d.idle, contended=True):
             pass
         assert d.slot is not None

@@ -614,9 +614,7 @@ def _judge_verification(
 async def check_model(environ: Mapping[str, str], timeout_s: float) -> Finding:
     env = EnvReader(environ)
     model = ModelSettings.read(env, max_concurrency=1)
-    if model.api_key is None and (environ.get("LLM_REQUIRE_API_KEY") or "").strip().lower() == (
-        "true"
-    ):
+    if model.api_key is None and model.key_required:
         return Finding(
             "model",
             "fail",

@@ -73,9 +73,11 @@ __all__ = [
     "Ack",
     "Delivery",
     "HandBack",
+    "LeaveIdle",
     "Nak",
     "Outcome",
     "PullWorker",
+    "acquire_idle",
 ]
 
 log = structlog.get_logger(__name__)
@@ -180,6 +182,36 @@ class Lease:
             self._overdue = self._lapsed = True
         if self._reconnects is not None and self._reconnects() != self._reconnects_at_start:
             self._lapsed = True
+
+
+class LeaveIdle(Exception):
+    """Raised inside a :meth:`Delivery.idle` block to leave it without taking a slot back:
+    the handler hands its delivery back (its service stops) and has no more work to do."""
+
+
+async def acquire_idle(
+    lock: asyncio.Lock,
+    idle: Callable[[], contextlib.AbstractAsyncContextManager[None]],
+    *,
+    contended: bool,
+) -> None:
+    """``lock``, waited for without the delivery's slot (``idle``) when it is held or
+    others want it too (``contended``: one woken by its release has not run yet, while
+    the lock says unlocked; waiting with the slot, each waited for the other, it for a
+    slot and this one for the lock). Cancelled, waiting for the lock or for the slot
+    after it, it holds nothing."""
+    if not (contended or lock.locked()):
+        await lock.acquire()
+        return
+    acquired = False
+    try:
+        async with idle():
+            await lock.acquire()
+            acquired = True
+    except BaseException:
+        if acquired:
+            lock.release()
+        raise
 
 
 class Slot:
@@ -825,21 +857,9 @@ class PullWorker:
         queue = self._queued.setdefault(key, [])
         lock = self._locks.setdefault(key, asyncio.Lock())
         queue.append(d.stream_seq)
-        acquired = False
-        try:
-            # Another delivery queued for the key (one woken by a release has not run
-            # yet, while the lock says unlocked): wait without the slot, or each would
-            # wait for the other (it for a slot, this one for the lock).
-            if lock.locked() or len(queue) > 1:
-                async with d.idle():  # another user's delivery works meanwhile
-                    await lock.acquire()
-                    acquired = True
-            else:
-                await lock.acquire()
-                acquired = True
-        except asyncio.CancelledError:  # waiting for the key, or for a slot with it
-            if acquired:
-                lock.release()
+        try:  # another user's delivery works meanwhile
+            await acquire_idle(lock, d.idle, contended=len(queue) > 1)
+        except asyncio.CancelledError:
             queue.remove(d.stream_seq)
             self._forget_idle(key)
             raise

@@ -51,7 +51,15 @@ from wecombot_common.bus import AppendUnavailable, ConcurrencyConflict, SettledF
 from wecombot_common.events import Event, MessageReceived, Outcome
 from wecombot_common.metrics import LLM_MODEL_SECONDS, LLM_OUTCOMES
 from wecombot_common.topology import ConversationRef
-from wecombot_common.worker import Ack, Delivery, HandBack, Nak, backoff_delay
+from wecombot_common.worker import (
+    Ack,
+    Delivery,
+    HandBack,
+    LeaveIdle,
+    Nak,
+    acquire_idle,
+    backoff_delay,
+)
 
 from .cache import ConversationCache, Entry
 from .conversation import Blocked, Conversation, Done, Go, plan
@@ -329,8 +337,8 @@ class LlmHandler:
             async with idle():
                 await _wait(changed, waiting.next_interval(now), self._stopping)
                 if self._stopping.is_set() and not last_try:
-                    raise _Stopping  # out of the wait without taking a slot back
-        except _Stopping:
+                    raise LeaveIdle  # out of the wait without taking a slot back
+        except LeaveIdle:
             return HandBack("stopping while waiting for an earlier message")
         return None
 
@@ -438,28 +446,15 @@ class LlmHandler:
         )
 
 
-class _Stopping(Exception):
-    """Raised inside an idle wait the service's stop ended: its slot is not taken back."""
-
-
 @contextlib.asynccontextmanager
 async def _locked(lock: asyncio.Lock, idle: Idle, *, contended: bool) -> AsyncIterator[None]:
-    """``lock``, waited for idle when another delivery of the conversation has it or is
-    about to (``contended``; that one may be calling the model for a while): the slot is
-    taken back once the lock is ours."""
-    acquired = False
+    """``lock`` for the block, waited for idle when another delivery of the conversation
+    has it or is about to (``contended``; that one may be calling the model for a while)."""
+    await acquire_idle(lock, idle, contended=contended)
     try:
-        if contended or lock.locked():
-            async with idle():
-                await lock.acquire()
-                acquired = True
-        else:
-            await lock.acquire()
-            acquired = True
         yield
     finally:
-        if acquired:  # cancelled while taking the slot back with it, too
-            lock.release()
+        lock.release()
 
 
 async def _wait(changed: asyncio.Event, timeout: float, stopping: asyncio.Event) -> None:

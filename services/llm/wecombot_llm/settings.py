@@ -60,14 +60,17 @@ class ModelSettings:
     request_timeout_s: float
     retry_budget_s: float
     max_connections: int
+    key_required: bool = False  # LLM_REQUIRE_API_KEY: no offline model
 
     @classmethod
     def read(cls, env: EnvReader, *, max_concurrency: int) -> ModelSettings:
         temperature: float | None = None
         if env.present("LLM_TEMPERATURE"):
             temperature = env.number("LLM_TEMPERATURE", 1.0, float, "a number", 0.0, 2.0)
+        key_required = _requires_api_key(env)
         return cls(
-            api_key=_api_key(env, required=_requires_api_key(env)),
+            key_required=key_required,
+            api_key=_api_key(env, required=key_required),
             base_url=env.url(
                 "OPENAI_BASE_URL",
                 "https://api.openai.com/v1",

@@ -85,7 +85,7 @@ from wecombot_common.events import (
 from wecombot_common.metrics import SENDER_PARTS, SENDER_REPLIES
 from wecombot_common.tokens import TokenError, TransientTokenError
 from wecombot_common.topology import ConversationRef
-from wecombot_common.worker import Ack, Delivery, HandBack, Nak, backoff_delay
+from wecombot_common.worker import Ack, Delivery, HandBack, LeaveIdle, Nak, backoff_delay
 from wecombot_common.worker import Outcome as Settlement
 
 from .domain import (
@@ -108,10 +108,6 @@ from .errors import SendError, SendRejected, SendRetryable, TokenRejected
 from .wecom import MessageApi
 
 __all__ = ["ConversationCache", "DeliveryPolicy", "ReplySender", "TokenSource", "conversation_key"]
-
-
-class _Stopping(Exception):
-    """Raised inside an idle wait the service's stop ended: its slot is not taken back."""
 
 
 log = structlog.get_logger(__name__)
@@ -458,8 +454,8 @@ class ReplySender:
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._stopping.wait(), min(delay, left))
                     if self._stopping.is_set() and not job.last_try:
-                        raise _Stopping  # handed back: no slot to take again for that
-            except _Stopping:
+                        raise LeaveIdle  # handed back: no slot to take again for that
+            except LeaveIdle:
                 return None
             delay = min(1.0, delay * 2)
             state = await self._load(job)
@@ -495,9 +491,9 @@ class ReplySender:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stopping.wait(), wait)
                 if self._stopping.is_set() and not job.last_try:
-                    raise _Stopping
+                    raise LeaveIdle
                 await asyncio.sleep(max(0.0, until - loop.time()))
-        except _Stopping:
+        except LeaveIdle:
             left = max(0.0, until - loop.time())
             return HandBack(f"stopping while paced ({per_minute} sends a minute per user)", left)
         return None
