@@ -12,11 +12,16 @@ import subprocess
 import urllib.request
 from pathlib import Path
 
+import nats.errors
+import nats.js.errors
+from nats.js import JetStreamContext
+
 from tests.conftest import free_port
-from tests.waiting import until_sync
+from tests.waiting import until, until_sync
+from wecombot_common import topology
 from wecombot_common.embedded import nats_server_binary
 
-__all__ = ["NatsCluster"]
+__all__ = ["NatsCluster", "until_appendable"]
 
 _DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
@@ -111,3 +116,25 @@ class NatsCluster:
                 process.kill()
                 process.wait()
         self._processes.clear()
+
+
+async def until_appendable(js: JetStreamContext, timeout: float = 30.0) -> None:
+    """Until the conversation stream answers an append through ``js``'s server. A fresh
+    replicated stream has its leader a moment before the servers route appends to it:
+    the first ones meet no responders (seen on CI, 7 ms after the leader). The probe
+    expects a last sequence the stream never has, so the stream refuses it: an answer,
+    and nothing stored."""
+    probe = f"{topology.PREFIX}.conv.probe.probe.in"
+
+    async def answers() -> bool:
+        try:
+            await js.publish(
+                probe, b"", headers={"Nats-Expected-Last-Sequence": str(1 << 62)}, timeout=1.0
+            )
+        except nats.js.errors.APIError:
+            return True  # refused by the stream: it is there to answer
+        except (TimeoutError, nats.errors.NoRespondersError, nats.js.errors.NoStreamResponseError):
+            return False
+        raise AssertionError("the stream stored the probe")
+
+    await until(answers, timeout=timeout, what="the replicated stream to answer appends")

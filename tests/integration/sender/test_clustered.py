@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 import pytest
 from nats.js import JetStreamContext
 
-from tests.cluster import NatsCluster
+from tests.cluster import NatsCluster, until_appendable
 from tests.integration.sender.harness import (
     APP,
     StaticTokens,
@@ -34,7 +34,9 @@ pytestmark = pytest.mark.integration
 async def replicated(nats_cluster: NatsCluster) -> AsyncIterator[JetStreamContext]:
     """The streams made as the services make them: a fresh cluster's first replicated
     stream may take longer than one request's timeout to be placed (seen on a loaded CI
-    machine), which ``connect_when_ready`` retries, as every service does at start."""
+    machine), which ``connect_when_ready`` retries, as every service does at start; and
+    the first appends may meet no responders (the services' are retried: a 503 to WeCom,
+    a nak), so the test starts once one is answered."""
     settings = NatsSettings.read(
         EnvReader({"NATS_URL": ",".join(nats_cluster.urls), "WECOMBOT_STREAM_REPLICAS": "3"})
     )
@@ -45,6 +47,7 @@ async def replicated(nats_cluster: NatsCluster) -> AsyncIterator[JetStreamContex
     assert ready is not None  # nothing sets its stop
     nc, _ = ready
     try:
+        await until_appendable(nc.jetstream())
         yield nc.jetstream()
     finally:
         await disconnect(nc, "test")
