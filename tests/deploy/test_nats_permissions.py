@@ -207,7 +207,9 @@ class Client:
 
     @property
     def js(self) -> Any:
-        return self.nc.jetstream(timeout=1.0)
+        # Room for what must succeed (a file-store stream made on a loaded machine);
+        # ``refused`` does not wait for its attempt, so this never slows a refusal.
+        return self.nc.jetstream(timeout=10.0)
 
     async def refused(self, what: Callable[[], Awaitable[object]], subject: str) -> None:
         """Run ``what`` and expect the server to refuse ``subject`` to this user (the

@@ -75,22 +75,34 @@ async def _lead_from(js: JetStreamContext, nc: NATS, node: str) -> None:
             cluster = (await js.consumer_info(stream, consumer)).cluster
         return cluster.leader if cluster else None
 
-    for consumer in (None, topology.LLM_CONSUMER, topology.SENDER_CONSUMER):
-        if await leader(consumer) != node:
-            subject = (
-                f"$JS.API.STREAM.LEADER.STEPDOWN.{stream}"
-                if consumer is None
-                else f"$JS.API.CONSUMER.LEADER.STEPDOWN.{stream}.{consumer}"
-            )
-            answer = json.loads((await nc.request(subject, placement, timeout=5)).data)
-            assert answer.get("success"), answer
+    async def move(consumer: str | None) -> None:
+        subject = (
+            f"$JS.API.STREAM.LEADER.STEPDOWN.{stream}"
+            if consumer is None
+            else f"$JS.API.CONSUMER.LEADER.STEPDOWN.{stream}.{consumer}"
+        )
+        loop = asyncio.get_running_loop()
+        answers: list[object] = []
+        asked_at = -float("inf")
 
-        async def moved(consumer: str | None = consumer) -> bool:
+        async def moved() -> bool:
+            nonlocal asked_at
             with contextlib.suppress(nats.errors.Error, TimeoutError):
-                return await leader(consumer) == node
+                if await leader(consumer) == node:
+                    return True
+                # Asked again every 3 s: a stepdown refused or not honoured (the preferred
+                # peer still catching up, a slow answer on a loaded machine) is not final.
+                if loop.time() - asked_at >= 3.0:
+                    asked_at = loop.time()
+                    answers.append(json.loads((await nc.request(subject, placement, 5)).data))
             return False
 
-        await until(moved, timeout=15, what=f"{consumer or stream}'s leader on {node}")
+        await until(
+            moved, timeout=30, what=lambda: f"{consumer or stream}'s leader on {node}: {answers}"
+        )
+
+    for consumer in (None, topology.LLM_CONSUMER, topology.SENDER_CONSUMER):
+        await move(consumer)
 
 
 class Sender:

@@ -47,10 +47,14 @@ def _listening(port: int) -> set[str]:
 def test_dev_runs_the_whole_system_with_no_settings(tmp_path: Path) -> None:
     gateway_port = free_port()
     # 4222 taken (by us, or already by something else): the embedded broker takes a free
-    # port, and dev says which NATS_URL the wecombot commands need.
+    # port, and dev says which NATS_URL the wecombot commands need. Held as a listener
+    # with SO_REUSEADDR: a broker killed on 4222 by an earlier test leaves it in
+    # TIME_WAIT, where a plain bind fails (and dev rightly finds the port free).
     with socket.socket() as taken:
+        taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         with contextlib.suppress(OSError):
             taken.bind(("127.0.0.1", 4222))
+            taken.listen()
         _run_the_sandbox(tmp_path, gateway_port)
 
 

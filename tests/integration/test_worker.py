@@ -758,7 +758,7 @@ async def test_heartbeats_keep_a_long_handler_from_being_redelivered(
     """A handler that runs twice the consumer's ack_wait: the worker's in_progress()
     every third of ack_wait keeps the broker from giving the message out again meanwhile
     (to this worker, or to another replica), and the lease never lapses."""
-    ack_wait = 1.5
+    ack_wait = 3.0  # heartbeats every 1 s, each confirmed within 1 s: room on a loaded machine
     appended = await append_event(stream, _reply("h", "long model call"))
     loop = asyncio.get_running_loop()
     deliveries: list[int] = []  # num_delivered of each handler invocation
@@ -897,10 +897,11 @@ async def test_no_pull_request_piles_up_while_nats_is_away(
         nats_server.stop()
         await until(lambda: not nc.is_connected, timeout=10, what="the client to see it gone")
         # What is under test is an outage's length: the fetch under way when it began
-        # ends (its timeout), then five more fetch timeouts' worth of outage.
-        await asyncio.sleep(0.5)
-        before = nc.pending_data_size
+        # ends (its 0.2 s timeout; five of them allowed, for a loaded machine), then
+        # seven more fetch timeouts' worth of outage.
         await asyncio.sleep(1.0)
+        before = nc.pending_data_size
+        await asyncio.sleep(1.5)
         assert nc.pending_data_size == before, "pull requests buffered for the reconnect"
         nats_server.start()
         await until(lambda: nc.is_connected, timeout=20, what="the client back")

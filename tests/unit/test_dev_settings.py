@@ -32,8 +32,12 @@ def test_console_port() -> None:
 
 def test_the_default_console_port_falls_back_to_any_free_port_when_taken() -> None:
     with socket.socket() as holder:
+        # A listener with SO_REUSEADDR, as a server holds it: a plain bind fails while
+        # the port is in TIME_WAIT (a console tab closed a minute ago), which is free.
+        holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             holder.bind(("127.0.0.1", CONSOLE_PORT))
+            holder.listen()
         except OSError:
             held_here = False  # another process holds it: taken all the same
         else:
