@@ -141,21 +141,33 @@ class ConversationCache:
             entry.size = size
         self._evict(room_for=0)
 
-    def _over(self, room_for: int) -> bool:
-        return len(self._entries) + room_for > self._capacity or (
-            self._max_bytes is not None and self.bytes > self._max_bytes
+    def _over(self, room_for: int, count: int | None = None, size: int | None = None) -> bool:
+        count = len(self._entries) if count is None else count
+        size = self.bytes if size is None else size
+        return count + room_for > self._capacity or (
+            self._max_bytes is not None and size > self._max_bytes
         )
 
     def _evict(self, *, room_for: int) -> None:
         """Drop the least recently used idle entries while over the count or the byte
-        budget (busy ones stay, over both)."""
+        budget (busy ones stay, over both).
+
+        The victims are found walking from the oldest, without copying the cache: a
+        copy of every entry on each miss of a full cache (10,000 tuples, long-lived
+        enough to reach the oldest GC generation) set off full collections, and the
+        llm's CPU per message went from 2.6 to 11.7 ms once 10,000 users had written."""
         if not self._over(room_for):
             return
-        for key, entry in list(self._entries.items()):  # oldest first
-            if not self._over(room_for):
+        victims: list[ConversationRef] = []
+        count, size = len(self._entries), self.bytes
+        for key, entry in self._entries.items():  # oldest first
+            if not self._over(room_for, count, size):
                 break
             if not entry.busy:
-                self._drop(key)
+                victims.append(key)
+                count, size = count - 1, size - entry.size
+        for key in victims:
+            self._drop(key)
 
     def _drop(self, conv: ConversationRef) -> None:
         entry = self._entries.pop(conv)
