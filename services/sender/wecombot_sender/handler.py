@@ -49,7 +49,7 @@ import asyncio
 import contextlib
 import random
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Protocol, TypedDict
@@ -91,9 +91,11 @@ from wecombot_common.worker import Outcome as Settlement
 from .domain import (
     CHECK_REACHES_BACK_S,
     CLOCK_SKEW_ALLOWANCE_S,
+    FINISHED_KEPT,
     OUTCOME_TYPES,
     ConversationState,
     OutcomeState,
+    compact,
     duplicate_check_interval,
     fold,
     hourly_delay,
@@ -147,16 +149,39 @@ def conversation_key(event: Event) -> str:
     return ConversationRef.of(event).root
 
 
-class ConversationCache:
-    """Recently used conversation states, bounded; always caught up before use."""
+# What a cached state costs besides itself: its key and its slot in the cache.
+ENTRY_BYTES = 440
 
-    def __init__(self, js: JetStreamContext, *, max_entries: int = 4096) -> None:
+
+class ConversationCache:
+    """Recently used conversation states, always caught up before use; at most
+    ``max_entries`` of them and about ``max_bytes`` (``SENDER_CACHE_MB``), the least
+    recently used dropped first (read from the log again when needed). Each state keeps
+    only the newest delivered replies (:func:`~.domain.compact`): bounded by a count
+    alone, a replica holding long conversations grew without end."""
+
+    def __init__(
+        self,
+        js: JetStreamContext,
+        *,
+        max_entries: int = 4096,
+        max_bytes: int | None = 64 << 20,
+        finished_kept: int = FINISHED_KEPT,
+    ) -> None:
         self._js = js
         self._max = max_entries
-        self._entries: OrderedDict[ConversationRef, ConversationState] = OrderedDict()
+        self._max_bytes = max_bytes
+        self._finished_kept = finished_kept
+        self.bytes = 0  # the cached states' approx_bytes, and ENTRY_BYTES each
+        self._entries: OrderedDict[ConversationRef, tuple[ConversationState, int]] = OrderedDict()
 
     async def load(
-        self, conv: ConversationRef, *, through: int = 0, leader: bool = False
+        self,
+        conv: ConversationRef,
+        *,
+        through: int = 0,
+        leader: bool = False,
+        want: str | None = None,
     ) -> ConversationState:
         """The conversation caught up from the log, through stream seq ``through`` at
         least (the event being handled, or one the log has just reported storing).
@@ -172,8 +197,23 @@ class ConversationCache:
         not answer a leader read: then this reads directly, as far as the followers
         have it. A reply recorded as done is done; one still to send waits for the
         leader anyway, since its append needs it. TransientError if the log cannot be
-        read at all."""
-        state = self._entries.get(conv) or ConversationState()
+        read at all.
+
+        ``want``: the outcome the caller decides from. A cached state keeps only the
+        newest delivered replies (:func:`~.domain.compact`): one it forgot is read
+        again, with the whole conversation, and kept."""
+        cached = self._entries.get(conv)
+        state = await self._caught_up(conv, cached and cached[0], through, leader)
+        if want is not None and state.may_have_forgotten(want):
+            log.info("sender.conversation_read_again", reply_id=want)
+            state = await self._caught_up(conv, None, through, leader)
+        self.put(conv, state, keep=(want,) if want is not None else ())
+        return state
+
+    async def _caught_up(
+        self, conv: ConversationRef, cached: ConversationState | None, through: int, leader: bool
+    ) -> ConversationState:
+        state = cached or ConversationState()
         try:
             if leader:
                 try:
@@ -185,7 +225,6 @@ class ConversationCache:
                 state = await self._read(conv, state, direct=True, through=through)
         except (TimeoutError, nats.errors.Error) as exc:
             raise TransientError(f"cannot read the conversation: {type(exc).__name__}") from exc
-        self.put(conv, state)
         return state
 
     async def _read(
@@ -196,11 +235,28 @@ class ConversationCache:
         )
         return fold(state, [stored async for stored in read])
 
-    def put(self, conv: ConversationRef, state: ConversationState) -> None:
-        self._entries[conv] = state
-        self._entries.move_to_end(conv)
-        while len(self._entries) > self._max:
-            self._entries.popitem(last=False)
+    def put(
+        self, conv: ConversationRef, state: ConversationState, *, keep: Iterable[str] = ()
+    ) -> None:
+        """Cache ``state``, the oldest delivered replies but ``keep`` dropped, and keep to
+        the budget (the state just cached stays, alone over it)."""
+        state = compact(state, keep=keep, finished_kept=self._finished_kept)
+        size = ENTRY_BYTES + state.approx_bytes()
+        replaced = self._entries.pop(conv, None)
+        if replaced is not None:
+            self.bytes -= replaced[1]
+        self._entries[conv] = (state, size)
+        self.bytes += size
+        while len(self._entries) > 1 and (
+            len(self._entries) > self._max
+            or (self._max_bytes is not None and self.bytes > self._max_bytes)
+        ):
+            self.bytes -= self._entries.popitem(last=False)[1][1]
+
+    def cached(self, conv: ConversationRef) -> ConversationState | None:
+        """What is held for ``conv`` now, not caught up (None: nothing)."""
+        held = self._entries.get(conv)
+        return held[0] if held is not None else None
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -302,7 +358,7 @@ class ReplySender:
         self._api = api
         self._app = app
         self._policy = policy
-        self._cache = cache or ConversationCache(js)
+        self._cache = cache if cache is not None else ConversationCache(js)  # empty: falsy
         self.queued_behind: Callable[[str], list[int]] = queued_behind or (lambda _key: [])
         self._stopping = stopping or asyncio.Event()
         # Every outcome at or below the consumer's ack floor was acknowledged or
@@ -338,7 +394,9 @@ class ReplySender:
 
     async def _requeued(self, d: Delivery, requeue: ReplyRequeued) -> Settlement:
         """Deliver the requeued reply again, from the log's copy of it."""
-        state = await self._cache.load(ConversationRef.of(requeue), through=d.stream_seq)
+        state = await self._cache.load(
+            ConversationRef.of(requeue), through=d.stream_seq, want=requeue.reply_id
+        )
         seq = state.outcome(requeue.reply_id).seq
         if seq is None:
             raise PermanentError(f"the requeued reply {requeue.reply_id} is not in the log")
@@ -370,7 +428,9 @@ class ReplySender:
         A first delivery whose turn came by the consumer's ack floor may not show the
         earlier reply's end: its retries' check treats that reply as unfinished."""
         leader = job.repeat or job.contested
-        return await self._cache.load(job.conv, through=job.delivery.stream_seq, leader=leader)
+        return await self._cache.load(
+            job.conv, through=job.delivery.stream_seq, leader=leader, want=job.reply_id
+        )
 
     async def _attempt(self, job: _Job) -> Settlement:
         state = await self._load(job)
@@ -767,7 +827,7 @@ class ReplySender:
                 job.contested = True
                 raise ConcurrencyConflict(f"{msg_id} was recorded before (seq {appended.seq})")
             state = record(state, StoredEvent(appended.seq, event))
-            self._cache.put(job.conv, state)
+            self._cache.put(job.conv, state, keep=(job.reply_id,))
             return state
         raise AssertionError("unreachable")  # pragma: no cover
 

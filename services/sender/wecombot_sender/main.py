@@ -20,7 +20,7 @@ from wecombot_common.tokens import TokenClient
 from wecombot_common.topology import OUTCOME_FILTER, SENDER_CONSUMER, work_consumer
 from wecombot_common.worker import PullWorker
 
-from .handler import DeliveryPolicy, ReplySender, conversation_key
+from .handler import ConversationCache, DeliveryPolicy, ReplySender, conversation_key
 from .settings import SenderSettings
 from .wecom import HttpMessageApi
 
@@ -75,6 +75,7 @@ async def _consume(
             per_user_per_hour=settings.per_user_per_hour,
             check_slack_s=math.ceil(2 * settings.http_timeout_s) + 10,
         ),
+        cache=ConversationCache(js, max_bytes=settings.cache_mb << 20),
         stopping=stop,
     )
     worker = PullWorker(

@@ -47,6 +47,7 @@ class SenderSettings:
     per_user_per_hour: int
     # what replies go out as: text, or markdown (WeCom renders a subset; path/90236)
     message_type: MessageType
+    cache_mb: int = 64  # the conversations a replica keeps in memory between replies
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> SenderSettings:
@@ -73,6 +74,7 @@ class SenderSettings:
             ),
             per_user_per_hour=env.integer("SENDER_PER_USER_PER_HOUR", 1000, minimum=0),
             message_type=_message_type(env),
+            cache_mb=env.integer("SENDER_CACHE_MB", 64, minimum=1, maximum=1 << 20),
         )
         env.raise_if_invalid()
         return settings
