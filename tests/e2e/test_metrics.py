@@ -80,6 +80,9 @@ async def test_counters_move_with_a_reply_and_a_refusal(stack: Stack) -> None:
     assert openmetrics.headers["Content-Type"].startswith("application/openmetrics-text")
     assert openmetrics.text.rstrip().endswith("# EOF")
     assert _value(after, "wecombot_worker_in_flight", consumer=LLM_CONSUMER) == 0
+    for service in ("llm", "sender"):  # the conversation just answered is kept
+        assert _value(after, "wecombot_cache_conversations", service=service) >= 1
+        assert _value(after, "wecombot_cache_bytes", service=service) > 1000
     assert _value(after, "process_resident_memory_bytes") > 0
     issued = list(stack.wecom._tokens)  # every access_token WeCom handed out
     assert issued

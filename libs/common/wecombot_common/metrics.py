@@ -14,11 +14,15 @@ which the Ingress does not route: it forwards only the callback path).
 
 from __future__ import annotations
 
+from typing import Protocol
+
 from aiohttp import hdrs, web
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import choose_encoder
 
 __all__ = [
+    "CACHE_BYTES",
+    "CACHE_CONVERSATIONS",
     "CONSUMER_ACK_PENDING",
     "CONSUMER_OLDEST_SECONDS",
     "CONSUMER_PENDING",
@@ -36,6 +40,7 @@ __all__ = [
     "WORKER_SETTLED",
     "WORKER_WAITING",
     "metrics_route",
+    "watch_cache",
 ]
 
 # ---------------------------------------------------------------- gateway
@@ -103,6 +108,33 @@ WORKER_HANDLER_SECONDS = Histogram(
     ["consumer"],
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
 )
+
+CACHE_BYTES = Gauge(
+    "wecombot_cache_bytes",
+    "Bytes of conversations a replica keeps in memory between messages, as its cache "
+    "counts them (at most LLM_CACHE_MB or SENDER_CACHE_MB, but for those in use), by "
+    "service: llm, sender",
+    ["service"],
+)
+CACHE_CONVERSATIONS = Gauge(
+    "wecombot_cache_conversations",
+    "Conversations a replica keeps in memory between messages, by service: llm, sender",
+    ["service"],
+)
+
+
+class _Cache(Protocol):
+    bytes: int
+
+    def __len__(self) -> int: ...
+
+
+def watch_cache(service: str, cache: _Cache) -> None:
+    """Report ``cache``'s size as wecombot_cache_bytes and _conversations, read at each
+    scrape."""
+    CACHE_BYTES.labels(service).set_function(lambda: cache.bytes)
+    CACHE_CONVERSATIONS.labels(service).set_function(lambda: len(cache))
+
 
 # ---------------------------------------------------------------- llm
 

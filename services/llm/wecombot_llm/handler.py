@@ -168,6 +168,11 @@ class LlmHandler:
         self._settled = SettledFloor(store.settled_through, refresh_s=config.settled_refresh_s)
         self._rng = rng or random.Random()  # noqa: S311 (jitter)
 
+    @property
+    def cache(self) -> ConversationCache:
+        """The conversations this handler keeps between messages (for its metrics)."""
+        return self._cache
+
     async def __call__(self, d: Delivery) -> Ack | Nak | HandBack:
         return await self.handle(
             d.event,

@@ -18,6 +18,7 @@ from collections.abc import Awaitable, Callable, Mapping
 import structlog
 from nats.aio.client import Client as NATS
 
+from wecombot_common import metrics
 from wecombot_common.bus import connect_when_ready, disconnect, ensure_topology
 from wecombot_common.logs import configure_logging
 from wecombot_common.runtime import DeferredCheck, HealthServer, run_service
@@ -83,6 +84,7 @@ async def _answer(settings: LlmSettings, nc: NATS, stop: asyncio.Event) -> None:
             ),
             stopping=stop,
         )
+        metrics.watch_cache("llm", handler.cache)
         worker = PullWorker(
             js,
             work_consumer(

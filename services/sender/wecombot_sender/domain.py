@@ -123,8 +123,9 @@ class ConversationState:
     # (minute since the epoch, PartDelivered events in it), oldest first, for WeCom's
     # per-member hourly limit: the last MINUTES_KEPT minutes with a send
     sends_per_minute: tuple[tuple[int, int], ...] = ()
-    # the highest stream sequence of a delivered reply :func:`compact` forgot: a reply
-    # at or below it missing from ``outcomes`` may be one of those (read the log again)
+    # the highest stream sequence of a delivered reply :func:`compact` forgot (0: none
+    # forgotten): a reply missing from ``outcomes`` may be one of those (read the log
+    # again)
     pruned_through: int = 0
 
     def outcome(self, event_id: str) -> OutcomeState:
@@ -227,7 +228,8 @@ def compact(
     return replace(
         state,
         outcomes={k: o for k, o in state.outcomes.items() if k not in gone},
-        pruned_through=max(state.pruned_through, *(o.seq or 0 for o in dropped)),
+        # 1 at least: something was dropped, if only replies whose outcome aged out
+        pruned_through=max(state.pruned_through, 1, *(o.seq or 0 for o in dropped)),
     )
 
 

@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable, Mapping
 import structlog
 from nats.aio.client import Client as NATS
 
+from wecombot_common import metrics
 from wecombot_common.bus import connect_when_ready, disconnect, ensure_topology
 from wecombot_common.logs import configure_logging
 from wecombot_common.runtime import DeferredCheck, HealthServer, run_service
@@ -63,6 +64,8 @@ async def _consume(
     settings: SenderSettings, nc: NATS, api: HttpMessageApi, stop: asyncio.Event
 ) -> None:
     js = nc.jetstream()
+    cache = ConversationCache(js, max_bytes=settings.cache_mb << 20)
+    metrics.watch_cache("sender", cache)
     sender = ReplySender(
         js,
         TokenClient(nc),
@@ -75,7 +78,7 @@ async def _consume(
             per_user_per_hour=settings.per_user_per_hour,
             check_slack_s=math.ceil(2 * settings.http_timeout_s) + 10,
         ),
-        cache=ConversationCache(js, max_bytes=settings.cache_mb << 20),
+        cache=cache,
         stopping=stop,
     )
     worker = PullWorker(
