@@ -18,7 +18,7 @@ operator's ``wecombot dlq replay``, makes a failed one unfinished again)::
 for the next conditional append; ``recent_parts`` the parts recorded last (when, which
 reply, which part), the messages the user saw most recently. :func:`record` applies an
 event this process just appended without moving the cursor, so events others appended
-meanwhile are still read. :func:`compact` forgets the oldest replies delivered long ago
+meanwhile are still read. :func:`compact` forgets all but the newest delivered replies
 (``pruned_through``), so a state cached for a long conversation stays small.
 """
 
