@@ -1293,8 +1293,8 @@ def test_a_proxy_the_model_calls_cannot_use_is_refused_at_start(
     assert "secret-pw" not in str(info.value)
 
 
-def _conversation_of(turns: int, chars: int) -> Conversation:
-    conv = Conversation(needs_outcome=always)
+def _conversation_of(turns: int, chars: int, *, keep: int = 1000) -> Conversation:
+    conv = Conversation(needs_outcome=always, keep_turns=keep)
     seq = 0
     for i in range(turns):
         m = msg(f"{'问' * chars}{i}")
@@ -1350,6 +1350,48 @@ def test_the_cache_counts_what_many_small_conversations_really_hold() -> None:
     finally:
         tracemalloc.stop()
     assert 0.85 < cache.bytes / held < 1.25, (cache.bytes, held)
+
+
+@pytest.mark.parametrize(
+    ("turns", "waiting", "chars", "keep"),
+    [
+        (0, 0, 0, 20),
+        (1, 0, 5, 20),
+        (20, 0, 5, 20),
+        (20, 0, 3000, 20),
+        (5, 20, 300, 20),
+        (0, 100, 30, 20),
+        (1200, 3, 30, 20),
+        (3000, 0, 30, 20),  # settled at its cap of 1,000 long enough for its table to grow
+    ],
+)
+def test_a_conversation_counts_what_it_holds(
+    turns: int, waiting: int, chars: int, keep: int
+) -> None:
+    """The llm cache's byte budget (LLM_CACHE_MB) is kept by these counts. A fixed size
+    per settled id counted a conversation past 1,500 messages 10 % under what it held,
+    and a short one 20 % over."""
+    import gc
+    import tracemalloc
+
+    def build() -> Conversation:
+        conv = _conversation_of(turns, chars, keep=keep)
+        seq = conv.last_seq
+        for i in range(waiting):
+            conv.apply(StoredEvent(seq := seq + 1, msg(f"{'问' * chars}w{i}")))
+        return conv
+
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        conv = build()
+        gc.collect()
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert len(conv.awaiting) == waiting
+    assert 0.93 < conv.approx_bytes() / held < 1.08, (conv.approx_bytes(), held)
 
 
 def test_a_cached_conversation_idle_past_max_idle_is_rebuilt_from_the_log() -> None:
