@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
+from unittest import mock
 
 import httpx
 import pytest
 
-from tests.conftest import NatsHandle
+from tests.conftest import NatsHandle, free_port
 from tests.integration.wecom_app import AGENT, CORP, KEY, SECRET, TOKEN, running_gateway
 from wecombot.console import Console, ConsoleConfig
 from wecombot_common.settings import EnvReader, NatsSettings
@@ -23,6 +26,16 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture
 async def console(nats_server: NatsHandle) -> AsyncIterator[Console]:
+    async with running_console(nats_server) as console:
+        yield console
+
+
+@asynccontextmanager
+async def running_console(
+    nats_server: NatsHandle, *, proxy: str | None = None
+) -> AsyncIterator[Console]:
+    """``proxy``: the environment's HTTP proxy while the console starts (and builds its
+    client), without NO_PROXY; the gateway and this test's own clients are not behind it."""
     async with (
         running_gateway(nats_server.url) as gateway,
         SimulatedWeComApi(corp_id=CORP, secret=SECRET, agent_id=AGENT) as wecom,
@@ -39,7 +52,10 @@ async def console(nats_server: NatsHandle) -> AsyncIterator[Console]:
         )
         builder = CallbackBuilder(corp_id=CORP, agent_id=AGENT, token=TOKEN, encoding_aes_key=KEY)
         console = Console(config, builder, wecom)
-        await console.start()
+        unset = {name: "" for name in ("no_proxy", "NO_PROXY", "all_proxy", "ALL_PROXY")}
+        proxies = {"http_proxy": proxy, "HTTP_PROXY": proxy, **unset} if proxy else {}
+        with mock.patch.dict(os.environ, proxies):
+            await console.start()
         try:
             yield console
         finally:
@@ -114,6 +130,18 @@ async def test_a_message_is_posted_as_wecom_would_and_its_event_streamed(
     assert stored["payload"] == {"kind": "text", "content": "你好 hello"}
     assert event["data"]["subject"] == "wecombot.conv.wwdoctortest01-1000002.zhang~2Esan.in"
     assert event["data"]["seq"] == 1
+
+
+async def test_the_console_reaches_the_gateway_whatever_the_environment_proxy(
+    nats_server: NatsHandle,
+) -> None:
+    """With HTTP_PROXY set and no NO_PROXY (a corporate laptop), every callback went to
+    the proxy, which cannot reach this machine's gateway: 'the gateway is unreachable'."""
+    dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    async with running_console(nats_server, proxy=dead) as console:
+        answer = await post(console, "/api/send", {"user": "zhang.san", "text": "hi"})
+    assert answer.status_code == 200
+    assert answer.json()["status"] == 200, answer.json()
 
 
 async def test_a_reconnecting_page_replays_after_its_last_item(

@@ -119,6 +119,47 @@ def test_unusable_urls_keys_and_paths_are_named_without_showing_secrets() -> Non
     assert "S3cret" not in details and "Distinct1ve" not in details
 
 
+def test_the_event_loop_setting_is_checked_as_the_services_check_it() -> None:
+    """WECOMBOT_EVENT_LOOP=foo was '[ ok ] settings' while every service refused to
+    start with it (run_service reads it before their own settings)."""
+    finding = check_settings(wecom_env(WECOMBOT_EVENT_LOOP="foo"))
+    assert finding.status == "fail"
+    details = "\n".join(finding.details)
+    assert (
+        "WECOMBOT_EVENT_LOOP must be one of auto|uvloop|asyncio, got 'foo' "
+        "(read by gateway, llm, sender, token)"
+    ) in details
+
+
+def test_a_proxy_the_outbound_calls_cannot_use_is_a_settings_problem() -> None:
+    # Not loopback URLs: those are called direct, whatever the proxy
+    env = wecom_env(
+        "https://qyapi.wecom.invalid", ALL_PROXY="socks5://egress.corp:1080", OPENAI_API_KEY="sk"
+    )
+    finding = check_settings(env)
+    assert finding.status == "fail"
+    details = "\n".join(finding.details)
+    assert "(ALL_PROXY) is a socks5:// proxy; the model calls can use" in details
+    assert "the WeCom API calls (gettoken, message/send) can use" in details
+    assert "(read by sender, token)" in details
+    assert "(read by llm)" in details
+
+
+async def test_gettoken_behind_a_proxy_the_token_service_refuses(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Doctor died with httpx's ImportError (socksio) and a traceback, no report."""
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.lower(), raising=False)
+    monkeypatch.delenv("all_proxy", raising=False)
+    monkeypatch.setenv("ALL_PROXY", "socks5://127.0.0.1:1080")
+    finding = await check_gettoken(wecom_env("https://qyapi.wecom.invalid"), TIMEOUT)
+    assert finding.status == "fail"
+    assert finding.summary.startswith("the token service would not start: ")
+    assert "socks5:// proxy" in finding.summary
+
+
 # ---------------------------------------------------------------- NATS
 
 
@@ -570,7 +611,7 @@ async def test_model_behind_a_proxy_the_llm_refuses(monkeypatch: pytest.MonkeyPa
         monkeypatch.delenv(name, raising=False)
     monkeypatch.delenv("all_proxy", raising=False)
     monkeypatch.setenv("ALL_PROXY", "socks5://127.0.0.1:1080")
-    base = f"http://127.0.0.1:{free_port()}/v1"
+    base = "http://llm.invalid/v1"  # not loopback: that is called direct, whatever the proxy
     finding = await check_model({"OPENAI_API_KEY": "sk-sim", "OPENAI_BASE_URL": base}, TIMEOUT)
     assert finding.status == "fail"
     assert finding.summary.startswith("the llm would not start:")

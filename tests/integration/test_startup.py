@@ -126,3 +126,26 @@ def test_the_health_server_listens_where_it_is_told(name: str) -> None:
     assert ran.returncode == 2, ran.stderr
     assert "cannot listen on 192.0.2.1:18089 (WECOMBOT_HEALTH_HOST" in ran.stderr, ran.stderr
     assert "Traceback" not in ran.stderr
+
+
+@pytest.mark.parametrize("name", ["llm", "sender", "token"])
+def test_a_proxy_the_outbound_calls_cannot_use_is_a_setting_problem(name: str) -> None:
+    """A socks5:// proxy (httpx needs socksio for one) was an ImportError and a traceback
+    in the token service and the sender, exit 1 as soon as they had connected to NATS;
+    the llm refused it only then too. Now each refuses it with its settings: exit 2."""
+    # An empty lower-case variable turns its upper-case one off (as urllib reads them)
+    proxies = {v: "" for v in ("http_proxy", "https_proxy", "no_proxy", "NO_PROXY")}
+    ran = _start_failing(
+        name,
+        **proxies,
+        ALL_PROXY="socks5://egress.corp:1080",
+        OPENAI_API_KEY="sk-startup",
+        LLM_REQUIRE_API_KEY="true",
+    )
+    assert ran.returncode == 2, ran.stderr
+    calls = "the model calls" if name == "llm" else "the WeCom API calls"
+    assert "the environment's proxy for https:// URLs (ALL_PROXY) is a socks5:// proxy" in (
+        ran.stderr
+    ), ran.stderr
+    assert calls in ran.stderr
+    assert "Traceback" not in ran.stderr

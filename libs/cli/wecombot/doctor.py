@@ -46,6 +46,8 @@ import nats.js.errors
 from wecombot_common import bus, topology
 from wecombot_common.errors import ConfigError
 from wecombot_common.logs import register_secret
+from wecombot_common.proxy import outbound
+from wecombot_common.runtime import event_loop_name
 from wecombot_common.settings import (
     EnvReader,
     NatsSettings,
@@ -158,6 +160,11 @@ def check_settings(environ: Mapping[str, str]) -> Finding:
         except ConfigError as exc:
             for problem in exc.problems or (str(exc),):
                 problems.setdefault(problem, []).append(service)
+    try:  # run_service reads it before any service's own settings
+        event_loop_name(environ)
+    except ConfigError as exc:
+        for problem in exc.problems or (str(exc),):
+            problems.setdefault(problem, []).extend(service for service, _ in loaders)
     if not problems:
         return Finding(
             "settings", "ok", "every service accepts its settings (gateway, llm, sender, token)"
@@ -281,9 +288,13 @@ async def check_gettoken(environ: Mapping[str, str], timeout_s: float) -> Findin
         return Finding(
             "gettoken",
             "skip",
-            "fix WECOM_CORP_ID, WECOM_AGENT_ID, WECOM_SECRET and WECOM_API_BASE first",
+            "fix WECOM_CORP_ID, WECOM_AGENT_ID, WECOM_SECRET and WECOM_API_BASE (and the "
+            "proxy, if the settings check names one) first",
         )
-    source = WeComTokenSource(settings, timeout_s=timeout_s)
+    try:
+        source = WeComTokenSource(settings, timeout_s=timeout_s)
+    except ConfigError as exc:  # the proxy, read from this process's environment
+        return Finding("gettoken", "fail", f"the token service would not start: {exc}")
     try:
         outcome = await source.fetch()
     finally:
@@ -308,7 +319,11 @@ async def _check_agent(
     url = f"{settings.api_base}/cgi-bin/agent/get"
     params = {"access_token": token, "agentid": str(settings.agent_id)}
     try:
-        async with httpx.AsyncClient(timeout=timeout_s, follow_redirects=False) as client:
+        async with httpx.AsyncClient(
+            timeout=timeout_s,
+            follow_redirects=False,
+            **outbound(settings.api_base, calls="the WeCom API calls"),  # as gettoken
+        ) as client:
             response = await client.get(url, params=params)
         body = response.json() if response.status_code == 200 else None
     except (httpx.HTTPError, ValueError) as exc:
@@ -466,7 +481,16 @@ async def check_callback(
     echo = f"wecombot-doctor-{secrets.token_hex(8)}"
     started = time.monotonic()
     try:
-        async with httpx.AsyncClient(timeout=timeout_s, follow_redirects=False) as http:
+        options = outbound(url, calls="doctor's callback check")
+    except ConfigError as exc:
+        return Finding(
+            "callback",
+            "skip",
+            f"cannot call {url}: {exc}",
+            ("Run doctor with the proxy variables unset, or an http:// proxy.",),
+        )
+    try:
+        async with httpx.AsyncClient(timeout=timeout_s, follow_redirects=False, **options) as http:
             response = await http.get(url, params=builder.verify_url(echo))
     except httpx.TimeoutException:
         return Finding(
@@ -656,7 +680,12 @@ async def check_model(environ: Mapping[str, str], timeout_s: float) -> Finding:
         # A provider or proxy may echo the key: never shown (as the llm cleans it).
         return clip(error_detail(response, key=key))
 
-    async with httpx.AsyncClient(timeout=timeout_s, headers=headers, params=params) as http:
+    async with httpx.AsyncClient(
+        timeout=timeout_s,
+        headers=headers,
+        params=params,
+        **outbound(model.base_url, calls="the model calls"),  # the llm's proxy, checked above
+    ) as http:
         try:
             listed = await http.get(f"{model.base_url}/models")
         except httpx.HTTPError as exc:

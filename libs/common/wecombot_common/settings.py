@@ -32,6 +32,7 @@ from urllib.parse import urlsplit
 import idna
 
 from .errors import ConfigError
+from .proxy import proxy_url
 
 __all__ = [
     "EnvReader",
@@ -214,6 +215,24 @@ class EnvReader:
         if problem:
             self.problems.append(f"{name} {problem}, got {masked_url(raw)!r}")
         return raw.rstrip("/")
+
+    def proxy_for(self, url: str, calls: str) -> None:
+        """A problem when the environment's proxy for ``url`` is one ``calls`` cannot use
+        (:func:`wecombot_common.proxy.proxy_url`): found with the other settings, by the
+        service at start and by doctor alike, not at the first call.
+
+        >>> env = EnvReader({"ALL_PROXY": "socks5://egress:1080"})
+        >>> env.proxy_for("https://qyapi.weixin.qq.com", "the WeCom API calls")
+        >>> print(env.problems[0])  # doctest: +NORMALIZE_WHITESPACE
+        the environment's proxy for https:// URLs (ALL_PROXY) is a socks5:// proxy;
+        the WeCom API calls can use http:// and https:// proxies only
+        """
+        if url_problem(url, ("http", "https")) is not None:
+            return  # the URL's own problem is said already
+        try:
+            proxy_url(url, calls=calls, environ=self._env)
+        except ConfigError as exc:
+            self.problems.append(str(exc))
 
     def check(self, ok: bool, problem: str) -> None:
         if not ok:
@@ -431,7 +450,7 @@ class WeComApiSettings:
 
     @classmethod
     def read(cls, env: EnvReader, *, need_secret: bool = True) -> WeComApiSettings:
-        return cls(
+        settings = cls(
             corp_id=_corp_id(env),
             agent_id=_agent_id(env),
             secret=env.secret(
@@ -445,6 +464,8 @@ class WeComApiSettings:
                 credentials="WeCom takes none: the app's Secret goes in WECOM_SECRET",
             ),
         )
+        env.proxy_for(settings.api_base, "the WeCom API calls (gettoken, message/send)")
+        return settings
 
 
 @dataclass(frozen=True)

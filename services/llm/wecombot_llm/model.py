@@ -22,12 +22,10 @@ import asyncio
 import math
 import random
 import time
-import urllib.request
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol
-from urllib.parse import urlsplit
 
 import aiohttp
 import httpx
@@ -35,7 +33,8 @@ import msgspec
 import structlog
 from httpx_aiohttp import AiohttpTransport
 
-from wecombot_common.errors import ConfigError, PermanentError, TransientError, WecombotError
+from wecombot_common import proxy
+from wecombot_common.errors import PermanentError, TransientError, WecombotError
 from wecombot_common.logs import REDACTED, redact
 
 from .commands import blank
@@ -443,27 +442,9 @@ def _aiohttp_transport(settings: ModelSettings) -> httpx.AsyncBaseTransport:
 
 
 def env_proxy(url: str) -> httpx.Proxy | None:
-    """The proxy the environment names for ``url`` (``HTTPS_PROXY``/``HTTP_PROXY`` by
-    scheme, else ``ALL_PROXY``; none for a host in ``NO_PROXY``), as httpx would pick it.
-
-    ConfigError for a proxy the model calls cannot use (only http:// and https://).
-    """
-    parts = urlsplit(url)
-    proxies = urllib.request.getproxies_environment()
-    if "no" in proxies and urllib.request.proxy_bypass(parts.hostname or ""):
-        return None
-    proxy = proxies.get(parts.scheme) or proxies.get("all")
-    if not proxy:
-        return None
-    if "://" not in proxy:
-        proxy = f"http://{proxy}"  # as httpx reads a proxy variable without a scheme
-    scheme = proxy.split("://", 1)[0].lower()
-    if scheme not in ("http", "https"):
-        raise ConfigError(
-            f"the environment's proxy for {parts.scheme}:// URLs is a {scheme}:// proxy; "
-            "the model calls can use http:// and https:// proxies only"
-        )
-    return httpx.Proxy(proxy)
+    """The environment's proxy for the model calls (:func:`wecombot_common.proxy.env_proxy`:
+    httpx's rules, a loopback model never proxied); ConfigError for one they cannot use."""
+    return proxy.env_proxy(url, calls="the model calls")
 
 
 def _transport_failure(exc: Exception) -> str:

@@ -68,14 +68,18 @@ class ModelSettings:
         if env.present("LLM_TEMPERATURE"):
             temperature = env.number("LLM_TEMPERATURE", 1.0, float, "a number", 0.0, 2.0)
         key_required = _requires_api_key(env)
+        api_key = _api_key(env, required=key_required)
+        base_url = env.url(
+            "OPENAI_BASE_URL",
+            "https://api.openai.com/v1",
+            credentials="the key goes in OPENAI_API_KEY",
+        )
+        if api_key is not None:  # the offline model calls nothing
+            env.proxy_for(base_url, "the model calls")
         return cls(
             key_required=key_required,
-            api_key=_api_key(env, required=key_required),
-            base_url=env.url(
-                "OPENAI_BASE_URL",
-                "https://api.openai.com/v1",
-                credentials="the key goes in OPENAI_API_KEY",
-            ),
+            api_key=api_key,
+            base_url=base_url,
             model=env.text("OPENAI_MODEL", "gpt-4o-mini"),
             api_version=env.optional("OPENAI_API_VERSION"),
             temperature=temperature,

@@ -140,7 +140,9 @@ class Console:
 
     # ------------------------------------------------------------ lifecycle
     async def start(self) -> None:
-        self._http = httpx.AsyncClient(timeout=httpx.Timeout(CALLBACK_TIMEOUT_S))
+        # Only ever the gateway on this machine: never the environment's proxy (one
+        # without NO_PROXY took every callback there, reported as the gateway unreachable).
+        self._http = httpx.AsyncClient(timeout=httpx.Timeout(CALLBACK_TIMEOUT_S), trust_env=False)
         self._nc = await bus.connect(self.config.nats, "wecombot-console")
         js = self._nc.jetstream()
         await bus.ensure_topology(js, self.config.nats)
