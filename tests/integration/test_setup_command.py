@@ -24,13 +24,26 @@ pytestmark = pytest.mark.integration
 
 
 def _setup(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    """``wecombot setup`` in the log's directory: the ./.env it reads is the test's, never
+    the developer's."""
     with log.open("ab") as out:
         return subprocess.Popen(
             [sys.executable, "-m", "wecombot", "setup"],
             env={**os.environ, "LOG_FORMAT": "json", **env},
             stdout=out,
             stderr=out,
+            cwd=log.parent,
         )
+
+
+def _exit_code(proc: subprocess.Popen[bytes], timeout: float) -> int:
+    """The process's exit code; killed (and the test failed) if it runs past ``timeout``."""
+    try:
+        return proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        raise AssertionError(f"wecombot setup still running after {timeout:g}s") from None
 
 
 async def test_setup_creates_the_streams_and_exits_0(
@@ -66,3 +79,24 @@ def test_a_bad_setting_exits_2_with_the_reason(tmp_path: Path) -> None:
     proc = _setup({"NATS_URL": "nats://127.0.0.1:9", "WECOMBOT_STREAM_REPLICAS": "two"}, log)
     assert proc.wait(60) == 2
     assert "WECOMBOT_STREAM_REPLICAS" in log.read_text()
+
+
+async def test_dotenv_in_the_working_directory_fills_what_the_environment_leaves_unset(
+    nats_server: NatsHandle, tmp_path: Path
+) -> None:
+    """As dev, doctor and dlq: a ``.env`` setting applies unless the environment sets it.
+    Its NATS_URL, were it read over the environment's, points at nothing (setup would wait
+    there until killed); NATS_URL stays in the environment so that setup, were ./.env
+    ignored, never reaches for the default broker (4222, maybe another system's)."""
+    (tmp_path / ".env").write_text(
+        f"NATS_URL=nats://127.0.0.1:{free_port()}\nWECOMBOT_HISTORY_MAX_AGE=7200\n"
+    )
+    log = tmp_path / "setup.log"
+    proc = _setup({"NATS_URL": nats_server.url}, log)
+    assert await asyncio.to_thread(_exit_code, proc, 60) == 0, log.read_text()
+    nc = await nats.connect(nats_server.url)
+    try:
+        conversation = await nc.jetstream().stream_info(topology.CONVERSATION_STREAM)
+    finally:
+        await nc.close()
+    assert conversation.config.max_age == 7200  # from ./.env (the default is 30 days)

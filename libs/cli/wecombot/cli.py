@@ -9,8 +9,8 @@
     wecombot dlq       the dead-lettered messages, with why (``show SEQ`` for one)
     wecombot doctor    check a real configuration; explain each problem and its fix
 
-Settings come from the environment (see .env.example); ``dev``, ``doctor`` and ``dlq``
-also read a ``.env`` in the working directory, for the values not set.
+Settings come from the environment (see .env.example); ``setup``, ``dev``, ``doctor`` and
+``dlq`` also read a ``.env`` in the working directory, for the values not set.
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
         prog="wecombot",
         description=(
             "WeCom ↔ LLM bridge over NATS JetStream. Settings come from the environment "
-            "(dev, doctor and dlq also read ./.env for the values not set)."
+            "(setup, dev, doctor and dlq also read ./.env for the values not set)."
         ),
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

@@ -8,6 +8,11 @@ is applied by this command, run as the ``setup`` NATS user (the Kubernetes Job
 ``wecombot-setup``, see docs/deploy.md). Until then the services keep retrying (not
 ready), rather than run against a stream that differs from their settings.
 
+Settings come from the environment, and from a ``.env`` in the working directory for
+the values not set there, as ``dev``, ``doctor`` and ``dlq`` read it: a ``NATS_URL`` kept
+in ./.env was ignored, and setup applied its settings to the default broker, another
+system's. The image holds no ``.env`` (.dockerignore): the Job reads its ConfigMap alone.
+
 Waits for NATS (until SIGTERM/SIGINT, or the Job's deadline). Exit codes: 0 the streams
 match the settings, 1 stopped before that, 2 bad configuration.
 """
@@ -17,6 +22,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import structlog
 
@@ -25,6 +31,8 @@ from wecombot_common.bus import connect_when_ready, disconnect, ensure_topology
 from wecombot_common.logs import configure_logging
 from wecombot_common.runtime import run_service
 from wecombot_common.settings import EnvReader, LogSettings, NatsSettings
+
+from .shared import read_dotenv
 
 __all__ = ["CLIENT_NAME", "SetupSettings", "main", "run_setup"]
 
@@ -74,4 +82,7 @@ async def serve(settings: SetupSettings, stop: asyncio.Event) -> int:
 
 
 def main(environ: Mapping[str, str]) -> int:
-    return run_service(SetupSettings.from_env, serve, environ)
+    """Entry point of ``wecombot setup``: the exit code (see the module docstring)."""
+    env = dict(environ)
+    read_dotenv(Path(".env"), env)  # as dev, doctor and dlq do: values not set already
+    return run_service(SetupSettings.from_env, serve, env)

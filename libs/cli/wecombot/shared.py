@@ -1,4 +1,4 @@
-"""Small helpers the operator commands (``doctor``, ``dlq``) share."""
+"""Small helpers the operator commands (``doctor``, ``dlq``, ``setup``, ``dev``) share."""
 
 from __future__ import annotations
 
