@@ -1,7 +1,9 @@
 """``wecombot setup`` as the Kubernetes Job runs it: a process, its exit code and log.
 
 0 once the streams match the settings; 1 when SIGTERM (the Job's deadline) comes before
-NATS does; 2 for a bad setting, with the reason and nothing attempted.
+NATS does; 2 for a bad setting, with the reason and nothing attempted, or for settings the
+broker can never meet (replicas on a single server). A broker that may yet answer (a
+cluster without its leader) is waited for.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import nats
 import pytest
@@ -19,6 +22,9 @@ import pytest
 from tests.conftest import NatsHandle, free_port
 from tests.waiting import until
 from wecombot_common import topology
+
+if TYPE_CHECKING:
+    from tests.cluster import NatsCluster
 
 pytestmark = pytest.mark.integration
 
@@ -100,3 +106,49 @@ async def test_dotenv_in_the_working_directory_fills_what_the_environment_leaves
     finally:
         await nc.close()
     assert conversation.config.max_age == 7200  # from ./.env (the default is 30 days)
+
+
+async def test_replicas_a_single_server_cannot_hold_exit_2_naming_the_setting(
+    nats_server: NatsHandle, tmp_path: Path
+) -> None:
+    """JetStream refuses them for good (err_code 10074): the Job fails at once with the
+    reason instead of retrying until its deadline."""
+    log = tmp_path / "setup.log"
+    proc = _setup({"NATS_URL": nats_server.url, "WECOMBOT_STREAM_REPLICAS": "3"}, log)
+    assert await asyncio.to_thread(_exit_code, proc, 60) == 2, log.read_text()
+    written = log.read_text()
+    assert '"service.config_error"' in written
+    assert f"WECOMBOT_STREAM_REPLICAS=3, but the NATS server at {nats_server.url} is not" in written
+    assert "not clustered" in written and "set WECOMBOT_STREAM_REPLICAS=1" in written
+    assert '"nats.not_ready"' not in written
+    nc = await nats.connect(nats_server.url)
+    try:
+        assert (await nc.jetstream().account_info()).streams == 0
+    finally:
+        await nc.close()
+
+
+async def test_a_cluster_without_its_leader_is_waited_for(
+    nats_cluster: NatsCluster, tmp_path: Path
+) -> None:
+    """Replicas on one node of three, the other two away (no meta leader): not a
+    configuration error, only not yet; done once the cluster is whole again."""
+    nats_cluster.stop_node(1)
+    nats_cluster.stop_node(2)
+    log = tmp_path / "setup.log"
+    proc = _setup({"NATS_URL": nats_cluster.urls[0], "WECOMBOT_STREAM_REPLICAS": "3"}, log)
+    try:
+        await until(
+            lambda: '"nats.not_ready"' in log.read_text(),
+            timeout=30,
+            what="setup to wait for the cluster",
+        )
+        assert proc.poll() is None, log.read_text()
+        nats_cluster.start_node(1)
+        nats_cluster.start_node(2)
+        assert await asyncio.to_thread(_exit_code, proc, 90) == 0, log.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert '"service.config_error"' not in log.read_text()

@@ -149,3 +149,19 @@ def test_a_proxy_the_outbound_calls_cannot_use_is_a_setting_problem(name: str) -
     ), ran.stderr
     assert calls in ran.stderr
     assert "Traceback" not in ran.stderr
+
+
+@pytest.mark.parametrize("name", ["sender", "token"])
+def test_replicas_a_single_server_cannot_hold_are_a_setting_problem(
+    name: str, nats_server: NatsHandle
+) -> None:
+    """Exit 2 naming WECOMBOT_STREAM_REPLICAS, for the streams (sender) as for the token
+    bucket (token): JetStream refuses them for good (err_code 10074), and each service
+    retried without end, not ready, with back-off up to 15 s."""
+    ran = _start_failing(
+        name, NATS_URL=nats_server.url, WECOMBOT_STREAM_REPLICAS="3", WECOMBOT_HEALTH_PORT="0"
+    )
+    assert ran.returncode == 2, ran.stderr
+    assert "WECOMBOT_STREAM_REPLICAS=3, but the NATS server at" in ran.stderr, ran.stderr
+    assert "is not clustered" in ran.stderr
+    assert "Traceback" not in ran.stderr

@@ -58,6 +58,11 @@ log = structlog.get_logger(__name__)
 T = TypeVar("T")
 
 WRONG_LAST_SEQUENCE = 10071
+# A JetStream API error that retrying cannot fix: the server was asked for what its
+# configuration cannot give, and answers so until one or the other changes. Only this
+# one is certain; 10008 (a cluster without a meta leader yet), 10023 (insufficient
+# resources) or 10005 (no suitable peers, a node down) may pass, and are retried.
+REPLICAS_NOT_SUPPORTED = 10074  # "replicas > 1 not supported in non-clustered mode"
 # nats-py's outgoing buffer (its default, set explicitly by :func:`connect`). A publish
 # that would take it past this waits inside nats-py until the socket takes the data,
 # however long that is; :class:`PipelinedAppender` refuses such an append instead.
@@ -641,7 +646,10 @@ async def connect_when_ready(
     """Connect, then run ``prepare`` (create streams, buckets…) until it succeeds.
 
     nats-py keeps retrying an unreachable server by itself; ``prepare`` is retried with
-    exponential backoff while JetStream is unavailable. Returns None if ``stop`` is set
+    exponential backoff while JetStream is unavailable: no responders, a cluster electing
+    its leader, a timeout. What no retry can fix raises ConfigError (exit 2), the
+    connection closed: a server older than 2.11, or ``WECOMBOT_STREAM_REPLICAS`` above 1
+    on a server that is not clustered (err_code 10074). Returns None if ``stop`` is set
     first, so a service waiting for its broker still stops at once on SIGTERM::
 
         ready = await connect_when_ready(s.nats, "wecombot-llm", stop,
@@ -667,6 +675,9 @@ async def connect_when_ready(
         try:
             prepared = await prepare(js)
         except (TimeoutError, nats.errors.Error, OSError) as exc:
+            if (mismatch := _misconfigured(exc, settings)) is not None:
+                await close_quietly(nc, name)
+                raise ConfigError(mismatch) from exc
             log_.warning("nats.not_ready", error=f"{type(exc).__name__}: {exc}", retry_in_s=delay)
         else:
             return nc, prepared
@@ -674,3 +685,16 @@ async def connect_when_ready(
             await close_quietly(nc, name)
             return None
         delay = min(delay * 2, max_retry_s)
+
+
+def _misconfigured(exc: BaseException, settings: NatsSettings) -> str | None:
+    """Why ``prepare`` can never succeed against this server, or None (retry): the
+    message of the ConfigError that ends the wait."""
+    if not isinstance(exc, nats.js.errors.APIError) or exc.err_code != REPLICAS_NOT_SUPPORTED:
+        return None
+    return (
+        f"WECOMBOT_STREAM_REPLICAS={settings.stream_replicas}, but the NATS server at "
+        f"{without_credentials(settings.url)} is not clustered (JetStream: "
+        f"{exc.description}, err_code {exc.err_code}): set WECOMBOT_STREAM_REPLICAS=1, or "
+        f"point NATS_URL at a JetStream cluster of {settings.stream_replicas} servers or more"
+    )
