@@ -2,8 +2,8 @@
 
 0 once the streams match the settings; 1 when SIGTERM (the Job's deadline) comes before
 NATS does; 2 for a bad setting, with the reason and nothing attempted, or for settings the
-broker can never meet (replicas on a single server). A broker that may yet answer (a
-cluster without its leader) is waited for.
+broker can never meet (replicas on a single server). A broker that may yet answer (its
+JetStream off or starting, a cluster without its leader) is waited for, saying why.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -20,6 +21,7 @@ import nats
 import pytest
 
 from tests.conftest import NatsHandle, free_port
+from tests.integration.test_doctor import _plain_nats
 from tests.waiting import until
 from wecombot_common import topology
 
@@ -126,6 +128,37 @@ async def test_replicas_a_single_server_cannot_hold_exit_2_naming_the_setting(
         assert (await nc.jetstream().account_info()).streams == 0
     finally:
         await nc.close()
+
+
+@pytest.fixture
+def nats_without_jetstream(tmp_path: Path) -> Iterator[str]:
+    yield from _plain_nats(tmp_path)
+
+
+async def test_a_broker_without_jetstream_is_waited_for_saying_so(
+    nats_without_jetstream: str, tmp_path: Path
+) -> None:
+    """JetStream may still be starting (recovering its store): waited for, as NATS is,
+    and ``nats.not_ready`` says it does not answer (it said ``ServiceUnavailableError
+    code=None … description='None'``)."""
+    log = tmp_path / "setup.log"
+    proc = _setup({"NATS_URL": nats_without_jetstream}, log)
+    try:
+        await until(
+            lambda: "JetStream does not answer" in log.read_text(),
+            timeout=30,
+            what="setup to say JetStream does not answer",
+        )
+        assert proc.poll() is None, log.read_text()
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(_exit_code, proc, 30) == 1, log.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    written = log.read_text()
+    assert "not enabled on this server or for this account" in written
+    assert "or still starting" in written and '"setup.stopped"' in written
 
 
 async def test_a_cluster_without_its_leader_is_waited_for(

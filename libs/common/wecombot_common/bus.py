@@ -646,10 +646,11 @@ async def connect_when_ready(
     """Connect, then run ``prepare`` (create streams, buckets…) until it succeeds.
 
     nats-py keeps retrying an unreachable server by itself; ``prepare`` is retried with
-    exponential backoff while JetStream is unavailable: no responders, a cluster electing
-    its leader, a timeout. What no retry can fix raises ConfigError (exit 2), the
-    connection closed: a server older than 2.11, or ``WECOMBOT_STREAM_REPLICAS`` above 1
-    on a server that is not clustered (err_code 10074). Returns None if ``stop`` is set
+    exponential backoff while JetStream is unavailable: no responders (not enabled on the
+    server or the account, or still starting: ``nats.not_ready`` says both), a cluster
+    electing its leader, a timeout. What no retry can fix raises ConfigError (exit 2),
+    the connection closed: a server older than 2.11, or ``WECOMBOT_STREAM_REPLICAS`` above
+    1 on a server that is not clustered (err_code 10074). Returns None if ``stop`` is set
     first, so a service waiting for its broker still stops at once on SIGTERM::
 
         ready = await connect_when_ready(s.nats, "wecombot-llm", stop,
@@ -678,7 +679,7 @@ async def connect_when_ready(
             if (mismatch := _misconfigured(exc, settings)) is not None:
                 await close_quietly(nc, name)
                 raise ConfigError(mismatch) from exc
-            log_.warning("nats.not_ready", error=f"{type(exc).__name__}: {exc}", retry_in_s=delay)
+            log_.warning("nats.not_ready", error=_not_ready(exc), retry_in_s=delay)
         else:
             return nc, prepared
         if await unless_stopped(asyncio.sleep(delay, result=True), stop) is None:
@@ -698,3 +699,17 @@ def _misconfigured(exc: BaseException, settings: NatsSettings) -> str | None:
         f"{exc.description}, err_code {exc.err_code}): set WECOMBOT_STREAM_REPLICAS=1, or "
         f"point NATS_URL at a JetStream cluster of {settings.stream_replicas} servers or more"
     )
+
+
+def _not_ready(exc: BaseException) -> str:
+    """``exc`` for the ``nats.not_ready`` line. A JetStream request no one answered (a 503
+    status without a body: no responders on ``$JS.API``; nats-py raises it without a
+    code or a description) is said in words."""
+    if isinstance(exc, nats.errors.NoRespondersError) or (
+        isinstance(exc, nats.js.errors.ServiceUnavailableError) and exc.err_code is None
+    ):
+        return (
+            "JetStream does not answer (no responders on $JS.API): it is not enabled on "
+            "this server or for this account (nats-server -js), or still starting"
+        )
+    return f"{type(exc).__name__}: {exc}"
