@@ -4,7 +4,8 @@
     wecombot llm       received messages → model → reply events (scale by replicas)
     wecombot sender    reply events → WeCom message/send
     wecombot token     the only owner of WeCom access_tokens (NATS request-reply)
-    wecombot setup     create or update the JetStream streams (run once per deploy)
+    wecombot setup     create or update the JetStream streams (run once per deploy; waits
+                       for NATS until stopped)
     wecombot dev       the whole system in the foreground (embedded nats-server)
     wecombot dlq       the dead-lettered messages, with why (``show SEQ`` for one)
     wecombot doctor    check a real configuration; explain each problem and its fix
@@ -32,7 +33,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "llm": ("wecombot_llm.main", "answer received messages with the model"),
     "sender": ("wecombot_sender.main", "deliver replies through WeCom message/send"),
     "token": ("wecombot_token.main", "own and refresh WeCom access_tokens"),
-    "setup": ("wecombot.setup", "create or update the JetStream streams (deploy: NATS user setup)"),
+    "setup": (
+        "wecombot.setup",
+        "create or update the JetStream streams; waits for NATS until stopped (deploy: NATS "
+        "user setup)",
+    ),
     "dev": (
         "wecombot.dev",
         "run everything in the foreground (embedded nats-server when NATS_URL is unset)",

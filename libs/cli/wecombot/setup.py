@@ -13,8 +13,12 @@ the values not set there, as ``dev``, ``doctor`` and ``dlq`` read it: a ``NATS_U
 in ./.env was ignored, and setup applied its settings to the default broker, another
 system's. The image holds no ``.env`` (.dockerignore): the Job reads its ConfigMap alone.
 
-Waits for NATS (until SIGTERM/SIGINT, or the Job's deadline). Exit codes: 0 the streams
-match the settings, 1 stopped before that, 2 bad configuration.
+Waits for NATS, and for its JetStream to answer (``nats.not_ready`` says when it does not:
+not enabled, or still starting), until SIGTERM/SIGINT or the Job's deadline. Settings the
+broker can never meet end the wait: ``WECOMBOT_STREAM_REPLICAS`` above 1 on a server that
+is not clustered fails at once, naming the setting, rather than burn the Job's deadline
+(:func:`wecombot_common.bus.connect_when_ready`). Exit codes: 0 the streams match the
+settings, 1 stopped before that, 2 bad configuration (or one the broker cannot meet).
 """
 
 from __future__ import annotations
