@@ -247,3 +247,20 @@ def test_a_bad_setting_of_any_service_stops_dev_before_anything_starts(tmp_path:
     dev.out.wait_for(r"SENDER_MAX_DELIVER .*\(read by sender\)", timeout=5)
     text = "".join(dev.out.lines)
     assert "embedded nats-server" not in text and "exited with code" not in text
+
+
+def test_a_gateway_port_another_program_holds_stops_dev_before_anything_starts(
+    tmp_path: Path,
+) -> None:
+    """The callback URL was printed, then the gateway could not listen and dev stopped
+    everything it had started: said first now, with the setting to change."""
+    with socket.socket() as taken:
+        taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        dev = DevProcess(tmp_path, GATEWAY_PORT=str(port), WECOMBOT_HEALTH_PORT="0")
+        assert dev.ended() == 2, dev.out.tail()
+    dev.out.wait_for(rf"GATEWAY_PORT={port} is taken by another program", timeout=5)
+    text = "".join(dev.out.lines)
+    assert "embedded nats-server" not in text and "callback URL" not in text

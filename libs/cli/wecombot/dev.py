@@ -332,8 +332,8 @@ async def run(env: dict[str, str]) -> int:
     if not held:
         sup.say(
             f"another wecombot dev (pid {lock.holder()}) runs with {data_dir}: stop it "
-            "first, or give this one its own WECOMBOT_DATA_DIR, GATEWAY_PORT and "
-            "WECOMBOT_HEALTH_PORT=0 (its nats-server and console take free ports)"
+            "first, or give this one its own WECOMBOT_DATA_DIR and GATEWAY_PORT (its "
+            "nats-server, console and health ports take free ones by themselves)"
         )
         return 2
     try:
@@ -373,6 +373,15 @@ async def _run(
             sup.say(found.summary)
             for detail in found.details:
                 sup.say(detail)
+            return 2
+        gw_port = env.get("GATEWAY_PORT") or "8080"
+        if gw_port.isdigit() and not _port_free(int(gw_port), "0.0.0.0"):  # noqa: S104
+            # Its URL is the one WeCom (or the console) calls: not moved elsewhere. Said
+            # before anything starts, not after the URL was printed and the gateway failed.
+            sup.say(
+                f"GATEWAY_PORT={gw_port} is taken by another program: stop it, or set "
+                "GATEWAY_PORT to a free port"
+            )
             return 2
         if not env.get("NATS_URL"):
             nats_server = EmbeddedNats(
@@ -442,7 +451,6 @@ async def _run(
         sup.health_ports = health_ports(env)
         for service in SERVICES:
             await sup.start(service)
-        gw_port = env.get("GATEWAY_PORT", "8080")
         path = env.get("GATEWAY_CALLBACK_PATH", "/wecom/callback")
         sup.say(f"gateway callback URL: http://127.0.0.1:{gw_port}{path}")
         sup.say(f"metrics: {_metrics_urls(gw_port, sup.health_ports)}")

@@ -89,7 +89,10 @@ def nats_unreachable(url: str, exc: BaseException) -> tuple[str, str]:
     if isinstance(exc, ConnectionRefusedError):
         why = "nothing listens at that address"
     elif isinstance(exc, TimeoutError):
-        why = "no answer in time (a firewall dropping packets, or the wrong host)"
+        why = (
+            "no answer in time (a firewall dropping packets, the wrong host, or a server "
+            "there that is not NATS: a NATS server speaks first, an HTTP one waits)"
+        )
     elif isinstance(exc, OSError) and "name" in text.lower():
         why = f"the host name does not resolve ({text})"
     else:
