@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import subprocess
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -18,7 +19,8 @@ import pytest
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
-from wecombot_common.embedded import EmbeddedNats
+from tests.waiting import until_sync
+from wecombot_common.embedded import EmbeddedNats, nats_server_binary
 
 if TYPE_CHECKING:
     from tests.cluster import NatsCluster
@@ -121,3 +123,44 @@ def restore_logging() -> Iterator[None]:
     finally:
         root.handlers[:] = handlers
         root.setLevel(level)
+
+
+@pytest.fixture(autouse=True)
+def no_proxy_variables(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test, and every service a test starts (they inherit this environment), as
+    on a machine without an egress proxy: a developer's own ``https_proxy`` or
+    ``all_proxy`` changed what the proxy tests saw, and sent the tests' own HTTP clients
+    to it. A test that wants a proxy sets it."""
+    for name in list(os.environ):
+        if name.lower().endswith("_proxy"):
+            monkeypatch.delenv(name)
+
+
+def plain_nats_server(tmp: Path, *args: str) -> Iterator[str]:
+    """A nats-server started with ``args`` alone (none: without JetStream), its URL."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [nats_server_binary(), "-a", "127.0.0.1", "-p", str(port), *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+    def accepts() -> bool:
+        assert proc.poll() is None, "nats-server exited"
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return True
+        except OSError:
+            return False
+
+    try:
+        until_sync(accepts, timeout=15, what="nats-server accepting connections", interval=0.02)
+        yield f"nats://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+@pytest.fixture
+def nats_without_jetstream(tmp_path: Path) -> Iterator[str]:
+    yield from plain_nats_server(tmp_path)

@@ -19,7 +19,7 @@ import pytest
 
 from tests.conftest import free_port
 from tests.loopback import raw_http, read_request
-from wecombot_common.settings import Secret
+from wecombot_common.settings import EnvReader, Secret
 from wecombot_common.sim.openai_api import (
     Answer,
     Fault,
@@ -503,15 +503,20 @@ async def test_a_request_that_cannot_be_sent_is_rejected_at_once(base_url: str) 
     assert KEY not in str(info.value)
 
 
-async def test_the_environment_proxy_carries_the_call(
-    api: SimulatedOpenAIApi, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Companies reach their provider through an egress proxy (HTTP_PROXY): the call goes
-    to the proxy in absolute form; here the simulator itself plays the proxy."""
-    for name in ("NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{api.port}")
-    model = OpenAIChatModel(settings("http://llm.invalid/v1"))  # resolvable only by the proxy
+async def test_the_environment_proxy_carries_the_call(api: SimulatedOpenAIApi) -> None:
+    """Companies reach their provider through an egress proxy (HTTP_PROXY, read with the
+    settings): the call goes to the proxy in absolute form; here the simulator itself
+    plays the proxy."""
+    env = EnvReader(
+        {
+            "OPENAI_API_KEY": KEY,
+            "OPENAI_BASE_URL": "http://llm.invalid/v1",  # resolvable only by the proxy
+            "HTTP_PROXY": f"http://127.0.0.1:{api.port}",
+        }
+    )
+    proxy = ModelSettings.read(env, max_concurrency=1).proxy
+    assert env.problems == [] and proxy is not None
+    model = OpenAIChatModel(settings("http://llm.invalid/v1", proxy=proxy))
     try:
         done = await model.complete(HELLO)
     finally:

@@ -13,7 +13,6 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -21,7 +20,6 @@ import nats
 import pytest
 
 from tests.conftest import NatsHandle, free_port
-from tests.integration.test_doctor import _plain_nats
 from tests.waiting import until
 from wecombot_common import topology
 
@@ -33,11 +31,12 @@ pytestmark = pytest.mark.integration
 
 def _setup(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
     """``wecombot setup`` in the log's directory: the ./.env it reads is the test's, never
-    the developer's."""
+    the developer's; nor are the developer's own NATS_* or WECOMBOT_* settings inherited."""
+    inherited = {k: v for k, v in os.environ.items() if not k.startswith(("NATS_", "WECOMBOT_"))}
     with log.open("ab") as out:
         return subprocess.Popen(
             [sys.executable, "-m", "wecombot", "setup"],
-            env={**os.environ, "LOG_FORMAT": "json", **env},
+            env={**inherited, "LOG_FORMAT": "json", **env},
             stdout=out,
             stderr=out,
             cwd=log.parent,
@@ -128,11 +127,6 @@ async def test_replicas_a_single_server_cannot_hold_exit_2_naming_the_setting(
         assert (await nc.jetstream().account_info()).streams == 0
     finally:
         await nc.close()
-
-
-@pytest.fixture
-def nats_without_jetstream(tmp_path: Path) -> Iterator[str]:
-    yield from _plain_nats(tmp_path)
 
 
 async def test_a_broker_without_jetstream_is_waited_for_saying_so(

@@ -85,11 +85,15 @@ async def test_alive_before_nats_then_ready(name: str, nats_server: NatsHandle) 
 
 def _start_failing(name: str, **env: str) -> subprocess.CompletedProcess[str]:
     """Run service ``name`` with its WeCom settings and an unreachable NATS: it must stop
-    on its own at start-up (a settings problem), and this returns how."""
+    on its own at start-up (a settings problem), and this returns how. The developer's
+    own WeCom, model and llm settings are not inherited."""
+    inherited = {
+        k: v for k, v in os.environ.items() if not k.startswith(("WECOM_", "OPENAI_", "LLM_"))
+    }
     return subprocess.run(
         [sys.executable, "-m", "wecombot", name],
         env={
-            **os.environ,
+            **inherited,
             "NATS_URL": "nats://127.0.0.1:9",
             "WECOM_CORP_ID": "wwstartup",
             "WECOM_AGENT_ID": "1000002",
@@ -133,12 +137,9 @@ def test_a_proxy_the_outbound_calls_cannot_use_is_a_setting_problem(name: str) -
     """A socks5:// proxy (httpx needs socksio for one) was an ImportError and a traceback
     in the token service and the sender, exit 1 as soon as they had connected to NATS;
     the llm refused it only then too. Now each refuses it with its settings: exit 2."""
-    # An empty lower-case variable turns its upper-case one off (as urllib reads them)
-    proxies = {v: "" for v in ("http_proxy", "https_proxy", "no_proxy", "NO_PROXY")}
     ran = _start_failing(
         name,
-        **proxies,
-        ALL_PROXY="socks5://egress.corp:1080",
+        ALL_PROXY="socks5://egress.corp:1080",  # no other proxy variable: see conftest
         OPENAI_API_KEY="sk-startup",
         LLM_REQUIRE_API_KEY="true",
     )

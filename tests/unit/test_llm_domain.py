@@ -8,6 +8,7 @@ import time
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 
+import httpx
 import msgspec
 import pytest
 from hypothesis import given
@@ -39,6 +40,8 @@ from wecombot_common.events import (
     WeComEventPayload,
     derived_id,
 )
+from wecombot_common.proxy import httpx_proxy
+from wecombot_common.settings import EnvReader
 from wecombot_common.worker import Ack, Delivery, HandBack, Nak, Slot
 from wecombot_llm.commands import HELP_TEXT, Command, parse_command
 from wecombot_llm.conversation import Blocked, Conversation, Done, Go, fold, plan
@@ -61,11 +64,10 @@ from wecombot_llm.model import (
     ModelRejected,
     ModelUnavailable,
     OfflineModel,
-    env_proxy,
 )
 from wecombot_llm.prompt import ChatMessage, Turn, build_prompt, estimate_tokens
 from wecombot_llm.retry import is_retryable_status, next_delay, parse_retry_after, retry_after_of
-from wecombot_llm.settings import LlmSettings, ReplyPolicy
+from wecombot_llm.settings import LlmSettings, ModelSettings, ReplyPolicy
 
 USER = "zhang.san@corp"
 
@@ -1239,58 +1241,54 @@ def test_gate_settings_errors_name_the_variable(env: dict[str, str], message: st
 
 # ---------------------------------------------------------------- proxy from the environment
 
-_PROXY_VARS = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY")
+
+def _model_proxy(url: str, **environ: str) -> httpx.Proxy | None:
+    """The proxy the llm's model calls take, read with its settings from ``environ``."""
+    env = EnvReader({"OPENAI_API_KEY": "sk-test", "OPENAI_BASE_URL": url, **environ})
+    model = ModelSettings.read(env, max_concurrency=1)
+    env.raise_if_invalid()
+    return httpx_proxy(model.proxy)
 
 
-@pytest.fixture
-def proxy_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
-    for name in _PROXY_VARS:
-        monkeypatch.delenv(name, raising=False)
-        monkeypatch.delenv(name.lower(), raising=False)
-    return monkeypatch
-
-
-def test_env_proxy_follows_the_scheme_of_the_model_url(proxy_env: pytest.MonkeyPatch) -> None:
-    proxy_env.setenv("HTTPS_PROXY", "http://egress.corp:3128")
-    proxy_env.setenv("HTTP_PROXY", "http://plain.corp:3128")
-    https = env_proxy("https://api.openai.com/v1")
-    plain = env_proxy("http://vllm.internal:8000/v1")
+def test_the_model_proxy_follows_the_scheme_of_the_model_url() -> None:
+    proxies = {"HTTPS_PROXY": "http://egress.corp:3128", "HTTP_PROXY": "http://plain.corp:3128"}
+    https = _model_proxy("https://api.openai.com/v1", **proxies)
+    plain = _model_proxy("http://vllm.internal:8000/v1", **proxies)
     assert https is not None and str(https.url) == "http://egress.corp:3128"
     assert plain is not None and str(plain.url) == "http://plain.corp:3128"
 
 
-def test_env_proxy_falls_back_to_all_proxy_and_keeps_credentials_apart(
-    proxy_env: pytest.MonkeyPatch,
-) -> None:
-    proxy_env.setenv("ALL_PROXY", "http://user:pw@egress.corp:3128")
-    proxy = env_proxy("https://api.deepseek.com/v1")
+def test_the_model_proxy_falls_back_to_all_proxy_and_keeps_credentials_apart() -> None:
+    proxy = _model_proxy("https://api.deepseek.com/v1", ALL_PROXY="http://user:pw@egress:3128")
     assert proxy is not None and proxy.auth == ("user", "pw")
     assert "pw" not in str(proxy.url)
+    settings = ModelSettings.read(
+        EnvReader({"OPENAI_API_KEY": "k", "ALL_PROXY": "http://user:pw@egress:3128"}),
+        max_concurrency=1,
+    )
+    assert "pw" not in repr(settings)  # a Secret
 
 
-def test_no_proxy_and_no_setting_mean_a_direct_connection(
-    proxy_env: pytest.MonkeyPatch,
-) -> None:
-    assert env_proxy("https://api.openai.com/v1") is None
-    proxy_env.setenv("HTTPS_PROXY", "http://egress.corp:3128")
-    proxy_env.setenv("NO_PROXY", "localhost,.internal")
-    assert env_proxy("https://vllm.internal/v1") is None
-    assert env_proxy("https://api.openai.com/v1") is not None
+def test_no_proxy_and_no_setting_mean_a_direct_connection() -> None:
+    assert _model_proxy("https://api.openai.com/v1") is None
+    proxies = {"HTTPS_PROXY": "http://egress.corp:3128", "NO_PROXY": "localhost,.internal"}
+    assert _model_proxy("https://vllm.internal/v1", **proxies) is None
+    assert _model_proxy("https://api.openai.com/v1", **proxies) is not None
+    assert _model_proxy("http://127.0.0.1:11434/v1", **proxies) is None  # a local Ollama
 
 
-def test_env_proxy_without_a_scheme_is_http(proxy_env: pytest.MonkeyPatch) -> None:
-    proxy_env.setenv("HTTPS_PROXY", "egress.corp:3128")
-    proxy = env_proxy("https://api.openai.com/v1")
+def test_the_model_proxy_without_a_scheme_is_http() -> None:
+    proxy = _model_proxy("https://api.openai.com/v1", HTTPS_PROXY="egress.corp:3128")
     assert proxy is not None and str(proxy.url) == "http://egress.corp:3128"
 
 
-def test_a_proxy_the_model_calls_cannot_use_is_refused_at_start(
-    proxy_env: pytest.MonkeyPatch,
-) -> None:
-    proxy_env.setenv("ALL_PROXY", "socks5://user:secret-pw@egress.corp:1080")
+def test_a_proxy_the_model_calls_cannot_use_is_refused_with_the_settings() -> None:
     with pytest.raises(ConfigError, match="socks5:// proxy") as info:
-        env_proxy("https://api.openai.com/v1")
+        _model_proxy("https://api.openai.com/v1", ALL_PROXY="socks5://user:secret-pw@e:1080")
     assert "secret-pw" not in str(info.value)
+    offline = EnvReader({"ALL_PROXY": "socks5://egress:1080"})
+    ModelSettings.read(offline, max_concurrency=1)
+    assert offline.problems == []  # the offline model calls nothing
 
 
 def _conversation_of(turns: int, chars: int, *, keep: int = 1000) -> Conversation:
@@ -1393,7 +1391,7 @@ def test_a_conversation_counts_what_it_holds(
         tracemalloc.stop()
     assert all(len(conv.awaiting) == waiting for conv in convs)
     counted = convs[0].approx_bytes()
-    assert 0.93 < counted / held < 1.08, (counted, held)
+    assert 0.94 < counted / held < 1.06, (counted, held)
 
 
 def test_a_cached_conversation_idle_past_max_idle_is_rebuilt_from_the_log() -> None:

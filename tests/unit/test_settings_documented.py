@@ -26,8 +26,8 @@ _READS = frozenset(
     for name in vars(EnvReader)
     if not name.startswith("_") and name not in ("check", "raise_if_invalid")
 )
-# Read by the standard libraries' own rules (the llm reads them once, with the same rules:
-# wecombot_llm.model.env_proxy); documented in .env.example and docs/providers.md.
+# Read with the settings of the llm, sender and token (wecombot_common.proxy, httpx's
+# rules); documented in .env.example and docs/providers.md.
 PROXIES = frozenset(("HTTPS_PROXY", "HTTP_PROXY", "ALL_PROXY", "NO_PROXY"))
 
 

@@ -375,7 +375,8 @@ async def _run(
                 sup.say(detail)
             return 2
         gw_port = env.get("GATEWAY_PORT") or "8080"
-        if gw_port.isdigit() and not _port_free(int(gw_port), "0.0.0.0"):  # noqa: S104
+        gw_host = env.get("GATEWAY_HOST") or "0.0.0.0"  # noqa: S104 (the gateway's default)
+        if gw_port.isdigit() and not _port_free(int(gw_port), gw_host):
             # Its URL is the one WeCom (or the console) calls: not moved elsewhere. Said
             # before anything starts, not after the URL was printed and the gateway failed.
             sup.say(
@@ -530,13 +531,16 @@ def _any_free_port() -> int:
 def _port_free(port: int, host: str = "127.0.0.1") -> bool:
     """Whether nothing listens on ``port`` (connections of an earlier server still in
     TIME_WAIT do not count: nats-server itself binds with SO_REUSEADDR). ``host``
-    0.0.0.0: on no address (a service may listen on all of them)."""
+    0.0.0.0 (or ``::``): on no address (a service may listen on all of them)."""
     import socket
 
-    with socket.socket() as s:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
+        except socket.gaierror:
+            return True  # a host it cannot resolve: the service itself says so
         except OSError:
             return False
     return True

@@ -14,7 +14,7 @@ Reads the environment (and ``./.env``, as ``wecombot dev`` does) and checks, in 
 ``callback``  with ``--public-url`` (or ``WECOMBOT_PUBLIC_URL``): the URL verification
               WeCom sends when the URL is saved, signed and encrypted with our Token and
               EncodingAESKey, is answered with the echo
-``model``     the environment's proxy is one the llm accepts (its own ``env_proxy``), and
+``model``     the environment's proxy is one the llm accepts (``ModelSettings.proxy``), and
               the OpenAI-compatible endpoint answers (``GET /models``, else a one-token
               completion); without OPENAI_API_KEY: offline mode, reported as such
 
@@ -46,11 +46,13 @@ import nats.js.errors
 from wecombot_common import bus, topology
 from wecombot_common.errors import ConfigError
 from wecombot_common.logs import register_secret
-from wecombot_common.proxy import outbound
-from wecombot_common.runtime import event_loop_name
+from wecombot_common.proxy import client_options, proxy_url
+from wecombot_common.runtime import event_loop_choice
 from wecombot_common.settings import (
+    WECOM_API_CALLS,
     EnvReader,
     NatsSettings,
+    Secret,
     WeComApiSettings,
     WeComCallbackSettings,
     masked_url,
@@ -58,8 +60,8 @@ from wecombot_common.settings import (
 )
 from wecombot_common.sim.callbacks import CallbackBuilder
 from wecombot_gateway.settings import GatewaySettings, read_callback_path
-from wecombot_llm.model import env_proxy, error_detail, provider_auth
-from wecombot_llm.settings import LlmSettings, ModelSettings
+from wecombot_llm.model import error_detail, provider_auth
+from wecombot_llm.settings import MODEL_CALLS, LlmSettings, ModelSettings
 from wecombot_sender.settings import SenderSettings
 from wecombot_token.domain import Failure
 from wecombot_token.settings import TokenSettings
@@ -161,7 +163,7 @@ def check_settings(environ: Mapping[str, str]) -> Finding:
             for problem in exc.problems or (str(exc),):
                 problems.setdefault(problem, []).append(service)
     try:  # run_service reads it before any service's own settings
-        event_loop_name(environ)
+        event_loop_choice(environ)  # uvloop itself: checked where the services run
     except ConfigError as exc:
         for problem in exc.problems or (str(exc),):
             problems.setdefault(problem, []).extend(service for service, _ in loaders)
@@ -278,23 +280,41 @@ def _nats_unreachable(url: str, exc: BaseException) -> Finding:
     return Finding("nats", "fail", summary, (detail,))
 
 
+_PROXY_FIX = (
+    "Set HTTPS_PROXY (or HTTP_PROXY, for an http:// URL) to an http://host:port proxy, add "
+    "the host to NO_PROXY, or unset ALL_PROXY (docs/providers.md)."
+)
+
+
+def _proxy_problem(environ: Mapping[str, str], url: str, calls: str) -> str | None:
+    """Why the environment's proxy for ``url`` keeps a service from starting, or None
+    (the settings check lists it too; this check names it instead of skipping)."""
+    if url_problem(url) is not None:
+        return None
+    try:
+        proxy_url(url, calls=calls, environ=environ)
+    except ConfigError as exc:
+        return str(exc)
+    return None
+
+
 # ---------------------------------------------------------------- gettoken
 
 
 async def check_gettoken(environ: Mapping[str, str], timeout_s: float) -> Finding:
     env = EnvReader(environ)
     settings = WeComApiSettings.read(env)
+    if (problem := _proxy_problem(environ, settings.api_base, WECOM_API_CALLS)) is not None:
+        return Finding(
+            "gettoken", "fail", f"the token service would not start: {problem}", (_PROXY_FIX,)
+        )
     if env.problems:
         return Finding(
             "gettoken",
             "skip",
-            "fix WECOM_CORP_ID, WECOM_AGENT_ID, WECOM_SECRET and WECOM_API_BASE (and the "
-            "proxy, if the settings check names one) first",
+            "fix WECOM_CORP_ID, WECOM_AGENT_ID, WECOM_SECRET and WECOM_API_BASE first",
         )
-    try:
-        source = WeComTokenSource(settings, timeout_s=timeout_s)
-    except ConfigError as exc:  # the proxy, read from this process's environment
-        return Finding("gettoken", "fail", f"the token service would not start: {exc}")
+    source = WeComTokenSource(settings, timeout_s=timeout_s)
     try:
         outcome = await source.fetch()
     finally:
@@ -322,7 +342,7 @@ async def _check_agent(
         async with httpx.AsyncClient(
             timeout=timeout_s,
             follow_redirects=False,
-            **outbound(settings.api_base, calls="the WeCom API calls"),  # as gettoken
+            **client_options(settings.proxy),  # as gettoken
         ) as client:
             response = await client.get(url, params=params)
         body = response.json() if response.status_code == 200 else None
@@ -481,14 +501,10 @@ async def check_callback(
     echo = f"wecombot-doctor-{secrets.token_hex(8)}"
     started = time.monotonic()
     try:
-        options = outbound(url, calls="doctor's callback check")
+        proxy = proxy_url(url, calls="doctor's callback check", environ=environ)
     except ConfigError as exc:
-        return Finding(
-            "callback",
-            "skip",
-            f"cannot call {url}: {exc}",
-            ("Run doctor with the proxy variables unset, or an http:// proxy.",),
-        )
+        return Finding("callback", "skip", f"cannot call {url}: {exc}", (_PROXY_FIX,))
+    options = client_options(None if proxy is None else Secret(proxy))
     try:
         async with httpx.AsyncClient(timeout=timeout_s, follow_redirects=False, **options) as http:
             response = await http.get(url, params=builder.verify_url(echo))
@@ -646,6 +662,10 @@ async def check_model(environ: Mapping[str, str], timeout_s: float) -> Finding:
             "does not start",
             ("Set OPENAI_API_KEY (in Kubernetes: the wecombot-secrets Secret, docs/deploy.md).",),
         )
+    if model.api_key is not None and (
+        problem := _proxy_problem(environ, model.base_url, MODEL_CALLS)
+    ):
+        return Finding("model", "fail", f"the llm would not start: {problem}", (_PROXY_FIX,))
     if env.problems:
         return Finding("model", "skip", "fix the OPENAI_ settings first")
     if model.api_key is None:
@@ -660,19 +680,6 @@ async def check_model(environ: Mapping[str, str], timeout_s: float) -> Finding:
                 "(docs/providers.md).",
             ),
         )
-    try:
-        env_proxy(model.base_url)  # what the llm checks at start: it refuses to run
-    except ConfigError as exc:
-        return Finding(
-            "model",
-            "fail",
-            f"the llm would not start: {exc}",
-            (
-                "Set HTTPS_PROXY (or HTTP_PROXY, for an http:// OPENAI_BASE_URL) to an "
-                "http:// proxy, add the provider's host to NO_PROXY, or unset ALL_PROXY "
-                "for the llm (docs/providers.md).",
-            ),
-        )
     key = model.api_key.reveal()
     headers, params = provider_auth(model)  # as the llm authenticates
 
@@ -684,7 +691,7 @@ async def check_model(environ: Mapping[str, str], timeout_s: float) -> Finding:
         timeout=timeout_s,
         headers=headers,
         params=params,
-        **outbound(model.base_url, calls="the model calls"),  # the llm's proxy, checked above
+        **client_options(model.proxy),  # the llm's proxy
     ) as http:
         try:
             listed = await http.get(f"{model.base_url}/models")

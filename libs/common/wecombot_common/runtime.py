@@ -31,6 +31,7 @@ __all__ = [
     "HealthServer",
     "ServiceStop",
     "cancel_until_done",
+    "event_loop_choice",
     "event_loop_name",
     "fail",
     "run_service",
@@ -60,6 +61,16 @@ def run_service(
         return runner.run(_serve_until_signal(serve, settings))
 
 
+def event_loop_choice(environ: Mapping[str, str]) -> str:
+    """``WECOMBOT_EVENT_LOOP`` as written (``auto``, ``uvloop`` or ``asyncio``), or a
+    ConfigError; whether uvloop is installed is :func:`event_loop_name`'s question (doctor
+    asks this one: it may run on another machine than the services)."""
+    env = EnvReader(environ)
+    choice = env.choice("WECOMBOT_EVENT_LOOP", "auto", ("auto", "uvloop", "asyncio"))
+    env.raise_if_invalid()
+    return choice
+
+
 def event_loop_name(environ: Mapping[str, str]) -> str:
     """The event loop :func:`run_service` runs: ``WECOMBOT_EVENT_LOOP`` = ``auto`` (the
     default: uvloop when it is installed, else asyncio's), ``uvloop`` or ``asyncio``.
@@ -70,9 +81,7 @@ def event_loop_name(environ: Mapping[str, str]) -> str:
     >>> event_loop_name({"WECOMBOT_EVENT_LOOP": "asyncio"})
     'asyncio'
     """
-    env = EnvReader(environ)
-    choice = env.choice("WECOMBOT_EVENT_LOOP", "auto", ("auto", "uvloop", "asyncio"))
-    env.raise_if_invalid()
+    choice = event_loop_choice(environ)
     if choice == "asyncio":
         return "asyncio"
     try:

@@ -216,10 +216,11 @@ class EnvReader:
             self.problems.append(f"{name} {problem}, got {masked_url(raw)!r}")
         return raw.rstrip("/")
 
-    def proxy_for(self, url: str, calls: str) -> None:
-        """A problem when the environment's proxy for ``url`` is one ``calls`` cannot use
-        (:func:`wecombot_common.proxy.proxy_url`): found with the other settings, by the
-        service at start and by doctor alike, not at the first call.
+    def proxy_for(self, url: str, calls: str) -> Secret | None:
+        """The environment's proxy for calls to ``url`` (None: direct), read with the
+        other settings (:func:`wecombot_common.proxy.proxy_url`), by the service at start
+        and by doctor alike; a problem when it is one ``calls`` cannot use. A Secret: its
+        URL may hold a password.
 
         >>> env = EnvReader({"ALL_PROXY": "socks5://egress:1080"})
         >>> env.proxy_for("https://qyapi.weixin.qq.com", "the WeCom API calls")
@@ -228,11 +229,13 @@ class EnvReader:
         the WeCom API calls can use http:// and https:// proxies only
         """
         if url_problem(url, ("http", "https")) is not None:
-            return  # the URL's own problem is said already
+            return None  # the URL's own problem is said already
         try:
-            proxy_url(url, calls=calls, environ=self._env)
+            found = proxy_url(url, calls=calls, environ=self._env)
         except ConfigError as exc:
             self.problems.append(str(exc))
+            return None
+        return None if found is None else Secret(found)
 
     def check(self, ok: bool, problem: str) -> None:
         if not ok:
@@ -435,6 +438,9 @@ class WeComCallbackSettings:
         return cls(corp_id=corp_id, agent_id=agent_id, token=token, encoding_aes_key=key)
 
 
+WECOM_API_CALLS = "the WeCom API calls (gettoken, message/send)"
+
+
 @dataclass(frozen=True)
 class WeComApiSettings:
     """What the token and sender services need to call the WeCom server API."""
@@ -443,6 +449,7 @@ class WeComApiSettings:
     agent_id: int
     secret: Secret
     api_base: str
+    proxy: Secret | None = None  # the environment's, for api_base (None: direct)
 
     @property
     def app(self) -> str:
@@ -450,7 +457,12 @@ class WeComApiSettings:
 
     @classmethod
     def read(cls, env: EnvReader, *, need_secret: bool = True) -> WeComApiSettings:
-        settings = cls(
+        api_base = env.url(
+            "WECOM_API_BASE",
+            "https://qyapi.weixin.qq.com",
+            credentials="WeCom takes none: the app's Secret goes in WECOM_SECRET",
+        )
+        return cls(
             corp_id=_corp_id(env),
             agent_id=_agent_id(env),
             secret=env.secret(
@@ -458,14 +470,9 @@ class WeComApiSettings:
                 required=need_secret,
                 hint="the self-built app's Secret",
             ),
-            api_base=env.url(
-                "WECOM_API_BASE",
-                "https://qyapi.weixin.qq.com",
-                credentials="WeCom takes none: the app's Secret goes in WECOM_SECRET",
-            ),
+            api_base=api_base,
+            proxy=env.proxy_for(api_base, WECOM_API_CALLS),
         )
-        env.proxy_for(settings.api_base, "the WeCom API calls (gettoken, message/send)")
-        return settings
 
 
 @dataclass(frozen=True)

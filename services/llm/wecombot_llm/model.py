@@ -33,9 +33,9 @@ import msgspec
 import structlog
 from httpx_aiohttp import AiohttpTransport
 
-from wecombot_common import proxy
 from wecombot_common.errors import PermanentError, TransientError, WecombotError
 from wecombot_common.logs import REDACTED, redact
+from wecombot_common.proxy import httpx_proxy
 
 from .commands import blank
 from .prompt import ChatMessage
@@ -50,7 +50,6 @@ __all__ = [
     "ModelUnavailable",
     "OfflineModel",
     "OpenAIChatModel",
-    "env_proxy",
     "error_detail",
     "open_model",
     "provider_auth",
@@ -242,9 +241,9 @@ class OpenAIChatModel:
         # (httpx-aiohttp, the transport the openai SDK offers): half the CPU per call of
         # httpcore + h11, and no per-request walk over the pool (encode/httpcore#1035),
         # which capped a replica at 36 calls/s with 1,000 in flight (docs/benchmarks.md).
-        # HTTP(S)_PROXY, ALL_PROXY and NO_PROXY from the environment apply, as with
-        # httpx's own pool (read once: aiohttp's trust_env re-reads them, and ~/.netrc, in
-        # a thread on every request, which was 60 % of a saturated replica's CPU).
+        # HTTP(S)_PROXY, ALL_PROXY and NO_PROXY from the environment apply, read once with
+        # the settings (ModelSettings.proxy): aiohttp's trust_env re-read them, and
+        # ~/.netrc, in a thread on every request, which was 60 % of a saturated replica's CPU.
         self._client = httpx.AsyncClient(
             headers=headers,
             # No read timeout: aiohttp's is a gap between two reads, which a provider that
@@ -437,14 +436,8 @@ def _aiohttp_transport(settings: ModelSettings) -> httpx.AsyncBaseTransport:
         )
         return aiohttp.ClientSession(connector=connector)
 
-    transport = AiohttpTransport(client=session, proxy=env_proxy(settings.base_url))
+    transport = AiohttpTransport(client=session, proxy=httpx_proxy(settings.proxy))
     return transport
-
-
-def env_proxy(url: str) -> httpx.Proxy | None:
-    """The environment's proxy for the model calls (:func:`wecombot_common.proxy.env_proxy`:
-    httpx's rules, a loopback model never proxied); ConfigError for one they cannot use."""
-    return proxy.env_proxy(url, calls="the model calls")
 
 
 def _transport_failure(exc: Exception) -> str:

@@ -48,6 +48,9 @@ MARKDOWN_SYSTEM_PROMPT = _PROMPT_HEAD + (
 DEFAULT_APOLOGY = "抱歉，我暂时无法回答这个问题，请稍后再试。"
 
 
+MODEL_CALLS = "the model calls"
+
+
 @dataclass(frozen=True)
 class ModelSettings:
     """How to reach an OpenAI-compatible chat completions endpoint."""
@@ -61,6 +64,7 @@ class ModelSettings:
     retry_budget_s: float
     max_connections: int
     key_required: bool = False  # LLM_REQUIRE_API_KEY: no offline model
+    proxy: Secret | None = None  # the environment's, for base_url (None: direct)
 
     @classmethod
     def read(cls, env: EnvReader, *, max_concurrency: int) -> ModelSettings:
@@ -74,12 +78,12 @@ class ModelSettings:
             "https://api.openai.com/v1",
             credentials="the key goes in OPENAI_API_KEY",
         )
-        if api_key is not None:  # the offline model calls nothing
-            env.proxy_for(base_url, "the model calls")
         return cls(
             key_required=key_required,
             api_key=api_key,
             base_url=base_url,
+            # the offline model calls nothing
+            proxy=None if api_key is None else env.proxy_for(base_url, MODEL_CALLS),
             model=env.text("OPENAI_MODEL", "gpt-4o-mini"),
             api_version=env.optional("OPENAI_API_VERSION"),
             temperature=temperature,

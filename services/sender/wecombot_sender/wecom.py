@@ -31,7 +31,7 @@ import msgspec
 
 from wecombot_common.logs import register_secret
 from wecombot_common.metrics import SENDER_WECOM_ERRORS
-from wecombot_common.proxy import outbound
+from wecombot_common.proxy import client_options
 from wecombot_common.settings import WeComApiSettings
 
 from .errcodes import BUSY, ErrorClass, classify, explain
@@ -96,8 +96,7 @@ class HttpMessageApi:
             timeout=httpx.Timeout(timeout_s, connect=min(timeout_s, 5.0)),
             limits=httpx.Limits(max_connections=256, max_keepalive_connections=64),
             follow_redirects=False,
-            # The environment's proxy, read once (ConfigError at start for a socks one)
-            **outbound(settings.api_base, calls="the WeCom API calls"),
+            **client_options(settings.proxy),  # the environment's, read with the settings
         )
 
     async def aclose(self) -> None:

@@ -22,7 +22,7 @@ from urllib.parse import urlsplit
 import httpx
 import msgspec
 
-from wecombot_common.proxy import outbound
+from wecombot_common.proxy import client_options
 from wecombot_common.settings import WeComApiSettings
 
 from .domain import (
@@ -90,8 +90,7 @@ class WeComTokenSource:
             timeout=httpx.Timeout(timeout_s, connect=min(timeout_s, 5.0)),
             limits=httpx.Limits(max_connections=4, max_keepalive_connections=2),
             follow_redirects=False,
-            # The environment's proxy, read once (ConfigError at start for a socks one)
-            **outbound(settings.api_base, calls="the WeCom API calls"),
+            **client_options(settings.proxy),  # the environment's, read with the settings
         )
 
     async def fetch(self) -> IssuedToken | Failure:
