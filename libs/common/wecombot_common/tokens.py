@@ -28,6 +28,7 @@ from .errors import PermanentError, TransientError
 from .topology import TOKEN_GET, TOKEN_INVALIDATE
 
 __all__ = [
+    "NoTokenService",
     "TokenClient",
     "TokenError",
     "TokenReply",
@@ -82,6 +83,14 @@ class TransientTokenError(TransientError):
         self.retry_after = retry_after
 
 
+class NoTokenService(TransientTokenError):
+    """No token replica subscribes (no responders): an outage of our own, not a failure
+    of the call; a caller may wait for one rather than spend its retries."""
+
+    def __init__(self) -> None:
+        super().__init__("unavailable", "no token service is running")
+
+
 _encoder = msgspec.json.Encoder()
 _reply_decoder = msgspec.json.Decoder(TokenReply)
 
@@ -112,7 +121,7 @@ class TokenClient:
         try:
             msg = await self._nc.request(subject, _encoder.encode(request), timeout=self._timeout)
         except nats.errors.NoRespondersError as exc:
-            raise TransientTokenError("unavailable", "no token service is running") from exc
+            raise NoTokenService from exc
         except nats.errors.TimeoutError as exc:
             raise TransientTokenError("unavailable", "token service did not answer") from exc
         try:

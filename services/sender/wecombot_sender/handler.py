@@ -83,7 +83,7 @@ from wecombot_common.events import (
     utcnow,
 )
 from wecombot_common.metrics import SENDER_PARTS, SENDER_REPLIES
-from wecombot_common.tokens import TokenError, TransientTokenError
+from wecombot_common.tokens import NoTokenService, TokenError, TransientTokenError
 from wecombot_common.topology import ConversationRef
 from wecombot_common.worker import Ack, Delivery, HandBack, LeaveIdle, Nak, backoff_delay
 from wecombot_common.worker import Outcome as Settlement
@@ -117,6 +117,10 @@ _PART_SENT = SENDER_PARTS.labels("sent")
 _PART_DEDUPLICATED = SENDER_PARTS.labels("deduplicated")
 _DELIVERED = SENDER_REPLIES.labels("delivered")
 _FAILED = SENDER_REPLIES.labels("failed")
+
+
+class _StoppedWaitingForToken(Exception):
+    """A stop came while the reply waited for a token service: hand it back."""
 
 
 class TokenSource(Protocol):
@@ -361,6 +365,7 @@ class ReplySender:
         self._cache = cache if cache is not None else ConversationCache(js)  # empty: falsy
         self.queued_behind: Callable[[str], list[int]] = queued_behind or (lambda _key: [])
         self._stopping = stopping or asyncio.Event()
+        self._token_service_absent = False  # said once per outage, not per reply
         # Every outcome at or below the consumer's ack floor was acknowledged or
         # dead-lettered: no sender will deliver it again (only an operator's replay
         # would). One dead-lettered without its DeliveryFailed (its last delivery ended
@@ -464,6 +469,8 @@ class ReplySender:
                     return paced
                 try:
                     job.sent[index] = await self._send_part(job, state, index)
+                except _StoppedWaitingForToken:
+                    return HandBack("stopping while no token service runs")
                 except (SendRejected, TokenError) as exc:
                     await self._fail(job, state, *_failure(exc))
                     raise  # recorded; the worker dead-letters it with the reason
@@ -558,8 +565,41 @@ class ReplySender:
             return HandBack(f"stopping while paced ({per_minute} sends a minute per user)", left)
         return None
 
+    async def _token(self, job: _Job) -> str:
+        """The app's access_token. While no token replica runs (no responders: all of
+        them down, or unable to reach NATS after a password rotation), the reply waits
+        for one here, its delivery held (heartbeats go on) and its slot given back;
+        _StoppedWaitingForToken at a stop. Handed back with backoff instead, each attempt
+        spent a delivery: a token outage of three minutes dead-lettered every reply
+        (SENDER_MAX_DELIVER) where docs/reliability.md says replies wait."""
+        delay = 0.5
+        while True:
+            try:
+                token = await self._tokens.get(job.reply.app)
+            except NoTokenService:
+                if not self._token_service_absent:
+                    self._token_service_absent = True
+                    log.warning(
+                        "sender.waiting_for_token_service",
+                        detail="no token service is running: replies wait for one",
+                    )
+            else:
+                if self._token_service_absent:
+                    self._token_service_absent = False
+                    log.info("sender.token_service_back")
+                return token
+            try:
+                async with job.delivery.idle():  # another reply may find it meanwhile
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._stopping.wait(), delay)
+                    if self._stopping.is_set():
+                        raise LeaveIdle
+            except LeaveIdle:
+                raise _StoppedWaitingForToken from None
+            delay = min(5.0, delay * 2)
+
     async def _send_part(self, job: _Job, state: ConversationState, index: int) -> str:
-        token = await self._tokens.get(job.reply.app)
+        token = await self._token(job)
         refreshed = False
         retries = 0
         # An earlier delivery (or the failed round a requeue retries) may have had this part

@@ -68,6 +68,15 @@ async def _settled(js: JetStreamContext, timeout: float = 10.0) -> None:
     await until(settled, timeout=timeout, what="the sender consumer settled", interval=0.02)
 
 
+async def _consuming(js: JetStreamContext) -> bool:
+    """Whether the sender's consumer exists (its service configured its logging)."""
+    try:
+        await js.consumer_info(topology.CONVERSATION_STREAM, topology.SENDER_CONSUMER)
+    except nats.js.errors.NotFoundError:
+        return False
+    return True
+
+
 # ---------------------------------------------------------------- the happy paths
 
 
@@ -100,6 +109,57 @@ async def test_a_short_reply_is_sent_once_and_recorded(system: System) -> None:
         assert event.causation_id == reply.event_id
         assert event.correlation_id == reply.correlation_id
     await _settled(system.js)
+
+
+async def test_replies_wait_for_a_token_service_without_spending_their_deliveries(
+    system: System,
+) -> None:
+    """With no token replica running (all down, or their NATS user rotated before their
+    pods were), each delivery heard 'no responders' and was handed back with backoff:
+    SENDER_MAX_DELIVER deliveries went in three minutes, then the reply was dead-lettered,
+    where docs/reliability.md says replies wait. They wait in the sender, each delivery
+    held, and go out once a token replica answers."""
+    system.start_sender(SENDER_MAX_DELIVER="2")
+    await until(
+        lambda: _consuming(system.js), timeout=15, what="the sender's consumer", interval=0.02
+    )
+    with capture_logs() as logs:  # after the sender configured its logging
+        replies = [await system.reply(user, "你好") for user in ("zhang.san", "li.si")]
+        await until(
+            lambda: any(e["event"] == "sender.waiting_for_token_service" for e in logs),
+            timeout=15,
+            what=lambda: f"the sender waiting for a token service: {logs}",
+        )
+        waiting = [e for e in logs if e["event"] == "sender.waiting_for_token_service"]
+    await system.start_token()  # (it configures logging anew: nothing captured after)
+    await system.log.until_finished(*(r.event_id for r in replies), timeout=30)
+    assert sorted(m.touser for m in system.sim.sent) == ["li.si", "zhang.san"]
+    assert not system.log.of(DeliveryFailed)
+    assert len(waiting) == 1  # once for the outage, not once per reply
+    info = await system.js.consumer_info(topology.CONVERSATION_STREAM, topology.SENDER_CONSUMER)
+    assert info.num_redelivered == 0  # no delivery spent on the wait
+    await _settled(system.js)
+
+
+async def test_a_stop_hands_back_a_reply_waiting_for_a_token_service(system: System) -> None:
+    system.start_sender()
+    await until(
+        lambda: _consuming(system.js), timeout=15, what="the sender's consumer", interval=0.02
+    )
+    with capture_logs() as logs:
+        reply = await system.reply("wang.wu", "你好")
+        await until(
+            lambda: any(e["event"] == "sender.waiting_for_token_service" for e in logs),
+            timeout=15,
+            what="the sender waiting for a token service",
+        )
+    async with asyncio.timeout(10):  # not its 20 s of grace: the wait ends at the stop
+        await system.shutdown()
+    await system.start_token()
+    system.start_sender()
+    await system.log.until_finished(reply.event_id, timeout=30)
+    assert system.sim.messages_to("wang.wu") == ["你好"]
+    assert not system.log.of(DeliveryFailed)
 
 
 async def test_a_long_reply_goes_out_in_parts_that_join_to_it(system: System) -> None:
