@@ -119,3 +119,37 @@ def test_each_alert_example_parses_and_uses_defined_series_and_labels(expression
     for name, matchers in _SELECTOR.findall(expression):
         used = {m.split("=")[0].rstrip("!~").strip() for m in matchers.split(",") if m.strip()}
         assert used <= set(known[name]), (name, used, known[name])
+
+
+@pytest.mark.parametrize(
+    "series",
+    [
+        'wecombot_gateway_refusals_total{reason="AppendUnavailable",status="503"} 0.0',
+        'wecombot_gateway_refusals_total{reason="SignatureError",status="403"} 0.0',
+        'wecombot_llm_outcomes_total{outcome="ReplyFailed"} 0.0',
+        'wecombot_token_fetches_total{result="network"} 0.0',
+        'wecombot_token_fetches_total{result="untrusted_ip"} 0.0',
+    ],
+)
+def test_the_series_the_alert_examples_watch_exist_at_zero_from_the_start(series: str) -> None:
+    """A counter's first sample is the baseline of rate() and increase(): a series made
+    by its first increment never shows that one, so the first 503, ReplyFailed or
+    gettoken failure after a pod started did not fire the alerts above. Read from a fresh
+    process (this one's counters may have counted already)."""
+    import subprocess
+    import sys
+
+    scrape = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import wecombot_gateway.app, wecombot_llm.handler, wecombot_token.keeper\n"
+            "from prometheus_client import generate_latest\n"
+            "print(generate_latest().decode())",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    assert series in scrape.stdout.splitlines()

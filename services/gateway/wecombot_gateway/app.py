@@ -225,6 +225,12 @@ _STATUS: dict[type[Exception], int] = {
 }
 
 
+# Every refusal the gateway makes itself, at zero from the start: a counter's first sample
+# is the baseline of rate() and increase(), so the first 503 (NATS away) or bad signature
+# after a start did not count in the alerts of docs/deploy.md.
+for _refused, _status in _STATUS.items():
+    GATEWAY_REFUSALS.labels(str(_status), _refused.__name__)
+
 _SUSPECT: dict[type[Exception], str] = {
     SignatureError: "WECOM_TOKEN",
     PlaintextBufferError: "WECOM_ENCODING_AES_KEY",

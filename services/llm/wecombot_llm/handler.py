@@ -44,6 +44,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
+from typing import get_args
 
 import structlog
 
@@ -86,6 +87,11 @@ __all__ = ["HandlerConfig", "LlmHandler"]
 log = structlog.get_logger(__name__)
 _MODEL_ANSWERED = LLM_MODEL_SECONDS.labels("answered")
 _MODEL_FAILED = LLM_MODEL_SECONDS.labels("failed")
+# Every outcome's series at zero from the start: a counter's first sample is the baseline
+# of rate() and increase(), so the first ReplyFailed after a start did not count in the
+# alert of docs/deploy.md.
+for _outcome in get_args(Outcome):
+    LLM_OUTCOMES.labels(_outcome.__name__)
 
 
 @dataclass(frozen=True)

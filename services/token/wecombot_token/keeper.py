@@ -28,13 +28,14 @@ import socket
 import time
 from collections.abc import Callable
 from functools import partial
+from typing import get_args
 
 import msgspec
 import structlog
 
 from wecombot_common.logs import register_secret
 from wecombot_common.metrics import TOKEN_FETCHES
-from wecombot_common.tokens import TokenReply
+from wecombot_common.tokens import ErrorKind, TokenReply
 
 from .domain import (
     Action,
@@ -59,6 +60,12 @@ __all__ = ["TokenKeeper"]
 log = structlog.get_logger(__name__)
 
 _RECHECK_S = 0.05  # past a holder's deadline before claiming, so clocks need not agree to µs
+
+# Every result's series at zero from the start: a counter's first sample is the baseline
+# of rate() and increase(), so the first gettoken failure after a start did not count in
+# the alert of docs/deploy.md.
+for _result in ("ok", *get_args(ErrorKind)):
+    TOKEN_FETCHES.labels(_result)
 
 
 class TokenKeeper:
