@@ -164,3 +164,20 @@ def plain_nats_server(tmp: Path, *args: str) -> Iterator[str]:
 @pytest.fixture
 def nats_without_jetstream(tmp_path: Path) -> Iterator[str]:
     yield from plain_nats_server(tmp_path)
+
+
+SERVICE_USER, SERVICE_PASSWORD = "svc", "svc-pw-0815"
+
+
+@pytest.fixture
+def nats_with_a_service_user(tmp_path: Path) -> Iterator[str]:
+    """A nats-server with JetStream whose one user may not use the JetStream API (as a
+    service's user may not read the streams the way the operator commands do)."""
+    conf = tmp_path / "nats.conf"
+    conf.write_text(
+        f'jetstream {{ store_dir: "{tmp_path / "js"}" }}\n'
+        "authorization { users = [ { "
+        f'user: "{SERVICE_USER}", password: "{SERVICE_PASSWORD}", '
+        'permissions: { publish: { deny: ["$JS.API.>"] } } } ] }\n'
+    )
+    yield from plain_nats_server(tmp_path, "-c", str(conf))

@@ -21,9 +21,10 @@ import msgspec
 import pytest
 from nats.js import JetStreamContext
 
-from tests.conftest import NatsHandle, free_port
+from tests.conftest import SERVICE_PASSWORD, SERVICE_USER, NatsHandle, free_port
 from tests.lagging import LaggingFollower
 from tests.waiting import eventually, until
+from wecombot import dlq
 from wecombot.dlq import _with_states, read_dead_letters, replay, run, standing
 from wecombot_common import topology
 from wecombot_common.bus import append_event, ensure_topology
@@ -125,6 +126,29 @@ async def _dlq(url: str, *argv: str) -> tuple[int, str, str]:
     out, err = io.StringIO(), io.StringIO()
     code = await run(_settings(url), argv, out, err)
     return code, out.getvalue(), err.getvalue()
+
+
+async def test_a_user_the_broker_refuses_is_told_so(
+    nats_with_a_service_user: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As a service's user, dlq waited its 10 s and said 'TimeoutError: nats: timeout'."""
+    monkeypatch.setattr(dlq, "_TIMEOUT_S", 2.0)
+    settings = NatsSettings.read(
+        EnvReader(
+            {
+                "NATS_URL": nats_with_a_service_user,
+                "NATS_USER": SERVICE_USER,
+                "NATS_PASSWORD": SERVICE_PASSWORD,
+            }
+        )
+    )
+    out, err = io.StringIO(), io.StringIO()
+    assert await run(settings, [], out, err) == 1
+    said = err.getvalue()
+    assert said.startswith(f"wecombot dlq: NATS at {nats_with_a_service_user} refused this user"), (
+        said
+    )
+    assert "admin credentials" in said
 
 
 async def test_list_as_json_has_time_consumer_reason_subject_and_sequence(

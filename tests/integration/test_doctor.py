@@ -15,7 +15,13 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
-from tests.conftest import NatsHandle, free_port, plain_nats_server
+from tests.conftest import (
+    SERVICE_PASSWORD,
+    SERVICE_USER,
+    NatsHandle,
+    free_port,
+    plain_nats_server,
+)
 from tests.integration.wecom_app import (
     AGENT,
     CORP,
@@ -222,6 +228,26 @@ def test_a_password_in_nats_url_is_never_printed(
         assert ("[ ok ]" in nats_line) == (expected == "ok"), printed
         assert NATS_PASSWORD not in printed, printed
         assert f"nats://{url.rpartition('@')[2]}" in printed
+
+
+async def test_a_user_the_broker_refuses_jetstream_is_told_so(
+    nats_with_a_service_user: str,
+) -> None:
+    """A service's user (doctor.md says to run doctor where the services run) was told
+    'did not answer a JetStream request (TimeoutError)': the broker had refused it."""
+    env = {
+        "NATS_URL": nats_with_a_service_user,
+        "NATS_USER": SERVICE_USER,
+        "NATS_PASSWORD": SERVICE_PASSWORD,
+    }
+    finding = await check_nats(env, 2.0)
+    assert finding.status == "fail"
+    assert finding.summary.startswith(
+        f"NATS at {nats_with_a_service_user} refused this user a request ("
+    ), finding.summary
+    assert "$js.api.info" in finding.summary.lower()
+    assert "admin credentials" in finding.details[0]
+    assert SERVICE_PASSWORD not in finding.summary
 
 
 async def test_nats_without_jetstream(nats_without_jetstream: str) -> None:

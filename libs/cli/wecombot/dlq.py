@@ -111,6 +111,7 @@ from .shared import (
     connect_once,
     nats_unreachable,
     no_jetstream,
+    permission_refused,
     read_dotenv,
     without_credentials,
 )
@@ -691,6 +692,10 @@ async def run(
         err.write(f"wecombot dlq: {summary}\n{advice}\n")
         return 1
     except (TimeoutError, nats.errors.Error) as exc:
+        if (refused := permission_refused(url, errors)) is not None:
+            summary, advice = refused
+            err.write(f"wecombot dlq: {summary}\n{advice}\n")
+            return 1
         err.write(f"wecombot dlq: {type(exc).__name__}: {exc}\n")
         return 1
     except (AppendUnavailable, ConcurrencyConflict) as exc:  # replay's append

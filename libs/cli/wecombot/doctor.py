@@ -73,6 +73,7 @@ from .shared import (
     connect_once,
     nats_unreachable,
     no_jetstream,
+    permission_refused,
     read_dotenv,
     without_credentials,
 )
@@ -242,6 +243,9 @@ async def check_nats(environ: Mapping[str, str], timeout_s: float) -> Finding:
             summary, advice = no_jetstream(url)
             return Finding("nats", "fail", summary, (advice,))
         except (TimeoutError, nats.errors.Error) as exc:
+            if (refused := permission_refused(url, errors)) is not None:
+                summary, advice = refused
+                return Finding("nats", "fail", summary, (advice,))
             return Finding(
                 "nats",
                 "fail",

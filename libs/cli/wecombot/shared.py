@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, MutableMapping, Sequence
 from pathlib import Path
 
 from dotenv import dotenv_values
@@ -17,6 +17,7 @@ __all__ = [
     "connect_once",
     "nats_unreachable",
     "no_jetstream",
+    "permission_refused",
     "read_dotenv",
     "without_credentials",
 ]
@@ -74,6 +75,21 @@ async def connect_once(
         connect_timeout=connect_timeout_s,
         error_cb=error_cb,
     )
+
+
+def permission_refused(url: str, errors: Sequence[BaseException]) -> tuple[str, str] | None:
+    """When the broker refused this user a subject (nats-py hands its ``-ERR`` to the
+    error callback, and the request then times out): what it refused, and what to do;
+    None when nothing was refused. A timeout alone said nothing of it."""
+    for exc in errors:
+        if "permissions violation" in str(exc).lower():
+            return (
+                f"NATS at {url} refused this user a request ({str(exc).strip()})",
+                "Run it with the admin credentials (NATS_USER=admin and NATS_PASSWORD, or "
+                "NATS_CREDS; docs/deploy.md): a service's user may not read the streams "
+                "this way.",
+            )
+    return None
 
 
 def nats_unreachable(url: str, exc: BaseException) -> tuple[str, str]:
