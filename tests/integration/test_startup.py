@@ -5,6 +5,7 @@ Kubernetes never restart-loops a pod that is only waiting for the broker."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import socket
 import subprocess
@@ -166,3 +167,17 @@ def test_replicas_a_single_server_cannot_hold_are_a_setting_problem(
     assert "WECOMBOT_STREAM_REPLICAS=3, but the NATS server at" in ran.stderr, ran.stderr
     assert "is not clustered" in ran.stderr
     assert "Traceback" not in ran.stderr
+
+
+def test_a_settings_problem_is_a_json_line_as_every_other_refusal() -> None:
+    """Found before logging is configured, it was plain text even with LOG_FORMAT=json
+    (the default), where every other start-up refusal is a JSON line: a pod's log
+    pipeline read it as garbage."""
+    ran = _start_failing("sender", SENDER_MAX_DELIVER="0")
+    assert ran.returncode == 2, ran.stderr
+    [line] = ran.stderr.splitlines()
+    said = json.loads(line)
+    assert (said["event"], said["level"]) == ("service.config_error", "error")
+    assert [p for p in said["problems"] if p.startswith("SENDER_MAX_DELIVER ")], said
+    text = _start_failing("sender", SENDER_MAX_DELIVER="0", LOG_FORMAT="console")
+    assert text.stderr.startswith("wecombot: invalid configuration:\n  - SENDER_MAX_DELIVER ")

@@ -12,9 +12,11 @@ Exit codes: 0 clean stop, 2 bad configuration, 1 anything else.
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Mapping
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import structlog
@@ -55,10 +57,28 @@ def run_service(
         settings = load(environ)
         loop = event_loop_name(environ)
     except ConfigError as exc:
-        print(f"wecombot: {exc}", file=sys.stderr)
+        _say_config_error(exc, environ)
         return 2
     with asyncio.Runner(loop_factory=_loop_factory(loop)) as runner:
         return runner.run(_serve_until_signal(serve, settings))
+
+
+def _say_config_error(exc: ConfigError, environ: Mapping[str, str]) -> None:
+    """The settings' problems, before logging is configured (its own settings may be
+    among them): as the JSON line the service logs every other start-up refusal with
+    (``service.config_error``), for a pod's log pipeline, unless ``LOG_FORMAT=console``
+    (a terminal: text). A ConfigError's text never holds a secret."""
+    if (environ.get("LOG_FORMAT") or "").strip() == "console":
+        print(f"wecombot: {exc}", file=sys.stderr)
+        return
+    line = {
+        "event": "service.config_error",
+        "level": "error",
+        "timestamp": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
+        "error": str(exc),
+        "problems": list(exc.problems),
+    }
+    print(json.dumps(line, ensure_ascii=False), file=sys.stderr)
 
 
 def event_loop_choice(environ: Mapping[str, str]) -> str:
