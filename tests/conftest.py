@@ -171,13 +171,15 @@ SERVICE_USER, SERVICE_PASSWORD = "svc", "svc-pw-0815"
 
 @pytest.fixture
 def nats_with_a_service_user(tmp_path: Path) -> Iterator[str]:
-    """A nats-server with JetStream whose one user may not use the JetStream API (as a
-    service's user may not read the streams the way the operator commands do)."""
+    """A nats-server with JetStream whose one user has a service's kind of permissions
+    (as deploy/nats/auth.conf gives the sender: its own consumer's next message, replies
+    on its own inbox), so not those the operator commands need."""
     conf = tmp_path / "nats.conf"
     conf.write_text(
         f'jetstream {{ store_dir: "{tmp_path / "js"}" }}\n'
         "authorization { users = [ { "
-        f'user: "{SERVICE_USER}", password: "{SERVICE_PASSWORD}", '
-        'permissions: { publish: { deny: ["$JS.API.>"] } } } ] }\n'
+        f'user: "{SERVICE_USER}", password: "{SERVICE_PASSWORD}", permissions: {{ '
+        'publish: { allow: ["$JS.API.CONSUMER.MSG.NEXT.WECOMBOT.sender"] }, '
+        'subscribe: { allow: ["_INBOX.wecombot-sender.>"] } } } ] }\n'
     )
     yield from plain_nats_server(tmp_path, "-c", str(conf))

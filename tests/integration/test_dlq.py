@@ -145,9 +145,9 @@ async def test_a_user_the_broker_refuses_is_told_so(
     out, err = io.StringIO(), io.StringIO()
     assert await run(settings, [], out, err) == 1
     said = err.getvalue()
-    assert said.startswith(f"wecombot dlq: NATS at {nats_with_a_service_user} refused this user"), (
-        said
-    )
+    assert said.startswith(
+        f"wecombot dlq: NATS at {nats_with_a_service_user} refused the user {SERVICE_USER!r} "
+    ), said
     assert "admin credentials" in said
 
 

@@ -692,7 +692,7 @@ async def run(
         err.write(f"wecombot dlq: {summary}\n{advice}\n")
         return 1
     except (TimeoutError, nats.errors.Error) as exc:
-        if (refused := permission_refused(url, errors)) is not None:
+        if (refused := permission_refused(url, errors, settings.user)) is not None:
             summary, advice = refused
             err.write(f"wecombot dlq: {summary}\n{advice}\n")
             return 1

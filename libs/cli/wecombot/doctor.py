@@ -243,7 +243,7 @@ async def check_nats(environ: Mapping[str, str], timeout_s: float) -> Finding:
             summary, advice = no_jetstream(url)
             return Finding("nats", "fail", summary, (advice,))
         except (TimeoutError, nats.errors.Error) as exc:
-            if (refused := permission_refused(url, errors)) is not None:
+            if (refused := permission_refused(url, errors, settings.user)) is not None:
                 summary, advice = refused
                 return Finding("nats", "fail", summary, (advice,))
             return Finding(

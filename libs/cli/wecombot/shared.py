@@ -77,19 +77,34 @@ async def connect_once(
     )
 
 
-def permission_refused(url: str, errors: Sequence[BaseException]) -> tuple[str, str] | None:
-    """When the broker refused this user a subject (nats-py hands its ``-ERR`` to the
-    error callback, and the request then times out): what it refused, and what to do;
-    None when nothing was refused. A timeout alone said nothing of it."""
-    for exc in errors:
-        if "permissions violation" in str(exc).lower():
-            return (
-                f"NATS at {url} refused this user a request ({str(exc).strip()})",
-                "Run it with the admin credentials (NATS_USER=admin and NATS_PASSWORD, or "
-                "NATS_CREDS; docs/deploy.md): a service's user may not read the streams "
-                "this way.",
-            )
-    return None
+def permission_refused(
+    url: str, errors: Sequence[BaseException], user: str | None
+) -> tuple[str, str] | None:
+    """When the broker refused ``user`` a subject (nats-py hands its ``-ERR`` to the
+    error callback, lower-cased, and the request then times out): what it refused, and
+    what to do; None when nothing was refused. A timeout alone said nothing of it."""
+    refused = [str(e).lower() for e in errors if "permissions violation" in str(e).lower()]
+    if not refused:
+        return None
+    what = []
+    if any("for publish" in r for r in refused):
+        what.append("requests to the JetStream API")
+    if any("for subscription" in r for r in refused):
+        what.append("replies on its inbox")
+    who = f"the user {user!r}" if user else "a connection without NATS_USER"
+    summary = f"NATS at {url} refused {who} {' and '.join(what) or 'a subject'}"
+    if user == "admin":
+        advice = (
+            "The admin user may use every subject (deploy/nats/auth.conf): check the "
+            "server's authorization block."
+        )
+    else:
+        advice = (
+            "Run it with the admin credentials (NATS_USER=admin and NATS_PASSWORD, or "
+            "NATS_CREDS; docs/deploy.md): a service's own user may not read the streams "
+            "this way."
+        )
+    return summary, advice
 
 
 def nats_unreachable(url: str, exc: BaseException) -> tuple[str, str]:

@@ -80,7 +80,8 @@ WORKER_IN_FLIGHT = Gauge(
 WORKER_WAITING = Gauge(
     "wecombot_worker_waiting",
     "Deliveries that gave up their slot to wait (for an earlier message of their "
-    "conversation, for WeCom's pacing), by consumer: in_flight - waiting are working",
+    "conversation, for WeCom's pacing, for a token service), by consumer: in_flight - "
+    "waiting are working",
     ["consumer"],
 )
 CONSUMER_PENDING = Gauge(

@@ -68,7 +68,7 @@ def _say_config_error(exc: ConfigError, environ: Mapping[str, str]) -> None:
     among them): as the JSON line the service logs every other start-up refusal with
     (``service.config_error``), for a pod's log pipeline, unless ``LOG_FORMAT=console``
     (a terminal: text). A ConfigError's text never holds a secret."""
-    if (environ.get("LOG_FORMAT") or "").strip() == "console":
+    if (environ.get("LOG_FORMAT") or "").strip().lower() == "console":
         print(f"wecombot: {exc}", file=sys.stderr)
         return
     line = {
@@ -76,7 +76,7 @@ def _say_config_error(exc: ConfigError, environ: Mapping[str, str]) -> None:
         "level": "error",
         "timestamp": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
         "error": str(exc),
-        "problems": list(exc.problems),
+        "problems": list(exc.problems) or [str(exc)],
     }
     print(json.dumps(line, ensure_ascii=False), file=sys.stderr)
 

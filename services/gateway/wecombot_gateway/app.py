@@ -229,7 +229,8 @@ _STATUS: dict[type[Exception], int] = {
 # is the baseline of rate() and increase(), so the first 503 (NATS away) or bad signature
 # after a start did not count in the alerts of docs/deploy.md.
 for _refused, _status in _STATUS.items():
-    GATEWAY_REFUSALS.labels(str(_status), _refused.__name__)
+    if _refused not in (CallbackRejected, CryptoError, ParseError):  # never raised as such
+        GATEWAY_REFUSALS.labels(str(_status), _refused.__name__)
 
 _SUSPECT: dict[type[Exception], str] = {
     SignatureError: "WECOM_TOKEN",

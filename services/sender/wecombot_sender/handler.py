@@ -514,6 +514,16 @@ class ReplySender:
                 log.info("sender.stepping_aside")
                 return None
             left = deadline - loop.time()
+            # The earlier reply may be waiting for a token service in another replica
+            # (held, not failing): so would this one. Waiting on costs nothing; handed
+            # back, each round spent a delivery, and the last gave the order up.
+            if (
+                left <= 0
+                and not self._stopping.is_set()
+                and not await self._token_service_running(job.reply.app)
+            ):
+                deadline = loop.time() + self._policy.order_wait_s
+                left = deadline - loop.time()
             if left <= 0 or self._stopping.is_set():
                 return None
             try:
@@ -565,38 +575,62 @@ class ReplySender:
             return HandBack(f"stopping while paced ({per_minute} sends a minute per user)", left)
         return None
 
-    async def _token(self, job: _Job) -> str:
-        """The app's access_token. While no token replica runs (no responders: all of
-        them down, or unable to reach NATS after a password rotation), the reply waits
-        for one here, its delivery held (heartbeats go on) and its slot given back;
-        _StoppedWaitingForToken at a stop. Handed back with backoff instead, each attempt
-        spent a delivery: a token outage of three minutes dead-lettered every reply
-        (SENDER_MAX_DELIVER) where docs/reliability.md says replies wait."""
+    async def _token(self, job: _Job, rejected: str | None = None) -> str:
+        """The app's access_token (a new one for ``rejected``, a token WeCom refused).
+        While no token replica runs (no responders: all of them down, or unable to reach
+        NATS after a password rotation), the reply waits for one here, its delivery held
+        (heartbeats go on) and its slot given back; _StoppedWaitingForToken at a stop, or
+        once the broker has had no heartbeat of ours for most of ack_wait (it may have
+        given the reply to another replica: the worker leaves it to its ack_wait). Handed
+        back with backoff instead, each attempt spent a delivery: a token outage of three
+        minutes dead-lettered every reply (SENDER_MAX_DELIVER)."""
         delay = 0.5
         while True:
             try:
-                token = await self._tokens.get(job.reply.app)
+                if rejected is None:
+                    token = await self._tokens.get(job.reply.app)
+                else:
+                    token = await self._tokens.invalidate(job.reply.app, rejected)
             except NoTokenService:
-                if not self._token_service_absent:
-                    self._token_service_absent = True
-                    log.warning(
-                        "sender.waiting_for_token_service",
-                        detail="no token service is running: replies wait for one",
-                    )
+                self._token_service_gone()
             else:
-                if self._token_service_absent:
-                    self._token_service_absent = False
-                    log.info("sender.token_service_back")
+                self._token_service_found()
                 return token
             try:
                 async with job.delivery.idle():  # another reply may find it meanwhile
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._stopping.wait(), delay)
-                    if self._stopping.is_set():
+                    if self._stopping.is_set() or job.delivery.lease.overdue:
                         raise LeaveIdle
             except LeaveIdle:
                 raise _StoppedWaitingForToken from None
             delay = min(5.0, delay * 2)
+
+    async def _token_service_running(self, app: str) -> bool:
+        """Whether a token replica answers (False only for no responders: an error of a
+        running one, or a timeout, is not an absence)."""
+        try:
+            await self._tokens.get(app)
+        except NoTokenService:
+            self._token_service_gone()
+            return False
+        except (TransientError, TokenError):  # one runs, whatever it answers
+            return True
+        self._token_service_found()
+        return True
+
+    def _token_service_gone(self) -> None:
+        if not self._token_service_absent:
+            self._token_service_absent = True
+            log.warning(
+                "sender.waiting_for_token_service",
+                detail="no token service is running: replies wait for one",
+            )
+
+    def _token_service_found(self) -> None:
+        if self._token_service_absent:
+            self._token_service_absent = False
+            log.info("sender.token_service_back")
 
     async def _send_part(self, job: _Job, state: ConversationState, index: int) -> str:
         token = await self._token(job)
@@ -630,7 +664,7 @@ class ReplySender:
                 if refreshed:
                     raise
                 log.info("sender.token_refused", errcode=exc.errcode)
-                token = await self._tokens.invalidate(job.reply.app, token)
+                token = await self._token(job, rejected=token)
                 refreshed = True
                 continue
             except SendRetryable as exc:

@@ -61,10 +61,12 @@ log = structlog.get_logger(__name__)
 
 _RECHECK_S = 0.05  # past a holder's deadline before claiming, so clocks need not agree to µs
 
+# Kinds of answer to a caller, never the result of a gettoken call.
+_NOT_FETCH_RESULTS = frozenset(("unavailable", "unknown_app"))
 # Every result's series at zero from the start: a counter's first sample is the baseline
 # of rate() and increase(), so the first gettoken failure after a start did not count in
 # the alert of docs/deploy.md.
-for _result in ("ok", *get_args(ErrorKind)):
+for _result in ("ok", *(k for k in get_args(ErrorKind) if k not in _NOT_FETCH_RESULTS)):
     TOKEN_FETCHES.labels(_result)
 
 

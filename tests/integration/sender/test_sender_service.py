@@ -15,6 +15,7 @@ import nats
 import nats.errors
 import nats.js.errors
 import pytest
+import structlog
 from nats.js import JetStreamContext
 from structlog.testing import capture_logs
 
@@ -48,6 +49,7 @@ from wecombot_common.settings import EnvReader, NatsSettings, Secret, WeComApiSe
 from wecombot_common.sim.wecom_api import SentMessage, SimulatedWeComApi
 from wecombot_sender.domain import RECENT_SENDS_KEPT
 from wecombot_sender.errors import SendRejected, SendRetryable, TokenRejected
+from wecombot_sender.settings import SenderSettings
 from wecombot_sender.split import split_text
 from wecombot_sender.wecom import HttpMessageApi
 
@@ -159,6 +161,52 @@ async def test_a_stop_hands_back_a_reply_waiting_for_a_token_service(system: Sys
     system.start_sender()
     await system.log.until_finished(reply.event_id, timeout=30)
     assert system.sim.messages_to("wang.wu") == ["你好"]
+    assert not system.log.of(DeliveryFailed)
+
+
+async def test_a_reply_behind_one_held_elsewhere_for_a_token_service_spends_nothing(
+    system: System,
+) -> None:
+    """The user's earlier reply is held by another replica, waiting for a token service:
+    this one waited its turn SENDER_ORDER_WAIT, was handed back, and again, each round a
+    delivery; its last gave the order up. It waits on now, at no cost, and goes out
+    after the earlier one once a token service answers."""
+    first = await system.reply("zhao.liu", "first")
+    # The other replica: it fetched the first reply and holds it (never settled here)
+    settings = SenderSettings.from_env({"WECOM_CORP_ID": CORP, "WECOM_AGENT_ID": str(AGENT)})
+    config = topology.work_consumer(
+        topology.SENDER_CONSUMER,
+        topology.OUTCOME_FILTER,
+        ack_wait_s=settings.ack_wait_s,
+        max_ack_pending=10_000,
+    )
+    await system.js.add_consumer(topology.CONVERSATION_STREAM, config)
+    other = await system.js.pull_subscribe_bind(
+        durable=topology.SENDER_CONSUMER, stream=topology.CONVERSATION_STREAM
+    )
+    [held] = await other.fetch(1, timeout=5)
+    before = structlog.get_config()["processors"]
+    system.start_sender(SENDER_ORDER_WAIT="0.3", SENDER_MAX_DELIVER="3")
+    await until(
+        lambda: structlog.get_config()["processors"] is not before,
+        timeout=15,
+        what="the sender's logging configured",
+        interval=0.01,
+    )
+    with capture_logs() as logs:
+        second = await system.reply("zhao.liu", "second")
+        await until(
+            lambda: any(e["event"] == "sender.waiting_for_token_service" for e in logs),
+            timeout=15,
+            what=lambda: f"the second reply waiting for a token service: {logs}",
+        )
+    info = await system.js.consumer_info(topology.CONVERSATION_STREAM, topology.SENDER_CONSUMER)
+    assert info.num_redelivered == 0  # the second reply: one delivery, still held
+    await held.nak()  # the other replica goes away: this one takes the first reply too
+    await other.unsubscribe()
+    await system.start_token()
+    await system.log.until_finished(first.event_id, second.event_id, timeout=30)
+    assert system.sim.messages_to("zhao.liu") == ["first", "second"]
     assert not system.log.of(DeliveryFailed)
 
 
