@@ -33,6 +33,7 @@ __all__ = [
     "TokenError",
     "TokenReply",
     "TokenRequest",
+    "TokenServiceSilent",
     "TransientTokenError",
 ]
 
@@ -83,6 +84,13 @@ class TransientTokenError(TransientError):
         self.retry_after = retry_after
 
 
+class TokenServiceSilent(TransientTokenError):
+    """A token replica may run but did not answer in time (busy with a refresh)."""
+
+    def __init__(self) -> None:
+        super().__init__("unavailable", "token service did not answer")
+
+
 class NoTokenService(TransientTokenError):
     """No token replica subscribes (no responders): an outage of our own, not a failure
     of the call; a caller may wait for one rather than spend its retries."""
@@ -123,7 +131,11 @@ class TokenClient:
         except nats.errors.NoRespondersError as exc:
             raise NoTokenService from exc
         except nats.errors.TimeoutError as exc:
-            raise TransientTokenError("unavailable", "token service did not answer") from exc
+            raise TokenServiceSilent from exc
+        except nats.errors.Error as exc:  # the connection closed, draining, its buffer full
+            raise TransientTokenError(
+                "unavailable", f"cannot ask the token service: {type(exc).__name__}"
+            ) from exc
         try:
             reply = _reply_decoder.decode(msg.data)
         except msgspec.DecodeError as exc:

@@ -5,8 +5,9 @@ For an outcome R at stream sequence s of conversation C (see docs/architecture.m
 1. Load C's state: the cache's copy caught up from the log (never authoritative).
 2. R already finished (ReplyDelivered / DeliveryFailed) → ack; a redelivery never re-sends.
 3. An earlier outcome of C is unfinished (another replica is delivering it, or it waits
-   for a redelivery) → poll the log until it finishes, up to ``order_wait_s``, then nak
-   so it is tried again in about a second. Per-user order holds across replicas.
+   for a redelivery) → poll the log until it finishes, up to ``order_wait_s`` (again and
+   again while no token service runs: the earlier one waits for it too), then nak so it
+   is tried again in about a second. Per-user order holds across replicas.
 4. Split R.text into parts and resume after the last part recorded as PartDelivered.
 5. Send each part (token from the token service; retry busy answers in process; refresh
    a refused token once) and append PartDelivered right after WeCom accepts it, as a
@@ -83,7 +84,12 @@ from wecombot_common.events import (
     utcnow,
 )
 from wecombot_common.metrics import SENDER_PARTS, SENDER_REPLIES
-from wecombot_common.tokens import NoTokenService, TokenError, TransientTokenError
+from wecombot_common.tokens import (
+    NoTokenService,
+    TokenError,
+    TokenServiceSilent,
+    TransientTokenError,
+)
 from wecombot_common.topology import ConversationRef
 from wecombot_common.worker import Ack, Delivery, HandBack, LeaveIdle, Nak, backoff_delay
 from wecombot_common.worker import Outcome as Settlement
@@ -119,8 +125,14 @@ _DELIVERED = SENDER_REPLIES.labels("delivered")
 _FAILED = SENDER_REPLIES.labels("failed")
 
 
+# How long the order wait's check for a token service waits for its answer: no
+# responders comes at once; a replica busy with a refresh (up to 24 s) is running.
+PROBE_TIMEOUT_S = 2.0
+
+
 class _StoppedWaitingForToken(Exception):
-    """A stop came while the reply waited for a token service: hand it back."""
+    """A stop (or a lost hold) came while the reply waited for a token service: hand it
+    back (the worker leaves one whose hold was lost to its ack_wait)."""
 
 
 class TokenSource(Protocol):
@@ -469,8 +481,8 @@ class ReplySender:
                     return paced
                 try:
                     job.sent[index] = await self._send_part(job, state, index)
-                except _StoppedWaitingForToken:
-                    return HandBack("stopping while no token service runs")
+                except _StoppedWaitingForToken as exc:
+                    return HandBack(str(exc))
                 except (SendRejected, TokenError) as exc:
                     await self._fail(job, state, *_failure(exc))
                     raise  # recorded; the worker dead-letters it with the reason
@@ -482,8 +494,9 @@ class ReplySender:
     async def _take_turn(
         self, job: _Job, state: ConversationState
     ) -> ConversationState | Nak | HandBack:
-        """Per-user order: wait for earlier replies; nak if they take too long, except on
-        the last delivery, where delivering out of order beats losing the reply."""
+        """Per-user order: wait for earlier replies (as long as no token service runs);
+        nak if they take too long, except on the last delivery, where delivering out of
+        order beats losing the reply."""
         waited = await self._wait_turn(job, state)
         if waited is not None:
             return waited
@@ -520,8 +533,10 @@ class ReplySender:
             if (
                 left <= 0
                 and not self._stopping.is_set()
+                and not job.delivery.lease.overdue  # the broker may have passed it on
                 and not await self._token_service_running(job.reply.app)
             ):
+                log.info("sender.order_wait_extended", reason="no token service is running")
                 deadline = loop.time() + self._policy.order_wait_s
                 left = deadline - loop.time()
             if left <= 0 or self._stopping.is_set():
@@ -593,6 +608,10 @@ class ReplySender:
                     token = await self._tokens.invalidate(job.reply.app, rejected)
             except NoTokenService:
                 self._token_service_gone()
+            except (TokenError, TransientTokenError) as exc:
+                if not isinstance(exc, TokenServiceSilent):
+                    self._token_service_found()  # it answered, with an error
+                raise
             else:
                 self._token_service_found()
                 return token
@@ -603,18 +622,25 @@ class ReplySender:
                     if self._stopping.is_set() or job.delivery.lease.overdue:
                         raise LeaveIdle
             except LeaveIdle:
-                raise _StoppedWaitingForToken from None
+                raise _StoppedWaitingForToken(
+                    "stopping while no token service runs"
+                    if self._stopping.is_set()
+                    else "no heartbeat of ours reached the broker while waiting for a token service"
+                ) from None
             delay = min(5.0, delay * 2)
 
     async def _token_service_running(self, app: str) -> bool:
         """Whether a token replica answers (False only for no responders: an error of a
-        running one, or a timeout, is not an absence)."""
+        running one, or no answer within PROBE_TIMEOUT_S, is not an absence)."""
         try:
-            await self._tokens.get(app)
+            await asyncio.wait_for(self._tokens.get(app), PROBE_TIMEOUT_S)
         except NoTokenService:
             self._token_service_gone()
             return False
+        except (TimeoutError, TokenServiceSilent):
+            return True
         except (TransientError, TokenError):  # one runs, whatever it answers
+            self._token_service_found()
             return True
         self._token_service_found()
         return True

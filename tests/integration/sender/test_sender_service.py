@@ -17,6 +17,7 @@ import nats.js.errors
 import pytest
 import structlog
 from nats.js import JetStreamContext
+from prometheus_client import REGISTRY
 from structlog.testing import capture_logs
 
 from tests.conftest import free_port
@@ -127,10 +128,12 @@ async def test_replies_wait_for_a_token_service_without_spending_their_deliverie
     )
     with capture_logs() as logs:  # after the sender configured its logging
         replies = [await system.reply(user, "你好") for user in ("zhang.san", "li.si")]
-        await until(
-            lambda: any(e["event"] == "sender.waiting_for_token_service" for e in logs),
+        await until(  # both replies asked, and wait
+            lambda: (
+                REGISTRY.get_sample_value("wecombot_worker_waiting", {"consumer": "sender"}) == 2
+            ),
             timeout=15,
-            what=lambda: f"the sender waiting for a token service: {logs}",
+            what=lambda: f"both replies waiting for a token service: {logs}",
         )
         waiting = [e for e in logs if e["event"] == "sender.waiting_for_token_service"]
     await system.start_token()  # (it configures logging anew: nothing captured after)
@@ -185,6 +188,13 @@ async def test_a_reply_behind_one_held_elsewhere_for_a_token_service_spends_noth
         durable=topology.SENDER_CONSUMER, stream=topology.CONVERSATION_STREAM
     )
     [held] = await other.fetch(1, timeout=5)
+
+    async def hold() -> None:  # the other replica's heartbeat
+        while True:
+            await held.in_progress()
+            await asyncio.sleep(1.0)
+
+    holding = asyncio.create_task(hold())
     before = structlog.get_config()["processors"]
     system.start_sender(SENDER_ORDER_WAIT="0.3", SENDER_MAX_DELIVER="3")
     await until(
@@ -195,13 +205,15 @@ async def test_a_reply_behind_one_held_elsewhere_for_a_token_service_spends_noth
     )
     with capture_logs() as logs:
         second = await system.reply("zhao.liu", "second")
-        await until(
-            lambda: any(e["event"] == "sender.waiting_for_token_service" for e in logs),
+        await until(  # its order wait over, and started again, three times
+            lambda: sum(e["event"] == "sender.order_wait_extended" for e in logs) >= 3,
             timeout=15,
-            what=lambda: f"the second reply waiting for a token service: {logs}",
+            what=lambda: f"the second reply's order wait extended: {logs}",
         )
+    assert any(e["event"] == "sender.waiting_for_token_service" for e in logs)
     info = await system.js.consumer_info(topology.CONVERSATION_STREAM, topology.SENDER_CONSUMER)
     assert info.num_redelivered == 0  # the second reply: one delivery, still held
+    holding.cancel()
     await held.nak()  # the other replica goes away: this one takes the first reply too
     await other.unsubscribe()
     await system.start_token()
