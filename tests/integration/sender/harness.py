@@ -205,9 +205,9 @@ class System:
         assert all(code in (None, 0) for code in codes), f"a service exited with {codes}"
         self.stop = asyncio.Event()
 
-    async def deliver_once_and_drop(self, count: int) -> None:
-        """Play a sender that fetched ``count`` outcomes and died before acking them: the
-        next delivery of each is a redelivery (num_delivered 2)."""
+    async def other_replica(self) -> JetStreamContext.PullSubscription:
+        """Another sender's hold on the sender consumer (the same config as the service's),
+        for a test to fetch outcomes with and keep or drop them as a replica would."""
         settings = SenderSettings.from_env({"WECOM_CORP_ID": CORP, "WECOM_AGENT_ID": str(AGENT)})
         config = topology.work_consumer(
             topology.SENDER_CONSUMER,
@@ -216,9 +216,14 @@ class System:
             max_ack_pending=10_000,
         )
         await self.js.add_consumer(topology.CONVERSATION_STREAM, config)
-        sub = await self.js.pull_subscribe_bind(
+        return await self.js.pull_subscribe_bind(
             durable=topology.SENDER_CONSUMER, stream=topology.CONVERSATION_STREAM
         )
+
+    async def deliver_once_and_drop(self, count: int) -> None:
+        """Play a sender that fetched ``count`` outcomes and died before acking them: the
+        next delivery of each is a redelivery (num_delivered 2)."""
+        sub = await self.other_replica()
         msgs = await sub.fetch(count, timeout=5)
         assert len(msgs) == count
         for msg in msgs:

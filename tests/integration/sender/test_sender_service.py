@@ -50,7 +50,6 @@ from wecombot_common.settings import EnvReader, NatsSettings, Secret, WeComApiSe
 from wecombot_common.sim.wecom_api import SentMessage, SimulatedWeComApi
 from wecombot_sender.domain import RECENT_SENDS_KEPT
 from wecombot_sender.errors import SendRejected, SendRetryable, TokenRejected
-from wecombot_sender.settings import SenderSettings
 from wecombot_sender.split import split_text
 from wecombot_sender.wecom import HttpMessageApi
 
@@ -175,18 +174,7 @@ async def test_a_reply_behind_one_held_elsewhere_for_a_token_service_spends_noth
     delivery; its last gave the order up. It waits on now, at no cost, and goes out
     after the earlier one once a token service answers."""
     first = await system.reply("zhao.liu", "first")
-    # The other replica: it fetched the first reply and holds it (never settled here)
-    settings = SenderSettings.from_env({"WECOM_CORP_ID": CORP, "WECOM_AGENT_ID": str(AGENT)})
-    config = topology.work_consumer(
-        topology.SENDER_CONSUMER,
-        topology.OUTCOME_FILTER,
-        ack_wait_s=settings.ack_wait_s,
-        max_ack_pending=10_000,
-    )
-    await system.js.add_consumer(topology.CONVERSATION_STREAM, config)
-    other = await system.js.pull_subscribe_bind(
-        durable=topology.SENDER_CONSUMER, stream=topology.CONVERSATION_STREAM
-    )
+    other = await system.other_replica()  # it fetched the first reply and holds it
     [held] = await other.fetch(1, timeout=5)
 
     async def hold() -> None:  # the other replica's heartbeat
