@@ -177,7 +177,11 @@ def test_a_settings_problem_is_a_json_line_as_every_other_refusal() -> None:
     assert ran.returncode == 2, ran.stderr
     [line] = ran.stderr.splitlines()
     said = json.loads(line)
-    assert (said["event"], said["level"]) == ("service.config_error", "error")
+    assert (said["event"], said["level"], said["service"]) == (
+        "service.config_error",
+        "error",
+        "sender",
+    )
     assert [p for p in said["problems"] if p.startswith("SENDER_MAX_DELIVER ")], said
     text = _start_failing("sender", SENDER_MAX_DELIVER="0", LOG_FORMAT="console")
     assert text.stderr.startswith("wecombot: invalid configuration:\n  - SENDER_MAX_DELIVER ")

@@ -38,7 +38,9 @@ def test_run_service_serves_on_the_chosen_loop(choice: str) -> None:
     async def serve(settings: str, stop: asyncio.Event) -> None:
         seen.append(type(asyncio.get_running_loop()).__module__)
 
-    code = run_service(lambda env: "settings", serve, {"WECOMBOT_EVENT_LOOP": choice})
+    code = run_service(
+        lambda env: "settings", serve, {"WECOMBOT_EVENT_LOOP": choice}, service="test"
+    )
     assert code == 0
     uses_uvloop = choice == "auto" and HAVE_UVLOOP
     assert seen[0].startswith("uvloop") == uses_uvloop
@@ -48,7 +50,7 @@ def test_run_service_refuses_a_bad_loop_with_exit_2(capsys: pytest.CaptureFixtur
     async def serve(settings: str, stop: asyncio.Event) -> None:  # pragma: no cover
         raise AssertionError("must not run")
 
-    assert run_service(lambda env: "s", serve, {"WECOMBOT_EVENT_LOOP": "nope"}) == 2
+    assert run_service(lambda env: "s", serve, {"WECOMBOT_EVENT_LOOP": "nope"}, service="test") == 2
     assert "WECOMBOT_EVENT_LOOP" in capsys.readouterr().err
 
 
@@ -60,7 +62,7 @@ def test_a_crash_is_exit_1_through_the_redacting_log(capsys: pytest.CaptureFixtu
     async def serve(settings: str, stop: asyncio.Event) -> None:
         raise ValueError("netloc 'bot:pa55-in-url@host' contains invalid characters")
 
-    assert run_service(lambda env: "s", serve, {}) == 1
+    assert run_service(lambda env: "s", serve, {}, service="test") == 1
     err = capsys.readouterr().err
     assert "pa55-in-url" not in err
     [crash] = [json.loads(line) for line in err.splitlines() if line.startswith("{")]

@@ -89,4 +89,4 @@ def main(environ: Mapping[str, str]) -> int:
     """Entry point of ``wecombot setup``: the exit code (see the module docstring)."""
     env = dict(environ)
     read_dotenv(Path(".env"), env)  # as dev, doctor and dlq do: values not set already
-    return run_service(SetupSettings.from_env, serve, env)
+    return run_service(SetupSettings.from_env, serve, env, service="setup")

@@ -49,21 +49,26 @@ Serve = Callable[[S, asyncio.Event], Awaitable[int | None]]
 
 
 def run_service(
-    load: Callable[[Mapping[str, str]], S], serve: Serve[S], environ: Mapping[str, str]
+    load: Callable[[Mapping[str, str]], S],
+    serve: Serve[S],
+    environ: Mapping[str, str],
+    *,
+    service: str,
 ) -> int:
     """Load settings (exit 2 with the message on ConfigError), then serve until a signal;
-    the exit code is what ``serve`` returns (None: 0)."""
+    the exit code is what ``serve`` returns (None: 0). ``service`` names the process in
+    a settings problem's line, as its log lines name it once logging is configured."""
     try:
         settings = load(environ)
         loop = event_loop_name(environ)
     except ConfigError as exc:
-        _say_config_error(exc, environ)
+        _say_config_error(exc, environ, service)
         return 2
     with asyncio.Runner(loop_factory=_loop_factory(loop)) as runner:
         return runner.run(_serve_until_signal(serve, settings))
 
 
-def _say_config_error(exc: ConfigError, environ: Mapping[str, str]) -> None:
+def _say_config_error(exc: ConfigError, environ: Mapping[str, str], service: str) -> None:
     """The settings' problems, before logging is configured (its own settings may be
     among them): as the JSON line the service logs every other start-up refusal with
     (``service.config_error``), for a pod's log pipeline, unless ``LOG_FORMAT=console``
@@ -77,6 +82,7 @@ def _say_config_error(exc: ConfigError, environ: Mapping[str, str]) -> None:
         "timestamp": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
         "error": str(exc),
         "problems": list(exc.problems) or [str(exc)],
+        "service": service,
     }
     print(json.dumps(line, ensure_ascii=False), file=sys.stderr)
 

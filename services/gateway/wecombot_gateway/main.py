@@ -41,7 +41,7 @@ log = structlog.get_logger(__name__)
 
 def main(environ: Mapping[str, str]) -> int:
     """Entry point of ``wecombot gateway``: 0 clean stop, 2 bad configuration, 1 crash."""
-    return run_service(GatewaySettings.from_env, serve, environ)
+    return run_service(GatewaySettings.from_env, serve, environ, service="gateway")
 
 
 async def serve(settings: GatewaySettings, stop: asyncio.Event) -> None:

@@ -115,4 +115,4 @@ def _nats_ready(nc: NATS) -> Callable[[], Awaitable[tuple[bool, str]]]:
 
 
 def main(environ: Mapping[str, str]) -> int:
-    return run_service(LlmSettings.from_env, serve, environ)
+    return run_service(LlmSettings.from_env, serve, environ, service="llm")

@@ -108,4 +108,4 @@ def _ready(nc: NATS) -> Callable[[], Awaitable[tuple[bool, str]]]:
 
 
 def main(environ: Mapping[str, str]) -> int:
-    return run_service(SenderSettings.from_env, serve, environ)
+    return run_service(SenderSettings.from_env, serve, environ, service="sender")

@@ -145,4 +145,4 @@ async def _resync_after_reconnects(nc: NATS, keeper: TokenKeeper, poll_s: float 
 
 
 def main(environ: Mapping[str, str]) -> int:
-    return run_service(TokenSettings.from_env, serve, environ)
+    return run_service(TokenSettings.from_env, serve, environ, service="token")
