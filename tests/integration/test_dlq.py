@@ -490,7 +490,7 @@ async def test_a_reply_no_longer_in_the_log_is_not_requeued(
     await dead.purge_stream(topology.CONVERSATION_STREAM)  # as WECOMBOT_HISTORY_MAX_AGE would
     code, out, err = await _dlq(nats_server.url, "replay", "3")
     assert (code, out) == (1, "")
-    assert "is no longer in WECOMBOT (aged out after WECOMBOT_HISTORY_MAX_AGE" in err, err
+    assert "is no longer in WECOMBOT (aged out after WECOMBOT_HISTORY_MAX_AGE, dropped" in err, err
     info = await dead.stream_info(topology.CONVERSATION_STREAM)
     assert info.state.messages == 0
 

@@ -12,6 +12,7 @@ import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import nats
 import pytest
 from aiohttp import web
 
@@ -43,8 +44,9 @@ from wecombot.doctor import (
     explain_gettoken_failure,
     main,
 )
+from wecombot_common import bus
 from wecombot_common.crypto import generate_encoding_aes_key, generate_token
-from wecombot_common.settings import EnvReader, WeComApiSettings
+from wecombot_common.settings import EnvReader, NatsSettings, WeComApiSettings
 from wecombot_common.sim.openai_api import Fault, SimulatedOpenAIApi
 from wecombot_common.sim.wecom_api import SimulatedWeComApi
 from wecombot_token.domain import classify_errcode
@@ -181,6 +183,34 @@ async def test_nats_reachable_with_jetstream(nats_server: NatsHandle) -> None:
     assert "JetStream enabled" in finding.summary
     assert re.search(r"\(server \d+\.\d+\.\d+, \d+ streams; ", finding.summary), finding.summary
     assert "not created yet" in finding.summary
+
+
+async def test_nats_says_what_the_event_log_holds_against_its_cap(
+    nats_server: NatsHandle,
+) -> None:
+    """Its size and its byte cap (WECOMBOT_HISTORY_MAX_MB), and a cap configured here
+    that the stream does not have yet (setup has not applied it)."""
+    env = {"NATS_URL": nats_server.url, "WECOMBOT_HISTORY_MAX_MB": "2"}
+    nc = await nats.connect(nats_server.url)
+    try:
+        js = nc.jetstream()
+        await bus.ensure_topology(js, NatsSettings.read(EnvReader(env)))
+        for i in range(3):
+            await js.publish(f"wecombot.conv.app.u{i}.in", b"e" * 2**19)
+    finally:
+        await nc.close()
+    capped = await check_nats(env, TIMEOUT)
+    assert capped.status == "ok", capped
+    assert re.search(
+        r"stream WECOMBOT holds 3 events, 1\.5 MiB \(of its 2\.0 MiB cap\)\)$", capped.summary
+    ), capped.summary
+    assert not [d for d in capped.details if "WECOMBOT_HISTORY_MAX_MB" in d], capped.details
+    other = await check_nats({**env, "WECOMBOT_HISTORY_MAX_MB": "0"}, TIMEOUT)
+    assert other.status == "ok", other
+    assert other.summary == capped.summary
+    [said] = [d for d in other.details if "WECOMBOT_HISTORY_MAX_MB" in d]
+    assert said.startswith("WECOMBOT_HISTORY_MAX_MB is 0 (no cap) here, not the stream's: ")
+    assert "`wecombot setup` applies it" in said
 
 
 async def test_nats_unreachable() -> None:

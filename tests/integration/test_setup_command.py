@@ -129,6 +129,51 @@ async def test_replicas_a_single_server_cannot_hold_exit_2_naming_the_setting(
         await nc.close()
 
 
+async def test_setup_caps_the_event_log_and_lifts_the_cap(
+    nats_server: NatsHandle, tmp_path: Path
+) -> None:
+    """``WECOMBOT_HISTORY_MAX_MB``: past it the oldest events go, as past the maximum
+    age, and the appends go on (a full disk refuses them: every callback 503). Set to 0
+    again, the cap is lifted from the stream, not left behind."""
+    log = tmp_path / "setup.log"
+    proc = _setup({"NATS_URL": nats_server.url, "WECOMBOT_HISTORY_MAX_MB": "1"}, log)
+    assert await asyncio.to_thread(_exit_code, proc, 60) == 0, log.read_text()
+    assert '"history_max_mb": 1' in log.read_text()
+    nc = await nats.connect(nats_server.url)
+    try:
+        js = nc.jetstream()
+        assert (await js.stream_info(topology.CONVERSATION_STREAM)).config.max_bytes == 2**20
+        for i in range(40):  # 2.5 MiB
+            await js.publish(f"{topology.PREFIX}.conv.app.u{i}.in", b"e" * 64 * 1024)
+        state = (await js.stream_info(topology.CONVERSATION_STREAM)).state
+        assert state.bytes <= 2**20 and state.last_seq == 40, state
+        assert state.first_seq > 20, state  # the oldest went first
+        proc = _setup({"NATS_URL": nats_server.url, "WECOMBOT_HISTORY_MAX_MB": "0"}, log)
+        assert await asyncio.to_thread(_exit_code, proc, 60) == 0, log.read_text()
+        lifted = await js.stream_info(topology.CONVERSATION_STREAM)
+        assert lifted.config.max_bytes == -1, lifted.config
+        assert lifted.state.messages == state.messages  # lifting it dropped nothing
+    finally:
+        await nc.close()
+
+
+async def test_a_cap_the_store_cannot_reserve_exits_2_naming_the_setting(
+    nats_server: NatsHandle, tmp_path: Path
+) -> None:
+    """JetStream reserves the cap in its store (by default 75 % of the free disk) and
+    refuses a larger one at every attempt (err_code 10047): setup said only
+    ``nats.not_ready`` until the Job's deadline."""
+    log = tmp_path / "setup.log"
+    huge = str(16 * 2**20)  # 16 TiB, the largest the setting takes
+    proc = _setup({"NATS_URL": nats_server.url, "WECOMBOT_HISTORY_MAX_MB": huge}, log)
+    assert await asyncio.to_thread(_exit_code, proc, 60) == 2, log.read_text()
+    written = log.read_text()
+    assert '"service.config_error"' in written and '"nats.not_ready"' not in written
+    assert f"WECOMBOT_HISTORY_MAX_MB={huge}, but the NATS server at {nats_server.url}" in written
+    assert "cannot reserve that much for the stream WECOMBOT" in written
+    assert "insufficient storage resources available" in written
+
+
 async def test_a_broker_without_jetstream_is_waited_for_saying_so(
     nats_without_jetstream: str, tmp_path: Path
 ) -> None:

@@ -94,6 +94,14 @@ def test_defaults_match_the_documented_interface() -> None:
     assert nats.url == "nats://127.0.0.1:4222"
     assert api.api_base == "https://qyapi.weixin.qq.com"
     assert (log.level, log.format) == ("info", "json")
+    assert nats.history_max_bytes is None  # no cap on the event log
+
+
+@pytest.mark.parametrize(("mb", "cap"), [("0", None), ("1", 2**20), ("16384", 16 * 2**30)])
+def test_the_history_cap_is_read_in_mib(mb: str, cap: int | None) -> None:
+    reader = EnvReader({"WECOMBOT_HISTORY_MAX_MB": mb})
+    assert NatsSettings.read(reader).history_max_bytes == cap
+    reader.raise_if_invalid()
 
 
 @pytest.mark.parametrize(
@@ -108,6 +116,9 @@ def test_defaults_match_the_documented_interface() -> None:
         # nan passed every bound (all comparisons are false), then crashed a user: exit 1
         ({"WECOMBOT_DUPLICATE_WINDOW": "nan"}, "WECOMBOT_DUPLICATE_WINDOW must be a number"),
         ({"WECOMBOT_HISTORY_MAX_AGE": "inf"}, "WECOMBOT_HISTORY_MAX_AGE must be a number"),
+        ({"WECOMBOT_HISTORY_MAX_MB": "-1"}, "WECOMBOT_HISTORY_MAX_MB must be an integer"),
+        ({"WECOMBOT_HISTORY_MAX_MB": "2GB"}, "WECOMBOT_HISTORY_MAX_MB must be an integer"),
+        ({"WECOMBOT_HISTORY_MAX_MB": str(2**24 + 1)}, "WECOMBOT_HISTORY_MAX_MB must be an"),
         # other scripts' digits: int("٣") is 3, float("٣") 3.0
         ({"WECOMBOT_DUPLICATE_WINDOW": "٣٦٠٠"}, "WECOMBOT_DUPLICATE_WINDOW must be a number"),
         ({"NATS_CREDS": "/nonexistent/user.creds"}, "NATS_CREDS must name a readable file"),

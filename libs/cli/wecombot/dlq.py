@@ -425,7 +425,7 @@ async def standing(js: JetStreamContext, letter: DeadLetter) -> str:
     - ``answered``: the llm's message has its outcome (a replay, or a retry by WeCom);
     - ``delivered``: the sender's reply was delivered since;
     - ``requeued``: the reply is requeued (a replay): the sender has it;
-    - ``gone``: the reply aged out of WECOMBOT (WECOMBOT_HISTORY_MAX_AGE);
+    - ``gone``: the reply left WECOMBOT (WECOMBOT_HISTORY_MAX_AGE or _MAX_MB, a purge);
     - ``unreadable``: not a wecombot event, or a newer build's: replaying cannot mend it;
     - ``misfiled``: filed on a subject other than its own (by hand, a faulty build): not
       replayed;
@@ -472,8 +472,8 @@ async def _requeue(js: JetStreamContext, seq: int, parked: Event) -> tuple[bool,
         # be parked again by the sender, which delivers from the log's copy.
         return False, (
             f"reply {reply_id} to {parked.conversation} is no longer in "
-            f"{topology.CONVERSATION_STREAM} (aged out after WECOMBOT_HISTORY_MAX_AGE, or "
-            "purged): nothing to deliver"
+            f"{topology.CONVERSATION_STREAM} (aged out after WECOMBOT_HISTORY_MAX_AGE, dropped "
+            "past WECOMBOT_HISTORY_MAX_MB, or purged): nothing to deliver"
         )
     if isinstance(last, ReplyDelivered):
         return False, f"reply {reply_id} was delivered since; nothing to replay"

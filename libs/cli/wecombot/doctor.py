@@ -42,6 +42,7 @@ from urllib.parse import urlsplit
 import httpx
 import nats.errors
 import nats.js.errors
+from nats.js.api import StreamInfo
 
 from wecombot_common import bus, topology
 from wecombot_common.errors import ConfigError
@@ -252,19 +253,20 @@ async def check_nats(environ: Mapping[str, str], timeout_s: float) -> Finding:
                 f"NATS at {url} did not answer a JetStream request ({type(exc).__name__})",
                 ("The server may be starting, or without a JetStream quorum: check its logs.",),
             )
+        details: tuple[str, ...] = ()
         try:
             stream = await js.stream_info(topology.CONVERSATION_STREAM)
-            held = f"stream {topology.CONVERSATION_STREAM} holds {stream.state.messages} events"
         except nats.js.errors.NotFoundError:
             held = f"stream {topology.CONVERSATION_STREAM} not created yet (the services create it)"
+        else:
+            held, details = _stream_held(stream, settings)
         server = nc.connected_server_version  # its str() is "<nats server v2.11.4>"
         try:
             version = f"{server.major}.{server.minor}.{server.patch}"
         except ValueError:  # not semantic: say what it is
             version = str(server)
-        details: tuple[str, ...] = ()
         if not (environ.get("NATS_URL") or "").strip():
-            details = (
+            details += (
                 "NATS_URL is unset, so this is the default address; `wecombot dev` starts its "
                 "own broker instead, the services in production need NATS_URL.",
             )
@@ -277,6 +279,30 @@ async def check_nats(environ: Mapping[str, str], timeout_s: float) -> Finding:
         )
     finally:
         await nc.close()
+
+
+def _stream_held(stream: StreamInfo, settings: NatsSettings) -> tuple[str, tuple[str, ...]]:
+    """What the event log holds, against its byte cap (``WECOMBOT_HISTORY_MAX_MB``); and a
+    detail when the stream's cap is not the one configured here (``wecombot setup`` or a
+    service's start applies it)."""
+    size = _mib(stream.state.bytes or 0)
+    cap = stream.config.max_bytes
+    cap = cap if cap is not None and cap > 0 else None  # the server says -1 for none
+    of = f"of its {_mib(cap)} cap" if cap is not None else "no byte cap"
+    held = f"stream {stream.config.name} holds {stream.state.messages} events, {size} ({of})"
+    configured = settings.history_max_bytes
+    if cap == configured:
+        return held, ()
+    wanted = f"{configured // 2**20}" if configured else "0 (no cap)"
+    return held, (
+        f"WECOMBOT_HISTORY_MAX_MB is {wanted} here, not the stream's: `wecombot setup` "
+        "applies it (a service started with it does too, where its NATS user may change "
+        "streams; under deploy/nats/auth.conf it waits, not ready, until setup has).",
+    )
+
+
+def _mib(size: int) -> str:
+    return f"{size / 2**20:,.1f} MiB"
 
 
 def _nats_unreachable(url: str, exc: BaseException) -> Finding:

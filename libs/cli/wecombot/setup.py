@@ -3,10 +3,10 @@
 Every service creates the streams it relies on when they are missing (an idempotent
 create: the same config again changes nothing). Under the production NATS permissions
 (deploy/nats/auth.conf) no service may *change* a stream, so a new
-``WECOMBOT_STREAM_REPLICAS``, ``WECOMBOT_DUPLICATE_WINDOW`` or ``WECOMBOT_HISTORY_MAX_AGE``
-is applied by this command, run as the ``setup`` NATS user (the Kubernetes Job
-``wecombot-setup``, see docs/deploy.md). Until then the services keep retrying (not
-ready), rather than run against a stream that differs from their settings.
+``WECOMBOT_STREAM_REPLICAS``, ``WECOMBOT_DUPLICATE_WINDOW``, ``WECOMBOT_HISTORY_MAX_AGE``
+or ``WECOMBOT_HISTORY_MAX_MB`` is applied by this command, run as the ``setup`` NATS user
+(the Kubernetes Job ``wecombot-setup``, see docs/deploy.md). Until then the services keep
+retrying (not ready), rather than run against a stream that differs from their settings.
 
 Settings come from the environment, and from a ``.env`` in the working directory for
 the values not set there, as ``dev``, ``doctor`` and ``dlq`` read it: a ``NATS_URL`` kept
@@ -16,7 +16,8 @@ system's. The image holds no ``.env`` (.dockerignore): the Job reads its ConfigM
 Waits for NATS, and for its JetStream to answer (``nats.not_ready`` says when it does not:
 not enabled, or still starting), until SIGTERM/SIGINT or the Job's deadline. Settings the
 broker can never meet end the wait: ``WECOMBOT_STREAM_REPLICAS`` above 1 on a server that
-is not clustered fails at once, naming the setting, rather than burn the Job's deadline
+is not clustered, or a ``WECOMBOT_HISTORY_MAX_MB`` its store cannot reserve, fails at
+once, naming the setting, rather than burn the Job's deadline
 (:func:`wecombot_common.bus.connect_when_ready`). Exit codes: 0 the streams match the
 settings, 1 stopped before that, 2 bad configuration (or one the broker cannot meet).
 """
@@ -75,6 +76,7 @@ async def run_setup(settings: SetupSettings, stop: asyncio.Event) -> bool:
         replicas=settings.nats.stream_replicas,
         duplicate_window_s=settings.nats.duplicate_window_s,
         history_max_age_s=settings.nats.history_max_age_s,
+        history_max_mb=(settings.nats.history_max_bytes or 0) // 2**20,
     )
     return True
 

@@ -63,6 +63,11 @@ WRONG_LAST_SEQUENCE = 10071
 # one is certain; 10008 (a cluster without a meta leader yet), 10023 (insufficient
 # resources) or 10005 (no suitable peers, a node down) may pass, and are retried.
 REPLICAS_NOT_SUPPORTED = 10074  # "replicas > 1 not supported in non-clustered mode"
+# "insufficient storage resources available": a stream's max_bytes is reserved in the
+# server's store (max_file_store: by default 75 % of the disk free at its start, the
+# stream's own use counted back); a cap above it is refused at every create and update.
+# Only a cap can ask for it: a stream without one reserves nothing.
+STORAGE_EXCEEDED = 10047
 # nats-py's outgoing buffer (its default, set explicitly by :func:`connect`). A publish
 # that would take it past this waits inside nats-py until the socket takes the data,
 # however long that is; :class:`PipelinedAppender` refuses such an append instead.
@@ -215,6 +220,7 @@ async def ensure_topology(js: JetStreamContext, settings: NatsSettings) -> None:
             replicas=settings.stream_replicas,
             duplicate_window_s=settings.duplicate_window_s,
             max_age_s=settings.history_max_age_s,
+            max_bytes=settings.history_max_bytes,
         ),
     )
     await ensure_stream(
@@ -649,8 +655,9 @@ async def connect_when_ready(
     exponential backoff while JetStream is unavailable: no responders (not enabled on the
     server or the account, or still starting: ``nats.not_ready`` says both), a cluster
     electing its leader, a timeout. What no retry can fix raises ConfigError (exit 2),
-    the connection closed: a server older than 2.11, or ``WECOMBOT_STREAM_REPLICAS`` above
-    1 on a server that is not clustered (err_code 10074). Returns None if ``stop`` is set
+    the connection closed: a server older than 2.11, ``WECOMBOT_STREAM_REPLICAS`` above
+    1 on a server that is not clustered (err_code 10074), or a ``WECOMBOT_HISTORY_MAX_MB``
+    its store cannot reserve (err_code 10047). Returns None if ``stop`` is set
     first, so a service waiting for its broker still stops at once on SIGTERM::
 
         ready = await connect_when_ready(s.nats, "wecombot-llm", stop,
@@ -691,7 +698,18 @@ async def connect_when_ready(
 def _misconfigured(exc: BaseException, settings: NatsSettings) -> str | None:
     """Why ``prepare`` can never succeed against this server, or None (retry): the
     message of the ConfigError that ends the wait."""
-    if not isinstance(exc, nats.js.errors.APIError) or exc.err_code != REPLICAS_NOT_SUPPORTED:
+    if not isinstance(exc, nats.js.errors.APIError):
+        return None
+    if exc.err_code == STORAGE_EXCEEDED and settings.history_max_bytes is not None:
+        return (
+            f"WECOMBOT_HISTORY_MAX_MB={settings.history_max_bytes // 2**20}, but the NATS "
+            f"server at {without_credentials(settings.url)} cannot reserve that much for "
+            f"the stream {topology.CONVERSATION_STREAM} (JetStream: {exc.description}, "
+            f"err_code {exc.err_code}): set a smaller cap, within the server's file store "
+            "(max_file_store; by default 75 % of the disk free when it started), or give "
+            "the servers a larger volume"
+        )
+    if exc.err_code != REPLICAS_NOT_SUPPORTED:
         return None
     return (
         f"WECOMBOT_STREAM_REPLICAS={settings.stream_replicas}, but the NATS server at "

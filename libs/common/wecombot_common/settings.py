@@ -26,7 +26,7 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import Final, Literal, TypeVar
 from urllib.parse import urlsplit
 
 import idna
@@ -475,6 +475,10 @@ class WeComApiSettings:
         )
 
 
+# WECOMBOT_HISTORY_MAX_MB's largest value: 16 TiB, in MiB.
+HISTORY_MAX_MB_LIMIT: Final = 16 * 2**20
+
+
 @dataclass(frozen=True)
 class NatsSettings:
     url: str
@@ -484,6 +488,8 @@ class NatsSettings:
     stream_replicas: int
     duplicate_window_s: float
     history_max_age_s: float
+    # WECOMBOT_HISTORY_MAX_MB in bytes; None: no cap (the broker's store is the limit)
+    history_max_bytes: int | None = None
 
     @property
     def secrets(self) -> tuple[Secret, ...]:
@@ -518,6 +524,7 @@ class NatsSettings:
         max_age = env.seconds(
             "WECOMBOT_HISTORY_MAX_AGE", 30 * 86400.0, minimum=3600.0, maximum=3650 * 86400.0
         )
+        max_mb = env.integer("WECOMBOT_HISTORY_MAX_MB", 0, minimum=0, maximum=HISTORY_MAX_MB_LIMIT)
         return cls(
             url=url,
             user=user,
@@ -526,6 +533,7 @@ class NatsSettings:
             stream_replicas=env.integer("WECOMBOT_STREAM_REPLICAS", 1, minimum=1, maximum=5),
             duplicate_window_s=duplicate_window,
             history_max_age_s=max(max_age, duplicate_window),
+            history_max_bytes=max_mb * 2**20 if max_mb else None,
         )
 
 

@@ -190,9 +190,15 @@ def _root(app: str, user: str) -> str:
 
 
 def conversation_stream(
-    *, replicas: int, duplicate_window_s: float, max_age_s: float
+    *, replicas: int, duplicate_window_s: float, max_age_s: float, max_bytes: int | None = None
 ) -> StreamConfig:
-    """The event log. File storage, limits retention: events are kept, not consumed."""
+    """The event log. File storage, limits retention: events are kept, not consumed.
+
+    ``max_bytes`` (``WECOMBOT_HISTORY_MAX_MB``; None: no cap) caps what each server
+    keeps of it: past it the oldest events are dropped, as ``max_age`` drops them, so a
+    full stream never stops the gateway's appends (a full disk does: every callback 503).
+    JetStream reserves the cap in its store at creation, and refuses one the store cannot
+    hold (err_code 10047)."""
     return StreamConfig(
         name=CONVERSATION_STREAM,
         description="wecombot conversation events (event-sourced; one subject tree per user)",
@@ -205,6 +211,9 @@ def conversation_stream(
         # https://developer.work.weixin.qq.com/document/path/90238) with a wide margin.
         duplicate_window=duplicate_window_s,
         max_age=max_age_s,
+        # None is sent as no field, which the server takes as no cap (-1): a cap removed
+        # from the settings is removed from the stream by the update.
+        max_bytes=max_bytes,
         allow_direct=True,
     )
 

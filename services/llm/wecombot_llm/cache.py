@@ -96,8 +96,8 @@ class Entry:
 
 class ConversationCache:
     """``max_idle_s``: an idle entry unused for longer is rebuilt from the log, so no
-    replica keeps turns the stream has since dropped (WECOMBOT_HISTORY_MAX_AGE) while a
-    restarted one would not."""
+    replica keeps turns the stream has since dropped (``WECOMBOT_HISTORY_MAX_AGE``, or
+    past ``WECOMBOT_HISTORY_MAX_MB``) for long while a restarted one would not."""
 
     def __init__(
         self,

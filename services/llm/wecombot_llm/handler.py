@@ -302,7 +302,7 @@ class LlmHandler:
                         return Nak(backoff_delay(num_delivered), "concurrent appends kept winning")
                     if not await self._catch_up(conv, entry, leader=True):
                         # Nobody appended: the branch lost events the entry still counts
-                        # (aged out after WECOMBOT_HISTORY_MAX_AGE, or purged), so its
+                        # (aged out, dropped past the byte cap, or purged), so its
                         # expected sequence can never match again. Rebuild from the log.
                         log.info("llm.conversation_rebuilt", expected_seq=entry.state.llm_last_seq)
                         entry.rebuild(self._new_state())
