@@ -267,6 +267,24 @@ async def test_reset_starts_a_fresh_context(
     ]
 
 
+async def test_a_menu_item_keyed_reset_starts_a_fresh_context(
+    nats_server: NatsHandle, stream: JetStreamContext, api: SimulatedOpenAIApi
+) -> None:
+    """A custom-menu item (type click) with the key /reset: the click got nothing, and
+    the memory stayed."""
+    user = "menu.user"
+    click = WeComEventPayload(event="click", event_key="/reset")
+    async with running(llm_env(nats_server, api)):
+        await send(stream, received(user, "remember 42"), received(user, payload=click))
+        await send(stream, received(user, "what did I ask you to remember?"))
+        got = await wait_outcomes(stream, user, 3)
+    assert isinstance(got[1], ConversationReset)
+    assert [r.messages for r in api.chat_requests] == [
+        expected_context(["remember 42"]),
+        expected_context(["what did I ask you to remember?"]),
+    ]
+
+
 async def test_help_image_and_events_need_no_model(
     nats_server: NatsHandle, stream: JetStreamContext, api: SimulatedOpenAIApi
 ) -> None:

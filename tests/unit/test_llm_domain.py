@@ -43,7 +43,7 @@ from wecombot_common.events import (
 from wecombot_common.proxy import httpx_proxy
 from wecombot_common.settings import EnvReader
 from wecombot_common.worker import Ack, Delivery, HandBack, Nak, Slot
-from wecombot_llm.commands import HELP_TEXT, Command, parse_command
+from wecombot_llm.commands import HELP_TEXT, RESET_TEXT, Command, parse_command
 from wecombot_llm.conversation import Blocked, Conversation, Done, Go, fold, plan
 from wecombot_llm.decide import (
     CUT_OFF_NOTE,
@@ -381,6 +381,12 @@ ALL_PAYLOADS: list[tuple[Payload, bool, bool]] = [
     (WeComEventPayload(event="enter_agent"), False, True),
     (WeComEventPayload(event="subscribe"), False, False),
     (WeComEventPayload(event="click", event_key="k"), False, False),
+    # a custom-menu item whose key is a command runs it, as typed
+    (WeComEventPayload(event="click", event_key="/reset"), True, True),
+    (WeComEventPayload(event="click", event_key="#清除记忆"), True, True),
+    (WeComEventPayload(event="click", event_key="/help"), True, True),
+    (WeComEventPayload(event="click"), False, False),
+    (WeComEventPayload(event="view", event_key="/help"), False, False),  # a link: its URL
 ]
 
 
@@ -1078,6 +1084,36 @@ def test_gate_never_counts_events_and_notices_do_not_use_up_the_rate() -> None:
     gate = Gate(GatePolicy(rate_per_minute=1))
     assert [gate.verdict(USER, at=t, is_event=True).name for t in (0, 86_400)] == ["ADMIT"] * 2
     assert verdicts(gate, [0, 1, 2, 60]) == ["ADMIT", "FLOOD_NOTICE", "SILENT", "ADMIT"]
+
+
+def test_a_menu_click_runs_its_command_as_typed_and_counts_as_a_message() -> None:
+    """A click on a custom-menu item whose key is /reset or /help got nothing (events are
+    not answered): it clears the memory or shows the help, each click, as typing it
+    does, and counts against the user's rate as a message (the welcome goes once a day,
+    a click that did so would answer once)."""
+    q0, q1 = msg("q0"), msg("q1")
+    click_reset = msg(payload=WeComEventPayload(event="click", event_key="/reset"))
+    helps = [msg(payload=WeComEventPayload(event="click", event_key="/HELP")) for _ in range(2)]
+    needs = lambda m: requires_outcome(m)  # noqa: E731 (no welcome configured)
+    conv = fold(stored(q0, reply_to(q0, "a0"), click_reset, *helps), needs)
+    assert set(conv.awaiting) == {click_reset.event_id, *(h.event_id for h in helps)}
+    policy = ReplyPolicy()
+    reset = decide(click_reset, conv, policy, now=0.0)
+    assert isinstance(reset, Reply) and isinstance(reset.outcome, ConversationReset)
+    assert reset.outcome.text == RESET_TEXT
+    assert reset.outcome.event_id == derived_id(click_reset.event_id, "outcome")
+    for h in helps:
+        helped = decide(h, conv, policy, now=0.0)
+        assert isinstance(helped, Reply) and isinstance(helped.outcome, ReplyGenerated)
+        assert (helped.outcome.kind, helped.outcome.text) == ("notice", HELP_TEXT)
+    after = fold(stored(q0, reply_to(q0, "a0"), click_reset, reset.outcome, q1), needs)
+    asked = decide(q1, after, policy, now=0.0)
+    assert isinstance(asked, AskModel)
+    assert [m.content for m in asked.messages][-1:] == ["q1"]  # q0 forgotten
+    assert "q0" not in [m.content for m in asked.messages]
+    # Counted against the rate: the second of two clicks within the minute is told.
+    flooded = fold(stored(*helps), needs, gate=GatePolicy(rate_per_minute=1))
+    assert [flooded.verdict(h.event_id) for h in helps] == [Verdict.ADMIT, Verdict.FLOOD_NOTICE]
 
 
 def test_the_welcome_goes_once_a_day_however_often_the_app_is_opened() -> None:

@@ -8,6 +8,8 @@
 True
 >>> parse_command("＃清除记忆。"), blank("\u200b \ufeff")
 (<Command.RESET: 'reset'>, True)
+>>> menu_command(WeComEventPayload(event="click", event_key="/reset"))
+<Command.RESET: 'reset'>
 """
 
 from __future__ import annotations
@@ -15,7 +17,9 @@ from __future__ import annotations
 import enum
 import unicodedata
 
-__all__ = ["HELP_TEXT", "RESET_TEXT", "Command", "blank", "parse_command"]
+from wecombot_common.events import Payload, WeComEventPayload
+
+__all__ = ["HELP_TEXT", "RESET_TEXT", "Command", "blank", "menu_command", "parse_command"]
 
 # Characters that show nothing (zero-width space, non-joiner and joiner, word joiner,
 # BOM): text of only these and whitespace is blank, as a message and as an answer.
@@ -51,6 +55,17 @@ def parse_command(text: str) -> Command | None:
         return None
     folded = unicodedata.normalize("NFKC", text).translate(_INVISIBLE)
     return _COMMANDS.get("".join(folded.split()).rstrip("。.").lower())
+
+
+def menu_command(payload: Payload) -> Command | None:
+    """The command a custom-menu item runs, or None: an item of type ``click`` whose key
+    is a command (``/reset``, ``/help``, ``#清除记忆``) runs it as if typed. WeCom sends
+    ``Event=click`` with ``EventKey`` = the item's key ("点击菜单拉取消息的事件推送",
+    https://developer.work.weixin.qq.com/document/path/90240); any other key, and every
+    other menu event, is not answered."""
+    if isinstance(payload, WeComEventPayload) and payload.event == "click" and payload.event_key:
+        return parse_command(payload.event_key)
+    return None
 
 
 def blank(text: str) -> bool:

@@ -45,6 +45,7 @@ from wecombot_common.events import (
     WeComEventPayload,
 )
 
+from .commands import menu_command
 from .gate import Gate, GatePolicy, Verdict
 from .prompt import Turn
 
@@ -161,7 +162,11 @@ class Conversation:
             return
         if not self.needs_outcome(event):
             return
-        is_event = isinstance(event.payload, WeComEventPayload)
+        # A menu click that runs a command is the user asking, as if typed: counted
+        # against the rate, not once a day as the welcome is.
+        is_event = (
+            isinstance(event.payload, WeComEventPayload) and menu_command(event.payload) is None
+        )
         verdict = self.gate.verdict(event.from_user, at=event.create_time, is_event=is_event)
         if verdict is Verdict.SILENT:
             self._settle(event.event_id, Verdict.SILENT)

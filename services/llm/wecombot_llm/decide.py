@@ -31,7 +31,7 @@ from wecombot_common.events import (
     derived_id,
 )
 
-from .commands import HELP_TEXT, RESET_TEXT, Command, blank, parse_command
+from .commands import HELP_TEXT, RESET_TEXT, Command, blank, menu_command, parse_command
 from .conversation import Conversation
 from .gate import Verdict
 from .prompt import ChatMessage, build_prompt
@@ -91,11 +91,16 @@ def requires_outcome(received: MessageReceived, *, welcome: bool = False) -> boo
     """Whether ``received`` gets exactly one outcome (a reply the user sees).
 
     Messages always do (text is answered, other types get a "not supported yet"
-    notice); WeCom events do not, except ``enter_agent`` when a welcome is configured.
+    notice); WeCom events do not, except ``enter_agent`` when a welcome is configured
+    and a menu click whose key is a command (:func:`~.commands.menu_command`).
+
+    The answer may change with a release or a setting for events already in the log
+    (a welcome configured later): those before the consumer's ack floor were settled
+    without an outcome, and wait for none (the handler's order wait).
     """
     payload = received.payload
     if isinstance(payload, WeComEventPayload):
-        return welcome and payload.event == "enter_agent"
+        return (welcome and payload.event == "enter_agent") or menu_command(payload) is not None
     return isinstance(
         payload,
         TextPayload
@@ -142,14 +147,15 @@ def decide(
         return Reply(_notice(received, REFUSAL_TEXT))
     payload = received.payload
     if isinstance(payload, WeComEventPayload):
+        clicked = menu_command(payload)
+        if clicked is not None:
+            return _run(received, clicked)
         return Reply(_notice(received, policy.welcome_message or ""))
     if not isinstance(payload, TextPayload):
         return Reply(_notice(received, unsupported_text(received)))
     command = parse_command(payload.content)
-    if command is Command.RESET:
-        return Reply(ConversationReset(**_envelope(received), text=RESET_TEXT))
-    if command is Command.HELP:
-        return Reply(_notice(received, HELP_TEXT))
+    if command is not None:
+        return _run(received, command)
     if blank(payload.content):  # zero-width spaces or a BOM alone too
         return Reply(_notice(received, EMPTY_TEXT))
     awaiting = conv.awaiting.get(received.event_id)
@@ -163,6 +169,12 @@ def decide(
         max_tokens=policy.max_context_tokens,
     )
     return AskModel(messages)
+
+
+def _run(received: MessageReceived, command: Command) -> Reply:
+    if command is Command.RESET:
+        return Reply(ConversationReset(**_envelope(received), text=RESET_TEXT))
+    return Reply(_notice(received, HELP_TEXT))
 
 
 def answer(
