@@ -16,11 +16,19 @@ from typing import TYPE_CHECKING
 
 import nats
 import pytest
+from hypothesis import settings
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
 from tests.waiting import until_sync
 from wecombot_common.embedded import EmbeddedNats, nats_server_binary
+
+# Property tests have no deadline: timing is not what they test, and on a loaded machine
+# (CI, a test run beside others) hypothesis' 200 ms per example failed them at random.
+# One profile for every run, a whole suite or one file (test_crypto loaded its own for
+# all: a file run alone ran with other settings than in the suite).
+settings.register_profile("wecombot", max_examples=150, deadline=None)
+settings.load_profile("wecombot")
 
 if TYPE_CHECKING:
     from tests.cluster import NatsCluster

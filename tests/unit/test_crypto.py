@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from Crypto.Cipher import AES
 from defusedxml import ElementTree
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from wecombot_common.crypto import (
@@ -42,9 +42,6 @@ IDS = [f"{s['name']}-{c['kind']}" for s, c in CASES]
 SET_A = _VECTORS
 CASE_A = SET_A["cases"][1]  # post_xml
 TOKEN, KEY, CORP = SET_A["token"], SET_A["encoding_aes_key"], SET_A["corp_id"]
-
-settings.register_profile("fast", max_examples=150, deadline=None)
-settings.load_profile("fast")
 
 
 def _crypto(vset: dict[str, Any], case: dict[str, Any]) -> WeComCrypto:
