@@ -993,6 +993,109 @@ async def test_a_request_the_server_cannot_parse_is_one_counted_warning_without_
     assert _refusals("400", error) - before == 1
 
 
+@pytest.mark.parametrize(
+    ("first_bytes", "said"),
+    [
+        (  # a proxy speaking HTTPS to the gateway's plain-HTTP port: a TLS ClientHello
+            b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03" + bytes(32) + b"\x00\x00\x02\x13\x01",
+            "TLS on the plain-HTTP port",
+        ),
+        (  # a load balancer with the PROXY protocol on
+            b"PROXY TCP4 203.0.113.7 10.0.0.5 51234 8080\r\n"
+            b"POST /wecom/callback HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n",
+            "a PROXY protocol header before the request",
+        ),
+        (b"FOO /wecom/callback HTTP/1.1\r\nHost: x\r\n\r\n", "not an HTTP request, or a method"),
+    ],
+    ids=["tls", "proxy-protocol", "unknown-method"],
+)
+async def test_what_is_no_http_request_is_counted_and_said_with_its_likely_cause(
+    make_gateway: MakeGateway, first_bytes: bytes, said: str
+) -> None:
+    """aiohttp logs these at debug only, on a connection's first request: an ingress
+    sending HTTPS, or a load balancer the PROXY protocol, had every callback refused 400
+    with no log line and no refusal counted (logs, metrics, /readyz all healthy)."""
+    gw = await make_gateway()
+    before = _refusals("400", "BadHttpMethod")
+    with capture_logs() as logs:
+        answer = await _exchange(gw, first_bytes)
+    assert answer.split(b"\r\n", 1)[0].endswith(b" 400 Bad Request"), answer
+    [rejected] = rejections(logs)
+    assert (rejected["status"], rejected["error"]) == (400, "BadHttpMethod")
+    assert said in rejected["reason"], rejected
+    assert "exc_info" not in rejected
+    assert _refusals("400", "BadHttpMethod") - before == 1
+    assert await gw.events() == []
+
+
+async def test_a_parse_refusal_does_not_log_the_request_it_quotes(
+    make_gateway: MakeGateway,
+) -> None:
+    """aiohttp's error quotes the bytes it was reading, headers included: an API key in
+    a header reached the log (a Bearer token only was redacted)."""
+    gw = await make_gateway()
+    head = (
+        b"POST /wecom/callback HTTP/1.1\r\nHost: x\r\n"
+        b"X-Api-Key : k3y-in-a-header\r\n\r\n"  # the space before the colon: refused
+    )
+    with capture_logs() as logs:
+        answer = await _exchange(gw, head)
+    assert answer.split(b"\r\n", 1)[0].endswith(b" 400 Bad Request")
+    [rejected] = rejections(logs)
+    assert rejected["error"] == "BadHttpMessage"
+    assert "k3y-in-a-header" not in json.dumps(rejected), rejected
+    assert rejected["reason"] and "\n" not in rejected["reason"]
+
+
+async def test_an_event_over_the_brokers_max_payload_is_413_not_503(
+    make_gateway: MakeGateway,
+) -> None:
+    """A signed message under the body limit whose event is over NATS's max_payload (1 MiB;
+    each '"' doubles in the event's JSON): 503 at each of WeCom's retries, counted where
+    the "NATS is failing" alert looks. No retry can store it."""
+    gw = await make_gateway(GATEWAY_MAX_BODY_BYTES=str(4 * 1024 * 1024))
+    before, unavailable = _refusals("413", "EventTooLarge"), _refusals("503", "AppendUnavailable")
+    with capture_logs() as logs:
+        resp = await gw.send(post(text_message("big1", content='"' * 700_000)))
+    assert resp.status == 413
+    [rejected] = rejections(logs)
+    assert rejected["error"] == "EventTooLarge"
+    assert "over the broker's max_payload" in rejected["reason"]
+    assert _refusals("413", "EventTooLarge") - before == 1
+    assert _refusals("503", "AppendUnavailable") == unavailable
+    assert await gw.events() == []
+    ok = await gw.send(post(text_message("small1")))  # the connection to NATS is fine
+    assert ok.status == 200
+    assert [e.msg_id for e in await gw.events()] == ["small1"]
+
+
+async def test_an_unrouted_request_logs_the_path_the_router_saw(gateway: Gateway) -> None:
+    """``/wecom%2Fcallback`` was logged as ``/wecom/callback`` (decoded) beside "no such
+    path: the callback is served at /wecom/callback": a line that contradicted itself."""
+    encoded = "%2F".join(PATH.rsplit("/", 1))
+    with capture_logs() as logs:
+        resp = await gateway.send(dataclasses.replace(post(text_message("9")), path=encoded))
+    assert resp.status == 404
+    [rejected] = rejections(logs)
+    assert rejected["path"] == encoded
+
+
+async def test_a_message_with_markup_in_its_content_keeps_all_its_text(gateway: Gateway) -> None:
+    """Content with elements in it (markup instead of CDATA; not WeCom's own shape, but
+    signed): only the text before the first element was stored, silently."""
+    plain = (
+        f"<xml><ToUserName>{CORP}</ToUserName><FromUserName>zhang.san</FromUserName>"
+        f"<CreateTime>{int(time.time())}</CreateTime><MsgType>text</MsgType>"
+        "<Content>please summarise <b>this part</b> and this tail</Content>"
+        f"<MsgId>mixed1</MsgId><AgentID>{AGENT}</AgentID></xml>"
+    ).encode()
+    resp = await gateway.send(post(plain))
+    assert resp.status == 200
+    [stored] = await gateway.events()
+    assert isinstance(stored.payload, TextPayload)
+    assert stored.payload.content == "please summarise this part and this tail"
+
+
 async def test_a_request_with_headers_from_a_mesh_and_an_ingress_is_served(
     make_gateway: MakeGateway,
 ) -> None:

@@ -126,6 +126,10 @@ def test_each_alert_example_parses_and_uses_defined_series_and_labels(expression
     [
         'wecombot_gateway_refusals_total{reason="AppendUnavailable",status="503"} 0.0',
         'wecombot_gateway_refusals_total{reason="SignatureError",status="403"} 0.0',
+        # made by aiohttp's parser and router, or too big for the broker: counted too
+        'wecombot_gateway_refusals_total{reason="BadHttpMethod",status="400"} 0.0',
+        'wecombot_gateway_refusals_total{reason="HTTPNotFound",status="404"} 0.0',
+        'wecombot_gateway_refusals_total{reason="EventTooLarge",status="413"} 0.0',
         'wecombot_llm_outcomes_total{outcome="ReplyFailed"} 0.0',
         'wecombot_token_fetches_total{result="network"} 0.0',
         'wecombot_token_fetches_total{result="untrusted_ip"} 0.0',

@@ -30,7 +30,7 @@ from nats.js import JetStreamContext
 from nats.js.api import StreamConfig
 
 from . import topology
-from .errors import ConfigError, TransientError
+from .errors import ConfigError, PermanentError, TransientError
 from .events import Event, EventDecodeError, decode_event, encode_event
 from .logs import LogSampler
 from .runtime import fail, unless_stopped
@@ -41,6 +41,7 @@ __all__ = [
     "AppendUnavailable",
     "Appended",
     "ConcurrencyConflict",
+    "EventTooLarge",
     "PipelinedAppender",
     "SettledFloor",
     "StoredEvent",
@@ -94,6 +95,12 @@ class AppendUnavailable(TransientError):
     def __init__(self, reason: str, *, maybe_stored: bool = False) -> None:
         super().__init__(reason)
         self.maybe_stored = maybe_stored
+
+
+class EventTooLarge(PermanentError):
+    """The event, with its headers, is over the broker's ``max_payload`` (1 MiB by
+    default): no retry can store it. nats-py checks the payload alone, and a message
+    its headers take over the limit makes the server close the connection."""
 
 
 class ConcurrencyConflict(TransientError):
@@ -319,6 +326,10 @@ async def _publish(
             f"no PubAck within {timeout:g}s: {type(exc).__name__}",
             maybe_stored=not isinstance(exc, nats.errors.NoRespondersError),
         ) from exc
+    except nats.errors.MaxPayloadError as exc:
+        raise EventTooLarge(
+            f"the event is {len(data):,} bytes, over the broker's max_payload"
+        ) from exc
     except nats.errors.Error as exc:
         raise AppendUnavailable(f"cannot publish: {exc}") from exc
     return Appended(seq=ack.seq, duplicate=bool(ack.duplicate))
@@ -393,6 +404,12 @@ class PipelinedAppender:
         when it does not come within ``timeout``, whatever the connection is doing, and at
         once when the data already waiting to be sent leaves no room for it)."""
         data = encode_event(event)
+        size = len(data) + len(msg_id) + _HEADERS_OVERHEAD
+        if size > self._nc.max_payload:
+            raise EventTooLarge(
+                f"the event is {size:,} bytes with its headers, over the broker's "
+                f"max_payload ({self._nc.max_payload:,})"
+            )
         pending = self._nc.pending_data_size
         if pending and pending + len(data) + len(msg_id) + _COMMAND_OVERHEAD > self._limit:
             raise AppendUnavailable(f"NATS is not taking writes: {pending} bytes wait to be sent")
@@ -453,6 +470,9 @@ class PipelinedAppender:
 # The HPUB line and headers around an event's bytes and its message id: the subject
 # (prefix, app, a UserID of at most 64 characters escaped), the reply inbox, the rest.
 _COMMAND_OVERHEAD = 512
+# The header block around the message id (``NATS/1.0``, ``Nats-Msg-Id: ``, the line
+# ends): the server holds headers and payload together to its max_payload.
+_HEADERS_OVERHEAD = 32
 
 
 def _no_pub_ack(waiter: asyncio.Future[_PubAck], timeout: float) -> None:

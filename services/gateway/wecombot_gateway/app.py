@@ -45,6 +45,7 @@ anything else (a bug): logged with its stack            500
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Callable
 from functools import partial
@@ -53,9 +54,9 @@ from typing import Any, Final
 
 import structlog
 from aiohttp import HttpVersion11, hdrs, web
-from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.http_exceptions import BadHttpMethod, HttpProcessingError
 
-from wecombot_common.bus import AppendUnavailable
+from wecombot_common.bus import AppendUnavailable, EventTooLarge
 from wecombot_common.crypto import (
     Base64DecodeError,
     CryptoError,
@@ -149,20 +150,55 @@ class _MalformedHttp(logging.Filter):
     """aiohttp logs a request it cannot parse (a header without a colon, a line over 8 KB,
     broken chunking) as an error with a stack, uncounted: anyone could fill the log
     with them. They are refusals like ours: counted, and said as ``callback.rejected``
-    (through the refusal log of the application made last: one per process)."""
+    (through the refusal log of the application made last: one per process).
+
+    What is no HTTP request at all on a connection's first request aiohttp logs at
+    debug only (the internet's probes): it was neither counted nor said, so a proxy
+    speaking HTTPS to the gateway, or a load balancer sending the PROXY protocol, had
+    every callback refused while logs and metrics looked healthy. Counted and said
+    too, with its likely cause (the log's sampling bounds a flood of probes)."""
 
     refusals = RefusalLog()
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
         if not isinstance(exc, HttpProcessingError):
-            return True  # anything else from the server is a real error: as it is
-        reason = str(exc.message)[:200]
-        self.refusals.refused(exc.code or 400, type(exc).__name__, reason=reason)
+            # Anything else from the server is as it is, at the configured level (this
+            # logger lets debug through for the refusals above).
+            return logging.getLogger().isEnabledFor(record.levelno)
+        self.refusals.refused(exc.code or 400, type(exc).__name__, reason=parse_reason(exc))
         return False
 
 
+# The PROXY protocol's header, version 1 (text) or 2 (binary signature), as the request's
+# bytes appear quoted in aiohttp's error.
+_PROXY_PROTOCOL = re.compile(r"PROXY (?:TCP4|TCP6|UNKNOWN)|\\r\\n\\r\\n\\x00\\r\\nQUIT\\n")
+
+
+def parse_reason(exc: HttpProcessingError) -> str:
+    """The reason logged for a request aiohttp cannot parse: the first line of its error,
+    whose rest quotes the request's own bytes (its headers: an API key, a cookie), or
+    the likely cause of a request that is no HTTP at all."""
+    message = str(exc.message)
+    if isinstance(exc, BadHttpMethod):
+        if "HTTPS traffic" in message:
+            return (
+                "TLS on the plain-HTTP port: what sits in front of the gateway speaks HTTPS "
+                "to it (end TLS before the gateway, or send it http://)"
+            )
+        if _PROXY_PROTOCOL.search(message):
+            return (
+                "a PROXY protocol header before the request: the load balancer sends the "
+                "PROXY protocol, which the gateway does not read (turn it off for this backend)"
+            )
+    first = message.split("\n", 1)[0].removesuffix(":").strip()
+    if isinstance(exc, BadHttpMethod):
+        first += " (not an HTTP request, or a method no server knows)"
+    return first[:200]
+
+
 _HTTP_LOG = logging.getLogger("wecombot_gateway.http")
+_HTTP_LOG.setLevel(logging.DEBUG)  # aiohttp's debug refusal reaches _MalformedHttp
 MAX_HEADERS: Final = 64
 _MALFORMED = _MalformedHttp()
 _HTTP_LOG.addFilter(_MALFORMED)
@@ -222,6 +258,7 @@ _STATUS: dict[type[Exception], int] = {
     CallbackRejected: 400,
     CryptoError: 400,
     AppendUnavailable: 503,
+    EventTooLarge: 413,
 }
 
 
@@ -231,6 +268,18 @@ _STATUS: dict[type[Exception], int] = {
 for _refused, _status in _STATUS.items():
     if _refused not in (CallbackRejected, CryptoError, ParseError):  # never raised as such
         GATEWAY_REFUSALS.labels(str(_status), _refused.__name__)
+# ... and those aiohttp's parser and router make (_MalformedHttp, _unrouted).
+for _status, _error in (
+    (400, "BadHttpMessage"),
+    (400, "BadHttpMethod"),
+    (400, "BadStatusLine"),
+    (400, "InvalidHeader"),
+    (400, "InvalidURLError"),
+    (400, "LineTooLong"),
+    (404, "HTTPNotFound"),
+    (405, "HTTPMethodNotAllowed"),
+):
+    GATEWAY_REFUSALS.labels(str(_status), _error)
 
 _SUSPECT: dict[type[Exception], str] = {
     SignatureError: "WECOM_TOKEN",
@@ -366,7 +415,7 @@ class _CallbackHandlers:
             _IGNORED.inc()
             log.info("callback.ignored", reason=exc.reason)
             return web.Response()
-        except (CallbackRejected, CryptoError, AppendUnavailable) as exc:
+        except (CallbackRejected, CryptoError, AppendUnavailable, EventTooLarge) as exc:
             return _refuse(request, exc, message)
         except Exception:
             return _failed(request, message)
@@ -424,7 +473,7 @@ async def _unrouted(callback_path: str, request: web.Request) -> web.Response:
         status, reason = 404, f"no such path: the callback is served at {callback_path}"
         error, headers = "HTTPNotFound", {}
     request.app[_REFUSALS].refused(
-        status, error, method=request.method, path=request.path[:200], reason=reason
+        status, error, method=request.method, path=path[:200], reason=reason
     )
     return web.Response(status=status, text=HTTPStatus(status).phrase, headers=headers)
 
@@ -438,7 +487,7 @@ def _identity(message: MessageReceived | None) -> dict[str, object]:
 
 def _refuse(
     request: web.Request,
-    exc: CallbackRejected | CryptoError | AppendUnavailable,
+    exc: CallbackRejected | CryptoError | AppendUnavailable | EventTooLarge,
     message: MessageReceived | None = None,
 ) -> web.Response:
     status = status_for(exc)

@@ -308,8 +308,11 @@ def _collect(element: ET.Element, prefix: str, out: dict[str, str], *, depth: in
         for attr, value in child.attrib.items():
             out[f"{path}@{attr}"] = value
         if len(child):
-            if child.text and child.text.strip():
-                out[path] = child.text
+            # Text among the elements (mixed content) is kept whole, the elements' text
+            # and what follows each: only the text before the first was, and a Content
+            # of 'a <b>b</b> c' (markup instead of CDATA) was stored as 'a '.
+            if any(part.strip() for part in (child.text or "", *(c.tail or "" for c in child))):
+                out[path] = "".join(child.itertext())
             _collect(child, path + ".", out, depth=depth + 1)
         else:
             out[path] = child.text or ""
