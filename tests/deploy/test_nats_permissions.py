@@ -430,6 +430,46 @@ async def test_setup_user_updates_the_streams_and_nothing_else(
     )
 
 
+async def test_every_start_meets_a_stream_capped_over_half_the_store(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A single nats-server reserves a capped stream's max_bytes again when asked to
+    create the stream it holds (err_code 10047): with a cap over half its store (the
+    dev overlay's 1024 MiB of a 2 Gi volume's ≈ 1.5 GiB), every start after the first
+    was refused, setup and every service exiting 2. Each user, as auth.conf allows it."""
+    passwords = {user: "p" + secrets.token_hex(24) for user in USERS}
+    for user, password in passwords.items():
+        monkeypatch.setenv(f"WECOMBOT_NATS_{user.upper()}_PASSWORD", password)
+    (tmp_path / "auth.conf").write_text(AUTH_CONF.read_text())
+    conf = tmp_path / "nats.conf"
+    conf.write_text('include "auth.conf"\njetstream { max_file_store: 100MiB }\n')
+    log_file = tmp_path / "nats.log"
+    server = EmbeddedNats(tmp_path / "nats", config_file=conf, log_file=log_file)
+    server.start()
+    try:
+        for user in ("setup", "setup", "gateway", "llm", "sender"):
+            settings = _nats_settings(
+                NATS_URL=server.url,
+                NATS_USER=user,
+                NATS_PASSWORD=passwords[user],
+                WECOMBOT_HISTORY_MAX_MB="60",
+            )
+            nc = await bus.connect(settings, f"wecombot-{user}")
+            try:
+                await bus.ensure_topology(nc.jetstream(timeout=10.0), settings)
+            finally:
+                await nc.close()
+        admin = await nats.connect(server.url, user="admin", password=passwords["admin"])
+        try:
+            held = await admin.jetstream().stream_info(topology.CONVERSATION_STREAM)
+        finally:
+            await admin.close()
+        assert held.config.max_bytes == 60 * 2**20
+        assert not [line for line in log_file.read_text().splitlines() if VIOLATION.search(line)]
+    finally:
+        server.stop()
+
+
 async def test_wrong_password_and_unknown_user_are_refused(secured_nats: SecuredNats) -> None:
     for user, password in (("gateway", "not-the-password"), ("root", "root")):
         with pytest.raises(nats.errors.Error):

@@ -210,13 +210,34 @@ def _untold(errors: LogSampler) -> dict[str, int]:
 
 
 async def ensure_stream(js: JetStreamContext, config: StreamConfig) -> None:
-    """Create the stream, or update it to ``config``; safe to run from every replica."""
+    """Create the stream, or update it to ``config``; safe to run from every replica.
+
+    A single nats-server reserves a capped stream's ``max_bytes`` again when asked to
+    create the stream it already holds, and refuses a cap over half its store although
+    the stream has it (err_code 10047; an update does not, checked on 2.15): every start
+    after the first was refused. Then the stream is looked at: as configured, nothing
+    is asked; otherwise it is updated (which may be refused for the cap, for good).
+    """
     try:
         await js.add_stream(config)
-    except nats.js.errors.BadRequestError as exc:
-        if exc.err_code != 10058:  # stream name already in use with a different config
+    except nats.js.errors.APIError as exc:
+        if exc.err_code == STORAGE_EXCEEDED and config.max_bytes and config.name:
+            try:
+                held = await js.stream_info(config.name)
+            except nats.js.errors.NotFoundError:
+                raise exc from None  # not there: the cap is beyond the store
+            if _as_configured(held.config, config):
+                return
+        elif exc.err_code != 10058:  # stream name already in use with a different config
             raise
         await js.update_stream(config)
+
+
+def _as_configured(held: StreamConfig, wanted: StreamConfig) -> bool:
+    """Whether the stream's config has every field ``wanted`` sets, as sent on the wire
+    (the server fills in the rest)."""
+    have = held.as_dict()
+    return all(have.get(name) == value for name, value in wanted.as_dict().items())
 
 
 async def ensure_topology(js: JetStreamContext, settings: NatsSettings) -> None:

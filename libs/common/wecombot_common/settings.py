@@ -360,12 +360,17 @@ def masked_url(url: str) -> str:
 
 def _bounds(minimum: float | None, maximum: float | None) -> str:
     if minimum is not None and maximum is not None:
-        return f" between {minimum:g} and {maximum:g}"
+        return f" between {_shown(minimum)} and {_shown(maximum)}"
     if minimum is not None:
-        return f" of at least {minimum:g}"
+        return f" of at least {_shown(minimum)}"
     if maximum is not None:
-        return f" of at most {maximum:g}"
+        return f" of at most {_shown(maximum)}"
     return ""
+
+
+def _shown(bound: float) -> str:
+    """A bound as written: an integer whole (16777216, not 1.67772e+07), else shortest."""
+    return str(bound) if isinstance(bound, int) else f"{bound:g}"
 
 
 _CORP_ID = re.compile(r"^[A-Za-z0-9]{1,64}$")

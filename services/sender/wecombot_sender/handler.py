@@ -269,6 +269,12 @@ class ConversationCache:
         ):
             self.bytes -= self._entries.popitem(last=False)[1][1]
 
+    def forget(self, conv: ConversationRef) -> None:
+        """Drop what is held for ``conv``: the next load reads it from the log."""
+        held = self._entries.pop(conv, None)
+        if held is not None:
+            self.bytes -= held[1]
+
     def cached(self, conv: ConversationRef) -> ConversationState | None:
         """What is held for ``conv`` now, not caught up (None: nothing)."""
         held = self._entries.get(conv)
@@ -432,7 +438,24 @@ class ReplySender:
                 # the leader: job.contested), decide again.
                 log.info("sender.append_conflict")
                 job.contested = True
+                await self._forget_if_behind_nothing(job)
         raise TransientError("the conversation's send branch kept changing; retry later")
+
+    async def _forget_if_behind_nothing(self, job: _Job) -> None:
+        """After a refused append: when the leader's log holds nothing the cached state
+        has not read, nobody appended; the branch lost records the state still counts
+        (aged out after WECOMBOT_HISTORY_MAX_AGE, dropped past WECOMBOT_HISTORY_MAX_MB,
+        purged), so its expected sequence can never match again. Every record of the
+        user's next reply was refused, its first part sent again at each delivery, until
+        it was dead-lettered and the later replies stuck behind it. The state is read
+        from the log afresh (the llm does the same: ``llm.conversation_rebuilt``)."""
+        held = self._cache.cached(job.conv)
+        if held is None:
+            return
+        now = await self._cache.load(job.conv, through=job.delivery.stream_seq, leader=True)
+        if now.last_seq == held.last_seq:
+            log.info("sender.conversation_rebuilt", expected_seq=held.last_send_seq)
+            self._cache.forget(job.conv)
 
     # ------------------------------------------------------------ deciding
 
