@@ -467,10 +467,11 @@ def test_stream_replicas_match_the_nats_cluster() -> None:
 
 
 def test_the_history_cap_fits_the_nats_volume() -> None:
-    """WECOMBOT_HISTORY_MAX_MB is reserved in each server's JetStream store, which is by
-    default 75 % of its volume's free space (nats-server, measured): a cap above it is
-    refused (setup exits 2), one near it leaves no room for the dead letters and the
-    token bucket. Each overlay's cap stays within 60 % of its NATS volume (dev: half)."""
+    """WECOMBOT_HISTORY_MAX_MB is reserved in each server's JetStream store: the volume's
+    size under recent NATS charts, nats-server's default 75 % of its free space (measured)
+    under older ones. A cap above it is refused (setup exits 2), one near it leaves no
+    room for the dead letters and the token bucket. Each overlay's cap stays within 60 %
+    of its NATS volume, so it fits either way."""
     base = load_yaml(NATS_DIR / "values.yaml")["config"]["jetstream"]["fileStore"]["pvc"]
     for overlay, values_file in (("dev", "values-dev.yaml"), ("prod", "values-prod.yaml")):
         pvc = load_yaml(NATS_DIR / values_file)["config"]["jetstream"]["fileStore"]["pvc"]

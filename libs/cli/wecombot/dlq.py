@@ -349,7 +349,7 @@ async def _redeliver(
         return True, (
             f"event {parked.payload.event} from {parked.conversation} appended again (seq "
             f"{appended.seq}); the llm answers an event only with a welcome message set "
-            "(LLM_WELCOME_MESSAGE, for enter_agent)"
+            "(LLM_WELCOME_MESSAGE, for enter_agent), or a menu click whose key is a command"
         )
     return True, (
         f"message {parked.correlation_id} from {parked.conversation} appended again "

@@ -65,8 +65,9 @@ WRONG_LAST_SEQUENCE = 10071
 # resources) or 10005 (no suitable peers, a node down) may pass, and are retried.
 REPLICAS_NOT_SUPPORTED = 10074  # "replicas > 1 not supported in non-clustered mode"
 # "insufficient storage resources available": a stream's max_bytes is reserved in the
-# server's store (max_file_store: by default 75 % of the disk free at its start, the
-# stream's own use counted back); a cap above it is refused at every create and update.
+# server's store (max_file_store: the NATS Helm chart sets the volume's size; nats-server's
+# default is 75 % of the disk free at its start, the stream's own use counted back); a
+# cap above it is refused at every create and update.
 # Only a cap can ask for it: a stream without one reserves nothing.
 STORAGE_EXCEEDED = 10047
 # nats-py's outgoing buffer (its default, set explicitly by :func:`connect`). A publish
@@ -747,8 +748,8 @@ def _misconfigured(exc: BaseException, settings: NatsSettings) -> str | None:
             f"server at {without_credentials(settings.url)} cannot reserve that much for "
             f"the stream {topology.CONVERSATION_STREAM} (JetStream: {exc.description}, "
             f"err_code {exc.err_code}): set a smaller cap, within the server's file store "
-            "(max_file_store; by default 75 % of the disk free when it started), or give "
-            "the servers a larger volume"
+            "(max_file_store: the volume's size under the NATS Helm chart, by default 75 % "
+            "of the disk free when the server started), or give the servers a larger volume"
         )
     if exc.err_code != REPLICAS_NOT_SUPPORTED:
         return None

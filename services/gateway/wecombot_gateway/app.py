@@ -37,6 +37,8 @@ receive_id is not our CorpID                            403    -40005
 message not UTF-8 / not XML / field missing or bad      400
 message ToUserName is not our CorpID                    403
 message AgentID is there and is not WECOM_AGENT_ID      403
+event over the broker's max_payload (EventTooLarge)     413
+no HTTP request at all (TLS, PROXY protocol: aiohttp)   400
 the log did not confirm the append in time              503
 anything else (a bug): logged with its stack            500
 =====================================================  ======  ======
@@ -170,15 +172,17 @@ class _MalformedHttp(logging.Filter):
         return False
 
 
-# The PROXY protocol's header, version 1 (text) or 2 (binary signature), as the request's
-# bytes appear quoted in aiohttp's error.
-_PROXY_PROTOCOL = re.compile(r"PROXY (?:TCP4|TCP6|UNKNOWN)|\\r\\n\\r\\n\\x00\\r\\nQUIT\\n")
+# The PROXY protocol's header as aiohttp quotes the bytes it failed on: version 1 is
+# text (``PROXY TCP4 …``); version 2's binary signature fails at its first NUL byte.
+_PROXY_PROTOCOL = re.compile(r"PROXY (?:TCP4|TCP6|UNKNOWN)|b'\\x00")
+# Where aiohttp's error starts quoting the request (b'…', bytearray(b'…'), '…').
+_QUOTED = re.compile(r"""bytearray\(|b?['"]""")
 
 
 def parse_reason(exc: HttpProcessingError) -> str:
-    """The reason logged for a request aiohttp cannot parse: the first line of its error,
-    whose rest quotes the request's own bytes (its headers: an API key, a cookie), or
-    the likely cause of a request that is no HTTP at all."""
+    """The reason logged for a request aiohttp cannot parse: its error up to where it
+    quotes the request's own bytes (a header's value: a cookie, an API key; the target
+    with its query), or the likely cause of a request that is no HTTP at all."""
     message = str(exc.message)
     if isinstance(exc, BadHttpMethod):
         if "HTTPS traffic" in message:
@@ -191,10 +195,10 @@ def parse_reason(exc: HttpProcessingError) -> str:
                 "a PROXY protocol header before the request: the load balancer sends the "
                 "PROXY protocol, which the gateway does not read (turn it off for this backend)"
             )
-    first = message.split("\n", 1)[0].removesuffix(":").strip()
+    said = _QUOTED.split(message.split("\n", 1)[0], maxsplit=1)[0].strip().rstrip(":.").strip()
     if isinstance(exc, BadHttpMethod):
-        first += " (not an HTTP request, or a method no server knows)"
-    return first[:200]
+        said += " (not an HTTP request, or a method no server knows)"
+    return said[:200] or type(exc).__name__
 
 
 _HTTP_LOG = logging.getLogger("wecombot_gateway.http")

@@ -22,7 +22,8 @@ class Publisher(Protocol):
 
     Returns once the store confirmed it (``duplicate=True``: it was already stored);
     raises :class:`wecombot_common.bus.AppendUnavailable` when it could not confirm in
-    time, in which case the caller must not report success.
+    time, in which case the caller must not report success, and
+    :class:`wecombot_common.bus.EventTooLarge` for an event no broker could store.
     """
 
     async def append(self, event: MessageReceived, *, msg_id: str) -> Appended: ...
