@@ -198,6 +198,23 @@ def test_a_long_reply_arrives_in_parts(page: Page) -> None:
     expect(page.locator(rows("li.si", "PartDelivered"))).to_have_count(2)
 
 
+def test_the_apps_menu_runs_its_commands(page: Page) -> None:
+    """The page's custom menu: a click with the item's key, which the llm runs as typed
+    (it clears the memory; the help lists the commands)."""
+    from playwright.sync_api import expect
+
+    chat_as(page, "menu.user")
+    page.click('#menu button[data-key="/help"]')
+    mine = page.locator('.thread[data-user="menu.user"] .msg.mine').last
+    expect(mine.locator(".bubble")).to_have_text("⟨event: click /help⟩")
+    bot = page.locator('.thread[data-user="menu.user"] .msg.bot .bubble')
+    expect(bot.last).to_contain_text("/reset", timeout=WAIT_MS)
+    expect(page.locator(rows("menu.user", "MessageReceived"))).to_contain_text("event click /help")
+    page.click('#menu button[data-key="/reset"]')
+    expect(page.locator(rows("menu.user", "ConversationReset"))).to_have_count(1, timeout=WAIT_MS)
+    expect(bot).to_have_count(2, timeout=WAIT_MS)
+
+
 def test_switches_make_wecom_misbehave(page: Page) -> None:
     from playwright.sync_api import expect
 

@@ -132,6 +132,33 @@ async def test_a_message_is_posted_as_wecom_would_and_its_event_streamed(
     assert event["data"]["seq"] == 1
 
 
+async def test_a_menu_click_is_posted_with_its_items_key(console: Console, stream: Stream) -> None:
+    """The page's menu: an event ``click`` with the item's key as EventKey, as WeCom sends
+    a custom-menu click (the llm runs a key that is a command)."""
+    answer = await post(console, "/api/event", {"user": "li.si", "event": "click", "key": "/help"})
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["status"] == 200
+    said = await stream.until("said", key=answer.json()["key"])
+    assert (said["data"]["kind"], said["data"]["text"]) == ("event", "click /help")
+    event = await stream.until("event", type="MessageReceived")
+    stored = event["data"]["event"]
+    assert stored["conversation"] == "li.si"
+    assert stored["payload"] == {
+        "kind": "event",
+        "event": "click",
+        "event_key": "/help",
+        "fields": {},
+    }
+    for body, said_back in (
+        ({"user": "li.si", "event": "click"}, "a click names its menu item's key"),
+        ({"user": "li.si", "event": "click", "key": "k" * 129}, "at most 128 bytes"),
+        ({"user": "li.si", "event": "enter_agent", "key": "/help"}, "only a click"),
+    ):
+        refused = await post(console, "/api/event", body)
+        assert refused.status_code == 400, body
+        assert said_back in refused.text, refused.text
+
+
 async def test_the_console_reaches_the_gateway_whatever_the_environment_proxy(
     nats_server: NatsHandle,
 ) -> None:

@@ -6,7 +6,8 @@
     GET  /api/stream       Server-Sent Events: a ``hello`` with the current state, then
                            every item (replayed after ``Last-Event-ID``, then live)
     POST /api/send         {"user", "text", "retry"}: a text callback to the gateway
-    POST /api/event        {"user", "event"}: an event callback (enter_agent)
+    POST /api/event        {"user", "event", "key"}: an event callback (enter_agent; click,
+                           a custom-menu item, with its ``key``)
     POST /api/faults       {"action": "expire_token" | "fail_sends" | "clear_faults", …}
 
 Items (``kind``): ``said`` (a callback the console built), ``callback`` (the gateway's
@@ -61,7 +62,9 @@ MAX_FAIL_TIMES = 100
 KEEPALIVE_S = 15.0
 # A WeCom UserID: 1–64 letters, digits and _-@. starting with a letter or digit.
 USER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_\-@.]{0,63}")
-EVENTS = ("enter_agent", "subscribe", "unsubscribe")
+EVENTS = ("enter_agent", "click", "subscribe", "unsubscribe")
+# WeCom's limit on a menu item's key (创建菜单, path/90231: "不超过128字节").
+MAX_MENU_KEY_BYTES = 128
 # message/send errcodes offered by the page, in the order shown.
 ERRCODES = (-1, 45009, 45033, 42001, 40014, 81013, 82001, 44004, 60020)
 _WHAT_THE_SENDER_DOES = {
@@ -342,8 +345,17 @@ class Console:
         name = body.get("event")
         if name not in EVENTS:
             raise _bad(f"event must be one of {', '.join(EVENTS)}")
-        callback = self.builder.event(user, str(name))
-        return await self._deliver(callback, user, str(name), kind="event", retry=body.get("retry"))
+        key = body.get("key")
+        if name == "click":
+            if not isinstance(key, str) or not key.strip():
+                raise _bad("a click names its menu item's key")
+            if len(key.encode()) > MAX_MENU_KEY_BYTES:
+                raise _bad(f"a menu item's key is at most {MAX_MENU_KEY_BYTES} bytes")
+        elif key is not None:
+            raise _bad("only a click (a menu item) has a key")
+        callback = self.builder.event(user, str(name), event_key=key)
+        shown = f"{name} {key}" if key else str(name)
+        return await self._deliver(callback, user, shown, kind="event", retry=body.get("retry"))
 
     async def _deliver(
         self, callback: Callback, user: str, text: str, *, kind: str, retry: object

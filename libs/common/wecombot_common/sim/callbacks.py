@@ -101,14 +101,24 @@ class CallbackBuilder:
     def text(self, user: str, content: str, *, msg_id: str | None = None) -> Callback:
         return self.message(user, "text", {"Content": content}, msg_id=msg_id)
 
-    def event(self, user: str, event: str, *, create_time: int | None = None) -> Callback:
+    def event(
+        self,
+        user: str,
+        event: str,
+        *,
+        event_key: str | None = None,
+        create_time: int | None = None,
+    ) -> Callback:
+        """An event callback; ``event_key`` as WeCom sends it with a menu click (the
+        item's key), https://developer.work.weixin.qq.com/document/path/90240."""
         created = int(time.time()) if create_time is None else create_time
+        key = "" if event_key is None else f"<EventKey>{_cdata(event_key)}</EventKey>"
         inner = (
             f"<xml><ToUserName>{_cdata(self.corp_id)}</ToUserName>"
             f"<FromUserName>{_cdata(user)}</FromUserName>"
             f"<CreateTime>{created}</CreateTime>"
             f"<MsgType>{_cdata('event')}</MsgType>"
-            f"<Event>{_cdata(event)}</Event>"
+            f"<Event>{_cdata(event)}</Event>{key}"
             f"<AgentID>{self.agent_id}</AgentID></xml>"
         )
         return self.wrap(inner)

@@ -275,7 +275,7 @@
       case "MessageReceived": {
         const p = e.payload || {};
         if (p.kind === "text") return `“${clip(p.content)}”`;
-        if (p.kind === "event") return `event ${p.event}`;
+        if (p.kind === "event") return `event ${p.event}${p.event_key ? ` ${p.event_key}` : ""}`;
         return `${e.msg_type} message`;
       }
       case "ReplyGenerated":
@@ -364,7 +364,9 @@
         } else {
           // Not from this page (a test, curl, the load generator): show it all the same.
           const p = e.payload || {};
-          const text = p.kind === "text" ? p.content : `⟨${p.kind === "event" ? `event: ${p.event}` : e.msg_type}⟩`;
+          // onSaid shows an event as ⟨event: …⟩ (it said ⟨event: ⟨event: enter_agent⟩⟩).
+          const text = p.kind === "text" ? p.content
+            : p.kind === "event" ? `${p.event}${p.event_key ? ` ${p.event_key}` : ""}` : `${e.msg_type} message`;
           onSaid({ key: `seq-${d.seq}`, user, text, kind: p.kind === "text" ? "text" : "event", external: true });
           const said = state.said.get(`seq-${d.seq}`);
           said.seq = d.seq;
@@ -548,6 +550,15 @@
         hint(`Not sent: ${err.message}`, true);
       }
     });
+    for (const item of document.querySelectorAll("#menu button[data-key]")) {
+      item.addEventListener("click", async () => {
+        try {
+          await post("/api/event", { user: state.current, event: "click", key: item.dataset.key, retry: $("#retry").checked });
+        } catch (err) {
+          hint(`Not sent: ${err.message}`, true);
+        }
+      });
+    }
     $("#expire").addEventListener("click", async () => {
       try {
         hint((await post("/api/faults", { action: "expire_token" })).text);
