@@ -452,7 +452,9 @@ class ReplySender:
         held = self._cache.cached(job.conv)
         if held is None:
             return
-        now = await self._cache.load(job.conv, through=job.delivery.stream_seq, leader=True)
+        now = await self._cache.load(
+            job.conv, through=job.delivery.stream_seq, leader=True, want=job.reply_id
+        )
         if now.last_seq == held.last_seq:
             log.info("sender.conversation_rebuilt", expected_seq=held.last_send_seq)
             self._cache.forget(job.conv)
