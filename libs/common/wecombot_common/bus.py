@@ -426,14 +426,14 @@ class PipelinedAppender:
         when it does not come within ``timeout``, whatever the connection is doing, and at
         once when the data already waiting to be sent leaves no room for it)."""
         data = encode_event(event)
-        size = len(data) + len(msg_id) + _HEADERS_OVERHEAD
-        if size > self._nc.max_payload:
+        size = len(data) + len(msg_id)
+        if size + _HEADERS_OVERHEAD > self._nc.max_payload:
             raise EventTooLarge(
-                f"the event is {size:,} bytes with its headers, over the broker's "
-                f"max_payload ({self._nc.max_payload:,})"
+                f"the event is {size + _HEADERS_OVERHEAD:,} bytes with its headers, over the "
+                f"broker's max_payload ({self._nc.max_payload:,})"
             )
         pending = self._nc.pending_data_size
-        if pending and pending + len(data) + len(msg_id) + _COMMAND_OVERHEAD > self._limit:
+        if pending and pending + size + _COMMAND_OVERHEAD > self._limit:
             raise AppendUnavailable(f"NATS is not taking writes: {pending} bytes wait to be sent")
         token = str(next(self._next))
         loop = asyncio.get_running_loop()
