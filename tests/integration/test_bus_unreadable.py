@@ -52,3 +52,21 @@ async def test_a_real_event_after_the_expected_sequence_is_still_a_conflict(
         )
     with pytest.raises(ConcurrencyConflict):  # a stale expectation ahead of the log
         await append_event(js, reply("three"), expect_last_seq=99, expect_scope=CONV.llm_branch)
+
+
+async def test_an_event_naming_no_app_is_skipped_not_raised(js: JetStreamContext) -> None:
+    """Its subject cannot be worked out (an empty subject token): every read of the
+    conversation raised ValueError, so every later message of that user failed."""
+    await ensure_topology(js, NatsSettings.read(EnvReader({})))
+    first = await append_event(js, reply("one"), expect_last_seq=0, expect_scope=CONV.llm_branch)
+    await js.publish(
+        f"{CONV.root}.llm.reply",
+        b'{"type":"ReplyGenerated","app":"","conversation":"zhang.san",'
+        b'"correlation_id":"c","text":"no app"}',
+    )
+    second = await append_event(
+        js, reply("two"), expect_last_seq=first.seq, expect_scope=CONV.llm_branch
+    )
+    texts = [s.event.text async for s in read_conversation(js, CONV)]  # type: ignore[union-attr]
+    assert texts == ["one", "two"]
+    assert second.seq == first.seq + 2

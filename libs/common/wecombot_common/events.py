@@ -186,8 +186,10 @@ class _Event(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", tag=Tr
     # A time without its zone is refused when decoded (aware and naive times cannot be
     # compared: one such event would break every fold that orders by time).
     occurred_at: Annotated[datetime, msgspec.Meta(tz=True)] = msgspec.field(default_factory=utcnow)
-    app: str
-    conversation: str
+    # Both name the event's subject (topology.subject_for): an empty one names none, and
+    # a body carrying one (by hand, a faulty build) is refused here like any poison.
+    app: Annotated[str, msgspec.Meta(min_length=1)]
+    conversation: Annotated[str, msgspec.Meta(min_length=1)]
     causation_id: str | None = None
     correlation_id: str
 

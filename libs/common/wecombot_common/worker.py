@@ -466,6 +466,7 @@ class PullWorker:
         self._queued: dict[str, list[int]] = {}
         self._last_fetch_at = -math.inf  # loop time the last pull request was sent
         self._last_fetch_done = -math.inf  # loop time the last fetch() returned
+        self._reconnects_at_fetch = 0  # the client's reconnections then
         self.name = config.durable_name
         self.processed = 0
         self._metrics = _ConsumerMetrics.of(self.name)
@@ -564,8 +565,52 @@ class PullWorker:
         with contextlib.suppress(Exception):
             await sub.unsubscribe()
 
-    async def _hand_back_buffered(self, sub: JetStreamContext.PullSubscription) -> int:
-        """Nak what the subscription holds that no fetch() of ours is waiting for.
+    async def _set_aside_stale(self, sub: JetStreamContext.PullSubscription) -> None:
+        """Take out of the buffer what may no longer be ours to run, before a fetch()
+        returns it as a fresh delivery.
+
+        What reached the buffer since the last fetch() returned is at most that old (give
+        or take one fetch). Past a third of ack_wait it may be past its lease, and so may
+        anything that sat there across a reconnection (a restarted broker forgets the
+        lease; an outage can outlast ack_wait while the loop waits for the connection):
+        it is handed back. Past 2/3 of ack_wait (``Lease.LAPSE_FRACTION``) the broker has
+        likely given it to another replica already: it is left to its ack_wait, as an
+        overdue delivery is, since a nak is not tied to one delivery and would have the
+        broker deliver it once more at once, a third handling beside the second. A
+        message served in the instant after a fetch gave up (common: a nak's delay may
+        end just then) is younger: it is run, not sent round again at the cost of one of
+        its deliveries.
+        """
+        age = asyncio.get_running_loop().time() - self._last_fetch_done
+        reconnected = self._reconnects() != self._reconnects_at_fetch
+        if age <= self._ack_wait / 3 and not reconnected:
+            return
+        if age < self._ack_wait * Lease.LAPSE_FRACTION:
+            late = await self._hand_back_buffered(sub)
+            event = "worker.late_deliveries_handed_back"
+        else:
+            late = await self._hand_back_buffered(sub, leave=True)
+            event = "worker.late_deliveries_left_to_ack_wait"
+        if late:
+            log.warning(
+                event,
+                consumer=self.name,
+                count=late,
+                buffered_s=round(min(age, 1e9), 1),
+                reconnected=reconnected,
+            )
+
+    def _reconnects(self) -> int:
+        """How many times the client has reconnected (nats-py's ``stats``; 0 unknown)."""
+        client = self._connection or getattr(self._js, "_nc", None)
+        stats = getattr(client, "stats", None)
+        return int(stats.get("reconnects", 0)) if isinstance(stats, dict) else 0
+
+    async def _hand_back_buffered(
+        self, sub: JetStreamContext.PullSubscription, *, leave: bool = False
+    ) -> int:
+        """Nak what the subscription holds that no fetch() of ours is waiting for
+        (``leave``: take it out and leave it to its ack_wait).
 
         Such messages answer a pull request whose fetch() already returned: the broker
         served it late (a stall on the link or in the broker, a reconnect). They may
@@ -583,7 +628,10 @@ class PullWorker:
             # until, at the limit, every later message is dropped as a slow consumer.
             inner._pending_size -= len(msg.data)  # type: ignore[union-attr]
             if msg.reply and not JetStreamContext.is_status_msg(msg):
-                await self._hand_back(msg)
+                if leave:
+                    self._metrics.left.inc()
+                else:
+                    await self._hand_back(msg)
                 count += 1
         return count
 
@@ -609,19 +657,9 @@ class PullWorker:
                 if stop.is_set():
                     self._return(free)
                     break
-                # What reached the buffer since the last fetch() is at most that old (give
-                # or take one fetch): past a third of ack_wait it may be past its lease,
-                # so it is handed back. A message served in the instant after a fetch gave
-                # up (common: a nak's delay may end just then) is younger: it is run, not
-                # sent round again at the cost of one of its deliveries.
-                if asyncio.get_running_loop().time() - self._last_fetch_done > self._ack_wait / 3:
-                    late = await self._hand_back_buffered(sub)
-                    if late:
-                        log.warning(
-                            "worker.late_deliveries_handed_back", consumer=self.name, count=late
-                        )
                 msgs = await self._fetch(sub, free, stopping)
                 self._last_fetch_done = asyncio.get_running_loop().time()
+                self._reconnects_at_fetch = self._reconnects()
                 # fetch() also returns what reached the buffer while it ran: never more
                 # work than slots (a task per extra message would release a slot it never
                 # took, and the bound would grow for good).
@@ -663,6 +701,9 @@ class PullWorker:
         await self._until_connected(stopping)
         if stopping.done():
             return []
+        # After the wait for slots and for the connection: what the buffer holds now is
+        # what fetch() would return first.
+        await self._set_aside_stale(sub)
         self._last_fetch_at = asyncio.get_running_loop().time()
         fetch: asyncio.Future[list[Msg]] = asyncio.ensure_future(
             sub.fetch(batch, timeout=self._fetch_timeout)
@@ -735,7 +776,21 @@ class PullWorker:
 
     async def _process(self, msg: Msg, slot: Slot) -> None:
         try:
-            delivery = await self._delivery(msg, slot)
+            try:
+                delivery = await self._delivery(msg, slot)
+            except Exception as exc:
+                # A defect met reading this message (the handler's own exceptions map to
+                # outcomes): parked with the reason, where an operator sees it and can
+                # replay it once fixed, not a task dying unseen while the message comes
+                # back each ack_wait until it is parked for a crash that never was.
+                log.exception(
+                    "worker.unreadable_delivery",
+                    consumer=self.name,
+                    stream_seq=msg.metadata.sequence.stream,
+                )
+                reason = f"unexpected {type(exc).__name__} reading it: {exc}"
+                await self._dead_letter(msg, reason, msg.metadata.num_delivered)
+                return
             if delivery is None:
                 return
             # The heartbeat covers the wait for the key too: a delivery queued behind an
