@@ -6,6 +6,7 @@ is used instead; this machine has no engine, so the embedded binary is the defau
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import socket
@@ -20,7 +21,7 @@ from hypothesis import settings
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
-from tests.waiting import until_sync
+from tests.waiting import until, until_sync
 from wecombot_common.embedded import EmbeddedNats, nats_server_binary
 
 # Property tests have no deadline: timing is not what they test, and on a loaded machine
@@ -64,6 +65,30 @@ class NatsHandle:
     def start(self) -> None:
         assert self._server is not None
         self._server.start()
+
+    async def turn_away(self, attempts: int = 3) -> None:
+        """With the server stopped, until ``attempts`` connections were made to its port:
+        each is closed at once, as a server that is not up yet would refuse it. A client
+        that gave up after fewer attempts would never see the server come up."""
+        host, port = self._url.removeprefix("nats://").rsplit(":", 1)
+        turned = 0
+
+        async def close(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            nonlocal turned
+            turned += 1
+            writer.close()
+
+        listener = await asyncio.start_server(close, host, int(port))
+        try:
+            await until(lambda: turned >= attempts, timeout=30, what=f"{attempts} attempts")
+        finally:
+            listener.close()
+            await listener.wait_closed()
+
+    async def start_after(self, attempts: int = 3) -> None:
+        """Start the stopped server once clients tried to connect ``attempts`` times."""
+        await self.turn_away(attempts)
+        self.start()
 
 
 def _docker_nats() -> Iterator[NatsHandle]:

@@ -1364,6 +1364,7 @@ async def test_run_gateway_is_alive_but_not_ready_while_nats_is_away(
             return any(e["event"] == "nats.error" for e in logs)
 
         await until(failed_to_connect, timeout=20, what="a nats.error logged")
+        await nats_server.turn_away(3)  # still trying, however long NATS is away
         assert await _status(f"{base}/healthz") == 200
         assert await _status(f"{base}/readyz") == 503
         call = post(text_message("77"))
@@ -1389,7 +1390,7 @@ async def test_run_gateway_starts_once_nats_comes_up(
     nats_server.stop()
     stop = asyncio.Event()
     task = asyncio.create_task(run_gateway(process_settings, stop))
-    nats_server.start()
+    await nats_server.start_after(3)
 
     async def ready() -> bool:
         return await _status(f"http://127.0.0.1:{process_settings.port}/readyz") == 200

@@ -63,7 +63,7 @@ async def test_alive_before_nats_then_ready(name: str, nats_server: NatsHandle) 
     stop = asyncio.Event()
     task = asyncio.create_task(serve(load(env), stop))
     await until(alive, timeout=20, what=f"{name}'s /healthz")
-    nats_server.start()
+    await nats_server.start_after(3)
 
     async def ready() -> bool:
         return await _status(f"{base}/readyz") == 200

@@ -24,6 +24,7 @@ from structlog.testing import capture_logs
 
 from tests.conftest import NatsHandle, free_port
 from tests.waiting import eventually, until
+from wecombot_common.logs import REDACTED, redact
 from wecombot_common.sim.wecom_api import SimulatedWeComApi
 from wecombot_common.tokens import (
     TokenClient,
@@ -552,6 +553,9 @@ async def test_tokens_and_the_secret_never_reach_the_logs(
     assert all(len(line["fingerprint"]) == 8 for line in lines if line["event"] == "token.fetched")
     for secret in (*issued, SECRET):
         assert secret not in output
+    # Every token a replica holds is hidden from any line, quoted bare as well (a
+    # library's error, a front end's page), not only after access_token=.
+    assert [redact(f"<{token}>") for token in issued] == [f"<{REDACTED}>"] * 2
 
 
 async def test_a_crashed_holders_lock_is_taken_over_after_its_deadline(

@@ -1100,10 +1100,12 @@ async def test_no_pull_request_piles_up_while_nats_is_away(
         await _until_fetching(stream)
         nats_server.stop()
         await until(lambda: not nc.is_connected, timeout=10, what="the client to see it gone")
-        # What is under test is an outage's length: the fetch under way when it began
-        # ends (its 0.2 s timeout; five of them allowed, for a loaded machine), then
-        # seven more fetch timeouts' worth of outage.
-        await asyncio.sleep(1.0)
+        gone_at = asyncio.get_running_loop().time()
+        # The fetch under way when it went ends (its 0.2 s timeout, or an error); what
+        # is under test then is an outage's length: seven fetch timeouts' worth.
+        await until(
+            lambda: worker._last_fetch_done > gone_at, timeout=10, what="the last fetch ended"
+        )
         before = nc.pending_data_size
         await asyncio.sleep(1.5)
         assert nc.pending_data_size == before, "pull requests buffered for the reconnect"

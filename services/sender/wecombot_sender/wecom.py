@@ -29,7 +29,7 @@ from typing import Literal, Protocol
 import httpx
 import msgspec
 
-from wecombot_common.logs import register_secret
+from wecombot_common.logs import redact, register_secret
 from wecombot_common.metrics import SENDER_WECOM_ERRORS
 from wecombot_common.proxy import client_options
 from wecombot_common.settings import WeComApiSettings
@@ -178,11 +178,13 @@ def _msgid_or_raise(answer: _SendResponse, touser: str) -> str:
         # case-insensitive in WeCom: its lists may not spell it as we did.
         user = touser.casefold()
         if user in answer.invaliduser.casefold().split("|"):
-            raise SendRejected(82001, explain(82001, answer.errmsg))
+            raise SendRejected(82001, explain(82001, redact(answer.errmsg)))
         if user in answer.unlicenseduser.casefold().split("|"):
             raise SendRejected(82001, _UNLICENSED)
         return answer.msgid
-    reason = explain(answer.errcode, answer.errmsg)
+    # WeCom's words go into logs and into the DeliveryFailed event: never a token or
+    # secret quoted in them (the one just sent is registered above).
+    reason = explain(answer.errcode, redact(answer.errmsg))
     kind = classify(answer.errcode)
     if kind is ErrorClass.RETRYABLE:
         raise SendRetryable(answer.errcode, reason)

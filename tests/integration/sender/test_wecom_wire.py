@@ -14,6 +14,7 @@ import pytest
 
 from tests.conftest import free_port
 from tests.loopback import Handle, answer, raw_http, read_request, reset
+from wecombot_common.logs import REDACTED
 from wecombot_common.settings import Secret, WeComApiSettings
 from wecombot_sender.errors import SendRejected, SendRetryable
 from wecombot_sender.wecom import HttpMessageApi, MessageType
@@ -228,3 +229,24 @@ async def test_a_200_that_is_not_wecoms_answer_is_no_delivery(
         failed = await failed_send(base_url)
     assert failed.maybe_delivered is True
     assert "not its JSON answer" in str(failed) and why in str(failed)
+
+
+async def test_an_errmsg_quoting_the_token_is_kept_out_of_the_reason() -> None:
+    """WeCom's errmsg for an errcode we do not know goes into the logs and into the
+    DeliveryFailed event the log keeps: an access_token quoted in it (by a front end,
+    say) is hidden there, as in every log line."""
+    token = "tOkEn-quoted-back-7Hq2Lm9Xw4"
+    errmsg = f"refused for token {token}, hint: [x]"
+    body = json.dumps({"errcode": 99999, "errmsg": errmsg}).encode()
+
+    async def wecom(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        await answer(writer, 200, body, "application/json")
+        writer.close()
+
+    async with raw_http(wecom) as base_url, adapter(base_url) as api:
+        with pytest.raises(SendRejected) as caught:
+            await api.send_text(token, "u", "hi")
+    assert caught.value.reason == (
+        f"WeCom refused the message (errcode 99999: refused for token {REDACTED}, hint: [x])"
+    )
