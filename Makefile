@@ -14,7 +14,16 @@ install: $(STAMP)
 # Idempotent: re-runs only when pyproject.toml or the lock changes (or the venv is
 # missing). The runtime dependencies come from requirements.lock, as in the image, so the
 # tests run the versions the image ships; then the package itself and the dev tools.
+# A venv made by a Python older than 3.11 (PYTHON=python3.10 once) is made again; pip's
+# "No matching distribution" would not say that the Python is what is wrong.
+PY_OK := import sys; sys.exit(sys.version_info < (3, 11))
 $(STAMP): pyproject.toml requirements.lock
+	@if test -x $(BIN)/python && ! $(BIN)/python -c '$(PY_OK)' 2>/dev/null; then \
+	  echo "$(VENV) was made with $$($(BIN)/python -V 2>&1), older than 3.11: making it again"; \
+	  rm -rf $(VENV); fi
+	@test -x $(BIN)/pip || $(PYTHON) -c '$(PY_OK)' 2>/dev/null || { \
+	  echo "wecombot needs Python 3.11 or later; $(PYTHON) is $$($(PYTHON) -V 2>&1 || echo missing)." \
+	    "Use another one: make $(MAKECMDGOALS) PYTHON=python3.12" >&2; exit 1; }
 	@test -x $(BIN)/pip || $(PYTHON) -m venv $(VENV)  # pip: a venv made without ensurepip is redone
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet --require-hashes -r requirements.lock

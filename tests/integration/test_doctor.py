@@ -4,6 +4,8 @@ the real gateway for the callback check, and the simulated OpenAI API. No mocks.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import io
 import os
 import re
@@ -213,6 +215,34 @@ async def test_nats_says_what_the_event_log_holds_against_its_cap(
     assert "`wecombot setup` applies it" in said
 
 
+async def test_a_broker_slow_to_answer_has_the_whole_timeout(nats_server: NatsHandle) -> None:
+    """A single server slower to greet than a third of the timeout was "unreachable":
+    each connection attempt had a third of it (`wecombot dev` refused a broker answering
+    in 2 s of its documented 5)."""
+    host, port = nats_server.url.removeprefix("nats://").rsplit(":", 1)
+
+    async def slow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await asyncio.sleep(1.5)  # the broker's slowness: what is under test
+        up_reader, up_writer = await asyncio.open_connection(host, int(port))
+
+        async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(OSError):
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            dst.close()
+
+        await asyncio.gather(pump(reader, up_writer), pump(up_reader, writer))
+
+    proxy = await asyncio.start_server(slow, "127.0.0.1", 0)
+    url = f"nats://127.0.0.1:{proxy.sockets[0].getsockname()[1]}"
+    try:
+        finding = await check_nats({"NATS_URL": url}, 3.0)
+    finally:
+        proxy.close()
+    assert finding.status == "ok", finding
+
+
 async def test_nats_unreachable() -> None:
     url = f"nats://127.0.0.1:{free_port()}"
     finding = await check_nats({"NATS_URL": url}, TIMEOUT)
@@ -412,7 +442,8 @@ async def test_gettoken_waits_for_a_usable_api_base(api_base: str) -> None:
     URL was printed with the host ('ConnectError calling ww:…@127.0.0.1:9')."""
     finding = await check_gettoken(wecom_env(api_base), TIMEOUT)
     assert finding.status == "skip"
-    assert "WECOM_API_BASE" in finding.summary
+    # Only what is wrong: it named all four it reads, WECOM_SECRET fine or not.
+    assert finding.summary == "fix WECOM_API_BASE first (see settings above)"
 
 
 @pytest.mark.parametrize("timeout", ["0", "-1", "nan", "soon"])
@@ -539,7 +570,7 @@ async def test_callback_waits_for_a_path_the_gateway_accepts(path: str) -> None:
     url = f"http://127.0.0.1:{free_port()}"
     finding = await check_callback(wecom_env(GATEWAY_CALLBACK_PATH=path), url, TIMEOUT)
     assert finding.status == "skip"
-    assert "GATEWAY_CALLBACK_PATH" in finding.summary
+    assert finding.summary == "fix GATEWAY_CALLBACK_PATH first (see settings above)"
 
 
 # ---------------------------------------------------------------- model
@@ -635,7 +666,8 @@ async def test_model_waits_for_a_usable_key_and_url(env: dict[str, str]) -> None
     check, and a password in the URL was printed ('cannot reach http://u:…@…')."""
     finding = await check_model(env, TIMEOUT)
     assert finding.status == "skip"
-    assert finding.summary == "fix the OPENAI_ settings first"
+    wrong = "OPENAI_API_KEY" if "OPENAI_BASE_URL" not in env else "OPENAI_BASE_URL"
+    assert finding.summary == f"fix {wrong} first (see settings above)"
 
 
 async def test_model_behind_a_proxy_the_llm_refuses() -> None:
@@ -720,6 +752,20 @@ def test_the_command_exits_non_zero_on_failure(tmp_path: Path) -> None:
     )
     assert bad.returncode == 2
     assert "--no-such-flag" in bad.stderr
+    # With no WeCom settings the callback check is skipped: the argument is still judged.
+    no_url = subprocess.run(
+        [sys.executable, "-m", "wecombot", "doctor", "--public-url", "ftp://x/y"],
+        cwd=tmp_path,
+        env={k: v for k, v in env.items() if not k.startswith("WECOM_")},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert no_url.returncode == 2
+    assert "argument --public-url: must be a URL starting with http:// or https://" in (
+        no_url.stderr
+    )
+    assert not no_url.stdout  # no check ran
 
 
 def test_report_render_wraps_and_indents() -> None:

@@ -64,3 +64,18 @@ def test_without_credentials(url: str, shown: str) -> None:
 def test_clip() -> None:
     assert clip("a  long\nanswer", 8) == "a long …"
     assert clip("short") == "short"
+
+
+def test_a_skipped_check_names_only_the_variables_at_fault() -> None:
+    from wecombot.doctor import _fix_first
+
+    problems = [
+        "WECOM_CORP_ID is required (the CorpID)",
+        "WECOM_SECRET is required (the Secret)",
+        "WECOM_SECRET must not be blank",
+    ]
+    assert _fix_first(problems) == "fix WECOM_CORP_ID and WECOM_SECRET first (see settings above)"
+    assert _fix_first(problems[:1]) == "fix WECOM_CORP_ID first (see settings above)"
+    assert _fix_first([*problems, "WECOM_API_BASE must be a URL"]) == (
+        "fix WECOM_CORP_ID, WECOM_SECRET and WECOM_API_BASE first (see settings above)"
+    )

@@ -195,6 +195,14 @@ def check_settings(environ: Mapping[str, str]) -> Finding:
     )
 
 
+def _fix_first(problems: Sequence[str]) -> str:
+    """What a check needs fixed before it can run: the variables with a problem (each
+    problem starts with its variable's name), not every one the check reads."""
+    names = list(dict.fromkeys(problem.split(" ", 1)[0] for problem in problems))
+    listed = names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
+    return f"fix {listed} first (see settings above)"
+
+
 def _where(problem: str) -> str | None:
     name = problem.split(" ", 1)[0]
     for prefix, where in WHERE.items():
@@ -210,19 +218,22 @@ async def check_nats(environ: Mapping[str, str], timeout_s: float) -> Finding:
     env = EnvReader(environ)
     settings = NatsSettings.read(env)
     if env.problems:
-        return Finding("nats", "skip", "fix the NATS settings first (see settings above)")
+        return Finding("nats", "skip", _fix_first(env.problems))
     url = without_credentials(settings.url)  # NATS_URL may carry a password: never shown
     errors: list[BaseException] = []
 
     async def remember(exc: Exception) -> None:
         errors.append(exc)
 
+    # Each server of NATS_URL its share of the time to greet us: a single slow one all of
+    # it (a third, as before, refused one answering in 2 s of `wecombot dev`'s 5).
+    servers = len([s for s in settings.url.split(",") if s.strip()]) or 1
     try:
         async with asyncio.timeout(timeout_s):
             nc = await connect_once(
                 settings,
                 "wecombot-doctor",
-                connect_timeout_s=max(1.0, timeout_s / 3),
+                connect_timeout_s=max(1.0, timeout_s / servers),
                 error_cb=remember,
             )
     except (TimeoutError, OSError, nats.errors.Error) as exc:
@@ -339,11 +350,7 @@ async def check_gettoken(environ: Mapping[str, str], timeout_s: float) -> Findin
             "gettoken", "fail", f"the token service would not start: {problem}", (_PROXY_FIX,)
         )
     if env.problems:
-        return Finding(
-            "gettoken",
-            "skip",
-            "fix WECOM_CORP_ID, WECOM_AGENT_ID, WECOM_SECRET and WECOM_API_BASE first",
-        )
+        return Finding("gettoken", "skip", _fix_first(env.problems))
     source = WeComTokenSource(settings, timeout_s=timeout_s)
     try:
         outcome = await source.fetch()
@@ -509,12 +516,7 @@ async def check_callback(
     wecom = WeComCallbackSettings.read(env)
     path = read_callback_path(env)  # the gateway's own rule: no URL for a path it refuses
     if env.problems:
-        return Finding(
-            "callback",
-            "skip",
-            "fix WECOM_CORP_ID, WECOM_AGENT_ID, WECOM_TOKEN, WECOM_ENCODING_AES_KEY and "
-            "GATEWAY_CALLBACK_PATH first",
-        )
+        return Finding("callback", "skip", _fix_first(env.problems))
     problem = url_problem(public_url)
     if problem is not None:
         return Finding(
@@ -697,7 +699,7 @@ async def check_model(environ: Mapping[str, str], timeout_s: float) -> Finding:
     ):
         return Finding("model", "fail", f"the llm would not start: {problem}", (_PROXY_FIX,))
     if env.problems:
-        return Finding("model", "skip", "fix the OPENAI_ settings first")
+        return Finding("model", "skip", _fix_first(env.problems))
     if model.api_key is None:
         return Finding(
             "model",
@@ -850,6 +852,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--public-url",
+        type=_public_url,
         help="the callback URL WeCom will call, e.g. https://bot.example.com/wecom/callback "
         "(default: $WECOMBOT_PUBLIC_URL; unset: that check is skipped)",
     )
@@ -857,6 +860,15 @@ def _parser() -> argparse.ArgumentParser:
         "--timeout", type=_seconds, default=10.0, help="seconds per check (default: 10)"
     )
     return parser
+
+
+def _public_url(text: str) -> str:
+    """An argparse type: an http(s) URL (a bad argument exits 2, as any other; it was a
+    failed check, exit 1, or no word at all while the WeCom settings were missing)."""
+    problem = url_problem(text)
+    if problem is not None:
+        raise argparse.ArgumentTypeError(f"{problem}, got {masked_url(text)!r}")
+    return text
 
 
 def _seconds(text: str) -> float:
