@@ -41,8 +41,11 @@ from wecombot_common.topology import (
     token_bucket,
 )
 from wecombot_token.domain import AppState, Lock
+from wecombot_token.keeper import TokenKeeper
 from wecombot_token.main import serve
 from wecombot_token.settings import TokenSettings
+from wecombot_token.source import WeComTokenSource
+from wecombot_token.store import Claim, KvTokenStore, open_token_bucket
 
 pytestmark = pytest.mark.integration
 
@@ -558,24 +561,100 @@ async def test_tokens_and_the_secret_never_reach_the_logs(
     assert [redact(f"<{token}>") for token in issued] == [f"<{REDACTED}>"] * 2
 
 
-async def test_a_crashed_holders_lock_is_taken_over_after_its_deadline(
+async def test_a_crashed_holders_lock_is_taken_over_after_one_refresh(
     nats_server: NatsHandle, sim: SimulatedWeComApi
 ) -> None:
+    """A replica claimed the refresh and died: its lock stays in the bucket. It is taken
+    over once a replica has seen it held for one refresh (TOKEN_HTTP_TIMEOUT + 2 s, 5 s
+    here), timed on that replica's own clock, and never before."""
     fetched_at: list[float] = []  # when WeCom answered each gettoken
-    sim.observe_calls(lambda call: fetched_at.append(time.time()))
+    sim.observe_calls(lambda call: fetched_at.append(time.monotonic()))
     async with token_services(nats_server, sim), connections(nats_server, 1) as (nc,):
-        # A replica claimed the refresh and died: its lock stays until its deadline.
         kv = await nc.jetstream().key_value(TOKEN_BUCKET)
-        deadline = time.time() + 1.0
-        dead = Lock(holder="dead", deadline=deadline)
+        dead = Lock(holder="dead", deadline=time.time() + 1.0)
         await kv.create(f"{APP}.lock", msgspec.json.encode(dead))
+        asked_at = time.monotonic()
         with capture_logs() as logs:  # the services have configured logging by now
             token = await TokenClient(nc).get(APP)
     assert token
     assert len(fetched_at) == sim.gettoken_calls == 1
-    assert fetched_at[0] >= deadline, "the live lock was not respected"
+    assert fetched_at[0] - asked_at >= 5.0, "the lock was taken over before one refresh"
     taken = [e["previous_holder"] for e in logs if e["event"] == "token.lock_taken_over"]
     assert taken == ["dead"]
+
+
+@pytest.mark.parametrize("ahead_s", [3600.0, -3600.0], ids=["hour ahead", "hour behind"])
+async def test_a_dead_holders_clock_does_not_decide_when_its_lock_is_taken_over(
+    nats_server: NatsHandle, sim: SimulatedWeComApi, ahead_s: float
+) -> None:
+    """The deadline in a lock is the holder's wall clock. One that died with its clock
+    an hour ahead left every replica waiting for that hour (each get answered
+    "unavailable", no gettoken); one an hour behind, taken over at once, is a live
+    holder's lock as a reader 20 s ahead saw it (next test)."""
+    async with token_services(nats_server, sim), connections(nats_server, 1) as (nc,):
+        kv = await nc.jetstream().key_value(TOKEN_BUCKET)
+        dead = Lock(holder="dead", deadline=time.time() + ahead_s)
+        await kv.create(f"{APP}.lock", msgspec.json.encode(dead))
+        token = await TokenClient(nc).get(APP)
+    assert token
+    assert sim.gettoken_calls == 1
+
+
+async def test_a_replica_whose_clock_runs_ahead_leaves_a_live_lock_alone(
+    nats_server: NatsHandle, sim: SimulatedWeComApi
+) -> None:
+    """Replica B's clock runs 20 s ahead of A's (more than one refresh, 12 s here): B
+    found A's lock, just taken, past its deadline, took it over and called gettoken
+    while A's call was still waiting for WeCom: two gettokens for one refresh."""
+
+    class Watched(KvTokenStore):  # the store as it is, its claims kept for the test
+        claims: list[Claim]
+
+        async def claim(self, holder: str, now: float, hold_s: float) -> Claim:
+            self.claims.append(claimed := await super().claim(holder, now, hold_s))
+            return claimed
+
+    settings = settings_for(nats_server, sim, TOKEN_HTTP_TIMEOUT="10")
+    hold = sim.hold_gettoken(limit=1)
+    async with connections(nats_server, 2) as (nc_a, nc_b):
+        replicas = []
+        for nc, skew in ((nc_a, 0.0), (nc_b, 20.0)):
+            store = Watched(await open_token_bucket(nc.jetstream(), replicas=1), APP)
+            store.claims = []
+
+            def clock(skew: float = skew) -> float:
+                return time.time() + skew
+
+            source = WeComTokenSource(
+                settings.wecom, timeout_s=settings.http_timeout_s, clock=clock
+            )
+            keeper = TokenKeeper(
+                APP,
+                source,
+                store,
+                settings.policy,
+                refresh_timeout_s=settings.refresh_timeout_s,
+                clock=clock,
+            )
+            await store.watch(keeper.adopt)
+            replicas.append((keeper, store, source))
+        (a, _, _), (b, b_store, _) = replicas
+        try:
+            first = asyncio.create_task(a.get(APP))
+            await hold.wait_held()
+            second = asyncio.create_task(b.get(APP))
+            await until(lambda: b_store.claims != [], timeout=10, what="B's claim of the lock")
+            hold.release()
+            replies = await asyncio.gather(first, second)
+        finally:
+            for keeper, store, source in replicas:
+                await keeper.close()
+                await store.close()
+                await source.aclose()
+    assert [r.ok for r in replies] == [True, True]
+    assert replies[0].token == replies[1].token
+    assert b_store.claims[0].revision is None, "B took over A's live lock"
+    assert sim.gettoken_calls == 1
 
 
 async def test_a_bucket_deleted_while_running_is_made_again(

@@ -20,7 +20,6 @@ from wecombot_token.domain import (
     Failure,
     IssuedToken,
     LastFailure,
-    Lock,
     Policy,
     after_failure,
     after_success,
@@ -31,7 +30,6 @@ from wecombot_token.domain import (
     decide,
     fingerprint,
     http_failure,
-    lock_is_stale,
     network_failure,
     replacing,
 )
@@ -352,13 +350,6 @@ def test_the_streak_survives_a_round_trip_through_the_bucket() -> None:
 
 def replace_value(token: IssuedToken, *, fetched_at: float) -> IssuedToken:
     return msgspec.structs.replace(token, fetched_at=fetched_at, expires_at=fetched_at + 7200)
-
-
-def test_a_lock_is_stale_once_its_deadline_passed() -> None:
-    lock = Lock(holder="pod-a/1", deadline=100.0)
-    assert not lock_is_stale(lock, 99.9)
-    assert lock_is_stale(lock, 100.0)
-    assert lock_is_stale(None, 0.0)  # unreadable: take it over
 
 
 def test_a_fingerprint_is_short_and_hides_the_token() -> None:

@@ -45,7 +45,6 @@ __all__ = [
     "fingerprint",
     "http_failure",
     "issued",
-    "lock_is_stale",
     "network_failure",
     "refetch_at",
     "refetch_held",
@@ -119,7 +118,9 @@ class AppState(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
 
 
 class Lock(msgspec.Struct, frozen=True, kw_only=True):
-    """The cluster-wide refresh lock: who refreshes, and until when the claim holds."""
+    """The cluster-wide refresh lock: who refreshes, and until when the claim holds on the
+    holder's clock (for people and older builds: a taker times the lock on its own clock,
+    KvTokenStore.claim)."""
 
     holder: str
     deadline: float
@@ -372,11 +373,6 @@ def answer(
         kind="unavailable",
         message="no access_token yet: the refresh did not finish in time; retry shortly",
     )
-
-
-def lock_is_stale(lock: Lock | None, now: float) -> bool:
-    """A lock whose holder missed its deadline (crashed, partitioned) may be taken over."""
-    return lock is None or now >= lock.deadline
 
 
 def issued(value: str, expires_in: float, requested_at: float) -> IssuedToken:

@@ -9,8 +9,9 @@ How a request is answered (the rules are :func:`~.domain.decide`):
 - otherwise wait for the refresh. Within a process, callers share one in-flight task.
   Across replicas, the task re-reads the KV state, then takes the KV lock: the winner
   re-reads once more (someone may have just finished), calls gettoken and writes the
-  result; the others wait for the state key to change, at most until the holder's
-  deadline (one refresh), then take over a lock nobody released.
+  result; the others wait for the state key to change, at most one refresh (as each
+  times the lock on its own clock: pods' clocks need not agree), then take over a lock
+  nobody released.
 
 ``invalidate(token)`` refreshes only while ``token`` is still the one in KV, so a burst
 of 42001s from many senders costs one gettoken.
@@ -59,7 +60,7 @@ __all__ = ["TokenKeeper"]
 
 log = structlog.get_logger(__name__)
 
-_RECHECK_S = 0.05  # past a holder's deadline before claiming, so clocks need not agree to µs
+_RECHECK_S = 0.05  # past the time a lock may be held before claiming it again
 
 # Kinds of answer to a caller, never the result of a gettoken call.
 _NOT_FETCH_RESULTS = frozenset(("unavailable", "unknown_app"))
@@ -126,7 +127,7 @@ class TokenKeeper:
         self._snapshot = snapshot
 
     async def close(self) -> None:
-        """Stop refreshes still running (their lock deadline frees the lock if needed)."""
+        """Stop refreshes still running (a lock left held is taken over after one refresh)."""
         tasks = list(self._inflight.values())
         for task in tasks:
             task.cancel()
@@ -195,9 +196,9 @@ class TokenKeeper:
                     return await self._refresh(rejected)
                 finally:
                     await self._store.release(claim.revision)
-            # Another replica refreshes: wait for its write, never past its deadline.
-            deadline = claim.held_by.deadline if claim.held_by is not None else now
-            wait_s = min(deadline - now, self._refresh_timeout_s) + _RECHECK_S
+            # Another replica refreshes: wait for its write, or until its lock may be
+            # taken over (timed by the store on this replica's clock).
+            wait_s = min(claim.retry_in_s, self._refresh_timeout_s) + _RECHECK_S
             await self._store.wait_for_change(max(snapshot.revision, claim.seen), wait_s)
 
     async def resync(self) -> None:

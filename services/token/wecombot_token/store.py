@@ -6,9 +6,9 @@ Two keys per app (the app key is letters, digits and '-', valid in a KV key)::
     <app>.lock    Lock: who is calling gettoken, and until when that claim holds
 
 Every write is a compare-and-set on the key's revision, so replicas and restarts agree:
-the lock is taken with ``create()`` (fails if held) or, once its deadline has passed,
-``update(last=rev)`` (only one taker wins); the state is written with
-``update(last=rev)`` of the revision the writer decided on::
+the lock is taken with ``create()`` (fails if held) or, once held past its time (as the
+taker times it, :meth:`KvTokenStore.claim`), ``update(last=rev)`` (only one taker wins);
+the state is written with ``update(last=rev)`` of the revision the writer decided on::
 
     kv = await open_token_bucket(js, replicas=1)
     store = KvTokenStore(kv, "ww1-1000002")
@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
@@ -33,7 +34,7 @@ from nats.js.kv import KeyValue
 from wecombot_common.runtime import cancel_until_done
 from wecombot_common.topology import TOKEN_BUCKET, token_bucket
 
-from .domain import AppState, Lock, lock_is_stale
+from .domain import AppState, Lock
 from .errors import StoreUnavailable
 
 __all__ = ["Claim", "KvTokenStore", "Snapshot", "TokenStore", "open_token_bucket"]
@@ -70,6 +71,8 @@ class Claim:
     revision: int | None  # ours, when we hold the lock
     held_by: Lock | None  # the live holder, when we do not
     seen: int  # the lock key's revision we saw
+    # Not ours: how long before that lock may be taken over, as this replica times it.
+    retry_in_s: float = 0.0
 
 
 class TokenStore(Protocol):
@@ -130,6 +133,8 @@ class KvTokenStore:
         self._watcher: Any = None
         self._restarting = asyncio.Lock()
         self._follower: asyncio.Task[None] | None = None
+        # The lock revision last read, and when (this replica's monotonic clock).
+        self._lock_seen: tuple[int, float] = (0, 0.0)
 
     # ------------------------------------------------------------ state
     async def load(self) -> Snapshot:
@@ -167,7 +172,15 @@ class KvTokenStore:
 
     # ------------------------------------------------------------ lock
     async def claim(self, holder: str, now: float, hold_s: float) -> Claim:
-        """Take the lock (create), or take over a lock whose holder missed its deadline."""
+        """Take the lock (create), or take over one held past ``hold_s`` (its holder
+        crashed, or was cut off from NATS).
+
+        How long a lock has been held is timed here, on this replica's own clock, from
+        when it first read that revision of the lock: the deadline in it is the holder's
+        wall clock, which another pod's need not match. Compared with this one's, a
+        reader 20 s ahead took over a live lock (two gettokens), and a holder an hour
+        ahead that died left every replica waiting for that hour. The deadline is kept
+        for people reading the bucket (and for replicas of older builds)."""
         mine = _encoder.encode(Lock(holder=holder, deadline=now + hold_s))
         try:
             revision = await _guard(self._kv.create(self._lock_key, mine))
@@ -180,8 +193,9 @@ class KvTokenStore:
             return Claim(revision=None, held_by=None, seen=0)  # released meanwhile: retry
         seen = int(entry.revision or 0)
         current = _decode_lock(entry.value)
-        if not lock_is_stale(current, now):
-            return Claim(revision=None, held_by=current, seen=seen)
+        held_for = self._held_for(seen)
+        if current is not None and held_for < hold_s:
+            return Claim(revision=None, held_by=current, seen=seen, retry_in_s=hold_s - held_for)
         try:
             revision = await _guard(self._kv.update(self._lock_key, mine, last=seen))
         except nats.js.errors.KeyWrongLastSequenceError:
@@ -189,9 +203,17 @@ class KvTokenStore:
         log.warning(
             "token.lock_taken_over",
             previous_holder=current.holder if current else None,
-            overdue_s=round(now - current.deadline, 3) if current else None,
+            held_for_s=round(held_for, 3),
         )
         return Claim(revision=int(revision), held_by=None, seen=int(revision))
+
+    def _held_for(self, revision: int) -> float:
+        """How long the lock has been at ``revision``, as far as this replica has seen:
+        since it first read that revision (0 then)."""
+        now = time.monotonic()
+        if self._lock_seen[0] != revision:
+            self._lock_seen = (revision, now)
+        return now - self._lock_seen[1]
 
     async def release(self, revision: int) -> None:
         """Delete our lock, unless someone took it over (then it is theirs to release)."""
@@ -200,7 +222,7 @@ class KvTokenStore:
         except nats.js.errors.APIError as exc:
             log.info("token.lock_lost", reason=str(exc.description))
         except StoreUnavailable as exc:
-            log.warning("token.lock_release_failed", reason=str(exc))  # its deadline frees it
+            log.warning("token.lock_release_failed", reason=str(exc))  # taken over in time
 
     # ------------------------------------------------------------ changes
     async def watch(self, on_state: Callable[[Snapshot], None]) -> None:
