@@ -264,3 +264,34 @@ def test_a_gateway_port_another_program_holds_stops_dev_before_anything_starts(
     dev.out.wait_for(rf"GATEWAY_PORT={port} is taken by another program", timeout=5)
     text = "".join(dev.out.lines)
     assert "embedded nats-server" not in text and "callback URL" not in text
+    assert not (tmp_path / "data" / "sandbox.json").exists(), "the sandbox's keys made first"
+
+
+def test_a_console_port_another_program_holds_stops_dev_before_anything_starts(
+    tmp_path: Path,
+) -> None:
+    """An explicit WECOMBOT_CONSOLE_PORT that is taken was found once the embedded
+    broker had started, which was then stopped again: said first now. (And a misspelt
+    name in ./.env is said, where it did nothing in silence.)"""
+    (tmp_path / ".env").write_text("LLM_MAX_CONCURENCY=8\n")
+    with socket.socket() as taken:
+        taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        dev = DevProcess(
+            tmp_path,
+            WECOMBOT_CONSOLE_PORT=str(port),
+            GATEWAY_PORT=str(free_port()),
+            WECOMBOT_HEALTH_PORT="0",
+        )
+        assert dev.ended() == 2, dev.out.tail()
+    dev.out.wait_for(
+        rf"the console cannot listen on 127\.0\.0\.1:{port} \(taken by another program\)",
+        timeout=5,
+    )
+    assert "embedded nats-server" not in "".join(dev.out.lines)
+    dev.out.wait_for(
+        r"\./\.env sets LLM_MAX_CONCURENCY, which is no setting \(LLM_MAX_CONCURRENCY\?\)",
+        timeout=5,
+    )

@@ -752,6 +752,19 @@ def test_the_command_exits_non_zero_on_failure(tmp_path: Path) -> None:
     )
     assert bad.returncode == 2
     assert "--no-such-flag" in bad.stderr
+    # A name in ./.env that no setting has: said under settings, which pass all the same.
+    (tmp_path / ".env").write_text("WECOM_CORPID=ww-typo\n")
+    typo = subprocess.run(
+        [sys.executable, "-m", "wecombot", "doctor", "--timeout", "3"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    (tmp_path / ".env").unlink()
+    assert "[warn] settings  every service accepts its settings" in typo.stdout
+    assert "./.env sets WECOM_CORPID, which is no setting (WECOM_CORP_ID?)" in typo.stdout
     # With no WeCom settings the callback check is skipped: the argument is still judged.
     no_url = subprocess.run(
         [sys.executable, "-m", "wecombot", "doctor", "--public-url", "ftp://x/y"],

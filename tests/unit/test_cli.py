@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 
 from wecombot.cli import main
@@ -79,3 +82,30 @@ def test_a_skipped_check_names_only_the_variables_at_fault() -> None:
     assert _fix_first([*problems, "WECOM_API_BASE must be a URL"]) == (
         "fix WECOM_CORP_ID, WECOM_SECRET and WECOM_API_BASE first (see settings above)"
     )
+
+
+def test_every_documented_setting_is_known_and_every_known_one_documented() -> None:
+    """The names are read off the loaders: one a loader reads only in some case (missed
+    here), or one .env.example forgot, would make a correct .env look misspelt."""
+    from wecombot.names import PREFIXES, known_settings
+
+    example = (Path(__file__).resolve().parents[2] / ".env.example").read_text()
+    documented = {
+        name
+        for name in re.findall(r"^#?\s*([A-Z][A-Z0-9_]+)=", example, re.MULTILINE)
+        if name.startswith(PREFIXES)
+    }
+    assert known_settings() == documented
+
+
+def test_a_misspelt_name_in_dotenv_is_said_with_the_one_meant() -> None:
+    from wecombot.names import misspelt
+
+    assert misspelt(["LLM_MAX_CONCURENCY", "WECOM_CORPID", "LLM_MAX_TURNS", "PATH"]) == [
+        "./.env sets LLM_MAX_CONCURENCY, which is no setting (LLM_MAX_CONCURRENCY?): "
+        "it does nothing",
+        "./.env sets WECOM_CORPID, which is no setting (WECOM_CORP_ID?): it does nothing",
+    ]
+    assert misspelt(["WECOMBOT_SOMETHING_ELSE_ENTIRELY"]) == [
+        "./.env sets WECOMBOT_SOMETHING_ELSE_ENTIRELY, which is no setting: it does nothing"
+    ]

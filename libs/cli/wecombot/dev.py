@@ -35,7 +35,7 @@ import secrets
 import signal
 import subprocess
 import sys
-from collections.abc import Coroutine, Mapping
+from collections.abc import Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -52,6 +52,7 @@ from wecombot_llm.settings import ModelSettings
 from .console import Console, ConsoleConfig
 from .devlock import NATS_SERVER, DataDirLock
 from .doctor import check_nats, check_settings
+from .names import misspelt
 from .shared import WECOM_KEYS, read_dotenv
 
 __all__ = ["main"]
@@ -196,6 +197,13 @@ def console_port(environ: Mapping[str, str]) -> int | None:
     return port or None
 
 
+def _console_port_taken(port: int, why: str) -> str:
+    return (
+        f"the console cannot listen on 127.0.0.1:{port} ({why}): set WECOMBOT_CONSOLE_PORT "
+        "to a free port, or 0 to turn it off"
+    )
+
+
 def model_label(env: Mapping[str, str]) -> tuple[str, bool]:
     """What answers, for people: (label, offline), as the llm reads its settings."""
     model = ModelSettings.read(EnvReader(env), max_concurrency=1)
@@ -312,11 +320,15 @@ def _metrics_urls(gateway_port: str, health: Mapping[str, str]) -> str:
     return f"{gateway} (gateway), {others}"
 
 
-async def run(env: dict[str, str]) -> int:
+async def run(env: dict[str, str], unknown: Sequence[str] = ()) -> int:
+    """``unknown``: what to say of names ./.env sets that are no setting
+    (:func:`names.misspelt`)."""
     data_dir = Path(env.get("WECOMBOT_DATA_DIR") or "./.wecombot")
     env.setdefault("LOG_FORMAT", "console")
     lock = DataDirLock(data_dir)
     sup = Supervisor(env, lock)
+    for said in unknown:
+        sup.say(said)
     try:
         port_for_console = console_port(env)
         check_health_port(env)
@@ -365,15 +377,6 @@ async def _run(
     async def start() -> int | None:
         """Everything up to "Ctrl-C stops all"; an exit code if start-up cannot go on."""
         nonlocal nats_server, spawning, sim, console
-        # Every service's settings first, with each service's own loader (as doctor
-        # does), so that a bad one is said before anything starts, all of them at once.
-        placeholders = Sandbox.load_or_create(data_dir).environ(SANDBOX_API) if sandbox else {}
-        found = check_settings({**env, **placeholders})
-        if found.status == "fail":
-            sup.say(found.summary)
-            for detail in found.details:
-                sup.say(detail)
-            return 2
         gw_port = env.get("GATEWAY_PORT") or "8080"
         gw_host = env.get("GATEWAY_HOST") or "0.0.0.0"  # noqa: S104 (the gateway's default)
         if gw_port.isdigit() and not _port_free(int(gw_port), gw_host):
@@ -383,6 +386,20 @@ async def _run(
                 f"GATEWAY_PORT={gw_port} is taken by another program: stop it, or set "
                 "GATEWAY_PORT to a free port"
             )
+            return 2
+        if sandbox and port_for_console and not _port_free(port_for_console):
+            # An explicit WECOMBOT_CONSOLE_PORT (a taken default was replaced already):
+            # said before the broker starts, as the gateway's.
+            sup.say(_console_port_taken(port_for_console, "taken by another program"))
+            return 2
+        # Every service's settings first, with each service's own loader (as doctor
+        # does), so that a bad one is said before anything starts, all of them at once.
+        placeholders = Sandbox.load_or_create(data_dir).environ(SANDBOX_API) if sandbox else {}
+        found = check_settings({**env, **placeholders})
+        if found.status == "fail":
+            sup.say(found.summary)
+            for detail in found.details:
+                sup.say(detail)
             return 2
         if not env.get("NATS_URL"):
             nats_server = EmbeddedNats(
@@ -437,11 +454,7 @@ async def _run(
                 try:
                     console = await start_console(env, port_for_console, app, sim)
                 except OSError as exc:
-                    sup.say(
-                        f"the console cannot listen on 127.0.0.1:{port_for_console} "
-                        f"({exc.strerror}): set WECOMBOT_CONSOLE_PORT to a free port, or 0 "
-                        "to turn it off"
-                    )
+                    sup.say(_console_port_taken(port_for_console, exc.strerror or str(exc)))
                     return 2
         label, offline = model_label(env)
         if offline:
@@ -548,8 +561,8 @@ def _port_free(port: int, host: str = "127.0.0.1") -> bool:
 
 def main(environ: Mapping[str, str]) -> int:
     env = dict(environ)
-    read_dotenv(Path(".env"), env)
-    return asyncio.run(run(env))
+    dotenv = read_dotenv(Path(".env"), env)
+    return asyncio.run(run(env, misspelt(dotenv)))
 
 
 if __name__ == "__main__":

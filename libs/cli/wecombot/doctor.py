@@ -68,6 +68,7 @@ from wecombot_token.domain import Failure
 from wecombot_token.settings import TokenSettings
 from wecombot_token.source import WeComTokenSource
 
+from .names import misspelt
 from .shared import (
     WECOM_KEYS,
     clip,
@@ -149,8 +150,10 @@ class Report:
 # ---------------------------------------------------------------- settings
 
 
-def check_settings(environ: Mapping[str, str]) -> Finding:
-    """Every service's own loader, so doctor and the services never disagree."""
+def check_settings(environ: Mapping[str, str], unknown: Sequence[str] = ()) -> Finding:
+    """Every service's own loader, so doctor and the services never disagree.
+    ``unknown``: what to say of names ./.env sets that are no setting
+    (:func:`names.misspelt`)."""
     loaders: list[tuple[str, Callable[[Mapping[str, str]], object]]] = [
         ("gateway", GatewaySettings.from_env),
         ("llm", LlmSettings.from_env),
@@ -169,10 +172,12 @@ def check_settings(environ: Mapping[str, str]) -> Finding:
     except ConfigError as exc:
         for problem in exc.problems or (str(exc),):
             problems.setdefault(problem, []).extend(service for service, _ in loaders)
+    ignored = list(unknown)
     if not problems:
-        return Finding(
-            "settings", "ok", "every service accepts its settings (gateway, llm, sender, token)"
-        )
+        summary = "every service accepts its settings (gateway, llm, sender, token)"
+        if ignored:
+            return Finding("settings", "warn", summary, tuple(ignored))
+        return Finding("settings", "ok", summary)
     details: list[str] = []
     if not any((environ.get(k) or "").strip() for k in WECOM_KEYS):
         details.append(
@@ -185,6 +190,7 @@ def check_settings(environ: Mapping[str, str]) -> Finding:
         where = _where(problem)
         if where:
             details.append(f"    where: {where}")
+    details.extend(ignored)
     details.append("Fix: set them in ./.env or the environment; .env.example documents each one.")
     count = len(problems)
     return Finding(
@@ -833,10 +839,15 @@ def _model_unreachable(base_url: str, exc: httpx.HTTPError) -> Finding:
 
 
 async def diagnose(
-    environ: Mapping[str, str], *, public_url: str | None = None, timeout_s: float = 10.0
+    environ: Mapping[str, str],
+    *,
+    public_url: str | None = None,
+    timeout_s: float = 10.0,
+    unknown: Sequence[str] = (),
 ) -> Report:
-    """Run every check against ``environ`` (no ./.env reading here: ``main`` does that)."""
-    report = Report([check_settings(environ)])
+    """Run every check against ``environ`` (no ./.env reading here: ``main`` does that,
+    and finds the ``unknown`` names it sets)."""
+    report = Report([check_settings(environ, unknown)])
     report.findings.append(await check_nats(environ, timeout_s))
     report.findings.append(await check_gettoken(environ, timeout_s))
     report.findings.append(await check_callback(environ, public_url, timeout_s))
@@ -887,11 +898,13 @@ def main(environ: Mapping[str, str], argv: Sequence[str] = (), out: TextIO | Non
     args = _parser().parse_args(list(argv))
     stream = out or sys.stdout
     env = dict(environ)
-    read_dotenv(Path(".env"), env)
+    unknown = misspelt(read_dotenv(Path(".env"), env))
     public_url = args.public_url or EnvReader(env).optional("WECOMBOT_PUBLIC_URL")
     print("wecombot doctor: checking the configuration in the environment and ./.env", file=stream)
     print("", file=stream)
-    report = asyncio.run(diagnose(env, public_url=public_url, timeout_s=args.timeout))
+    report = asyncio.run(
+        diagnose(env, public_url=public_url, timeout_s=args.timeout, unknown=unknown)
+    )
     print(report.render(), file=stream, flush=True)
     return 1 if report.failed else 0
 

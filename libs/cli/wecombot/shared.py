@@ -33,17 +33,19 @@ WECOM_KEYS = (
 )
 
 
-def read_dotenv(path: Path, into: MutableMapping[str, str]) -> None:
+def read_dotenv(path: Path, into: MutableMapping[str, str]) -> dict[str, str | None]:
     """``path`` as python-dotenv reads a ``.env``: ``#`` comments (at the end of an
     unquoted value too), ``export``, quotes, escapes such as ``\\n`` in double quotes (a
     welcome message of two lines), values over several lines in quotes. No ``${VAR}``
     expansion: a password or key may hold a ``$``. Variables already set win; an empty
-    value sets nothing (as an unset one)."""
+    value sets nothing (as an unset one). Returns what the file holds, every name."""
     if not path.is_file():
-        return
-    for key, value in dotenv_values(path, interpolate=False, encoding="utf-8").items():
+        return {}
+    found = dotenv_values(path, interpolate=False, encoding="utf-8")
+    for key, value in found.items():
         if key and value and not into.get(key):
             into[key] = value
+    return dict(found)
 
 
 def clip(text: str, limit: int = 160) -> str:
