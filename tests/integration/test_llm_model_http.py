@@ -15,6 +15,7 @@ import random
 from collections.abc import AsyncIterator
 from typing import TypeVar
 
+import httpx
 import pytest
 
 from tests.conftest import free_port
@@ -560,3 +561,55 @@ async def test_a_provider_echoing_the_key_never_puts_it_in_the_reason(before: in
     assert KEY[:7] not in reason
     assert "bad key [REDACT" in reason
     assert len(reason) <= len("HTTP 401: ") + 200
+
+
+async def test_a_retry_after_date_past_the_year_9999_is_no_wait(api: SimulatedOpenAIApi) -> None:
+    """The date parser raised OverflowError for it, out of complete() and the handler:
+    the model was asked again at each delivery and the message parked with no outcome,
+    not even the apology. A Retry-After that cannot be read is no Retry-After."""
+    api.fail_next(Fault.rate_limited(retry_after="Wed, 21 Oct 99999999999 07:28:00 GMT"))
+    model = OpenAIChatModel(settings(api.base_url, retry_budget_s=5.0), rng=random.Random(0))
+    try:
+        done = await model.complete(HELLO)
+    finally:
+        await model.aclose()
+    assert done.text == "echo: 你好" and len(api.chat_requests) == 2
+
+
+async def test_a_retry_ends_with_the_budget(api: SimulatedOpenAIApi) -> None:
+    """LLM_RETRY_BUDGET bounded when a retry may start, not when it ends: a retry started
+    just inside it had a whole LLM_REQUEST_TIMEOUT more (with the defaults, a hanging
+    provider was given up after 120-150 s, not 90). The retry now has what is left."""
+    api.fail_always(Fault.hanging())
+    model = OpenAIChatModel(
+        settings(api.base_url, request_timeout_s=2.0, retry_budget_s=4.0), rng=random.Random(0)
+    )
+    try:
+        with pytest.raises(ModelUnavailable) as failed:
+            await model.complete(HELLO)
+    finally:
+        await model.aclose()
+    assert failed.value.attempts == 2
+    # the first attempt had its 2 s; the retry, started after a backoff, what was left
+    limit = float(str(failed.value).split("no whole answer within ")[1].split("s)")[0])
+    assert 1.0 <= limit < 2.0, str(failed.value)
+
+
+async def test_a_defect_met_on_an_answer_is_the_apology_not_a_crash(
+    api: SimulatedOpenAIApi,
+) -> None:
+    """Whatever escapes the reading of one answer ends the call as a refusal (the
+    apology), once: a crash was asked again at each delivery, then parked unanswered."""
+
+    class Defective(OpenAIChatModel):
+        def _parse(self, response: httpx.Response, attempt: int) -> Completion:
+            raise KeyError("a defect")
+
+    model = Defective(settings(api.base_url, retry_budget_s=5.0))
+    try:
+        with pytest.raises(ModelRejected) as failed:
+            await model.complete(HELLO)
+    finally:
+        await model.aclose()
+    assert str(failed.value) == "unexpected KeyError: 'a defect'"
+    assert failed.value.attempts == 1 and len(api.chat_requests) == 1

@@ -39,10 +39,13 @@ from wecombot_common.events import (
 from wecombot_common.settings import EnvReader, NatsSettings
 from wecombot_common.sim.openai_api import Fault, SimulatedOpenAIApi
 from wecombot_common.topology import ConversationRef
-from wecombot_common.worker import Delivery, Nak, PullWorker
+from wecombot_common.worker import Ack, Delivery, Nak, PullWorker
 from wecombot_common.worker import Outcome as WorkOutcome
+from wecombot_llm.handler import HandlerConfig, LlmHandler
 from wecombot_llm.main import serve
-from wecombot_llm.settings import LlmSettings
+from wecombot_llm.model import OfflineModel
+from wecombot_llm.settings import LlmSettings, ReplyPolicy
+from wecombot_llm.store import JetStreamLog
 
 pytestmark = pytest.mark.integration
 
@@ -543,3 +546,35 @@ async def test_only_allowed_users_reach_the_model(
     assert isinstance(refusal, ReplyGenerated) and refusal.kind == "notice"
     assert refusal.causation_id == outsider[0].event_id and "权限" in refusal.text
     assert [r.last_user_text for r in api.chat_requests] == ["hello"]
+
+
+@pytest.mark.parametrize("order_wait", [0.0, 0.5])
+async def test_an_order_wait_under_a_second_still_passes_a_settled_earlier_message(
+    js: JetStreamContext, order_wait: float
+) -> None:
+    """The consumer's ack floor (past a dead-lettered earlier message) was first asked
+    after a second of waiting: with LLM_ORDER_WAIT under that, never, and the next
+    message of that user was nak'ed at every delivery but its last."""
+    await ensure_topology(js, NatsSettings.read(EnvReader({})))
+    config = topology.work_consumer(
+        topology.LLM_CONSUMER, topology.RECEIVED_FILTER, ack_wait_s=30, max_ack_pending=100
+    )
+    await js.add_consumer(topology.CONVERSATION_STREAM, config)
+    first, second = received("floor.user", "first"), received("floor.user", "second")
+    await append_event(js, first, msg_id=f"in:{first.event_id}")
+    sub = await js.pull_subscribe_bind(topology.LLM_CONSUMER, topology.CONVERSATION_STREAM)
+    [msg] = await sub.fetch(1, timeout=5)
+    await msg.term()  # as the worker does once it has dead-lettered a message
+    at = (await append_event(js, second, msg_id=f"in:{second.event_id}")).seq
+    log = JetStreamLog(js, consumer=topology.LLM_CONSUMER)
+
+    async def settled() -> bool:
+        return (await log.settled_through() or 0) >= at - 1
+
+    await until(settled, timeout=10, what="the first message settled")
+    handler = LlmHandler(
+        log, OfflineModel(), HandlerConfig(policy=ReplyPolicy(), order_wait_s=order_wait)
+    )
+    assert await handler.handle(second, stream_seq=at, num_delivered=1) == Ack()
+    [answer] = await outcomes(js, "floor.user")
+    assert isinstance(answer, ReplyGenerated) and "second" in answer.text

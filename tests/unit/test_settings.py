@@ -336,3 +336,28 @@ def test_nats_over_websocket_is_accepted(url: str) -> None:
 def test_an_ipv6_host_with_anything_but_a_port_after_it_is_refused() -> None:
     with pytest.raises(ConfigError, match=r"nothing but ':port' after an IPv6 address"):
         _api_base("https://[::1]junk/v1").raise_if_invalid()
+
+
+@pytest.mark.parametrize("service", ["llm", "sender", "token"])
+def test_a_proxy_password_is_among_the_secrets_the_logs_hide(service: str) -> None:
+    """The URL pattern hides it only where it shows as a URL's userinfo; an error text
+    quoting it otherwise (a proxy's 407 page, say) showed it."""
+    from wecombot_llm.settings import LlmSettings
+    from wecombot_sender.settings import SenderSettings
+    from wecombot_token.settings import TokenSettings
+
+    env = {
+        "HTTPS_PROXY": "http://bot:Pr0xy-pa55word@proxy.corp:3128",
+        "OPENAI_API_KEY": "sk-proxy-test",
+        "WECOM_CORP_ID": "ww1",
+        "WECOM_AGENT_ID": "1000002",
+        "WECOM_SECRET": "secret-of-the-app",
+    }
+    secrets: tuple[Secret, ...]
+    if service == "llm":
+        secrets = LlmSettings.from_env(env).secrets
+    elif service == "sender":
+        secrets = SenderSettings.from_env(env).log.extra_secrets
+    else:
+        secrets = TokenSettings.from_env(env).secrets
+    assert "Pr0xy-pa55word" in [s.reveal() for s in secrets]

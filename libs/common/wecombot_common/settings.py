@@ -309,6 +309,12 @@ def url_credentials(urls: str) -> list[str]:
     return [s for s in found if s]
 
 
+def proxy_secrets(proxy: Secret | None) -> tuple[Secret, ...]:
+    """The password (or bare token) in a proxy URL (``HTTPS_PROXY=http://u:pw@host``),
+    for the logs to redact wherever it shows, not only where the URL pattern finds it."""
+    return () if proxy is None else tuple(Secret(s) for s in url_credentials(proxy.reveal()))
+
+
 def _nats_server_url(url: str) -> bool:
     """One server of NATS_URL: a scheme nats-py speaks, a host, a port that is a port
     (nats-py would fail on it with a traceback at the first connection)."""

@@ -329,7 +329,17 @@ class LlmHandler:
             return HandBack("stopping while waiting for an earlier message")
         if blocker.seq and blocker.event_id in entry.active:
             waiting.extend(now)  # it is being handled right here: it will finish
-        if now >= waiting.deadline:
+        over = now >= waiting.deadline
+        if (
+            blocker.seq > self._settled.through
+            # asked once the wait is over too: an LLM_ORDER_WAIT shorter than the wait
+            # before the first question never asked, and nak'ed every delivery but the last
+            and (over or waiting.long_enough(now))
+            and blocker.seq <= await self._settled.refresh()
+        ):
+            log.info("llm.earlier_message_abandoned", blocker_seq=blocker.seq)
+            return None  # re-read at once: its outcome may have landed before its ack
+        if over:
             waited = f"{now - waiting.started:.0f}s"
             return Nak(
                 self._rng.uniform(0.5, 1.5),
@@ -337,13 +347,6 @@ class LlmHandler:
                 if blocker.seq
                 else f"this message not readable in the log after {waited}",
             )
-        if (
-            blocker.seq > self._settled.through
-            and waiting.long_enough(now)
-            and blocker.seq <= await self._settled.refresh()
-        ):
-            log.info("llm.earlier_message_abandoned", blocker_seq=blocker.seq)
-            return None  # re-read at once: its outcome may have landed before its ack
         try:
             async with idle():
                 await _wait(changed, waiting.next_interval(now), self._stopping)

@@ -92,6 +92,9 @@ class ModelRejected(ModelError, PermanentError):
         self.setting = setting
 
 
+# A retry is not started with less of LLM_RETRY_BUDGET left: no answer comes that fast.
+MIN_ATTEMPT_S = 1.0
+
 # A refusal of every request alike: our configuration, not the message.
 _SETTING_FOR_STATUS = {
     # redirects are not followed (the key would go where they point): the base URL is
@@ -263,24 +266,40 @@ class OpenAIChatModel:
         await self._client.aclose()
 
     async def complete(self, messages: Sequence[ChatMessage]) -> Completion:
+        """The model's answer. Retried (408, 429, 5xx, a timeout, a dropped connection)
+        within LLM_RETRY_BUDGET: a retry starts only with at least ``MIN_ATTEMPT_S`` of
+        it left, and is cut where it ends (the first attempt has LLM_REQUEST_TIMEOUT, each
+        retry as much or what the budget has left: the call ends by the later of the two).
+        """
         body = self._body(messages)
         started = time.monotonic()
         deadline = started + self._settings.retry_budget_s
+        limit = self._settings.request_timeout_s
         attempt = 0
         while True:
             attempt += 1
             try:
-                return await self._attempt(body, attempt)
+                return await self._attempt(body, attempt, limit)
             except _Retryable as exc:
                 delay = next_delay(attempt, exc.retry_after, self._rng)
                 elapsed = time.monotonic() - started
-                if time.monotonic() + delay > deadline:
+                if time.monotonic() + delay + MIN_ATTEMPT_S > deadline:
                     raise ModelUnavailable(
                         f"{exc} (gave up after {attempt} attempts in {elapsed:.1f}s)",
                         attempts=attempt,
                     ) from None
                 log.info("model.retry", reason=str(exc), attempt=attempt, delay_s=round(delay, 2))
                 await asyncio.sleep(delay)
+                limit = min(self._settings.request_timeout_s, deadline - time.monotonic())
+            except ModelError:
+                raise
+            except Exception as exc:
+                # A defect met on one answer (its parsing, say): the apology now, rather
+                # than a crash that asks the model again at every delivery and then
+                # parks the message without any outcome.
+                log.exception("model.unexpected_error", attempt=attempt)
+                reason = self._clean(f"unexpected {type(exc).__name__}: {exc}")
+                raise ModelRejected(reason, attempts=attempt) from exc
 
     def _body(self, messages: Sequence[ChatMessage]) -> dict[str, Any]:
         body: dict[str, Any] = {
@@ -292,9 +311,8 @@ class OpenAIChatModel:
             body["temperature"] = self._settings.temperature
         return body
 
-    async def _attempt(self, body: dict[str, Any], attempt: int) -> Completion:
+    async def _attempt(self, body: dict[str, Any], attempt: int, limit: float) -> Completion:
         started = time.monotonic()
-        limit = self._settings.request_timeout_s
         try:
             async with asyncio.timeout(limit):
                 response = await self._post(body)
@@ -312,7 +330,7 @@ class OpenAIChatModel:
         except _PROVIDER_FAULTS as exc:
             raise _Retryable(self._clean(_transport_failure(exc))) from exc
         except TimeoutError as exc:
-            raise _Retryable(f"timeout (no whole answer within {limit:g}s)") from exc
+            raise _Retryable(f"timeout (no whole answer within {round(limit, 1):g}s)") from exc
         status = response.status_code
         log.debug(
             "model.response",

@@ -23,6 +23,7 @@ from wecombot_common.settings import (
     Secret,
     health_host,
     health_port,
+    proxy_secrets,
 )
 from wecombot_common.topology import is_user_id
 
@@ -207,7 +208,7 @@ class LlmSettings:
     def secrets(self) -> tuple[Secret, ...]:
         """Values the log pipeline must redact wherever they appear."""
         key = (self.model.api_key,) if self.model.api_key is not None else ()
-        return (*key, *self.nats.secrets)
+        return (*key, *proxy_secrets(self.model.proxy), *self.nats.secrets)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> LlmSettings:

@@ -19,6 +19,7 @@ from wecombot_common.settings import (
     WeComApiSettings,
     health_host,
     health_port,
+    proxy_secrets,
 )
 
 from .domain import RECENT_SENDS_KEPT
@@ -54,11 +55,12 @@ class SenderSettings:
         env = EnvReader(environ)
         nats = NatsSettings.read(env)
         log = LogSettings.read(env)
+        wecom = WeComApiSettings.read(env, need_secret=False)
         settings = cls(
             nats=nats,
             # configure_logging registers these, so they are redacted from every line
-            log=replace(log, extra_secrets=nats.secrets),
-            wecom=WeComApiSettings.read(env, need_secret=False),
+            log=replace(log, extra_secrets=(*nats.secrets, *proxy_secrets(wecom.proxy))),
+            wecom=wecom,
             health_host=health_host(env),
             health_port=health_port(env, 8082),
             max_concurrency=env.integer("SENDER_MAX_CONCURRENCY", 32, minimum=1, maximum=4096),

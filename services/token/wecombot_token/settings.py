@@ -31,6 +31,7 @@ from wecombot_common.settings import (
     WeComApiSettings,
     health_host,
     health_port,
+    proxy_secrets,
 )
 
 from .domain import Policy, credentials_of
@@ -75,7 +76,7 @@ class TokenSettings:
     @property
     def secrets(self) -> tuple[Secret, ...]:
         """Values the log pipeline must redact wherever they appear."""
-        return (self.wecom.secret, *self.nats.secrets)
+        return (self.wecom.secret, *proxy_secrets(self.wecom.proxy), *self.nats.secrets)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> TokenSettings:
