@@ -18,7 +18,8 @@ import msgspec
 import nats
 import pytest
 from nats.aio.client import Client as NATS
-from nats.js.api import KeyValueConfig
+from nats.aio.msg import Msg
+from nats.js.api import KeyValueConfig, RePublish
 from prometheus_client import REGISTRY
 from structlog.testing import capture_logs
 
@@ -708,17 +709,34 @@ async def test_an_existing_bucket_is_brought_to_our_config_and_keeps_its_token(
 ) -> None:
     async with connections(nats_server, 1) as (nc,):
         js = nc.jetstream()
-        # Left by an older release (or made by hand): more history, another description.
+        # Left by an older release (or made by hand): more history, another description,
+        # every write republished to a plain subject, reads served by any replica.
         kv = await js.create_key_value(
-            KeyValueConfig(bucket=TOKEN_BUCKET, history=5, description="made by hand")
+            KeyValueConfig(
+                bucket=TOKEN_BUCKET,
+                history=5,
+                description="made by hand",
+                republish=RePublish(src=f"$KV.{TOKEN_BUCKET}.>", dest="leak.>"),
+                direct=True,
+            )
         )
+        leaked: list[bytes] = []
+
+        async def overheard(msg: Msg) -> None:
+            leaked.append(msg.data)
+
+        await nc.subscribe("leak.>", cb=overheard)
         async with token_services(nats_server, sim):
             token = await TokenClient(nc).get(APP)
         config = (await js.stream_info(f"KV_{TOKEN_BUCKET}")).config
         assert config.max_msgs_per_subject == 1
         assert config.description == token_bucket(replicas=1).description
+        assert config.republish is None and not config.allow_direct
+        await nc.flush()  # a republished write would have come before this round trip
+        assert not [data for data in leaked if token.encode() in data], "the token republished"
         # Updated in place, not recreated: the token it stored is still there, and a
         # second start (same config) changes nothing and fetches nothing.
+        kv = await js.key_value(TOKEN_BUCKET)  # no direct reads any more
         assert (await kv.get(f"{APP}.token")).value
         async with token_services(nats_server, sim):
             assert await TokenClient(nc).get(APP) == token
@@ -761,6 +779,13 @@ async def test_a_malformed_request_gets_a_400_and_the_service_goes_on(
             (TOKEN_GET, b"{not json", "not a TokenRequest"),
             (TOKEN_GET, b'{"token": "x"}', "not a TokenRequest"),  # no app
             (TOKEN_INVALIDATE, msgspec.json.encode(TokenRequest(app=APP)), "needs the token"),
+            # nested past msgspec's depth (RecursionError: answered 500, not counted)
+            (
+                TOKEN_GET,
+                b'{"app":"x","junk":' + b"[" * 2000 + b"]" * 2000 + b"}",
+                "recursion depth",
+            ),
+            (TOKEN_GET, b'{"app":"' + b"x" * 5000 + b'"}', "over 4096 bytes"),
         ]
         before = {e: _bad_requests(e) for e in ("get", "invalidate")}
         for subject, data, reason in cases:
@@ -768,10 +793,19 @@ async def test_a_malformed_request_gets_a_400_and_the_service_goes_on(
             assert msg.headers is not None
             assert msg.headers.get("Nats-Service-Error-Code") == "400", subject
             assert reason in msg.headers.get("Nats-Service-Error", "")
+        # Published with no reply subject (`nats pub`): nobody to answer; respond() raised
+        # and the error reached the logs as a crash. Handled in order on its subject, so
+        # the answer to the request after it says it was seen.
+        with capture_logs() as logs:
+            await nc.publish(TOKEN_GET, msgspec.json.encode(TokenRequest(app=APP)))
+            assert await TokenClient(nc).get(APP)
+        assert [e["event"] for e in logs if e["log_level"] in ("warning", "error")] == []
+        assert [
+            e["endpoint"] for e in logs if e["event"] == "token.request_without_reply_subject"
+        ] == ["get"]
         # Counted where Prometheus sees them (this process runs the service).
-        assert _bad_requests("get") - before["get"] == 2
+        assert _bad_requests("get") - before["get"] == 5
         assert _bad_requests("invalidate") - before["invalidate"] == 1
-        assert await TokenClient(nc).get(APP)
         assert sim.gettoken_calls == 1
 
 

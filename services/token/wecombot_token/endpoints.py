@@ -36,6 +36,9 @@ __all__ = ["TokenEndpoints"]
 log = structlog.get_logger(__name__)
 
 _decoder = msgspec.json.Decoder(TokenRequest)
+# A TokenRequest is an app id and a token: well under this. Anything longer is refused
+# before it is decoded (JSON nested 400,000 deep raised RecursionError: a 500).
+MAX_REQUEST_BYTES = 4096
 _encoder = msgspec.json.Encoder()
 
 
@@ -134,11 +137,26 @@ class _Drained:
 
 
 async def _decode(req: Request, endpoint: str) -> TokenRequest | None:
+    """The request, or None when it was refused (or cannot be answered at all)."""
+    if not _has_reply_subject(req):
+        # Published, not requested (`nats pub`): nobody to answer. Counted, never answered
+        # (respond() raised ValueError, which reached the logs as a crash).
+        TOKEN_REQUESTS.labels(endpoint, "bad_request").inc()
+        log.info("token.request_without_reply_subject", endpoint=endpoint)
+        return None
+    if len(req.data) > MAX_REQUEST_BYTES:
+        await _bad_request(req, endpoint, f"over {MAX_REQUEST_BYTES} bytes: not a TokenRequest")
+        return None
     try:
         return _decoder.decode(req.data)
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, RecursionError) as exc:  # JSON nested past msgspec's depth
         await _bad_request(req, endpoint, f"not a TokenRequest: {exc}")
         return None
+
+
+def _has_reply_subject(req: Request) -> bool:
+    msg = getattr(req, "_msg", None)  # nats.micro has no public accessor for it
+    return bool(getattr(msg, "reply", True))
 
 
 async def _bad_request(req: Request, endpoint: str, why: str) -> None:
@@ -163,5 +181,5 @@ async def _respond(req: Request, endpoint: str, work: Awaitable[TokenReply]) -> 
     _count(endpoint, reply)
     try:
         await req.respond(_encoder.encode(reply))
-    except nats.errors.Error as exc:
+    except (nats.errors.Error, ValueError) as exc:  # ValueError: no reply subject
         log.warning("token.reply_failed", error=type(exc).__name__)

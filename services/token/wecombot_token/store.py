@@ -108,6 +108,11 @@ async def open_token_bucket(js: JetStreamContext, *, replicas: int) -> KeyValue:
         description=config.description,
         num_replicas=config.replicas,
         max_msgs_per_subject=config.history,
+        # Made by hand (`nats kv add`), a bucket may republish every write to a plain
+        # subject (every token, to anyone who may subscribe), or serve reads from any
+        # replica (a follower behind its leader: a refresh done already, done again).
+        republish=None,
+        allow_direct=False,
     )
     if wanted != info.config:
         await js.update_stream(wanted)
