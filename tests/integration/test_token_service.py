@@ -41,7 +41,7 @@ from wecombot_common.topology import (
     TOKEN_SERVICE,
     token_bucket,
 )
-from wecombot_token.domain import AppState, Lock
+from wecombot_token.domain import AppState, Failure, IssuedToken, LastFailure, Lock
 from wecombot_token.keeper import TokenKeeper
 from wecombot_token.main import serve
 from wecombot_token.settings import TokenSettings
@@ -844,3 +844,34 @@ async def test_a_stopping_instance_answers_the_callers_waiting_for_its_refresh(
     assert grace["waiting"] == 1
     assert not [e for e in logs if e["event"] == "token.stop_unanswered"]
     assert sim.gettoken_calls == 1
+
+
+async def test_a_token_reported_rejected_during_a_backoff_is_no_longer_served(
+    nats_server: NatsHandle, sim: SimulatedWeComApi
+) -> None:
+    """A refresh ahead failed (WeCom busy): no gettoken until its backoff ends. WeCom
+    then refuses the token early (40014): the sender's invalidate was answered with the
+    failure, but every get kept handing the refused token out, and every send failed."""
+    now = time.time()
+    refused = IssuedToken(value="refused-by-wecom-Hq2", fetched_at=now - 60, expires_at=now + 7000)
+    busy = LastFailure(
+        failure=Failure(kind="network", message="WeCom is busy (WeCom errcode -1)", errcode=-1),
+        attempts=1,
+        retry_at=now + 120,
+        failed_at=now - 1,
+    )
+    async with connections(nats_server, 1) as (nc,):
+        kv = await nc.jetstream().create_key_value(token_bucket(replicas=1))
+        await kv.put(f"{APP}.token", msgspec.json.encode(AppState(token=refused, failure=busy)))
+        async with token_services(nats_server, sim):
+            client = TokenClient(nc)
+            assert await client.get(APP) == refused.value  # served while the backoff holds
+            with pytest.raises(TransientTokenError) as reported:
+                await client.invalidate(APP, refused.value)
+            with pytest.raises(TransientTokenError) as asked:
+                await client.get(APP)
+        stored = msgspec.json.decode((await kv.get(f"{APP}.token")).value or b"", type=AppState)
+    assert (reported.value.kind, asked.value.kind) == ("network", "network")
+    assert asked.value.retry_after is not None and asked.value.retry_after > 60
+    assert stored == AppState(failure=busy)
+    assert sim.gettoken_calls == 0

@@ -51,6 +51,7 @@ __all__ = [
     "replacing",
     "restart_skips",
     "usable_token",
+    "without_rejected",
 ]
 
 # Exponents beyond this would overflow a float long before the cap applies.
@@ -223,6 +224,36 @@ def bought_elsewhere(token: IssuedToken, now: float, policy: Policy) -> bool:
     if not theirs or not ours or theirs == ours:
         return False
     return now >= token.fetched_at + policy.max_backoff_s
+
+
+def without_rejected(
+    state: AppState | None, now: float, policy: Policy, rejected: str | None
+) -> AppState | None:
+    """The state to write when a caller reports the current token rejected while a
+    failure's backoff holds (no fetch before it ends): the same, without that token, so
+    that gets answer the failure with its retry_after rather than the token WeCom
+    refuses. None when there is nothing to drop: another token is current, no backoff
+    holds (a fetch replaces it), or it is a replacement rejected in turn, whose record
+    paces the next fetch (``refetch_at``).
+
+    >>> p = Policy(refresh_margin_s=300, min_backoff_s=1, max_backoff_s=300)
+    >>> t = IssuedToken(value="t", fetched_at=0.0, expires_at=7200.0)
+    >>> busy = LastFailure(failure=Failure(kind="network", message="busy"), attempts=1,
+    ...                    retry_at=100.0)
+    >>> without_rejected(AppState(token=t, failure=busy), 50.0, p, "t") == AppState(
+    ...     failure=busy)
+    True
+    >>> [without_rejected(AppState(token=t, failure=busy), now, p, seen)
+    ...  for now, seen in ((50.0, "other"), (100.0, "t"), (50.0, None))]
+    [None, None, None]
+    """
+    if state is None or state.token is None or rejected is None:
+        return None
+    if state.token.value != rejected or state.token.rejected_in_a_row:
+        return None
+    if not backing_off(state, now, policy):
+        return None
+    return AppState(failure=state.failure)
 
 
 def decide(

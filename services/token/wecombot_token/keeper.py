@@ -51,6 +51,7 @@ from .domain import (
     refetch_held,
     replacing,
     usable_token,
+    without_rejected,
 )
 from .errors import StoreUnavailable
 from .source import TokenSource
@@ -177,6 +178,24 @@ class TokenKeeper:
             self.adopt(snapshot)
             now = self._clock()
             action = decide(snapshot.state, now, self._policy, rejected)
+            if action is Action.FAIL and (
+                retired := without_rejected(snapshot.state, now, self._policy, rejected)
+            ):
+                # No fetch before the backoff ends, but no serving what WeCom refuses
+                # either: every get handed it out, and every send failed with it.
+                revision = await self._store.save(retired, snapshot.revision)
+                if revision is None:
+                    continue  # the state moved on meanwhile: decide again
+                log.warning(
+                    "token.rejected_token_dropped",
+                    app=self.app,
+                    fingerprint=fingerprint(rejected or ""),
+                    retry_after_s=round(max(0.0, retired.failure.retry_at - now), 3)
+                    if retired.failure
+                    else None,
+                )
+                snapshot = Snapshot(retired, revision)
+                self.adopt(snapshot)
             if action in (Action.SERVE, Action.FAIL):
                 if (held := refetch_held(snapshot.state, now, self._policy, rejected)) is not None:
                     log.warning(
