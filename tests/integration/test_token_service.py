@@ -42,11 +42,12 @@ from wecombot_common.topology import (
     token_bucket,
 )
 from wecombot_token.domain import AppState, Failure, IssuedToken, LastFailure, Lock
+from wecombot_token.errors import StoreUnavailable
 from wecombot_token.keeper import TokenKeeper
 from wecombot_token.main import serve
 from wecombot_token.settings import TokenSettings
 from wecombot_token.source import WeComTokenSource
-from wecombot_token.store import Claim, KvTokenStore, open_token_bucket
+from wecombot_token.store import Claim, KvTokenStore, Snapshot, open_token_bucket
 
 pytestmark = pytest.mark.integration
 
@@ -874,4 +875,50 @@ async def test_a_token_reported_rejected_during_a_backoff_is_no_longer_served(
     assert (reported.value.kind, asked.value.kind) == ("network", "network")
     assert asked.value.retry_after is not None and asked.value.retry_after > 60
     assert stored == AppState(failure=busy)
+    assert sim.gettoken_calls == 0
+
+
+async def test_a_bucket_failing_fast_costs_one_refresh_attempt_not_one_a_get(
+    nats_server: NatsHandle, sim: SimulatedWeComApi
+) -> None:
+    """The token is in its refresh margin, so each get starts a refresh behind its
+    answer; the bucket refuses at once (as a JetStream leader election answers). Each
+    get started one more: a KV request and a `token.refresh_aborted` warning per get,
+    at the rate of sends."""
+
+    class FailingFast(KvTokenStore):  # the real store, made to refuse on demand
+        failing = False
+        loads = 0
+
+        async def load(self) -> Snapshot:
+            if self.failing:
+                self.loads += 1
+                raise StoreUnavailable("no leader (as a JetStream election answers)")
+            return await super().load()
+
+    settings = settings_for(nats_server, sim)
+    now = time.time()
+    due = IssuedToken(value="due-for-refresh-Kq7", fetched_at=now - 7000, expires_at=now + 100)
+    async with connections(nats_server, 1) as (nc,):
+        kv = await open_token_bucket(nc.jetstream(), replicas=1)
+        await kv.put(f"{APP}.token", msgspec.json.encode(AppState(token=due)))
+        store = FailingFast(kv, APP)
+        source = WeComTokenSource(settings.wecom, timeout_s=settings.http_timeout_s)
+        keeper = TokenKeeper(
+            APP, source, store, settings.policy, refresh_timeout_s=settings.refresh_timeout_s
+        )
+        keeper.adopt(await store.load())
+        store.failing = True
+        try:
+            with capture_logs() as logs:
+                for _ in range(50):
+                    assert (await keeper.get(APP)).token == due.value
+                    for _ in range(3):  # the refresh behind it runs, and fails, meanwhile
+                        await asyncio.sleep(0)
+        finally:
+            await keeper.close()
+            await store.close()
+            await source.aclose()
+    aborted = [e for e in logs if e["event"] == "token.refresh_aborted"]
+    assert store.loads == len(aborted) == 1
     assert sim.gettoken_calls == 0

@@ -62,6 +62,10 @@ __all__ = ["TokenKeeper"]
 log = structlog.get_logger(__name__)
 
 _RECHECK_S = 0.05  # past the time a lock may be held before claiming it again
+# After a refresh that ended in an error (the bucket failing fast: a JetStream leader
+# election answers at once), none is started behind an answer for this long: each get
+# started one, with its KV request and its warning, at the rate of gets.
+_PAUSE_AFTER_ABORT_S = 1.0
 
 # Kinds of answer to a caller, never the result of a gettoken call.
 _NOT_FETCH_RESULTS = frozenset(("unavailable", "unknown_app"))
@@ -93,6 +97,7 @@ class TokenKeeper:
         self._inflight: dict[str | None, asyncio.Task[Snapshot]] = {}
         self._instance = f"{socket.gethostname()}/{os.getpid()}/{secrets.token_hex(3)}"
         self._claims = itertools.count(1)
+        self._refresh_paused_until = 0.0  # monotonic; see _PAUSE_AFTER_ABORT_S
 
     # ------------------------------------------------------------ the contract
     def answer_now(self, app: str) -> TokenReply | None:
@@ -105,7 +110,7 @@ class TokenKeeper:
         if action is Action.FETCH:
             return None
         if action is Action.SERVE_AND_REFRESH:
-            self._converging(None)
+            self._refresh_behind()
         return answer(state, now, self._policy)
 
     async def get(self, app: str) -> TokenReply:
@@ -163,10 +168,16 @@ class TokenKeeper:
             task.add_done_callback(partial(self._finished, rejected))
         return task
 
+    def _refresh_behind(self) -> None:
+        """A refresh behind an answer already given, unless one was aborted just now."""
+        if time.monotonic() >= self._refresh_paused_until:
+            self._converging(None)
+
     def _finished(self, key: str | None, task: asyncio.Task[Snapshot]) -> None:
         if self._inflight.get(key) is task:
             del self._inflight[key]
         if not task.cancelled() and (exc := task.exception()) is not None:
+            self._refresh_paused_until = time.monotonic() + _PAUSE_AFTER_ABORT_S
             log.warning("token.refresh_aborted", error=str(exc), error_type=type(exc).__name__)
 
     async def _converge(self, rejected: str | None) -> Snapshot:
@@ -206,7 +217,7 @@ class TokenKeeper:
                     )
                 return snapshot
             if action is Action.SERVE_AND_REFRESH and rejected is not None:
-                self._converging(None)  # the caller has its answer; refresh behind it
+                self._refresh_behind()  # the caller has its answer
                 return snapshot
             holder = f"{self._instance}#{next(self._claims)}"
             claim = await self._store.claim(holder, now, self._refresh_timeout_s)
