@@ -107,6 +107,7 @@ def _fields(event: Event, **changes: object) -> bytes:
     return msgspec.json.encode(raw)
 
 
+PARTS = [e for e in EVENTS if isinstance(e, PartDelivered)]
 MESSAGE = msgspec.structs.replace(EVENTS[0], msg_type="text", payload=TextPayload(content="hi"))
 
 
@@ -135,6 +136,11 @@ def test_an_event_of_a_newer_build_is_told_apart_from_poison(data: bytes, said: 
         # ValueError for it, out of the worker's checks and every read of the log).
         _fields(MESSAGE, app=""),
         _fields(MESSAGE, conversation=""),
+        # A part's place out of any reply: a negative index sent the reply's last parts
+        # twice, a huge one built a list that long.
+        _fields(PARTS[0], index=-3),
+        _fields(PARTS[0], index=1 << 40),
+        _fields(PARTS[1], start=-1),
     ],
 )
 def test_poison_is_not_taken_for_a_newer_event(data: bytes) -> None:

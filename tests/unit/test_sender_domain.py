@@ -19,6 +19,7 @@ from wecombot_common.events import (
     ReplyGenerated,
     ReplyRequeued,
     TextPayload,
+    derived_id,
 )
 from wecombot_sender.domain import (
     RECENT_SENDS_KEPT,
@@ -139,6 +140,28 @@ def test_a_requeue_reopens_a_failed_reply_until_its_round_ends() -> None:
     finished = fold(state, [StoredEvent(6, done)]).outcome(r1.event_id)
     assert (finished.terminal, finished.failure) == (True, None)
     assert state.outcome(later.event_id).delivered_by == 4
+
+
+def test_an_earlier_rounds_failure_recorded_after_a_requeue_ends_nothing() -> None:
+    """Its delivery was still running when the reply was parked; its DeliveryFailed came
+    after the operator's requeue. Taken as the new round's, it parked the reply again."""
+    r1 = reply("a")
+    requeue = ReplyRequeued(**env(), reply_id=r1.event_id, reason="wecombot dlq replay 1")
+
+    def failure(*round_: str) -> DeliveryFailed:
+        return DeliveryFailed(
+            **{**env(), "event_id": derived_id(r1.event_id, "failed", *round_)},
+            reply_id=r1.event_id,
+            errcode=-1,
+            reason="gave up",
+            parts_delivered=0,
+        )
+
+    requeued = fold(ConversationState(), [StoredEvent(1, r1), StoredEvent(3, requeue)])
+    stale = fold(requeued, [StoredEvent(4, failure())]).outcome(r1.event_id)
+    assert (stale.terminal, stale.failure, stale.requeued_by) == (False, None, requeue.event_id)
+    own = fold(requeued, [StoredEvent(4, failure(requeue.event_id))]).outcome(r1.event_id)
+    assert (own.terminal, own.failure) == (True, "gave up")
 
 
 def test_fold_is_incremental_idempotent_and_leaves_its_input_alone() -> None:

@@ -226,9 +226,41 @@ def test_a_code_block_over_the_limit_is_not_preceded_by_a_stub() -> None:
     assert parts[0].startswith("Here is the code:\n\n```python\n")
 
 
-def test_a_fence_is_indented_three_spaces_at_most() -> None:
+def test_a_fence_may_be_indented_as_a_list_items_text_is() -> None:
+    """A model's numbered steps indent their code blocks four spaces and more: taken
+    for indented code lines (CommonMark's rule at the top level), such a block was cut
+    in the middle though it fitted in one part."""
     assert fenced_spans("   ```\nx\n   ```\n") == [(0, 16)]
-    assert fenced_spans("    ```\nx\n    ```\n") == []  # four: an indented code line
+    assert fenced_spans("    ```\nx\n    ```\n") == [(0, 18)]
+    steps = "1. Install the tool with the following command and then wait.\n" * 20
+    block = "    ```bash\n" + "    pip install something --upgrade --user\n" * 25 + "    ```\n"
+    parts = split_text(steps + block + "2. Done.\n")
+    assert any(block in part for part in parts), [len(p.encode()) for p in parts]
+
+
+@pytest.mark.parametrize(
+    "block",
+    [
+        # a ```` block showing ``` blocks: closed by ```` alone
+        "````markdown\n# Example\n```python\nprint(1)\n```\n"
+        + "doc line inside outer block\n" * 25
+        + "````\n",
+        # ```text inside an open block opens nothing, closes nothing
+        "```\nA\n```text\nB\n" + "code line\n" * 60 + "```\n",
+        # tildes
+        "~~~\n" + "code line with ``` in it\n" * 30 + "~~~\n",
+    ],
+    ids=["longer fence", "info string inside", "tildes"],
+)
+def test_a_block_that_fits_is_never_cut_however_its_fences_look(block: str) -> None:
+    """Fences were paired one after another, any length or kind: a ```python line in a
+    block closed it, and a block that fitted in a part was cut, its fence left open."""
+    parts = split_text("Intro sentence here. " * 80 + "\n" + block + "After.")
+    assert any(block in part for part in parts), [len(p.encode()) for p in parts]
+
+
+def test_a_line_starting_with_inline_code_opens_no_block() -> None:
+    assert fenced_spans("```x``` is inline\n```\ncode\n```\n") == [(18, 31)]
 
 
 def test_paragraph_then_rest() -> None:

@@ -222,21 +222,28 @@ class ConversationReset(_Event, frozen=True):
     text: str
 
 
+# A count of parts, or a place in a reply's text: a reply is far under a million code
+# points (an event is at most NATS's max_payload). A record out of these bounds (by hand,
+# a faulty build) is refused when decoded, as poison: a negative index sent the last
+# parts twice, a huge one built a list that size.
+_Count = Annotated[int, msgspec.Meta(ge=0, le=1 << 20)]
+
+
 class PartDelivered(_Event, frozen=True):
     reply_id: str
-    index: int
-    total: int
+    index: _Count
+    total: _Count
     wecom_msgid: str
     # Where the part lies in the reply's text, in code points: a delivery resumed by
     # another build continues at ``end`` whatever its split (None: an older sender's
     # record, resumed by index).
-    start: int | None = None
-    end: int | None = None
+    start: _Count | None = None
+    end: _Count | None = None
 
 
 class ReplyDelivered(_Event, frozen=True):
     reply_id: str
-    parts: int
+    parts: _Count
     wecom_msgids: list[str]
 
 
@@ -244,7 +251,7 @@ class DeliveryFailed(_Event, frozen=True):
     reply_id: str
     errcode: int
     reason: str
-    parts_delivered: int
+    parts_delivered: _Count
 
 
 class ReplyRequeued(_Event, frozen=True):

@@ -39,6 +39,7 @@ from wecombot_common.events import (
     ReplyFailed,
     ReplyGenerated,
     ReplyRequeued,
+    derived_id,
 )
 
 from .split import split_text
@@ -271,6 +272,16 @@ def _apply(
         return True
     if isinstance(event, ReplyDelivered | DeliveryFailed):
         current = outcomes.get(event.reply_id) or OutcomeState(event.reply_id)
+        if (
+            isinstance(event, DeliveryFailed)
+            and current.requeued_by
+            and event.event_id != derived_id(event.reply_id, "failed", current.requeued_by)
+        ):
+            # An earlier round's, appended after the operator's requeue (its delivery
+            # was still running when the reply was parked): that round failed, not this
+            # one, which goes on. (An earlier round's ReplyDelivered still ends the
+            # reply: every part of it was delivered.)
+            return True
         failure = event.reason if isinstance(event, DeliveryFailed) else None
         outcomes[event.reply_id] = replace(
             current, terminal=True, failure=failure, ended_at=event.occurred_at

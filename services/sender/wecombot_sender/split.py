@@ -66,7 +66,10 @@ _SENTENCE = re.compile(
 # A run of whitespace; a cut goes after it when content follows. (``\s+(?=\S)`` said the
 # same, but retried from every space of a run at the window's end: quadratic.)
 _SPACE_RUN = re.compile(r"\s+")
-_FENCE = re.compile(r"^[ \t]{0,3}```", re.MULTILINE)
+# A line that may open or close a fenced code block: its run of three or more backticks
+# or tildes, and what follows on the line. Any indentation: a block in a list item is
+# indented as deep as the item's text.
+_FENCE_LINE = re.compile(r"^[ \t]*(`{3,}|~{3,})(.*)$", re.MULTILINE)
 _GRAPHEME = regex.compile(r"\X")  # one extended grapheme cluster (UAX #29)
 
 
@@ -95,23 +98,34 @@ def split_text(
 
 def fenced_spans(text: str) -> list[tuple[int, int]]:
     """``(start, end)`` of each fenced code block, fences included; an unclosed one runs
-    to the end of the text.
+    to the end of the text. Paired as Markdown (CommonMark) pairs them: a block is
+    closed only by a fence of its own character, at least as long, with nothing after
+    it on the line (so a ```` block may show ``` blocks, and a ```python line inside a
+    block closes nothing); a line starting with ```x``` is inline code, not a fence.
 
     >>> fenced_spans("a\\n```py\\nx = 1\\n```\\nb")
     [(2, 18)]
+    >>> fenced_spans("````md\\n```py\\nx\\n```\\n````\\nb")
+    [(0, 24)]
     """
     spans: list[tuple[int, int]] = []
-    opened: int | None = None
-    for match in _FENCE.finditer(text):
+    opened: tuple[int, str, int] | None = None  # where, its character, its length
+    for match in _FENCE_LINE.finditer(text):
+        run, rest = match.group(1), match.group(2)
         if opened is None:
-            opened = match.start()
+            if run[0] == "`" and "`" in rest:
+                continue  # ```inline``` at a line's start: no fence
+            opened = (match.start(), run[0], len(run))
             continue
+        start, char, length = opened
+        if run[0] != char or len(run) < length or rest.strip():
+            continue  # inside the block, not its closing fence
         newline = text.find("\n", match.end())
         end = len(text) if newline < 0 else newline + 1
-        spans.append((opened, end))
+        spans.append((start, end))
         opened = None
     if opened is not None:
-        spans.append((opened, len(text)))
+        spans.append((opened[0], len(text)))
     return spans
 
 

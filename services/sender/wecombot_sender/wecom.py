@@ -146,6 +146,12 @@ class HttpMessageApi:
         except httpx.TransportError as exc:
             reason = f"cannot reach WeCom ({type(exc).__name__})"
             raise SendRetryable(BUSY, reason, maybe_delivered=may_have_gone_out(exc)) from exc
+        except httpx.HTTPError as exc:
+            # The request went out, its answer could not be read (a body that is not the
+            # gzip its header says: httpx.DecodingError): it escaped as httpx's own error,
+            # with no retry here and no DeliveryFailed at the last delivery.
+            reason = f"WeCom's answer could not be read ({type(exc).__name__})"
+            raise SendRetryable(BUSY, reason, maybe_delivered=True) from exc
         if response.status_code != 200:
             # WeCom answers 200 with an errcode; anything else is a proxy or front end
             # having a bad moment (or a wrong WECOM_API_BASE, which operators must see).

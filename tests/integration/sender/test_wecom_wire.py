@@ -231,6 +231,27 @@ async def test_a_200_that_is_not_wecoms_answer_is_no_delivery(
     assert "not its JSON answer" in str(failed) and why in str(failed)
 
 
+async def test_an_answer_that_cannot_be_decoded_is_a_send_that_may_have_gone_out() -> None:
+    """A body that is not the gzip its header says: httpx's DecodingError escaped the
+    adapter (no retry, not counted, a traceback, and no DeliveryFailed at the last try)."""
+
+    async def wecom(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        body = b"not gzip at all"
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Encoding: gzip\r\n"
+            + f"Content-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+        await writer.drain()
+        writer.close()
+
+    async with raw_http(wecom) as base_url:
+        failed = await failed_send(base_url)
+    assert failed.maybe_delivered is True
+    assert str(failed) == "WeCom's answer could not be read (DecodingError)"
+
+
 async def test_an_errmsg_quoting_the_token_is_kept_out_of_the_reason() -> None:
     """WeCom's errmsg for an errcode we do not know goes into the logs and into the
     DeliveryFailed event the log keeps: an access_token quoted in it (by a front end,
