@@ -582,3 +582,59 @@ async def test_a_replay_the_log_refuses_says_so(
     code, out, err = await _dlq(nats_server.url, "replay", "3")
     assert (code, out) == (1, "")
     assert err.startswith("wecombot dlq: nothing replayed, the log refused the append: "), err
+
+
+async def test_a_message_that_left_the_log_is_gone_and_not_replayed(
+    nats_server: NatsHandle, js: JetStreamContext
+) -> None:
+    """The letter outlives its message and the answer it got since (the oldest events go
+    first, past WECOMBOT_HISTORY_MAX_MB or _MAX_AGE): it was listed `pending`, and a
+    replay appended the message again, which the llm answered a second time."""
+    await ensure_topology(js, _settings(nats_server.url))
+    message = _received("m-aged")
+    await append_event(js, message)
+
+    async def give_up(d: Delivery) -> Outcome:
+        raise PermanentError("the llm gave up")
+
+    await _work(js, topology.LLM_CONSUMER, topology.RECEIVED_FILTER, give_up)
+
+    async def states() -> list[str]:
+        code, out, err = await _dlq(nats_server.url, "--json")
+        assert (code, err) == (0, "")
+        return [d["state"] for d in json.loads(out)]
+
+    assert await states() == ["pending"]
+    answered = ReplyGenerated(
+        app=APP,
+        conversation=message.conversation,
+        correlation_id=message.correlation_id,
+        causation_id=message.event_id,
+        text="answered since (WeCom's retry)",
+    )
+    await append_event(js, answered)
+    assert await states() == ["answered"]
+    await js.purge_stream(topology.CONVERSATION_STREAM)  # both dropped, oldest first
+    assert await states() == ["gone"]
+    code, out, err = await _dlq(nats_server.url, "replay", "1")
+    assert (code, out) == (1, "")
+    assert "has left WECOMBOT (WECOMBOT_HISTORY_MAX_AGE or WECOMBOT_HISTORY_MAX_MB)" in err
+    assert (await js.stream_info(topology.CONVERSATION_STREAM)).state.messages == 0
+
+
+async def test_a_newer_builds_letter_is_listed_as_such_not_as_unreadable(
+    nats_server: NatsHandle, js: JetStreamContext
+) -> None:
+    """Listed `unreadable` ("replaying cannot mend it"), while replaying it with the newer
+    build is what mends it: an operator looking for what to replay passed it over."""
+    await ensure_topology(js, _settings(nats_server.url))
+    newer = b'{"type":"MessageEdited","version":1,"app":"ww1-1000002","conversation":"wang.wu"}'
+    await js.publish(f"{topology.PREFIX}.conv.{APP}.wang~2Ewu.in", newer)
+
+    async def never(d: Delivery) -> Outcome:
+        raise AssertionError("a newer build's event never reaches this build's handler")
+
+    await _work(js, topology.LLM_CONSUMER, topology.RECEIVED_FILTER, never)
+    code, out, err = await _dlq(nats_server.url, "--json")
+    assert (code, err) == (0, "")
+    assert [d["state"] for d in json.loads(out)] == ["newer"]

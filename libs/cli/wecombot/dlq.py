@@ -312,33 +312,43 @@ async def replay(js: JetStreamContext, seq: int) -> tuple[bool, str]:
             "hand or by a faulty build, it is not replayed"
         )
     if letter.consumer == topology.LLM_CONSUMER:
-        return await _redeliver(js, seq, parked, letter.data)
+        return await _redeliver(js, seq, parked, letter)
     return await _requeue(js, seq, parked)
 
 
 async def _redeliver(
-    js: JetStreamContext, seq: int, parked: Event, data: bytes
+    js: JetStreamContext, seq: int, parked: Event, letter: DeadLetter
 ) -> tuple[bool, str]:
     """Append a received message the llm gave up on once more, unless it has its outcome.
 
-    The copy is the parked bytes as they are (``data``), fields this build does not know
-    included. The llm takes it as another delivery of the same event (same event_id): it
+    The copy is the parked bytes as they are (the letter's), fields this build does not
+    know included. The llm takes it as another delivery of the same event (same event_id): it
     answers it once, in its turn among the user's messages still waiting (one sent after
     the copy, while an earlier one is unanswered, may be answered first), and a second
     copy of an answered message gets nothing.
     """
     if not isinstance(parked, MessageReceived):
         return False, f"dead letter {seq} is a {type(parked).__name__}, not a received message"
-    stored = await _outcome_of(js, parked, None)
+    history = await _message_history(js, parked, letter.stream_seq)
+    stored = history.outcome
     if stored is not None:
         return False, (
             f"message {parked.correlation_id} from {parked.conversation} has its "
             f"{type(stored.event).__name__} (seq {stored.seq}); nothing to replay"
         )
+    if not history.present:
+        # Dropped with its conversation's oldest events (WECOMBOT_HISTORY_MAX_AGE or
+        # _MAX_MB), its outcome may have gone before it: appended again, it was answered
+        # a second time.
+        return False, (
+            f"message {parked.correlation_id} from {parked.conversation} has left "
+            f"{topology.CONVERSATION_STREAM} (WECOMBOT_HISTORY_MAX_AGE or "
+            "WECOMBOT_HISTORY_MAX_MB), and whether it was answered with it: not replayed"
+        )
     # One copy per dead letter: replaying this letter twice appends once, and the letter
     # of a copy that failed again can be replayed in its turn.
     appended = await append_event(
-        js, parked, msg_id=f"redeliver:{parked.event_id}:{seq}", as_read=data
+        js, parked, msg_id=f"redeliver:{parked.event_id}:{seq}", as_read=letter.data
     )
     if appended.duplicate:
         return True, (
@@ -357,20 +367,35 @@ async def _redeliver(
     )
 
 
-async def _outcome_of(
+@dataclass
+class _MessageHistory:
+    """What the log says of a received message: whether it (or a replayed copy) is still
+    there, and its outcome."""
+
+    present: bool = False
+    outcome: StoredEvent | None = None
+
+
+async def _message_history(
     js: JetStreamContext, parked: MessageReceived, at: int | None
-) -> StoredEvent | None:
-    """The llm's outcome for ``parked`` (stored at seq ``at``, if known), if it has one."""
-    conversation = ConversationRef.of(parked)
+) -> _MessageHistory:
+    """The history of the message a llm's dead letter holds, stored at seq ``at`` (if
+    known). The oldest events go first: a message still there has its outcome there too,
+    if it has one."""
+    history = _MessageHistory()
     # from the leader: a follower's direct read may lag (bus.read_conversation); from the
     # message on: its outcome comes after it
     leader_read = read_conversation(
-        js, conversation, after_seq=_before(at), branch=conversation.llm_branch, direct=False
+        js, ConversationRef.of(parked), after_seq=_before(at), direct=False
     )
     async for stored in leader_read:
-        if isinstance(stored.event, Outcome) and stored.event.causation_id == parked.event_id:
-            return stored
-    return None
+        event = stored.event
+        if isinstance(event, MessageReceived) and event.event_id == parked.event_id:
+            history.present = True
+        elif isinstance(event, Outcome) and event.causation_id == parked.event_id:
+            history.outcome = stored
+            break
+    return history
 
 
 _Settled = DeliveryFailed | ReplyDelivered | ReplyRequeued
@@ -425,8 +450,10 @@ async def standing(js: JetStreamContext, letter: DeadLetter) -> str:
     - ``answered``: the llm's message has its outcome (a replay, or a retry by WeCom);
     - ``delivered``: the sender's reply was delivered since;
     - ``requeued``: the reply is requeued (a replay): the sender has it;
-    - ``gone``: the reply left WECOMBOT (WECOMBOT_HISTORY_MAX_AGE or _MAX_MB, a purge);
-    - ``unreadable``: not a wecombot event, or a newer build's: replaying cannot mend it;
+    - ``gone``: the message or reply left WECOMBOT (WECOMBOT_HISTORY_MAX_AGE or _MAX_MB, a
+      purge), and what became of it with it: not replayed;
+    - ``newer``: a newer build's event: replayed by that build's wecombot;
+    - ``unreadable``: not a wecombot event: replaying cannot mend it;
     - ``misfiled``: filed on a subject other than its own (by hand, a faulty build): not
       replayed;
     - ``?``: its conversation could not be read (said on stderr by the listing);
@@ -440,15 +467,19 @@ async def standing(js: JetStreamContext, letter: DeadLetter) -> str:
         return ""
     try:
         parked = decode_event(letter.data)
-    except EventDecodeError:  # NewerEventError included
+    except NewerEventError:
+        return "newer"
+    except EventDecodeError:
         return "unreadable"
     if letter.misfiled(parked):
         return "misfiled"
     if letter.consumer == topology.LLM_CONSUMER:
         if not isinstance(parked, MessageReceived):
             return "unreadable"
-        outcome = await _outcome_of(js, parked, letter.stream_seq)
-        return "answered" if outcome is not None else "pending"
+        message = await _message_history(js, parked, letter.stream_seq)
+        if message.outcome is not None:
+            return "answered"
+        return "pending" if message.present else "gone"
     history = await _reply_history(js, parked, letter.stream_seq)
     if history is None:
         return "unreadable"
