@@ -224,3 +224,31 @@ async def test_a_cluster_without_its_leader_is_waited_for(
             proc.kill()
             proc.wait()
     assert '"service.config_error"' not in log.read_text()
+
+
+async def test_a_user_the_broker_refuses_exits_2_naming_the_credentials(tmp_path: Path) -> None:
+    """Another service's credentials (the wrong Secret in the Job): the broker refuses the
+    user the JetStream API, each request times out, and setup said `nats.not_ready
+    TimeoutError` until the Job's deadline, as if JetStream were starting."""
+    from wecombot_common.embedded import EmbeddedNats
+
+    conf = tmp_path / "auth.conf"
+    conf.write_text(
+        'authorization { users = [ { user: "gateway", password: "pw-gw", '
+        'permissions: { publish: { deny: ["$JS.API.>"] } } } ] }\n',
+        encoding="utf-8",
+    )
+    server = EmbeddedNats(tmp_path / "nats", config_file=conf)
+    server.start()
+    try:
+        log = tmp_path / "setup.log"
+        env = {"NATS_URL": server.url, "NATS_USER": "gateway", "NATS_PASSWORD": "pw-gw"}
+        proc = _setup(env, log)
+        assert await asyncio.to_thread(_exit_code, proc, 60) == 2, log.read_text()
+    finally:
+        server.stop()
+    written = log.read_text()
+    assert '"service.config_error"' in written
+    assert "the NATS server refuses the NATS user 'gateway' what this needs" in written
+    assert "permissions violation for publish to" in written  # as nats-py writes it
+    assert "pw-gw" not in written

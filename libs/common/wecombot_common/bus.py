@@ -698,8 +698,9 @@ async def connect_when_ready(
     server or the account, or still starting: ``nats.not_ready`` says both), a cluster
     electing its leader, a timeout. What no retry can fix raises ConfigError (exit 2),
     the connection closed: a server older than 2.11, ``WECOMBOT_STREAM_REPLICAS`` above
-    1 on a server that is not clustered (err_code 10074), or a ``WECOMBOT_HISTORY_MAX_MB``
-    its store cannot reserve (err_code 10047). Returns None if ``stop`` is set
+    1 on a server that is not clustered (err_code 10074), a ``WECOMBOT_HISTORY_MAX_MB``
+    its store cannot reserve (err_code 10047), or a user the server refuses what
+    ``prepare`` asks (permissions violation). Returns None if ``stop`` is set
     first, so a service waiting for its broker still stops at once on SIGTERM::
 
         ready = await connect_when_ready(s.nats, "wecombot-llm", stop,
@@ -722,10 +723,12 @@ async def connect_when_ready(
     js = nc.jetstream()
     delay = first_retry_s
     while True:
+        seen = nc.last_error
         try:
             prepared = await prepare(js)
         except (TimeoutError, nats.errors.Error, OSError) as exc:
-            if (mismatch := _misconfigured(exc, settings)) is not None:
+            mismatch = _misconfigured(exc, settings) or _refused(nc.last_error, seen, settings)
+            if mismatch is not None:
                 await close_quietly(nc, name)
                 raise ConfigError(mismatch) from exc
             log_.warning("nats.not_ready", error=_not_ready(exc), retry_in_s=delay)
@@ -735,6 +738,22 @@ async def connect_when_ready(
             await close_quietly(nc, name)
             return None
         delay = min(delay * 2, max_retry_s)
+
+
+def _refused(
+    error: Exception | None, before: Exception | None, settings: NatsSettings
+) -> str | None:
+    """The broker refused this user what ``prepare`` asks (its ``-ERR`` reaches nats-py's
+    last error, and the request then times out): credentials no retry mends, or None.
+    Waited for, it said ``nats.not_ready TimeoutError`` until the Job's deadline."""
+    if error is None or error is before or "permissions violation" not in str(error).lower():
+        return None
+    who = f"the NATS user {settings.user!r}" if settings.user else "a connection without NATS_USER"
+    return (
+        f"the NATS server refuses {who} what this needs ({str(error).removeprefix('nats: ')}): "
+        "NATS_USER and NATS_PASSWORD (or NATS_CREDS) of another service, or permissions "
+        "other than deploy/nats/auth.conf's"
+    )
 
 
 def _misconfigured(exc: BaseException, settings: NatsSettings) -> str | None:
