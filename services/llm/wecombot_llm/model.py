@@ -92,8 +92,8 @@ class ModelRejected(ModelError, PermanentError):
         self.setting = setting
 
 
-# A retry is not started with less of LLM_RETRY_BUDGET left: no answer comes that fast.
-MIN_ATTEMPT_S = 1.0
+# A retry is not started with less of LLM_RETRY_BUDGET left: hardly any answer comes so fast.
+MIN_ATTEMPT_S = 0.25
 
 # A refusal of every request alike: our configuration, not the message.
 _SETTING_FOR_STATUS = {
