@@ -159,3 +159,38 @@ async def test_errors_while_nats_stays_away_are_written_once_a_period_and_counte
     assert len(written) == len(set(written)) < attempts, written
     connected = [e for e in logs if e["event"] == "nats.connected"]
     assert connected and connected[0]["errors_not_logged"] > 0
+
+
+async def test_a_service_connects_with_nats_creds(tmp_path: Path) -> None:
+    """NATS_CREDS (a .creds file: the user's JWT and nkey seed, as `nsc` writes it): nats-py
+    signs in with the nkeys package, which was not installed: every service, setup and
+    dlq failed with ModuleNotFoundError. (This broker asks for no credentials: what is
+    checked is that the file is read and the connection made with it; checking the JWT
+    is nats-server's business.)"""
+    import os
+
+    import nkeys  # a dependency: nats-py[nkeys]
+
+    seed = nkeys.encode_seed(os.urandom(32), nkeys.PREFIX_BYTE_USER).decode()
+    creds = tmp_path / "user.creds"
+    creds.write_text(
+        "-----BEGIN NATS USER JWT-----\n"
+        "eyJ0eXAiOiJKV1QiLCJhbGciOiJlZDI1NTE5LW5rZXkifQ.e30.c2ln\n"
+        "------END NATS USER JWT------\n\n"
+        "-----BEGIN USER NKEY SEED-----\n"
+        f"{seed}\n"
+        "------END USER NKEY SEED------\n",
+        encoding="utf-8",
+    )
+    server = EmbeddedNats(tmp_path / "nats")
+    server.start()
+    try:
+        settings = NatsSettings.read(EnvReader({"NATS_URL": server.url, "NATS_CREDS": str(creds)}))
+        nc = await connect(settings, "wecombot-creds")
+        try:
+            await ensure_topology(nc.jetstream(), settings)
+            assert nc.is_connected
+        finally:
+            await nc.close()
+    finally:
+        server.stop()
