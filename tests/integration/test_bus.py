@@ -18,6 +18,7 @@ from wecombot_common.bus import (
     ConcurrencyConflict,
     append_event,
     connect,
+    connect_when_ready,
     ensure_topology,
     read_conversation,
 )
@@ -192,5 +193,60 @@ async def test_a_service_connects_with_nats_creds(tmp_path: Path) -> None:
             assert nc.is_connected
         finally:
             await nc.close()
+    finally:
+        server.stop()
+
+
+async def test_a_service_whose_stream_settings_differ_waits_for_setup(tmp_path: Path) -> None:
+    """Under deploy/nats/auth.conf only `setup` may update a stream: a service started with
+    other stream settings (a rollout before the setup Job ran) waits, not ready, saying
+    so. (Taken for wrong credentials, it exited 2: a crash loop at every such rollout.)"""
+    conf = tmp_path / "auth.conf"
+    conf.write_text(
+        'authorization { users = [ { user: "setup", password: "pw-setup" }, '
+        '{ user: "gateway", password: "pw-gw", '
+        'permissions: { publish: { deny: ["$JS.API.STREAM.UPDATE.>"] } } } ] }\n',
+        encoding="utf-8",
+    )
+    server = EmbeddedNats(tmp_path / "nats", config_file=conf)
+    server.start()
+    try:
+        as_setup = NatsSettings.read(
+            EnvReader({"NATS_URL": server.url, "NATS_USER": "setup", "NATS_PASSWORD": "pw-setup"})
+        )
+        nc = await connect(as_setup, "wecombot-setup")
+        await ensure_topology(nc.jetstream(), as_setup)
+        await nc.close()
+        as_gateway = NatsSettings.read(
+            EnvReader(
+                {
+                    "NATS_URL": server.url,
+                    "NATS_USER": "gateway",
+                    "NATS_PASSWORD": "pw-gw",
+                    "WECOMBOT_DUPLICATE_WINDOW": "1200",  # the stream has 900
+                }
+            )
+        )
+        stop = asyncio.Event()
+        with capture_logs() as logs:
+            waiting = asyncio.create_task(
+                connect_when_ready(
+                    as_gateway,
+                    "wecombot-gateway",
+                    stop,
+                    lambda js: ensure_topology(js, as_gateway),
+                    first_retry_s=0.1,
+                )
+            )
+
+            def said() -> bool:
+                return any(
+                    e["event"] == "nats.not_ready" and "waiting for `wecombot setup`" in e["error"]
+                    for e in logs
+                )
+
+            await until(said, timeout=30, what="the service to say it waits for setup")
+            stop.set()
+            assert await waiting is None  # stopped while waiting, not refused
     finally:
         server.stop()

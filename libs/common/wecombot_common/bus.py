@@ -727,11 +727,12 @@ async def connect_when_ready(
         try:
             prepared = await prepare(js)
         except (TimeoutError, nats.errors.Error, OSError) as exc:
-            mismatch = _misconfigured(exc, settings) or _refused(nc.last_error, seen, settings)
+            refusal = nc.last_error if nc.last_error is not seen else None
+            mismatch = _misconfigured(exc, settings) or _refused(refusal, settings)
             if mismatch is not None:
                 await close_quietly(nc, name)
                 raise ConfigError(mismatch) from exc
-            log_.warning("nats.not_ready", error=_not_ready(exc), retry_in_s=delay)
+            log_.warning("nats.not_ready", error=_not_ready(exc, refusal), retry_in_s=delay)
         else:
             return nc, prepared
         if await unless_stopped(asyncio.sleep(delay, result=True), stop) is None:
@@ -740,13 +741,20 @@ async def connect_when_ready(
         delay = min(delay * 2, max_retry_s)
 
 
-def _refused(
-    error: Exception | None, before: Exception | None, settings: NatsSettings
-) -> str | None:
+# Refused a stream update (deploy/nats/auth.conf gives it to `setup` alone): a service
+# whose stream settings differ from the stream's waits, not ready, for the setup Job.
+_UPDATE_REFUSED = "$js.api.stream.update."
+
+
+def _refused(error: Exception | None, settings: NatsSettings) -> str | None:
     """The broker refused this user what ``prepare`` asks (its ``-ERR`` reaches nats-py's
-    last error, and the request then times out): credentials no retry mends, or None.
-    Waited for, it said ``nats.not_ready TimeoutError`` until the Job's deadline."""
-    if error is None or error is before or "permissions violation" not in str(error).lower():
+    last error, ``error`` here, and the request then times out): credentials no retry
+    mends, or None. Waited for, setup said ``nats.not_ready TimeoutError`` until the
+    Job's deadline. A refused stream update is waited for (:func:`_not_ready`)."""
+    if error is None:
+        return None
+    said = str(error).lower()
+    if "permissions violation" not in said or _UPDATE_REFUSED in said:
         return None
     who = f"the NATS user {settings.user!r}" if settings.user else "a connection without NATS_USER"
     return (
@@ -780,10 +788,16 @@ def _misconfigured(exc: BaseException, settings: NatsSettings) -> str | None:
     )
 
 
-def _not_ready(exc: BaseException) -> str:
+def _not_ready(exc: BaseException, refusal: Exception | None = None) -> str:
     """``exc`` for the ``nats.not_ready`` line. A JetStream request no one answered (a 503
     status without a body: no responders on ``$JS.API``; nats-py raises it without a
-    code or a description) is said in words."""
+    code or a description), and a stream update this user may not make (``refusal``, the
+    broker's ``-ERR``; the request then times out) are said in words."""
+    if refusal is not None and _UPDATE_REFUSED in str(refusal).lower():
+        return (
+            "the stream's settings differ from these, and this NATS user may not change "
+            "them (STREAM.UPDATE): waiting for `wecombot setup` to apply them"
+        )
     if isinstance(exc, nats.errors.NoRespondersError) or (
         isinstance(exc, nats.js.errors.ServiceUnavailableError) and exc.err_code is None
     ):
