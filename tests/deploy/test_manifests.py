@@ -405,6 +405,12 @@ def test_setup_job_runs_wecombot_setup_as_the_setup_user(docs: list[dict[str, An
     assert _literal_env(container)["NATS_USER"] == "setup"
     assert _secret_refs(container) == {"NATS_PASSWORD": ("wecombot-nats", "setup")}
     assert job["spec"]["ttlSecondsAfterFinished"] > 0  # gone after a while: re-runs on apply
+    # Exit 2 (a setting no retry mends) fails the Job at once, its pod and log kept:
+    # restarted in place (OnFailure), the pod went with its log when the Job failed.
+    assert job["spec"]["template"]["spec"]["restartPolicy"] == "Never"
+    [rule] = job["spec"]["podFailurePolicy"]["rules"]
+    assert rule["action"] == "FailJob"
+    assert rule["onExitCodes"] == {"containerName": "setup", "operator": "In", "values": [2]}
     from wecombot.setup import SetupSettings
 
     env = {**_config(docs), **_literal_env(container), "NATS_PASSWORD": "p0"}
