@@ -318,6 +318,29 @@ def test_each_service_starts_as_itself_with_its_own_nats_user(
     _settings(service, _service_env(docs, service))
 
 
+def test_only_the_model_key_may_be_missing_and_the_llm_then_names_it(
+    docs: list[dict[str, Any]],
+) -> None:
+    """A Secret without OPENAI_API_KEY: kubelet refused to start the container
+    (CreateContainerConfigError, not naming the key), where the docs promised the llm's
+    exit 2 naming it. Every other secret is required: its pod does not start without it."""
+    from wecombot_common.errors import ConfigError
+
+    optional = {
+        service: {
+            e["name"]
+            for e in _container(one(docs, "Deployment", f"wecombot-{service}")).get("env", [])
+            if e.get("valueFrom", {}).get("secretKeyRef", {}).get("optional")
+        }
+        for service in SERVICES
+    }
+    assert optional == {s: ({"OPENAI_API_KEY"} if s == "llm" else set()) for s in SERVICES}
+    env = _service_env(docs, "llm")
+    del env["OPENAI_API_KEY"]
+    with pytest.raises(ConfigError, match="OPENAI_API_KEY"):
+        _settings("llm", env)
+
+
 @pytest.mark.parametrize("service", SERVICES)
 def test_probes_hit_the_health_server_of_the_service(
     docs: list[dict[str, Any]], service: str
