@@ -240,9 +240,12 @@ def test_a_bad_setting_of_any_service_stops_dev_before_anything_starts(tmp_path:
     """Every service's settings are checked first (each one's own loader): a bad one
     was said by the first service that read it, after the broker and the console had
     started, and the others then reported exit codes as if they had crashed."""
-    dev = DevProcess(tmp_path, LOG_LEVEL="verbose", SENDER_MAX_DELIVER="0")
+    # (a GATEWAY_PORT out of range among them: the check for a taken port came first, and
+    # ended in an OverflowError traceback)
+    dev = DevProcess(tmp_path, LOG_LEVEL="verbose", SENDER_MAX_DELIVER="0", GATEWAY_PORT="99999")
     assert dev.ended() == 2, dev.out.tail()
-    dev.out.wait_for(r"\[dev\]\s+2 problems in the settings", timeout=5)
+    dev.out.wait_for(r"\[dev\]\s+3 problems in the settings", timeout=5)
+    dev.out.wait_for(r"GATEWAY_PORT must be an integer between 1 and 65535", timeout=5)
     dev.out.wait_for(r"LOG_LEVEL .*\(read by gateway, llm, sender, token\)", timeout=5)
     dev.out.wait_for(r"SENDER_MAX_DELIVER .*\(read by sender\)", timeout=5)
     text = "".join(dev.out.lines)

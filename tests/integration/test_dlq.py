@@ -31,11 +31,13 @@ from wecombot_common.bus import append_event, ensure_topology
 from wecombot_common.embedded import nats_server_binary
 from wecombot_common.errors import PermanentError
 from wecombot_common.events import (
+    DeliveryFailed,
     MessageReceived,
     ReplyDelivered,
     ReplyGenerated,
     TextPayload,
     decode_event,
+    derived_id,
     encode_event,
 )
 from wecombot_common.settings import EnvReader, NatsSettings
@@ -638,3 +640,36 @@ async def test_a_newer_builds_letter_is_listed_as_such_not_as_unreadable(
     code, out, err = await _dlq(nats_server.url, "--json")
     assert (code, err) == (0, "")
     assert [d["state"] for d in json.loads(out)] == ["newer"]
+
+
+async def test_an_earlier_rounds_failure_recorded_after_a_replay_changes_nothing(
+    nats_server: NatsHandle, dead: JetStreamContext
+) -> None:
+    """The parked round's delivery was still running at the replay and recorded its
+    DeliveryFailed after the requeue. The sender goes on with the requeued round, but the
+    listing said `pending` again and a second replay started another round beside it."""
+    code, _, err = await _dlq(nats_server.url, "replay", "3")
+    assert code == 0, err
+    reply = decode_event((await dead.get_msg(topology.CONVERSATION_STREAM, 3)).data)
+    assert isinstance(reply, ReplyGenerated) and reply.conversation == "zhang.san"
+    late = DeliveryFailed(
+        event_id=derived_id(reply.event_id, "failed"),  # the parked round's own
+        app=APP,
+        conversation=reply.conversation,
+        correlation_id=reply.correlation_id,
+        causation_id=reply.event_id,
+        reply_id=reply.event_id,
+        errcode=-1,
+        reason="gave up after 2 deliveries",
+        parts_delivered=0,
+    )
+    await append_event(dead, late)
+    code, out, err = await _dlq(nats_server.url, "--json")
+    assert (code, err) == (0, "")
+    assert [d["state"] for d in json.loads(out)] == ["unreadable", "pending", "requeued"]
+    before = (await dead.stream_info(topology.CONVERSATION_STREAM)).state.messages
+    code, out, err = await _dlq(nats_server.url, "replay", "3")
+    assert (code, err) == (0, "")
+    assert out.startswith("dead letter 3 was replayed already: reply ")
+    assert out.endswith(" to zhang.san is requeued (wecombot dlq replay 3)\n")
+    assert (await dead.stream_info(topology.CONVERSATION_STREAM)).state.messages == before

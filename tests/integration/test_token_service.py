@@ -41,6 +41,7 @@ from wecombot_common.topology import (
     TOKEN_SERVICE,
     token_bucket,
 )
+from wecombot_token import keeper as keeper_module
 from wecombot_token.domain import AppState, Failure, IssuedToken, LastFailure, Lock
 from wecombot_token.errors import StoreUnavailable
 from wecombot_token.keeper import TokenKeeper
@@ -879,7 +880,7 @@ async def test_a_token_reported_rejected_during_a_backoff_is_no_longer_served(
 
 
 async def test_a_bucket_failing_fast_costs_one_refresh_attempt_not_one_a_get(
-    nats_server: NatsHandle, sim: SimulatedWeComApi
+    nats_server: NatsHandle, sim: SimulatedWeComApi, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The token is in its refresh margin, so each get starts a refresh behind its
     answer; the bucket refuses at once (as a JetStream leader election answers). Each
@@ -896,6 +897,7 @@ async def test_a_bucket_failing_fast_costs_one_refresh_attempt_not_one_a_get(
                 raise StoreUnavailable("no leader (as a JetStream election answers)")
             return await super().load()
 
+    monkeypatch.setattr(keeper_module, "_PAUSE_AFTER_ABORT_S", 3600.0)  # not timed here
     settings = settings_for(nats_server, sim)
     now = time.time()
     due = IssuedToken(value="due-for-refresh-Kq7", fetched_at=now - 7000, expires_at=now + 100)
@@ -911,14 +913,18 @@ async def test_a_bucket_failing_fast_costs_one_refresh_attempt_not_one_a_get(
         store.failing = True
         try:
             with capture_logs() as logs:
-                for _ in range(50):
+                assert (await keeper.get(APP)).token == due.value
+
+                def aborted() -> list[dict[str, object]]:
+                    return [e for e in logs if e["event"] == "token.refresh_aborted"]
+
+                await until(lambda: aborted() != [], timeout=10, what="the refresh aborted")
+                for _ in range(49):  # within the pause after it (an hour here)
                     assert (await keeper.get(APP)).token == due.value
-                    for _ in range(3):  # the refresh behind it runs, and fails, meanwhile
-                        await asyncio.sleep(0)
+                    await asyncio.sleep(0)  # a refresh started behind it would run now
         finally:
             await keeper.close()
             await store.close()
             await source.aclose()
-    aborted = [e for e in logs if e["event"] == "token.refresh_aborted"]
-    assert store.loads == len(aborted) == 1
+    assert store.loads == len(aborted()) == 1
     assert sim.gettoken_calls == 0

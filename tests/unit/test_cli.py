@@ -82,6 +82,14 @@ def test_a_skipped_check_names_only_the_variables_at_fault() -> None:
     assert _fix_first([*problems, "WECOM_API_BASE must be a URL"]) == (
         "fix WECOM_CORP_ID, WECOM_SECRET and WECOM_API_BASE first (see settings above)"
     )
+    # Every setting a problem names (the first word alone named NATS_USER, set, for the
+    # missing NATS_PASSWORD), and never a word that is none.
+    assert _fix_first(["NATS_USER and NATS_PASSWORD go together"]) == (
+        "fix NATS_USER and NATS_PASSWORD first (see settings above)"
+    )
+    assert _fix_first(["the proxy for the model calls is a socks5:// proxy"]) == (
+        "fix the settings first (see settings above)"
+    )
 
 
 def test_every_documented_setting_is_known_and_every_known_one_documented() -> None:

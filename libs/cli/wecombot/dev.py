@@ -552,8 +552,9 @@ def _port_free(port: int, host: str = "127.0.0.1") -> bool:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
-        except socket.gaierror:
-            return True  # a host it cannot resolve: the service itself says so
+        except (socket.gaierror, OverflowError):
+            # a host it cannot resolve, a port past 65535: the settings check says so
+            return True
         except OSError:
             return False
     return True

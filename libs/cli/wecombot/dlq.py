@@ -94,6 +94,7 @@ from wecombot_common.events import (
     ReplyRequeued,
     WeComEventPayload,
     decode_event,
+    derived_id,
 )
 from wecombot_common.logs import configure_logging
 from wecombot_common.settings import EnvReader, LogSettings, NatsSettings
@@ -428,11 +429,20 @@ async def _reply_history(
         return None
     # from the leader: a follower's direct read may lag (bus.read_conversation)
     conversation = ConversationRef.of(parked)
+    requeued_by = ""  # the round under way: the last requeue's
     async for stored in read_conversation(js, conversation, after_seq=after, direct=False):
         event = stored.event
         if isinstance(event, Outcome) and event.event_id == history.reply_id:
             history.present = True
         if isinstance(event, _Settled) and event.reply_id == history.reply_id:
+            if (
+                isinstance(event, DeliveryFailed)
+                and requeued_by
+                and event.event_id != derived_id(history.reply_id, "failed", requeued_by)
+            ):
+                continue  # an earlier round's, recorded late: the sender goes on too
+            if isinstance(event, ReplyRequeued):
+                requeued_by = event.event_id
             history.before_last, history.last = history.last, event
         elif isinstance(event, PartDelivered) and event.reply_id == history.reply_id:
             history.parts.add(event.index)

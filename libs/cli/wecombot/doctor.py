@@ -68,7 +68,7 @@ from wecombot_token.domain import Failure
 from wecombot_token.settings import TokenSettings
 from wecombot_token.source import WeComTokenSource
 
-from .names import misspelt
+from .names import known_settings, misspelt
 from .shared import (
     WECOM_KEYS,
     clip,
@@ -202,11 +202,27 @@ def check_settings(environ: Mapping[str, str], unknown: Sequence[str] = ()) -> F
 
 
 def _fix_first(problems: Sequence[str]) -> str:
-    """What a check needs fixed before it can run: the variables with a problem (each
-    problem starts with its variable's name), not every one the check reads."""
-    names = list(dict.fromkeys(problem.split(" ", 1)[0] for problem in problems))
+    """What a check needs fixed before it can run: the settings its problems are about
+    (the names each starts with: "NATS_USER and NATS_PASSWORD go together"), not every
+    one the check reads, nor one a problem's hint names."""
+    known = known_settings()
+    names = list(
+        dict.fromkeys(
+            name
+            for problem in problems
+            for name in _SETTING_NAME.findall(_LEADING_NAMES.match(problem)[0])  # type: ignore[index]
+            if name in known
+        )
+    )
+    if not names:
+        return "fix the settings first (see settings above)"
     listed = names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
     return f"fix {listed} first (see settings above)"
+
+
+_SETTING_NAME = re.compile(r"[A-Z][A-Z0-9]*(?:_[A-Z0-9]+)+")
+# The names a problem starts with, joined by "and" or commas (may be none).
+_LEADING_NAMES = re.compile(r"(?:[A-Z][A-Z0-9]*(?:_[A-Z0-9]+)+(?:,? and |, )?)*")
 
 
 def _where(problem: str) -> str | None:
