@@ -10,6 +10,7 @@ from nats.js import JetStreamContext
 from nats.js.api import StreamConfig
 
 from tests.conftest import NatsHandle
+from tests.waiting import until
 from wecombot_common import topology
 from wecombot_common.bus import (
     Appended,
@@ -89,25 +90,46 @@ async def test_no_pub_ack_in_time_is_unavailable_and_close_fails_what_waits(
 ) -> None:
     await ensure_topology(js, NatsSettings.read(EnvReader({})))
     appender = await PipelinedAppender.start(nc)
-    nats_server.stop()
-    with pytest.raises(AppendUnavailable, match=r"no PubAck within 0\.2s"):
-        await appender.append(reply("a", "x"), msg_id="k1", timeout=0.2)
-    assert appender.in_flight == 0
-    waiting = asyncio.create_task(appender.append(reply("a", "y"), msg_id="k2", timeout=30))
-    async with asyncio.timeout(5):  # published (buffered by nats-py while it reconnects)
-        while appender.in_flight == 0:
-            assert not waiting.done(), waiting
-            await asyncio.sleep(0)  # a condition polled under a deadline, not a delay
-    await appender.close()
-    with pytest.raises(AppendUnavailable, match="closed"):
-        await waiting
-    nats_server.start()  # and a new appender on the reconnected client works again
-    await nc.flush(timeout=10)
-    fresh = await PipelinedAppender.start(nc)
+    nats_server.pause()  # connected, answering nothing
+    try:
+        with pytest.raises(AppendUnavailable, match=r"no PubAck within 0\.2s"):
+            await appender.append(reply("a", "x"), msg_id="k1", timeout=0.2)
+        assert appender.in_flight == 0
+        waiting = asyncio.create_task(appender.append(reply("a", "y"), msg_id="k2", timeout=30))
+        async with asyncio.timeout(5):  # published, its PubAck awaited
+            while appender.in_flight == 0:
+                assert not waiting.done(), waiting
+                await asyncio.sleep(0)  # a condition polled under a deadline, not a delay
+        await appender.close()
+        with pytest.raises(AppendUnavailable, match="closed"):
+            await waiting
+    finally:
+        nats_server.resume()
+    fresh = await PipelinedAppender.start(nc)  # a new appender on the client works again
     try:
         assert (await fresh.append(reply("a", "z"), msg_id="k3", timeout=5)).seq >= 1
     finally:
         await fresh.close()
+
+
+async def test_an_append_while_nats_is_away_is_refused_at_once_and_never_sent_later(
+    nats_server: NatsHandle, nc: NATS, js: JetStreamContext
+) -> None:
+    """nats-py keeps what is published while it reconnects and sends it once back: the
+    gateway had answered 503 (WeCom retries, another replica stores the retry), and the
+    late copy was stored too, a second time once past the duplicate window."""
+    await ensure_topology(js, NatsSettings.read(EnvReader({})))
+    appender = await PipelinedAppender.start(nc)
+    nats_server.stop()
+    await until(lambda: not nc.is_connected, timeout=10, what="the client to see it gone")
+    with pytest.raises(AppendUnavailable, match="NATS is away"):
+        await appender.append(reply("a", "while away"), msg_id="away", timeout=30)
+    assert appender.in_flight == 0
+    nats_server.start()
+    await until(lambda: nc.is_connected, timeout=20, what="the client back")
+    after = await appender.append(reply("a", "after"), msg_id="after", timeout=5)
+    await appender.close()
+    assert after.seq == 1, "the refused append was sent at the reconnect"
 
 
 async def test_a_server_that_stops_reading_is_refused_at_once_and_loses_nothing(

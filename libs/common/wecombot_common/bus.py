@@ -398,7 +398,12 @@ class PipelinedAppender:
     (≈ 21k instructions less per append, 14 % of it). That only works because the
     publish itself never waits: nats-py's ``publish`` waits only when its outgoing buffer
     would pass ``pending_limit`` (a connected server not reading, a full socket), and
-    such an append is refused at once instead, as AppendUnavailable::
+    such an append is refused at once instead, as AppendUnavailable.
+
+    So is one while the client is away (reconnecting): nats-py would keep the publish in
+    its buffer and send it once back, however late. The caller has answered 503 by then
+    (WeCom retries, another replica stores the retry): past the duplicate window, the
+    late copy was stored a second time, out of order::
 
     appender = await PipelinedAppender.start(nc)
     await appender.append(event, msg_id="ww1-2:42", timeout=2.0)
@@ -423,8 +428,8 @@ class PipelinedAppender:
 
     async def append(self, event: Event, *, msg_id: str, timeout: float) -> Appended:
         """Append ``event`` once per ``msg_id`` and wait for the PubAck (AppendUnavailable
-        when it does not come within ``timeout``, whatever the connection is doing, and at
-        once when the data already waiting to be sent leaves no room for it)."""
+        when it does not come within ``timeout``, and at once while the client is away or
+        when the data already waiting to be sent leaves no room for it)."""
         data = encode_event(event)
         size = len(data) + len(msg_id)
         if size + _HEADERS_OVERHEAD > self._nc.max_payload:
@@ -432,6 +437,8 @@ class PipelinedAppender:
                 f"the event is {size + _HEADERS_OVERHEAD:,} bytes with its headers, over the "
                 f"broker's max_payload ({self._nc.max_payload:,})"
             )
+        if not self._nc.is_connected:
+            raise AppendUnavailable("NATS is away (reconnecting): nothing is sent meanwhile")
         pending = self._nc.pending_data_size
         if pending and pending + size + _COMMAND_OVERHEAD > self._limit:
             raise AppendUnavailable(f"NATS is not taking writes: {pending} bytes wait to be sent")
