@@ -560,9 +560,7 @@ BIG_ENVELOPES = {
     "nested": b"<xml>" + b"<a>" * 20_000 + b"</a>" * 20_000 + b"</xml>",
     "attributes": b"<xml>" + b'<a b="c"/>' * 10_000 + b"</xml>",
     "many fields": b"<xml>" + b"".join(b"<f%d>x</f%d>" % (i, i) for i in range(10_000)) + b"</xml>",
-    "a declaration before a big Encrypt": (
-        f'<?xml version="1.0"?><xml><Encrypt>{ENCRYPT_200K}</Encrypt></xml>'.encode()
-    ),
+    "a big Encrypt with a child": f"<xml><Encrypt><a/>{ENCRYPT_200K}</Encrypt></xml>".encode(),
 }
 
 
@@ -581,6 +579,31 @@ def test_a_big_envelope_in_wecoms_shape_is_read() -> None:
     body = f"<xml><ToUserName><![CDATA[ww1]]></ToUserName><Encrypt><![CDATA[{ENCRYPT_200K}]]>"
     body += "</Encrypt>\n<AgentID><![CDATA[2]]></AgentID>\n</xml>"
     assert parse_envelope(body.encode()).encrypt == ENCRYPT_200K
+
+
+@pytest.mark.parametrize(
+    ("before", "between", "after"),
+    [
+        ("", "\r\n", ""),
+        ("", "\n", "\n"),
+        ("\ufeff", "", ""),
+        ('<?xml version="1.0" encoding="UTF-8"?>\n', "\n", "\r\n"),
+    ],
+    ids=["CR LF", "a trailing newline", "a BOM", "a declaration"],
+)
+def test_a_big_envelope_as_any_parser_reads_it_flat_is_read(
+    before: str, between: str, after: str
+) -> None:
+    """What an XML parser reads as the flat shape (and read so under 64 KiB) was refused
+    for good over it: 400, and WeCom's retries too."""
+    body = (
+        f"{before}<xml>{between}<ToUserName><![CDATA[ww1]]></ToUserName>{between}"
+        f"<Encrypt><![CDATA[{ENCRYPT_200K}]]></Encrypt>{between}"
+        f"<AgentID>2</AgentID>{between}</xml>{after}"
+    )
+    assert len(body) > MAX_UNFLAT_ENVELOPE
+    envelope = parse_envelope(body.encode())
+    assert (envelope.encrypt, envelope.to_user, envelope.agent_id) == (ENCRYPT_200K, "ww1", "2")
 
 
 # ---------------------------------------------------------------- query and body guards

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from wecombot_common.crypto import generate_encoding_aes_key
 from wecombot_common.sim.callbacks import CallbackBuilder
-from wecombot_gateway.parse import _children, _flat_fields, _flatten
+from wecombot_gateway.parse import _as_a_parser_reads, _children, _flat_fields, _flatten
 
 # Characters that matter to XML (markup, CDATA's end, entities, whitespace a parser
 # normalises, characters XML forbids), a few others, and some CJK.
@@ -89,6 +89,27 @@ def test_fast_path_answers_exactly_what_the_parser_does(document: str) -> None:
     assert root is not None, "accepted a document the XML parser refuses"
     assert root.tag == "xml" and not root.attrib
     assert fields == _children(root) == _flatten(root)
+
+
+@settings(max_examples=1500)
+@given(
+    document(),
+    st.sampled_from(["", "\ufeff", '<?xml version="1.0"?>', '\ufeff<?xml version="1.0"?>\r\n']),
+    st.sampled_from(["", "\n", "\r\n", " \t\n"]),
+)
+def test_the_envelopes_second_reading_answers_what_the_parser_does(
+    document: str, before: str, after: str
+) -> None:
+    """A BOM, a declaration, CR and whitespace after the root, taken off as the parser
+    takes them (the envelope's second try at the flat shape, before the size limit)."""
+    decorated = before + document + after
+    fields = _flat_fields(_as_a_parser_reads(decorated))
+    if fields is None:
+        return
+    root = _parsed(decorated.removeprefix("\ufeff"))  # ElementTree takes no BOM in a str
+    assert root is not None, "accepted a document the XML parser refuses"
+    assert root.tag == "xml" and not root.attrib
+    assert fields == _children(root)
 
 
 def test_fast_path_declines_what_it_cannot_read_exactly() -> None:

@@ -120,6 +120,12 @@ def parse_envelope(body: bytes) -> Envelope:
         ) from None
     fields = _flat_fields(text, max_fields=_ENVELOPE_FIELDS)
     if fields is None:
+        # What any XML parser reads the same way as the flat shape: a BOM, a declaration,
+        # CR LF or CR between elements (a parser makes them LF), whitespace after the root.
+        # Else a large body in such a shape was refused for good (400), WeCom's retries
+        # too, where a small one was read by the parser.
+        fields = _flat_fields(_as_a_parser_reads(text), max_fields=_ENVELOPE_FIELDS)
+    if fields is None:
         if len(text) > MAX_UNFLAT_ENVELOPE:
             raise MalformedXml(
                 f"callback body is over {MAX_UNFLAT_ENVELOPE // 1024} KiB and not in WeCom's "
@@ -213,6 +219,19 @@ def dedupe_key(message: MessageReceived) -> str:
 
 
 # ---------------------------------------------------------------- XML
+
+
+_DECLARATION = re.compile(r"<\?xml[ \t\r\n][^<>?]*\?>[ \t\r\n]*")
+
+
+def _as_a_parser_reads(document: str) -> str:
+    """``document`` without what an XML parser drops or normalises around a flat
+    document's elements: a leading BOM and declaration, CR LF and CR (made LF, as the
+    parser makes them everywhere), whitespace after the root element."""
+    document = document.removeprefix("\ufeff")
+    if declaration := _DECLARATION.match(document):
+        document = document[declaration.end() :]
+    return document.replace("\r\n", "\n").replace("\r", "\n").rstrip(" \t\n")
 
 
 def _flat_fields(document: str, *, max_fields: int | None = None) -> dict[str, str] | None:
