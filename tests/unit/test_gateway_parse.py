@@ -352,6 +352,9 @@ def test_an_event_without_a_sender_is_not_a_conversations() -> None:
     del fields["FromUserName"]
     with pytest.raises(NoSender, match="kf_msg_or_event"):
         parse(xml(fields))
+    # An empty one alike: it was refused 400, a message no retry could make valid.
+    with pytest.raises(NoSender, match="kf_msg_or_event"):
+        parse(xml({**fields, "FromUserName": ""}))
 
 
 def test_a_msgid_with_a_colon_is_quoted_in_its_key() -> None:

@@ -175,7 +175,8 @@ def parse_message(plaintext: bytes, *, corp_id: str, agent_id: int, app: str) ->
         raise WrongRecipient(
             f"message for AgentID {agent}, not for ours ({agent_id})", setting="WECOM_AGENT_ID"
         )
-    if "FromUserName" not in fields and fields.get("MsgType") == "event":
+    if not fields.get("FromUserName") and fields.get("MsgType") == "event":
+        # absent or empty alike (an empty one was refused 400, and retried in vain)
         raise NoSender(f"event {_show(fields.get('Event', ''))} has no FromUserName")
     from_user = _required(fields, "FromUserName")
     if not is_user_id(from_user):
