@@ -51,7 +51,7 @@ from wecombot_common.events import (
     WeComEventPayload,
     decode_event,
 )
-from wecombot_gateway.app import MAX_HEADERS, create_app, runner_options
+from wecombot_gateway.app import MAX_HEADERS, create_app, runner_options, stop_keeping_alive
 from wecombot_gateway.main import run_gateway
 from wecombot_gateway.parse import parse_message
 from wecombot_gateway.publisher import JetStreamPublisher, Publisher
@@ -1403,3 +1403,18 @@ async def test_run_gateway_starts_once_nats_comes_up(
     finally:
         stop.set()
         await asyncio.wait_for(task, 10)
+
+
+async def test_once_stopping_every_answer_closes_its_connection(gateway: Gateway) -> None:
+    """A callback in flight at SIGTERM was answered as a keep-alive; the client sent its
+    next one on that connection, which the stop then closed: no answer at all (WeCom, or
+    the ingress's pool, saw it dropped). run_gateway says it before the runner stops."""
+    before = await gateway.send(post(text_message("1")))
+    await before.read()
+    assert (before.status, before.headers.get("Connection")) == (200, None)  # kept alive
+    stop_keeping_alive(gateway.client.server.app)
+    during = await gateway.send(post(text_message("2")))
+    await during.read()
+    assert (during.status, during.headers.get("Connection")) == (200, "close")
+    probe = await gateway.client.get("/healthz")  # on a new connection: the last one closed
+    assert probe.headers.get("Connection") == "close"

@@ -46,6 +46,7 @@ anything else (a bug): logged with its stack            500
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import time
@@ -101,7 +102,14 @@ from .parse import dedupe_key
 from .publisher import Publisher
 from .settings import GatewaySettings
 
-__all__ = ["CallbackReader", "RefusalLog", "create_app", "runner_options", "status_for"]
+__all__ = [
+    "CallbackReader",
+    "RefusalLog",
+    "create_app",
+    "runner_options",
+    "status_for",
+    "stop_keeping_alive",
+]
 
 log = structlog.get_logger(__name__)
 # A filtered structlog call still costs ≈ 4 µs (a bound logger is built per call); the
@@ -146,6 +154,22 @@ class RefusalLog:
 
 
 _REFUSALS: Final = web.AppKey("refusals", RefusalLog)
+_STOPPING: Final = web.AppKey("stopping", asyncio.Event)
+
+
+def stop_keeping_alive(app: web.Application) -> None:
+    """From now on every answer closes its connection (``Connection: close``): a stop is
+    under way. Answered as a keep-alive, a callback in flight at SIGTERM had its client
+    send the next one on a connection the stop then closed: no answer (the client, or the
+    ingress, saw it dropped)."""
+    app[_STOPPING].set()
+
+
+async def _close_when_stopping(request: web.Request, response: web.StreamResponse) -> None:
+    if request.app[_STOPPING].is_set():
+        response.force_close()  # the server closes it after this answer
+        # Said too: this hook runs once the headers are made, before they are written.
+        response.headers["Connection"] = "close"
 
 
 class _MalformedHttp(logging.Filter):
@@ -313,6 +337,8 @@ def create_app(
     app = web.Application(client_max_size=settings.max_body_bytes)
     refusals = RefusalLog(burst=settings.refusal_log_rate or None)
     app[_REFUSALS] = refusals
+    app[_STOPPING] = asyncio.Event()
+    app.on_response_prepare.append(_close_when_stopping)
     _MALFORMED.refusals = refusals
     # Every route refuses an Expect it does not know as ours do (aiohttp's own answers
     # 417 quoting the header, neither logged nor counted).

@@ -26,7 +26,7 @@ from wecombot_common.errors import ConfigError
 from wecombot_common.logs import configure_logging
 from wecombot_common.runtime import run_service
 
-from .app import create_app, runner_options
+from .app import create_app, runner_options, stop_keeping_alive
 from .publisher import JetStreamPublisher, Pending
 from .readiness import jetstream_ready
 from .settings import GatewaySettings
@@ -98,6 +98,7 @@ async def _listening(settings: GatewaySettings, pending: Pending) -> AsyncIterat
         )
         yield
     finally:
+        stop_keeping_alive(app)
         # Closes the listener first, then waits for in-flight requests (shutdown_timeout).
         await runner.cleanup()
 
