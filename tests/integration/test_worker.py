@@ -296,9 +296,12 @@ async def test_an_event_of_no_wecom_user_is_parked_before_it_is_handled(
     )
 
 
-async def _parked_before_the_next_is_handled(stream: JetStreamContext) -> str:
+async def _parked_before_the_next_is_handled(
+    stream: JetStreamContext, worker_type: type[PullWorker] = PullWorker, *, max_deliver: int = 2
+) -> str:
     """Append a good reply after what the test appended, run a worker until the good one
-    is handled and the other parked, unhandled; the dead letter's reason."""
+    is handled and the other parked, unhandled (at its first delivery); the dead letter's
+    reason."""
     await append_event(stream, _reply("ok", "fine"))
     handled: list[str] = []
 
@@ -307,7 +310,7 @@ async def _parked_before_the_next_is_handled(stream: JetStreamContext) -> str:
         return Ack()
 
     stop = asyncio.Event()
-    worker = PullWorker(stream, _config(), handle, max_deliver=2, max_concurrency=4)
+    worker = worker_type(stream, _config(), handle, max_deliver=max_deliver, max_concurrency=4)
     task = asyncio.create_task(worker.run(stop))
     await until(lambda: handled == ["ok"], timeout=20, what="the next user's reply handled")
     await until(lambda: _one_dead_letter(stream), timeout=20, what="the other one parked")
@@ -315,6 +318,7 @@ async def _parked_before_the_next_is_handled(stream: JetStreamContext) -> str:
     await task
     assert handled == ["ok"]
     [letter] = await _dead_letters(stream)
+    assert letter["Wecombot-Dlq-Deliveries"] == "1"
     return letter["Wecombot-Dlq-Reason"]
 
 
@@ -357,24 +361,9 @@ async def test_a_defect_reading_a_delivery_parks_it_with_the_reason(
             return await super()._delivery(msg, slot)
 
     await append_event(stream, _reply("odd", "meets the defect"))
-    await append_event(stream, _reply("ok", "fine"))
-    handled: list[str] = []
-
-    async def handle(d: Delivery) -> Outcome:
-        handled.append(d.event.conversation)
-        return Ack()
-
-    stop = asyncio.Event()
-    worker = Defective(stream, _config(), handle, max_deliver=5, max_concurrency=4)
     with capture_logs() as logs:
-        task = asyncio.create_task(worker.run(stop))
-        await until(lambda: handled == ["ok"], timeout=20, what="the next user's reply handled")
-        await until(lambda: _one_dead_letter(stream), timeout=20, what="the other one parked")
-        stop.set()
-        await task
-    [letter] = await _dead_letters(stream)
-    assert letter["Wecombot-Dlq-Reason"] == "unexpected ValueError reading it: a defect"
-    assert letter["Wecombot-Dlq-Deliveries"] == "1"
+        reason = await _parked_before_the_next_is_handled(stream, Defective, max_deliver=5)
+    assert reason == "unexpected ValueError reading it: a defect"
     assert [e["stream_seq"] for e in logs if e["event"] == "worker.unreadable_delivery"] == [1]
 
 
