@@ -13,7 +13,9 @@ also call :func:`name_server`.
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, ClassVar, Self
 
 from aiohttp import hdrs, web
@@ -23,7 +25,7 @@ __all__ = ["SERVER_NAME", "LocalSite", "LoopbackServer", "name_server"]
 SERVER_NAME = "wecombot"
 
 
-def name_server(app: web.Application) -> None:
+def name_server(app: web.Application, *, stopping: asyncio.Event | None = None) -> None:
     """Answer ``Server: wecombot`` instead of aiohttp's ``Python/3.x aiohttp/3.y.z``: a
     scanner learns which versions to try its exploits on from that header (the first
     finding of a penetration test). aiohttp only sets it when a response has none.
@@ -32,12 +34,27 @@ def name_server(app: web.Application) -> None:
     answered by aiohttp itself, before any application, with its own header and a body
     quoting what it could not parse. An ingress or load balancer in front refuses those
     first (docs/security.md).
+
+    ``stopping``: once it is set, every answer also closes its connection and says so
+    (``Connection: close``), so that no client sends another request on a connection the
+    stop is about to close. In the same hook: one more per answer was ≈ 4k instructions
+    on the gateway's callback path.
     """
-    app.on_response_prepare.append(_name)
+    app.on_response_prepare.append(_name if stopping is None else partial(_name_or_close, stopping))
 
 
 async def _name(_: web.Request, response: web.StreamResponse) -> None:
     response.headers[hdrs.SERVER] = SERVER_NAME
+
+
+async def _name_or_close(
+    stopping: asyncio.Event, _: web.Request, response: web.StreamResponse
+) -> None:
+    response.headers[hdrs.SERVER] = SERVER_NAME
+    if stopping.is_set():
+        response.force_close()  # the server closes it after this answer
+        # Said too: this hook runs once the headers are made, before they are written.
+        response.headers[hdrs.CONNECTION] = "close"
 
 
 @dataclass(frozen=True, slots=True)

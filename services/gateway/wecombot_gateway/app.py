@@ -165,13 +165,6 @@ def stop_keeping_alive(app: web.Application) -> None:
     app[_STOPPING].set()
 
 
-async def _close_when_stopping(request: web.Request, response: web.StreamResponse) -> None:
-    if request.app[_STOPPING].is_set():
-        response.force_close()  # the server closes it after this answer
-        # Said too: this hook runs once the headers are made, before they are written.
-        response.headers["Connection"] = "close"
-
-
 class _MalformedHttp(logging.Filter):
     """aiohttp logs a request it cannot parse (a header without a colon, a line over 8 KB,
     broken chunking) as an error with a stack, uncounted: anyone could fill the log
@@ -338,7 +331,6 @@ def create_app(
     refusals = RefusalLog(burst=settings.refusal_log_rate or None)
     app[_REFUSALS] = refusals
     app[_STOPPING] = asyncio.Event()
-    app.on_response_prepare.append(_close_when_stopping)
     _MALFORMED.refusals = refusals
     # Every route refuses an Expect it does not know as ours do (aiohttp's own answers
     # 417 quoting the header, neither logged nor counted).
@@ -356,7 +348,7 @@ def create_app(
         partial(_unrouted, settings.callback_path),
         expect_handler=_expect,
     )
-    name_server(app)
+    name_server(app, stopping=app[_STOPPING])
     return app
 
 
