@@ -94,7 +94,7 @@ from wecombot_common.events import (
     ReplyRequeued,
     WeComEventPayload,
     decode_event,
-    derived_id,
+    failure_of_round,
 )
 from wecombot_common.logs import configure_logging
 from wecombot_common.settings import EnvReader, LogSettings, NatsSettings
@@ -438,7 +438,7 @@ async def _reply_history(
             if (
                 isinstance(event, DeliveryFailed)
                 and requeued_by
-                and event.event_id != derived_id(history.reply_id, "failed", requeued_by)
+                and event.event_id != failure_of_round(history.reply_id, requeued_by)
             ):
                 continue  # an earlier round's, recorded late: the sender goes on too
             if isinstance(event, ReplyRequeued):

@@ -72,6 +72,7 @@ __all__ = [
     "decode_event",
     "derived_id",
     "encode_event",
+    "failure_of_round",
     "new_id",
     "utcnow",
 ]
@@ -99,6 +100,14 @@ def derived_id(*parts: str) -> str:
     digest[8] = (digest[8] & 0x3F) | 0x80
     h = digest[:16].hex()
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+def failure_of_round(reply_id: str, requeued_by: str) -> str:
+    """The event_id of the DeliveryFailed that ends a reply's delivery round: its first
+    (``requeued_by`` empty) or the one a ReplyRequeued (that event_id) started. A failure
+    with another id is an earlier round's, recorded late: the sender goes on with the
+    round under way, and ``wecombot dlq`` lists it as such."""
+    return derived_id(reply_id, "failed", *((requeued_by,) if requeued_by else ()))
 
 
 def utcnow() -> datetime:

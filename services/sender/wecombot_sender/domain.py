@@ -39,7 +39,7 @@ from wecombot_common.events import (
     ReplyFailed,
     ReplyGenerated,
     ReplyRequeued,
-    derived_id,
+    failure_of_round,
 )
 
 from .split import split_text
@@ -275,7 +275,7 @@ def _apply(
         if (
             isinstance(event, DeliveryFailed)
             and current.requeued_by
-            and event.event_id != derived_id(event.reply_id, "failed", current.requeued_by)
+            and event.event_id != failure_of_round(event.reply_id, current.requeued_by)
         ):
             # An earlier round's, appended after the operator's requeue (its delivery
             # was still running when the reply was parked): that round failed, not this
