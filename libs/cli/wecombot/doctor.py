@@ -206,23 +206,17 @@ def _fix_first(problems: Sequence[str]) -> str:
     (the names each starts with: "NATS_USER and NATS_PASSWORD go together"), not every
     one the check reads, nor one a problem's hint names."""
     known = known_settings()
-    names = list(
-        dict.fromkeys(
-            name
-            for problem in problems
-            for name in _SETTING_NAME.findall(_LEADING_NAMES.match(problem)[0])  # type: ignore[index]
-            if name in known
-        )
-    )
+    names: dict[str, None] = {}
+    for problem in problems:
+        for word in problem.replace(",", " ").split():
+            if word in known:
+                names[word] = None
+            elif word != "and":
+                break
     if not names:
         return "fix the settings first (see settings above)"
-    listed = names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
-    return f"fix {listed} first (see settings above)"
-
-
-_SETTING_NAME = re.compile(r"[A-Z][A-Z0-9]*(?:_[A-Z0-9]+)+")
-# The names a problem starts with, joined by "and" or commas (may be none).
-_LEADING_NAMES = re.compile(r"(?:[A-Z][A-Z0-9]*(?:_[A-Z0-9]+)+(?:,? and |, )?)*")
+    *first, last = names
+    return f"fix {', '.join(first)}{' and ' if first else ''}{last} first (see settings above)"
 
 
 def _where(problem: str) -> str | None:
