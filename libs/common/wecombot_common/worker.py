@@ -371,9 +371,9 @@ class Heartbeat:
         await asyncio.wait([self._task])
 
 
-def _reconnect_counter(msg: Msg) -> Callable[[], int] | None:
-    """How many times the client that received ``msg`` has reconnected, as a function."""
-    stats = getattr(getattr(msg, "_client", None), "stats", None)
+def _reconnect_counter(client: object) -> Callable[[], int] | None:
+    """How many times ``client`` (a nats-py client) has reconnected, as a function."""
+    stats = getattr(client, "stats", None)
     if not isinstance(stats, dict) or "reconnects" not in stats:
         return None
     return lambda: int(stats["reconnects"])
@@ -601,10 +601,9 @@ class PullWorker:
             )
 
     def _reconnects(self) -> int:
-        """How many times the client has reconnected (nats-py's ``stats``; 0 unknown)."""
-        client = self._connection or getattr(self._js, "_nc", None)
-        stats = getattr(client, "stats", None)
-        return int(stats.get("reconnects", 0)) if isinstance(stats, dict) else 0
+        """How many times the client has reconnected (0: not known)."""
+        counter = _reconnect_counter(self._connection or getattr(self._js, "_nc", None))
+        return 0 if counter is None else counter()
 
     async def _hand_back_buffered(
         self, sub: JetStreamContext.PullSubscription, *, leave: bool = False
@@ -895,7 +894,9 @@ class PullWorker:
             num_delivered=meta.num_delivered,
             subject=msg.subject,
             msg=msg,
-            lease=Lease(self._ack_wait, reconnects=_reconnect_counter(msg)),
+            lease=Lease(
+                self._ack_wait, reconnects=_reconnect_counter(getattr(msg, "_client", None))
+            ),
             last_try=last_try,
             stored_at=meta.timestamp.timestamp(),
             slot=slot,
