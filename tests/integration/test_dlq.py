@@ -35,10 +35,12 @@ from wecombot_common.events import (
     MessageReceived,
     ReplyDelivered,
     ReplyGenerated,
+    ReplyRequeued,
     TextPayload,
     decode_event,
     derived_id,
     encode_event,
+    failure_of_round,
 )
 from wecombot_common.settings import EnvReader, NatsSettings
 from wecombot_common.worker import (
@@ -673,3 +675,147 @@ async def test_an_earlier_rounds_failure_recorded_after_a_replay_changes_nothing
     assert out.startswith("dead letter 3 was replayed already: reply ")
     assert out.endswith(" to zhang.san is requeued (wecombot dlq replay 3)\n")
     assert (await dead.stream_info(topology.CONVERSATION_STREAM)).state.messages == before
+
+
+async def test_a_replayed_message_the_llm_does_not_answer_is_requeued_not_pending(
+    nats_server: NatsHandle, js: JetStreamContext
+) -> None:
+    """A copy the llm silences (a rate, an allowlist) gets no outcome: the letter stayed
+    `pending`, and a replay once the first copy's Nats-Msg-Id had left the duplicate
+    window appended a second copy beside it."""
+    await ensure_topology(js, _settings(nats_server.url))
+    message = _received("m-silenced")
+    await append_event(js, message)
+
+    async def failing(d: Delivery) -> Outcome:
+        return Nak(0, "the outcome could not be appended")
+
+    await _work(js, topology.LLM_CONSUMER, topology.RECEIVED_FILTER, failing)
+    # the copy a replay made, its Nats-Msg-Id long forgotten by the stream
+    await append_event(js, message, msg_id="redeliver:from-an-hour-ago")
+    code, out, err = await _dlq(nats_server.url, "--json")
+    assert (code, err) == (0, "")
+    assert [d["state"] for d in json.loads(out)] == ["requeued"]
+    done, said = await replay(js, 1)
+    assert done and said.endswith("from wang.wu is in the log again at seq 2"), said
+    info = await js.stream_info(topology.CONVERSATION_STREAM)
+    assert info.state.messages == 2
+
+
+async def test_a_reply_whose_requeue_failed_too_is_pending_in_the_requeues_letter_only(
+    nats_server: NatsHandle, dead: JetStreamContext
+) -> None:
+    """Both letters of one reply were listed `pending` (the reply's, and its failed
+    requeue's), so `replay --pending` would count one reply twice."""
+    code, _, err = await _dlq(nats_server.url, "replay", "3")
+    assert code == 0, err
+    reply = decode_event((await dead.get_msg(topology.CONVERSATION_STREAM, 3)).data)
+    requeue = decode_event((await dead.get_msg(topology.CONVERSATION_STREAM, 5)).data)
+    assert isinstance(reply, ReplyGenerated) and isinstance(requeue, ReplyRequeued)
+    failed = DeliveryFailed(
+        event_id=failure_of_round(reply.event_id, requeue.event_id),
+        app=APP,
+        conversation=reply.conversation,
+        correlation_id=reply.correlation_id,
+        causation_id=requeue.event_id,
+        reply_id=reply.event_id,
+        errcode=-1,
+        reason="gave up after 2 deliveries",
+        parts_delivered=0,
+    )
+    await append_event(dead, failed)
+
+    async def sender(d: Delivery) -> Outcome:  # the requeue's round fails; it is parked
+        return Nak(0, "WeCom answered HTTP 502")
+
+    await _work(dead, topology.SENDER_CONSUMER, topology.OUTCOME_FILTER, sender)
+    code, out, err = await _dlq(nats_server.url, "--json")
+    assert (code, err) == (0, "")
+    assert [(d["seq"], d["state"]) for d in json.loads(out)] == [
+        (1, "unreadable"),
+        (2, "pending"),
+        (3, "requeued"),
+        (4, "pending"),
+    ]
+
+
+async def test_list_only_the_letters_in_one_state(
+    nats_server: NatsHandle, dead: JetStreamContext, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Among thousands handled, the few still to replay could only be found by reading
+    the listing's STATE column, 50 at a time."""
+    monkeypatch.setattr(dlq, "_STATE_READS", 2)  # states read two at a time: batches cross
+    code, _, err = await _dlq(nats_server.url, "replay", "2")
+    assert code == 0, err
+    code, out, err = await _dlq(nats_server.url, "list", "--state", "pending")
+    assert (code, err) == (0, "")
+    head, _, only, _ = out.splitlines()
+    assert head == "3 dead letters in WECOMBOT_DLQ (showing 1 pending)"
+    assert only.split()[:1] + only.split()[6:8] == ["3", "zhang.san", "pending"]
+    code, out, _ = await _dlq(nats_server.url, "--state", "unreadable", "--json")
+    assert [(d["seq"], d["state"]) for d in json.loads(out)] == [(1, "unreadable")]
+    code, out, _ = await _dlq(nats_server.url, "--state", "requeued", "--consumer", "llm")
+    assert out == "no requeued dead letters of consumer llm in WECOMBOT_DLQ (3 in all)\n"
+    code, out, _ = await _dlq(nats_server.url, "--state", "pending", "--state", "requeued")
+    assert out.splitlines()[0] == "3 dead letters in WECOMBOT_DLQ (showing 1 requeued)"
+
+
+async def test_replay_every_pending_letter_and_several_named(
+    nats_server: NatsHandle, dead: JetStreamContext, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After a WeCom outage, hundreds of replies are parked: each needed its own
+    `wecombot dlq replay SEQ`."""
+    monkeypatch.setattr(dlq, "_STATE_READS", 2)
+    code, out, err = await _dlq(nats_server.url, "replay", "--pending", "--consumer", "llm")
+    assert (code, out, err) == (0, "no pending dead letters of consumer llm in WECOMBOT_DLQ\n", "")
+    code, out, err = await _dlq(nats_server.url, "replay", "--pending")
+    assert (code, err) == (0, "")
+    two, three, count = out.splitlines()
+    assert two.startswith("2: reply ") and " to li.si requeued (seq 5)" in two
+    assert three.startswith("3: reply ") and " to zhang.san requeued (seq 6)" in three
+    assert count == "2 of 2 dead letters replayed"
+    code, out, err = await _dlq(nats_server.url, "replay", "--pending")
+    assert (code, out, err) == (0, "no pending dead letters in WECOMBOT_DLQ\n", "")
+
+    code, out, err = await _dlq(nats_server.url, "replay", "3", "1", "3")  # oldest first, once
+    assert code == 1
+    assert (
+        err == "wecombot dlq: 1: dead letter 1 is not a wecombot event: replaying cannot mend it\n"
+    )
+    three, count = out.splitlines()
+    assert three.startswith("3: dead letter 3 was replayed already: reply "), three
+    assert count == "1 of 2 dead letters replayed, 1 refused (said on stderr)"
+    info = await dead.stream_info(topology.CONVERSATION_STREAM)
+    assert info.state.messages == 6
+
+
+async def test_a_batch_the_log_refuses_stops_and_says_where(
+    nats_server: NatsHandle, dead: JetStreamContext
+) -> None:
+    sealed = await dead.stream_info(topology.CONVERSATION_STREAM)
+    sealed.config.sealed = True  # no append is accepted any more
+    await dead.update_stream(sealed.config)
+    code, out, err = await _dlq(nats_server.url, "replay", "2", "3")
+    assert (code, out) == (1, "")
+    stopped, why = err.splitlines()
+    assert stopped == (
+        "wecombot dlq: stopped at dead letter 2, 0 of 2 replayed before it (run the same "
+        "command again to go on: a replay made is recognised, never doubled); why:"
+    )
+    assert why.startswith("wecombot dlq: nothing replayed, the log refused the append: ")
+
+
+@pytest.mark.parametrize(
+    ("argv", "said"),
+    [
+        (["replay"], "replay what? name the letters (SEQ ...), or --pending for all still pending"),
+        (["replay", "3", "--pending"], "replay either the letters named (SEQ ...) or --pending"),
+        (["replay", "3", "--consumer", "llm"], "--consumer is for list and replay --pending"),
+        (["--state", "pending", "replay", "3"], "--state is for list; replay --pending replays"),
+        (["--json", "replay", "--pending"], "--json is for list and show"),
+    ],
+)
+async def test_replay_arguments_that_make_no_command(argv: list[str], said: str) -> None:
+    code, out, err = await _dlq("nats://127.0.0.1:1", *argv)  # refused before connecting
+    assert (code, out) == (2, "")
+    assert err.startswith(f"wecombot dlq: {said}"), err

@@ -2,9 +2,12 @@
 
 ::
 
-    wecombot dlq [--consumer NAME] [--limit N] [--json]    the newest dead letters
-    wecombot dlq show SEQ [--json]                          one, with its event decoded
-    wecombot dlq replay SEQ                                 hand that one back
+    wecombot dlq [--consumer NAME] [--state STATE] [--limit N] [--json]
+                                            the newest dead letters (in that state)
+    wecombot dlq show SEQ [--json]          one, with its event decoded
+    wecombot dlq replay SEQ [SEQ ...]       hand those back, oldest first
+    wecombot dlq replay --pending [--consumer NAME]
+                                            hand back every letter still pending
 
 A message a service can never handle (an undecodable event, a reply WeCom always refuses,
 a failure that outlasted ``max_deliver``) is copied to the stream ``WECOMBOT_DLQ``
@@ -12,7 +15,8 @@ a failure that outlasted ``max_deliver``) is copied to the stream ``WECOMBOT_DLQ
 never blocks the conversation behind it (``wecombot_common.worker``). This command shows
 them: when, which consumer gave up, the user, what became of it since (``standing``:
 ``pending`` still needs a replay; ``answered``, ``delivered`` or ``requeued`` was handled;
-a letter stays listed for ``WECOMBOT_HISTORY_MAX_AGE`` all the same), the reason, the
+a letter stays listed for ``WECOMBOT_HISTORY_MAX_AGE`` all the same; ``--state pending``
+lists only those still to replay), the reason, the
 original stream sequence (still in ``WECOMBOT`` until ``WECOMBOT_HISTORY_MAX_AGE``), and
 the number of deliveries (``--json`` adds the original subject; ``show`` gives one with
 it and its event). Example::
@@ -40,7 +44,12 @@ it and its event). Example::
 The same replay run again (its answer lost, another operator) is recognised and says
 so, never appending twice; an undecodable event is refused (replaying cannot mend it).
 An append that got no answer is reported as such, exit 1: it may be stored, and running
-the same replay again tells. ``--json`` is for list and show (the newest ``--limit``
+the same replay again tells. ``replay --pending`` (after a WeCom outage, say) replays
+every letter whose state is ``pending``, oldest first, so each user's messages are
+answered, and replies delivered, in the order they came; several SEQs are replayed in
+that order too. Each gets a line (its SEQ first), then a count; exit 1 when one was
+refused. A NATS failure stops the batch where it met it, said with the count so far:
+the same command run again goes on (a replay made is recognised). ``--json`` is for list and show (the newest ``--limit``
 letters, 50 by default; the table says how many there are in all).
 
 Listing and showing read (STREAM.INFO and STREAM.MSG.GET on ``WECOMBOT_DLQ``, and each
@@ -60,7 +69,7 @@ import json
 import re
 import sys
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from email.header import Header, decode_header
@@ -71,7 +80,7 @@ import msgspec
 import nats.errors
 import nats.js.errors
 from nats.js import JetStreamContext
-from nats.js.api import RawStreamMsg
+from nats.js.api import RawStreamMsg, StreamInfo
 
 from wecombot_common import topology
 from wecombot_common.bus import (
@@ -136,6 +145,10 @@ _SUBJECT_WIDTH = 44
 _MAX_SEQ = 2**64 - 1  # a stream sequence is a uint64
 _NO_MESSAGE = 10037  # JetStream's "no message found"; 10059 is "stream not found"
 _SUBJECT_TOKEN = re.compile(r"[A-Za-z0-9_-]{1,64}")  # a consumer name that is one subject token
+_STATE_READS = 16  # letters whose state is read at once
+STATES = (
+    "pending", "answered", "delivered", "requeued", "gone", "newer", "unreadable", "misfiled"
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -239,18 +252,82 @@ async def read_dead_letters(
         if mine * mine <= limit * total:  # ≈ what a scan back would read to find `limit`
             return total, await _read_forward(js, subject, limit)
     found: list[DeadLetter] = []
-    seq = int(info.state.last_seq)
-    while seq >= max(int(info.state.first_seq), 1) and len(found) < limit and total:
-        try:
-            raw = await js.get_msg(topology.DEAD_LETTER_STREAM, seq)
-        except nats.js.errors.NotFoundError:  # aged out or deleted meanwhile
-            seq -= 1
-            continue
-        letter = DeadLetter.of(raw)
-        if consumer is None or letter.consumer == consumer:
-            found.append(letter)
-        seq -= 1
+    if limit > 0:
+        async for letter in _newest_first(js, info):
+            if consumer is None or letter.consumer == consumer:
+                found.append(letter)
+                if len(found) == limit:
+                    break
     return total, found[::-1]
+
+
+async def read_in_state(
+    js: JetStreamContext,
+    state: str,
+    *,
+    consumer: str | None = None,
+    limit: int | None = 50,
+    err: TextIO | None = None,
+) -> tuple[int, list[DeadLetter]]:
+    """The DLQ's size and its newest ``limit`` letters (all: None) of ``consumer`` whose
+    ``standing`` is ``state``, oldest first, each with its state.
+
+    Every letter's state is read until ``limit`` are found, newest first, so a listing of
+    the few still pending among thousands handled costs the newest ones' histories; with
+    no limit (``replay --pending``), the whole DLQ's, oldest first.
+    """
+    info = await js.stream_info(topology.DEAD_LETTER_STREAM)
+    total = int(info.state.messages)
+    found: list[DeadLetter] = []
+    batch: list[DeadLetter] = []
+    if limit is not None:
+        letters = _newest_first(js, info)
+    elif consumer is not None and _SUBJECT_TOKEN.fullmatch(consumer):
+        letters = _oldest_first(js, info, f"{topology.PREFIX}.dlq.{consumer}")
+    else:
+        letters = _oldest_first(js, info, f"{topology.PREFIX}.dlq.>")
+
+    async def sift() -> None:
+        found.extend(d for d in await _with_states(js, batch, err) if d.state == state)
+        batch.clear()
+
+    async for letter in letters:
+        if consumer is not None and letter.consumer != consumer:
+            continue
+        batch.append(letter)
+        if len(batch) == _STATE_READS:
+            await sift()
+            if limit is not None and len(found) >= limit:
+                break
+    await sift()
+    if limit is None:
+        return total, found
+    return total, found[:limit][::-1]
+
+
+async def _newest_first(js: JetStreamContext, info: StreamInfo) -> AsyncIterator[DeadLetter]:
+    seq = int(info.state.last_seq)
+    while seq >= max(int(info.state.first_seq), 1) and info.state.messages:
+        seq -= 1
+        try:
+            raw = await js.get_msg(topology.DEAD_LETTER_STREAM, seq + 1)
+        except nats.js.errors.NotFoundError:  # aged out or deleted meanwhile
+            continue
+        yield DeadLetter.of(raw)
+
+
+async def _oldest_first(
+    js: JetStreamContext, info: StreamInfo, subject: str
+) -> AsyncIterator[DeadLetter]:
+    seq = int(info.state.first_seq)
+    while info.state.messages:  # "next message" reads: gaps (deleted letters) skipped
+        try:
+            raw = await js.get_msg(topology.DEAD_LETTER_STREAM, seq=seq, subject=subject, next=True)
+        except nats.js.errors.NotFoundError:
+            return
+        assert raw.seq is not None
+        seq = raw.seq + 1
+        yield DeadLetter.of(raw)
 
 
 async def _letters_on(js: JetStreamContext, subject: str) -> int:
@@ -337,6 +414,15 @@ async def _redeliver(
             f"message {parked.correlation_id} from {parked.conversation} has its "
             f"{type(stored.event).__name__} (seq {stored.seq}); nothing to replay"
         )
+    if history.copy is not None:
+        # Appended again already, by this letter's replay or an earlier letter's: the llm
+        # has the copy (answered, silenced, or parked again as a letter of its own). A
+        # second copy, once the first's Nats-Msg-Id left the duplicate window, would wait
+        # in the llm for nothing, or be answered beside the first.
+        return True, (
+            f"dead letter {seq} was replayed already: message {parked.correlation_id} from "
+            f"{parked.conversation} is in the log again at seq {history.copy}"
+        )
     if not history.present:
         # Dropped with its conversation's oldest events (WECOMBOT_HISTORY_MAX_AGE or
         # _MAX_MB), its outcome may have gone before it: appended again, it was answered
@@ -370,10 +456,11 @@ async def _redeliver(
 
 @dataclass
 class _MessageHistory:
-    """What the log says of a received message: whether it (or a replayed copy) is still
-    there, and its outcome."""
+    """What the log says of a received message: whether it is still there, where a
+    replay appended it again, and its outcome."""
 
     present: bool = False
+    copy: int | None = None  # the seq of the first copy a replay appended
     outcome: StoredEvent | None = None
 
 
@@ -392,7 +479,13 @@ async def _message_history(
     async for stored in leader_read:
         event = stored.event
         if isinstance(event, MessageReceived) and event.event_id == parked.event_id:
-            history.present = True
+            # The parked message is the one at `at`; the same event again later is a
+            # copy a replay appended (WeCom's retries of it were deduplicated by the
+            # gateway). Where `at` is not known, the first one found is the parked one.
+            if stored.seq == at if at else not history.present:
+                history.present = True
+            elif history.copy is None:
+                history.copy = stored.seq
         elif isinstance(event, Outcome) and event.causation_id == parked.event_id:
             history.outcome = stored
             break
@@ -405,13 +498,21 @@ _Settled = DeliveryFailed | ReplyDelivered | ReplyRequeued
 @dataclass
 class _ReplyHistory:
     """What the log says of a reply: whether it is still there, its last two rounds'
-    ends (failed, delivered, requeued), and the parts delivered."""
+    ends (failed, delivered, requeued), its requeues, and the parts delivered."""
 
     reply_id: str
     present: bool = False
     last: _Settled | None = None
     before_last: _Settled | None = None
+    requeues: list[str] = field(default_factory=list)  # their event_ids, in log order
     parts: set[int] = field(default_factory=set)
+
+    def requeued_after(self, parked: Event) -> bool:
+        """Whether a replay handed the reply back after ``parked`` was parked: after the
+        reply's first round, any requeue; after a requeue's round, a later one."""
+        if isinstance(parked, ReplyRequeued) and parked.event_id in self.requeues:
+            return self.requeues[-1] != parked.event_id
+        return bool(self.requeues)
 
 
 async def _reply_history(
@@ -443,6 +544,7 @@ async def _reply_history(
                 continue  # an earlier round's, recorded late: the sender goes on too
             if isinstance(event, ReplyRequeued):
                 requeued_by = event.event_id
+                history.requeues.append(event.event_id)
             history.before_last, history.last = history.last, event
         elif isinstance(event, PartDelivered) and event.reply_id == history.reply_id:
             history.parts.add(event.index)
@@ -459,7 +561,10 @@ async def standing(js: JetStreamContext, letter: DeadLetter) -> str:
     - ``pending``: nothing; ``replay`` hands it back;
     - ``answered``: the llm's message has its outcome (a replay, or a retry by WeCom);
     - ``delivered``: the sender's reply was delivered since;
-    - ``requeued``: the reply is requeued (a replay): the sender has it;
+    - ``requeued``: handed back by a replay, its consumer has it: the message is in the
+      log again (the llm answers the copy, or silences it: a rate or an allowlist), the
+      reply is requeued (the sender delivers it); a copy or a requeue that fails again
+      is a letter of its own;
     - ``gone``: the message or reply left WECOMBOT (WECOMBOT_HISTORY_MAX_AGE or _MAX_MB, a
       purge), and what became of it with it: not replayed;
     - ``newer``: a newer build's event: replayed by that build's wecombot;
@@ -489,6 +594,8 @@ async def standing(js: JetStreamContext, letter: DeadLetter) -> str:
         message = await _message_history(js, parked, letter.stream_seq)
         if message.outcome is not None:
             return "answered"
+        if message.copy is not None:
+            return "requeued"
         return "pending" if message.present else "gone"
     history = await _reply_history(js, parked, letter.stream_seq)
     if history is None:
@@ -497,7 +604,9 @@ async def standing(js: JetStreamContext, letter: DeadLetter) -> str:
         return "gone"
     if isinstance(history.last, ReplyDelivered):
         return "delivered"
-    if isinstance(history.last, ReplyRequeued) and history.last.event_id != parked.event_id:
+    if history.requeued_after(parked):
+        # Even when that requeue's round failed too: its own letter (the parked
+        # ReplyRequeued) is the pending one, as a failed copy's is for the llm.
         return "requeued"
     return "pending"
 
@@ -547,6 +656,35 @@ async def _requeue(js: JetStreamContext, seq: int, parked: Event) -> tuple[bool,
     )
 
 
+async def _replay_all(js: JetStreamContext, seqs: Sequence[int], out: TextIO, err: TextIO) -> int:
+    """Replay the letters ``seqs`` in that order, a line each (prefixed with its SEQ),
+    then a count. Exit 1 when one was refused. A failure of NATS or of an append stops
+    there (the next ones would meet it too): said with the count so far, then raised for
+    ``run`` to report; the same command run again recognises the replays made."""
+    refused = 0
+    for done_so_far, seq in enumerate(seqs):
+        try:
+            done, said = await replay(js, seq)
+        except BaseException:
+            err.write(
+                f"wecombot dlq: stopped at dead letter {seq}, {done_so_far - refused} of "
+                f"{len(seqs)} replayed before it (run the same command again to go on: a "
+                "replay made is recognised, never doubled); why:\n"
+            )
+            raise
+        if done:
+            out.write(f"{seq}: {said}\n")
+        else:
+            refused += 1
+            err.write(f"wecombot dlq: {seq}: {said}\n")
+    plural = "s" if len(seqs) != 1 else ""
+    out.write(
+        f"{len(seqs) - refused} of {len(seqs)} dead letter{plural} replayed"
+        + (f", {refused} refused (said on stderr)\n" if refused else "\n")
+    )
+    return 1 if refused else 0
+
+
 def _cause(reply_id: str, last: Event | None, parked: Event) -> str:
     """What a requeue of this round answers: the round's DeliveryFailed; or the reply, or
     the parked requeue itself, when the round was parked without one (its last delivery
@@ -573,11 +711,14 @@ def _header_text(value: object) -> str:
 # ---------------------------------------------------------------- rendering
 
 
-def render_table(total: int, letters: Sequence[DeadLetter], consumer: str | None) -> str:
+def render_table(
+    total: int, letters: Sequence[DeadLetter], consumer: str | None, state: str | None = None
+) -> str:
+    kind = f" {state}" if state else ""
     which = f" of consumer {consumer}" if consumer else ""
     if not letters:
-        return f"no dead letters{which} in {topology.DEAD_LETTER_STREAM} ({total} in all)\n"
-    shown = "" if len(letters) == total else f" (showing {len(letters)}{which})"
+        return f"no{kind} dead letters{which} in {topology.DEAD_LETTER_STREAM} ({total} in all)\n"
+    shown = "" if len(letters) == total else f" (showing {len(letters)}{kind}{which})"
     rows = [
         ("SEQ", "TIME (UTC)", "CONSUMER", "STREAM SEQ", "DELIVERIES", "USER", "STATE", "REASON")
     ]
@@ -655,10 +796,25 @@ def _parser() -> argparse.ArgumentParser:
     )
     _options(show, listing=False)
     again = sub.add_parser(
-        "replay", help="hand one back: the llm answers the message, the sender delivers the reply"
+        "replay",
+        help="hand them back: the llm answers the message, the sender delivers the reply",
     )
     again.add_argument(
-        "seq", type=positive_int, help="its sequence in WECOMBOT_DLQ (the SEQ column)"
+        "seq",
+        type=positive_int,
+        nargs="*",
+        help="their sequences in WECOMBOT_DLQ (the SEQ column), replayed oldest first",
+    )
+    again.add_argument(
+        "--pending",
+        action="store_true",
+        help="every letter whose state is pending (of --consumer), oldest first",
+    )
+    again.add_argument(
+        "--consumer",
+        default=argparse.SUPPRESS,
+        choices=(topology.LLM_CONSUMER, topology.SENDER_CONSUMER),
+        help="with --pending: only this consumer's",
     )
     return parser
 
@@ -694,6 +850,12 @@ def _options(p: argparse.ArgumentParser, *, listing: bool, defaults: bool = Fals
             default=default(50),
             help="at most N, the newest (default 50)",
         )
+        p.add_argument(
+            "--state",
+            default=default(None),
+            choices=STATES,
+            help="only the letters in this state (pending: those still to replay)",
+        )
 
 
 async def run(
@@ -702,8 +864,8 @@ async def run(
     """The command, given its NATS settings and arguments; writes to ``out``."""
     err = err or sys.stderr
     args = _parser().parse_args(list(argv))
-    if args.action == "replay" and args.json:
-        err.write("wecombot dlq: --json is for list and show; replay answers in words\n")
+    if (misuse := _misused(args)) is not None:
+        err.write(f"wecombot dlq: {misuse}\n")
         return 2
     url = without_credentials(settings.url)
     errors: list[Exception] = []
@@ -753,11 +915,49 @@ async def run(
         await nc.close()
 
 
+def _misused(args: argparse.Namespace) -> str | None:
+    """Why these arguments make no command (exit 2), if they do not."""
+    if args.action != "replay":
+        return None
+    if args.json:
+        return "--json is for list and show; replay answers in words"
+    if args.state is not None:
+        return "--state is for list; replay --pending replays those pending"
+    if args.pending and args.seq:
+        return "replay either the letters named (SEQ ...) or --pending, not both"
+    if not args.pending and not args.seq:
+        return "replay what? name the letters (SEQ ...), or --pending for all still pending"
+    if args.consumer is not None and not args.pending:
+        return "--consumer is for list and replay --pending; SEQ names the letter already"
+    return None
+
+
 async def _act(js: JetStreamContext, args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     if args.action == "replay":
-        done, said = await replay(js, args.seq)
+        if args.pending:
+            _, letters = await read_in_state(
+                js, "pending", consumer=args.consumer, limit=None, err=err
+            )
+            if not letters:
+                which = f" of consumer {args.consumer}" if args.consumer else ""
+                out.write(f"no pending dead letters{which} in {topology.DEAD_LETTER_STREAM}\n")
+                return 0
+            return await _replay_all(js, [d.seq for d in letters], out, err)
+        seqs = sorted(set(args.seq))
+        if len(seqs) > 1:
+            return await _replay_all(js, seqs, out, err)
+        done, said = await replay(js, seqs[0])
         (out if done else err).write(("" if done else "wecombot dlq: ") + said + "\n")
         return 0 if done else 1
+    if args.state is not None:
+        total, letters = await read_in_state(
+            js, args.state, consumer=args.consumer, limit=args.limit, err=err
+        )
+        if args.json:
+            out.write(json.dumps([d.as_json() for d in letters], ensure_ascii=False) + "\n")
+        else:
+            out.write(render_table(total, letters, args.consumer, args.state))
+        return 0
     if args.action == "show":
         letter = await read_dead_letter(js, args.seq)
         if letter is None:
@@ -779,20 +979,27 @@ async def _act(js: JetStreamContext, args: argparse.Namespace, out: TextIO, err:
 
 
 async def _with_states(
-    js: JetStreamContext, letters: Sequence[DeadLetter], err: TextIO
+    js: JetStreamContext, letters: Sequence[DeadLetter], err: TextIO | None
 ) -> list[DeadLetter]:
-    """The letters with their ``standing``; one whose conversation cannot be read is
-    shown all the same, its state ``?`` (said once on ``err``)."""
-    out: list[DeadLetter] = []
+    """The letters with their ``standing``, read ``_STATE_READS`` at a time (each is a
+    few round trips to the stream leader, waiting on nothing else); one whose
+    conversation cannot be read is shown all the same, its state ``?`` (said once on
+    ``err``)."""
     unread: list[str] = []
-    for letter in letters:
-        try:
-            state = await standing(js, letter)
-        except (TimeoutError, nats.errors.Error) as exc:
-            state = "?"
-            unread.append(f"{letter.seq} ({type(exc).__name__})")
-        out.append(replace(letter, state=state))
-    if unread:
+    reads = asyncio.Semaphore(_STATE_READS)
+
+    async def with_state(letter: DeadLetter) -> DeadLetter:
+        async with reads:
+            try:
+                state = await standing(js, letter)
+            except (TimeoutError, nats.errors.Error) as exc:
+                state = "?"
+                unread.append(f"{letter.seq} ({type(exc).__name__})")
+        return replace(letter, state=state)
+
+    out = list(await asyncio.gather(*(with_state(d) for d in letters)))
+    unread.sort(key=lambda said: int(said.partition(" ")[0]))
+    if unread and err is not None:
         err.write(
             f"wecombot dlq: the state of dead letter {', '.join(unread)} could not be read "
             f"from {topology.CONVERSATION_STREAM}: shown as ?\n"
