@@ -45,7 +45,10 @@ from wecombot_common.events import (
 from wecombot_common.settings import EnvReader, NatsSettings
 from wecombot_common.worker import (
     DLQ_CONSUMER,
+    DLQ_DELIVERIES,
     DLQ_REASON,
+    DLQ_STREAM_SEQ,
+    DLQ_SUBJECT,
     Ack,
     Delivery,
     Handler,
@@ -819,3 +822,39 @@ async def test_replay_arguments_that_make_no_command(argv: list[str], said: str)
     code, out, err = await _dlq("nats://127.0.0.1:1", *argv)  # refused before connecting
     assert (code, out) == (2, "")
     assert err.startswith(f"wecombot dlq: {said}"), err
+
+
+async def test_a_batch_replays_in_the_order_of_the_log_not_of_the_parking(
+    nats_server: NatsHandle, js: JetStreamContext
+) -> None:
+    """Two replies of one user parked the other way round (the first one's deliveries
+    outlasted the second's): replayed by DLQ sequence, the second was requeued first, and
+    the user would read the answers in the wrong order."""
+    await ensure_topology(js, _settings(nats_server.url))
+    first, second = _reply("li.si", "first"), _reply("li.si", "second")
+    at = [(await append_event(js, reply)).seq for reply in (first, second)]
+    for reply, seq in ((second, at[1]), (first, at[0])):  # as the worker parks them
+        await js.publish(
+            f"{topology.PREFIX}.dlq.sender",
+            encode_event(reply),
+            stream=topology.DEAD_LETTER_STREAM,
+            headers={
+                DLQ_REASON: "gave up after 20: WeCom answered HTTP 502",
+                DLQ_CONSUMER: topology.SENDER_CONSUMER,
+                DLQ_SUBJECT: topology.subject_for(reply),
+                DLQ_STREAM_SEQ: str(seq),
+                DLQ_DELIVERIES: "20",
+            },
+        )
+    code, out, err = await _dlq(nats_server.url, "replay", "--pending")
+    assert (code, err) == (0, "")
+    assert [line.split(":")[0] for line in out.splitlines()[:2]] == ["2", "1"]
+    code, out, err = await _dlq(nats_server.url, "replay", "1", "2")
+    assert [line.split(":")[0] for line in out.splitlines()[:2]] == ["2", "1"]
+    requeued = [
+        decode_event((await js.get_msg(topology.CONVERSATION_STREAM, seq)).data) for seq in (3, 4)
+    ]
+    assert [r.reply_id for r in requeued if isinstance(r, ReplyRequeued)] == [
+        first.event_id,
+        second.event_id,
+    ]

@@ -5,7 +5,7 @@
     wecombot dlq [--consumer NAME] [--state STATE] [--limit N] [--json]
                                             the newest dead letters (in that state)
     wecombot dlq show SEQ [--json]          one, with its event decoded
-    wecombot dlq replay SEQ [SEQ ...]       hand those back, oldest first
+    wecombot dlq replay SEQ [SEQ ...]       hand those back, in the log's order
     wecombot dlq replay --pending [--consumer NAME]
                                             hand back every letter still pending
 
@@ -45,11 +45,12 @@ The same replay run again (its answer lost, another operator) is recognised and 
 so, never appending twice; an undecodable event is refused (replaying cannot mend it).
 An append that got no answer is reported as such, exit 1: it may be stored, and running
 the same replay again tells. ``replay --pending`` (after a WeCom outage, say) replays
-every letter whose state is ``pending``, oldest first, so each user's messages are
-answered, and replies delivered, in the order they came; several SEQs are replayed in
-that order too. Each gets a line (its SEQ first), then a count; exit 1 when one was
-refused. A NATS failure stops the batch where it met it, said with the count so far:
-the same command run again goes on (a replay made is recognised). ``--json`` is for list and show (the newest ``--limit``
+every letter whose state is ``pending``, in the order of their events in ``WECOMBOT``
+(not of their parking), so each user's messages are answered, and replies delivered, in
+the order they came; several SEQs are replayed in that order too. Each gets a line (its
+SEQ first), then a count; exit 1 when one was refused. A NATS failure stops the batch
+where it met it, said with the count so far: the same command run again goes on (a
+replay made is recognised). ``--json`` is for list and show (the newest ``--limit``
 letters, 50 by default; the table says how many there are in all).
 
 Listing and showing read (STREAM.INFO and STREAM.MSG.GET on ``WECOMBOT_DLQ``, and each
@@ -656,6 +657,14 @@ async def _requeue(js: JetStreamContext, seq: int, parked: Event) -> tuple[bool,
     )
 
 
+def _in_log_order(letters: Sequence[DeadLetter]) -> list[int]:
+    """The letters' SEQs in the order their events are in WECOMBOT (then their own): each
+    copy or requeue is appended after the one before, so a user's messages are answered,
+    and replies delivered, in the order they came, whichever was parked first."""
+    ordered = sorted(letters, key=lambda d: (d.stream_seq or _MAX_SEQ, d.seq))
+    return [d.seq for d in ordered]
+
+
 async def _replay_all(js: JetStreamContext, seqs: Sequence[int], out: TextIO, err: TextIO) -> int:
     """Replay the letters ``seqs`` in that order, a line each (prefixed with its SEQ),
     then a count. Exit 1 when one was refused. A failure of NATS or of an append stops
@@ -803,12 +812,12 @@ def _parser() -> argparse.ArgumentParser:
         "seq",
         type=positive_int,
         nargs="*",
-        help="their sequences in WECOMBOT_DLQ (the SEQ column), replayed oldest first",
+        help="their sequences in WECOMBOT_DLQ (the SEQ column), replayed in the log's order",
     )
     again.add_argument(
         "--pending",
         action="store_true",
-        help="every letter whose state is pending (of --consumer), oldest first",
+        help="every letter whose state is pending (of --consumer), in the log's order",
     )
     again.add_argument(
         "--consumer",
@@ -942,11 +951,13 @@ async def _act(js: JetStreamContext, args: argparse.Namespace, out: TextIO, err:
                 which = f" of consumer {args.consumer}" if args.consumer else ""
                 out.write(f"no pending dead letters{which} in {topology.DEAD_LETTER_STREAM}\n")
                 return 0
-            return await _replay_all(js, [d.seq for d in letters], out, err)
-        seqs = sorted(set(args.seq))
-        if len(seqs) > 1:
-            return await _replay_all(js, seqs, out, err)
-        done, said = await replay(js, seqs[0])
+            return await _replay_all(js, _in_log_order(letters), out, err)
+        if len(set(args.seq)) > 1:
+            named = [await read_dead_letter(js, seq) for seq in sorted(set(args.seq))]
+            missing = sorted(set(args.seq) - {d.seq for d in named if d is not None})
+            found = [d for d in named if d is not None]
+            return await _replay_all(js, missing + _in_log_order(found), out, err)
+        done, said = await replay(js, args.seq[0])
         (out if done else err).write(("" if done else "wecombot dlq: ") + said + "\n")
         return 0 if done else 1
     if args.state is not None:
