@@ -42,6 +42,7 @@ from tests.deploy.conftest import (
     render,
     tool,
 )
+from tests.unit.test_metrics_documented import promql_examples
 from wecombot_common import topology
 from wecombot_common.worker import PullWorker
 
@@ -53,6 +54,7 @@ MODELS = Path(__file__).parent / "models"  # npm: @kubernetes-models (make insta
 DEPLOY_DOC = ROOT / "docs" / "deploy.md"
 AUTH_CONF = NATS_DIR / "auth.conf"
 SECRET_TEMPLATE = K8S / "secrets.example.yaml"
+MONITORING = K8S / "components" / "monitoring"
 NATS_DRAIN_S = 10  # bus.connect(drain_timeout=10)
 FETCH_EXPIRY_S = 1  # PullWorker(fetch_timeout_s=1.0): the last pull request expires
 NATS_POD = {
@@ -179,6 +181,64 @@ def _documented(kind: str) -> dict[str, Any]:
     (doc,) = [d for d in found if d.get("kind") == kind]
     assert isinstance(doc, dict)
     return doc
+
+
+def _with_monitoring(overlay: str, root: Path) -> list[dict[str, Any]]:
+    """``overlay`` with the monitoring component, as docs/deploy.md says to opt in
+    (kustomize takes only relative paths)."""
+    kustomization = {
+        "apiVersion": "kustomize.config.k8s.io/v1beta1",
+        "kind": "Kustomization",
+        "resources": [os.path.relpath(K8S / "overlays" / overlay, root)],
+        "components": [os.path.relpath(MONITORING, root)],
+    }
+    (root / "kustomization.yaml").write_text(yaml.safe_dump(kustomization))
+    out = subprocess.run(
+        [tool("kubectl"), "kustomize", str(root)],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    ).stdout
+    return [doc for doc in yaml.safe_load_all(out) if doc]
+
+
+def _key(doc: dict[str, Any]) -> tuple[str, str]:
+    return doc["kind"], doc["metadata"]["name"]
+
+
+def test_the_monitoring_component_ships_the_documented_monitor_and_alerts(
+    overlay: str, tmp_path: Path
+) -> None:
+    """The PodMonitor and the alerts were only shown in docs/deploy.md, for each team to
+    copy into manifests of its own: now a component an overlay opts into."""
+    docs = _with_monitoring(overlay, tmp_path)
+    added = [d for d in docs if d["apiVersion"] == "monitoring.coreos.com/v1"]
+    assert sorted(map(_key, added)) == [("PodMonitor", "wecombot"), ("PrometheusRule", "wecombot")]
+    rest = sorted((d for d in docs if d not in added), key=_key)
+    assert rest == sorted(render(overlay), key=_key), "the component changes nothing else"
+    assert {d["metadata"]["namespace"] for d in added} == {NAMESPACE}
+    monitor, rule = one(added, "PodMonitor", "wecombot"), one(added, "PrometheusRule", "wecombot")
+    assert monitor == _documented("PodMonitor")
+
+    wrong = json.loads(json.dumps(rule))
+    wrong["spec"]["groups"][0]["rules"][0]["for"] = "5 minutes"  # a Prometheus duration
+    assert _model_errors([rule, wrong]) == [
+        None,
+        "data/spec/groups/0/rules/0/for must match pattern "
+        '"^(0|(([0-9]+)y)?(([0-9]+)w)?(([0-9]+)d)?(([0-9]+)h)?(([0-9]+)m)?(([0-9]+)s)?(([0-9]+)ms)?)$"',
+    ]
+    rules = [r for group in rule["spec"]["groups"] for r in group["rules"]]
+    # The docs' alerts, each parsed and held to the series the services export
+    # (tests/unit/test_metrics_documented.py), are the rule's, in its order.
+    assert [" ".join(r["expr"].split()) for r in rules] == [
+        " ".join(e.split()) for e in promql_examples()
+    ]
+    assert len({r["alert"] for r in rules}) == len(rules)
+    for r in rules:
+        assert re.fullmatch(r"Wecombot[A-Z][A-Za-z]+", r["alert"]), r["alert"]
+        assert r["labels"]["severity"] in ("warning", "critical"), r
+        assert r["annotations"].keys() == {"summary", "description"}, r
 
 
 def test_the_documented_pod_monitor_scrapes_each_service_once() -> None:

@@ -4,11 +4,15 @@
 // stdin: a JSON array of objects; stdout: a JSON array, one error message (or null) each.
 import { readFileSync } from "node:fs";
 import { ScaledObject } from "@kubernetes-models/keda/keda.sh/v1alpha1";
-import { PodMonitor } from "@kubernetes-models/prometheus-operator/monitoring.coreos.com/v1";
+import {
+  PodMonitor,
+  PrometheusRule,
+} from "@kubernetes-models/prometheus-operator/monitoring.coreos.com/v1";
 
 const MODELS = new Map([
   ["keda.sh/v1alpha1 ScaledObject", ScaledObject],
   ["monitoring.coreos.com/v1 PodMonitor", PodMonitor],
+  ["monitoring.coreos.com/v1 PrometheusRule", PrometheusRule],
 ]);
 
 const docs = JSON.parse(readFileSync(0, "utf8"));
