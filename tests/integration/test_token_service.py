@@ -759,6 +759,41 @@ async def test_an_undecodable_token_value_is_replaced_by_a_fresh_token(
         assert stored.token is not None and stored.token.value == token
 
 
+async def test_a_newer_builds_failure_of_a_kind_unknown_here_keeps_its_token(
+    nats_server: NatsHandle, sim: SimulatedWeComApi
+) -> None:
+    """A newer build's replica records a failed refresh ahead under a kind this build does
+    not know (its ErrorKind grew), beside the token still valid, during a rolling upgrade
+    or before a rollback. Read as nothing, the valid token was dropped: an older replica
+    called gettoken, and one that failed wrote its failure over the token for every
+    replica, so sends failed while a valid token had been in the bucket."""
+    now = time.time()
+    state = {
+        "token": {"value": "valid-token", "fetched_at": now - 60, "expires_at": now + 3600},
+        "failure": {
+            "failure": {"kind": "a_kind_of_a_newer_build", "message": "its words", "errcode": 1},
+            "attempts": 1,
+            "retry_at": now + 30,
+            "failed_at": now - 1,
+        },
+    }
+    async with connections(nats_server, 1) as (nc,):
+        kv = await nc.jetstream().create_key_value(token_bucket(replicas=1))
+        await kv.put(f"{APP}.token", json.dumps(state).encode())
+        sim.set_down(True)  # a gettoken would fail, as the newer build's did
+        async with token_services(nats_server, sim):
+            assert await TokenClient(nc).get(APP) == "valid-token"
+        assert sim.gettoken_calls == 0
+        kept = msgspec.json.decode((await kv.get(f"{APP}.token")).value or b"", type=dict)
+        assert kept["token"]["value"] == "valid-token"
+        # Its backoff holds here too: the failure is read as this build reads an errcode
+        # it does not know.
+        store = KvTokenStore(kv, APP)
+        failure = (await store.load()).state.failure  # type: ignore[union-attr]
+        assert failure is not None and failure.retry_at == now + 30
+        assert (failure.failure.kind, failure.failure.message) == ("wecom_error", "its words")
+
+
 async def test_an_undecodable_lock_is_taken_over_at_once(
     nats_server: NatsHandle, sim: SimulatedWeComApi
 ) -> None:

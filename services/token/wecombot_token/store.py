@@ -22,7 +22,7 @@ import dataclasses
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar, get_args
 
 import msgspec
 import nats.errors
@@ -32,6 +32,7 @@ from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
 
 from wecombot_common.runtime import cancel_until_done
+from wecombot_common.tokens import ErrorKind
 from wecombot_common.topology import TOKEN_BUCKET, token_bucket
 
 from .domain import AppState, Lock
@@ -54,6 +55,7 @@ _NO_STREAM = 10059  # "stream not found": the bucket was deleted
 _encoder = msgspec.json.Encoder()
 _state_decoder = msgspec.json.Decoder(AppState)
 _lock_decoder = msgspec.json.Decoder(Lock)
+_KINDS = frozenset(get_args(ErrorKind))
 
 
 @dataclass(frozen=True, slots=True)
@@ -306,8 +308,26 @@ def _decode_state(raw: bytes | None) -> AppState | None:
     try:
         return _state_decoder.decode(raw or b"")
     except msgspec.DecodeError:
+        pass
+    # A newer build's failure of a kind this one does not know (its ErrorKind grew),
+    # written during a rolling upgrade or before a rollback: read as this build reads an
+    # errcode it does not know (wecom_error), with its backoff. Read as nothing, the
+    # state dropped the token beside it, still valid: an older replica called gettoken,
+    # and wrote a failed one's failure over the token for every replica.
+    try:
+        return msgspec.convert(_kind_known_here(msgspec.json.decode(raw or b"")), AppState)
+    except (msgspec.DecodeError, RecursionError):  # ValidationError is a DecodeError
         log.warning("token.state_undecodable")  # the next refresh overwrites it
         return None
+
+
+def _kind_known_here(state: Any) -> Any:
+    """``state`` (the JSON of an AppState) with a failure kind this build does not know
+    read as ``wecom_error``."""
+    match state:
+        case {"failure": {"failure": {"kind": str(kind)} as failure} as last} if kind not in _KINDS:
+            return {**state, "failure": {**last, "failure": {**failure, "kind": "wecom_error"}}}
+    return state
 
 
 def _decode_lock(raw: bytes | None) -> Lock | None:
