@@ -84,6 +84,25 @@ async def test_failures_an_operator_must_fix(nc: NATS, answer: Answer, kind: str
     assert (raised.value.kind, raised.value.errcode) == (kind, 40001)
 
 
+async def test_a_failure_of_a_kind_unknown_here_keeps_its_words_and_its_wait(
+    nc: NATS, answer: Answer
+) -> None:
+    """A token service of a newer build (a rolling upgrade, the sender not rolled yet)
+    answers a failure of a kind this build does not know: passing, as an errcode this
+    build does not know is (wecom_error), with the service's words and retry_after. As an
+    undecodable reply it was "bad token reply: Invalid enum value", and the sender
+    retried at its own pace, spending its deliveries, instead of waiting as told."""
+    await answer(
+        b'{"ok":false,"kind":"a_kind_of_a_newer_build","message":"its words",'
+        b'"errcode":40999,"retry_after":42.0}',
+        None,
+    )
+    with pytest.raises(TransientTokenError) as raised:
+        await TokenClient(nc, timeout=2).get(APP)
+    assert (raised.value.kind, str(raised.value)) == ("wecom_error", "its words")
+    assert raised.value.retry_after == 42.0
+
+
 async def test_a_token_is_answered(nc: NATS, answer: Answer) -> None:
     await answer(b'{"ok":true,"token":"t0k3n-value","expires_at":1.0}', None)
     assert await TokenClient(nc, timeout=2).get(APP) == "t0k3n-value"

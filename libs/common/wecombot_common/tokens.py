@@ -11,14 +11,15 @@ Failures arrive with a ``kind`` the caller can act on. Permanent until an operat
 (60020), ``unknown_app``. Transient (:class:`TransientTokenError`): ``rate_limited``
 (45009, 45033), ``network`` (-1, 5xx, no answer), ``unavailable`` (no token service),
 and ``wecom_error``: an errcode we do not know, or an HTTP status that is not WeCom's
-answer (a proxy's 403, a wrong ``WECOM_API_BASE``). It may pass, so a caller retries it
+answer (a proxy's 403, a wrong ``WECOM_API_BASE``), or a kind this build does not
+know (a newer token service's). It may pass, so a caller retries it
 and gives up only as it would on any passing failure (the sender: at a reply's last
 delivery, with the reason).
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, get_args
 
 import msgspec
 import nats.errors
@@ -103,6 +104,24 @@ _encoder = msgspec.json.Encoder()
 _reply_decoder = msgspec.json.Decoder(TokenReply)
 
 
+_KINDS = frozenset(get_args(ErrorKind))
+
+
+def _of_a_newer_build(data: bytes) -> TokenReply | None:
+    """A failure of a kind this build does not know, from a token service of a newer
+    build (a rolling upgrade, or a rollback of the callers): read as this build reads an
+    errcode it does not know (``wecom_error``: passing), with the service's words and its
+    ``retry_after``. Refused whole, it lost both: the caller retried at its own pace,
+    spending its deliveries, told only "bad token reply". None: not such a reply."""
+    try:
+        match msgspec.json.decode(data):
+            case {"kind": str(kind)} as reply if kind not in _KINDS:
+                return msgspec.convert({**reply, "kind": "wecom_error"}, TokenReply)
+    except (msgspec.DecodeError, RecursionError):  # ValidationError is a DecodeError
+        pass
+    return None
+
+
 # Longer than the token service may take to answer with its defaults: up to one refresh
 # waiting out a crashed holder's lock, then its own, 2 × (TOKEN_HTTP_TIMEOUT 10 + 2) =
 # 24 s. A caller that gave up sooner was told "unavailable" while the token was coming.
@@ -139,8 +158,13 @@ class TokenClient:
         try:
             reply = _reply_decoder.decode(msg.data)
         except msgspec.DecodeError as exc:
-            error = msg.headers.get("Nats-Service-Error") if msg.headers else None
-            raise TransientTokenError("unavailable", f"bad token reply: {error or exc}") from exc
+            newer = _of_a_newer_build(msg.data)
+            if newer is None:
+                error = msg.headers.get("Nats-Service-Error") if msg.headers else None
+                raise TransientTokenError(
+                    "unavailable", f"bad token reply: {error or exc}"
+                ) from exc
+            reply = newer
         if reply.ok and reply.token:
             return reply
         kind = reply.kind or "wecom_error"
