@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import re
+import sys
 import uuid
+from pathlib import Path
+from types import ModuleType
 
 import msgspec
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from wecombot_common import events
 from wecombot_common.events import (
     ConversationReset,
     DeliveryFailed,
@@ -203,3 +207,40 @@ def test_an_older_senders_part_has_no_span_and_a_newer_ones_reads_in_an_older_bu
         wecom_msgid: str
 
     assert msgspec.json.decode(encode_event(new), type=OlderPartDelivered).index == 1
+
+
+def _build_with_bumped(type_name: str, monkeypatch: pytest.MonkeyPatch) -> ModuleType:
+    """This events module as a newer build has it once ``type_name`` is bumped to
+    version 2 the way docs/architecture.md says: ``version: int = 2`` in its class."""
+    source = Path(events.__file__).read_text(encoding="utf-8")
+    head = f"class {type_name}(_Event, frozen=True, kw_only=True):\n"
+    assert source.count(head) == 1
+    newer = ModuleType("newer_events")
+    newer.__dict__["__package__"] = "wecombot_common"  # its relative imports
+    monkeypatch.setitem(sys.modules, newer.__name__, newer)  # msgspec reads its annotations
+    bumped = source.replace(head, head + "    version: int = 2\n")
+    exec(compile(bumped, "newer_events.py", "exec"), newer.__dict__)
+    return newer
+
+
+def test_a_bumped_type_is_newer_alone_and_its_older_events_still_read(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """One version for every type: bumping one made each event a newer build wrote
+    (its messages, its parts) unreadable to the older replicas beside it."""
+    newer = _build_with_bumped("ReplyGenerated", monkeypatch)
+    assert newer.VERSIONS["ReplyGenerated"] == 2
+    assert {v for k, v in newer.VERSIONS.items() if k != "ReplyGenerated"} == {1}
+    their_message = newer.encode_event(
+        newer.MessageReceived(
+            **msgspec.structs.asdict(MESSAGE) | {"payload": newer.TextPayload("hi")}
+        )
+    )
+    their_reply = newer.encode_event(newer.ReplyGenerated(**ENV, text="你好"))
+    assert decode_event(their_message) == MESSAGE  # every other type: as ours
+    with pytest.raises(
+        NewerEventError, match=r"'ReplyGenerated' \(version 2\) is newer than this build's 1"
+    ):
+        decode_event(their_reply)
+    ours = ReplyGenerated(**ENV, text="你好")
+    assert newer.decode_event(encode_event(ours)).text == "你好"  # the newer build reads ours

@@ -12,9 +12,11 @@ Envelope
     ``event_id``      unique id of this event (uuid; deterministic where a retry must
                       produce the same event, see :func:`derived_id`)
     ``type``          the event's class name (the tag)
-    ``version``       schema version of that type: bumped (``VERSION``) when older builds
-                      could not read it right (a new payload kind, a field whose meaning
-                      changes); an added optional field needs none (older builds ignore it)
+    ``version``       schema version of that type, its own (``VERSIONS``): bumped, for that
+                      type alone, when older builds could not read it right (a new payload
+                      kind, a field whose meaning changes), by declaring ``version: int =
+                      2`` in its class; an added optional field needs none (older builds
+                      ignore it)
     ``occurred_at``   UTC time the fact happened
     ``app``           the WeCom app, ``{corp_id}-{agent_id}`` (see settings.app_key)
     ``conversation``  the aggregate key: the WeCom UserID the conversation is with
@@ -48,6 +50,7 @@ from .errors import PermanentError
 
 __all__ = [
     "VERSION",
+    "VERSIONS",
     "ConversationReset",
     "DeliveryFailed",
     "Event",
@@ -182,10 +185,15 @@ Payload = (
 # ---------------------------------------------------------------- the envelope
 
 
-# The newest schema version this build reads and writes, of every type. An event of a
-# higher version, or of a type this build does not have, comes from a newer build during
-# a rolling upgrade: NewerEventError, handed back for a newer replica, never taken as
-# poison (see worker.PullWorker).
+# The version every type starts at. A type older builds could not read right is bumped
+# alone, in its class (``version: int = 2``; every field of an event is keyword-only, so
+# that one line goes anywhere in the class): VERSIONS has each type's, the newest this
+# build reads and writes. An event of a higher version than its type's, or of a type
+# this build does not have, comes from a newer build during a rolling upgrade:
+# NewerEventError, handed back for a newer replica, never taken as poison (see
+# worker.PullWorker). One number for every type made each bump a new version of all:
+# every event a newer build wrote, whatever its type, was handed back by the older
+# replicas (parked once their deliveries ran out) and skipped by their folds.
 VERSION = 1
 
 
@@ -203,7 +211,7 @@ class _Event(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", tag=Tr
     correlation_id: str
 
 
-class MessageReceived(_Event, frozen=True):
+class MessageReceived(_Event, frozen=True, kw_only=True):
     msg_type: str
     msg_id: str | None
     from_user: str
@@ -213,7 +221,7 @@ class MessageReceived(_Event, frozen=True):
     payload: Payload
 
 
-class ReplyGenerated(_Event, frozen=True):
+class ReplyGenerated(_Event, frozen=True, kw_only=True):
     text: str
     kind: Literal["answer", "notice"] = "answer"
     model: str | None = None
@@ -221,13 +229,13 @@ class ReplyGenerated(_Event, frozen=True):
     completion_tokens: int | None = None
 
 
-class ReplyFailed(_Event, frozen=True):
+class ReplyFailed(_Event, frozen=True, kw_only=True):
     reason: str
     attempts: int
     text: str
 
 
-class ConversationReset(_Event, frozen=True):
+class ConversationReset(_Event, frozen=True, kw_only=True):
     text: str
 
 
@@ -238,7 +246,7 @@ class ConversationReset(_Event, frozen=True):
 _Count = Annotated[int, msgspec.Meta(ge=0, le=1 << 20)]
 
 
-class PartDelivered(_Event, frozen=True):
+class PartDelivered(_Event, frozen=True, kw_only=True):
     reply_id: str
     index: _Count
     total: _Count
@@ -250,20 +258,20 @@ class PartDelivered(_Event, frozen=True):
     end: _Count | None = None
 
 
-class ReplyDelivered(_Event, frozen=True):
+class ReplyDelivered(_Event, frozen=True, kw_only=True):
     reply_id: str
     parts: _Count
     wecom_msgids: list[str]
 
 
-class DeliveryFailed(_Event, frozen=True):
+class DeliveryFailed(_Event, frozen=True, kw_only=True):
     reply_id: str
     errcode: int
     reason: str
     parts_delivered: _Count
 
 
-class ReplyRequeued(_Event, frozen=True):
+class ReplyRequeued(_Event, frozen=True, kw_only=True):
     """An operator asked for a reply whose delivery failed to be delivered again
     (``wecombot dlq replay``): the sender resumes it after its last recorded part."""
 
@@ -287,7 +295,14 @@ _encoder = msgspec.json.Encoder()
 _decoder: msgspec.json.Decoder[Event] = msgspec.json.Decoder(Event)
 
 
-_TYPES = frozenset(t.__name__ for t in get_args(Event))
+def _version_of(kind: type[_Event]) -> int:
+    [field] = [f for f in msgspec.structs.fields(kind) if f.name == "version"]
+    assert isinstance(field.default, int)
+    return field.default
+
+
+VERSIONS: dict[str, int] = {t.__name__: _version_of(t) for t in get_args(Event)}
+_TYPES = frozenset(VERSIONS)
 
 
 class EventDecodeError(PermanentError):
@@ -324,7 +339,7 @@ def decode_event(data: bytes) -> Event:
         raise _undecodable(data, exc) from exc
     except RecursionError:  # JSON nested deeper than msgspec follows: never an event
         raise EventDecodeError("undecodable event: nested too deeply") from None
-    if event.version > VERSION:
+    if event.version > VERSIONS[type(event).__name__]:
         raise _newer(type(event).__name__, event.version)
     return event
 
@@ -335,13 +350,17 @@ def _undecodable(data: bytes, exc: msgspec.DecodeError) -> EventDecodeError:
         peek = msgspec.json.decode(data, type=_Peek)
     except (msgspec.DecodeError, RecursionError):
         return EventDecodeError(f"undecodable event: {exc}")
-    if peek.type not in _TYPES or peek.version > VERSION:
+    if peek.type not in _TYPES or peek.version > VERSIONS[peek.type]:
         return _newer(peek.type, peek.version)
     return EventDecodeError(f"undecodable event: {exc}")
 
 
 def _newer(name: str, version: int) -> NewerEventError:
-    known = "unknown to this build" if name not in _TYPES else f"newer than this build's {VERSION}"
+    known = (
+        "unknown to this build"
+        if name not in _TYPES
+        else f"newer than this build's {VERSIONS[name]}"
+    )
     return NewerEventError(
         f"event type {name[:60]!r} (version {version}) is {known}: written by a newer one?"
     )
