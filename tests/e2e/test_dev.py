@@ -59,7 +59,13 @@ def test_dev_runs_the_whole_system_with_no_settings(tmp_path: Path) -> None:
 
 
 def _run_the_sandbox(tmp_path: Path, gateway_port: int) -> None:
-    dev = DevProcess(tmp_path, GATEWAY_PORT=str(gateway_port), WECOMBOT_HEALTH_PORT="0")
+    # GATEWAY_CALLBACK_PATH exported empty: the default path, which dev said without it
+    dev = DevProcess(
+        tmp_path,
+        GATEWAY_PORT=str(gateway_port),
+        WECOMBOT_HEALTH_PORT="0",
+        GATEWAY_CALLBACK_PATH="",
+    )
     out = dev.out
     try:
         nats_url = out.wait_for(r"embedded nats-server at (nats://127\.0\.0\.1:\d+)").group(1)
@@ -67,7 +73,9 @@ def _run_the_sandbox(tmp_path: Path, gateway_port: int) -> None:
         out.wait_for(rf"4222 was taken: .* need NATS_URL={re.escape(nats_url)} to reach")
         out.wait_for(r"SANDBOX MODE")
         out.wait_for(r"OFFLINE model")
-        out.wait_for(r"gateway callback URL")
+        out.wait_for(
+            rf"gateway callback URL: http://127\.0\.0\.1:{gateway_port}/wecom/callback\s*$"
+        )
         out.wait_for(r"metrics: http://127\.0\.0\.1:\d+/metrics \(gateway; the others are off")
         sandbox = json.loads((tmp_path / "data" / "sandbox.json").read_text())
         wecom = CallbackBuilder(

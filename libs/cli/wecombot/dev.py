@@ -47,6 +47,7 @@ from wecombot_common.runtime import cancel_until_done
 from wecombot_common.settings import EnvReader, NatsSettings, app_key
 from wecombot_common.sim.callbacks import CallbackBuilder
 from wecombot_common.sim.wecom_api import SentMessage, SimulatedWeComApi
+from wecombot_gateway.settings import read_callback_path
 from wecombot_llm.settings import ModelSettings
 
 from .console import Console, ConsoleConfig
@@ -222,7 +223,7 @@ async def start_console(
     env: Mapping[str, str], port: int, sandbox: Sandbox, sim: SimulatedWeComApi
 ) -> Console:
     gw_port = env.get("GATEWAY_PORT") or "8080"
-    path = env.get("GATEWAY_CALLBACK_PATH") or "/wecom/callback"
+    path = read_callback_path(EnvReader(dict(env)))  # as the gateway reads it
     label, offline = model_label(env)
     config = ConsoleConfig(
         port=port,
@@ -465,7 +466,9 @@ async def _run(
         sup.health_ports = health_ports(env)
         for service in SERVICES:
             await sup.start(service)
-        path = env.get("GATEWAY_CALLBACK_PATH", "/wecom/callback")
+        # As the gateway reads it: an empty GATEWAY_CALLBACK_PATH is the default path (the
+        # URL said had none, where the gateway served the default).
+        path = read_callback_path(EnvReader(dict(env)))
         sup.say(f"gateway callback URL: http://127.0.0.1:{gw_port}{path}")
         sup.say(f"metrics: {_metrics_urls(gw_port, sup.health_ports)}")
         if console is not None:
