@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pty
 import socket
 import subprocess
 import sys
@@ -158,6 +159,23 @@ def test_output_to_a_reader_that_went_away_does_not_stop_dev(
     monkeypatch.undo()
     with contextlib.suppress(BrokenPipeError):
         broken.close()
+
+
+def test_output_to_a_terminal_that_was_closed_does_not_stop_dev(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Closing the terminal (README: it stops as Ctrl-C does): every write to it fails
+    with EIO, not EPIPE. An OSError out of say() ended the stop half-way ("llm did not
+    stop in time"): the other services and the nats-server were left running, and dev
+    hung for good waiting for the broker to exit."""
+    master, slave = pty.openpty()
+    os.close(master)  # the terminal is gone
+    closed = os.fdopen(slave, "w")
+    monkeypatch.setattr(sys, "stdout", closed)
+    Supervisor({}, DataDirLock(tmp_path)).say("llm did not stop in time: killing it")
+    monkeypatch.undo()
+    with contextlib.suppress(OSError):
+        closed.close()
 
 
 def test_a_port_whose_last_connection_is_in_time_wait_is_free() -> None:

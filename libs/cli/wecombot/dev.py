@@ -177,8 +177,9 @@ async def _log_sandbox_sends(api: SimulatedWeComApi) -> None:
 
 def _out(text: str) -> None:
     """Write to our stdout; a reader gone away (``make run | head``, ``| tee`` stopped by
-    the same Ctrl-C) must not stop the supervisor before it stopped what it started."""
-    with contextlib.suppress(BrokenPipeError, ValueError):  # ValueError: stdout closed
+    the same Ctrl-C: EPIPE; the terminal closed: EIO) must not stop the supervisor before
+    it stopped what it started."""
+    with contextlib.suppress(OSError, ValueError):  # ValueError: stdout closed
         sys.stdout.write(text)
         sys.stdout.flush()
 
