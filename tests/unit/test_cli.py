@@ -117,3 +117,16 @@ def test_a_misspelt_name_in_dotenv_is_said_with_the_one_meant() -> None:
     assert misspelt(["WECOMBOT_SOMETHING_ELSE_ENTIRELY"]) == [
         "./.env sets WECOMBOT_SOMETHING_ELSE_ENTIRELY, which is no setting: it does nothing"
     ]
+
+
+def test_a_setting_in_the_wrong_case_in_dotenv_is_said() -> None:
+    """Names are case-sensitive: ``openai_api_key=sk-…`` in ./.env left the llm on the
+    offline model, and ``log_level=debug`` did nothing, both without a word."""
+    from wecombot.names import misspelt
+
+    assert misspelt(["openai_api_key", "Log_Level", "llm_max_concurency", "log_file"]) == [
+        "./.env sets openai_api_key, which is no setting (OPENAI_API_KEY?): it does nothing",
+        "./.env sets Log_Level, which is no setting (LOG_LEVEL?): it does nothing",
+        "./.env sets llm_max_concurency, which is no setting (LLM_MAX_CONCURRENCY?): "
+        "it does nothing",
+    ]  # log_file: nothing of ours is close, it may well be another program's

@@ -99,8 +99,13 @@ def misspelt(names: Iterable[str]) -> list[str]:
     known = known_settings()
     said = []
     for name in names:
-        if name.startswith(PREFIXES) and name not in known:
-            close = difflib.get_close_matches(name, known, n=1, cutoff=0.8)
+        # Names are case-sensitive: ``openai_api_key`` is none either. In another case
+        # only one close to a setting is said: ``log_file`` may be another program's.
+        upper = name.upper()
+        if upper.startswith(PREFIXES) and name not in known:
+            close = difflib.get_close_matches(upper, known, n=1, cutoff=0.8)
+            if not close and name != upper:
+                continue
             meant = f" ({close[0]}?)" if close else ""
             said.append(f"./.env sets {name}, which is no setting{meant}: it does nothing")
     return said
