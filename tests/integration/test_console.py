@@ -4,6 +4,7 @@ simulated WeCom API; the page's stream read as Server-Sent Events over real HTTP
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 from collections.abc import AsyncIterator
@@ -20,6 +21,7 @@ from wecombot.console import Console, ConsoleConfig
 from wecombot_common.settings import EnvReader, NatsSettings
 from wecombot_common.sim.callbacks import CallbackBuilder
 from wecombot_common.sim.wecom_api import SimulatedWeComApi
+from wecombot_llm.gate import GatePolicy
 
 pytestmark = pytest.mark.integration
 
@@ -32,10 +34,11 @@ async def console(nats_server: NatsHandle) -> AsyncIterator[Console]:
 
 @asynccontextmanager
 async def running_console(
-    nats_server: NatsHandle, *, proxy: str | None = None
+    nats_server: NatsHandle, *, proxy: str | None = None, gate: GatePolicy | None = None
 ) -> AsyncIterator[Console]:
     """``proxy``: the environment's HTTP proxy while the console starts (and builds its
-    client), without NO_PROXY; the gateway and this test's own clients are not behind it."""
+    client), without NO_PROXY; the gateway and this test's own clients are not behind it.
+    ``gate``: the llm's, as dev reads it (LLM_USER_RATE_PER_MINUTE, LLM_ALLOWED_USERS)."""
     async with (
         running_gateway(nats_server.url) as gateway,
         SimulatedWeComApi(corp_id=CORP, secret=SECRET, agent_id=AGENT) as wecom,
@@ -50,6 +53,8 @@ async def running_console(
             model="offline echo model",
             offline=True,
         )
+        if gate is not None:
+            config = dataclasses.replace(config, gate=gate)
         builder = CallbackBuilder(corp_id=CORP, agent_id=AGENT, token=TOKEN, encoding_aes_key=KEY)
         console = Console(config, builder, wecom)
         unset = {name: "" for name in ("no_proxy", "NO_PROXY", "all_proxy", "ALL_PROXY")}
@@ -270,3 +275,57 @@ async def test_the_page_is_served_without_external_assets(console: Console) -> N
     assert page.status_code == script.status_code == style.status_code == 200
     for text in (page.text, script.text, style.text):
         assert "https://" not in text and "http://" not in text
+
+
+@pytest.mark.parametrize(
+    ("gate", "silent", "why"),
+    [
+        (
+            GatePolicy(rate_per_minute=1),
+            [2],  # the first is answered, the second gets the notice
+            "over LLM_USER_RATE_PER_MINUTE (1), and told so once already this minute",
+        ),
+        (
+            GatePolicy(allowed_users=frozenset({"boss"})),
+            [1, 2],  # the first gets the refusal
+            "not in LLM_ALLOWED_USERS, and refused once already today",
+        ),
+    ],
+    ids=["over-the-rate", "not-allowed"],
+)
+async def test_a_message_the_llm_leaves_unanswered_is_said(
+    nats_server: NatsHandle, gate: GatePolicy, silent: list[int], why: str
+) -> None:
+    """The llm appends nothing for a message its gate silences (the user was told once):
+    the page showed a reply coming for ever. What gets the llm's notice is not said."""
+    async with (
+        running_console(nats_server, gate=gate) as console,
+        httpx.AsyncClient(base_url=console.url.rstrip("/"), timeout=15) as http,
+        http.stream("GET", "/api/stream") as response,
+    ):
+        stream = Stream(response)
+        msg_ids = []
+        for text in ("一", "二", "三"):
+            sent = await post(console, "/api/send", {"user": "li.si", "text": text})
+            msg_ids.append(sent.json()["msg_id"])
+            await stream.until("event", type="MessageReceived")
+        async with asyncio.timeout(15):
+            while len(said := [i for i in stream.items if i["kind"] == "silenced"]) < len(silent):
+                await stream.next()
+        assert [s["data"] for s in said] == [
+            {"user": "li.si", "msg_id": msg_ids[i], "why": why} for i in silent
+        ]
+
+
+async def test_the_gateway_not_ready_is_said_with_its_reason(
+    nats_server: NatsHandle, console: Console, stream: Stream
+) -> None:
+    """NATS away, the badge said "gateway starting…" and nothing of NATS."""
+    await stream.until("gateway", state="ready")
+    nats_server.stop()
+    try:
+        away = await stream.until("gateway", state="not ready")
+        assert away["data"]["detail"] == "NATS is not connected"
+    finally:
+        nats_server.start()
+    await stream.until("gateway", state="ready", detail="")

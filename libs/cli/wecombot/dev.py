@@ -48,7 +48,7 @@ from wecombot_common.settings import EnvReader, NatsSettings, app_key
 from wecombot_common.sim.callbacks import CallbackBuilder
 from wecombot_common.sim.wecom_api import SentMessage, SimulatedWeComApi
 from wecombot_gateway.settings import read_callback_path
-from wecombot_llm.settings import ModelSettings
+from wecombot_llm.settings import ModelSettings, ReplyPolicy
 
 from .console import Console, ConsoleConfig
 from .devlock import NATS_SERVER, DataDirLock
@@ -226,6 +226,7 @@ async def start_console(
     gw_port = env.get("GATEWAY_PORT") or "8080"
     path = read_callback_path(EnvReader(dict(env)))  # as the gateway reads it
     label, offline = model_label(env)
+    policy = ReplyPolicy.read(EnvReader(dict(env)))  # the llm's: the console tells its gate's
     config = ConsoleConfig(
         port=port,
         callback_url=f"http://127.0.0.1:{gw_port}{path}",
@@ -235,6 +236,8 @@ async def start_console(
         corp_id=sandbox.corp_id,
         model=label,
         offline=offline,
+        gate=policy.gate,
+        welcome=policy.welcome_message is not None,
     )
     builder = CallbackBuilder(
         corp_id=sandbox.corp_id,

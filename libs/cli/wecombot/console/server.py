@@ -14,7 +14,10 @@ Items (``kind``): ``said`` (a callback the console built), ``callback`` (the gat
 answer to one POST of it), ``event`` (a JetStream event, from an ordered consumer on
 ``wecombot.conv.>``), ``sent`` (a message the simulated ``message/send`` accepted: what
 the WeCom user sees), ``api`` (any call to the simulated WeCom API and its errcode),
-``switch`` (a fault injected from the page), ``stats`` and ``gateway`` (state).
+``switch`` (a fault injected from the page), ``silenced`` (a stored message the llm
+leaves unanswered, and why: the page would wait for its reply forever), ``stats`` and
+``gateway`` (state: ``starting``, ``ready``, ``not ready`` with the gateway's reason,
+``down``).
 
 It listens on 127.0.0.1 only and refuses other Host headers (DNS rebinding) and POSTs
 that are not JSON (cross-site forms): it can inject faults, so it is not for a network.
@@ -38,21 +41,35 @@ from typing import Any
 
 import httpx
 import msgspec
+import nats.errors
+import structlog
 from aiohttp import web
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js.api import DeliverPolicy
 
 from wecombot_common import bus, topology
-from wecombot_common.events import EventDecodeError, decode_event
+from wecombot_common.events import (
+    EventDecodeError,
+    MessageReceived,
+    WeComEventPayload,
+    decode_event,
+)
 from wecombot_common.http import LocalSite
 from wecombot_common.runtime import cancel_until_done
 from wecombot_common.settings import NatsSettings
 from wecombot_common.sim.callbacks import Callback, CallbackBuilder
 from wecombot_common.sim.wecom_api import ApiCall, SentMessage, SimulatedWeComApi
+from wecombot_common.topology import ConversationRef
+from wecombot_llm.conversation import Conversation
+from wecombot_llm.decide import requires_outcome
+from wecombot_llm.gate import GatePolicy, Verdict
+from wecombot_llm.settings import ReplyPolicy
 from wecombot_sender.errcodes import ErrorClass, classify, explain
 
 __all__ = ["Console", "ConsoleConfig", "Hub"]
+
+log = structlog.get_logger(__name__)
 
 STATIC_DIR = Path(__file__).parent / "static"
 RETRY_AFTER_S = 5.0  # WeCom gives up on a callback after 5 s and posts it again
@@ -116,6 +133,11 @@ class ConsoleConfig:
     model: str  # what answers: "offline echo model" or "<model> at <host>"
     offline: bool
     host: str = "127.0.0.1"
+    # The llm's gate (LLM_USER_RATE_PER_MINUTE, LLM_ALLOWED_USERS) and whether it has a
+    # welcome (LLM_WELCOME_MESSAGE): what the llm's own fold needs to tell a message it
+    # leaves unanswered (``silenced``).
+    gate: GatePolicy = dataclasses.field(default_factory=lambda: ReplyPolicy().gate)
+    welcome: bool = False
 
 
 class Console:
@@ -130,6 +152,8 @@ class Console:
         self.hub = Hub()
         self.port = config.port
         self.gateway = "starting"
+        self.gateway_detail = ""  # the gateway's own reason when it is not ready
+        self._was_ready = False
         self._boot = secrets.token_hex(4)
         self._events = itertools.count(1)
         self._nc: NATS | None = None
@@ -208,6 +232,47 @@ class Console:
         else:
             data.update(type=type(event).__name__, event=msgspec.to_builtins(event))
         self.hub.publish("event", data)
+        if isinstance(event, MessageReceived):
+            self._spawn(self._say_if_silenced(event, meta.sequence.stream))
+
+    async def _say_if_silenced(self, received: MessageReceived, seq: int) -> None:
+        """A ``silenced`` item when the llm will append nothing for ``received``: a user
+        over the rate or not allowed, told so once already, or welcomed today (the page
+        showed a reply coming for ever). The llm's verdict is its own fold's over the
+        same log: its gate depends on the conversation's earlier events alone."""
+        welcome = self.config.welcome
+
+        def needs_outcome(message: MessageReceived) -> bool:
+            return requires_outcome(message, welcome=welcome)
+
+        if not needs_outcome(received) or self._nc is None:
+            return
+        conv = Conversation(needs_outcome=needs_outcome, gate_policy=self.config.gate)
+        read = bus.read_conversation(self._nc.jetstream(), ConversationRef.of(received), reach=seq)
+        try:
+            async for stored in read:
+                conv.apply(stored)
+                if stored.seq >= seq:
+                    break
+        except (TimeoutError, nats.errors.Error) as exc:  # the page just keeps waiting
+            log.warning("console.conversation_unread", reason=f"{type(exc).__name__}: {exc}")
+            return
+        if conv.verdict(received.event_id) is not Verdict.SILENT:
+            return
+        gate = self.config.gate
+        if not gate.allows(received.from_user):
+            why = "not in LLM_ALLOWED_USERS, and refused once already today"
+        elif isinstance(received.payload, WeComEventPayload):
+            why = "welcomed once already today"
+        else:
+            why = (
+                f"over LLM_USER_RATE_PER_MINUTE ({gate.rate_per_minute}), and told so "
+                "once already this minute"
+            )
+        self.hub.publish(
+            "silenced",
+            {"user": received.conversation, "msg_id": received.correlation_id, "why": why},
+        )
 
     async def _pump_sent(self) -> None:
         queue = self.wecom.subscribe()
@@ -236,14 +301,21 @@ class Console:
         """Poll the gateway's /readyz so the page can say when callbacks will be stored."""
         assert self._http is not None
         while True:
+            detail = ""
             try:
                 response = await self._http.get(self.config.ready_url, timeout=2.0)
-                state = "ready" if response.status_code == 200 else "starting"
+                if response.status_code == 200:
+                    state = "ready"
+                    self._was_ready = True
+                elif self._was_ready:  # NATS away, say: the gateway answers 503 meanwhile
+                    state, detail = "not ready", _readiness_detail(response)
+                else:
+                    state = "starting"
             except httpx.HTTPError:
-                state = "down" if self.gateway == "ready" else "starting"
-            if state != self.gateway:
-                self.gateway = state
-                self.hub.publish("gateway", {"state": state})
+                state = "down" if self._was_ready else "starting"
+            if (state, detail) != (self.gateway, self.gateway_detail):
+                self.gateway, self.gateway_detail = state, detail
+                self.hub.publish("gateway", {"state": state, "detail": detail})
             await asyncio.sleep(0.25 if state != "ready" else 2.0)
 
     def _stats(self) -> dict[str, Any]:
@@ -265,6 +337,7 @@ class Console:
             "offline": self.config.offline,
             "callback_url": self.config.callback_url,
             "gateway": self.gateway,
+            "gateway_detail": self.gateway_detail,
             "retry_after_s": RETRY_AFTER_S,
             "stats": self._stats(),
             "errcodes": [
@@ -427,6 +500,16 @@ class Console:
         stats = self._stats()
         self.hub.publish("stats", stats)
         return web.json_response({"ok": True, "text": text, "stats": stats})
+
+
+def _readiness_detail(response: httpx.Response) -> str:
+    """The gateway's reason for not being ready (/readyz: {"status", "detail"})."""
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    detail = body.get("detail") if isinstance(body, dict) else None
+    return str(detail)[:200] if detail else f"/readyz answered HTTP {response.status_code}"
 
 
 def _sse(event: str, data: dict[str, Any], item_id: int | None = None) -> bytes:

@@ -439,7 +439,13 @@
   }
 
   function onGateway(d) {
-    const text = { ready: "gateway ready", starting: "gateway starting…", down: "gateway down" }[d.state];
+    const text = {
+      ready: "gateway ready",
+      starting: "gateway starting…",
+      down: "gateway down",
+      // NATS away, say: callbacks are answered 503 (WeCom retries) until it is back
+      "not ready": `gateway not ready: ${d.detail || "see its log"}`,
+    }[d.state];
     setGateway(d.state, text || d.state);
     if (d.state === "ready") hint("Each message becomes a signed, encrypted callback posted to the gateway.");
   }
@@ -471,7 +477,7 @@
       }
     }
     onStats(h.stats);
-    onGateway({ state: h.gateway });
+    onGateway({ state: h.gateway, detail: h.gateway_detail });
   }
 
   function onItem(item) {
@@ -493,6 +499,10 @@
         return onStats(d);
       case "gateway":
         return onGateway(d);
+      case "silenced":
+        // The llm appends nothing for it: no reply is coming.
+        await_(d.user, d.msg_id, false);
+        return notice(d.user, `No reply to this one: ${d.why}. The llm appends nothing for it.`);
       default:
         return undefined;
     }
