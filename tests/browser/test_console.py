@@ -215,6 +215,27 @@ def test_the_apps_menu_runs_its_commands(page: Page) -> None:
     expect(bot).to_have_count(2, timeout=WAIT_MS)
 
 
+def test_a_message_the_llm_leaves_unanswered_ends_its_typing_bubble(page: Page) -> None:
+    """Over the rate (10 a minute by default), the first message gets the llm's notice
+    and the next none at all: its "…" bubble stayed for ever, and after a reload."""
+    from playwright.sync_api import expect
+
+    chat_as(page, "fast.typist")
+    for i in range(12):
+        say(page, f"第 {i + 1} 条")
+    notices = page.locator('.thread[data-user="fast.typist"] .notice')
+    expect(notices).to_contain_text(
+        "No reply to this one: over LLM_USER_RATE_PER_MINUTE (10)", timeout=WAIT_MS
+    )
+    expect(page.locator(rows("fast.typist", "ReplyDelivered"))).to_have_count(11, timeout=WAIT_MS)
+    typing = page.locator('.thread[data-user="fast.typist"] .typing-row')
+    expect(typing).to_have_count(0)
+    page.reload()  # the page replays the session: still no bubble
+    chat_as(page, "fast.typist")
+    expect(page.locator('.thread[data-user="fast.typist"] .notice')).to_have_count(1)
+    expect(typing).to_have_count(0)
+
+
 def test_switches_make_wecom_misbehave(page: Page) -> None:
     from playwright.sync_api import expect
 
