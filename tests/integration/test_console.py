@@ -7,8 +7,10 @@ import asyncio
 import dataclasses
 import json
 import os
+import signal
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 from unittest import mock
 
@@ -17,7 +19,9 @@ import pytest
 
 from tests.conftest import NatsHandle, free_port
 from tests.integration.wecom_app import AGENT, CORP, KEY, SECRET, TOKEN, running_gateway
+from tests.waiting import until
 from wecombot.console import Console, ConsoleConfig
+from wecombot_common.embedded import EmbeddedNats
 from wecombot_common.settings import EnvReader, NatsSettings
 from wecombot_common.sim.callbacks import CallbackBuilder
 from wecombot_common.sim.wecom_api import SimulatedWeComApi
@@ -329,3 +333,34 @@ async def test_the_gateway_not_ready_is_said_with_its_reason(
     finally:
         nats_server.start()
     await stream.until("gateway", state="ready", detail="")
+
+
+async def test_the_consoles_nats_client_closed_for_good_is_said(tmp_path: Path) -> None:
+    """nats-py closes a client for good on an -ERR from the broker: the event log just
+    stopped moving, with 'gateway ready' still showing. Here its payload limit is lowered
+    by a reload, as an operator may, and the console's client sends past it."""
+    conf = tmp_path / "nats.conf"
+    conf.write_text("max_payload: 1MB\n", encoding="utf-8")
+    broker = EmbeddedNats(tmp_path / "nats", config_file=conf, log_file=tmp_path / "nats.log")
+    broker.start()
+    try:
+        async with running_console(NatsHandle(broker, broker.url)) as console:
+            conf.write_text("max_payload: 1KB\n", encoding="utf-8")
+            assert broker.process is not None and broker.log_file is not None
+            log = broker.log_file
+            broker.process.send_signal(signal.SIGHUP)
+            await until(
+                lambda: "Reloaded: max_payload = 1024" in log.read_text(encoding="utf-8"),
+                timeout=10,
+                what="the broker to reload its configuration",
+            )
+            assert console._nc is not None
+            await console._nc.publish("wecombot.nowhere", b"x" * 2048)  # the -ERR
+            async with (
+                httpx.AsyncClient(base_url=console.url.rstrip("/"), timeout=15) as http,
+                http.stream("GET", "/api/stream") as response,
+            ):
+                lost = await Stream(response).until("nats", state="lost")
+            assert "closed for good" in lost["data"]["reason"], lost
+    finally:
+        broker.stop()

@@ -14,7 +14,8 @@ Items (``kind``): ``said`` (a callback the console built), ``callback`` (the gat
 answer to one POST of it), ``event`` (a JetStream event, from an ordered consumer on
 ``wecombot.conv.>``), ``sent`` (a message the simulated ``message/send`` accepted: what
 the WeCom user sees), ``api`` (any call to the simulated WeCom API and its errcode),
-``switch`` (a fault injected from the page), ``silenced`` (a stored message the llm
+``switch`` (a fault injected from the page), ``nats`` (the console's NATS client closed
+for good: the event log stops), ``silenced`` (a stored message the llm
 leaves unanswered, and why: the page would wait for its reply forever), ``stats`` and
 ``gateway`` (state: ``starting``, ``ready``, ``not ready`` with the gateway's reason,
 ``down``).
@@ -170,7 +171,7 @@ class Console:
         # Only ever the gateway on this machine: never the environment's proxy (one
         # without NO_PROXY took every callback there, reported as the gateway unreachable).
         self._http = httpx.AsyncClient(timeout=httpx.Timeout(CALLBACK_TIMEOUT_S), trust_env=False)
-        self._nc = await bus.connect(self.config.nats, "wecombot-console")
+        self._nc = await bus.connect(self.config.nats, "wecombot-console", on_lost=self._lost)
         js = self._nc.jetstream()
         await bus.ensure_topology(js, self.config.nats)
         # An ordered consumer: ephemeral, flow-controlled, re-created by the client on a
@@ -201,6 +202,11 @@ class Console:
                 await self._nc.close()
         if self._http is not None:
             await self._http.aclose()
+
+    def _lost(self, reason: str) -> None:
+        """nats-py closed the console's client for good (an -ERR from the broker): the
+        event log stops. Said on the page, where it only stopped moving."""
+        self.hub.publish("nats", {"state": "lost", "reason": reason})
 
     def _spawn(self, coro: Awaitable[None]) -> None:
         task: asyncio.Task[None] = asyncio.ensure_future(coro)

@@ -439,6 +439,7 @@
   }
 
   function onGateway(d) {
+    if (state.natsLost) return; // the page says that, whatever the gateway's state
     const text = {
       ready: "gateway ready",
       starting: "gateway starting…",
@@ -499,6 +500,11 @@
         return onStats(d);
       case "gateway":
         return onGateway(d);
+      case "nats":
+        // Closed for good by nats-py (an -ERR from the broker): nothing more will show.
+        state.natsLost = true;
+        setGateway("down", "console lost NATS");
+        return hint(`The console's NATS connection closed for good (${d.reason}): the event log stopped. Restart wecombot dev.`, true);
       case "silenced":
         // The llm appends nothing for it: no reply is coming.
         await_(d.user, d.msg_id, false);
