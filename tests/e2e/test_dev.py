@@ -97,13 +97,17 @@ def _run_the_sandbox(tmp_path: Path, gateway_port: int) -> None:
         assert _listening(gateway_port) == {"127.0.0.1"}
         check = wecom.verify_url("1616140317555161061")
         assert httpx.get(url, params=check).text == "1616140317555161061"
-        callback = wecom.text("zhang.san", "hello from the sandbox")
+        callback = wecom.text("zhang.san", "hello from the sandbox\nin two lines")
         response = httpx.post(
             url, params=callback.query, content=callback.body, headers={"Content-Type": "text/xml"}
         )
         assert response.status_code == 200
         assert response.text == ""
-        out.wait_for(r"message/send → zhang\.san: .*hello from the sandbox", timeout=30)
+        # the reply on one line of the terminal, with its size
+        out.wait_for(
+            r"message/send → zhang\.san: .*hello from the sandbox in two lines.* \(\d+ B\)$",
+            timeout=30,
+        )
         metrics = httpx.get(f"http://127.0.0.1:{gateway_port}/metrics").text
         assert 'wecombot_gateway_callbacks_total{result="stored"} 1.0' in metrics
     finally:

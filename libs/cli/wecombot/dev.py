@@ -54,7 +54,7 @@ from .console import Console, ConsoleConfig
 from .devlock import NATS_SERVER, DataDirLock
 from .doctor import check_nats, check_settings
 from .names import misspelt
-from .shared import WECOM_KEYS, read_dotenv
+from .shared import WECOM_KEYS, clip, read_dotenv
 
 __all__ = ["main"]
 
@@ -172,7 +172,10 @@ async def _log_sandbox_sends(api: SimulatedWeComApi) -> None:
     queue = api.subscribe()
     while True:
         msg: SentMessage = await queue.get()
-        _out(f"{'[wecom]':<10} message/send → {msg.touser}: {msg.content}\n")
+        # One line each, clipped: a reply's lines went out unprefixed among the services'
+        # logs, and a long reply's parts filled the terminal (the console shows it whole).
+        size = len(msg.content.encode())
+        _out(f"{'[wecom]':<10} message/send → {msg.touser}: {clip(msg.content, 100)} ({size} B)\n")
 
 
 def _out(text: str) -> None:
