@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import pytest
 
-from tests.loopback import raw_http, read_request
+from tests.loopback import answer, raw_http, read_request
 from wecombot_common.settings import Secret, WeComApiSettings
 from wecombot_token.domain import Failure
 from wecombot_token.source import WeComTokenSource
@@ -50,3 +51,32 @@ async def test_a_redirect_is_not_followed_and_points_at_the_api_base() -> None:
     assert failure.kind == "wecom_error" and "HTTP 302" in failure.message
     assert "WECOM_API_BASE" in failure.message and SECRET not in failure.message
     assert elsewhere == []
+
+
+async def test_an_answer_past_the_limit_is_not_read_on() -> None:
+    """Read whole, an answer of any size was held in memory (a gzip bomb of 1 MB took
+    the token service to 2.1 GB): what a wrong WECOM_API_BASE or a broken proxy may
+    serve. Past the limit it is refused as it arrives, even when it would have decoded
+    as a token; and it is asked for uncoded."""
+    heads: list[bytes] = []
+    padded = b" " * (1 << 20) + b'{"errcode":0,"access_token":"tok-abcdef","expires_in":7200}'
+
+    async def wecom(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head, _ = await read_request(reader)
+        heads.append(head.lower())
+        with contextlib.suppress(ConnectionError):
+            await answer(writer, 200, padded, "application/json")
+        writer.close()
+
+    async with raw_http(wecom) as base:
+        api = WeComApiSettings(
+            corp_id="ww1", agent_id=1000002, secret=Secret(SECRET), api_base=base
+        )
+        source = WeComTokenSource(api, timeout_s=3)
+        try:
+            failure = await source.fetch()
+        finally:
+            await source.aclose()
+    assert isinstance(failure, Failure)
+    assert "gettoken answered a body over 64 KiB" in failure.message
+    assert b"accept-encoding: identity\r\n" in heads[0]

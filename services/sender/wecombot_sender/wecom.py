@@ -33,6 +33,7 @@ from wecombot_common.logs import redact, register_secret
 from wecombot_common.metrics import SENDER_WECOM_ERRORS
 from wecombot_common.proxy import client_options
 from wecombot_common.settings import WeComApiSettings
+from wecombot_common.wecom_http import UNCODED, AnswerTooLarge, send_capped
 
 from .errcodes import BUSY, ErrorClass, classify, explain
 from .errors import SendError, SendRejected, SendRetryable, TokenRejected
@@ -93,6 +94,7 @@ class HttpMessageApi:
         self._timeout_s = timeout_s
         self._url = f"{settings.api_base}/cgi-bin/message/send"
         self._client = httpx.AsyncClient(
+            headers=UNCODED,
             timeout=httpx.Timeout(timeout_s, connect=min(timeout_s, 5.0)),
             limits=httpx.Limits(max_connections=256, max_keepalive_connections=64),
             follow_redirects=False,
@@ -129,14 +131,21 @@ class HttpMessageApi:
         try:
             # The whole call, at most twice the timeout: httpx's is per read, and an answer
             # trickled a byte at a time held the reply (and the user's next ones) for as
-            # long as it lasted.
+            # long as it lasted. The body is read up to a limit (wecom_http): a body of
+            # any size was held whole, for each send in flight.
             async with asyncio.timeout(2 * self._timeout_s):
-                response = await self._client.post(
-                    self._url,
-                    params={"access_token": token},
-                    content=body,
-                    headers={"Content-Type": "application/json; charset=utf-8"},
+                status, answered = await send_capped(
+                    self._client,
+                    self._client.build_request(
+                        "POST",
+                        self._url,
+                        params={"access_token": token},
+                        content=body,
+                        headers={"Content-Type": "application/json; charset=utf-8"},
+                    ),
                 )
+        except AnswerTooLarge as exc:
+            raise SendRetryable(BUSY, f"WeCom answered {exc}", maybe_delivered=True) from exc
         except TimeoutError as exc:
             reason = f"WeCom's answer did not arrive whole within {2 * self._timeout_s:g}s"
             raise SendRetryable(BUSY, reason, maybe_delivered=True) from exc
@@ -152,13 +161,13 @@ class HttpMessageApi:
             # with no retry here and no DeliveryFailed at the last delivery.
             reason = f"WeCom's answer could not be read ({type(exc).__name__})"
             raise SendRetryable(BUSY, reason, maybe_delivered=True) from exc
-        if response.status_code != 200:
+        if status != 200:
             # WeCom answers 200 with an errcode; anything else is a proxy or front end
             # having a bad moment (or a wrong WECOM_API_BASE, which operators must see).
-            reason = f"WeCom answered HTTP {response.status_code}"
-            raise SendRetryable(BUSY, reason, maybe_delivered=response.status_code >= 500)
+            reason = f"WeCom answered HTTP {status}"
+            raise SendRetryable(BUSY, reason, maybe_delivered=status >= 500)
         try:
-            answer = _decoder.decode(response.content)
+            answer = _decoder.decode(answered)
         except msgspec.DecodeError as exc:
             reason = f"WeCom answered 200 with a body that is not its JSON answer ({exc})"
             raise SendRetryable(BUSY, reason, maybe_delivered=True) from exc

@@ -24,6 +24,7 @@ import msgspec
 
 from wecombot_common.proxy import client_options
 from wecombot_common.settings import WeComApiSettings
+from wecombot_common.wecom_http import UNCODED, AnswerTooLarge, send_capped
 
 from .domain import (
     Failure,
@@ -87,6 +88,7 @@ class WeComTokenSource:
         self._url = f"{settings.api_base}/cgi-bin/gettoken"
         self._host = urlsplit(settings.api_base).netloc
         self._http = httpx.AsyncClient(
+            headers=UNCODED,
             timeout=httpx.Timeout(timeout_s, connect=min(timeout_s, 5.0)),
             limits=httpx.Limits(max_connections=4, max_keepalive_connections=2),
             follow_redirects=False,
@@ -98,17 +100,21 @@ class WeComTokenSource:
         params = {"corpid": self._settings.corp_id, "corpsecret": self._settings.secret.reveal()}
         try:
             # httpx's timeouts are per phase; this bounds the whole call, which is what the
-            # cluster lock's deadline assumes.
+            # cluster lock's deadline assumes. The body is read up to a limit (wecom_http).
             async with asyncio.timeout(self._timeout_s):
-                response = await self._http.get(self._url, params=params)
+                status, body = await send_capped(
+                    self._http, self._http.build_request("GET", self._url, params=params)
+                )
+        except AnswerTooLarge as exc:
+            return network_failure(f"gettoken answered {exc}")
         except TimeoutError:
             return network_failure(f"no answer from {self._host} within {self._timeout_s:g}s")
         except httpx.HTTPError as exc:
             # The exception text may hold the URL and so the secret: name the type only.
             return network_failure(f"{type(exc).__name__} calling {self._host}")
-        if response.status_code != httpx.codes.OK:
-            return http_failure(response.status_code)
-        return interpret(response.content, requested_at)
+        if status != httpx.codes.OK:
+            return http_failure(status)
+        return interpret(body, requested_at)
 
     async def aclose(self) -> None:
         await self._http.aclose()

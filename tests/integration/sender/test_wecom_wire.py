@@ -271,3 +271,26 @@ async def test_an_errmsg_quoting_the_token_is_kept_out_of_the_reason() -> None:
     assert caught.value.reason == (
         f"WeCom refused the message (errcode 99999: refused for token {REDACTED}, hint: [x])"
     )
+
+
+async def test_an_answer_past_the_limit_is_not_read_on_and_is_no_delivery() -> None:
+    """Read whole, an answer of any size was held in memory (a 400 MB one took the
+    sender to 970 MB within its timeout, a gzip bomb of 1 MB to 2.1 GB): what a wrong
+    WECOM_API_BASE or a broken proxy may serve. Past the limit it is refused as it
+    arrives, even when it would have decoded as WeCom's JSON; and it is asked for
+    uncoded (a coded answer inflates past any limit on what is received)."""
+    heads: list[bytes] = []
+    padded = b" " * (1 << 20) + ACCEPTED
+
+    async def wecom(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head, _ = await read_request(reader)
+        heads.append(head.lower())
+        with contextlib.suppress(ConnectionError):
+            await answer(writer, 200, padded, "application/json")
+        writer.close()
+
+    async with raw_http(wecom) as base_url:
+        failed = await failed_send(base_url)
+    assert failed.maybe_delivered is True
+    assert str(failed) == "WeCom answered a body over 64 KiB: not WeCom's JSON"
+    assert b"accept-encoding: identity\r\n" in heads[0]
