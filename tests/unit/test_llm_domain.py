@@ -1485,3 +1485,27 @@ def test_a_miss_in_a_full_cache_drops_the_oldest_idle_entry_without_copying_the_
         assert cache.get(convs[0]) is busy  # in use: stays
     assert cache.get(convs[1]) is not second  # the oldest idle one went
     assert peak < 50_000, f"{peak} bytes allocated to evict one entry"
+
+
+async def test_an_answer_kept_for_a_redelivery_another_replica_answered_is_let_go() -> None:
+    """An outcome whose append the broker did not confirm is kept for the redelivery;
+    once the llm branch has moved on, it can never be reused (it is only while the
+    branch is where it was decided). Kept all the same until the conversation left the
+    cache, uncounted in LLM_CACHE_MB: up to 64 KiB an answer, for each message a broker
+    outage caught at its append and another replica then answered."""
+    from wecombot_common.topology import ConversationRef
+
+    log, model = FakeLog(), FakeModel()
+    here, other = handler(log, model), handler(log, model)
+    q1 = msg("q1")
+    s1 = log.add(q1)
+    log.unavailable = 1
+    assert isinstance(await here.handle(q1, stream_seq=s1, num_delivered=1), Nak)
+    entry = here.cache.get(ConversationRef.of(q1))
+    assert list(entry.prepared) == [q1.event_id]  # kept for a redelivery here
+    assert await other.handle(q1, stream_seq=s1, num_delivered=2) == Ack()
+    q2 = msg("q2")
+    s2 = log.add(q2)
+    assert await here.handle(q2, stream_seq=s2, num_delivered=1) == Ack()
+    assert entry.prepared == {}
+    assert [o.causation_id for o in log.outcomes()] == [q1.event_id, q2.event_id]

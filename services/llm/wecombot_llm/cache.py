@@ -67,6 +67,16 @@ class Entry:
         self.built_at = time.time()
         self.prepared.clear()
 
+    def forget_stale(self) -> None:
+        """Drop the prepared outcomes decided on another llm branch than the fold's now:
+        only one decided where the branch still ends is reused, and the branch never
+        goes back (a rebuild clears them all). Kept until the entry left the cache (and
+        not counted in its size), one stayed for each message a broker outage caught at
+        its append and another replica answered on redelivery: up to 64 KiB each."""
+        if self.prepared:
+            branch = self.state.llm_last_seq
+            self.prepared = {k: v for k, v in self.prepared.items() if v[0] == branch}
+
     @property
     def changed(self) -> asyncio.Event:
         """An event set at the next change; take it before waiting, under the lock."""
@@ -136,6 +146,7 @@ class ConversationCache:
         """Count ``conv``'s entry again after a delivery used it, and keep to the budget."""
         entry = self._entries.get(conv)
         if entry is not None:
+            entry.forget_stale()
             size = ENTRY_BYTES + entry.state.approx_bytes()
             self.bytes += size - entry.size
             entry.size = size
