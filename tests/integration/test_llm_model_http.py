@@ -256,7 +256,7 @@ async def test_an_answer_too_big_to_be_one_is_refused_as_it_arrives(coding: str)
 
     async with raw_http(endless) as base_url:
         failed = await failure(base_url, ModelRejected, retry_budget_s=5.0)
-    assert str(failed).startswith("answer over 8 MiB"), failed
+    assert str(failed).startswith("answer over 2 MiB"), failed
     assert requests == 1
 
 

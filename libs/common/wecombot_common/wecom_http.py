@@ -1,4 +1,6 @@
-"""WeCom's answers to the token service and the sender, read up to a size limit.
+"""WeCom's answers to the token service and the sender, read up to a size limit (the
+llm reads its model provider's answers with :func:`read_capped` too, at a limit of its
+own).
 
 ``gettoken`` and ``message/send`` answer a few hundred bytes of JSON. Read whole, an
 answer of any size was held in memory: what a wrong ``WECOM_API_BASE``, a captive
@@ -23,7 +25,7 @@ from typing import TYPE_CHECKING, Final
 if TYPE_CHECKING:  # httpx is imported by the services that call WeCom only
     import httpx
 
-__all__ = ["MAX_ANSWER_BYTES", "UNCODED", "AnswerTooLarge", "send_capped"]
+__all__ = ["MAX_ANSWER_BYTES", "UNCODED", "AnswerTooLarge", "read_capped", "send_capped"]
 
 # WeCom's JSON answers, an errmsg with its hint and a list of invalid users included,
 # are far under this; an errmsg this long still fits a DeliveryFailed in one event.
@@ -36,9 +38,27 @@ UNCODED: Final = {"Accept-Encoding": "identity"}
 class AnswerTooLarge(Exception):
     """The answer's body (decoded) went past the limit; the rest was not read."""
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, size: int) -> None:
         super().__init__(f"a body over {limit // 1024} KiB: not WeCom's JSON")
         self.limit = limit
+        self.size = size  # read when it went past
+
+
+async def read_capped(response: httpx.Response, limit: int) -> bytes:
+    """The streamed ``response``'s body (decoded), read as it arrives; AnswerTooLarge as
+    soon as it passes ``limit`` bytes, the rest unread. Closes the response. The llm
+    reads its provider's answers with it too."""
+    try:
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in response.aiter_bytes():
+            size += len(chunk)
+            if size > limit:
+                raise AnswerTooLarge(limit, size)
+            chunks.append(chunk)
+    finally:
+        await response.aclose()
+    return b"".join(chunks)
 
 
 async def send_capped(
@@ -47,14 +67,4 @@ async def send_capped(
     """``request``'s status and body, AnswerTooLarge as soon as the body passes ``limit``
     bytes; httpx's errors as ``client.send`` raises them."""
     response = await client.send(request, stream=True)
-    try:
-        chunks: list[bytes] = []
-        size = 0
-        async for chunk in response.aiter_bytes():
-            size += len(chunk)
-            if size > limit:
-                raise AnswerTooLarge(limit)
-            chunks.append(chunk)
-    finally:
-        await response.aclose()
-    return response.status_code, b"".join(chunks)
+    return response.status_code, await read_capped(response, limit)

@@ -36,6 +36,7 @@ from httpx_aiohttp import AiohttpTransport
 from wecombot_common.errors import PermanentError, TransientError, WecombotError
 from wecombot_common.logs import REDACTED, redact
 from wecombot_common.proxy import httpx_proxy
+from wecombot_common.wecom_http import AnswerTooLarge, read_capped
 
 from .commands import blank
 from .prompt import ChatMessage
@@ -319,11 +320,11 @@ class OpenAIChatModel:
         except _UNSENDABLE as exc:
             reason = self._clean(f"request not sendable ({_named(exc)})")
             raise ModelRejected(reason, attempts=attempt, setting="OPENAI_BASE_URL") from exc
-        except _TooLarge as exc:
+        except AnswerTooLarge as exc:
             # Read whole, a broken proxy's endless body took the replica's memory; asked
             # again, the same answer would come back.
             raise ModelRejected(
-                f"answer over {MAX_RESPONSE_BYTES // (1024 * 1024)} MiB (read {exc.size} "
+                f"answer over {exc.limit // (1024 * 1024)} MiB (read {exc.size} "
                 "bytes): no chat answer is that long",
                 attempts=attempt,
             ) from None
@@ -353,16 +354,7 @@ class OpenAIChatModel:
             "POST", self._url, content=_encode_body(body), headers=_JSON_BODY, params=self._params
         )
         response = await self._client.send(request, stream=True)
-        try:
-            chunks: list[bytes] = []
-            size = 0
-            async for chunk in response.aiter_bytes():
-                size += len(chunk)
-                if size > MAX_RESPONSE_BYTES:
-                    raise _TooLarge(size)
-                chunks.append(chunk)
-        finally:
-            await response.aclose()
+        content = await read_capped(response, MAX_RESPONSE_BYTES)
         # The bytes are decoded already (gzip): httpx would decode them again by the
         # Content-Encoding header, and its length is the coded one.
         headers = [
@@ -373,7 +365,7 @@ class OpenAIChatModel:
         return httpx.Response(
             response.status_code,
             headers=headers,
-            content=b"".join(chunks),
+            content=content,
             request=request,
             extensions=response.extensions,
         )
@@ -428,15 +420,12 @@ def _visible(content: str) -> str:
     return "" if blank(text) else text
 
 
-# A chat answer, reasoning included, is kilobytes; the reply keeps 64 KiB of it at most
-# (decide.MAX_ANSWER_BYTES). A body (decompressed) past this is refused as it arrives.
-MAX_RESPONSE_BYTES = 8 * 1024 * 1024
-
-
-class _TooLarge(Exception):
-    def __init__(self, size: int) -> None:
-        super().__init__(size)
-        self.size = size
+# A chat answer, reasoning included, is kilobytes (a long reasoning model's, a few
+# hundred); the reply keeps 64 KiB of it at most (decide.MAX_ANSWER_BYTES). A body
+# (decompressed) past this is refused as it arrives. Each call in flight may hold it
+# about twice (the chunks, then the body): at 8 MiB, 16 such answers at once took a
+# replica from 42 to 228 MB, and LLM_MAX_CONCURRENCY's 64 would pass the pod's 512 MiB.
+MAX_RESPONSE_BYTES = 2 * 1024 * 1024
 
 
 def _aiohttp_transport(settings: ModelSettings) -> httpx.AsyncBaseTransport:
