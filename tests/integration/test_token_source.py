@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 
 import pytest
 
@@ -80,3 +81,33 @@ async def test_an_answer_past_the_limit_is_not_read_on() -> None:
     assert isinstance(failure, Failure)
     assert "gettoken answered a body over 64 KiB" in failure.message
     assert b"accept-encoding: identity\r\n" in heads[0]
+
+
+async def test_an_errmsg_quoting_the_secret_never_carries_it_on() -> None:
+    """The failure's texts reach the senders (DeliveryFailed.reason, a dead letter's
+    reason), the shared bucket and doctor's output; a gateway in front of WeCom that
+    quotes the request in its errmsg must not put the Secret there, bare or in the URL."""
+
+    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head, _ = await read_request(reader)
+        target = head.split(b" ")[1].decode()
+        body = json.dumps(
+            {"errcode": 40001, "errmsg": f"invalid credential: {target} (secret {SECRET})"}
+        ).encode()
+        await answer(writer, 200, body, "application/json")
+        writer.close()
+
+    async with raw_http(echo) as base:
+        api = WeComApiSettings(
+            corp_id="ww1", agent_id=1000002, secret=Secret(SECRET), api_base=base
+        )
+        source = WeComTokenSource(api, timeout_s=3)
+        try:
+            failure = await source.fetch()
+        finally:
+            await source.aclose()
+    assert isinstance(failure, Failure)
+    assert failure.kind == "bad_secret" and failure.errcode == 40001
+    assert failure.errmsg is not None and "invalid credential" in failure.errmsg
+    for text in (failure.message, failure.errmsg):
+        assert SECRET not in text and "[REDACTED]" in text

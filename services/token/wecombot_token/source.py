@@ -22,6 +22,7 @@ from urllib.parse import urlsplit
 import httpx
 import msgspec
 
+from wecombot_common.logs import REDACTED, redact
 from wecombot_common.proxy import client_options
 from wecombot_common.settings import WeComApiSettings
 from wecombot_common.wecom_http import UNCODED, AnswerTooLarge, send_capped
@@ -114,7 +115,21 @@ class WeComTokenSource:
             return network_failure(f"{type(exc).__name__} calling {self._host}")
         if status != httpx.codes.OK:
             return http_failure(status)
-        return interpret(body, requested_at)
+        outcome = interpret(body, requested_at)
+        if isinstance(outcome, Failure) and outcome.errmsg:
+            outcome = msgspec.structs.replace(
+                outcome, errmsg=self._clean(outcome.errmsg), message=self._clean(outcome.message)
+            )
+        return outcome
+
+    def _clean(self, text: str) -> str:
+        """WeCom's errmsg travels far from here: into the shared bucket, to every sender
+        (a TokenError becomes a DeliveryFailed.reason and a dead letter's reason, stored
+        where no log redaction looks) and into doctor's output. An answer that quotes the
+        request (a gateway or proxy in front of WeCom) would put the Secret there, and
+        the sender, which never holds it, could not take it out."""
+        secret = self._settings.secret.reveal()
+        return redact(text.replace(secret, REDACTED) if secret else text)
 
     async def aclose(self) -> None:
         await self._http.aclose()
