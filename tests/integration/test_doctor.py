@@ -13,6 +13,7 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import nats
 import pytest
@@ -789,3 +790,31 @@ def test_report_render_wraps_and_indents() -> None:
     assert lines[0] == "[warn] model     short"
     assert all(len(line) <= 100 for line in lines)
     assert lines[1].startswith(" " * 17 + "a detail")
+
+
+class _QuotingAgentGet(SimulatedWeComApi):
+    """A front of WeCom's API whose agent/get refusal quotes the request it refused."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        self.quoted: list[str] = []  # the access_tokens it was sent
+        super().__init__(**kwargs)
+
+    def routes(self) -> list[web.RouteDef]:
+        async def quoting(request: web.Request) -> web.Response:
+            token = request.query.get("access_token", "")
+            self.quoted.append(token)
+            errmsg = f"not allow to access from your ip: {request.path_qs} (token {token})"
+            return web.json_response({"errcode": 60020, "errmsg": errmsg})
+
+        kept = [r for r in super().routes() if not r.path.endswith("/agent/get")]
+        return [*kept, web.get("/cgi-bin/agent/get", quoting)]
+
+
+async def test_an_agent_get_refusal_quoting_the_access_token_is_shown_without_it() -> None:
+    async with _QuotingAgentGet(corp_id=CORP, secret=SECRET, agent_id=AGENT) as api:
+        finding = await check_gettoken(wecom_env(api.base_url), TIMEOUT)
+    assert finding.status == "fail", finding
+    assert "not allow to access from your ip" in finding.details[1]
+    shown = "\n".join((finding.summary, *finding.details))
+    assert api.quoted and not any(token in shown for token in api.quoted)
+    assert "[REDACTED]" in finding.details[1]

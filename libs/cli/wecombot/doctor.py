@@ -46,7 +46,7 @@ from nats.js.api import StreamInfo
 
 from wecombot_common import bus, topology
 from wecombot_common.errors import ConfigError
-from wecombot_common.logs import register_secret
+from wecombot_common.logs import REDACTED, redact, register_secret
 from wecombot_common.proxy import client_options, proxy_url
 from wecombot_common.runtime import event_loop_choice
 from wecombot_common.settings import (
@@ -413,7 +413,10 @@ async def _check_agent(
     if body["errcode"] == 0:
         name = str(body.get("name") or "?")[:40]
         return Finding("gettoken", "ok", f"{issued}, app {name!r} (AgentId {settings.agent_id})")
-    said = f"WeCom said: errcode {body['errcode']}: {str(body.get('errmsg', ''))[:200]}"
+    # Redacted before the cut (a token the cut halved would match nothing): a front of
+    # WeCom's API that quotes the request would otherwise print the access_token.
+    errmsg = str(body.get("errmsg", ""))[: 200 + len(token) + 1024]
+    said = f"WeCom said: errcode {body['errcode']}: {redact(errmsg.replace(token, REDACTED))[:200]}"
     return Finding(
         "gettoken",
         "fail",
