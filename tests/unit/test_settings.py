@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 from urllib.parse import urlsplit
 
 import httpx
@@ -361,3 +362,32 @@ def test_a_proxy_password_is_among_the_secrets_the_logs_hide(service: str) -> No
     else:
         secrets = TokenSettings.from_env(env).secrets
     assert "Pr0xy-pa55word" in [s.reveal() for s in secrets]
+
+
+@pytest.mark.parametrize("service", ["llm", "sender", "token"])
+def test_a_proxy_password_in_basic_credentials_is_among_the_secrets_the_logs_hide(
+    service: str,
+) -> None:
+    """A proxy's 407 page (or a body a proxy answers) quoting the Proxy-Authorization
+    header the client sent shows the password in base64: the llm stored it in
+    ReplyFailed.reason, every service logged it."""
+    from wecombot_llm.settings import LlmSettings
+    from wecombot_sender.settings import SenderSettings
+    from wecombot_token.settings import TokenSettings
+
+    env = {
+        "HTTPS_PROXY": "http://bot:Pr0xy-pa55%40word@proxy.corp:3128",
+        "OPENAI_API_KEY": "sk-proxy-test",
+        "WECOM_CORP_ID": "ww1",
+        "WECOM_AGENT_ID": "1000002",
+        "WECOM_SECRET": "secret-of-the-app",
+    }
+    secrets: tuple[Secret, ...]
+    if service == "llm":
+        secrets = LlmSettings.from_env(env).secrets
+    elif service == "sender":
+        secrets = SenderSettings.from_env(env).log.extra_secrets
+    else:
+        secrets = TokenSettings.from_env(env).secrets
+    basic = base64.b64encode(b"bot:Pr0xy-pa55@word").decode()  # as the header carries it
+    assert basic in [s.reveal() for s in secrets]

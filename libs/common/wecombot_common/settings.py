@@ -20,6 +20,7 @@ The variable names are a public interface: keep them.
 
 from __future__ import annotations
 
+import base64
 import math
 import os
 import re
@@ -27,7 +28,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final, Literal, TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import idna
 
@@ -311,8 +312,28 @@ def url_credentials(urls: str) -> list[str]:
 
 def proxy_secrets(proxy: Secret | None) -> tuple[Secret, ...]:
     """The password (or bare token) in a proxy URL (``HTTPS_PROXY=http://u:pw@host``),
-    for the logs to redact wherever it shows, not only where the URL pattern finds it."""
-    return () if proxy is None else tuple(Secret(s) for s in url_credentials(proxy.reveal()))
+    for the logs to redact wherever it shows, not only where the URL pattern finds it;
+    and the ``Basic`` credentials the HTTP clients make of it, sent in every request's
+    ``Proxy-Authorization``: a proxy's 407 page (or an error body) quoting that header
+    shows the password in base64, which no other secret or pattern matches.
+
+    >>> [s.reveal() for s in proxy_secrets(Secret("http://bot:pw%40x@proxy:3128"))]
+    ['pw%40x', 'Ym90OnB3QHg=']
+    """
+    if proxy is None:
+        return ()
+    url = proxy.reveal()
+    found = url_credentials(url)
+    try:
+        parts = urlsplit(url)
+        user, password = parts.username, parts.password
+    except ValueError:  # refused by the settings already
+        user = password = None
+    if user is not None or password is not None:
+        # As httpx and aiohttp build it: the user and password percent-decoded.
+        pair = f"{unquote(user or '')}:{unquote(password or '')}".encode()
+        found.append(base64.b64encode(pair).decode("ascii"))
+    return tuple(Secret(s) for s in found)
 
 
 def _nats_server_url(url: str) -> bool:
