@@ -5,6 +5,7 @@ the real gateway for the callback check, and the simulated OpenAI API. No mocks.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import io
 import os
@@ -35,6 +36,7 @@ from tests.integration.wecom_app import (
     running_gateway,
     wecom_env,
 )
+from tests.loopback import answer, raw_http, read_request
 from wecombot.doctor import (
     Report,
     _not_public,
@@ -818,3 +820,29 @@ async def test_an_agent_get_refusal_quoting_the_access_token_is_shown_without_it
     shown = "\n".join((finding.summary, *finding.details))
     assert api.quoted and not any(token in shown for token in api.quoted)
     assert "[REDACTED]" in finding.details[1]
+
+
+async def test_a_proxy_refusal_quoting_its_credentials_is_shown_without_them() -> None:
+    """The llm cleans a proxy's 407 page of the proxy's password (its secrets are
+    registered); doctor printed it, bare and as the Proxy-Authorization header's base64."""
+
+    async def refuse(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head, _ = await read_request(reader)
+        quoted = next(
+            line for line in head.decode().split("\r\n") if line.lower().startswith("proxy-auth")
+        )
+        body = f"denied: {quoted} (password Pr0xy-pa55word)".encode()
+        await answer(writer, 407, body, "text/plain")
+        writer.close()
+
+    async with raw_http(refuse) as proxy:
+        env = {
+            "OPENAI_API_KEY": "sk-doctor-proxy-test",
+            "OPENAI_BASE_URL": "http://model.example.invalid/v1",
+            "HTTP_PROXY": proxy.replace("http://", "http://bot:Pr0xy-pa55word@"),
+        }
+        finding = await check_model(env, TIMEOUT)
+    shown = "\n".join((finding.summary, *finding.details))
+    assert "407" in shown and "denied" in shown, shown
+    assert "Pr0xy-pa55word" not in shown
+    assert base64.b64encode(b"bot:Pr0xy-pa55word").decode() not in shown

@@ -57,6 +57,7 @@ from wecombot_common.settings import (
     WeComApiSettings,
     WeComCallbackSettings,
     masked_url,
+    proxy_secrets,
     url_problem,
 )
 from wecombot_common.sim.callbacks import CallbackBuilder
@@ -733,6 +734,10 @@ async def check_model(environ: Mapping[str, str], timeout_s: float) -> Finding:
         )
     key = model.api_key.reveal()
     headers, params = provider_auth(model)  # as the llm authenticates
+    # error_detail redacts what is registered: a proxy's 407 page quoting the password, or
+    # the Proxy-Authorization header (base64), is cleaned as the llm cleans it.
+    for secret in proxy_secrets(model.proxy):
+        register_secret(secret)
 
     def detail_of(response: httpx.Response) -> str:
         # A provider or proxy may echo the key: never shown (as the llm cleans it).
