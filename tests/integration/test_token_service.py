@@ -963,3 +963,26 @@ async def test_a_bucket_failing_fast_costs_one_refresh_attempt_not_one_a_get(
             await source.aclose()
     assert store.loads == len(aborted()) == 1
     assert sim.gettoken_calls == 0
+
+
+@pytest.mark.parametrize("removal", ["delete", "purge"])
+async def test_a_token_removed_by_hand_is_fetched_again(
+    nats_server: NatsHandle, sim: SimulatedWeComApi, removal: str
+) -> None:
+    """`nats kv del` or `nats kv purge` of the token's key (to make the replicas fetch a
+    new one) left a marker whose read raised AttributeError in every request: no token,
+    for any sender, until the key was written by hand."""
+    async with connections(nats_server, 1) as (nc,), token_services(nats_server, sim):
+        client = TokenClient(nc)
+        first = await client.get(APP)
+        kv = await nc.jetstream().key_value(token_bucket(replicas=1).bucket)
+        await getattr(kv, removal)(f"{APP}.token")
+        fetched = sim.gettoken_calls
+
+        async def fetched_again() -> bool:
+            with contextlib.suppress(TransientTokenError):  # until it has a new one
+                await client.invalidate(APP, first)
+            return sim.gettoken_calls > fetched
+
+        await eventually(fetched_again, timeout=10, what="a new gettoken")
+        assert await client.get(APP)

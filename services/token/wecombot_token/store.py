@@ -161,8 +161,11 @@ class KvTokenStore:
             entry = await _guard(self._kv.get(self._token_key))
         except nats.js.errors.KeyNotFoundError as exc:
             # nats-py says "no key" for "no stream" too; what it caught tells them apart.
+            # A key deleted or purged by hand (`nats kv del`) is read through a
+            # KeyDeletedError, an APIError without an err_code: reading it raised
+            # AttributeError in every request, and no replica fetched a token again.
             cause = exc.__context__
-            if isinstance(cause, nats.js.errors.APIError) and cause.err_code == _NO_STREAM:
+            if _err_code(cause) == _NO_STREAM:
                 raise BucketMissing("token bucket missing") from exc
             # A deleted key still has a revision (its delete marker) to write after.
             marker = getattr(exc, "entry", None)
@@ -286,6 +289,12 @@ class KvTokenStore:
             await cancel_until_done(self._follower)
 
 
+def _err_code(exc: BaseException | None) -> int | None:
+    """JetStream's err_code of an API error; nats-py's key-value errors (deleted, not
+    found…) are APIErrors made without one."""
+    return getattr(exc, "err_code", None) if isinstance(exc, nats.js.errors.APIError) else None
+
+
 async def _guard(call: Awaitable[T]) -> T:
     """Translate 'NATS did not answer' into StoreUnavailable; CAS and not-found pass."""
     try:
@@ -295,11 +304,13 @@ async def _guard(call: Awaitable[T]) -> T:
     except nats.js.errors.NoStreamResponseError as exc:  # a write found no stream
         raise BucketMissing("token bucket missing: no stream took the write") from exc
     except nats.js.errors.APIError as exc:
-        if isinstance(exc, nats.js.errors.KeyWrongLastSequenceError) or exc.err_code in _CAS:
+        code = _err_code(exc)
+        if isinstance(exc, nats.js.errors.KeyWrongLastSequenceError) or code in _CAS:
             raise
-        if exc.err_code == _NO_STREAM:
-            raise BucketMissing(f"token bucket missing: {exc.description}") from exc
-        raise StoreUnavailable(f"token bucket refused: {exc.description}") from exc
+        said = getattr(exc, "description", None) or str(exc)  # key-value errors: none
+        if code == _NO_STREAM:
+            raise BucketMissing(f"token bucket missing: {said}") from exc
+        raise StoreUnavailable(f"token bucket refused: {said}") from exc
     except (nats.errors.Error, TimeoutError) as exc:
         raise StoreUnavailable(f"token bucket unavailable: {type(exc).__name__}") from exc
 
