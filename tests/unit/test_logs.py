@@ -234,3 +234,26 @@ def test_a_sampler_remembers_a_bounded_number_of_kinds_and_tells_what_it_left_ou
     assert len(sampler._kinds) <= 4
     assert sampler.take("flood 99") is None  # the newest is still known
     assert sampler.reset() == 1 and sampler.reset() == 0
+
+
+def test_a_librarys_warning_goes_through_the_log_pipeline_redacted(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """warnings.warn wrote to stderr itself: no redaction, and no JSON line for the
+    collector."""
+    import warnings
+
+    # An earlier test's capture, undone by pytest's own warning capture around each test,
+    # still counts as on for logging: start from off.
+    logging.captureWarnings(False)
+    configure_logging(LogSettings(), service="test", secrets=[Secret("corp-secret-42")])
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.warn("retrying with corp-secret-42", ResourceWarning, stacklevel=1)
+    finally:
+        logging.captureWarnings(False)
+    err = capsys.readouterr().err
+    assert "corp-secret-42" not in err
+    [line] = [line for line in _lines(err) if "retrying with" in str(line["event"])]
+    assert f"ResourceWarning: retrying with {REDACTED}" in str(line["event"])

@@ -189,6 +189,9 @@ def configure_logging(
     # Request lines of HTTP clients carry tokens in query strings; keep them out of INFO.
     for noisy in ("httpx", "httpcore", "aiohttp.access"):
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+    # A library's warnings.warn went straight to stderr, past the redaction and as a
+    # line no log collector parses: through the log pipeline now (logger py.warnings).
+    logging.captureWarnings(True)
 
 
 def _add_service(service: str) -> Any:
