@@ -1135,6 +1135,43 @@ async def test_a_deleted_consumer_is_made_again(stream: JetStreamContext) -> Non
         await task
 
 
+async def test_a_fault_failing_every_fetch_is_logged_once_not_twice_a_second(
+    stream: JetStreamContext,
+) -> None:
+    """The stream deleted (or no JetStream quorum): every fetch fails, and the consumer
+    cannot be made again. Each failure wrote a warning and another for the consumer, on
+    every replica, every half second, for as long as it lasted."""
+
+    class Counting(PullWorker):
+        attempts = 0
+
+        async def _consumer_again(self) -> None:
+            Counting.attempts += 1
+            await super()._consumer_again()
+
+    handled: list[int] = []
+
+    async def handle(d: Delivery) -> Outcome:
+        handled.append(d.stream_seq)
+        return Ack()
+
+    worker = Counting(stream, _config(), handle, max_deliver=3, fetch_timeout_s=0.2)
+    stop = asyncio.Event()
+    with capture_logs() as logs:
+        task = asyncio.create_task(worker.run(stop))
+        try:
+            first = (await append_event(stream, _reply("a", "before"))).seq
+            await until(lambda: handled == [first], timeout=10, what="the worker fetching")
+            await stream.delete_stream(topology.CONVERSATION_STREAM)
+            await until(lambda: Counting.attempts >= 4, timeout=15, what="four failed fetches")
+        finally:
+            stop.set()
+            await task
+    events = [e["event"] for e in logs]
+    assert events.count("worker.fetch_failed") == 1, events
+    assert events.count("worker.consumer_missing") == 1, events
+
+
 class _DeadPathToTheBroker:
     """Replica ``a`` (behind ``stall``) takes a message; the path towards the broker then
     holds everything ``a`` sends, and replica ``b`` gets the message once ack_wait is

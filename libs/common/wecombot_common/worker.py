@@ -62,6 +62,7 @@ from prometheus_client import Counter, Gauge, Histogram
 from . import metrics, topology
 from .errors import PermanentError, TransientError
 from .events import Event, EventDecodeError, NewerEventError, decode_event
+from .logs import LogSampler
 
 __all__ = [
     "DEFAULT_ACK_WAIT_S",
@@ -84,6 +85,9 @@ log = structlog.get_logger(__name__)
 
 # A consumer config without ack_wait gets the broker's default, 30 s.
 DEFAULT_ACK_WAIT_S = 30.0
+# A failing fetch's warning, per kind of error, at most once in this many seconds (the
+# next one says how many were not written).
+FAULT_LOG_PERIOD_S = 30.0
 
 # The headers of a dead letter (read back by ``wecombot dlq``).
 DLQ_REASON = "Wecombot-Dlq-Reason"
@@ -467,6 +471,9 @@ class PullWorker:
         self._last_fetch_at = -math.inf  # loop time the last pull request was sent
         self._last_fetch_done = -math.inf  # loop time the last fetch() returned
         self._reconnects_at_fetch = 0  # the client's reconnections then
+        # A fault that fails every fetch (no JetStream quorum, the stream deleted) wrote
+        # a warning or two each half second, on every replica, for as long as it lasted.
+        self._fault_log = LogSampler(burst=1, period_s=FAULT_LOG_PERIOD_S)
         self.name = config.durable_name
         self.processed = 0
         self._metrics = _ConsumerMetrics.of(self.name)
@@ -722,7 +729,13 @@ class PullWorker:
             return []
         except nats.errors.Error as exc:
             # Broker away (restart, reconnect): back off a little and try again.
-            log.warning("worker.fetch_failed", consumer=self.name, error=str(exc))
+            if (untold := self._fault_log.take(("fetch", str(exc)))) is not None:
+                log.warning(
+                    "worker.fetch_failed",
+                    consumer=self.name,
+                    error=str(exc),
+                    **({"suppressed": untold} if untold else {}),
+                )
             await asyncio.sleep(0.5)
             if isinstance(
                 exc, nats.js.errors.ServiceUnavailableError | nats.js.errors.NotFoundError
@@ -763,7 +776,13 @@ class PullWorker:
         try:
             await self.ensure_consumer()
         except (TimeoutError, nats.errors.Error) as exc:  # the stream itself missing, say
-            log.warning("worker.consumer_missing", consumer=self.name, error=str(exc))
+            if (untold := self._fault_log.take(("consumer", str(exc)))) is not None:
+                log.warning(
+                    "worker.consumer_missing",
+                    consumer=self.name,
+                    error=str(exc),
+                    **({"suppressed": untold} if untold else {}),
+                )
         else:
             log.info("worker.consumer_ensured", consumer=self.name)
 
