@@ -111,3 +111,32 @@ async def test_an_errmsg_quoting_the_secret_never_carries_it_on() -> None:
     assert failure.errmsg is not None and "invalid credential" in failure.errmsg
     for text in (failure.message, failure.errmsg):
         assert SECRET not in text and "[REDACTED]" in text
+
+
+@pytest.mark.parametrize(
+    ("status", "kind", "said"),
+    [(404, "wecom_error", "HTTP 404: check WECOM_API_BASE"), (429, "rate_limited", "HTTP 429")],
+)
+async def test_a_large_error_page_is_told_by_its_status(status: int, kind: str, said: str) -> None:
+    """An answer that is not 200 is told by its status, its body unread: a proxy's or a
+    wrong WECOM_API_BASE's error page past the limit was read, refused as too large,
+    and said as WeCom unreachable (network), without the status or the setting to check."""
+    page = b"<html>" + b"x" * (100 * 1024) + b"</html>"
+
+    async def wecom(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        with contextlib.suppress(ConnectionError):
+            await answer(writer, status, page, "text/html")
+        writer.close()
+
+    async with raw_http(wecom) as base:
+        api = WeComApiSettings(
+            corp_id="ww1", agent_id=1000002, secret=Secret(SECRET), api_base=base
+        )
+        source = WeComTokenSource(api, timeout_s=3)
+        try:
+            failure = await source.fetch()
+        finally:
+            await source.aclose()
+    assert isinstance(failure, Failure)
+    assert (failure.kind, said in failure.message) == (kind, True), failure

@@ -65,6 +65,13 @@ async def send_capped(
     client: httpx.AsyncClient, request: httpx.Request, *, limit: int = MAX_ANSWER_BYTES
 ) -> tuple[int, bytes]:
     """``request``'s status and body, AnswerTooLarge as soon as the body passes ``limit``
-    bytes; httpx's errors as ``client.send`` raises them."""
+    bytes; httpx's errors as ``client.send`` raises them.
+
+    The body of an answer other than 200 is not read (``b""``): WeCom answers 200, with
+    an errcode, and neither caller reads another's; read, a proxy's error page past the
+    limit (a wrong ``WECOM_API_BASE``'s 404) was refused as too large, its status lost."""
     response = await client.send(request, stream=True)
+    if response.status_code != 200:
+        await response.aclose()
+        return response.status_code, b""
     return response.status_code, await read_capped(response, limit)

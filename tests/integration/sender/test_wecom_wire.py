@@ -294,3 +294,21 @@ async def test_an_answer_past_the_limit_is_not_read_on_and_is_no_delivery() -> N
     assert failed.maybe_delivered is True
     assert str(failed) == "WeCom answered a body over 64 KiB: not WeCom's JSON"
     assert b"accept-encoding: identity\r\n" in heads[0]
+
+
+async def test_a_large_error_page_is_told_by_its_status() -> None:
+    """An answer that is not 200 is told by its status, its body unread: a proxy's or a
+    wrong WECOM_API_BASE's 404 page past the limit was read and refused as too large,
+    its status lost, and taken as maybe delivered (a 4xx is not)."""
+    page = b"<html>" + b"x" * (100 * 1024) + b"</html>"
+
+    async def wecom(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        with contextlib.suppress(ConnectionError):
+            await answer(writer, 404, page, "text/html")
+        writer.close()
+
+    async with raw_http(wecom) as base_url:
+        failed = await failed_send(base_url)
+    assert str(failed) == "WeCom answered HTTP 404"
+    assert failed.maybe_delivered is False
