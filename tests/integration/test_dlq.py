@@ -858,3 +858,87 @@ async def test_a_batch_replays_in_the_order_of_the_log_not_of_the_parking(
         first.event_id,
         second.event_id,
     ]
+
+
+async def _park(
+    js: JetStreamContext,
+    event: MessageReceived | ReplyGenerated | ReplyRequeued,
+    seq: int,
+    consumer: str = topology.SENDER_CONSUMER,
+) -> None:
+    """Park ``event`` (stored at ``seq``) as the consumer's worker does."""
+    await js.publish(
+        f"{topology.PREFIX}.dlq.{consumer}",
+        encode_event(event),
+        stream=topology.DEAD_LETTER_STREAM,
+        headers={
+            DLQ_REASON: "gave up after 20: the outcome could not be appended",
+            DLQ_CONSUMER: consumer,
+            DLQ_SUBJECT: topology.subject_for(event),
+            DLQ_STREAM_SEQ: str(seq),
+            DLQ_DELIVERIES: "20",
+        },
+    )
+
+
+async def test_a_failed_requeue_is_replayed_in_its_replys_place_in_the_users_order(
+    nats_server: NatsHandle, js: JetStreamContext
+) -> None:
+    """The sender delivers a requeue in its reply's place (its order_seq), so a batch
+    must requeue a user's replies in the order of the replies, not of their requeues: a
+    first reply whose requeue failed too (its letter: that ReplyRequeued, stored late)
+    was requeued after the second reply, and the user read the answers the wrong way
+    round."""
+    await ensure_topology(js, _settings(nats_server.url))
+    first, second = _reply("li.si", "first"), _reply("li.si", "second")
+    at = [(await append_event(js, reply)).seq for reply in (first, second)]
+    await _park(js, first, at[0])  # letter 1
+    assert (await replay(js, 1))[0]  # the first reply requeued (seq 3)...
+    requeue = decode_event((await js.get_msg(topology.CONVERSATION_STREAM, 3)).data or b"")
+    assert isinstance(requeue, ReplyRequeued) and requeue.reply_id == first.event_id
+    await _park(js, requeue, 3)  # ...and that round failed too: letter 2
+    await _park(js, second, at[1])  # the second reply's: letter 3
+    code, out, err = await _dlq(nats_server.url, "--json")
+    assert [(d["seq"], d["state"]) for d in json.loads(out)] == [
+        (1, "requeued"),
+        (2, "pending"),
+        (3, "pending"),
+    ]
+    code, out, err = await _dlq(nats_server.url, "replay", "--pending")
+    assert (code, err) == (0, ""), err
+    requeued = [
+        decode_event((await js.get_msg(topology.CONVERSATION_STREAM, seq)).data or b"")
+        for seq in (4, 5)
+    ]
+    assert [r.reply_id for r in requeued if isinstance(r, ReplyRequeued)] == [
+        first.event_id,
+        second.event_id,
+    ]
+
+
+async def test_a_failed_copy_is_replayed_in_its_messages_place_in_the_users_order(
+    nats_server: NatsHandle, js: JetStreamContext
+) -> None:
+    """The llm keeps a message in its first copy's place (and answers a later message
+    once the earlier one's delivery is over): a first message whose copy failed too (its
+    letter: the copy, stored late) was appended again after the second message."""
+    await ensure_topology(js, _settings(nats_server.url))
+    first, second = _received("m-first"), _received("m-second")
+    at = [(await append_event(js, message)).seq for message in (first, second)]
+    await _park(js, first, at[0], topology.LLM_CONSUMER)  # letter 1
+    assert (await replay(js, 1))[0]  # the first message appended again (seq 3)...
+    await _park(js, first, 3, topology.LLM_CONSUMER)  # ...and parked again: letter 2
+    await _park(js, second, at[1], topology.LLM_CONSUMER)  # the second one's: letter 3
+    code, out, err = await _dlq(nats_server.url, "--json")
+    assert [(d["seq"], d["state"]) for d in json.loads(out)] == [
+        (1, "requeued"),
+        (2, "pending"),
+        (3, "pending"),
+    ]
+    code, out, err = await _dlq(nats_server.url, "replay", "--pending")
+    assert (code, err) == (0, ""), err
+    copies = [
+        decode_event((await js.get_msg(topology.CONVERSATION_STREAM, seq)).data or b"")
+        for seq in (4, 5)
+    ]
+    assert [c.correlation_id for c in copies] == ["m-first", "m-second"]

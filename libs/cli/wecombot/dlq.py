@@ -69,7 +69,7 @@ import asyncio
 import json
 import re
 import sys
-from collections import deque
+from collections import Counter, deque
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
@@ -657,12 +657,49 @@ async def _requeue(js: JetStreamContext, seq: int, parked: Event) -> tuple[bool,
     )
 
 
-def _in_log_order(letters: Sequence[DeadLetter]) -> list[int]:
-    """The letters' SEQs in the order their events are in WECOMBOT (then their own): each
-    copy or requeue is appended after the one before, so a user's messages are answered,
-    and replies delivered, in the order they came, whichever was parked first."""
-    ordered = sorted(letters, key=lambda d: (d.stream_seq or _MAX_SEQ, d.seq))
-    return [d.seq for d in ordered]
+async def _in_log_order(js: JetStreamContext, letters: Sequence[DeadLetter]) -> list[int]:
+    """The letters' SEQs in their events' order in WECOMBOT (then their own): each copy
+    or requeue is appended after the one before, so a user's messages are answered, and
+    replies delivered, in the order they came, whichever was parked first.
+
+    A letter's place is its event's, but that of a parked ``ReplyRequeued`` is its
+    reply's (the sender delivers a requeue in the reply's place in the user's order),
+    and that of a parked copy of a message is the first copy's (the llm's fold keeps a
+    message in its first place): read from the log for a user with more than one letter
+    in the batch (the others' order does not matter)."""
+    users = Counter(d.conversation for d in letters)
+    places = {
+        d.seq: await _place(js, d)
+        for d in letters
+        if d.conversation is not None and users[d.conversation] > 1
+    }
+
+    def place(d: DeadLetter) -> int:
+        return places.get(d.seq) or d.stream_seq or _MAX_SEQ
+
+    return [d.seq for d in sorted(letters, key=lambda d: (place(d), d.seq))]
+
+
+async def _place(js: JetStreamContext, letter: DeadLetter) -> int | None:
+    """Where a letter's message or reply stands in its user's order: the first copy of
+    a received message, the reply of a parked requeue (None: not known)."""
+    try:
+        parked = decode_event(letter.data)
+    except EventDecodeError:
+        return None
+    conversation = ConversationRef.of(parked)
+    if isinstance(parked, MessageReceived):
+        wanted, branch = parked.event_id, topology.subject_for(parked)
+    elif isinstance(parked, ReplyRequeued):
+        wanted, branch = parked.reply_id, conversation.llm_branch
+    else:
+        return letter.stream_seq
+    async for stored in read_conversation(js, conversation, branch=branch, direct=False):
+        if letter.stream_seq is not None and stored.seq >= letter.stream_seq:
+            break
+        if stored.event.event_id == wanted:  # a message's copies share its event_id
+            return stored.seq
+    return letter.stream_seq
 
 
 async def _replay_all(js: JetStreamContext, seqs: Sequence[int], out: TextIO, err: TextIO) -> int:
@@ -951,12 +988,12 @@ async def _act(js: JetStreamContext, args: argparse.Namespace, out: TextIO, err:
                 which = f" of consumer {args.consumer}" if args.consumer else ""
                 out.write(f"no pending dead letters{which} in {topology.DEAD_LETTER_STREAM}\n")
                 return 0
-            return await _replay_all(js, _in_log_order(letters), out, err)
+            return await _replay_all(js, await _in_log_order(js, letters), out, err)
         if len(set(args.seq)) > 1:
             named = [await read_dead_letter(js, seq) for seq in sorted(set(args.seq))]
             missing = sorted(set(args.seq) - {d.seq for d in named if d is not None})
             found = [d for d in named if d is not None]
-            return await _replay_all(js, missing + _in_log_order(found), out, err)
+            return await _replay_all(js, missing + await _in_log_order(js, found), out, err)
         done, said = await replay(js, args.seq[0])
         (out if done else err).write(("" if done else "wecombot dlq: ") + said + "\n")
         return 0 if done else 1
