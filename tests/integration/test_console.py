@@ -364,3 +364,27 @@ async def test_the_consoles_nats_client_closed_for_good_is_said(tmp_path: Path) 
             assert "closed for good" in lost["data"]["reason"], lost
     finally:
         broker.stop()
+
+
+async def test_a_menu_command_over_the_rate_is_said_as_over_the_rate(
+    nats_server: NatsHandle,
+) -> None:
+    """A menu click whose key is a command is the user asking, counted against the rate
+    (not welcomed once a day): one silenced over the rate was said as "welcomed once
+    already today"."""
+    async with (
+        running_console(nats_server, gate=GatePolicy(rate_per_minute=1)) as console,
+        httpx.AsyncClient(base_url=console.url.rstrip("/"), timeout=15) as http,
+        http.stream("GET", "/api/stream") as response,
+    ):
+        stream = Stream(response)
+        await post(console, "/api/send", {"user": "li.si", "text": "一"})  # answered
+        for key in ("/help", "/reset"):  # the notice, then nothing
+            sent = await post(
+                console, "/api/event", {"user": "li.si", "event": "click", "key": key}
+            )
+            assert sent.status_code == 200, sent.text
+        said = await stream.until("silenced")
+        assert said["data"]["why"] == (
+            "over LLM_USER_RATE_PER_MINUTE (1), and told so once already this minute"
+        )

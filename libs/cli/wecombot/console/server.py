@@ -62,6 +62,7 @@ from wecombot_common.settings import NatsSettings
 from wecombot_common.sim.callbacks import Callback, CallbackBuilder
 from wecombot_common.sim.wecom_api import ApiCall, SentMessage, SimulatedWeComApi
 from wecombot_common.topology import ConversationRef
+from wecombot_llm.commands import menu_command
 from wecombot_llm.conversation import Conversation
 from wecombot_llm.decide import requires_outcome
 from wecombot_llm.gate import GatePolicy, Verdict
@@ -266,9 +267,18 @@ class Console:
         if conv.verdict(received.event_id) is not Verdict.SILENT:
             return
         gate = self.config.gate
+        # as the fold tells them: a menu click that runs a command is the user asking
+        welcomed = (
+            isinstance(received.payload, WeComEventPayload)
+            and menu_command(received.payload) is None
+        )
         if not gate.allows(received.from_user):
-            why = "not in LLM_ALLOWED_USERS, and refused once already today"
-        elif isinstance(received.payload, WeComEventPayload):
+            why = (
+                "not in LLM_ALLOWED_USERS, whose events get nothing"
+                if welcomed
+                else "not in LLM_ALLOWED_USERS, and refused once already today"
+            )
+        elif welcomed:
             why = "welcomed once already today"
         else:
             why = (
