@@ -942,3 +942,24 @@ async def test_a_failed_copy_is_replayed_in_its_messages_place_in_the_users_orde
         for seq in (4, 5)
     ]
     assert [c.correlation_id for c in copies] == ["m-first", "m-second"]
+
+
+async def test_a_pending_batch_whose_states_could_not_all_be_read_says_so(
+    nats_server: NatsHandle, dead: JetStreamContext, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A letter whose state could not be read (its conversation read timed out) was left
+    out of `replay --pending` unsaid but for 'shown as ?', and the batch ended in
+    "1 of 1 dead letter replayed", exit 0: a script took every pending letter for
+    replayed."""
+    real = dlq.standing
+
+    async def flaky(js: JetStreamContext, letter: dlq.DeadLetter) -> str:
+        if letter.seq == 3:
+            raise TimeoutError
+        return await real(js, letter)
+
+    monkeypatch.setattr(dlq, "standing", flaky)
+    code, out, err = await _dlq(nats_server.url, "replay", "--pending")
+    assert out.splitlines()[-1] == "1 of 1 dead letter replayed", out
+    assert code == 1
+    assert "dead letter 3 (TimeoutError)" in err and "not replayed" in err, err

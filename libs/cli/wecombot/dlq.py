@@ -48,7 +48,8 @@ the same replay again tells. ``replay --pending`` (after a WeCom outage, say) re
 every letter whose state is ``pending``, in the order of their events in ``WECOMBOT``
 (not of their parking), so each user's messages are answered, and replies delivered, in
 the order they came; several SEQs are replayed in that order too. Each gets a line (its
-SEQ first), then a count; exit 1 when one was refused. A NATS failure stops the batch
+SEQ first), then a count; exit 1 when one was refused, or when a letter's state could
+not be read (left out, said on stderr). A NATS failure stops the batch
 where it met it, said with the count so far: the same command run again goes on (a
 replay made is recognised). ``--json`` is for list and show (the newest ``--limit``
 letters, 50 by default; the table says how many there are in all).
@@ -269,9 +270,11 @@ async def read_in_state(
     consumer: str | None = None,
     limit: int | None = 50,
     err: TextIO | None = None,
+    unread: list[DeadLetter] | None = None,
 ) -> tuple[int, list[DeadLetter]]:
     """The DLQ's size and its newest ``limit`` letters (all: None) of ``consumer`` whose
-    ``standing`` is ``state``, oldest first, each with its state.
+    ``standing`` is ``state``, oldest first, each with its state. A letter whose state
+    could not be read is in none: said on ``err``, and added to ``unread``.
 
     Every letter's state is read until ``limit`` are found, newest first, so a listing of
     the few still pending among thousands handled costs the newest ones' histories; with
@@ -289,7 +292,10 @@ async def read_in_state(
         letters = _oldest_first(js, info, f"{topology.PREFIX}.dlq.>")
 
     async def sift() -> None:
-        found.extend(d for d in await _with_states(js, batch, err) if d.state == state)
+        read = await _with_states(js, batch, err, unknown="left out")
+        found.extend(d for d in read if d.state == state)
+        if unread is not None:
+            unread.extend(d for d in read if d.state == "?")
         batch.clear()
 
     async for letter in letters:
@@ -981,14 +987,23 @@ def _misused(args: argparse.Namespace) -> str | None:
 async def _act(js: JetStreamContext, args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     if args.action == "replay":
         if args.pending:
+            unread: list[DeadLetter] = []
             _, letters = await read_in_state(
-                js, "pending", consumer=args.consumer, limit=None, err=err
+                js, "pending", consumer=args.consumer, limit=None, err=err, unread=unread
             )
             if not letters:
                 which = f" of consumer {args.consumer}" if args.consumer else ""
                 out.write(f"no pending dead letters{which} in {topology.DEAD_LETTER_STREAM}\n")
-                return 0
-            return await _replay_all(js, await _in_log_order(js, letters), out, err)
+                code = 0
+            else:
+                code = await _replay_all(js, await _in_log_order(js, letters), out, err)
+            if unread:  # left out, maybe pending: not all that is pending was replayed
+                err.write(
+                    f"wecombot dlq: {len(unread)} dead letter(s) not replayed, their state "
+                    "unknown: run the same command again\n"
+                )
+                return 1
+            return code
         if len(set(args.seq)) > 1:
             named = [await read_dead_letter(js, seq) for seq in sorted(set(args.seq))]
             missing = sorted(set(args.seq) - {d.seq for d in named if d is not None})
@@ -1027,12 +1042,16 @@ async def _act(js: JetStreamContext, args: argparse.Namespace, out: TextIO, err:
 
 
 async def _with_states(
-    js: JetStreamContext, letters: Sequence[DeadLetter], err: TextIO | None
+    js: JetStreamContext,
+    letters: Sequence[DeadLetter],
+    err: TextIO | None,
+    *,
+    unknown: str = "shown as ?",
 ) -> list[DeadLetter]:
     """The letters with their ``standing``, read ``_STATE_READS`` at a time (each is a
     few round trips to the stream leader, waiting on nothing else); one whose
     conversation cannot be read is shown all the same, its state ``?`` (said once on
-    ``err``)."""
+    ``err``, with what becomes of it: ``unknown``)."""
     unread: list[str] = []
     reads = asyncio.Semaphore(_STATE_READS)
 
@@ -1050,7 +1069,7 @@ async def _with_states(
     if unread and err is not None:
         err.write(
             f"wecombot dlq: the state of dead letter {', '.join(unread)} could not be read "
-            f"from {topology.CONVERSATION_STREAM}: shown as ?\n"
+            f"from {topology.CONVERSATION_STREAM}: {unknown}\n"
         )
     return out
 
