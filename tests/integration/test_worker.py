@@ -1164,12 +1164,22 @@ async def test_a_fault_failing_every_fetch_is_logged_once_not_twice_a_second(
             await until(lambda: handled == [first], timeout=10, what="the worker fetching")
             await stream.delete_stream(topology.CONVERSATION_STREAM)
             await until(lambda: Counting.attempts >= 4, timeout=15, what="four failed fetches")
+            events = [e["event"] for e in logs]
+            assert events.count("worker.fetch_failed") == 1, events
+            assert events.count("worker.consumer_missing") == 1, events
+            # the stream made again: the worker's next try makes its consumer, and the
+            # first good fetch says the fault is over, with the lines it kept back
+            await ensure_topology(stream, NatsSettings.read(EnvReader({})))
+            await until(
+                lambda: any(e["event"] == "worker.fetch_recovered" for e in logs),
+                timeout=15,
+                what="the fetches back",
+            )
         finally:
             stop.set()
             await task
-    events = [e["event"] for e in logs]
-    assert events.count("worker.fetch_failed") == 1, events
-    assert events.count("worker.consumer_missing") == 1, events
+    [recovered] = [e for e in logs if e["event"] == "worker.fetch_recovered"]
+    assert recovered["errors_not_logged"] >= 4, recovered
 
 
 class _DeadPathToTheBroker:

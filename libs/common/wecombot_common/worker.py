@@ -474,6 +474,7 @@ class PullWorker:
         # A fault that fails every fetch (no JetStream quorum, the stream deleted) wrote
         # a warning or two each half second, on every replica, for as long as it lasted.
         self._fault_log = LogSampler(burst=1, period_s=FAULT_LOG_PERIOD_S)
+        self._failing = False  # the last fetch failed: the next good one says it is over
         self.name = config.durable_name
         self.processed = 0
         self._metrics = _ConsumerMetrics.of(self.name)
@@ -724,11 +725,12 @@ class PullWorker:
                     await self._hand_back(msg)
             return []
         try:
-            return fetch.result()
+            fetched = fetch.result()
         except TimeoutError:  # nats-py raises its own subclass or plain asyncio.TimeoutError
-            return []
+            fetched = []
         except nats.errors.Error as exc:
             # Broker away (restart, reconnect): back off a little and try again.
+            self._failing = True
             if (untold := self._fault_log.take(("fetch", str(exc)))) is not None:
                 log.warning(
                     "worker.fetch_failed",
@@ -742,6 +744,14 @@ class PullWorker:
             ):
                 await self._consumer_again()
             return []
+        if self._failing:  # over: say so, with what the sampler kept back
+            self._failing = False
+            log.info(
+                "worker.fetch_recovered",
+                consumer=self.name,
+                errors_not_logged=self._fault_log.reset(),
+            )
+        return fetched
 
     async def _consumer_at_start(self, stop: asyncio.Event) -> bool:
         """``ensure_consumer``, tried again with backoff while JetStream does not answer
