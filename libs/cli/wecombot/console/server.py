@@ -34,7 +34,7 @@ import json
 import re
 import secrets
 import time
-from collections import Counter, deque
+from collections import Counter, OrderedDict, deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,6 +79,7 @@ CALLBACK_TIMEOUT_S = 5.0  # …so the console waits for the gateway no longer th
 MAX_TEXT_CHARS = 20_000
 MAX_FAIL_TIMES = 100
 KEEPALIVE_S = 15.0
+MAX_FOLDS = 1000  # the conversations whose llm fold the console keeps (least recent go)
 # A WeCom UserID: 1–64 letters, digits and _-@. starting with a letter or digit.
 USER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_\-@.]{0,63}")
 EVENTS = ("enter_agent", "click", "subscribe", "unsubscribe")
@@ -124,6 +125,14 @@ class Hub:
             queue.put_nowait(None)
 
 
+@dataclass
+class _Fold:
+    """The llm's fold of one conversation, as far as the console has read it."""
+
+    conversation: Conversation
+    lock: asyncio.Lock = dataclasses.field(default_factory=asyncio.Lock)
+
+
 @dataclass(frozen=True)
 class ConsoleConfig:
     port: int  # 0: any free port
@@ -155,6 +164,7 @@ class Console:
         self.port = config.port
         self.gateway = "starting"
         self.gateway_detail = ""  # the gateway's own reason when it is not ready
+        self._folds: OrderedDict[ConversationRef, _Fold] = OrderedDict()  # the llm's, kept
         self._was_ready = False
         self._boot = secrets.token_hex(4)
         self._events = itertools.count(1)
@@ -254,17 +264,34 @@ class Console:
 
         if not needs_outcome(received) or self._nc is None:
             return
-        conv = Conversation(needs_outcome=needs_outcome, gate_policy=self.config.gate)
-        read = bus.read_conversation(self._nc.jetstream(), ConversationRef.of(received), reach=seq)
-        try:
-            async for stored in read:
-                conv.apply(stored)
-                if stored.seq >= seq:
-                    break
-        except (TimeoutError, nats.errors.Error) as exc:  # the page just keeps waiting
-            log.warning("console.conversation_unread", reason=f"{type(exc).__name__}: {exc}")
-            return
-        if conv.verdict(received.event_id) is not Verdict.SILENT:
+        ref = ConversationRef.of(received)
+        # Kept between messages and caught up from where it stopped: read whole for each
+        # message, a conversation kept in the data dir cost more every time. One reader
+        # at a time: the fold skips what is at or below its last seq.
+        fold = self._folds.pop(ref, None) or _Fold(
+            Conversation(needs_outcome=needs_outcome, gate_policy=self.config.gate)
+        )
+        self._folds[ref] = fold
+        while len(self._folds) > MAX_FOLDS:
+            self._folds.popitem(last=False)
+        async with fold.lock:
+            conv = fold.conversation
+            if seq > conv.last_seq:
+                read = bus.read_conversation(
+                    self._nc.jetstream(), ref, after_seq=conv.last_seq, reach=seq
+                )
+                try:
+                    async for stored in read:
+                        conv.apply(stored)
+                        if stored.seq >= seq:
+                            break
+                except (TimeoutError, nats.errors.Error) as exc:  # the page keeps waiting
+                    log.warning(
+                        "console.conversation_unread", reason=f"{type(exc).__name__}: {exc}"
+                    )
+                    return
+            silenced = conv.verdict(received.event_id) is Verdict.SILENT
+        if not silenced:
             return
         gate = self.config.gate
         # as the fold tells them: a menu click that runs a command is the user asking
