@@ -1509,3 +1509,23 @@ async def test_an_answer_kept_for_a_redelivery_another_replica_answered_is_let_g
     assert await here.handle(q2, stream_seq=s2, num_delivered=1) == Ack()
     assert entry.prepared == {}
     assert [o.causation_id for o in log.outcomes()] == [q1.event_id, q2.event_id]
+
+
+def test_the_llm_caches_byte_budget_binds_not_a_count() -> None:
+    """At 10,000 conversations the count bound first (at 24 of 64 MiB in a soak of 7,400
+    users): each one past it was read whole again at its next message."""
+    from wecombot_common.topology import ConversationRef
+    from wecombot_llm.cache import ConversationCache
+    from wecombot_llm.handler import HandlerConfig
+
+    config = HandlerConfig(policy=ReplyPolicy())
+    cache = ConversationCache(
+        lambda: _conversation_of(0, 0),
+        capacity=config.cache_capacity,
+        max_bytes=config.cache_bytes,
+    )
+    for i in range(15_000):
+        conv = ConversationRef("ww1-1", f"user{i}")
+        cache.get(conv)
+        cache.used(conv)
+    assert len(cache) == 15_000, len(cache)

@@ -10,13 +10,14 @@ re-read. An entry also coordinates this process's deliveries of one conversation
   once instead of at their next poll.
 
 Entries in use are never evicted, so all deliveries of a conversation share one lock.
-The cache holds at most ``capacity`` entries and about ``max_bytes`` (each entry counted
+The cache holds about ``max_bytes`` (each entry counted
 after use: ENTRY_BYTES plus :meth:`Conversation.approx_bytes`, ``LLM_CACHE_MB``): a
 conversation holds up to ``LLM_MAX_TURNS`` turns and a thousand settled ids, so a count
-alone let a busy replica grow past its pod's memory::
+alone let a busy replica grow past its pod's memory (``capacity`` is only a safety net,
+the bytes bind first)::
 
     cache = ConversationCache(
-        lambda: Conversation(needs_outcome=…), capacity=10_000, max_bytes=64 << 20)
+        lambda: Conversation(needs_outcome=…), capacity=1_000_000, max_bytes=64 << 20)
     entry = cache.get(conv)
     with entry.handling(event_id):
         async with entry.lock: ...

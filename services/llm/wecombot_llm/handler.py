@@ -105,7 +105,9 @@ class HandlerConfig:
     # settled it (one consumer_info call per poll from then on).
     settled_check_after_s: float = 1.0
     settled_refresh_s: float = 0.5  # shared by every waiter of this process
-    cache_capacity: int = 10_000
+    # A safety net: LLM_CACHE_MB binds first (at 10,000 this count did, at 24 of 64 MiB
+    # in a soak of 7,400 users, and each conversation past it was read whole again).
+    cache_capacity: int = 1_000_000
     cache_bytes: int | None = 64 << 20  # LLM_CACHE_MB
     remember_answered: int = 1000
 

@@ -167,20 +167,25 @@ def conversation_key(event: Event) -> str:
 
 # What a cached state costs besides itself: its key and its slot in the cache.
 ENTRY_BYTES = 440
+# Conversations cached at most, whatever their size: the byte budget binds first.
+MAX_CACHED = 1_000_000
 
 
 class ConversationCache:
-    """Recently used conversation states, always caught up before use; at most
-    ``max_entries`` of them and about ``max_bytes`` (``SENDER_CACHE_MB``), the least
-    recently used dropped first (read from the log again when needed). Each state keeps
-    only the newest delivered replies (:func:`~.domain.compact`): bounded by a count
-    alone, a replica holding long conversations grew without end."""
+    """Recently used conversation states, always caught up before use; about
+    ``max_bytes`` of them (``SENDER_CACHE_MB``), the least recently used dropped first
+    (read from the log again when needed). Each state keeps only the newest delivered
+    replies (:func:`~.domain.compact`): bounded by a count alone, a replica holding long
+    conversations grew without end. ``max_entries`` is a safety net the bytes reach
+    first: at 4,096 it was the limit, at 18 of 64 MiB (a soak of 7,400 users), and each
+    conversation past it was read whole again, from the start of the log, at its next
+    reply (which also keeps nats-server's blocks of the whole stream in its memory)."""
 
     def __init__(
         self,
         js: JetStreamContext,
         *,
-        max_entries: int = 4096,
+        max_entries: int = MAX_CACHED,
         max_bytes: int | None = 64 << 20,
         finished_kept: int = FINISHED_KEPT,
     ) -> None:
