@@ -834,18 +834,7 @@ async def test_a_batch_replays_in_the_order_of_the_log_not_of_the_parking(
     first, second = _reply("li.si", "first"), _reply("li.si", "second")
     at = [(await append_event(js, reply)).seq for reply in (first, second)]
     for reply, seq in ((second, at[1]), (first, at[0])):  # as the worker parks them
-        await js.publish(
-            f"{topology.PREFIX}.dlq.sender",
-            encode_event(reply),
-            stream=topology.DEAD_LETTER_STREAM,
-            headers={
-                DLQ_REASON: "gave up after 20: WeCom answered HTTP 502",
-                DLQ_CONSUMER: topology.SENDER_CONSUMER,
-                DLQ_SUBJECT: topology.subject_for(reply),
-                DLQ_STREAM_SEQ: str(seq),
-                DLQ_DELIVERIES: "20",
-            },
-        )
+        await _park(js, reply, seq)
     code, out, err = await _dlq(nats_server.url, "replay", "--pending")
     assert (code, err) == (0, "")
     assert [line.split(":")[0] for line in out.splitlines()[:2]] == ["2", "1"]

@@ -10,12 +10,22 @@ import pytest
 
 from tests.loopback import answer, raw_http, read_request
 from wecombot_common.settings import Secret, WeComApiSettings
-from wecombot_token.domain import Failure
+from wecombot_token.domain import Failure, IssuedToken
 from wecombot_token.source import WeComTokenSource
 
 pytestmark = pytest.mark.integration
 
 SECRET = "corp-s3cret-value"
+
+
+async def _fetch(base: str) -> IssuedToken | Failure:
+    """One gettoken from a token source pointed at ``base``: its outcome."""
+    api = WeComApiSettings(corp_id="ww1", agent_id=1000002, secret=Secret(SECRET), api_base=base)
+    source = WeComTokenSource(api, timeout_s=3)
+    try:
+        return await source.fetch()
+    finally:
+        await source.aclose()
 
 
 async def test_a_redirect_is_not_followed_and_points_at_the_api_base() -> None:
@@ -40,14 +50,7 @@ async def test_a_redirect_is_not_followed_and_points_at_the_api_base() -> None:
             writer.close()
 
         async with raw_http(redirect) as base:
-            api = WeComApiSettings(
-                corp_id="ww1", agent_id=1000002, secret=Secret(SECRET), api_base=base
-            )
-            source = WeComTokenSource(api, timeout_s=3)
-            try:
-                failure = await source.fetch()
-            finally:
-                await source.aclose()
+            failure = await _fetch(base)
     assert isinstance(failure, Failure)
     assert failure.kind == "wecom_error" and "HTTP 302" in failure.message
     assert "WECOM_API_BASE" in failure.message and SECRET not in failure.message
@@ -70,14 +73,7 @@ async def test_an_answer_past_the_limit_is_not_read_on() -> None:
         writer.close()
 
     async with raw_http(wecom) as base:
-        api = WeComApiSettings(
-            corp_id="ww1", agent_id=1000002, secret=Secret(SECRET), api_base=base
-        )
-        source = WeComTokenSource(api, timeout_s=3)
-        try:
-            failure = await source.fetch()
-        finally:
-            await source.aclose()
+        failure = await _fetch(base)
     assert isinstance(failure, Failure)
     assert "gettoken answered a body over 64 KiB" in failure.message
     assert b"accept-encoding: identity\r\n" in heads[0]
@@ -98,14 +94,7 @@ async def test_an_errmsg_quoting_the_secret_never_carries_it_on() -> None:
         writer.close()
 
     async with raw_http(echo) as base:
-        api = WeComApiSettings(
-            corp_id="ww1", agent_id=1000002, secret=Secret(SECRET), api_base=base
-        )
-        source = WeComTokenSource(api, timeout_s=3)
-        try:
-            failure = await source.fetch()
-        finally:
-            await source.aclose()
+        failure = await _fetch(base)
     assert isinstance(failure, Failure)
     assert failure.kind == "bad_secret" and failure.errcode == 40001
     assert failure.errmsg is not None and "invalid credential" in failure.errmsg
@@ -130,13 +119,6 @@ async def test_a_large_error_page_is_told_by_its_status(status: int, kind: str, 
         writer.close()
 
     async with raw_http(wecom) as base:
-        api = WeComApiSettings(
-            corp_id="ww1", agent_id=1000002, secret=Secret(SECRET), api_base=base
-        )
-        source = WeComTokenSource(api, timeout_s=3)
-        try:
-            failure = await source.fetch()
-        finally:
-            await source.aclose()
+        failure = await _fetch(base)
     assert isinstance(failure, Failure)
     assert (failure.kind, said in failure.message) == (kind, True), failure

@@ -339,16 +339,14 @@ def test_an_ipv6_host_with_anything_but_a_port_after_it_is_refused() -> None:
         _api_base("https://[::1]junk/v1").raise_if_invalid()
 
 
-@pytest.mark.parametrize("service", ["llm", "sender", "token"])
-def test_a_proxy_password_is_among_the_secrets_the_logs_hide(service: str) -> None:
-    """The URL pattern hides it only where it shows as a URL's userinfo; an error text
-    quoting it otherwise (a proxy's 407 page, say) showed it."""
+def _secrets_with_a_proxy(service: str, proxy: str) -> list[str]:
+    """What ``service``'s settings give the logs to hide, with ``proxy`` as HTTPS_PROXY."""
     from wecombot_llm.settings import LlmSettings
     from wecombot_sender.settings import SenderSettings
     from wecombot_token.settings import TokenSettings
 
     env = {
-        "HTTPS_PROXY": "http://bot:Pr0xy-pa55word@proxy.corp:3128",
+        "HTTPS_PROXY": proxy,
         "OPENAI_API_KEY": "sk-proxy-test",
         "WECOM_CORP_ID": "ww1",
         "WECOM_AGENT_ID": "1000002",
@@ -361,7 +359,15 @@ def test_a_proxy_password_is_among_the_secrets_the_logs_hide(service: str) -> No
         secrets = SenderSettings.from_env(env).log.extra_secrets
     else:
         secrets = TokenSettings.from_env(env).secrets
-    assert "Pr0xy-pa55word" in [s.reveal() for s in secrets]
+    return [s.reveal() for s in secrets]
+
+
+@pytest.mark.parametrize("service", ["llm", "sender", "token"])
+def test_a_proxy_password_is_among_the_secrets_the_logs_hide(service: str) -> None:
+    """The URL pattern hides it only where it shows as a URL's userinfo; an error text
+    quoting it otherwise (a proxy's 407 page, say) showed it."""
+    secrets = _secrets_with_a_proxy(service, "http://bot:Pr0xy-pa55word@proxy.corp:3128")
+    assert "Pr0xy-pa55word" in secrets
 
 
 @pytest.mark.parametrize("service", ["llm", "sender", "token"])
@@ -371,23 +377,6 @@ def test_a_proxy_password_in_basic_credentials_is_among_the_secrets_the_logs_hid
     """A proxy's 407 page (or a body a proxy answers) quoting the Proxy-Authorization
     header the client sent shows the password in base64: the llm stored it in
     ReplyFailed.reason, every service logged it."""
-    from wecombot_llm.settings import LlmSettings
-    from wecombot_sender.settings import SenderSettings
-    from wecombot_token.settings import TokenSettings
-
-    env = {
-        "HTTPS_PROXY": "http://bot:Pr0xy-pa55%40word@proxy.corp:3128",
-        "OPENAI_API_KEY": "sk-proxy-test",
-        "WECOM_CORP_ID": "ww1",
-        "WECOM_AGENT_ID": "1000002",
-        "WECOM_SECRET": "secret-of-the-app",
-    }
-    secrets: tuple[Secret, ...]
-    if service == "llm":
-        secrets = LlmSettings.from_env(env).secrets
-    elif service == "sender":
-        secrets = SenderSettings.from_env(env).log.extra_secrets
-    else:
-        secrets = TokenSettings.from_env(env).secrets
+    secrets = _secrets_with_a_proxy(service, "http://bot:Pr0xy-pa55%40word@proxy.corp:3128")
     basic = base64.b64encode(b"bot:Pr0xy-pa55@word").decode()  # as the header carries it
-    assert basic in [s.reveal() for s in secrets]
+    assert basic in secrets
