@@ -380,3 +380,4 @@ def test_a_proxy_password_in_basic_credentials_is_among_the_secrets_the_logs_hid
     secrets = _secrets_with_a_proxy(service, "http://bot:Pr0xy-pa55%40word@proxy.corp:3128")
     basic = base64.b64encode(b"bot:Pr0xy-pa55@word").decode()  # as the header carries it
     assert basic in secrets
+    assert "Pr0xy-pa55@word" in secrets  # decoded, as sent and as an error text may quote it

@@ -315,10 +315,11 @@ def proxy_secrets(proxy: Secret | None) -> tuple[Secret, ...]:
     for the logs to redact wherever it shows, not only where the URL pattern finds it;
     and the ``Basic`` credentials the HTTP clients make of it, sent in every request's
     ``Proxy-Authorization``: a proxy's 407 page (or an error body) quoting that header
-    shows the password in base64, which no other secret or pattern matches.
+    shows the password in base64, which no other secret or pattern matches; and the
+    password percent-decoded, as the clients send it and an error text may quote it.
 
     >>> [s.reveal() for s in proxy_secrets(Secret("http://bot:pw%40x@proxy:3128"))]
-    ['pw%40x', 'Ym90OnB3QHg=']
+    ['pw%40x', 'Ym90OnB3QHg=', 'pw@x']
     """
     if proxy is None:
         return ()
@@ -333,6 +334,8 @@ def proxy_secrets(proxy: Secret | None) -> tuple[Secret, ...]:
         # As httpx and aiohttp build it: the user and password percent-decoded.
         pair = f"{unquote(user or '')}:{unquote(password or '')}".encode()
         found.append(base64.b64encode(pair).decode("ascii"))
+        if password and unquote(password) not in found:
+            found.append(unquote(password))
     return tuple(Secret(s) for s in found)
 
 
