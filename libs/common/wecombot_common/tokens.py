@@ -48,6 +48,8 @@ ErrorKind = Literal[
     "unknown_app",
     "wecom_error",
 ]
+# Every kind this build knows: one from a newer build is read as ``wecom_error``.
+ERROR_KINDS: frozenset[str] = frozenset(get_args(ErrorKind))
 TRANSIENT_KINDS: frozenset[str] = frozenset(
     {"rate_limited", "network", "unavailable", "wecom_error"}
 )
@@ -104,9 +106,6 @@ _encoder = msgspec.json.Encoder()
 _reply_decoder = msgspec.json.Decoder(TokenReply)
 
 
-_KINDS = frozenset(get_args(ErrorKind))
-
-
 def _of_a_newer_build(data: bytes) -> TokenReply | None:
     """A failure of a kind this build does not know, from a token service of a newer
     build (a rolling upgrade, or a rollback of the callers): read as this build reads an
@@ -115,7 +114,7 @@ def _of_a_newer_build(data: bytes) -> TokenReply | None:
     spending its deliveries, told only "bad token reply". None: not such a reply."""
     try:
         match msgspec.json.decode(data):
-            case {"kind": str(kind)} as reply if kind not in _KINDS:
+            case {"kind": str(kind)} as reply if kind not in ERROR_KINDS:
                 return msgspec.convert({**reply, "kind": "wecom_error"}, TokenReply)
     except (msgspec.DecodeError, RecursionError):  # ValidationError is a DecodeError
         pass

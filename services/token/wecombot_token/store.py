@@ -22,7 +22,7 @@ import dataclasses
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar, get_args
+from typing import Any, Protocol, TypeVar
 
 import msgspec
 import nats.errors
@@ -32,7 +32,7 @@ from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
 
 from wecombot_common.runtime import cancel_until_done
-from wecombot_common.tokens import ErrorKind
+from wecombot_common.tokens import ERROR_KINDS
 from wecombot_common.topology import TOKEN_BUCKET, token_bucket
 
 from .domain import AppState, Lock
@@ -55,7 +55,6 @@ _NO_STREAM = 10059  # "stream not found": the bucket was deleted
 _encoder = msgspec.json.Encoder()
 _state_decoder = msgspec.json.Decoder(AppState)
 _lock_decoder = msgspec.json.Decoder(Lock)
-_KINDS = frozenset(get_args(ErrorKind))
 
 
 @dataclass(frozen=True, slots=True)
@@ -336,7 +335,9 @@ def _kind_known_here(state: Any) -> Any:
     """``state`` (the JSON of an AppState) with a failure kind this build does not know
     read as ``wecom_error``."""
     match state:
-        case {"failure": {"failure": {"kind": str(kind)} as failure} as last} if kind not in _KINDS:
+        case {"failure": {"failure": {"kind": str(kind)} as failure} as last} if (
+            kind not in ERROR_KINDS
+        ):
             return {**state, "failure": {**last, "failure": {**failure, "kind": "wecom_error"}}}
     return state
 
