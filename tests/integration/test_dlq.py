@@ -952,3 +952,54 @@ async def test_a_pending_batch_whose_states_could_not_all_be_read_says_so(
     assert out.splitlines()[-1] == "1 of 1 dead letter replayed", out
     assert code == 1
     assert "dead letter 3 (TimeoutError)" in err and "not replayed" in err, err
+
+
+async def test_a_copy_whose_parked_message_left_the_log_is_still_known_as_a_copy(
+    nats_server: NatsHandle, js: JetStreamContext
+) -> None:
+    """The parked message is the one at the letter's stream seq, not the first one read
+    after it: with that one gone (aged out before its copy), the copy is no parked
+    message to replay again."""
+    await ensure_topology(js, _settings(nats_server.url))
+    message = _received("m-aged-out")
+    await append_event(js, message)
+
+    async def failing(d: Delivery) -> Outcome:
+        return Nak(0, "the outcome could not be appended")
+
+    await _work(js, topology.LLM_CONSUMER, topology.RECEIVED_FILTER, failing)
+    await append_event(js, message, msg_id="redeliver:from-an-hour-ago")  # the copy, seq 2
+    await js.purge_stream(topology.CONVERSATION_STREAM, seq=2)  # the parked one left
+    code, out, err = await _dlq(nats_server.url, "--json")
+    assert (code, err) == (0, "")
+    assert [d["state"] for d in json.loads(out)] == ["requeued"]
+    done, said = await replay(js, 1)
+    assert done and said.endswith("from wang.wu is in the log again at seq 2"), said
+    info = await js.stream_info(topology.CONVERSATION_STREAM)
+    assert info.state.messages == 1
+
+
+async def test_a_listing_in_one_state_keeps_the_newest_up_to_its_limit_oldest_first(
+    nats_server: NatsHandle, dead: JetStreamContext, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(dlq, "_STATE_READS", 2)
+    code, out, err = await _dlq(nats_server.url, "--state", "pending", "--json")
+    assert (code, err) == (0, "")
+    assert [d["seq"] for d in json.loads(out)] == [2, 3]
+    code, out, err = await _dlq(nats_server.url, "--state", "pending", "--limit", "1", "--json")
+    assert (code, err) == (0, "")
+    assert [d["seq"] for d in json.loads(out)] == [3]
+
+
+async def test_a_batch_stopped_counts_only_the_letters_replayed_before_it(
+    nats_server: NatsHandle, dead: JetStreamContext
+) -> None:
+    """A letter refused before the stop is not counted as replayed."""
+    sealed = await dead.stream_info(topology.CONVERSATION_STREAM)
+    sealed.config.sealed = True
+    await dead.update_stream(sealed.config)
+    code, out, err = await _dlq(nats_server.url, "replay", "1", "2", "3")
+    assert (code, out) == (1, "")
+    refused, stopped, _ = err.splitlines()
+    assert refused.startswith("wecombot dlq: 1: dead letter 1 is not a wecombot event")
+    assert stopped.startswith("wecombot dlq: stopped at dead letter 2, 0 of 3 replayed before it")
