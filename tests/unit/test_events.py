@@ -244,3 +244,23 @@ def test_a_bumped_type_is_newer_alone_and_its_older_events_still_read(
         decode_event(their_reply)
     ours = ReplyGenerated(**ENV, text="你好")
     assert newer.decode_event(encode_event(ours)).text == "你好"  # the newer build reads ours
+
+
+def test_the_build_that_bumped_a_type_reads_its_events_and_tells_their_poison(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A type's own version is the newest its build reads: held to the number every type
+    starts at, the build that bumped one would refuse its own events of it as newer, and
+    take a broken one of them for a newer build's instead of poison."""
+    newer = _build_with_bumped("ReplyGenerated", monkeypatch)
+    theirs = newer.encode_event(newer.ReplyGenerated(**ENV, text="你好"))
+    assert newer.decode_event(theirs).text == "你好"
+    broken = msgspec.json.encode(msgspec.json.decode(theirs) | {"text": 7})
+    with pytest.raises(newer.EventDecodeError) as poison:
+        newer.decode_event(broken)
+    assert not isinstance(poison.value, newer.NewerEventError), poison.value
+    later = msgspec.json.encode(msgspec.json.decode(theirs) | {"version": 3})
+    with pytest.raises(
+        newer.NewerEventError, match=r"'ReplyGenerated' \(version 3\) is newer than this build's 2"
+    ):
+        newer.decode_event(later)
