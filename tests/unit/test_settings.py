@@ -381,3 +381,14 @@ def test_a_proxy_password_in_basic_credentials_is_among_the_secrets_the_logs_hid
     basic = base64.b64encode(b"bot:Pr0xy-pa55@word").decode()  # as the header carries it
     assert basic in secrets
     assert "Pr0xy-pa55@word" in secrets  # decoded, as sent and as an error text may quote it
+
+
+@pytest.mark.parametrize("service", ["llm", "sender", "token"])
+def test_a_bare_proxy_token_in_basic_credentials_is_among_the_secrets_the_logs_hide(
+    service: str,
+) -> None:
+    """A proxy URL with a token and no password (http://TOKEN@host) is sent as Basic
+    credentials too, ``TOKEN:`` in base64 (httpx and aiohttp alike)."""
+    secrets = _secrets_with_a_proxy(service, "http://Pr0xyT0ken@proxy.corp:3128")
+    assert "Pr0xyT0ken" in secrets
+    assert base64.b64encode(b"Pr0xyT0ken:").decode() in secrets
