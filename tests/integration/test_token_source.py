@@ -122,3 +122,31 @@ async def test_a_large_error_page_is_told_by_its_status(status: int, kind: str, 
         failure = await _fetch(base)
     assert isinstance(failure, Failure)
     assert (failure.kind, said in failure.message) == (kind, True), failure
+
+
+async def test_an_errmsg_quoting_the_secret_percent_encoded_never_carries_it_on() -> None:
+    """A Secret with a character a URL encodes is quoted in the request's target as
+    sent, not as configured: only the corpsecret= pattern finds it there."""
+    secret = "corp+s3cret/value"
+    targets: list[str] = []
+
+    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head, _ = await read_request(reader)
+        targets.append(head.split(b" ")[1].decode())
+        body = json.dumps({"errcode": 40001, "errmsg": f"invalid credential: {targets[0]}"})
+        await answer(writer, 200, body.encode(), "application/json")
+        writer.close()
+
+    async with raw_http(echo) as base:
+        api = WeComApiSettings(
+            corp_id="ww1", agent_id=1000002, secret=Secret(secret), api_base=base
+        )
+        source = WeComTokenSource(api, timeout_s=3)
+        try:
+            failure = await source.fetch()
+        finally:
+            await source.aclose()
+    assert isinstance(failure, Failure) and failure.errmsg is not None
+    assert secret not in targets[0] and "corpsecret=corp%2Bs3cret" in targets[0]
+    for text in (failure.message, failure.errmsg):
+        assert "s3cret" not in text and "[REDACTED]" in text, text
