@@ -1175,6 +1175,11 @@ async def test_a_fault_failing_every_fetch_is_logged_once_not_twice_a_second(
                 timeout=15,
                 what="the fetches back",
             )
+            # said once: the good fetches after it (one with a message, empty ones) are no
+            # recovery
+            after = (await append_event(stream, _reply("a", "after"))).seq
+            await until(lambda: after in handled, timeout=10, what="the worker fetching again")
+            await asyncio.sleep(0.5)
         finally:
             stop.set()
             await task
