@@ -20,7 +20,8 @@ import pytest
 from tests.conftest import NatsHandle, free_port
 from tests.integration.wecom_app import AGENT, CORP, KEY, SECRET, TOKEN, running_gateway
 from tests.waiting import until
-from wecombot.console import Console, ConsoleConfig
+from wecombot.console import Console, ConsoleConfig, server
+from wecombot_common import bus
 from wecombot_common.embedded import EmbeddedNats
 from wecombot_common.settings import EnvReader, NatsSettings
 from wecombot_common.sim.callbacks import CallbackBuilder
@@ -38,7 +39,11 @@ async def console(nats_server: NatsHandle) -> AsyncIterator[Console]:
 
 @asynccontextmanager
 async def running_console(
-    nats_server: NatsHandle, *, proxy: str | None = None, gate: GatePolicy | None = None
+    nats_server: NatsHandle,
+    *,
+    proxy: str | None = None,
+    gate: GatePolicy | None = None,
+    welcome: bool = False,
 ) -> AsyncIterator[Console]:
     """``proxy``: the environment's HTTP proxy while the console starts (and builds its
     client), without NO_PROXY; the gateway and this test's own clients are not behind it.
@@ -59,6 +64,7 @@ async def running_console(
         )
         if gate is not None:
             config = dataclasses.replace(config, gate=gate)
+        config = dataclasses.replace(config, welcome=welcome)
         builder = CallbackBuilder(corp_id=CORP, agent_id=AGENT, token=TOKEN, encoding_aes_key=KEY)
         console = Console(config, builder, wecom)
         unset = {name: "" for name in ("no_proxy", "NO_PROXY", "all_proxy", "ALL_PROXY")}
@@ -388,3 +394,47 @@ async def test_a_menu_command_over_the_rate_is_said_as_over_the_rate(
         assert said["data"]["why"] == (
             "over LLM_USER_RATE_PER_MINUTE (1), and told so once already this minute"
         )
+
+
+async def test_a_second_welcome_the_same_day_is_said_as_welcomed(
+    nats_server: NatsHandle,
+) -> None:
+    """With LLM_WELCOME_MESSAGE, the llm welcomes a user once a day: a second
+    enter_agent gets nothing, said as such (not as over the rate)."""
+    async with (
+        running_console(nats_server, welcome=True) as console,
+        httpx.AsyncClient(base_url=console.url.rstrip("/"), timeout=15) as http,
+        http.stream("GET", "/api/stream") as response,
+    ):
+        stream = Stream(response)
+        for _ in range(2):
+            # a second apart: WeCom's event retries are told by user and CreateTime
+            await asyncio.sleep(1.1)
+            sent = await post(console, "/api/event", {"user": "li.si", "event": "enter_agent"})
+            assert sent.status_code == 200, sent.text
+            await stream.until("event", type="MessageReceived")
+        said = await stream.until("silenced")
+        assert said["data"]["why"] == "welcomed once already today"
+
+
+async def test_the_folds_are_kept_between_messages_the_least_recent_let_go(
+    nats_server: NatsHandle, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Read whole for each message, a conversation kept in the data dir cost more every
+    time: a user's fold goes on from where it stopped, until other users' push it out."""
+    monkeypatch.setattr(server, "MAX_FOLDS", 1)
+    reads: list[tuple[str, int]] = []
+    read_conversation = bus.read_conversation
+
+    def recorded(js: Any, ref: Any, *, after_seq: int = 0, **kwargs: Any) -> Any:
+        reads.append((ref.user, after_seq))
+        return read_conversation(js, ref, after_seq=after_seq, **kwargs)
+
+    monkeypatch.setattr(bus, "read_conversation", recorded)
+    async with running_console(nats_server) as console:
+        for n, user in enumerate(["li.si", "li.si", "wang.wu", "li.si"], start=1):
+            await post(console, "/api/send", {"user": user, "text": str(n)})
+            await until(lambda n=n: len(reads) == n, timeout=10, what=f"fold read {n}")
+    assert [user for user, _ in reads] == ["li.si", "li.si", "wang.wu", "li.si"]
+    assert reads[0][1] == 0 and reads[1][1] > 0  # kept, and gone on from there
+    assert (reads[2][1], reads[3][1]) == (0, 0)  # li.si's let go for wang.wu's
