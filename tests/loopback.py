@@ -5,12 +5,13 @@ answer what a front end in the way would (a 502 page, a body that is not JSON)."
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
-__all__ = ["Handle", "answer", "raw_http", "read_request", "reset"]
+__all__ = ["Handle", "answer", "answering", "raw_http", "read_request", "reset"]
 
 Handle = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
@@ -46,6 +47,24 @@ async def answer(writer: asyncio.StreamWriter, status: int, body: bytes, content
         + body
     )
     await writer.drain()
+
+
+def answering(
+    status: int, body: bytes, content_type: str, *, heads: list[bytes] | None = None
+) -> Handle:
+    """A handle that answers each request with ``status`` and ``body`` (the client may
+    hang up before it has read it all), recording each request's head, lower-cased, in
+    ``heads``."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head, _ = await read_request(reader)
+        if heads is not None:
+            heads.append(head.lower())
+        with contextlib.suppress(ConnectionError):
+            await answer(writer, status, body, content_type)
+        writer.close()
+
+    return handle
 
 
 def reset(writer: asyncio.StreamWriter) -> None:

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 
 import pytest
 
-from tests.loopback import answer, raw_http, read_request
+from tests.loopback import answer, answering, raw_http, read_request
 from wecombot_common.settings import Secret, WeComApiSettings
 from wecombot_token.domain import Failure, IssuedToken
 from wecombot_token.source import WeComTokenSource
@@ -65,12 +64,7 @@ async def test_an_answer_past_the_limit_is_not_read_on() -> None:
     heads: list[bytes] = []
     padded = b" " * (1 << 20) + b'{"errcode":0,"access_token":"tok-abcdef","expires_in":7200}'
 
-    async def wecom(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        head, _ = await read_request(reader)
-        heads.append(head.lower())
-        with contextlib.suppress(ConnectionError):
-            await answer(writer, 200, padded, "application/json")
-        writer.close()
+    wecom = answering(200, padded, "application/json", heads=heads)
 
     async with raw_http(wecom) as base:
         failure = await _fetch(base)
@@ -112,11 +106,7 @@ async def test_a_large_error_page_is_told_by_its_status(status: int, kind: str, 
     and said as WeCom unreachable (network), without the status or the setting to check."""
     page = b"<html>" + b"x" * (100 * 1024) + b"</html>"
 
-    async def wecom(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await read_request(reader)
-        with contextlib.suppress(ConnectionError):
-            await answer(writer, status, page, "text/html")
-        writer.close()
+    wecom = answering(status, page, "text/html")
 
     async with raw_http(wecom) as base:
         failure = await _fetch(base)

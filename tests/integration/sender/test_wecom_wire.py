@@ -13,7 +13,7 @@ from contextlib import asynccontextmanager
 import pytest
 
 from tests.conftest import free_port
-from tests.loopback import Handle, answer, raw_http, read_request, reset
+from tests.loopback import Handle, answer, answering, raw_http, read_request, reset
 from wecombot_common.logs import REDACTED
 from wecombot_common.settings import Secret, WeComApiSettings
 from wecombot_sender.errors import SendRejected, SendRetryable
@@ -282,12 +282,7 @@ async def test_an_answer_past_the_limit_is_not_read_on_and_is_no_delivery() -> N
     heads: list[bytes] = []
     padded = b" " * (1 << 20) + ACCEPTED
 
-    async def wecom(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        head, _ = await read_request(reader)
-        heads.append(head.lower())
-        with contextlib.suppress(ConnectionError):
-            await answer(writer, 200, padded, "application/json")
-        writer.close()
+    wecom = answering(200, padded, "application/json", heads=heads)
 
     async with raw_http(wecom) as base_url:
         failed = await failed_send(base_url)
@@ -302,11 +297,7 @@ async def test_a_large_error_page_is_told_by_its_status() -> None:
     its status lost, and taken as maybe delivered (a 4xx is not)."""
     page = b"<html>" + b"x" * (100 * 1024) + b"</html>"
 
-    async def wecom(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await read_request(reader)
-        with contextlib.suppress(ConnectionError):
-            await answer(writer, 404, page, "text/html")
-        writer.close()
+    wecom = answering(404, page, "text/html")
 
     async with raw_http(wecom) as base_url:
         failed = await failed_send(base_url)
