@@ -9,6 +9,7 @@ import contextlib
 import time
 from collections import defaultdict
 from collections.abc import AsyncIterator
+from typing import Any
 
 import msgspec
 import nats
@@ -1144,10 +1145,17 @@ async def test_a_fault_failing_every_fetch_is_logged_once_not_twice_a_second(
 
     class Counting(PullWorker):
         attempts = 0
+        fetches = 0
 
         async def _consumer_again(self) -> None:
             Counting.attempts += 1
             await super()._consumer_again()
+
+        async def _fetch(self, *args: Any) -> list[Msg]:
+            try:
+                return await super()._fetch(*args)
+            finally:
+                Counting.fetches += 1
 
     handled: list[int] = []
 
@@ -1179,7 +1187,8 @@ async def test_a_fault_failing_every_fetch_is_logged_once_not_twice_a_second(
             # recovery
             after = (await append_event(stream, _reply("a", "after"))).seq
             await until(lambda: after in handled, timeout=10, what="the worker fetching again")
-            await asyncio.sleep(0.5)
+            done = Counting.fetches
+            await until(lambda: Counting.fetches >= done + 3, timeout=10, what="3 more fetches")
         finally:
             stop.set()
             await task
