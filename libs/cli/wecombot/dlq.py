@@ -252,7 +252,7 @@ async def read_dead_letters(
         subject = f"{topology.PREFIX}.dlq.{consumer}"
         mine = await _letters_on(js, subject)
         if mine * mine <= limit * total:  # ≈ what a scan back would read to find `limit`
-            return total, await _read_forward(js, subject, limit)
+            return total, await _read_forward(js, info, subject, limit)
     found: list[DeadLetter] = []
     if limit > 0:
         async for letter in _newest_first(js, info):
@@ -342,20 +342,14 @@ async def _letters_on(js: JetStreamContext, subject: str) -> int:
     return int((info.state.subjects or {}).get(subject, 0))
 
 
-async def _read_forward(js: JetStreamContext, subject: str, limit: int) -> list[DeadLetter]:
+async def _read_forward(
+    js: JetStreamContext, info: StreamInfo, subject: str, limit: int
+) -> list[DeadLetter]:
     """The newest ``limit`` letters on ``subject``, read oldest first by subject."""
     newest: deque[DeadLetter] = deque(maxlen=max(limit, 0))
-    seq = 0
-    while limit > 0:
-        try:
-            raw = await js.get_msg(
-                topology.DEAD_LETTER_STREAM, seq=seq + 1, subject=subject, next=True
-            )
-        except nats.js.errors.NotFoundError:
-            break
-        assert raw.seq is not None
-        seq = raw.seq
-        newest.append(DeadLetter.of(raw))
+    if limit > 0:
+        async for letter in _oldest_first(js, info, subject):
+            newest.append(letter)
     return list(newest)
 
 
