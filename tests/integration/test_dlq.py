@@ -816,6 +816,8 @@ async def test_a_batch_the_log_refuses_stops_and_says_where(
         (["replay", "3", "--consumer", "llm"], "--consumer is for list and replay --pending"),
         (["--state", "pending", "replay", "3"], "--state is for list; replay --pending replays"),
         (["--json", "replay", "--pending"], "--json is for list and show"),
+        (["replay", "3", "--limit", "2"], "--limit is for list and replay --pending"),
+        (["--limit", "2", "replay", "3", "4"], "--limit is for list and replay --pending"),
     ],
 )
 async def test_replay_arguments_that_make_no_command(argv: list[str], said: str) -> None:
@@ -846,6 +848,37 @@ async def test_a_batch_replays_in_the_order_of_the_log_not_of_the_parking(
     assert [r.reply_id for r in requeued if isinstance(r, ReplyRequeued)] == [
         first.event_id,
         second.event_id,
+    ]
+
+
+async def test_a_pending_batch_with_a_limit_replays_the_first_in_the_log_and_says_the_rest(
+    nats_server: NatsHandle, js: JetStreamContext
+) -> None:
+    """After an outage with thousands parked, an operator replays a few first to see
+    that the cause is gone: --limit was taken and ignored, and every letter went."""
+    await ensure_topology(js, _settings(nats_server.url))
+    replies = [_reply("li.si", f"answer {n}") for n in range(3)]
+    at = [(await append_event(js, reply)).seq for reply in replies]
+    for reply, seq in reversed(list(zip(replies, at, strict=True))):  # the last parked first
+        await _park(js, reply, seq)
+    code, out, err = await _dlq(nats_server.url, "replay", "--pending", "--limit", "2")
+    assert (code, err) == (0, "")
+    *lines, count, left = out.splitlines()
+    assert [line.split(":")[0] for line in lines] == ["3", "2"]  # the log's first two
+    assert count == "2 of 2 dead letters replayed"
+    assert left == (
+        "1 more pending, left for later (--limit 2): run the same command again for the next ones"
+    )
+    code, out, err = await _dlq(nats_server.url, "--limit", "2", "replay", "--pending")
+    assert (code, err) == (0, "")
+    assert out.splitlines()[0].startswith("1: reply ")
+    assert out.splitlines()[1:] == ["1 of 1 dead letter replayed"]
+    requeued = [
+        decode_event((await js.get_msg(topology.CONVERSATION_STREAM, seq)).data)
+        for seq in (4, 5, 6)
+    ]
+    assert [r.reply_id for r in requeued if isinstance(r, ReplyRequeued)] == [
+        reply.event_id for reply in replies
     ]
 
 

@@ -6,8 +6,9 @@
                                             the newest dead letters (in that state)
     wecombot dlq show SEQ [--json]          one, with its event decoded
     wecombot dlq replay SEQ [SEQ ...]       hand those back, in the log's order
-    wecombot dlq replay --pending [--consumer NAME]
+    wecombot dlq replay --pending [--consumer NAME] [--limit N]
                                             hand back every letter still pending
+                                            (the first N of them in the log's order)
 
 A message a service can never handle (an undecodable event, a reply WeCom always refuses,
 a failure that outlasted ``max_deliver``) is copied to the stream ``WECOMBOT_DLQ``
@@ -47,8 +48,10 @@ An append that got no answer is reported as such, exit 1: it may be stored, and 
 the same replay again tells. ``replay --pending`` (after a WeCom outage, say) replays
 every letter whose state is ``pending``, in the order of their events in ``WECOMBOT``
 (not of their parking), so each user's messages are answered, and replies delivered, in
-the order they came; several SEQs are replayed in that order too. Each gets a line (its
-SEQ first), then a count; exit 1 when one was refused, or when a letter's state could
+the order they came; several SEQs are replayed in that order too. ``--limit N`` replays
+only the first N of them in that order (a few first, to see that the cause is gone; the
+same command run again takes the next N), and says how many are left. Each gets a line
+(its SEQ first), then a count; exit 1 when one was refused, or when a letter's state could
 not be read (left out, said on stderr). A NATS failure stops the batch
 where it met it, said with the count so far: the same command run again goes on (a
 replay made is recognised). ``--json`` is for list and show (the newest ``--limit``
@@ -148,6 +151,7 @@ _MAX_SEQ = 2**64 - 1  # a stream sequence is a uint64
 _NO_MESSAGE = 10037  # JetStream's "no message found"; 10059 is "stream not found"
 _SUBJECT_TOKEN = re.compile(r"[A-Za-z0-9_-]{1,64}")  # a consumer name that is one subject token
 _STATE_READS = 16  # letters whose state is read at once
+_LIST_LIMIT = 50  # letters listed when --limit is not given
 STATES = (
     "pending", "answered", "delivered", "requeued", "gone", "newer", "unreadable", "misfiled"
 )  # fmt: skip
@@ -862,6 +866,12 @@ def _parser() -> argparse.ArgumentParser:
         choices=(topology.LLM_CONSUMER, topology.SENDER_CONSUMER),
         help="with --pending: only this consumer's",
     )
+    again.add_argument(
+        "--limit",
+        type=positive_int,
+        default=argparse.SUPPRESS,
+        help="with --pending: at most N, the first in the log's order (run again for more)",
+    )
     return parser
 
 
@@ -893,8 +903,8 @@ def _options(p: argparse.ArgumentParser, *, listing: bool, defaults: bool = Fals
         p.add_argument(
             "--limit",
             type=positive_int,
-            default=default(50),
-            help="at most N, the newest (default 50)",
+            default=default(None),
+            help=f"at most N, the newest (default {_LIST_LIMIT})",
         )
         p.add_argument(
             "--state",
@@ -975,6 +985,8 @@ def _misused(args: argparse.Namespace) -> str | None:
         return "replay what? name the letters (SEQ ...), or --pending for all still pending"
     if args.consumer is not None and not args.pending:
         return "--consumer is for list and replay --pending; SEQ names the letter already"
+    if args.limit is not None and not args.pending:
+        return "--limit is for list and replay --pending; SEQ names the letters already"
     return None
 
 
@@ -990,7 +1002,14 @@ async def _act(js: JetStreamContext, args: argparse.Namespace, out: TextIO, err:
                 out.write(f"no pending dead letters{which} in {topology.DEAD_LETTER_STREAM}\n")
                 code = 0
             else:
-                code = await _replay_all(js, await _in_log_order(js, letters), out, err)
+                ordered = await _in_log_order(js, letters)
+                code = await _replay_all(js, ordered[: args.limit], out, err)
+                if args.limit is not None and len(ordered) > args.limit:
+                    left = len(ordered) - args.limit
+                    out.write(
+                        f"{left} more pending, left for later (--limit {args.limit}): run the "
+                        "same command again for the next ones\n"
+                    )
             if unread:  # left out, maybe pending: not all that is pending was replayed
                 err.write(
                     f"wecombot dlq: {len(unread)} dead letter(s) not replayed, their state "
@@ -1008,7 +1027,7 @@ async def _act(js: JetStreamContext, args: argparse.Namespace, out: TextIO, err:
         return 0 if done else 1
     if args.state is not None:
         total, letters = await read_in_state(
-            js, args.state, consumer=args.consumer, limit=args.limit, err=err
+            js, args.state, consumer=args.consumer, limit=args.limit or _LIST_LIMIT, err=err
         )
         if args.json:
             out.write(json.dumps([d.as_json() for d in letters], ensure_ascii=False) + "\n")
@@ -1026,7 +1045,8 @@ async def _act(js: JetStreamContext, args: argparse.Namespace, out: TextIO, err:
         else:
             out.write(render_one(letter))
         return 0
-    total, letters = await read_dead_letters(js, consumer=args.consumer, limit=max(args.limit, 0))
+    limit = args.limit or _LIST_LIMIT
+    total, letters = await read_dead_letters(js, consumer=args.consumer, limit=limit)
     letters = await _with_states(js, letters, err)
     if args.json:
         out.write(json.dumps([d.as_json() for d in letters], ensure_ascii=False) + "\n")
