@@ -3,8 +3,8 @@
 One registry per process (prometheus_client's default, which also carries the process's
 CPU, memory and open files). Every service's metrics are defined here, so names and
 labels are one list (docs/deploy.md, Metrics); a process only ever moves its own. Label values
-are closed sets (outcomes, error class names, WeCom errcodes), never user ids, message
-text or anything secret::
+are closed sets (outcomes, error class names), or bounded (WeCom's errcodes, by
+:class:`BoundedLabel`), never user ids, message text or anything secret::
 
     GATEWAY_CALLBACKS.labels(result="stored").inc()
 
@@ -30,6 +30,7 @@ __all__ = [
     "GATEWAY_REFUSALS",
     "LLM_MODEL_SECONDS",
     "LLM_OUTCOMES",
+    "OTHER",
     "SENDER_PARTS",
     "SENDER_REPLIES",
     "SENDER_WECOM_ERRORS",
@@ -39,9 +40,39 @@ __all__ = [
     "WORKER_IN_FLIGHT",
     "WORKER_SETTLED",
     "WORKER_WAITING",
+    "BoundedLabel",
     "metrics_route",
     "watch_cache",
 ]
+
+OTHER = "other"
+
+
+class BoundedLabel:
+    """The values of a label that come from outside (WeCom's errcodes): each gets its own
+    series up to ``limit`` distinct values in this process, any later one is ``other``,
+    so that answers making codes up (a front end, a proxy, a faulty build of WeCom's)
+    cannot grow every scrape and Prometheus's memory without bound. Values in ``known``
+    (the documented ones) always keep their own and do not count::
+
+        >>> label = BoundedLabel(limit=1, known=frozenset({81013}))
+        >>> [label(code) for code in (123, 456, 81013, 123)]
+        ['123', 'other', '81013', '123']
+    """
+
+    def __init__(self, *, limit: int, known: frozenset[int] = frozenset()) -> None:
+        self._limit = limit
+        self._known = known
+        self._seen: set[int] = set()
+
+    def __call__(self, value: int) -> str:
+        if value in self._known or value in self._seen:
+            return str(value)
+        if len(self._seen) < self._limit:
+            self._seen.add(value)
+            return str(value)
+        return OTHER
+
 
 # ---------------------------------------------------------------- gateway
 
@@ -168,7 +199,8 @@ SENDER_REPLIES = Counter(
 SENDER_WECOM_ERRORS = Counter(
     "wecombot_sender_wecom_errors",
     "message/send calls that did not deliver, by WeCom errcode (-1: WeCom busy, or no "
-    "usable answer: a timeout, a connection error, an HTTP error)",
+    "usable answer: a timeout, a connection error, an HTTP error; other: an undocumented "
+    "code past the first 32 such in this process)",
     ["errcode"],
 )
 

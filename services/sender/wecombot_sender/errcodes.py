@@ -20,6 +20,7 @@ from enum import StrEnum
 
 __all__ = [
     "BUSY",
+    "DOCUMENTED",
     "EMPTY_CONTENT",
     "ErrorClass",
     "classify",
@@ -56,6 +57,9 @@ _REASONS: dict[int, str] = {
     82001: "no valid recipient",
     301002: "the access_token belongs to another app (agentid mismatch)",
 }
+
+# the codes this module knows by name: each keeps its own metric series (wecom.py)
+DOCUMENTED = frozenset(_REASONS)
 
 
 def classify(errcode: int) -> ErrorClass:

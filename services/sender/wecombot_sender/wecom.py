@@ -30,12 +30,12 @@ import httpx
 import msgspec
 
 from wecombot_common.logs import redact, register_secret
-from wecombot_common.metrics import SENDER_WECOM_ERRORS
+from wecombot_common.metrics import SENDER_WECOM_ERRORS, BoundedLabel
 from wecombot_common.proxy import client_options
 from wecombot_common.settings import WeComApiSettings
 from wecombot_common.wecom_http import UNCODED, AnswerTooLarge, send_capped
 
-from .errcodes import BUSY, ErrorClass, classify, explain
+from .errcodes import BUSY, DOCUMENTED, ErrorClass, classify, explain
 from .errors import SendError, SendRejected, SendRetryable, TokenRejected
 
 __all__ = ["MESSAGE_TYPES", "HttpMessageApi", "MessageApi", "MessageType", "may_have_gone_out"]
@@ -79,6 +79,8 @@ class _SendResponse(msgspec.Struct, frozen=True):
 
 _encoder = msgspec.json.Encoder()
 _decoder = msgspec.json.Decoder(_SendResponse)
+# errcode is whatever the answer says: a few dozen series at most (metrics.BoundedLabel)
+_errcode_label = BoundedLabel(limit=32, known=DOCUMENTED)
 
 
 class HttpMessageApi:
@@ -110,7 +112,7 @@ class HttpMessageApi:
         try:
             return await self._send(token, touser, content, duplicate_check_s)
         except SendError as exc:
-            SENDER_WECOM_ERRORS.labels(str(exc.errcode)).inc()  # every failed call, once
+            SENDER_WECOM_ERRORS.labels(_errcode_label(exc.errcode)).inc()  # each failed call
             raise
 
     async def _send(

@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 import pytest
+from prometheus_client import REGISTRY
 
 from tests.conftest import free_port
 from tests.loopback import Handle, answer, answering, raw_http, read_request, reset
@@ -303,3 +304,38 @@ async def test_a_large_error_page_is_told_by_its_status() -> None:
         failed = await failed_send(base_url)
     assert str(failed) == "WeCom answered HTTP 404"
     assert failed.maybe_delivered is False
+
+
+def _errcode_series() -> dict[str, float]:
+    [family] = [m for m in REGISTRY.collect() if m.name == "wecombot_sender_wecom_errors"]
+    return {s.labels["errcode"]: s.value for s in family.samples if s.name.endswith("_total")}
+
+
+async def test_made_up_errcodes_cannot_grow_the_metric_without_bound() -> None:
+    """A front end answering a new errcode per call (or a faulty build) made a series per
+    call in every scrape and in Prometheus, for as long as the replica lived."""
+    codes = iter(range(970_000, 970_100))
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(asyncio.IncompleteReadError):
+            while True:
+                await read_request(reader)
+                said = {"errcode": next(codes), "errmsg": "made up"}
+                await answer(writer, 200, json.dumps(said).encode(), "application/json")
+        writer.close()
+
+    before = _errcode_series()
+    async with raw_http(handle) as base_url, adapter(base_url) as api:
+        for _ in range(100):
+            with pytest.raises(SendRejected):
+                await api.send_text("token", "u", "hi")
+    documented = b'{"errcode":81013,"errmsg":"user not found"}'  # keeps its own series
+    wecom = answering(200, documented, "application/json")
+    async with raw_http(wecom) as base_url, adapter(base_url) as api:
+        with pytest.raises(SendRejected):
+            await api.send_text("token", "u", "hi")
+    after = _errcode_series()
+    made_up = [code for code in after if code.startswith("970")]
+    assert 0 < len(made_up) <= 32
+    assert after["other"] - before.get("other", 0.0) == 100 - len(made_up)
+    assert after["81013"] - before.get("81013", 0.0) == 1
