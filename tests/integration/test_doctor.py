@@ -7,11 +7,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import http.server
 import io
 import os
 import re
+import secrets
 import subprocess
 import sys
+import threading
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -557,6 +560,75 @@ async def test_callback_answered_by_something_else() -> None:
     assert finding.status == "fail"
     assert "something else answers" in finding.summary
     assert "Welcome to nginx" in finding.details[0]
+
+
+@pytest.fixture
+def environment_dump() -> Iterator[tuple[str, dict[str, str]]]:
+    """A page at the public URL that dumps its environment (another app's debug page),
+    the secrets of a configuration of its own in it; one cut by doctor's clip at 160.
+    Under /moved/, a redirect quoting one."""
+    env = wecom_env(
+        WECOM_SECRET=f"dumped-secret-{secrets.token_hex(8)}",
+        OPENAI_API_KEY=f"sk-dumped-{secrets.token_hex(12)}",
+        OPENAI_BASE_URL=f"http://127.0.0.1:{free_port()}/v1",
+    )
+    shown = f"WECOM_SECRET={env['WECOM_SECRET']} OPENAI_API_KEY={env['OPENAI_API_KEY']} "
+    cut = f"WECOM_ENCODING_AES_KEY={env['WECOM_ENCODING_AES_KEY']}"  # from 140, past 160
+    page = shown + "-" * (140 - len(shown) - len("WECOM_ENCODING_AES_KEY=") - 1) + " " + cut
+    assert page.index(env["WECOM_ENCODING_AES_KEY"]) == 140
+    body = page.encode()
+
+    class Dump(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            if self.path.startswith("/moved/"):  # the summary, wrapped at its hyphens
+                self.send_response(302)
+                self.send_header("Location", f"/login?from={env['OPENAI_API_KEY']}")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Dump)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", env
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+@pytest.mark.parametrize("where", ["dump", "moved"])
+def test_no_secret_of_the_configuration_is_printed_whatever_a_server_quotes(
+    where: str,
+    environment_dump: tuple[str, dict[str, str]],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """doctor redacted case by case: a page quoting the secrets (not WeCom's answer, not
+    the provider's) was printed as it came, one cut by the clip could not be found, and
+    one in a line the report wraps could be broken at its hyphens."""
+    monkeypatch.chdir(tmp_path)  # no ./.env of the developer's
+    base, env = environment_dump
+    url = f"{base}/moved/wecom/callback" if where == "moved" else base
+    out = io.StringIO()
+    assert main(env, ["--public-url", url, "--timeout", "3"], out=out) == 1
+    printed = " ".join(out.getvalue().split())  # as one line: the report wraps its details
+    if where == "dump":
+        assert "something else answers" in printed, printed
+        assert "WECOM_SECRET=[REDACTED] OPENAI_API_KEY=[REDACTED] ---" in printed, printed
+        assert "WECOM_ENCODING_AES_KEY=[REDACTED]'" in printed, printed
+    else:
+        assert "redirects to /login?from=[REDACTED]" in printed, printed
+    for name in ("WECOM_SECRET", "OPENAI_API_KEY", "WECOM_ENCODING_AES_KEY"):
+        assert env[name][:12] not in printed, (name, printed)
 
 
 async def test_callback_unreachable() -> None:

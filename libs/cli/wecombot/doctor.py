@@ -58,6 +58,7 @@ from wecombot_common.settings import (
     WeComCallbackSettings,
     masked_url,
     proxy_secrets,
+    url_credentials,
     url_problem,
 )
 from wecombot_common.sim.callbacks import CallbackBuilder
@@ -126,13 +127,19 @@ class Report:
         indent = " " * (len(_TAGS["ok"]) + _NAME_WIDTH + 2)
         for f in self.findings:
             head = f"{_TAGS[f.status]} {f.check:<{_NAME_WIDTH}} "
+            # Redacted before it is wrapped: a wrap may break a secret at a hyphen.
             lines.extend(
-                textwrap.wrap(f.summary, _WIDTH, initial_indent=head, subsequent_indent=indent)
+                textwrap.wrap(
+                    redact(f.summary), _WIDTH, initial_indent=head, subsequent_indent=indent
+                )
             )
             for detail in f.details:
                 lines.extend(
                     textwrap.wrap(
-                        detail, _WIDTH, initial_indent=indent, subsequent_indent=indent + "  "
+                        redact(detail),
+                        _WIDTH,
+                        initial_indent=indent,
+                        subsequent_indent=indent + "  ",
                     )
                     or [""]
                 )
@@ -912,11 +919,41 @@ def _seconds(text: str) -> float:
     return value
 
 
+# The settings holding a secret, by name. Their values are redacted from the whole report:
+# each check cleans what it quotes, and this is for what a check did not expect (a page
+# at the public URL dumping its environment, an errmsg quoting a request a new way).
+SECRET_SETTINGS = (
+    "WECOM_SECRET",
+    "WECOM_TOKEN",
+    "WECOM_ENCODING_AES_KEY",
+    "OPENAI_API_KEY",
+    "NATS_PASSWORD",
+)
+_PROXIES = ("HTTPS_PROXY", "HTTP_PROXY", "ALL_PROXY")
+
+
+def hold_secrets(environ: Mapping[str, str]) -> None:
+    """Register every secret ``environ`` holds, as written, for ``redact``: the settings
+    above, a password or token in NATS_URL, a proxy's password and its Basic
+    credentials (the services register the same, each its own)."""
+    for name in SECRET_SETTINGS:
+        value = environ.get(name, "")
+        register_secret(value)
+        register_secret(value.strip())  # as the settings read it
+    for credential in url_credentials(environ.get("NATS_URL", "")):
+        register_secret(credential)
+    for name in (*_PROXIES, *(n.lower() for n in _PROXIES)):
+        if proxy := environ.get(name, "").strip():
+            for secret in proxy_secrets(Secret(proxy)):
+                register_secret(secret)
+
+
 def main(environ: Mapping[str, str], argv: Sequence[str] = (), out: TextIO | None = None) -> int:
     args = _parser().parse_args(list(argv))
     stream = out or sys.stdout
     env = dict(environ)
     unknown = misspelt(read_dotenv(Path(".env"), env))
+    hold_secrets(env)
     public_url = args.public_url or EnvReader(env).optional("WECOMBOT_PUBLIC_URL")
     print("wecombot doctor: checking the configuration in the environment and ./.env", file=stream)
     print("", file=stream)

@@ -9,6 +9,7 @@ from dotenv import dotenv_values
 from nats.aio.client import Client as NATS
 
 from wecombot_common import bus
+from wecombot_common.logs import redact
 from wecombot_common.settings import NatsSettings, without_credentials
 
 __all__ = [
@@ -49,12 +50,15 @@ def read_dotenv(path: Path, into: MutableMapping[str, str]) -> dict[str, str | N
 
 
 def clip(text: str, limit: int = 160) -> str:
-    """``text`` on one line (whitespace runs become one space), at most ``limit`` long.
+    """``text`` on one line (whitespace runs become one space), at most ``limit`` long,
+    any registered secret redacted first (``logs.redact``): what is shown is someone
+    else's text (an error page, WeCom's errmsg), and a secret cut by the clip would no
+    longer be found whole by any later redaction.
 
     >>> clip("a  long\\nanswer", 8)
     'a long …'
     """
-    flat = " ".join(text.split())
+    flat = " ".join(redact(text).split())
     return flat if len(flat) <= limit else flat[: limit - 1] + "…"
 
 
