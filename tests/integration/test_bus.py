@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 from pathlib import Path
 
 import pytest
+from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from structlog.testing import capture_logs
 
@@ -62,6 +64,51 @@ async def test_append_dedupes_and_reads_back_in_order(js: JetStreamContext) -> N
     assert got == [first, second]
     later = [s.event async for s in read_conversation(js, conv, after_seq=a1.seq)]
     assert later == [second]
+
+
+async def test_a_long_conversation_is_read_in_batches_not_a_request_per_event(
+    nc: NATS, js: JetStreamContext
+) -> None:
+    """A cold read of a conversation asked the broker once per event, plus once for "not
+    found" (20,000 events: 4.3 s); a catch-up read of one new event, twice."""
+    await ensure_topology(js, _settings())
+    conv = ConversationRef("ww1-1", "chen.liu")
+    big = "长" * 2000  # 6 KB an event: about 170 fill a batch's bytes
+    written = [
+        ReplyGenerated(app=conv.app, conversation=conv.user, correlation_id=f"m{i}", text=t)
+        for i, t in enumerate(["x"] * 300 + [big] * 250 + ["y"])
+    ]
+    for reply in written:
+        await append_event(js, reply)
+    await append_event(  # another user's, between: not read
+        js, ReplyGenerated(app=conv.app, conversation="zhou", correlation_id="z", text="z")
+    )
+    api = f"$JS.API.DIRECT.GET.{topology.CONVERSATION_STREAM}"
+    # The broker's requests, as any subscriber sees them: each copy is queued here before
+    # its answer reaches the reader (one connection, in order), so a read that ended has
+    # every request it made counted.
+    watch = await nc.subscribe(api)
+
+    async def asked() -> list[dict[str, object]]:
+        return [json.loads((await watch.next_msg()).data) for _ in range(watch.pending_msgs)]
+
+    try:
+        read = [s async for s in read_conversation(js, conv)]
+        assert [s.event for s in read] == written
+        # 256 small; 44 small and the big ones up to a MiB; the rest
+        requests = await asked()
+        assert [r["seq"] for r in requests[:2]] == [1, read[256].seq], requests
+        assert len(requests) == 3 and requests[2]["seq"] < read[256 + 256].seq, requests
+        new = await append_event(
+            js, ReplyGenerated(app=conv.app, conversation=conv.user, correlation_id="n", text="n")
+        )
+        later = [s async for s in read_conversation(js, conv, after_seq=read[-1].seq)]
+        assert [s.seq for s in later] == [new.seq]
+        assert len(await asked()) == 1  # the new event and the batch's end, in one answer
+        assert [s async for s in read_conversation(js, conv, after_seq=new.seq)] == []
+        assert len(await asked()) == 1
+    finally:
+        await watch.unsubscribe()
 
 
 async def test_a_read_short_of_its_reach_goes_on_from_the_leader(js: JetStreamContext) -> None:
