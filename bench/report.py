@@ -179,6 +179,33 @@ def instructions_table(results: dict[str, Any]) -> list[str]:
     return [*head, f"| {label} | {parts} |"]
 
 
+def reads_table(results: dict[str, Any]) -> list[str]:
+    """Reading a conversation back, batched against one get per event (supporting)."""
+    r = results.get("reads")
+    if not r:
+        return []
+    out = [
+        "| reading a conversation back | one get per event | batched | ratio |",
+        "|---|---|---|---|",
+    ]
+    for key, label, ratio in (
+        ("cold", f"cold read, {r['events']:,} events", r["cold_ratio"]),
+        ("catchup", "catch-up read of 1 new event", r["catchup_ratio"]),
+    ):
+        old, new = r[key]["one by one"], r[key]["batched"]
+
+        def shown(m: dict[str, float]) -> str:
+            wall = m["wall_us"]
+            time_ = f"{wall / 1000:,.1f} ms" if wall >= 10_000 else f"{wall:,.0f} µs"
+            return (
+                f"{time_} (CPU: reader {m['bench_cpu_us']:,.0f} µs, "
+                f"nats-server {m['nats-server_cpu_us']:,.0f} µs)"
+            )
+
+        out.append(f"| {label} | {shown(old)} | {shown(new)} | **{ratio:.1f}×** faster |")
+    return out
+
+
 def render(results: dict[str, Any], info: dict[str, str], quick: bool) -> str:
     lines = [
         "| machine | |",
@@ -187,7 +214,7 @@ def render(results: dict[str, Any], info: dict[str, str], quick: bool) -> str:
         "",
         *table(results, quick),
     ]
-    for extra in (cpu_table(results), instructions_table(results)):
+    for extra in (cpu_table(results), instructions_table(results), reads_table(results)):
         if extra:
             lines += ["", *extra]
     return "\n".join(lines)

@@ -1,4 +1,5 @@
-"""The seven measurements of issue #5, each on a fresh nats-server and fresh services.
+"""The seven measurements of issue #5, each on a fresh nats-server and fresh services,
+and one that supports them (``reads``: how a conversation is read back).
 
 Each scenario returns a plain dict (see ``bench.report`` for how it is shown). Sizes
 come from :class:`Sizes` (``FULL`` for ``make bench``, ``QUICK`` for the smoke run).
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import statistics
 import time
 from collections.abc import AsyncIterator, Callable
@@ -16,9 +18,14 @@ from pathlib import Path
 from typing import Any
 
 import nats
+import nats.js.errors
+from nats.js import JetStreamContext
 
-from wecombot_common.bus import PipelinedAppender
-from wecombot_common.events import ReplyGenerated
+from wecombot_common import topology
+from wecombot_common.bus import PipelinedAppender, ensure_topology, read_conversation
+from wecombot_common.events import ReplyGenerated, decode_event
+from wecombot_common.settings import EnvReader, NatsSettings
+from wecombot_common.topology import ConversationRef
 
 from .loadgen import percentiles
 from .procs import (
@@ -68,6 +75,11 @@ class Sizes:
     token_sends: int = 10_000
     token_senders: int = 3
     token_services: int = 2
+    # reading a conversation back: one long (cold), and catch-up reads of one new event
+    read_events: int = 5000
+    read_colds: int = 5
+    read_catchups: int = 2000
+    read_rounds: int = 3
     timeout_s: float = 240.0
 
 
@@ -95,6 +107,10 @@ QUICK = Sizes(
     token_sends=200,
     token_senders=3,
     token_services=2,
+    read_events=300,
+    read_colds=1,
+    read_catchups=100,
+    read_rounds=1,
     timeout_s=60.0,
 )
 
@@ -628,6 +644,105 @@ async def _inject_outcomes(url: str, app: str, count: int) -> None:
         await nc.close()
 
 
+# ---------------------------------------------------------------- reading a conversation
+
+
+async def reads(ctx: Context) -> dict[str, Any]:
+    """How the llm and the sender read a conversation back (``bus.read_conversation``):
+    batched direct gets against the way they read before, one ``get_msg`` per event
+    and one more for "not found" (here as ``_one_by_one``), alternately in one run on one
+    nats-server, from this process: a cold read of a long conversation (a replica that
+    restarted, or let the conversation go from its cache) and a catch-up read of one new
+    event (every message, on a cached conversation). Wall time and CPU of this process
+    and of nats-server, per read."""
+    s = ctx.sizes
+    stack = ctx.stack("reads")
+    await stack.start_nats()
+    nc = await nats.connect(stack.nats.url)
+    try:
+        js = nc.jetstream(timeout=30)
+        await ensure_topology(js, NatsSettings.read(EnvReader({})))
+        conv = ConversationRef(ctx.app.app, "reader")
+        appender = await PipelinedAppender.start(nc)
+        last = 0
+        for i in range(s.read_events):
+            # a user's question and a few lines of answer: ≈ 700 bytes an event stored
+            event = ReplyGenerated(
+                app=conv.app, conversation=conv.user, correlation_id=f"r{i}", text="答" * 180
+            )
+            last = (await appender.append(event, msg_id=f"read:{i}", timeout=30)).seq
+        await appender.close()
+        assert stack.nats.process is not None
+        meter_pids = {"bench": os.getpid(), "nats-server": stack.nats.process.pid}
+        ways: dict[str, Callable[[int], Any]] = {
+            "one by one": lambda after: _one_by_one(js, conv, after),
+            "batched": lambda after: _batched(js, conv, after),
+        }
+        cold: dict[str, list[dict[str, float]]] = {way: [] for way in ways}
+        catchup: dict[str, list[dict[str, float]]] = {way: [] for way in ways}
+        for _ in range(s.read_rounds):
+            for way, read in ways.items():
+                cold[way].append(await _timed(meter_pids, s.read_colds, read, 0, s.read_events))
+                catchup[way].append(await _timed(meter_pids, s.read_catchups, read, last - 1, 1))
+    finally:
+        await nc.close()
+        await stack.stop()
+
+    def median(runs: list[dict[str, float]]) -> dict[str, float]:
+        return {key: statistics.median(r[key] for r in runs) for key in runs[0]}
+
+    cold_m = {way: median(runs) for way, runs in cold.items()}
+    catchup_m = {way: median(runs) for way, runs in catchup.items()}
+    return {
+        "events": s.read_events,
+        "catchups": s.read_catchups,
+        "rounds": s.read_rounds,
+        "cold": cold_m,
+        "catchup": catchup_m,
+        "cold_ratio": cold_m["one by one"]["wall_us"] / cold_m["batched"]["wall_us"],
+        "catchup_ratio": catchup_m["one by one"]["wall_us"] / catchup_m["batched"]["wall_us"],
+    }
+
+
+async def _timed(
+    pids: dict[str, int], count: int, read: Callable[[int], Any], after: int, expected: int
+) -> dict[str, float]:
+    """``count`` reads after seq ``after``: wall and CPU µs per read."""
+    meter = CpuMeter(pids).start()
+    started = time.perf_counter()
+    for _ in range(count):
+        got = await read(after)
+        assert got == expected, (got, expected)
+    wall = time.perf_counter() - started
+    meter.stop()
+    per = meter.per(count)
+    return {"wall_us": 1e6 * wall / count, **{f"{n}_cpu_us": us for n, us in per.items()}}
+
+
+async def _batched(js: JetStreamContext, conv: ConversationRef, after: int) -> int:
+    return len([stored async for stored in read_conversation(js, conv, after_seq=after)])
+
+
+async def _one_by_one(js: JetStreamContext, conv: ConversationRef, after: int) -> int:
+    """The read as it was before the batches: a direct get per event, then one that finds
+    nothing; each event decoded, as the batched read does."""
+    seq, count = after + 1, 0
+    while True:
+        try:
+            raw = await js.get_msg(
+                topology.CONVERSATION_STREAM,
+                seq=seq,
+                subject=conv.all_events,
+                next=True,
+                direct=True,
+            )
+        except nats.js.errors.NotFoundError:
+            return count
+        assert raw.seq is not None
+        decode_event(raw.data or b"")
+        seq, count = raw.seq + 1, count + 1
+
+
 SCENARIOS: dict[str, Callable[[Context], Any]] = {
     "gateway": gateway,
     "instructions": instructions,
@@ -635,4 +750,5 @@ SCENARIOS: dict[str, Callable[[Context], Any]] = {
     "fanout": fanout,
     "scaling": scaling,
     "tokens": tokens,
+    "reads": reads,
 }
