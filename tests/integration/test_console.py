@@ -18,11 +18,13 @@ import httpx
 import pytest
 
 from tests.conftest import NatsHandle, free_port
+from tests.fakes import received, reply_to
 from tests.integration.wecom_app import AGENT, CORP, KEY, SECRET, TOKEN, running_gateway
 from tests.waiting import until
 from wecombot.console import Console, ConsoleConfig, server
 from wecombot_common import bus
 from wecombot_common.embedded import EmbeddedNats
+from wecombot_common.events import Event, PartDelivered, ReplyDelivered, ReplyGenerated
 from wecombot_common.settings import EnvReader, NatsSettings
 from wecombot_common.sim.callbacks import CallbackBuilder
 from wecombot_common.sim.wecom_api import SimulatedWeComApi
@@ -438,3 +440,161 @@ async def test_the_folds_are_kept_between_messages_the_least_recent_let_go(
     assert [user for user, _ in reads] == ["li.si", "li.si", "wang.wu", "li.si"]
     assert reads[0][1] == 0 and reads[1][1] > 0  # kept, and gone on from there
     assert (reads[2][1], reads[3][1]) == (0, 0)  # li.si's let go for wang.wu's
+
+
+async def logged(nats_server: NatsHandle, *events: Event) -> list[int]:
+    """``events`` appended to the log, as an earlier run of the sandbox left them: their
+    stream sequences."""
+    settings = NatsSettings.read(EnvReader({"NATS_URL": nats_server.url}))
+    nc = await bus.connect(settings, "test")
+    try:
+        js = nc.jetstream()
+        await bus.ensure_topology(js, settings)
+        return [(await bus.append_event(js, event)).seq for event in events]
+    finally:
+        await nc.close()
+
+
+@asynccontextmanager
+async def streamed(console: Console) -> AsyncIterator[Stream]:
+    async with (
+        httpx.AsyncClient(base_url=console.url.rstrip("/"), timeout=15) as http,
+        http.stream("GET", "/api/stream") as response,
+    ):
+        yield Stream(response)
+
+
+def part(reply: ReplyGenerated, index: int, total: int, start: int, end: int) -> PartDelivered:
+    return PartDelivered(
+        app=reply.app,
+        conversation=reply.conversation,
+        correlation_id=reply.correlation_id,
+        causation_id=reply.event_id,
+        reply_id=reply.event_id,
+        index=index,
+        total=total,
+        wecom_msgid=f"sim-{reply.event_id[:6]}-{index}",
+        start=start,
+        end=end,
+    )
+
+
+async def test_a_console_started_on_a_kept_log_shows_its_last_events_then_follows_it(
+    nats_server: NatsHandle, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The data dir outlives ``make run``: a console following only new events started
+    empty, the conversation still in the log. The last HISTORY_EVENTS are shown, however
+    long the log, then each new event once, with none between left out."""
+    monkeypatch.setattr(server, "HISTORY_EVENTS", 4, raising=False)
+    seqs = await logged(nats_server, *(received(str(n), user="li.si") for n in range(10)))
+    async with running_console(nats_server) as console, streamed(console) as stream:
+        history = await stream.until("history")
+        assert history["data"] == {"from_seq": 7, "through_seq": 10, "earlier": 6}
+        shown = [(await stream.until("event"))["data"] for _ in range(4)]
+        assert [e["seq"] for e in shown] == seqs[-4:]
+        assert [e["event"]["payload"]["content"] for e in shown] == ["6", "7", "8", "9"]
+        assert all(e["history"] for e in shown)
+        [later] = await logged(nats_server, received("10", user="li.si"))
+        live = (await stream.until("event"))["data"]
+        assert (live["seq"], live["history"]) == (later, False)  # next: nothing twice
+    assert later == seqs[-1] + 1
+
+
+async def test_a_console_started_on_an_empty_log_shows_what_comes(
+    nats_server: NatsHandle,
+) -> None:
+    async with running_console(nats_server) as console, streamed(console) as stream:
+        history = await stream.until("history")
+        assert history["data"] == {"from_seq": 1, "through_seq": 0, "earlier": 0}
+        [seq] = await logged(nats_server, received("一", user="li.si"))
+        event = (await stream.until("event"))["data"]
+        assert (event["seq"], event["history"]) == (seq, False)
+
+
+async def test_replies_delivered_before_the_console_started_are_told_from_the_log(
+    nats_server: NatsHandle, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The simulated WeCom keeps what it accepted in memory: after a restart the page
+    showed the user's messages and no reply. Each part the log records as delivered is
+    shown with its text from the reply it was cut from, or said to be unknown when that
+    reply is older than the events shown."""
+    monkeypatch.setattr(server, "HISTORY_EVENTS", 6, raising=False)
+    old = received("很早以前", user="li.si")
+    old_reply = reply_to(old, "早")
+    asked = received("你好", user="li.si")
+    reply = reply_to(asked, "第一段。second part")
+    delivered = ReplyDelivered(
+        app=reply.app,
+        conversation=reply.conversation,
+        correlation_id=reply.correlation_id,
+        causation_id=reply.event_id,
+        reply_id=reply.event_id,
+        parts=2,
+        wecom_msgids=[part(reply, 0, 2, 0, 4).wecom_msgid, part(reply, 1, 2, 4, 15).wecom_msgid],
+    )
+    await logged(
+        nats_server,
+        old,
+        old_reply,  # seq 2: before the 6 shown
+        asked,
+        reply,
+        part(old_reply, 0, 1, 0, 1),
+        part(reply, 0, 2, 0, 4),
+        part(reply, 1, 2, 4, 15),
+        delivered,
+    )
+    async with running_console(nats_server) as console, streamed(console) as stream:
+        await stream.until("event", seq=8)
+        sent = [i["data"] for i in stream.items if i["kind"] == "sent"]
+    assert sent == [
+        {
+            "user": "li.si",
+            "text": None,
+            "msgid": part(old_reply, 0, 1, 0, 1).wecom_msgid,
+            "from_log": True,
+        },
+        {"user": "li.si", "text": "第一段。", "msgid": delivered.wecom_msgids[0], "from_log": True},
+        {
+            "user": "li.si",
+            "text": "second part",
+            "msgid": delivered.wecom_msgids[1],
+            "from_log": True,
+        },
+    ]
+
+
+async def test_a_message_left_unanswered_before_the_console_started_is_said(
+    nats_server: NatsHandle, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Replayed, a message the llm's gate silenced showed a reply coming for ever. Only
+    a message whose outcome is not in the events shown costs a read of its conversation
+    (the others were answered): one read here, not three."""
+    reads: list[tuple[str, int]] = []
+    read_conversation = bus.read_conversation
+
+    def recorded(js: Any, ref: Any, *, after_seq: int = 0, **kwargs: Any) -> Any:
+        reads.append((ref.user, after_seq))
+        return read_conversation(js, ref, after_seq=after_seq, **kwargs)
+
+    monkeypatch.setattr(bus, "read_conversation", recorded)
+    first, second, third = (received(text, user="li.si") for text in ("一", "二", "三"))
+    await logged(
+        nats_server,
+        first,
+        reply_to(first, "一"),
+        second,
+        reply_to(second, "你发送得有点快", kind="notice"),  # the first one over the rate
+        third,  # over it again: the llm appends nothing
+    )
+    gate = GatePolicy(rate_per_minute=1)
+    async with (
+        running_console(nats_server, gate=gate) as console,
+        streamed(console) as stream,
+    ):
+        said = await stream.until("silenced")
+        assert said["data"] == {
+            "user": "li.si",
+            "msg_id": third.correlation_id,
+            "why": "over LLM_USER_RATE_PER_MINUTE (1), and told so once already this minute",
+        }
+    assert reads == [("li.si", 0)]

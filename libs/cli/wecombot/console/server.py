@@ -11,12 +11,17 @@
     POST /api/faults       {"action": "expire_token" | "fail_sends" | "clear_faults", …}
 
 Items (``kind``): ``said`` (a callback the console built), ``callback`` (the gateway's
-answer to one POST of it), ``event`` (a JetStream event, from an ordered consumer on
-``wecombot.conv.>``), ``sent`` (a message the simulated ``message/send`` accepted: what
-the WeCom user sees), ``api`` (any call to the simulated WeCom API and its errcode),
-``switch`` (a fault injected from the page), ``nats`` (the console's NATS client closed
-for good: the event log stops), ``silenced`` (a stored message the llm
-leaves unanswered, and why: the page would wait for its reply forever), ``stats`` and
+answer to one POST of it), ``history`` (the log's events the console shows from before
+its start: ``from_seq`` through ``through_seq``, and how many ``earlier`` ones it leaves
+out), ``event`` (a JetStream event, from an ordered consumer on ``wecombot.conv.>``:
+the last ``HISTORY_EVENTS`` of the log, ``history`` true, then each new one), ``sent``
+(a message the simulated ``message/send`` accepted: what the WeCom user sees; or, with
+``from_log``, a part the log records as delivered before the start, its text cut from
+its reply, None when that reply is older than the events shown), ``api`` (any call to
+the simulated WeCom API and its errcode), ``switch`` (a fault injected from the page),
+``nats`` (the console's NATS client closed for good: the event log stops), ``silenced``
+(a stored message the llm leaves unanswered, and why: the page would wait for its reply
+forever), ``stats`` (the simulated WeCom's counts since the start) and
 ``gateway`` (state: ``starting``, ``ready``, ``not ready`` with the gateway's reason,
 ``down``).
 
@@ -47,12 +52,16 @@ import structlog
 from aiohttp import web
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
-from nats.js.api import DeliverPolicy
+from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from wecombot_common import bus, topology
 from wecombot_common.events import (
+    ConversationReset,
     EventDecodeError,
     MessageReceived,
+    PartDelivered,
+    ReplyFailed,
+    ReplyGenerated,
     WeComEventPayload,
     decode_event,
 )
@@ -80,6 +89,10 @@ MAX_TEXT_CHARS = 20_000
 MAX_FAIL_TIMES = 100
 KEEPALIVE_S = 15.0
 MAX_FOLDS = 1000  # the conversations whose llm fold the console keeps (least recent go)
+# The log's last events a console shows at start, before the new ones: the data dir
+# outlives `make run`, and a console showing only new events started empty after each.
+# A bound, so starting costs the same however long the log is.
+HISTORY_EVENTS = 500
 # A WeCom UserID: 1–64 letters, digits and _-@. starting with a letter or digit.
 USER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_\-@.]{0,63}")
 EVENTS = ("enter_agent", "click", "subscribe", "unsubscribe")
@@ -165,6 +178,15 @@ class Console:
         self.gateway = "starting"
         self.gateway_detail = ""  # the gateway's own reason when it is not ready
         self._folds: OrderedDict[ConversationRef, _Fold] = OrderedDict()  # the llm's, kept
+        # The log's last seq when the console started: an event at or below it was
+        # appended before (``history``), while the shown events are read.
+        self._history_through = 0
+        self._shown_through = 0  # the last seq shown: the page gets each event once
+        # Of the events before the start: the messages whose outcome is not read yet (the
+        # llm's fold is read for these alone, once all are read), and the outcomes'
+        # texts, by event id, which their delivered parts are cut from.
+        self._unanswered: dict[str, tuple[MessageReceived, int]] = {}
+        self._outcome_texts: dict[str, str] = {}
         self._was_ready = False
         self._boot = secrets.token_hex(4)
         self._events = itertools.count(1)
@@ -185,13 +207,25 @@ class Console:
         self._nc = await bus.connect(self.config.nats, "wecombot-console", on_lost=self._lost)
         js = self._nc.jetstream()
         await bus.ensure_topology(js, self.config.nats)
+        stored = (await js.stream_info(topology.CONVERSATION_STREAM)).state
+        # The last HISTORY_EVENTS, then what comes: one consumer from one start seq, so
+        # nothing appended meanwhile falls between the two, and nothing shows twice.
+        first = max(stored.first_seq, 1)  # 0 in a stream never written to
+        start = max(first, stored.last_seq - HISTORY_EVENTS + 1)
+        self._history_through = stored.last_seq
+        self._shown_through = start - 1
+        self.hub.publish(
+            "history",
+            {"from_seq": start, "through_seq": stored.last_seq, "earlier": start - first},
+        )
         # An ordered consumer: ephemeral, flow-controlled, re-created by the client on a
-        # gap, so the page sees every event appended from now on, in stream order.
+        # gap, so the page sees every event appended from ``start`` on, in stream order.
         await js.subscribe(
             topology.CONVERSATION_SUBJECTS,
             stream=topology.CONVERSATION_STREAM,
             ordered_consumer=True,
-            deliver_policy=DeliverPolicy.NEW,
+            config=ConsumerConfig(opt_start_seq=start),
+            deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
             cb=self._on_event,
         )
         self.wecom.observe_calls(self._on_api_call)
@@ -237,11 +271,20 @@ class Console:
     # ------------------------------------------------------------ sources
     async def _on_event(self, msg: Msg) -> None:
         meta = msg.metadata
+        seq = meta.sequence.stream
+        # nats-py re-creates an ordered consumer after its last seq, or at the log's start
+        # when none was delivered yet: what was shown, or is older than shown, is not again.
+        if seq <= self._shown_through:
+            return
+        self._shown_through = seq
+        history = seq <= self._history_through
         data: dict[str, Any] = {
-            "seq": meta.sequence.stream,
+            "seq": seq,
             "subject": msg.subject,
             "appended_at": meta.timestamp.isoformat(),  # when JetStream stored it
+            "history": history,  # appended before the console started
         }
+        event = None
         try:
             event = decode_event(msg.data)
         except EventDecodeError as exc:
@@ -249,8 +292,45 @@ class Console:
         else:
             data.update(type=type(event).__name__, event=msgspec.to_builtins(event))
         self.hub.publish("event", data)
+        if history:
+            self._recall(event, seq)
+            if seq >= self._history_through or meta.num_pending == 0:
+                self._end_history()
+        elif isinstance(event, MessageReceived):
+            self._spawn(self._say_if_silenced(event, seq))
+
+    def _recall(self, event: object, seq: int) -> None:
+        """An event appended before the console started. The simulated WeCom's messages
+        of that run are gone with its process: a part the log records as delivered is
+        shown as ``sent`` with its text cut from its reply (None: the reply is older than
+        the events shown). A message is told silenced once all are read, if its outcome
+        was not among them (the others were answered: no read of their conversation)."""
         if isinstance(event, MessageReceived):
-            self._spawn(self._say_if_silenced(event, meta.sequence.stream))
+            self._unanswered[event.event_id] = (event, seq)
+        elif isinstance(event, ReplyGenerated | ReplyFailed | ConversationReset):
+            self._unanswered.pop(event.causation_id or "", None)
+            self._outcome_texts[event.event_id] = event.text
+        elif isinstance(event, PartDelivered):
+            text = self._outcome_texts.get(event.reply_id)
+            if text is not None and event.start is not None and event.end is not None:
+                shown: str | None = text[event.start : event.end]
+            else:
+                shown = None  # cut by an older sender (no span), or from a reply not shown
+            self.hub.publish(
+                "sent",
+                {
+                    "user": event.conversation,
+                    "text": shown,
+                    "msgid": event.wecom_msgid,
+                    "from_log": True,
+                },
+            )
+
+    def _end_history(self) -> None:
+        for received, seq in self._unanswered.values():
+            self._spawn(self._say_if_silenced(received, seq))
+        self._unanswered.clear()
+        self._outcome_texts.clear()
 
     async def _say_if_silenced(self, received: MessageReceived, seq: int) -> None:
         """A ``silenced`` item when the llm will append nothing for ``received``: a user
