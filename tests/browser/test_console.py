@@ -300,6 +300,63 @@ def test_a_retried_callback_is_stored_once(page: Page) -> None:
     )
 
 
+def test_a_restarted_sandbox_shows_the_conversation_in_its_log(
+    browser: BrowserContext, tmp_path: Path
+) -> None:
+    """The data dir outlives ``make run``: after a restart the page started empty, the
+    conversation still in the log. It shows again, the reply as the log records it (the
+    simulated WeCom that took it is gone), no "…" waiting for it, then what comes."""
+    from playwright.sync_api import expect
+
+    env = {
+        "GATEWAY_PORT": str(free_port()),
+        "WECOMBOT_CONSOLE_PORT": str(free_port()),
+        "WECOMBOT_HEALTH_PORT": "0",
+    }
+    thread = '.thread[data-user="restart.user"]'
+    for run in ("before", "after"):
+        process = DevProcess(tmp_path, **env)
+        page = None
+        try:
+            url = process.out.wait_for(r"console: (http://127\.0\.0\.1:\d+/)").group(1)
+            page = browser.new_page()
+            errors: list[str] = []
+            page.on("pageerror", lambda exc, errors=errors: errors.append(str(exc)))
+            page.goto(url)
+            expect(page.locator("#gateway")).to_have_attribute(
+                "data-state", "ready", timeout=WAIT_MS
+            )
+            chat_as(page, "restart.user")
+            bot = page.locator(f"{thread} .msg.bot")
+            if run == "before":
+                say(page, "记得我吗？remember me")
+                expect(bot.locator(".bubble")).to_contain_text(
+                    "you said: 记得我吗？remember me", timeout=WAIT_MS
+                )
+            else:
+                expect(page.locator(f"{thread} .msg.mine .bubble")).to_have_text(
+                    "记得我吗？remember me", timeout=WAIT_MS
+                )
+                expect(bot.locator(".bubble")).to_contain_text("you said: 记得我吗？remember me")
+                expect(bot.locator(".sender")).to_contain_text(
+                    "delivered before this console started"
+                )
+                expect(page.locator(f"{thread} .typing-row")).to_have_count(0)
+                expect(page.locator("#event-list li.divider").first).to_contain_text(
+                    "appended before this console started"
+                )
+                say(page, "still here")
+                expect(bot.last.locator(".bubble")).to_contain_text("still here", timeout=WAIT_MS)
+                expect(page.locator("#event-list li.divider").last).to_have_text("Live from here.")
+                expect(page.locator(rows("restart.user", "MessageReceived"))).to_have_count(2)
+            assert errors == [], f"JavaScript errors on the page: {errors}"
+        finally:
+            if page is not None:
+                page.close()
+            code = process.stop(timeout=10)
+        assert code == 0, process.out.tail()
+
+
 def test_screenshot(page: Page, tmp_path: Path) -> None:
     """A conversation worth showing: the README's docs/console.png."""
     from playwright.sync_api import expect

@@ -23,6 +23,7 @@
     bot: new Map(), // WeCom msgid -> bubble of a delivered part
     parts: new Map(), // WeCom msgid -> "i/n" label (PartDelivered seen before the send)
     awaiting: new Map(), // user -> Set of MsgIds whose reply is not delivered yet
+    history: null, // the log's events shown from before the console started, then false
   };
 
   // ------------------------------------------------------------------ helpers
@@ -253,14 +254,20 @@
     const row = el("div", "msg bot");
     row.dataset.msgid = d.msgid;
     const body = el("div", "body");
-    const label = state.offline ? "wecombot · offline model" : "wecombot";
-    const bubble = el("div", "bubble", d.text);
+    let label = state.offline ? "wecombot · offline model" : "wecombot";
+    // Delivered before the console started: the simulated WeCom of that run is gone, so
+    // the text is the reply's as the log holds it, and unknown when that reply is older
+    // than the events shown.
+    if (d.from_log) label = "wecombot · delivered before this console started (from the log)";
+    const known = d.text !== null && d.text !== undefined;
+    const text = known ? d.text : "(text unknown: its reply is older than the events shown)";
+    const bubble = el("div", known ? "bubble" : "bubble unknown", text);
     body.append(el("div", "sender", label), bubble);
     row.append(botAvatar(), body);
     state.bot.set(d.msgid, bubble);
     const part = state.parts.get(d.msgid);
     if (part) labelPart(bubble, part);
-    addToThread(d.user, row, d.text, true);
+    addToThread(d.user, row, known ? d.text : null, !d.from_log);
     if (d.truncated) notice(d.user, "WeCom truncated this message (over 2048 bytes)", true);
   }
 
@@ -297,10 +304,10 @@
     }
   }
 
-  function addRow({ kind, type, pillClass, time, seq, user, summary, ids, json }) {
+  function addRow({ kind, type, pillClass, time, seq, user, summary, ids, json, past }) {
     const list = $("#event-list");
     const stick = nearBottom(list);
-    const li = el("li", "fresh");
+    const li = el("li", past ? "fresh past" : "fresh");
     li.dataset.kind = kind;
     li.dataset.type = type;
     li.dataset.user = user || "";
@@ -338,10 +345,33 @@
     list.scrollTop = list.scrollHeight;
   }
 
+  function onHistory(d) {
+    if (d.through_seq < d.from_seq) {
+      state.history = false; // the log was empty: everything shown is new
+      return;
+    }
+    state.history = true;
+    const earlier = d.earlier ? `; ${d.earlier} earlier event${d.earlier === 1 ? "" : "s"} not shown` : "";
+    divider(`From the log: seq ${d.from_seq}–${d.through_seq}, appended before this console started${earlier}. Replies then delivered are shown as the log records them.`);
+  }
+
+  function divider(text) {
+    const list = $("#event-list");
+    const empty = list.querySelector(".events-empty");
+    if (empty) empty.remove();
+    list.append(el("li", "divider", text));
+    list.scrollTop = list.scrollHeight;
+  }
+
   function onEvent(d) {
     const e = d.event || {};
     const user = e.conversation || "";
+    if (state.history && !d.history) {
+      state.history = false;
+      divider("Live from here.");
+    }
     addRow({
+      past: d.history,
       kind: "event",
       type: d.type,
       pillClass: d.type,
@@ -424,7 +454,8 @@
   function onStats(d) {
     const box = $("#stats");
     box.replaceChildren(
-      el("span", null, `gettoken ${d.gettoken_calls} · message/send ${d.send_calls} · delivered ${d.delivered}`),
+      // The simulated WeCom's own counts, in memory: since this console started.
+      el("span", null, `since start: gettoken ${d.gettoken_calls} · message/send ${d.send_calls} · delivered ${d.delivered}`),
     );
     if (d.pending_faults && d.pending_faults.length) {
       const pending = d.pending_faults.map((f) => `${f.times}× ${f.errcode}`).join(", ");
@@ -488,6 +519,8 @@
         return onSaid(d);
       case "callback":
         return onCallback(d);
+      case "history":
+        return onHistory(d);
       case "event":
         return onEvent(d);
       case "sent":
