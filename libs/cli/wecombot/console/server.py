@@ -91,7 +91,7 @@ KEEPALIVE_S = 15.0
 MAX_FOLDS = 1000  # the conversations whose llm fold the console keeps (least recent go)
 # The log's last events a console shows at start, before the new ones: the data dir
 # outlives `make run`, and a console showing only new events started empty after each.
-# A bound, so starting costs the same however long the log is.
+# A bound, so reading them costs the same however long the log is.
 HISTORY_EVENTS = 500
 # A WeCom UserID: 1–64 letters, digits and _-@. starting with a letter or digit.
 USER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_\-@.]{0,63}")
