@@ -249,14 +249,40 @@ def test_a_fence_may_be_indented_as_a_list_items_text_is() -> None:
         "```\nA\n```text\nB\n" + "code line\n" * 60 + "```\n",
         # tildes
         "~~~\n" + "code line with ``` in it\n" * 30 + "~~~\n",
+        # a ~~~ line inside a ``` block is code: only backticks close it
+        "```\n~~~\n" + "code line\n" * 60 + "```\n",
     ],
-    ids=["longer fence", "info string inside", "tildes"],
+    ids=["longer fence", "info string inside", "tildes", "tildes inside backticks"],
 )
 def test_a_block_that_fits_is_never_cut_however_its_fences_look(block: str) -> None:
     """Fences were paired one after another, any length or kind: a ```python line in a
     block closed it, and a block that fitted in a part was cut, its fence left open."""
     parts = split_text("Intro sentence here. " * 80 + "\n" + block + "After.")
     assert any(block in part for part in parts), [len(p.encode()) for p in parts]
+
+
+def test_a_block_of_exactly_the_limit_fits_and_goes_whole() -> None:
+    """A block of exactly ``limit`` bytes is one that fits: it is not cut, though its
+    line before must then go alone."""
+    block = "```\n" + "c" * 91 + "\n```\n"
+    assert nbytes(block) == 100
+    assert split_text("ab\n" + block + "tail", limit=100) == ["ab\n", block, "tail"]
+
+
+def test_a_blank_line_early_in_a_block_over_the_limit_makes_no_stub() -> None:
+    """Inside a block too big for a part, every cut is in code: the fill floor still
+    holds, so a blank line after its first line does not send that line alone."""
+    block = "```\nx = 1\n\n" + "y = 2\n" * 600 + "```\n"
+    parts = split_text(block)
+    assert "".join(parts) == block
+    assert all(nbytes(p) >= WECOM_TEXT_LIMIT // 2 for p in parts[:-1])
+
+
+def test_several_blank_lines_stay_with_the_part_before() -> None:
+    text = "a" * 60 + "\n\n\n" + "b" * 60
+    assert split_text(text, limit=100) == ["a" * 60 + "\n\n\n", "b" * 60]
+    text = "a" * 60 + "\n \n\u3000\n" + "b" * 60
+    assert split_text(text, limit=100) == ["a" * 60 + "\n \n\u3000\n", "b" * 60]
 
 
 def test_a_line_starting_with_inline_code_opens_no_block() -> None:
