@@ -209,6 +209,16 @@ def test_a_message_for_another_app_of_the_company_is_refused() -> None:
         assert parse(xml(fields)).agent_id is None
 
 
+def test_an_agentid_with_whitespace_around_it_is_still_that_app() -> None:
+    """Whitespace around the digits (a pretty-printed document, a newline in the CDATA)
+    hides no app: another app's is refused, ours is kept as ours."""
+    for padded in (" 1000003 ", "\n1000003\n"):
+        with pytest.raises(WrongRecipient, match="AgentID 1000003"):
+            parse(xml(message(MsgType="text", Content="hi", MsgId="9", AgentID=padded)))
+    fields = message(MsgType="text", Content="hi", MsgId="9", AgentID="\t1000002 ")
+    assert parse(xml(fields)).agent_id == 1000002
+
+
 def _nested(levels: int) -> bytes:
     document = xml(message(MsgType="event", Event="deep"))
     return document.replace(b"</xml>", b"<a>" * levels + b"x" + b"</a>" * levels + b"</xml>")
@@ -576,6 +586,15 @@ def test_a_big_envelope_not_in_wecoms_shape_is_refused_unparsed(document: bytes)
     # The same shape, small, is parsed as before.
     small = f'<?xml version="1.0"?><xml><Encrypt>{ENCRYPT_200K[:100]}</Encrypt></xml>'
     assert parse_envelope(small.encode()).encrypt == ENCRYPT_200K[:100]
+
+
+def test_an_envelope_not_in_wecoms_shape_is_parsed_up_to_64_kib_and_refused_past_it() -> None:
+    head, tail = '<xml><Encrypt a="1">', "</Encrypt></xml>"
+    body = head + "A" * (MAX_UNFLAT_ENVELOPE - len(head) - len(tail)) + tail
+    assert len(body) == MAX_UNFLAT_ENVELOPE == 64 * 1024
+    assert parse_envelope(body.encode()).encrypt.startswith("AAAA")
+    with pytest.raises(MalformedXml, match="not in WeCom's flat XML shape"):
+        parse_envelope(body.replace("A", "AA", 1).encode())
 
 
 def test_a_big_envelope_in_wecoms_shape_is_read() -> None:
