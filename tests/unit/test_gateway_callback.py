@@ -79,6 +79,18 @@ def test_a_messages_encrypt_sent_back_as_a_url_check_is_not_decrypted() -> None:
         OPENER.url_check(CallbackQuery.parse(query, url_check=True), now=FRESH)
 
 
+@pytest.mark.parametrize("before", [b"\n", b"\r\n", b" \t"], ids=repr)
+def test_an_echostr_decrypting_to_xml_after_whitespace_is_refused_too(before: bytes) -> None:
+    """XML is XML with a line break before it: such a signed plaintext is a message's,
+    not a URL check's random string, and is not answered."""
+    ts, nonce = str(SENT_AT), "1372623149"
+    echostr = WECOM.crypto.encrypt(before + WECOM.text("zhang.san", "工资单").inner_xml.encode())
+    signature = WECOM.crypto.signature(ts, nonce, echostr)
+    query = MultiDict(msg_signature=signature, timestamp=ts, nonce=nonce, echostr=echostr)
+    with pytest.raises(InvalidQuery, match="echostr decrypts to XML"):
+        OPENER.url_check(CallbackQuery.parse(query, url_check=True), now=FRESH)
+
+
 @pytest.mark.parametrize("open_", OPEN.values(), ids=OPEN.keys())
 def test_a_signed_stale_request_is_refused_as_stale(open_: Callable[..., object]) -> None:
     with pytest.raises(StaleTimestamp, match=r"301 s from our clock \(window ±300 s\)"):
