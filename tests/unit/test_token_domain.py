@@ -32,6 +32,7 @@ from wecombot_token.domain import (
     http_failure,
     network_failure,
     replacing,
+    without_rejected,
 )
 from wecombot_token.settings import TokenSettings
 from wecombot_token.source import interpret
@@ -290,6 +291,49 @@ def test_a_permanent_failure_is_answered_only_while_its_backoff_holds() -> None:
     assert answer(state(None, bad), 10.0, fixed).kind == "unavailable"
 
 
+def refusal(*, attempts: int, failed_at: float, by_restart: bool = False) -> LastFailure:
+    """WeCom refusing this server's IP (60020), met ``attempts`` times in a row."""
+    return LastFailure(
+        failure=classify_errcode(60020, "not allow to access from your ip"),
+        attempts=attempts,
+        retry_at=failed_at + backoff_delay(attempts, POLICY),
+        failed_at=failed_at,
+        by_restart=by_restart,
+    )
+
+
+def test_a_refusal_from_before_a_restart_does_not_hold_the_new_replica() -> None:
+    """Restarting the token service is how an operator says a refusal is fixed (the
+    egress IP added to 企业可信IP): the replica started after it calls gettoken at once,
+    not when the backoff ends. One running since holds, and so does a transient failure."""
+    refused = AppState(failure=refusal(attempts=8, failed_at=100.0))  # holds until 228
+    running = dataclasses.replace(POLICY, started_at=0.0)
+    restarted = dataclasses.replace(POLICY, started_at=150.0)
+    assert decide(refused, 200.0, running) is Action.FAIL
+    assert decide(refused, 200.0, restarted) is Action.FETCH
+    down = network_failure("down")
+    busy = AppState(failure=LastFailure(failure=down, attempts=8, retry_at=228.0, failed_at=100.0))
+    assert decide(busy, 200.0, restarted) is Action.FAIL
+
+
+def test_only_a_refusal_met_by_skipping_a_backoff_holds_the_next_restart_a_minute() -> None:
+    """A replica that skipped a refusal's backoff at its start and was refused again holds
+    the replicas started after it RESTART_RETRY_S (a crash loop: a gettoken a minute).
+    Refused again once that backoff was over, it skipped nothing: the operator's next
+    restart calls gettoken at once."""
+    first = refusal(attempts=8, failed_at=100.0)  # holds until 228
+    started = dataclasses.replace(POLICY, started_at=150.0)
+    after_the_backoff = after_failure(AppState(failure=first), first.failure, 240.0, started)
+    assert after_the_backoff.failure is not None
+    assert after_the_backoff.failure.by_restart is False
+    next_start = dataclasses.replace(POLICY, started_at=250.0)
+    assert decide(after_the_backoff, 255.0, next_start) is Action.FETCH
+    skipping = after_failure(AppState(failure=first), first.failure, 200.0, started)
+    assert skipping.failure is not None and skipping.failure.by_restart
+    assert decide(skipping, 255.0, next_start) is Action.FAIL
+    assert decide(skipping, 260.0, next_start) is Action.FETCH
+
+
 # ---------------------------------------------------------------- tokens rejected in a row
 
 
@@ -338,6 +382,21 @@ def test_a_failure_backoff_answers_before_the_streak() -> None:
     down = LastFailure(failure=network_failure("down"), attempts=3, retry_at=5010.0)
     reply = answer(state(streak, down), 5000.5, POLICY, rejected=streak.value)
     assert (reply.kind, reply.retry_after) == ("network", 9.5)
+
+
+def test_a_replacement_rejected_during_a_backoff_keeps_its_record_to_pace_the_next_fetch() -> None:
+    """While a failure's backoff holds, a rejected token is dropped so callers hear the
+    failure; but a replacement rejected in turn stays: its streak says how long the next
+    gettoken waits once the backoff is over."""
+    streak = replacing(replace_value(TOKEN, fetched_at=5000.0), TOKEN, POLICY)
+    down = LastFailure(failure=network_failure("down"), attempts=1, retry_at=5000.5)
+    kept = state(streak, down)
+    assert without_rejected(kept, 5000.2, POLICY, streak.value) is None
+    assert decide(kept, 5000.6, POLICY, rejected=streak.value) is Action.FAIL  # until 5001
+    assert decide(kept, 5001.0, POLICY, rejected=streak.value) is Action.FETCH
+    holding = msgspec.structs.replace(down, retry_at=1000.5)
+    plain = state(TOKEN, holding)
+    assert without_rejected(plain, 1000.2, POLICY, TOKEN.value) == AppState(failure=holding)
 
 
 def test_the_streak_survives_a_round_trip_through_the_bucket() -> None:
