@@ -53,6 +53,7 @@ from wecombot_llm.decide import (
     TOO_LONG_NOTE,
     AskModel,
     Reply,
+    answer,
     decide,
     failed,
     requires_outcome,
@@ -236,6 +237,34 @@ def test_history_keeps_an_exchange_asked_exactly_at_the_age_limit() -> None:
     asked_at = q.occurred_at.timestamp()
     assert conv.history(9, since=asked_at) == [Turn("q", "a")]
     assert conv.history(9, since=asked_at + 0.001) == []
+
+
+def test_history_is_in_the_order_asked_and_before_the_message() -> None:
+    """Answered out of order (a last delivery that did not wait), the exchanges still
+    reach the prompt in the order the user asked them; a message's past is what was
+    asked before it, never its own exchange."""
+    q1, q2, q3 = msg("q1"), msg("q2"), msg("q3")
+    conv = fold(stored(q1, q2, reply_to(q2, "a2"), reply_to(q1, "a1"), q3), always)
+    assert conv.turns == [Turn("q2", "a2"), Turn("q1", "a1")]  # the order answered
+    assert conv.history(5) == [Turn("q1", "a1"), Turn("q2", "a2")]
+    assert conv.history(2) == [Turn("q1", "a1")]  # q2's past: q1 alone
+
+
+def test_an_answer_is_cut_by_its_utf8_bytes_not_its_characters() -> None:
+    """A Chinese answer is 3 bytes a character: one under MAX_ANSWER_BYTES characters but
+    over it in bytes is cut all the same; one of exactly MAX_ANSWER_BYTES bytes is not."""
+    q = msg("q")
+    exact = "答" * (MAX_ANSWER_BYTES // 3) + "a" * (MAX_ANSWER_BYTES % 3)
+    assert len(exact.encode()) == MAX_ANSWER_BYTES
+    kept = answer(q, exact, model=None, prompt_tokens=None, completion_tokens=None)
+    assert kept.text == exact
+    over = exact + "a"
+    cut = answer(q, over, model=None, prompt_tokens=None, completion_tokens=None, cut_off=True)
+    assert cut.text == exact + TOO_LONG_NOTE
+    chinese = "答" * (MAX_ANSWER_BYTES // 2)  # fewer characters than the limit, 1.5x its bytes
+    text = answer(q, chinese, model=None, prompt_tokens=None, completion_tokens=None).text
+    assert text.endswith(TOO_LONG_NOTE)
+    assert len(text.removesuffix(TOO_LONG_NOTE).encode()) <= MAX_ANSWER_BYTES
 
 
 @pytest.mark.parametrize("text", [" \n\u3000 ", "\u200b\u200b", "\ufeff", " \u2060\u200d "])
