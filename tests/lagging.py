@@ -40,6 +40,12 @@ class LaggingFollower:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._js, name)
 
+    async def get_last_msg(self, stream_name: str, subject: str) -> RawStreamMsg:
+        self.leader_reads += 1  # STREAM.MSG.GET: the leader's
+        if self.leaderless:
+            raise nats.errors.TimeoutError
+        return await self._js.get_last_msg(stream_name, subject)
+
     async def get_msg(
         self,
         stream_name: str,

@@ -135,6 +135,36 @@ async def test_a_read_short_of_its_reach_goes_on_from_the_leader(js: JetStreamCo
     assert await read(reach=seqs[2] + 5) == seqs
 
 
+async def test_a_read_from_the_leader_asks_it_how_far_then_reads_in_batches(
+    js: JetStreamContext,
+) -> None:
+    """A reader that knows the log holds more than it saw (a refused append, a sender's
+    repeat delivery) asked the leader for each event in turn: as slow as a cold read was
+    before the batches. Now the leader is asked once how far the conversation goes; what
+    a lagging follower's batches do not show of that is read from the leader."""
+    await ensure_topology(js, _settings())
+    conv = ConversationRef("ww1-1", "sun.qi")
+    replies = [
+        ReplyGenerated(app=conv.app, conversation=conv.user, correlation_id=f"m{i}", text="a")
+        for i in range(600)
+    ]
+    seqs = [(await append_event(js, r)).seq for r in replies]
+    follower = LaggingFollower(js, applied=seqs[-1])  # type: ignore[arg-type]
+
+    async def read(after_seq: int = 0) -> list[int]:
+        got = read_conversation(follower, conv, after_seq=after_seq, direct=False)  # type: ignore[arg-type]
+        return [s.seq async for s in got]
+
+    assert await read() == seqs and follower.leader_reads == 1
+    follower.leader_reads, follower.applied = 0, seqs[549]  # 50 events behind
+    assert await read() == seqs and follower.leader_reads == 1 + 50 + 1  # last, each, end
+    follower.leader_reads = 0
+    assert await read(after_seq=seqs[-1]) == [] and follower.leader_reads == 1
+    follower.leaderless = True  # electing a leader: the read fails, as a leader's would
+    with pytest.raises(TimeoutError):
+        await read()
+
+
 async def test_expected_last_sequence_is_scoped_to_a_branch(js: JetStreamContext) -> None:
     await ensure_topology(js, _settings())
     conv = ConversationRef("ww1-1", "li.si")

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import msgspec
 import pytest
+from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
 from tests.conftest import SERVICE_PASSWORD, SERVICE_USER, NatsHandle, free_port
@@ -460,7 +461,9 @@ async def test_a_letter_handled_since_says_so_where_it_stays_listed(
     assert await states() == ["unreadable", "gone", "gone"]
 
 
-async def test_a_letters_state_is_read_from_its_parked_event_on(js: JetStreamContext) -> None:
+async def test_a_letters_state_is_read_from_its_parked_event_on(
+    nc: NATS, js: JetStreamContext
+) -> None:
     """Each listed letter's state read its whole conversation, one request per event:
     50 letters of a user with 2,000 events took 25 s to list. And one conversation that
     could not be read failed the whole listing, which read only the DLQ before."""
@@ -476,8 +479,13 @@ async def test_a_letters_state_is_read_from_its_parked_event_on(js: JetStreamCon
     await _work(js, topology.SENDER_CONSUMER, topology.OUTCOME_FILTER, refuse)
     _, [letter] = await read_dead_letters(js)
     counted = LaggingFollower(js, applied=10**9)
+    batches = await nc.subscribe(f"$JS.API.DIRECT.GET.{topology.CONVERSATION_STREAM}")
     assert await standing(counted, letter) == "pending"  # type: ignore[arg-type]
-    assert counted.leader_reads == 2, "the reply, then the end: not the 30 events before it"
+    assert counted.leader_reads == 1, "how far the conversation goes, from the leader"
+    # then what follows the reply, in one batch (its copy queued before its answers came)
+    [asked] = [json.loads((await batches.next_msg()).data) for _ in range(batches.pending_msgs)]
+    assert asked["seq"] == letter.stream_seq, "not the 30 events before it"
+    await batches.unsubscribe()
 
     electing = LaggingFollower(js, applied=10**9, leaderless=True)  # its reads time out
     err = io.StringIO()

@@ -597,9 +597,12 @@ async def read_conversation(
     (``allow_direct``), and a follower can lag its leader: such a read may end before
     the last append ("it is possible for a lookup after an update to not include the
     message that was just added", nats.js's DirectStreamAPI docs). Each message it does
-    yield is the stream's own (a sequence is never reused). ``direct=False`` asks the
-    stream leader (``$JS.API.STREAM.MSG.GET``), which has every acknowledged append: for
-    a reader that knows the log holds more than a read showed.
+    yield is the stream's own (a sequence is never reused). ``direct=False`` is for a
+    reader that knows the log holds more than a read showed: it asks the stream leader
+    (``$JS.API.STREAM.MSG.GET``), which has every acknowledged append, for the last
+    message of the conversation, and reads up to it at least (``reach``, below). The
+    leader's API has no batches: a get from it per event made such a read of a long
+    conversation as slow as a cold read was before the batches.
 
     ``reach``: a seq of this conversation the log is known to hold (the event being
     handled). A direct read that ends before it was answered by a lagging follower: the
@@ -608,6 +611,15 @@ async def read_conversation(
     """
     subject = branch or conversation.all_events
     seq = after_seq + 1
+    if not direct:
+        try:
+            last = await js.get_last_msg(topology.CONVERSATION_STREAM, subject)
+        except nats.js.errors.NotFoundError:
+            return  # the leader holds nothing of it
+        assert last.seq is not None
+        if last.seq < seq:
+            return
+        reach, direct = max(reach, last.seq), True
     while True:
         found, more = await (
             _read_direct(js, subject, seq) if direct else _read_leader(js, subject, seq)
