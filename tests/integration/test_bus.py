@@ -7,12 +7,13 @@ import contextlib
 import json
 from pathlib import Path
 
+import nats
 import pytest
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from structlog.testing import capture_logs
 
-from tests.conftest import free_port
+from tests.conftest import NatsHandle, free_port
 from tests.lagging import LaggingFollower
 from tests.waiting import until
 from wecombot_common import topology
@@ -25,7 +26,7 @@ from wecombot_common.bus import (
     read_conversation,
 )
 from wecombot_common.embedded import EmbeddedNats
-from wecombot_common.events import ConversationReset, ReplyGenerated
+from wecombot_common.events import ConversationReset, Event, ReplyGenerated
 from wecombot_common.settings import EnvReader, NatsSettings
 from wecombot_common.topology import ConversationRef
 
@@ -109,6 +110,50 @@ async def test_a_long_conversation_is_read_in_batches_not_a_request_per_event(
         assert len(await asked()) == 1
     finally:
         await watch.unsubscribe()
+
+
+async def test_many_cold_reads_at_once_keep_the_connection(nats_server: NatsHandle) -> None:
+    """The llm reads a conversation for each message it handles, 64 at a time by default
+    (LLM_MAX_CONCURRENCY): after a restart, all of them cold. The broker answers a batch
+    without flow control, up to 1 MiB each: 64 of them at once were more than the 64 MiB
+    it queues for a client ("Slow Consumer Detected: MaxPending of 67108864 Exceeded"),
+    so it closed the connection, and every read on it (every append, ack…) failed."""
+    dropped: list[str] = []
+
+    async def on_disconnect() -> None:
+        dropped.append("disconnected")
+
+    async def on_error(exc: Exception) -> None:
+        pass  # the connection reset, told by on_disconnect
+
+    nc = await nats.connect(
+        nats_server.url,
+        disconnected_cb=on_disconnect,
+        error_cb=on_error,
+        max_reconnect_attempts=-1,
+    )
+    try:
+        js = nc.jetstream()
+        await ensure_topology(js, _settings())
+        conv = ConversationRef("ww1-1", "chen.liu")
+        written = [
+            ReplyGenerated(
+                app=conv.app, conversation=conv.user, correlation_id=f"m{i}", text="长" * 2000
+            )
+            for i in range(250)
+        ]  # 6 KB an event, 1.5 MB in all: two batches
+        await asyncio.gather(*(append_event(js, reply) for reply in written[:125]))
+        for reply in written[125:]:
+            await append_event(js, reply)
+
+        async def cold_read() -> list[Event]:
+            return [s.event async for s in read_conversation(js, conv)]
+
+        reads = await asyncio.gather(*(cold_read() for _ in range(64)), return_exceptions=True)
+        assert dropped == []
+        assert all(read == written for read in reads), {repr(r)[:80] for r in reads}
+    finally:
+        await nc.close()
 
 
 async def test_a_read_short_of_its_reach_goes_on_from_the_leader(js: JetStreamContext) -> None:

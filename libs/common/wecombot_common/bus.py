@@ -657,6 +657,12 @@ _Stored = tuple[int, str, bytes]
 # long conversation holds at most one batch at a time.
 DIRECT_BATCH = 256
 DIRECT_BATCH_BYTES = 1024 * 1024
+# Batches in flight on one connection, at most. The broker sends a batch without flow
+# control and queues at most 64 MiB for a client (its max_pending): past that it closes
+# the connection as a slow consumer ("Slow Consumer Detected: MaxPending of 67108864
+# Exceeded"), every read, append and ack on it failing. 64 cold reads at once (the llm's
+# LLM_MAX_CONCURRENCY after a restart) did that; 8 hold at most 8 × (1 MiB + one event).
+DIRECT_BATCHES_IN_FLIGHT = 8
 
 
 async def _read_leader(js: JetStreamContext, subject: str, seq: int) -> tuple[list[_Stored], bool]:
@@ -693,7 +699,7 @@ class _DirectReads:
     subscription, as :class:`PipelinedAppender` does for PubAcks.
     """
 
-    __slots__ = ("_inbox", "_nc", "_next", "_reads", "_started", "_sub")
+    __slots__ = ("_inbox", "_nc", "_next", "_reads", "_slots", "_started", "_sub")
 
     def __init__(self, nc: NATS) -> None:
         self._nc = nc
@@ -702,9 +708,28 @@ class _DirectReads:
         self._reads: dict[str, _Batch] = {}
         self._sub: Subscription | None = None
         self._started = asyncio.Lock()
+        self._slots = asyncio.Semaphore(DIRECT_BATCHES_IN_FLIGHT)
 
     async def batch(
         self, api: str, subject: str, seq: int, timeout: float
+    ) -> tuple[list[_Stored], bool]:
+        loop = asyncio.get_running_loop()
+        due = loop.time() + timeout  # waiting for a slot included
+        if self._slots.locked():
+            try:
+                async with asyncio.timeout_at(due):
+                    await self._slots.acquire()
+            except TimeoutError:
+                raise nats.errors.TimeoutError from None
+        else:
+            await self._slots.acquire()
+        try:
+            return await self._batch(api, subject, seq, due)
+        finally:
+            self._slots.release()
+
+    async def _batch(
+        self, api: str, subject: str, seq: int, due: float
     ) -> tuple[list[_Stored], bool]:
         if self._sub is None:
             async with self._started:
@@ -714,7 +739,7 @@ class _DirectReads:
         loop = asyncio.get_running_loop()
         read = _Batch(loop.create_future())
         self._reads[token] = read
-        deadline = loop.call_later(timeout, _no_batch_end, read.end, timeout)
+        deadline = loop.call_at(due, _no_batch_end, read.end)
         try:
             request = _BatchRequest(seq, subject, DIRECT_BATCH, DIRECT_BATCH_BYTES)
             await self._nc.publish(
@@ -768,7 +793,7 @@ _NOT_FOUND = "404"
 _DIRECT_READS: weakref.WeakKeyDictionary[NATS, _DirectReads] = weakref.WeakKeyDictionary()
 
 
-def _no_batch_end(end: asyncio.Future[bool], timeout: float) -> None:
+def _no_batch_end(end: asyncio.Future[bool]) -> None:
     if not end.done():
         end.set_exception(nats.errors.TimeoutError())
 
