@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
+import weakref
 from pathlib import Path
 
 import nats
@@ -154,6 +156,24 @@ async def test_many_cold_reads_at_once_keep_the_connection(nats_server: NatsHand
         assert all(read == written for read in reads), {repr(r)[:80] for r in reads}
     finally:
         await nc.close()
+
+
+async def test_a_client_closed_is_not_kept_by_the_reads_it_made(nats_server: NatsHandle) -> None:
+    """The batched reads of a connection are kept in a registry meant to hold its client
+    weakly; they held the client themselves (and their subscription, which holds it too),
+    so no client that ever read a conversation was freed: the console's, one per test…"""
+    nc = await nats.connect(nats_server.url)
+    js = nc.jetstream()
+    await ensure_topology(js, _settings())
+    conv = ConversationRef("ww1-1", "chen.liu")
+    reply = ReplyGenerated(app=conv.app, conversation=conv.user, correlation_id="m", text="a")
+    await append_event(js, reply)
+    assert [s.event async for s in read_conversation(js, conv)] == [reply]
+    await nc.close()
+    client = weakref.ref(nc)
+    del nc, js
+    gc.collect()
+    assert client() is None
 
 
 async def test_a_read_short_of_its_reach_goes_on_from_the_leader(js: JetStreamContext) -> None:

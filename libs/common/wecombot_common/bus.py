@@ -679,11 +679,12 @@ async def _read_leader(js: JetStreamContext, subject: str, seq: int) -> tuple[li
 async def _read_direct(js: JetStreamContext, subject: str, seq: int) -> tuple[list[_Stored], bool]:
     """The messages on ``subject`` from ``seq``, a batch of them, by a direct get that any
     replica may answer, and whether there are more."""
-    reads = _DIRECT_READS.get(js._nc)
+    nc = js._nc
+    reads = _DIRECT_READS.get(nc)
     if reads is None:
-        reads = _DIRECT_READS[js._nc] = _DirectReads(js._nc)
+        reads = _DIRECT_READS[nc] = _DirectReads(nc.new_inbox())
     return await reads.batch(
-        f"{js._prefix}.DIRECT.GET.{topology.CONVERSATION_STREAM}", subject, seq, js._timeout
+        nc, f"{js._prefix}.DIRECT.GET.{topology.CONVERSATION_STREAM}", subject, seq, js._timeout
     )
 
 
@@ -697,21 +698,23 @@ class _DirectReads:
     (``Nats-Num-Pending``); nothing at all is ``404``. nats-py's request takes one
     answer per request, so each batch gets a reply subject ``<inbox>.<n>`` under one
     subscription, as :class:`PipelinedAppender` does for PubAcks.
+
+    Kept by its client in ``_DIRECT_READS``, weakly: it holds no reference to the client
+    (nor to the subscription, which does), or no client that ever read would be freed.
     """
 
-    __slots__ = ("_inbox", "_nc", "_next", "_reads", "_slots", "_started", "_sub")
+    __slots__ = ("_inbox", "_next", "_reads", "_slots", "_started", "_subscribed")
 
-    def __init__(self, nc: NATS) -> None:
-        self._nc = nc
-        self._inbox = nc.new_inbox()  # under the client's inbox prefix: its permissions
+    def __init__(self, inbox: str) -> None:
+        self._inbox = inbox  # the client's new_inbox(), under its prefix: its permissions
         self._next = itertools.count()
         self._reads: dict[str, _Batch] = {}
-        self._sub: Subscription | None = None
+        self._subscribed = False
         self._started = asyncio.Lock()
         self._slots = asyncio.Semaphore(DIRECT_BATCHES_IN_FLIGHT)
 
     async def batch(
-        self, api: str, subject: str, seq: int, timeout: float
+        self, nc: NATS, api: str, subject: str, seq: int, timeout: float
     ) -> tuple[list[_Stored], bool]:
         loop = asyncio.get_running_loop()
         due = loop.time() + timeout  # waiting for a slot included
@@ -724,17 +727,18 @@ class _DirectReads:
         else:
             await self._slots.acquire()
         try:
-            return await self._batch(api, subject, seq, due)
+            return await self._batch(nc, api, subject, seq, due)
         finally:
             self._slots.release()
 
     async def _batch(
-        self, api: str, subject: str, seq: int, due: float
+        self, nc: NATS, api: str, subject: str, seq: int, due: float
     ) -> tuple[list[_Stored], bool]:
-        if self._sub is None:
+        if not self._subscribed:
             async with self._started:
-                if self._sub is None:
-                    self._sub = await self._nc.subscribe(self._inbox + ".*", cb=self._on_msg)
+                if not self._subscribed:
+                    await nc.subscribe(self._inbox + ".*", cb=self._on_msg)
+                    self._subscribed = True
         token = str(next(self._next))
         loop = asyncio.get_running_loop()
         read = _Batch(loop.create_future())
@@ -742,9 +746,7 @@ class _DirectReads:
         deadline = loop.call_at(due, _no_batch_end, read.end)
         try:
             request = _BatchRequest(seq, subject, DIRECT_BATCH, DIRECT_BATCH_BYTES)
-            await self._nc.publish(
-                api, _batch_encoder.encode(request), reply=f"{self._inbox}.{token}"
-            )
+            await nc.publish(api, _batch_encoder.encode(request), reply=f"{self._inbox}.{token}")
             more = await read.end
         finally:
             deadline.cancel()
