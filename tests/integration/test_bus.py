@@ -12,6 +12,7 @@ from pathlib import Path
 import nats
 import pytest
 from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from structlog.testing import capture_logs
 
@@ -28,9 +29,9 @@ from wecombot_common.bus import (
     read_conversation,
 )
 from wecombot_common.embedded import EmbeddedNats
-from wecombot_common.events import ConversationReset, Event, ReplyGenerated
+from wecombot_common.events import ConversationReset, Event, ReplyGenerated, encode_event
 from wecombot_common.settings import EnvReader, NatsSettings
-from wecombot_common.topology import ConversationRef
+from wecombot_common.topology import ConversationRef, subject_for
 
 pytestmark = pytest.mark.integration
 
@@ -198,6 +199,41 @@ async def test_a_read_short_of_its_reach_goes_on_from_the_leader(js: JetStreamCo
     follower.leader_reads = 0
     assert await read(after_seq=seqs[2], reach=seqs[2]) == [] and follower.leader_reads == 0
     assert await read(reach=seqs[2] + 5) == seqs
+
+
+async def test_a_replica_that_does_not_batch_is_read_one_message_an_answer(
+    nats_without_jetstream: str,
+) -> None:
+    """A replica before nats-server 2.11 (a rolling upgrade) ignores ``batch``: it answers
+    one message, without a count of those pending and without an end of batch. Played
+    here by a responder on the direct-get subject: every such read waited for an end
+    that never came, and timed out."""
+    conv = ConversationRef("ww1-1", "old.replica")
+    stored = {
+        seq: ReplyGenerated(
+            app=conv.app, conversation=conv.user, correlation_id=f"m{seq}", text="x"
+        )
+        for seq in (3, 5, 8)
+    }
+    nc = await nats.connect(nats_without_jetstream)
+
+    async def as_before_2_11(msg: Msg) -> None:
+        asked = json.loads(msg.data)
+        found = [seq for seq in sorted(stored) if seq >= asked["seq"]]
+        if not found:
+            await nc.publish(msg.reply, b"", headers={"Status": "404"})
+            return
+        event = stored[found[0]]
+        headers = {"Nats-Sequence": str(found[0]), "Nats-Subject": subject_for(event)}
+        await nc.publish(msg.reply, encode_event(event), headers=headers)
+
+    try:
+        await nc.subscribe(f"$JS.API.DIRECT.GET.{topology.CONVERSATION_STREAM}", cb=as_before_2_11)
+        js = nc.jetstream(timeout=2)
+        got = [s async for s in read_conversation(js, conv)]
+        assert [(s.seq, s.event) for s in got] == sorted(stored.items())
+    finally:
+        await nc.close()
 
 
 async def test_a_read_from_the_leader_asks_it_how_far_then_reads_in_batches(

@@ -761,6 +761,10 @@ class _DirectReads:
         status = headers.get("Status")
         if status is None:
             read.found.append((int(headers["Nats-Sequence"]), headers["Nats-Subject"], msg.data))
+            if "Nats-Num-Pending" not in headers:
+                # A server that does not batch (before 2.11: a replica not upgraded yet in
+                # a rolling upgrade) answers one message and no end: read on from it.
+                read.end.set_result(True)
         elif status == _END_OF_BATCH:
             # How many more match after this batch (absent: read on while some came).
             pending = headers.get("Nats-Num-Pending")
