@@ -12,6 +12,7 @@ import io
 import os
 import re
 import secrets
+import socket
 import subprocess
 import sys
 import threading
@@ -52,7 +53,7 @@ from wecombot.doctor import (
     explain_gettoken_failure,
     main,
 )
-from wecombot_common import bus
+from wecombot_common import bus, logs
 from wecombot_common.crypto import generate_encoding_aes_key, generate_token
 from wecombot_common.settings import EnvReader, NatsSettings, WeComApiSettings
 from wecombot_common.sim.openai_api import Fault, SimulatedOpenAIApi
@@ -629,6 +630,53 @@ def test_no_secret_of_the_configuration_is_printed_whatever_a_server_quotes(
         assert "redirects to /login?from=[REDACTED]" in printed, printed
     for name in ("WECOM_SECRET", "OPENAI_API_KEY", "WECOM_ENCODING_AES_KEY"):
         assert env[name][:12] not in printed, (name, printed)
+
+
+@pytest.fixture
+def ollama(monkeypatch: pytest.MonkeyPatch) -> Iterator[int]:
+    """An in-cluster Ollama, as docs/providers.md sets one up: its Service named
+    ``ollama`` (resolved here to the simulated API on loopback), and the placeholder key
+    its docs give, ``ollama`` (it needs none, the clients want one). Its port."""
+    resolve = socket.getaddrinfo
+
+    def getaddrinfo(host: Any, *args: Any, **kwargs: Any) -> Any:
+        named = host in ("ollama", b"ollama")  # anyio asks with the name IDNA-encoded
+        return resolve("127.0.0.1" if named else host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    # doctor registers the environment's secrets for good: not for the next tests
+    monkeypatch.setattr(logs, "_secrets", set(logs._secrets))
+    monkeypatch.setattr(logs, "_registered", logs._registered)
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    api = SimulatedOpenAIApi(api_key="ollama", model="qwen2.5:7b")
+    try:
+        asyncio.run_coroutine_threadsafe(api.start(), loop).result(10)
+        yield api.port
+        asyncio.run_coroutine_threadsafe(api.stop(), loop).result(10)
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join()
+        loop.close()
+
+
+def test_a_placeholder_key_in_a_url_doctor_shows_leaves_the_url_readable(
+    ollama: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The report redacts every secret of the environment from each line, so the base
+    URL it checked came out as http://[REDACTED]:11434/v1 when the key is a placeholder
+    that names the host (Ollama's 'ollama'). What doctor shows of the settings it
+    checks is shown as set; the key is still redacted wherever something else quotes it."""
+    monkeypatch.chdir(tmp_path)  # no ./.env of the developer's
+    base_url = f"http://ollama:{ollama}/v1"
+    env = wecom_env(OPENAI_API_KEY="ollama", OPENAI_BASE_URL=base_url, OPENAI_MODEL="qwen2.5:7b")
+    out = io.StringIO()
+    main(env, ["--timeout", "3"], out=out)
+    [model] = [line for line in out.getvalue().splitlines() if " model " in line[:20]]
+    assert f"{base_url} answers, and lists the model qwen2.5:7b" in model, out.getvalue()
+    assert "[REDACTED]" not in model
+    assert logs.redact("Authorization: key ollama") == "Authorization: key [REDACTED]"
 
 
 async def test_callback_unreachable() -> None:

@@ -117,6 +117,9 @@ class Finding:
 @dataclass
 class Report:
     findings: list[Finding] = field(default_factory=list)
+    # The settings' URLs and names doctor shows as set (``shown_as_set``): a secret found
+    # inside one is left there, its own text (a placeholder key naming the host).
+    shown: tuple[str, ...] = ()
 
     @property
     def failed(self) -> bool:
@@ -130,13 +133,16 @@ class Report:
             # Redacted before it is wrapped: a wrap may break a secret at a hyphen.
             lines.extend(
                 textwrap.wrap(
-                    redact(f.summary), _WIDTH, initial_indent=head, subsequent_indent=indent
+                    redact(f.summary, keep=self.shown),
+                    _WIDTH,
+                    initial_indent=head,
+                    subsequent_indent=indent,
                 )
             )
             for detail in f.details:
                 lines.extend(
                     textwrap.wrap(
-                        redact(detail),
+                        redact(detail, keep=self.shown),
                         _WIDTH,
                         initial_indent=indent,
                         subsequent_indent=indent + "  ",
@@ -872,7 +878,7 @@ async def diagnose(
 ) -> Report:
     """Run every check against ``environ`` (no ./.env reading here: ``main`` does that,
     and finds the ``unknown`` names it sets)."""
-    report = Report([check_settings(environ, unknown)])
+    report = Report([check_settings(environ, unknown)], shown_as_set(environ, public_url))
     report.findings.append(await check_nats(environ, timeout_s))
     report.findings.append(await check_gettoken(environ, timeout_s))
     report.findings.append(await check_callback(environ, public_url, timeout_s))
@@ -946,6 +952,29 @@ def hold_secrets(environ: Mapping[str, str]) -> None:
         if proxy := environ.get(name, "").strip():
             for secret in proxy_secrets(Secret(proxy)):
                 register_secret(secret)
+
+
+def shown_as_set(environ: Mapping[str, str], public_url: str | None) -> tuple[str, ...]:
+    """What doctor shows of the settings as they are set, none of it secret: the URLs it
+    checks (the model's base URL, the public URL, NATS_URL without credentials) and the
+    model's name. A secret inside one (OPENAI_API_KEY=ollama, Ollama's placeholder, with
+    OPENAI_BASE_URL=http://ollama:11434/v1) is not redacted there: the report said
+    http://[REDACTED]:11434/v1. A URL with userinfo, a query or a fragment is not kept
+    (doctor never shows it whole)."""
+    env = EnvReader(environ)
+    nats_url = env.optional("NATS_URL")
+    found = [
+        env.optional("OPENAI_BASE_URL"),
+        env.optional("OPENAI_MODEL"),
+        env.optional("WECOM_API_BASE"),
+        public_url,
+        None if nats_url is None else without_credentials(nats_url),
+    ]
+    shown: list[str] = []
+    for value in found:
+        if value and not any(c in value for c in "@?#"):
+            shown += [value, value.rstrip("/")]
+    return tuple(dict.fromkeys(s for s in shown if s))
 
 
 def main(environ: Mapping[str, str], argv: Sequence[str] = (), out: TextIO | None = None) -> int:

@@ -68,14 +68,33 @@ def register_secret(value: str | Secret, *, ephemeral: bool = False) -> None:
     _registered = (*_secrets, *_ephemeral)
 
 
-def redact(text: str) -> str:
-    """``text`` without any registered secret or secret-looking URL part."""
+def redact(text: str, *, keep: Iterable[str] = ()) -> str:
+    """``text`` without any registered secret or secret-looking URL part.
+
+    ``keep``: texts that are not secret however they read (a URL the reader set and is
+    shown, as doctor shows the base URL it checks): a registered secret wholly inside
+    one of them is left there, redacted everywhere else (a placeholder key ``ollama``
+    in ``http://ollama:11434/v1``). The URL patterns apply to them all the same::
+
+        >>> url = "http://ollama:11434/v1"
+        >>> register_secret("ollama")  # doctest: +SKIP
+        >>> redact(f"{url}: key ollama", keep=[url])  # doctest: +SKIP
+        'http://ollama:11434/v1: key [REDACTED]'
+    """
     spans = [
         (start, start + len(secret))
         for secret in _registered
         if secret in text
         for start in _occurrences(text, secret)
     ]
+    if spans and keep:
+        shown = [
+            (start, start + len(kept))
+            for kept in keep
+            if kept and kept in text
+            for start in _occurrences(text, kept)
+        ]
+        spans = [(a, b) for a, b in spans if not any(s <= a and b <= e for s, e in shown)]
     if spans:
         text = _cover(text, spans)
     # Each pattern runs only where it can match (every field of every line comes here).
