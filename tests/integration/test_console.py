@@ -8,6 +8,7 @@ import dataclasses
 import json
 import os
 import signal
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -16,13 +17,14 @@ from unittest import mock
 
 import httpx
 import pytest
+from nats.js.manager import JetStreamManager
 
 from tests.conftest import NatsHandle, free_port
 from tests.fakes import received, reply_to
 from tests.integration.wecom_app import AGENT, CORP, KEY, SECRET, TOKEN, running_gateway
 from tests.waiting import until
 from wecombot.console import Console, ConsoleConfig, server
-from wecombot_common import bus
+from wecombot_common import bus, topology
 from wecombot_common.embedded import EmbeddedNats
 from wecombot_common.events import Event, PartDelivered, ReplyDelivered, ReplyGenerated
 from wecombot_common.settings import EnvReader, NatsSettings
@@ -598,3 +600,50 @@ async def test_a_message_left_unanswered_before_the_console_started_is_said(
             "why": "over LLM_USER_RATE_PER_MINUTE (1), and told so once already this minute",
         }
     assert reads == [("li.si", 0)]
+
+
+async def test_the_events_before_the_start_end_when_the_logs_last_one_is_gone(
+    nats_server: NatsHandle, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The events from before the start ended at the log's last seq, or at one with
+    nothing after it. The last seq had been deleted (``nats stream rmm``, a subject
+    purged) and an event came before the last one shown: they never ended, and a message
+    the llm left unanswered then kept its '…' for ever."""
+    first, second, third = (received(text, user="li.si") for text in ("一", "二", "三"))
+    *_, gone = await logged(
+        nats_server,
+        first,
+        reply_to(first, "一"),
+        second,
+        reply_to(second, "你发送得有点快", kind="notice"),
+        third,  # over the rate again: the llm appends nothing
+        received("删", user="zhou"),  # deleted: the log's last seq holds nothing
+    )
+    settings = NatsSettings.read(EnvReader({"NATS_URL": nats_server.url}))
+    nc = await bus.connect(settings, "test")
+    try:
+        assert await nc.jetstream().delete_msg(topology.CONVERSATION_STREAM, gone)
+    finally:
+        await nc.close()
+    stream_info = JetStreamManager.stream_info
+    appended: list[int] = []
+
+    async def then_a_new_event(self: JetStreamManager, *args: Any, **kwargs: Any) -> Any:
+        info = await stream_info(self, *args, **kwargs)
+        if sys._getframe(1).f_code is Console.start.__code__ and not appended:
+            # the console read how far the log goes: an event comes before it reads on
+            appended.extend(await logged(nats_server, received("新", user="wang.wu")))
+        return info
+
+    monkeypatch.setattr(JetStreamManager, "stream_info", then_a_new_event)
+    gate = GatePolicy(rate_per_minute=1)
+    async with (
+        running_console(nats_server, gate=gate) as console,
+        streamed(console) as stream,
+    ):
+        said = await stream.until("silenced")
+        assert said["data"]["msg_id"] == third.correlation_id
+        events = [i["data"] for i in stream.items if i["kind"] == "event"]
+        assert [(e["seq"], e["history"]) for e in events] == [
+            (1, True), (2, True), (3, True), (4, True), (5, True), (appended[0], False)
+        ]  # fmt: skip

@@ -296,7 +296,12 @@ class Console:
             self._recall(event, seq)
             if seq >= self._history_through or meta.num_pending == 0:
                 self._end_history()
-        elif isinstance(event, MessageReceived):
+            return
+        if self._unanswered or self._outcome_texts:
+            # The log's last seq at the start held nothing (deleted, a subject purged) and
+            # this came before the last one shown: the events from before end here.
+            self._end_history()
+        if isinstance(event, MessageReceived):
             self._spawn(self._say_if_silenced(event, seq))
 
     def _recall(self, event: object, seq: int) -> None:
