@@ -24,11 +24,13 @@ from wecombot_common.bus import (
 from wecombot_common.errors import ConfigError
 from wecombot_common.events import (
     ConversationReset,
+    DeliveryFailed,
     Event,
     ImagePayload,
     LinkPayload,
     LocationPayload,
     MessageReceived,
+    PartDelivered,
     Payload,
     ReplyFailed,
     ReplyGenerated,
@@ -248,6 +250,59 @@ def test_history_is_in_the_order_asked_and_before_the_message() -> None:
     assert conv.turns == [Turn("q2", "a2"), Turn("q1", "a1")]  # the order answered
     assert conv.history(5) == [Turn("q1", "a1"), Turn("q2", "a2")]
     assert conv.history(2) == [Turn("q1", "a1")]  # q2's past: q1 alone
+
+
+def _delivery(
+    kind: type[DeliveryFailed | PartDelivered | ReplyRequeued],
+    reply: ReplyGenerated,
+    **fields: object,
+) -> DeliveryFailed | PartDelivered | ReplyRequeued:
+    """What the sender (or an operator's replay) records of ``reply``'s delivery."""
+    envelope = {
+        "app": APP,
+        "conversation": reply.conversation,
+        "correlation_id": reply.correlation_id,
+        "causation_id": reply.event_id,
+        "reply_id": reply.event_id,
+    }
+    return kind(**envelope, **fields)  # type: ignore[arg-type]
+
+
+def test_an_answer_the_user_never_saw_is_not_history() -> None:
+    """WeCom refused an answer for good before any part reached the user (81013: outside
+    the app's range until the admin fixed it; an outage past the sender's deliveries):
+    the model was told it had said it, and answered the next message as if read. Still
+    history: an answer not delivered yet, one with a part delivered, one requeued."""
+    q1, q2, q3 = msg("q1"), msg("q2"), msg("q3")
+    a1, a2 = reply_to(q1, "a1"), reply_to(q2, "a2")
+    refused = _delivery(DeliveryFailed, a1, errcode=81013, reason="left", parts_delivered=0)
+    events = [q1, a1, q2, a2, refused, q3]
+    assert fold(stored(*events), always).history(6) == [Turn("q2", "a2")]
+    partly = _delivery(DeliveryFailed, a1, errcode=-1, reason="busy", parts_delivered=1)
+    assert fold(stored(q1, a1, partly, q3), always).history(4) == [Turn("q1", "a1")]
+    assert fold(stored(q1, a1, q3), always).history(3) == [Turn("q1", "a1")]  # on its way
+    requeued = _delivery(ReplyRequeued, a1, reason="replayed")
+    again = fold(stored(q1, a1, refused, requeued, q3), always)
+    assert again.history(5) == [Turn("q1", "a1")]
+    # an earlier round's failure recorded after the requeue: hidden until a part is sent
+    late = fold(stored(q1, a1, requeued, refused, q3), always)
+    assert late.history(5) == []
+    part = _delivery(PartDelivered, a1, index=0, total=1, wecom_msgid="m", start=0, end=2)
+    late.apply(StoredEvent(6, part))
+    assert late.history(7) == [Turn("q1", "a1")]
+
+
+def test_an_unseen_answer_reset_or_dropped_from_the_turns_is_not_held() -> None:
+    q1, q2 = msg("q1"), msg("q2")
+    a1, a2 = reply_to(q1, "a1"), reply_to(q2, "a2")
+    refused = _delivery(DeliveryFailed, a1, errcode=81013, reason="left", parts_delivered=0)
+    conv = Conversation(needs_outcome=always, keep_turns=1)
+    for event in (q1, a1, refused):
+        conv.apply(StoredEvent(conv.last_seq + 1, event))
+    assert conv.unseen == {a1.event_id}
+    for event in (q2, a2):  # a1's exchange leaves the kept turns
+        conv.apply(StoredEvent(conv.last_seq + 1, event))
+    assert conv.unseen == frozenset()
 
 
 def test_an_answer_is_cut_by_its_utf8_bytes_not_its_characters() -> None:

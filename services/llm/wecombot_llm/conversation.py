@@ -14,7 +14,11 @@ What the fold keeps
                      ReplyGenerated(kind="answer") text, matched by ``causation_id``.
                      Failed answers, notices and commands are not turns. Each keeps its
                      message's seq and time: a message's history (:meth:`history`) is
-                     the turns asked before it, and none the stream has aged out.
+                     the turns asked before it, and none the stream has aged out, nor
+                     one whose answer the user never saw (``unseen``).
+    ``unseen``       answers WeCom refused for good with no part delivered
+                     (DeliveryFailed, on the sender's branch), not requeued since: the
+                     model is not told it said what the user never read.
     ``awaiting``     received messages that need an outcome and have none yet, by
                      event_id, with the stream seq where each was first stored and the
                      gate's verdict on it (gate.py: admitted, or a flood / refusal notice).
@@ -32,12 +36,15 @@ from __future__ import annotations
 import sys
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 
 from wecombot_common.bus import StoredEvent
 from wecombot_common.events import (
     ConversationReset,
+    DeliveryFailed,
     MessageReceived,
+    PartDelivered,
     ReplyFailed,
     ReplyGenerated,
     ReplyRequeued,
@@ -63,7 +70,7 @@ class Awaiting:
 
 
 _BASE_BYTES = 1100  # an empty fold, its gate and containers, besides its two dicts
-_TURN_BYTES = 150  # an exchange's objects, besides its two texts
+_TURN_BYTES = 225  # an exchange's objects and its reply's id, besides its two texts
 _AWAITING_BYTES = 170  # an awaiting message's key and entry, besides its text and slot
 _ID_BYTES = 85  # an event id (a uuid's 36 ASCII characters), a key of ``settled``
 
@@ -73,6 +80,7 @@ class _Exchange:
     seq: int  # of the user's message
     at: float  # when the user's message was received (epoch seconds)
     turn: Turn
+    reply_id: str  # the answer's event id
 
 
 @dataclass(slots=True)
@@ -88,6 +96,8 @@ class Conversation:
     reset_from: int = 0
     awaiting: dict[str, Awaiting] = field(default_factory=dict)
     settled: OrderedDict[str, Verdict] = field(default_factory=OrderedDict)
+    # of the exchanges kept, by reply id; one empty set for every fold until one has some
+    unseen: AbstractSet[str] = frozenset()
     last_seq: int = 0
     llm_last_seq: int = 0
     gate: Gate = field(init=False)
@@ -109,7 +119,9 @@ class Conversation:
         kept = [
             exchange
             for exchange in self._turns
-            if exchange.seq < seq and (since is None or exchange.at >= since)
+            if exchange.seq < seq
+            and (since is None or exchange.at >= since)
+            and exchange.reply_id not in self.unseen
         ]
         return [exchange.turn for exchange in sorted(kept, key=lambda e: e.seq)]
 
@@ -126,6 +138,16 @@ class Conversation:
             self._outcome(event, stored.seq)
         elif isinstance(event, ReplyRequeued):  # an operator's, on the llm branch
             self.llm_last_seq = stored.seq
+            self._show(event.reply_id)  # delivered again, after its last part
+        elif isinstance(event, DeliveryFailed) and event.parts_delivered == 0:
+            # The sender gave the answer up (WeCom refused it for good, or an outage
+            # outlasted its deliveries) before any part reached the user. An earlier
+            # round's failure recorded late, after a requeue, hides the answer only
+            # until the requeued round records a part.
+            if any(e.reply_id == event.reply_id for e in self._turns):
+                self.unseen = {*self.unseen, event.reply_id}
+        elif isinstance(event, PartDelivered):
+            self._show(event.reply_id)
 
     def approx_bytes(self) -> int:
         """Roughly what this fold holds in memory: within 5 % of what tracemalloc
@@ -142,7 +164,8 @@ class Conversation:
             _AWAITING_BYTES + sys.getsizeof(a.text) for a in self.awaiting.values()
         )
         settled = sys.getsizeof(self.settled) + _ID_BYTES * len(self.settled)
-        return _BASE_BYTES + turns + waiting + settled
+        unseen = sys.getsizeof(self.unseen) if self.unseen else 0
+        return _BASE_BYTES + turns + waiting + settled + unseen
 
     def is_settled(self, event_id: str) -> bool:
         """It has its outcome, or the gate silenced it (it never gets one)."""
@@ -186,6 +209,8 @@ class Conversation:
             kept = [exchange for exchange in self._turns if exchange.seq > self.reset_from]
             self._turns.clear()
             self._turns.extend(kept)
+            if self.unseen:
+                self.unseen = (self.unseen & {e.reply_id for e in kept}) or frozenset()
         elif (
             isinstance(event, ReplyGenerated)
             and event.kind == "answer"
@@ -193,9 +218,17 @@ class Conversation:
             and received.text is not None
             and received.seq > self.reset_from
         ):
+            if len(self._turns) == self._turns.maxlen and self._turns:
+                self._show(self._turns[0].reply_id)  # its exchange goes now
             self._turns.append(
-                _Exchange(received.seq, received.at, Turn(received.text, event.text))
+                _Exchange(
+                    received.seq, received.at, Turn(received.text, event.text), event.event_id
+                )
             )
+
+    def _show(self, reply_id: str) -> None:
+        if reply_id in self.unseen:
+            self.unseen = (self.unseen - {reply_id}) or frozenset()
 
     def _settle(self, event_id: str, verdict: Verdict) -> None:
         self.settled[event_id] = verdict
