@@ -1234,6 +1234,23 @@ def test_gate_judges_a_message_ten_minutes_older_than_the_newest_exactly() -> No
     assert verdicts(gate, [10, 620, 30]) == ["ADMIT", "ADMIT", "FLOOD_NOTICE"]
 
 
+def test_gate_windows_are_symmetric_for_a_message_older_than_the_last() -> None:
+    """CreateTimes need not arrive in order: a message from a minute and more before the
+    ones judged so far is judged by its own window, admitted and told as in order."""
+    gate = Gate(GatePolicy(rate_per_minute=1))
+    # 100 s before the admitted one: its own window is empty; then that window's flood
+    # gets its own notice, 100 s before the later notice.
+    assert verdicts(gate, [200, 201, 100, 101, 102]) == [
+        "ADMIT", "FLOOD_NOTICE", "ADMIT", "FLOOD_NOTICE", "SILENT",
+    ]  # fmt: skip
+    day = 86_400
+    welcome = Gate(GatePolicy())
+    opened = [2 * day, 0, 10]  # a day before the welcome: welcomed that day too
+    assert [welcome.verdict(USER, at=t, is_event=True).name for t in opened] == [
+        "ADMIT", "ADMIT", "SILENT",
+    ]  # fmt: skip
+
+
 def test_gate_refuses_users_off_the_allowlist_once_a_day() -> None:
     policy = GatePolicy(rate_per_minute=10, allowed_users=frozenset({"boss@corp", "zhang.san"}))
     gate = Gate(policy)
@@ -1242,6 +1259,10 @@ def test_gate_refuses_users_off_the_allowlist_once_a_day() -> None:
         "REFUSAL_NOTICE", "SILENT", "SILENT", "REFUSAL_NOTICE", "SILENT",
     ]  # fmt: skip
     assert gate.verdict("intruder", at=day + 2, is_event=True) is Verdict.SILENT  # no welcome
+    # An outsider opening the app gets no welcome, nor the refusal: their first message does.
+    opened_first = Gate(policy)
+    assert opened_first.verdict("intruder", at=0, is_event=True) is Verdict.SILENT
+    assert verdicts(opened_first, [1], user="intruder") == ["REFUSAL_NOTICE"]
     assert policy.allows("Zhang.San") and policy.allows("BOSS@corp")  # WeCom: case-insensitive
     assert not policy.allows("zhang.sa") and GatePolicy().allows("anyone")
 
