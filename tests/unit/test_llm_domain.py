@@ -719,6 +719,23 @@ async def test_handler_hands_back_after_the_order_wait_unless_last_delivery() ->
     assert model.calls == [["sys", "q2"]]
 
 
+async def test_a_message_waiting_after_a_wake_up_polls_the_log_at_its_pace() -> None:
+    """Woken by an answer appended here, a message that must wait again (for another
+    earlier one) waits for the next change or its next poll, not reading the log
+    back to back for all of its order wait."""
+    log, model = FakeLog(), FakeModel()
+    q1, q2, q3 = msg("q1"), msg("q2"), msg("q3")
+    s1, _, s3 = log.add(q1), log.add(q2), log.add(q3)
+    h = handler(log, model, order_wait_s=0.3)
+    later = asyncio.create_task(h.handle(q3, stream_seq=s3, num_delivered=1))
+    await until(lambda: log.reads >= 2, timeout=10, what="q3 waiting for q1")
+    assert await h.handle(q1, stream_seq=s1, num_delivered=1) == Ack()  # wakes q3
+    reads = log.reads
+    outcome = await later  # still waiting for q2, delivered nowhere
+    assert isinstance(outcome, Nak) and "seq 2" in outcome.reason
+    assert log.reads - reads < 100, f"{log.reads - reads} reads in 0.3 s"
+
+
 async def test_a_stopping_handler_hands_back_what_has_not_asked_the_model() -> None:
     """On SIGTERM a message waiting for an earlier one (answered by another replica, or
     here, with the model for a while) is handed back at once; it waited, and asked the
@@ -1557,6 +1574,26 @@ def test_a_cached_conversation_idle_past_max_idle_is_rebuilt_from_the_log() -> N
         assert cache.get(conv) is first  # in use: never dropped
     now[0] = 3000.0 + 3601.0 + 3601.0
     assert cache.get(conv) is not first  # idle past max_idle: rebuilt from the log
+
+
+def test_the_cache_drops_the_conversation_used_least_recently_not_the_first_cached() -> None:
+    """A user who writes all day keeps their conversation: one read more recently
+    than another outlives it, however long ago it was first cached."""
+    from wecombot_common.topology import ConversationRef
+    from wecombot_llm.cache import ConversationCache
+
+    cache = ConversationCache(lambda: _conversation_of(0, 0), capacity=2, max_bytes=None)
+    busy, quiet, new = (ConversationRef("ww1-1", u) for u in ("busy", "quiet", "new"))
+    kept = cache.get(busy)
+    cache.used(busy)
+    dropped = cache.get(quiet)
+    cache.used(quiet)
+    assert cache.get(busy) is kept  # used again: now the most recent
+    cache.used(busy)
+    cache.get(new)
+    cache.used(new)
+    assert cache.get(busy) is kept
+    assert cache.get(quiet) is not dropped
 
 
 def test_a_miss_in_a_full_cache_drops_the_oldest_idle_entry_without_copying_the_cache() -> None:
