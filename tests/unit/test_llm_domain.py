@@ -552,6 +552,7 @@ def test_retry_after_in_seconds_and_as_an_http_date() -> None:
     for bad in (None, "", "soon", "-1", "nan", "inf"):
         assert parse_retry_after(bad) is None
     assert retry_after_of({"retry-after-ms": "250", "retry-after": "9"}) == 0.25
+    assert retry_after_of({"retry-after-ms": "0", "retry-after": "9"}) == 0.0  # "at once"
     assert retry_after_of({"retry-after": "3"}) == 3.0
     assert retry_after_of({}) is None
 
@@ -570,6 +571,13 @@ def test_backoff_has_full_jitter_and_honours_retry_after() -> None:
     # a Retry-After shorter than the backoff does not shorten it (0: "at once")
     assert next_delay(4, 1.0, Highest()) == 4.0 and next_delay(4, 0.0, Highest()) == 4.0
     assert next_delay(9, None, Highest()) == 8.0  # capped
+
+    class Lowest(random.Random):
+        def uniform(self, a: float, b: float) -> float:
+            return a
+
+    # full jitter: any wait from none at all, so replicas hit alike spread out
+    assert [next_delay(n, None, Lowest()) for n in (1, 9)] == [0.0, 0.0]
 
 
 @pytest.mark.parametrize(("status", "retryable"), [(408, True), (429, True), (500, True),
