@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 from tests.conftest import free_port
-from tests.loopback import raw_http, read_request
+from tests.loopback import answering, raw_http, read_request
 from wecombot_common.settings import EnvReader, Secret
 from wecombot_common.sim.openai_api import (
     Answer,
@@ -267,6 +267,28 @@ async def test_a_client_error_is_permanent_and_not_retried(api: SimulatedOpenAIA
     assert len(api.chat_requests) == 1
 
 
+@pytest.mark.parametrize(
+    ("status", "setting"),
+    [(401, "OPENAI_API_KEY"), (403, "OPENAI_API_KEY"), (404, "OPENAI_MODEL or OPENAI_BASE_URL"),
+     (400, None), (422, None)],
+)  # fmt: skip
+async def test_a_refusal_of_our_configuration_names_the_setting_to_fix(
+    api: SimulatedOpenAIApi, status: int, setting: str | None
+) -> None:
+    """The llm's failure line says which setting to fix when every request alike would be
+    refused (a key without access to the model is a 403); none when it is this request."""
+    api.fail_always(Fault.server_error(status))
+    failed = await failure(api.base_url, ModelRejected, retry_budget_s=5.0)
+    assert failed.setting == setting and str(failed).startswith(f"HTTP {status}: ")
+
+
+async def test_a_provider_error_given_as_a_string_is_the_reason() -> None:
+    body = b'{"error": "Insufficient balance"}'  # DeepSeek's and others' shape
+    async with raw_http(answering(402, body, "application/json")) as base_url:
+        failed = await failure(base_url, ModelRejected)
+    assert str(failed) == "HTTP 402: Insufficient balance"
+
+
 async def test_transient_failures_are_retried_within_the_budget(
     api: SimulatedOpenAIApi,
 ) -> None:
@@ -285,6 +307,16 @@ async def test_a_retry_after_beyond_the_budget_is_not_waited_for(
 ) -> None:
     api.fail_always(Fault.rate_limited(retry_after="30"))
     failed = await failure(api.base_url, retry_budget_s=5.0)
+    assert "HTTP 429" in str(failed) and len(api.chat_requests) == 1
+
+
+async def test_a_retry_is_not_started_without_time_for_its_attempt(
+    api: SimulatedOpenAIApi,
+) -> None:
+    """A Retry-After that ends just before the budget would leave the retry a moment:
+    hardly an answer comes so fast, so the call ends at once (LLM_RETRY_BUDGET)."""
+    api.fail_always(Fault.rate_limited(retry_after="1.8"))
+    failed = await failure(api.base_url, retry_budget_s=2.0)
     assert "HTTP 429" in str(failed) and len(api.chat_requests) == 1
 
 
@@ -458,11 +490,13 @@ async def test_an_answer_in_parts_with_counts_as_floats_is_an_answer() -> None:
     try a billed completion, then the apology."""
     done, requests = await _answering(
         b'{"choices":[{"message":{"content":[{"type":"text","text":"part one, "},'
-        b'{"type":"image_url"},{"type":"text","text":"part two"}]},"finish_reason":"stop"}],'
+        b'{"type":"image_url"},{"type":"thinking","text":"(the model thinking) "},'
+        b'{"type":"text","text":"part two"}]},"finish_reason":"stop"}],'
         b'"usage":{"prompt_tokens":12.0,"completion_tokens":3.0}}'
     )
     assert isinstance(done, Completion) and requests == 1
     assert (done.text, done.prompt_tokens, done.completion_tokens) == ("part one, part two", 12, 3)
+    assert done.model == "sim-model"  # the provider named none: the one asked for
 
 
 async def test_an_answer_the_provider_interrupted_is_asked_again() -> None:
@@ -613,3 +647,24 @@ async def test_a_defect_met_on_an_answer_is_the_apology_not_a_crash(
         await model.aclose()
     assert str(failed.value) == "unexpected KeyError: 'a defect'"
     assert failed.value.attempts == 1 and len(api.chat_requests) == 1
+
+
+async def test_a_defect_quoting_the_key_never_puts_it_in_the_reason(
+    api: SimulatedOpenAIApi,
+) -> None:
+    """The reason is stored (ReplyFailed.reason): a defect's text that quotes what it
+    met (the key, a URL's password) must not carry it there."""
+
+    class Defective(OpenAIChatModel):
+        def _parse(self, response: httpx.Response, attempt: int) -> Completion:
+            raise ValueError(f"met {KEY} and http://user:pw-secret@proxy:3128")
+
+    model = Defective(settings(api.base_url))
+    try:
+        with pytest.raises(ModelRejected) as failed:
+            await model.complete(HELLO)
+    finally:
+        await model.aclose()
+    reason = str(failed.value)
+    assert reason.startswith("unexpected ValueError: met [REDACT")
+    assert KEY not in reason and "pw-secret" not in reason
