@@ -23,6 +23,7 @@ from wecombot_common.topology import ConversationRef
 from wecombot_sender.domain import (
     FINISHED_KEPT,
     ConversationState,
+    OutcomeState,
     compact,
     fold,
     pending_before,
@@ -108,6 +109,11 @@ def test_a_short_conversation_is_left_as_it_is() -> None:
     state = fold(ConversationState(), events)
     assert compact(state) is state
     assert state.pruned_through == 0 and not state.may_have_forgotten("anything")
+    # Exactly as many delivered replies as it keeps: nothing is forgotten, so nothing
+    # is read again for a reply missing from it.
+    done = {f"r{i}": OutcomeState(f"r{i}", seq=i, terminal=True) for i in range(1, 5)}
+    exactly = ConversationState(done)
+    assert compact(exactly, finished_kept=4) is exactly
 
 
 def _cache(**kwargs: Any) -> ConversationCache:

@@ -113,6 +113,29 @@ def test_reply_delivered_and_delivery_failed_are_terminal() -> None:
     assert state.last_send_seq == 4
 
 
+def test_the_fold_keeps_when_a_reply_ended_and_its_latest_send() -> None:
+    """The duplicate check's window reaches back to a reply's latest recorded part, and
+    counts another reply's failure only when it ended inside the window: parts recorded
+    by replicas whose clocks differ need not come in the order of their times."""
+    r1, r2 = reply("a"), reply("b")
+    later, earlier = T0 + timedelta(seconds=30), T0 + timedelta(seconds=10)
+    failed = DeliveryFailed(
+        **env(), reply_id=r2.event_id, errcode=81013, reason="gone", parts_delivered=0,
+        occurred_at=later,
+    )  # fmt: skip
+    events = [
+        StoredEvent(1, r1),
+        StoredEvent(2, part(r1.event_id, 0, "w0", at=later)),
+        StoredEvent(3, part(r1.event_id, 1, "w1", at=earlier)),  # a replica behind
+        StoredEvent(4, r2),
+        StoredEvent(5, failed),
+    ]
+    state = fold(ConversationState(), events)
+    assert state.outcome(r1.event_id).last_sent_at == later
+    assert state.outcome(r2.event_id).ended_at == later
+    assert state.outcome(r1.event_id).ended_at is None  # not finished
+
+
 def test_a_requeue_reopens_a_failed_reply_until_its_round_ends() -> None:
     r1, later = reply("a"), reply("b")
     failed = DeliveryFailed(
@@ -288,6 +311,10 @@ def test_rate_delay_keeps_a_minute_window() -> None:
     assert rate_delay(sends, T0 + timedelta(seconds=30), per_minute=30) == pytest.approx(30.0)
     assert rate_delay(sends, T0 + timedelta(seconds=61), per_minute=30) == 0.0
     assert rate_delay(sends, T0, per_minute=0) == 0.0
+    # Sends recorded out of the order of their times (replicas' clocks differ): the
+    # window is that of the latest ones in time, not of the last recorded.
+    skewed = (T0 + timedelta(seconds=10), T0)
+    assert rate_delay(skewed, T0 + timedelta(seconds=20), per_minute=1) == pytest.approx(50.0)
 
 
 def test_the_fold_counts_sends_per_minute_for_the_last_hour() -> None:
@@ -317,6 +344,9 @@ def test_hourly_delay_waits_until_the_hour_has_room() -> None:
     assert hourly_delay(counts, at, per_hour=0) == 0.0
     # Over the limit by more than the oldest minute: wait for the next one too.
     assert hourly_delay(counts, at, per_hour=300) == pytest.approx(11 * 60 + 3600 - 30 * 60)
+    # Leaving the limit exactly is no room: wait until the hour is under it.
+    full = ((minute, 1), (minute + 10, 3))
+    assert hourly_delay(full, at, per_hour=3) == pytest.approx(11 * 60 + 3600 - 30 * 60)
     # An hour and a minute after a send, it no longer counts.
     assert hourly_delay(counts, T0 + timedelta(minutes=61), per_hour=401) == 0.0
     assert hourly_delay(counts, T0 + timedelta(minutes=61), per_hour=400) > 0
@@ -437,6 +467,22 @@ def test_a_part_recorded_without_its_span_is_resumed_by_index() -> None:
     assert [text[s:e] for s, e in layout(text, outcome)] == split_text(text)
     broken = OutcomeState("r", delivered={0: "w0"}, spans={0: (0, 6000)})  # not this text
     assert [text[s:e] for s, e in layout(text, broken)] == split_text(text)
+
+
+def test_a_reply_resumed_by_the_build_that_split_it_keeps_its_parts() -> None:
+    """Split again from the end of its last recorded part, a reply cut inside a code
+    block (over the limit) is cut elsewhere after it: the part re-sent would not be the
+    one an earlier attempt may have got accepted unrecorded, WeCom's duplicate check
+    would not drop the repeat, and the user would get the overlap twice."""
+    code = "".join(f"echo line {i}\n" for i in range(300))
+    prose = "".join(f"Step {i} explains it. " for i in range(150))
+    text = f"Here is the script:\n\n```\n{code}```\n\n{prose}\n\n```\nls\n```\n" + "Done. " * 300
+    whole = layout(text, OutcomeState("r"))
+    assert len(whole) > 3
+    for last in range(len(whole) - 1):
+        recorded = dict.fromkeys(range(last + 1), "w")
+        outcome = OutcomeState("r", delivered=recorded, spans={last: whole[last]})
+        assert layout(text, outcome) == whole, last
 
 
 def test_the_fold_keeps_each_parts_span() -> None:
