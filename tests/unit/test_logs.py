@@ -186,6 +186,17 @@ def test_a_secret_of_six_characters_is_redacted_and_its_repeats_too() -> None:
     assert redact("zyxzyxzyx") == REDACTED  # overlapping occurrences: nothing left
 
 
+def test_numbers_flags_and_nulls_stay_what_they_are(capsys: pytest.CaptureFixture[str]) -> None:
+    """A JSON line's counts, flags and nulls stay numbers, booleans and null: a log query
+    on ``seq > 100`` or ``latency_ms`` needs numbers (only text is redacted)."""
+    configure_logging(LogSettings(), service="test")
+    structlog.get_logger("t").info("n", seq=123456, latency_ms=12.5, duplicate=False, why=None)
+    line = _lines(capsys.readouterr().err)[0]
+    assert (line["seq"], line["latency_ms"], line["duplicate"], line["why"]) == (
+        123456, 12.5, False, None,
+    )  # fmt: skip
+
+
 def test_lists_and_tuples_stay_lists_and_tuples_redacted_item_by_item(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
