@@ -213,6 +213,118 @@ async def test_the_consumers_backlog_is_in_the_services_metrics(stream: JetStrea
     await task
 
 
+async def test_a_delivery_back_from_an_idle_wait_works_only_with_a_slot(
+    stream: JetStreamContext,
+) -> None:
+    """Its slot serves another delivery while it waits; back to work, it waits for a
+    slot: working on without one, a replica ran more handlers at once than its
+    concurrency limit."""
+    for user in ("a", "b"):
+        await append_event(stream, _reply(user, user))
+    working = peak = 0
+    b_working = asyncio.Event()
+
+    async def work(seconds: float) -> None:
+        nonlocal working, peak
+        working += 1
+        peak = max(peak, working)
+        if not b_working.is_set():
+            b_working.set()  # (a is idle: this is b)
+        await asyncio.sleep(seconds)
+        working -= 1
+
+    async def handle(d: Delivery) -> Outcome:
+        assert isinstance(d.event, ReplyGenerated)
+        if d.event.text == "a":
+            async with d.idle():  # its slot goes to b meanwhile
+                await b_working.wait()
+            await work(0.05)
+        else:
+            await work(0.3)
+        return Ack()
+
+    stop = asyncio.Event()
+    worker = PullWorker(stream, _config(), handle, max_deliver=3, key=_key, max_concurrency=1)
+    task = asyncio.create_task(worker.run(stop))
+    await until(lambda: worker.processed == 2, timeout=10, what="both acked")
+    stop.set()
+    await task
+    assert peak == 1
+
+
+async def test_a_retry_comes_back_after_the_delay_its_handler_asked_for(
+    stream: JetStreamContext,
+) -> None:
+    """A Nak's delay paces the retries (WeCom busy, a model down): nak'ed for at once,
+    the message would come straight back and spend its deliveries in a burst."""
+    await append_event(stream, _reply("a", "x"))
+    at: list[float] = []
+
+    async def handle(d: Delivery) -> Outcome:
+        at.append(time.monotonic())
+        return Nak(1.0, "WeCom is busy") if d.num_delivered == 1 else Ack()
+
+    stop = asyncio.Event()
+    worker = PullWorker(stream, _config(), handle, max_deliver=3)
+    task = asyncio.create_task(worker.run(stop))
+    await until(lambda: worker.processed == 1, timeout=10, what="the retry acked")
+    stop.set()
+    await task
+    assert len(at) == 2 and at[1] - at[0] >= 0.9, at
+
+
+async def test_a_retry_of_a_delivery_held_across_a_reconnection_goes_out_at_once(
+    stream: JetStreamContext, nats_server: NatsHandle
+) -> None:
+    """Lapsed by a reconnection alone (a failover; its heartbeats kept up), the delivery
+    is usually still ours: its handler's Nak goes out as ever and the message comes
+    again after the delay asked, not after ack_wait (which stalled every conversation
+    in flight)."""
+    host, port = nats_server.url.removeprefix("nats://").rsplit(":", 1)
+    stall = _OneWayStall((host, int(port)))
+    nc = await nats.connect(await stall.start(), max_reconnect_attempts=-1, reconnect_time_wait=0.1)
+    seen: list[int] = []
+    held: list[Delivery] = []
+    started, finish = asyncio.Event(), asyncio.Event()
+
+    async def handle(d: Delivery) -> Outcome:
+        seen.append(d.num_delivered)
+        if d.num_delivered > 1:
+            return Ack()
+        held.append(d)
+        started.set()
+        await finish.wait()
+        return Nak(0.0, "WeCom is busy")
+
+    stop = asyncio.Event()
+    worker = PullWorker(
+        nc.jetstream(), _config(), handle, max_deliver=5, fetch_timeout_s=0.2, connection=nc
+    )
+    with capture_logs() as logs:
+        task = asyncio.create_task(worker.run(stop))
+        try:
+            await _until_fetching(stream)
+            appended = await append_event(stream, _reply("u", "x"))
+            await until(started.is_set, timeout=10, what="the handler started")
+            stall.cut()
+            await until(lambda: not nc.is_connected, timeout=10, what="the link gone")
+            stall.down = False
+            await until(lambda: nc.is_connected, timeout=10, what="the link back")
+            [delivery] = held
+            assert delivery.lapsed and not delivery.lease.overdue
+            finish.set()
+            await until(lambda: worker.processed == 1, timeout=10, what=lambda: f"{seen}")
+        finally:
+            finish.set()
+            stop.set()
+            await task
+            await nc.close()
+            await stall.close()
+    assert seen == [1, 2]
+    assert not [e for e in logs if e["event"] == "worker.left_to_ack_wait"]
+    await _settled(stream, appended.seq)
+
+
 async def test_a_hand_back_of_a_stopping_handler_is_no_retry(stream: JetStreamContext) -> None:
     """A handler that hands its delivery back as its service stops (HandBack) is counted
     and logged as a hand-back, not as a retry (rising retries mean WeCom or the log are
@@ -1280,7 +1392,9 @@ async def test_a_lease_is_not_renewed_by_heartbeats_the_broker_never_got(
     assert held.lapsed
 
 
-@pytest.mark.parametrize("how", ["cancelled at stop", "handed back by its handler"])
+@pytest.mark.parametrize(
+    "how", ["cancelled at stop", "handed back by its handler", "handed back as it stops"]
+)
 async def test_a_lapsed_delivery_is_not_handed_back(
     dead_path: _DeadPathToTheBroker, how: str
 ) -> None:
@@ -1295,6 +1409,9 @@ async def test_a_lapsed_delivery_is_not_handed_back(
     with capture_logs() as logs:
         if how == "handed back by its handler":
             dead_path.a_outcome = Nak(0.0, "an earlier reply to this user is still busy")
+            dead_path.gate.set()
+        if how == "handed back as it stops":
+            dead_path.a_outcome = HandBack("stopping before its model call")
             dead_path.gate.set()
         dead_path.stop_a.set()
         await dead_path.tasks[0]  # a stopped, its connection drained
