@@ -9,7 +9,7 @@ import contextlib
 
 import pytest
 
-from wecombot_common.worker import Heartbeat, Lease
+from wecombot_common.worker import Heartbeat, Lease, backoff_delay
 
 
 class Clock:
@@ -122,3 +122,12 @@ async def test_a_heartbeat_whose_cancellation_is_swallowed_still_stops() -> None
         await heartbeat.ended()
     assert heartbeats_running() == []
     assert delivery.beats == 1
+
+
+def test_a_retry_backs_off_from_half_a_second_doubling_to_its_cap() -> None:
+    """A first retry comes within half a second (a busy WeCom, a conflict), the next
+    ones up to twice as late each time, never past the cap, never at once."""
+    for attempt, most in ((1, 0.5), (2, 1.0), (3, 2.0), (8, 30.0), (100, 30.0)):
+        delays = [backoff_delay(attempt) for _ in range(200)]
+        assert all(0.25 <= d <= most for d in delays), (attempt, max(delays))
+        assert max(delays) > most * 0.8  # the whole range is used: jitter
