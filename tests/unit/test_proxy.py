@@ -22,6 +22,7 @@ def found(url: str, **environ: str) -> str | None:
         "http://127.8.9.10:18080",
         "http://localhost:4010",
         "http://sim.localhost:4010",
+        "http://localhost.:4010",  # the root's dot: the same host
         "http://[::1]:8081",
     ],
 )
@@ -37,6 +38,8 @@ def test_the_proxy_follows_the_scheme_then_all_proxy() -> None:
     assert found(API, **proxies) == "http://egress.corp:3128"
     assert found("http://vllm.internal", **proxies) == "http://all.corp:3128"
     assert found(API) is None
+    # a scheme is read as URLs read it, whatever its case
+    assert found(API, HTTPS_PROXY="HTTP://egress.corp:3128") == "HTTP://egress.corp:3128"
 
 
 def test_the_lower_case_variable_wins_even_when_empty() -> None:

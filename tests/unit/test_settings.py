@@ -126,6 +126,7 @@ def test_the_history_cap_is_read_in_mib(mb: str, cap: int | None) -> None:
         # other scripts' digits: int("٣") is 3, float("٣") 3.0
         ({"WECOMBOT_DUPLICATE_WINDOW": "٣٦٠٠"}, "WECOMBOT_DUPLICATE_WINDOW must be a number"),
         ({"NATS_CREDS": "/nonexistent/user.creds"}, "NATS_CREDS must name a readable file"),
+        ({"NATS_CREDS": "/"}, "NATS_CREDS must name a readable file"),  # a directory
     ],
 )
 def test_other_bad_values(env: dict[str, str], message: str) -> None:
@@ -135,6 +136,19 @@ def test_other_bad_values(env: dict[str, str], message: str) -> None:
     WeComApiSettings.read(reader, need_secret=False)
     with pytest.raises(ConfigError, match=message):
         reader.raise_if_invalid()
+
+
+API = "https://qyapi.weixin.qq.com"
+
+
+def test_choices_and_base_urls_are_read_as_operators_write_them() -> None:
+    """LOG_LEVEL=INFO as commonly written; a base URL with a trailing '/' (paths are
+    appended to it: '//cgi-bin/gettoken' is another path to some servers)."""
+    written = {"LOG_LEVEL": "INFO", "LOG_FORMAT": "Console", "WECOM_API_BASE": f"{API}/"}
+    reader = EnvReader({**GOOD, **written})
+    logs, api = LogSettings.read(reader), WeComApiSettings.read(reader)
+    assert (logs.level, logs.format, api.api_base) == ("info", "console", API)
+    assert reader.problems == []
 
 
 def _api_base(url: str) -> EnvReader:
