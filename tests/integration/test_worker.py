@@ -499,6 +499,7 @@ async def test_an_event_of_a_newer_build_is_handed_back_for_a_newer_replica(
     stop = asyncio.Event()
     worker = PullWorker(stream, _config(), handle, max_deliver=3, max_concurrency=4)
     with capture_logs() as logs:
+        started = time.monotonic()
         task = asyncio.create_task(worker.run(stop))
 
         async def parked() -> bool:
@@ -506,9 +507,13 @@ async def test_an_event_of_a_newer_build_is_handed_back_for_a_newer_replica(
             return int(info.state.messages) == 2
 
         await until(parked, timeout=30, what="both parked at their third delivery")
+        elapsed = time.monotonic() - started
         stop.set()
         await task
     assert old_handled == []
+    # Handed back with backoff (at least 0.5 s, then 1 s: the broker holds a nak's delay),
+    # not at once: a rollout would burn a message's deliveries in milliseconds.
+    assert elapsed >= 1.0, elapsed
     handed_back = [e for e in logs if e["event"] == "worker.newer_event"]
     assert sorted(e["delivery"] for e in handed_back) == [1, 1, 2, 2]
     reasons, parked_data = [], set()
