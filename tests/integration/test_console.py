@@ -427,14 +427,7 @@ async def test_the_folds_are_kept_between_messages_the_least_recent_let_go(
     """Read whole for each message, a conversation kept in the data dir cost more every
     time: a user's fold goes on from where it stopped, until other users' push it out."""
     monkeypatch.setattr(server, "MAX_FOLDS", 1)
-    reads: list[tuple[str, int]] = []
-    read_conversation = bus.read_conversation
-
-    def recorded(js: Any, ref: Any, *, after_seq: int = 0, **kwargs: Any) -> Any:
-        reads.append((ref.user, after_seq))
-        return read_conversation(js, ref, after_seq=after_seq, **kwargs)
-
-    monkeypatch.setattr(bus, "read_conversation", recorded)
+    reads = _recording_reads(monkeypatch)
     async with running_console(nats_server) as console:
         for n, user in enumerate(["li.si", "li.si", "wang.wu", "li.si"], start=1):
             await post(console, "/api/send", {"user": user, "text": str(n)})
@@ -571,14 +564,7 @@ async def test_a_message_left_unanswered_before_the_console_started_is_said(
     """Replayed, a message the llm's gate silenced showed a reply coming for ever. Only
     a message whose outcome is not in the events shown costs a read of its conversation
     (the others were answered): one read here, not three."""
-    reads: list[tuple[str, int]] = []
-    read_conversation = bus.read_conversation
-
-    def recorded(js: Any, ref: Any, *, after_seq: int = 0, **kwargs: Any) -> Any:
-        reads.append((ref.user, after_seq))
-        return read_conversation(js, ref, after_seq=after_seq, **kwargs)
-
-    monkeypatch.setattr(bus, "read_conversation", recorded)
+    reads = _recording_reads(monkeypatch)
     first, second, third = (received(text, user="li.si") for text in ("一", "二", "三"))
     await logged(
         nats_server,
@@ -647,3 +633,17 @@ async def test_the_events_before_the_start_end_when_the_logs_last_one_is_gone(
         assert [(e["seq"], e["history"]) for e in events] == [
             (1, True), (2, True), (3, True), (4, True), (5, True), (appended[0], False)
         ]  # fmt: skip
+
+
+def _recording_reads(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int]]:
+    """Where each of the console's conversation reads starts (the user, after which seq);
+    the reads themselves still go to the real nats-server."""
+    reads: list[tuple[str, int]] = []
+    read_conversation = bus.read_conversation
+
+    def recorded(js: Any, ref: Any, *, after_seq: int = 0, **kwargs: Any) -> Any:
+        reads.append((ref.user, after_seq))
+        return read_conversation(js, ref, after_seq=after_seq, **kwargs)
+
+    monkeypatch.setattr(bus, "read_conversation", recorded)
+    return reads
