@@ -40,7 +40,9 @@ from wecombot_common.events import (
     VideoPayload,
     VoicePayload,
     WeComEventPayload,
+    decode_event,
     derived_id,
+    encode_event,
 )
 from wecombot_common.proxy import httpx_proxy
 from wecombot_common.settings import EnvReader
@@ -1457,13 +1459,21 @@ def test_a_proxy_the_model_calls_cannot_use_is_refused_with_the_settings() -> No
     assert offline.problems == []  # the offline model calls nothing
 
 
-def _conversation_of(turns: int, chars: int, *, keep: int = 1000) -> Conversation:
+def _conversation_of(
+    turns: int, chars: int, *, keep: int = 1000, refused: bool = False
+) -> Conversation:
+    """``refused``: WeCom refused each answer for good, no part delivered (``unseen``)."""
     conv = Conversation(needs_outcome=always, keep_turns=keep)
     seq = 0
     for i in range(turns):
         m = msg(f"{'问' * chars}{i}")
         conv.apply(StoredEvent(seq := seq + 1, m))
-        conv.apply(StoredEvent(seq := seq + 1, reply_to(m, "答" * chars)))
+        answer = reply_to(m, "答" * chars)
+        conv.apply(StoredEvent(seq := seq + 1, answer))
+        if refused:
+            gone = _delivery(DeliveryFailed, answer, errcode=81013, reason="x", parts_delivered=0)
+            # as a read yields it: decoded from the log, its reply_id a string of its own
+            conv.apply(StoredEvent(seq := seq + 1, decode_event(encode_event(gone))))
     return conv
 
 
@@ -1517,29 +1527,33 @@ def test_the_cache_counts_what_many_small_conversations_really_hold() -> None:
 
 
 @pytest.mark.parametrize(
-    ("turns", "waiting", "chars", "keep"),
+    ("turns", "waiting", "chars", "keep", "refused"),
     [
-        (0, 0, 0, 20),
-        (1, 0, 5, 20),
-        (20, 0, 5, 20),
-        (20, 0, 3000, 20),
-        (5, 20, 300, 20),
-        (0, 100, 30, 20),
-        (1200, 3, 30, 20),
-        (3000, 0, 30, 20),  # settled at its cap of 1,000 long enough for its table to grow
+        (0, 0, 0, 20, False),
+        (1, 0, 5, 20, False),
+        (20, 0, 5, 20, False),
+        (20, 0, 3000, 20, False),
+        (5, 20, 300, 20, False),
+        (0, 100, 30, 20, False),
+        (1200, 3, 30, 20, False),
+        (3000, 0, 30, 20, False),  # settled at its cap of 1,000 long enough to grow
+        (20, 0, 5, 20, True),  # every answer refused for good: all unseen
+        (20, 0, 300, 20, True),
+        (400, 0, 5, 400, True),
     ],
 )
 def test_a_conversation_counts_what_it_holds(
-    turns: int, waiting: int, chars: int, keep: int
+    turns: int, waiting: int, chars: int, keep: int, refused: bool
 ) -> None:
     """The llm cache's byte budget (LLM_CACHE_MB) is kept by these counts. A fixed size
     per settled id counted a conversation past 1,500 messages 10 % under what it held,
-    and a short one 20 % over."""
+    and a short one 20 % over. One whose answers were all refused (``unseen``) was
+    counted 11-16 % under: the set kept its own copy of each reply's id, uncounted."""
     import gc
     import tracemalloc
 
     def build() -> Conversation:
-        conv = _conversation_of(turns, chars, keep=keep)
+        conv = _conversation_of(turns, chars, keep=keep, refused=refused)
         seq = conv.last_seq
         for i in range(waiting):
             conv.apply(StoredEvent(seq := seq + 1, msg(f"{'问' * chars}w{i}")))

@@ -144,8 +144,12 @@ class Conversation:
             # outlasted its deliveries) before any part reached the user. An earlier
             # round's failure recorded late, after a requeue, hides the answer only
             # until the requeued round records a part.
-            if any(e.reply_id == event.reply_id for e in self._turns):
-                self.unseen = {*self.unseen, event.reply_id}
+            for exchange in self._turns:
+                if exchange.reply_id == event.reply_id:
+                    # the exchange's own string: the event's copy of the id would be
+                    # held besides it, and approx_bytes counts only the set's table
+                    self.unseen = {*self.unseen, exchange.reply_id}
+                    break
         elif isinstance(event, PartDelivered):
             self._show(event.reply_id)
 
