@@ -528,21 +528,18 @@ async def test_each_llm_dead_letter_replays_once_and_a_failed_copy_again(
     lost = _received("m77")
     await append_event(js, lost)
 
-    async def failing(d: Delivery) -> Outcome:
-        return Nak(0, "the outcome could not be appended")
-
     async def conversation_length() -> int:
         info = await js.stream_info(topology.CONVERSATION_STREAM)
         return int(info.state.messages)
 
-    await _work(js, topology.LLM_CONSUMER, topology.RECEIVED_FILTER, failing)
+    await _work(js, topology.LLM_CONSUMER, topology.RECEIVED_FILTER, _unappendable)
     done, said = await replay(js, 1)
     assert done and "appended again (seq 2)" in said, said
     done, said = await replay(js, 1)
     assert done and "dead letter 1 was replayed already" in said, said
     assert await conversation_length() == 2
 
-    await _work(js, topology.LLM_CONSUMER, topology.RECEIVED_FILTER, failing)  # fails again
+    await _work(js, topology.LLM_CONSUMER, topology.RECEIVED_FILTER, _unappendable)  # fails again
     letters = await js.stream_info(topology.DEAD_LETTER_STREAM)
     assert letters.state.messages == 2
     done, said = await replay(js, 2)
@@ -567,10 +564,7 @@ async def test_a_replayed_message_keeps_what_only_a_newer_build_knows(
         subject, b'{"type":"MessageRecalled","version":1,"app":"' + APP.encode() + b'"}'
     )
 
-    async def failing(d: Delivery) -> Outcome:
-        return Nak(0, "the outcome could not be appended")
-
-    await _work(js, topology.LLM_CONSUMER, topology.RECEIVED_FILTER, failing)
+    await _work(js, topology.LLM_CONSUMER, topology.RECEIVED_FILTER, _unappendable)
     letters = [await js.get_msg(topology.DEAD_LETTER_STREAM, seq) for seq in (1, 2)]
     newer_type = next(seq for seq, m in zip((1, 2), letters, strict=True) if b"Recalled" in m.data)
     kept = 3 - newer_type
@@ -694,16 +688,7 @@ async def test_a_replayed_message_the_llm_does_not_answer_is_requeued_not_pendin
     """A copy the llm silences (a rate, an allowlist) gets no outcome: the letter stayed
     `pending`, and a replay once the first copy's Nats-Msg-Id had left the duplicate
     window appended a second copy beside it."""
-    await ensure_topology(js, _settings(nats_server.url))
-    message = _received("m-silenced")
-    await append_event(js, message)
-
-    async def failing(d: Delivery) -> Outcome:
-        return Nak(0, "the outcome could not be appended")
-
-    await _work(js, topology.LLM_CONSUMER, topology.RECEIVED_FILTER, failing)
-    # the copy a replay made, its Nats-Msg-Id long forgotten by the stream
-    await append_event(js, message, msg_id="redeliver:from-an-hour-ago")
+    await _parked_then_copied(js, nats_server.url, "m-silenced")
     code, out, err = await _dlq(nats_server.url, "--json")
     assert (code, err) == (0, "")
     assert [d["state"] for d in json.loads(out)] == ["requeued"]
@@ -890,6 +875,22 @@ async def test_a_pending_batch_with_a_limit_replays_the_first_in_the_log_and_say
     ]
 
 
+async def _unappendable(d: Delivery) -> Outcome:
+    """An llm whose outcome append keeps failing: its message is parked at the last
+    delivery (``_work``), with no outcome."""
+    return Nak(0, "the outcome could not be appended")
+
+
+async def _parked_then_copied(js: JetStreamContext, url: str, msg_id: str) -> None:
+    """A message the llm gave up on (seq 1, parked: DLQ letter 1), then the copy a replay
+    made of it (seq 2), its Nats-Msg-Id long forgotten by the stream."""
+    await ensure_topology(js, _settings(url))
+    message = _received(msg_id)
+    await append_event(js, message)
+    await _work(js, topology.LLM_CONSUMER, topology.RECEIVED_FILTER, _unappendable)
+    await append_event(js, message, msg_id="redeliver:from-an-hour-ago")
+
+
 async def _park(
     js: JetStreamContext,
     event: MessageReceived | ReplyGenerated | ReplyRequeued,
@@ -1001,15 +1002,7 @@ async def test_a_copy_whose_parked_message_left_the_log_is_still_known_as_a_copy
     """The parked message is the one at the letter's stream seq, not the first one read
     after it: with that one gone (aged out before its copy), the copy is no parked
     message to replay again."""
-    await ensure_topology(js, _settings(nats_server.url))
-    message = _received("m-aged-out")
-    await append_event(js, message)
-
-    async def failing(d: Delivery) -> Outcome:
-        return Nak(0, "the outcome could not be appended")
-
-    await _work(js, topology.LLM_CONSUMER, topology.RECEIVED_FILTER, failing)
-    await append_event(js, message, msg_id="redeliver:from-an-hour-ago")  # the copy, seq 2
+    await _parked_then_copied(js, nats_server.url, "m-aged-out")
     await js.purge_stream(topology.CONVERSATION_STREAM, seq=2)  # the parked one left
     code, out, err = await _dlq(nats_server.url, "--json")
     assert (code, err) == (0, "")
