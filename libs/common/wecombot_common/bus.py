@@ -718,6 +718,7 @@ class _DirectReads:
     ) -> tuple[list[_Stored], bool]:
         loop = asyncio.get_running_loop()
         due = loop.time() + timeout  # waiting for a slot included
+        # Every read comes here: a free slot is taken without a timeout's context manager.
         if self._slots.locked():
             try:
                 async with asyncio.timeout_at(due):
