@@ -11,8 +11,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gzip
+import json
 import random
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import TypeVar
 
 import httpx
@@ -560,21 +561,17 @@ async def test_the_environment_proxy_carries_the_call(api: SimulatedOpenAIApi) -
     assert len(api.chat_requests) == 1
 
 
-@pytest.mark.parametrize("before", [0, 185], ids=["whole", "across the 200-character cut"])
-async def test_a_provider_echoing_the_key_never_puts_it_in_the_reason(before: int) -> None:
-    """Over the production stack (httpx over aiohttp): the reason is stored
-    (ReplyFailed.reason), so no log redaction ever sees it; the key must be gone already,
-    also when the 200-character cut of the provider's message falls inside the key (cut
-    first, the first part of the key stayed)."""
+async def _refused_quoting_the_key(quote: Callable[[str], str]) -> str:
+    """The reason of a 401 whose message is ``quote(key)``, the key as the request sent
+    it, over the production stack (httpx over aiohttp)."""
 
-    async def echo_key(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def refuse(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1")
         fields = dict(line.split(": ", 1) for line in head.split("\r\n")[1:] if ": " in line)
         lower = {k.lower(): v for k, v in fields.items()}
         await reader.readexactly(int(lower.get("content-length", "0")))
-        key = lower["authorization"].removeprefix("Bearer ")
-        message = "x" * before + f"bad key {key} via proxy"
-        body = f'{{"error": {{"message": "{message}"}}}}'.encode()
+        message = quote(lower["authorization"].removeprefix("Bearer "))
+        body = json.dumps({"error": {"message": message}}).encode()
         writer.write(
             b"HTTP/1.1 401 Unauthorized\r\nContent-Type: application/json\r\n"
             + f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
@@ -583,18 +580,52 @@ async def test_a_provider_echoing_the_key_never_puts_it_in_the_reason(before: in
         await writer.drain()
         writer.close()
 
-    async with raw_http(echo_key) as base_url:
+    async with raw_http(refuse) as base_url:
         model = OpenAIChatModel(settings(base_url))
         try:
             with pytest.raises(ModelRejected) as refused:
                 await model.complete(HELLO)
         finally:
             await model.aclose()
-    reason = str(refused.value)
     assert refused.value.setting == "OPENAI_API_KEY"  # said on the llm's failure line
+    return str(refused.value)
+
+
+@pytest.mark.parametrize("before", [0, 185], ids=["whole", "across the 200-character cut"])
+async def test_a_provider_echoing_the_key_never_puts_it_in_the_reason(before: int) -> None:
+    """The reason is stored (ReplyFailed.reason), so no log redaction ever sees it; the
+    key must be gone already, also when the 200-character cut of the provider's message
+    falls inside the key (cut first, the first part of the key stayed)."""
+    reason = await _refused_quoting_the_key(lambda key: "x" * before + f"bad key {key} via proxy")
     assert KEY[:7] not in reason
     assert "bad key [REDACT" in reason
     assert len(reason) <= len("HTTP 401: ") + 200
+
+
+@pytest.mark.parametrize(
+    "masked",
+    [
+        lambda key: f"Incorrect API key provided: {key[:8]}{'*' * 20}{key[-4:]}. You can find",
+        lambda key: f"Authentication Fails, Your api key: ****{key[-4:]} is invalid",
+        lambda key: f"key {key[:6]}***",
+    ],
+    ids=["openai", "deepseek", "head only"],
+)
+async def test_the_key_as_a_provider_masks_it_is_not_kept_either(
+    masked: Callable[[str], str],
+) -> None:
+    """OpenAI's 401 quotes the key's first 8 and last 4 characters between asterisks:
+    part of the secret, and they were stored in ReplyFailed.reason."""
+    reason = await _refused_quoting_the_key(masked)
+    assert KEY[:6] not in reason and KEY[-4:] not in reason, reason
+    assert "[REDACTED]" in reason and "*" not in reason, reason
+
+
+async def test_another_keys_mask_is_kept() -> None:
+    """Asterisks around what is not this key (another key a proxy sent, a word in bold)
+    are the provider's message, not this secret."""
+    reason = await _refused_quoting_the_key(lambda key: "key sk-other*****zzzz is **not** set")
+    assert "key sk-other*****zzzz is **not** set" in reason
 
 
 async def test_a_retry_after_date_past_the_year_9999_is_no_wait(api: SimulatedOpenAIApi) -> None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import math
 import random
+import re
 import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -54,6 +55,7 @@ __all__ = [
     "error_detail",
     "open_model",
     "provider_auth",
+    "without_key",
 ]
 
 log = structlog.get_logger(__name__)
@@ -374,7 +376,7 @@ class OpenAIChatModel:
         """Provider and transport texts end up in ReplyFailed.reason, a stored event that
         no log redaction sees: a proxy echoing the key (or a URL with a password) must
         not put it there."""
-        return redact(text.replace(self._key, REDACTED))
+        return without_key(text, self._key)
 
     def _parse(self, response: httpx.Response, attempt: int) -> Completion:
         try:
@@ -485,7 +487,38 @@ def error_detail(response: httpx.Response, *, key: str) -> str:
     and doctor prints it.
     """
     text = _error_message(response)[: _DETAIL_CHARS + len(key) + _REDACT_SLACK]
-    return redact(text.replace(key, REDACTED) if key else text)[:_DETAIL_CHARS]
+    return without_key(text, key)[:_DETAIL_CHARS]
+
+
+# A key as providers quote it masked: OpenAI's 401 "Incorrect API key provided:
+# sk-proj-****…****abcd." (its first characters and last four), DeepSeek's
+# "Your api key: ****abcd is invalid".
+_MASKED = re.compile(r"([A-Za-z0-9_\-]*)\*{3,}([A-Za-z0-9_\-]*)")
+
+
+def without_key(text: str, key: str) -> str:
+    """``text`` redacted (:func:`redact`), ``key`` in it too, whole or as a provider
+    masks it: the characters a mask leaves (the first 8 and last 4 of an OpenAI key)
+    are part of the secret, and this text is stored (ReplyFailed.reason) and printed::
+
+        >>> without_key("Incorrect API key provided: sk-abc12***********wxyz.", "sk-abc12…wxyz")
+        'Incorrect API key provided: [REDACTED].'
+
+    A masked token is redacted only when what the mask leaves is the start or the end of
+    ``key``: another key's mask (which key did the proxy send?) is not this secret.
+    """
+    if not key:
+        return redact(text)
+    text = text.replace(key, REDACTED)
+    if "***" in text:
+
+        def masked(match: re.Match[str]) -> str:
+            head, tail = match.group(1), match.group(2)
+            ours = (head and key.startswith(head)) or (tail and key.endswith(tail))
+            return REDACTED if ours else match.group(0)
+
+        text = _MASKED.sub(masked, text)
+    return redact(text)
 
 
 def _error_message(response: httpx.Response) -> str:
