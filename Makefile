@@ -76,7 +76,8 @@ test-image: install
 test-browser: install
 	$(BIN)/pytest tests/browser $(PYTEST_ARGS)
 
-# Re-take docs/console.png, the README's screenshot of the console.
+# Re-take docs/console.png, the README's screenshot of the console (its Chinese needs a CJK
+# font, or it shows boxes: apt-get install fonts-noto-cjk).
 screenshot: install
 	WECOMBOT_CONSOLE_SCREENSHOT=docs/console.png $(BIN)/pytest tests/browser -k screenshot $(PYTEST_ARGS)
 
