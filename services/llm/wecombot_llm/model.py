@@ -493,7 +493,8 @@ def error_detail(response: httpx.Response, *, key: str) -> str:
 # A key as providers quote it masked: OpenAI's 401 "Incorrect API key provided:
 # sk-proj-****…****abcd." (its first characters and last four), DeepSeek's
 # "Your api key: ****abcd is invalid".
-_MASKED = re.compile(r"([A-Za-z0-9_\-]*)\*{3,}([A-Za-z0-9_\-]*)")
+# (Each match starts where a run of key characters starts: not quadratic in a long run.)
+_MASKED = re.compile(r"(?<![A-Za-z0-9_\-])([A-Za-z0-9_\-]*)\*{3,}([A-Za-z0-9_\-]*)")
 
 
 def without_key(text: str, key: str) -> str:
