@@ -2,7 +2,7 @@
 
     WecombotError
     └── SendError          message/send did not deliver; .errcode, .reason
-        ├── SendRetryable  TransientError: WeCom busy (-1, 45009, 45033), HTTP error,
+        ├── SendRetryable  TransientError: WeCom busy (-1, 45009, 45011, 45033), HTTP error,
         │                  timeout, connection error (errcode -1 when WeCom said nothing);
         │                  .maybe_delivered when WeCom may have accepted it regardless
         ├── TokenRejected  TransientError: 40014, 41001, 42001; refresh and retry once
