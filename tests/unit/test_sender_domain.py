@@ -22,6 +22,7 @@ from wecombot_common.events import (
     derived_id,
 )
 from wecombot_sender.domain import (
+    PACING_SLACK_S,
     RECENT_SENDS_KEPT,
     ConversationState,
     OutcomeState,
@@ -215,7 +216,7 @@ def test_the_newest_sends_are_kept_and_paced_from_the_right_one() -> None:
     from the newest, and the fold keeps the newest RECENT_SENDS_KEPT, not the oldest."""
     t = T0
     three = (t, t + timedelta(seconds=10), t + timedelta(seconds=20))
-    assert rate_delay(three, t + timedelta(seconds=30), per_minute=2) == 40.0
+    assert rate_delay(three, t + timedelta(seconds=30), per_minute=2) == 41.0  # 40 + slack
     r1 = reply()
     sends = [
         StoredEvent(i + 2, part(r1.event_id, i, f"w{i}", at=t + timedelta(seconds=i)))
@@ -225,7 +226,7 @@ def test_the_newest_sends_are_kept_and_paced_from_the_right_one() -> None:
     assert len(state.recent_sends) == RECENT_SENDS_KEPT
     assert state.recent_sends[-1] == t + timedelta(seconds=69)
     assert state.recent_sends[0] == t + timedelta(seconds=70 - RECENT_SENDS_KEPT)
-    assert rate_delay(state.recent_sends, t + timedelta(seconds=70), per_minute=30) == 30.0
+    assert rate_delay(state.recent_sends, t + timedelta(seconds=70), per_minute=30) == 31.0
     assert state.outcome(r1.event_id).last_sent_at == t + timedelta(seconds=69)
 
 
@@ -308,13 +309,28 @@ def test_unknown_outcome_is_empty() -> None:
 def test_rate_delay_keeps_a_minute_window() -> None:
     sends = tuple(T0 + timedelta(seconds=i) for i in range(30))
     assert rate_delay(sends[:29], T0 + timedelta(seconds=30), per_minute=30) == 0.0
-    assert rate_delay(sends, T0 + timedelta(seconds=30), per_minute=30) == pytest.approx(30.0)
+    assert rate_delay(sends, T0 + timedelta(seconds=30), per_minute=30) == pytest.approx(31.0)
     assert rate_delay(sends, T0 + timedelta(seconds=61), per_minute=30) == 0.0
     assert rate_delay(sends, T0, per_minute=0) == 0.0
     # Sends recorded out of the order of their times (replicas' clocks differ): the
     # window is that of the latest ones in time, not of the last recorded.
     skewed = (T0 + timedelta(seconds=10), T0)
-    assert rate_delay(skewed, T0 + timedelta(seconds=20), per_minute=1) == pytest.approx(50.0)
+    assert rate_delay(skewed, T0 + timedelta(seconds=20), per_minute=1) == pytest.approx(51.0)
+
+
+def test_a_replica_whose_clock_is_ahead_still_waits_out_the_recorders_minute() -> None:
+    """The sends' times are the recording replicas' clocks: paced to the exact minute
+    and hour, a replica whose clock was ahead by a few hundred ms sent the next message
+    inside WeCom's minute (or hour), which WeCom drops without an error (path/90454)."""
+    ahead = timedelta(milliseconds=500)  # this replica's clock, ahead of the recorder's
+    recorded = tuple(T0 + timedelta(seconds=i) for i in range(30))  # the recorder's clock
+    real_now = T0 + timedelta(seconds=59, milliseconds=800)  # still the first one's minute
+    assert rate_delay(recorded, real_now + ahead, per_minute=30) == pytest.approx(0.7)
+    # 1,000 sends in T0's minute, the last at its very end: WeCom counts it until an hour
+    # after; 0.2 s before that, this replica reads 0.3 s past the minute's end + an hour.
+    minute = int(T0.timestamp()) // 60
+    real_now = T0 + timedelta(minutes=61) - timedelta(milliseconds=200)
+    assert hourly_delay(((minute, 1000),), real_now + ahead, per_hour=1000) == pytest.approx(0.7)
 
 
 def test_the_fold_counts_sends_per_minute_for_the_last_hour() -> None:
@@ -339,20 +355,22 @@ def test_hourly_delay_waits_until_the_hour_has_room() -> None:
     counts = ((minute, 600), (minute + 10, 400))
     at = T0 + timedelta(minutes=30)
     # 1,000 in the hour: the first minute's 600 leave it at its end plus an hour.
-    assert hourly_delay(counts, at, per_hour=1000) == pytest.approx(60 + 3600 - 30 * 60)
+    slack = PACING_SLACK_S
+    assert hourly_delay(counts, at, per_hour=1000) == pytest.approx(60 + 3600 - 30 * 60 + slack)
     assert hourly_delay(counts, at, per_hour=1001) == 0.0
     assert hourly_delay(counts, at, per_hour=0) == 0.0
     # Over the limit by more than the oldest minute: wait for the next one too.
-    assert hourly_delay(counts, at, per_hour=300) == pytest.approx(11 * 60 + 3600 - 30 * 60)
+    assert hourly_delay(counts, at, per_hour=300) == pytest.approx(11 * 60 + 3600 - 30 * 60 + slack)
     # Leaving the limit exactly is no room: wait until the hour is under it.
     full = ((minute, 1), (minute + 10, 3))
-    assert hourly_delay(full, at, per_hour=3) == pytest.approx(11 * 60 + 3600 - 30 * 60)
-    # An hour and a minute after a send, it no longer counts.
-    assert hourly_delay(counts, T0 + timedelta(minutes=61), per_hour=401) == 0.0
-    assert hourly_delay(counts, T0 + timedelta(minutes=61), per_hour=400) > 0
+    assert hourly_delay(full, at, per_hour=3) == pytest.approx(11 * 60 + 3600 - 30 * 60 + slack)
+    # An hour, a minute and the slack after a send, it no longer counts.
+    later = T0 + timedelta(minutes=61, seconds=slack)
+    assert hourly_delay(counts, later, per_hour=401) == 0.0
+    assert hourly_delay(counts, later, per_hour=400) > 0
     # The first minute's sends count until that minute's end plus an hour, not sooner.
     assert hourly_delay(counts, T0 + timedelta(minutes=60, seconds=30), per_hour=1000) == (
-        pytest.approx(30)
+        pytest.approx(30 + slack)
     )
 
 
@@ -415,7 +433,7 @@ def test_pacing_is_refused_beyond_the_sends_a_conversation_remembers() -> None:
         SenderSettings.from_env({**env, "SENDER_PER_USER_PER_MINUTE": str(RECENT_SENDS_KEPT + 1)})
     now = datetime(2024, 1, 1, tzinfo=UTC)
     burst = tuple(now for _ in range(RECENT_SENDS_KEPT))
-    assert rate_delay(burst, now, per_minute=RECENT_SENDS_KEPT) == 60.0  # the largest still paces
+    assert rate_delay(burst, now, per_minute=RECENT_SENDS_KEPT) == 60.0 + PACING_SLACK_S  # paces
 
 
 def test_replies_can_go_out_as_markdown() -> None:

@@ -49,6 +49,7 @@ __all__ = [
     "CLOCK_SKEW_ALLOWANCE_S",
     "FINISHED_KEPT",
     "OUTCOME_TYPES",
+    "PACING_SLACK_S",
     "ConversationState",
     "OutcomeState",
     "RecordedPart",
@@ -345,8 +346,16 @@ def _split_from(text: str, offset: int) -> list[tuple[int, int]]:
     return spans
 
 
+# The sends' times are those of the replicas that recorded them, by their own clocks: a
+# replica whose clock is ahead of the recorder's would see a window end early, and WeCom
+# drops what it lets through without a word. A second more than the window covers
+# clocks kept by NTP (a record's time also trails WeCom's receipt, never leads it).
+PACING_SLACK_S = 1.0
+
+
 def rate_delay(recent: tuple[datetime, ...], now: datetime, *, per_minute: int) -> float:
-    """Seconds to wait so that at most ``per_minute`` sends fall in any 60 s window.
+    """Seconds to wait so that at most ``per_minute`` sends fall in any 60 s window,
+    PACING_SLACK_S more than that as the sends' times are other replicas' clocks.
 
     WeCom drops a member's messages beyond 30 a minute without an error (path/90454).
     ``per_minute`` 0 turns the limit off.
@@ -354,12 +363,12 @@ def rate_delay(recent: tuple[datetime, ...], now: datetime, *, per_minute: int) 
     >>> from datetime import UTC
     >>> t = datetime(2024, 1, 1, tzinfo=UTC)
     >>> rate_delay((t, t + timedelta(seconds=10)), t + timedelta(seconds=20), per_minute=2)
-    40.0
+    41.0
     """
     if per_minute <= 0 or len(recent) < per_minute:
         return 0.0
     oldest_in_window = sorted(recent)[-per_minute]
-    wait = (oldest_in_window + timedelta(seconds=60) - now).total_seconds()
+    wait = (oldest_in_window + timedelta(seconds=60 + PACING_SLACK_S) - now).total_seconds()
     return max(0.0, wait)
 
 
@@ -370,19 +379,20 @@ def hourly_delay(
 
     WeCom drops a member's messages beyond 1000 an hour without an error (path/90454).
     Sends are counted per minute, so a send is taken to stay in the hour until its
-    minute's end plus an hour (at most a minute early for the user; never late for
-    WeCom, whether its hour is rolling or on the clock). ``per_hour`` 0 turns it off.
+    minute's end plus an hour and PACING_SLACK_S (at most a minute early for the user;
+    never late for WeCom, whether its hour is rolling or on the clock, nor for a replica
+    whose clock is a little ahead). ``per_hour`` 0 turns it off.
 
     >>> from datetime import UTC
     >>> t = datetime(2024, 1, 1, tzinfo=UTC)   # minute 28401120 since the epoch
     >>> hourly_delay(((28401120, 2), (28401150, 1)), t, per_hour=3)
-    3660.0
-    >>> hourly_delay(((28401120, 2), (28401150, 1)), t + timedelta(minutes=61), per_hour=3)
+    3661.0
+    >>> hourly_delay(((28401120, 2), (28401150, 1)), t + timedelta(minutes=62), per_hour=3)
     0.0
     """
     if per_hour <= 0:
         return 0.0
-    clock = now.timestamp()
+    clock = now.timestamp() - PACING_SLACK_S
     live = [(m, n) for m, n in sends_per_minute if (m + 1) * 60 + HOUR_S > clock]
     count = sum(n for _, n in live)
     if count < per_hour:
