@@ -712,7 +712,9 @@ async def test_an_existing_bucket_is_brought_to_our_config_and_keeps_its_token(
     async with connections(nats_server, 1) as (nc,):
         js = nc.jetstream()
         # Left by an older release (or made by hand): more history, another description,
-        # every write republished to a plain subject, reads served by any replica.
+        # every write republished to a plain subject, reads served by any replica, and a
+        # TTL (`nats kv add --ttl`) that dropped the token before it expired (one more
+        # gettoken) and the refresh lock of a replica still calling gettoken (two).
         kv = await js.create_key_value(
             KeyValueConfig(
                 bucket=TOKEN_BUCKET,
@@ -720,6 +722,7 @@ async def test_an_existing_bucket_is_brought_to_our_config_and_keeps_its_token(
                 description="made by hand",
                 republish=RePublish(src=f"$KV.{TOKEN_BUCKET}.>", dest="leak.>"),
                 direct=True,
+                ttl=600,
             )
         )
         leaked: list[bytes] = []
@@ -734,6 +737,7 @@ async def test_an_existing_bucket_is_brought_to_our_config_and_keeps_its_token(
         assert config.max_msgs_per_subject == 1
         assert config.description == token_bucket(replicas=1).description
         assert config.republish is None and not config.allow_direct
+        assert not config.max_age, "the bucket still drops what it holds"
         await nc.flush()  # a republished write would have come before this round trip
         assert not [data for data in leaked if token.encode() in data], "the token republished"
         # Updated in place, not recreated: the token it stored is still there, and a

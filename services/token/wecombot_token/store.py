@@ -111,9 +111,12 @@ async def open_token_bucket(js: JetStreamContext, *, replicas: int) -> KeyValue:
         max_msgs_per_subject=config.history,
         # Made by hand (`nats kv add`), a bucket may republish every write to a plain
         # subject (every token, to anyone who may subscribe), or serve reads from any
-        # replica (a follower behind its leader: a refresh done already, done again).
+        # replica (a follower behind its leader: a refresh done already, done again), or
+        # drop its keys after a TTL (a token before it expires: one more gettoken; a
+        # refresh lock still held: two at once).
         republish=None,
         allow_direct=False,
+        max_age=config.ttl or 0.0,
     )
     if wanted != info.config:
         await js.update_stream(wanted)
