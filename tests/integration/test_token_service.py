@@ -990,3 +990,55 @@ async def test_a_token_removed_by_hand_is_fetched_again(
 
         await eventually(fetched_again, timeout=10, what="a new gettoken")
         assert await client.get(APP)
+
+
+async def test_a_token_the_bucket_would_not_take_is_kept_over_the_one_it_replaced(
+    nats_server: NatsHandle, sim: SimulatedWeComApi
+) -> None:
+    """A sender reported the token rejected; the replacement WeCom issued could not be
+    written (the connection to NATS dropped, a leader election): the replica answered it
+    all the same (token.save_failed). But its next read of the bucket, unchanged since (the
+    resync after the reconnection, another caller's request), put the rejected token back
+    in its memory: served again to every get, and replaced by one more gettoken."""
+
+    class RefusingSaves(KvTokenStore):  # the real store, made to refuse writes on demand
+        refusing = False
+
+        async def save(self, state: AppState, last: int) -> int | None:
+            if self.refusing:
+                raise StoreUnavailable("token bucket unavailable: ConnectionClosedError")
+            return await super().save(state, last)
+
+    settings = settings_for(nats_server, sim)
+    now = time.time()
+    rejected = IssuedToken(
+        value="rejected-by-wecom-Zt4", fetched_at=now - 600, expires_at=now + 6600
+    )
+    async with connections(nats_server, 1) as (nc,):
+        kv = await open_token_bucket(nc.jetstream(), replicas=1)
+        await kv.put(f"{APP}.token", msgspec.json.encode(AppState(token=rejected)))
+        store = RefusingSaves(kv, APP)
+        source = WeComTokenSource(settings.wecom, timeout_s=settings.http_timeout_s)
+        keeper = TokenKeeper(
+            APP, source, store, settings.policy, refresh_timeout_s=settings.refresh_timeout_s
+        )
+        await store.watch(keeper.adopt)
+        try:
+            store.refusing = True
+            with capture_logs() as logs:
+                new = (await keeper.invalidate(APP, rejected.value)).token
+            assert new is not None and new != rejected.value
+            assert "token.save_failed" in [e["event"] for e in logs]
+            store.refusing = False
+            await keeper.resync()  # as after NATS reconnected
+            assert (await keeper.get(APP)).token == new, "the rejected token served again"
+            # A sender another replica had given the rejected token reports it too.
+            assert (await keeper.invalidate(APP, rejected.value)).token == new
+            assert (await keeper.get(APP)).token == new
+        finally:
+            await keeper.close()
+            await store.close()
+            await source.aclose()
+        stored = msgspec.json.decode((await kv.get(f"{APP}.token")).value or b"", type=AppState)
+    assert stored.token is not None and stored.token.value == new, "written once it could be"
+    assert sim.gettoken_calls == 1

@@ -94,6 +94,9 @@ class TokenKeeper:
         self._refresh_timeout_s = refresh_timeout_s
         self._clock = clock
         self._snapshot = Snapshot(None, 0)  # the newest state seen: loaded, written, watched
+        # A token WeCom issued that the bucket would not take (token.save_failed), with
+        # the revision it was to replace: see _read.
+        self._unsaved: Snapshot | None = None
         self._inflight: dict[str | None, asyncio.Task[Snapshot]] = {}
         self._instance = f"{socket.gethostname()}/{os.getpid()}/{secrets.token_hex(3)}"
         self._claims = itertools.count(1)
@@ -128,6 +131,10 @@ class TokenKeeper:
         """Take a state read from or written to KV (or seen by the watcher) if newer."""
         if snapshot.revision < self._snapshot.revision:
             return
+        if self._unsaved is not None:
+            if snapshot.revision == self._unsaved.revision:
+                return  # the state our unsaved token replaces: not back to it
+            self._unsaved = None  # the bucket moved on
         if snapshot.state is not None and snapshot.state.token is not None:
             register_secret(snapshot.state.token.value, ephemeral=True)
         self._snapshot = snapshot
@@ -183,7 +190,7 @@ class TokenKeeper:
     async def _converge(self, rejected: str | None) -> Snapshot:
         """Loop until the shared state answers the caller (a token or a failure)."""
         while True:
-            snapshot = await self._store.load()
+            snapshot = await self._read()
             if snapshot.revision < self._snapshot.revision:
                 await self._start_over(snapshot)
             self.adopt(snapshot)
@@ -238,10 +245,30 @@ class TokenKeeper:
         another one had replaced, even one WeCom rejected. StoreUnavailable while the
         bucket does not answer yet."""
         await self._store.restart_watch()
-        snapshot = await self._store.load()
+        snapshot = await self._read()
         if snapshot.revision < self._snapshot.revision:
             await self._start_over(snapshot)
         self.adopt(snapshot)
+
+    async def _read(self) -> Snapshot:
+        """The state in the bucket, with a token WeCom issued that it would not take
+        (token.save_failed) written now, if the bucket has not moved on since. Adopted as
+        it was read, the state that token replaced came back: the token a sender had
+        reported rejected, served again to every get, and replaced by one more gettoken."""
+        snapshot = await self._store.load()
+        unsaved = self._unsaved
+        if unsaved is None or snapshot.revision != unsaved.revision:
+            return snapshot
+        token = usable_token(unsaved.state, self._clock())
+        if unsaved.state is None or token is None:
+            self._unsaved = None  # expired meanwhile: the state read decides
+            return snapshot
+        revision = await self._store.save(unsaved.state, snapshot.revision)
+        self._unsaved = None
+        if revision is None:
+            return await self._store.load()  # moved on after all: what is there now
+        log.info("token.saved_late", app=self.app, fingerprint=fingerprint(token.value))
+        return Snapshot(unsaved.state, revision)
 
     async def _start_over(self, snapshot: Snapshot) -> None:
         """A load from the bucket (its leader, never behind) went back in revisions: the
@@ -251,12 +278,13 @@ class TokenKeeper:
             "token.bucket_recreated", seen_revision=self._snapshot.revision, now=snapshot.revision
         )
         self._snapshot = Snapshot(None, 0)
+        self._unsaved = None
         with contextlib.suppress(StoreUnavailable):  # requests still re-read KV
             await self._store.restart_watch()
 
     async def _refresh(self, rejected: str | None) -> Snapshot:
         """Holding the lock: check again, call gettoken, write the outcome for everyone."""
-        snapshot = await self._store.load()
+        snapshot = await self._read()
         self.adopt(snapshot)
         action = decide(snapshot.state, self._clock(), self._policy, rejected)
         if action not in (Action.FETCH, Action.SERVE_AND_REFRESH):
@@ -314,10 +342,12 @@ class TokenKeeper:
             if not isinstance(outcome, IssuedToken):
                 raise
             # WeCom issued it: answer with it rather than fetch another for the next
-            # caller. The bucket gets a token at the next refresh (or this one's load).
+            # caller. This replica writes it at its next read of the bucket (_read).
             log.warning("token.save_failed", app=self.app, fingerprint=fingerprint(outcome.value))
             held = Snapshot(state, snapshot.revision)
+            self._unsaved = None
             self.adopt(held)
+            self._unsaved = held
             return held
         saved = Snapshot(state, revision)
         self.adopt(saved)
