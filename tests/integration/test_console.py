@@ -18,6 +18,7 @@ from unittest import mock
 import httpx
 import pytest
 from nats.js.manager import JetStreamManager
+from structlog.testing import capture_logs
 
 from tests.conftest import NatsHandle, free_port
 from tests.fakes import received, reply_to
@@ -374,6 +375,15 @@ async def test_the_consoles_nats_client_closed_for_good_is_said(tmp_path: Path) 
             assert "closed for good" in lost["data"]["reason"], lost
     finally:
         broker.stop()
+
+
+async def test_a_console_stopping_logs_no_error(nats_server: NatsHandle) -> None:
+    """Its own close of its NATS client, as dev stops, was logged as the client closed
+    for good: ``[error] nats.closed … closed by nats-py`` at every Ctrl-C."""
+    with capture_logs() as logs:
+        async with running_console(nats_server):
+            pass
+    assert [e for e in logs if e["log_level"] in ("error", "warning")] == []
 
 
 async def test_a_menu_command_over_the_rate_is_said_as_over_the_rate(

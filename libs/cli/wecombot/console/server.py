@@ -32,7 +32,6 @@ that are not JSON (cross-site forms): it can inject faults, so it is not for a n
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import itertools
 import json
@@ -242,9 +241,8 @@ class Console:
         await cancel_until_done(*self._tasks)
         if self._site is not None:
             await self._site.stop()
-        if self._nc is not None:
-            with contextlib.suppress(Exception):
-                await self._nc.close()
+        if self._nc is not None:  # closed as ours: not "closed for good" (nats.closed)
+            await bus.close_quietly(self._nc, "wecombot-console")
         if self._http is not None:
             await self._http.aclose()
 
