@@ -96,9 +96,20 @@ def test_the_readme_table_names_only_settings_the_code_reads(code: set[str]) -> 
     assert in_readme_table() - code == set()
 
 
-def test_the_configmap_sets_only_settings_the_code_reads(code: set[str]) -> None:
-    text = (ROOT / "deploy/k8s/base/config.env").read_text(encoding="utf-8")
-    names = set(re.findall(r"^([A-Z][A-Z0-9_]+)=", text, flags=re.MULTILINE))
+@pytest.mark.parametrize(
+    "path",
+    [
+        "deploy/k8s/base/config.env",
+        "deploy/k8s/overlays/dev/app.env",
+        "deploy/k8s/overlays/prod/app.env",
+        # the overlays' configMapGenerator literals (- NAME=value)
+        "deploy/k8s/overlays/dev/kustomization.yaml",
+        "deploy/k8s/overlays/prod/kustomization.yaml",
+    ],
+)
+def test_the_configmap_sets_only_settings_the_code_reads(code: set[str], path: str) -> None:
+    text = (ROOT / path).read_text(encoding="utf-8")
+    names = set(re.findall(r"^(?: *- )?([A-Z][A-Z0-9_]+)=", text, flags=re.MULTILINE))
     assert names, "the ConfigMap sets nothing?"
     assert names - code == set()
 
