@@ -327,6 +327,10 @@ def test_every_service_redacts_the_nats_password_and_its_own_secrets() -> None:
     assert {GOOD["WECOM_TOKEN"], GOOD["WECOM_ENCODING_AES_KEY"]} <= secrets["gateway"]
     assert "sk-k3y-1" in secrets["llm"]
     assert GOOD["WECOM_SECRET"] in secrets["token"]
+    # The sender never uses the Secret, but reads it (the token service's WeCom API
+    # settings) when it is set, as `make run` hands ./.env to every service: held, so
+    # redacted too.
+    assert GOOD["WECOM_SECRET"] in secrets["sender"]
 
 
 @pytest.mark.parametrize(

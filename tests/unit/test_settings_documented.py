@@ -132,8 +132,9 @@ COMMAND_DEFAULTS: dict[str, object] = {
     "WECOMBOT_CONSOLE_PORT": dev.CONSOLE_PORT,  # a reader default of 0 stands for "unset"
     "WECOMBOT_PUBLIC_URL": None,
 }
-# Read by a service that does nothing with it: the sender shares the token service's
-# WeComApiSettings, and never needs the app's Secret (tokens come from the token service).
+# Read by a service that does nothing with it but redact it from its logs: the sender
+# shares the token service's WeComApiSettings, and never needs the app's Secret (tokens
+# come from the token service).
 UNUSED_READS = {"WECOM_SECRET": {"sender"}}
 UNSET = None  # no default: read only when set (an optional value, a secret not required)
 REQUIRED = "required"

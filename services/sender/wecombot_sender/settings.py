@@ -59,7 +59,15 @@ class SenderSettings:
         settings = cls(
             nats=nats,
             # configure_logging registers these, so they are redacted from every line
-            log=replace(log, extra_secrets=(*nats.secrets, *proxy_secrets(wecom.proxy))),
+            # and WECOM_SECRET: never used here, but held when set (`make run` sets it)
+            log=replace(
+                log,
+                extra_secrets=(
+                    *nats.secrets,
+                    *proxy_secrets(wecom.proxy),
+                    *((wecom.secret,) if wecom.secret else ()),
+                ),
+            ),
             wecom=wecom,
             health_host=health_host(env),
             health_port=health_port(env, 8082),
