@@ -153,25 +153,37 @@ def read_by_each_service() -> dict[str, Read]:
     reads: dict[str, Read] = {}
     service = ""
 
-    def record(name: str, default: object, minimum: float | None = None, **kw: object) -> None:
+    def record(
+        name: str, default: object, minimum: float | None = None, maximum: float | None = None
+    ) -> None:
         read = reads.setdefault(name, Read())
         read.defaults.setdefault(service, default)
-        if minimum is not None or kw.get("maximum") is not None:
-            read.minimum, read.maximum = minimum, kw.get("maximum")
+        if minimum is not None or maximum is not None:
+            read.minimum, read.maximum = minimum, maximum
 
-    def number(self, name, default, parse, what, minimum, maximum):
+    def number(
+        self: EnvReader,
+        name: str,
+        default: object,
+        parse: object,
+        what: str,
+        minimum: float | None,
+        maximum: float | None,
+    ) -> object:
         record(name, default, minimum, maximum=maximum)
         return original["number"](self, name, default, parse, what, minimum, maximum)
 
-    def with_default(method: str):
-        def read(self, name, default=None, *args, **kwargs):
+    def with_default(method: str) -> Callable[..., object]:
+        def read(
+            self: EnvReader, name: str, default: object = None, *args: object, **kwargs: object
+        ) -> object:
             record(name, REQUIRED if default is None else default)
             return original[method](self, name, default, *args, **kwargs)
 
         return read
 
-    def without_default(method: str):
-        def read(self, name, *args, **kwargs):
+    def without_default(method: str) -> Callable[..., object]:
+        def read(self: EnvReader, name: str, *args: object, **kwargs: object) -> object:
             required = method == "secret" and kwargs.get("required", True)
             record(name, REQUIRED if required else UNSET)
             return original[method](self, name, *args, **kwargs)
