@@ -406,6 +406,35 @@ def test_emoji_and_other_scripts_are_not_under_counted() -> None:
     assert sum(len(m.content) for m in kept) // 3 <= 8000
 
 
+@given(st.text(max_size=200))
+def test_the_token_estimate_counts_each_character_by_its_kind(text: str) -> None:
+    """1 per CJK character, 1 per 4 ASCII characters, 1 per UTF-8 byte of the rest."""
+
+    def cjk(ch: str) -> bool:
+        return any(
+            lo <= ord(ch) <= hi
+            for lo, hi in (
+                (0x1100, 0x11FF),
+                (0x2E80, 0x2FDF),
+                (0x3000, 0x303F),
+                (0x3040, 0x30FF),
+                (0x3100, 0x31FF),
+                (0x3400, 0x4DBF),
+                (0x4E00, 0x9FFF),
+                (0xAC00, 0xD7AF),
+                (0xF900, 0xFAFF),
+                (0xFF00, 0xFFEF),
+                (0x20000, 0x3134F),
+            )
+        )
+
+    ascii_chars = sum(1 for ch in text if ch.isascii())
+    other = sum(len(ch.encode("utf-8", "surrogatepass")) for ch in text if not ch.isascii())
+    cjk_chars = sum(1 for ch in text if cjk(ch))
+    other -= sum(len(ch.encode("utf-8", "surrogatepass")) for ch in text if cjk(ch))
+    assert estimate_tokens(text) == cjk_chars + other + (ascii_chars + 3) // 4
+
+
 @pytest.mark.parametrize(
     ("unit", "turn_tokens"),
     [

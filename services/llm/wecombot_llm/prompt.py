@@ -29,6 +29,7 @@ Token estimate
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -76,9 +77,11 @@ _CJK_RANGES = (
 )
 
 
-def _is_cjk(ch: str) -> bool:
-    cp = ord(ch)
-    return any(lo <= cp <= hi for lo, hi in _CJK_RANGES)
+# One class of every CJK range: the counting below is done by the regex engine and the
+# codecs, in C. A loop over the characters in Python cost 1-2 µs each, and every message
+# estimates its whole history again: 20 turns of 600-character Chinese answers took
+# 21 ms of CPU per message, 20 of 64 KiB half a second, the event loop blocked meanwhile.
+_CJK = re.compile("[" + "".join(f"{chr(lo)}-{chr(hi)}" for lo, hi in _CJK_RANGES) + "]")
 
 
 def estimate_tokens(text: str) -> int:
@@ -86,14 +89,10 @@ def estimate_tokens(text: str) -> int:
     UTF-8 byte of anything else (see the module doc)."""
     if text.isascii():
         return (len(text) + 3) // 4
-    ascii_chars = cjk = other_bytes = 0
-    for ch in text:
-        if ch < "\x80":
-            ascii_chars += 1
-        elif ord(ch) >= 0x1100 and _is_cjk(ch):
-            cjk += 1
-        else:
-            other_bytes += len(ch.encode("utf-8", "surrogatepass"))
+    rest = _CJK.sub("", text)
+    cjk = len(text) - len(rest)
+    ascii_chars = len(rest.encode("ascii", "ignore"))
+    other_bytes = len(rest.encode("utf-8", "surrogatepass")) - ascii_chars
     return cjk + other_bytes + (ascii_chars + 3) // 4
 
 
