@@ -1492,3 +1492,23 @@ async def test_a_poison_message_is_parked_after_its_stream_was_made_again(
     await park(b"poison two", 2)  # at stream seq 1 again
     letters = await _dead_letters(stream)
     assert [letter["Wecombot-Dlq-Stream-Seq"] for letter in letters] == ["1", "1"]
+
+
+async def test_a_poison_message_near_max_payload_is_parked_and_the_connection_kept(
+    stream: JetStreamContext,
+) -> None:
+    """A dead letter is the message with the worker's headers: for one within their size
+    of the broker's max_payload (garbage appended by hand, say), the copy went over it,
+    the broker answered -ERR and nats-py closed the connection for good (nats-py checks
+    the payload alone): the service failed, and every replica that took the message
+    after it."""
+    nc = stream._nc
+    body = b"x" * (nc.max_payload - 64)
+    await stream.publish(f"{topology.PREFIX}.conv.ww1-1.x.llm.reply", body)
+    reason = await _parked_before_the_next_is_handled(stream)
+    assert nc.is_connected
+    assert reason.startswith("undecodable event")
+    assert "cut to fit the broker's max_payload" in reason
+    assert "the whole is in WECOMBOT at seq 1" in reason
+    parked = await stream.get_msg(topology.DEAD_LETTER_STREAM, 1)
+    assert parked.data and body.startswith(parked.data)

@@ -417,6 +417,13 @@ class _ConsumerMetrics:
         )
 
 
+def _headers_size(headers: dict[str, str]) -> int:
+    """The bytes nats-py sends ``headers`` as (``NATS/1.0``, a ``key: value`` line each,
+    a blank line), and a few more."""
+    lines = sum(len(k) + len(v.encode()) + 4 for k, v in headers.items())
+    return len("NATS/1.0\r\n\r\n") + lines + 16
+
+
 def backoff_delay(attempt: int, *, base: float = 0.5, cap: float = 30.0) -> float:
     """Exponential backoff with full jitter: attempt 1 → up to 0.5 s, doubling, capped.
 
@@ -1070,9 +1077,10 @@ class PullWorker:
                 f"dlq:{self.name}:{meta.sequence.stream}:{meta.timestamp.timestamp():.6f}"
             ),
         }
+        data = self._fitted(msg, headers)
         try:
             parked = await self._js.publish(
-                f"{topology.PREFIX}.dlq.{self.name}", msg.data, headers=headers, timeout=5
+                f"{topology.PREFIX}.dlq.{self.name}", data, headers=headers, timeout=5
             )
         except (TimeoutError, nats.errors.Error) as exc:
             log.error("worker.dead_letter_failed", consumer=self.name, error=str(exc))
@@ -1091,6 +1099,26 @@ class PullWorker:
         )
         with contextlib.suppress(nats.errors.Error):
             await msg.term()
+
+    def _fitted(self, msg: Msg, headers: dict[str, str]) -> bytes:
+        """The dead letter's body: the message's own, or as much of it as fits the
+        broker's ``max_payload`` with ``headers`` (whose reason then says so).
+
+        The broker holds a message's headers and body together to ``max_payload``, while
+        nats-py checks the body alone: a dead letter of a message stored within the
+        headers' size of the limit (garbage appended by hand, say) went over it, the
+        broker answered ``-ERR`` and nats-py closed the connection for good; every
+        replica that took the message next failed the same way."""
+        client = self._connection or getattr(self._js, "_nc", None)
+        limit = getattr(client, "max_payload", None)
+        if not isinstance(limit, int) or len(msg.data) + _headers_size(headers) <= limit:
+            return msg.data
+        headers[DLQ_REASON] = (
+            f"{headers[DLQ_REASON][:200]} (the body, {len(msg.data):,} bytes, is cut to fit "
+            f"the broker's max_payload: the whole is in {topology.CONVERSATION_STREAM} at "
+            f"seq {msg.metadata.sequence.stream})"
+        )
+        return msg.data[: max(0, limit - _headers_size(headers))]
 
     def _forget_task(self, task: asyncio.Task[None]) -> None:
         self._tasks.pop(task, None)
