@@ -782,7 +782,15 @@ def test_settings_read_every_variable() -> None:
         ({"GATEWAY_TIMESTAMP_WINDOW": "-1"}, "GATEWAY_TIMESTAMP_WINDOW must be an integer"),
         (
             {"GATEWAY_TIMESTAMP_WINDOW": "1000", "WECOMBOT_DUPLICATE_WINDOW": "900"},
-            r"GATEWAY_TIMESTAMP_WINDOW \(1000\) must not exceed WECOMBOT_DUPLICATE_WINDOW \(900\)",
+            r"twice GATEWAY_TIMESTAMP_WINDOW \(2 × 1000 s\) must not exceed "
+            r"WECOMBOT_DUPLICATE_WINDOW \(900 s\)",
+        ),
+        (
+            # as long as the window: a replay at its far end, of a callback that came at
+            # its near end (our clock behind WeCom's), is 2 × 300 s after the original
+            {"GATEWAY_TIMESTAMP_WINDOW": "300", "WECOMBOT_DUPLICATE_WINDOW": "300"},
+            r"twice GATEWAY_TIMESTAMP_WINDOW \(2 × 300 s\) must not exceed "
+            r"WECOMBOT_DUPLICATE_WINDOW \(300 s\)",
         ),
         ({"GATEWAY_MAX_BODY_BYTES": "10"}, "GATEWAY_MAX_BODY_BYTES must be an integer"),
         ({"GATEWAY_PUBLISH_TIMEOUT": "30"}, "GATEWAY_PUBLISH_TIMEOUT must be a number of seconds"),
@@ -793,8 +801,9 @@ def test_settings_errors_name_the_variable(env: dict[str, str], message: str) ->
         GatewaySettings.from_env({**ENV, **env})
 
 
-def test_a_replay_window_within_the_dedupe_window_or_off_is_accepted() -> None:
-    for window, dedupe in (("900", "900"), ("0", "60"), ("300", "")):
+def test_a_replay_window_within_half_the_dedupe_window_or_off_is_accepted() -> None:
+    """The window spans 2 × GATEWAY_TIMESTAMP_WINDOW: the dedupe must outlast both halves."""
+    for window, dedupe in (("450", "900"), ("0", "60"), ("300", ""), ("30", "60")):
         settings = GatewaySettings.from_env(
             {**ENV, "GATEWAY_TIMESTAMP_WINDOW": window, "WECOMBOT_DUPLICATE_WINDOW": dedupe}
         )

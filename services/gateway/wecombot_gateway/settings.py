@@ -12,7 +12,8 @@ Variables (besides the shared WECOM_*, NATS_*, LOG_*):
 ``GATEWAY_HOST`` (0.0.0.0), ``GATEWAY_PORT`` (8080), ``GATEWAY_CALLBACK_PATH``
 (/wecom/callback; a literal path, no ``{}`` pattern, ``%`` escape or ``.``/``..``
 segment, and none of the gateway's own /healthz, /readyz, /metrics),
-``GATEWAY_TIMESTAMP_WINDOW`` (300 s either side; 0 disables the replay check),
+``GATEWAY_TIMESTAMP_WINDOW`` (300 s either side, so at most half of
+``WECOMBOT_DUPLICATE_WINDOW``; 0 disables the replay check),
 ``GATEWAY_MAX_BODY_BYTES`` (1 MiB), ``GATEWAY_BODY_TIMEOUT`` (5 s: a body not received
 by then is answered 408 and its connection freed; WeCom gives up after 5 s anyway),
 ``GATEWAY_KEEPALIVE_TIMEOUT`` (75 s: a connection on which no whole request's headers
@@ -106,11 +107,15 @@ class GatewaySettings:
         )
         if window:
             # A signed callback replayed inside the window is stored again once the log
-            # no longer remembers its Nats-Msg-Id: the dedupe must outlast the window.
+            # no longer remembers its Nats-Msg-Id: the dedupe must outlast the window, and
+            # the window is ± on our clock. A callback that arrived when our clock read its
+            # timestamp minus the window (ours behind WeCom's) is accepted replayed until
+            # its timestamp plus the window: 2 × the window after the original was stored.
             env.check(
-                window <= nats.duplicate_window_s,
-                f"GATEWAY_TIMESTAMP_WINDOW ({window}) must not exceed WECOMBOT_DUPLICATE_WINDOW "
-                f"({nats.duplicate_window_s:g}): a replay after the dedupe would be stored again",
+                2 * window <= nats.duplicate_window_s,
+                f"twice GATEWAY_TIMESTAMP_WINDOW (2 × {window} s) must not exceed "
+                f"WECOMBOT_DUPLICATE_WINDOW ({nats.duplicate_window_s:g} s): the window is ± "
+                "our clock, and a replay after the dedupe would be stored again",
             )
         env.raise_if_invalid()
         return cls(
