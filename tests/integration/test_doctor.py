@@ -21,9 +21,11 @@ from pathlib import Path
 from typing import Any
 
 import nats
+import nats.errors
 import pytest
 from aiohttp import web
 
+from tests.cluster import NatsCluster
 from tests.conftest import (
     SERVICE_PASSWORD,
     SERVICE_USER,
@@ -41,6 +43,7 @@ from tests.integration.wecom_app import (
     wecom_env,
 )
 from tests.loopback import answer, raw_http, read_request
+from tests.waiting import until
 from wecombot.doctor import (
     Report,
     _not_public,
@@ -220,6 +223,44 @@ async def test_nats_says_what_the_event_log_holds_against_its_cap(
     [said] = [d for d in other.details if "WECOMBOT_HISTORY_MAX_MB" in d]
     assert said.startswith("WECOMBOT_HISTORY_MAX_MB is 0 (no cap) here, not the stream's: ")
     assert "`wecombot setup` applies it" in said
+
+
+async def test_an_event_log_that_does_not_answer_fails_the_check_not_doctor(
+    nats_cluster: NatsCluster,
+) -> None:
+    """JetStream answers (a meta leader), but the stream WECOMBOT does not: its one
+    replica's server is down (or its leader still being elected). Doctor, run because
+    nothing answers, ended in a traceback (ServerError: stream is offline) and no
+    report."""
+    nc = await nats.connect(nats_cluster.urls)
+    try:
+        js = nc.jetstream()
+        await bus.ensure_topology(js, NatsSettings.read(EnvReader({})))  # one replica
+        held_by = (await js.stream_info("WECOMBOT")).cluster
+    finally:
+        await nc.close()
+    assert held_by is not None and held_by.leader is not None
+    node = int(held_by.leader.removeprefix("n"))
+    nats_cluster.stop_node(node)
+    url = nats_cluster.urls[(node + 1) % len(nats_cluster.urls)]
+
+    async def jetstream_answers() -> bool:  # the other two elect a meta leader if need be
+        async with contextlib.AsyncExitStack() as stack:
+            client = await nats.connect(url)
+            stack.push_async_callback(client.close)
+            with contextlib.suppress(TimeoutError, nats.errors.Error):
+                await client.jetstream(timeout=1).account_info()
+                return True
+        return False
+
+    await until(jetstream_answers, timeout=30, what="JetStream to answer without that node")
+    finding = await check_nats({"NATS_URL": url}, TIMEOUT)
+    assert finding.status == "fail", finding
+    assert finding.summary == (
+        f"{url} reachable, JetStream enabled, but the stream WECOMBOT does not answer "
+        "(ServerError: stream is offline)"
+    ), finding.summary
+    assert "nats stream info WECOMBOT" in finding.details[0], finding.details
 
 
 async def test_a_broker_slow_to_answer_has_the_whole_timeout(nats_server: NatsHandle) -> None:

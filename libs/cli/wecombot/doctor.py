@@ -296,9 +296,30 @@ async def check_nats(environ: Mapping[str, str], timeout_s: float) -> Finding:
             )
         details: tuple[str, ...] = ()
         try:
-            stream = await js.stream_info(topology.CONVERSATION_STREAM)
+            async with asyncio.timeout(timeout_s):
+                stream = await js.stream_info(topology.CONVERSATION_STREAM)
         except nats.js.errors.NotFoundError:
             held = f"stream {topology.CONVERSATION_STREAM} not created yet (the services create it)"
+        except (TimeoutError, nats.errors.Error) as exc:
+            # JetStream answered, the event log does not (its servers down, its leader
+            # being elected, this user refused it): the services can neither append
+            # nor read. Said as the check's failure, not a traceback without a report.
+            if (refused := permission_refused(url, errors, settings.user)) is not None:
+                summary, advice = refused
+                return Finding("nats", "fail", summary, (advice,))
+            said = getattr(exc, "description", None) or str(exc)
+            why = f"{type(exc).__name__}: {said}" if said else type(exc).__name__
+            return Finding(
+                "nats",
+                "fail",
+                f"{url} reachable, JetStream enabled, but the stream "
+                f"{topology.CONVERSATION_STREAM} does not answer ({why})",
+                (
+                    "The servers holding its replicas are down, or still electing its "
+                    f"leader: `nats stream info {topology.CONVERSATION_STREAM}` (as admin) "
+                    "and the NATS servers' logs tell which.",
+                ),
+            )
         else:
             held, details = _stream_held(stream, settings)
         server = nc.connected_server_version  # its str() is "<nats server v2.11.4>"
