@@ -819,6 +819,24 @@ async def test_replay_arguments_that_make_no_command(argv: list[str], said: str)
     assert err.startswith(f"wecombot dlq: {said}"), err
 
 
+@pytest.mark.parametrize(
+    ("argv", "said"),
+    [
+        (["--state", "pending", "show", "3"], "--state is for list; SEQ names the letter already"),
+        (["--consumer", "llm", "show", "3"], "--consumer is for list; SEQ names the letter"),
+        (["--limit", "2", "show", "3"], "--limit is for list; SEQ names the letter already"),
+    ],
+)
+async def test_show_arguments_that_make_no_command(
+    nats_server: NatsHandle, dead: JetStreamContext, argv: list[str], said: str
+) -> None:
+    """The listing's options given before `show` (where the parser takes them): the
+    pending letters were listed instead of letter 3, exit 0, or the option was ignored."""
+    code, out, err = await _dlq(nats_server.url, *argv)
+    assert (code, out) == (2, "")
+    assert err.startswith(f"wecombot dlq: {said}"), err
+
+
 async def test_a_batch_replays_in_the_order_of_the_log_not_of_the_parking(
     nats_server: NatsHandle, js: JetStreamContext
 ) -> None:

@@ -973,6 +973,11 @@ async def run(
 
 def _misused(args: argparse.Namespace) -> str | None:
     """Why these arguments make no command (exit 2), if they do not."""
+    if args.action == "show":  # the listing's options, given before the action
+        for option in ("state", "consumer", "limit"):
+            if getattr(args, option) is not None:
+                return f"--{option} is for list; SEQ names the letter already"
+        return None
     if args.action != "replay":
         return None
     if args.json:
