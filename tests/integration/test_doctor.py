@@ -225,6 +225,29 @@ async def test_nats_says_what_the_event_log_holds_against_its_cap(
     assert "`wecombot setup` applies it" in said
 
 
+async def test_nats_names_every_stream_setting_the_event_log_does_not_have_yet(
+    nats_server: NatsHandle,
+) -> None:
+    """A new WECOMBOT_HISTORY_MAX_AGE or WECOMBOT_DUPLICATE_WINDOW that setup has not
+    applied: the services wait, not ready (their NATS users may not change the stream),
+    and doctor said nothing of it (only of the byte cap)."""
+    nc = await nats.connect(nats_server.url)
+    try:
+        await bus.ensure_topology(nc.jetstream(), NatsSettings.read(EnvReader({})))
+    finally:
+        await nc.close()
+    env = {"NATS_URL": nats_server.url}
+    assert not (await check_nats(env, TIMEOUT)).details
+    changed = {**env, "WECOMBOT_DUPLICATE_WINDOW": "600", "WECOMBOT_HISTORY_MAX_AGE": "604800"}
+    finding = await check_nats(changed, TIMEOUT)
+    assert finding.status == "ok", finding
+    [said] = [d for d in finding.details if "not the stream's" in d]
+    assert said.startswith(
+        "WECOMBOT_DUPLICATE_WINDOW is 600 s and WECOMBOT_HISTORY_MAX_AGE is 604800 s here, "
+        "not the stream's: `wecombot setup` applies them"
+    ), said
+
+
 async def test_an_event_log_that_does_not_answer_fails_the_check_not_doctor(
     nats_cluster: NatsCluster,
 ) -> None:

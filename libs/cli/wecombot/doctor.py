@@ -345,21 +345,38 @@ async def check_nats(environ: Mapping[str, str], timeout_s: float) -> Finding:
 
 def _stream_held(stream: StreamInfo, settings: NatsSettings) -> tuple[str, tuple[str, ...]]:
     """What the event log holds, against its byte cap (``WECOMBOT_HISTORY_MAX_MB``); and a
-    detail when the stream's cap is not the one configured here (``wecombot setup`` or a
-    service's start applies it)."""
+    detail naming each stream setting configured here that the stream does not have
+    (``wecombot setup`` or a service's start applies them; until then, under the
+    production permissions, the services wait, not ready)."""
     size = _mib(stream.state.bytes or 0)
-    cap = stream.config.max_bytes
+    config = stream.config
+    cap = config.max_bytes
     cap = cap if cap is not None and cap > 0 else None  # the server says -1 for none
     of = f"of its {_mib(cap)} cap" if cap is not None else "no byte cap"
-    held = f"stream {stream.config.name} holds {stream.state.messages} events, {size} ({of})"
+    held = f"stream {config.name} holds {stream.state.messages} events, {size} ({of})"
+    differ: list[str] = []
+    if (config.num_replicas or 1) != settings.stream_replicas:
+        differ.append(f"WECOMBOT_STREAM_REPLICAS is {settings.stream_replicas}")
+    for name, have, wanted_s in (
+        ("WECOMBOT_DUPLICATE_WINDOW", config.duplicate_window, settings.duplicate_window_s),
+        ("WECOMBOT_HISTORY_MAX_AGE", config.max_age, settings.history_max_age_s),
+    ):  # seconds, read back from the server's nanoseconds
+        if have is None or not math.isclose(have, wanted_s, rel_tol=0, abs_tol=1e-3):
+            differ.append(f"{name} is {wanted_s:g} s")
     configured = settings.history_max_bytes
-    if cap == configured:
+    if cap != configured:
+        differ.append(
+            f"WECOMBOT_HISTORY_MAX_MB is {configured // 2**20 if configured else '0 (no cap)'}"
+        )
+    if not differ:
         return held, ()
-    wanted = f"{configured // 2**20}" if configured else "0 (no cap)"
+    *first, last = differ
+    names = f"{', '.join(first)} and {last}" if first else last
+    them = "them" if first else "it"
     return held, (
-        f"WECOMBOT_HISTORY_MAX_MB is {wanted} here, not the stream's: `wecombot setup` "
-        "applies it (a service started with it does too, where its NATS user may change "
-        "streams; under deploy/nats/auth.conf it waits, not ready, until setup has).",
+        f"{names} here, not the stream's: `wecombot setup` applies {them} (a service "
+        f"started with {them} does too, where its NATS user may change streams; under "
+        f"deploy/nats/auth.conf it waits, not ready, until setup has).",
     )
 
 
