@@ -21,6 +21,7 @@ import msgspec
 import pytest
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
+from nats.js.api import DiscardPolicy
 
 from tests.conftest import SERVICE_PASSWORD, SERVICE_USER, NatsHandle, free_port
 from tests.lagging import LaggingFollower
@@ -590,7 +591,7 @@ async def test_a_replay_the_log_refuses_says_so(
     await dead.update_stream(sealed.config)
     code, out, err = await _dlq(nats_server.url, "replay", "3")
     assert (code, out) == (1, "")
-    assert err.startswith("wecombot dlq: nothing replayed, the log refused the append: "), err
+    assert err.startswith("wecombot dlq: the log refused the append (nothing appended): "), err
 
 
 async def test_a_message_that_left_the_log_is_gone_and_not_replayed(
@@ -798,7 +799,24 @@ async def test_a_batch_the_log_refuses_stops_and_says_where(
         "wecombot dlq: stopped at dead letter 2, 0 of 2 replayed before it (run the same "
         "command again to go on: a replay made is recognised, never doubled); why:"
     )
-    assert why.startswith("wecombot dlq: nothing replayed, the log refused the append: ")
+    assert why.startswith("wecombot dlq: the log refused the append (nothing appended): ")
+
+
+async def test_a_batch_the_log_refuses_midway_does_not_say_nothing_was_replayed(
+    nats_server: NatsHandle, dead: JetStreamContext
+) -> None:
+    """The log full after the first requeue: the batch said "1 of 2 replayed before it",
+    then "nothing replayed"."""
+    full = await dead.stream_info(topology.CONVERSATION_STREAM)
+    full.config.discard = DiscardPolicy.NEW
+    full.config.max_msgs = full.state.messages + 1  # room for one append
+    await dead.update_stream(full.config)
+    code, out, err = await _dlq(nats_server.url, "replay", "2", "3")
+    assert code == 1
+    assert out.startswith("2: reply "), out
+    stopped, why = err.splitlines()
+    assert stopped.startswith("wecombot dlq: stopped at dead letter 3, 1 of 2 replayed before it")
+    assert why.startswith("wecombot dlq: the log refused the append (nothing appended): "), why
 
 
 @pytest.mark.parametrize(

@@ -959,7 +959,8 @@ async def run(
         return 1
     except (AppendUnavailable, ConcurrencyConflict) as exc:  # replay's append
         if not (isinstance(exc, AppendUnavailable) and exc.maybe_stored):
-            err.write(f"wecombot dlq: nothing replayed, the log refused the append: {exc}\n")
+            # Of this letter's append: a batch said how many were replayed before it.
+            err.write(f"wecombot dlq: the log refused the append (nothing appended): {exc}\n")
             return 1
         # No PubAck: stored or not, nobody can tell.
         err.write(
