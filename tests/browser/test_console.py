@@ -357,6 +357,53 @@ def test_a_restarted_sandbox_shows_the_conversation_in_its_log(
         assert code == 0, process.out.tail()
 
 
+def test_a_reply_after_a_restart_is_not_labelled_as_a_part_from_before(
+    browser: BrowserContext, tmp_path: Path
+) -> None:
+    """The simulated WeCom numbered its msgids from 1 again in each run: after a restart
+    the page took the first new reply for the part of the same msgid in the log, and
+    labelled that one-part reply "part 1/2"."""
+    from playwright.sync_api import expect
+
+    env = {
+        "GATEWAY_PORT": str(free_port()),
+        "WECOMBOT_CONSOLE_PORT": str(free_port()),
+        "WECOMBOT_HEALTH_PORT": "0",
+    }
+    thread = '.thread[data-user="parts.user"]'
+    sentence = "长回复要按段落和句子拆分，每段不超过两千零四十八字节。"
+    for run in ("before", "after"):
+        process = DevProcess(tmp_path, **env)
+        page = None
+        try:
+            url = process.out.wait_for(r"console: (http://127\.0\.0\.1:\d+/)").group(1)
+            page = browser.new_page()
+            page.goto(url)
+            expect(page.locator("#gateway")).to_have_attribute(
+                "data-state", "ready", timeout=WAIT_MS
+            )
+            chat_as(page, "parts.user")
+            bubbles = page.locator(f"{thread} .msg.bot .bubble")
+            if run == "before":
+                say(page, "请把这段话原样复述。" + sentence * 40)
+                expect(page.locator(rows("parts.user", "ReplyDelivered"))).to_contain_text(
+                    "2 parts delivered", timeout=WAIT_MS
+                )
+            else:
+                expect(bubbles).to_have_count(2, timeout=WAIT_MS)  # the two from the log
+                say(page, "short")
+                expect(bubbles).to_have_count(3, timeout=WAIT_MS)
+                expect(bubbles.nth(2)).to_contain_text("you said: short")
+                expect(page.locator(rows("parts.user", "ReplyDelivered"))).to_have_count(2)
+                expect(bubbles.nth(2).locator(".part")).to_have_count(0)
+                expect(bubbles.nth(0).locator(".part")).to_have_text("part 1/2")
+        finally:
+            if page is not None:
+                page.close()
+            code = process.stop(timeout=10)
+        assert code == 0, process.out.tail()
+
+
 def test_screenshot(page: Page, tmp_path: Path) -> None:
     """A conversation worth showing: the README's docs/console.png."""
     from playwright.sync_api import expect

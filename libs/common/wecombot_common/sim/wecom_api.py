@@ -191,6 +191,10 @@ class SimulatedWeComApi(LoopbackServer):
         self._tokens: dict[str, float] = {}  # token -> expiry (monotonic)
         self._token_file = token_file
         self._load_tokens()
+        # Unique across runs, as WeCom's are: `make run` keeps the log, whose parts name
+        # the msgids of earlier runs (numbered from 1 in each, the console took a new
+        # reply for the part of the same msgid in the log).
+        self._msgid_prefix = f"sim-{secrets.token_hex(4)}-"
         self._msgids = itertools.count(1)
         self._subscribers: set[asyncio.Queue[SentMessage]] = set()
         self._send_holds: list[Hold] = []
@@ -499,7 +503,7 @@ class SimulatedWeComApi(LoopbackServer):
             # without a new msgid (see the module doc).
             self.duplicates.append(msg)
             return self._json({"errcode": 0, "errmsg": "ok", "invaliduser": ""})
-        msg = dataclasses.replace(msg, msgid=f"sim-{next(self._msgids)}")
+        msg = dataclasses.replace(msg, msgid=f"{self._msgid_prefix}{next(self._msgids)}")
         self.sent.append(msg)
         for queue in self._subscribers:
             queue.put_nowait(msg)
