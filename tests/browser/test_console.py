@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -213,6 +214,31 @@ def test_the_apps_menu_runs_its_commands(page: Page) -> None:
     page.click('#menu button[data-key="/reset"]')
     expect(page.locator(rows("menu.user", "ConversationReset"))).to_have_count(1, timeout=WAIT_MS)
     expect(bot).to_have_count(2, timeout=WAIT_MS)
+
+
+def test_a_double_clicked_menu_item_leaves_the_next_event_its_own(page: Page) -> None:
+    """Two clicks in one second are one event to WeCom (same user, time and fields):
+    JetStream kept one. The page matched events to its bubbles in order, so the second
+    click's bubble took the next click's event and that one stayed unstored."""
+    from playwright.sync_api import expect
+
+    chat_as(page, "double.click")
+    help_item = page.locator('#menu button[data-key="/help"]')
+    help_item.dblclick()
+    mine = page.locator('.thread[data-user="double.click"] .msg.mine')
+    expect(mine).to_have_count(2)
+    expect(mine.first.locator(".status")).to_contain_text("stored as seq", timeout=WAIT_MS)
+    expect(mine.nth(1).locator(".status")).to_contain_text("✓ gateway 200", timeout=WAIT_MS)
+    # A later second: another event to WeCom (by the clock the callbacks are stamped with)
+    page.wait_for_function("s => Date.now() / 1000 >= s", arg=int(time.time()) + 1)
+    help_item.click()
+    expect(mine).to_have_count(3)
+    received = page.locator(rows("double.click", "MessageReceived"))
+    expect(mine.last.locator(".status")).to_contain_text("stored as seq", timeout=WAIT_MS)
+    seqs = [text.removeprefix("#") for text in received.locator(".ev-seq").all_text_contents()]
+    assert f"stored as seq {seqs[-1]}" in mine.last.locator(".status").inner_text()
+    if len(seqs) == 2:  # the double click was one event (not two across a second)
+        expect(mine.nth(1).locator(".status")).to_contain_text("JetStream kept one")
 
 
 def test_a_message_the_llm_leaves_unanswered_ends_its_typing_bubble(page: Page) -> None:

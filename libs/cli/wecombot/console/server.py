@@ -552,18 +552,29 @@ class Console:
                 raise _bad(f"a menu item's key is at most {MAX_MENU_KEY_BYTES} bytes")
         elif key is not None:
             raise _bad("only a click (a menu item) has a key")
-        callback = self.builder.event(user, str(name), event_key=key)
+        # Stamped here: what tells this event from another to WeCom (the gateway keeps one
+        # of two clicks in one second), so the page can tell which of its bubbles is stored.
+        created = int(time.time())
+        callback = self.builder.event(user, str(name), event_key=key, create_time=created)
         shown = f"{name} {key}" if key else str(name)
-        return await self._deliver(callback, user, shown, kind="event", retry=body.get("retry"))
+        identity = {"create_time": created, "event": name, "event_key": key}
+        return await self._deliver(
+            callback, user, shown, kind="event", retry=body.get("retry"), identity=identity
+        )
 
     async def _deliver(
-        self, callback: Callback, user: str, text: str, *, kind: str, retry: object
+        self,
+        callback: Callback,
+        user: str,
+        text: str,
+        *,
+        kind: str,
+        retry: object,
+        identity: dict[str, Any] | None = None,
     ) -> web.StreamResponse:
         key = callback.msg_id or f"event-{next(self._events)}"
-        self.hub.publish(
-            "said",
-            {"key": key, "msg_id": callback.msg_id, "user": user, "text": text, "kind": kind},
-        )
+        said = {"key": key, "msg_id": callback.msg_id, "user": user, "text": text, "kind": kind}
+        self.hub.publish("said", {**said, **(identity or {})})
         answer = await self._post(callback, key, user, attempt=1)
         if retry is True:
             self._spawn(self._retry_later(callback, key, user))

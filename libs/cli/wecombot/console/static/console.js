@@ -19,7 +19,8 @@
     users: new Map(), // user -> {li, thread, preview, unread, unreadCount, typing}
     said: new Map(), // key -> what the console posted, and the gateway's answers
     keyOfMsg: new Map(), // MsgId -> key
-    pendingEvents: new Map(), // user -> keys of event callbacks not yet stored
+    pendingEvents: new Map(), // user -> event callbacks not yet stored: {key, create_time, event, event_key}
+    storedEvents: new Map(), // eventIdentity() -> seq of the event callbacks stored
     bot: new Map(), // WeCom msgid -> bubble of a delivered part
     parts: new Map(), // WeCom msgid -> "i/n" label (PartDelivered seen before the send)
     awaiting: new Map(), // user -> Set of MsgIds whose reply is not delivered yet
@@ -210,11 +211,15 @@
     const status = el("div", "status", "sending…");
     body.append(bubble, status);
     row.append(avatar(d.user), body);
-    state.said.set(d.key, { user: d.user, status, answers: [], seq: null, dupe: false });
+    state.said.set(d.key, { user: d.user, status, answers: [], seq: null, dupe: false, sameAs: null });
     if (d.msg_id) state.keyOfMsg.set(d.msg_id, d.key);
     if (isEvent && !d.external) {
       if (!state.pendingEvents.has(d.user)) state.pendingEvents.set(d.user, []);
-      state.pendingEvents.get(d.user).push(d.key);
+      const { key, create_time, event, event_key } = d;
+      const pending = { key, create_time, event, event_key: event_key ?? null };
+      const seq = state.storedEvents.get(eventIdentity(d.user, pending));
+      if (seq === undefined) state.pendingEvents.get(d.user).push(pending);
+      else state.said.get(d.key).sameAs = seq; // its twin's event came first
     }
     addToThread(d.user, row, isEvent ? `[${d.text}]` : d.text, false);
   }
@@ -234,6 +239,7 @@
       }
     }
     if (said.seq !== null) parts.push(["ok", `stored as seq ${said.seq}`]);
+    if (said.sameAs !== null) parts.push(["retry", `the same event as seq ${said.sameAs} to WeCom (same second): JetStream kept one`]);
     said.status.replaceChildren();
     parts.forEach(([cls, text], i) => {
       if (i) said.status.append(" · ");
@@ -363,6 +369,30 @@
     list.scrollTop = list.scrollHeight;
   }
 
+  // The bubble of an event callback this page sent, by what WeCom tells events apart by
+  // (user, CreateTime, event and key: not their order, as one of two clicks in one second
+  // is not stored, and a refused one never is). Its twins in that second were kept as one.
+  function eventIdentity(user, x) {
+    return JSON.stringify([user, x.create_time, x.event, x.event_key]);
+  }
+
+  function matchEvent(user, e, seq) {
+    const p = e.payload || {};
+    const identity = eventIdentity(user, { create_time: e.create_time, event: p.event, event_key: p.event_key ?? null });
+    state.storedEvents.set(identity, seq);
+    const same = (x) => eventIdentity(user, x) === identity;
+    const pending = state.pendingEvents.get(user) || [];
+    const matched = pending.filter(same);
+    if (!matched.length) return undefined;
+    state.pendingEvents.set(user, pending.filter((x) => !same(x)));
+    for (const twin of matched.slice(1)) {
+      const said = state.said.get(twin.key);
+      said.sameAs = seq;
+      renderStatus(said);
+    }
+    return matched[0].key;
+  }
+
   function onEvent(d) {
     const e = d.event || {};
     const user = e.conversation || "";
@@ -386,7 +416,7 @@
     switch (d.type) {
       case "MessageReceived": {
         let key = e.msg_id ? state.keyOfMsg.get(e.msg_id) : null;
-        if (!key && e.msg_type === "event") key = (state.pendingEvents.get(user) || []).shift();
+        if (!key && e.msg_type === "event") key = matchEvent(user, e, d.seq);
         if (key) {
           const said = state.said.get(key);
           said.seq = d.seq;
