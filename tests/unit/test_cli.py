@@ -130,3 +130,20 @@ def test_a_setting_in_the_wrong_case_in_dotenv_is_said() -> None:
         "./.env sets llm_max_concurency, which is no setting (LLM_MAX_CONCURRENCY?): "
         "it does nothing",
     ]  # log_file: nothing of ours is close, it may well be another program's
+
+
+@pytest.mark.parametrize("command", ["dev", "doctor", "setup", "dlq"])
+def test_a_dotenv_that_is_not_utf8_is_said_with_its_name(
+    command: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A ./.env saved as GBK (an editor on Chinese Windows, a Chinese welcome message)
+    ended each command that reads it in a UnicodeDecodeError traceback naming no file."""
+    (tmp_path / ".env").write_bytes("LOG_LEVEL=info\nLLM_WELCOME_MESSAGE=欢迎使用\n".encode("gbk"))
+    monkeypatch.chdir(tmp_path)
+    assert main([command]) == 2
+    said = capsys.readouterr().err
+    assert f"wecombot {command}: .env is not UTF-8 (line 2: byte 0xbb)" in said, said
+    assert "Traceback" not in said

@@ -22,6 +22,8 @@ import os
 import sys
 from collections.abc import Sequence
 
+from wecombot_common.errors import ConfigError
+
 __all__ = ["main"]
 
 # command -> (module with ``main(environ) -> int``, one-line help). Add a row per command.
@@ -79,16 +81,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser, commands = _parser()
     args, rest = parser.parse_known_args(argv)
     module = importlib.import_module(COMMANDS[args.command][0])
-    if getattr(module, "ACCEPTS_ARGS", False):
-        # Its own parser: its options, --help and errors (exit code 2).
-        code: int = module.main(os.environ, rest)
+    try:
+        if getattr(module, "ACCEPTS_ARGS", False):
+            # Its own parser: its options, --help and errors (exit code 2).
+            code: int = module.main(os.environ, rest)
+            return code
+        if rest:
+            command = commands[args.command]
+            command.add_argument("-h", "--help", action="help", help="show this help and exit")
+            command.parse_args(rest)  # prints the help (exit 0) or the error (exit 2)
+        code = module.main(os.environ)
         return code
-    if rest:
-        command = commands[args.command]
-        command.add_argument("-h", "--help", action="help", help="show this help and exit")
-        command.parse_args(rest)  # prints the help (exit 0) or the error (exit 2)
-    code = module.main(os.environ)
-    return code
+    except ConfigError as exc:
+        # What a command could not take before its own reporting began (./.env that is
+        # not UTF-8): said, exit 2 as for any setting, not a traceback.
+        print(f"wecombot {args.command}: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

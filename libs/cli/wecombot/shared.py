@@ -9,6 +9,7 @@ from dotenv import dotenv_values
 from nats.aio.client import Client as NATS
 
 from wecombot_common import bus
+from wecombot_common.errors import ConfigError
 from wecombot_common.logs import redact
 from wecombot_common.settings import NatsSettings, without_credentials
 
@@ -39,10 +40,23 @@ def read_dotenv(path: Path, into: MutableMapping[str, str]) -> dict[str, str | N
     unquoted value too), ``export``, quotes, escapes such as ``\\n`` in double quotes (a
     welcome message of two lines), values over several lines in quotes. No ``${VAR}``
     expansion: a password or key may hold a ``$``. Variables already set win; an empty
-    value sets nothing (as an unset one). Returns what the file holds, every name."""
+    value sets nothing (as an unset one). Returns what the file holds, every name.
+
+    ConfigError, naming the file, for one that is not UTF-8 (a ``.env`` saved as GBK on
+    Windows, with a Chinese welcome message) or cannot be read: it was a traceback from
+    the codec that never said which file."""
     if not path.is_file():
         return {}
-    found = dotenv_values(path, interpolate=False, encoding="utf-8")
+    try:
+        found = dotenv_values(path, interpolate=False, encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        line = path.read_bytes()[: exc.start].count(b"\n") + 1
+        raise ConfigError(
+            f"{path} is not UTF-8 (line {line}: byte {exc.object[exc.start]:#04x}): save it "
+            "as UTF-8 (an editor on Chinese Windows may have saved it as GBK)"
+        ) from None
+    except OSError as exc:
+        raise ConfigError(f"{path} cannot be read: {exc.strerror or exc}") from None
     for key, value in found.items():
         if key and value and not into.get(key):
             into[key] = value
