@@ -280,6 +280,16 @@ async def test_the_console_refuses_what_a_page_elsewhere_could_send(console: Con
     assert "UserID" in bad_user.json()["error"]
     empty = await post(console, "/api/send", {"user": "u", "text": "  "})
     assert empty.status_code == 400
+    # JSON may escape a lone surrogate, which no UTF-8 (and no WeCom message) can hold:
+    # a bare 500 when the callback was built from it
+    async with httpx.AsyncClient(base_url=console.url.rstrip("/")) as http:
+        lone = await http.post(
+            "/api/send",
+            content=b'{"user": "u", "text": "\\ud800 hi"}',
+            headers={"Content-Type": "application/json"},
+        )
+    assert lone.status_code == 400, lone.text
+    assert "surrogate" in lone.json()["error"]
 
 
 async def test_the_page_is_served_without_external_assets(console: Console) -> None:

@@ -672,6 +672,10 @@ async def _json_object(request: web.Request) -> dict[str, Any]:
         raise _bad("the body must be JSON") from None
     if not isinstance(body, dict):
         raise _bad("the body must be a JSON object")
+    try:  # JSON may escape a lone surrogate ("\ud800"), which UTF-8 cannot hold
+        json.dumps(body, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise _bad("the body holds a lone surrogate (\\ud800-\\udfff): not text") from None
     return body
 
 
