@@ -282,6 +282,20 @@ def test_a_gateway_port_another_program_holds_stops_dev_before_anything_starts(
     assert not (tmp_path / "data" / "sandbox.json").exists(), "the sandbox's keys made first"
 
 
+def test_a_sandbox_file_that_holds_no_app_is_said_and_dev_stops(tmp_path: Path) -> None:
+    """sandbox.json cut short (a full disk while it was written, a hand edit): every
+    ``make run`` ended in a JSONDecodeError traceback naming no file."""
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "sandbox.json").write_text('{"corp_id": "wwsandbox1', encoding="utf-8")
+    dev = DevProcess(tmp_path, WECOMBOT_HEALTH_PORT="0")
+    assert dev.ended() == 2, dev.out.tail()
+    dev.out.wait_for(
+        r"sandbox\.json holds no sandbox app \(JSONDecodeError: .*remove it", timeout=5
+    )
+    text = "".join(dev.out.lines)
+    assert "Traceback" not in text and "embedded nats-server" not in text
+
+
 def test_a_console_port_another_program_holds_stops_dev_before_anything_starts(
     tmp_path: Path,
 ) -> None:

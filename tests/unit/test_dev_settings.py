@@ -15,6 +15,7 @@ import pytest
 from wecombot.dev import (
     CONSOLE_PORT,
     WECOM_KEYS,
+    Sandbox,
     Supervisor,
     _port_free,
     console_port,
@@ -24,6 +25,7 @@ from wecombot.dev import (
     sandbox_wanted,
 )
 from wecombot.devlock import DataDirLock
+from wecombot_common.errors import ConfigError
 
 
 def test_console_port() -> None:
@@ -208,3 +210,16 @@ def test_a_health_port_another_program_holds_is_replaced_by_a_free_one() -> None
     assert ports["sender"] == unused
     assert ports["llm"] not in (held, "0") and int(ports["llm"]) > 0
     assert health_ports({"WECOMBOT_HEALTH_PORT": "0"}) == {}
+
+
+def test_a_sandbox_is_written_whole_and_for_its_owner_only(tmp_path: Path) -> None:
+    """Written then renamed (a file cut short held no app), readable by no one else (it
+    holds the app's Secret, Token and key), and read back as made."""
+    made = Sandbox.load_or_create(tmp_path / "data")
+    path = tmp_path / "data" / "sandbox.json"
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert [p.name for p in path.parent.iterdir()] == ["sandbox.json"]  # no part left
+    assert Sandbox.load_or_create(tmp_path / "data") == made
+    path.write_text("[]", encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"sandbox\.json holds no sandbox app \(TypeError"):
+        Sandbox.load_or_create(tmp_path / "data")

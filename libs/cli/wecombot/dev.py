@@ -43,6 +43,7 @@ from urllib.parse import urlsplit
 
 from wecombot_common.crypto import generate_encoding_aes_key, generate_token
 from wecombot_common.embedded import EmbeddedNats
+from wecombot_common.errors import ConfigError
 from wecombot_common.runtime import cancel_until_done
 from wecombot_common.settings import EnvReader, NatsSettings, app_key
 from wecombot_common.sim.callbacks import CallbackBuilder
@@ -78,9 +79,19 @@ class Sandbox:
 
     @classmethod
     def load_or_create(cls, data_dir: Path) -> Sandbox:
+        """The sandbox app of ``data_dir``, made the first time. ConfigError for a file
+        that holds no sandbox (cut short by a full disk, edited by hand): it was a
+        traceback at every ``make run``, naming no file."""
         path = data_dir / "sandbox.json"
         if path.is_file():
-            return cls(**json.loads(path.read_text()))
+            try:
+                return cls(**json.loads(path.read_text(encoding="utf-8")))
+            except (ValueError, TypeError) as exc:  # not JSON, not UTF-8, other fields
+                raise ConfigError(
+                    f"{path} holds no sandbox app ({type(exc).__name__}: {exc}): remove it "
+                    "and a new one is made (its corp id changes: the conversations in the "
+                    "log stay under the old app's, no longer shown)"
+                ) from None
         sandbox = cls(
             corp_id="wwsandbox" + secrets.token_hex(4),
             agent_id=1000002,
@@ -89,8 +100,13 @@ class Sandbox:
             encoding_aes_key=generate_encoding_aes_key(),
         )
         data_dir.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(sandbox.__dict__))
-        path.chmod(0o600)
+        # Whole or not at all (written, then renamed), and never readable by others.
+        part = path.with_name(f".{path.name}.{os.getpid()}")
+        with os.fdopen(os.open(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as out:
+            out.write(json.dumps(sandbox.__dict__))
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(part, path)
         return sandbox
 
     def environ(self, api_base: str) -> dict[str, str]:
@@ -402,7 +418,11 @@ async def _run(
             return 2
         # Every service's settings first, with each service's own loader (as doctor
         # does), so that a bad one is said before anything starts, all of them at once.
-        placeholders = Sandbox.load_or_create(data_dir).environ(SANDBOX_API) if sandbox else {}
+        try:
+            placeholders = Sandbox.load_or_create(data_dir).environ(SANDBOX_API) if sandbox else {}
+        except (ConfigError, OSError) as exc:
+            sup.say(str(exc))
+            return 2
         found = check_settings({**env, **placeholders})
         if found.status == "fail":
             sup.say(found.summary)
