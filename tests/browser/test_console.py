@@ -13,11 +13,12 @@ also writes the screenshot used by the README.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -326,6 +327,45 @@ def test_a_retried_callback_is_stored_once(page: Page) -> None:
     )
 
 
+@contextlib.contextmanager
+def runs_of_dev(
+    browser: BrowserContext, tmp_path: Path
+) -> Iterator[Callable[[], contextlib.AbstractContextManager[Page]]]:
+    """``make run`` started again and again on one data dir, as a developer does: each
+    ``with run() as page`` is one run, its console open in a page (no JavaScript error
+    on it, and dev stopped cleanly after)."""
+    env = {
+        "GATEWAY_PORT": str(free_port()),
+        "WECOMBOT_CONSOLE_PORT": str(free_port()),
+        "WECOMBOT_HEALTH_PORT": "0",
+    }
+
+    @contextlib.contextmanager
+    def run() -> Iterator[Page]:
+        from playwright.sync_api import expect
+
+        process = DevProcess(tmp_path, **env)
+        page = None
+        try:
+            url = process.out.wait_for(r"console: (http://127\.0\.0\.1:\d+/)").group(1)
+            page = browser.new_page()
+            errors: list[str] = []
+            page.on("pageerror", lambda exc: errors.append(str(exc)))
+            page.goto(url)
+            expect(page.locator("#gateway")).to_have_attribute(
+                "data-state", "ready", timeout=WAIT_MS
+            )
+            yield page
+            assert errors == [], f"JavaScript errors on the page: {errors}"
+        finally:
+            if page is not None:
+                page.close()
+            code = process.stop(timeout=10)
+        assert code == 0, process.out.tail()
+
+    yield run
+
+
 def test_a_restarted_sandbox_shows_the_conversation_in_its_log(
     browser: BrowserContext, tmp_path: Path
 ) -> None:
@@ -334,53 +374,30 @@ def test_a_restarted_sandbox_shows_the_conversation_in_its_log(
     simulated WeCom that took it is gone), no "…" waiting for it, then what comes."""
     from playwright.sync_api import expect
 
-    env = {
-        "GATEWAY_PORT": str(free_port()),
-        "WECOMBOT_CONSOLE_PORT": str(free_port()),
-        "WECOMBOT_HEALTH_PORT": "0",
-    }
     thread = '.thread[data-user="restart.user"]'
-    for run in ("before", "after"):
-        process = DevProcess(tmp_path, **env)
-        page = None
-        try:
-            url = process.out.wait_for(r"console: (http://127\.0\.0\.1:\d+/)").group(1)
-            page = browser.new_page()
-            errors: list[str] = []
-            page.on("pageerror", lambda exc, errors=errors: errors.append(str(exc)))
-            page.goto(url)
-            expect(page.locator("#gateway")).to_have_attribute(
-                "data-state", "ready", timeout=WAIT_MS
+    with runs_of_dev(browser, tmp_path) as run:
+        with run() as page:
+            chat_as(page, "restart.user")
+            say(page, "记得我吗？remember me")
+            expect(page.locator(f"{thread} .msg.bot .bubble")).to_contain_text(
+                "you said: 记得我吗？remember me", timeout=WAIT_MS
             )
+        with run() as page:
             chat_as(page, "restart.user")
             bot = page.locator(f"{thread} .msg.bot")
-            if run == "before":
-                say(page, "记得我吗？remember me")
-                expect(bot.locator(".bubble")).to_contain_text(
-                    "you said: 记得我吗？remember me", timeout=WAIT_MS
-                )
-            else:
-                expect(page.locator(f"{thread} .msg.mine .bubble")).to_have_text(
-                    "记得我吗？remember me", timeout=WAIT_MS
-                )
-                expect(bot.locator(".bubble")).to_contain_text("you said: 记得我吗？remember me")
-                expect(bot.locator(".sender")).to_contain_text(
-                    "delivered before this console started"
-                )
-                expect(page.locator(f"{thread} .typing-row")).to_have_count(0)
-                expect(page.locator("#event-list li.divider").first).to_contain_text(
-                    "appended before this console started"
-                )
-                say(page, "still here")
-                expect(bot.last.locator(".bubble")).to_contain_text("still here", timeout=WAIT_MS)
-                expect(page.locator("#event-list li.divider").last).to_have_text("Live from here.")
-                expect(page.locator(rows("restart.user", "MessageReceived"))).to_have_count(2)
-            assert errors == [], f"JavaScript errors on the page: {errors}"
-        finally:
-            if page is not None:
-                page.close()
-            code = process.stop(timeout=10)
-        assert code == 0, process.out.tail()
+            expect(page.locator(f"{thread} .msg.mine .bubble")).to_have_text(
+                "记得我吗？remember me", timeout=WAIT_MS
+            )
+            expect(bot.locator(".bubble")).to_contain_text("you said: 记得我吗？remember me")
+            expect(bot.locator(".sender")).to_contain_text("delivered before this console started")
+            expect(page.locator(f"{thread} .typing-row")).to_have_count(0)
+            expect(page.locator("#event-list li.divider").first).to_contain_text(
+                "appended before this console started"
+            )
+            say(page, "still here")
+            expect(bot.last.locator(".bubble")).to_contain_text("still here", timeout=WAIT_MS)
+            expect(page.locator("#event-list li.divider").last).to_have_text("Live from here.")
+            expect(page.locator(rows("restart.user", "MessageReceived"))).to_have_count(2)
 
 
 def test_a_reply_after_a_restart_is_not_labelled_as_a_part_from_before(
@@ -391,43 +408,25 @@ def test_a_reply_after_a_restart_is_not_labelled_as_a_part_from_before(
     labelled that one-part reply "part 1/2"."""
     from playwright.sync_api import expect
 
-    env = {
-        "GATEWAY_PORT": str(free_port()),
-        "WECOMBOT_CONSOLE_PORT": str(free_port()),
-        "WECOMBOT_HEALTH_PORT": "0",
-    }
-    thread = '.thread[data-user="parts.user"]'
+    bubbles_of = '.thread[data-user="parts.user"] .msg.bot .bubble'
     sentence = "长回复要按段落和句子拆分，每段不超过两千零四十八字节。"
-    for run in ("before", "after"):
-        process = DevProcess(tmp_path, **env)
-        page = None
-        try:
-            url = process.out.wait_for(r"console: (http://127\.0\.0\.1:\d+/)").group(1)
-            page = browser.new_page()
-            page.goto(url)
-            expect(page.locator("#gateway")).to_have_attribute(
-                "data-state", "ready", timeout=WAIT_MS
-            )
+    with runs_of_dev(browser, tmp_path) as run:
+        with run() as page:
             chat_as(page, "parts.user")
-            bubbles = page.locator(f"{thread} .msg.bot .bubble")
-            if run == "before":
-                say(page, "请把这段话原样复述。" + sentence * 40)
-                expect(page.locator(rows("parts.user", "ReplyDelivered"))).to_contain_text(
-                    "2 parts delivered", timeout=WAIT_MS
-                )
-            else:
-                expect(bubbles).to_have_count(2, timeout=WAIT_MS)  # the two from the log
-                say(page, "short")
-                expect(bubbles).to_have_count(3, timeout=WAIT_MS)
-                expect(bubbles.nth(2)).to_contain_text("you said: short")
-                expect(page.locator(rows("parts.user", "ReplyDelivered"))).to_have_count(2)
-                expect(bubbles.nth(2).locator(".part")).to_have_count(0)
-                expect(bubbles.nth(0).locator(".part")).to_have_text("part 1/2")
-        finally:
-            if page is not None:
-                page.close()
-            code = process.stop(timeout=10)
-        assert code == 0, process.out.tail()
+            say(page, "请把这段话原样复述。" + sentence * 40)
+            expect(page.locator(rows("parts.user", "ReplyDelivered"))).to_contain_text(
+                "2 parts delivered", timeout=WAIT_MS
+            )
+        with run() as page:
+            chat_as(page, "parts.user")
+            bubbles = page.locator(bubbles_of)
+            expect(bubbles).to_have_count(2, timeout=WAIT_MS)  # the two from the log
+            say(page, "short")
+            expect(bubbles).to_have_count(3, timeout=WAIT_MS)
+            expect(bubbles.nth(2)).to_contain_text("you said: short")
+            expect(page.locator(rows("parts.user", "ReplyDelivered"))).to_have_count(2)
+            expect(bubbles.nth(2).locator(".part")).to_have_count(0)
+            expect(bubbles.nth(0).locator(".part")).to_have_text("part 1/2")
 
 
 def test_screenshot(page: Page, tmp_path: Path) -> None:
