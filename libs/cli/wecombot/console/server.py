@@ -106,12 +106,15 @@ _WHAT_THE_SENDER_DOES = {
 }
 
 Item = dict[str, Any]
+# What a page opened (or reloaded) is sent before the new items: the hub's last items.
+# Older ones are dropped; the event log keeps every event.
+HUB_ITEMS = 5000
 
 
 class Hub:
     """An ordered, bounded log of what the page shows. A client replays, then follows."""
 
-    def __init__(self, maxlen: int = 5000) -> None:
+    def __init__(self, maxlen: int = HUB_ITEMS) -> None:
         self._items: deque[Item] = deque(maxlen=maxlen)
         self._ids = itertools.count(1)
         self._followers: set[asyncio.Queue[Item | None]] = set()
