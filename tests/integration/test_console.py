@@ -17,6 +17,7 @@ from unittest import mock
 
 import httpx
 import pytest
+from aiohttp import web
 from nats.js.manager import JetStreamManager
 from structlog.testing import capture_logs
 
@@ -207,6 +208,62 @@ async def test_a_reconnecting_page_replays_after_its_last_item(
         # The backlog from exactly after it (a page given only live items would have
         # missed "two" and what followed).
         assert replayed["id"] == first["id"] + 1
+
+
+@pytest.mark.parametrize("first", [200, 503])
+async def test_a_retry_is_said_as_kept_once_only_after_a_stored_first_try(
+    console: Console, stream: Stream, first: int
+) -> None:
+    """WeCom's retry of a callback whose first try was refused (503: the log was away) is
+    the one stored; the page said "same MsgId: JetStream kept one" of it whenever its
+    event came before the retry's answer, as it does (the gateway answers after the
+    PubAck). A front on the gateway's port answers the first POST ``first`` itself when
+    that is 503."""
+    gateway = console.config.callback_url
+    posts = 0
+
+    async def front(request: web.Request) -> web.Response:
+        nonlocal posts
+        posts += 1
+        if posts == 1 and first == 503:
+            return web.Response(status=503, text="the event log is not available")
+        async with httpx.AsyncClient() as http:
+            answer = await http.post(
+                gateway, params=dict(request.query), content=await request.read()
+            )
+        return web.Response(status=answer.status_code, body=answer.content)
+
+    app = web.Application()
+    app.router.add_post("/wecom/callback", front)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    console.config = dataclasses.replace(
+        console.config, callback_url=f"http://127.0.0.1:{port}/wecom/callback"
+    )
+    try:
+        with mock.patch.object(server, "RETRY_AFTER_S", 0.0):
+            sent = await post(console, "/api/send", {"user": "a", "text": "twice", "retry": True})
+            assert sent.json()["status"] == first
+            retry = await stream.until("callback", attempt=2)
+        # Stored once either way: the marker's event comes after any second one would.
+        marker = (await post(console, "/api/send", {"user": "a", "text": "marker"})).json()
+    finally:
+        await runner.cleanup()
+    assert retry["data"]["status"] == 200
+    assert retry["data"]["dupe"] is (first == 200)
+
+    def received() -> list[str]:
+        return [
+            item["data"]["event"]["msg_id"]
+            for item in stream.items
+            if item["kind"] == "event" and item["data"]["type"] == "MessageReceived"
+        ]
+
+    while marker["msg_id"] not in received():
+        await stream.until("event", type="MessageReceived")
+    assert received() == [sent.json()["msg_id"], marker["msg_id"]]
 
 
 async def test_switches_drive_the_simulated_wecom_api(console: Console, stream: Stream) -> None:

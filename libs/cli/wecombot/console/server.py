@@ -580,15 +580,20 @@ class Console:
         self.hub.publish("said", {**said, **(identity or {})})
         answer = await self._post(callback, key, user, attempt=1)
         if retry is True:
-            self._spawn(self._retry_later(callback, key, user))
+            stored = answer["status"] == 200
+            self._spawn(self._retry_later(callback, key, user, stored=stored))
         return web.json_response({"key": key, "msg_id": callback.msg_id, **answer})
 
-    async def _retry_later(self, callback: Callback, key: str, user: str) -> None:
+    async def _retry_later(self, callback: Callback, key: str, user: str, *, stored: bool) -> None:
         await asyncio.sleep(RETRY_AFTER_S)
-        await self._post(callback, key, user, attempt=2)
+        await self._post(callback, key, user, attempt=2, stored=stored)
 
-    async def _post(self, callback: Callback, key: str, user: str, *, attempt: int) -> Item:
-        """POST the callback as WeCom does, and publish the gateway's answer."""
+    async def _post(
+        self, callback: Callback, key: str, user: str, *, attempt: int, stored: bool = False
+    ) -> Item:
+        """POST the callback as WeCom does, and publish the gateway's answer. ``stored``:
+        an earlier attempt was answered 200, so this one's 200 is JetStream's duplicate
+        (``dupe``); after a refused first try, the retry's 200 is the one stored."""
         assert self._http is not None
         started = time.monotonic()
         try:
@@ -609,6 +614,7 @@ class Console:
             "attempt": attempt,
             "status": status,
             "detail": detail,
+            "dupe": stored and status == 200,
             "ms": round((time.monotonic() - started) * 1000),
         }
         self.hub.publish("callback", answer)

@@ -211,7 +211,7 @@
     const status = el("div", "status", "sending…");
     body.append(bubble, status);
     row.append(avatar(d.user), body);
-    state.said.set(d.key, { user: d.user, status, answers: [], seq: null, dupe: false, sameAs: null });
+    state.said.set(d.key, { user: d.user, status, answers: [], seq: null, sameAs: null });
     if (d.msg_id) state.keyOfMsg.set(d.msg_id, d.key);
     if (isEvent && !d.external) {
       if (!state.pendingEvents.has(d.user)) state.pendingEvents.set(d.user, []);
@@ -229,7 +229,7 @@
     for (const answer of said.answers) {
       if (answer.attempt > 1) {
         const text = `↻ WeCom retry after ${state.retryAfter} s → ${answer.status || "no answer"}`;
-        const dupe = answer.status === 200 && said.dupe ? " (same MsgId: JetStream kept one)" : "";
+        const dupe = answer.dupe ? " (same MsgId: JetStream kept one)" : "";
         parts.push(["retry", text + dupe]);
       } else if (answer.status === 200) {
         parts.push(["ok", "✓ gateway 200"]);
@@ -250,7 +250,6 @@
   function onCallback(d) {
     const said = state.said.get(d.key);
     if (!said) return;
-    if (d.attempt > 1) said.dupe = said.seq !== null;
     said.answers.push(d);
     renderStatus(said);
   }
