@@ -10,13 +10,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import httpx
 import msgspec
 import nats
 import pytest
+from aiohttp import web
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js.api import KeyValueConfig, RePublish
@@ -25,6 +27,7 @@ from structlog.testing import capture_logs
 
 from tests.conftest import NatsHandle, free_port
 from tests.waiting import eventually, until
+from wecombot_common.http import LoopbackServer
 from wecombot_common.logs import REDACTED, redact
 from wecombot_common.sim.wecom_api import SimulatedWeComApi
 from wecombot_common.tokens import (
@@ -297,6 +300,91 @@ async def test_refresh_ahead_happens_once_per_lifetime_without_blocking_callers(
             three_tokens, timeout=15.0, what=lambda: f"three tokens, have {len(lifetimes)}"
         )
         assert sim.gettoken_calls == 3, "one gettoken per lifetime, cluster-wide"
+
+
+class ReissuingWeCom(LoopbackServer):
+    """gettoken as WeCom's older doc told it (有效期内重复获取返回相同结果): while the
+    token it issued lives, on the test's clock, it answers that token again with the life
+    it has left; a new one after it expires."""
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self.host, self.port = "127.0.0.1", 0
+        self.clock = clock
+        self.gettoken_calls = 0
+        self.issued: tuple[str, float] | None = None  # the token and its expiry
+
+    def routes(self) -> list[web.RouteDef]:
+        return [web.get("/cgi-bin/gettoken", self._gettoken)]
+
+    async def _gettoken(self, request: web.Request) -> web.Response:
+        self.gettoken_calls += 1
+        now = self.clock()
+        if self.issued is None or now >= self.issued[1]:
+            self.issued = (secrets.token_urlsafe(24), now + 7200)
+        token, expiry = self.issued
+        left = round(expiry - now)
+        return web.json_response(
+            {"errcode": 0, "errmsg": "ok", "access_token": token, "expires_in": left}
+        )
+
+
+async def test_a_token_gettoken_answers_again_is_not_refreshed_ahead_over_and_over(
+    nats_server: NatsHandle,
+) -> None:
+    """Each refresh ahead got the same token back with the life it had left, always in
+    its second half: the next refresh came at half the time left, ten gettokens before
+    each expiry. One refresh ahead tells: the token serves until it expires, and the
+    gettoken then brings a new one. The clock is the test's, stepped a second at a time
+    through the token's life, each refresh behind an answer awaited before the next."""
+    now = [time.time()]
+
+    def clock() -> float:
+        return now[0]
+
+    async with ReissuingWeCom(clock) as wecom, connections(nats_server, 1) as (nc,):
+        settings = TokenSettings.from_env(
+            {
+                "NATS_URL": nats_server.url,
+                "WECOM_CORP_ID": CORP_ID,
+                "WECOM_AGENT_ID": str(AGENT_ID),
+                "WECOM_SECRET": SECRET,
+                "WECOM_API_BASE": f"http://127.0.0.1:{wecom.port}",
+            }
+        )
+        store = KvTokenStore(await open_token_bucket(nc.jetstream(), replicas=1), APP)
+        source = WeComTokenSource(settings.wecom, timeout_s=settings.http_timeout_s, clock=clock)
+        keeper = TokenKeeper(
+            APP,
+            source,
+            store,
+            settings.policy,
+            refresh_timeout_s=settings.refresh_timeout_s,
+            clock=clock,
+        )
+        await store.watch(keeper.adopt)
+        start = now[0]
+        calls_at: dict[int, int] = {}  # seconds since the first fetch -> gettokens so far
+        served: list[str] = []
+        try:
+            for second in range(7261):
+                now[0] = start + second
+                reply = await keeper.get(APP)
+                assert reply.ok and reply.token and reply.expires_at is not None
+                assert reply.expires_at > now[0], f"an expired token at {second} s"
+                if reply.token not in served:
+                    served.append(reply.token)
+                await until(
+                    lambda: not keeper._inflight, timeout=10, what="the refresh behind a get"
+                )
+                calls_at[second] = wecom.gettoken_calls
+        finally:
+            await keeper.close()
+            await store.close()
+            await source.aclose()
+    assert calls_at[6899] == 1, "refreshed ahead before the margin"
+    assert calls_at[7199] == 2, "one refresh ahead, which got the same token back"
+    assert calls_at[7260] == 3, "one gettoken at its expiry"
+    assert len(served) == 2
 
 
 async def test_a_burst_of_invalidates_refreshes_once(

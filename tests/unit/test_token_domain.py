@@ -31,6 +31,7 @@ from wecombot_token.domain import (
     fingerprint,
     http_failure,
     network_failure,
+    reissued,
     replacing,
     without_rejected,
 )
@@ -78,6 +79,26 @@ def test_a_margin_longer_than_the_lifetime_refreshes_at_half_life() -> None:
     assert short.refresh_at(wide.refresh_margin_s) == 102.0
     assert decide(state(short), 101.9, wide) is Action.SERVE
     assert decide(state(short), 102.0, wide) is Action.SERVE_AND_REFRESH
+
+
+def test_a_token_gettoken_answered_again_is_served_to_its_expiry_without_refreshing() -> None:
+    # Refreshed ahead 300 s before expiry, WeCom answered the same token with 300 s left:
+    # in the second half of that "new" life at once, it was refreshed again and again.
+    again = reissued(IssuedToken(value=TOKEN.value, fetched_at=7900.0, expires_at=8200.0), TOKEN)
+    assert again.reissued
+    assert [decide(state(again), now, POLICY) for now in (7900.0, 8199.9, 8200.0)] == [
+        Action.SERVE,
+        Action.SERVE,
+        Action.FETCH,
+    ]
+    assert decide(state(again), 7900.0, POLICY, rejected=TOKEN.value) is Action.FETCH
+    raw = msgspec.json.encode(AppState(token=again))
+    assert msgspec.json.decode(raw, type=AppState).token == again
+    # Renewed (a later expiry), or another token: refreshed ahead as any.
+    renewed = IssuedToken(value=TOKEN.value, fetched_at=7900.0, expires_at=15100.0)
+    assert reissued(renewed, TOKEN) == renewed
+    other = IssuedToken(value="access-token-2", fetched_at=7900.0, expires_at=8200.0)
+    assert reissued(other, TOKEN) == other
 
 
 def test_the_rejected_token_is_never_served_but_another_is() -> None:

@@ -48,6 +48,7 @@ __all__ = [
     "network_failure",
     "refetch_at",
     "refetch_held",
+    "reissued",
     "replacing",
     "restart_skips",
     "usable_token",
@@ -59,6 +60,10 @@ _MAX_DOUBLINGS = 32
 # A refusal met by a replica that had just started holds the replicas started after it
 # this long at most (a crash loop calls gettoken once a minute, not at every start).
 RESTART_RETRY_S = 60.0
+# Two answers about one token's expiry differ by their trips' times (at most
+# TOKEN_HTTP_TIMEOUT, 12 s) and expires_in's rounding to whole seconds: one later by less
+# than this is the same expiry, not a token WeCom renewed (``reissued``).
+SAME_EXPIRY_SLACK_S = 30.0
 
 
 class IssuedToken(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
@@ -73,11 +78,16 @@ class IssuedToken(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True)
     # Policy.credentials of the replica that bought it ("": before they were kept). See
     # ``bought_elsewhere``.
     credentials: str = ""
+    # gettoken answered this very token again, its expiry no later: see ``reissued``.
+    reissued: bool = False
 
     def refresh_at(self, margin_s: float) -> float:
         """When to start refreshing ahead: ``margin_s`` before expiry, but never in the
         first half of the token's life, so a margin longer than the lifetime WeCom grants
-        cannot turn every request into a refresh."""
+        cannot turn every request into a refresh. Never for a token gettoken answered
+        again (``reissued``): asked before it expires, WeCom gives it again."""
+        if self.reissued:
+            return self.expires_at
         half_life = self.fetched_at + (self.expires_at - self.fetched_at) / 2
         return max(self.expires_at - margin_s, half_life)
 
@@ -323,6 +333,32 @@ def replacing(token: IssuedToken, rejected: IssuedToken, policy: Policy) -> Issu
     if rejected.rejected_in_a_row and served_s < 2 * policy.max_backoff_s:
         streak = rejected.rejected_in_a_row + 1
     return msgspec.structs.replace(token, rejected_in_a_row=streak)
+
+
+def reissued(token: IssuedToken, current: IssuedToken | None) -> IssuedToken:
+    """``token`` as gettoken answered it, marked when it is ``current`` again with no later
+    expiry (within ``SAME_EXPIRY_SLACK_S``).
+
+    WeCom's gettoken may answer, while a token is valid, that same token with the life it
+    has left (its older doc: 有效期内重复获取返回相同结果; path/91039 in
+    ../shared/wecom/PROTOCOL.md says nothing either way). Each refresh ahead then found
+    the token it had, its life shorter, in the second half of it at once: the next
+    refresh came after half the time left, and so on, some ten gettokens before each
+    expiry instead of one. Marked, it is served until it expires and fetched again then
+    (``IssuedToken.refresh_at``), or when a caller reports it rejected.
+
+    >>> current = IssuedToken(value="t", fetched_at=0.0, expires_at=7200.0)
+    >>> def again(value: str, expires_at: float) -> bool:
+    ...     answer = IssuedToken(value=value, fetched_at=6900.0, expires_at=expires_at)
+    ...     return reissued(answer, current).reissued
+    >>> [again("t", 7200.0), again("t", 7229.0), again("t", 14100.0), again("u", 7200.0)]
+    [True, True, False, False]
+    """
+    if current is None or token.value != current.value:
+        return token
+    if token.expires_at >= current.expires_at + SAME_EXPIRY_SLACK_S:
+        return token  # renewed: refreshed ahead again in its time
+    return msgspec.structs.replace(token, reissued=True)
 
 
 def backoff_delay(attempts: int, policy: Policy) -> float:

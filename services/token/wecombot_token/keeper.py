@@ -49,6 +49,7 @@ from .domain import (
     decide,
     fingerprint,
     refetch_held,
+    reissued,
     replacing,
     usable_token,
     without_rejected,
@@ -296,6 +297,7 @@ class TokenKeeper:
             register_secret(outcome.value, ephemeral=True)
             outcome = msgspec.structs.replace(outcome, credentials=self._policy.credentials)
             current = snapshot.state.token if snapshot.state is not None else None
+            outcome = reissued(outcome, current)
             if current is not None and current.value == rejected:
                 outcome = replacing(outcome, current, self._policy)
             TOKEN_FETCHES.labels("ok").inc()
@@ -307,6 +309,7 @@ class TokenKeeper:
                 fingerprint=fingerprint(outcome.value),
                 expires_in_s=round(outcome.expires_at - now),
                 rejected_in_a_row=outcome.rejected_in_a_row,
+                reissued=outcome.reissued,
             )
         else:
             TOKEN_FETCHES.labels(outcome.kind).inc()
