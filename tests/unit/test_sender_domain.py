@@ -479,6 +479,22 @@ def test_a_recorded_span_is_where_the_rest_begins_whatever_this_build_would_cut(
     assert "".join(text[s:e] for s, e in layout(text, later)[1:]) == text[1501:]
 
 
+def test_whitespace_left_out_of_the_parts_is_left_out_of_their_spans() -> None:
+    """A part of only whitespace is not sent (WeCom refuses empty content, 44004): the
+    spans skip it, and a reply resumed after the part before it starts after it."""
+    text = "a" * 2000 + " " * 5000 + "b" * 100
+    spans = layout(text, OutcomeState("r"))
+    assert [text[s:e] for s, e in spans] == split_text(text)
+    assert all(not text[s:e].isspace() for s, e in spans)
+    assert len(spans) == 2 and spans[-1][1] == len(text)
+    resumed = OutcomeState("r", delivered={0: "w0"}, spans={0: spans[0]})
+    assert layout(text, resumed) == spans
+    moved = OutcomeState("r", delivered={0: "w0"}, spans={0: (0, 1900)})  # another build's
+    rest = layout(text, moved)[1:]
+    assert rest[0][0] == 1900 and rest[-1][1] == len(text)
+    assert all(not text[s:e].isspace() for s, e in rest)
+
+
 def test_a_part_recorded_without_its_span_is_resumed_by_index() -> None:
     text = "x" * 5000
     outcome = OutcomeState("r", delivered={0: "w0"})  # an older sender's record

@@ -13,6 +13,7 @@ from wecombot_sender.split import (
     Boundary,
     boundaries,
     fenced_spans,
+    split_spans,
     split_text,
 )
 
@@ -70,11 +71,15 @@ def nbytes(text: str) -> int:
 
 
 def check_invariants(text: str, parts: list[str], limit: int) -> None:
-    assert "".join(parts) == text
-    assert all(parts), "no empty part"
+    spans = split_spans(text, limit=limit)
+    assert parts == [text[start:end] for start, end in spans]
+    # the parts are the text, in order, but for whitespace left out between them
+    ends, starts = [0, *(e for _, e in spans)], [*(s for s, _ in spans), len(text)]
+    gaps = zip(ends, starts, strict=True)
+    assert all(a == b or (a < b and text[a:b].isspace()) for a, b in gaps)
+    assert all(part and not part.isspace() for part in parts), "no part shows nothing"
     assert all(nbytes(p) <= limit for p in parts)
-    # every part is valid UTF-8 on its own and the bytes concatenate to the original
-    assert b"".join(p.encode("utf-8") for p in parts) == text.encode("utf-8")
+    # every part is valid UTF-8 on its own
     assert all(p.encode("utf-8").decode("utf-8") == p for p in parts)
 
 
@@ -106,24 +111,20 @@ def test_default_limit_is_wecoms_2048_bytes(text: str) -> None:
     assert WECOM_TEXT_LIMIT == 2048
     parts = split_text(text)
     check_invariants(text, parts, 2048)
-    assert len(parts) >= nbytes(text) // 2048
+    assert len(parts) >= nbytes("".join(parts)) // 2048
 
 
 @given(text=mixed_text)
 def test_short_text_is_one_part(text: str) -> None:
-    assume(0 < nbytes(text) <= WECOM_TEXT_LIMIT)
+    assume(0 < nbytes(text) <= WECOM_TEXT_LIMIT and not text.isspace())
     assert split_text(text) == [text]
 
 
 @given(text=mixed_text, limit=st.integers(min_value=24, max_value=300))
 @settings(max_examples=300)
 def test_a_cut_never_breaks_a_grapheme_when_it_need_not(text: str, limit: int) -> None:
-    parts = split_text(text, limit=limit)
-    pos = 0
-    for part in parts[:-1]:
-        start, pos = pos, pos + len(part)
-        window_end = start + len(part)
-        found = boundaries(text, start, window_end)
+    for start, pos in split_spans(text, limit=limit)[:-1]:
+        found = boundaries(text, start, pos)
         if found[pos] is Boundary.CODEPOINT:
             # only when the whole budget held no grapheme boundary at all
             end = start
@@ -176,6 +177,30 @@ def test_a_code_block_that_fits_is_never_cut(
 
 def test_empty_text_has_no_parts() -> None:
     assert split_text("") == []
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "a" * 2000 + " " * 1500 + "b" * 1000,  # cut at 2048, then after the run
+        "a" * 2000 + "\n" * 1500 + "b" * 1000,  # a line end inside the blank lines
+        "a" * 100 + " " * 5000 + "b",  # a run longer than a part
+        "a" * 2000 + "\n\n" + "\u3000" * 1000,  # trailing whitespace beyond a part
+    ],
+    ids=["spaces", "blank lines", "longer than a part", "at the end"],
+)
+def test_no_part_is_whitespace_only(text: str) -> None:
+    """A part of only whitespace shows nothing, and WeCom refuses empty content
+    (44004): the run of 1 KB and more a cut falls in was sent alone (found by review)."""
+    parts = split_text(text)
+    assert not any(part.isspace() for part in parts)
+    check_invariants(text, parts, WECOM_TEXT_LIMIT)
+
+
+def test_a_whitespace_only_text_has_no_parts() -> None:
+    """The sender then records it as empty content (44004) without a send."""
+    assert split_text(" \n\u3000") == []
+    assert split_text("\n" * 5000) == []
 
 
 def test_exactly_at_the_limit_is_one_part() -> None:

@@ -42,7 +42,7 @@ from wecombot_common.events import (
     failure_of_round,
 )
 
-from .split import split_text
+from .split import split_spans
 
 __all__ = [
     "CHECK_REACHES_BACK_S",
@@ -339,11 +339,7 @@ def layout(text: str, outcome: OutcomeState) -> list[tuple[int, int]]:
 
 
 def _split_from(text: str, offset: int) -> list[tuple[int, int]]:
-    spans = []
-    for part in split_text(text[offset:]):
-        spans.append((offset, offset + len(part)))
-        offset += len(part)
-    return spans
+    return [(offset + start, offset + end) for start, end in split_spans(text[offset:])]
 
 
 # The sends' times are those of the replicas that recorded them, by their own clocks: a

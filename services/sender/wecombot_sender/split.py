@@ -3,7 +3,8 @@
 WeCom silently truncates ``text.content`` beyond 2048 UTF-8 bytes
 (https://developer.work.weixin.qq.com/document/path/90236), so a longer reply goes out as
 several messages. The parts concatenate to the reply exactly: nothing is added (no
-"(1/3)", no re-opened code fences) and nothing is trimmed::
+"(1/3)", no re-opened code fences) and nothing is trimmed, but for one thing: a part the
+cuts would leave whitespace only is left out (it would show nothing)::
 
     >>> split_text("第一段。\\n\\nsecond paragraph", limit=16)
     ['第一段。\\n\\n', 'second paragraph']
@@ -42,7 +43,14 @@ from itertools import accumulate
 
 import regex
 
-__all__ = ["WECOM_TEXT_LIMIT", "Boundary", "boundaries", "fenced_spans", "split_text"]
+__all__ = [
+    "WECOM_TEXT_LIMIT",
+    "Boundary",
+    "boundaries",
+    "fenced_spans",
+    "split_spans",
+    "split_text",
+]
 
 WECOM_TEXT_LIMIT = 2048  # bytes of text.content, path/90236
 
@@ -77,6 +85,18 @@ def split_text(
     text: str, *, limit: int = WECOM_TEXT_LIMIT, min_fill: int | None = None
 ) -> list[str]:
     """Split ``text`` into parts of at most ``limit`` UTF-8 bytes (see the module doc)."""
+    return [text[start:end] for start, end in split_spans(text, limit=limit, min_fill=min_fill)]
+
+
+def split_spans(
+    text: str, *, limit: int = WECOM_TEXT_LIMIT, min_fill: int | None = None
+) -> list[tuple[int, int]]:
+    """Each part of :func:`split_text` as its ``(start, end)`` code point offsets in
+    ``text``: in order and apart; only whitespace lies between them.
+
+    >>> split_spans("a" * 6 + " " * 20 + "b", limit=8)
+    [(0, 8), (24, 27)]
+    """
     if limit < 4:
         raise ValueError("limit must hold at least one character (4 bytes)")
     fill = limit // 2 if min_fill is None else min_fill
@@ -84,16 +104,20 @@ def split_text(
     fences = fenced_spans(text)
     fitting = [(b, e) for b, e in fences if offsets[e] - offsets[b] <= limit]
     too_big = [(b, e) for b, e in fences if offsets[e] - offsets[b] > limit]
-    parts: list[str] = []
+    spans: list[tuple[int, int]] = []
     start = 0
-    while offsets[-1] - offsets[start] > limit:
-        end = bisect_right(offsets, offsets[start] + limit) - 1
-        cut = _best_cut(text, start, end, offsets, (fitting, too_big), fill)
-        parts.append(text[start:cut])
+    while start < len(text):
+        cut = len(text)
+        if offsets[-1] - offsets[start] > limit:
+            end = bisect_right(offsets, offsets[start] + limit) - 1
+            cut = _best_cut(text, start, end, offsets, (fitting, too_big), fill)
+        # A part the cuts left whitespace only (inside a long run of blank lines or
+        # spaces) shows nothing, and WeCom refuses empty content (44004, the global
+        # error codes, path/90313): it is not sent. Nothing visible is lost.
+        if not text[start:cut].isspace():
+            spans.append((start, cut))
         start = cut
-    if start < len(text):
-        parts.append(text[start:])
-    return parts
+    return spans
 
 
 def fenced_spans(text: str) -> list[tuple[int, int]]:
