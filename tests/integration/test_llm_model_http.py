@@ -261,6 +261,23 @@ async def test_an_answer_too_big_to_be_one_is_refused_as_it_arrives(coding: str)
     assert requests == 1
 
 
+@pytest.mark.parametrize(
+    ("status", "kind", "setting"),
+    [(429, ModelUnavailable, None), (503, ModelUnavailable, None),
+     (401, ModelRejected, "OPENAI_API_KEY")],
+)  # fmt: skip
+async def test_an_error_page_of_any_size_is_judged_by_its_status(
+    status: int, kind: type[ModelError], setting: str | None
+) -> None:
+    """A proxy's error page past the 2 MiB an answer may have made a 429 or 503 a refusal
+    for good (the size limit tripped first): its status decides, its start is the reason."""
+    page = b"<html><title>Too busy</title>" + b"x" * (MAX_RESPONSE_BYTES + 1024) + b"</html>"
+    async with raw_http(answering(status, page, "text/html")) as base_url:
+        failed = await failure(base_url, kind)
+    assert str(failed).startswith(f"HTTP {status}: <html><title>Too busy</title>xxx"), failed
+    assert getattr(failed, "setting", None) == setting
+
+
 async def test_a_client_error_is_permanent_and_not_retried(api: SimulatedOpenAIApi) -> None:
     api.fail_always(Fault.server_error(400))
     failed = await failure(api.base_url, ModelRejected, retry_budget_s=5.0)

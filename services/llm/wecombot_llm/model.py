@@ -351,12 +351,17 @@ class OpenAIChatModel:
         )
 
     async def _post(self, body: dict[str, Any]) -> httpx.Response:
-        """The provider's answer, its body read up to MAX_RESPONSE_BYTES (decompressed)."""
+        """The provider's answer, its body read up to MAX_RESPONSE_BYTES (decompressed);
+        an error's only its first MAX_ERROR_BYTES, whatever its size: its status decides
+        (a 429 or 5xx stays worth a retry) and its message is at its start."""
         request = self._client.build_request(
             "POST", self._url, content=_encode_body(body), headers=_JSON_BODY, params=self._params
         )
         response = await self._client.send(request, stream=True)
-        content = await read_capped(response, MAX_RESPONSE_BYTES)
+        if response.status_code == 200:
+            content = await read_capped(response, MAX_RESPONSE_BYTES)
+        else:
+            content = await _read_head(response, MAX_ERROR_BYTES)
         # The bytes are decoded already (gzip): httpx would decode them again by the
         # Content-Encoding header, and its length is the coded one.
         headers = [
@@ -428,6 +433,26 @@ def _visible(content: str) -> str:
 # about twice (the chunks, then the body): at 8 MiB, 16 such answers at once took a
 # replica from 42 to 228 MB, and LLM_MAX_CONCURRENCY's 64 would pass the pod's 512 MiB.
 MAX_RESPONSE_BYTES = 2 * 1024 * 1024
+# An error's body is read this far, the rest left unread: error_detail keeps 200
+# characters of its message, and a proxy's error page past MAX_RESPONSE_BYTES made a 429
+# or 503 a refusal for good.
+MAX_ERROR_BYTES = 64 * 1024
+
+
+async def _read_head(response: httpx.Response, limit: int) -> bytes:
+    """The first ``limit`` bytes of the streamed ``response``'s body (decoded), the rest
+    unread. Closes the response."""
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        async for chunk in response.aiter_bytes():
+            chunks.append(chunk[: limit - size])
+            size += len(chunks[-1])
+            if size >= limit:
+                break
+    finally:
+        await response.aclose()
+    return b"".join(chunks)
 
 
 def _aiohttp_transport(settings: ModelSettings) -> httpx.AsyncBaseTransport:
