@@ -186,10 +186,25 @@ def test_fold_keeps_a_bounded_number_of_turns() -> None:
     events: list[Event] = []
     for k in range(5):
         q = msg(f"q{k}")
-        events += [q, reply_to(q, f"a{k}")]
+        a = reply_to(q, f"a{k}")
+        events += [q, a, _delivery(PartDelivered, a, index=0, total=1, wecom_msgid="m")]
     for s in stored(*events):
         conv.apply(s)
     assert list(conv.turns) == [Turn("q3", "a3"), Turn("q4", "a4")]
+
+
+def test_answers_not_known_delivered_are_kept_up_to_twice_the_turns() -> None:
+    """One may yet prove unseen (a DeliveryFailed comes after the answer is kept): the
+    ones read before it are kept meanwhile, and twice the turns bound them all."""
+    conv = Conversation(needs_outcome=always, keep_turns=2)
+    events: list[Event] = []
+    for k in range(5):
+        q = msg(f"q{k}")
+        events += [q, reply_to(q, f"a{k}")]
+    for s in stored(*events):
+        conv.apply(s)
+    assert [t.user for t in conv.turns] == ["q1", "q2", "q3", "q4"]
+    assert len(conv.pending) == 4
 
 
 def test_applying_the_last_event_again_changes_nothing() -> None:
@@ -294,6 +309,32 @@ def test_an_answer_the_user_never_saw_is_not_history() -> None:
     assert late.history(7) == [Turn("q1", "a1")]
 
 
+def test_answers_the_user_never_saw_do_not_take_the_place_of_ones_read() -> None:
+    """The fold kept the last LLM_MAX_TURNS exchanges and then left the unseen out: the
+    model got fewer turns than it could have, though the user had read older ones."""
+    conv = Conversation(needs_outcome=always, keep_turns=2)
+    events: list[Event] = []
+    for k in range(4):
+        q = msg(f"q{k}")
+        a = reply_to(q, f"a{k}")
+        if k < 2:
+            seen = _delivery(PartDelivered, a, index=0, total=1, wecom_msgid="m")
+        else:  # found unseen after it was kept
+            seen = _delivery(DeliveryFailed, a, errcode=81013, reason="x", parts_delivered=0)
+        events += [q, a, seen]
+    for s in stored(*events, msg("q4")):
+        conv.apply(s)
+    assert conv.history(conv.last_seq) == [Turn("q0", "a0"), Turn("q1", "a1")]
+    # a requeued answer delivered at last is read: the oldest read one goes
+    a3 = events[-2]
+    assert isinstance(a3, ReplyGenerated)
+    requeued = _delivery(ReplyRequeued, a3, reason="replayed")
+    part = _delivery(PartDelivered, a3, index=0, total=1, wecom_msgid="m")
+    for event in (requeued, part):
+        conv.apply(StoredEvent(conv.last_seq + 1, event))
+    assert [t.user for t in conv.history(conv.last_seq + 1)] == ["q1", "q3"]
+
+
 def test_an_unseen_answer_reset_or_dropped_from_the_turns_is_not_held() -> None:
     q1, q2 = msg("q1"), msg("q2")
     a1, a2 = reply_to(q1, "a1"), reply_to(q2, "a2")
@@ -302,9 +343,10 @@ def test_an_unseen_answer_reset_or_dropped_from_the_turns_is_not_held() -> None:
     for event in (q1, a1, refused):
         conv.apply(StoredEvent(conv.last_seq + 1, event))
     assert conv.unseen == {a1.event_id}
-    for event in (q2, a2):  # a1's exchange leaves the kept turns
+    part = _delivery(PartDelivered, a2, index=0, total=1, wecom_msgid="m")
+    for event in (q2, a2, part):  # a1's exchange leaves the kept turns
         conv.apply(StoredEvent(conv.last_seq + 1, event))
-    assert conv.unseen == frozenset()
+    assert conv.unseen == conv.pending == frozenset()
 
 
 def test_an_answer_is_cut_by_its_utf8_bytes_not_its_characters() -> None:

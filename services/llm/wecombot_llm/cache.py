@@ -12,7 +12,8 @@ re-read. An entry also coordinates this process's deliveries of one conversation
 Entries in use are never evicted, so all deliveries of a conversation share one lock.
 The cache holds about ``max_bytes`` (each entry counted
 after use: ENTRY_BYTES plus :meth:`Conversation.approx_bytes`, ``LLM_CACHE_MB``): a
-conversation holds up to ``LLM_MAX_TURNS`` turns and a thousand settled ids, so a count
+conversation holds up to twice ``LLM_MAX_TURNS`` turns (those the user read, and newer
+ones not known read) and a thousand settled ids, so a count
 alone let a busy replica grow past its pod's memory (``capacity`` is only a safety net,
 the bytes bind first)::
 

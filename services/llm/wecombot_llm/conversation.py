@@ -9,8 +9,10 @@ The log is the only authority; this state is rebuilt from it (and cached, see ca
     Go()
 
 What the fold keeps
-    ``turns``        answered text exchanges since the last ConversationReset (at most
-                     ``keep_turns``, oldest dropped): the user's text and the assistant's
+    ``turns``        answered text exchanges since the last ConversationReset: the
+                     newest ``keep_turns`` the user read (a part delivered), and any
+                     newer ones, the oldest dropped (at most twice ``keep_turns`` in all):
+                     the user's text and the assistant's
                      ReplyGenerated(kind="answer") text, matched by ``causation_id``.
                      Failed answers, notices and commands are not turns. Each keeps its
                      message's seq and time: a message's history (:meth:`history`) is
@@ -18,7 +20,10 @@ What the fold keeps
                      one whose answer the user never saw (``unseen``).
     ``unseen``       answers WeCom refused for good with no part delivered
                      (DeliveryFailed, on the sender's branch), not requeued since: the
-                     model is not told it said what the user never read.
+                     model is not told it said what the user never read. Left out
+                     first, then the last ``keep_turns`` taken: an answer found unseen
+                     after a newer one was kept does not cost the model a turn it read.
+    ``pending``      kept answers neither delivered (no part) nor unseen yet.
     ``awaiting``     received messages that need an outcome and have none yet, by
                      event_id, with the stream seq where each was first stored and the
                      gate's verdict on it (gate.py: admitted, or a flood / refusal notice).
@@ -98,12 +103,13 @@ class Conversation:
     settled: OrderedDict[str, Verdict] = field(default_factory=OrderedDict)
     # of the exchanges kept, by reply id; one empty set for every fold until one has some
     unseen: AbstractSet[str] = frozenset()
+    pending: AbstractSet[str] = frozenset()  # the same, of those not delivered nor unseen
     last_seq: int = 0
     llm_last_seq: int = 0
     gate: Gate = field(init=False)
 
     def __post_init__(self) -> None:
-        self._turns = deque(maxlen=max(self.keep_turns, 0))
+        self._turns = deque()
         self.gate = Gate(self.gate_policy)
 
     @property
@@ -138,20 +144,20 @@ class Conversation:
             self._outcome(event, stored.seq)
         elif isinstance(event, ReplyRequeued):  # an operator's, on the llm branch
             self.llm_last_seq = stored.seq
-            self._show(event.reply_id)  # delivered again, after its last part
+            if event.reply_id in self.unseen:  # delivered again, after its last part
+                self._show(event.reply_id)
+                self.pending = {*self.pending, *self._kept(event.reply_id)}
         elif isinstance(event, DeliveryFailed) and event.parts_delivered == 0:
             # The sender gave the answer up (WeCom refused it for good, or an outage
             # outlasted its deliveries) before any part reached the user. An earlier
             # round's failure recorded late, after a requeue, hides the answer only
             # until the requeued round records a part.
-            for exchange in self._turns:
-                if exchange.reply_id == event.reply_id:
-                    # the exchange's own string: the event's copy of the id would be
-                    # held besides it, and approx_bytes counts only the set's table
-                    self.unseen = {*self.unseen, exchange.reply_id}
-                    break
+            self.unseen = {*self.unseen, *self._kept(event.reply_id)}
+            self._settle_pending(event.reply_id)
         elif isinstance(event, PartDelivered):
             self._show(event.reply_id)
+            self._settle_pending(event.reply_id)
+            self._trim()
 
     def approx_bytes(self) -> int:
         """Roughly what this fold holds in memory: within 5 % of what tracemalloc
@@ -168,7 +174,7 @@ class Conversation:
             _AWAITING_BYTES + sys.getsizeof(a.text) for a in self.awaiting.values()
         )
         settled = sys.getsizeof(self.settled) + _ID_BYTES * len(self.settled)
-        unseen = sys.getsizeof(self.unseen) if self.unseen else 0
+        unseen = sum(sys.getsizeof(ids) for ids in (self.unseen, self.pending) if ids)
         return _BASE_BYTES + turns + waiting + settled + unseen
 
     def is_settled(self, event_id: str) -> bool:
@@ -213,8 +219,10 @@ class Conversation:
             kept = [exchange for exchange in self._turns if exchange.seq > self.reset_from]
             self._turns.clear()
             self._turns.extend(kept)
-            if self.unseen:
-                self.unseen = (self.unseen & {e.reply_id for e in kept}) or frozenset()
+            if self.unseen or self.pending:
+                ids = {e.reply_id for e in kept}
+                self.unseen = (self.unseen & ids) or frozenset()
+                self.pending = (self.pending & ids) or frozenset()
         elif (
             isinstance(event, ReplyGenerated)
             and event.kind == "answer"
@@ -222,17 +230,45 @@ class Conversation:
             and received.text is not None
             and received.seq > self.reset_from
         ):
-            if len(self._turns) == self._turns.maxlen and self._turns:
-                self._show(self._turns[0].reply_id)  # its exchange goes now
             self._turns.append(
                 _Exchange(
                     received.seq, received.at, Turn(received.text, event.text), event.event_id
                 )
             )
+            self.pending = {*self.pending, event.event_id}
+            self._trim()
+
+    def _kept(self, reply_id: str) -> list[str]:
+        """The kept exchange's own string for ``reply_id`` (none if not kept): the event's
+        copy of the id would be held besides it, and approx_bytes counts only the sets'
+        tables."""
+        return [e.reply_id for e in self._turns if e.reply_id == reply_id][:1]
 
     def _show(self, reply_id: str) -> None:
         if reply_id in self.unseen:
             self.unseen = (self.unseen - {reply_id}) or frozenset()
+
+    def _settle_pending(self, reply_id: str) -> None:
+        if reply_id in self.pending:
+            self.pending = (self.pending - {reply_id}) or frozenset()
+
+    def _trim(self) -> None:
+        """Drop the oldest exchanges past the newest ``keep_turns`` the user read. Those
+        not read (unseen) or not known to be (pending: one may yet prove unseen) do not
+        count, so the model still gets ``keep_turns`` it read; twice ``keep_turns`` in
+        all bounds a user whose every answer WeCom refuses."""
+        keep = max(self.keep_turns, 0)
+        unread = self.unseen | self.pending
+        read = sum(1 for e in self._turns if e.reply_id not in unread)
+        while self._turns:
+            oldest = self._turns[0].reply_id
+            read_after = read - (oldest not in unread)
+            if read_after < keep and len(self._turns) <= 2 * keep:
+                break
+            self._turns.popleft()
+            read = read_after
+            self._show(oldest)
+            self._settle_pending(oldest)
 
     def _settle(self, event_id: str, verdict: Verdict) -> None:
         self.settled[event_id] = verdict
