@@ -18,6 +18,7 @@ from wecombot_common.events import MessageReceived, TextPayload
 from wecombot_common.sim.callbacks import CallbackBuilder
 from wecombot_gateway.callback import CallbackOpener, CallbackQuery
 from wecombot_gateway.errors import InvalidQuery, StaleTimestamp
+from wecombot_gateway.parse import parse_message
 
 CORP = "wwcallbackunit01"
 AGENT = 1000002
@@ -79,12 +80,19 @@ def test_a_messages_encrypt_sent_back_as_a_url_check_is_not_decrypted() -> None:
         OPENER.url_check(CallbackQuery.parse(query, url_check=True), now=FRESH)
 
 
-@pytest.mark.parametrize("before", [b"\n", b"\r\n", b" \t"], ids=repr)
+@pytest.mark.parametrize(
+    "before", [b"\n", b"\r\n", b" \t", b"\xef\xbb\xbf", b"\xef\xbb\xbf\n"], ids=repr
+)
 def test_an_echostr_decrypting_to_xml_after_whitespace_is_refused_too(before: bytes) -> None:
-    """XML is XML with a line break before it: such a signed plaintext is a message's,
-    not a URL check's random string, and is not answered."""
+    """XML is XML with a line break or a UTF-8 BOM before it (the message parser reads
+    it as a message): such a signed plaintext is a message's, not a URL check's random
+    string, and is not answered."""
+    plaintext = before + WECOM.text("zhang.san", "工资单").inner_xml.encode()
+    assert parse_message(plaintext, corp_id=CORP, agent_id=AGENT, app=APP).from_user == (
+        "zhang.san"
+    )
     ts, nonce = str(SENT_AT), "1372623149"
-    echostr = WECOM.crypto.encrypt(before + WECOM.text("zhang.san", "工资单").inner_xml.encode())
+    echostr = WECOM.crypto.encrypt(plaintext)
     signature = WECOM.crypto.signature(ts, nonce, echostr)
     query = MultiDict(msg_signature=signature, timestamp=ts, nonce=nonce, echostr=echostr)
     with pytest.raises(InvalidQuery, match="echostr decrypts to XML"):

@@ -42,6 +42,7 @@ __all__ = ["CallbackOpener", "CallbackQuery", "check_fresh"]
 _SIGNED = ("msg_signature", "timestamp", "nonce")
 _URL_CHECK = (*_SIGNED, "echostr")
 _MAX_TIMESTAMP_DIGITS = 11
+_UTF8_BOM = "\ufeff".encode()
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,6 +126,8 @@ class CallbackOpener:
         POST seen on its way (a proxy's or WAF's body log) could be sent back as a GET
         within the replay window, and its message would be answered decrypted. WeCom's
         echostr is a random string, never XML: a plaintext that is XML is refused (400).
+        XML is looked for after what the message parser skips before ``<xml>``: a UTF-8
+        BOM, then whitespace.
         """
         assert query.echostr is not None, "parse the query with url_check=True"
         self._crypto.verify_signature(
@@ -132,7 +135,7 @@ class CallbackOpener:
         )
         check_fresh(query.timestamp, now=now, window_s=self._window_s)
         plaintext = self._crypto.decrypt(query.echostr)
-        if plaintext.lstrip()[:1] == b"<":
+        if plaintext.removeprefix(_UTF8_BOM).lstrip()[:1] == b"<":
             raise InvalidQuery("echostr decrypts to XML: a message's Encrypt sent as a URL check")
         return plaintext
 
