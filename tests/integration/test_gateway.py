@@ -869,6 +869,11 @@ BAD_INPUTS: dict[str, Bad] = {
         400,
         "CreateTime",
     ),
+    "AgentID that is no app's id": Bad(
+        lambda: post(text_message("9").replace(f">{AGENT}<".encode(), b">1000002x<")),
+        400,
+        "AgentID '1000002x' is not an app's id (digits)",
+    ),
 }
 
 

@@ -198,15 +198,24 @@ def test_a_message_for_another_app_of_the_company_is_refused() -> None:
     AgentID is another app's would be stored and answered as ours."""
     with pytest.raises(WrongRecipient, match=r"AgentID 1000003, not for ours \(1000002\)"):
         parse(xml(message(MsgType="text", Content="hi", MsgId="9", AgentID="1000003")))
-    # No AgentID (some events), or one that is no number: not another app's, kept. Digits
-    # of other scripts are no number either (int() would read "٢" as 2: another app).
-    for agent in (None, "", "x", "٢", "２"):
+    # No AgentID (some events), or an empty one: not another app's, kept.
+    for agent in (None, "", " "):
         fields = message(MsgType="text", Content="hi", MsgId="9")
         if agent is None:
             del fields["AgentID"]
         else:
             fields["AgentID"] = agent
         assert parse(xml(fields)).agent_id is None
+
+
+@pytest.mark.parametrize("agent", ["x", "1000002x", "-1", "٢", "２", "1" * 19, "1" * 5000])
+def test_an_agentid_that_is_no_apps_id_is_refused(agent: str) -> None:
+    """WeCom's AgentID is the app's id, digits: anything else was taken as "no AgentID"
+    and the message stored as ours. Digits of other scripts are no id either (int() reads
+    "٢" as 2), nor digits beyond an int64 (int() refuses 5000 of them: a 500)."""
+    fields = message(MsgType="text", Content="hi", MsgId="9", AgentID=agent)
+    with pytest.raises(InvalidMessage, match=r"AgentID .* is not an app's id \(digits\)"):
+        parse(xml(fields))
 
 
 def test_an_agentid_with_whitespace_around_it_is_still_that_app() -> None:

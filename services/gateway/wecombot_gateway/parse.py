@@ -68,6 +68,7 @@ _SAFE_KEY_PART = re.compile(r"[A-Za-z0-9_\-@.]{1,128}")
 # do not know is kept (UnknownPayload); anything else is not a MsgType at all: refused.
 _MSG_TYPE = re.compile(r"[a-z_]{1,32}")
 _MAX_CREATE_TIME_DIGITS = 11  # beyond year 5000: not a real CreateTime
+_MAX_AGENT_ID_DIGITS = 18  # an int64; WeCom's are 7 digits (1000002)
 # Elements every message carries; they become envelope fields of MessageReceived, so the
 # payload's ``fields`` holds everything else.
 _COMMON = frozenset(("ToUserName", "FromUserName", "CreateTime", "MsgType", "MsgId", "AgentID"))
@@ -148,10 +149,11 @@ def parse_message(plaintext: bytes, *, corp_id: str, agent_id: int, app: str) ->
     becomes an UnknownPayload with every field; a MsgType that is no type token at all
     (empty, longer than 32, other characters) is refused as InvalidMessage.
 
-    Raises InvalidMessage (not UTF-8, a required field missing or malformed), MalformedXml,
-    UnsafeXml, or WrongRecipient (ToUserName is not ``corp_id``, or an AgentID is there
-    and is not ``agent_id``: another app of the company posting to our URL with the same
-    Token and key; stored as ours, its users would be answered by our app).
+    Raises InvalidMessage (not UTF-8, a required field missing or malformed, an AgentID
+    that is no app's id), MalformedXml, UnsafeXml, or WrongRecipient (ToUserName is not
+    ``corp_id``, or an AgentID is there and is not ``agent_id``: another app of the
+    company posting to our URL with the same Token and key; stored as ours, its users
+    would be answered by our app).
     """
     try:
         text = plaintext.decode("utf-8")
@@ -369,8 +371,18 @@ def _msg_type(raw: str) -> str:
 
 
 def _agent_id(raw: str | None) -> int | None:
+    """The app a message is for; None when it has none (absent or empty: some events).
+
+    WeCom's AgentID is the app's id, an integer
+    (https://developer.work.weixin.qq.com/document/path/90238); anything else is no app's:
+    refused, not taken as "no AgentID" and stored as ours.
+    """
     value = (raw or "").strip()
-    return int(value) if value.isascii() and value.isdigit() else None
+    if not value:
+        return None
+    if not (value.isascii() and value.isdigit()) or len(value) > _MAX_AGENT_ID_DIGITS:
+        raise InvalidMessage(f"AgentID {_show(raw or '')} is not an app's id (digits)")
+    return int(value)
 
 
 def _number(fields: dict[str, str], name: str, parse: Callable[[str], float]) -> float:
