@@ -12,12 +12,14 @@ import asyncio
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import msgspec
+import nats
 import pytest
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
@@ -30,7 +32,7 @@ from wecombot import dlq
 from wecombot.dlq import _with_states, read_dead_letters, replay, run, standing
 from wecombot_common import topology
 from wecombot_common.bus import append_event, ensure_topology
-from wecombot_common.embedded import nats_server_binary
+from wecombot_common.embedded import EmbeddedNats, nats_server_binary
 from wecombot_common.errors import PermanentError
 from wecombot_common.events import (
     DeliveryFailed,
@@ -592,6 +594,54 @@ async def test_a_replay_the_log_refuses_says_so(
     code, out, err = await _dlq(nats_server.url, "replay", "3")
     assert (code, out) == (1, "")
     assert err.startswith("wecombot dlq: the log refused the append (nothing appended): "), err
+
+
+async def test_a_copy_over_the_brokers_max_payload_with_its_headers_is_refused(
+    tmp_path: Path,
+) -> None:
+    """The broker holds a message's headers and body together to its max_payload, while
+    nats-py checks the body alone: the copy of a message stored within its Nats-Msg-Id's
+    size of the limit (lowered since, here by a reload) went out, the broker answered
+    -ERR and nats-py closed the connection; the replay said only that it was lost."""
+    limit = 1024
+    conf = tmp_path / "nats.conf"
+    conf.write_text("max_payload: 4KB\n", encoding="utf-8")
+    broker = EmbeddedNats(tmp_path / "nats", config_file=conf, log_file=tmp_path / "nats.log")
+    broker.start()
+    try:
+        nc = await nats.connect(broker.url)
+        js = nc.jetstream()
+        await ensure_topology(js, _settings(broker.url))
+        message = msgspec.structs.replace(_received("m-big"), payload=TextPayload(content=""))
+        pad = limit - 20 - len(encode_event(message))
+        big = msgspec.structs.replace(message, payload=TextPayload(content="x" * pad))
+        assert len(encode_event(big)) == limit - 20  # fits alone; not with a header
+        await append_event(js, big)
+        await _park(js, big, 1, topology.LLM_CONSUMER)
+        await nc.close()
+
+        conf.write_text(f"max_payload: {limit}\n", encoding="utf-8")
+        assert broker.process is not None and broker.log_file is not None
+        log = broker.log_file
+        broker.process.send_signal(signal.SIGHUP)
+        await until(
+            lambda: f"Reloaded: max_payload = {limit}" in log.read_text(encoding="utf-8"),
+            timeout=10,
+            what="the broker to reload its configuration",
+        )
+        code, out, err = await _dlq(broker.url, "replay", "1")
+        assert (code, out) == (1, ""), err
+        assert err.startswith("wecombot dlq: message m-big from wang.wu cannot be appended "), err
+        assert f"over the broker's max_payload ({limit:,}). Not replayed" in err, err
+        code, out, err = await _dlq(broker.url, "replay", "--pending")
+        assert code == 1 and "0 of 1 dead letter replayed, 1 refused" in out, (out, err)
+
+        nc = await nats.connect(broker.url)
+        info = await nc.jetstream().stream_info(topology.CONVERSATION_STREAM)
+        assert info.state.messages == 1  # nothing appended
+        await nc.close()
+    finally:
+        broker.stop()
 
 
 async def test_a_message_that_left_the_log_is_gone_and_not_replayed(

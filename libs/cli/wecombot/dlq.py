@@ -91,6 +91,7 @@ from wecombot_common import topology
 from wecombot_common.bus import (
     AppendUnavailable,
     ConcurrencyConflict,
+    EventTooLarge,
     StoredEvent,
     append_event,
     read_conversation,
@@ -439,9 +440,19 @@ async def _redeliver(
         )
     # One copy per dead letter: replaying this letter twice appends once, and the letter
     # of a copy that failed again can be replayed in its turn.
-    appended = await append_event(
-        js, parked, msg_id=f"redeliver:{parked.event_id}:{seq}", as_read=letter.data
-    )
+    try:
+        appended = await append_event(
+            js, parked, msg_id=f"redeliver:{parked.event_id}:{seq}", as_read=letter.data
+        )
+    except EventTooLarge as exc:
+        # append_event refuses it before sending: sent, the broker (which counts the
+        # headers, where nats-py checks the body alone) answered -ERR, nats-py closed the
+        # connection, and the replay said "no answer, run it again", which met the same.
+        return False, (
+            f"message {parked.correlation_id} from {parked.conversation} cannot be appended "
+            f"again: {exc}. Not replayed: the broker's max_payload was lowered since the "
+            "message was stored? Raised again, the message can be replayed"
+        )
     if appended.duplicate:
         return True, (
             f"dead letter {seq} was replayed already: message {parked.correlation_id} from "

@@ -13,7 +13,7 @@ import itertools
 import math
 import time
 import weakref
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -51,6 +51,8 @@ __all__ = [
     "connect_when_ready",
     "ensure_stream",
     "ensure_topology",
+    "max_payload",
+    "message_size",
     "read_conversation",
     "server_too_old",
 ]
@@ -339,6 +341,12 @@ async def _unreadable_tail(
 async def _publish(
     js: JetStreamContext, event: Event, data: bytes, headers: dict[str, str], timeout: float
 ) -> Appended:
+    limit = max_payload(js)
+    if limit is not None and (size := message_size(data, headers)) > limit:
+        raise EventTooLarge(
+            f"the event is {size:,} bytes with its headers, over the broker's max_payload "
+            f"({limit:,})"
+        )
     try:
         ack = await js.publish(subject_for(event), data, timeout=timeout, headers=headers or None)
     except nats.js.errors.APIError as exc:
@@ -355,6 +363,38 @@ async def _publish(
     except nats.errors.Error as exc:
         raise AppendUnavailable(f"cannot publish: {exc}") from exc
     return Appended(seq=ack.seq, duplicate=bool(ack.duplicate))
+
+
+def message_size(data: bytes, headers: Mapping[str, str] | None = None) -> int:
+    """The bytes of a message the broker holds to its ``max_payload``: the body and the
+    headers together, as nats-py sends them (``NATS/1.0``, a ``key: value`` line each, a
+    blank line), and a few more.
+
+    nats-py checks the body alone: a message within its headers' size of the limit goes
+    out, the broker answers ``-ERR`` and nats-py closes the connection for good. Compare
+    this with :func:`max_payload` before publishing instead:
+
+    >>> message_size(b"x" * 100)
+    100
+    >>> message_size(b"x" * 100, {"Nats-Msg-Id": "ww1-2:42"})
+    151
+    """
+    if not headers:
+        return len(data)
+    lines = sum(len(k) + len(v.encode()) + 4 for k, v in headers.items())
+    return len(data) + len("NATS/1.0\r\n\r\n") + lines + 16
+
+
+def max_payload(client: NATS | JetStreamContext | None) -> int | None:
+    """The broker's ``max_payload`` as it told ``client`` (a connection, or a JetStream
+    context on one) when it connected; None when not known (a fake).
+
+    >>> max_payload(None) is None
+    True
+    """
+    connection = getattr(client, "_nc", client)  # JetStreamContext keeps its connection
+    limit = getattr(connection, "max_payload", None)
+    return limit if isinstance(limit, int) else None
 
 
 def _refusal(err_code: int | None, description: str | None) -> TransientError:

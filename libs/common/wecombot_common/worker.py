@@ -60,6 +60,7 @@ from nats.js.api import ConsumerConfig
 from prometheus_client import Counter, Gauge, Histogram
 
 from . import metrics, topology
+from .bus import max_payload, message_size
 from .errors import PermanentError, TransientError
 from .events import Event, EventDecodeError, NewerEventError, decode_event
 from .logs import LogSampler
@@ -415,13 +416,6 @@ class _ConsumerMetrics:
             oldest_seconds=metrics.CONSUMER_OLDEST_SECONDS.labels(consumer),
             handler_seconds=metrics.WORKER_HANDLER_SECONDS.labels(consumer),
         )
-
-
-def _headers_size(headers: dict[str, str]) -> int:
-    """The bytes nats-py sends ``headers`` as (``NATS/1.0``, a ``key: value`` line each,
-    a blank line), and a few more."""
-    lines = sum(len(k) + len(v.encode()) + 4 for k, v in headers.items())
-    return len("NATS/1.0\r\n\r\n") + lines + 16
 
 
 def backoff_delay(attempt: int, *, base: float = 0.5, cap: float = 30.0) -> float:
@@ -1109,16 +1103,15 @@ class PullWorker:
         headers' size of the limit (garbage appended by hand, say) went over it, the
         broker answered ``-ERR`` and nats-py closed the connection for good; every
         replica that took the message next failed the same way."""
-        client = self._connection or getattr(self._js, "_nc", None)
-        limit = getattr(client, "max_payload", None)
-        if not isinstance(limit, int) or len(msg.data) + _headers_size(headers) <= limit:
+        limit = max_payload(self._connection or self._js)
+        if limit is None or message_size(msg.data, headers) <= limit:
             return msg.data
         headers[DLQ_REASON] = (
             f"{headers[DLQ_REASON][:200]} (the body, {len(msg.data):,} bytes, is cut to fit "
             f"the broker's max_payload: the whole is in {topology.CONVERSATION_STREAM} at "
             f"seq {msg.metadata.sequence.stream})"
         )
-        return msg.data[: max(0, limit - _headers_size(headers))]
+        return msg.data[: max(0, limit - message_size(b"", headers))]
 
     def _forget_task(self, task: asyncio.Task[None]) -> None:
         self._tasks.pop(task, None)
