@@ -297,6 +297,31 @@ async def test_no_dlq_stream_yet_is_said_plainly(nats_server: NatsHandle) -> Non
         assert await _dlq(nats_server.url, *argv) == (1, "", expected), argv
 
 
+async def test_letters_with_their_log_deleted_say_so_not_gone(
+    nats_server: NatsHandle, dead: JetStreamContext
+) -> None:
+    """With the stream WECOMBOT deleted, every letter read `gone` (aged out), and a
+    replay refused each as "no longer in WECOMBOT (aged out ...)": the stream itself is
+    missing, which is said, naming it."""
+    await dead.delete_stream(topology.CONVERSATION_STREAM)
+    missing = "the stream WECOMBOT does not exist: what became of the dead letters'"
+    code, out, err = await _dlq(nats_server.url, "--json")
+    assert code == 0
+    assert [d["state"] for d in json.loads(out)] == ["unreadable", "?", "?"]
+    assert err.startswith(f"wecombot dlq: {missing}"), err
+    assert "(shown as ?): the services make it when they start" in err, err
+    code, out, err = await _dlq(nats_server.url, "show", "3")
+    assert code == 0 and "?" in out and missing in err, (out, err)
+    for argv in (("replay", "3"), ("replay", "2", "3"), ("replay", "--pending")):
+        code, out, err = await _dlq(nats_server.url, *argv)
+        assert (code, out) == (1, ""), (argv, out)
+        assert err == (
+            f"wecombot dlq: {missing} messages and replies cannot be read, and none can be "
+            f"replayed (at {nats_server.url}): the services make it when they start (or "
+            "`wecombot setup`)\n"
+        ), (argv, err)
+
+
 def _wecombot(
     *argv: str, url: str | None, cwd: Path | None = None
 ) -> subprocess.CompletedProcess[str]:

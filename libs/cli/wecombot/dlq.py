@@ -59,6 +59,8 @@ letters, 50 by default; the table says how many there are in all).
 
 Listing and showing read (STREAM.INFO and STREAM.MSG.GET on ``WECOMBOT_DLQ``, and each
 letter's conversation in ``WECOMBOT`` for its state); ``replay`` also appends to it.
+Without ``WECOMBOT`` (deleted), the states are ``?``, the stream named as missing on
+stderr, and ``replay`` refuses at once (exit 1), where each letter read ``gone``.
 Run it with the NATS admin credentials (``NATS_USER``/``NATS_PASSWORD`` or
 ``NATS_CREDS``, and ``NATS_URL``; a ``.env`` in the working directory is read for those
 not set, as ``dev`` and ``doctor`` do).
@@ -135,6 +137,7 @@ from .shared import (
 __all__ = [
     "ACCEPTS_ARGS",
     "DeadLetter",
+    "LogMissing",
     "main",
     "read_dead_letter",
     "read_dead_letters",
@@ -153,9 +156,31 @@ _NO_MESSAGE = 10037  # JetStream's "no message found"; 10059 is "stream not foun
 _SUBJECT_TOKEN = re.compile(r"[A-Za-z0-9_-]{1,64}")  # a consumer name that is one subject token
 _STATE_READS = 16  # letters whose state is read at once
 _LIST_LIMIT = 50  # letters listed when --limit is not given
+_MAKE_STREAMS = ": the services make it when they start (or `wecombot setup`)"
 STATES = (
     "pending", "answered", "delivered", "requeued", "gone", "newer", "unreadable", "misfiled"
 )  # fmt: skip
+
+
+class LogMissing(Exception):
+    """The stream WECOMBOT does not exist (deleted): what became of a letter's message or
+    reply cannot be read, and is not "gone" (aged out), as a read of it would say."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            f"the stream {topology.CONVERSATION_STREAM} does not exist: what became of the "
+            "dead letters' messages and replies cannot be read, and none can be replayed"
+        )
+
+
+async def _confirm_log(js: JetStreamContext) -> None:
+    """LogMissing when WECOMBOT does not exist. A conversation read from it answers
+    nothing then, as for a conversation whose events all aged out: asked before a letter
+    is called gone, not on every read."""
+    try:
+        await js.stream_info(topology.CONVERSATION_STREAM)
+    except nats.js.errors.NotFoundError:
+        raise LogMissing from None
 
 
 @dataclass(frozen=True)
@@ -430,6 +455,7 @@ async def _redeliver(
             f"{parked.conversation} is in the log again at seq {history.copy}"
         )
     if not history.present:
+        await _confirm_log(js)
         # Dropped with its conversation's oldest events (WECOMBOT_HISTORY_MAX_AGE or
         # _MAX_MB), its outcome may have gone before it: appended again, it was answered
         # a second time.
@@ -587,7 +613,8 @@ async def standing(js: JetStreamContext, letter: DeadLetter) -> str:
     - ``unreadable``: not a wecombot event: replaying cannot mend it;
     - ``misfiled``: filed on a subject other than its own (by hand, a faulty build): not
       replayed;
-    - ``?``: its conversation could not be read (said on stderr by the listing);
+    - ``?``: its conversation could not be read (said on stderr by the listing), or
+      WECOMBOT does not exist (LogMissing: not ``gone``, which a read of it would say);
     - ``""``: a consumer whose letters are not replayed.
 
     A letter stays in WECOMBOT_DLQ once handled (for WECOMBOT_HISTORY_MAX_AGE): this
@@ -612,11 +639,15 @@ async def standing(js: JetStreamContext, letter: DeadLetter) -> str:
             return "answered"
         if message.copy is not None:
             return "requeued"
-        return "pending" if message.present else "gone"
+        if message.present:
+            return "pending"
+        await _confirm_log(js)
+        return "gone"
     history = await _reply_history(js, parked, letter.stream_seq)
     if history is None:
         return "unreadable"
     if not history.present:
+        await _confirm_log(js)
         return "gone"
     if isinstance(history.last, ReplyDelivered):
         return "delivered"
@@ -634,6 +665,7 @@ async def _requeue(js: JetStreamContext, seq: int, parked: Event) -> tuple[bool,
         return False, f"dead letter {seq} is a {type(parked).__name__}, not a reply"
     reply_id, last, before_last = history.reply_id, history.last, history.before_last
     if not history.present:
+        await _confirm_log(js)
         # The dead letter outlives it (written later, kept as long): a requeue would only
         # be parked again by the sender, which delivers from the log's copy.
         return False, (
@@ -953,9 +985,12 @@ async def run(
         return await _act(nc.jetstream(timeout=_TIMEOUT_S), args, out, err)
     except nats.js.errors.NotFoundError:
         err.write(
-            f"wecombot dlq: the stream {topology.DEAD_LETTER_STREAM} does not exist at {url}: "
-            "the services make it when they start (or `wecombot setup`)\n"
+            f"wecombot dlq: the stream {topology.DEAD_LETTER_STREAM} does not exist at {url}"
+            f"{_MAKE_STREAMS}\n"
         )
+        return 1
+    except LogMissing as exc:
+        err.write(f"wecombot dlq: {exc} (at {url}){_MAKE_STREAMS}\n")
         return 1
     except (nats.js.errors.ServiceUnavailableError, nats.errors.NoRespondersError):
         summary, advice = no_jetstream(url)
@@ -1009,6 +1044,9 @@ def _misused(args: argparse.Namespace) -> str | None:
 
 async def _act(js: JetStreamContext, args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     if args.action == "replay":
+        # Both streams at once: without WECOMBOT, each letter was refused as gone.
+        await js.stream_info(topology.DEAD_LETTER_STREAM)
+        await _confirm_log(js)
         if args.pending:
             unread: list[DeadLetter] = []
             _, letters = await read_in_state(
@@ -1084,6 +1122,7 @@ async def _with_states(
     conversation cannot be read is shown all the same, its state ``?`` (said once on
     ``err``, with what becomes of it: ``unknown``)."""
     unread: list[str] = []
+    missing: list[LogMissing] = []
     reads = asyncio.Semaphore(_STATE_READS)
 
     async def with_state(letter: DeadLetter) -> DeadLetter:
@@ -1093,6 +1132,9 @@ async def _with_states(
             except (TimeoutError, nats.errors.Error) as exc:
                 state = "?"
                 unread.append(f"{letter.seq} ({type(exc).__name__})")
+            except LogMissing as exc:
+                state = "?"
+                missing.append(exc)
         return replace(letter, state=state)
 
     out = list(await asyncio.gather(*(with_state(d) for d in letters)))
@@ -1102,6 +1144,8 @@ async def _with_states(
             f"wecombot dlq: the state of dead letter {', '.join(unread)} could not be read "
             f"from {topology.CONVERSATION_STREAM}: {unknown}\n"
         )
+    if missing and err is not None:
+        err.write(f"wecombot dlq: {missing[0]} ({unknown}){_MAKE_STREAMS}\n")
     return out
 
 
