@@ -169,11 +169,15 @@ class Callgrind:
 
     A count, not a time: the same for the same work whatever else the machine is doing,
     so it tells an instruction apart from a cache miss (``bench.scenarios.instructions``).
-    Python under callgrind runs ~50x slower, so only a few hundred requests are counted::
+    Python under callgrind runs ~50x slower, so only a few hundred requests are counted.
+    A process starts with callgrind's instrumentation off (its start-up, imports mostly,
+    runs ≈ 5x faster so) and has it switched on before its warm-up::
 
         grind = Callgrind(workdir)
         service = Service(..., launcher=grind.launcher("gateway"))
-        await grind.zero(service)   # after its warm-up
+        await grind.instrument(service)  # once it is ready
+        ...                              # its warm-up
+        await grind.zero(service)
         ...                         # the work to count
         instructions = await grind.dump(service)
     """
@@ -188,7 +192,16 @@ class Callgrind:
         return f"{' and '.join(absent)} not installed" if absent else None
 
     def launcher(self, name: str) -> list[str]:
-        return ["valgrind", "--tool=callgrind", f"--callgrind-out-file={self._out(name)}"]
+        return [
+            "valgrind",
+            "--tool=callgrind",
+            "--instr-atstart=no",
+            f"--callgrind-out-file={self._out(name)}",
+        ]
+
+    async def instrument(self, service: Service) -> None:
+        """Switch instrumentation on: what ``service`` executes from now on is counted."""
+        await self._control("--instr=on", service)
 
     async def zero(self, service: Service) -> None:
         """Forget what ``service`` executed so far."""
