@@ -218,6 +218,27 @@ def test_an_agentid_that_is_no_apps_id_is_refused(agent: str) -> None:
         parse(xml(fields))
 
 
+@pytest.mark.parametrize(
+    "agent",
+    [
+        "<AgentID>1000003</AgentID><AgentID>1000002</AgentID>",
+        "<AgentID>1000002</AgentID><AgentID>1000003</AgentID>",
+        "<AgentID><Id>1000003</Id></AgentID>",
+        "<AgentID><x/></AgentID>",
+    ],
+    ids=["repeated, another app's first", "repeated, ours first", "nested", "an element"],
+)
+def test_an_agentid_the_parser_cannot_read_as_one_value_is_refused(agent: str) -> None:
+    """A repeated AgentID, or one holding elements, goes past the flat reading to the
+    XML parser, which names it ``AgentID[0]`` or ``AgentID.Id``: no ``AgentID`` at all,
+    so the message was stored as ours, another app's id in it (found by review)."""
+    fields = message(MsgType="text", Content="hi", MsgId="9")
+    del fields["AgentID"]
+    document = xml(fields).replace(b"</xml>", agent.encode() + b"</xml>")
+    with pytest.raises(InvalidMessage, match=r"AgentID .* is not an app's id"):
+        parse(document)
+
+
 def test_an_agentid_with_whitespace_around_it_is_still_that_app() -> None:
     """Whitespace around the digits (a pretty-printed document, a newline in the CDATA)
     hides no app: another app's is refused, ours is kept as ours."""

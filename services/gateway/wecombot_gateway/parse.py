@@ -172,7 +172,7 @@ def parse_message(plaintext: bytes, *, corp_id: str, agent_id: int, app: str) ->
         raise WrongRecipient(
             f"message addressed to {_show(to_user)}, not to our CorpID", setting="WECOM_CORP_ID"
         )
-    agent = _agent_id(fields.get("AgentID"))
+    agent = _agent_id(fields)
     if agent is not None and agent != agent_id:
         raise WrongRecipient(
             f"message for AgentID {agent}, not for ours ({agent_id})", setting="WECOM_AGENT_ID"
@@ -370,13 +370,18 @@ def _msg_type(raw: str) -> str:
     return raw
 
 
-def _agent_id(raw: str | None) -> int | None:
+def _agent_id(fields: dict[str, str]) -> int | None:
     """The app a message is for; None when it has none (absent or empty: some events).
 
     WeCom's AgentID is the app's id, an integer
     (https://developer.work.weixin.qq.com/document/path/90238); anything else is no app's:
-    refused, not taken as "no AgentID" and stored as ours.
+    refused, not taken as "no AgentID" and stored as ours. So is one repeated or holding
+    elements, which ``_flatten`` names ``AgentID[0]`` or ``AgentID.x`` (leaving no
+    ``AgentID``): another app's id may be among them.
     """
+    raw = fields.get("AgentID")
+    if raw is None and any(key.startswith(("AgentID[", "AgentID.")) for key in fields):
+        raise InvalidMessage("AgentID repeated or holding elements is not an app's id")
     value = (raw or "").strip()
     if not value:
         return None
