@@ -7,14 +7,17 @@ A token service restarting must never park replies."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 
+import nats
 import pytest
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
+from tests.conftest import NatsHandle
 from wecombot_common.tokens import TokenClient, TokenError, TransientTokenError
-from wecombot_common.topology import TOKEN_GET
+from wecombot_common.topology import TOKEN_GET, TOKEN_INVALIDATE
 
 pytestmark = pytest.mark.integration
 
@@ -106,3 +109,58 @@ async def test_a_failure_of_a_kind_unknown_here_keeps_its_words_and_its_wait(
 async def test_a_token_is_answered(nc: NATS, answer: Answer) -> None:
     await answer(b'{"ok":true,"token":"t0k3n-value","expires_at":1.0}', None)
     assert await TokenClient(nc, timeout=2).get(APP) == "t0k3n-value"
+
+
+async def test_a_request_lost_with_its_broker_is_asked_again_once_reconnected(
+    nc: NATS, nats_server: NatsHandle
+) -> None:
+    """The broker restarted after the token service had the request and before its
+    answer got through: the answer is lost, and the caller waited out its whole timeout
+    (30 s, its reply held) though the service answered at once when asked again."""
+    responder = await nats.connect(
+        nats_server.url, max_reconnect_attempts=-1, reconnect_time_wait=0.2
+    )
+    asked = 0
+    lost = asyncio.Event()
+
+    async def respond(msg: Msg) -> None:
+        nonlocal asked
+        asked += 1
+        if asked == 1:
+            lost.set()  # the broker goes before this one is answered
+        else:
+            await responder.publish(msg.reply, b'{"ok":true,"token":"t1"}')
+
+    try:
+        await responder.subscribe(TOKEN_GET, cb=respond)
+        await responder.flush()
+        get = asyncio.ensure_future(TokenClient(nc, timeout=600, reask_s=600).get(APP))
+        await lost.wait()
+        nats_server.stop()
+        nats_server.start()
+        async with asyncio.timeout(60):  # asked once only, it waits its 600 s
+            assert await get == "t1"
+        assert asked == 2
+    finally:
+        await responder.close()
+
+
+async def test_a_request_its_replica_died_with_is_asked_again(nc: NATS) -> None:
+    """The token replica given the request died before answering (killed, its node
+    lost): the caller waited out its whole timeout, 30 s, though another replica would
+    have answered at once. Asked again after ``reask_s``, another replica answers."""
+    asked: list[bytes] = []
+
+    async def respond(msg: Msg) -> None:
+        asked.append(msg.data)
+        if len(asked) > 1:  # the first went to the replica that died
+            await nc.publish(msg.reply, b'{"ok":true,"token":"t2"}')
+
+    sub = await nc.subscribe(TOKEN_INVALIDATE, cb=respond)
+    try:
+        client = TokenClient(nc, timeout=600, reask_s=0.2)
+        async with asyncio.timeout(60):  # asked once only, it waits its 600 s
+            assert await client.invalidate(APP, "t1") == "t2"
+        assert len(asked) == 2 and asked[0] == asked[1]  # the same question
+    finally:
+        await sub.unsubscribe()

@@ -19,11 +19,14 @@ delivery, with the reason).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from typing import Literal, get_args
 
 import msgspec
 import nats.errors
 from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
 
 from .errors import PermanentError, TransientError
 from .topology import TOKEN_GET, TOKEN_INVALIDATE
@@ -125,12 +128,21 @@ def _of_a_newer_build(data: bytes) -> TokenReply | None:
 # waiting out a crashed holder's lock, then its own, 2 × (TOKEN_HTTP_TIMEOUT 10 + 2) =
 # 24 s. A caller that gave up sooner was told "unavailable" while the token was coming.
 DEFAULT_TIMEOUT_S = 30.0
+# How often a request waiting for its answer looks whether the connection was made again
+# meanwhile (``TokenClient._request``).
+RECONNECT_CHECK_S = 0.5
 
 
 class TokenClient:
-    def __init__(self, nc: NATS, *, timeout: float = DEFAULT_TIMEOUT_S) -> None:
+    """``reask_s``: how long one request is waited for before the same question is asked
+    again (a third of ``timeout`` unless given; see :meth:`_request`)."""
+
+    def __init__(
+        self, nc: NATS, *, timeout: float = DEFAULT_TIMEOUT_S, reask_s: float | None = None
+    ) -> None:
         self._nc = nc
         self._timeout = timeout
+        self._reask_s = timeout / 3 if reask_s is None else reask_s
 
     async def get(self, app: str) -> str:
         reply = await self._ask(TOKEN_GET, TokenRequest(app=app))
@@ -143,9 +155,45 @@ class TokenClient:
         assert reply.token is not None
         return reply.token
 
+    async def _request(self, subject: str, data: bytes) -> Msg:
+        """``nc.request``, asked again when the client reconnects while it waits, and
+        every ``reask_s`` without an answer, until ``timeout``.
+
+        A request lost on the way is waited for to the timeout all the same, 30 s, the
+        sender's reply held meanwhile: one that reached a broker which then went away (a
+        restart, a crash, a rolling upgrade of the NATS cluster moving the client to
+        another node), or its answer did; one given to a token replica that died before
+        answering (killed, its node lost). Asked again, a live replica answers (the
+        queue group gives it to one that runs). Both questions are safe to ask twice (a
+        get answers the current token; an invalidate refreshes only while the token it
+        names is current, so the second finds the new one), and a replica that is slow
+        because it is refreshing lets the second wait for that same refresh."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._timeout
+        while True:
+            reconnects = _reconnects(self._nc)
+            reask_at = loop.time() + self._reask_s
+            ask = asyncio.ensure_future(
+                self._nc.request(subject, data, timeout=max(0.0, deadline - loop.time()))
+            )
+            while not ask.done():
+                await asyncio.wait([ask], timeout=min(RECONNECT_CHECK_S, self._reask_s))
+                if ask.done() or not self._nc.is_connected:
+                    continue  # reconnecting: asked again once it is back
+                if _reconnects(self._nc) == reconnects and loop.time() < reask_at:
+                    continue
+                if deadline - loop.time() <= 0:
+                    continue  # nats-py's own timeout ends it
+                ask.cancel()
+                with contextlib.suppress(asyncio.CancelledError, nats.errors.Error):
+                    await ask
+                break
+            if not ask.cancelled():
+                return ask.result()  # the answer, or nats-py's error
+
     async def _ask(self, subject: str, request: TokenRequest) -> TokenReply:
         try:
-            msg = await self._nc.request(subject, _encoder.encode(request), timeout=self._timeout)
+            msg = await self._request(subject, _encoder.encode(request))
         except nats.errors.NoRespondersError as exc:
             raise NoTokenService from exc
         except nats.errors.TimeoutError as exc:
@@ -171,3 +219,10 @@ class TokenClient:
         if kind in TRANSIENT_KINDS:
             raise TransientTokenError(kind, message, reply.retry_after)
         raise TokenError(kind, message, reply.errcode)
+
+
+def _reconnects(nc: NATS) -> int:
+    """How many times ``nc`` has connected again (nats-py counts it once CONNECT is
+    through)."""
+    stats = getattr(nc, "stats", None)
+    return int(stats.get("reconnects", 0)) if isinstance(stats, dict) else 0
