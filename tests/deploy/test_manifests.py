@@ -26,6 +26,7 @@ import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
+from nats.aio.client import DEFAULT_FLUSH_TIMEOUT
 
 from tests.deploy.conftest import (
     DEPLOY,
@@ -43,7 +44,7 @@ from tests.deploy.conftest import (
     tool,
 )
 from tests.unit.test_metrics_documented import promql_examples
-from wecombot_common import topology
+from wecombot_common import bus, topology
 from wecombot_common.worker import PullWorker
 
 # The oldest Kubernetes we support (matchLabelKeys in topology spread: beta since 1.27)
@@ -55,7 +56,18 @@ DEPLOY_DOC = ROOT / "docs" / "deploy.md"
 AUTH_CONF = NATS_DIR / "auth.conf"
 SECRET_TEMPLATE = K8S / "secrets.example.yaml"
 MONITORING = K8S / "components" / "monitoring"
-NATS_DRAIN_S = 10  # bus.connect(drain_timeout=10)
+
+
+def _nats_drain_s() -> int:
+    """Seconds bus.disconnect may take: nats-py's drain gives the subscriptions
+    bus.connect's drain_timeout, then flushes what is buffered (its default flush
+    timeout); to a broker that hangs, both run out."""
+    found = re.search(r'"drain_timeout": (\d+)', inspect.getsource(bus.connect))
+    assert found is not None, "bus.connect sets no drain_timeout"
+    return int(found[1]) + DEFAULT_FLUSH_TIMEOUT
+
+
+NATS_DRAIN_S = _nats_drain_s()
 FETCH_EXPIRY_S = 1  # PullWorker(fetch_timeout_s=1.0): the last pull request expires
 NATS_POD = {
     "app.kubernetes.io/name": "nats",
