@@ -343,10 +343,60 @@ def test_an_unseen_answer_reset_or_dropped_from_the_turns_is_not_held() -> None:
     for event in (q1, a1, refused):
         conv.apply(StoredEvent(conv.last_seq + 1, event))
     assert conv.unseen == {a1.event_id}
+    assert conv.pending == frozenset(), "unseen, no longer pending"
     part = _delivery(PartDelivered, a2, index=0, total=1, wecom_msgid="m")
     for event in (q2, a2, part):  # a1's exchange leaves the kept turns
         conv.apply(StoredEvent(conv.last_seq + 1, event))
     assert conv.unseen == conv.pending == frozenset()
+
+
+def _read(k: int) -> list[Event]:
+    """Exchange ``k``, its answer delivered whole."""
+    q = msg(f"q{k}")
+    a = reply_to(q, f"a{k}")
+    return [q, a, _delivery(PartDelivered, a, index=0, total=1, wecom_msgid=f"m{k}")]
+
+
+def test_a_requeued_answer_the_user_read_part_of_still_counts_as_read() -> None:
+    """Replayed after a part reached the user, the answer is read already: were it not
+    known delivered again (pending), an older exchange would be kept besides the
+    ``keep_turns`` read ones, and the model given more turns than LLM_MAX_TURNS."""
+    q1 = msg("q1")
+    a1 = reply_to(q1, "a1")
+    part = _delivery(PartDelivered, a1, index=0, total=2, wecom_msgid="m1")
+    gave_up = _delivery(DeliveryFailed, a1, errcode=-1, reason="busy", parts_delivered=1)
+    requeued = _delivery(ReplyRequeued, a1, reason="replayed")
+    conv = Conversation(needs_outcome=always, keep_turns=2)
+    for event in (*_read(0), q1, a1, part, gave_up, requeued, *_read(2)):
+        conv.apply(StoredEvent(conv.last_seq + 1, event))
+    assert conv.pending == frozenset()
+    assert [t.user for t in conv.history(conv.last_seq + 1)] == ["q1", "q2"]
+
+
+def test_a_requeued_unseen_answer_is_not_counted_read_until_a_part_is_delivered() -> None:
+    """Requeued, an answer WeCom refused may be refused again: counted read meanwhile, a
+    newer answer dropped an older read exchange, and when the requeued round failed too,
+    the model had one turn fewer than the user read."""
+    q2 = msg("q2")
+    a2 = reply_to(q2, "a2")
+    refused = _delivery(DeliveryFailed, a2, errcode=81013, reason="left", parts_delivered=0)
+    requeued = _delivery(ReplyRequeued, a2, reason="replayed")
+    q3 = msg("q3")
+    conv = Conversation(needs_outcome=always, keep_turns=2)
+    events = [*_read(0), *_read(1), q2, a2, refused, requeued, q3, reply_to(q3, "a3")]
+    for event in (*events, refused):  # the requeued round refused as well
+        conv.apply(StoredEvent(conv.last_seq + 1, event))
+    assert [t.user for t in conv.history(conv.last_seq + 1)] == ["q0", "q1", "q3"]
+
+
+def test_a_reset_forgets_the_answers_it_clears_delivered_or_not() -> None:
+    """An answer cleared by a reset before any delivery event was held in ``pending``
+    for good (nothing settles an id no longer kept): a conversation reset often grew."""
+    r, q = msg("/reset"), msg("q")
+    conv = Conversation(needs_outcome=always, keep_turns=2)
+    for event in (q, reply_to(q, "a"), r, reset_of(r)):
+        conv.apply(StoredEvent(conv.last_seq + 1, event))
+    assert conv.turns == [] and conv.pending == frozenset()
 
 
 def test_an_answer_is_cut_by_its_utf8_bytes_not_its_characters() -> None:
