@@ -164,3 +164,23 @@ async def test_a_request_its_replica_died_with_is_asked_again(nc: NATS) -> None:
         assert len(asked) == 2 and asked[0] == asked[1]  # the same question
     finally:
         await sub.unsubscribe()
+
+
+async def test_a_request_is_asked_again_within_its_timeout_by_default(nc: NATS) -> None:
+    """Without ``reask_s``, a question no replica answers is asked again after a third of
+    the timeout: the second has the two thirds left to be answered in. Asked once only,
+    it is waited out to the timeout and the caller told "unavailable"."""
+    asked = 0
+
+    async def respond(msg: Msg) -> None:
+        nonlocal asked
+        asked += 1
+        if asked > 1:  # the first went to a replica that died
+            await nc.publish(msg.reply, b'{"ok":true,"token":"t3"}')
+
+    sub = await nc.subscribe(TOKEN_GET, cb=respond)
+    try:
+        assert await TokenClient(nc, timeout=6).get(APP) == "t3"
+        assert asked == 2
+    finally:
+        await sub.unsubscribe()
