@@ -97,6 +97,9 @@ def test_a_token_gettoken_answered_again_is_served_to_its_expiry_without_refresh
     # Renewed (a later expiry), or another token: refreshed ahead as any.
     renewed = IssuedToken(value=TOKEN.value, fetched_at=7900.0, expires_at=15100.0)
     assert reissued(renewed, TOKEN) == renewed
+    # Later by 30 s or more is renewed; by less, the trips' times and rounding.
+    later = [msgspec.structs.replace(renewed, expires_at=8200.0 + s) for s in (29.9, 30.0)]
+    assert [reissued(t, TOKEN).reissued for t in later] == [True, False]
     other = IssuedToken(value="access-token-2", fetched_at=7900.0, expires_at=8200.0)
     assert reissued(other, TOKEN) == other
 
