@@ -239,6 +239,13 @@ def test_an_agentid_the_parser_cannot_read_as_one_value_is_refused(agent: str) -
         parse(document)
 
 
+def test_an_agentid_of_eighteen_digits_is_an_apps_id() -> None:
+    """The longest AgentID read as an id (18 digits, an int64's): another app's, refused as
+    WrongRecipient, not as a malformed message."""
+    with pytest.raises(WrongRecipient, match=r"AgentID 1{18}, not for ours"):
+        parse(xml(message(MsgType="text", Content="hi", MsgId="9", AgentID="1" * 18)))
+
+
 def test_an_agentid_with_whitespace_around_it_is_still_that_app() -> None:
     """Whitespace around the digits (a pretty-printed document, a newline in the CDATA)
     hides no app: another app's is refused, ours is kept as ours."""
