@@ -378,6 +378,8 @@ def message_size(data: bytes, headers: Mapping[str, str] | None = None) -> int:
     100
     >>> message_size(b"x" * 100, {"Nats-Msg-Id": "ww1-2:42"})
     151
+    >>> message_size(b"", {"Reason": "成员已离职"})  # UTF-8 bytes: WeCom's words, in a DLQ header
+    53
     """
     if not headers:
         return len(data)
