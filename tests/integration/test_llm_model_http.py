@@ -278,6 +278,30 @@ async def test_an_error_page_of_any_size_is_judged_by_its_status(
     assert getattr(failed, "setting", None) == setting
 
 
+async def test_an_endless_error_body_is_read_no_further_than_its_start() -> None:
+    """A broken proxy's 503 whose body never ends: read to its end, the attempt lasted
+    until LLM_REQUEST_TIMEOUT and failed as a timeout, the status and its words lost."""
+    chunk = b"x" * 65536
+    framed = f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n"
+
+    async def endless(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(
+            b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/html\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n1d\r\n<html><title>Too busy</title>\r\n"
+        )
+        with contextlib.suppress(ConnectionError):
+            for _ in range(256):  # 16 MiB, then silence: the body has no end
+                writer.write(framed)
+                await writer.drain()
+            await reader.read()  # until the client hangs up
+        writer.close()
+
+    async with raw_http(endless) as base_url:
+        failed = await failure(base_url, ModelUnavailable, request_timeout_s=3.0)
+    assert str(failed).startswith("HTTP 503: <html><title>Too busy</title>xxx"), failed
+
+
 async def test_a_client_error_is_permanent_and_not_retried(api: SimulatedOpenAIApi) -> None:
     api.fail_always(Fault.server_error(400))
     failed = await failure(api.base_url, ModelRejected, retry_budget_s=5.0)
