@@ -322,6 +322,23 @@ async def test_letters_with_their_log_deleted_say_so_not_gone(
         ), (argv, err)
 
 
+async def test_each_consumers_letter_with_its_log_deleted_is_not_called_gone(
+    nats_server: NatsHandle, js: JetStreamContext
+) -> None:
+    """A message the llm gave up on, a reply the sender did, WECOMBOT deleted since: each
+    read `gone` (aged out); ``replay`` itself (public: the services' tests call it) refused
+    each as aged out, where the stream is missing."""
+    await ensure_topology(js, _settings(nats_server.url))
+    await _park(js, _received("m-lost"), 1, topology.LLM_CONSUMER)
+    await _park(js, _reply("li.si", "lost"), 2)
+    await js.delete_stream(topology.CONVERSATION_STREAM)
+    code, out, err = await _dlq(nats_server.url, "--json")
+    assert code == 0 and [d["state"] for d in json.loads(out)] == ["?", "?"], (out, err)
+    for seq in (1, 2):
+        with pytest.raises(dlq.LogMissing):
+            await replay(js, seq)
+
+
 def _wecombot(
     *argv: str, url: str | None, cwd: Path | None = None
 ) -> subprocess.CompletedProcess[str]:
