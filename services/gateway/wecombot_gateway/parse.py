@@ -376,8 +376,9 @@ def _agent_id(fields: dict[str, str]) -> int | None:
     WeCom's AgentID is the app's id, an integer
     (https://developer.work.weixin.qq.com/document/path/90238); anything else is no app's:
     refused, not taken as "no AgentID" and stored as ours. So is one repeated or holding
-    elements, which ``_flatten`` names ``AgentID[0]`` or ``AgentID.x`` (leaving no
-    ``AgentID``): another app's id may be among them.
+    only elements, which ``_flatten`` names ``AgentID[0]`` or ``AgentID.x`` (leaving no
+    ``AgentID``): another app's id may be among them. Text beside elements
+    (``<AgentID>1000002<x/></AgentID>``) is read as the text: its digits are the id.
     """
     raw = fields.get("AgentID")
     if raw is None and any(key.startswith(("AgentID[", "AgentID.")) for key in fields):
