@@ -51,7 +51,7 @@ from wecombot_token.keeper import TokenKeeper
 from wecombot_token.main import serve
 from wecombot_token.settings import TokenSettings
 from wecombot_token.source import WeComTokenSource
-from wecombot_token.store import Claim, KvTokenStore, Snapshot, open_token_bucket
+from wecombot_token.store import Claim, KvTokenStore, Snapshot, TokenStore, open_token_bucket
 
 pytestmark = pytest.mark.integration
 
@@ -95,6 +95,23 @@ class Instance:
         self.stop_event.set()
         if self.task is not None:
             await asyncio.wait_for(self.task, 20.0)
+
+
+def keeper_over(
+    settings: TokenSettings, store: TokenStore, clock: Callable[[], float] = time.time
+) -> tuple[TokenKeeper, WeComTokenSource]:
+    """A keeper of APP over ``store`` as the service makes one, its gettoken client and
+    its time on ``clock``; close both."""
+    source = WeComTokenSource(settings.wecom, timeout_s=settings.http_timeout_s, clock=clock)
+    keeper = TokenKeeper(
+        APP,
+        source,
+        store,
+        settings.policy,
+        refresh_timeout_s=settings.refresh_timeout_s,
+        clock=clock,
+    )
+    return keeper, source
 
 
 def settings_for(nats_server: NatsHandle, sim: SimulatedWeComApi, **env: str) -> TokenSettings:
@@ -352,15 +369,7 @@ async def test_a_token_gettoken_answers_again_is_not_refreshed_ahead_over_and_ov
             }
         )
         store = KvTokenStore(await open_token_bucket(nc.jetstream(), replicas=1), APP)
-        source = WeComTokenSource(settings.wecom, timeout_s=settings.http_timeout_s, clock=clock)
-        keeper = TokenKeeper(
-            APP,
-            source,
-            store,
-            settings.policy,
-            refresh_timeout_s=settings.refresh_timeout_s,
-            clock=clock,
-        )
+        keeper, source = keeper_over(settings, store, clock)
         await store.watch(keeper.adopt)
         start = now[0]
         calls_at: dict[int, int] = {}  # seconds since the first fetch -> gettokens so far
@@ -716,17 +725,7 @@ async def test_a_replica_whose_clock_runs_ahead_leaves_a_live_lock_alone(
             def clock(skew: float = skew) -> float:
                 return time.time() + skew
 
-            source = WeComTokenSource(
-                settings.wecom, timeout_s=settings.http_timeout_s, clock=clock
-            )
-            keeper = TokenKeeper(
-                APP,
-                source,
-                store,
-                settings.policy,
-                refresh_timeout_s=settings.refresh_timeout_s,
-                clock=clock,
-            )
+            keeper, source = keeper_over(settings, store, clock)
             await store.watch(keeper.adopt)
             replicas.append((keeper, store, source))
         (a, _, _), (b, b_store, _) = replicas
@@ -1032,10 +1031,7 @@ async def test_a_bucket_failing_fast_costs_one_refresh_attempt_not_one_a_get(
         kv = await open_token_bucket(nc.jetstream(), replicas=1)
         await kv.put(f"{APP}.token", msgspec.json.encode(AppState(token=due)))
         store = FailingFast(kv, APP)
-        source = WeComTokenSource(settings.wecom, timeout_s=settings.http_timeout_s)
-        keeper = TokenKeeper(
-            APP, source, store, settings.policy, refresh_timeout_s=settings.refresh_timeout_s
-        )
+        keeper, source = keeper_over(settings, store)
         keeper.adopt(await store.load())
         store.failing = True
         try:
@@ -1106,10 +1102,7 @@ async def test_a_token_the_bucket_would_not_take_is_kept_over_the_one_it_replace
         kv = await open_token_bucket(nc.jetstream(), replicas=1)
         await kv.put(f"{APP}.token", msgspec.json.encode(AppState(token=rejected)))
         store = RefusingSaves(kv, APP)
-        source = WeComTokenSource(settings.wecom, timeout_s=settings.http_timeout_s)
-        keeper = TokenKeeper(
-            APP, source, store, settings.policy, refresh_timeout_s=settings.refresh_timeout_s
-        )
+        keeper, source = keeper_over(settings, store)
         await store.watch(keeper.adopt)
         try:
             store.refusing = True
