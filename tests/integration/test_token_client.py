@@ -8,6 +8,7 @@ A token service restarting must never park replies."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import nats
@@ -16,6 +17,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
 from tests.conftest import NatsHandle
+from tests.waiting import until
 from wecombot_common.tokens import TokenClient, TokenError, TransientTokenError
 from wecombot_common.topology import TOKEN_GET, TOKEN_INVALIDATE
 
@@ -182,5 +184,30 @@ async def test_a_request_is_asked_again_within_its_timeout_by_default(nc: NATS) 
     try:
         assert await TokenClient(nc, timeout=6).get(APP) == "t3"
         assert asked == 2
+    finally:
+        await sub.unsubscribe()
+
+
+async def test_a_cancelled_question_leaves_no_request_waiting(nc: NATS) -> None:
+    """A caller that stops waiting (its service stopping) takes its request with it: left
+    running, it held its place for the answer until its timeout and ended in an error
+    nobody retrieved."""
+    asked = asyncio.Event()
+
+    async def never(msg: Msg) -> None:
+        asked.set()
+
+    sub = await nc.subscribe(TOKEN_GET, cb=never)
+    try:
+        get = asyncio.ensure_future(TokenClient(nc, timeout=600).get(APP))
+        await asked.wait()
+        get.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await get
+
+        def requests() -> list[asyncio.Task[object]]:
+            return [t for t in asyncio.all_tasks() if "Client.request" in repr(t.get_coro())]
+
+        await until(lambda: not requests(), timeout=10, what=lambda: f"{requests()} to end")
     finally:
         await sub.unsubscribe()

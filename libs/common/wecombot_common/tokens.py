@@ -176,18 +176,21 @@ class TokenClient:
             ask = asyncio.ensure_future(
                 self._nc.request(subject, data, timeout=max(0.0, deadline - loop.time()))
             )
-            while not ask.done():
-                await asyncio.wait([ask], timeout=min(RECONNECT_CHECK_S, self._reask_s))
-                if ask.done() or not self._nc.is_connected:
-                    continue  # reconnecting: asked again once it is back
-                if _reconnects(self._nc) == reconnects and loop.time() < reask_at:
-                    continue
-                if deadline - loop.time() <= 0:
-                    continue  # nats-py's own timeout ends it
-                ask.cancel()
-                with contextlib.suppress(asyncio.CancelledError, nats.errors.Error):
-                    await ask
-                break
+            try:
+                while not ask.done():
+                    await asyncio.wait([ask], timeout=min(RECONNECT_CHECK_S, self._reask_s))
+                    if ask.done() or not self._nc.is_connected:
+                        continue  # reconnecting: asked again once it is back
+                    if _reconnects(self._nc) == reconnects and loop.time() < reask_at:
+                        continue
+                    if deadline - loop.time() <= 0:
+                        continue  # nats-py's own timeout ends it
+                    ask.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, nats.errors.Error):
+                        await ask
+                    break
+            finally:
+                ask.cancel()  # the caller cancelled: no request outlives it (done: a no-op)
             if not ask.cancelled():
                 return ask.result()  # the answer, or nats-py's error
 
