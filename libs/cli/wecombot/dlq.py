@@ -476,8 +476,8 @@ async def _redeliver(
         # connection, and the replay said "no answer, run it again", which met the same.
         return False, (
             f"message {parked.correlation_id} from {parked.conversation} cannot be appended "
-            f"again: {exc}. Not replayed: the broker's max_payload was lowered since the "
-            "message was stored? Raised again, the message can be replayed"
+            f"again: {exc}. Not replayed (was max_payload lowered since it was stored? "
+            "With it raised again, the letter can be replayed)"
         )
     if appended.duplicate:
         return True, (
