@@ -54,6 +54,7 @@ __all__ = [
     "max_payload",
     "message_size",
     "read_conversation",
+    "reconnect_counter",
     "server_too_old",
 ]
 
@@ -385,6 +386,15 @@ def message_size(data: bytes, headers: Mapping[str, str] | None = None) -> int:
         return len(data)
     lines = sum(len(k) + len(v.encode()) + 4 for k, v in headers.items())
     return len(data) + len("NATS/1.0\r\n\r\n") + lines + 16
+
+
+def reconnect_counter(client: object) -> Callable[[], int] | None:
+    """How many times ``client`` (a nats-py client) has connected again, as a function
+    (nats-py counts one once its CONNECT is through); None when not known (a fake)."""
+    stats = getattr(client, "stats", None)
+    if not isinstance(stats, dict) or "reconnects" not in stats:
+        return None
+    return lambda: int(stats["reconnects"])
 
 
 def max_payload(client: NATS | JetStreamContext | None) -> int | None:

@@ -28,6 +28,7 @@ import nats.errors
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
+from .bus import reconnect_counter
 from .errors import PermanentError, TransientError
 from .topology import TOKEN_GET, TOKEN_INVALIDATE
 
@@ -143,6 +144,7 @@ class TokenClient:
         self._nc = nc
         self._timeout = timeout
         self._reask_s = timeout / 3 if reask_s is None else reask_s
+        self._reconnects = reconnect_counter(nc) or (lambda: 0)
 
     async def get(self, app: str) -> str:
         reply = await self._ask(TOKEN_GET, TokenRequest(app=app))
@@ -171,7 +173,7 @@ class TokenClient:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._timeout
         while True:
-            reconnects = _reconnects(self._nc)
+            reconnects = self._reconnects()
             reask_at = loop.time() + self._reask_s
             ask = asyncio.ensure_future(
                 self._nc.request(subject, data, timeout=max(0.0, deadline - loop.time()))
@@ -181,7 +183,7 @@ class TokenClient:
                     await asyncio.wait([ask], timeout=min(RECONNECT_CHECK_S, self._reask_s))
                     if ask.done() or not self._nc.is_connected:
                         continue  # reconnecting: asked again once it is back
-                    if _reconnects(self._nc) == reconnects and loop.time() < reask_at:
+                    if self._reconnects() == reconnects and loop.time() < reask_at:
                         continue
                     if deadline - loop.time() <= 0:
                         continue  # nats-py's own timeout ends it
@@ -222,10 +224,3 @@ class TokenClient:
         if kind in TRANSIENT_KINDS:
             raise TransientTokenError(kind, message, reply.retry_after)
         raise TokenError(kind, message, reply.errcode)
-
-
-def _reconnects(nc: NATS) -> int:
-    """How many times ``nc`` has connected again (nats-py counts it once CONNECT is
-    through)."""
-    stats = getattr(nc, "stats", None)
-    return int(stats.get("reconnects", 0)) if isinstance(stats, dict) else 0

@@ -60,7 +60,7 @@ from nats.js.api import ConsumerConfig
 from prometheus_client import Counter, Gauge, Histogram
 
 from . import metrics, topology
-from .bus import max_payload, message_size
+from .bus import max_payload, message_size, reconnect_counter
 from .errors import PermanentError, TransientError
 from .events import Event, EventDecodeError, NewerEventError, decode_event
 from .logs import LogSampler
@@ -376,14 +376,6 @@ class Heartbeat:
         await asyncio.wait([self._task])
 
 
-def _reconnect_counter(client: object) -> Callable[[], int] | None:
-    """How many times ``client`` (a nats-py client) has reconnected, as a function."""
-    stats = getattr(client, "stats", None)
-    if not isinstance(stats, dict) or "reconnects" not in stats:
-        return None
-    return lambda: int(stats["reconnects"])
-
-
 @dataclass(frozen=True, slots=True)
 class _ConsumerMetrics:
     """One consumer's children of the worker metrics (bound once: no label lookups)."""
@@ -611,7 +603,7 @@ class PullWorker:
 
     def _reconnects(self) -> int:
         """How many times the client has reconnected (0: not known)."""
-        counter = _reconnect_counter(self._connection or getattr(self._js, "_nc", None))
+        counter = reconnect_counter(self._connection or getattr(self._js, "_nc", None))
         return 0 if counter is None else counter()
 
     async def _hand_back_buffered(
@@ -925,7 +917,7 @@ class PullWorker:
             subject=msg.subject,
             msg=msg,
             lease=Lease(
-                self._ack_wait, reconnects=_reconnect_counter(getattr(msg, "_client", None))
+                self._ack_wait, reconnects=reconnect_counter(getattr(msg, "_client", None))
             ),
             last_try=last_try,
             stored_at=meta.timestamp.timestamp(),
