@@ -44,21 +44,24 @@ class AnswerTooLarge(Exception):
         self.size = size  # read when it went past
 
 
-async def read_capped(response: httpx.Response, limit: int) -> bytes:
+async def read_capped(response: httpx.Response, limit: int, *, cut: bool = False) -> bytes:
     """The streamed ``response``'s body (decoded), read as it arrives; AnswerTooLarge as
-    soon as it passes ``limit`` bytes, the rest unread. Closes the response. The llm
-    reads its provider's answers with it too."""
+    soon as it passes ``limit`` bytes, the rest unread (``cut``: its first ``limit``
+    bytes instead, as for an error's message). Closes the response. The llm reads its
+    provider's answers with it too."""
     try:
         chunks: list[bytes] = []
         size = 0
         async for chunk in response.aiter_bytes():
             size += len(chunk)
-            if size > limit:
+            if size > limit and not cut:
                 raise AnswerTooLarge(limit, size)
             chunks.append(chunk)
+            if size >= limit and cut:
+                break
     finally:
         await response.aclose()
-    return b"".join(chunks)
+    return b"".join(chunks)[:limit]
 
 
 async def send_capped(

@@ -361,7 +361,7 @@ class OpenAIChatModel:
         if response.status_code == 200:
             content = await read_capped(response, MAX_RESPONSE_BYTES)
         else:
-            content = await _read_head(response, MAX_ERROR_BYTES)
+            content = await read_capped(response, MAX_ERROR_BYTES, cut=True)
         # The bytes are decoded already (gzip): httpx would decode them again by the
         # Content-Encoding header, and its length is the coded one.
         headers = [
@@ -437,22 +437,6 @@ MAX_RESPONSE_BYTES = 2 * 1024 * 1024
 # characters of its message, and a proxy's error page past MAX_RESPONSE_BYTES made a 429
 # or 503 a refusal for good.
 MAX_ERROR_BYTES = 64 * 1024
-
-
-async def _read_head(response: httpx.Response, limit: int) -> bytes:
-    """The first ``limit`` bytes of the streamed ``response``'s body (decoded), the rest
-    unread. Closes the response."""
-    chunks: list[bytes] = []
-    size = 0
-    try:
-        async for chunk in response.aiter_bytes():
-            chunks.append(chunk[: limit - size])
-            size += len(chunks[-1])
-            if size >= limit:
-                break
-    finally:
-        await response.aclose()
-    return b"".join(chunks)
 
 
 def _aiohttp_transport(settings: ModelSettings) -> httpx.AsyncBaseTransport:
