@@ -29,6 +29,7 @@ from wecombot.console import Console, ConsoleConfig, server
 from wecombot_common import bus, topology
 from wecombot_common.embedded import EmbeddedNats
 from wecombot_common.events import Event, PartDelivered, ReplyDelivered, ReplyGenerated
+from wecombot_common.http import LocalSite
 from wecombot_common.settings import EnvReader, NatsSettings
 from wecombot_common.sim.callbacks import CallbackBuilder
 from wecombot_common.sim.wecom_api import SimulatedWeComApi
@@ -235,12 +236,9 @@ async def test_a_retry_is_said_as_kept_once_only_after_a_stored_first_try(
 
     app = web.Application()
     app.router.add_post("/wecom/callback", front)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
+    site = await LocalSite.start(app, "127.0.0.1", 0)
     console.config = dataclasses.replace(
-        console.config, callback_url=f"http://127.0.0.1:{port}/wecom/callback"
+        console.config, callback_url=f"http://127.0.0.1:{site.port}/wecom/callback"
     )
     try:
         with mock.patch.object(server, "RETRY_AFTER_S", 0.0):
@@ -250,7 +248,7 @@ async def test_a_retry_is_said_as_kept_once_only_after_a_stored_first_try(
         # Stored once either way: the marker's event comes after any second one would.
         marker = (await post(console, "/api/send", {"user": "a", "text": "marker"})).json()
     finally:
-        await runner.cleanup()
+        await site.stop()
     assert retry["data"]["status"] == 200
     assert retry["data"]["dupe"] is (first == 200)
 

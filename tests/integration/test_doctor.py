@@ -58,6 +58,7 @@ from wecombot.doctor import (
 )
 from wecombot_common import bus, logs
 from wecombot_common.crypto import generate_encoding_aes_key, generate_token
+from wecombot_common.http import LocalSite
 from wecombot_common.settings import EnvReader, NatsSettings, WeComApiSettings
 from wecombot_common.sim.openai_api import Fault, SimulatedOpenAIApi
 from wecombot_common.sim.wecom_api import SimulatedWeComApi
@@ -614,14 +615,11 @@ async def test_callback_answered_by_something_else() -> None:
 
     app = web.Application()
     app.router.add_get("/wecom/callback", hello)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
+    site = await LocalSite.start(app, "127.0.0.1", 0)
     try:
-        finding = await check_callback(wecom_env(), f"http://127.0.0.1:{port}", TIMEOUT)
+        finding = await check_callback(wecom_env(), f"http://127.0.0.1:{site.port}", TIMEOUT)
     finally:
-        await runner.cleanup()
+        await site.stop()
     assert finding.status == "fail"
     assert "something else answers" in finding.summary
     assert "Welcome to nginx" in finding.details[0]
