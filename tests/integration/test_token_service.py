@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import secrets
 import time
@@ -21,7 +22,7 @@ import pytest
 from aiohttp import web
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
-from nats.js.api import KeyValueConfig, RePublish
+from nats.js.api import AckPolicy, ConsumerConfig, KeyValueConfig, RePublish
 from prometheus_client import REGISTRY
 from structlog.testing import capture_logs
 
@@ -85,9 +86,7 @@ class Instance:
                 assert self.task is not None
                 if self.task.done():
                     self.task.result()  # raise what stopped it
-                with contextlib.suppress(httpx.HTTPError):
-                    return (await http.get(url)).status_code == 200 or None
-                return None
+                return await answers_200(http, url)
 
             await eventually(ready, timeout=10.0, what="the token service ready")
 
@@ -95,6 +94,13 @@ class Instance:
         self.stop_event.set()
         if self.task is not None:
             await asyncio.wait_for(self.task, 20.0)
+
+
+async def answers_200(http: httpx.AsyncClient, url: str) -> bool | None:
+    """True if ``url`` answers 200, None otherwise (for ``eventually``)."""
+    with contextlib.suppress(httpx.HTTPError):
+        return (await http.get(url)).status_code == 200 or None
+    return None
 
 
 def keeper_over(
@@ -203,6 +209,52 @@ async def test_ten_thousand_gets_cost_one_gettoken_and_a_restart_reuses_it(
     async with token_services(nats_server, sim), connections(nats_server, 1) as (nc,):
         assert await TokenClient(nc).get(APP) == tokens[0]
         assert sim.gettoken_calls == 1
+
+
+async def test_a_bucket_that_cannot_be_followed_yet_is_waited_for_not_ready(
+    nats_server: NatsHandle, sim: SimulatedWeComApi
+) -> None:
+    """A NATS cluster still electing its leaders can open the bucket, then time out the
+    consumer its watcher needs: the replica exited 1 (a crash loop under Kubernetes, a
+    dead service in-process) where the llm and the sender wait. Here the stream refuses
+    the watcher's consumer while a consumer of ours holds its only slot: the service
+    asks again with backoff, not ready, and serves once the slot is free."""
+    async with connections(nats_server, 1) as (nc,):
+        js = nc.jetstream()
+        stream = f"KV_{TOKEN_BUCKET}"
+        await open_token_bucket(js, replicas=1)
+        config = (await js.stream_info(stream)).config
+        await js.delete_stream(stream)
+        await js.add_stream(dataclasses.replace(config, max_consumers=1))
+        await js.add_consumer(
+            stream, ConsumerConfig(durable_name="slot", ack_policy=AckPolicy.NONE)
+        )
+        asked: list[str] = []
+
+        async def count(msg: Msg) -> None:
+            asked.append(msg.subject)
+
+        await nc.subscribe(f"$JS.API.CONSUMER.CREATE.{stream}.>", cb=count)
+        await nc.subscribe(f"$JS.API.CONSUMER.CREATE.{stream}", cb=count)
+        instance = Instance(settings_for(nats_server, sim))
+        task = asyncio.create_task(serve(instance.settings, instance.stop_event))
+        try:
+            await until(
+                lambda: len(asked) >= 2 or task.done(), timeout=10, what="the watch asked twice"
+            )
+            assert not task.done(), task.exception()
+            ready = f"http://127.0.0.1:{instance.settings.health_port}/readyz"
+            async with httpx.AsyncClient(timeout=2.0) as http:
+                assert (await http.get(ready)).status_code == 503
+                await js.delete_consumer(stream, "slot")
+                await eventually(
+                    lambda: answers_200(http, ready), timeout=20, what="the service ready"
+                )
+            assert await eventually_token(TokenClient(nc))
+            assert sim.gettoken_calls == 1
+        finally:
+            instance.stop_event.set()
+            await asyncio.wait_for(task, 20.0)
 
 
 async def test_a_replica_stopping_answers_the_requests_already_routed_to_it(

@@ -36,6 +36,7 @@ __all__ = [
     "event_loop_choice",
     "event_loop_name",
     "fail",
+    "retried_until_stopped",
     "run_service",
     "unless_stopped",
 ]
@@ -253,6 +254,39 @@ async def unless_stopped(
         if discard is not None:
             await discard(late)
     return None
+
+
+async def retried_until_stopped(
+    attempt: Callable[[], Awaitable[object]],
+    stop: asyncio.Event,
+    *,
+    retry_on: tuple[type[BaseException], ...],
+    event: str,
+    first_retry_s: float = 0.5,
+    max_retry_s: float = 15.0,
+    **fields: object,
+) -> bool:
+    """``attempt()`` until it returns (True), again with exponential backoff while it
+    raises one of ``retry_on`` (a warning ``event`` with ``fields``, the error and the
+    next delay each time), or until ``stop`` is set (False). Any other error raises::
+
+        if not await retried_until_stopped(store.watch, stop, retry_on=(StoreUnavailable,),
+                                           event="token.watch_not_ready"):
+            return  # stopped while waiting
+
+    For what a service needs of its broker at start, which a NATS cluster still
+    electing its leaders times out or refuses for a while: waited for, not ready, as
+    Kubernetes would restart it, without the crash."""
+    delay = first_retry_s
+    while True:
+        try:
+            await attempt()
+            return True
+        except retry_on as exc:
+            log.warning(event, **fields, error=f"{type(exc).__name__}: {exc}", retry_in_s=delay)
+        if await unless_stopped(asyncio.sleep(delay, result=True), stop) is None:
+            return False
+        delay = min(delay * 2, max_retry_s)
 
 
 async def cancel_until_done(*tasks: asyncio.Future[Any], every_s: float = 0.5) -> None:

@@ -64,6 +64,7 @@ from .bus import max_payload, message_size, reconnect_counter
 from .errors import PermanentError, TransientError
 from .events import Event, EventDecodeError, NewerEventError, decode_event
 from .logs import LogSampler
+from .runtime import retried_until_stopped
 
 __all__ = [
     "DEFAULT_ACK_WAIT_S",
@@ -750,27 +751,17 @@ class PullWorker:
         """``ensure_consumer``, tried again with backoff while JetStream does not answer
         (a cluster still electing its leaders timed it out, and the service crashed);
         False when ``stop`` comes first. A refusal (bad config, permissions) raises."""
-        delay = 0.5
-        while True:
-            try:
-                await self.ensure_consumer()
-                return True
-            except (
+        return await retried_until_stopped(
+            self.ensure_consumer,
+            stop,
+            retry_on=(
                 TimeoutError,
                 nats.errors.NoRespondersError,
                 nats.js.errors.ServiceUnavailableError,
-            ) as exc:
-                log.warning(
-                    "worker.consumer_not_ready",
-                    consumer=self.name,
-                    error=f"{type(exc).__name__}: {exc}",
-                    retry_in_s=delay,
-                )
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), delay)
-            if stop.is_set():
-                return False
-            delay = min(delay * 2, 15.0)
+            ),
+            event="worker.consumer_not_ready",
+            consumer=self.name,
+        )
 
     async def _consumer_again(self) -> None:
         """The consumer may be gone (deleted by hand, or with its stream): without it no

@@ -23,8 +23,10 @@ from wecombot_common.runtime import (
     DeferredCheck,
     HealthServer,
     cancel_until_done,
+    retried_until_stopped,
     run_service,
 )
+from wecombot_common.topology import TOKEN_BUCKET
 
 from .endpoints import TokenEndpoints
 from .errors import StoreUnavailable
@@ -100,7 +102,16 @@ async def _serve_connected(
                 refresh_timeout_s=settings.refresh_timeout_s,
             )
             cleanup.push_async_callback(keeper.close)
-            await store.watch(keeper.adopt)
+            # Not ready until the bucket is followed: a NATS cluster still electing its
+            # leaders may open the bucket, then time the watcher's consumer out.
+            if not await retried_until_stopped(
+                lambda: store.watch(keeper.adopt),
+                stop,
+                retry_on=(StoreUnavailable,),
+                event="token.watch_not_ready",
+                bucket=TOKEN_BUCKET,
+            ):
+                return
             resyncing = asyncio.create_task(_resync_after_reconnects(nc, keeper))
             cleanup.push_async_callback(cancel_until_done, resyncing)
             endpoints = TokenEndpoints(keeper)
