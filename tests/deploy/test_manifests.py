@@ -493,6 +493,26 @@ def test_pods_are_hardened_sized_spread_and_budgeted(
     assert deployment["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
 
 
+def test_the_documented_dlq_pod_is_hardened_as_the_services_are(
+    docs: list[dict[str, Any]],
+) -> None:
+    """docs/deploy.md's ``kubectl run wecombot-dlq`` pod set no securityContext: a
+    namespace enforcing the ``restricted`` Pod Security Standard refused it, and it ran
+    with a writable root and privilege escalation allowed where the services do not."""
+    (overrides,) = re.findall(r"--overrides='(.*?)'\n```", DEPLOY_DOC.read_text(), flags=re.S)
+    spec = json.loads(overrides.replace("'\"$IMAGE\"'", "registry.example.com/wecombot:0.1.0"))
+    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "wecombot-dlq"}, **spec}
+    kubernetes_validate.validate(pod, KUBE_VERSIONS[-1], strict=True)
+    (container,) = pod["spec"]["containers"]
+    service = one(docs, "Deployment", "wecombot-llm")
+    service_pod = service["spec"]["template"]["spec"]
+    assert container["securityContext"] == _container(service)["securityContext"]
+    expected = {k: v for k, v in service_pod["securityContext"].items() if k != "fsGroup"}
+    assert pod["spec"]["securityContext"] == expected  # no volume: fsGroup is moot
+    assert pod["spec"]["automountServiceAccountToken"] is False
+    assert container["args"] == ["dlq"]
+
+
 def test_setup_job_runs_wecombot_setup_as_the_setup_user(docs: list[dict[str, Any]]) -> None:
     job = one(docs, "Job", "wecombot-setup")
     container = job["spec"]["template"]["spec"]["containers"][0]
