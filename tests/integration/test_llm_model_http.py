@@ -184,6 +184,7 @@ async def test_what_the_user_would_not_see_is_not_the_answer(api: SimulatedOpenA
         "<think>only thinking</think>",
         "<think>thinking until the output limit" + "\n" * 30_000,  # no quadratic search
         " \ufeff\n\u2060",
+        "\u200f\u200e ",  # direction marks
     )
     for nothing in nothing_shown:
         empty = await _complete(api, Answer(nothing, "stop"))

@@ -416,7 +416,9 @@ def test_an_answer_is_cut_by_its_utf8_bytes_not_its_characters() -> None:
     assert len(text.removesuffix(TOO_LONG_NOTE).encode()) <= MAX_ANSWER_BYTES
 
 
-@pytest.mark.parametrize("text", [" \n\u3000 ", "\u200b\u200b", "\ufeff", " \u2060\u200d "])
+@pytest.mark.parametrize(
+    "text", [" \n\u3000 ", "\u200b\u200b", "\ufeff", " \u2060\u200d ", "\u200e", "\u00ad\u202a"]
+)
 def test_a_text_that_shows_nothing_is_answered_with_a_hint_not_sent_to_the_model(
     text: str,
 ) -> None:

@@ -8,6 +8,7 @@ import pytest
 from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 
+from wecombot_common.text import shows_nothing
 from wecombot_sender.split import (
     WECOM_TEXT_LIMIT,
     Boundary,
@@ -76,8 +77,8 @@ def check_invariants(text: str, parts: list[str], limit: int) -> None:
     # the parts are the text, in order, but for whitespace left out between them
     ends, starts = [0, *(e for _, e in spans)], [*(s for s, _ in spans), len(text)]
     gaps = zip(ends, starts, strict=True)
-    assert all(a == b or (a < b and text[a:b].isspace()) for a, b in gaps)
-    assert all(part and not part.isspace() for part in parts), "no part shows nothing"
+    assert all(a == b or (a < b and shows_nothing(text[a:b])) for a, b in gaps)
+    assert all(not shows_nothing(part) for part in parts), "no part shows nothing"
     assert all(nbytes(p) <= limit for p in parts)
     # every part is valid UTF-8 on its own
     assert all(p.encode("utf-8").decode("utf-8") == p for p in parts)
@@ -195,6 +196,18 @@ def test_no_part_is_whitespace_only(text: str) -> None:
     parts = split_text(text)
     assert not any(part.isspace() for part in parts)
     check_invariants(text, parts, WECOM_TEXT_LIMIT)
+
+
+def test_no_part_is_zero_width_characters_only() -> None:
+    """A part of zero-width characters (a run of them a cut falls in) is an empty bubble
+    in WeCom: left out as whitespace is."""
+    text = "a" * 2000 + "\u200b" * 1000 + "\n" + "\u200d\ufeff" * 400 + "b" * 10
+    parts = split_text(text)
+    assert len(parts) == 2  # not four: two of zero-width characters only between them
+    assert parts[0] == "a" * 2000 + "\u200b" * 16
+    assert parts[1].endswith("\u200d\ufeff" + "b" * 10)
+    check_invariants(text, parts, WECOM_TEXT_LIMIT)
+    assert split_text("\u200b" * 3000) == []
 
 
 def test_a_whitespace_only_text_has_no_parts() -> None:

@@ -6,8 +6,8 @@
 <Command.RESET: 'reset'>
 >>> parse_command("what is /reset?") is None
 True
->>> parse_command("＃清除记忆。"), blank("\u200b \ufeff")
-(<Command.RESET: 'reset'>, True)
+>>> parse_command("＃清\u200b除记忆。")
+<Command.RESET: 'reset'>
 >>> menu_command(WeComEventPayload(event="click", event_key="/reset"))
 <Command.RESET: 'reset'>
 """
@@ -18,12 +18,9 @@ import enum
 import unicodedata
 
 from wecombot_common.events import Payload, WeComEventPayload
+from wecombot_common.text import without_invisible
 
-__all__ = ["HELP_TEXT", "RESET_TEXT", "Command", "blank", "menu_command", "parse_command"]
-
-# Characters that show nothing (zero-width space, non-joiner and joiner, word joiner,
-# BOM): text of only these and whitespace is blank, as a message and as an answer.
-_INVISIBLE = dict.fromkeys(map(ord, "\u200b\u200c\u200d\u2060\ufeff"))
+__all__ = ["HELP_TEXT", "RESET_TEXT", "Command", "menu_command", "parse_command"]
 
 
 class Command(enum.Enum):
@@ -53,7 +50,7 @@ def parse_command(text: str) -> Command | None:
     ``＃`` and ``／`` full-width and may end a line with ``。``: those count too."""
     if len(text) > 64:  # a command is a few characters; a question is not folded
         return None
-    folded = unicodedata.normalize("NFKC", text).translate(_INVISIBLE)
+    folded = without_invisible(unicodedata.normalize("NFKC", text))
     return _COMMANDS.get("".join(folded.split()).rstrip("。.").lower())
 
 
@@ -66,8 +63,3 @@ def menu_command(payload: Payload) -> Command | None:
     if isinstance(payload, WeComEventPayload) and payload.event == "click" and payload.event_key:
         return parse_command(payload.event_key)
     return None
-
-
-def blank(text: str) -> bool:
-    """Nothing in ``text`` would show: whitespace and invisible characters only."""
-    return not text.translate(_INVISIBLE).strip()

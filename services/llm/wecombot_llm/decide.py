@@ -30,8 +30,9 @@ from wecombot_common.events import (
     WeComEventPayload,
     derived_id,
 )
+from wecombot_common.text import shows_nothing
 
-from .commands import HELP_TEXT, RESET_TEXT, Command, blank, menu_command, parse_command
+from .commands import HELP_TEXT, RESET_TEXT, Command, menu_command, parse_command
 from .conversation import Conversation
 from .gate import Verdict
 from .prompt import ChatMessage, build_prompt
@@ -156,7 +157,7 @@ def decide(
     command = parse_command(payload.content)
     if command is not None:
         return _run(received, command)
-    if blank(payload.content):  # zero-width spaces or a BOM alone too
+    if shows_nothing(payload.content):  # zero-width spaces or a BOM alone too
         return Reply(_notice(received, EMPTY_TEXT))
     awaiting = conv.awaiting.get(received.event_id)
     seq = awaiting.seq if awaiting is not None else conv.last_seq + 1

@@ -37,9 +37,9 @@ from httpx_aiohttp import AiohttpTransport
 from wecombot_common.errors import PermanentError, TransientError, WecombotError
 from wecombot_common.logs import REDACTED, redact
 from wecombot_common.proxy import httpx_proxy
+from wecombot_common.text import shows_nothing
 from wecombot_common.wecom_http import AnswerTooLarge, read_capped
 
-from .commands import blank
 from .prompt import ChatMessage
 from .retry import is_retryable_status, next_delay, retry_after_of
 from .settings import ModelSettings
@@ -424,7 +424,7 @@ def _visible(content: str) -> str:
     if text.startswith("<think>"):
         end = text.find("</think>")
         text = "" if end < 0 else text[end + len("</think>") :].strip()
-    return "" if blank(text) else text
+    return "" if shows_nothing(text) else text
 
 
 # A chat answer, reasoning included, is kilobytes (a long reasoning model's, a few

@@ -4,7 +4,8 @@ WeCom silently truncates ``text.content`` beyond 2048 UTF-8 bytes
 (https://developer.work.weixin.qq.com/document/path/90236), so a longer reply goes out as
 several messages. The parts concatenate to the reply exactly: nothing is added (no
 "(1/3)", no re-opened code fences) and nothing is trimmed, but for one thing: a part the
-cuts would leave whitespace only is left out (it would show nothing)::
+cuts would leave showing nothing (whitespace and invisible format characters only, such
+as zero-width spaces) is left out::
 
     >>> split_text("第一段。\\n\\nsecond paragraph", limit=16)
     ['第一段。\\n\\n', 'second paragraph']
@@ -42,6 +43,8 @@ from enum import IntEnum
 from itertools import accumulate
 
 import regex
+
+from wecombot_common.text import shows_nothing
 
 __all__ = [
     "WECOM_TEXT_LIMIT",
@@ -92,7 +95,8 @@ def split_spans(
     text: str, *, limit: int = WECOM_TEXT_LIMIT, min_fill: int | None = None
 ) -> list[tuple[int, int]]:
     """Each part of :func:`split_text` as its ``(start, end)`` code point offsets in
-    ``text``: in order and apart; only whitespace lies between them.
+    ``text``: in order and apart; what lies between them shows nothing
+    (``wecombot_common.text.shows_nothing``).
 
     >>> split_spans("a" * 6 + " " * 20 + "b", limit=8)
     [(0, 8), (24, 27)]
@@ -113,8 +117,9 @@ def split_spans(
             cut = _best_cut(text, start, end, offsets, (fitting, too_big), fill)
         # A part the cuts left whitespace only (inside a long run of blank lines or
         # spaces) shows nothing, and WeCom refuses empty content (44004, the global
-        # error codes, path/90313): it is not sent. Nothing visible is lost.
-        if not text[start:cut].isspace():
+        # error codes, path/90313): it is not sent. Nor one of zero-width characters,
+        # an empty bubble. Nothing visible is lost.
+        if not shows_nothing(text[start:cut]):
             spans.append((start, cut))
         start = cut
     return spans
