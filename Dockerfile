@@ -3,7 +3,7 @@
 # One image for the four services (and `wecombot setup`):
 #
 #   docker build -t wecombot:0.1.0 .
-#   docker run --rm wecombot:0.1.0 --help           # the entrypoint is `wecombot`
+#   docker run --rm wecombot:0.1.0 --help           # the entrypoint is `wecombot` (under dumb-init)
 #   docker run --rm --env-file .env wecombot:0.1.0 gateway
 #
 # No default command: each Kubernetes Deployment passes its subcommand
@@ -38,7 +38,8 @@ RUN python -m venv /opt/venv \
  && /opt/venv/bin/pip install --no-index --no-deps /wheels/wecombot-*.whl \
  && /opt/venv/bin/pip check \
  && /opt/venv/bin/pip uninstall --yes pip \
- && /opt/venv/bin/wecombot --help > /dev/null
+ && /opt/venv/bin/wecombot --help > /dev/null \
+ && /opt/venv/bin/dumb-init --version
 
 # ---------------------------------------------------------------- runtime: no build tools
 FROM ${PYTHON_IMAGE} AS runtime
@@ -65,4 +66,7 @@ WORKDIR /home/wecombot
 # gateway (callback + /healthz + /readyz), then the health ports of llm, sender, token.
 EXPOSE 8080 8081 8082 8083
 
-ENTRYPOINT ["wecombot"]
+# dumb-init is PID 1 and passes signals on to `wecombot`: Python as PID 1 ignores a SIGTERM
+# that comes before it has set its handler (the kernel drops a signal PID 1 does not
+# handle), so a pod deleted in its first second waited out its whole grace period.
+ENTRYPOINT ["dumb-init", "--", "wecombot"]

@@ -6,16 +6,23 @@ wheel is built here exactly as the builder stage builds it.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
+import json
+import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 import tomllib
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pytest
 from packaging.markers import Marker
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
@@ -183,7 +190,7 @@ def test_final_stage_is_non_root_with_the_wecombot_entrypoint_and_no_build_tools
     (user,) = final.all("USER")
     uid = user.split(":")[0]
     assert uid.isdigit() and int(uid) != 0  # numeric: runAsNonRoot can verify it
-    assert final.all("ENTRYPOINT") == ['["wecombot"]']
+    assert final.all("ENTRYPOINT") == ['["dumb-init", "--", "wecombot"]']
     assert final.all("CMD") == []  # each Deployment passes its subcommand
     assert final.all("COPY") == ["--from=builder /opt/venv /opt/venv"]
     run = " ".join(final.all("RUN"))
@@ -340,6 +347,88 @@ def test_the_wheel_builds_from_the_docker_context(tmp_path: Path) -> None:
     text = zipfile.ZipFile(wheel).read(entry_points).decode()
     assert "wecombot = wecombot.cli:main" in text
     assert not [n for n in names if "__pycache__" in n or n.endswith(".env")]
+
+
+def _pid1_refusal() -> str | None:
+    """Why a process cannot be started as PID 1 of a PID namespace of its own here."""
+    if shutil.which("unshare") is None:
+        return "unshare (util-linux) not installed"
+    probe = subprocess.run(
+        ["unshare", "--pid", "--fork", "true"], capture_output=True, text=True, check=False
+    )
+    return None if probe.returncode == 0 else f"unshare --pid: {probe.stderr.strip()}"
+
+
+def test_the_entrypoint_as_pid_1_stops_on_a_sigterm_that_comes_while_it_starts(
+    tmp_path: Path,
+) -> None:
+    """In a pod the entrypoint is PID 1, and the kernel drops a signal PID 1 has no
+    handler for: `wecombot` alone ignored a SIGTERM that came before the service had set
+    its handler (≈ 1 s of imports), and the pod waited out its whole grace period, up to
+    35 s. The Dockerfile's ENTRYPOINT, run from this venv as PID 1 of a PID namespace of
+    its own and sent SIGTERM as soon as it exists, must end (killed by it, or stopped)."""
+    if (refusal := _pid1_refusal()) is not None:
+        pytest.skip(refusal)
+    _, (_, final) = _stages()
+    (entrypoint,) = final.all("ENTRYPOINT")
+    command = json.loads(entrypoint)
+    bin_dir = Path(sys.executable).parent
+    command[0] = str(bin_dir / command[0])  # the image's PATH: its venv's bin first
+    env = {
+        "PATH": f"{bin_dir}:/usr/bin:/bin",
+        "HOME": str(tmp_path),
+        "NATS_URL": "nats://127.0.0.1:1",  # nothing there: it waits, until stopped
+        "WECOM_CORP_ID": "wwpid1",
+        "WECOM_AGENT_ID": "1000002",
+        "WECOM_SECRET": "pid-one-secret-0123456789",
+        "WECOMBOT_HEALTH_PORT": "0",
+    }
+    unshare = subprocess.Popen(
+        ["unshare", "--pid", "--fork", "--kill-child", *command, "token"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        children = Path(f"/proc/{unshare.pid}/task/{unshare.pid}/children")
+        (pid1,) = until_true(lambda: children.read_text().split(), what="PID 1 forked")
+        # Signalled before the program has even started, any PID 1 would drop it, and
+        # dumb-init's child between its fork and exec too: wait until Python runs
+        # (itself PID 1, or dumb-init's child) and has set its first handler (SIGINT's,
+        # before any import): the service's own handler comes ≈ 1 s later.
+        until_true(lambda: _python_started(int(pid1)), what="Python started")
+        os.kill(int(pid1), signal.SIGTERM)
+        code = unshare.wait(timeout=30)  # ignored, it never ends: the grace's kill
+    finally:
+        if unshare.poll() is None:
+            unshare.kill()  # --kill-child: PID 1 too
+            unshare.wait()
+    assert code in (0, 128 + signal.SIGTERM), code
+
+
+def _python_started(pid1: int) -> list[int]:
+    """The process of ``pid1``'s tree (itself or a child) that runs Python and catches a
+    signal, if any yet."""
+    children = Path(f"/proc/{pid1}/task/{pid1}/children").read_text().split()
+    for pid in (pid1, *map(int, children)):
+        program = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0", 1)[0]
+        if not Path(program.decode()).name.startswith("python"):
+            continue
+        status = Path(f"/proc/{pid}/status").read_text()
+        (caught,) = re.findall(r"^SigCgt:\s*([0-9a-f]+)$", status, flags=re.M)
+        if int(caught, 16):
+            return [pid]
+    return []
+
+
+def until_true(get: Callable[[], list[str]], *, what: str, timeout: float = 10.0) -> list[str]:
+    """``get()`` until it returns a non-empty list (busy, for a process's first moments)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(FileNotFoundError):
+            if got := get():
+                return got
+    raise AssertionError(f"{what}: not within {timeout} s")
 
 
 def test_entrypoint_lists_every_subcommand_the_manifests_use() -> None:

@@ -83,7 +83,7 @@ def test_the_image_runs_as_its_user_with_the_wecombot_entrypoint(
 ) -> None:
     config = built.buildah.config(built.tag)
     assert config["User"] == "10001:10001"
-    assert config["Entrypoint"] == ["wecombot"]
+    assert config["Entrypoint"] == ["dumb-init", "--", "wecombot"]
     assert not config.get("Cmd"), "each Deployment passes its subcommand"
     ports = {int(p.split("/")[0]) for p in config["ExposedPorts"]}
     manifests = {
