@@ -108,8 +108,10 @@ async def test_every_service_from_the_image_answers_a_user_and_writes_nothing(
     await asyncio.to_thread(container.run, ["true"])  # buildah's first-run set-up
     before = await asyncio.to_thread(container.files)
 
+    entrypoint = built.buildah.config(built.tag)["Entrypoint"]  # as Kubernetes runs it
+
     def launcher(args: Sequence[str], env: Mapping[str, str]) -> tuple[list[str], dict[str, str]]:
-        return container.argv(["wecombot", *args], env), dict(os.environ)
+        return container.argv([*entrypoint, *args], env), dict(os.environ)
 
     async with Stack(
         nats_server.url, tmp_path, launcher=launcher, service_pid=_service_in
@@ -135,8 +137,9 @@ async def test_every_service_from_the_image_answers_a_user_and_writes_nothing(
 
 
 def _service_in(proc: subprocess.Popen[bytes]) -> int:
-    """The ``wecombot`` process under ``buildah run`` (SIGTERM is for it, as Kubernetes
-    sends it to the container's process), not buildah's own chroot helpers."""
+    """The entrypoint's process under ``buildah run`` (dumb-init, the container's PID 1
+    in a pod: SIGTERM is for it, as Kubernetes sends it there), not buildah's own chroot
+    helpers."""
     queue = [proc.pid]
     while queue:
         pid = queue.pop(0)
@@ -144,8 +147,8 @@ def _service_in(proc: subprocess.Popen[bytes]) -> int:
             argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         except FileNotFoundError:
             continue
-        if len(argv) > 1 and b"buildah" not in argv[0] and argv[1].endswith(b"/wecombot"):
+        if argv[0].endswith(b"dumb-init"):
             return pid
         for task in Path(f"/proc/{pid}/task").glob("*"):
             queue.extend(int(c) for c in (task / "children").read_text().split())
-    raise AssertionError(f"no wecombot process under buildah ({proc.pid})")
+    raise AssertionError(f"no dumb-init process under buildah ({proc.pid})")
