@@ -211,14 +211,16 @@ async def test_ten_thousand_gets_cost_one_gettoken_and_a_restart_reuses_it(
         assert sim.gettoken_calls == 1
 
 
+@pytest.mark.parametrize("gone", [False, True], ids=["slot freed", "bucket deleted"])
 async def test_a_bucket_that_cannot_be_followed_yet_is_waited_for_not_ready(
-    nats_server: NatsHandle, sim: SimulatedWeComApi
+    nats_server: NatsHandle, sim: SimulatedWeComApi, gone: bool
 ) -> None:
     """A NATS cluster still electing its leaders can open the bucket, then time out the
     consumer its watcher needs: the replica exited 1 (a crash loop under Kubernetes, a
     dead service in-process) where the llm and the sender wait. Here the stream refuses
     the watcher's consumer while a consumer of ours holds its only slot: the service
-    asks again with backoff, not ready, and serves once the slot is free."""
+    asks again with backoff, not ready, and serves once the slot is free, or once the
+    bucket deleted meanwhile is made again."""
     async with connections(nats_server, 1) as (nc,):
         js = nc.jetstream()
         stream = f"KV_{TOKEN_BUCKET}"
@@ -246,7 +248,10 @@ async def test_a_bucket_that_cannot_be_followed_yet_is_waited_for_not_ready(
             ready = f"http://127.0.0.1:{instance.settings.health_port}/readyz"
             async with httpx.AsyncClient(timeout=2.0) as http:
                 assert (await http.get(ready)).status_code == 503
-                await js.delete_consumer(stream, "slot")
+                if gone:  # deleted since the service opened it: made again
+                    await js.delete_stream(stream)
+                else:
+                    await js.delete_consumer(stream, "slot")
                 await eventually(
                     lambda: answers_200(http, ready), timeout=20, what="the service ready"
                 )

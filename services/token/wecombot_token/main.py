@@ -102,10 +102,17 @@ async def _serve_connected(
                 refresh_timeout_s=settings.refresh_timeout_s,
             )
             cleanup.push_async_callback(keeper.close)
+
             # Not ready until the bucket is followed: a NATS cluster still electing its
-            # leaders may open the bucket, then time the watcher's consumer out.
+            # leaders may open the bucket, then time the watcher's consumer out. Read
+            # first: a bucket deleted since it was opened is made again (``load``), where
+            # a watch alone would be refused for good.
+            async def follow() -> None:
+                await store.load()
+                await store.watch(keeper.adopt)
+
             if not await retried_until_stopped(
-                lambda: store.watch(keeper.adopt),
+                follow,
                 stop,
                 retry_on=(StoreUnavailable,),
                 event="token.watch_not_ready",
