@@ -6,7 +6,10 @@ import asyncio
 import contextlib
 import gc
 
-from wecombot_common.runtime import cancel_until_done, unless_stopped
+import pytest
+from structlog.testing import capture_logs
+
+from wecombot_common.runtime import cancel_until_done, retried_until_stopped, unless_stopped
 
 
 async def _stubborn(cancels_swallowed: int, arrived: asyncio.Event) -> str:
@@ -87,3 +90,55 @@ async def test_a_cancelled_caller_leaves_no_task_running_nor_an_unread_error() -
         assert unread == []
     finally:
         loop.set_exception_handler(None)
+
+
+async def test_retried_until_stopped_backs_off_and_says_why_until_it_succeeds() -> None:
+    tries: list[float] = []
+    loop = asyncio.get_running_loop()
+
+    async def attempt() -> None:
+        tries.append(loop.time())
+        if len(tries) < 4:
+            raise TimeoutError("no answer yet")
+
+    with capture_logs() as logs:
+        done = await retried_until_stopped(
+            attempt,
+            asyncio.Event(),
+            retry_on=(TimeoutError,),
+            event="x.not_ready",
+            first_retry_s=0.01,
+            max_retry_s=0.02,
+            consumer="llm",
+        )
+    assert done is True and len(tries) == 4
+    said = [e for e in logs if e["event"] == "x.not_ready"]
+    assert [e["retry_in_s"] for e in said] == [0.01, 0.02, 0.02]  # doubled, then capped
+    assert said[0]["error"] == "TimeoutError: no answer yet" and said[0]["consumer"] == "llm"
+    assert said[0]["log_level"] == "warning"
+
+
+async def test_retried_until_stopped_ends_false_when_stopped_while_waiting() -> None:
+    """A service waiting for its broker at start still stops at once on SIGTERM."""
+    stop = asyncio.Event()
+    tries = 0
+
+    async def attempt() -> None:
+        nonlocal tries
+        tries += 1
+        stop.set()  # the SIGTERM comes during the first wait
+        raise TimeoutError
+
+    async with asyncio.timeout(10):  # the wait is an hour: only the stop ends it
+        done = await retried_until_stopped(
+            attempt, stop, retry_on=(TimeoutError,), event="x", first_retry_s=3600
+        )
+    assert done is False and tries == 1
+
+
+async def test_retried_until_stopped_raises_what_no_retry_fixes() -> None:
+    async def attempt() -> None:
+        raise PermissionError("refused")
+
+    with pytest.raises(PermissionError):
+        await retried_until_stopped(attempt, asyncio.Event(), retry_on=(TimeoutError,), event="x")
