@@ -257,6 +257,17 @@ async def test_a_bucket_that_cannot_be_followed_yet_is_waited_for_not_ready(
                 )
             assert await eventually_token(TokenClient(nc))
             assert sim.gettoken_calls == 1
+
+            # One watcher: once the bucket was made again, ``load`` restarted the watch a
+            # refused attempt had asked for, and the watch asked again left that one
+            # running, never stopped, every change handled twice. (A watcher stopped
+            # leaves its consumer until its inactive threshold: those still bound to a
+            # subscriber are counted.)
+            async def one_watching() -> bool:
+                consumers = await js.consumers_info(stream)
+                return sum(bool(c.push_bound) for c in consumers) == 1
+
+            await until(one_watching, timeout=5, what="one watcher of the bucket")
         finally:
             instance.stop_event.set()
             await asyncio.wait_for(task, 20.0)

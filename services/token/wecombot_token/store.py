@@ -238,8 +238,14 @@ class KvTokenStore:
 
     # ------------------------------------------------------------ changes
     async def watch(self, on_state: Callable[[Snapshot], None]) -> None:
-        """Follow both keys: ``on_state`` gets every new state; waiters wake on any change."""
+        """Follow both keys: ``on_state`` gets every new state; waiters wake on any change.
+        A watch already running is stopped first: the start asks again after a refused
+        watch, whose ``on_state`` a ``load`` that made the bucket again in between has
+        already followed (``restart_watch``); two watchers would deliver every change
+        twice, and ``close`` stop only one."""
         self._on_state = on_state
+        await self.close()
+        self._watcher = self._follower = None
         self._watcher = await _guard(self._kv.watch(self._pattern))
         self._follower = asyncio.create_task(self._follow(on_state), name="token-kv-watch")
 
