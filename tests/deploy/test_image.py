@@ -353,8 +353,13 @@ def _pid1_refusal() -> str | None:
     """Why a process cannot be started as PID 1 of a PID namespace of its own here."""
     if shutil.which("unshare") is None:
         return "unshare (util-linux) not installed"
+    if not Path(f"/proc/{os.getpid()}/task/{os.getpid()}/children").exists():
+        return "no /proc/<pid>/task/<tid>/children (a kernel without CONFIG_PROC_CHILDREN)"
     probe = subprocess.run(
-        ["unshare", "--pid", "--fork", "true"], capture_output=True, text=True, check=False
+        ["unshare", "--pid", "--fork", "--kill-child", "true"],
+        capture_output=True,
+        text=True,
+        check=False,
     )
     return None if probe.returncode == 0 else f"unshare --pid: {probe.stderr.strip()}"
 
