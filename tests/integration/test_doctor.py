@@ -553,6 +553,29 @@ async def test_callback_with_a_public_url_that_is_no_url(url: str, message: str)
     assert "S3cretPw" not in finding.summary
 
 
+@pytest.mark.parametrize("wecom_settings", [True, False])
+def test_a_public_url_setting_that_is_no_url_is_named_as_the_setting(
+    wecom_settings: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """WECOMBOT_PUBLIC_URL without its scheme was said to be a bad `--public-url`, an
+    option the user never gave; and while a WeCom setting was missing it was not said at
+    all (the check skipped, naming only the WeCom settings)."""
+    monkeypatch.chdir(tmp_path)  # no ./.env of the developer's
+    env = wecom_env() if wecom_settings else {}
+    env |= {
+        "WECOMBOT_PUBLIC_URL": "bot.example.com/wecom/callback",
+        "NATS_URL": f"nats://127.0.0.1:{free_port()}",
+    }
+    out = io.StringIO()
+    assert main(env, ["--timeout", "3"], out=out) == 1
+    printed = " ".join(out.getvalue().split())
+    assert (
+        "[FAIL] callback WECOMBOT_PUBLIC_URL must be a URL starting with http:// or https://, "
+        "got 'bot.example.com/wecom/callback'" in printed
+    ), printed
+    assert "--public-url must" not in printed, printed
+
+
 async def test_callback_verified_by_the_real_gateway(gateway: str) -> None:
     """Verified, but on this machine: WeCom cannot call it (a first try said "Save this
     URL" for http://127.0.0.1)."""

@@ -574,8 +574,14 @@ def explain_gettoken_failure(failure: Failure, settings: WeComApiSettings) -> Fi
 
 
 async def check_callback(
-    environ: Mapping[str, str], public_url: str | None, timeout_s: float
+    environ: Mapping[str, str],
+    public_url: str | None,
+    timeout_s: float,
+    *,
+    given_as: str = "--public-url",
 ) -> Finding:
+    """``given_as``: where ``public_url`` came from, as its problems name it (the option,
+    or ``WECOMBOT_PUBLIC_URL``)."""
     if not public_url:
         return Finding(
             "callback",
@@ -583,16 +589,15 @@ async def check_callback(
             "no public URL given: pass --public-url https://your.host/wecom/callback (or set "
             "WECOMBOT_PUBLIC_URL) to check that WeCom can reach the gateway",
         )
+    # Before the WeCom settings' problems: a URL that is none is said whatever they are.
+    problem = url_problem(public_url)
+    if problem is not None:
+        return Finding("callback", "fail", f"{given_as} {problem}, got {masked_url(public_url)!r}")
     env = EnvReader(environ)
     wecom = WeComCallbackSettings.read(env)
     path = read_callback_path(env)  # the gateway's own rule: no URL for a path it refuses
     if env.problems:
         return Finding("callback", "skip", _fix_first(env.problems))
-    problem = url_problem(public_url)
-    if problem is not None:
-        return Finding(
-            "callback", "fail", f"--public-url {problem}, got {masked_url(public_url)!r}"
-        )
     parts = urlsplit(public_url)
     url = public_url if parts.path not in ("", "/") else public_url.rstrip("/") + path
     builder = CallbackBuilder(
@@ -913,13 +918,16 @@ async def diagnose(
     public_url: str | None = None,
     timeout_s: float = 10.0,
     unknown: Sequence[str] = (),
+    public_url_given_as: str = "--public-url",
 ) -> Report:
     """Run every check against ``environ`` (no ./.env reading here: ``main`` does that,
-    and finds the ``unknown`` names it sets)."""
+    and finds the ``unknown`` names it sets, and where ``public_url`` came from)."""
     report = Report([check_settings(environ, unknown)], shown_as_set(environ, public_url))
     report.findings.append(await check_nats(environ, timeout_s))
     report.findings.append(await check_gettoken(environ, timeout_s))
-    report.findings.append(await check_callback(environ, public_url, timeout_s))
+    report.findings.append(
+        await check_callback(environ, public_url, timeout_s, given_as=public_url_given_as)
+    )
     report.findings.append(await check_model(environ, timeout_s))
     return report
 
@@ -1022,10 +1030,18 @@ def main(environ: Mapping[str, str], argv: Sequence[str] = (), out: TextIO | Non
     unknown = misspelt(read_dotenv(Path(".env"), env))
     hold_secrets(env)
     public_url = args.public_url or EnvReader(env).optional("WECOMBOT_PUBLIC_URL")
+    # argparse has refused a bad --public-url (exit 2); the setting's is a failed check
+    given_as = "--public-url" if args.public_url else "WECOMBOT_PUBLIC_URL"
     print("wecombot doctor: checking the configuration in the environment and ./.env", file=stream)
     print("", file=stream)
     report = asyncio.run(
-        diagnose(env, public_url=public_url, timeout_s=args.timeout, unknown=unknown)
+        diagnose(
+            env,
+            public_url=public_url,
+            timeout_s=args.timeout,
+            unknown=unknown,
+            public_url_given_as=given_as,
+        )
     )
     print(report.render(), file=stream, flush=True)
     return 1 if report.failed else 0
