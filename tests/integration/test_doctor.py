@@ -912,7 +912,8 @@ async def test_a_good_configuration_passes(
     assert statuses == ["ok", "ok", "ok", "warn", "ok"], report.render()  # warn: on 127.0.0.1
     assert not report.failed
     rendered = report.render()
-    assert rendered.endswith("No problems found.")
+    # not "No problems found." under a warning that WeCom cannot reach the URL
+    assert rendered.endswith("No check failed; 1 warning above."), rendered
     assert SECRET not in rendered and TOKEN not in rendered and KEY not in rendered
 
 
@@ -997,6 +998,20 @@ def test_report_render_wraps_and_indents() -> None:
     assert lines[0] == "[warn] model     short"
     assert all(len(line) <= 100 for line in lines)
     assert lines[1].startswith(" " * 17 + "a detail")
+
+
+def test_report_ends_with_what_it_found() -> None:
+    """It said "No problems found." under a warning that WeCom cannot reach the URL."""
+    from wecombot.doctor import Finding
+
+    ok, warn = Finding("settings", "ok", "fine"), Finding("callback", "warn", "loopback")
+    skip = Finding("gettoken", "skip", "fix WECOM_SECRET first")
+    assert Report([ok, skip]).render().endswith("\nNo problems found.")
+    assert Report([ok, warn]).render().endswith("\nNo check failed; 1 warning above.")
+    two = Report([warn, ok, warn]).render()
+    assert two.endswith("\nNo check failed; 2 warnings above.")
+    failed = Report([Finding("nats", "fail", "down"), warn]).render()
+    assert failed.endswith("\n1 check failed: fix it and run `wecombot doctor` again.")
 
 
 class _QuotingAgentGet(SimulatedWeComApi):

@@ -150,12 +150,15 @@ class Report:
                     or [""]
                 )
         failures = sum(f.status == "fail" for f in self.findings)
+        warnings = sum(f.status == "warn" for f in self.findings)
         lines.append("")
         if failures:
             lines.append(
                 f"{failures} check{'s' if failures > 1 else ''} failed: fix "
                 f"{'them' if failures > 1 else 'it'} and run `wecombot doctor` again."
             )
+        elif warnings:  # not "no problems" under "WeCom cannot reach it"
+            lines.append(f"No check failed; {warnings} warning{'s' if warnings > 1 else ''} above.")
         else:
             lines.append("No problems found.")
         return "\n".join(lines)
