@@ -35,7 +35,9 @@ through is then delivered twice (docs/reliability.md).
 A ReplyRequeued (an operator's ``wecombot dlq replay`` of a reply whose delivery failed)
 is delivered as that reply once more, in its own place in the user's order: after the
 last part recorded, the first send with the duplicate check (the failed round may have
-had it accepted), and ending in a ReplyDelivered or DeliveryFailed of its own.
+had it accepted), and ending in a ReplyDelivered or DeliveryFailed of its own. A requeue
+(or the reply itself) the broker delivers again after a newer requeue of the reply is
+settled unsent (``sender.requeue_superseded``): the newer one's delivery runs the round.
 
 A permanent refusal (and an empty reply) is recorded as DeliveryFailed, then raised, so
 the worker parks the outcome in the dead-letter stream with the reason. On the last
@@ -481,6 +483,8 @@ class ReplySender:
 
     async def _attempt(self, job: _Job) -> Settlement:
         state = await self._load(job)
+        if _superseded(job, state):
+            return Ack()
         if pending_before(state, job.order_seq) and not state.outcome(job.reply_id).terminal:
             # The user's hour is full: the earlier replies wait for it too, so waiting for
             # them would only spend this reply's deliveries (one per order wait).
@@ -960,6 +964,26 @@ class ReplySender:
             self._cache.put(job.conv, state, keep=(job.reply_id,))
             return state
         raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _superseded(job: _Job, state: ConversationState) -> bool:
+    """Whether a requeue appended after the message being delivered took its round over:
+    the operator replayed the reply again (this round failed, or was parked without an
+    outcome), and the broker delivers this message once more (its ack was lost, or the
+    replica holding it died before acking it): an older requeue, or the reply itself.
+    The newer requeue's delivery runs the round (or ran it: delivered, or parked as its
+    own dead letter). Both running at once, each sent the reply's next part, and where
+    the duplicate check cannot be asked (a message in its window is the same text) the
+    user got it twice. A round that sent a part it has not recorded yet goes on, as
+    before, and records it: unrecorded, the newer round could send it again."""
+    outcome = state.outcome(job.reply_id)
+    reopened_at = outcome.requeued_at
+    if reopened_at is None or reopened_at <= job.delivery.stream_seq:
+        return False
+    if any(index not in outcome.delivered for index in job.sent):
+        return False
+    log.info("sender.requeue_superseded", reply_id=job.reply_id, by=outcome.requeued_by)
+    return True
 
 
 def _failure(exc: SendRejected | TokenError) -> tuple[int, str]:
