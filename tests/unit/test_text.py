@@ -37,5 +37,22 @@ def test_anything_drawn_shows(text: str) -> None:
     assert not shows_nothing(text)
 
 
+# Unicode's Prepended_Concatenation_Mark (PropList.txt): format characters drawn with
+# the digits after them, or as a sign alone. One left out, a message of it alone was
+# answered "nothing in it", and a part of a reply of it dropped.
+@pytest.mark.parametrize(
+    "mark",
+    [
+        *"\u0600\u0601\u0602\u0603\u0604\u0605\u06dd\u070f\u0890\u0891\u08e2",
+        "\U000110bd",
+        "\U000110cd",
+    ],
+    ids=ascii,
+)
+def test_every_prepended_concatenation_mark_shows(mark: str) -> None:
+    assert not shows_nothing(mark)
+    assert without_invisible(mark) == mark
+
+
 def test_without_invisible_keeps_what_is_drawn() -> None:
     assert without_invisible("\u200b/re\u200dset\u0600\ufeff") == "/reset\u0600"
