@@ -1466,6 +1466,38 @@ async def test_a_worker_started_while_jetstream_does_not_answer_waits_for_it(
         await nc.close()
 
 
+async def test_a_worker_whose_jetstream_is_unavailable_waits_and_still_stops(
+    nats_server: NatsHandle,
+) -> None:
+    """JetStream's API unavailable (503: a cluster with no meta leader yet; or nothing
+    answering its subjects, which nats-py says the same way) is waited for like a
+    timeout, not a crash at start; the stop still ends the wait. Here the API prefix is
+    one nothing answers."""
+    nc = await nats.connect(nats_server.url)
+
+    async def handle(d: Delivery) -> Outcome:
+        return Ack()
+
+    stop = asyncio.Event()
+    js = nc.jetstream(prefix="$JS.nowhere.API", timeout=0.5)
+    worker = PullWorker(js, _config(), handle, max_deliver=3)
+    try:
+        with capture_logs() as logs:
+            task = asyncio.create_task(worker.run(stop))
+            await until(
+                lambda: any(e["event"] == "worker.consumer_not_ready" for e in logs) or task.done(),
+                timeout=10,
+                what="the worker waiting for JetStream",
+            )
+            assert not task.done(), task.exception()
+        [said, *_] = [e for e in logs if e["event"] == "worker.consumer_not_ready"]
+        assert said["error"].startswith("ServiceUnavailableError"), said
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 15)
+        await nc.close()
+
+
 async def test_a_poison_message_is_parked_after_its_stream_was_made_again(
     stream: JetStreamContext,
 ) -> None:
