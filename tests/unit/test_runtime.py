@@ -141,4 +141,7 @@ async def test_retried_until_stopped_raises_what_no_retry_fixes() -> None:
         raise PermissionError("refused")
 
     with pytest.raises(PermissionError):
-        await retried_until_stopped(attempt, asyncio.Event(), retry_on=(TimeoutError,), event="x")
+        async with asyncio.timeout(10):  # retried instead, it would never end
+            await retried_until_stopped(
+                attempt, asyncio.Event(), retry_on=(TimeoutError,), event="x"
+            )
