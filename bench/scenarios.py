@@ -52,6 +52,11 @@ class Sizes:
     gw_duration_s: float = 5.0
     gw_rounds: int = 3
     gw_prebuild: int = 100_000  # unique callbacks for the gateway: no MsgId repeats
+    # the bare handlers' pool (capped by gw_prebuild): they append under their own ids,
+    # so the pool may repeat; a smaller one is only quicker to build
+    bare_prebuild: int = 20_000
+    gw_pause_s: float = 0.5  # between two closed-loop rounds
+    gw_settle_s: float = 1.0  # between the closed-loop rounds and the open-loop latency run
     # 1. instructions per callback (callgrind): the bare handler doing which parts
     instr_works: tuple[str, ...] = ("none", "http", "open", "append", "raw-append")
     instr_warmup: int = 200
@@ -86,24 +91,27 @@ class Sizes:
 FULL = Sizes()
 QUICK = Sizes(
     gw_connections=8,
-    gw_warmup_s=0.3,
-    gw_duration_s=1.0,
+    gw_warmup_s=0.2,
+    gw_duration_s=0.5,
     gw_rounds=1,
     gw_prebuild=6000,
+    bare_prebuild=1000,
+    gw_pause_s=0.1,
+    gw_settle_s=0.2,
     instr_works=("none",),
     instr_warmup=20,
     instr_count=50,
     ack_rate=100.0,
-    ack_duration_s=1.5,
+    ack_duration_s=1.0,
     pipe_rate=20.0,
-    pipe_duration_s=1.5,
+    pipe_duration_s=1.0,
     fan_messages=100,
     fan_latency_s=0.5,
     fan_concurrency=100,
     scale_replicas=(1, 2),
     scale_cap=4,
-    scale_latency_s=0.3,
-    scale_window_s=1.0,
+    scale_latency_s=0.2,
+    scale_window_s=0.5,
     token_sends=200,
     token_senders=3,
     token_services=2,
@@ -234,7 +242,7 @@ async def gateway(ctx: Context) -> dict[str, Any]:
                         {
                             "name": "bare",
                             "url": stack.callback_url(bare),
-                            "prebuild": min(s.gw_prebuild, 20_000),
+                            "prebuild": min(s.gw_prebuild, s.bare_prebuild),
                         },
                         {"name": "gateway", "url": stack.callback_url(gw)},
                     ],
@@ -243,13 +251,14 @@ async def gateway(ctx: Context) -> dict[str, Any]:
                     duration=s.gw_duration_s,
                     rounds=s.gw_rounds,
                     prebuild=s.gw_prebuild,
+                    pause=s.gw_pause_s,
                     users=1000,
                 ),
                 stack.workdir / "loadgen.log",
             )
             meter.stop()
             steps = await _steps(ctx, stack, parts)
-            await asyncio.sleep(1.0)
+            await asyncio.sleep(s.gw_settle_s)
             latency = await run_loadgen(
                 _spec(
                     ctx,
@@ -331,7 +340,8 @@ async def _steps(ctx: Context, stack: Stack, servers: list[Service]) -> dict[str
             warmup=s.gw_warmup_s,
             duration=s.gw_duration_s,
             rounds=1,
-            prebuild=min(s.gw_prebuild, 20_000),
+            prebuild=min(s.gw_prebuild, s.bare_prebuild),
+            pause=s.gw_pause_s,
             users=1000,
         ),
         stack.workdir / "loadgen.log",
