@@ -270,8 +270,9 @@ async def retried_until_stopped(
     raises one of ``retry_on`` (a warning ``event`` with ``fields``, the error and the
     next delay each time), or until ``stop`` is set (False). Any other error raises::
 
-        if not await retried_until_stopped(store.watch, stop, retry_on=(StoreUnavailable,),
-                                           event="token.watch_not_ready"):
+        if not await retried_until_stopped(worker.ensure_consumer, stop,
+                                           retry_on=(TimeoutError,),
+                                           event="worker.consumer_not_ready"):
             return  # stopped while waiting
 
     For what a service needs of its broker at start, which a NATS cluster still
