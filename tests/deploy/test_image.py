@@ -15,10 +15,8 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 import tomllib
 import zipfile
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,6 +26,7 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 from tests.deploy.conftest import ROOT, SERVICES, of_kind, render, tool
+from tests.waiting import until_sync
 
 DOCKERFILE = ROOT / "Dockerfile"
 LOCK = ROOT / "requirements.lock"
@@ -396,13 +395,15 @@ def test_the_entrypoint_as_pid_1_stops_on_a_sigterm_that_comes_while_it_starts(
     )
     try:
         children = Path(f"/proc/{unshare.pid}/task/{unshare.pid}/children")
-        (pid1,) = until_true(lambda: children.read_text().split(), what="PID 1 forked")
+        until_sync(lambda: bool(children.read_text()), timeout=10, what="PID 1 forked")
+        (pid1,) = map(int, children.read_text().split())
         # Signalled before the program has even started, any PID 1 would drop it, and
         # dumb-init's child between its fork and exec too: wait until Python runs
         # (itself PID 1, or dumb-init's child) and has set its first handler (SIGINT's,
-        # before any import): the service's own handler comes ≈ 1 s later.
-        until_true(lambda: _python_started(int(pid1)), what="Python started")
-        os.kill(int(pid1), signal.SIGTERM)
+        # before any import): the service's own handler comes ≈ 1 s later, so polling
+        # every 5 ms finds this window.
+        until_sync(lambda: _python_started(pid1), timeout=10, what="Python started", interval=0.005)
+        os.kill(pid1, signal.SIGTERM)
         code = unshare.wait(timeout=30)  # ignored, it never ends: the grace's kill
     finally:
         if unshare.poll() is None:
@@ -411,29 +412,20 @@ def test_the_entrypoint_as_pid_1_stops_on_a_sigterm_that_comes_while_it_starts(
     assert code in (0, 128 + signal.SIGTERM), code
 
 
-def _python_started(pid1: int) -> list[int]:
-    """The process of ``pid1``'s tree (itself or a child) that runs Python and catches a
-    signal, if any yet."""
+def _python_started(pid1: int) -> bool:
+    """Whether a process of ``pid1``'s tree (itself or a child) runs Python and catches
+    a signal yet."""
     children = Path(f"/proc/{pid1}/task/{pid1}/children").read_text().split()
     for pid in (pid1, *map(int, children)):
-        program = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0", 1)[0]
-        if not Path(program.decode()).name.startswith("python"):
-            continue
-        status = Path(f"/proc/{pid}/status").read_text()
-        (caught,) = re.findall(r"^SigCgt:\s*([0-9a-f]+)$", status, flags=re.M)
-        if int(caught, 16):
-            return [pid]
-    return []
-
-
-def until_true(get: Callable[[], list[str]], *, what: str, timeout: float = 10.0) -> list[str]:
-    """``get()`` until it returns a non-empty list (busy, for a process's first moments)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with contextlib.suppress(FileNotFoundError):
-            if got := get():
-                return got
-    raise AssertionError(f"{what}: not within {timeout} s")
+        with contextlib.suppress(FileNotFoundError):  # a child that has just ended
+            program = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0", 1)[0]
+            if not Path(program.decode()).name.startswith("python"):
+                continue
+            status = Path(f"/proc/{pid}/status").read_text()
+            (caught,) = re.findall(r"^SigCgt:\s*([0-9a-f]+)$", status, flags=re.M)
+            if int(caught, 16):
+                return True
+    return False
 
 
 def test_entrypoint_lists_every_subcommand_the_manifests_use() -> None:
